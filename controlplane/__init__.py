@@ -1,0 +1,1 @@
+"""fleetlm's control plane: node registry, placement and the operators' AdminService, state in etcd."""

@@ -1,0 +1,92 @@
+"""NodeRegistryService: node agents register under a lease and heartbeat to keep it."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from controlplane.fleet import FleetView
+from controlplane.store import ClusterStore
+from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
+from mesh.errors import ErrorCode, FleetError, invalid
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
+    def __init__(self, store: ClusterStore, fleet: FleetView, lease_ttl_seconds: int) -> None:
+        self._store = store
+        self._fleet = fleet
+        self._ttl = lease_ttl_seconds
+
+    async def RegisterNode(
+        self, request: registry_pb2.RegisterNodeRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.RegisterNodeResponse:
+        if not request.node_id or "/" in request.node_id:
+            raise invalid("node_id", "node_id is required and must not contain '/'")
+        if not request.inference_address:
+            raise invalid("inference_address", "inference_address (host:port) is required")
+        lease_id = await self._store.grant_lease(self._ttl)
+        now = _now()
+        node = node_pb2.Node(
+            node_id=request.node_id,
+            inference_address=request.inference_address,
+            inventory=request.inventory,
+            replicas=request.replicas,
+            registered_at=now,
+            last_heartbeat_at=now,
+            lease_id=lease_id,
+            lease_ttl_seconds=self._ttl,
+            agent_version=request.agent_version,
+        )
+        await self._store.put_node(node, lease_id)
+        for replica in request.replicas:
+            if self._fleet.models.get(replica.model.name) != replica.model:
+                await self._store.put_model(replica.model)
+        log.info(
+            "registered node %s at %s (%d models, lease %x)",
+            node.node_id,
+            node.inference_address,
+            len(node.replicas),
+            lease_id,
+        )
+        return registry_pb2.RegisterNodeResponse(
+            lease_id=lease_id,
+            lease_ttl=duration_pb2.Duration(seconds=self._ttl),
+            heartbeat_interval=duration_pb2.Duration(nanos=0, seconds=max(1, self._ttl // 4)),
+        )
+
+    async def Heartbeat(
+        self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.HeartbeatResponse:
+        expired = FleetError(
+            ErrorCode.LEASE_EXPIRED, f"node {request.node_id} is not registered; register again"
+        )
+        if not await self._store.refresh_lease(request.lease_id):
+            raise expired
+        node = self._fleet.nodes.get(request.node_id) or await self._store.get_node(request.node_id)
+        if node is None or node.lease_id != request.lease_id:
+            raise expired
+        updated = node_pb2.Node()
+        updated.CopyFrom(node)
+        del updated.replicas[:]
+        updated.replicas.extend(request.replicas)
+        updated.inventory.ram.free_bytes = request.ram_free_bytes
+        updated.last_heartbeat_at.CopyFrom(_now())
+        await self._store.put_node(updated, request.lease_id)
+        return registry_pb2.HeartbeatResponse()
+
+    async def DeregisterNode(
+        self, request: registry_pb2.DeregisterNodeRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.DeregisterNodeResponse:
+        await self._store.revoke_lease(request.lease_id)
+        log.info("node %s deregistered", request.node_id)
+        return registry_pb2.DeregisterNodeResponse()

@@ -1,0 +1,22 @@
+"""Control-plane settings: built once at start-up from flags and FLEETLM_CP_* environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ControlPlaneSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEETLM_CP_")
+
+    listen: str = Field("127.0.0.1:50051", description="host:port the control plane's gRPC server binds")
+    etcd: str = Field("http://127.0.0.1:2379", description="URL of an etcd v3 endpoint")
+    etcd_prefix: str = Field("/fleetlm", description="etcd key prefix under which all state is kept")
+    lease_ttl_seconds: int = Field(
+        10, ge=2, le=3600, description="TTL of a node's registration lease; a silent node leaves after it"
+    )
+    resync_interval_seconds: float = Field(
+        30.0, gt=0, description="period of the full reload of fleet state that heals missed watch events"
+    )
+    shutdown_grace_seconds: float = Field(5.0, ge=0, description="time in-flight RPCs get at shutdown")
+    log_level: str = Field("INFO", description="log level")

@@ -1,0 +1,275 @@
+"""OpenAI's request and response shapes, and their translation to and from fleetlm's protos.
+
+Requests are validated by pydantic; a field of the wrong type or out of range becomes a 400 naming the
+field. Fields OpenAI defines that fleetlm does not implement are refused when they would change the
+result (n > 1, logprobs, tools), and ignored when they would not (metadata, store).
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fleetlm.inference.v1 import inference_pb2
+from mesh.errors import invalid
+
+FINISH_REASONS = {
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1)
+    user: str | None = None
+
+    def sampling(self) -> inference_pb2.SamplingParams:
+        params = inference_pb2.SamplingParams()
+        for name in (
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(params, name, value)
+        if self.stop is not None:
+            params.stops.extend([self.stop] if isinstance(self.stop, str) else self.stop)
+        return params
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise invalid("n", "only n=1 is supported")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessageIn]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs:
+            raise invalid("logprobs", "logprobs are not supported yet")
+        if self.tools:
+            raise invalid("tools", "tool calling is not supported yet")
+
+    def to_proto(self, request_id: str) -> inference_pb2.GenerateRequest:
+        self.check_supported()
+        sampling = self.sampling()
+        if self.max_completion_tokens is not None and self.max_tokens is None:
+            sampling.max_tokens = self.max_completion_tokens
+        chat = inference_pb2.ChatConversation(
+            messages=[inference_pb2.ChatMessage(role=m.role, content=m.text()) for m in self.messages]
+        )
+        return inference_pb2.GenerateRequest(
+            model=self.model or "", chat=chat, sampling=sampling, user=self.user or "", request_id=request_id
+        )
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("exactly one prompt per request is supported")
+        return value
+
+    def to_proto(self, request_id: str) -> inference_pb2.GenerateRequest:
+        self.check_supported()
+        if self.echo:
+            raise invalid("echo", "echo is not supported")
+        if self.logprobs:
+            raise invalid("logprobs", "logprobs are not supported yet")
+        if self.suffix:
+            raise invalid("suffix", "suffix is not supported")
+        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        if not prompt:
+            raise invalid("prompt", "'prompt' must not be empty")
+        return inference_pb2.GenerateRequest(
+            model=self.model or "",
+            prompt=prompt,
+            sampling=self.sampling(),
+            user=self.user or "",
+            request_id=request_id,
+        )
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    def to_proto(self) -> inference_pb2.EmbedRequest:
+        if self.dimensions is not None:
+            raise invalid("dimensions", "choosing the embedding dimensions is not supported")
+        inputs = [self.input] if isinstance(self.input, str) else self.input
+        return inference_pb2.EmbedRequest(model=self.model or "", inputs=inputs)
+
+
+# --- responses ---------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage_json(usage: inference_pb2.Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+class CompletionShape:
+    """Builds the bodies of one chat or text completion, streamed or not."""
+
+    def __init__(self, chat: bool, model: str, request_id: str) -> None:
+        self.chat = chat
+        self.model = model
+        self.id = request_id
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+    def full(self, text: str, result: inference_pb2.GenerateResult) -> dict[str, Any]:
+        reason = FINISH_REASONS.get(result.finish_reason, "stop")
+        if self.chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": reason,
+                "logprobs": None,
+            }
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+        return self._envelope(
+            self.object, [choice], usage=usage_json(result.usage), system_fingerprint=result.node_id
+        )
+
+    def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return self._envelope(self.chunk_object, [choice])
+
+    def usage_chunk(self, usage: inference_pb2.Usage) -> dict[str, Any]:
+        return self._envelope(self.chunk_object, [], usage=usage_json(usage))
+
+
+def embeddings_json(response: inference_pb2.EmbedResponse, model: str, encoding: str) -> dict[str, Any]:
+    data = []
+    for i, embedding in enumerate(response.embeddings):
+        values = list(embedding.values)
+        vector: Any = values
+        if encoding == "base64":
+            vector = base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": vector})
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {
+            "prompt_tokens": response.usage.prompt_tokens,
+            "total_tokens": response.usage.total_tokens,
+        },
+    }
+
+
+def models_json(models: list[inference_pb2.ModelInfo], created: int) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": m.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "fleetlm",
+                "state": inference_pb2.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower(),
+                "context_size": m.context_size,
+                "ready_replicas": m.ready_replicas,
+            }
+            for m in models
+        ],
+    }

@@ -1,0 +1,1 @@
+"""The `fleetlm` command: run one component, or the whole mesh on one machine (`fleetlm up`)."""

@@ -1,0 +1,120 @@
+"""`fleetlm` command line. Flags override the FLEETLM_* environment variables of each component."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _settings(cls: type, values: dict[str, Any]) -> Any:
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise SystemExit(f"fleetlm: invalid settings:\n{exc}") from None
+
+
+def _controlplane(args: argparse.Namespace) -> None:
+    from controlplane.server import main
+    from controlplane.settings import ControlPlaneSettings
+
+    values = _given(args, "listen", "etcd", "etcd_prefix", "log_level")
+    if args.lease_ttl is not None:
+        values["lease_ttl_seconds"] = args.lease_ttl
+    main(_settings(ControlPlaneSettings, values))
+
+
+def _node(args: argparse.Namespace) -> None:
+    from node_agent.server import main
+    from node_agent.settings import NodeSettings
+
+    values = _given(
+        args,
+        "node_id",
+        "listen",
+        "advertise",
+        "controlplane",
+        "catalog",
+        "models_dir",
+        "threads",
+        "log_level",
+    )
+    main(_settings(NodeSettings, values))
+
+
+def _edge(args: argparse.Namespace) -> None:
+    from edge.server import main
+    from edge.settings import EdgeSettings
+
+    values = _given(args, "http_listen", "grpc_listen", "controlplane", "log_level")
+    if args.request_timeout is not None:
+        values["request_timeout_seconds"] = args.request_timeout
+    main(_settings(EdgeSettings, values))
+
+
+def _up(args: argparse.Namespace) -> None:
+    from launcher.up import run
+
+    sys.exit(run(args))
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="fleetlm", description="LLM serving across a fleet of machines.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run etcd, control plane, one node agent and the edge on this machine")
+    up.add_argument("--host", default="127.0.0.1", help="address every component binds (default 127.0.0.1)")
+    up.add_argument("--http-port", type=int, default=8080, help="edge OpenAI HTTP port (8080)")
+    up.add_argument("--grpc-port", type=int, default=50050, help="edge gRPC port (50050)")
+    up.add_argument("--controlplane-port", type=int, default=50051, help="control plane port (50051)")
+    up.add_argument("--node-port", type=int, default=50061, help="node agent port (50061)")
+    up.add_argument(
+        "--etcd-port", type=int, default=2379, help="embedded etcd client port; peer is +1 (2379)"
+    )
+    up.add_argument("--etcd", help="URL of an existing etcd to use instead of the embedded one")
+    up.add_argument("--catalog", help="models.yaml to serve (default: SmolLM2-135M-Instruct as smollm2-135m)")
+    up.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: all cores)")
+    up.add_argument("--lease-ttl", type=int, default=10, help="node lease TTL in seconds (10)")
+    default_state = os.path.join(os.environ.get("XDG_STATE_HOME", "~/.local/state"), "fleetlm")
+    up.add_argument("--state-dir", default=default_state, help=f"etcd data and logs ({default_state})")
+    up.set_defaults(run=_up)
+
+    cp = sub.add_parser("controlplane", help="run the control plane")
+    cp.add_argument("--listen", help="host:port to bind (127.0.0.1:50051)")
+    cp.add_argument("--etcd", help="etcd URL (http://127.0.0.1:2379)")
+    cp.add_argument("--etcd-prefix", help="etcd key prefix (/fleetlm)")
+    cp.add_argument("--lease-ttl", type=int, help="node lease TTL in seconds (10)")
+    cp.add_argument("--log-level")
+    cp.set_defaults(run=_controlplane)
+
+    node = sub.add_parser("node", help="run a node agent")
+    node.add_argument("--catalog", help="models.yaml of the models this node serves (required)")
+    node.add_argument("--node-id", help="node id (default: host name)")
+    node.add_argument("--listen", help="host:port of its InferenceService (127.0.0.1:50061)")
+    node.add_argument("--advertise", help="host:port the edge should dial (default: from --listen)")
+    node.add_argument("--controlplane", help="control plane host:port (127.0.0.1:50051)")
+    node.add_argument("--models-dir", help="directory scanned for model files (default: catalog's)")
+    node.add_argument("--threads", type=int, help="CPU threads per llama.cpp context (all cores)")
+    node.add_argument("--log-level")
+    node.set_defaults(run=_node)
+
+    edge = sub.add_parser("edge", help="run the edge (OpenAI HTTP + gRPC front door)")
+    edge.add_argument("--http-listen", help="host:port of the HTTP API (127.0.0.1:8080)")
+    edge.add_argument("--grpc-listen", help="host:port of the gRPC API (127.0.0.1:50050)")
+    edge.add_argument("--controlplane", help="control plane host:port (127.0.0.1:50051)")
+    edge.add_argument("--request-timeout", type=float, help="request timeout in seconds (600)")
+    edge.add_argument("--log-level")
+    edge.set_defaults(run=_edge)
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    args.run(args)

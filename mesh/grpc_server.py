@@ -1,0 +1,122 @@
+"""Start a grpc.aio server the way every fleetlm service does: error mapping, health, reflection.
+
+Every servicer raises `FleetError`; the interceptor turns it into a gRPC status with an ErrorInfo. Any other
+exception is logged with its traceback here and reaches the client only as a plain INTERNAL status.
+Shutdown order (why): health goes NOT_SERVING first so load balancers and grpcurl probes stop sending,
+then the server stops accepting and drains in-flight calls within the grace period; the caller closes
+engines and stores only after that, so no call runs against a closed backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mesh.errors import ErrorCode, FleetError
+
+log = logging.getLogger(__name__)
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: FleetError) -> None:
+    await context.abort(error.grpc_code, error.message, trailing_metadata=error.grpc_trailing_metadata())
+
+
+def _internal(method: str, exc: BaseException) -> FleetError:
+    log.exception("unhandled error in %s", method, exc_info=exc)
+    return FleetError(ErrorCode.INTERNAL, "internal error; see the server log")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps FleetError (and anything unexpected) raised by a servicer to a gRPC status."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except FleetError as error:
+            await _abort(context, error)
+        except Exception as exc:
+            await _abort(context, _internal(method, exc))
+
+    return wrapped
+
+
+def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except FleetError as error:
+            await _abort(context, error)
+        except Exception as exc:
+            await _abort(context, _internal(method, exc))
+
+    return wrapped
+
+
+class GrpcServer:
+    """A grpc.aio server with health and reflection always on."""
+
+    def __init__(self, service_names: Iterable[str]) -> None:
+        self.service_names = list(service_names)
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = 0
+
+    async def start(self, address: str) -> int:
+        """Bind and start; returns the bound port (address may end in :0)."""
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC server to {address}")
+        await self.server.start()
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)

@@ -1,0 +1,103 @@
+"""The engine protocol: what the node agent needs from anything that runs a model.
+
+Transport-free: no gRPC or HTTP types here, so engines are testable alone and the servicer stays thin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stops: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+GenerationEvent = TextChunk | Finished
+
+
+@dataclass
+class EngineLoad:
+    """The load signal reported to the scheduler."""
+
+    running: int = 0
+    queued: int = 0
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass
+class EngineInfo:
+    context_size: int
+    extras: dict[str, str] = field(default_factory=dict)
+
+
+class EngineError(Exception):
+    """A failure the engine can explain in one line (shown to operators and clients)."""
+
+
+class ContextLengthExceeded(EngineError):
+    """The request does not fit the model's context. `param` names the field to change."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class Engine(Protocol):
+    """One loaded model. Implementations never block the event loop."""
+
+    load: EngineLoad
+
+    async def start(self) -> EngineInfo:
+        """Load the model; raises with a readable reason if it cannot."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def render_chat(self, messages: Sequence[Message]) -> str:
+        """The prompt text the model's chat template makes of a conversation."""
+        ...
+
+    async def tokenize(self, text: str) -> list[int]:
+        """Token ids of a prompt as generation would see it (special tokens parsed, BOS added)."""
+        ...
+
+    def generate(self, prompt: str, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+        """Stream text chunks, then one Finished. Closing the iterator early stops the generation."""
+        ...
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings: ...

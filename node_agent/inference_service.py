@@ -1,0 +1,129 @@
+"""The node's InferenceService: converts protos to engine calls and engine failures to FleetErrors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from mesh.errors import ErrorCode, FleetError, invalid
+from mesh.inference_requests import validate_embed, validate_generate, validate_tokenize
+from node_agent.engines.base import (
+    ContextLengthExceeded,
+    Engine,
+    EngineError,
+    Finished,
+    Message,
+    SamplingOptions,
+)
+from node_agent.host import ModelHost
+
+_FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH}
+
+
+def sampling_options(params: inference_pb2.SamplingParams) -> SamplingOptions:
+    """Proto -> engine options; unset fields take OpenAI's defaults."""
+
+    def opt(name: str, default: float) -> float:
+        return getattr(params, name) if params.HasField(name) else default  # type: ignore[arg-type]
+
+    return SamplingOptions(
+        max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
+        temperature=opt("temperature", 1.0),
+        top_p=opt("top_p", 1.0),
+        top_k=params.top_k if params.HasField("top_k") else 0,
+        min_p=opt("min_p", 0.0),
+        seed=params.seed if params.HasField("seed") else None,
+        stops=tuple(params.stops),
+        presence_penalty=opt("presence_penalty", 0.0),
+        frequency_penalty=opt("frequency_penalty", 0.0),
+        repetition_penalty=opt("repetition_penalty", 1.0),
+    )
+
+
+def _messages(chat: inference_pb2.ChatConversation) -> list[Message]:
+    return [Message(m.role, m.content) for m in chat.messages]
+
+
+def _engine_error(exc: EngineError, input_param: str = "messages") -> FleetError:
+    if isinstance(exc, ContextLengthExceeded):
+        param = input_param if exc.param == "messages" else exc.param
+        return FleetError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc), param=param)
+    return FleetError(ErrorCode.INVALID_REQUEST, str(exc))
+
+
+class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, host: ModelHost, node_id: str) -> None:
+        self._host = host
+        self._node_id = node_id
+
+    async def _prompt(self, engine: Engine, request: inference_pb2.GenerateRequest) -> str:
+        if request.WhichOneof("input") == "prompt":
+            return request.prompt
+        try:
+            return await engine.render_chat(_messages(request.chat))
+        except EngineError as exc:
+            raise invalid("messages", str(exc)) from exc
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        validate_generate(request)
+        _, engine = self._host.engine_for(request.model)
+        prompt = await self._prompt(engine, request)
+        input_param = "prompt" if request.WhichOneof("input") == "prompt" else "messages"
+        try:
+            async for event in engine.generate(prompt, sampling_options(request.sampling)):
+                if isinstance(event, Finished):
+                    usage = inference_pb2.Usage(
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                        total_tokens=event.prompt_tokens + event.completion_tokens,
+                    )
+                    result = inference_pb2.GenerateResult(
+                        finish_reason=_FINISH[event.reason],
+                        usage=usage,
+                        model=request.model,
+                        node_id=self._node_id,
+                    )
+                    yield inference_pb2.GenerateResponse(result=result)
+                else:
+                    yield inference_pb2.GenerateResponse(delta=inference_pb2.TextDelta(text=event.text))
+        except EngineError as exc:
+            raise _engine_error(exc, input_param) from exc
+
+    async def Embed(
+        self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.EmbedResponse:
+        validate_embed(request)
+        _, engine = self._host.engine_for(request.model)
+        try:
+            result = await engine.embed(list(request.inputs))
+        except EngineError as exc:
+            raise _engine_error(exc, "input") from exc
+        return inference_pb2.EmbedResponse(
+            embeddings=[inference_pb2.Embedding(values=v) for v in result.vectors],
+            usage=inference_pb2.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
+            model=request.model,
+        )
+
+    async def Tokenize(
+        self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.TokenizeResponse:
+        validate_tokenize(request)
+        hosted, engine = self._host.engine_for(request.model)
+        if request.WhichOneof("input") == "chat":
+            try:
+                text = await engine.render_chat(_messages(request.chat))
+            except EngineError as exc:
+                raise invalid("chat", str(exc)) from exc
+        else:
+            text = request.text
+        ids = await engine.tokenize(text)
+        return inference_pb2.TokenizeResponse(token_ids=ids, context_size=hosted.context_size)
+
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
+        return inference_pb2.ListModelsResponse(models=self._host.model_infos())

@@ -1,0 +1,84 @@
+"""Run a node agent: load the catalog's models, serve InferenceService, stay registered."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from importlib.metadata import PackageNotFoundError, version
+
+import grpc
+
+from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from mesh import logs
+from mesh.grpc_server import GrpcServer
+from mesh.lifecycle import bound_address, run_until_signalled
+from node_agent import inventory
+from node_agent.catalog import CatalogError, load_catalog
+from node_agent.host import ModelHost
+from node_agent.inference_service import NodeInference
+from node_agent.registration import Registration
+from node_agent.settings import NodeSettings
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+def _agent_version() -> str:
+    try:
+        return version("fleetlm")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def _advertised(settings: NodeSettings, port: int) -> str:
+    if settings.advertise:
+        return settings.advertise
+    host = settings.listen.rsplit(":", 1)[0]
+    if host in ("0.0.0.0", "[::]", ""):
+        host = socket.getfqdn()
+    return f"{host}:{port}"
+
+
+async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
+    entries = load_catalog(settings.catalog)
+    models_dir = settings.models_dir or settings.catalog.resolve().parent
+
+    def collect() -> inventory.node_pb2.Inventory:
+        return inventory.collect(models_dir, [e.path for e in entries])
+
+    gpu_count = len(await asyncio.to_thread(inventory.gpus))
+    host = ModelHost(entries, settings.threads, gpu_count)
+    server = GrpcServer([INFERENCE_SERVICE])
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+        NodeInference(host, settings.node_id), server.server
+    )
+    port = await server.start(settings.listen)
+    address = _advertised(settings, port)
+    log.info("node %s serving InferenceService on %s", settings.node_id, bound_address(settings.listen, port))
+    async with grpc.aio.insecure_channel(settings.controlplane) as channel:
+        registration = Registration(
+            channel, settings.node_id, address, host, collect, settings.rpc_timeout_seconds, _agent_version()
+        )
+        async with asyncio.TaskGroup() as tasks:
+            registering = tasks.create_task(registration.run())
+            loading = tasks.create_task(host.load_all())
+            await stop.wait()
+            # Order: leave the fleet first so the edge stops choosing this node, then drain in-flight
+            # requests, then free the engines.
+            registering.cancel()
+            loading.cancel()
+            await registration.deregister()
+            await server.stop(settings.shutdown_grace_seconds)
+    await host.close()
+    log.info("node %s stopped", settings.node_id)
+
+
+def main(settings: NodeSettings) -> None:
+    logs.setup(f"node:{settings.node_id}"[:12], settings.log_level)
+    try:
+        load_catalog(settings.catalog)
+    except CatalogError as exc:
+        raise SystemExit(f"fleetlm node: {exc}") from None
+    run_until_signalled(lambda stop: serve(settings, stop))

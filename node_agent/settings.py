@@ -1,0 +1,35 @@
+"""Node-agent settings: built once at start-up from flags and FLEETLM_NODE_* environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class NodeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEETLM_NODE_")
+
+    node_id: str = Field(
+        default_factory=socket.gethostname, description="stable id of this node in the fleet"
+    )
+    listen: str = Field("127.0.0.1:50061", description="host:port the node's InferenceService binds")
+    advertise: str | None = Field(
+        None,
+        description="host:port the edge dials to reach this node; default: the listen address, with a"
+        " wildcard host replaced by this machine's host name",
+    )
+    controlplane: str = Field("127.0.0.1:50051", description="host:port of the control plane")
+    catalog: Path = Field(description="YAML catalog of the models this node serves")
+    models_dir: Path | None = Field(
+        None, description="directory scanned for model files; default: the catalog's directory"
+    )
+    threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, ge=1, description="CPU threads per llama.cpp context"
+    )
+    rpc_timeout_seconds: float = Field(5.0, gt=0, description="deadline of calls to the control plane")
+    shutdown_grace_seconds: float = Field(5.0, ge=0, description="time in-flight requests get at shutdown")
+    log_level: str = Field("INFO", description="log level")
