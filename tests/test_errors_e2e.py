@@ -1,0 +1,260 @@
+"""Every error of the vocabulary, through the edge's HTTP API and through its gRPC API.
+
+The same failure must reach both kinds of client with the same reason: HTTP in OpenAI's error shape,
+gRPC as a status code plus a google.rpc.ErrorInfo whose reason is the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from google.protobuf import duration_pb2  # noqa: F401 - registers well-known types for ErrorInfo
+
+from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
+from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from mesh.errors import FleetError
+from tests.cluster import free_port, smollm_entry, wait_for
+from tests.conftest import MISSING_MODEL, Mesh
+
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def post(mesh: Mesh, path: str, body: Any, raw: bool = False) -> httpx.Response:
+    content = body if raw else json.dumps(body)
+    return httpx.post(
+        f"{mesh.http}{path}", content=content, headers={"content-type": "application/json"}, timeout=60
+    )
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert "Traceback" not in body["error"]["message"]
+    return body["error"]
+
+
+def grpc_generate(address: str, request: inference_pb2.GenerateRequest, timeout: float = 60) -> FleetError:
+    with grpc.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Generate(request, timeout=timeout))
+    return FleetError.from_rpc_error(caught.value)
+
+
+def chat(model: str, **sampling: Any) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(
+        model=model,
+        chat=inference_pb2.ChatConversation(
+            messages=[inference_pb2.ChatMessage(role="user", content="hello")]
+        ),
+        sampling=inference_pb2.SamplingParams(**sampling),
+    )
+
+
+def test_model_required(mesh: Mesh) -> None:
+    response = post(mesh, "/v1/chat/completions", {"messages": HELLO})
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "MODEL_REQUIRED"
+    assert error_of(response)["param"] == "model"
+    error = grpc_generate(mesh.grpc, chat(""))
+    assert error.code == "MODEL_REQUIRED" and error.grpc_code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_model_not_found_lists_available_models(mesh: Mesh) -> None:
+    response = post(mesh, "/v1/chat/completions", {"model": "no-such-model", "messages": HELLO})
+    assert response.status_code == 404
+    error = error_of(response)
+    assert error["code"] == "MODEL_NOT_FOUND" and error["param"] == "model"
+    assert mesh.model in error["message"]
+    grpc_error = grpc_generate(mesh.grpc, chat("no-such-model"))
+    assert grpc_error.code == "MODEL_NOT_FOUND"
+    assert mesh.model in grpc_error.metadata["available_models"].split(",")
+    assert httpx.get(f"{mesh.http}/v1/models/no-such-model").status_code == 404
+
+
+def test_model_unavailable_when_no_replica_is_ready(mesh: Mesh) -> None:
+    # The node declares this model but its weights file does not exist: the replica failed to load.
+    response = post(mesh, "/v1/chat/completions", {"model": MISSING_MODEL, "messages": HELLO})
+    assert response.status_code == 503
+    error = error_of(response)
+    assert error["code"] == "MODEL_UNAVAILABLE"
+    assert "not found" in error["message"]  # the load failure's reason reaches the client
+    assert response.headers.get("retry-after")
+    assert grpc_generate(mesh.grpc, chat(MISSING_MODEL)).code == "MODEL_UNAVAILABLE"
+
+
+@pytest.fixture
+def unreachable_node(mesh: Mesh) -> Iterator[str]:
+    """A node registered in the real control plane whose InferenceService address answers nothing, as
+    after its machine died and before its lease ran out."""
+    model = "on-a-dead-node"
+    with grpc.insecure_channel(mesh.controlplane) as channel:
+        registry = registry_pb2_grpc.NodeRegistryServiceStub(channel)
+        reply = registry.RegisterNode(
+            registry_pb2.RegisterNodeRequest(
+                node_id="dead-node",
+                inference_address=f"127.0.0.1:{free_port()}",
+                replicas=[
+                    node_pb2.Replica(
+                        model=node_pb2.ModelSpec(name=model, format="gguf", engine="llamacpp"),
+                        state=node_pb2.REPLICA_STATE_READY,
+                    )
+                ],
+            ),
+            timeout=5,
+        )
+        wait_for(
+            lambda: post(mesh, "/v1/completions", {"model": model, "prompt": "x"}).status_code != 404,
+            10,
+            "registration",
+        )
+        yield model
+        registry.DeregisterNode(
+            registry_pb2.DeregisterNodeRequest(node_id="dead-node", lease_id=reply.lease_id), timeout=5
+        )
+
+
+def test_backend_unavailable_when_node_is_unreachable(mesh: Mesh, unreachable_node: str) -> None:
+    response = post(mesh, "/v1/completions", {"model": unreachable_node, "prompt": "hi"})
+    assert response.status_code == 503
+    assert error_of(response)["code"] == "BACKEND_UNAVAILABLE"
+    assert "dead-node" in error_of(response)["message"]
+    request = inference_pb2.GenerateRequest(model=unreachable_node, prompt="hi")
+    error = grpc_generate(mesh.grpc, request)
+    assert error.code == "BACKEND_UNAVAILABLE" and error.grpc_code == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.fixture(scope="module")
+def impatient_edge(mesh: Mesh) -> Iterator[tuple[str, str]]:
+    """A second edge on the same fleet whose request timeout is shorter than any real generation."""
+    proc, http, grpc_address = mesh.cluster.start_edge("--request-timeout", "0.4")
+    yield http, grpc_address
+    proc.stop()
+
+
+def test_backend_timeout(mesh: Mesh, impatient_edge: tuple[str, str]) -> None:
+    http, grpc_address = impatient_edge
+    body = {"model": mesh.model, "prompt": "Write a long story.", "max_tokens": 1500, "temperature": 0}
+    response = httpx.post(f"{http}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 504
+    assert error_of(response)["code"] == "BACKEND_TIMEOUT"
+    # Once the stream has started, the timeout arrives as one error event, then [DONE].
+    with httpx.stream("POST", f"{http}/v1/completions", json=body | {"stream": True}, timeout=60) as stream:
+        assert stream.status_code == 200
+        events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "BACKEND_TIMEOUT"
+    request = inference_pb2.GenerateRequest(
+        model=mesh.model, prompt="Write a long story.", sampling=inference_pb2.SamplingParams(max_tokens=1500)
+    )
+    error = grpc_generate(grpc_address, request)
+    assert error.code == "BACKEND_TIMEOUT" and error.grpc_code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The model is free again right after: the timed-out work was cancelled on the node.
+    quick = post(mesh, "/v1/completions", {"model": mesh.model, "prompt": "Hi", "max_tokens": 2})
+    assert quick.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ('{"model": "smollm2-135m", "messages": [', None),
+        ("[1, 2]", None),
+        ({"model": "smollm2-135m", "messages": "hello"}, "messages"),
+        ({"model": "smollm2-135m", "messages": []}, "messages"),
+        ({"model": "smollm2-135m", "messages": [{"role": "user", "content": 7}]}, "messages[0].content"),
+        ({"model": "smollm2-135m", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"model": "smollm2-135m", "messages": HELLO, "temperature": 3}, "temperature"),
+        ({"model": "smollm2-135m", "messages": HELLO, "temperature": "hot"}, "temperature"),
+        ({"model": "smollm2-135m", "messages": HELLO, "max_tokens": 0}, "max_tokens"),
+        ({"model": "smollm2-135m", "messages": HELLO, "top_p": 0}, "top_p"),
+        ({"model": "smollm2-135m", "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "smollm2-135m", "messages": HELLO, "n": 2}, "n"),
+        ({"model": "smollm2-135m", "messages": HELLO, "max_tokens": 4000}, "max_tokens"),
+        ({"model": 5, "messages": HELLO}, "model"),
+    ],
+)
+def test_bad_chat_input_is_a_400_naming_the_param(mesh: Mesh, body: Any, param: str | None) -> None:
+    response = post(mesh, "/v1/chat/completions", body, raw=isinstance(body, str))
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["code"] in ("INVALID_REQUEST", "CONTEXT_LENGTH_EXCEEDED")
+
+
+def test_bad_completion_and_embedding_input(mesh: Mesh) -> None:
+    cases = [
+        ("/v1/completions", {"model": mesh.model, "prompt": ""}, "prompt"),
+        ("/v1/completions", {"model": mesh.model, "prompt": ["a", "b"]}, "prompt"),
+        ("/v1/completions", {"model": mesh.model, "prompt": "x", "seed": -1}, "seed"),
+        ("/v1/embeddings", {"model": mesh.model, "input": []}, "input"),
+        ("/v1/embeddings", {"model": mesh.model, "input": [""]}, "input"),
+        ("/v1/embeddings", {"model": mesh.model, "input": 12}, "input"),
+    ]
+    for path, body, param in cases:
+        response = post(mesh, path, body)
+        assert response.status_code == 400, (body, response.text)
+        assert error_of(response)["param"] == param, body
+
+
+def test_prompt_longer_than_context(mesh: Mesh) -> None:
+    long_text = "hello " * 3000
+    response = post(
+        mesh,
+        "/v1/chat/completions",
+        {"model": mesh.model, "messages": [{"role": "user", "content": long_text}]},
+    )
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "CONTEXT_LENGTH_EXCEEDED"
+    assert error_of(response)["param"] == "messages"
+    response = post(mesh, "/v1/embeddings", {"model": mesh.model, "input": ["ok", long_text]})
+    assert response.status_code == 400 and error_of(response)["param"] == "input"
+    error = grpc_generate(mesh.grpc, inference_pb2.GenerateRequest(model=mesh.model, prompt=long_text))
+    assert error.code == "CONTEXT_LENGTH_EXCEEDED" and error.param == "prompt"
+    assert error.grpc_code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_bad_grpc_input_names_the_field(mesh: Mesh) -> None:
+    cases = [
+        (chat(mesh.model, temperature=9), "temperature"),
+        (chat(mesh.model, top_p=1.5), "top_p"),
+        (chat(mesh.model, max_tokens=0), "max_tokens"),
+        (inference_pb2.GenerateRequest(model=mesh.model), "messages"),
+        (inference_pb2.GenerateRequest(model=mesh.model, chat=inference_pb2.ChatConversation()), "messages"),
+    ]
+    for request, param in cases:
+        error = grpc_generate(mesh.grpc, request)
+        assert error.code == "INVALID_REQUEST" and error.param == param, (request, error)
+        assert error.grpc_code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unknown_route_and_method_keep_the_openai_shape(mesh: Mesh) -> None:
+    assert httpx.get(f"{mesh.http}/v1/nothing").status_code == 404
+    assert error_of(httpx.get(f"{mesh.http}/v1/nothing"))["type"] == "invalid_request_error"
+    response = httpx.get(f"{mesh.http}/v1/chat/completions")
+    assert response.status_code == 405
+    error_of(response)
+
+
+def test_node_killed_mid_stream_ends_the_stream_with_an_error(mesh: Mesh) -> None:
+    """A node that dies while streaming: the client gets an error event and [DONE], never a hang."""
+    proc, _ = mesh.cluster.start_node("doomed", [smollm_entry("doomed-model")])
+    mesh.cluster.wait_model_state(mesh.http, "doomed-model")
+    body = {"model": "doomed-model", "prompt": "Tell a long story.", "max_tokens": 1500, "stream": True}
+    with httpx.stream("POST", f"{mesh.http}/v1/completions", json=body, timeout=60) as stream:
+        lines = stream.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert "text_completion" in first
+        proc.signal(signal.SIGKILL)
+        rest = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "[DONE]"
+    assert json.loads(rest[-2])["error"]["code"] == "BACKEND_UNAVAILABLE"

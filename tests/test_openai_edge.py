@@ -1,0 +1,133 @@
+"""The official openai client against the edge, answered by SmolLM2 through llama.cpp."""
+
+from __future__ import annotations
+
+import grpc
+import openai
+import pytest
+
+from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from tests.conftest import Mesh
+
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
+
+QUESTION = [{"role": "user", "content": "Name three colors of the rainbow."}]
+
+
+@pytest.fixture(scope="module")
+def client(mesh: Mesh) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{mesh.http}/v1", api_key="unused", max_retries=0)
+
+
+def token_count(mesh: Mesh, **which: object) -> int:
+    with grpc.insecure_channel(mesh.grpc) as channel:
+        reply = inference_pb2_grpc.InferenceServiceStub(channel).Tokenize(
+            inference_pb2.TokenizeRequest(model=mesh.model, **which), timeout=10
+        )
+    return len(reply.token_ids)
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI, mesh: Mesh) -> None:
+    ids = [m.id for m in client.models.list().data]
+    assert mesh.model in ids
+    assert client.models.retrieve(mesh.model).id == mesh.model
+
+
+def test_chat_answers_with_real_text_and_true_usage(client: openai.OpenAI, mesh: Mesh) -> None:
+    reply = client.chat.completions.create(model=mesh.model, messages=QUESTION, max_tokens=40, temperature=0)
+    text = reply.choices[0].message.content or ""
+    assert reply.choices[0].message.role == "assistant"
+    assert len(text.split()) >= 3 and any(c.isalpha() for c in text)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    chat = inference_pb2.ChatConversation(messages=[inference_pb2.ChatMessage(**m) for m in QUESTION])
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == token_count(mesh, chat=chat)
+    # The completion's own tokens: re-tokenizing the text gives the same count for this model's BPE
+    # when generation stopped on its own; with a length stop it is exactly max_tokens.
+    if reply.choices[0].finish_reason == "length":
+        assert reply.usage.completion_tokens == 40
+    assert 0 < reply.usage.completion_tokens <= 40
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_stream_equals_non_stream_at_temperature_zero(client: openai.OpenAI, mesh: Mesh) -> None:
+    whole = client.chat.completions.create(model=mesh.model, messages=QUESTION, max_tokens=48, temperature=0)
+    stream = client.chat.completions.create(
+        model=mesh.model,
+        messages=QUESTION,
+        max_tokens=48,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                parts.append(choice.delta.content)
+            if choice.finish_reason:
+                finish = choice.finish_reason
+    assert len(parts) > 3, "the answer arrived in one piece, not streamed"
+    assert "".join(parts) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert usage is not None and whole.usage is not None
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_stream_and_not(client: openai.OpenAI, mesh: Mesh) -> None:
+    prompt = "The three primary colors are"
+    whole = client.completions.create(model=mesh.model, prompt=prompt, max_tokens=24, temperature=0)
+    assert whole.object == "text_completion"
+    assert whole.usage is not None
+    assert whole.usage.prompt_tokens == token_count(mesh, text=prompt)
+    assert whole.usage.completion_tokens == 24 or whole.choices[0].finish_reason == "stop"
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=mesh.model, prompt=prompt, max_tokens=24, temperature=0, stream=True
+        )
+        if c.choices
+    )
+    assert streamed == whole.choices[0].text
+    assert streamed.strip()
+
+
+def test_completions_default_max_tokens_is_openais_16(client: openai.OpenAI, mesh: Mesh) -> None:
+    reply = client.completions.create(model=mesh.model, prompt="Once upon a time", temperature=0)
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens <= 16
+
+
+def test_embeddings_float_and_base64(client: openai.OpenAI, mesh: Mesh) -> None:
+    texts = ["the cat sat on the mat", "a kitten rested on the rug", "quarterly tax filing deadline"]
+    # The openai client asks for base64 by default and decodes it.
+    result = client.embeddings.create(model=mesh.model, input=texts)
+    vectors = [d.embedding for d in result.data]
+    assert [d.index for d in result.data] == [0, 1, 2]
+    assert len({len(v) for v in vectors}) == 1 and len(vectors[0]) > 100
+    plain = client.embeddings.create(model=mesh.model, input=texts, encoding_format="float")
+    assert [round(x, 5) for x in plain.data[0].embedding] == [round(x, 5) for x in vectors[0]]
+
+    def cos(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))  # vectors are normalized
+
+    assert abs(cos(vectors[0], vectors[0]) - 1) < 1e-3
+    assert cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2])
+    assert result.usage.prompt_tokens == sum(token_count(mesh, text=t) for t in texts)
+
+
+def test_stop_string_is_not_in_output(client: openai.OpenAI, mesh: Mesh) -> None:
+    base = (
+        client.completions.create(model=mesh.model, prompt="Count: 1, 2, 3,", max_tokens=20, temperature=0)
+        .choices[0]
+        .text
+    )
+    assert " 5" in base, base
+    cut = client.completions.create(
+        model=mesh.model, prompt="Count: 1, 2, 3,", max_tokens=20, temperature=0, stop=[" 5"]
+    )
+    assert cut.choices[0].text == base[: base.index(" 5")]
+    assert cut.choices[0].finish_reason == "stop"
