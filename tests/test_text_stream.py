@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from node_agent.engines.text_stream import TextStream
+
+
+def run(pieces: list[bytes], stops: list[str]) -> tuple[list[str], bool]:
+    stream = TextStream(stops)
+    out = [stream.feed(p) for p in pieces]
+    out.append(stream.flush())
+    return [o for o in out if o], stream.stopped
+
+
+def test_plain_text_passes_through() -> None:
+    assert run([b"Hello", b" world"], []) == (["Hello", " world"], False)
+
+
+def test_multibyte_character_split_across_tokens_is_sent_whole() -> None:
+    euro = "€".encode()
+    assert run([b"5 ", euro[:1], euro[1:2], euro[2:], b"!"], []) == (["5 ", "€", "!"], False)
+
+
+def test_stop_string_is_cut_and_never_sent_in_part() -> None:
+    chunks, stopped = run([b"one, two", b", thr", b"ee, four"], [", three"])
+    assert "".join(chunks) == "one, two"
+    assert stopped
+    assert all(", thr" not in c for c in chunks)
+
+
+def test_held_back_prefix_is_released_when_it_does_not_become_a_stop() -> None:
+    stream = TextStream(["END"])
+    assert stream.feed(b"the E") == "the "
+    assert stream.feed(b"N") == ""
+    assert stream.feed(b"D?") == ""  # "END" completed
+    assert stream.stopped
+    stream = TextStream(["END"])
+    assert stream.feed(b"the EN") == "the "
+    assert stream.feed(b"ding") == "ENding"
+
+
+def test_stop_inside_one_token_and_earliest_of_several() -> None:
+    assert run([b"abcXYZdef"], ["def", "XY"]) == (["abc"], True)
+
+
+def test_unfinished_prefix_is_flushed_at_the_end() -> None:
+    assert run([b"abc", b"E"], ["END"]) == (["abc", "E"], False)
