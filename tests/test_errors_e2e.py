@@ -154,7 +154,9 @@ def test_backend_timeout(mesh: Mesh, impatient_edge: tuple[str, str]) -> None:
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "BACKEND_TIMEOUT"
     request = inference_pb2.GenerateRequest(
-        model=mesh.model, prompt="Write a long story.", sampling=inference_pb2.SamplingParams(max_tokens=1500)
+        model=mesh.model,
+        prompt="Write a long story.",
+        sampling=inference_pb2.SamplingParams(max_tokens=1500, temperature=0),
     )
     error = grpc_generate(grpc_address, request)
     assert error.code == "BACKEND_TIMEOUT" and error.grpc_code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -249,7 +251,13 @@ def test_node_killed_mid_stream_ends_the_stream_with_an_error(mesh: Mesh) -> Non
     """A node that dies while streaming: the client gets an error event and [DONE], never a hang."""
     proc, _ = mesh.cluster.start_node("doomed", [smollm_entry("doomed-model")])
     mesh.cluster.wait_model_state(mesh.http, "doomed-model")
-    body = {"model": "doomed-model", "prompt": "Tell a long story.", "max_tokens": 1500, "stream": True}
+    body = {
+        "model": "doomed-model",
+        "prompt": "Tell a long story.",
+        "max_tokens": 1500,
+        "stream": True,
+        "temperature": 0,
+    }
     with httpx.stream("POST", f"{mesh.http}/v1/completions", json=body, timeout=60) as stream:
         lines = stream.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
