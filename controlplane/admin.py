@@ -1,85 +1,224 @@
-"""AdminService (for operators) and PlacementService (for the edge): thin adapters over the fleet view."""
+"""AdminService: the operators' RPCs. Thin: reads come from the store or the fleet view, decisions
+from the placement functions, writes go through the reconciler."""
 
 from __future__ import annotations
 
-import itertools
-
 import grpc
+from google.protobuf import timestamp_pb2
 
-from controlplane import placement
+from controlplane import placement, routing
 from controlplane.fleet import FleetView
+from controlplane.placement_service import Placement
+from controlplane.reconciler import Reconciler
 from controlplane.store import ClusterStore
-from fleetlm.controlplane.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
-    placement_pb2,
-    placement_pb2_grpc,
-)
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from mesh.errors import ErrorCode, FleetError, invalid
 
 
-class Admin(admin_pb2_grpc.AdminServiceServicer):
-    """Reads etcd directly, not the cached view: an operator asking wants the authoritative answer."""
+def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
+    """A normalised copy, or a 400 naming the field."""
+    spec = deployment.spec
+    if not spec.name or "/" in spec.name:
+        raise invalid("deployment.spec.name", "a deployment needs a name without '/'")
+    if not spec.path:
+        raise invalid("deployment.spec.path", "a deployment needs the path of its weights on the nodes")
+    if spec.format not in placement.ENGINE_FOR_FORMAT:
+        raise invalid("deployment.spec.format", "format must be one of gguf, hf, awq")
+    if spec.device not in ("", "cpu", "gpu", "any"):
+        raise invalid("deployment.spec.device", "device must be one of cpu, gpu, any")
+    reason = placement.check_format(spec)
+    if reason:
+        raise FleetError(ErrorCode.FORMAT_NOT_SUPPORTED, f"model '{spec.name}': {reason}", param="deployment.spec")
+    if deployment.max_replicas and deployment.max_replicas < deployment.min_replicas:
+        raise invalid("deployment.max_replicas", "max_replicas must be at least min_replicas")
+    out = node_pb2.Deployment()
+    out.CopyFrom(deployment)
+    out.spec.engine = placement.engine_of(spec)
+    out.spec.device = spec.device or "any"
+    out.spec.context_size = spec.context_size or 2048
+    out.max_replicas = max(deployment.max_replicas, deployment.min_replicas, 1)
+    out.replicas = deployment.min_replicas
+    if not out.HasField("created_at"):
+        out.created_at.CopyFrom(timestamp_pb2.Timestamp())
+        out.created_at.GetCurrentTime()
+    return out
 
-    def __init__(self, store: ClusterStore) -> None:
+
+class Admin(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(
+        self, store: ClusterStore, fleet: FleetView, reconciler: Reconciler, placement_service: Placement
+    ) -> None:
         self._store = store
+        self._fleet = fleet
+        self._reconciler = reconciler
+        self._placement = placement_service
+
+    def _with_scheduling(self, node: node_pb2.Node) -> node_pb2.Node:
+        out = node_pb2.Node()
+        out.CopyFrom(node)
+        out.scheduling = self._fleet.scheduling(node.node_id)  # type: ignore[assignment]
+        return out
+
+    def _live_node(self, node_id: str) -> node_pb2.Node:
+        if not node_id:
+            raise invalid("node_id", "node_id is required")
+        node = self._fleet.nodes.get(node_id)
+        if node is None:
+            raise FleetError(ErrorCode.NODE_NOT_FOUND, f"node '{node_id}' is not registered", param="node_id")
+        return node
+
+    def _deployment(self, name: str) -> node_pb2.Deployment:
+        deployment = self._fleet.deployments.get(name)
+        if deployment is None:
+            known = ", ".join(sorted(self._fleet.deployments)) or "none"
+            raise FleetError(
+                ErrorCode.MODEL_NOT_FOUND, f"no deployment named '{name}'; deployments: {known}", param="name"
+            )
+        return deployment
+
+    # --- nodes ----------------------------------------------------------------------------------------
 
     async def ListNodes(
         self, request: admin_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListNodesResponse:
-        nodes = sorted(await self._store.list_nodes(), key=lambda n: n.node_id)
-        return admin_pb2.ListNodesResponse(nodes=nodes)
+        # From etcd, not the cached view: an operator asking wants the authoritative answer.
+        nodes = sorted(await self._store.list("node"), key=lambda n: n.node_id)
+        return admin_pb2.ListNodesResponse(nodes=[self._with_scheduling(n) for n in nodes])
 
     async def GetNode(
         self, request: admin_pb2.GetNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetNodeResponse:
         if not request.node_id:
             raise invalid("node_id", "node_id is required")
-        node = await self._store.get_node(request.node_id)
+        node = await self._store.get("node", request.node_id)
         if node is None:
-            raise FleetError(
-                ErrorCode.NODE_NOT_FOUND, f"node '{request.node_id}' is not registered", param="node_id"
-            )
-        return admin_pb2.GetNodeResponse(node=node)
+            raise FleetError(ErrorCode.NODE_NOT_FOUND, f"node '{request.node_id}' is not registered", param="node_id")
+        return admin_pb2.GetNodeResponse(node=self._with_scheduling(node))
+
+    async def _set_scheduling(self, node_id: str, scheduling: int) -> None:
+        self._live_node(node_id)
+        record = node_pb2.Node(node_id=node_id, scheduling=scheduling)  # type: ignore[arg-type]
+        if scheduling == node_pb2.SCHEDULING_ACTIVE:
+            await self._store.delete("scheduling", node_id)
+            self._fleet.records["scheduling"].pop(node_id, None)
+        else:
+            await self._store.put("scheduling", record)
+            self._fleet.records["scheduling"][node_id] = record
+        self._reconciler.kick()
+
+    async def CordonNode(
+        self, request: admin_pb2.CordonNodeRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CordonNodeResponse:
+        await self._set_scheduling(request.node_id, node_pb2.SCHEDULING_CORDONED)
+        return admin_pb2.CordonNodeResponse()
+
+    async def UncordonNode(
+        self, request: admin_pb2.UncordonNodeRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.UncordonNodeResponse:
+        await self._set_scheduling(request.node_id, node_pb2.SCHEDULING_ACTIVE)
+        return admin_pb2.UncordonNodeResponse()
+
+    async def DrainNode(
+        self, request: admin_pb2.DrainNodeRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.DrainNodeResponse:
+        await self._set_scheduling(request.node_id, node_pb2.SCHEDULING_DRAINING)
+        moving = len(self._fleet.node_assignments(request.node_id))
+        return admin_pb2.DrainNodeResponse(replicas_to_move=moving)
+
+    # --- models and deployments -----------------------------------------------------------------------
 
     async def ListModels(
         self, request: admin_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListModelsResponse:
-        nodes = {n.node_id: n for n in await self._store.list_nodes()}
-        specs = {m.name: m for m in await self._store.list_models()}
+        nodes = {n.node_id: n for n in await self._store.list("node")}
+        specs = {m.name: m for m in await self._store.list("model")}
+        specs.update({d.spec.name: d.spec for d in await self._store.list("deployment")})
         statuses = []
-        for info in placement.model_infos(nodes, specs):
-            spec = specs.get(info.name) or next(
-                c.replica.model for c in placement.candidates_for(nodes.values(), info.name)
-            )
+        for info in routing.model_infos(nodes, specs):
+            candidates = routing.candidates_for(nodes.values(), info.name)
+            spec = specs.get(info.name) or candidates[0].replica.model
             replicas = [
                 admin_pb2.ModelReplica(node_id=c.node.node_id, state=c.replica.state, error=c.replica.error)
-                for c in placement.candidates_for(nodes.values(), info.name)
+                for c in candidates
             ]
             statuses.append(admin_pb2.ModelStatus(spec=spec, info=info, replicas=replicas))
         return admin_pb2.ListModelsResponse(models=statuses)
 
+    async def DeployModel(
+        self, request: admin_pb2.DeployModelRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.DeployModelResponse:
+        deployment = validate_deployment(request.deployment)
+        # Dry run first: a deployment that fits nowhere is refused with every node's reason.
+        placement.place(deployment.spec, self._reconciler.snapshots(), self._reconciler.policy)
+        await self._reconciler.save_deployment(deployment)
+        await self._reconciler.reconcile()
+        assignments = [a for a in self._fleet.assignments.values() if a.model.name == deployment.spec.name]
+        return admin_pb2.DeployModelResponse(deployment=deployment, assignments=assignments)
 
-class Placement(placement_pb2_grpc.PlacementServiceServicer):
-    def __init__(self, fleet: FleetView) -> None:
-        self._fleet = fleet
-        self._turns = itertools.count()
+    async def UndeployModel(
+        self, request: admin_pb2.UndeployModelRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.UndeployModelResponse:
+        self._deployment(request.name)
+        await self._store.delete("deployment", request.name)
+        self._fleet.deployments.pop(request.name, None)
+        await self._reconciler.reconcile()
+        return admin_pb2.UndeployModelResponse()
 
-    async def PickReplica(
-        self, request: placement_pb2.PickReplicaRequest, context: grpc.aio.ServicerContext
-    ) -> placement_pb2.PickReplicaResponse:
-        if not request.model:
-            raise FleetError(ErrorCode.MODEL_REQUIRED, "the 'model' field is required", param="model")
-        chosen = placement.pick_replica(
-            self._fleet.nodes, self._fleet.models, request.model, request.user, next(self._turns)
-        )
-        return placement_pb2.PickReplicaResponse(
-            node_id=chosen.node.node_id, inference_address=chosen.node.inference_address
-        )
+    async def ListDeployments(
+        self, request: admin_pb2.ListDeploymentsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListDeploymentsResponse:
+        statuses = []
+        for name in sorted(self._fleet.deployments):
+            assignments = [a for a in self._fleet.assignments.values() if a.model.name == name]
+            replicas = []
+            for a in assignments:
+                replica = self._reconciler.replica_of(a)
+                state = replica.state if replica else node_pb2.REPLICA_STATE_PENDING
+                replicas.append(
+                    admin_pb2.ModelReplica(node_id=a.node_id, state=state, error=replica.error if replica else "")
+                )
+            statuses.append(
+                admin_pb2.DeploymentStatus(
+                    deployment=self._fleet.deployments[name], assignments=assignments, replicas=replicas
+                )
+            )
+        return admin_pb2.ListDeploymentsResponse(deployments=statuses)
 
-    async def ListServedModels(
-        self, request: placement_pb2.ListServedModelsRequest, context: grpc.aio.ServicerContext
-    ) -> placement_pb2.ListServedModelsResponse:
-        return placement_pb2.ListServedModelsResponse(
-            models=placement.model_infos(self._fleet.nodes, self._fleet.models)
+    async def ScaleDeployment(
+        self, request: admin_pb2.ScaleDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ScaleDeploymentResponse:
+        deployment = self._deployment(request.name)
+        if not deployment.min_replicas <= request.replicas <= deployment.max_replicas:
+            raise invalid(
+                "replicas",
+                f"replicas must be between min_replicas ({deployment.min_replicas}) and max_replicas"
+                f" ({deployment.max_replicas}); got {request.replicas}",
+            )
+        updated = node_pb2.Deployment()
+        updated.CopyFrom(deployment)
+        updated.replicas = request.replicas
+        await self._reconciler.save_deployment(updated)
+        await self._reconciler.reconcile()
+        return admin_pb2.ScaleDeploymentResponse(deployment=updated)
+
+    async def ExplainPlacement(
+        self, request: admin_pb2.ExplainPlacementRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ExplainPlacementResponse:
+        if request.name:
+            spec = self._deployment(request.name).spec
+        else:
+            spec = validate_deployment(request.deployment).spec
+        verdicts = placement.evaluate(spec, self._reconciler.snapshots(), self._reconciler.policy)
+        return admin_pb2.ExplainPlacementResponse(
+            verdicts=[
+                admin_pb2.NodeVerdict(
+                    node_id=v.node_id,
+                    fits=v.fit is not None,
+                    reason=v.reason,
+                    score=v.score,
+                    device=v.fit.device if v.fit else "",
+                )
+                for v in verdicts
+            ],
+            chosen_node_id=verdicts[0].node_id if verdicts and verdicts[0].fit else "",
         )

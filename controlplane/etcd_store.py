@@ -4,17 +4,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlparse
 
 import aetcd
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
-from controlplane.store import StoreEvent
-from fleetlm.controlplane.v1 import node_pb2
-
-
-def _encode(message: node_pb2.Node | node_pb2.ModelSpec) -> bytes:
-    return json_format.MessageToJson(message, indent=None).encode()
+from controlplane.store import KINDS, PREFIXES, StoreEvent, record_key
 
 
 class EtcdStore:
@@ -24,8 +21,12 @@ class EtcdStore:
             host=parsed.hostname or "127.0.0.1", port=parsed.port or 2379, timeout=timeout_seconds
         )
         self._prefix = prefix.rstrip("/")
-        self._nodes = f"{self._prefix}/nodes/"
-        self._models = f"{self._prefix}/models/"
+
+    def _dir(self, kind: str) -> str:
+        return f"{self._prefix}/{PREFIXES[kind]}/"
+
+    def _decode(self, kind: str, raw: bytes) -> Message:
+        return json_format.Parse(raw, KINDS[kind](), ignore_unknown_fields=True)
 
     async def connect(self) -> None:
         await self._client.connect()
@@ -48,25 +49,22 @@ class EtcdStore:
         except aetcd.exceptions.ClientError:
             pass  # already expired: the goal is reached
 
-    async def put_node(self, node: node_pb2.Node, lease_id: int) -> None:
-        await self._client.put(f"{self._nodes}{node.node_id}".encode(), _encode(node), lease=lease_id)
+    async def put(self, kind: str, message: Message, lease_id: int = 0) -> None:
+        key = f"{self._dir(kind)}{record_key(kind, message)}".encode()
+        value = json_format.MessageToJson(message, indent=None).encode()
+        await self._client.put(key, value, lease=lease_id or None)
 
-    async def get_node(self, node_id: str) -> node_pb2.Node | None:
-        found = await self._client.get(f"{self._nodes}{node_id}".encode())
-        if found is None:
-            return None
-        return json_format.Parse(found.value, node_pb2.Node(), ignore_unknown_fields=True)
+    async def delete(self, kind: str, key: str) -> bool:
+        result = await self._client.delete(f"{self._dir(kind)}{key}".encode())
+        return bool(result and result.deleted)
 
-    async def list_nodes(self) -> list[node_pb2.Node]:
-        found = await self._client.get_prefix(self._nodes.encode())
-        return [json_format.Parse(kv.value, node_pb2.Node(), ignore_unknown_fields=True) for kv in found]
+    async def get(self, kind: str, key: str) -> Any:
+        found = await self._client.get(f"{self._dir(kind)}{key}".encode())
+        return None if found is None else self._decode(kind, found.value)
 
-    async def put_model(self, spec: node_pb2.ModelSpec) -> None:
-        await self._client.put(f"{self._models}{spec.name}".encode(), _encode(spec))
-
-    async def list_models(self) -> list[node_pb2.ModelSpec]:
-        found = await self._client.get_prefix(self._models.encode())
-        return [json_format.Parse(kv.value, node_pb2.ModelSpec(), ignore_unknown_fields=True) for kv in found]
+    async def list(self, kind: str) -> list[Any]:
+        found = await self._client.get_prefix(self._dir(kind).encode())
+        return [self._decode(kind, kv.value) for kv in found]
 
     async def watch(self) -> AsyncIterator[StoreEvent]:
         watch = await self._client.watch_prefix(f"{self._prefix}/".encode())
@@ -82,19 +80,13 @@ class EtcdStore:
 
         return events()
 
-    def _parse(self, event: aetcd.rtypes.Event) -> StoreEvent | None:
+    def _parse(self, event: Any) -> StoreEvent | None:
         key = event.kv.key.decode()
-        deleted = event.kind == aetcd.rtypes.EventKind.DELETE
-        if key.startswith(self._nodes):
-            node_id = key.removeprefix(self._nodes)
-            if deleted:
-                return StoreEvent("node", node_id)
-            node = json_format.Parse(event.kv.value, node_pb2.Node(), ignore_unknown_fields=True)
-            return StoreEvent("node", node_id, node=node)
-        if key.startswith(self._models):
-            name = key.removeprefix(self._models)
-            if deleted:
-                return StoreEvent("model", name)
-            spec = json_format.Parse(event.kv.value, node_pb2.ModelSpec(), ignore_unknown_fields=True)
-            return StoreEvent("model", name, model=spec)
+        for kind in KINDS:
+            directory = self._dir(kind)
+            if key.startswith(directory):
+                name = key.removeprefix(directory)
+                if event.kind == aetcd.rtypes.EventKind.DELETE:
+                    return StoreEvent(kind, name)
+                return StoreEvent(kind, name, self._decode(kind, event.kv.value))
         return None

@@ -1,49 +1,98 @@
 """The control plane's in-memory view of the fleet, kept current from the store.
 
-Placement runs on every request, so it reads this snapshot instead of etcd. The view is event-driven (a
-watch on the store's prefix) and also reloaded in full periodically and after any watch failure, so an
-event the watch missed heals within one resync interval.
+Placement and routing run on every request, so they read this view instead of etcd. The view is
+event-driven (a watch on the store's prefix) and also reloaded in full periodically and after any watch
+failure, so that an event the watch missed heals within one resync interval. Waiters (a request holding
+for a replica to become ready) are woken on every change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from controlplane.store import ClusterStore, StoreEvent
+from controlplane.store import KINDS, ClusterStore, StoreEvent, record_key
 from fleetlm.controlplane.v1 import node_pb2
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class FleetView:
     def __init__(self, store: ClusterStore, resync_interval_seconds: float = 30.0) -> None:
         self._store = store
         self._resync_interval = resync_interval_seconds
-        self.nodes: dict[str, node_pb2.Node] = {}
-        self.models: dict[str, node_pb2.ModelSpec] = {}
+        self.records: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
         self.synced = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self.listeners: list[Callable[[StoreEvent | None], None]] = []
+
+    @property
+    def nodes(self) -> dict[str, node_pb2.Node]:
+        return self.records["node"]
+
+    @property
+    def models(self) -> dict[str, node_pb2.ModelSpec]:
+        return self.records["model"]
+
+    @property
+    def deployments(self) -> dict[str, node_pb2.Deployment]:
+        return self.records["deployment"]
+
+    @property
+    def assignments(self) -> dict[str, node_pb2.Assignment]:
+        return self.records["assignment"]
+
+    def scheduling(self, node_id: str) -> int:
+        record = self.records["scheduling"].get(node_id)
+        return record.scheduling if record is not None else node_pb2.SCHEDULING_ACTIVE
+
+    def node_assignments(self, node_id: str) -> list[node_pb2.Assignment]:
+        return [a for a in self.assignments.values() if a.node_id == node_id]
 
     async def resync(self) -> None:
-        nodes, models = await asyncio.gather(self._store.list_nodes(), self._store.list_models())
-        self.nodes = {n.node_id: n for n in nodes}
-        self.models = {m.name: m for m in models}
+        loaded = await asyncio.gather(*(self._store.list(kind) for kind in KINDS))
+        self.records = {
+            kind: {record_key(kind, m): m for m in messages} for kind, messages in zip(KINDS, loaded, strict=True)
+        }
         self.synced.set()
+        await self._notify(None)
 
-    def apply(self, event: StoreEvent) -> None:
-        if event.kind == "node":
-            if event.node is None:
-                if self.nodes.pop(event.key, None) is not None:
-                    log.info("node %s left the fleet", event.key)
-            else:
-                if event.key not in self.nodes:
-                    log.info("node %s joined the fleet", event.key)
-                self.nodes[event.key] = event.node
-        elif event.kind == "model":
-            if event.model is None:
-                self.models.pop(event.key, None)
-            else:
-                self.models[event.key] = event.model
+    async def apply(self, event: StoreEvent) -> None:
+        table = self.records[event.kind]
+        if event.value is None:
+            if table.pop(event.key, None) is not None and event.kind == "node":
+                log.info("node %s left the fleet", event.key)
+        else:
+            if event.kind == "node" and event.key not in table:
+                log.info("node %s joined the fleet", event.key)
+            table[event.key] = event.value
+        await self._notify(event)
+
+    async def _notify(self, event: StoreEvent | None) -> None:
+        for listener in self.listeners:
+            listener(event)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[], T | None], timeout: float) -> T | None:
+        """The first truthy predicate() within timeout, re-checked after every change; else None."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with self._changed:
+            while True:
+                value = predicate()
+                if value:
+                    return value
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except TimeoutError:
+                    return predicate() or None
 
     async def run(self) -> None:
         """Follow the store until cancelled: watch, and resync in full on a timer and after errors."""
@@ -57,7 +106,7 @@ class FleetView:
                 # Resync only once the watch exists, so that no change falls between the two.
                 await self.resync()
                 async for event in events:
-                    self.apply(event)
+                    await self.apply(event)
                     backoff = 0.5
                 log.warning("store watch ended; resyncing")
             except asyncio.CancelledError:

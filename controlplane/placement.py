@@ -1,144 +1,203 @@
-"""Choosing the replica that serves a request: pure functions over a snapshot of the fleet.
+"""Placing a deployment's replica on a node: a chain of filters, then scorers, over a fleet snapshot.
 
-Routing is a chain of filters, each returning the survivors and why the others were dropped, then a
-scorer. The reasons reach the client when nothing survives (MODEL_UNAVAILABLE says *why*), and operators
-can read them in the control plane's log.
+Pure functions, no I/O. Each filter returns why it rejects a node (or None), so every node that does
+not get the replica carries a reason; `place` classifies the failure as FORMAT_NOT_SUPPORTED (no node
+could ever run this format on this device) or NO_CAPACITY (some could, but not now).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
 
 from fleetlm.controlplane.v1 import node_pb2
-from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import ErrorCode, FleetError
 
-READY = node_pb2.REPLICA_STATE_READY
+GiB = 1024**3
+
+# Which engine runs which weights format, and on what.
+ENGINE_FOR_FORMAT = {"gguf": "llamacpp", "hf": "sglang", "awq": "sglang"}
+ENGINE_FORMATS = {"llamacpp": {"gguf"}, "sglang": {"hf", "awq"}, "openai": {"gguf", "hf", "awq"}}
+GPU_ONLY_ENGINES = {"sglang"}
 
 
 @dataclass(frozen=True)
-class Candidate:
+class PlacementPolicy:
+    strategy: Literal["binpack", "spread"] = "spread"
+    ram_reserve_bytes: int = 2 * GiB  # left for the OS and the agent itself
+    vram_reserve_bytes: int = GiB // 2  # CUDA context, fragmentation
+
+
+@dataclass(frozen=True)
+class NodeSnapshot:
     node: node_pb2.Node
-    replica: node_pb2.Replica
-
-    @property
-    def outstanding(self) -> int:
-        return self.replica.running_requests + self.replica.queued_requests
+    scheduling: int = node_pb2.SCHEDULING_ACTIVE
+    assignments: tuple[node_pb2.Assignment, ...] = ()
 
 
-Rejection = tuple[str, str]  # (node id, reason)
-Filter = Callable[[list[Candidate]], tuple[list[Candidate], list[Rejection]]]
+@dataclass
+class Fit:
+    """A node the replica fits on, and how it would run there."""
+
+    device: str
+    gpu_indices: list[int] = field(default_factory=list)
+    memory_bytes: int = 0
+    capacity_bytes: int = 0
+    used_bytes: int = 0  # already assigned on that device, before this replica
 
 
-def replica_ready(candidates: list[Candidate]) -> tuple[list[Candidate], list[Rejection]]:
-    kept, dropped = [], []
-    for c in candidates:
-        if c.replica.state == READY:
-            kept.append(c)
-        else:
-            state = node_pb2.ReplicaState.Name(c.replica.state).removeprefix("REPLICA_STATE_").lower()
-            why = f"replica is {state}" + (f": {c.replica.error}" if c.replica.error else "")
-            dropped.append((c.node.node_id, why))
-    return kept, dropped
+@dataclass
+class Verdict:
+    node_id: str
+    fit: Fit | None
+    reason: str
+    category: str = ""  # "format" or "capacity" for rejections
+    score: float = 0.0
 
 
-ROUTING_FILTERS: tuple[Filter, ...] = (replica_ready,)
+def engine_of(spec: node_pb2.ModelSpec) -> str:
+    return spec.engine or ENGINE_FOR_FORMAT.get(spec.format, "llamacpp")
 
 
-def candidates_for(nodes: Iterable[node_pb2.Node], model: str) -> list[Candidate]:
-    return [Candidate(n, r) for n in nodes for r in n.replicas if r.model.name == model]
+def check_format(spec: node_pb2.ModelSpec) -> str | None:
+    """Why a spec can never run anywhere, or None."""
+    engine = engine_of(spec)
+    if engine not in ENGINE_FORMATS:
+        return f"unknown engine '{engine}'"
+    if spec.format not in ENGINE_FORMATS[engine]:
+        return f"engine '{engine}' cannot run '{spec.format}' weights"
+    if engine in GPU_ONLY_ENGINES and spec.device == "cpu":
+        return f"engine '{engine}' runs on NVIDIA GPUs only, but the deployment asks for a CPU"
+    return None
 
 
-def known_models(nodes: Mapping[str, node_pb2.Node], specs: Mapping[str, node_pb2.ModelSpec]) -> set[str]:
-    return set(specs) | {r.model.name for n in nodes.values() for r in n.replicas}
+def model_file(node: node_pb2.Node, path: str) -> node_pb2.ModelFile | None:
+    return next((f for f in node.inventory.model_files if f.path == path), None)
 
 
-def _affinity(user: str, node_id: str) -> int:
-    # Rendezvous hashing: a user keeps landing on the same node while it stays among the least loaded.
-    return int.from_bytes(hashlib.blake2b(f"{user}|{node_id}".encode(), digest_size=8).digest(), "big")
+def memory_estimate(spec: node_pb2.ModelSpec, file: node_pb2.ModelFile | None) -> int:
+    """Weights (the file's size) plus the KV cache for the whole context (f16)."""
+    weights = file.size_bytes if file else 0
+    per_token = file.kv_bytes_per_token if file and file.kv_bytes_per_token else 0
+    if not per_token:
+        per_token = 64 * 1024  # unknown architecture: a typical 1-3B model with grouped-query attention
+    return weights + per_token * max(spec.context_size, 1)
 
 
-def choose(candidates: list[Candidate], user: str = "", turn: int = 0) -> Candidate:
-    """Least outstanding work first; among equals, the user's affine node, else round robin."""
-    least = min(c.outstanding for c in candidates)
-    best = sorted((c for c in candidates if c.outstanding == least), key=lambda c: c.node.node_id)
-    if user:
-        return max(best, key=lambda c: _affinity(user, c.node.node_id))
-    return best[turn % len(best)]
+# --- filters: (spec, snapshot, policy) -> reason or None; the last one returns the fit --------------
+
+Reject = tuple[str, str]  # (category, reason)
 
 
-def pick_replica(
-    nodes: Mapping[str, node_pb2.Node],
-    specs: Mapping[str, node_pb2.ModelSpec],
-    model: str,
-    user: str = "",
-    turn: int = 0,
-) -> Candidate:
-    """The replica to serve one request, or the FleetError that explains why there is none."""
-    candidates = candidates_for(nodes.values(), model)
-    if not candidates:
-        known = sorted(known_models(nodes, specs))
-        if model not in known:
-            raise FleetError(
-                ErrorCode.MODEL_NOT_FOUND,
-                f"model '{model}' does not exist; available models: {', '.join(known) or 'none'}",
-                param="model",
-                metadata={"available_models": ",".join(known)},
-            )
-        raise FleetError(
-            ErrorCode.MODEL_UNAVAILABLE,
-            f"model '{model}' is known but no live node hosts it",
-            retry_after_seconds=5,
-        )
-    rejections: list[Rejection] = []
-    for keep in ROUTING_FILTERS:
-        candidates, dropped = keep(candidates)
-        rejections += dropped
-    if not candidates:
-        reasons = "; ".join(f"{node}: {why}" for node, why in rejections)
-        raise FleetError(
-            ErrorCode.MODEL_UNAVAILABLE,
-            f"model '{model}' has no ready replica ({reasons})",
-            retry_after_seconds=5,
-        )
-    return choose(candidates, user, turn)
+def _schedulable(spec: node_pb2.ModelSpec, snap: NodeSnapshot) -> Reject | None:
+    if snap.scheduling == node_pb2.SCHEDULING_CORDONED:
+        return "capacity", "node is cordoned"
+    if snap.scheduling == node_pb2.SCHEDULING_DRAINING:
+        return "capacity", "node is draining"
+    return None
 
 
-def model_infos(
-    nodes: Mapping[str, node_pb2.Node], specs: Mapping[str, node_pb2.ModelSpec]
-) -> list[inference_pb2.ModelInfo]:
-    """Every known model with its aggregate state across live nodes, sorted by name."""
-    by_name: dict[str, list[node_pb2.Replica]] = {name: [] for name in specs}
-    declared: dict[str, node_pb2.ModelSpec] = dict(specs)
-    for node in nodes.values():
-        for replica in node.replicas:
-            by_name.setdefault(replica.model.name, []).append(replica)
-            declared.setdefault(replica.model.name, replica.model)
-    infos = []
-    for name in sorted(by_name):
-        replicas, spec = by_name[name], declared[name]
-        ready = sum(r.state == READY for r in replicas)
-        states = {r.state for r in replicas}
-        if ready:
-            state = inference_pb2.MODEL_STATE_READY
-        elif states & {node_pb2.REPLICA_STATE_LOADING, node_pb2.REPLICA_STATE_PENDING}:
-            state = inference_pb2.MODEL_STATE_LOADING
-        elif states == {node_pb2.REPLICA_STATE_FAILED}:
-            state = inference_pb2.MODEL_STATE_FAILED
-        else:
-            state = inference_pb2.MODEL_STATE_UNAVAILABLE
-        error = next((r.error for r in replicas if r.error), "")
-        infos.append(
-            inference_pb2.ModelInfo(
-                name=name,
-                format=spec.format,
-                engine=spec.engine,
-                context_size=spec.context_size,
-                state=state,
-                error=error if not ready else "",
-                ready_replicas=ready,
-            )
-        )
-    return infos
+def _not_hosting(spec: node_pb2.ModelSpec, snap: NodeSnapshot) -> Reject | None:
+    if any(a.model.name == spec.name for a in snap.assignments):
+        return "capacity", "already runs a replica of this model"
+    return None
+
+
+def _device(spec: node_pb2.ModelSpec, snap: NodeSnapshot) -> Reject | None:
+    gpus = snap.node.inventory.gpus
+    engine = engine_of(spec)
+    if engine in GPU_ONLY_ENGINES and not any(g.vendor == "nvidia" for g in gpus):
+        return "format", f"{spec.format} models run on SGLang, which needs an NVIDIA GPU; node has none"
+    if spec.device == "gpu" and not gpus:
+        return "format", "deployment needs a GPU; node has none"
+    return None
+
+
+def _file_present(spec: node_pb2.ModelSpec, snap: NodeSnapshot) -> Reject | None:
+    if engine_of(spec) == "openai":
+        return None  # an external server: nothing to load from disk
+    if model_file(snap.node, spec.path) is None:
+        return "capacity", f"model file not present on the node: {spec.path}"
+    return None
+
+
+FILTERS: tuple[Callable[[node_pb2.ModelSpec, NodeSnapshot], Reject | None], ...] = (
+    _schedulable,
+    _not_hosting,
+    _device,
+    _file_present,
+)
+
+
+def _memory_fit(spec: node_pb2.ModelSpec, snap: NodeSnapshot, policy: PlacementPolicy) -> Fit | Reject:
+    need = 0 if engine_of(spec) == "openai" else memory_estimate(spec, model_file(snap.node, spec.path))
+    gpus = snap.node.inventory.gpus
+    wants_gpu = spec.device == "gpu" or engine_of(spec) in GPU_ONLY_ENGINES
+    if gpus and spec.device != "cpu":
+        best: Fit | None = None
+        for gpu in gpus:
+            used = sum(a.memory_bytes for a in snap.assignments if a.device == "gpu" and gpu.index in a.gpu_indices)
+            capacity = max(0, gpu.memory.total_bytes - policy.vram_reserve_bytes)
+            if used + need <= capacity and (best is None or capacity - used > best.capacity_bytes - best.used_bytes):
+                best = Fit("gpu", [gpu.index], need, capacity, used)
+        if best is not None:
+            return best
+        if wants_gpu:
+            return "capacity", f"needs {need / GiB:.2f} GiB of GPU memory; no GPU has that much free"
+    used = sum(a.memory_bytes for a in snap.assignments if a.device == "cpu")
+    capacity = max(0, snap.node.inventory.ram.total_bytes - policy.ram_reserve_bytes)
+    if used + need > capacity:
+        return "capacity", (f"needs {need / GiB:.2f} GiB of RAM; {max(0, capacity - used) / GiB:.2f} GiB is unassigned")
+    return Fit("cpu", [], need, capacity, used)
+
+
+# --- scorers: higher is better ------------------------------------------------------------------------
+
+
+def _policy_score(fit: Fit, policy: PlacementPolicy) -> float:
+    after = (fit.used_bytes + fit.memory_bytes) / fit.capacity_bytes if fit.capacity_bytes else 1.0
+    return after if policy.strategy == "binpack" else 1.0 - after
+
+
+def _locality_score(spec: node_pb2.ModelSpec, snap: NodeSnapshot) -> float:
+    # Another replica on the node reads the same weights file: its pages are likely cached already.
+    same_file = any(r.model.path == spec.path for r in snap.node.replicas) or any(
+        a.model.path == spec.path for a in snap.assignments
+    )
+    return 0.25 if same_file else 0.0
+
+
+def evaluate(spec: node_pb2.ModelSpec, snapshots: Iterable[NodeSnapshot], policy: PlacementPolicy) -> list[Verdict]:
+    """Every node's verdict, those that fit first, best score first."""
+    verdicts = []
+    for snap in snapshots:
+        node_id = snap.node.node_id
+        rejected = next((r for r in (f(spec, snap) for f in FILTERS) if r is not None), None)
+        if rejected is None:
+            fit_or_reject = _memory_fit(spec, snap, policy)
+            if isinstance(fit_or_reject, Fit):
+                fit = fit_or_reject
+                score = _policy_score(fit, policy) + _locality_score(spec, snap)
+                reason = f"fits on {fit.device} ({policy.strategy} {score:.3f})"
+                verdicts.append(Verdict(node_id, fit, reason, score=score))
+                continue
+            rejected = fit_or_reject
+        verdicts.append(Verdict(node_id, None, rejected[1], category=rejected[0]))
+    verdicts.sort(key=lambda v: (v.fit is None, -v.score, v.node_id))
+    return verdicts
+
+
+def place(spec: node_pb2.ModelSpec, snapshots: Iterable[NodeSnapshot], policy: PlacementPolicy) -> Verdict:
+    """The best node for one more replica, or a FleetError that lists every node's reason."""
+    never = check_format(spec)
+    if never:
+        raise FleetError(ErrorCode.FORMAT_NOT_SUPPORTED, f"model '{spec.name}': {never}", param="format")
+    verdicts = evaluate(spec, snapshots, policy)
+    if verdicts and verdicts[0].fit is not None:
+        return verdicts[0]
+    if not verdicts:
+        raise FleetError(ErrorCode.NO_CAPACITY, f"model '{spec.name}' cannot be placed: no live nodes")
+    reasons = "; ".join(f"{v.node_id}: {v.reason}" for v in verdicts)
+    code = ErrorCode.FORMAT_NOT_SUPPORTED if all(v.category == "format" for v in verdicts) else ErrorCode.NO_CAPACITY
+    raise FleetError(code, f"model '{spec.name}' fits on no node ({reasons})", retry_after_seconds=10)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -13,6 +15,8 @@ from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
 from mesh.errors import ErrorCode, FleetError, invalid
 
 log = logging.getLogger(__name__)
+
+RESEND_SECONDS = 15.0
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -47,10 +51,10 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
             lease_ttl_seconds=self._ttl,
             agent_version=request.agent_version,
         )
-        await self._store.put_node(node, lease_id)
+        await self._store.put("node", node, lease_id)
         for replica in request.replicas:
-            if self._fleet.models.get(replica.model.name) != replica.model:
-                await self._store.put_model(replica.model)
+            if not replica.assigned and self._fleet.models.get(replica.model.name) != replica.model:
+                await self._store.put("model", replica.model)
         log.info(
             "registered node %s at %s (%d models, lease %x)",
             node.node_id,
@@ -67,12 +71,10 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
     async def Heartbeat(
         self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.HeartbeatResponse:
-        expired = FleetError(
-            ErrorCode.LEASE_EXPIRED, f"node {request.node_id} is not registered; register again"
-        )
+        expired = FleetError(ErrorCode.LEASE_EXPIRED, f"node {request.node_id} is not registered; register again")
         if not await self._store.refresh_lease(request.lease_id):
             raise expired
-        node = self._fleet.nodes.get(request.node_id) or await self._store.get_node(request.node_id)
+        node = self._fleet.nodes.get(request.node_id) or await self._store.get("node", request.node_id)
         if node is None or node.lease_id != request.lease_id:
             raise expired
         updated = node_pb2.Node()
@@ -81,7 +83,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         updated.replicas.extend(request.replicas)
         updated.inventory.ram.free_bytes = request.ram_free_bytes
         updated.last_heartbeat_at.CopyFrom(_now())
-        await self._store.put_node(updated, request.lease_id)
+        await self._store.put("node", updated, request.lease_id)
         return registry_pb2.HeartbeatResponse()
 
     async def DeregisterNode(
@@ -90,3 +92,30 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         await self._store.revoke_lease(request.lease_id)
         log.info("node %s deregistered", request.node_id)
         return registry_pb2.DeregisterNodeResponse()
+
+    async def WatchAssignments(
+        self, request: registry_pb2.WatchAssignmentsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[registry_pb2.WatchAssignmentsResponse]:
+        """The node's whole desired state now, then after every change to it, and at least every
+        RESEND_SECONDS so that a lost message heals."""
+        changed = asyncio.Event()
+
+        def on_change(event: object) -> None:
+            changed.set()
+
+        self._fleet.listeners.append(on_change)
+        try:
+            last: list[bytes] | None = None
+            while True:
+                current = sorted(self._fleet.node_assignments(request.node_id), key=lambda a: a.model.name)
+                encoded = [a.SerializeToString(deterministic=True) for a in current]
+                if encoded != last:
+                    last = encoded
+                    yield registry_pb2.WatchAssignmentsResponse(assignments=current)
+                changed.clear()
+                try:
+                    await asyncio.wait_for(changed.wait(), RESEND_SECONDS)
+                except TimeoutError:
+                    last = None  # resend even if unchanged
+        finally:
+            self._fleet.listeners.remove(on_change)

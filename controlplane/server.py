@@ -1,13 +1,18 @@
-"""Run the control plane: etcd store, fleet view, and the registry, placement and admin gRPC services."""
+"""Run the control plane: etcd store, fleet view, reconciler, and the registry, placement and admin
+gRPC services."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
-from controlplane.admin import Admin, Placement
+from controlplane.admin import Admin, validate_deployment
 from controlplane.etcd_store import EtcdStore
 from controlplane.fleet import FleetView
+from controlplane.placement import GiB, PlacementPolicy
+from controlplane.placement_service import Placement
+from controlplane.reconciler import Reconciler
 from controlplane.registry import NodeRegistry
 from controlplane.settings import ControlPlaneSettings
 from fleetlm.controlplane.v1 import (
@@ -19,6 +24,8 @@ from fleetlm.controlplane.v1 import (
     registry_pb2_grpc,
 )
 from mesh import logs
+from mesh.catalog import CatalogError, load_catalog
+from mesh.errors import FleetError
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
 
@@ -31,27 +38,46 @@ SERVICE_NAMES = [
 ]
 
 
+async def _load_deployments(path: str, fleet: FleetView, reconciler: Reconciler) -> None:
+    for entry in load_catalog(Path(path)):
+        deployment = validate_deployment(entry.deployment())
+        existing = fleet.deployments.get(entry.name)
+        if existing is not None and existing.spec == deployment.spec:
+            continue  # keep the replica count it has now
+        await reconciler.save_deployment(deployment)
+        log.info("deployment %s loaded from %s", entry.name, path)
+
+
 async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     store = EtcdStore(settings.etcd, settings.etcd_prefix)
     await store.connect()
     fleet = FleetView(store, settings.resync_interval_seconds)
+    policy = PlacementPolicy(
+        strategy=settings.placement_strategy,
+        ram_reserve_bytes=int(settings.ram_reserve_gib * GiB),
+        vram_reserve_bytes=int(settings.vram_reserve_gib * GiB),
+    )
+    reconciler = Reconciler(store, fleet, policy, settings.reconcile_interval_seconds)
+    placement_service = Placement(fleet, reconciler)
     server = GrpcServer(SERVICE_NAMES)
     registry_pb2_grpc.add_NodeRegistryServiceServicer_to_server(
         NodeRegistry(store, fleet, settings.lease_ttl_seconds), server.server
     )
-    placement_pb2_grpc.add_PlacementServiceServicer_to_server(Placement(fleet), server.server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(Admin(store), server.server)
+    placement_pb2_grpc.add_PlacementServiceServicer_to_server(placement_service, server.server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(Admin(store, fleet, reconciler, placement_service), server.server)
     try:
         async with asyncio.TaskGroup() as tasks:
             follower = tasks.create_task(fleet.run())
             await asyncio.wait_for(fleet.synced.wait(), timeout=30)
+            if settings.deployments:
+                await _load_deployments(settings.deployments, fleet, reconciler)
+            reconciling = tasks.create_task(reconciler.run())
             port = await server.start(settings.listen)
-            log.info(
-                "control plane listening on %s (etcd %s)", bound_address(settings.listen, port), settings.etcd
-            )
+            log.info("control plane listening on %s (etcd %s)", bound_address(settings.listen, port), settings.etcd)
             await stop.wait()
-            # Order: stop taking RPCs and drain them first, then stop following etcd, then close it.
+            # Order: stop taking RPCs and drain them first, then stop deciding, then stop following etcd.
             await server.stop(settings.shutdown_grace_seconds)
+            reconciling.cancel()
             follower.cancel()
     finally:
         await store.close()
@@ -60,4 +86,10 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
 
 def main(settings: ControlPlaneSettings) -> None:
     logs.setup("controlplane", settings.log_level)
+    if settings.deployments:
+        try:
+            for entry in load_catalog(Path(settings.deployments)):
+                validate_deployment(entry.deployment())
+        except (CatalogError, FleetError) as exc:
+            raise SystemExit(f"fleetlm controlplane: {exc}") from None
     run_until_signalled(lambda stop: serve(settings, stop))

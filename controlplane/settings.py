@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -17,6 +19,15 @@ class ControlPlaneSettings(BaseSettings):
     )
     resync_interval_seconds: float = Field(
         30.0, gt=0, description="period of the full reload of fleet state that heals missed watch events"
+    )
+    deployments: str | None = Field(None, description="YAML catalog of deployments created (or updated) at start-up")
+    placement_strategy: Literal["spread", "binpack"] = Field(
+        "spread", description="spread replicas across nodes, or pack them onto the fewest"
+    )
+    ram_reserve_gib: float = Field(2.0, ge=0, description="RAM per node never assigned to replicas")
+    vram_reserve_gib: float = Field(0.5, ge=0, description="GPU memory per GPU never assigned to replicas")
+    reconcile_interval_seconds: float = Field(
+        2.0, gt=0, description="period of the desired-state pass (it also runs on every change)"
     )
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="time in-flight RPCs get at shutdown")
     log_level: str = Field("INFO", description="log level")

@@ -1,27 +1,59 @@
 """The cluster store: where the control plane keeps all fleet state. One protocol, one file per backend.
 
-State is two kinds of record:
-  {prefix}/nodes/{node_id}  -> Node, bound to the node's lease: it vanishes when the node stops heartbeating
-  {prefix}/models/{name}    -> ModelSpec, durable: a model stays known while no node serves it
+Records, by kind (etcd key under the prefix):
+  node         nodes/{node_id}                 Node, bound to the node's lease: gone when it stops heartbeating
+  model        models/{name}                   ModelSpec a node declared in its own catalog
+  deployment   deployments/{name}              Deployment: desired state an operator asked for
+  assignment   assignments/{node_id}/{model}   Assignment: a replica the control plane placed on a node
+  scheduling   scheduling/{node_id}            SchedulingRecord: cordoned or draining (survives restarts)
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from google.protobuf.message import Message
 
 from fleetlm.controlplane.v1 import node_pb2
+
+KINDS: dict[str, type[Message]] = {
+    "node": node_pb2.Node,
+    "model": node_pb2.ModelSpec,
+    "deployment": node_pb2.Deployment,
+    "assignment": node_pb2.Assignment,
+    "scheduling": node_pb2.Node,  # only node_id and scheduling are set
+}
+PREFIXES = {
+    "node": "nodes",
+    "model": "models",
+    "deployment": "deployments",
+    "assignment": "assignments",
+    "scheduling": "scheduling",
+}
+
+
+def record_key(kind: str, message: Message) -> str:
+    """The key (under the kind's prefix) a record is stored at."""
+    if kind in ("node", "scheduling"):
+        return str(message.node_id)  # type: ignore[attr-defined]
+    if kind == "model":
+        return str(message.name)  # type: ignore[attr-defined]
+    if kind == "deployment":
+        return str(message.spec.name)  # type: ignore[attr-defined]
+    if kind == "assignment":
+        return f"{message.node_id}/{message.model.name}"  # type: ignore[attr-defined]
+    raise ValueError(kind)
 
 
 @dataclass(frozen=True)
 class StoreEvent:
-    """A change to one record. `node`/`model` is None when the record was deleted."""
+    """A change to one record. `value` is None when the record was deleted."""
 
-    kind: str  # "node" or "model"
-    key: str  # node id or model name
-    node: node_pb2.Node | None = None
-    model: node_pb2.ModelSpec | None = None
+    kind: str
+    key: str
+    value: Message | None = None
 
 
 class ClusterStore(Protocol):
@@ -35,15 +67,15 @@ class ClusterStore(Protocol):
 
     async def revoke_lease(self, lease_id: int) -> None: ...
 
-    async def put_node(self, node: node_pb2.Node, lease_id: int) -> None: ...
+    async def put(self, kind: str, message: Message, lease_id: int = 0) -> None: ...
 
-    async def get_node(self, node_id: str) -> node_pb2.Node | None: ...
+    async def delete(self, kind: str, key: str) -> bool:
+        """Remove a record; False if it did not exist."""
+        ...
 
-    async def list_nodes(self) -> list[node_pb2.Node]: ...
+    async def get(self, kind: str, key: str) -> Any: ...
 
-    async def put_model(self, spec: node_pb2.ModelSpec) -> None: ...
-
-    async def list_models(self) -> list[node_pb2.ModelSpec]: ...
+    async def list(self, kind: str) -> list[Any]: ...
 
     async def watch(self) -> AsyncIterator[StoreEvent]:
         """Start watching every record; returns the changes from now on, in order. The iterator ends

@@ -73,9 +73,7 @@ async def parse(request: Request, model: type[M]) -> M:
     except ValidationError as exc:
         first = exc.errors()[0]
         param = _param(tuple(first["loc"]))
-        raise FleetError(
-            ErrorCode.INVALID_REQUEST, f"invalid '{param}': {first['msg']}", param=param
-        ) from exc
+        raise FleetError(ErrorCode.INVALID_REQUEST, f"invalid '{param}': {first['msg']}", param=param) from exc
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

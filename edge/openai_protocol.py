@@ -220,9 +220,7 @@ class CompletionShape:
             }
         else:
             choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-        return self._envelope(
-            self.object, [choice], usage=usage_json(result.usage), system_fingerprint=result.node_id
-        )
+        return self._envelope(self.object, [choice], usage=usage_json(result.usage), system_fingerprint=result.node_id)
 
     def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> dict[str, Any]:
         if self.chat:

@@ -15,6 +15,9 @@ class EdgeSettings(BaseSettings):
     request_timeout_seconds: float = Field(
         600.0, gt=0, description="longest a request may run on a node before it fails with BACKEND_TIMEOUT"
     )
+    scale_from_zero_timeout_seconds: float = Field(
+        120.0, ge=0, description="how long a request waits for a deployment with no ready replica to load"
+    )
     placement_timeout_seconds: float = Field(5.0, gt=0, description="deadline of placement calls")
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="time in-flight requests get at shutdown")
     log_level: str = Field("INFO", description="log level")

@@ -25,7 +25,7 @@ def _controlplane(args: argparse.Namespace) -> None:
     from controlplane.server import main
     from controlplane.settings import ControlPlaneSettings
 
-    values = _given(args, "listen", "etcd", "etcd_prefix", "log_level")
+    values = _given(args, "listen", "etcd", "etcd_prefix", "deployments", "placement_strategy", "log_level")
     if args.lease_ttl is not None:
         values["lease_ttl_seconds"] = args.lease_ttl
     main(_settings(ControlPlaneSettings, values))
@@ -56,6 +56,8 @@ def _edge(args: argparse.Namespace) -> None:
     values = _given(args, "http_listen", "grpc_listen", "controlplane", "log_level")
     if args.request_timeout is not None:
         values["request_timeout_seconds"] = args.request_timeout
+    if args.scale_from_zero_timeout is not None:
+        values["scale_from_zero_timeout_seconds"] = args.scale_from_zero_timeout
     main(_settings(EdgeSettings, values))
 
 
@@ -75,9 +77,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--grpc-port", type=int, default=50050, help="edge gRPC port (50050)")
     up.add_argument("--controlplane-port", type=int, default=50051, help="control plane port (50051)")
     up.add_argument("--node-port", type=int, default=50061, help="node agent port (50061)")
-    up.add_argument(
-        "--etcd-port", type=int, default=2379, help="embedded etcd client port; peer is +1 (2379)"
-    )
+    up.add_argument("--etcd-port", type=int, default=2379, help="embedded etcd client port; peer is +1 (2379)")
     up.add_argument("--etcd", help="URL of an existing etcd to use instead of the embedded one")
     up.add_argument("--catalog", help="models.yaml to serve (default: SmolLM2-135M-Instruct as smollm2-135m)")
     up.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: all cores)")
@@ -91,16 +91,23 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--etcd", help="etcd URL (http://127.0.0.1:2379)")
     cp.add_argument("--etcd-prefix", help="etcd key prefix (/fleetlm)")
     cp.add_argument("--lease-ttl", type=int, help="node lease TTL in seconds (10)")
+    cp.add_argument("--deployments", help="models.yaml of deployments to create at start-up")
+    cp.add_argument("--placement-strategy", choices=["spread", "binpack"], help="replica placement (spread)")
     cp.add_argument("--log-level")
     cp.set_defaults(run=_controlplane)
 
     node = sub.add_parser("node", help="run a node agent")
-    node.add_argument("--catalog", help="models.yaml of the models this node serves (required)")
+    node.add_argument("--catalog", help="models.yaml of models this node always serves")
     node.add_argument("--node-id", help="node id (default: host name)")
     node.add_argument("--listen", help="host:port of its InferenceService (127.0.0.1:50061)")
     node.add_argument("--advertise", help="host:port the edge should dial (default: from --listen)")
     node.add_argument("--controlplane", help="control plane host:port (127.0.0.1:50051)")
-    node.add_argument("--models-dir", help="directory scanned for model files (default: catalog's)")
+    node.add_argument(
+        "--models-dir",
+        action="append",
+        help="directory with model files the control plane may assign (repeatable)",
+    )
+    node.add_argument("--inventory-override", help="YAML replacing parts of the measured inventory")
     node.add_argument("--threads", type=int, help="CPU threads per llama.cpp context (all cores)")
     node.add_argument("--log-level")
     node.set_defaults(run=_node)
@@ -110,6 +117,9 @@ def parser() -> argparse.ArgumentParser:
     edge.add_argument("--grpc-listen", help="host:port of the gRPC API (127.0.0.1:50050)")
     edge.add_argument("--controlplane", help="control plane host:port (127.0.0.1:50051)")
     edge.add_argument("--request-timeout", type=float, help="request timeout in seconds (600)")
+    edge.add_argument(
+        "--scale-from-zero-timeout", type=float, help="wait for a model to load on first request, seconds (120)"
+    )
     edge.add_argument("--log-level")
     edge.set_defaults(run=_edge)
     return top

@@ -51,12 +51,8 @@ class _Mapping:
 _TABLE: Mapping[ErrorCode, _Mapping] = {
     ErrorCode.INVALID_REQUEST: _Mapping(400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error"),
     ErrorCode.MODEL_REQUIRED: _Mapping(400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error"),
-    ErrorCode.CONTEXT_LENGTH_EXCEEDED: _Mapping(
-        400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error"
-    ),
-    ErrorCode.FORMAT_NOT_SUPPORTED: _Mapping(
-        400, grpc.StatusCode.FAILED_PRECONDITION, "invalid_request_error"
-    ),
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: _Mapping(400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error"),
+    ErrorCode.FORMAT_NOT_SUPPORTED: _Mapping(400, grpc.StatusCode.FAILED_PRECONDITION, "invalid_request_error"),
     ErrorCode.MODEL_NOT_FOUND: _Mapping(404, grpc.StatusCode.NOT_FOUND, "invalid_request_error"),
     ErrorCode.NODE_NOT_FOUND: _Mapping(404, grpc.StatusCode.NOT_FOUND, "invalid_request_error"),
     ErrorCode.LEASE_EXPIRED: _Mapping(404, grpc.StatusCode.NOT_FOUND, "invalid_request_error"),
@@ -128,12 +124,8 @@ class FleetError(Exception):
         if self.retry_after_seconds is not None:
             info_metadata["retry_after_seconds"] = str(self.retry_after_seconds)
         detail = any_pb2.Any()
-        detail.Pack(
-            error_details_pb2.ErrorInfo(reason=self.code.value, domain=DOMAIN, metadata=info_metadata)
-        )
-        status = status_pb2.Status(
-            code=getattr(code_pb2, self.grpc_code.name), message=self.message, details=[detail]
-        )
+        detail.Pack(error_details_pb2.ErrorInfo(reason=self.code.value, domain=DOMAIN, metadata=info_metadata))
+        status = status_pb2.Status(code=getattr(code_pb2, self.grpc_code.name), message=self.message, details=[detail])
         return ((_DETAILS_KEY, status.SerializeToString()),)
 
     @classmethod

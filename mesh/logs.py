@@ -9,9 +9,7 @@ import sys
 def setup(component: str, level: str = "INFO") -> None:
     """Log to stderr with the component's name, so `fleetlm up`'s merged output stays readable."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s {component:<12} %(levelname)-7s %(name)s: %(message)s")
-    )
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {component:<12} %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,15 +1,26 @@
-"""The models this node hosts: one engine per catalog entry, its replica state, and its load."""
+"""The models this node hosts: one engine per replica, its state, its load and its limits.
+
+Replicas come from two places: the node's own catalog (loaded at start, kept for the agent's life) and
+the control plane's assignments (loaded and unloaded as the assignments change). An assigned replica
+that fails to load is retried with backoff while it stays assigned. Unloading is graceful: the replica
+refuses new requests at once, lets the running and queued ones finish, then frees its engine.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import timestamp_pb2
 
 from fleetlm.controlplane.v1 import node_pb2
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import ErrorCode, FleetError
-from node_agent.catalog import ModelEntry
 from node_agent.engines.base import Engine, EngineError
 
 log = logging.getLogger(__name__)
@@ -21,104 +32,228 @@ _STATE_TO_MODEL = {
     node_pb2.REPLICA_STATE_FAILED: inference_pb2.MODEL_STATE_FAILED,
 }
 
-# Which engine runs which weights format, and where.
+# Which engine runs which weights format.
 ENGINE_FORMATS = {"llamacpp": {"gguf"}, "sglang": {"hf", "awq"}, "openai": {"gguf", "hf", "awq"}}
+DEFAULT_MAX_QUEUED = 16
+ENGINE_SLOTS = {"llamacpp": 1}
+RETRY_MAX_SECONDS = 60.0
+UNLOAD_GRACE_SECONDS = 120.0
 
 
 @dataclass
 class HostedModel:
-    entry: ModelEntry
+    spec: node_pb2.ModelSpec
+    assigned: bool = False
+    device: str = "cpu"
     state: int = node_pb2.REPLICA_STATE_PENDING
     error: str = ""
     engine: Engine | None = None
-    context_size: int = field(init=False)
+    context_size: int = 0
+    last_request_at: float = field(default_factory=time.time)
+    rejected: int = 0
+    unloading: bool = False
+    task: asyncio.Task[None] | None = None
 
-    def __post_init__(self) -> None:
-        self.context_size = self.entry.context_size
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def busy(self) -> int:
+        return self.engine.load.running + self.engine.load.queued if self.engine else 0
+
+    @property
+    def capacity(self) -> int:
+        slots = ENGINE_SLOTS.get(self.spec.engine, 1)
+        running = self.spec.max_running_requests if self.spec.HasField("max_running_requests") else slots
+        queued = self.spec.max_queued_requests if self.spec.HasField("max_queued_requests") else DEFAULT_MAX_QUEUED
+        return max(1, running) + queued
 
 
 class ModelHost:
-    def __init__(self, entries: list[ModelEntry], threads: int, gpu_count: int) -> None:
-        self.models = {e.name: HostedModel(e) for e in entries}
+    def __init__(self, catalog: Iterable[node_pb2.ModelSpec], threads: int, gpu_count: int) -> None:
+        self.models: dict[str, HostedModel] = {s.name: HostedModel(s) for s in catalog}
         self._threads = threads
         self._gpu_count = gpu_count
-        self.changed = asyncio.Event()  # set on every replica state change, so heartbeats go out at once
+        self.changed = asyncio.Event()  # set on state and load changes, so heartbeats go out promptly
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    def _make_engine(self, entry: ModelEntry) -> Engine:
-        if entry.format not in ENGINE_FORMATS[entry.engine]:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        # Loads and unloads are owned here (and cancelled by close), never left to the garbage collector.
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- engines --------------------------------------------------------------------------------------
+
+    def _make_engine(self, hosted: HostedModel) -> Engine:
+        spec = hosted.spec
+        if spec.format not in ENGINE_FORMATS.get(spec.engine, set()):
             raise FleetError(
-                ErrorCode.FORMAT_NOT_SUPPORTED,
-                f"engine '{entry.engine}' cannot run '{entry.format}' weights",
+                ErrorCode.FORMAT_NOT_SUPPORTED, f"engine '{spec.engine}' cannot run '{spec.format}' weights"
             )
-        if entry.engine == "llamacpp":
+        if spec.engine == "llamacpp":
             from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 
-            use_gpu = entry.device != "cpu" and self._gpu_count > 0
+            use_gpu = hosted.device == "gpu" or (spec.device != "cpu" and self._gpu_count > 0)
+            hosted.device = "gpu" if use_gpu and self._gpu_count > 0 else "cpu"
             return LlamaCppEngine(
                 LlamaCppConfig(
-                    path=entry.path,
-                    context_size=entry.context_size,
+                    path=spec.path,
+                    context_size=spec.context_size or 2048,
                     threads=self._threads,
                     gpu_layers=-1 if use_gpu else 0,
                 )
             )
-        raise EngineError(f"engine '{entry.engine}' is not supported by this node agent yet")
+        raise EngineError(f"engine '{spec.engine}' is not supported by this node agent yet")
 
     def _set(self, hosted: HostedModel, state: int, error: str = "") -> None:
         hosted.state, hosted.error = state, error
         self.changed.set()
 
-    async def load(self, hosted: HostedModel) -> None:
+    async def _load_once(self, hosted: HostedModel) -> bool:
         self._set(hosted, node_pb2.REPLICA_STATE_LOADING)
+        engine: Engine | None = None
         try:
-            engine = self._make_engine(hosted.entry)
+            engine = self._make_engine(hosted)
             info = await engine.start()
         except (EngineError, FleetError) as exc:
-            log.error("model %s failed to load: %s", hosted.entry.name, exc)
-            self._set(hosted, node_pb2.REPLICA_STATE_FAILED, str(exc))
-            return
+            log.error("model %s failed to load: %s", hosted.name, exc)
+            if engine is not None:
+                await engine.close()
+            self._set(
+                hosted,
+                node_pb2.REPLICA_STATE_FAILED,
+                str(exc) if isinstance(exc, EngineError) else exc.message,
+            )
+            return False
         hosted.engine, hosted.context_size = engine, info.context_size
+        hosted.last_request_at = time.time()
         self._set(hosted, node_pb2.REPLICA_STATE_READY)
-        log.info("model %s ready (context %d)", hosted.entry.name, info.context_size)
+        log.info("model %s ready on %s (context %d)", hosted.name, hosted.device, info.context_size)
+        return True
+
+    async def _load_with_retry(self, hosted: HostedModel) -> None:
+        backoff = 1.0
+        while not await self._load_once(hosted):
+            if not hosted.assigned:
+                return  # a catalog model: the operator fixes the catalog and restarts the agent
+            log.info("retrying %s in %.0fs", hosted.name, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RETRY_MAX_SECONDS)
 
     async def load_all(self) -> None:
-        await asyncio.gather(*(self.load(h) for h in self.models.values()))
+        await asyncio.gather(*(self._load_with_retry(h) for h in self.models.values()))
+
+    async def _unload(self, hosted: HostedModel, why: str) -> None:
+        hosted.unloading = True
+        self.changed.set()
+        if hosted.task is not None and not hosted.task.done():
+            hosted.task.cancel()
+        deadline = time.monotonic() + UNLOAD_GRACE_SECONDS
+        while hosted.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)  # in-flight requests finish first
+        if hosted.engine is not None:
+            await hosted.engine.close()
+            hosted.engine = None
+        if self.models.get(hosted.name) is hosted:
+            del self.models[hosted.name]
+        self.changed.set()
+        log.info("model %s unloaded (%s)", hosted.name, why)
+
+    def apply_assignments(self, assignments: Iterable[node_pb2.Assignment]) -> None:
+        """Converge on the control plane's desired set: load what is new, unload what is gone."""
+        desired = {a.model.name: a for a in assignments}
+        for name, hosted in list(self.models.items()):
+            if not hosted.assigned or hosted.unloading:
+                continue
+            wanted = desired.get(name)
+            if wanted is None or wanted.model != hosted.spec:
+                hosted.unloading = True  # now, so that a new spec of the same name is loaded below
+                why = "no longer assigned" if wanted is None else "its deployment changed"
+                self._spawn(self._unload(hosted, why))
+        for name, assignment in desired.items():
+            current = self.models.get(name)
+            if current is not None and not current.unloading:
+                if not current.assigned:
+                    log.warning("assignment %s clashes with a catalog model of the same name; ignored", name)
+                continue
+            hosted = HostedModel(assignment.model, assigned=True, device=assignment.device or "cpu")
+            self.models[name] = hosted
+            hosted.task = self._spawn(self._load_with_retry(hosted))
+            self.changed.set()
 
     async def close(self) -> None:
-        for hosted in self.models.values():
+        for task in list(self._tasks):
+            task.cancel()
+        for hosted in list(self.models.values()):
+            if hosted.task is not None:
+                hosted.task.cancel()
             if hosted.engine is not None:
                 await hosted.engine.close()
                 hosted.engine = None
 
+    # --- requests -------------------------------------------------------------------------------------
+
     def engine_for(self, model: str) -> tuple[HostedModel, Engine]:
         hosted = self.models.get(model)
         if hosted is None:
-            known = ", ".join(sorted(self.models)) or "none"
+            known = sorted(self.models)
             raise FleetError(
                 ErrorCode.MODEL_NOT_FOUND,
-                f"model '{model}' does not exist on this node; available models: {known}",
+                f"model '{model}' does not exist on this node; available models: {', '.join(known) or 'none'}",
                 param="model",
-                metadata={"available_models": ",".join(sorted(self.models))},
+                metadata={"available_models": ",".join(known)},
             )
-        if hosted.engine is None or hosted.state != node_pb2.REPLICA_STATE_READY:
-            state = node_pb2.ReplicaState.Name(hosted.state).removeprefix("REPLICA_STATE_").lower()
+        if hosted.engine is None or hosted.state != node_pb2.REPLICA_STATE_READY or hosted.unloading:
+            state = "unloading" if hosted.unloading else node_pb2.ReplicaState.Name(hosted.state)  # type: ignore[arg-type]
+            state = state.removeprefix("REPLICA_STATE_").lower()
             detail = f": {hosted.error}" if hosted.error else ""
-            raise FleetError(
-                ErrorCode.MODEL_UNAVAILABLE, f"model '{model}' is {state}{detail}", retry_after_seconds=5
-            )
+            raise FleetError(ErrorCode.MODEL_UNAVAILABLE, f"model '{model}' is {state}{detail}", retry_after_seconds=5)
         return hosted, hosted.engine
+
+    @contextlib.asynccontextmanager
+    async def serving(self, model: str) -> AsyncIterator[tuple[HostedModel, Engine]]:
+        """Admit one request: refused when the replica is full (running + queued at its limits)."""
+        hosted, engine = self.engine_for(model)
+        if hosted.busy >= hosted.capacity:
+            hosted.rejected += 1
+            code = ErrorCode.GPU_OVERLOADED if hosted.device == "gpu" else ErrorCode.NO_CAPACITY
+            raise FleetError(
+                code,
+                f"model '{model}' on this node is full ({hosted.busy} requests; limit {hosted.capacity})",
+                retry_after_seconds=1,
+            )
+        hosted.last_request_at = time.time()
+        self.changed.set()
+        try:
+            yield hosted, engine
+        finally:
+            hosted.last_request_at = time.time()
+            self.changed.set()
+
+    # --- reports --------------------------------------------------------------------------------------
 
     def replicas(self) -> list[node_pb2.Replica]:
         result = []
         for hosted in self.models.values():
+            if hosted.unloading:
+                continue
             load = hosted.engine.load if hosted.engine is not None else None
+            stamp = timestamp_pb2.Timestamp()
+            stamp.FromNanoseconds(int(hosted.last_request_at * 1e9))
             result.append(
                 node_pb2.Replica(
-                    model=hosted.entry.spec(),
+                    model=hosted.spec,
                     state=hosted.state,  # type: ignore[arg-type]
                     error=hosted.error,
                     running_requests=load.running if load else 0,
                     queued_requests=load.queued if load else 0,
+                    last_request_at=stamp,
+                    assigned=hosted.assigned,
+                    device=hosted.device,
+                    rejected_requests=hosted.rejected,
                 )
             )
         return result
@@ -126,13 +261,13 @@ class ModelHost:
     def model_infos(self) -> list[inference_pb2.ModelInfo]:
         return [
             inference_pb2.ModelInfo(
-                name=h.entry.name,
-                format=h.entry.format,
-                engine=h.entry.engine,
-                context_size=h.context_size,
+                name=h.name,
+                format=h.spec.format,
+                engine=h.spec.engine,
+                context_size=h.context_size or h.spec.context_size,
                 state=_STATE_TO_MODEL[h.state],  # type: ignore[index]
                 error=h.error,
                 ready_replicas=int(h.state == node_pb2.REPLICA_STATE_READY),
             )
-            for h in sorted(self.models.values(), key=lambda h: h.entry.name)
+            for h in sorted(self.models.values(), key=lambda h: h.name)
         ]

@@ -70,38 +70,38 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         validate_generate(request)
-        _, engine = self._host.engine_for(request.model)
-        prompt = await self._prompt(engine, request)
         input_param = "prompt" if request.WhichOneof("input") == "prompt" else "messages"
-        try:
-            async for event in engine.generate(prompt, sampling_options(request.sampling)):
-                if isinstance(event, Finished):
-                    usage = inference_pb2.Usage(
-                        prompt_tokens=event.prompt_tokens,
-                        completion_tokens=event.completion_tokens,
-                        total_tokens=event.prompt_tokens + event.completion_tokens,
-                    )
-                    result = inference_pb2.GenerateResult(
-                        finish_reason=_FINISH[event.reason],
-                        usage=usage,
-                        model=request.model,
-                        node_id=self._node_id,
-                    )
-                    yield inference_pb2.GenerateResponse(result=result)
-                else:
-                    yield inference_pb2.GenerateResponse(delta=inference_pb2.TextDelta(text=event.text))
-        except EngineError as exc:
-            raise _engine_error(exc, input_param) from exc
+        async with self._host.serving(request.model) as (_, engine):
+            prompt = await self._prompt(engine, request)
+            try:
+                async for event in engine.generate(prompt, sampling_options(request.sampling)):
+                    if isinstance(event, Finished):
+                        usage = inference_pb2.Usage(
+                            prompt_tokens=event.prompt_tokens,
+                            completion_tokens=event.completion_tokens,
+                            total_tokens=event.prompt_tokens + event.completion_tokens,
+                        )
+                        result = inference_pb2.GenerateResult(
+                            finish_reason=_FINISH[event.reason],
+                            usage=usage,
+                            model=request.model,
+                            node_id=self._node_id,
+                        )
+                        yield inference_pb2.GenerateResponse(result=result)
+                    else:
+                        yield inference_pb2.GenerateResponse(delta=inference_pb2.TextDelta(text=event.text))
+            except EngineError as exc:
+                raise _engine_error(exc, input_param) from exc
 
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
         validate_embed(request)
-        _, engine = self._host.engine_for(request.model)
-        try:
-            result = await engine.embed(list(request.inputs))
-        except EngineError as exc:
-            raise _engine_error(exc, "input") from exc
+        async with self._host.serving(request.model) as (_, engine):
+            try:
+                result = await engine.embed(list(request.inputs))
+            except EngineError as exc:
+                raise _engine_error(exc, "input") from exc
         return inference_pb2.EmbedResponse(
             embeddings=[inference_pb2.Embedding(values=v) for v in result.vectors],
             usage=inference_pb2.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),

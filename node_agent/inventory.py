@@ -6,6 +6,7 @@ fails. Probes touch files and drivers, so callers run `collect` off the event lo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -14,12 +15,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
+import yaml
 
 from fleetlm.controlplane.v1 import node_pb2
+from node_agent import gguf_header
 
 log = logging.getLogger(__name__)
 
 MODEL_SUFFIXES = {".gguf": "gguf", ".safetensors": "hf"}
+GiB = 1024**3
 
 
 def cpu_model() -> str:
@@ -72,11 +76,30 @@ def gpus() -> list[node_pb2.Gpu]:
             pass
 
 
-def model_files(paths: Iterable[str], models_dir: Path | None) -> list[node_pb2.ModelFile]:
-    """The catalog's files that exist, plus model files directly under the models directory."""
+def _kv_bytes_per_token(path: Path) -> int:
+    try:
+        if path.suffix == ".gguf":
+            return gguf_header.kv_bytes_per_token(path)
+        config = path / "config.json"
+        if config.is_file():
+            c = json.loads(config.read_text())
+            heads = int(c.get("num_attention_heads") or 0)
+            head_dim = int(c.get("head_dim") or (int(c.get("hidden_size", 0)) // heads if heads else 0))
+            kv_heads = int(c.get("num_key_value_heads") or heads)
+            return 2 * int(c.get("num_hidden_layers", 0)) * kv_heads * head_dim * 2
+    except (OSError, ValueError) as exc:
+        log.debug("no KV size for %s: %s", path, exc)
+    return 0
+
+
+def model_files(paths: Iterable[str], models_dirs: Iterable[Path]) -> list[node_pb2.ModelFile]:
+    """The catalog's files that exist, plus model files and HF model folders in the models directories."""
     candidates = {Path(p) for p in paths}
-    if models_dir is not None and models_dir.is_dir():
-        candidates |= {p for p in models_dir.iterdir() if p.suffix in MODEL_SUFFIXES}
+    for directory in models_dirs:
+        if directory.is_dir():
+            for p in directory.iterdir():
+                if p.suffix in MODEL_SUFFIXES or (p / "config.json").is_file():
+                    candidates.add(p)
     files = []
     for path in sorted(candidates):
         try:
@@ -88,26 +111,58 @@ def model_files(paths: Iterable[str], models_dir: Path | None) -> list[node_pb2.
                 fmt = MODEL_SUFFIXES.get(path.suffix, "")
         except OSError:
             continue
-        files.append(node_pb2.ModelFile(path=str(path), size_bytes=size, format=fmt))
+        files.append(
+            node_pb2.ModelFile(
+                path=str(path), size_bytes=size, format=fmt, kv_bytes_per_token=_kv_bytes_per_token(path)
+            )
+        )
     return files
 
 
-def collect(models_dir: Path | None, catalog_paths: Iterable[str]) -> node_pb2.Inventory:
+def collect(models_dirs: list[Path], catalog_paths: Iterable[str], override: Path | None = None) -> node_pb2.Inventory:
     memory = psutil.virtual_memory()
     disk_free = 0
-    if models_dir is not None:
+    for directory in models_dirs[:1]:
         try:
-            disk_free = shutil.disk_usage(models_dir).free
+            disk_free = shutil.disk_usage(directory).free
         except OSError:
             pass
-    return node_pb2.Inventory(
+    inventory = node_pb2.Inventory(
         hostname=socket.gethostname(),
         cpu=node_pb2.Cpu(model=cpu_model(), cores=os.cpu_count() or 1),
         ram=node_pb2.Memory(total_bytes=memory.total, free_bytes=memory.available),
         gpus=gpus(),
         models_disk_free_bytes=disk_free,
-        model_files=model_files(catalog_paths, models_dir),
+        model_files=model_files(catalog_paths, models_dirs),
     )
+    if override is not None:
+        apply_override(inventory, override)
+    return inventory
+
+
+def apply_override(inventory: node_pb2.Inventory, path: Path) -> None:
+    """Replace parts of the measured inventory with declared ones, for placement tests and for
+    operators who want to hide capacity. YAML keys: ram_total_gib, cpu_cores, gpus (a list of
+    {name, memory_gib, vendor})."""
+    data = yaml.safe_load(path.read_text()) or {}
+    if "ram_total_gib" in data:
+        inventory.ram.total_bytes = int(float(data["ram_total_gib"]) * GiB)
+        inventory.ram.free_bytes = min(inventory.ram.free_bytes, inventory.ram.total_bytes)
+    if "cpu_cores" in data:
+        inventory.cpu.cores = int(data["cpu_cores"])
+    if "gpus" in data:
+        del inventory.gpus[:]
+        for index, gpu in enumerate(data["gpus"] or []):
+            total = int(float(gpu.get("memory_gib", 0)) * GiB)
+            inventory.gpus.append(
+                node_pb2.Gpu(
+                    index=index,
+                    name=str(gpu.get("name", "declared GPU")),
+                    uuid=f"declared-{index}",
+                    memory=node_pb2.Memory(total_bytes=total, free_bytes=total),
+                    vendor=str(gpu.get("vendor", "nvidia")),
+                )
+            )
 
 
 def ram_free_bytes() -> int:

@@ -19,6 +19,8 @@ from node_agent.host import ModelHost
 
 log = logging.getLogger(__name__)
 
+MIN_REPORT_SECONDS = 0.2
+
 
 class Registration:
     def __init__(
@@ -55,9 +57,7 @@ class Registration:
         )
         self.lease_id = reply.lease_id
         self.registered.set()
-        log.info(
-            "registered with the control plane (lease %x, ttl %ss)", reply.lease_id, reply.lease_ttl.seconds
-        )
+        log.info("registered with the control plane (lease %x, ttl %ss)", reply.lease_id, reply.lease_ttl.seconds)
         return max(0.2, reply.heartbeat_interval.ToTimedelta().total_seconds())
 
     async def _heartbeat(self) -> None:
@@ -82,6 +82,8 @@ class Registration:
                     self._host.changed.clear()
                     try:
                         await asyncio.wait_for(self._host.changed.wait(), interval)
+                        # Report changes (load, state) promptly, but at most MIN_REPORT_SECONDS apart.
+                        await asyncio.sleep(MIN_REPORT_SECONDS)
                     except TimeoutError:
                         pass
                     await self._heartbeat()

@@ -9,12 +9,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 import grpc
 
+from fleetlm.controlplane.v1 import node_pb2
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh import logs
+from mesh.catalog import CatalogError, load_catalog
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
-from node_agent import inventory
-from node_agent.catalog import CatalogError, load_catalog
+from node_agent import assignments, inventory
 from node_agent.host import ModelHost
 from node_agent.inference_service import NodeInference
 from node_agent.registration import Registration
@@ -42,18 +43,18 @@ def _advertised(settings: NodeSettings, port: int) -> str:
 
 
 async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
-    entries = load_catalog(settings.catalog)
-    models_dir = settings.models_dir or settings.catalog.resolve().parent
+    entries = load_catalog(settings.catalog) if settings.catalog else []
+    models_dirs = list(settings.models_dirs)
+    if not models_dirs and settings.catalog:
+        models_dirs = [settings.catalog.resolve().parent]
 
-    def collect() -> inventory.node_pb2.Inventory:
-        return inventory.collect(models_dir, [e.path for e in entries])
+    def collect() -> node_pb2.Inventory:
+        return inventory.collect(models_dirs, [e.path for e in entries], settings.inventory_override)
 
-    gpu_count = len(await asyncio.to_thread(inventory.gpus))
-    host = ModelHost(entries, settings.threads, gpu_count)
+    gpu_count = len((await asyncio.to_thread(collect)).gpus)
+    host = ModelHost([e.spec() for e in entries], settings.threads, gpu_count)
     server = GrpcServer([INFERENCE_SERVICE])
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-        NodeInference(host, settings.node_id), server.server
-    )
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(NodeInference(host, settings.node_id), server.server)
     port = await server.start(settings.listen)
     address = _advertised(settings, port)
     log.info("node %s serving InferenceService on %s", settings.node_id, bound_address(settings.listen, port))
@@ -62,13 +63,16 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
             channel, settings.node_id, address, host, collect, settings.rpc_timeout_seconds, _agent_version()
         )
         async with asyncio.TaskGroup() as tasks:
-            registering = tasks.create_task(registration.run())
-            loading = tasks.create_task(host.load_all())
+            background = [
+                tasks.create_task(registration.run()),
+                tasks.create_task(host.load_all()),
+                tasks.create_task(assignments.follow(channel, settings.node_id, host, registration.registered)),
+            ]
             await stop.wait()
             # Order: leave the fleet first so the edge stops choosing this node, then drain in-flight
             # requests, then free the engines.
-            registering.cancel()
-            loading.cancel()
+            for task in background:
+                task.cancel()
             await registration.deregister()
             await server.stop(settings.shutdown_grace_seconds)
     await host.close()
@@ -78,7 +82,10 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
 def main(settings: NodeSettings) -> None:
     logs.setup(f"node:{settings.node_id}"[:12], settings.log_level)
     try:
-        load_catalog(settings.catalog)
-    except CatalogError as exc:
+        if settings.catalog:
+            load_catalog(settings.catalog)
+        if settings.inventory_override:
+            inventory.apply_override(node_pb2.Inventory(), settings.inventory_override)
+    except (CatalogError, OSError, ValueError, TypeError) as exc:
         raise SystemExit(f"fleetlm node: {exc}") from None
     run_until_signalled(lambda stop: serve(settings, stop))

@@ -13,9 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class NodeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLEETLM_NODE_")
 
-    node_id: str = Field(
-        default_factory=socket.gethostname, description="stable id of this node in the fleet"
-    )
+    node_id: str = Field(default_factory=socket.gethostname, description="stable id of this node in the fleet")
     listen: str = Field("127.0.0.1:50061", description="host:port the node's InferenceService binds")
     advertise: str | None = Field(
         None,
@@ -23,9 +21,16 @@ class NodeSettings(BaseSettings):
         " wildcard host replaced by this machine's host name",
     )
     controlplane: str = Field("127.0.0.1:50051", description="host:port of the control plane")
-    catalog: Path = Field(description="YAML catalog of the models this node serves")
-    models_dir: Path | None = Field(
-        None, description="directory scanned for model files; default: the catalog's directory"
+    catalog: Path | None = Field(
+        None, description="YAML catalog of models this node always serves (besides its assignments)"
+    )
+    models_dirs: list[Path] = Field(
+        default_factory=list,
+        description="directories scanned for model files the control plane may assign; default: the"
+        " catalog's directory",
+    )
+    inventory_override: Path | None = Field(
+        None, description="YAML that replaces parts of the measured inventory (ram_total_gib, gpus, ...)"
     )
     threads: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1, description="CPU threads per llama.cpp context"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from node_agent.catalog import CatalogError, load_catalog
+from mesh.catalog import CatalogError, load_catalog
 
 
 def test_relative_paths_and_the_old_systems_keys(tmp_path: Path) -> None:

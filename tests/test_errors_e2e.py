@@ -29,9 +29,7 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 def post(mesh: Mesh, path: str, body: Any, raw: bool = False) -> httpx.Response:
     content = body if raw else json.dumps(body)
-    return httpx.post(
-        f"{mesh.http}{path}", content=content, headers={"content-type": "application/json"}, timeout=60
-    )
+    return httpx.post(f"{mesh.http}{path}", content=content, headers={"content-type": "application/json"}, timeout=60)
 
 
 def error_of(response: httpx.Response) -> dict[str, Any]:
@@ -53,9 +51,7 @@ def grpc_generate(address: str, request: inference_pb2.GenerateRequest, timeout:
 def chat(model: str, **sampling: Any) -> inference_pb2.GenerateRequest:
     return inference_pb2.GenerateRequest(
         model=model,
-        chat=inference_pb2.ChatConversation(
-            messages=[inference_pb2.ChatMessage(role="user", content="hello")]
-        ),
+        chat=inference_pb2.ChatConversation(messages=[inference_pb2.ChatMessage(role="user", content="hello")]),
         sampling=inference_pb2.SamplingParams(**sampling),
     )
 

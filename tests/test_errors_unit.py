@@ -78,6 +78,4 @@ def test_openai_shape() -> None:
             "code": "INVALID_REQUEST",
         }
     }
-    assert FleetError(ErrorCode.GPU_OVERLOADED, "busy", retry_after_seconds=2).http_headers() == {
-        "Retry-After": "2"
-    }
+    assert FleetError(ErrorCode.GPU_OVERLOADED, "busy", retry_after_seconds=2).http_headers() == {"Retry-After": "2"}

@@ -22,9 +22,7 @@ def grpcurl_binary() -> str:
 
 
 def grpcurl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [grpcurl_binary(), "-plaintext", *args], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([grpcurl_binary(), "-plaintext", *args], capture_output=True, text=True, timeout=60)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -51,9 +49,7 @@ def test_health_is_serving(mesh: Mesh, service: str) -> None:
 
 
 def test_admin_lists_and_gets_the_node(mesh: Mesh) -> None:
-    nodes = json.loads(grpcurl(mesh.controlplane, "fleetlm.controlplane.v1.AdminService/ListNodes").stdout)[
-        "nodes"
-    ]
+    nodes = json.loads(grpcurl(mesh.controlplane, "fleetlm.controlplane.v1.AdminService/ListNodes").stdout)["nodes"]
     node = next(n for n in nodes if n["node_id"] == "node-a")
     assert node["inference_address"] == mesh.node_address
     assert int(node["inventory"]["cpu"]["cores"]) >= 1
@@ -61,9 +57,7 @@ def test_admin_lists_and_gets_the_node(mesh: Mesh) -> None:
     assert node["inventory"].get("gpus", []) == []  # no GPU on this machine: zero, not a crash
     states = {r["model"]["name"]: r["state"] for r in node["replicas"]}
     assert states[mesh.model] == "REPLICA_STATE_READY"
-    one = grpcurl(
-        "-d", '{"node_id": "node-a"}', mesh.controlplane, "fleetlm.controlplane.v1.AdminService/GetNode"
-    )
+    one = grpcurl("-d", '{"node_id": "node-a"}', mesh.controlplane, "fleetlm.controlplane.v1.AdminService/GetNode")
     assert json.loads(one.stdout)["node"]["node_id"] == "node-a"
     missing = grpcurl(
         "-d",
@@ -85,9 +79,7 @@ def test_generate_streams_from_the_edge(mesh: Mesh) -> None:
         "prompt": "The capital of France is",
         "sampling": {"max_tokens": 12, "temperature": 0},
     }
-    out = grpcurl(
-        "-d", json.dumps(request), mesh.grpc, "fleetlm.inference.v1.InferenceService/Generate"
-    ).stdout
+    out = grpcurl("-d", json.dumps(request), mesh.grpc, "fleetlm.inference.v1.InferenceService/Generate").stdout
     messages = [json.loads(m) for m in out.replace("}\n{", "}\x00{").split("\x00")]
     deltas = [m["delta"]["text"] for m in messages if "delta" in m]
     assert len(deltas) >= 2

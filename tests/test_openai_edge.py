@@ -86,9 +86,7 @@ def test_completions_stream_and_not(client: openai.OpenAI, mesh: Mesh) -> None:
     assert whole.usage.completion_tokens == 24 or whole.choices[0].finish_reason == "stop"
     streamed = "".join(
         c.choices[0].text
-        for c in client.completions.create(
-            model=mesh.model, prompt=prompt, max_tokens=24, temperature=0, stream=True
-        )
+        for c in client.completions.create(model=mesh.model, prompt=prompt, max_tokens=24, temperature=0, stream=True)
         if c.choices
     )
     assert streamed == whole.choices[0].text

@@ -110,9 +110,7 @@ def test_agent_registers_again_after_control_plane_restart(fleet: Cluster) -> No
     time.sleep(TTL + 1)
     restarted = fleet._start(  # same address, so the running agent finds it
         "controlplane",
-        fleetlm(
-            "controlplane", "--listen", fleet.controlplane, "--etcd", fleet.etcd_url, "--lease-ttl", str(TTL)
-        ),
+        fleetlm("controlplane", "--listen", fleet.controlplane, "--etcd", fleet.etcd_url, "--lease-ttl", str(TTL)),
     )
     wait_for(lambda: "reg-survivor" in node_ids(fleet), 20, "re-registration", restarted)
     proc.stop()

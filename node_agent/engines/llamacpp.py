@@ -149,9 +149,7 @@ class LlamaCppEngine:
             self.load.queued -= 1
         self.load.running += 1
         try:
-            work = loop.run_in_executor(
-                self._gen_thread, self._generate_blocking, tokens, options, emit, cancelled
-            )
+            work = loop.run_in_executor(self._gen_thread, self._generate_blocking, tokens, options, emit, cancelled)
         except BaseException:
             self._release_slot(None)
             raise

@@ -26,29 +26,65 @@ from fleetlm.controlplane.v1 import node_pb2 as fleetlm_dot_controlplane_dot_v1_
 from fleetlm.inference.v1 import inference_pb2 as fleetlm_dot_inference_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fleetlm/controlplane/v1/admin.proto\x12\x17\x66leetlm.controlplane.v1\x1a\"fleetlm/controlplane/v1/node.proto\x1a$fleetlm/inference/v1/inference.proto\"\x12\n\x10ListNodesRequest\"A\n\x11ListNodesResponse\x12,\n\x05nodes\x18\x01 \x03(\x0b\x32\x1d.fleetlm.controlplane.v1.Node\"!\n\x0eGetNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\">\n\x0fGetNodeResponse\x12+\n\x04node\x18\x01 \x01(\x0b\x32\x1d.fleetlm.controlplane.v1.Node\"\x13\n\x11ListModelsRequest\"d\n\x0cModelReplica\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x34\n\x05state\x18\x02 \x01(\x0e\x32%.fleetlm.controlplane.v1.ReplicaState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xa7\x01\n\x0bModelStatus\x12\x30\n\x04spec\x18\x01 \x01(\x0b\x32\".fleetlm.controlplane.v1.ModelSpec\x12-\n\x04info\x18\x02 \x01(\x0b\x32\x1f.fleetlm.inference.v1.ModelInfo\x12\x37\n\x08replicas\x18\x03 \x03(\x0b\x32%.fleetlm.controlplane.v1.ModelReplica\"J\n\x12ListModelsResponse\x12\x34\n\x06models\x18\x01 \x03(\x0b\x32$.fleetlm.controlplane.v1.ModelStatus2\xb7\x02\n\x0c\x41\x64minService\x12\x62\n\tListNodes\x12).fleetlm.controlplane.v1.ListNodesRequest\x1a*.fleetlm.controlplane.v1.ListNodesResponse\x12\\\n\x07GetNode\x12\'.fleetlm.controlplane.v1.GetNodeRequest\x1a(.fleetlm.controlplane.v1.GetNodeResponse\x12\x65\n\nListModels\x12*.fleetlm.controlplane.v1.ListModelsRequest\x1a+.fleetlm.controlplane.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fleetlm/controlplane/v1/admin.proto\x12\x17\x66leetlm.controlplane.v1\x1a\"fleetlm/controlplane/v1/node.proto\x1a$fleetlm/inference/v1/inference.proto\"M\n\x12\x44\x65ployModelRequest\x12\x37\n\ndeployment\x18\x01 \x01(\x0b\x32#.fleetlm.controlplane.v1.Deployment\"\x88\x01\n\x13\x44\x65ployModelResponse\x12\x37\n\ndeployment\x18\x01 \x01(\x0b\x32#.fleetlm.controlplane.v1.Deployment\x12\x38\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32#.fleetlm.controlplane.v1.Assignment\"$\n\x14UndeployModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UndeployModelResponse\"\x18\n\x16ListDeploymentsRequest\"\xbe\x01\n\x10\x44\x65ploymentStatus\x12\x37\n\ndeployment\x18\x01 \x01(\x0b\x32#.fleetlm.controlplane.v1.Deployment\x12\x38\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32#.fleetlm.controlplane.v1.Assignment\x12\x37\n\x08replicas\x18\x03 \x03(\x0b\x32%.fleetlm.controlplane.v1.ModelReplica\"Y\n\x17ListDeploymentsResponse\x12>\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32).fleetlm.controlplane.v1.DeploymentStatus\"8\n\x16ScaleDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\"R\n\x17ScaleDeploymentResponse\x12\x37\n\ndeployment\x18\x01 \x01(\x0b\x32#.fleetlm.controlplane.v1.Deployment\"`\n\x17\x45xplainPlacementRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x37\n\ndeployment\x18\x02 \x01(\x0b\x32#.fleetlm.controlplane.v1.Deployment\"[\n\x0bNodeVerdict\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04\x66its\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"j\n\x18\x45xplainPlacementResponse\x12\x36\n\x08verdicts\x18\x01 \x03(\x0b\x32$.fleetlm.controlplane.v1.NodeVerdict\x12\x16\n\x0e\x63hosen_node_id\x18\x02 \x01(\t\"$\n\x11\x43ordonNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x14\n\x12\x43ordonNodeResponse\"&\n\x13UncordonNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x16\n\x14UncordonNodeResponse\"#\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"-\n\x11\x44rainNodeResponse\x12\x18\n\x10replicas_to_move\x18\x01 \x01(\r\"\x12\n\x10ListNodesRequest\"A\n\x11ListNodesResponse\x12,\n\x05nodes\x18\x01 \x03(\x0b\x32\x1d.fleetlm.controlplane.v1.Node\"!\n\x0eGetNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\">\n\x0fGetNodeResponse\x12+\n\x04node\x18\x01 \x01(\x0b\x32\x1d.fleetlm.controlplane.v1.Node\"\x13\n\x11ListModelsRequest\"d\n\x0cModelReplica\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x34\n\x05state\x18\x02 \x01(\x0e\x32%.fleetlm.controlplane.v1.ReplicaState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xa7\x01\n\x0bModelStatus\x12\x30\n\x04spec\x18\x01 \x01(\x0b\x32\".fleetlm.controlplane.v1.ModelSpec\x12-\n\x04info\x18\x02 \x01(\x0b\x32\x1f.fleetlm.inference.v1.ModelInfo\x12\x37\n\x08replicas\x18\x03 \x03(\x0b\x32%.fleetlm.controlplane.v1.ModelReplica\"J\n\x12ListModelsResponse\x12\x34\n\x06models\x18\x01 \x03(\x0b\x32$.fleetlm.controlplane.v1.ModelStatus2\xae\t\n\x0c\x41\x64minService\x12\x62\n\tListNodes\x12).fleetlm.controlplane.v1.ListNodesRequest\x1a*.fleetlm.controlplane.v1.ListNodesResponse\x12\\\n\x07GetNode\x12\'.fleetlm.controlplane.v1.GetNodeRequest\x1a(.fleetlm.controlplane.v1.GetNodeResponse\x12\x65\n\nListModels\x12*.fleetlm.controlplane.v1.ListModelsRequest\x1a+.fleetlm.controlplane.v1.ListModelsResponse\x12h\n\x0b\x44\x65ployModel\x12+.fleetlm.controlplane.v1.DeployModelRequest\x1a,.fleetlm.controlplane.v1.DeployModelResponse\x12n\n\rUndeployModel\x12-.fleetlm.controlplane.v1.UndeployModelRequest\x1a..fleetlm.controlplane.v1.UndeployModelResponse\x12t\n\x0fListDeployments\x12/.fleetlm.controlplane.v1.ListDeploymentsRequest\x1a\x30.fleetlm.controlplane.v1.ListDeploymentsResponse\x12t\n\x0fScaleDeployment\x12/.fleetlm.controlplane.v1.ScaleDeploymentRequest\x1a\x30.fleetlm.controlplane.v1.ScaleDeploymentResponse\x12w\n\x10\x45xplainPlacement\x12\x30.fleetlm.controlplane.v1.ExplainPlacementRequest\x1a\x31.fleetlm.controlplane.v1.ExplainPlacementResponse\x12\x65\n\nCordonNode\x12*.fleetlm.controlplane.v1.CordonNodeRequest\x1a+.fleetlm.controlplane.v1.CordonNodeResponse\x12k\n\x0cUncordonNode\x12,.fleetlm.controlplane.v1.UncordonNodeRequest\x1a-.fleetlm.controlplane.v1.UncordonNodeResponse\x12\x62\n\tDrainNode\x12).fleetlm.controlplane.v1.DrainNodeRequest\x1a*.fleetlm.controlplane.v1.DrainNodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetlm.controlplane.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTNODESREQUEST']._serialized_start=138
-  _globals['_LISTNODESREQUEST']._serialized_end=156
-  _globals['_LISTNODESRESPONSE']._serialized_start=158
-  _globals['_LISTNODESRESPONSE']._serialized_end=223
-  _globals['_GETNODEREQUEST']._serialized_start=225
-  _globals['_GETNODEREQUEST']._serialized_end=258
-  _globals['_GETNODERESPONSE']._serialized_start=260
-  _globals['_GETNODERESPONSE']._serialized_end=322
-  _globals['_LISTMODELSREQUEST']._serialized_start=324
-  _globals['_LISTMODELSREQUEST']._serialized_end=343
-  _globals['_MODELREPLICA']._serialized_start=345
-  _globals['_MODELREPLICA']._serialized_end=445
-  _globals['_MODELSTATUS']._serialized_start=448
-  _globals['_MODELSTATUS']._serialized_end=615
-  _globals['_LISTMODELSRESPONSE']._serialized_start=617
-  _globals['_LISTMODELSRESPONSE']._serialized_end=691
-  _globals['_ADMINSERVICE']._serialized_start=694
-  _globals['_ADMINSERVICE']._serialized_end=1005
+  _globals['_DEPLOYMODELREQUEST']._serialized_start=138
+  _globals['_DEPLOYMODELREQUEST']._serialized_end=215
+  _globals['_DEPLOYMODELRESPONSE']._serialized_start=218
+  _globals['_DEPLOYMODELRESPONSE']._serialized_end=354
+  _globals['_UNDEPLOYMODELREQUEST']._serialized_start=356
+  _globals['_UNDEPLOYMODELREQUEST']._serialized_end=392
+  _globals['_UNDEPLOYMODELRESPONSE']._serialized_start=394
+  _globals['_UNDEPLOYMODELRESPONSE']._serialized_end=417
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=419
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=443
+  _globals['_DEPLOYMENTSTATUS']._serialized_start=446
+  _globals['_DEPLOYMENTSTATUS']._serialized_end=636
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=638
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=727
+  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_start=729
+  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_end=785
+  _globals['_SCALEDEPLOYMENTRESPONSE']._serialized_start=787
+  _globals['_SCALEDEPLOYMENTRESPONSE']._serialized_end=869
+  _globals['_EXPLAINPLACEMENTREQUEST']._serialized_start=871
+  _globals['_EXPLAINPLACEMENTREQUEST']._serialized_end=967
+  _globals['_NODEVERDICT']._serialized_start=969
+  _globals['_NODEVERDICT']._serialized_end=1060
+  _globals['_EXPLAINPLACEMENTRESPONSE']._serialized_start=1062
+  _globals['_EXPLAINPLACEMENTRESPONSE']._serialized_end=1168
+  _globals['_CORDONNODEREQUEST']._serialized_start=1170
+  _globals['_CORDONNODEREQUEST']._serialized_end=1206
+  _globals['_CORDONNODERESPONSE']._serialized_start=1208
+  _globals['_CORDONNODERESPONSE']._serialized_end=1228
+  _globals['_UNCORDONNODEREQUEST']._serialized_start=1230
+  _globals['_UNCORDONNODEREQUEST']._serialized_end=1268
+  _globals['_UNCORDONNODERESPONSE']._serialized_start=1270
+  _globals['_UNCORDONNODERESPONSE']._serialized_end=1292
+  _globals['_DRAINNODEREQUEST']._serialized_start=1294
+  _globals['_DRAINNODEREQUEST']._serialized_end=1329
+  _globals['_DRAINNODERESPONSE']._serialized_start=1331
+  _globals['_DRAINNODERESPONSE']._serialized_end=1376
+  _globals['_LISTNODESREQUEST']._serialized_start=1378
+  _globals['_LISTNODESREQUEST']._serialized_end=1396
+  _globals['_LISTNODESRESPONSE']._serialized_start=1398
+  _globals['_LISTNODESRESPONSE']._serialized_end=1463
+  _globals['_GETNODEREQUEST']._serialized_start=1465
+  _globals['_GETNODEREQUEST']._serialized_end=1498
+  _globals['_GETNODERESPONSE']._serialized_start=1500
+  _globals['_GETNODERESPONSE']._serialized_end=1562
+  _globals['_LISTMODELSREQUEST']._serialized_start=1564
+  _globals['_LISTMODELSREQUEST']._serialized_end=1583
+  _globals['_MODELREPLICA']._serialized_start=1585
+  _globals['_MODELREPLICA']._serialized_end=1685
+  _globals['_MODELSTATUS']._serialized_start=1688
+  _globals['_MODELSTATUS']._serialized_end=1855
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1857
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1931
+  _globals['_ADMINSERVICE']._serialized_start=1934
+  _globals['_ADMINSERVICE']._serialized_end=3132
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,46 @@ class AdminServiceStub:
                 request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.DeployModel = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/DeployModel',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DeployModelRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DeployModelResponse.FromString,
+                _registered_method=True)
+        self.UndeployModel = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/UndeployModel',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.UndeployModelRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.UndeployModelResponse.FromString,
+                _registered_method=True)
+        self.ListDeployments = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/ListDeployments',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListDeploymentsRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListDeploymentsResponse.FromString,
+                _registered_method=True)
+        self.ScaleDeployment = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/ScaleDeployment',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ScaleDeploymentRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ScaleDeploymentResponse.FromString,
+                _registered_method=True)
+        self.ExplainPlacement = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/ExplainPlacement',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ExplainPlacementRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ExplainPlacementResponse.FromString,
+                _registered_method=True)
+        self.CordonNode = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/CordonNode',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CordonNodeRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CordonNodeResponse.FromString,
+                _registered_method=True)
+        self.UncordonNode = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/UncordonNode',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.UncordonNodeRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.UncordonNodeResponse.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/DrainNode',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DrainNodeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -77,6 +117,64 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeployModel(self, request, context):
+        """DeployModel creates (or replaces) a deployment and places its min_replicas. Fails with
+        FORMAT_NOT_SUPPORTED or NO_CAPACITY, and every node's reason, when they fit nowhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndeployModel(self, request, context):
+        """UndeployModel removes a deployment; its replicas are unloaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeployments(self, request, context):
+        """ListDeployments lists deployments with their replicas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScaleDeployment(self, request, context):
+        """ScaleDeployment sets how many replicas a deployment runs now (within min and max).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainPlacement(self, request, context):
+        """ExplainPlacement tells, node by node, whether a deployment's next replica fits and why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CordonNode(self, request, context):
+        """CordonNode stops new placements on a node; its replicas stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UncordonNode(self, request, context):
+        """UncordonNode makes a cordoned or draining node schedulable again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """DrainNode cordons a node and moves its replicas elsewhere: each is unloaded only once its
+        replacement is ready, and in-flight requests finish first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +192,46 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListModelsRequest.FromString,
                     response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'DeployModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeployModel,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DeployModelRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DeployModelResponse.SerializeToString,
+            ),
+            'UndeployModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndeployModel,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.UndeployModelRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.UndeployModelResponse.SerializeToString,
+            ),
+            'ListDeployments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeployments,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListDeploymentsRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListDeploymentsResponse.SerializeToString,
+            ),
+            'ScaleDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleDeployment,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ScaleDeploymentRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ScaleDeploymentResponse.SerializeToString,
+            ),
+            'ExplainPlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainPlacement,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ExplainPlacementRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ExplainPlacementResponse.SerializeToString,
+            ),
+            'CordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CordonNode,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CordonNodeRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CordonNodeResponse.SerializeToString,
+            ),
+            'UncordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UncordonNode,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.UncordonNodeRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.UncordonNodeResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DrainNodeRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DrainNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +316,222 @@ class AdminService:
             '/fleetlm.controlplane.v1.AdminService/ListModels',
             fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListModelsRequest.SerializeToString,
             fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeployModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/DeployModel',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DeployModelRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DeployModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndeployModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/UndeployModel',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.UndeployModelRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.UndeployModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeployments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/ListDeployments',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListDeploymentsRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListDeploymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/ScaleDeployment',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ScaleDeploymentRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ScaleDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainPlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/ExplainPlacement',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ExplainPlacementRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ExplainPlacementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/CordonNode',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CordonNodeRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CordonNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UncordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/UncordonNode',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.UncordonNodeRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.UncordonNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/DrainNode',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DrainNodeRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DrainNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,32 +22,39 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fleetlm/controlplane/v1/node.proto\x12\x17\x66leetlm.controlplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"#\n\x03\x43pu\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x63ores\x18\x02 \x01(\r\"1\n\x06Memory\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x12\n\nfree_bytes\x18\x02 \x01(\x04\"q\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12/\n\x06memory\x18\x04 \x01(\x0b\x32\x1f.fleetlm.controlplane.v1.Memory\x12\x0e\n\x06vendor\x18\x05 \x01(\t\"=\n\tModelFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\"\xfb\x01\n\tInventory\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12)\n\x03\x63pu\x18\x02 \x01(\x0b\x32\x1c.fleetlm.controlplane.v1.Cpu\x12,\n\x03ram\x18\x03 \x01(\x0b\x32\x1f.fleetlm.controlplane.v1.Memory\x12*\n\x04gpus\x18\x04 \x03(\x0b\x32\x1c.fleetlm.controlplane.v1.Gpu\x12\x1e\n\x16models_disk_free_bytes\x18\x05 \x01(\x04\x12\x37\n\x0bmodel_files\x18\x06 \x03(\x0b\x32\".fleetlm.controlplane.v1.ModelFile\"m\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x14\n\x0c\x63ontext_size\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"\xb4\x01\n\x07Replica\x12\x31\n\x05model\x18\x01 \x01(\x0b\x32\".fleetlm.controlplane.v1.ModelSpec\x12\x34\n\x05state\x18\x02 \x01(\x0e\x32%.fleetlm.controlplane.v1.ReplicaState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x18\n\x10running_requests\x18\x04 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x05 \x01(\r\"\xcb\x02\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11inference_address\x18\x02 \x01(\t\x12\x35\n\tinventory\x18\x03 \x01(\x0b\x32\".fleetlm.controlplane.v1.Inventory\x12\x32\n\x08replicas\x18\x04 \x03(\x0b\x32 .fleetlm.controlplane.v1.Replica\x12\x31\n\rregistered_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_heartbeat_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08lease_id\x18\x07 \x01(\x03\x12\x19\n\x11lease_ttl_seconds\x18\x08 \x01(\r\x12\x15\n\ragent_version\x18\t \x01(\t*\x96\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_PENDING\x10\x01\x12\x19\n\x15REPLICA_STATE_LOADING\x10\x02\x12\x17\n\x13REPLICA_STATE_READY\x10\x03\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fleetlm/controlplane/v1/node.proto\x12\x17\x66leetlm.controlplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"#\n\x03\x43pu\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x63ores\x18\x02 \x01(\r\"1\n\x06Memory\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x12\n\nfree_bytes\x18\x02 \x01(\x04\"q\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12/\n\x06memory\x18\x04 \x01(\x0b\x32\x1f.fleetlm.controlplane.v1.Memory\x12\x0e\n\x06vendor\x18\x05 \x01(\t\"Y\n\tModelFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x1a\n\x12kv_bytes_per_token\x18\x04 \x01(\x04\"\xfb\x01\n\tInventory\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12)\n\x03\x63pu\x18\x02 \x01(\x0b\x32\x1c.fleetlm.controlplane.v1.Cpu\x12,\n\x03ram\x18\x03 \x01(\x0b\x32\x1f.fleetlm.controlplane.v1.Memory\x12*\n\x04gpus\x18\x04 \x03(\x0b\x32\x1c.fleetlm.controlplane.v1.Gpu\x12\x1e\n\x16models_disk_free_bytes\x18\x05 \x01(\x04\x12\x37\n\x0bmodel_files\x18\x06 \x03(\x0b\x32\".fleetlm.controlplane.v1.ModelFile\"\xe3\x01\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x14\n\x0c\x63ontext_size\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12!\n\x14max_running_requests\x18\x07 \x01(\rH\x00\x88\x01\x01\x12 \n\x13max_queued_requests\x18\x08 \x01(\rH\x01\x88\x01\x01\x42\x17\n\x15_max_running_requestsB\x16\n\x14_max_queued_requests\"\xa6\x02\n\x07Replica\x12\x31\n\x05model\x18\x01 \x01(\x0b\x32\".fleetlm.controlplane.v1.ModelSpec\x12\x34\n\x05state\x18\x02 \x01(\x0e\x32%.fleetlm.controlplane.v1.ReplicaState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x18\n\x10running_requests\x18\x04 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x05 \x01(\r\x12\x33\n\x0flast_request_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ssigned\x18\x07 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x19\n\x11rejected_requests\x18\t \x01(\x04\"\x84\x03\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11inference_address\x18\x02 \x01(\t\x12\x35\n\tinventory\x18\x03 \x01(\x0b\x32\".fleetlm.controlplane.v1.Inventory\x12\x32\n\x08replicas\x18\x04 \x03(\x0b\x32 .fleetlm.controlplane.v1.Replica\x12\x31\n\rregistered_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_heartbeat_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08lease_id\x18\x07 \x01(\x03\x12\x19\n\x11lease_ttl_seconds\x18\x08 \x01(\r\x12\x15\n\ragent_version\x18\t \x01(\t\x12\x37\n\nscheduling\x18\n \x01(\x0e\x32#.fleetlm.controlplane.v1.Scheduling\"\xf8\x01\n\nDeployment\x12\x30\n\x04spec\x18\x01 \x01(\x0b\x32\".fleetlm.controlplane.v1.ModelSpec\x12\x14\n\x0cmin_replicas\x18\x02 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x03 \x01(\r\x12\x10\n\x08replicas\x18\x04 \x01(\r\x12/\n\x0cidle_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11\x63pu_offload_model\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbc\x01\n\nAssignment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x31\n\x05model\x18\x02 \x01(\x0b\x32\".fleetlm.controlplane.v1.ModelSpec\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x04 \x03(\r\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12/\n\x0b\x61ssigned_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x96\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_PENDING\x10\x01\x12\x19\n\x15REPLICA_STATE_LOADING\x10\x02\x12\x17\n\x13REPLICA_STATE_READY\x10\x03\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x04*q\n\nScheduling\x12\x1a\n\x16SCHEDULING_UNSPECIFIED\x10\x00\x12\x15\n\x11SCHEDULING_ACTIVE\x10\x01\x12\x17\n\x13SCHEDULING_CORDONED\x10\x02\x12\x17\n\x13SCHEDULING_DRAINING\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetlm.controlplane.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REPLICASTATE']._serialized_start=1245
-  _globals['_REPLICASTATE']._serialized_end=1395
-  _globals['_CPU']._serialized_start=96
-  _globals['_CPU']._serialized_end=131
-  _globals['_MEMORY']._serialized_start=133
-  _globals['_MEMORY']._serialized_end=182
-  _globals['_GPU']._serialized_start=184
-  _globals['_GPU']._serialized_end=297
-  _globals['_MODELFILE']._serialized_start=299
-  _globals['_MODELFILE']._serialized_end=360
-  _globals['_INVENTORY']._serialized_start=363
-  _globals['_INVENTORY']._serialized_end=614
-  _globals['_MODELSPEC']._serialized_start=616
-  _globals['_MODELSPEC']._serialized_end=725
-  _globals['_REPLICA']._serialized_start=728
-  _globals['_REPLICA']._serialized_end=908
-  _globals['_NODE']._serialized_start=911
-  _globals['_NODE']._serialized_end=1242
+  _globals['_REPLICASTATE']._serialized_start=2037
+  _globals['_REPLICASTATE']._serialized_end=2187
+  _globals['_SCHEDULING']._serialized_start=2189
+  _globals['_SCHEDULING']._serialized_end=2302
+  _globals['_CPU']._serialized_start=128
+  _globals['_CPU']._serialized_end=163
+  _globals['_MEMORY']._serialized_start=165
+  _globals['_MEMORY']._serialized_end=214
+  _globals['_GPU']._serialized_start=216
+  _globals['_GPU']._serialized_end=329
+  _globals['_MODELFILE']._serialized_start=331
+  _globals['_MODELFILE']._serialized_end=420
+  _globals['_INVENTORY']._serialized_start=423
+  _globals['_INVENTORY']._serialized_end=674
+  _globals['_MODELSPEC']._serialized_start=677
+  _globals['_MODELSPEC']._serialized_end=904
+  _globals['_REPLICA']._serialized_start=907
+  _globals['_REPLICA']._serialized_end=1201
+  _globals['_NODE']._serialized_start=1204
+  _globals['_NODE']._serialized_end=1592
+  _globals['_DEPLOYMENT']._serialized_start=1595
+  _globals['_DEPLOYMENT']._serialized_end=1843
+  _globals['_ASSIGNMENT']._serialized_start=1846
+  _globals['_ASSIGNMENT']._serialized_end=2034
 # @@protoc_insertion_point(module_scope)

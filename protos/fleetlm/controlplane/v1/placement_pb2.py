@@ -23,23 +23,26 @@ _sym_db = _symbol_database.Default()
 
 
 from fleetlm.inference.v1 import inference_pb2 as fleetlm_dot_inference_dot_v1_dot_inference__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'fleetlm/controlplane/v1/placement.proto\x12\x17\x66leetlm.controlplane.v1\x1a$fleetlm/inference/v1/inference.proto\"1\n\x12PickReplicaRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\"A\n\x13PickReplicaResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11inference_address\x18\x02 \x01(\t\"\x19\n\x17ListServedModelsRequest\"K\n\x18ListServedModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.fleetlm.inference.v1.ModelInfo2\xf5\x01\n\x10PlacementService\x12h\n\x0bPickReplica\x12+.fleetlm.controlplane.v1.PickReplicaRequest\x1a,.fleetlm.controlplane.v1.PickReplicaResponse\x12w\n\x10ListServedModels\x12\x30.fleetlm.controlplane.v1.ListServedModelsRequest\x1a\x31.fleetlm.controlplane.v1.ListServedModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'fleetlm/controlplane/v1/placement.proto\x12\x17\x66leetlm.controlplane.v1\x1a$fleetlm/inference/v1/inference.proto\x1a\x1egoogle/protobuf/duration.proto\"y\n\x12PickReplicaRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x13\n\x0bprefix_hash\x18\x03 \x01(\t\x12\x31\n\x0ewait_for_ready\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"=\n\x0fReplicaEndpoint\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11inference_address\x18\x02 \x01(\t\"\xaa\x01\n\x13PickReplicaResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11inference_address\x18\x02 \x01(\t\x12<\n\nalternates\x18\x03 \x03(\x0b\x32(.fleetlm.controlplane.v1.ReplicaEndpoint\x12\x19\n\x11\x63pu_offload_model\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"\x19\n\x17ListServedModelsRequest\"K\n\x18ListServedModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.fleetlm.inference.v1.ModelInfo2\xf5\x01\n\x10PlacementService\x12h\n\x0bPickReplica\x12+.fleetlm.controlplane.v1.PickReplicaRequest\x1a,.fleetlm.controlplane.v1.PickReplicaResponse\x12w\n\x10ListServedModels\x12\x30.fleetlm.controlplane.v1.ListServedModelsRequest\x1a\x31.fleetlm.controlplane.v1.ListServedModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetlm.controlplane.v1.placement_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PICKREPLICAREQUEST']._serialized_start=106
-  _globals['_PICKREPLICAREQUEST']._serialized_end=155
-  _globals['_PICKREPLICARESPONSE']._serialized_start=157
-  _globals['_PICKREPLICARESPONSE']._serialized_end=222
-  _globals['_LISTSERVEDMODELSREQUEST']._serialized_start=224
-  _globals['_LISTSERVEDMODELSREQUEST']._serialized_end=249
-  _globals['_LISTSERVEDMODELSRESPONSE']._serialized_start=251
-  _globals['_LISTSERVEDMODELSRESPONSE']._serialized_end=326
-  _globals['_PLACEMENTSERVICE']._serialized_start=329
-  _globals['_PLACEMENTSERVICE']._serialized_end=574
+  _globals['_PICKREPLICAREQUEST']._serialized_start=138
+  _globals['_PICKREPLICAREQUEST']._serialized_end=259
+  _globals['_REPLICAENDPOINT']._serialized_start=261
+  _globals['_REPLICAENDPOINT']._serialized_end=322
+  _globals['_PICKREPLICARESPONSE']._serialized_start=325
+  _globals['_PICKREPLICARESPONSE']._serialized_end=495
+  _globals['_LISTSERVEDMODELSREQUEST']._serialized_start=497
+  _globals['_LISTSERVEDMODELSREQUEST']._serialized_end=522
+  _globals['_LISTSERVEDMODELSRESPONSE']._serialized_start=524
+  _globals['_LISTSERVEDMODELSRESPONSE']._serialized_end=599
+  _globals['_PLACEMENTSERVICE']._serialized_start=602
+  _globals['_PLACEMENTSERVICE']._serialized_end=847
 # @@protoc_insertion_point(module_scope)

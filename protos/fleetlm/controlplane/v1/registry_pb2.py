@@ -26,25 +26,29 @@ from fleetlm.controlplane.v1 import node_pb2 as fleetlm_dot_controlplane_dot_v1_
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fleetlm/controlplane/v1/registry.proto\x12\x17\x66leetlm.controlplane.v1\x1a\"fleetlm/controlplane/v1/node.proto\x1a\x1egoogle/protobuf/duration.proto\"\xc3\x01\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11inference_address\x18\x02 \x01(\t\x12\x35\n\tinventory\x18\x03 \x01(\x0b\x32\".fleetlm.controlplane.v1.Inventory\x12\x32\n\x08replicas\x18\x04 \x03(\x0b\x32 .fleetlm.controlplane.v1.Replica\x12\x15\n\ragent_version\x18\x05 \x01(\t\"\x8d\x01\n\x14RegisterNodeResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12,\n\tlease_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x81\x01\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12\x32\n\x08replicas\x18\x03 \x03(\x0b\x32 .fleetlm.controlplane.v1.Replica\x12\x16\n\x0eram_free_bytes\x18\x04 \x01(\x04\"\x13\n\x11HeartbeatResponse\":\n\x15\x44\x65registerNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\"\x18\n\x16\x44\x65registerNodeResponse2\xd9\x02\n\x13NodeRegistryService\x12k\n\x0cRegisterNode\x12,.fleetlm.controlplane.v1.RegisterNodeRequest\x1a-.fleetlm.controlplane.v1.RegisterNodeResponse\x12\x62\n\tHeartbeat\x12).fleetlm.controlplane.v1.HeartbeatRequest\x1a*.fleetlm.controlplane.v1.HeartbeatResponse\x12q\n\x0e\x44\x65registerNode\x12..fleetlm.controlplane.v1.DeregisterNodeRequest\x1a/.fleetlm.controlplane.v1.DeregisterNodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fleetlm/controlplane/v1/registry.proto\x12\x17\x66leetlm.controlplane.v1\x1a\"fleetlm/controlplane/v1/node.proto\x1a\x1egoogle/protobuf/duration.proto\"*\n\x17WatchAssignmentsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"T\n\x18WatchAssignmentsResponse\x12\x38\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32#.fleetlm.controlplane.v1.Assignment\"\xc3\x01\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11inference_address\x18\x02 \x01(\t\x12\x35\n\tinventory\x18\x03 \x01(\x0b\x32\".fleetlm.controlplane.v1.Inventory\x12\x32\n\x08replicas\x18\x04 \x03(\x0b\x32 .fleetlm.controlplane.v1.Replica\x12\x15\n\ragent_version\x18\x05 \x01(\t\"\x8d\x01\n\x14RegisterNodeResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12,\n\tlease_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x81\x01\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12\x32\n\x08replicas\x18\x03 \x03(\x0b\x32 .fleetlm.controlplane.v1.Replica\x12\x16\n\x0eram_free_bytes\x18\x04 \x01(\x04\"\x13\n\x11HeartbeatResponse\":\n\x15\x44\x65registerNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\"\x18\n\x16\x44\x65registerNodeResponse2\xd4\x03\n\x13NodeRegistryService\x12k\n\x0cRegisterNode\x12,.fleetlm.controlplane.v1.RegisterNodeRequest\x1a-.fleetlm.controlplane.v1.RegisterNodeResponse\x12\x62\n\tHeartbeat\x12).fleetlm.controlplane.v1.HeartbeatRequest\x1a*.fleetlm.controlplane.v1.HeartbeatResponse\x12q\n\x0e\x44\x65registerNode\x12..fleetlm.controlplane.v1.DeregisterNodeRequest\x1a/.fleetlm.controlplane.v1.DeregisterNodeResponse\x12y\n\x10WatchAssignments\x12\x30.fleetlm.controlplane.v1.WatchAssignmentsRequest\x1a\x31.fleetlm.controlplane.v1.WatchAssignmentsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetlm.controlplane.v1.registry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGISTERNODEREQUEST']._serialized_start=136
-  _globals['_REGISTERNODEREQUEST']._serialized_end=331
-  _globals['_REGISTERNODERESPONSE']._serialized_start=334
-  _globals['_REGISTERNODERESPONSE']._serialized_end=475
-  _globals['_HEARTBEATREQUEST']._serialized_start=478
-  _globals['_HEARTBEATREQUEST']._serialized_end=607
-  _globals['_HEARTBEATRESPONSE']._serialized_start=609
-  _globals['_HEARTBEATRESPONSE']._serialized_end=628
-  _globals['_DEREGISTERNODEREQUEST']._serialized_start=630
-  _globals['_DEREGISTERNODEREQUEST']._serialized_end=688
-  _globals['_DEREGISTERNODERESPONSE']._serialized_start=690
-  _globals['_DEREGISTERNODERESPONSE']._serialized_end=714
-  _globals['_NODEREGISTRYSERVICE']._serialized_start=717
-  _globals['_NODEREGISTRYSERVICE']._serialized_end=1062
+  _globals['_WATCHASSIGNMENTSREQUEST']._serialized_start=135
+  _globals['_WATCHASSIGNMENTSREQUEST']._serialized_end=177
+  _globals['_WATCHASSIGNMENTSRESPONSE']._serialized_start=179
+  _globals['_WATCHASSIGNMENTSRESPONSE']._serialized_end=263
+  _globals['_REGISTERNODEREQUEST']._serialized_start=266
+  _globals['_REGISTERNODEREQUEST']._serialized_end=461
+  _globals['_REGISTERNODERESPONSE']._serialized_start=464
+  _globals['_REGISTERNODERESPONSE']._serialized_end=605
+  _globals['_HEARTBEATREQUEST']._serialized_start=608
+  _globals['_HEARTBEATREQUEST']._serialized_end=737
+  _globals['_HEARTBEATRESPONSE']._serialized_start=739
+  _globals['_HEARTBEATRESPONSE']._serialized_end=758
+  _globals['_DEREGISTERNODEREQUEST']._serialized_start=760
+  _globals['_DEREGISTERNODEREQUEST']._serialized_end=818
+  _globals['_DEREGISTERNODERESPONSE']._serialized_start=820
+  _globals['_DEREGISTERNODERESPONSE']._serialized_end=844
+  _globals['_NODEREGISTRYSERVICE']._serialized_start=847
+  _globals['_NODEREGISTRYSERVICE']._serialized_end=1315
 # @@protoc_insertion_point(module_scope)

@@ -51,6 +51,11 @@ class NodeRegistryServiceStub:
                 request_serializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.DeregisterNodeRequest.SerializeToString,
                 response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.DeregisterNodeResponse.FromString,
                 _registered_method=True)
+        self.WatchAssignments = channel.unary_stream(
+                '/fleetlm.controlplane.v1.NodeRegistryService/WatchAssignments',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.WatchAssignmentsRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.WatchAssignmentsResponse.FromString,
+                _registered_method=True)
 
 
 class NodeRegistryServiceServicer:
@@ -80,6 +85,14 @@ class NodeRegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAssignments(self, request, context):
+        """WatchAssignments streams the complete set of replicas the node should run: once at once, then on
+        every change and periodically, so that an agent that missed a message converges anyway.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeRegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +110,11 @@ def add_NodeRegistryServiceServicer_to_server(servicer, server):
                     servicer.DeregisterNode,
                     request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.DeregisterNodeRequest.FromString,
                     response_serializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.DeregisterNodeResponse.SerializeToString,
+            ),
+            'WatchAssignments': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAssignments,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.WatchAssignmentsRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.WatchAssignmentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +200,33 @@ class NodeRegistryService:
             '/fleetlm.controlplane.v1.NodeRegistryService/DeregisterNode',
             fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.DeregisterNodeRequest.SerializeToString,
             fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.DeregisterNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAssignments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.NodeRegistryService/WatchAssignments',
+            fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.WatchAssignmentsRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.WatchAssignmentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

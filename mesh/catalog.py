@@ -1,4 +1,5 @@
-"""The models a node serves, declared in a YAML catalog.
+"""Models declared in YAML: a node's own catalog (`fleetlm node --catalog`) and the control plane's
+deployments (`fleetlm controlplane --deployments`) share this format.
 
     models:
       - name: smollm2-135m
@@ -7,6 +8,13 @@
         engine: llamacpp      # llamacpp | sglang | openai
         device: cpu           # cpu | gpu | any
         context_size: 2048
+        # deployment keys (control plane only)
+        min_replicas: 0       # 0: scale from zero on the first request
+        max_replicas: 2
+        idle_timeout: 600     # seconds without requests before a replica is unloaded; 0: never
+        cpu_offload_model: smollm2-135m-cpu
+        max_running_requests: 3
+        max_queued_requests: 16
 
 The old system's keys are accepted too (model_path, backend, execution_mode), so its models.yaml loads.
 """
@@ -31,13 +39,17 @@ class ModelEntry(BaseModel):
     engine: Literal["llamacpp", "sglang", "openai"] = Field(
         "llamacpp", validation_alias=AliasChoices("engine", "backend")
     )
-    device: Literal["cpu", "gpu", "any"] = Field(
-        "any", validation_alias=AliasChoices("device", "execution_mode")
-    )
+    device: Literal["cpu", "gpu", "any"] = Field("any", validation_alias=AliasChoices("device", "execution_mode"))
     context_size: int = Field(2048, ge=64, le=1_048_576)
+    min_replicas: int = Field(1, ge=0, le=1000)
+    max_replicas: int = Field(1, ge=1, le=1000)
+    idle_timeout: float = Field(0, ge=0)
+    cpu_offload_model: str = ""
+    max_running_requests: int | None = Field(None, ge=1)
+    max_queued_requests: int | None = Field(None, ge=0)
 
     def spec(self) -> node_pb2.ModelSpec:
-        return node_pb2.ModelSpec(
+        spec = node_pb2.ModelSpec(
             name=self.name,
             path=self.path,
             format=self.format,
@@ -45,6 +57,22 @@ class ModelEntry(BaseModel):
             context_size=self.context_size,
             device=self.device,
         )
+        if self.max_running_requests is not None:
+            spec.max_running_requests = self.max_running_requests
+        if self.max_queued_requests is not None:
+            spec.max_queued_requests = self.max_queued_requests
+        return spec
+
+    def deployment(self) -> node_pb2.Deployment:
+        deployment = node_pb2.Deployment(
+            spec=self.spec(),
+            min_replicas=self.min_replicas,
+            max_replicas=max(self.max_replicas, self.min_replicas),
+            replicas=self.min_replicas,
+            cpu_offload_model=self.cpu_offload_model,
+        )
+        deployment.idle_timeout.FromNanoseconds(int(self.idle_timeout * 1e9))
+        return deployment
 
 
 class Catalog(BaseModel):

@@ -1,0 +1,203 @@
+"""Desired state -> assignments. Deployments say how many replicas of what; the reconciler decides where.
+
+One pass (`reconcile`) compares deployments with assignments and the nodes' reports, and writes the
+difference to the store; node agents watch their assignments and converge. Passes run on every change
+the fleet view sees and on a timer, so a missed event or a failed write heals on the next pass.
+
+What one pass does, per deployment:
+  - drops assignments on nodes that are gone (lease expired) or of deployments that were removed;
+  - unloads replicas idle longer than idle_timeout, down to min_replicas (lowering `replicas`);
+  - places new replicas until `replicas` are assigned on schedulable nodes;
+  - removes extra replicas when scaled down;
+  - for a draining node: places the replacement first, and removes the draining replica only once
+    another replica is ready, so no request fails during the move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from google.protobuf import timestamp_pb2
+
+from controlplane import placement
+from controlplane.fleet import FleetView
+from controlplane.store import ClusterStore, record_key
+from fleetlm.controlplane.v1 import node_pb2
+from mesh.errors import FleetError
+
+log = logging.getLogger(__name__)
+
+READY = node_pb2.REPLICA_STATE_READY
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: ClusterStore,
+        fleet: FleetView,
+        policy: placement.PlacementPolicy,
+        interval_seconds: float = 2.0,
+    ) -> None:
+        self._store = store
+        self._fleet = fleet
+        self.policy = policy
+        self._interval = interval_seconds
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self.last_errors: dict[str, str] = {}  # deployment -> why it could not be placed
+        fleet.listeners.append(lambda event: self._wake.set() if event is None or event.kind != "model" else None)
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        await self._fleet.synced.wait()
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("reconcile pass failed")
+
+    # --- snapshot helpers -----------------------------------------------------------------------------
+
+    def snapshots(self) -> list[placement.NodeSnapshot]:
+        fleet = self._fleet
+        return [
+            placement.NodeSnapshot(n, fleet.scheduling(n.node_id), tuple(fleet.node_assignments(n.node_id)))
+            for n in fleet.nodes.values()
+        ]
+
+    def replica_of(self, assignment: node_pb2.Assignment) -> node_pb2.Replica | None:
+        node = self._fleet.nodes.get(assignment.node_id)
+        if node is None:
+            return None
+        return next((r for r in node.replicas if r.model.name == assignment.model.name and r.assigned), None)
+
+    # --- writes (applied to the view at once, so the next decision sees them) -------------------------
+
+    async def _assign(self, deployment: node_pb2.Deployment) -> node_pb2.Assignment:
+        verdict = placement.place(deployment.spec, self.snapshots(), self.policy)
+        assert verdict.fit is not None
+        assignment = node_pb2.Assignment(
+            node_id=verdict.node_id,
+            model=deployment.spec,
+            device=verdict.fit.device,
+            gpu_indices=verdict.fit.gpu_indices,
+            memory_bytes=verdict.fit.memory_bytes,
+            assigned_at=_now(),
+        )
+        await self._store.put("assignment", assignment)
+        self._fleet.assignments[record_key("assignment", assignment)] = assignment
+        log.info("placed %s on %s (%s)", deployment.spec.name, verdict.node_id, verdict.reason)
+        return assignment
+
+    async def _unassign(self, assignment: node_pb2.Assignment, why: str) -> None:
+        key = record_key("assignment", assignment)
+        await self._store.delete("assignment", key)
+        self._fleet.assignments.pop(key, None)
+        log.info("removed %s from %s: %s", assignment.model.name, assignment.node_id, why)
+
+    async def save_deployment(self, deployment: node_pb2.Deployment) -> None:
+        await self._store.put("deployment", deployment)
+        self._fleet.deployments[deployment.spec.name] = deployment
+
+    # --- the pass -------------------------------------------------------------------------------------
+
+    async def ensure_one(self, name: str) -> None:
+        """Scale from zero: make sure a deployment has at least one replica assigned. Raises the
+        placement error (NO_CAPACITY, FORMAT_NOT_SUPPORTED) when it fits nowhere."""
+        async with self._lock:
+            deployment = self._fleet.deployments.get(name)
+            if deployment is None:
+                return
+            if not any(a.model.name == name for a in self._fleet.assignments.values()):
+                await self._assign(deployment)
+            if deployment.replicas < 1:
+                updated = node_pb2.Deployment()
+                updated.CopyFrom(deployment)
+                updated.replicas = 1
+                await self.save_deployment(updated)
+
+    async def reconcile(self) -> None:
+        async with self._lock:
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        fleet = self._fleet
+        for assignment in list(fleet.assignments.values()):
+            deployment = fleet.deployments.get(assignment.model.name)
+            if assignment.node_id not in fleet.nodes:
+                await self._unassign(assignment, "node is gone")
+            elif deployment is None:
+                await self._unassign(assignment, "deployment removed")
+            elif deployment.spec != assignment.model:
+                await self._unassign(assignment, "deployment changed")
+        for deployment in list(fleet.deployments.values()):
+            await self._reconcile_deployment(deployment)
+
+    async def _reconcile_deployment(self, deployment: node_pb2.Deployment) -> None:
+        fleet = self._fleet
+        name = deployment.spec.name
+        mine = [a for a in fleet.assignments.values() if a.model.name == name]
+        draining = [a for a in mine if fleet.scheduling(a.node_id) == node_pb2.SCHEDULING_DRAINING]
+        active = [a for a in mine if a not in draining]
+
+        # Idle unload, one replica per pass, never below min_replicas.
+        timeout = deployment.idle_timeout.ToTimedelta().total_seconds()
+        if timeout > 0 and deployment.replicas > deployment.min_replicas:
+            now = time.time()
+            for assignment in active:
+                replica = self.replica_of(assignment)
+                if replica is None or replica.state != READY:
+                    continue
+                busy = replica.running_requests + replica.queued_requests
+                idle_for = now - replica.last_request_at.ToMicroseconds() / 1e6
+                if not busy and idle_for > timeout:
+                    updated = node_pb2.Deployment()
+                    updated.CopyFrom(deployment)
+                    updated.replicas = deployment.replicas - 1
+                    await self.save_deployment(updated)
+                    await self._unassign(assignment, f"idle for {idle_for:.0f}s (idle_timeout {timeout:g}s)")
+                    deployment = updated
+                    active.remove(assignment)
+                    break
+
+        want = max(deployment.min_replicas, min(deployment.replicas, deployment.max_replicas))
+        missing = want - len(active)
+        try:
+            for _ in range(max(0, missing)):
+                active.append(await self._assign(deployment))
+            self.last_errors.pop(name, None)
+        except FleetError as error:
+            if self.last_errors.get(name) != error.message:
+                log.warning("cannot place %s: %s", name, error.message)
+            self.last_errors[name] = error.message
+        for extra in sorted(active, key=self._removal_order)[: max(0, len(active) - want)]:
+            await self._unassign(extra, f"scaled down to {want}")
+            active.remove(extra)
+
+        # A draining replica goes once a replica elsewhere is ready to take its requests.
+        ready_elsewhere = sum(1 for a in active if (r := self.replica_of(a)) is not None and r.state == READY)
+        for assignment in draining:
+            if ready_elsewhere >= min(1, want) or want == 0:
+                await self._unassign(assignment, "node is draining; replacement is ready")
+
+    def _removal_order(self, assignment: node_pb2.Assignment) -> tuple[int, int]:
+        # Remove replicas that are not serving first, then the least busy.
+        replica = self.replica_of(assignment)
+        if replica is None or replica.state != READY:
+            return (0, 0)
+        return (1, replica.running_requests + replica.queued_requests)
