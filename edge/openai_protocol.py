@@ -220,7 +220,9 @@ class CompletionShape:
             }
         else:
             choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-        return self._envelope(self.object, [choice], usage=usage_json(result.usage), system_fingerprint=result.node_id)
+        body = self._envelope(self.object, [choice], usage=usage_json(result.usage), system_fingerprint=result.node_id)
+        body["model"] = result.model or self.model  # the model that served it: an offload may differ
+        return body
 
     def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> dict[str, Any]:
         if self.chat:

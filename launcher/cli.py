@@ -42,10 +42,12 @@ def _node(args: argparse.Namespace) -> None:
         "advertise",
         "controlplane",
         "catalog",
-        "models_dir",
         "threads",
+        "inventory_override",
         "log_level",
     )
+    if args.models_dir:
+        values["models_dirs"] = args.models_dir
     main(_settings(NodeSettings, values))
 
 
@@ -79,7 +81,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--node-port", type=int, default=50061, help="node agent port (50061)")
     up.add_argument("--etcd-port", type=int, default=2379, help="embedded etcd client port; peer is +1 (2379)")
     up.add_argument("--etcd", help="URL of an existing etcd to use instead of the embedded one")
-    up.add_argument("--catalog", help="models.yaml to serve (default: SmolLM2-135M-Instruct as smollm2-135m)")
+    up.add_argument(
+        "--catalog", help="deployments to run, models.yaml (default: SmolLM2-135M-Instruct as smollm2-135m)"
+    )
     up.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: all cores)")
     up.add_argument("--lease-ttl", type=int, default=10, help="node lease TTL in seconds (10)")
     default_state = os.path.join(os.environ.get("XDG_STATE_HOME", "~/.local/state"), "fleetlm")

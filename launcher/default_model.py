@@ -20,6 +20,7 @@ def default_model_path() -> Path:
 
 
 def write_default_catalog(path: Path, context_size: int = 2048) -> Path:
+    """A deployments catalog: the default model, always one replica."""
     catalog = {
         "models": [
             {
@@ -29,6 +30,8 @@ def write_default_catalog(path: Path, context_size: int = 2048) -> Path:
                 "engine": "llamacpp",
                 "device": "any",
                 "context_size": context_size,
+                "min_replicas": 1,
+                "max_replicas": 1,
             }
         ]
     }

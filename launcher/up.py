@@ -15,8 +15,9 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from launcher.default_model import DEFAULT_MODEL_NAME, write_default_catalog
+from launcher.default_model import write_default_catalog
 from launcher.processes import Child, etcd_argv, port_free, tcp_open, wait_until
+from mesh.catalog import CatalogError, load_catalog
 
 
 def _fleetlm(*args: str) -> list[str]:
@@ -46,6 +47,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"fleetlm up: ports already in use: {', '.join(busy)}", file=sys.stderr)
         return 2
     catalog = Path(args.catalog) if args.catalog else write_default_catalog(state / "models.yaml")
+    try:
+        entries = load_catalog(catalog)
+    except CatalogError as exc:
+        print(f"fleetlm up: {exc}", file=sys.stderr)
+        return 2
+    # The one node may be assigned any deployment: it looks for weights where the catalog says they are.
+    models_dirs = [arg for d in sorted({str(Path(e.path).parent) for e in entries}) for arg in ("--models-dir", d)]
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -64,7 +72,17 @@ def run(args: argparse.Namespace) -> int:
             wait_until(lambda: tcp_open(host, args.etcd_port), 30, "etcd to listen", etcd)
         controlplane = Child(
             "controlplane",
-            _fleetlm("controlplane", "--listen", cp, "--etcd", etcd_url, "--lease-ttl", str(args.lease_ttl)),
+            _fleetlm(
+                "controlplane",
+                "--listen",
+                cp,
+                "--etcd",
+                etcd_url,
+                "--lease-ttl",
+                str(args.lease_ttl),
+                "--deployments",
+                str(catalog),
+            ),
         )
         children.append(controlplane)
         wait_until(lambda: tcp_open(host, args.controlplane_port), 60, "the control plane", controlplane)
@@ -72,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
             "node",
             _fleetlm(
                 "node",
-                "--catalog",
-                str(catalog),
+                *models_dirs,
                 "--listen",
                 f"{host}:{args.node_port}",
                 "--controlplane",
@@ -97,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         children.append(edge)
         wait_until(lambda: tcp_open(host, args.http_port), 60, "the edge", edge)
         wait_until(lambda: _models_ready(http), 300, "the models to load", node)
-        model = DEFAULT_MODEL_NAME if not args.catalog else "<model>"
+        model = ", ".join(e.name for e in entries)
         etcd_note = "" if args.etcd else f"   (data in {state / 'etcd'})"
         print(
             f"""
@@ -107,7 +124,7 @@ fleetlm is up.
   control plane     {cp}   (grpcurl -plaintext {cp} fleetlm.controlplane.v1.AdminService/ListNodes)
   node agent        {host}:{args.node_port}
   etcd              {etcd_url}{etcd_note}
-  model             {model}   (catalog {catalog})
+  deployments       {model}   (catalog {catalog})
 Press Ctrl-C to stop.
 """,
             flush=True,

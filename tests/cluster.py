@@ -125,7 +125,7 @@ class Cluster:
         )
         return self.etcd_url
 
-    def start_controlplane(self, lease_ttl: int = 3) -> str:
+    def start_controlplane(self, lease_ttl: int = 3, *extra: str) -> str:
         port = free_port()
         self.controlplane = f"127.0.0.1:{port}"
         proc = self._start(
@@ -138,13 +138,29 @@ class Cluster:
                 self.etcd_url,
                 "--lease-ttl",
                 str(lease_ttl),
-            ),
+                *extra,
+            ),  # fmt: skip
         )
         wait_for(lambda: grpc_serving(self.controlplane), 30, "control plane", proc)
         return self.controlplane
 
-    def start_node(self, node_id: str, models: list[dict[str, Any]], threads: int = 2) -> tuple[Proc, str]:
-        catalog = write_catalog(self.dir / f"{node_id}-models.yaml", models)
+    def start_node(
+        self,
+        node_id: str,
+        models: list[dict[str, Any]] | None = None,
+        threads: int = 2,
+        models_dirs: list[str] | None = None,
+        inventory: dict[str, Any] | None = None,
+    ) -> tuple[Proc, str]:
+        args: list[str] = []
+        if models:
+            args += ["--catalog", str(write_catalog(self.dir / f"{node_id}-models.yaml", models))]
+        for directory in models_dirs or []:
+            args += ["--models-dir", directory]
+        if inventory is not None:
+            override = self.dir / f"{node_id}-inventory.yaml"
+            override.write_text(yaml.safe_dump(inventory))
+            args += ["--inventory-override", str(override)]
         address = f"127.0.0.1:{free_port()}"
         proc = self._start(
             f"node-{node_id}",
@@ -152,15 +168,14 @@ class Cluster:
                 "node",
                 "--node-id",
                 node_id,
-                "--catalog",
-                str(catalog),
                 "--listen",
                 address,
                 "--controlplane",
                 self.controlplane,
                 "--threads",
                 str(threads),
-            ),
+                *args,
+            ),  # fmt: skip
         )
         wait_for(lambda: grpc_serving(address), 30, f"node {node_id}", proc)
         return proc, address

@@ -45,7 +45,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     outcome = yield
     report = outcome.get_result()
-    if report.failed and "mesh" in item.fixturenames:
-        mesh = item.funcargs.get("mesh")
-        if isinstance(mesh, Mesh):
-            report.sections.append(("fleetlm logs", mesh.cluster.logs()))
+    if report.failed:
+        for name in ("mesh", "fleet"):
+            cluster = getattr(item.funcargs.get(name), "cluster", None) if hasattr(item, "funcargs") else None
+            if isinstance(cluster, Cluster):
+                report.sections.append(("fleetlm logs", cluster.logs()))
