@@ -139,7 +139,7 @@ class Cluster:
                 "--lease-ttl",
                 str(lease_ttl),
                 *extra,
-            ),  # fmt: skip
+            ),
         )
         wait_for(lambda: grpc_serving(self.controlplane), 30, "control plane", proc)
         return self.controlplane
@@ -175,7 +175,7 @@ class Cluster:
                 "--threads",
                 str(threads),
                 *args,
-            ),  # fmt: skip
+            ),
         )
         wait_for(lambda: grpc_serving(address), 30, f"node {node_id}", proc)
         return proc, address
