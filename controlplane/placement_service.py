@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 
 import grpc
 
@@ -22,29 +21,19 @@ class Placement(placement_pb2_grpc.PlacementServiceServicer):
         self._fleet = fleet
         self._reconciler = reconciler
         self._turns = itertools.count()
-        # Requests routed to (node, model) since that node's last report: reports lag by up to a heartbeat
-        # interval, and without this a burst would all go to the replica that looked idle.
-        self._in_flight: Counter[tuple[str, str]] = Counter()
+        self.index = routing.RoutingIndex()
         fleet.listeners.append(self._on_change)
 
-    def _on_change(self, event: StoreEvent | None) -> None:
-        if event is None:
-            self._in_flight.clear()
-        elif event.kind == "node":
-            for key in [k for k in self._in_flight if k[0] == event.key]:
-                del self._in_flight[key]
+    def _draining(self, node_id: str) -> bool:
+        return self._fleet.scheduling(node_id) == node_pb2.SCHEDULING_DRAINING
 
-    def _candidates(self, model: str) -> list[routing.Candidate]:
-        draining = node_pb2.SCHEDULING_DRAINING
-        return [
-            routing.Candidate(
-                c.node,
-                c.replica,
-                in_flight=self._in_flight[(c.node.node_id, model)],
-                draining=self._fleet.scheduling(c.node.node_id) == draining,
-            )
-            for c in routing.candidates_for(self._fleet.nodes.values(), model)
-        ]
+    def _on_change(self, event: StoreEvent | None) -> None:
+        if event is None:  # a full resync: rebuild
+            self.index.clear()
+            for node_id, node in self._fleet.nodes.items():
+                self.index.update_node(node_id, node, self._draining(node_id))
+        elif event.kind in ("node", "scheduling"):
+            self.index.update_node(event.key, self._fleet.nodes.get(event.key), self._draining(event.key))
 
     def known_specs(self) -> dict[str, node_pb2.ModelSpec]:
         specs = dict(self._fleet.models)
@@ -57,33 +46,32 @@ class Placement(placement_pb2_grpc.PlacementServiceServicer):
         model = request.model
         if not model:
             raise FleetError(ErrorCode.MODEL_REQUIRED, "the 'model' field is required", param="model")
+        turn = next(self._turns)
+        chosen, reasons = self.index.pick(model, request.user, request.prefix_hash, turn, 1 + MAX_ALTERNATES)
         deployment = self._fleet.deployments.get(model)
-        candidates = self._candidates(model)
-        if not candidates and deployment is None and model not in self._fleet.models:
+        if not chosen and deployment is None and not reasons and model not in self._fleet.models:
             raise routing.not_found(model, routing.known_models(self._fleet.nodes, self.known_specs()))
-        ready, reasons = routing.ready(candidates)
-        if not ready and deployment is not None:
+        if not chosen and deployment is not None:
             await self._reconciler.ensure_one(model)  # scale from zero; raises if it fits nowhere
             wait = request.wait_for_ready.ToTimedelta().total_seconds()
-            if wait > 0:
-                found = await self._fleet.wait_for(lambda: routing.ready(self._candidates(model))[0], wait)
-                ready = found or []
-            if not ready:
-                reasons = routing.ready(self._candidates(model))[1] or ["its replica is still being placed"]
-        if not ready:
+
+            def pick() -> list[routing.ReplicaView]:
+                return self.index.pick(model, request.user, request.prefix_hash, turn, 1 + MAX_ALTERNATES)[0]
+
+            chosen = (await self._fleet.wait_for(pick, wait) if wait > 0 else None) or []
+            if not chosen:
+                reasons = self.index.pick(model)[1] or ["its replica is still being placed"]
+        if not chosen:
             raise routing.unavailable(model, reasons)
-        ordered = routing.order(ready, request.user, request.prefix_hash, next(self._turns))
-        best = ordered[0]
-        self._in_flight[(best.node.node_id, model)] += 1
+        best = chosen[0]
         return placement_pb2.PickReplicaResponse(
-            node_id=best.node.node_id,
-            inference_address=best.node.inference_address,
+            node_id=best.node_id,
+            inference_address=best.address,
             alternates=[
-                placement_pb2.ReplicaEndpoint(node_id=c.node.node_id, inference_address=c.node.inference_address)
-                for c in ordered[1 : 1 + MAX_ALTERNATES]
+                placement_pb2.ReplicaEndpoint(node_id=v.node_id, inference_address=v.address) for v in chosen[1:]
             ],
             cpu_offload_model=deployment.cpu_offload_model if deployment is not None else "",
-            device=best.replica.device or "cpu",
+            device=best.device,
         )
 
     async def ListServedModels(

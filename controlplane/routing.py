@@ -1,20 +1,22 @@
-"""Choosing the replica that serves a request: pure functions over a snapshot of the fleet.
+"""Choosing the replica that serves a request.
 
-Filters keep replicas that are ready (each rejection carries a reason, which reaches the client when
-nothing survives); then the replicas are ordered:
+Only ready replicas are candidates (the others' states and errors reach the client when none is
+ready); they are ordered:
   1. not full (reported running + queued, plus requests routed since that report, under its limits);
   2. not on a draining node;
-  3. prefix affinity: requests sharing a long prompt prefix go to the replica that has it cached, but
-     only while that replica is within `affinity_slack` of the least loaded one, so a hot prefix never
-     piles every request onto one busy replica;
-  4. session affinity by the OpenAI `user` field, under the same bound;
-  5. least outstanding work, ties in rotation.
+  3. least outstanding work, ties spread by a per-request rotation;
+  and first of all, the affine replica: requests sharing a long prompt prefix go to the replica that
+  has it cached (then requests of the same OpenAI `user`), but only while that replica is within
+  `slack` of the least loaded one and not full, so a hot prefix never piles every request onto one
+  busy replica.
 The edge gets the ordered list: it tries the next replica when one refuses (full, or unreachable).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import heapq
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -27,27 +29,17 @@ DEFAULT_MAX_RUNNING = 1  # the llama.cpp engine decodes one sequence at a time
 DEFAULT_MAX_QUEUED = 16
 
 
+def capacity(spec: node_pb2.ModelSpec) -> int:
+    """Requests a replica holds (running plus queued) before it refuses more."""
+    running = spec.max_running_requests if spec.HasField("max_running_requests") else DEFAULT_MAX_RUNNING
+    queued = spec.max_queued_requests if spec.HasField("max_queued_requests") else DEFAULT_MAX_QUEUED
+    return running + queued
+
+
 @dataclass(frozen=True)
 class Candidate:
     node: node_pb2.Node
     replica: node_pb2.Replica
-    in_flight: int = 0  # routed since the node's last report
-    draining: bool = False
-
-    @property
-    def outstanding(self) -> int:
-        return self.replica.running_requests + self.replica.queued_requests + self.in_flight
-
-    @property
-    def capacity(self) -> int:
-        spec = self.replica.model
-        running = spec.max_running_requests if spec.HasField("max_running_requests") else DEFAULT_MAX_RUNNING
-        queued = spec.max_queued_requests if spec.HasField("max_queued_requests") else DEFAULT_MAX_QUEUED
-        return running + queued
-
-    @property
-    def full(self) -> bool:
-        return self.outstanding >= self.capacity
 
 
 def candidates_for(nodes: Iterable[node_pb2.Node], model: str) -> list[Candidate]:
@@ -56,54 +48,6 @@ def candidates_for(nodes: Iterable[node_pb2.Node], model: str) -> list[Candidate
 
 def known_models(nodes: Mapping[str, node_pb2.Node], specs: Iterable[str]) -> set[str]:
     return set(specs) | {r.model.name for n in nodes.values() for r in n.replicas}
-
-
-def ready(candidates: list[Candidate]) -> tuple[list[Candidate], list[str]]:
-    kept, why = [], []
-    for c in candidates:
-        if c.replica.state == READY:
-            kept.append(c)
-        else:
-            state = node_pb2.ReplicaState.Name(c.replica.state).removeprefix("REPLICA_STATE_").lower()
-            why.append(f"{c.node.node_id}: replica is {state}" + (f": {c.replica.error}" if c.replica.error else ""))
-    return kept, why
-
-
-def _rendezvous(key: str, node_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{key}|{node_id}".encode(), digest_size=8).digest(), "big")
-
-
-def order(
-    candidates: list[Candidate],
-    user: str = "",
-    prefix_hash: str = "",
-    turn: int = 0,
-    affinity_slack: int = 2,
-) -> list[Candidate]:
-    """Ready candidates, best first (see the module docstring)."""
-    if not candidates:
-        return []
-    usable = [c for c in candidates if not c.full and not c.draining] or [c for c in candidates if not c.full]
-    least = min((c.outstanding for c in usable), default=0)
-    preferred: Candidate | None = None
-    for key in (prefix_hash, user):
-        if key and usable:
-            affine = max(usable, key=lambda c: _rendezvous(key, c.node.node_id))
-            if affine.outstanding <= least + affinity_slack:
-                preferred = affine
-                break
-
-    def rank(c: Candidate) -> tuple[bool, bool, int]:
-        return (c.full, c.draining, c.outstanding)
-
-    ranked = sorted(candidates, key=lambda c: (*rank(c), c.node.node_id))
-    ties = [c for c in ranked if rank(c) == rank(ranked[0])]
-    shift = turn % len(ties)
-    ranked = ties[shift:] + ties[:shift] + ranked[len(ties) :]
-    if preferred is not None:
-        ranked.remove(preferred)
-        ranked.insert(0, preferred)
-    return ranked
 
 
 def unavailable(model: str, reasons: list[str]) -> FleetError:
@@ -160,3 +104,135 @@ def model_infos(
             )
         )
     return infos
+
+
+# --- the index the control plane routes with ------------------------------------------------------------
+
+
+class ReplicaView:
+    """One replica as routing needs it: plain numbers, computed once per node report, not per request."""
+
+    __slots__ = (
+        "address",
+        "capacity",
+        "device",
+        "draining",
+        "error",
+        "in_flight",
+        "node_id",
+        "point",
+        "ready",
+        "reported",
+        "state",
+    )
+
+    def __init__(self, node: node_pb2.Node, replica: node_pb2.Replica, draining: bool) -> None:
+        self.node_id = node.node_id
+        self.point = _point(node.node_id)  # its place on the affinity ring, and its tie-break order
+        self.address = node.inference_address
+        self.reported = replica.running_requests + replica.queued_requests
+        self.in_flight = 0  # requests routed here since this report
+        self.capacity = capacity(replica.model)
+        self.draining = draining
+        self.device = replica.device or "cpu"
+        self.ready = replica.state == READY
+        self.state = node_pb2.ReplicaState.Name(replica.state).removeprefix("REPLICA_STATE_").lower()
+        self.error = replica.error
+
+
+def _point(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+class RoutingIndex:
+    """Replicas by model, updated one node at a time as reports arrive, so that a routing decision costs
+    O(replicas of the model) integer comparisons plus O(log n) for affinity, whatever the fleet's size.
+
+    Affinity uses a consistent-hash ring per model: a prefix (or user) maps to a point, and the first
+    usable replica clockwise from it is the affine one. Adding or removing a replica moves only the keys
+    next to it, which is what keeps a prefix on the replica that has it cached.
+    """
+
+    def __init__(self) -> None:
+        self._by_model: dict[str, dict[str, ReplicaView]] = {}
+        self._models_of: dict[str, set[str]] = {}
+        self._rings: dict[str, tuple[list[int], list[str]]] = {}
+
+    def update_node(self, node_id: str, node: node_pb2.Node | None, draining: bool) -> None:
+        for model in self._models_of.pop(node_id, set()):
+            self._by_model[model].pop(node_id, None)
+            self._rings.pop(model, None)
+        if node is None:
+            return
+        models = set()
+        for replica in node.replicas:
+            name = replica.model.name
+            self._by_model.setdefault(name, {})[node_id] = ReplicaView(node, replica, draining)
+            self._rings.pop(name, None)
+            models.add(name)
+        self._models_of[node_id] = models
+
+    def clear(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def views(self, model: str) -> list[ReplicaView]:
+        return list(self._by_model.get(model, {}).values())
+
+    def _ring(self, model: str) -> tuple[list[int], list[str]]:
+        ring = self._rings.get(model)
+        if ring is None:
+            points = sorted((view.point, node_id) for node_id, view in self._by_model.get(model, {}).items())
+            ring = ([p for p, _ in points], [n for _, n in points])
+            self._rings[model] = ring
+        return ring
+
+    def pick(
+        self, model: str, user: str = "", prefix_hash: str = "", turn: int = 0, count: int = 4, slack: int = 2
+    ) -> tuple[list[ReplicaView], list[str]]:
+        """Up to `count` ready replicas, best first (the module docstring's order), and why the others
+        are not ready. Counts the request against the first one."""
+        table = self._by_model.get(model, {})
+        ready = [v for v in table.values() if v.ready]
+        if not ready:
+            return [], [
+                f"{v.node_id}: replica is {v.state}" + (f": {v.error}" if v.error else "") for v in table.values()
+            ]
+
+        rotation = (turn * 0x9E3779B97F4A7C15) & 0xFFFFFFFF  # spreads ties, request by request
+
+        def rank(v: ReplicaView) -> int:
+            # One integer per replica, compared in C: full, then draining, then load, then the rotation.
+            load = v.reported + v.in_flight
+            return (
+                ((load >= v.capacity) << 62)
+                | (v.draining << 61)
+                | (min(load, 1 << 20) << 32)
+                | ((v.point ^ rotation) & 0xFFFFFFFF)
+            )
+
+        best = heapq.nsmallest(count, ready, key=rank)
+        least = best[0].reported + best[0].in_flight
+        preferred = None
+        for key in (prefix_hash, user):
+            if key:
+                preferred = self._affine(model, key, table, least, slack)
+                if preferred is not None:
+                    break
+        if preferred is not None:
+            best = [preferred, *[v for v in best if v is not preferred]][:count]
+        best[0].in_flight += 1
+        return best, []
+
+    def _affine(
+        self, model: str, key: str, table: dict[str, ReplicaView], least: int, slack: int
+    ) -> ReplicaView | None:
+        points, ids = self._ring(model)
+        if not points:
+            return None
+        start = bisect.bisect(points, _point(key)) % len(points)
+        for step in range(min(len(points), 8)):  # the next usable replica clockwise, looking a little way
+            view = table[ids[(start + step) % len(points)]]
+            load = view.reported + view.in_flight
+            if view.ready and not view.draining and load < view.capacity:
+                return view if load <= least + slack else None
+        return None

@@ -1,0 +1,185 @@
+"""Scheduler benchmark: a simulated fleet of 1,000 nodes in a real etcd, the real control plane.
+
+    .venv/bin/python -m bench.scheduler_bench [--nodes 1000] [--seconds 5] [--concurrency 32]
+
+The nodes are records only (no agents): this measures the control plane's decisions, not inference.
+Prints, side by side: the placement and routing arithmetic called in-process, and the same decisions
+through the control plane's gRPC API as the edge and operators make them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from controlplane import placement, routing
+from controlplane.etcd_store import EtcdStore
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2, placement_pb2, placement_pb2_grpc
+from launcher.processes import etcd_argv
+from tests.cluster import free_port, grpc_serving, wait_for
+
+GiB = 1024**3
+MODEL_PATH = "/models/bench.gguf"
+
+
+def simulated_node(i: int, rng: random.Random) -> node_pb2.Node:
+    gpus = [
+        node_pb2.Gpu(
+            index=g, vendor="nvidia", name="sim", memory=node_pb2.Memory(total_bytes=rng.choice([16, 24, 80]) * GiB)
+        )
+        for g in range(rng.choice([0, 0, 1, 2]))
+    ]
+    inventory = node_pb2.Inventory(
+        hostname=f"sim-{i}",
+        cpu=node_pb2.Cpu(model="sim", cores=rng.choice([8, 16, 64])),
+        ram=node_pb2.Memory(total_bytes=rng.choice([16, 32, 64, 256]) * GiB),
+        gpus=gpus,
+        model_files=[node_pb2.ModelFile(path=MODEL_PATH, size_bytes=4 * GiB, format="gguf", kv_bytes_per_token=131072)]
+        if rng.random() < 0.8
+        else [],
+    )
+    node = node_pb2.Node(
+        node_id=f"sim-{i:04d}", inference_address=f"10.0.{i // 250}.{i % 250}:50061", inventory=inventory
+    )
+    if rng.random() < 0.5:  # half the fleet already serves the routed model
+        spec = node_pb2.ModelSpec(name="routed", path=MODEL_PATH, format="gguf", engine="llamacpp", context_size=4096)
+        node.replicas.append(
+            node_pb2.Replica(
+                model=spec,
+                state=node_pb2.REPLICA_STATE_READY,
+                running_requests=rng.randint(0, 3),
+                queued_requests=rng.randint(0, 4),
+            )
+        )
+    return node
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def row(name: str, samples_ms: list[float], per_second: float | None = None) -> str:
+    rate = f"{per_second:>12,.0f}" if per_second is not None else f"{'':>12}"
+    return f"{name:<58} {percentile(samples_ms, 50):>9.3f} {percentile(samples_ms, 99):>9.3f} {rate}"
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    rng = random.Random(7)
+    nodes = [simulated_node(i, rng) for i in range(args.nodes)]
+    spec = node_pb2.ModelSpec(
+        name="placed", path=MODEL_PATH, format="gguf", engine="llamacpp", context_size=8192, device="any"
+    )
+    policy = placement.PlacementPolicy()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        client_port, peer_port, cp_port = free_port(), free_port(), free_port()
+        etcd_cmd = etcd_argv(Path(tmp) / "etcd", "127.0.0.1", client_port, peer_port)
+        etcd = subprocess.Popen(etcd_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cp = None
+        try:
+            store = EtcdStore(f"http://127.0.0.1:{client_port}")
+            await asyncio.sleep(1)
+            await store.connect()
+            start = time.perf_counter()
+            for chunk in range(0, len(nodes), 100):
+                await asyncio.gather(*(store.put("node", n) for n in nodes[chunk : chunk + 100]))
+            print(f"wrote {len(nodes)} simulated nodes to etcd in {time.perf_counter() - start:.2f}s")
+            await store.close()
+            cp_address = f"127.0.0.1:{cp_port}"
+            etcd_url = f"http://127.0.0.1:{client_port}"
+            cp_cmd = ["controlplane", "--listen", cp_address, "--etcd", etcd_url, "--log-level", "WARNING"]
+            cp = subprocess.Popen([sys.executable, "-m", "launcher", *cp_cmd])
+            wait_for(lambda: grpc_serving(cp_address), 60, "control plane")
+
+            print(f"\n{'decision (' + str(args.nodes) + ' nodes)':<58} {'p50 ms':>9} {'p99 ms':>9} {'decisions/s':>12}")
+            # 1. Placement arithmetic, in-process: all filters and scorers over the whole fleet.
+            snapshots = [placement.NodeSnapshot(n) for n in nodes]
+            samples = []
+            for _ in range(200):
+                t = time.perf_counter()
+                placement.place(spec, snapshots, policy)
+                samples.append((time.perf_counter() - t) * 1000)
+            print(row("placement, in-process (filters + scorers)", samples, 1000 / statistics.mean(samples)))
+
+            async with grpc.aio.insecure_channel(cp_address) as channel:
+                admin = admin_pb2_grpc.AdminServiceStub(channel)
+                picker = placement_pb2_grpc.PlacementServiceStub(channel)
+                request = admin_pb2.ExplainPlacementRequest(deployment=node_pb2.Deployment(spec=spec, min_replicas=1))
+                samples = []
+                for _ in range(200):
+                    t = time.perf_counter()
+                    await admin.ExplainPlacement(request, timeout=10)
+                    samples.append((time.perf_counter() - t) * 1000)
+                print(
+                    row("placement via control plane (ExplainPlacement RPC)", samples, 1000 / statistics.mean(samples))
+                )
+                samples = []
+                for i in range(50):
+                    d = node_pb2.Deployment(min_replicas=1, max_replicas=1)
+                    d.spec.CopyFrom(spec)
+                    d.spec.name = f"placed-{i}"
+                    t = time.perf_counter()
+                    await admin.DeployModel(admin_pb2.DeployModelRequest(deployment=d), timeout=10)
+                    samples.append((time.perf_counter() - t) * 1000)
+                print(row("deploy: place + write assignment to etcd (DeployModel)", samples))
+
+                # 2. Routing arithmetic, in-process: the index the control plane keeps, fed the same nodes.
+                index = routing.RoutingIndex()
+                for n in nodes:
+                    index.update_node(n.node_id, n, draining=False)
+                ready = len(index.views("routed"))
+                samples = []
+                for turn in range(5000):
+                    t = time.perf_counter()
+                    index.pick("routed", prefix_hash=f"p{turn % 50}" if turn % 2 else "", turn=turn)
+                    samples.append((time.perf_counter() - t) * 1000)
+                rate = 1000 / statistics.mean(samples)
+                print(row(f"routing, in-process ({ready} ready replicas)", samples, rate))
+
+                # 3. Routing as the edge does it: PickReplica over gRPC, `concurrency` requests in flight.
+                latencies: list[float] = []
+                deadline = time.perf_counter() + args.seconds
+
+                async def worker(w: int) -> None:
+                    n = 0
+                    while time.perf_counter() < deadline:
+                        t = time.perf_counter()
+                        await picker.PickReplica(
+                            placement_pb2.PickReplicaRequest(
+                                model="routed", prefix_hash=f"p{(w + n) % 50}" if n % 2 else ""
+                            ),
+                            timeout=10,
+                        )
+                        latencies.append((time.perf_counter() - t) * 1000)
+                        n += 1
+
+                start = time.perf_counter()
+                await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
+                elapsed = time.perf_counter() - start
+                name = f"routing via control plane (PickReplica, {args.concurrency} in flight)"
+                print(row(name, latencies, len(latencies) / elapsed))
+        finally:
+            if cp is not None:
+                cp.terminate()
+                cp.wait(15)
+            etcd.terminate()
+            etcd.wait(15)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
