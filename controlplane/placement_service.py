@@ -55,12 +55,20 @@ class Placement(placement_pb2_grpc.PlacementServiceServicer):
             await self._reconciler.ensure_one(model)  # scale from zero; raises if it fits nowhere
             wait = request.wait_for_ready.ToTimedelta().total_seconds()
 
-            def pick() -> list[routing.ReplicaView]:
-                return self.index.pick(model, request.user, request.prefix_hash, turn, 1 + MAX_ALTERNATES)[0]
+            def settled() -> tuple[list[routing.ReplicaView], list[str]] | None:
+                # Done waiting when a replica is ready, or when every assigned replica has failed to load
+                # (the node retries with backoff; the client hears why now instead of at the timeout).
+                chosen, why = self.index.pick(model, request.user, request.prefix_hash, turn, 1 + MAX_ALTERNATES)
+                views = self.index.views(model)
+                assigned = sum(1 for a in self._fleet.assignments.values() if a.model.name == model)
+                if chosen or (views and len(views) >= assigned and all(v.state == "failed" for v in views)):
+                    return chosen, why
+                return None
 
-            chosen = (await self._fleet.wait_for(pick, wait) if wait > 0 else None) or []
+            outcome = await self._fleet.wait_for(settled, wait) if wait > 0 else None
+            chosen, reasons = outcome or ([], [])
             if not chosen:
-                reasons = self.index.pick(model)[1] or ["its replica is still being placed"]
+                reasons = reasons or self.index.pick(model)[1] or ["its replica is still being placed"]
         if not chosen:
             raise routing.unavailable(model, reasons)
         best = chosen[0]

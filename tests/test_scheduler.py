@@ -349,3 +349,36 @@ def test_grpcurl_drives_deploy_scale_cordon_drain_undeploy(fleet: Fleet) -> None
     wait_for(lambda: httpx.post(
         f"{fleet.http}/v1/completions", json={"model": "by-grpcurl", "prompt": "x"}, timeout=30
     ).status_code == 404, 20, "undeployed model to be unknown")  # fmt: skip
+
+
+def test_failed_load_is_reported_and_retried_with_backoff(fleet: Fleet, tmp_path: Any) -> None:
+    import shutil
+
+    models = tmp_path / "flaky-models"
+    models.mkdir()
+    broken = models / "weights.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 4096)  # a GGUF header llama.cpp cannot load
+    proc, _ = fleet.cluster.start_node("flaky", models_dirs=[str(models)], inventory={"gpus": [], "ram_total_gib": 8})
+    try:
+        wait_for(
+            lambda: "flaky" in [n.node_id for n in fleet.admin.ListNodes(admin_pb2.ListNodesRequest()).nodes],
+            10,
+            "flaky",
+        )
+        fleet.deploy("flaky-model", path=str(broken), device="cpu")
+
+        def failed_with_reason() -> str:
+            status = fleet.status("flaky-model")
+            failed = [r for r in status.replicas if r.state == node_pb2.REPLICA_STATE_FAILED] if status else []
+            return failed[0].error if failed else ""
+
+        reason = wait_for(failed_with_reason, 30, "the load to fail")
+        assert "llama.cpp could not load" in reason
+        response = httpx.post(f"{fleet.http}/v1/completions", json={"model": "flaky-model", "prompt": "x"}, timeout=30)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "MODEL_UNAVAILABLE"
+        shutil.copyfile(MODEL_PATH, broken)  # the operator fixes the file; the next retry loads it
+        assert fleet.wait_ready("flaky-model", timeout=90) == ["flaky"]
+        assert fleet.client().completions.create(model="flaky-model", prompt="Hi", max_tokens=3).choices
+    finally:
+        fleet.undeploy("flaky-model")
+        proc.stop()
