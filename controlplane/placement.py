@@ -20,6 +20,7 @@ GiB = 1024**3
 ENGINE_FOR_FORMAT = {"gguf": "llamacpp", "hf": "sglang", "awq": "sglang"}
 ENGINE_FORMATS = {"llamacpp": {"gguf"}, "sglang": {"hf", "awq"}, "openai": {"gguf", "hf", "awq"}}
 GPU_ONLY_ENGINES = {"sglang"}
+DEFAULT_SEQUENCES = 4  # the llama.cpp engine's default slots
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,14 @@ def model_file(node: node_pb2.Node, path: str) -> node_pb2.ModelFile | None:
 
 
 def memory_estimate(spec: node_pb2.ModelSpec, file: node_pb2.ModelFile | None) -> int:
-    """Weights (the file's size) plus the KV cache for the whole context (f16)."""
+    """Weights (the file's size) plus the KV cache (f16) for the whole context of every sequence the
+    engine decodes at once."""
     weights = file.size_bytes if file else 0
     per_token = file.kv_bytes_per_token if file and file.kv_bytes_per_token else 0
     if not per_token:
         per_token = 64 * 1024  # unknown architecture: a typical 1-3B model with grouped-query attention
-    return weights + per_token * max(spec.context_size, 1)
+    sequences = spec.max_running_requests if spec.HasField("max_running_requests") else DEFAULT_SEQUENCES
+    return weights + per_token * max(spec.context_size, 1) * max(sequences, 1)
 
 
 # --- filters: (spec, snapshot, policy) -> reason or None; the last one returns the fit --------------

@@ -25,7 +25,7 @@ from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import ErrorCode, FleetError
 
 READY = node_pb2.REPLICA_STATE_READY
-DEFAULT_MAX_RUNNING = 1  # the llama.cpp engine decodes one sequence at a time
+DEFAULT_MAX_RUNNING = 4  # the llama.cpp engine's default slots (node_agent.host.DEFAULT_SLOTS)
 DEFAULT_MAX_QUEUED = 16
 
 

@@ -35,7 +35,16 @@ _STATE_TO_MODEL = {
 # Which engine runs which weights format.
 ENGINE_FORMATS = {"llamacpp": {"gguf"}, "sglang": {"hf", "awq"}, "openai": {"gguf", "hf", "awq"}}
 DEFAULT_MAX_QUEUED = 16
-ENGINE_SLOTS = {"llamacpp": 1}
+DEFAULT_SLOTS = {"llamacpp": 4}
+
+
+def default_slots(spec: node_pb2.ModelSpec) -> int:
+    """Sequences an engine decodes together: the deployment's max_running_requests, else the default."""
+    if spec.HasField("max_running_requests"):
+        return max(1, spec.max_running_requests)
+    return DEFAULT_SLOTS.get(spec.engine, 1)
+
+
 RETRY_MAX_SECONDS = 60.0
 UNLOAD_GRACE_SECONDS = 120.0
 
@@ -64,7 +73,7 @@ class HostedModel:
 
     @property
     def capacity(self) -> int:
-        slots = ENGINE_SLOTS.get(self.spec.engine, 1)
+        slots = self.engine.slots if self.engine is not None else default_slots(self.spec)
         running = self.spec.max_running_requests if self.spec.HasField("max_running_requests") else slots
         queued = self.spec.max_queued_requests if self.spec.HasField("max_queued_requests") else DEFAULT_MAX_QUEUED
         return max(1, running) + queued
@@ -104,6 +113,7 @@ class ModelHost:
                     context_size=spec.context_size or 2048,
                     threads=self._threads,
                     gpu_layers=-1 if use_gpu else 0,
+                    slots=default_slots(spec),
                 )
             )
         raise EngineError(f"engine '{spec.engine}' is not supported by this node agent yet")

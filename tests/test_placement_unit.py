@@ -27,7 +27,14 @@ def node(
 
 
 def spec(**kw: object) -> node_pb2.ModelSpec:
-    base: dict[str, object] = {"name": "m", "path": GGUF, "format": "gguf", "engine": "llamacpp", "context_size": 4096}
+    base: dict[str, object] = {
+        "name": "m",
+        "path": GGUF,
+        "format": "gguf",
+        "engine": "llamacpp",
+        "context_size": 4096,
+        "max_running_requests": 1,
+    }
     return node_pb2.ModelSpec(**(base | kw))  # type: ignore[arg-type]
 
 
@@ -43,6 +50,8 @@ POLICY = placement.PlacementPolicy(ram_reserve_bytes=GiB, vram_reserve_bytes=GiB
 def test_memory_estimate_is_weights_plus_kv_cache() -> None:
     file = node_pb2.ModelFile(path=GGUF, size_bytes=GiB, kv_bytes_per_token=100_000)
     assert placement.memory_estimate(spec(context_size=4096), file) == GiB + 409_600_000
+    # Every sequence the engine decodes at once has its own context's worth of KV cache.
+    assert placement.memory_estimate(spec(max_running_requests=4), file) == GiB + 4 * 409_600_000
 
 
 def test_every_rejected_node_carries_a_reason() -> None:

@@ -124,7 +124,7 @@ def test_placement_follows_fit_format_and_device_with_reasons(fleet: Fleet) -> N
     assert cpu["bare"].reason == f"model file not present on the node: {MODEL_PATH}"
     # A 1M-token context needs ~22.6 GiB of KV cache: only gpu-1's 32 GiB of RAM holds it (its 16 GiB GPU
     # less the reserve, does not).
-    huge = explain(fleet, context_size=1_048_576)
+    huge = explain(fleet, context_size=1_048_576, max_running_requests=1)
     assert [n for n, v in huge.items() if v.fits] == ["gpu-1"] and huge["gpu-1"].device == "cpu"
     assert "GiB of RAM" in huge["cpu-1"].reason
     awq = explain(fleet, format="awq", engine="sglang", path="/models/qwen-awq")
@@ -137,7 +137,7 @@ def test_deployments_that_fit_nowhere_are_refused_with_reasons(fleet: Fleet) -> 
     assert error.code == ErrorCode.FORMAT_NOT_SUPPORTED and "gguf" in error.message
     error = rpc_error(lambda: fleet.deploy("awq-on-cpu", format="awq", path="/m/awq", device="cpu"))
     assert error.code == ErrorCode.FORMAT_NOT_SUPPORTED
-    error = rpc_error(lambda: fleet.deploy("too-big", context_size=1_048_576, device="gpu"))
+    error = rpc_error(lambda: fleet.deploy("too-big", context_size=1_048_576, device="gpu", max_running_requests=1))
     assert error.code == ErrorCode.NO_CAPACITY
     assert "gpu-1:" in error.message and "cpu-1:" in error.message
     assert fleet.status("too-big") is None

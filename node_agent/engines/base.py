@@ -80,7 +80,15 @@ class ContextLengthExceeded(EngineError):
 class Engine(Protocol):
     """One loaded model. Implementations never block the event loop."""
 
-    load: EngineLoad
+    @property
+    def load(self) -> EngineLoad:
+        """Requests running and waiting now."""
+        ...
+
+    @property
+    def slots(self) -> int:
+        """Requests it runs at once."""
+        ...
 
     async def start(self) -> EngineInfo:
         """Load the model; raises with a readable reason if it cannot."""

@@ -1,10 +1,9 @@
 """llama.cpp engine (llama-cpp-python) for GGUF models, on CPU or GPU.
 
-llama.cpp calls block, so every call that touches a context runs on that context's own single worker
-thread: a context is not thread-safe, and one thread per context also serialises access without locks.
-Generation runs one request at a time per context; waiting requests are the queue the scheduler sees.
-A generation checks a cancel flag between tokens, so a client that goes away frees the context after at
-most one more decode step.
+Generation is continuously batched (`llamacpp_batch.DecodeLoop`): one context with `slots` sequences,
+driven by its own thread, so the event loop never blocks on llama.cpp. Requests beyond the slots wait
+in the loop's queue; its length is the load the scheduler sees. A cancelled request leaves the batch
+at the next step. Embeddings run on a second, embedding-mode context on their own thread.
 """
 
 from __future__ import annotations
@@ -12,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import random
-import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from node_agent.engines.base import (
     ContextLengthExceeded,
@@ -29,9 +26,8 @@ from node_agent.engines.base import (
     GenerationEvent,
     Message,
     SamplingOptions,
-    TextChunk,
 )
-from node_agent.engines.text_stream import TextStream
+from node_agent.engines.llamacpp_batch import BatchRequest, BatchStats, DecodeLoop
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +35,37 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LlamaCppConfig:
     path: str
-    context_size: int = 2048
+    context_size: int = 2048  # per request
     threads: int = 2
     gpu_layers: int = 0  # -1 offloads every layer when the node has a GPU
+    slots: int = 4  # sequences decoded together (continuous batching)
+    batch_size: int = 512  # most tokens per decode step
 
 
 class LlamaCppEngine:
     def __init__(self, config: LlamaCppConfig) -> None:
         self.config = config
-        self.load = EngineLoad()
         self._llm: Any = None
+        self._ctx: Any = None
+        self._loop: DecodeLoop | None = None
         self._embedder: Any = None
         self._template: Any = None
-        self._gen_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama-gen")
+        self._setup_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama-setup")
         self._embed_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama-emb")
-        self._slot = asyncio.Semaphore(1)
         self._embedder_lock = asyncio.Lock()
+
+    @property
+    def load(self) -> EngineLoad:
+        loop = self._loop
+        return EngineLoad(loop.running, loop.queued) if loop is not None else EngineLoad()
+
+    @property
+    def slots(self) -> int:
+        return self.config.slots
+
+    @property
+    def stats(self) -> BatchStats | None:
+        return self._loop.stats if self._loop is not None else None
 
     def _new_llama(self, embedding: bool) -> Any:
         import llama_cpp
@@ -65,7 +76,10 @@ class LlamaCppEngine:
         try:
             return llama_cpp.Llama(
                 model_path=self.config.path,
-                n_ctx=self.config.context_size,
+                # Generation runs on the batched context below; this one only serves the tokenizer,
+                # metadata and (for embeddings) its own small batches.
+                n_ctx=self.config.context_size if embedding else 256,
+                n_batch=self.config.batch_size if embedding else 256,
                 n_threads=self.config.threads,
                 n_threads_batch=self.config.threads,
                 n_gpu_layers=self.config.gpu_layers,
@@ -76,11 +90,31 @@ class LlamaCppEngine:
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"llama.cpp could not load {self.config.path}: {exc}") from exc
 
+    def _new_batch_context(self) -> DecodeLoop:
+        import llama_cpp
+
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.config.context_size * self.config.slots
+        params.n_batch = self.config.batch_size
+        params.n_ubatch = self.config.batch_size
+        params.n_seq_max = self.config.slots
+        params.kv_unified = True  # one KV pool: prefixes are shared between sequences, not copied
+        params.n_threads = self.config.threads
+        params.n_threads_batch = self.config.threads
+        params.no_perf = True
+        model = self._llm._model
+        self._ctx = llama_cpp.llama_init_from_model(model.model, params)
+        if not self._ctx:
+            raise EngineError("llama.cpp could not create a context of "
+                              f"{params.n_ctx} tokens for {self.config.slots} sequences")  # fmt: skip
+        return DecodeLoop(llama_cpp, model.model, model.vocab, self._ctx, self.config.slots, self.config.batch_size)
+
     async def _on(self, pool: concurrent.futures.Executor, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def start(self) -> EngineInfo:
-        self._llm = await self._on(self._gen_thread, self._new_llama, False)
+        self._llm = await self._on(self._setup_thread, self._new_llama, False)
+        self._loop = await self._on(self._setup_thread, self._new_batch_context)
         template = self._llm.metadata.get("tokenizer.chat_template")
         if template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -91,11 +125,18 @@ class LlamaCppEngine:
                 eos_token=vocab_text(self._llm.token_eos()),
                 bos_token=vocab_text(self._llm.token_bos()),
             )
-        return EngineInfo(context_size=self._llm.n_ctx())
+        return EngineInfo(context_size=self.config.context_size)
 
     async def close(self) -> None:
-        # Wait for the running generation to notice its cancel flag, then free the contexts.
-        for pool, attr in ((self._gen_thread, "_llm"), (self._embed_thread, "_embedder")):
+        import llama_cpp
+
+        if self._loop is not None:
+            await asyncio.to_thread(self._loop.close)  # the decode thread finishes its step first
+            self._loop = None
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        for pool, attr in ((self._setup_thread, "_llm"), (self._embed_thread, "_embedder")):
             llm = getattr(self, attr)
             if llm is not None:
                 await self._on(pool, llm.close)
@@ -118,10 +159,11 @@ class LlamaCppEngine:
         return list(llm.tokenize(text.encode(), add_bos=add_bos, special=True))
 
     async def tokenize(self, text: str) -> list[int]:
-        # The tokenizer reads only the vocabulary, never the context: safe beside a generation.
+        # The tokenizer reads only the vocabulary, never a context: safe beside generation.
         return await asyncio.to_thread(self._tokenize, text)
 
     async def generate(self, prompt: str, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+        assert self._loop is not None, "engine not started"
         tokens = await self.tokenize(prompt)
         context = self.config.context_size
         if len(tokens) >= context:
@@ -135,103 +177,25 @@ class LlamaCppEngine:
                 f" model's context of {context} tokens",
                 param="max_tokens",
             )
+        limit = context - len(tokens) if options.max_tokens is None else options.max_tokens
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
-        cancelled = threading.Event()
 
         def emit(item: GenerationEvent | BaseException) -> None:
             loop.call_soon_threadsafe(events.put_nowait, item)
 
-        self.load.queued += 1
-        try:
-            await self._slot.acquire()
-        finally:
-            self.load.queued -= 1
-        self.load.running += 1
-        try:
-            work = loop.run_in_executor(self._gen_thread, self._generate_blocking, tokens, options, emit, cancelled)
-        except BaseException:
-            self._release_slot(None)
-            raise
-        # The slot is released when the thread is done, not when the client leaves: the context is busy
-        # until then.
-        work.add_done_callback(self._release_slot)
+        request = BatchRequest(tokens, options, limit, emit)
+        self._loop.submit(request)
         try:
             while True:
                 item = await events.get()
                 if isinstance(item, BaseException):
-                    raise item
+                    raise EngineError(f"llama.cpp generation failed: {item}")
                 yield item
                 if isinstance(item, Finished):
                     return
         finally:
-            cancelled.set()
-
-    def _release_slot(self, _: object) -> None:
-        self.load.running -= 1
-        self._slot.release()
-
-    def _generate_blocking(
-        self,
-        tokens: list[int],
-        options: SamplingOptions,
-        emit: Callable[[GenerationEvent | BaseException], None],
-        cancelled: threading.Event,
-    ) -> None:
-        try:
-            self._decode_loop(tokens, options, emit, cancelled)
-        except Exception as exc:
-            log.exception("generation failed")
-            emit(EngineError(f"llama.cpp generation failed: {exc}"))
-
-    def _decode_loop(
-        self,
-        tokens: list[int],
-        options: SamplingOptions,
-        emit: Callable[[GenerationEvent | BaseException], None],
-        cancelled: threading.Event,
-    ) -> None:
-        import llama_cpp
-
-        llm = self._llm
-        vocab = llm._model.vocab
-        limit = self.config.context_size - len(tokens)
-        if options.max_tokens is not None:
-            limit = min(limit, options.max_tokens)
-        llm.set_seed(options.seed if options.seed is not None else random.getrandbits(32))
-        stream = TextStream(options.stops)
-        generated: list[int] = []
-        reason: Literal["stop", "length"] = "length"
-        if limit > 0:
-            for token in llm.generate(
-                tokens,
-                temp=options.temperature,
-                top_k=options.top_k,
-                top_p=options.top_p,
-                min_p=options.min_p,
-                repeat_penalty=options.repetition_penalty,
-                frequency_penalty=options.frequency_penalty,
-                presence_penalty=options.presence_penalty,
-            ):
-                if cancelled.is_set():
-                    return
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    reason = "stop"
-                    break
-                piece = llm.detokenize([token], prev_tokens=tokens + generated)
-                generated.append(token)
-                text = stream.feed(piece)
-                if text:
-                    emit(TextChunk(text))
-                if stream.stopped:
-                    reason = "stop"
-                    break
-                if len(generated) >= limit:
-                    break
-        tail = stream.flush()
-        if tail:
-            emit(TextChunk(tail))
-        emit(Finished(reason, prompt_tokens=len(tokens), completion_tokens=len(generated)))
+            request.cancelled.set()  # the decode thread drops the sequence at its next step
 
     async def _get_embedder(self) -> Any:
         async with self._embedder_lock:

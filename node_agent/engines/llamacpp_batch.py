@@ -1,0 +1,277 @@
+"""Continuous batching on one llama.cpp context: N sequence slots, one decode per step.
+
+A dedicated thread owns the context. Each step it admits waiting requests into free slots, then builds
+one `llama_batch` with one token from every sequence that is generating plus prompt chunks of newly
+admitted ones (within the batch budget), calls `llama_decode` once, and samples every sequence whose
+logits came out, each with its own sampler chain. Requests join and leave between steps; a cancelled
+request frees its slot at the next step.
+
+Prefix reuse: a slot keeps the KV cache of its last request. A new request goes to the free slot whose
+cached tokens share the longest prefix with its prompt, or copies that prefix from any other sequence
+(`llama_memory_seq_cp`; with a unified KV cache the cells are shared, not copied), and only the rest of
+the prompt is computed.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from node_agent.engines.base import Finished, GenerationEvent, SamplingOptions, TextChunk
+from node_agent.engines.text_stream import TextStream
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[GenerationEvent | BaseException], None]
+
+
+@dataclass
+class BatchRequest:
+    prompt: list[int]
+    options: SamplingOptions
+    limit: int  # most tokens to generate
+    emit: Emit
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Sequence:
+    slot: int
+    request: BatchRequest
+    tokens: list[int]  # prompt, then generated tokens
+    n_past: int  # tokens already in the KV cache
+    sampler: Any
+    stream: TextStream
+    generated: int = 0
+    logits_at: int = -1  # index of this sequence's logits in the current batch, or -1
+
+
+@dataclass
+class BatchStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    reused_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    generated_tokens: int = 0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class DecodeLoop:
+    """Owns one llama.cpp context with `slots` sequences and runs it on its own thread."""
+
+    def __init__(self, llama_cpp: Any, model: Any, vocab: Any, ctx: Any, slots: int, batch_size: int) -> None:
+        self._ll = llama_cpp
+        self._model = model
+        self._vocab = vocab
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self.slots = slots
+        self._batch_size = batch_size
+        self._batch = llama_cpp.llama_batch_init(batch_size, 0, 1)
+        self._queue: collections.deque[BatchRequest] = collections.deque()
+        self._active: dict[int, _Sequence] = {}
+        self._cached: dict[int, list[int]] = {s: [] for s in range(slots)}  # KV content of each slot
+        self._last_used: dict[int, float] = dict.fromkeys(range(slots), 0.0)
+        self._wake = threading.Condition()
+        self._closing = False
+        self.stats = BatchStats()
+        self._piece = ctypes.create_string_buffer(256)
+        self._thread = threading.Thread(target=self._run, name="llama-batch", daemon=True)
+        self._thread.start()
+
+    # --- called from other threads --------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def submit(self, request: BatchRequest) -> None:
+        with self._wake:
+            self._queue.append(request)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+        self._ll.llama_batch_free(self._batch)
+
+    # --- the decode thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closing and not self._queue and not self._active:
+                    self._wake.wait()
+                if self._closing:
+                    break
+            try:
+                self._admit()
+                self._step()
+            except Exception as exc:
+                log.exception("decode step failed")
+                for seq in list(self._active.values()):
+                    seq.request.emit(exc)
+                    self._finish(seq, keep_cache=False)
+        for seq in list(self._active.values()):
+            self._finish(seq, keep_cache=False)
+
+    def _admit(self) -> None:
+        while self._queue and len(self._active) < self.slots:
+            with self._wake:
+                request = self._queue.popleft()
+            if request.cancelled.is_set():
+                continue
+            free = [s for s in range(self.slots) if s not in self._active]
+            # The free slot whose own cache shares the longest prefix; ties go to the least recently used.
+            slot = max(free, key=lambda s: (_common_prefix(self._cached[s], request.prompt), -self._last_used[s]))
+            reuse = _common_prefix(self._cached[slot], request.prompt)
+            source, source_len = slot, reuse
+            for other, tokens in self._cached.items():
+                if other != slot:
+                    n = _common_prefix(tokens, request.prompt)
+                    if n > source_len:
+                        source, source_len = other, n
+            # At least one prompt token must be decoded, to produce the logits of the first sample.
+            source_len = min(source_len, len(request.prompt) - 1)
+            if source != slot:
+                self._ll.llama_memory_seq_rm(self._mem, slot, -1, -1)
+                self._ll.llama_memory_seq_cp(self._mem, source, slot, 0, source_len)
+            else:
+                self._ll.llama_memory_seq_rm(self._mem, slot, source_len, -1)
+            self._cached[slot] = request.prompt[:source_len]
+            self.stats.prompt_tokens += len(request.prompt)
+            self.stats.reused_prompt_tokens += source_len
+            self._active[slot] = _Sequence(
+                slot=slot,
+                request=request,
+                tokens=list(request.prompt),
+                n_past=source_len,
+                sampler=self._sampler(request.options),
+                stream=TextStream(request.options.stops),
+            )
+
+    def _sampler(self, options: SamplingOptions) -> Any:
+        ll = self._ll
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if options.repetition_penalty != 1.0 or options.frequency_penalty or options.presence_penalty:
+            ll.llama_sampler_chain_add(
+                chain,
+                ll.llama_sampler_init_penalties(
+                    64, options.repetition_penalty, options.frequency_penalty, options.presence_penalty
+                ),
+            )
+        if options.temperature <= 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+            return chain
+        if options.top_k > 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(options.top_k))
+        if options.top_p < 1.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(options.top_p, 1))
+        if options.min_p > 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(options.min_p, 1))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(options.temperature))
+        seed = options.seed if options.seed is not None else ll.LLAMA_DEFAULT_SEED
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def _step(self) -> None:
+        for seq in [s for s in self._active.values() if s.request.cancelled.is_set()]:
+            self._finish(seq, keep_cache=True)
+        if not self._active:
+            return
+        batch, budget, n = self._batch, self._batch_size, 0
+
+        def add(seq: _Sequence, start: int, end: int) -> None:
+            nonlocal n
+            for pos in range(start, end):
+                batch.token[n] = seq.tokens[pos]
+                batch.pos[n] = pos
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.slot
+                batch.logits[n] = 0
+                n += 1
+            if end == len(seq.tokens):  # the sequence's last token is in: sample after this step
+                batch.logits[n - 1] = 1
+                seq.logits_at = n - 1
+            seq.n_past = end
+
+        # Generating sequences first (one token each), then prompt chunks with what budget is left.
+        generating = [s for s in self._active.values() if len(s.tokens) - s.n_past == 1]
+        prefilling = [s for s in self._active.values() if len(s.tokens) - s.n_past > 1]
+        for seq in generating:
+            add(seq, seq.n_past, seq.n_past + 1)
+        budget -= n
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            take = min(budget, len(seq.tokens) - seq.n_past)
+            add(seq, seq.n_past, seq.n_past + take)
+            budget -= take
+        batch.n_tokens = n
+        status = self._ll.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        self.stats.steps += 1
+        for seq in list(self._active.values()):
+            if seq.logits_at >= 0:
+                index, seq.logits_at = seq.logits_at, -1
+                self._sample(seq, index)
+
+    def _piece_of(self, token: int) -> bytes:
+        size = self._ll.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[:size] if size > 0 else b""
+
+    def _sample(self, seq: _Sequence, index: int) -> None:
+        token = self._ll.llama_sampler_sample(seq.sampler, self._ctx, index)
+        request = seq.request
+        if self._ll.llama_vocab_is_eog(self._vocab, token):
+            self._complete(seq, "stop")
+            return
+        seq.tokens.append(token)
+        seq.generated += 1
+        self.stats.generated_tokens += 1
+        text = seq.stream.feed(self._piece_of(token))
+        if text:
+            request.emit(TextChunk(text))
+        if seq.stream.stopped:
+            self._complete(seq, "stop")
+        elif seq.generated >= request.limit:
+            self._complete(seq, "length")
+
+    def _complete(self, seq: _Sequence, reason: str) -> None:
+        tail = seq.stream.flush()
+        if tail:
+            seq.request.emit(TextChunk(tail))
+        seq.request.emit(
+            Finished(reason, prompt_tokens=len(seq.request.prompt), completion_tokens=seq.generated)  # type: ignore[arg-type]
+        )
+        self._finish(seq, keep_cache=True)
+
+    def _finish(self, seq: _Sequence, keep_cache: bool) -> None:
+        self._active.pop(seq.slot, None)
+        self._ll.llama_sampler_free(seq.sampler)
+        self._last_used[seq.slot] = time.monotonic()
+        if keep_cache:
+            self._cached[seq.slot] = seq.tokens[: seq.n_past]
+        else:
+            self._ll.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
+            self._cached[seq.slot] = []
