@@ -40,6 +40,7 @@ class LlamaCppConfig:
     gpu_layers: int = 0  # -1 offloads every layer when the node has a GPU
     slots: int = 4  # sequences decoded together (continuous batching)
     batch_size: int = 512  # most tokens per decode step
+    unified_kv: bool = False  # see _new_batch_context
 
 
 class LlamaCppEngine:
@@ -98,7 +99,10 @@ class LlamaCppEngine:
         params.n_batch = self.config.batch_size
         params.n_ubatch = self.config.batch_size
         params.n_seq_max = self.config.slots
-        params.kv_unified = True  # one KV pool: prefixes are shared between sequences, not copied
+        # Separate KV streams per sequence keep every request's output bit-identical to running it alone
+        # (a unified buffer changes attention's reduction order with the batch). Unified is faster and
+        # lets a prompt share a prefix cached by another slot; an operator can choose it.
+        params.kv_unified = self.config.unified_kv
         params.n_threads = self.config.threads
         params.n_threads_batch = self.config.threads
         params.no_perf = True
@@ -107,7 +111,15 @@ class LlamaCppEngine:
         if not self._ctx:
             raise EngineError("llama.cpp could not create a context of "
                               f"{params.n_ctx} tokens for {self.config.slots} sequences")  # fmt: skip
-        return DecodeLoop(llama_cpp, model.model, model.vocab, self._ctx, self.config.slots, self.config.batch_size)
+        return DecodeLoop(
+            llama_cpp,
+            model.model,
+            model.vocab,
+            self._ctx,
+            self.config.slots,
+            self.config.batch_size,
+            self.config.unified_kv,
+        )
 
     async def _on(self, pool: concurrent.futures.Executor, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)

@@ -29,6 +29,7 @@ from node_agent.engines.text_stream import TextStream
 log = logging.getLogger(__name__)
 
 Emit = Callable[[GenerationEvent | BaseException], None]
+PENALTY_WINDOW = 64  # tokens the repetition/frequency/presence penalties look back over
 
 
 @dataclass
@@ -72,7 +73,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class DecodeLoop:
     """Owns one llama.cpp context with `slots` sequences and runs it on its own thread."""
 
-    def __init__(self, llama_cpp: Any, model: Any, vocab: Any, ctx: Any, slots: int, batch_size: int) -> None:
+    def __init__(
+        self, llama_cpp: Any, model: Any, vocab: Any, ctx: Any, slots: int, batch_size: int, shared_kv: bool
+    ) -> None:
         self._ll = llama_cpp
         self._model = model
         self._vocab = vocab
@@ -80,6 +83,7 @@ class DecodeLoop:
         self._mem = llama_cpp.llama_get_memory(ctx)
         self.slots = slots
         self._batch_size = batch_size
+        self._shared_kv = shared_kv  # a unified KV buffer: a prefix can be shared with another slot
         self._batch = llama_cpp.llama_batch_init(batch_size, 0, 1)
         self._queue: collections.deque[BatchRequest] = collections.deque()
         self._active: dict[int, _Sequence] = {}
@@ -140,34 +144,41 @@ class DecodeLoop:
                 request = self._queue.popleft()
             if request.cancelled.is_set():
                 continue
-            free = [s for s in range(self.slots) if s not in self._active]
-            # The free slot whose own cache shares the longest prefix; ties go to the least recently used.
-            slot = max(free, key=lambda s: (_common_prefix(self._cached[s], request.prompt), -self._last_used[s]))
-            reuse = _common_prefix(self._cached[slot], request.prompt)
-            source, source_len = slot, reuse
-            for other, tokens in self._cached.items():
-                if other != slot:
-                    n = _common_prefix(tokens, request.prompt)
-                    if n > source_len:
-                        source, source_len = other, n
-            # At least one prompt token must be decoded, to produce the logits of the first sample.
-            source_len = min(source_len, len(request.prompt) - 1)
-            if source != slot:
-                self._ll.llama_memory_seq_rm(self._mem, slot, -1, -1)
-                self._ll.llama_memory_seq_cp(self._mem, source, slot, 0, source_len)
-            else:
-                self._ll.llama_memory_seq_rm(self._mem, slot, source_len, -1)
-            self._cached[slot] = request.prompt[:source_len]
-            self.stats.prompt_tokens += len(request.prompt)
-            self.stats.reused_prompt_tokens += source_len
-            self._active[slot] = _Sequence(
-                slot=slot,
-                request=request,
-                tokens=list(request.prompt),
-                n_past=source_len,
-                sampler=self._sampler(request.options),
-                stream=TextStream(request.options.stops),
-            )
+            try:
+                self._start(request)
+            except Exception as exc:
+                log.exception("could not start a sequence")
+                request.emit(exc)
+
+    def _start(self, request: BatchRequest) -> None:
+        free = [s for s in range(self.slots) if s not in self._active]
+        # The free slot whose own cache shares the longest prefix; ties go to the least recently used.
+        slot = max(free, key=lambda s: (_common_prefix(self._cached[s], request.prompt), -self._last_used[s]))
+        reuse = _common_prefix(self._cached[slot], request.prompt)
+        source, source_len = slot, reuse
+        for other, tokens in self._cached.items() if self._shared_kv else ():
+            if other != slot:
+                n = _common_prefix(tokens, request.prompt)
+                if n > source_len:
+                    source, source_len = other, n
+        # At least one prompt token must be decoded, to produce the logits of the first sample.
+        source_len = min(source_len, len(request.prompt) - 1)
+        if source != slot:
+            self._ll.llama_memory_seq_rm(self._mem, slot, -1, -1)
+            self._ll.llama_memory_seq_cp(self._mem, source, slot, 0, source_len)
+        else:
+            self._ll.llama_memory_seq_rm(self._mem, slot, source_len, -1)
+        self._cached[slot] = request.prompt[:source_len]
+        self.stats.prompt_tokens += len(request.prompt)
+        self.stats.reused_prompt_tokens += source_len
+        self._active[slot] = _Sequence(
+            slot=slot,
+            request=request,
+            tokens=list(request.prompt),
+            n_past=source_len,
+            sampler=self._sampler(request.options),
+            stream=TextStream(request.options.stops),
+        )
 
     def _sampler(self, options: SamplingOptions) -> Any:
         ll = self._ll
@@ -175,8 +186,14 @@ class DecodeLoop:
         if options.repetition_penalty != 1.0 or options.frequency_penalty or options.presence_penalty:
             ll.llama_sampler_chain_add(
                 chain,
+                # The binding declares (n_vocab, last_n, ...) but llama.h takes (last_n, ...): the first int
+                # is what llama.cpp reads, so both carry the window.
                 ll.llama_sampler_init_penalties(
-                    64, options.repetition_penalty, options.frequency_penalty, options.presence_penalty
+                    PENALTY_WINDOW,
+                    PENALTY_WINDOW,
+                    options.repetition_penalty,
+                    options.frequency_penalty,
+                    options.presence_penalty,
                 ),
             )
         if options.temperature <= 0:

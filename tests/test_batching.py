@@ -1,0 +1,151 @@
+"""Continuous batching in the llama.cpp engine, with the real model: batched equals alone, cancelling one
+sequence leaves the others alone, OpenAI sampling semantics, prefix reuse and the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from launcher.default_model import default_model_path
+from node_agent.engines.base import Finished, SamplingOptions, TextChunk
+from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+
+pytestmark = [pytest.mark.model]
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at",
+    "My favourite book is",
+    "In 1969, astronauts",
+    "A recipe for pancakes:",
+]
+GREEDY = SamplingOptions(max_tokens=32, temperature=0)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def engine() -> AsyncIterator[LlamaCppEngine]:
+    built = LlamaCppEngine(LlamaCppConfig(str(default_model_path()), context_size=1024, threads=2, slots=8))
+    await built.start()
+    yield built
+    await built.close()
+
+
+async def run(engine: LlamaCppEngine, prompt: str, options: SamplingOptions = GREEDY) -> tuple[str, Finished]:
+    parts: list[str] = []
+    async for event in engine.generate(prompt, options):
+        if isinstance(event, TextChunk):
+            parts.append(event.text)
+        else:
+            return "".join(parts), event
+    raise AssertionError("no Finished event")
+
+
+async def test_batch_of_eight_equals_each_alone(engine: LlamaCppEngine) -> None:
+    alone = [await run(engine, p) for p in PROMPTS]
+    steps_before = engine.stats.steps  # type: ignore[union-attr]
+    together = await asyncio.gather(*(run(engine, p) for p in PROMPTS))
+    steps = engine.stats.steps - steps_before  # type: ignore[union-attr]
+    assert [t for t, _ in together] == [t for t, _ in alone]
+    assert [f.completion_tokens for _, f in together] == [f.completion_tokens for _, f in alone]
+    # They really were decoded together: far fewer steps than 8 sequences one after another.
+    assert steps < sum(f.completion_tokens for _, f in alone) / 2
+
+
+async def test_cancelling_one_stream_leaves_the_others_unchanged(engine: LlamaCppEngine) -> None:
+    alone = [await run(engine, p) for p in PROMPTS[:4]]
+
+    async def cancelled_after_three() -> None:
+        stream = engine.generate(PROMPTS[4], SamplingOptions(max_tokens=200, temperature=0))
+        seen = 0
+        async for event in stream:
+            seen += isinstance(event, TextChunk)
+            if seen == 3:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+
+    results = await asyncio.gather(cancelled_after_three(), *(run(engine, p) for p in PROMPTS[:4]))
+    assert [t for t, _ in results[1:]] == [t for t, _ in alone]  # type: ignore[misc]
+    await asyncio.sleep(0.2)
+    assert engine.load.running == 0 and engine.load.queued == 0
+
+
+async def test_max_tokens_and_finish_reasons(engine: LlamaCppEngine) -> None:
+    text, finished = await run(engine, "Once upon a time", SamplingOptions(max_tokens=7, temperature=0))
+    assert (finished.reason, finished.completion_tokens) == ("length", 7)
+    assert text
+
+
+async def test_stop_strings_cut_the_output_as_openai_does(engine: LlamaCppEngine) -> None:
+    base, _ = await run(engine, "Count: 1, 2, 3,", SamplingOptions(max_tokens=20, temperature=0))
+    assert " 5" in base
+    cut, finished = await run(
+        engine, "Count: 1, 2, 3,", SamplingOptions(max_tokens=20, temperature=0, stops=(" 5", "zzz"))
+    )
+    assert cut == base[: base.index(" 5")] and finished.reason == "stop"
+
+
+async def test_seeds_reproduce_sampled_output(engine: LlamaCppEngine) -> None:
+    sampled = SamplingOptions(max_tokens=24, temperature=1.0, top_p=0.95, seed=1234)
+    first, _ = await run(engine, "Tell me about the sea.", sampled)
+    again, _ = await run(engine, "Tell me about the sea.", sampled)
+    assert first == again
+    others = {
+        (await run(engine, "Tell me about the sea.", SamplingOptions(max_tokens=24, temperature=1.0, seed=s)))[0]
+        for s in range(5)
+    }
+    assert len(others) > 1  # different seeds, different samples
+    # Seeded requests keep their output when decoded in a batch with others.
+    together = await asyncio.gather(*(run(engine, "Tell me about the sea.", sampled) for _ in range(3)))
+    assert {t for t, _ in together} == {first}
+
+
+async def test_penalties_change_greedy_output(engine: LlamaCppEngine) -> None:
+    prompt = "List the days of the week: Monday, Tuesday, Monday, Tuesday, Monday,"
+    plain, _ = await run(engine, prompt, SamplingOptions(max_tokens=32, temperature=0))
+    penalised, _ = await run(engine, prompt, SamplingOptions(max_tokens=32, temperature=0, frequency_penalty=2.0))
+
+    def most_repeated(text: str) -> int:
+        words = text.split()
+        return max((words.count(w) for w in words), default=0)
+
+    assert plain != penalised
+    assert most_repeated(penalised) <= most_repeated(plain)
+
+
+async def test_prefix_is_reused_not_recomputed(engine: LlamaCppEngine) -> None:
+    system = "You are a careful assistant. " * 40  # ~240 tokens shared by the requests below
+    stats = engine.stats
+    assert stats is not None
+    fresh_prompt = system + "Question: what is 2+2?"
+    start = time.perf_counter()
+    _cold, _ = await run(engine, "Unrelated " * 5 + fresh_prompt, SamplingOptions(max_tokens=1, temperature=0))
+    cold_time = time.perf_counter() - start
+    await run(engine, fresh_prompt, SamplingOptions(max_tokens=1, temperature=0))
+    reused_before = stats.reused_prompt_tokens
+    start = time.perf_counter()
+    _warm, _ = await run(engine, system + "Question: what is 3+3?", SamplingOptions(max_tokens=1, temperature=0))
+    warm_time = time.perf_counter() - start
+    reused = stats.reused_prompt_tokens - reused_before
+    print(f"prefix reuse: {reused} prompt tokens reused; first token {cold_time * 1000:.0f} ms cold, "
+          f"{warm_time * 1000:.0f} ms with the prefix cached")  # fmt: skip
+    assert reused >= 200
+    assert warm_time < cold_time
+
+
+async def test_requests_beyond_the_slots_wait_in_the_queue(engine: LlamaCppEngine) -> None:
+    options = SamplingOptions(max_tokens=48, temperature=0)
+    tasks = [asyncio.ensure_future(run(engine, p, options)) for p in PROMPTS + PROMPTS[:4]]  # 12 > 8 slots
+    peak_queue = 0
+    while not all(t.done() for t in tasks):
+        peak_queue = max(peak_queue, engine.load.queued)
+        assert engine.load.running <= 8
+        await asyncio.sleep(0.005)
+    assert peak_queue >= 3
+    assert all(t.result()[1].completion_tokens > 0 for t in tasks)
