@@ -14,6 +14,7 @@ from node_agent.engines.base import (
     Engine,
     EngineError,
     Finished,
+    InvalidInput,
     Message,
     SamplingOptions,
 )
@@ -50,6 +51,8 @@ def _engine_error(exc: EngineError, input_param: str = "messages") -> FleetError
     if isinstance(exc, ContextLengthExceeded):
         param = input_param if exc.param == "messages" else exc.param
         return FleetError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc), param=param)
+    if isinstance(exc, InvalidInput):
+        return FleetError(ErrorCode.INVALID_REQUEST, str(exc), param=exc.param)
     return FleetError(ErrorCode.INVALID_REQUEST, str(exc))
 
 

@@ -149,3 +149,28 @@ async def test_requests_beyond_the_slots_wait_in_the_queue(engine: LlamaCppEngin
         await asyncio.sleep(0.005)
     assert peak_queue >= 3
     assert all(t.result()[1].completion_tokens > 0 for t in tasks)
+
+
+async def test_concurrent_embeddings_are_micro_batched_and_cached(engine: LlamaCppEngine) -> None:
+    batcher = engine.embedder
+    texts = [f"sentence number {i} about the weather" for i in range(16)]
+    alone = [(await engine.embed([t])).vectors[0] for t in texts[:2]]
+    batches_before = batcher.batches
+    results = await asyncio.gather(*(engine.embed([t]) for t in texts[2:]))
+    assert batcher.batches - batches_before < len(texts[2:]) / 2  # 14 requests, a few embedding calls
+    hits_before = batcher.cache_hits
+    again = await engine.embed(texts[:2])
+    assert batcher.cache_hits - hits_before == 2
+    assert again.vectors == alone  # served from the cache, the same vectors
+    assert all(len(r.vectors[0]) == len(alone[0]) for r in results)
+    counts = [len(await engine.tokenize(t)) for t in texts[:2]]
+    assert again.prompt_tokens == sum(counts)
+
+
+async def test_embedding_limits_are_clear_errors(engine: LlamaCppEngine) -> None:
+    from node_agent.engines.base import InvalidInput
+
+    with pytest.raises(InvalidInput, match="at most 256 inputs"):
+        await engine.embed(["x"] * 257)
+    with pytest.raises(InvalidInput, match="characters; the limit is 32768"):
+        await engine.embed(["y" * 40_000])

@@ -262,3 +262,10 @@ def test_node_killed_mid_stream_ends_the_stream_with_an_error(mesh: Mesh) -> Non
         rest = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
     assert rest[-1] == "[DONE]"
     assert json.loads(rest[-2])["error"]["code"] == "BACKEND_UNAVAILABLE"
+
+
+def test_embedding_limits_over_http(mesh: Mesh) -> None:
+    many = post(mesh, "/v1/embeddings", {"model": mesh.model, "input": ["x"] * 300})
+    assert many.status_code == 400 and error_of(many)["param"] == "input" and "at most 256" in error_of(many)["message"]
+    long = post(mesh, "/v1/embeddings", {"model": mesh.model, "input": ["y" * 40_000]})
+    assert long.status_code == 400 and error_of(long)["param"] == "input"

@@ -77,6 +77,14 @@ class ContextLengthExceeded(EngineError):
         self.param = param
 
 
+class InvalidInput(EngineError):
+    """The request is outside the engine's limits. `param` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class Engine(Protocol):
     """One loaded model. Implementations never block the event loop."""
 

@@ -24,9 +24,11 @@ from node_agent.engines.base import (
     EngineLoad,
     Finished,
     GenerationEvent,
+    InvalidInput,
     Message,
     SamplingOptions,
 )
+from node_agent.engines.embedding_batch import EmbeddingBatcher
 from node_agent.engines.llamacpp_batch import BatchRequest, BatchStats, DecodeLoop
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,11 @@ class LlamaCppConfig:
     slots: int = 4  # sequences decoded together (continuous batching)
     batch_size: int = 512  # most tokens per decode step
     unified_kv: bool = False  # see _new_batch_context
+    embed_window_seconds: float = 0.005  # how long concurrent embedding inputs are gathered
+    embed_max_batch: int = 64  # inputs per embedding call
+    embed_cache_size: int = 4096  # inputs remembered (LRU)
+    embed_max_inputs: int = 256  # per request; more is a 400
+    embed_max_chars: int = 32_768  # per input; longer is a 400
 
 
 class LlamaCppEngine:
@@ -54,6 +61,9 @@ class LlamaCppEngine:
         self._setup_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama-setup")
         self._embed_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama-emb")
         self._embedder_lock = asyncio.Lock()
+        self.embedder = EmbeddingBatcher(
+            self._embed_batch, config.embed_window_seconds, config.embed_max_batch, config.embed_cache_size
+        )
 
     @property
     def load(self) -> EngineLoad:
@@ -142,6 +152,7 @@ class LlamaCppEngine:
     async def close(self) -> None:
         import llama_cpp
 
+        await self.embedder.close()
         if self._loop is not None:
             await asyncio.to_thread(self._loop.close)  # the decode thread finishes its step first
             self._loop = None
@@ -215,15 +226,27 @@ class LlamaCppEngine:
                 self._embedder = await self._on(self._embed_thread, self._new_llama, True)
             return self._embedder
 
+    async def _embed_batch(self, texts: list[str]) -> list[list[float]]:
+        embedder = await self._get_embedder()
+        vectors = await self._on(self._embed_thread, lambda: embedder.embed(texts, normalize=True))
+        return [list(map(float, v)) for v in vectors]
+
     async def embed(self, texts: Sequence[str]) -> Embeddings:
+        config = self.config
+        if len(texts) > config.embed_max_inputs:
+            raise InvalidInput(f"at most {config.embed_max_inputs} inputs per request; got {len(texts)}", "input")
+        for i, text in enumerate(texts):
+            if len(text) > config.embed_max_chars:
+                raise InvalidInput(
+                    f"input[{i}] is {len(text)} characters; the limit is {config.embed_max_chars}", "input"
+                )
         counts = [len(await self.tokenize(t)) for t in texts]
-        too_long = [i for i, n in enumerate(counts) if n > self.config.context_size]
+        too_long = [i for i, n in enumerate(counts) if n > config.context_size]
         if too_long:
             i = too_long[0]
             raise ContextLengthExceeded(
-                f"input[{i}] is {counts[i]} tokens; this model's context is {self.config.context_size}",
+                f"input[{i}] is {counts[i]} tokens; this model's context is {config.context_size}",
                 param="input",
             )
-        embedder = await self._get_embedder()
-        vectors = await self._on(self._embed_thread, lambda: embedder.embed(list(texts), normalize=True))
-        return Embeddings(vectors=[list(map(float, v)) for v in vectors], prompt_tokens=sum(counts))
+        vectors = await self.embedder.embed(list(texts))
+        return Embeddings(vectors=vectors, prompt_tokens=sum(counts))
