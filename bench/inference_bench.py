@@ -1,0 +1,224 @@
+"""Inference benchmark: fleetlm against the engine called directly and against llama_cpp.server.
+
+    .venv/bin/python -m bench.inference_bench [--tokens 128] [--threads 2] [--llama-server PATH]
+
+Same model (SmolLM2-135M-Instruct Q4_1), same thread count, same greedy prompt, one run, one at a time:
+  direct        llama-cpp-python in-process (the limit for one stream; it cannot batch)
+  llama_cpp.server  llama-cpp-python's OpenAI server (what a user would pick instead)
+  fleetlm HTTP  the edge's OpenAI API over SSE: edge -> control plane -> node agent -> llama.cpp
+  fleetlm gRPC  the edge's InferenceService.Generate stream, same path
+  llama-server  llama.cpp's own C++ server with 8 slots, when --llama-server is given
+For 1 stream: TTFT p50 and decode tokens/s. For 8 concurrent streams: aggregate tokens/s, TTFT p50/p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import yaml
+
+from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from launcher.default_model import default_model_path
+from tests.cluster import Cluster, free_port, wait_for
+
+PROMPT = "Write a very long story."
+MODEL = "smollm2-135m"
+
+
+@dataclass
+class Run:
+    ttft: float  # seconds to the first text
+    duration: float  # seconds from request to last text
+    tokens: int
+
+
+Stream = Callable[[int], Awaitable[Run]]
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def measure(stream: Stream, tokens: int, concurrency: int = 8) -> dict[str, float]:
+    await stream(8)  # warm-up
+    singles = [await stream(tokens) for _ in range(3)]
+    decode = [(r.tokens - 1) / (r.duration - r.ttft) for r in singles]
+    start = time.perf_counter()
+    runs = await asyncio.gather(*(stream(tokens) for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    return {
+        "ttft_1": statistics.median(r.ttft for r in singles) * 1000,
+        "tps_1": statistics.median(decode),
+        "agg_8": sum(r.tokens for r in runs) / wall,
+        "ttft_8_p50": percentile([r.ttft for r in runs], 50) * 1000,
+        "ttft_8_p99": percentile([r.ttft for r in runs], 99) * 1000,
+    }
+
+
+def direct_stream(threads: int) -> Stream:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        str(default_model_path()), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+    lock = threading.Lock()  # one context: requests take turns, as they must without batching
+
+    def blocking(tokens: int) -> Run:
+        start = time.perf_counter()  # before the lock: waiting for the context is part of the latency
+        with lock:
+            first, n = 0.0, 0
+            chunks = llm.create_completion(PROMPT, max_tokens=tokens, temperature=0, repeat_penalty=1.0, stream=True)
+            for chunk in chunks:
+                if chunk["choices"][0]["text"]:
+                    n += 1
+                    first = first or time.perf_counter() - start
+            return Run(first, time.perf_counter() - start, tokens)
+
+    async def stream(tokens: int) -> Run:
+        return await asyncio.to_thread(blocking, tokens)
+
+    return stream
+
+
+def sse_stream(base_url: str, model: str) -> Stream:
+    async def stream(tokens: int) -> Run:
+        # repeat_penalty: llama_cpp.server's own default is 1.1; every row decodes plain greedy.
+        body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
+                "repeat_penalty": 1.0}  # fmt: skip
+        async with httpx.AsyncClient(timeout=300) as client:
+            start = time.perf_counter()
+            first, last, finish = 0.0, 0.0, None
+            async with client.stream("POST", f"{base_url}/v1/completions", json=body) as reply:
+                async for line in reply.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    choice = event["choices"][0] if event.get("choices") else {}
+                    if choice.get("text"):
+                        last = time.perf_counter() - start
+                        first = first or last
+                    finish = choice.get("finish_reason") or finish
+        assert finish == "length", f"generation ended early ({finish}): the figures would be wrong"
+        return Run(first, last, tokens)
+
+    return stream
+
+
+def grpc_stream(address: str) -> Stream:
+    channel = grpc.aio.insecure_channel(address)
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+    async def stream(tokens: int) -> Run:
+        request = inference_pb2.GenerateRequest(
+            model=MODEL, prompt=PROMPT, sampling=inference_pb2.SamplingParams(max_tokens=tokens, temperature=0)
+        )
+        start = time.perf_counter()
+        first, last, n = 0.0, 0.0, 0
+        async for response in stub.Generate(request, timeout=300):
+            if response.HasField("delta") and response.delta.text:
+                last = time.perf_counter() - start
+                first = first or last
+            elif response.HasField("result"):
+                n = response.result.usage.completion_tokens
+        assert n == tokens, f"generated {n} tokens, not {tokens}"
+        return Run(first, last, n)
+
+    return stream
+
+
+def start_http_server(argv: list[str], url: str, log: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    wait_for(lambda: httpx.get(f"{url}/v1/models", timeout=1).status_code == 200, 120, argv[0], None)
+    return proc
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per request (128)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for every engine (2)")
+    parser.add_argument("--llama-server", help="path of llama.cpp's llama-server binary, for a fourth row")
+    args = parser.parse_args()
+    model_path = str(default_model_path())
+    results: dict[str, dict[str, float]] = {}
+
+    results["direct (llama-cpp-python in-process)"] = await measure(direct_stream(args.threads), args.tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        server = start_http_server(
+            [sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--n_threads", str(args.threads),
+             "--n_threads_batch", str(args.threads), "--n_ctx", "2048", "--port", str(port), "--model_alias", MODEL,
+             # By default a new request interrupts the one streaming; queue them instead, as a user serving
+             # several clients would.
+             "--interrupt_requests", "False"],
+            f"http://127.0.0.1:{port}", Path(tmp) / "llama_cpp_server.log",
+        )  # fmt: skip
+        try:
+            results["llama_cpp.server"] = await measure(sse_stream(f"http://127.0.0.1:{port}", MODEL), args.tokens)
+        finally:
+            server.terminate()
+            server.wait(30)
+
+        if args.llama_server:
+            port = free_port()
+            server = start_http_server(
+                [args.llama_server, "-m", model_path, "-t", str(args.threads), "-np", "8", "-c", str(8 * 2048),
+                 "--port", str(port)],
+                f"http://127.0.0.1:{port}", Path(tmp) / "llama_server.log",
+            )  # fmt: skip
+            try:
+                results["llama-server (C++, 8 slots)"] = await measure(
+                    sse_stream(f"http://127.0.0.1:{port}", MODEL), args.tokens
+                )
+            finally:
+                server.terminate()
+                server.wait(30)
+
+        cluster = Cluster(Path(tmp))
+        try:
+            catalog = Path(tmp) / "deployments.yaml"
+            entry = {"name": MODEL, "path": model_path, "format": "gguf", "context_size": 2048,
+                     "min_replicas": 1, "max_replicas": 1, "max_running_requests": 8}  # fmt: skip
+            catalog.write_text(yaml.safe_dump({"models": [entry]}))
+            cluster.start_etcd()
+            cluster.start_controlplane(10, "--deployments", str(catalog), "--log-level", "WARNING")
+            cluster.start_node("bench", models_dirs=[str(Path(model_path).parent)], threads=args.threads)
+            _, http, grpc_address = cluster.start_edge("--log-level", "WARNING")
+            cluster.wait_model_state(http, MODEL)
+            results["fleetlm, OpenAI HTTP (SSE) through the edge"] = await measure(sse_stream(http, MODEL), args.tokens)
+            results["fleetlm, gRPC through the edge"] = await measure(grpc_stream(grpc_address), args.tokens)
+        finally:
+            cluster.close()
+
+    direct = results["direct (llama-cpp-python in-process)"]
+    alternative = results["llama_cpp.server"]
+    print(f"\n{args.tokens} tokens per request, greedy, {args.threads} threads, SmolLM2-135M-Instruct Q4_1\n")
+    print(f"{'':<46} {'1 stream':>21} {'8 concurrent streams':>40}")
+    header = ["TTFT p50 ms", "decode tok/s", "aggregate tok/s", "TTFT p50 ms", "TTFT p99 ms"]
+    print(
+        f"{'':<46} " + " ".join(f"{h:>15}" for h in header) + f" {'x direct 1-stream':>18} {'x llama_cpp.server':>19}"
+    )
+    for name, r in results.items():
+        cells = [r["ttft_1"], r["tps_1"], r["agg_8"], r["ttft_8_p50"], r["ttft_8_p99"]]
+        ratios = f"{r['agg_8'] / direct['tps_1']:>18.2f} {r['agg_8'] / alternative['agg_8']:>19.2f}"
+        print(f"{name:<46} " + " ".join(f"{c:>15.1f}" for c in cells) + " " + ratios)
+    edge = results["fleetlm, OpenAI HTTP (SSE) through the edge"]
+    print(f"\nfleetlm HTTP, 1 stream: {edge['tps_1'] / direct['tps_1']:.2f}x the direct decode rate, "
+          f"TTFT {edge['ttft_1'] - direct['ttft_1']:+.1f} ms against direct")  # fmt: skip
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
