@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fleetlm.controlplane.v1 import node_pb2
+from mesh.catalog import ENGINE_FORMATS
 from mesh.errors import ErrorCode, FleetError
 
 GiB = 1024**3
 
 # Which engine runs which weights format, and on what.
 ENGINE_FOR_FORMAT = {"gguf": "llamacpp", "hf": "sglang", "awq": "sglang"}
-ENGINE_FORMATS = {"llamacpp": {"gguf"}, "sglang": {"hf", "awq"}, "openai": {"gguf", "hf", "awq"}}
 GPU_ONLY_ENGINES = {"sglang"}
 DEFAULT_SEQUENCES = 4  # the llama.cpp engine's default slots
 

@@ -29,6 +29,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from fleetlm.controlplane.v1 import node_pb2
 
+# Which engine runs which weights format: the one table the control plane and node agents share.
+ENGINE_FORMATS = {"llamacpp": {"gguf"}, "sglang": {"hf", "awq"}, "openai": {"gguf", "hf", "awq"}}
+
 
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)

@@ -20,6 +20,7 @@ from google.protobuf import timestamp_pb2
 
 from fleetlm.controlplane.v1 import node_pb2
 from fleetlm.inference.v1 import inference_pb2
+from mesh.catalog import ENGINE_FORMATS
 from mesh.errors import ErrorCode, FleetError
 from node_agent.engines.base import Engine, EngineError
 
@@ -32,8 +33,6 @@ _STATE_TO_MODEL = {
     node_pb2.REPLICA_STATE_FAILED: inference_pb2.MODEL_STATE_FAILED,
 }
 
-# Which engine runs which weights format.
-ENGINE_FORMATS = {"llamacpp": {"gguf"}, "sglang": {"hf", "awq"}, "openai": {"gguf", "hf", "awq"}}
 DEFAULT_MAX_QUEUED = 16
 DEFAULT_SLOTS = {"llamacpp": 4}
 
