@@ -95,23 +95,26 @@ def direct_stream(threads: int) -> Stream:
 
 
 def sse_stream(base_url: str, model: str) -> Stream:
+    # One client with a connection pool, as an application holds one: a new client per request would
+    # add its own set-up (an SSL context, a TCP handshake) to every time to first token.
+    client = httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=16))
+
     async def stream(tokens: int) -> Run:
         # repeat_penalty: llama_cpp.server's own default is 1.1; every row decodes plain greedy.
         body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
                 "repeat_penalty": 1.0}  # fmt: skip
-        async with httpx.AsyncClient(timeout=300) as client:
-            start = time.perf_counter()
-            first, last, finish = 0.0, 0.0, None
-            async with client.stream("POST", f"{base_url}/v1/completions", json=body) as reply:
-                async for line in reply.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    choice = event["choices"][0] if event.get("choices") else {}
-                    if choice.get("text"):
-                        last = time.perf_counter() - start
-                        first = first or last
-                    finish = choice.get("finish_reason") or finish
+        start = time.perf_counter()
+        first, last, finish = 0.0, 0.0, None
+        async with client.stream("POST", f"{base_url}/v1/completions", json=body) as reply:
+            async for line in reply.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                choice = event["choices"][0] if event.get("choices") else {}
+                if choice.get("text"):
+                    last = time.perf_counter() - start
+                    first = first or last
+                finish = choice.get("finish_reason") or finish
         assert finish == "length", f"generation ended early ({finish}): the figures would be wrong"
         return Run(first, last, tokens)
 
