@@ -46,6 +46,8 @@ def _node(args: argparse.Namespace) -> None:
         "inventory_override",
         "log_level",
     )
+    if args.unified_kv:
+        values["unified_kv"] = True
     if args.models_dir:
         values["models_dirs"] = args.models_dir
     main(_settings(NodeSettings, values))
@@ -112,6 +114,7 @@ def parser() -> argparse.ArgumentParser:
         help="directory with model files the control plane may assign (repeatable)",
     )
     node.add_argument("--inventory-override", help="YAML replacing parts of the measured inventory")
+    node.add_argument("--unified-kv", action="store_true", help="faster batching; batched output may differ from alone")
     node.add_argument("--threads", type=int, help="CPU threads per llama.cpp context (all cores)")
     node.add_argument("--log-level")
     node.set_defaults(run=_node)

@@ -79,10 +79,13 @@ class HostedModel:
 
 
 class ModelHost:
-    def __init__(self, catalog: Iterable[node_pb2.ModelSpec], threads: int, gpu_count: int) -> None:
+    def __init__(
+        self, catalog: Iterable[node_pb2.ModelSpec], threads: int, gpu_count: int, unified_kv: bool = False
+    ) -> None:
         self.models: dict[str, HostedModel] = {s.name: HostedModel(s) for s in catalog}
         self._threads = threads
         self._gpu_count = gpu_count
+        self._unified_kv = unified_kv
         self.changed = asyncio.Event()  # set on state and load changes, so heartbeats go out promptly
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -113,6 +116,7 @@ class ModelHost:
                     threads=self._threads,
                     gpu_layers=-1 if use_gpu else 0,
                     slots=default_slots(spec),
+                    unified_kv=self._unified_kv,
                 )
             )
         raise EngineError(f"engine '{spec.engine}' is not supported by this node agent yet")

@@ -35,6 +35,11 @@ class NodeSettings(BaseSettings):
     threads: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1, description="CPU threads per llama.cpp context"
     )
+    unified_kv: bool = Field(
+        False,
+        description="one KV buffer shared by a llama.cpp replica's sequences: ~15% more batched throughput"
+        " and prefixes shared across slots, but a batched output may differ from the same request alone",
+    )
     rpc_timeout_seconds: float = Field(5.0, gt=0, description="deadline of calls to the control plane")
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="time in-flight requests get at shutdown")
     log_level: str = Field("INFO", description="log level")

@@ -174,3 +174,30 @@ async def test_embedding_limits_are_clear_errors(engine: LlamaCppEngine) -> None
         await engine.embed(["x"] * 257)
     with pytest.raises(InvalidInput, match="characters; the limit is 32768"):
         await engine.embed(["y" * 40_000])
+
+
+async def test_unified_kv_shares_a_prefix_cached_by_another_slot() -> None:
+    engine = LlamaCppEngine(
+        LlamaCppConfig(str(default_model_path()), context_size=1024, threads=2, slots=2, unified_kv=True)
+    )
+    await engine.start()
+    try:
+        system = "You are a careful assistant. " * 40
+        stats = engine.stats
+        assert stats is not None
+        # Hold slot A with a long generation whose prompt starts with the system prompt...
+        holder = asyncio.ensure_future(
+            run(engine, system + "Count: 1, 2, 3,", SamplingOptions(max_tokens=200, temperature=0))
+        )
+        deadline = time.monotonic() + 30
+        while stats.generated_tokens < 5 and not holder.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # until the holder's prompt is in the KV cache and it is generating
+        assert not holder.done() and engine.load.running == 1
+        before = stats.reused_prompt_tokens
+        # ...then a request with the same prefix lands in slot B and copies the prefix from slot A.
+        _, finished = await run(engine, system + "Say hi.", SamplingOptions(max_tokens=4, temperature=0))
+        assert stats.reused_prompt_tokens - before >= 200
+        assert finished.completion_tokens > 0
+        await holder
+    finally:
+        await engine.close()

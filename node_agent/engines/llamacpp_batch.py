@@ -156,9 +156,9 @@ class DecodeLoop:
         slot = max(free, key=lambda s: (_common_prefix(self._cached[s], request.prompt), -self._last_used[s]))
         reuse = _common_prefix(self._cached[slot], request.prompt)
         source, source_len = slot, reuse
-        for other, tokens in self._cached.items() if self._shared_kv else ():
+        for other in range(self.slots) if self._shared_kv else ():
             if other != slot:
-                n = _common_prefix(tokens, request.prompt)
+                n = _common_prefix(self._kv_tokens(other), request.prompt)
                 if n > source_len:
                     source, source_len = other, n
         # At least one prompt token must be decoded, to produce the logits of the first sample.
@@ -179,6 +179,11 @@ class DecodeLoop:
             sampler=self._sampler(request.options),
             stream=TextStream(request.options.stops),
         )
+
+    def _kv_tokens(self, slot: int) -> list[int]:
+        """The tokens whose KV a slot holds now: a running sequence's so far, else its last request's."""
+        seq = self._active.get(slot)
+        return seq.tokens[: seq.n_past] if seq is not None else self._cached[slot]
 
     def _sampler(self, options: SamplingOptions) -> Any:
         ll = self._ll
