@@ -135,8 +135,13 @@ class DecodeLoop:
                 for seq in list(self._active.values()):
                     seq.request.emit(exc)
                     self._finish(seq, keep_cache=False)
+        # Closing: nobody waiting on this loop may be left hanging.
+        closed = RuntimeError("the model was unloaded")
         for seq in list(self._active.values()):
+            seq.request.emit(closed)
             self._finish(seq, keep_cache=False)
+        while self._queue:
+            self._queue.popleft().emit(closed)
 
     def _admit(self) -> None:
         while self._queue and len(self._active) < self.slots:
