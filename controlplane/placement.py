@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fleetlm.controlplane.v1 import node_pb2
-from mesh.catalog import ENGINE_FORMATS
+from mesh.catalog import ENGINE_FORMATS, running_limit
 from mesh.errors import ErrorCode, FleetError
 
 GiB = 1024**3
@@ -20,7 +20,6 @@ GiB = 1024**3
 # Which engine runs which weights format, and on what.
 ENGINE_FOR_FORMAT = {"gguf": "llamacpp", "hf": "sglang", "awq": "sglang"}
 GPU_ONLY_ENGINES = {"sglang"}
-DEFAULT_SEQUENCES = 4  # the llama.cpp engine's default slots
 
 
 @dataclass(frozen=True)
@@ -84,8 +83,7 @@ def memory_estimate(spec: node_pb2.ModelSpec, file: node_pb2.ModelFile | None) -
     per_token = file.kv_bytes_per_token if file and file.kv_bytes_per_token else 0
     if not per_token:
         per_token = 64 * 1024  # unknown architecture: a typical 1-3B model with grouped-query attention
-    sequences = spec.max_running_requests if spec.HasField("max_running_requests") else DEFAULT_SEQUENCES
-    return weights + per_token * max(spec.context_size, 1) * max(sequences, 1)
+    return weights + per_token * max(spec.context_size, 1) * running_limit(spec)
 
 
 # --- filters: (spec, snapshot, policy) -> reason or None; the last one returns the fit --------------

@@ -22,18 +22,15 @@ from dataclasses import dataclass
 
 from fleetlm.controlplane.v1 import node_pb2
 from fleetlm.inference.v1 import inference_pb2
+from mesh.catalog import queue_limit, running_limit
 from mesh.errors import ErrorCode, FleetError
 
 READY = node_pb2.REPLICA_STATE_READY
-DEFAULT_MAX_RUNNING = 4  # the llama.cpp engine's default slots (node_agent.host.DEFAULT_SLOTS)
-DEFAULT_MAX_QUEUED = 16
 
 
 def capacity(spec: node_pb2.ModelSpec) -> int:
     """Requests a replica holds (running plus queued) before it refuses more."""
-    running = spec.max_running_requests if spec.HasField("max_running_requests") else DEFAULT_MAX_RUNNING
-    queued = spec.max_queued_requests if spec.HasField("max_queued_requests") else DEFAULT_MAX_QUEUED
-    return running + queued
+    return running_limit(spec) + queue_limit(spec)
 
 
 @dataclass(frozen=True)

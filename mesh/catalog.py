@@ -31,6 +31,21 @@ from fleetlm.controlplane.v1 import node_pb2
 
 # Which engine runs which weights format: the one table the control plane and node agents share.
 ENGINE_FORMATS = {"llamacpp": {"gguf"}, "sglang": {"hf", "awq"}, "openai": {"gguf", "hf", "awq"}}
+# A replica's limits when its spec leaves them unset: sequences decoded together, requests waiting.
+DEFAULT_SLOTS = {"llamacpp": 4}
+DEFAULT_MAX_QUEUED = 16
+
+
+def running_limit(spec: node_pb2.ModelSpec) -> int:
+    """Requests a replica generates at once (its engine's sequence slots)."""
+    if spec.HasField("max_running_requests"):
+        return max(1, spec.max_running_requests)
+    return DEFAULT_SLOTS.get(spec.engine, 1)
+
+
+def queue_limit(spec: node_pb2.ModelSpec) -> int:
+    """Requests a replica holds waiting before it refuses more."""
+    return spec.max_queued_requests if spec.HasField("max_queued_requests") else DEFAULT_MAX_QUEUED
 
 
 class ModelEntry(BaseModel):

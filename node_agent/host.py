@@ -20,7 +20,7 @@ from google.protobuf import timestamp_pb2
 
 from fleetlm.controlplane.v1 import node_pb2
 from fleetlm.inference.v1 import inference_pb2
-from mesh.catalog import ENGINE_FORMATS
+from mesh.catalog import ENGINE_FORMATS, queue_limit, running_limit
 from mesh.errors import ErrorCode, FleetError
 from node_agent.engines.base import Engine, EngineError
 
@@ -32,17 +32,6 @@ _STATE_TO_MODEL = {
     node_pb2.REPLICA_STATE_READY: inference_pb2.MODEL_STATE_READY,
     node_pb2.REPLICA_STATE_FAILED: inference_pb2.MODEL_STATE_FAILED,
 }
-
-DEFAULT_MAX_QUEUED = 16
-DEFAULT_SLOTS = {"llamacpp": 4}
-
-
-def default_slots(spec: node_pb2.ModelSpec) -> int:
-    """Sequences an engine decodes together: the deployment's max_running_requests, else the default."""
-    if spec.HasField("max_running_requests"):
-        return max(1, spec.max_running_requests)
-    return DEFAULT_SLOTS.get(spec.engine, 1)
-
 
 RETRY_MAX_SECONDS = 60.0
 UNLOAD_GRACE_SECONDS = 120.0
@@ -72,10 +61,7 @@ class HostedModel:
 
     @property
     def capacity(self) -> int:
-        slots = self.engine.slots if self.engine is not None else default_slots(self.spec)
-        running = self.spec.max_running_requests if self.spec.HasField("max_running_requests") else slots
-        queued = self.spec.max_queued_requests if self.spec.HasField("max_queued_requests") else DEFAULT_MAX_QUEUED
-        return max(1, running) + queued
+        return running_limit(self.spec) + queue_limit(self.spec)
 
 
 class ModelHost:
@@ -115,7 +101,7 @@ class ModelHost:
                     context_size=spec.context_size or 2048,
                     threads=self._threads,
                     gpu_layers=-1 if use_gpu else 0,
-                    slots=default_slots(spec),
+                    slots=running_limit(spec),
                     unified_kv=self._unified_kv,
                 )
             )

@@ -123,7 +123,6 @@ class LlamaCppEngine:
                               f"{params.n_ctx} tokens for {self.config.slots} sequences")  # fmt: skip
         return DecodeLoop(
             llama_cpp,
-            model.model,
             model.vocab,
             self._ctx,
             self.config.slots,
@@ -240,7 +239,8 @@ class LlamaCppEngine:
                 raise InvalidInput(
                     f"input[{i}] is {len(text)} characters; the limit is {config.embed_max_chars}", "input"
                 )
-        counts = [len(await self.tokenize(t)) for t in texts]
+        # One trip to a worker thread for all inputs, not one per input.
+        counts = await asyncio.to_thread(lambda: [len(self._tokenize(t)) for t in texts])
         too_long = [i for i, n in enumerate(counts) if n > config.context_size]
         if too_long:
             i = too_long[0]

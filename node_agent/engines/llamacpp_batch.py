@@ -39,7 +39,6 @@ class BatchRequest:
     limit: int  # most tokens to generate
     emit: Emit
     cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -73,11 +72,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class DecodeLoop:
     """Owns one llama.cpp context with `slots` sequences and runs it on its own thread."""
 
-    def __init__(
-        self, llama_cpp: Any, model: Any, vocab: Any, ctx: Any, slots: int, batch_size: int, shared_kv: bool
-    ) -> None:
+    def __init__(self, llama_cpp: Any, vocab: Any, ctx: Any, slots: int, batch_size: int, shared_kv: bool) -> None:
         self._ll = llama_cpp
-        self._model = model
         self._vocab = vocab
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx)
