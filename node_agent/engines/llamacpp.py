@@ -101,7 +101,7 @@ class LlamaCppEngine:
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"llama.cpp could not load {self.config.path}: {exc}") from exc
 
-    def _new_batch_context(self) -> DecodeLoop:
+    def _new_batch_context(self, loop: asyncio.AbstractEventLoop) -> DecodeLoop:
         import llama_cpp
 
         params = llama_cpp.llama_context_default_params()
@@ -128,6 +128,7 @@ class LlamaCppEngine:
             self.config.slots,
             self.config.batch_size,
             self.config.unified_kv,
+            loop.call_soon_threadsafe,
         )
 
     async def _on(self, pool: concurrent.futures.Executor, fn: Callable[..., Any], *args: Any) -> Any:
@@ -135,7 +136,7 @@ class LlamaCppEngine:
 
     async def start(self) -> EngineInfo:
         self._llm = await self._on(self._setup_thread, self._new_llama, False)
-        self._loop = await self._on(self._setup_thread, self._new_batch_context)
+        self._loop = await self._on(self._setup_thread, self._new_batch_context, asyncio.get_running_loop())
         template = self._llm.metadata.get("tokenizer.chat_template")
         if template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -200,13 +201,8 @@ class LlamaCppEngine:
                 param="max_tokens",
             )
         limit = context - len(tokens) if options.max_tokens is None else options.max_tokens
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
-
-        def emit(item: GenerationEvent | BaseException) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, item)
-
-        request = BatchRequest(tokens, options, limit, emit)
+        request = BatchRequest(tokens, options, limit, events.put_nowait)
         self._loop.submit(request)
         try:
             while True:

@@ -6,6 +6,15 @@ admitted ones (within the batch budget), calls `llama_decode` once, and samples 
 logits came out, each with its own sampler chain. Requests join and leave between steps; a cancelled
 request frees its slot at the next step.
 
+Each sequence has its own KV stream (unless the KV cache is unified), and llama.cpp decodes one run of
+consecutive stream ids in ascending order as one micro-batch: every extra run is another pass over the
+weights. So a step's tokens go into the batch in slot order, and a new request prefers the free slot
+that keeps the running slots consecutive (measured here: 8 streams took 34 ms a step in slot order, 42 ms
+in arrival order).
+
+Results reach the event loop once per step (one cross-thread wake-up for all the step's tokens, not one
+per token), through the `post` callable the engine gives.
+
 Prefix reuse: a slot keeps the KV cache of its last request. A new request goes to the free slot whose
 cached tokens share the longest prefix with its prompt, or copies that prefix from any other sequence
 (`llama_memory_seq_cp`; with a unified KV cache the cells are shared, not copied), and only the rest of
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import logging
 import threading
 import time
@@ -28,8 +38,13 @@ from node_agent.engines.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 
-Emit = Callable[[GenerationEvent | BaseException], None]
+Item = GenerationEvent | BaseException
+Sink = Callable[[Item], None]
+Post = Callable[[Callable[[], None]], object]  # run a callable on the consumers' event loop, thread-safe
 PENALTY_WINDOW = 64  # tokens the repetition/frequency/presence penalties look back over
+# A cached prefix at least this long is worth a slot that splits the batch into more runs; a shorter one
+# is cheaper to compute again than an extra pass over the weights at every step of the request.
+LONG_PREFIX = 64
 
 
 @dataclass
@@ -37,7 +52,7 @@ class BatchRequest:
     prompt: list[int]
     options: SamplingOptions
     limit: int  # most tokens to generate
-    emit: Emit
+    sink: Sink  # receives the request's events, on the consumers' event loop
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -61,6 +76,17 @@ class BatchStats:
     generated_tokens: int = 0
 
 
+def _runs(slots: list[int]) -> int:
+    """How many runs of consecutive ids the slots form (each run is one micro-batch for llama.cpp)."""
+    ordered = sorted(slots)
+    return sum(1 for i, slot in enumerate(ordered) if i == 0 or slot != ordered[i - 1] + 1)
+
+
+def _dispatch(events: list[tuple[BatchRequest, Item]]) -> None:
+    for request, item in events:
+        request.sink(item)
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -72,7 +98,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class DecodeLoop:
     """Owns one llama.cpp context with `slots` sequences and runs it on its own thread."""
 
-    def __init__(self, llama_cpp: Any, vocab: Any, ctx: Any, slots: int, batch_size: int, shared_kv: bool) -> None:
+    def __init__(
+        self, llama_cpp: Any, vocab: Any, ctx: Any, slots: int, batch_size: int, shared_kv: bool, post: Post
+    ) -> None:
         self._ll = llama_cpp
         self._vocab = vocab
         self._ctx = ctx
@@ -85,6 +113,8 @@ class DecodeLoop:
         self._active: dict[int, _Sequence] = {}
         self._cached: dict[int, list[int]] = {s: [] for s in range(slots)}  # KV content of each slot
         self._last_used: dict[int, float] = dict.fromkeys(range(slots), 0.0)
+        self._post = post
+        self._outbox: list[tuple[BatchRequest, Item]] = []  # this step's events, posted at its end
         self._wake = threading.Condition()
         self._closing = False
         self.stats = BatchStats()
@@ -129,15 +159,25 @@ class DecodeLoop:
             except Exception as exc:
                 log.exception("decode step failed")
                 for seq in list(self._active.values()):
-                    seq.request.emit(exc)
+                    self._emit(seq.request, exc)
                     self._finish(seq, keep_cache=False)
+            self._flush()
         # Closing: nobody waiting on this loop may be left hanging.
         closed = RuntimeError("the model was unloaded")
         for seq in list(self._active.values()):
-            seq.request.emit(closed)
+            self._emit(seq.request, closed)
             self._finish(seq, keep_cache=False)
         while self._queue:
-            self._queue.popleft().emit(closed)
+            self._emit(self._queue.popleft(), closed)
+        self._flush()
+
+    def _emit(self, request: BatchRequest, item: Item) -> None:
+        self._outbox.append((request, item))
+
+    def _flush(self) -> None:
+        if self._outbox:
+            events, self._outbox = self._outbox, []
+            self._post(functools.partial(_dispatch, events))
 
     def _admit(self) -> None:
         while self._queue and len(self._active) < self.slots:
@@ -149,12 +189,19 @@ class DecodeLoop:
                 self._start(request)
             except Exception as exc:
                 log.exception("could not start a sequence")
-                request.emit(exc)
+                self._emit(request, exc)
 
     def _start(self, request: BatchRequest) -> None:
         free = [s for s in range(self.slots) if s not in self._active]
-        # The free slot whose own cache shares the longest prefix; ties go to the least recently used.
-        slot = max(free, key=lambda s: (_common_prefix(self._cached[s], request.prompt), -self._last_used[s]))
+
+        def preference(slot: int) -> tuple[int, int, int, float]:
+            # A long cached prefix first, then the fewest runs of consecutive slots (a unified cache is
+            # one stream: no runs), then any cached prefix, then the least recently used slot.
+            reuse = _common_prefix(self._cached[slot], request.prompt)
+            runs = 1 if self._shared_kv else _runs([*self._active, slot])
+            return (reuse if reuse >= LONG_PREFIX else 0, -runs, reuse, -self._last_used[slot])
+
+        slot = max(free, key=preference)
         reuse = _common_prefix(self._cached[slot], request.prompt)
         source, source_len = slot, reuse
         for other in range(self.slots) if self._shared_kv else ():
@@ -237,18 +284,21 @@ class DecodeLoop:
                 seq.logits_at = n - 1
             seq.n_past = end
 
-        # Generating sequences first (one token each), then prompt chunks with what budget is left.
-        generating = [s for s in self._active.values() if len(s.tokens) - s.n_past == 1]
-        prefilling = [s for s in self._active.values() if len(s.tokens) - s.n_past > 1]
-        for seq in generating:
-            add(seq, seq.n_past, seq.n_past + 1)
-        budget -= n
-        for seq in prefilling:
-            if budget <= 0:
-                break
-            take = min(budget, len(seq.tokens) - seq.n_past)
+        # Generating sequences get their one token first, then prompt chunks take what budget is left; the
+        # batch is then written in slot order, so that consecutive slots make one micro-batch.
+        plan: list[tuple[_Sequence, int]] = []
+        for seq in self._active.values():
+            if len(seq.tokens) - seq.n_past == 1:
+                plan.append((seq, 1))
+                budget -= 1
+        for seq in self._active.values():
+            remaining = len(seq.tokens) - seq.n_past
+            if remaining > 1 and budget > 0:
+                take = min(budget, remaining)
+                plan.append((seq, take))
+                budget -= take
+        for seq, take in sorted(plan, key=lambda entry: entry[0].slot):
             add(seq, seq.n_past, seq.n_past + take)
-            budget -= take
         batch.n_tokens = n
         status = self._ll.llama_decode(self._ctx, batch)
         if status != 0:
@@ -274,7 +324,7 @@ class DecodeLoop:
         self.stats.generated_tokens += 1
         text = seq.stream.feed(self._piece_of(token))
         if text:
-            request.emit(TextChunk(text))
+            self._emit(request, TextChunk(text))
         if seq.stream.stopped:
             self._complete(seq, "stop")
         elif seq.generated >= request.limit:
@@ -283,10 +333,9 @@ class DecodeLoop:
     def _complete(self, seq: _Sequence, reason: str) -> None:
         tail = seq.stream.flush()
         if tail:
-            seq.request.emit(TextChunk(tail))
-        seq.request.emit(
-            Finished(reason, prompt_tokens=len(seq.request.prompt), completion_tokens=seq.generated)  # type: ignore[arg-type]
-        )
+            self._emit(seq.request, TextChunk(tail))
+        finished = Finished(reason, prompt_tokens=len(seq.request.prompt), completion_tokens=seq.generated)  # type: ignore[arg-type]
+        self._emit(seq.request, finished)
         self._finish(seq, keep_cache=True)
 
     def _finish(self, seq: _Sequence, keep_cache: bool) -> None:
