@@ -66,12 +66,18 @@ class HostedModel:
 
 class ModelHost:
     def __init__(
-        self, catalog: Iterable[node_pb2.ModelSpec], threads: int, gpu_count: int, unified_kv: bool = False
+        self,
+        catalog: Iterable[node_pb2.ModelSpec],
+        threads: int,
+        gpu_count: int,
+        unified_kv: bool = False,
+        engine_nice: int = 0,
     ) -> None:
         self.models: dict[str, HostedModel] = {s.name: HostedModel(s) for s in catalog}
         self._threads = threads
         self._gpu_count = gpu_count
         self._unified_kv = unified_kv
+        self._engine_nice = engine_nice
         self.changed = asyncio.Event()  # set on state and load changes, so heartbeats go out promptly
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -103,6 +109,7 @@ class ModelHost:
                     gpu_layers=-1 if use_gpu else 0,
                     slots=running_limit(spec),
                     unified_kv=self._unified_kv,
+                    nice=self._engine_nice,
                 )
             )
         raise EngineError(f"engine '{spec.engine}' is not supported by this node agent yet")

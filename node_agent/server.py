@@ -52,7 +52,9 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
         return inventory.collect(models_dirs, [e.path for e in entries], settings.inventory_override)
 
     gpu_count = len((await asyncio.to_thread(collect)).gpus)
-    host = ModelHost([e.spec() for e in entries], settings.threads, gpu_count, settings.unified_kv)
+    host = ModelHost(
+        [e.spec() for e in entries], settings.threads, gpu_count, settings.unified_kv, settings.engine_nice
+    )
     server = GrpcServer([INFERENCE_SERVICE])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(NodeInference(host, settings.node_id), server.server)
     port = await server.start(settings.listen)

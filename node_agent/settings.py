@@ -37,8 +37,15 @@ class NodeSettings(BaseSettings):
     )
     unified_kv: bool = Field(
         False,
-        description="one KV buffer shared by a llama.cpp replica's sequences: ~15% more batched throughput"
-        " and prefixes shared across slots, but a batched output may differ from the same request alone",
+        description="one KV buffer shared by a llama.cpp replica's sequences: a prompt can reuse a prefix that"
+        " any slot holds, even a running one; but a batched output may differ from the same request alone",
+    )
+    engine_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="nice value of the threads that run llama.cpp's compute; above 0 lets the threads that"
+        " move tokens (gRPC, HTTP) run first when the engine keeps every core busy; 0 leaves them equal",
     )
     rpc_timeout_seconds: float = Field(5.0, gt=0, description="deadline of calls to the control plane")
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="time in-flight requests get at shutdown")

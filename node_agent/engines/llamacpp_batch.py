@@ -27,6 +27,7 @@ import collections
 import ctypes
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -82,6 +83,16 @@ def _runs(slots: list[int]) -> int:
     return sum(1 for i, slot in enumerate(ordered) if i == 0 or slot != ordered[i - 1] + 1)
 
 
+def lower_thread_priority(nice: int) -> None:
+    """Give the calling thread (and the threads it creates from now on) this nice value (Linux: per
+    thread). Raising it needs no privilege; failing to is not worth failing a load for."""
+    if nice > 0:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError as exc:
+            log.warning("could not set the compute threads' nice value to %d: %s", nice, exc)
+
+
 def _dispatch(events: list[tuple[BatchRequest, Item]]) -> None:
     for request, item in events:
         request.sink(item)
@@ -99,7 +110,15 @@ class DecodeLoop:
     """Owns one llama.cpp context with `slots` sequences and runs it on its own thread."""
 
     def __init__(
-        self, llama_cpp: Any, vocab: Any, ctx: Any, slots: int, batch_size: int, shared_kv: bool, post: Post
+        self,
+        llama_cpp: Any,
+        vocab: Any,
+        ctx: Any,
+        slots: int,
+        batch_size: int,
+        shared_kv: bool,
+        post: Post,
+        nice: int = 0,
     ) -> None:
         self._ll = llama_cpp
         self._vocab = vocab
@@ -114,6 +133,7 @@ class DecodeLoop:
         self._cached: dict[int, list[int]] = {s: [] for s in range(slots)}  # KV content of each slot
         self._last_used: dict[int, float] = dict.fromkeys(range(slots), 0.0)
         self._post = post
+        self._nice = nice
         self._outbox: list[tuple[BatchRequest, Item]] = []  # this step's events, posted at its end
         self._wake = threading.Condition()
         self._closing = False
@@ -147,6 +167,8 @@ class DecodeLoop:
     # --- the decode thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # Before the first decode: llama.cpp's worker threads are created by this thread and inherit it.
+        lower_thread_priority(self._nice)
         while True:
             with self._wake:
                 while not self._closing and not self._queue and not self._active:
