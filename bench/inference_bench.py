@@ -1,8 +1,11 @@
 """Inference benchmark: fleetlm against the engine called directly and against llama_cpp.server.
 
-    .venv/bin/python -m bench.inference_bench [--tokens 128] [--threads 2] [--llama-server PATH]
+    .venv/bin/python -m bench.inference_bench [--tokens 128] [--threads 2] [--rounds 3] [--llama-server PATH]
 
-Same model (SmolLM2-135M-Instruct Q4_1), same thread count, same greedy prompt, one run, one at a time:
+Same model (SmolLM2-135M-Instruct Q4_1), same thread count, same greedy prompt, in one run. Every
+server is started first and stays up (idle, it costs nothing); then each round measures every row in
+turn, and the table gives each figure's median over the rounds, so a machine whose speed drifts over
+minutes (this one does, by +-15%) favours no row. The rows:
   direct        llama-cpp-python in-process (the limit for one stream; it cannot batch)
   llama_cpp.server  llama-cpp-python's OpenAI server (what a user would pick instead)
   fleetlm HTTP  the edge's OpenAI API over SSE: edge -> control plane -> node agent -> llama.cpp
@@ -54,17 +57,16 @@ def percentile(values: list[float], p: float) -> float:
 
 
 async def measure(stream: Stream, tokens: int, concurrency: int = 8) -> dict[str, float]:
-    await stream(8)  # warm-up
-    # Time to first token from 10 short requests; the decode rate from 3 long ones.
+    """One round for one row: time to first token from 10 short requests, the decode rate of one long
+    request, then `concurrency` long requests at once."""
     firsts = [(await stream(4)).ttft for _ in range(10)]
-    singles = [await stream(tokens) for _ in range(3)]
-    decode = [(r.tokens - 1) / (r.duration - r.ttft) for r in singles]
+    single = await stream(tokens)
     start = time.perf_counter()
     runs = await asyncio.gather(*(stream(tokens) for _ in range(concurrency)))
     wall = time.perf_counter() - start
     return {
         "ttft_1": statistics.median(firsts) * 1000,
-        "tps_1": statistics.median(decode),
+        "tps_1": (single.tokens - 1) / (single.duration - single.ttft),
         "agg_8": sum(r.tokens for r in runs) / wall,
         "ttft_8_p50": percentile([r.ttft for r in runs], 50) * 1000,
         "ttft_8_p99": percentile([r.ttft for r in runs], 99) * 1000,
@@ -109,16 +111,24 @@ def sse_stream(base_url: str, model: str) -> Stream:
                 "repeat_penalty": 1.0}  # fmt: skip
         start = time.perf_counter()
         first, last, finish = 0.0, 0.0, None
-        async with client.stream("POST", f"{base_url}/v1/completions", json=body) as reply:
-            async for line in reply.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                choice = event["choices"][0] if event.get("choices") else {}
-                if choice.get("text"):
-                    last = time.perf_counter() - start
-                    first = first or last
-                finish = choice.get("finish_reason") or finish
+        for attempt in range(2):
+            try:
+                async with client.stream("POST", f"{base_url}/v1/completions", json=body) as reply:
+                    async for line in reply.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        event = json.loads(line[6:])
+                        choice = event["choices"][0] if event.get("choices") else {}
+                        if choice.get("text"):
+                            last = time.perf_counter() - start
+                            first = first or last
+                        finish = choice.get("finish_reason") or finish
+                break
+            except httpx.RemoteProtocolError:
+                # llama-server closes a kept-alive connection after 5 requests; a pooled client that
+                # picks it up in that moment sends again on a new one, as real clients do.
+                if attempt or first:
+                    raise
         assert finish == "length", f"generation ended early ({finish}): the figures would be wrong"
         return Run(first, last, tokens)
 
@@ -153,79 +163,106 @@ def start_http_server(argv: list[str], ready_url: str, log: Path) -> subprocess.
     return proc
 
 
+def llama_cpp_server(model_path: str, threads: int, log: Path) -> tuple[subprocess.Popen[bytes], Stream]:
+    port = free_port()
+    server = start_http_server(
+        [sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--n_threads", str(threads),
+         "--n_threads_batch", str(threads), "--n_ctx", "2048", "--port", str(port), "--model_alias", MODEL,
+         # By default a new request interrupts the one streaming; queue them instead, as a user serving
+         # several clients would.
+         "--interrupt_requests", "False"],
+        f"http://127.0.0.1:{port}/v1/models", log,
+    )  # fmt: skip
+    return server, sse_stream(f"http://127.0.0.1:{port}", MODEL)
+
+
+def llama_server(binary: str, model_path: str, threads: int, log: Path) -> tuple[subprocess.Popen[bytes], Stream]:
+    port = free_port()
+    server = start_http_server(
+        [binary, "-m", model_path, "-t", str(threads), "-np", "8", "-c", str(8 * 2048), "--port", str(port)],
+        # /v1/models answers while the model is still loading; /health waits for it
+        f"http://127.0.0.1:{port}/health",
+        log,
+    )
+    return server, sse_stream(f"http://127.0.0.1:{port}", MODEL)
+
+
+def start_fleetlm(cluster: Cluster, model_path: str, threads: int) -> tuple[str, str]:
+    catalog = cluster.dir / "deployments.yaml"
+    entry = {"name": MODEL, "path": model_path, "format": "gguf", "context_size": 2048,
+             "min_replicas": 1, "max_replicas": 1, "max_running_requests": 8}  # fmt: skip
+    catalog.write_text(yaml.safe_dump({"models": [entry]}))
+    cluster.start_etcd()
+    cluster.start_controlplane(10, "--deployments", str(catalog), "--log-level", "WARNING")
+    cluster.start_node("bench", models_dirs=[str(Path(model_path).parent)], threads=threads)
+    _, http, grpc_address = cluster.start_edge("--log-level", "WARNING")
+    cluster.wait_model_state(http, MODEL)
+    return http, grpc_address
+
+
+DIRECT = "direct (llama-cpp-python in-process)"
+ALTERNATIVE = "llama_cpp.server"
+FLEETLM_HTTP = "fleetlm, OpenAI HTTP (SSE) through the edge"
+
+
+def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
+    table = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in results.items()}
+    direct, alternative = table[DIRECT], table[ALTERNATIVE]
+    print(f"\n{args.tokens} tokens per request, greedy, {args.threads} threads, SmolLM2-135M-Instruct Q4_1, "
+          f"median of {args.rounds} rounds\n")  # fmt: skip
+    print(f"{'':<46} {'1 stream':>31} {'8 concurrent streams':>47}")
+    header = ["TTFT p50 ms", "decode tok/s", "aggregate tok/s", "TTFT p50 ms", "TTFT p99 ms"]
+    ratios = ["x direct 1-stream", "x llama_cpp.server"]
+    print(f"{'':<46} " + " ".join(f"{h:>15}" for h in header) + " " + " ".join(f"{h:>19}" for h in ratios))
+    for name, r in table.items():
+        cells = [r["ttft_1"], r["tps_1"], r["agg_8"], r["ttft_8_p50"], r["ttft_8_p99"]]
+        ratio = [r["agg_8"] / direct["tps_1"], r["agg_8"] / alternative["agg_8"]]
+        print(f"{name:<46} " + " ".join(f"{c:>15.1f}" for c in cells) + " " + " ".join(f"{x:>19.2f}" for x in ratio))
+    for name in (FLEETLM_HTTP, "fleetlm, gRPC through the edge"):
+        r = table[name]
+        line = (f"\n{name}: 1 stream {r['tps_1'] / direct['tps_1']:.2f}x the direct decode rate, "
+                f"TTFT {r['ttft_1'] - direct['ttft_1']:+.1f} ms against direct")  # fmt: skip
+        if "llama-server (C++, 8 slots)" in table:
+            line += f"; 8 streams {r['agg_8'] / table['llama-server (C++, 8 slots)']['agg_8']:.2f}x llama-server"
+        print(line, end="")
+    print()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per request (128)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every engine (2)")
-    parser.add_argument("--llama-server", help="path of llama.cpp's llama-server binary, for a fourth row")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all rows; figures are medians (3)")
+    parser.add_argument("--llama-server", help="path of llama.cpp's llama-server binary, for another row")
     args = parser.parse_args()
     model_path = str(default_model_path())
-    results: dict[str, dict[str, float]] = {}
-
-    results["direct (llama-cpp-python in-process)"] = await measure(direct_stream(args.threads), args.tokens)
+    servers: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        server = start_http_server(
-            [sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--n_threads", str(args.threads),
-             "--n_threads_batch", str(args.threads), "--n_ctx", "2048", "--port", str(port), "--model_alias", MODEL,
-             # By default a new request interrupts the one streaming; queue them instead, as a user serving
-             # several clients would.
-             "--interrupt_requests", "False"],
-            f"http://127.0.0.1:{port}/v1/models", Path(tmp) / "llama_cpp_server.log",
-        )  # fmt: skip
-        try:
-            results["llama_cpp.server"] = await measure(sse_stream(f"http://127.0.0.1:{port}", MODEL), args.tokens)
-        finally:
-            server.terminate()
-            server.wait(30)
-
-        if args.llama_server:
-            port = free_port()
-            server = start_http_server(
-                [args.llama_server, "-m", model_path, "-t", str(args.threads), "-np", "8", "-c", str(8 * 2048),
-                 "--port", str(port)],
-                # /v1/models answers while the model is still loading; /health waits for it
-                f"http://127.0.0.1:{port}/health", Path(tmp) / "llama_server.log",
-            )  # fmt: skip
-            try:
-                results["llama-server (C++, 8 slots)"] = await measure(
-                    sse_stream(f"http://127.0.0.1:{port}", MODEL), args.tokens
-                )
-            finally:
-                server.terminate()
-                server.wait(30)
-
         cluster = Cluster(Path(tmp))
         try:
-            catalog = Path(tmp) / "deployments.yaml"
-            entry = {"name": MODEL, "path": model_path, "format": "gguf", "context_size": 2048,
-                     "min_replicas": 1, "max_replicas": 1, "max_running_requests": 8}  # fmt: skip
-            catalog.write_text(yaml.safe_dump({"models": [entry]}))
-            cluster.start_etcd()
-            cluster.start_controlplane(10, "--deployments", str(catalog), "--log-level", "WARNING")
-            cluster.start_node("bench", models_dirs=[str(Path(model_path).parent)], threads=args.threads)
-            _, http, grpc_address = cluster.start_edge("--log-level", "WARNING")
-            cluster.wait_model_state(http, MODEL)
-            results["fleetlm, OpenAI HTTP (SSE) through the edge"] = await measure(sse_stream(http, MODEL), args.tokens)
-            results["fleetlm, gRPC through the edge"] = await measure(grpc_stream(grpc_address), args.tokens)
+            rows: dict[str, Stream] = {DIRECT: direct_stream(args.threads)}
+            server, rows[ALTERNATIVE] = llama_cpp_server(model_path, args.threads, Path(tmp) / "llama_cpp_server.log")
+            servers.append(server)
+            if args.llama_server:
+                server, stream = llama_server(args.llama_server, model_path, args.threads, Path(tmp) / "llama.log")
+                servers.append(server)
+                rows["llama-server (C++, 8 slots)"] = stream
+            http, grpc_address = start_fleetlm(cluster, model_path, args.threads)
+            rows[FLEETLM_HTTP] = sse_stream(http, MODEL)
+            rows["fleetlm, gRPC through the edge"] = grpc_stream(grpc_address)
+            for stream in rows.values():
+                await stream(8)  # warm-up
+            results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}
+            for round_ in range(args.rounds):
+                for name, stream in rows.items():
+                    results[name].append(await measure(stream, args.tokens))
+                print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
         finally:
             cluster.close()
-
-    direct = results["direct (llama-cpp-python in-process)"]
-    alternative = results["llama_cpp.server"]
-    print(f"\n{args.tokens} tokens per request, greedy, {args.threads} threads, SmolLM2-135M-Instruct Q4_1\n")
-    print(f"{'':<46} {'1 stream':>21} {'8 concurrent streams':>40}")
-    header = ["TTFT p50 ms", "decode tok/s", "aggregate tok/s", "TTFT p50 ms", "TTFT p99 ms"]
-    print(
-        f"{'':<46} " + " ".join(f"{h:>15}" for h in header) + f" {'x direct 1-stream':>18} {'x llama_cpp.server':>19}"
-    )
-    for name, r in results.items():
-        cells = [r["ttft_1"], r["tps_1"], r["agg_8"], r["ttft_8_p50"], r["ttft_8_p99"]]
-        ratios = f"{r['agg_8'] / direct['tps_1']:>18.2f} {r['agg_8'] / alternative['agg_8']:>19.2f}"
-        print(f"{name:<46} " + " ".join(f"{c:>15.1f}" for c in cells) + " " + ratios)
-    edge = results["fleetlm, OpenAI HTTP (SSE) through the edge"]
-    print(f"\nfleetlm HTTP, 1 stream: {edge['tps_1'] / direct['tps_1']:.2f}x the direct decode rate, "
-          f"TTFT {edge['ttft_1'] - direct['ttft_1']:+.1f} ms against direct")  # fmt: skip
+            for server in servers:
+                server.terminate()
+                server.wait(30)
+    report(results, args)
 
 
 if __name__ == "__main__":
