@@ -115,7 +115,9 @@ def parser() -> argparse.ArgumentParser:
         help="directory with model files the control plane may assign (repeatable)",
     )
     node.add_argument("--inventory-override", help="YAML replacing parts of the measured inventory")
-    node.add_argument("--unified-kv", action="store_true", help="share prefixes across slots; batched output may differ from alone")
+    node.add_argument(
+        "--unified-kv", action="store_true", help="share prefixes across slots; batched output may differ from alone"
+    )
     node.add_argument("--threads", type=int, help="CPU threads per llama.cpp context (all cores)")
     node.add_argument("--engine-nice", type=int, help="nice value of llama.cpp's compute threads, 0-19 (10)")
     node.add_argument("--log-level")

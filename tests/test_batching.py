@@ -139,6 +139,35 @@ async def test_prefix_is_reused_not_recomputed(engine: LlamaCppEngine) -> None:
     assert warm_time < cold_time
 
 
+async def test_a_new_request_keeps_the_running_slots_consecutive() -> None:
+    # llama.cpp decodes each run of consecutive KV streams as its own micro-batch; a request that starts
+    # while slots 0 and 2 run must take slot 1, not the least recently used slot 3.
+    built = LlamaCppEngine(LlamaCppConfig(str(default_model_path()), context_size=512, threads=2, slots=4))
+    await built.start()
+    try:
+        loop = built._loop
+        assert loop is not None
+        long = SamplingOptions(max_tokens=400, temperature=0)
+        first = []
+        for n, prompt in enumerate(PROMPTS[:3], start=1):  # one at a time: request i takes slot i
+            first.append(asyncio.ensure_future(run(built, prompt, long)))
+            while loop.running < n:
+                await asyncio.sleep(0.01)
+        assert sorted(loop._active) == [0, 1, 2]
+        first[1].cancel()  # the request on slot 1 leaves; slots 0 and 2 keep running
+        while 1 in loop._active:
+            await asyncio.sleep(0.01)
+        late = asyncio.ensure_future(run(built, PROMPTS[5], long))
+        while loop.running < 3:
+            await asyncio.sleep(0.01)
+        assert sorted(loop._active) == [0, 1, 2]
+        for task in (first[0], first[2], late):
+            task.cancel()
+        await asyncio.gather(*first, late, return_exceptions=True)
+    finally:
+        await built.close()
+
+
 async def test_requests_beyond_the_slots_wait_in_the_queue(engine: LlamaCppEngine) -> None:
     options = SamplingOptions(max_tokens=48, temperature=0)
     tasks = [asyncio.ensure_future(run(engine, p, options)) for p in PROMPTS + PROMPTS[:4]]  # 12 > 8 slots
