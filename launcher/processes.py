@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import os
 import signal
 import socket
 import subprocess
@@ -12,16 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # If `fleetlm up` itself is killed (even with SIGKILL), the kernel sends SIGTERM to the child, so no
-    # etcd or engine process outlives it.
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+from mesh.child_process import die_with_parent, signal_group
 
 
 class Child:
@@ -34,7 +23,7 @@ class Child:
             stdout=log,
             stderr=subprocess.STDOUT if log is not None else None,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def alive(self) -> bool:
@@ -52,10 +41,7 @@ class Child:
         return self.proc.returncode
 
     def _signal(self, sig: signal.Signals) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        signal_group(self.proc.pid, sig)
 
 
 def port_free(host: str, port: int) -> bool:
