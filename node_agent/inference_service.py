@@ -7,15 +7,16 @@ from collections.abc import AsyncIterator
 import grpc
 
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
-from mesh.errors import ErrorCode, FleetError, invalid
+from mesh.errors import ErrorCode, FleetError
 from mesh.inference_requests import validate_embed, validate_generate, validate_tokenize
 from node_agent.engines.base import (
     ContextLengthExceeded,
-    Engine,
     EngineError,
+    EngineUnavailable,
     Finished,
     InvalidInput,
     Message,
+    Prompt,
     SamplingOptions,
 )
 from node_agent.host import ModelHost
@@ -47,12 +48,20 @@ def _messages(chat: inference_pb2.ChatConversation) -> list[Message]:
     return [Message(m.role, m.content) for m in chat.messages]
 
 
+def _prompt(request: inference_pb2.GenerateRequest) -> Prompt:
+    return request.prompt if request.WhichOneof("input") == "prompt" else _messages(request.chat)
+
+
 def _engine_error(exc: EngineError, input_param: str = "messages") -> FleetError:
+    """An engine's failure in the shared vocabulary; `input_param` names the request's input field."""
     if isinstance(exc, ContextLengthExceeded):
         param = input_param if exc.param == "messages" else exc.param
         return FleetError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc), param=param)
     if isinstance(exc, InvalidInput):
-        return FleetError(ErrorCode.INVALID_REQUEST, str(exc), param=exc.param)
+        param = input_param if exc.param == "messages" else exc.param
+        return FleetError(ErrorCode.INVALID_REQUEST, str(exc), param=param)
+    if isinstance(exc, EngineUnavailable):
+        return FleetError(ErrorCode.BACKEND_UNAVAILABLE, str(exc), retry_after_seconds=1)
     return FleetError(ErrorCode.INVALID_REQUEST, str(exc))
 
 
@@ -61,21 +70,13 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
         self._host = host
         self._node_id = node_id
 
-    async def _prompt(self, engine: Engine, request: inference_pb2.GenerateRequest) -> str:
-        if request.WhichOneof("input") == "prompt":
-            return request.prompt
-        try:
-            return await engine.render_chat(_messages(request.chat))
-        except EngineError as exc:
-            raise invalid("messages", str(exc)) from exc
-
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         validate_generate(request)
         input_param = "prompt" if request.WhichOneof("input") == "prompt" else "messages"
+        prompt = _prompt(request)
         async with self._host.serving(request.model) as (_, engine):
-            prompt = await self._prompt(engine, request)
             try:
                 async for event in engine.generate(prompt, sampling_options(request.sampling)):
                     if isinstance(event, Finished):
@@ -116,14 +117,11 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.TokenizeResponse:
         validate_tokenize(request)
         hosted, engine = self._host.engine_for(request.model)
-        if request.WhichOneof("input") == "chat":
-            try:
-                text = await engine.render_chat(_messages(request.chat))
-            except EngineError as exc:
-                raise invalid("chat", str(exc)) from exc
-        else:
-            text = request.text
-        ids = await engine.tokenize(text)
+        prompt = _messages(request.chat) if request.WhichOneof("input") == "chat" else request.text
+        try:
+            ids = await engine.tokenize(prompt)
+        except EngineError as exc:
+            raise _engine_error(exc, "chat" if request.WhichOneof("input") == "chat" else "text") from exc
         return inference_pb2.TokenizeResponse(token_ids=ids, context_size=hosted.context_size)
 
     async def ListModels(

@@ -43,6 +43,8 @@ class Finished:
 
 
 GenerationEvent = TextChunk | Finished
+# What to complete: a raw prompt, or a conversation the engine formats with the model's chat template.
+Prompt = str | Sequence[Message]
 
 
 @dataclass
@@ -77,6 +79,10 @@ class ContextLengthExceeded(EngineError):
         self.param = param
 
 
+class EngineUnavailable(EngineError):
+    """The engine cannot serve now (its server is unreachable, crashed or overloaded); another replica may."""
+
+
 class InvalidInput(EngineError):
     """The request is outside the engine's limits. `param` names the field."""
 
@@ -104,16 +110,18 @@ class Engine(Protocol):
 
     async def close(self) -> None: ...
 
-    async def render_chat(self, messages: Sequence[Message]) -> str:
-        """The prompt text the model's chat template makes of a conversation."""
+    async def tokenize(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt as generation would see it (chat template applied, special tokens
+        parsed, BOS added)."""
         ...
 
-    async def tokenize(self, text: str) -> list[int]:
-        """Token ids of a prompt as generation would see it (special tokens parsed, BOS added)."""
-        ...
-
-    def generate(self, prompt: str, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+    def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
         """Stream text chunks, then one Finished. Closing the iterator early stops the generation."""
         ...
 
     async def embed(self, texts: Sequence[str]) -> Embeddings: ...
+
+    async def watch(self) -> str:
+        """Return, with the reason, when the engine stops working on its own (its process crashed, its
+        server stopped answering). An engine that cannot fail that way never returns."""
+        ...

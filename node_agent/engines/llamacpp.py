@@ -26,6 +26,7 @@ from node_agent.engines.base import (
     GenerationEvent,
     InvalidInput,
     Message,
+    Prompt,
     SamplingOptions,
 )
 from node_agent.engines.embedding_batch import EmbeddingBatcher
@@ -176,13 +177,13 @@ class LlamaCppEngine:
                 setattr(self, attr, None)
             pool.shutdown(wait=True)
 
-    async def render_chat(self, messages: Sequence[Message]) -> str:
+    def _render_chat(self, messages: Sequence[Message]) -> str:
         if self._template is None:
-            raise EngineError("this model has no chat template; use the completions API")
+            raise InvalidInput("this model has no chat template; use the completions API", "messages")
         try:
             rendered = self._template(messages=[{"role": m.role, "content": m.content} for m in messages])
         except Exception as exc:
-            raise EngineError(f"the model's chat template rejected the messages: {exc}") from exc
+            raise InvalidInput(f"the model's chat template rejected the messages: {exc}", "messages") from exc
         return str(rendered.prompt)
 
     def _tokenize(self, text: str) -> list[int]:
@@ -191,11 +192,16 @@ class LlamaCppEngine:
         add_bos = not (bos_text and text.startswith(bos_text))
         return list(llm.tokenize(text.encode(), add_bos=add_bos, special=True))
 
-    async def tokenize(self, text: str) -> list[int]:
+    async def tokenize(self, prompt: Prompt) -> list[int]:
+        text = prompt if isinstance(prompt, str) else self._render_chat(prompt)
         # The tokenizer reads only the vocabulary, never a context: safe beside generation.
         return await asyncio.to_thread(self._tokenize, text)
 
-    async def generate(self, prompt: str, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+    async def watch(self) -> str:
+        await asyncio.Event().wait()  # in-process: a failure surfaces in the request that meets it
+        return ""
+
+    async def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
         assert self._loop is not None, "engine not started"
         tokens = await self.tokenize(prompt)
         context = self.config.context_size
