@@ -136,16 +136,28 @@ def _memory_fit(spec: node_pb2.ModelSpec, snap: NodeSnapshot, policy: PlacementP
     gpus = snap.node.inventory.gpus
     wants_gpu = spec.device == "gpu" or engine_of(spec) in GPU_ONLY_ENGINES
     if gpus and spec.device != "cpu":
-        best: Fit | None = None
-        for gpu in gpus:
-            used = sum(a.memory_bytes for a in snap.assignments if a.device == "gpu" and gpu.index in a.gpu_indices)
-            capacity = max(0, gpu.memory.total_bytes - policy.vram_reserve_bytes)
-            if used + need <= capacity and (best is None or capacity - used > best.capacity_bytes - best.used_bytes):
-                best = Fit("gpu", [gpu.index], need, capacity, used)
-        if best is not None:
-            return best
+        count = spec.gpu_count if spec.HasField("gpu_count") else 1
+        share = need / max(count, 1)  # a tensor-parallel replica splits weights and KV cache over its GPUs
+
+        def used_on(index: int) -> float:
+            return sum(  # an assignment's memory is spread evenly over its GPUs
+                a.memory_bytes / len(a.gpu_indices)
+                for a in snap.assignments
+                if a.device == "gpu" and index in a.gpu_indices
+            )
+
+        free: list[tuple[int, float, int]] = sorted(
+            ((max(0, g.memory.total_bytes - policy.vram_reserve_bytes), used_on(g.index), g.index) for g in gpus),
+            key=lambda entry: (entry[1] - entry[0], entry[2]),  # most free memory first
+        )
+        chosen = [entry for entry in free[:count] if entry[1] + share <= entry[0]]
+        if len(chosen) == count:
+            gpu_capacity, gpu_used = sum(e[0] for e in chosen), sum(e[1] for e in chosen)
+            return Fit("gpu", sorted(e[2] for e in chosen), need, gpu_capacity, int(gpu_used))
         if wants_gpu:
-            return "capacity", f"needs {need / GiB:.2f} GiB of GPU memory; no GPU has that much free"
+            if count > len(gpus):
+                return "capacity", f"needs {count} GPUs; node has {len(gpus)}"
+            return "capacity", f"needs {share / GiB:.2f} GiB of GPU memory on {count} GPU(s); no GPU has that much free"
     used = sum(a.memory_bytes for a in snap.assignments if a.device == "cpu")
     capacity = max(0, snap.node.inventory.ram.total_bytes - policy.ram_reserve_bytes)
     if used + need > capacity:

@@ -44,6 +44,8 @@ def _node(args: argparse.Namespace) -> None:
         "catalog",
         "threads",
         "engine_nice",
+        "sglang_python",
+        "engine_health_seconds",
         "inventory_override",
         "log_level",
     )
@@ -120,6 +122,8 @@ def parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--threads", type=int, help="CPU threads per llama.cpp context (all cores)")
     node.add_argument("--engine-nice", type=int, help="nice value of llama.cpp's compute threads, 0-19 (10)")
+    node.add_argument("--sglang-python", help="Python that runs sglang.launch_server (the agent's own)")
+    node.add_argument("--engine-health-seconds", type=float, help="health-check period of engine servers (5)")
     node.add_argument("--log-level")
     node.set_defaults(run=_node)
 

@@ -15,6 +15,11 @@ deployments (`fleetlm controlplane --deployments`) share this format.
         cpu_offload_model: smollm2-135m-cpu
         max_running_requests: 3
         max_queued_requests: 16
+        # engines that run as a process (SGLang, a launched openai server)
+        gpu_count: 2          # GPUs per replica (SGLang: tensor parallel)
+        startup_timeout: 600  # seconds to become ready
+        engine_args: {mem-fraction-static: 0.8, enable-metrics: true}   # flags added or overridden
+        command: [vllm, serve, "{path}", --port, "{port}"]            # engine openai: start this server
 
 The old system's keys are accepted too (model_path, backend, execution_mode), so its models.yaml loads.
 """
@@ -32,7 +37,8 @@ from fleetlm.controlplane.v1 import node_pb2
 # Which engine runs which weights format: the one table the control plane and node agents share.
 ENGINE_FORMATS = {"llamacpp": {"gguf"}, "sglang": {"hf", "awq"}, "openai": {"gguf", "hf", "awq"}}
 # A replica's limits when its spec leaves them unset: sequences decoded together, requests waiting.
-DEFAULT_SLOTS = {"llamacpp": 4}
+# SGLang's 3 is the old system's enforced limit; an attached server's own capacity is unknown.
+DEFAULT_SLOTS = {"llamacpp": 4, "sglang": 3, "openai": 4}
 DEFAULT_MAX_QUEUED = 16
 
 
@@ -46,6 +52,15 @@ def running_limit(spec: node_pb2.ModelSpec) -> int:
 def queue_limit(spec: node_pb2.ModelSpec) -> int:
     """Requests a replica holds waiting before it refuses more."""
     return spec.max_queued_requests if spec.HasField("max_queued_requests") else DEFAULT_MAX_QUEUED
+
+
+def _flag_value(value: str | int | float | bool | None) -> str:
+    """YAML's `true`/empty means a flag without a value, `false` drops the flag; the rest is text."""
+    if value is None or value is True:
+        return ""
+    if value is False:
+        return "false"
+    return str(value)
 
 
 class ModelEntry(BaseModel):
@@ -65,6 +80,10 @@ class ModelEntry(BaseModel):
     cpu_offload_model: str = ""
     max_running_requests: int | None = Field(None, ge=1)
     max_queued_requests: int | None = Field(None, ge=0)
+    gpu_count: int | None = Field(None, ge=1, le=64)
+    startup_timeout: float | None = Field(None, gt=0)
+    engine_args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    command: list[str] = Field(default_factory=list)
 
     def spec(self) -> node_pb2.ModelSpec:
         spec = node_pb2.ModelSpec(
@@ -79,6 +98,12 @@ class ModelEntry(BaseModel):
             spec.max_running_requests = self.max_running_requests
         if self.max_queued_requests is not None:
             spec.max_queued_requests = self.max_queued_requests
+        if self.gpu_count is not None:
+            spec.gpu_count = self.gpu_count
+        if self.startup_timeout is not None:
+            spec.startup_timeout.FromNanoseconds(int(self.startup_timeout * 1e9))
+        spec.engine_args.update({flag: _flag_value(value) for flag, value in self.engine_args.items()})
+        spec.command.extend(self.command)
         return spec
 
     def deployment(self) -> node_pb2.Deployment:
@@ -115,7 +140,10 @@ def load_catalog(path: Path) -> list[ModelEntry]:
     if len(set(names)) != len(names):
         raise CatalogError(f"model catalog {path} declares a name twice: {names}")
     base = path.resolve().parent
+    # Paths are files, relative to the catalog, except an attached server's URL.
     return [
-        m.model_copy(update={"path": str((base / m.path).resolve())}) if m.engine != "openai" else m
+        m.model_copy(update={"path": str((base / m.path).resolve())})
+        if m.path and (m.engine != "openai" or m.command)
+        else m
         for m in catalog.models
     ]

@@ -2,8 +2,10 @@
 
 Replicas come from two places: the node's own catalog (loaded at start, kept for the agent's life) and
 the control plane's assignments (loaded and unloaded as the assignments change). An assigned replica
-that fails to load is retried with backoff while it stays assigned. Unloading is graceful: the replica
-refuses new requests at once, lets the running and queued ones finish, then frees its engine.
+that fails to load is retried with backoff while it stays assigned. A replica whose engine fails later
+(its process crashed, its server stopped answering) is failed with the reason and started again with
+backoff. Unloading is graceful: the replica refuses new requests at once, lets the running and queued
+ones finish, then frees its engine (and stops its process).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from google.protobuf import timestamp_pb2
@@ -23,6 +25,10 @@ from fleetlm.inference.v1 import inference_pb2
 from mesh.catalog import ENGINE_FORMATS, queue_limit, running_limit
 from mesh.errors import ErrorCode, FleetError
 from node_agent.engines.base import Engine, EngineError
+from node_agent.engines.launched import LaunchedServerEngine, command_launch, free_port
+from node_agent.engines.openai_server import OpenAIServerConfig, OpenAIServerEngine
+from node_agent.engines.sglang import GpuShare, sglang_launch
+from node_agent.settings import NodeSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,8 @@ class HostedModel:
     spec: node_pb2.ModelSpec
     assigned: bool = False
     device: str = "cpu"
+    gpu_indices: tuple[int, ...] = ()  # from the assignment
+    memory_bytes: int = 0  # the placement's budget, from the assignment
     state: int = node_pb2.REPLICA_STATE_PENDING
     error: str = ""
     engine: Engine | None = None
@@ -66,18 +74,12 @@ class HostedModel:
 
 class ModelHost:
     def __init__(
-        self,
-        catalog: Iterable[node_pb2.ModelSpec],
-        threads: int,
-        gpu_count: int,
-        unified_kv: bool = False,
-        engine_nice: int = 0,
+        self, catalog: Iterable[node_pb2.ModelSpec], settings: NodeSettings, gpus: Sequence[node_pb2.Gpu] = ()
     ) -> None:
         self.models: dict[str, HostedModel] = {s.name: HostedModel(s) for s in catalog}
-        self._threads = threads
-        self._gpu_count = gpu_count
-        self._unified_kv = unified_kv
-        self._engine_nice = engine_nice
+        self._settings = settings
+        self._gpus = list(gpus)
+        self._gpu_count = len(self._gpus)
         self.changed = asyncio.Event()  # set on state and load changes, so heartbeats go out promptly
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -96,6 +98,10 @@ class ModelHost:
             raise FleetError(
                 ErrorCode.FORMAT_NOT_SUPPORTED, f"engine '{spec.engine}' cannot run '{spec.format}' weights"
             )
+        if spec.engine == "sglang":
+            return self._sglang_engine(hosted)
+        if spec.engine == "openai":
+            return self._openai_engine(hosted)
         if spec.engine == "llamacpp":
             from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 
@@ -105,14 +111,58 @@ class ModelHost:
                 LlamaCppConfig(
                     path=spec.path,
                     context_size=spec.context_size or 2048,
-                    threads=self._threads,
+                    threads=self._settings.threads,
                     gpu_layers=-1 if use_gpu else 0,
                     slots=running_limit(spec),
-                    unified_kv=self._unified_kv,
-                    nice=self._engine_nice,
+                    unified_kv=self._settings.unified_kv,
+                    nice=self._settings.engine_nice,
                 )
             )
         raise EngineError(f"engine '{spec.engine}' is not supported by this node agent yet")
+
+    def _client_config(self, hosted: HostedModel, base_url: str) -> OpenAIServerConfig:
+        spec = hosted.spec
+        return OpenAIServerConfig(
+            base_url=base_url,
+            name=spec.name,
+            context_size=spec.context_size,
+            slots=running_limit(spec),
+            # A server that requires a key gets it as --api-key when the agent starts it (vLLM, SGLang).
+            api_key=spec.engine_args.get("api-key", ""),
+            health_interval=self._settings.engine_health_seconds,
+        )
+
+    def _sglang_engine(self, hosted: HostedModel) -> Engine:
+        spec = hosted.spec
+        nvidia = [g for g in self._gpus if g.vendor == "nvidia"]
+        if not nvidia:
+            raise FleetError(
+                ErrorCode.FORMAT_NOT_SUPPORTED,
+                f"model '{spec.name}' ({spec.format}) runs on SGLang, which needs an NVIDIA GPU; this node has none",
+                param="format",
+            )
+        wanted = spec.gpu_count if spec.HasField("gpu_count") else 1
+        indices = list(hosted.gpu_indices) or [g.index for g in nvidia[:wanted]]
+        if len(indices) < wanted:
+            raise EngineError(f"model '{spec.name}' needs {wanted} GPUs; this node has {len(nvidia)}")
+        hosted.device = "gpu"
+        share = GpuShare(indices, hosted.memory_bytes, {g.index: g.memory.total_bytes for g in nvidia})
+        port = free_port()
+        launch = sglang_launch(spec, share, port, self._settings.sglang_python)
+        config = self._client_config(hosted, f"http://127.0.0.1:{port}")
+        # SGLang serves the model under --served-model-name, the deployment's name.
+        return LaunchedServerEngine(launch, replace(config, upstream_model=spec.name))
+
+    def _openai_engine(self, hosted: HostedModel) -> Engine:
+        spec = hosted.spec
+        if spec.command:
+            port = free_port()
+            return LaunchedServerEngine(
+                command_launch(spec, port), self._client_config(hosted, f"http://127.0.0.1:{port}")
+            )
+        if not spec.path.startswith(("http://", "https://")):
+            raise EngineError(f"model '{spec.name}': engine 'openai' needs the server's URL as its path, or a command")
+        return OpenAIServerEngine(self._client_config(hosted, spec.path))
 
     def _set(self, hosted: HostedModel, state: int, error: str = "") -> None:
         hosted.state, hosted.error = state, error
@@ -124,15 +174,18 @@ class ModelHost:
         try:
             engine = self._make_engine(hosted)
             info = await engine.start()
-        except (EngineError, FleetError) as exc:
-            log.error("model %s failed to load: %s", hosted.name, exc)
+        except Exception as exc:
+            if isinstance(exc, FleetError):
+                reason = exc.message
+            elif isinstance(exc, EngineError):
+                reason = str(exc)
+            else:
+                log.exception("unexpected error loading %s", hosted.name)
+                reason = f"unexpected error: {exc!r}"
+            log.error("model %s failed to load: %s", hosted.name, reason)
             if engine is not None:
                 await engine.close()
-            self._set(
-                hosted,
-                node_pb2.REPLICA_STATE_FAILED,
-                str(exc) if isinstance(exc, EngineError) else exc.message,
-            )
+            self._set(hosted, node_pb2.REPLICA_STATE_FAILED, reason)
             return False
         hosted.engine, hosted.context_size = engine, info.context_size
         hosted.last_request_at = time.time()
@@ -140,17 +193,36 @@ class ModelHost:
         log.info("model %s ready on %s (context %d)", hosted.name, hosted.device, info.context_size)
         return True
 
-    async def _load_with_retry(self, hosted: HostedModel) -> None:
+    async def _run_replica(self, hosted: HostedModel) -> None:
+        """Load the replica, watch its engine, and start it again with backoff when it fails: a load
+        that fails is retried while the replica stays assigned; an engine that dies is always restarted.
+        The backoff starts over once the replica has stayed ready for RETRY_MAX_SECONDS."""
         backoff = 1.0
-        while not await self._load_once(hosted):
-            if not hosted.assigned:
-                return  # a catalog model: the operator fixes the catalog and restarts the agent
-            log.info("retrying %s in %.0fs", hosted.name, backoff)
+        while True:
+            if await self._load_once(hosted):
+                engine, ready_at = hosted.engine, time.monotonic()
+                assert engine is not None
+                try:
+                    reason = await engine.watch()
+                except Exception as exc:
+                    log.exception("watching %s failed", hosted.name)
+                    reason = f"the engine's health check failed: {exc!r}"
+                log.error("model %s failed: %s", hosted.name, reason)
+                hosted.engine = None
+                self._set(hosted, node_pb2.REPLICA_STATE_FAILED, reason)
+                await engine.close()  # requests still on it fail now, not later
+                if time.monotonic() - ready_at >= RETRY_MAX_SECONDS:
+                    backoff = 1.0
+            elif not hosted.assigned:
+                return  # a catalog model that cannot load: the operator fixes the catalog and restarts
+            log.info("starting %s again in %.0fs", hosted.name, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RETRY_MAX_SECONDS)
 
     async def load_all(self) -> None:
-        await asyncio.gather(*(self._load_with_retry(h) for h in self.models.values()))
+        for hosted in self.models.values():
+            hosted.task = self._spawn(self._run_replica(hosted))
+        await asyncio.gather(*(h.task for h in self.models.values() if h.task is not None))
 
     async def _unload(self, hosted: HostedModel, why: str) -> None:
         hosted.unloading = True
@@ -185,9 +257,15 @@ class ModelHost:
                 if not current.assigned:
                     log.warning("assignment %s clashes with a catalog model of the same name; ignored", name)
                 continue
-            hosted = HostedModel(assignment.model, assigned=True, device=assignment.device or "cpu")
+            hosted = HostedModel(
+                assignment.model,
+                assigned=True,
+                device=assignment.device or "cpu",
+                gpu_indices=tuple(assignment.gpu_indices),
+                memory_bytes=assignment.memory_bytes,
+            )
             self.models[name] = hosted
-            hosted.task = self._spawn(self._load_with_retry(hosted))
+            hosted.task = self._spawn(self._run_replica(hosted))
             self.changed.set()
 
     async def close(self) -> None:

@@ -51,10 +51,8 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     def collect() -> node_pb2.Inventory:
         return inventory.collect(models_dirs, [e.path for e in entries], settings.inventory_override)
 
-    gpu_count = len((await asyncio.to_thread(collect)).gpus)
-    host = ModelHost(
-        [e.spec() for e in entries], settings.threads, gpu_count, settings.unified_kv, settings.engine_nice
-    )
+    gpus = (await asyncio.to_thread(collect)).gpus
+    host = ModelHost([e.spec() for e in entries], settings, gpus)
     server = GrpcServer([INFERENCE_SERVICE])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(NodeInference(host, settings.node_id), server.server)
     port = await server.start(settings.listen)

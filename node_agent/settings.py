@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 from pydantic import Field
@@ -46,6 +47,17 @@ class NodeSettings(BaseSettings):
         le=19,
         description="nice value of the threads that run llama.cpp's compute; above 0 lets the threads that"
         " move tokens (gRPC, HTTP) run first when the engine keeps every core busy; 0 leaves them equal",
+    )
+    sglang_python: str = Field(
+        default_factory=lambda: sys.executable,
+        description="the Python that runs `-m sglang.launch_server` (SGLang often lives in its own venv);"
+        " default: the agent's own",
+    )
+    engine_health_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="how often an OpenAI-compatible engine server is health-checked; three failures in a row"
+        " fail the replica",
     )
     rpc_timeout_seconds: float = Field(5.0, gt=0, description="deadline of calls to the control plane")
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="time in-flight requests get at shutdown")

@@ -151,8 +151,9 @@ class Cluster:
         threads: int = 2,
         models_dirs: list[str] | None = None,
         inventory: dict[str, Any] | None = None,
+        extra: tuple[str, ...] = (),
     ) -> tuple[Proc, str]:
-        args: list[str] = []
+        args: list[str] = list(extra)
         if models:
             args += ["--catalog", str(write_catalog(self.dir / f"{node_id}-models.yaml", models))]
         for directory in models_dirs or []:

@@ -130,3 +130,22 @@ def test_thousand_nodes() -> None:
     nodes = [snap(node(f"n{i:04d}", ram_gib=8 + i % 5)) for i in range(1000)]
     verdicts = placement.evaluate(spec(), nodes, POLICY)
     assert len(verdicts) == 1000 and verdicts[0].node_id.startswith("n")
+
+
+def test_a_tensor_parallel_replica_takes_the_gpus_with_the_most_free_memory() -> None:
+    hf = spec(name="big", path="/models/hf", format="hf", engine="sglang", device="gpu", gpu_count=2)
+    box = node("quad", gpus=[24, 24, 24, 24], files=["/models/hf"])
+    # GPU 0 already holds 20 GiB of another replica; 1 holds 4 GiB (half of an 8 GiB two-GPU replica).
+    busy = [
+        node_pb2.Assignment(node_id="quad", model=spec(name="a"), device="gpu", gpu_indices=[0], memory_bytes=20 * GiB),
+        node_pb2.Assignment(
+            node_id="quad", model=spec(name="b"), device="gpu", gpu_indices=[1, 3], memory_bytes=8 * GiB
+        ),
+    ]
+    verdict = placement.place(hf, [snap(box, node_pb2.SCHEDULING_ACTIVE, *busy)], POLICY)
+    assert verdict.fit is not None and verdict.fit.device == "gpu"
+    assert verdict.fit.gpu_indices == [1, 2]  # 2 is empty; 1 and 3 tie with 4 GiB used, 1 first
+    # Three GPUs wanted on a node with two: refused with the reason.
+    verdicts = placement.evaluate(spec(name="huge", path="/models/hf", format="hf", engine="sglang", gpu_count=3),
+                                  [snap(node("duo", gpus=[24, 24], files=["/models/hf"]))], POLICY)  # fmt: skip
+    assert verdicts[0].fit is None and verdicts[0].reason == "needs 3 GPUs; node has 2"

@@ -134,9 +134,16 @@ def test_placement_follows_fit_format_and_device_with_reasons(fleet: Fleet) -> N
 
 def test_deployments_that_fit_nowhere_are_refused_with_reasons(fleet: Fleet) -> None:
     error = rpc_error(lambda: fleet.deploy("wrong-engine", engine="sglang"))
-    assert error.code == ErrorCode.FORMAT_NOT_SUPPORTED and "gguf" in error.message
+    assert error.code == ErrorCode.FORMAT_NOT_SUPPORTED
+    assert error.message == "model 'wrong-engine': engine 'sglang' cannot run 'gguf' weights"
     error = rpc_error(lambda: fleet.deploy("awq-on-cpu", format="awq", path="/m/awq", device="cpu"))
     assert error.code == ErrorCode.FORMAT_NOT_SUPPORTED
+    assert "runs on NVIDIA GPUs only, but the deployment asks for a CPU" in error.message
+    # An HF model on a fleet whose only GPU node lacks the weights and whose other nodes have no GPU.
+    error = rpc_error(lambda: fleet.deploy("hf-no-gpu", format="hf", engine="sglang", path="/m/hf"))
+    assert error.code == ErrorCode.NO_CAPACITY and "cpu-1: hf models run on SGLang, which needs an NVIDIA GPU" in (
+        error.message
+    )
     error = rpc_error(lambda: fleet.deploy("too-big", context_size=1_048_576, device="gpu", max_running_requests=1))
     assert error.code == ErrorCode.NO_CAPACITY
     assert "gpu-1:" in error.message and "cpu-1:" in error.message

@@ -94,7 +94,14 @@ class Inventory(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., cpu: _Optional[_Union[Cpu, _Mapping]] = ..., ram: _Optional[_Union[Memory, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., models_disk_free_bytes: _Optional[int] = ..., model_files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "path", "format", "engine", "context_size", "device", "max_running_requests", "max_queued_requests")
+    __slots__ = ("name", "path", "format", "engine", "context_size", "device", "max_running_requests", "max_queued_requests", "engine_args", "gpu_count", "startup_timeout", "command")
+    class EngineArgsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +110,10 @@ class ModelSpec(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_ARGS_FIELD_NUMBER: _ClassVar[int]
+    GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
+    STARTUP_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     format: str
@@ -111,7 +122,11 @@ class ModelSpec(_message.Message):
     device: str
     max_running_requests: int
     max_queued_requests: int
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., format: _Optional[str] = ..., engine: _Optional[str] = ..., context_size: _Optional[int] = ..., device: _Optional[str] = ..., max_running_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ...) -> None: ...
+    engine_args: _containers.ScalarMap[str, str]
+    gpu_count: int
+    startup_timeout: _duration_pb2.Duration
+    command: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., format: _Optional[str] = ..., engine: _Optional[str] = ..., context_size: _Optional[int] = ..., device: _Optional[str] = ..., max_running_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., engine_args: _Optional[_Mapping[str, str]] = ..., gpu_count: _Optional[int] = ..., startup_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., command: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Replica(_message.Message):
     __slots__ = ("model", "state", "error", "running_requests", "queued_requests", "last_request_at", "assigned", "device", "rejected_requests")

@@ -1,0 +1,102 @@
+"""An OpenAI-compatible server the agent starts and supervises as a child process: SGLang, or any
+server a deployment names in `command` (vLLM, llama.cpp's llama-server, llama_cpp.server).
+
+Start: the process (supervisor.EngineProcess), then its readiness URL, then the OpenAI client on top.
+A crash is reported by `watch` with the process's last output; the host then fails the replica and
+starts it again with backoff. Close: the client, then the process (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from fleetlm.controlplane.v1 import node_pb2
+from node_agent.engines.base import Embeddings, EngineInfo, EngineLoad, GenerationEvent, Prompt, SamplingOptions
+from node_agent.engines.openai_server import OpenAIServerConfig, OpenAIServerEngine
+from node_agent.engines.supervisor import EngineProcess
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Launch:
+    name: str  # for logs and reasons: "SGLang", "engine server"
+    argv: Sequence[str]
+    port: int
+    env: Mapping[str, str] | None = None
+    ready_path: str = "/v1/models"  # answers 200 once the model is loaded
+    startup_timeout: float = 300.0
+    stop_grace: float = 15.0
+
+
+def command_launch(spec: node_pb2.ModelSpec, port: int) -> Launch:
+    """A deployment's own server command (engine "openai" with `command`): {port} and {path} filled in,
+    engine_args appended as flags."""
+    argv = [part.replace("{port}", str(port)).replace("{path}", spec.path) for part in spec.command]
+    for name in sorted(spec.engine_args):
+        value = spec.engine_args[name]
+        if value.lower() != "false":
+            argv += [f"--{name.lstrip('-')}", *([value] if value else [])]
+    timeout = spec.startup_timeout.ToTimedelta().total_seconds() if spec.HasField("startup_timeout") else 0
+    return Launch(name=f"{spec.command[0]} ({spec.name})", argv=argv, port=port, startup_timeout=timeout or 300.0)
+
+
+class LaunchedServerEngine:
+    def __init__(self, launch: Launch, client: OpenAIServerConfig) -> None:
+        self.launch = launch
+        self.process = EngineProcess(launch.name, launch.argv, launch.env)
+        self.client = OpenAIServerEngine(client)
+        self._url = f"http://127.0.0.1:{launch.port}"
+
+    @property
+    def load(self) -> EngineLoad:
+        return self.client.load
+
+    @property
+    def slots(self) -> int:
+        return self.client.slots
+
+    async def _ready(self) -> bool:
+        async with httpx.AsyncClient(timeout=2.0) as probe:
+            reply = await probe.get(f"{self._url}{self.launch.ready_path}")
+        return reply.status_code == 200
+
+    async def start(self) -> EngineInfo:
+        await self.process.start(self._ready, self.launch.startup_timeout)
+        try:
+            return await self.client.start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        await self.client.close()
+        await self.process.stop(self.launch.stop_grace)
+
+    async def watch(self) -> str:
+        crashed = asyncio.ensure_future(self.process.exited())
+        unhealthy = asyncio.ensure_future(self.client.watch())
+        try:
+            done, _ = await asyncio.wait({crashed, unhealthy}, return_when=asyncio.FIRST_COMPLETED)
+            return (crashed if crashed in done else unhealthy).result()
+        finally:
+            crashed.cancel()
+            unhealthy.cancel()
+
+    async def tokenize(self, prompt: Prompt) -> list[int]:
+        return await self.client.tokenize(prompt)
+
+    def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+        return self.client.generate(prompt, options)
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
+        return await self.client.embed(texts)

@@ -1,0 +1,260 @@
+"""An engine that is an OpenAI-compatible HTTP server: one already running (vLLM, llama.cpp's
+llama-server, another SGLang), or one the agent runs as a child (SGLang, a launched server).
+
+Generation streams `/v1/chat/completions` (a conversation: the server applies its own chat template)
+or `/v1/completions` (a raw prompt) over SSE and turns the chunks into the engine's events; closing the
+iterator closes the HTTP stream, which is how these servers learn to abort the request. Embeddings go
+to `/v1/embeddings`. The agent's own limits hold in front of the server: at most `slots` requests run
+upstream, the rest wait here, so the load the scheduler sees is true. `watch` health-checks the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from node_agent.engines.base import (
+    ContextLengthExceeded,
+    Embeddings,
+    EngineError,
+    EngineInfo,
+    EngineLoad,
+    EngineUnavailable,
+    Finished,
+    GenerationEvent,
+    InvalidInput,
+    Prompt,
+    SamplingOptions,
+    TextChunk,
+)
+
+log = logging.getLogger(__name__)
+
+# How servers word a prompt that is too long: vLLM "maximum context length", SGLang "longer than the
+# model's context length", llama.cpp "exceed context window".
+_CONTEXT_WORDS = re.compile(r"context (length|window|size)|too long|maximum context", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class OpenAIServerConfig:
+    base_url: str  # http://host:port, with or without /v1
+    name: str  # the model's name in fleetlm
+    context_size: int = 0  # 0: as the server reports it (vLLM's max_model_len), else unknown
+    slots: int = 4  # requests sent upstream at once
+    upstream_model: str = ""  # the model id the server knows; "": the name, if listed, else its first
+    api_key: str = ""
+    connect_timeout: float = 5.0
+    health_interval: float = 5.0  # seconds between health checks
+    health_failures: int = 3  # failed checks in a row before the replica is failed
+
+
+def api_root(url: str) -> str:
+    """The /v1 root of an OpenAI-compatible server, from its URL with or without /v1."""
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else f"{url}/v1"
+
+
+def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[str, dict[str, Any]]:
+    """The endpoint and JSON body for one generation, in OpenAI's terms plus the extensions SGLang, vLLM
+    and llama.cpp's servers read (top_k, min_p, repetition_penalty / repeat_penalty)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": options.temperature,
+        "top_p": options.top_p,
+        # Sent even at 1.0: llama.cpp's servers default to 1.1, OpenAI's semantics to none.
+        "repetition_penalty": options.repetition_penalty,
+        "repeat_penalty": options.repetition_penalty,
+    }
+    if options.max_tokens is not None:
+        body["max_tokens"] = options.max_tokens
+    elif isinstance(prompt, str):
+        body["max_tokens"] = None  # completions default to 16 tokens; fleetlm's default is the context
+    if options.seed is not None:
+        body["seed"] = options.seed
+    if options.stops:
+        body["stop"] = list(options.stops)
+    if options.presence_penalty:
+        body["presence_penalty"] = options.presence_penalty
+    if options.frequency_penalty:
+        body["frequency_penalty"] = options.frequency_penalty
+    if options.top_k > 0:
+        body["top_k"] = options.top_k
+    if options.min_p > 0:
+        body["min_p"] = options.min_p
+    if isinstance(prompt, str):
+        body["prompt"] = prompt
+        return "/completions", body
+    body["messages"] = [{"role": m.role, "content": m.content} for m in prompt]
+    return "/chat/completions", body
+
+
+def _error_message(reply: httpx.Response) -> str:
+    try:
+        data = reply.json()
+    except ValueError:
+        return reply.text[:500] or reply.reason_phrase
+    error = data.get("error", data) if isinstance(data, dict) else data
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("detail") or error)
+    return str(error)
+
+
+def upstream_error(status: int, message: str, input_param: str) -> EngineError:
+    """A server's refusal in the engine's terms: the caller's fault (400s) or the server's (the rest)."""
+    text = f"the engine's server answered {status}: {message}"
+    if status in (400, 413, 422):
+        if _CONTEXT_WORDS.search(message):
+            return ContextLengthExceeded(text, input_param)
+        return InvalidInput(text, input_param)
+    return EngineUnavailable(text)
+
+
+class OpenAIServerEngine:
+    def __init__(self, config: OpenAIServerConfig) -> None:
+        self.config = config
+        self._root = api_root(config.base_url)
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        # No read timeout on streams: the edge's deadline bounds a request, and cancels it here.
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(None, connect=config.connect_timeout),
+            limits=httpx.Limits(max_connections=config.slots + 4, max_keepalive_connections=config.slots),
+        )
+        self._model = config.upstream_model or config.name
+        self._context_size = config.context_size
+        self._gate = asyncio.Semaphore(config.slots)
+        self._running = 0
+        self._waiting = 0
+
+    @property
+    def load(self) -> EngineLoad:
+        return EngineLoad(self._running, self._waiting)
+
+    @property
+    def slots(self) -> int:
+        return self.config.slots
+
+    async def models(self) -> list[dict[str, Any]]:
+        """The server's /v1/models entries; raises EngineUnavailable when it does not answer."""
+        try:
+            reply = await self._client.get(f"{self._root}/models", timeout=self.config.connect_timeout)
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(f"the engine's server at {self._root} is unreachable: {exc!r}") from exc
+        if reply.status_code != 200:
+            raise EngineUnavailable(f"the engine's server at {self._root} answered {reply.status_code} to /models")
+        data = reply.json().get("data", [])
+        return [m for m in data if isinstance(m, dict)]
+
+    async def start(self) -> EngineInfo:
+        listed = await self.models()
+        ids = [str(m.get("id")) for m in listed]
+        if not self.config.upstream_model and self.config.name not in ids:
+            if not ids:
+                raise EngineError(f"the engine's server at {self._root} lists no models")
+            self._model = ids[0]
+        entry = next((m for m in listed if m.get("id") == self._model), None)
+        if entry is None:
+            raise EngineError(f"the engine's server at {self._root} has no model '{self._model}' (it lists {ids})")
+        if not self._context_size and isinstance(entry.get("max_model_len"), int):
+            self._context_size = entry["max_model_len"]
+        log.info("engine server %s serves %s as %s", self._root, self.config.name, self._model)
+        return EngineInfo(context_size=self._context_size, extras={"upstream_model": self._model})
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def watch(self) -> str:
+        failures = 0
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            try:
+                await self.models()
+                failures = 0
+            except EngineUnavailable as exc:
+                failures += 1
+                if failures >= self.config.health_failures:
+                    return f"{exc} ({failures} health checks in a row failed)"
+
+    async def tokenize(self, prompt: Prompt) -> list[int]:
+        raise InvalidInput(
+            f"model '{self.config.name}' runs on an OpenAI-compatible server, which fleetlm cannot tokenize for",
+            "model",
+        )
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        self._waiting += 1
+        try:
+            await self._gate.acquire()
+        finally:
+            self._waiting -= 1
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
+            self._gate.release()
+
+    async def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+        path, body = request_body(prompt, options, self._model)
+        input_param = "prompt" if isinstance(prompt, str) else "messages"
+        chunks, finish, usage = 0, "", None
+        async with self._slot():
+            try:
+                async with self._client.stream("POST", f"{self._root}{path}", json=body) as reply:
+                    if reply.status_code != 200:
+                        await reply.aread()
+                        raise upstream_error(reply.status_code, _error_message(reply), input_param)
+                    async for line in reply.aiter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            break
+                        event = json.loads(data)
+                        if "error" in event:
+                            raise EngineUnavailable(f"the engine's server failed mid-stream: {event['error']}")
+                        usage = event.get("usage") or usage
+                        for choice in event.get("choices") or ():
+                            text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                            if text:
+                                chunks += 1
+                                yield TextChunk(text)
+                            if choice.get("finish_reason"):
+                                finish = "length" if choice["finish_reason"] == "length" else "stop"
+            except httpx.HTTPError as exc:
+                raise EngineUnavailable(f"the engine's server at {self._root} failed: {exc!r}") from exc
+            except ValueError as exc:
+                raise EngineUnavailable(f"the engine's server sent a chunk that is not JSON: {exc}") from exc
+        if not finish:
+            # llama_cpp.server, for one, ends a stream this way when the request fails after its 200.
+            raise EngineUnavailable("the engine's server ended the stream without a finish reason (see its log)")
+        # Servers that do not report usage in streams (llama_cpp.server): one chunk is about one token.
+        prompt_tokens = int(usage.get("prompt_tokens", 0)) if usage else 0
+        completion_tokens = int(usage.get("completion_tokens", chunks)) if usage else chunks
+        yield Finished(finish, prompt_tokens, completion_tokens)  # type: ignore[arg-type]
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
+        async with self._slot():
+            try:
+                reply = await self._client.post(
+                    f"{self._root}/embeddings", json={"model": self._model, "input": list(texts)}
+                )
+            except httpx.HTTPError as exc:
+                raise EngineUnavailable(f"the engine's server at {self._root} failed: {exc!r}") from exc
+        if reply.status_code != 200:
+            raise upstream_error(reply.status_code, _error_message(reply), "input")
+        data = reply.json()
+        rows = sorted(data.get("data", []), key=lambda row: row.get("index", 0))
+        vectors = [[float(x) for x in row["embedding"]] for row in rows]
+        return Embeddings(vectors=vectors, prompt_tokens=int((data.get("usage") or {}).get("prompt_tokens", 0)))

@@ -1,0 +1,127 @@
+"""Supervision of an engine that runs as a child process (SGLang, or a server the agent launches).
+
+`EngineProcess` starts the child in its own process group with a parent-death signal, keeps the last
+lines it printed, waits for it to be ready (or fails with those lines as the reason when it exits or is
+too slow), reports when it dies on its own, and stops it: SIGTERM to the group, SIGKILL after a grace.
+Restarting after a crash, with backoff, is the host's job: it treats a crash like any failed load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+from mesh.child_process import orphan_proof, signal_group
+from node_agent.engines.base import EngineError
+
+log = logging.getLogger(__name__)
+
+ReadyCheck = Callable[[], Awaitable[bool]]
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+class EngineProcess:
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None, tail: int = 30) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = dict(env) if env is not None else None
+        self._lines: collections.deque[str] = collections.deque(maxlen=tail)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def tail(self) -> str:
+        """The last lines the process printed, for a failure's reason."""
+        return "\n".join(self._lines) or "(it printed nothing)"
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        async for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                self._lines.append(line)
+                log.debug("[%s] %s", self.name, line)
+
+    async def start(self, ready: ReadyCheck, timeout: float, poll: float = 0.25) -> None:
+        """Start the process and return once `ready` says so. Raises EngineError with the process's last
+        output if it exits first or is not ready within `timeout` seconds (it is stopped then)."""
+        log.info("starting %s: %s", self.name, " ".join(self.argv))
+        try:
+            # Started from the event loop's thread: the parent-death signal follows the forking thread.
+            # Its own session: a stop reaches its whole process group, a terminal's Ctrl-C does not.
+            self._proc = await asyncio.create_subprocess_exec(
+                *orphan_proof(self.argv),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise EngineError(f"could not start {self.name} ({self.argv[0]}): {exc}") from exc
+        assert self._proc.stdout is not None
+        self._reader = asyncio.ensure_future(self._read(self._proc.stdout))
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.returncode is not None:
+                await self._drain()
+                raise EngineError(
+                    f"{self.name} {_exit_text(self._proc.returncode)} while starting; last output:\n{self.tail()}"
+                )
+            with contextlib.suppress(Exception):  # not listening yet, or answering "not ready"
+                if await ready():
+                    log.info("%s is ready (pid %d)", self.name, self._proc.pid)
+                    return
+            if time.monotonic() >= deadline:
+                await self.stop()
+                raise EngineError(f"{self.name} was not ready within {timeout:g}s; last output:\n{self.tail()}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._proc.wait(), poll)
+
+    async def _drain(self) -> None:
+        if self._reader is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
+
+    async def exited(self) -> str:
+        """Wait until the process dies without being asked to; return why, with its last output."""
+        assert self._proc is not None, "not started"
+        code = await self._proc.wait()
+        await self._drain()
+        if self._stopping:
+            await asyncio.Event().wait()  # a stop we asked for is not a failure: never report it
+        return f"{self.name} {_exit_text(code)}; last output:\n{self.tail()}"
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM to the process group, SIGKILL after `grace` seconds; then nothing of it is left."""
+        proc = self._proc
+        if proc is None:
+            return
+        self._stopping = True
+        if proc.returncode is None:
+            signal_group(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                log.warning("%s did not stop within %gs; killing it", self.name, grace)
+        # Whatever the leader left behind in its group (an engine's worker processes) goes too.
+        signal_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader

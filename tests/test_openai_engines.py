@@ -1,0 +1,198 @@
+"""OpenAI-compatible servers as engines, end to end through the edge with the real model.
+
+SGLang cannot run on these machines (no GPU), so the HTTP streaming path its engine uses is tested
+against a real OpenAI-compatible server, `llama_cpp.server`, serving the real model: once attached by
+URL (engine "openai" with a path that is a URL) and once started and supervised by the node agent
+(engine "openai" with a `command`, the same code that runs SGLang). Then the supervision seen from the
+fleet: a crashed engine is reported and restarted with backoff, a server that stops answering fails its
+replica until it answers again, a hung start-up fails with the reason, and an agent that is killed
+leaves no engine process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import httpx
+import openai
+import psutil
+import pytest
+
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
+from launcher.default_model import default_model_path
+from tests.cluster import Cluster, Proc, free_port, wait_for
+
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
+
+MODEL_PATH = str(default_model_path())
+
+
+def llama_cpp_server_argv(port: str) -> list[str]:
+    return [sys.executable, "-m", "llama_cpp.server", "--model", MODEL_PATH, "--port", port, "--n_threads", "2",
+            "--n_ctx", "2048", "--interrupt_requests", "False", "--model_alias", "smollm2"]  # fmt: skip
+
+
+@dataclass
+class Fleet:
+    cluster: Cluster
+    http: str
+    node: Proc
+    attached_port: int
+    attached: Proc
+
+    @property
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.http}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def replica(self, model: str) -> node_pb2.Replica:
+        with grpc.insecure_channel(self.cluster.controlplane) as channel:
+            node = (
+                admin_pb2_grpc.AdminServiceStub(channel)
+                .GetNode(admin_pb2.GetNodeRequest(node_id="srv"), timeout=5)
+                .node
+            )
+        return next(r for r in node.replicas if r.model.name == model)
+
+    def wait_state(self, model: str, state: int, timeout: float = 60) -> node_pb2.Replica:
+        return wait_for(
+            lambda: (r := self.replica(model)).state == state and r,
+            timeout,
+            f"{model} {node_pb2.ReplicaState.Name(state)}",
+        )
+
+    def start_attached(self) -> None:
+        self.attached = Proc("attached-server", llama_cpp_server_argv(str(self.attached_port)), self.cluster.dir)
+        url = f"http://127.0.0.1:{self.attached_port}/v1/models"
+        wait_for(lambda: httpx.get(url, timeout=1).status_code == 200, 60, "llama_cpp.server", self.attached)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    cluster = Cluster(tmp_path_factory.mktemp("openai-engines"))
+    port = free_port()
+    attached = Proc("attached-server", llama_cpp_server_argv(str(port)), cluster.dir)
+    try:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200, 60,
+                 "llama_cpp.server", attached)  # fmt: skip
+        cluster.start_etcd()
+        cluster.start_controlplane(3)
+        models = [
+            {"name": "smol-attached", "path": f"http://127.0.0.1:{port}/v1", "engine": "openai", "format": "gguf",
+             "context_size": 2048},
+            {"name": "smol-launched", "path": MODEL_PATH, "engine": "openai", "format": "gguf", "context_size": 2048,
+             "command": llama_cpp_server_argv("{port}"), "startup_timeout": 60},
+            {"name": "hung", "path": MODEL_PATH, "engine": "openai", "format": "gguf", "startup_timeout": 1,
+             "command": ["sh", "-c", "echo 'loading shard 1 of 4'; sleep 300"]},
+            {"name": "qwen-sglang", "path": "/models/qwen2.5-7b", "engine": "sglang", "format": "hf",
+             "device": "gpu"},
+        ]  # fmt: skip
+        node, _ = cluster.start_node("srv", models=models, extra=("--engine-health-seconds", "0.3"))
+        _, http, _ = cluster.start_edge()
+        fleet = Fleet(cluster, http, node, port, attached)
+        fleet.wait_state("smol-attached", node_pb2.REPLICA_STATE_READY)
+        fleet.wait_state("smol-launched", node_pb2.REPLICA_STATE_READY)
+        yield fleet
+    finally:
+        cluster.close()
+        attached.stop()
+
+
+def chat(fleet: Fleet, model: str, max_tokens: int = 24) -> tuple[str, str | None]:
+    stream = fleet.client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Name three colors of the rainbow."}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+    )
+    text, finish = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+    return text, finish
+
+
+@pytest.mark.parametrize("model", ["smol-attached", "smol-launched"])
+def test_openai_server_engines_serve_through_the_edge(fleet: Fleet, model: str) -> None:
+    text, finish = chat(fleet, model)
+    assert len(text.split()) >= 3 and finish in ("stop", "length")
+    completion = fleet.client.completions.create(model=model, prompt="The capital of France is", max_tokens=6,
+                                                 temperature=0)  # fmt: skip
+    assert completion.model == model
+    assert "Paris" in completion.choices[0].text
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None and completion.usage.completion_tokens == 6
+    # The same greedy request through the server directly gives the same text.
+    direct = httpx.post(f"http://127.0.0.1:{fleet.attached_port}/v1/completions", timeout=60,
+                        json={"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0,
+                              "repeat_penalty": 1.0}).json()  # fmt: skip
+    assert completion.choices[0].text == direct["choices"][0]["text"]
+
+
+def test_dropping_a_stream_closes_the_upstream_request(fleet: Fleet) -> None:
+    stream = fleet.client.completions.create(model="smol-launched", prompt="Write a very long story.",
+                                             max_tokens=1500, temperature=0, stream=True)  # fmt: skip
+    for n, _ in enumerate(stream):
+        if n == 5:
+            break
+    stream.close()
+    # Unless the server learnt of the drop, it would spend ~20 s on the 1,495 tokens left before this.
+    started = time.monotonic()
+    text, _ = chat(fleet, "smol-launched", max_tokens=8)
+    assert text and time.monotonic() - started < 8
+
+
+def test_a_crashed_engine_is_reported_then_restarted_with_backoff(fleet: Fleet) -> None:
+    children = psutil.Process(fleet.node.popen.pid).children(recursive=True)
+    server = next(p for p in children if "llama_cpp.server" in " ".join(p.cmdline()))
+    killed_at = time.monotonic()
+    server.send_signal(signal.SIGKILL)
+    failed = fleet.wait_state("smol-launched", node_pb2.REPLICA_STATE_FAILED, timeout=10)
+    assert "was killed by SIGKILL; last output:" in failed.error
+    with pytest.raises(openai.APIStatusError) as caught:
+        fleet.client.completions.create(model="smol-launched", prompt="Hi", max_tokens=2)
+    assert caught.value.status_code == 503 and "SIGKILL" in str(caught.value.body)
+    fleet.wait_state("smol-launched", node_pb2.REPLICA_STATE_READY, timeout=60)
+    assert time.monotonic() - killed_at >= 1.0  # the first restart waits the first backoff step
+    text, _ = chat(fleet, "smol-launched", max_tokens=8)
+    assert text
+
+
+def test_an_attached_server_that_stops_answering_fails_its_replica_until_it_answers(fleet: Fleet) -> None:
+    fleet.attached.stop()
+    failed = fleet.wait_state("smol-attached", node_pb2.REPLICA_STATE_FAILED, timeout=10)
+    assert "unreachable" in failed.error and "health checks in a row failed" in failed.error
+    fleet.start_attached()
+    fleet.wait_state("smol-attached", node_pb2.REPLICA_STATE_READY, timeout=60)
+    text, _ = chat(fleet, "smol-attached", max_tokens=8)
+    assert text
+
+
+def test_a_hung_start_up_fails_the_replica_with_the_engines_output(fleet: Fleet) -> None:
+    failed = fleet.wait_state("hung", node_pb2.REPLICA_STATE_FAILED, timeout=30)
+    assert "was not ready within 1s; last output:\nloading shard 1 of 4" in failed.error
+
+
+def test_sglang_on_a_node_without_an_nvidia_gpu_is_refused_with_the_reason(fleet: Fleet) -> None:
+    failed = fleet.wait_state("qwen-sglang", node_pb2.REPLICA_STATE_FAILED, timeout=30)
+    assert "runs on SGLang, which needs an NVIDIA GPU; this node has none" in failed.error
+    with pytest.raises(openai.APIStatusError) as caught:
+        fleet.client.completions.create(model="qwen-sglang", prompt="Hi", max_tokens=2)
+    assert caught.value.status_code == 503 and "NVIDIA GPU" in str(caught.value.body)
+
+
+def test_an_agent_killed_leaves_no_engine_process(fleet: Fleet) -> None:
+    # Last in this module: it kills the node agent.
+    children = psutil.Process(fleet.node.popen.pid).children(recursive=True)
+    engines = [p for p in children if "llama_cpp.server" in " ".join(p.cmdline())]
+    assert engines
+    os.kill(fleet.node.popen.pid, signal.SIGKILL)
+    _, alive = psutil.wait_procs(engines, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
