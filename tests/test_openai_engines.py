@@ -87,6 +87,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
              "context_size": 2048},
             {"name": "smol-launched", "path": MODEL_PATH, "engine": "openai", "format": "gguf", "context_size": 2048,
              "command": llama_cpp_server_argv("{port}"), "startup_timeout": 60},
+            {"name": "smol-embed", "path": MODEL_PATH, "engine": "openai", "format": "gguf", "context_size": 2048,
+             "command": [*llama_cpp_server_argv("{port}"), "--embedding", "True"], "startup_timeout": 60},
             {"name": "hung", "path": MODEL_PATH, "engine": "openai", "format": "gguf", "startup_timeout": 1,
              "command": ["sh", "-c", "echo 'loading shard 1 of 4'; sleep 300"]},
             {"name": "qwen-sglang", "path": "/models/qwen2.5-7b", "engine": "sglang", "format": "hf",
@@ -97,6 +99,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         fleet = Fleet(cluster, http, node, port, attached)
         fleet.wait_state("smol-attached", node_pb2.REPLICA_STATE_READY)
         fleet.wait_state("smol-launched", node_pb2.REPLICA_STATE_READY)
+        fleet.wait_state("smol-embed", node_pb2.REPLICA_STATE_READY)
         yield fleet
     finally:
         cluster.close()
@@ -134,6 +137,16 @@ def test_openai_server_engines_serve_through_the_edge(fleet: Fleet, model: str) 
                         json={"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0,
                               "repeat_penalty": 1.0}).json()  # fmt: skip
     assert completion.choices[0].text == direct["choices"][0]["text"]
+
+
+def test_a_server_without_pooled_embeddings_is_a_clear_400(fleet: Fleet) -> None:
+    # llama_cpp.server answers /v1/embeddings of a generative model with one vector per token: no
+    # sentence embedding to give, and fleetlm says so instead of inventing one.
+    with pytest.raises(openai.BadRequestError) as caught:
+        fleet.client.embeddings.create(model="smol-embed", input=["hello world", "the fleet"])
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == "INVALID_REQUEST" and body["param"] == "model"
+    assert "does not give one embedding per input" in body["message"]
 
 
 def test_dropping_a_stream_closes_the_upstream_request(fleet: Fleet) -> None:

@@ -256,5 +256,14 @@ class OpenAIServerEngine:
             raise upstream_error(reply.status_code, _error_message(reply), "input")
         data = reply.json()
         rows = sorted(data.get("data", []), key=lambda row: row.get("index", 0))
+        if len(rows) != len(texts) or any(
+            not row["embedding"] or isinstance(row["embedding"][0], list) for row in rows
+        ):
+            # llama_cpp.server, for one, returns one vector per token for a model without pooling.
+            raise InvalidInput(
+                f"model '{self.config.name}' does not give one embedding per input (its server returned token"
+                " embeddings); it cannot serve embeddings",
+                "model",
+            )
         vectors = [[float(x) for x in row["embedding"]] for row in rows]
         return Embeddings(vectors=vectors, prompt_tokens=int((data.get("usage") or {}).get("prompt_tokens", 0)))
