@@ -116,8 +116,8 @@ def _device(spec: node_pb2.ModelSpec, snap: NodeSnapshot) -> Reject | None:
 
 
 def _file_present(spec: node_pb2.ModelSpec, snap: NodeSnapshot) -> Reject | None:
-    if engine_of(spec) == "openai":
-        return None  # an external server: nothing to load from disk
+    if engine_of(spec) == "openai" and not spec.command:
+        return None  # a server that is already running: nothing to load from disk
     if model_file(snap.node, spec.path) is None:
         return "capacity", f"model file not present on the node: {spec.path}"
     return None
@@ -132,7 +132,8 @@ FILTERS: tuple[Callable[[node_pb2.ModelSpec, NodeSnapshot], Reject | None], ...]
 
 
 def _memory_fit(spec: node_pb2.ModelSpec, snap: NodeSnapshot, policy: PlacementPolicy) -> Fit | Reject:
-    need = 0 if engine_of(spec) == "openai" else memory_estimate(spec, model_file(snap.node, spec.path))
+    attached = engine_of(spec) == "openai" and not spec.command  # runs elsewhere: costs this node nothing
+    need = 0 if attached else memory_estimate(spec, model_file(snap.node, spec.path))
     gpus = snap.node.inventory.gpus
     wants_gpu = spec.device == "gpu" or engine_of(spec) in GPU_ONLY_ENGINES
     if gpus and spec.device != "cpu":

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import httpx
@@ -94,7 +95,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             {"name": "qwen-sglang", "path": "/models/qwen2.5-7b", "engine": "sglang", "format": "hf",
              "device": "gpu"},
         ]  # fmt: skip
-        node, _ = cluster.start_node("srv", models=models, extra=("--engine-health-seconds", "0.3"))
+        node, _ = cluster.start_node(
+            "srv", models=models, models_dirs=[str(Path(MODEL_PATH).parent)], extra=("--engine-health-seconds", "0.3")
+        )
         _, http, _ = cluster.start_edge()
         fleet = Fleet(cluster, http, node, port, attached)
         fleet.wait_state("smol-attached", node_pb2.REPLICA_STATE_READY)
@@ -120,6 +123,11 @@ def chat(fleet: Fleet, model: str, max_tokens: int = 24) -> tuple[str, str | Non
             text += chunk.choices[0].delta.content or ""
             finish = chunk.choices[0].finish_reason or finish
     return text, finish
+
+
+def engine_processes(fleet: Fleet) -> list[psutil.Process]:
+    children = psutil.Process(fleet.node.popen.pid).children(recursive=True)
+    return [p for p in children if "llama_cpp.server" in " ".join(p.cmdline())]
 
 
 @pytest.mark.parametrize("model", ["smol-attached", "smol-launched"])
@@ -163,8 +171,8 @@ def test_dropping_a_stream_closes_the_upstream_request(fleet: Fleet) -> None:
 
 
 def test_a_crashed_engine_is_reported_then_restarted_with_backoff(fleet: Fleet) -> None:
-    children = psutil.Process(fleet.node.popen.pid).children(recursive=True)
-    server = next(p for p in children if "llama_cpp.server" in " ".join(p.cmdline()))
+    # smol-launched's server: the only engine process without --embedding at this point.
+    server = next(p for p in engine_processes(fleet) if "--embedding" not in p.cmdline())
     killed_at = time.monotonic()
     server.send_signal(signal.SIGKILL)
     failed = fleet.wait_state("smol-launched", node_pb2.REPLICA_STATE_FAILED, timeout=10)
@@ -201,11 +209,25 @@ def test_sglang_on_a_node_without_an_nvidia_gpu_is_refused_with_the_reason(fleet
     assert caught.value.status_code == 503 and "NVIDIA GPU" in str(caught.value.body)
 
 
+def test_a_deployment_with_a_command_is_placed_started_and_stopped_when_undeployed(fleet: Fleet) -> None:
+    with grpc.insecure_channel(fleet.cluster.controlplane) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        spec = node_pb2.ModelSpec(name="smol-deployed", path=MODEL_PATH, format="gguf", engine="openai",
+                                  context_size=2048, command=llama_cpp_server_argv("{port}"))  # fmt: skip
+        deployment = node_pb2.Deployment(spec=spec, min_replicas=1, max_replicas=1)
+        admin.DeployModel(admin_pb2.DeployModelRequest(deployment=deployment), timeout=30)
+        fleet.wait_state("smol-deployed", node_pb2.REPLICA_STATE_READY)
+        before = {p.pid for p in engine_processes(fleet)}
+        text, _ = chat(fleet, "smol-deployed", max_tokens=8)
+        assert text
+        admin.UndeployModel(admin_pb2.UndeployModelRequest(name="smol-deployed"), timeout=30)
+    wait_for(lambda: len({p.pid for p in engine_processes(fleet)}) == len(before) - 1, 30, "the engine to stop")
+
+
 def test_an_agent_killed_leaves_no_engine_process(fleet: Fleet) -> None:
     # Last in this module: it kills the node agent.
-    children = psutil.Process(fleet.node.popen.pid).children(recursive=True)
-    engines = [p for p in children if "llama_cpp.server" in " ".join(p.cmdline())]
-    assert engines
+    engines = engine_processes(fleet)
+    assert len(engines) >= 2
     os.kill(fleet.node.popen.pid, signal.SIGKILL)
     _, alive = psutil.wait_procs(engines, timeout=15)
     assert not alive, [p.cmdline() for p in alive]

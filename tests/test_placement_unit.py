@@ -149,3 +149,13 @@ def test_a_tensor_parallel_replica_takes_the_gpus_with_the_most_free_memory() ->
     verdicts = placement.evaluate(spec(name="huge", path="/models/hf", format="hf", engine="sglang", gpu_count=3),
                                   [snap(node("duo", gpus=[24, 24], files=["/models/hf"]))], POLICY)  # fmt: skip
     assert verdicts[0].fit is None and verdicts[0].reason == "needs 3 GPUs; node has 2"
+
+
+def test_an_attached_server_needs_nothing_from_the_node_but_a_launched_one_needs_its_weights() -> None:
+    bare = snap(node("bare", files=["/models/other.gguf"]))
+    attached = spec(name="remote", path="http://10.0.0.7:8000/v1", engine="openai")
+    assert placement.place(attached, [bare], POLICY).fit is not None
+    launched = spec(name="local", path=GGUF, engine="openai", command=["llama-server", "-m", "{path}"])
+    verdicts = placement.evaluate(launched, [bare, snap(node("has-it"))], POLICY)
+    assert [v.node_id for v in verdicts if v.fit] == ["has-it"]
+    assert next(v for v in verdicts if v.node_id == "bare").reason == f"model file not present on the node: {GGUF}"
