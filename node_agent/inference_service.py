@@ -12,7 +12,6 @@ from mesh.inference_requests import validate_embed, validate_generate, validate_
 from node_agent.engines.base import (
     ContextLengthExceeded,
     EngineError,
-    EngineUnavailable,
     Finished,
     InvalidInput,
     Message,
@@ -60,9 +59,8 @@ def _engine_error(exc: EngineError, input_param: str = "messages") -> FleetError
     if isinstance(exc, InvalidInput):
         param = input_param if exc.param == "messages" else exc.param
         return FleetError(ErrorCode.INVALID_REQUEST, str(exc), param=param)
-    if isinstance(exc, EngineUnavailable):
-        return FleetError(ErrorCode.BACKEND_UNAVAILABLE, str(exc), retry_after_seconds=1)
-    return FleetError(ErrorCode.INVALID_REQUEST, str(exc))
+    # Anything else is the engine's failure, not the request's.
+    return FleetError(ErrorCode.BACKEND_UNAVAILABLE, str(exc), retry_after_seconds=1)
 
 
 class NodeInference(inference_pb2_grpc.InferenceServiceServicer):

@@ -22,6 +22,7 @@ from node_agent.engines.base import (
     EngineError,
     EngineInfo,
     EngineLoad,
+    EngineUnavailable,
     Finished,
     GenerationEvent,
     InvalidInput,
@@ -224,7 +225,7 @@ class LlamaCppEngine:
             while True:
                 item = await events.get()
                 if isinstance(item, BaseException):
-                    raise EngineError(f"llama.cpp generation failed: {item}")
+                    raise EngineUnavailable(f"llama.cpp generation failed: {item}")
                 yield item
                 if isinstance(item, Finished):
                     return
