@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,7 @@ class Gateway:
         request_timeout_seconds: float,
         placement_timeout_seconds: float,
         scale_from_zero_timeout_seconds: float = 120.0,
+        route_cache_seconds: float = 0.0,
     ) -> None:
         self._controlplane = controlplane
         self._cp_channel = grpc.aio.insecure_channel(controlplane)
@@ -72,6 +74,11 @@ class Gateway:
         self.request_timeout = request_timeout_seconds
         self._placement_timeout = placement_timeout_seconds
         self._scale_from_zero_timeout = scale_from_zero_timeout_seconds
+        # A model served by one replica gets the same answer from the control plane every time, whatever
+        # the request's user or prefix: reuse it for a moment (one round trip less before the first
+        # token), until that replica refuses anything. Several replicas: the control plane balances them.
+        self._route_cache_seconds = route_cache_seconds
+        self._routes: dict[str, tuple[float, placement_pb2.PickReplicaResponse]] = {}
 
     async def close(self) -> None:
         for channel in self._node_channels.values():
@@ -107,15 +114,25 @@ class Gateway:
         return error
 
     async def pick(self, model: str, user: str = "", prefix_hash: str = "") -> placement_pb2.PickReplicaResponse:
+        """The control plane's choice of replica (and alternates) for one request."""
+        return (await self._pick(model, user, prefix_hash))[0]
+
+    async def _pick(self, model: str, user: str, prefix_hash: str) -> tuple[placement_pb2.PickReplicaResponse, bool]:
         require_model(model)
+        cached = self._routes.get(model)
+        if cached is not None and time.monotonic() < cached[0]:
+            return cached[1], True
         request = placement_pb2.PickReplicaRequest(model=model, user=user, prefix_hash=prefix_hash)
         request.wait_for_ready.FromNanoseconds(int(self._scale_from_zero_timeout * 1e9))
         try:
-            return await self._placement.PickReplica(
+            reply: placement_pb2.PickReplicaResponse = await self._placement.PickReplica(
                 request, timeout=self._placement_timeout + self._scale_from_zero_timeout
             )
         except grpc.aio.AioRpcError as exc:
             raise self._control_plane_error(exc) from exc
+        if self._route_cache_seconds > 0 and not reply.alternates:
+            self._routes[model] = (time.monotonic() + self._route_cache_seconds, reply)
+        return reply, False
 
     async def _targets(self, model: str, user: str, prefix: str) -> AsyncGenerator[tuple[str, Target], FleetError]:
         """(model, replica) pairs to try in order: the chosen replica, its alternates, then the same for
@@ -126,7 +143,15 @@ class Gateway:
         device = "cpu"
         while model and model not in seen:
             seen.add(model)
-            pick = await self.pick(model, user, prefix)
+            pick, cached = await self._pick(model, user, prefix)
+            if cached:
+                # A reused route is tried alone: if its replica refuses (full, unloading, moved, gone), the
+                # control plane is asked again at once.
+                error = yield model, Target(pick.node_id, pick.inference_address, self._stub(pick.inference_address))
+                if error.code not in RETRYABLE:
+                    raise error
+                self._routes.pop(model, None)
+                pick, _ = await self._pick(model, user, prefix)
             device = pick.device or device
             endpoints = [(pick.node_id, pick.inference_address)]
             endpoints += [(e.node_id, e.inference_address) for e in pick.alternates]
@@ -134,6 +159,7 @@ class Gateway:
                 error = yield model, Target(node_id, address, self._stub(address))
                 if error.code not in RETRYABLE:
                     raise error
+                self._routes.pop(model, None)
             assert error is not None
             if error.code not in OVERLOADED:
                 break

@@ -31,7 +31,13 @@ class _Uvicorn(uvicorn.Server):
 
 
 async def serve(settings: EdgeSettings, stop: asyncio.Event) -> None:
-    gateway = Gateway(settings.controlplane, settings.request_timeout_seconds, settings.placement_timeout_seconds)
+    gateway = Gateway(
+        settings.controlplane,
+        settings.request_timeout_seconds,
+        settings.placement_timeout_seconds,
+        settings.scale_from_zero_timeout_seconds,
+        settings.route_cache_seconds,
+    )
     grpc_server = GrpcServer([INFERENCE_SERVICE])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(EdgeInference(gateway), grpc_server.server)
     host, port = settings.http_listen.rsplit(":", 1)

@@ -18,6 +18,12 @@ class EdgeSettings(BaseSettings):
     scale_from_zero_timeout_seconds: float = Field(
         120.0, ge=0, description="how long a request waits for a deployment with no ready replica to load"
     )
+    route_cache_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="how long the edge reuses the control plane's answer for a model served by a single"
+        " replica (any refusal by that replica drops it); 0: ask for every request",
+    )
     placement_timeout_seconds: float = Field(5.0, gt=0, description="deadline of placement calls")
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="time in-flight requests get at shutdown")
     log_level: str = Field("INFO", description="log level")

@@ -65,6 +65,8 @@ def _edge(args: argparse.Namespace) -> None:
         values["request_timeout_seconds"] = args.request_timeout
     if args.scale_from_zero_timeout is not None:
         values["scale_from_zero_timeout_seconds"] = args.scale_from_zero_timeout
+    if args.route_cache_seconds is not None:
+        values["route_cache_seconds"] = args.route_cache_seconds
     main(_settings(EdgeSettings, values))
 
 
@@ -134,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
     edge.add_argument("--request-timeout", type=float, help="request timeout in seconds (600)")
     edge.add_argument(
         "--scale-from-zero-timeout", type=float, help="wait for a model to load on first request, seconds (120)"
+    )
+    edge.add_argument(
+        "--route-cache-seconds", type=float, help="reuse the route to a single-replica model this long (1; 0: off)"
     )
     edge.add_argument("--log-level")
     edge.set_defaults(run=_edge)
