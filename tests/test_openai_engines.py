@@ -78,6 +78,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     cluster = Cluster(tmp_path_factory.mktemp("openai-engines"))
     port = free_port()
     attached = Proc("attached-server", llama_cpp_server_argv(str(port)), cluster.dir)
+    fleet: Fleet | None = None
     try:
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200, 60,
                  "llama_cpp.server", attached)  # fmt: skip
@@ -106,7 +107,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         yield fleet
     finally:
         cluster.close()
-        attached.stop()
+        # A test restarts the attached server: stop the one running now.
+        (fleet.attached if fleet is not None else attached).stop()
 
 
 def chat(fleet: Fleet, model: str, max_tokens: int = 24) -> tuple[str, str | None]:
