@@ -13,6 +13,7 @@ from mesh.errors import ErrorCode, FleetError, invalid
 
 ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_STOPS = 4
+MAX_TOP_LOGPROBS = 20
 
 
 def require_model(model: str) -> None:
@@ -42,6 +43,12 @@ def validate_sampling(params: inference_pb2.SamplingParams) -> None:
         raise invalid("stop", f"at most {MAX_STOPS} stop sequences are allowed; got {len(params.stops)}")
     if any(not s for s in params.stops):
         raise invalid("stop", "stop sequences must not be empty strings")
+    if params.top_logprobs > MAX_TOP_LOGPROBS:
+        raise invalid(
+            "top_logprobs", f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}; got {params.top_logprobs}"
+        )
+    if params.top_logprobs and not params.logprobs:
+        raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs' set to true")
 
 
 def validate_chat(chat: inference_pb2.ChatConversation) -> None:

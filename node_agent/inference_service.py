@@ -17,6 +17,7 @@ from node_agent.engines.base import (
     Message,
     Prompt,
     SamplingOptions,
+    TextChunk,
 )
 from node_agent.host import ModelHost
 
@@ -40,7 +41,27 @@ def sampling_options(params: inference_pb2.SamplingParams) -> SamplingOptions:
         presence_penalty=opt("presence_penalty", 0.0),
         frequency_penalty=opt("frequency_penalty", 0.0),
         repetition_penalty=opt("repetition_penalty", 1.0),
+        logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs,
     )
+
+
+def text_delta(chunk: TextChunk) -> inference_pb2.GenerateResponse:
+    delta = inference_pb2.TextDelta(text=chunk.text)
+    for entry in chunk.logprobs:
+        delta.logprobs.append(
+            inference_pb2.TokenLogprob(
+                token=entry.token,
+                token_bytes=entry.token_bytes,
+                logprob=entry.logprob,
+                top_logprobs=[
+                    inference_pb2.TopLogprob(token=t.token, token_bytes=t.token_bytes, logprob=t.logprob)
+                    for t in entry.top
+                ],
+                text_offset=entry.text_offset,
+            )
+        )
+    return inference_pb2.GenerateResponse(delta=delta)
 
 
 def _messages(chat: inference_pb2.ChatConversation) -> list[Message]:
@@ -91,7 +112,7 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
                         )
                         yield inference_pb2.GenerateResponse(result=result)
                     else:
-                        yield inference_pb2.GenerateResponse(delta=inference_pb2.TextDelta(text=event.text))
+                        yield text_delta(event)
             except EngineError as exc:
                 raise _engine_error(exc, input_param) from exc
 

@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from launcher.default_model import default_model_path
-from node_agent.engines.base import Finished, SamplingOptions, TextChunk
+from node_agent.engines.base import Finished, SamplingOptions, TextChunk, TokenLogprob
 from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 
 pytestmark = [pytest.mark.model]
@@ -117,6 +117,77 @@ async def test_penalties_change_greedy_output(engine: LlamaCppEngine) -> None:
 
     assert plain != penalised
     assert most_repeated(penalised) <= most_repeated(plain)
+
+
+async def run_scored(
+    engine: LlamaCppEngine, prompt: str, options: SamplingOptions
+) -> tuple[str, list[TokenLogprob], Finished]:
+    text: list[str] = []
+    scored: list[TokenLogprob] = []
+    async for event in engine.generate(prompt, options):
+        if isinstance(event, TextChunk):
+            text.append(event.text)
+            scored.extend(event.logprobs)
+        else:
+            return "".join(text), scored, event
+    raise AssertionError("no Finished event")
+
+
+SCORED = SamplingOptions(max_tokens=12, temperature=0, logprobs=True, top_logprobs=5)
+
+
+async def test_logprobs_are_the_models_own_distribution(engine: LlamaCppEngine) -> None:
+    import math
+
+    import llama_cpp
+
+    prompt = "The capital of France is"
+    text, scored, finished = await run_scored(engine, prompt, SCORED)
+    assert len(scored) == finished.completion_tokens
+    # The tokens cover the text exactly, each at its offset.
+    assert "".join(t.token for t in scored) == text
+    assert [t.text_offset for t in scored] == [len("".join(x.token for x in scored[:i])) for i in range(len(scored))]
+    for entry in scored:
+        assert len(entry.top) == 5
+        assert [t.logprob for t in entry.top] == sorted((t.logprob for t in entry.top), reverse=True)
+        assert sum(math.exp(t.logprob) for t in entry.top) <= 1.0 + 1e-6
+        # Greedy decoding took the most likely token.
+        assert (entry.token, entry.logprob) == (entry.top[0].token, entry.top[0].logprob)
+        assert entry.token_bytes.decode() == entry.token
+    # Against llama-cpp-python's own logprobs (a separate context that keeps every position's logits):
+    # the same tokens and alternatives; the values agree to llama.cpp's numerics across batch shapes.
+    reference = llama_cpp.Llama(str(default_model_path()), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    try:
+        theirs = reference.create_completion(prompt, max_tokens=3, temperature=0, logprobs=3)["choices"][0]["logprobs"]  # type: ignore[index]
+    finally:
+        reference.close()
+    for i in range(3):
+        assert scored[i].token == theirs["tokens"][i]
+        assert abs(scored[i].logprob - float(theirs["token_logprobs"][i])) < 0.1
+        ranked = sorted(theirs["top_logprobs"][i].items(), key=lambda kv: -kv[1])
+        assert [t.token for t in scored[i].top[:3]] == [token for token, _ in ranked]
+
+
+async def test_logprobs_in_a_batch_equal_logprobs_alone(engine: LlamaCppEngine) -> None:
+    alone = [await run_scored(engine, p, SCORED) for p in PROMPTS]
+    together = await asyncio.gather(*(run_scored(engine, p, SCORED) for p in PROMPTS))
+    assert [scored for _, scored, _ in together] == [scored for _, scored, _ in alone]
+    # Asking for none gives none.
+    assert (await run_scored(engine, PROMPTS[0], GREEDY))[1] == []
+
+
+async def test_logprobs_leave_out_the_tokens_of_a_cut_stop_string(engine: LlamaCppEngine) -> None:
+    prompt = "Count: 1, 2, 3,"
+    full, all_scored, _ = await run_scored(engine, prompt, SamplingOptions(max_tokens=20, temperature=0, logprobs=True))
+    cut, scored, finished = await run_scored(
+        engine, prompt, SamplingOptions(max_tokens=20, temperature=0, logprobs=True, stops=(" 5",))
+    )
+    assert finished.reason == "stop" and cut == full[: full.index(" 5")]
+    assert scored == all_scored[: len(scored)]
+    assert all(t.text_offset < len(cut) for t in scored)
+    joined = "".join(t.token for t in scored)
+    assert joined.startswith(cut) and " 5" not in joined
+    assert all(t.top == () for t in scored)  # top_logprobs 0: the chosen tokens only
 
 
 async def test_prefix_is_reused_not_recomputed(engine: LlamaCppEngine) -> None:

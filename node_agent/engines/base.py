@@ -28,11 +28,34 @@ class SamplingOptions:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logprobs: bool = False  # report each generated token's log probability
+    top_logprobs: int = 0  # and this many alternatives at each position
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    token_bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token, its log probability under the model's raw distribution, the most likely
+    alternatives, and where its text starts in the output (in characters)."""
+
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+    text_offset: int = 0
 
 
 @dataclass(frozen=True)
 class TextChunk:
     text: str
+    # With SamplingOptions.logprobs: the tokens whose text starts in this chunk.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,16 @@ class TextStream:
         self._sent = 0
         self.stopped = False
 
+    @property
+    def decoded(self) -> int:
+        """Characters decoded so far (sent or held back)."""
+        return len(self._text)
+
+    @property
+    def sent(self) -> int:
+        """Characters released so far."""
+        return self._sent
+
     def feed(self, data: bytes) -> str:
         """Add a token's bytes; returns newly releasable text (possibly empty)."""
         if self.stopped:
