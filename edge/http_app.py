@@ -99,17 +99,21 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def _collect(stream: AsyncIterator[inference_pb2.GenerateResponse]) -> tuple[str, Any]:
+async def _collect(
+    stream: AsyncIterator[inference_pb2.GenerateResponse],
+) -> tuple[str, list[inference_pb2.TokenLogprob], Any]:
     parts: list[str] = []
+    logprobs: list[inference_pb2.TokenLogprob] = []
     result = None
     async for event in stream:
         if event.HasField("delta"):
             parts.append(event.delta.text)
+            logprobs.extend(event.delta.logprobs)
         else:
             result = event.result
     if result is None:
         raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream without a result")
-    return "".join(parts), result
+    return "".join(parts), logprobs, result
 
 
 async def _completion(
@@ -120,11 +124,11 @@ async def _completion(
 ) -> Any:
     request_id = new_id("chatcmpl" if chat else "cmpl")
     proto = body.to_proto(request_id)
-    shape = CompletionShape(chat, proto.model, request_id)
+    shape = CompletionShape(chat, proto.model, request_id, body.wants_logprobs)
     stream = gateway.generate(proto)
     if not body.stream:
-        text, result = await until_disconnect(request, _collect(stream))
-        return JSONResponse(shape.full(text, result))
+        text, logprobs, result = await until_disconnect(request, _collect(stream))
+        return JSONResponse(shape.full(text, result, logprobs))
     # Await the first event before answering, so that errors before any output are plain HTTP errors.
     try:
         first = await anext(stream)
@@ -138,7 +142,7 @@ async def _completion(
             event: inference_pb2.GenerateResponse | None = first
             while event is not None:
                 if event.HasField("delta"):
-                    yield _sse(shape.chunk(event.delta.text))
+                    yield _sse(shape.chunk(event.delta.text, logprobs=event.delta.logprobs))
                 else:
                     reason = FINISH_REASONS.get(event.result.finish_reason, "stop")
                     yield _sse(shape.chunk(None if chat else "", finish=reason))

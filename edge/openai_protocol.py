@@ -2,7 +2,7 @@
 
 Requests are validated by pydantic; a field of the wrong type or out of range becomes a 400 naming the
 field. Fields OpenAI defines that fleetlm does not implement are refused when they would change the
-result (n > 1, logprobs, tools), and ignored when they would not (metadata, store).
+result (n > 1, tools, echo, suffix), and ignored when they would not (metadata, store).
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ import base64
 import struct
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import invalid
+from mesh.inference_requests import MAX_TOP_LOGPROBS
 
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_STOP: "stop",
@@ -101,12 +103,15 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessageIn]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs:
-            raise invalid("logprobs", "logprobs are not supported yet")
         if self.tools:
             raise invalid("tools", "tool calling is not supported yet")
 
@@ -115,6 +120,8 @@ class ChatCompletionRequest(_Request):
         sampling = self.sampling()
         if self.max_completion_tokens is not None and self.max_tokens is None:
             sampling.max_tokens = self.max_completion_tokens
+        sampling.logprobs = bool(self.logprobs)
+        sampling.top_logprobs = self.top_logprobs or 0
         chat = inference_pb2.ChatConversation(
             messages=[inference_pb2.ChatMessage(role=m.role, content=m.text()) for m in self.messages]
         )
@@ -127,8 +134,12 @@ class CompletionRequest(_Request):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
 
     @field_validator("prompt")
     @classmethod
@@ -141,17 +152,19 @@ class CompletionRequest(_Request):
         self.check_supported()
         if self.echo:
             raise invalid("echo", "echo is not supported")
-        if self.logprobs:
-            raise invalid("logprobs", "logprobs are not supported yet")
         if self.suffix:
             raise invalid("suffix", "suffix is not supported")
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         if not prompt:
             raise invalid("prompt", "'prompt' must not be empty")
+        sampling = self.sampling()
+        if self.logprobs is not None:
+            sampling.logprobs = True
+            sampling.top_logprobs = self.logprobs
         return inference_pb2.GenerateRequest(
             model=self.model or "",
             prompt=prompt,
-            sampling=self.sampling(),
+            sampling=sampling,
             user=self.user or "",
             request_id=request_id,
         )
@@ -188,11 +201,19 @@ def usage_json(usage: inference_pb2.Usage) -> dict[str, int]:
     }
 
 
+Logprobs = Sequence[inference_pb2.TokenLogprob]
+
+
+def _chat_logprob(entry: inference_pb2.TokenLogprob | inference_pb2.TopLogprob) -> dict[str, Any]:
+    return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token_bytes)}
+
+
 class CompletionShape:
     """Builds the bodies of one chat or text completion, streamed or not."""
 
-    def __init__(self, chat: bool, model: str, request_id: str) -> None:
+    def __init__(self, chat: bool, model: str, request_id: str, logprobs: bool = False) -> None:
         self.chat = chat
+        self.logprobs = logprobs
         self.model = model
         self.id = request_id
         self.created = int(time.time())
@@ -209,29 +230,51 @@ class CompletionShape:
             **extra,
         }
 
-    def full(self, text: str, result: inference_pb2.GenerateResult) -> dict[str, Any]:
+    def logprobs_json(self, entries: Logprobs, streamed: bool = False) -> dict[str, Any] | None:
+        """OpenAI's `logprobs` of a choice: chat's `content` list, or the completions API's parallel
+        lists. None when not asked for, and on a streamed chunk that carries no tokens."""
+        if not self.logprobs or (streamed and not entries):
+            return None
+        if self.chat:
+            return {
+                "content": [
+                    {**_chat_logprob(e), "top_logprobs": [_chat_logprob(t) for t in e.top_logprobs]} for e in entries
+                ]
+            }
+        return {
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+            "text_offset": [e.text_offset for e in entries],
+        }
+
+    def full(self, text: str, result: inference_pb2.GenerateResult, logprobs: Logprobs = ()) -> dict[str, Any]:
         reason = FINISH_REASONS.get(result.finish_reason, "stop")
+        scores = self.logprobs_json(logprobs)
         if self.chat:
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": reason,
-                "logprobs": None,
+                "logprobs": scores,
             }
         else:
-            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": scores}
         body = self._envelope(self.object, [choice], usage=usage_json(result.usage), system_fingerprint=result.node_id)
         body["model"] = result.model or self.model  # the model that served it: an offload may differ
         return body
 
-    def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> dict[str, Any]:
+    def chunk(
+        self, text: str | None, finish: str | None = None, first: bool = False, logprobs: Logprobs = ()
+    ) -> dict[str, Any]:
+        scores = self.logprobs_json(logprobs, streamed=True)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": scores}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": scores}
         return self._envelope(self.chunk_object, [choice])
 
     def usage_chunk(self, usage: inference_pb2.Usage) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import openai
 import pytest
@@ -129,3 +131,54 @@ def test_stop_string_is_not_in_output(client: openai.OpenAI, mesh: Mesh) -> None
     )
     assert cut.choices[0].text == base[: base.index(" 5")]
     assert cut.choices[0].finish_reason == "stop"
+
+
+def test_chat_logprobs_streamed_and_not(client: openai.OpenAI, mesh: Mesh) -> None:
+    args: dict[str, Any] = {"model": mesh.model, "messages": QUESTION, "max_tokens": 16, "temperature": 0}
+    whole = client.chat.completions.create(**args, logprobs=True, top_logprobs=3)
+    choice = whole.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    content = choice.logprobs.content
+    assert whole.usage is not None and len(content) == whole.usage.completion_tokens
+    assert "".join(t.token for t in content) == choice.message.content
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.token == entry.top_logprobs[0].token  # greedy
+        assert bytes(entry.bytes or []).decode() == entry.token
+    streamed: list[Any] = []
+    for chunk in client.chat.completions.create(**args, logprobs=True, top_logprobs=3, stream=True):
+        for c in chunk.choices:
+            if c.logprobs is not None and c.logprobs.content:
+                streamed.extend(c.logprobs.content)
+    assert [(t.token, round(t.logprob, 5)) for t in streamed] == [(t.token, round(t.logprob, 5)) for t in content]
+    # Not asked for: none, as OpenAI answers.
+    assert client.chat.completions.create(**args).choices[0].logprobs is None
+
+
+def test_completions_logprobs_have_openais_legacy_shape(client: openai.OpenAI, mesh: Mesh) -> None:
+    reply = client.completions.create(
+        model=mesh.model, prompt="The three primary colors are", max_tokens=10, temperature=0, logprobs=2
+    )
+    choice = reply.choices[0]
+    scores = choice.logprobs
+    assert scores is not None and scores.tokens and scores.token_logprobs and scores.top_logprobs
+    assert scores.text_offset is not None
+    assert "".join(scores.tokens) == choice.text
+    assert scores.text_offset == [len("".join(scores.tokens[:i])) for i in range(len(scores.tokens))]
+    for token, logprob, top in zip(scores.tokens, scores.token_logprobs, scores.top_logprobs, strict=True):
+        assert len(top) == 2 and top[token] == logprob  # greedy: the chosen token is the likeliest
+
+
+def test_grpc_generate_streams_logprobs_with_the_text(mesh: Mesh) -> None:
+    request = inference_pb2.GenerateRequest(
+        model=mesh.model,
+        prompt="Water boils at",
+        sampling=inference_pb2.SamplingParams(max_tokens=10, temperature=0, logprobs=True, top_logprobs=4),
+    )
+    with grpc.insecure_channel(mesh.grpc) as channel:
+        events = list(inference_pb2_grpc.InferenceServiceStub(channel).Generate(request, timeout=30))
+    deltas = [e.delta for e in events if e.HasField("delta")]
+    scored = [t for d in deltas for t in d.logprobs]
+    assert len(scored) == events[-1].result.usage.completion_tokens
+    assert "".join(t.token for t in scored) == "".join(d.text for d in deltas)
+    assert all(len(t.top_logprobs) == 4 and t.token_bytes == t.token.encode() for t in scored)
