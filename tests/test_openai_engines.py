@@ -149,6 +149,32 @@ def test_openai_server_engines_serve_through_the_edge(fleet: Fleet, model: str) 
     assert completion.choices[0].text == direct["choices"][0]["text"]
 
 
+def test_logprobs_pass_through_from_the_engines_server(fleet: Fleet) -> None:
+    prompt = "The capital of France is"
+    reply = fleet.client.completions.create(model="smol-attached", prompt=prompt, max_tokens=5, temperature=0,
+                                            logprobs=2)  # fmt: skip
+    scores = reply.choices[0].logprobs
+    assert scores is not None and scores.tokens and scores.token_logprobs and scores.top_logprobs
+    assert "".join(scores.tokens) == reply.choices[0].text
+    direct = httpx.post(f"http://127.0.0.1:{fleet.attached_port}/v1/completions", timeout=60,
+                        json={"prompt": prompt, "max_tokens": 5, "temperature": 0, "repeat_penalty": 1.0,
+                              "logprobs": 2}).json()["choices"][0]["logprobs"]  # fmt: skip
+    assert scores.tokens == direct["tokens"]
+    assert [round(x, 4) for x in scores.token_logprobs] == [round(x, 4) for x in direct["token_logprobs"]]
+    assert [sorted(t) for t in scores.top_logprobs] == [sorted(t) for t in direct["top_logprobs"]]
+    chat = fleet.client.chat.completions.create(
+        model="smol-attached",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = chat.choices[0].logprobs.content if chat.choices[0].logprobs else None
+    assert content and "".join(t.token for t in content) == chat.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+
+
 def test_a_server_without_pooled_embeddings_is_a_clear_400(fleet: Fleet) -> None:
     # llama_cpp.server answers /v1/embeddings of a generative model with one vector per token: no
     # sentence embedding to give, and fleetlm says so instead of inventing one.

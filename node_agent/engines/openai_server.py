@@ -34,6 +34,8 @@ from node_agent.engines.base import (
     Prompt,
     SamplingOptions,
     TextChunk,
+    TokenLogprob,
+    TopLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -93,9 +95,43 @@ def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[
         body["min_p"] = options.min_p
     if isinstance(prompt, str):
         body["prompt"] = prompt
+        if options.logprobs:
+            body["logprobs"] = options.top_logprobs  # the completions API's form: how many alternatives
         return "/completions", body
     body["messages"] = [{"role": m.role, "content": m.content} for m in prompt]
+    if options.logprobs:
+        body["logprobs"] = True
+        body["top_logprobs"] = options.top_logprobs
     return "/chat/completions", body
+
+
+def _raw(token: str, raw: Any) -> bytes:
+    return bytes(raw) if isinstance(raw, list) else token.encode()
+
+
+def parse_logprobs(data: Any, offset: int) -> tuple[TokenLogprob, ...]:
+    """A chunk's `logprobs` in either of OpenAI's shapes (chat's `content` list, or the completions
+    API's parallel lists) as the engine's entries; `offset` is where the chunk's text starts."""
+    if not isinstance(data, dict):
+        return ()
+    out: list[TokenLogprob] = []
+    if isinstance(data.get("content"), list):
+        for entry in data["content"]:
+            token = str(entry.get("token", ""))
+            top = tuple(
+                TopLogprob(str(t.get("token", "")), _raw(str(t.get("token", "")), t.get("bytes")), float(t["logprob"]))
+                for t in entry.get("top_logprobs") or ()
+            )
+            out.append(TokenLogprob(token, _raw(token, entry.get("bytes")), float(entry["logprob"]), top, offset))
+            offset += len(token)
+        return tuple(out)
+    tops = data.get("top_logprobs") or []
+    for i, (token, logprob) in enumerate(zip(data.get("tokens") or [], data.get("token_logprobs") or [], strict=False)):
+        alternatives = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        top = tuple(TopLogprob(t, t.encode(), float(p)) for t, p in sorted(alternatives.items(), key=lambda kv: -kv[1]))
+        out.append(TokenLogprob(token, token.encode(), float(logprob or 0.0), top, offset))
+        offset += len(token)
+    return tuple(out)
 
 
 def _error_message(reply: httpx.Response) -> str:
@@ -208,7 +244,7 @@ class OpenAIServerEngine:
     async def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
         path, body = request_body(prompt, options, self._model)
         input_param = "prompt" if isinstance(prompt, str) else "messages"
-        chunks, finish, usage = 0, "", None
+        chunks, finish, usage, offset = 0, "", None, 0
         async with self._slot():
             try:
                 async with self._client.stream("POST", f"{self._root}{path}", json=body) as reply:
@@ -227,9 +263,11 @@ class OpenAIServerEngine:
                         usage = event.get("usage") or usage
                         for choice in event.get("choices") or ():
                             text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-                            if text:
+                            logprobs = parse_logprobs(choice.get("logprobs"), offset) if options.logprobs else ()
+                            if text or logprobs:
                                 chunks += 1
-                                yield TextChunk(text)
+                                offset += len(text)
+                                yield TextChunk(text, logprobs)
                             if choice.get("finish_reason"):
                                 finish = "length" if choice["finish_reason"] == "length" else "stop"
             except httpx.HTTPError as exc:
