@@ -8,6 +8,7 @@ result (n > 1, tools, echo, suffix), and ignored when they would not (metadata, 
 from __future__ import annotations
 
 import base64
+import json
 import struct
 import time
 import uuid
@@ -219,6 +220,7 @@ class CompletionShape:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+        self._text_event: tuple[bytes, bytes] | None = None
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
@@ -276,6 +278,16 @@ class CompletionShape:
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": scores}
         return self._envelope(self.chunk_object, [choice])
+
+    def text_event(self, text: str) -> bytes:
+        """The SSE event of a text chunk without logprobs: the hot path, so the envelope, which is the
+        same for every chunk of the stream, is rendered once."""
+        if self._text_event is None:
+            marker = "\x00"
+            head, tail = json.dumps(self.chunk(marker), separators=(",", ":")).split(json.dumps(marker), 1)
+            self._text_event = (f"data: {head}".encode(), f"{tail}\n\n".encode())
+        before, after = self._text_event
+        return before + json.dumps(text).encode() + after
 
     def usage_chunk(self, usage: inference_pb2.Usage) -> dict[str, Any]:
         return self._envelope(self.chunk_object, [], usage=usage_json(usage))
