@@ -57,9 +57,9 @@ def percentile(values: list[float], p: float) -> float:
 
 
 async def measure(stream: Stream, tokens: int, concurrency: int = 8) -> dict[str, float]:
-    """One round for one row: time to first token from 10 short requests, the decode rate of one long
+    """One round for one row: time to first token from 20 short requests, the decode rate of one long
     request, then `concurrency` long requests at once."""
-    firsts = [(await stream(4)).ttft for _ in range(10)]
+    firsts = [(await stream(4)).ttft for _ in range(20)]
     single = await stream(tokens)
     start = time.perf_counter()
     runs = await asyncio.gather(*(stream(tokens) for _ in range(concurrency)))
