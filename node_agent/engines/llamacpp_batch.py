@@ -16,9 +16,10 @@ Results reach the event loop once per step (one cross-thread wake-up for all the
 per token), through the `post` callable the engine gives.
 
 Logprobs, when a request asks: after its token is sampled, a log-softmax of the raw logits at its
-position (numpy, on the decode thread; measured here: no change at 1 stream, 3% at 8 streams, 6% with
-20 alternatives). Each entry waits with the sequence until the text it starts is released, so the
-entries travel with their text and those of a cut stop string are dropped with it.
+position (numpy, on the decode thread; `bench/logprobs_bench.py` here: 1% of the tokens/s at 1 stream,
+3% at 8 streams, 5% with 20 alternatives). Each entry waits with the sequence until the text it
+starts is released, so the entries travel with their text and those of a cut stop string are dropped
+with it.
 
 Prefix reuse: a slot keeps the KV cache of its last request. A new request goes to the free slot whose
 cached tokens share the longest prefix with its prompt, or copies that prefix from any other sequence
