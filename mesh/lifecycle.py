@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 
 
@@ -20,6 +21,13 @@ def run_until_signalled(body: Callable[[asyncio.Event], Awaitable[None]]) -> Non
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(runner())
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now, for a child server the caller starts next."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def bound_address(address: str, port: int) -> str:

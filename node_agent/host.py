@@ -24,8 +24,9 @@ from fleetlm.controlplane.v1 import node_pb2
 from fleetlm.inference.v1 import inference_pb2
 from mesh.catalog import ENGINE_FORMATS, queue_limit, running_limit
 from mesh.errors import ErrorCode, FleetError
+from mesh.lifecycle import free_port
 from node_agent.engines.base import Engine, EngineError
-from node_agent.engines.launched import LaunchedServerEngine, command_launch, free_port
+from node_agent.engines.launched import LaunchedServerEngine, command_launch
 from node_agent.engines.openai_server import OpenAIServerConfig, OpenAIServerEngine
 from node_agent.engines.sglang import GpuShare, sglang_launch
 from node_agent.settings import NodeSettings

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from launcher.default_model import default_model_path
 from launcher.processes import etcd_argv
+from mesh.lifecycle import free_port
 
 MODEL = "smollm2-135m"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(check: Any, timeout: float, what: str, proc: Proc | None = None) -> Any:

@@ -14,8 +14,9 @@ import pytest
 
 from launcher.default_model import default_model_path
 from mesh.catalog import ModelEntry
+from mesh.lifecycle import free_port
 from node_agent.engines.base import EngineError, SamplingOptions, TextChunk
-from node_agent.engines.launched import LaunchedServerEngine, command_launch, free_port
+from node_agent.engines.launched import LaunchedServerEngine, command_launch
 from node_agent.engines.openai_server import OpenAIServerConfig
 from node_agent.engines.supervisor import EngineProcess
 

@@ -9,7 +9,6 @@ starts it again with backoff. Close: the client, then the process (SIGTERM, then
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,12 +18,6 @@ from fleetlm.controlplane.v1 import node_pb2
 from node_agent.engines.base import Embeddings, EngineInfo, EngineLoad, GenerationEvent, Prompt, SamplingOptions
 from node_agent.engines.openai_server import OpenAIServerConfig, OpenAIServerEngine
 from node_agent.engines.supervisor import EngineProcess
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
