@@ -33,6 +33,7 @@ from edge.openai_protocol import (
     embeddings_json,
     models_json,
     new_id,
+    sse,
 )
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import ErrorCode, FleetError
@@ -100,10 +101,6 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def _sse(payload: dict[str, Any] | str) -> bytes:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
-
-
 async def _collect(
     stream: AsyncIterator[inference_pb2.GenerateResponse],
 ) -> tuple[str, list[inference_pb2.TokenLogprob], Any]:
@@ -119,6 +116,15 @@ async def _collect(
     if result is None:
         raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream without a result")
     return "".join(parts), logprobs, result
+
+
+def _plain_error_body(message: str) -> dict[str, Any]:
+    """OpenAI's error shape for an HTTP-level refusal (unknown route, wrong method)."""
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+
+
+def _internal_error() -> FleetError:
+    return FleetError(ErrorCode.INTERNAL, "internal error; see the edge's log")
 
 
 def _json_message(status: int, body: Any, headers: dict[str, str] | None = None) -> tuple[Message, Message]:
@@ -156,8 +162,7 @@ class GenerationRoutes:
             await self._app(scope, receive, send)
             return
         if scope["method"] != "POST":
-            body = {"error": {"message": f"{scope['path']} takes POST, not {scope['method']}",
-                              "type": "invalid_request_error", "param": None, "code": None}}  # fmt: skip
+            body = _plain_error_body(f"{scope['path']} takes POST, not {scope['method']}")
             for message in _json_message(405, body, {"Allow": "POST"}):
                 await send(message)
             return
@@ -177,8 +182,7 @@ class GenerationRoutes:
         except Exception:
             log.exception("unhandled error on %s", scope["path"])
             if not started:
-                internal = FleetError(ErrorCode.INTERNAL, "internal error; see the edge's log")
-                for message in _json_message(500, internal.openai_body()):
+                for message in _json_message(500, _internal_error().openai_body()):
                     await send(message)
 
     async def _generate(self, receive: Receive, send: Send, chat: bool) -> None:
@@ -226,22 +230,20 @@ class GenerationRoutes:
 
         try:
             if shape.chat:
-                await event(_sse(shape.chunk(None, first=True)))
+                await event(sse(shape.chunk(None, first=True)))
             response: inference_pb2.GenerateResponse | None = first
             while response is not None:
                 if response.HasField("delta"):
-                    delta = response.delta
-                    await event(shape.text_event(delta.text) if not delta.logprobs else
-                                _sse(shape.chunk(delta.text, logprobs=delta.logprobs)))  # fmt: skip
+                    await event(shape.delta_event(response.delta.text, response.delta.logprobs))
                 else:
                     reason = FINISH_REASONS.get(response.result.finish_reason, "stop")
-                    await event(_sse(shape.chunk(None if shape.chat else "", finish=reason)))
+                    await event(sse(shape.chunk(None if shape.chat else "", finish=reason)))
                     if include_usage:
-                        await event(_sse(shape.usage_chunk(response.result.usage)))
+                        await event(sse(shape.usage_chunk(response.result.usage)))
                 response = await anext(stream, None)
         except FleetError as error:
-            await event(_sse(error.openai_body()))
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            await event(sse(error.openai_body()))
+        await send({"type": "http.response.body", "body": sse("[DONE]"), "more_body": False})
 
 
 def create_app(gateway: Gateway) -> ASGIApp:
@@ -255,21 +257,12 @@ def create_app(gateway: Gateway) -> ASGIApp:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        body = {
-            "error": {
-                "message": str(exc.detail),
-                "type": "invalid_request_error",
-                "param": None,
-                "code": None,
-            }
-        }
-        return JSONResponse(body, status_code=exc.status_code)
+        return JSONResponse(_plain_error_body(str(exc.detail)), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-        error = FleetError(ErrorCode.INTERNAL, "internal error; see the edge's log")
-        return JSONResponse(error.openai_body(), status_code=500)
+        return JSONResponse(_internal_error().openai_body(), status_code=500)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Any:

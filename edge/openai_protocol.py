@@ -205,6 +205,11 @@ def usage_json(usage: inference_pb2.Usage) -> dict[str, int]:
 Logprobs = Sequence[inference_pb2.TokenLogprob]
 
 
+def sse(payload: dict[str, Any] | str) -> bytes:
+    """One server-sent event: a JSON body, or a bare string such as `[DONE]`."""
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+
+
 def _chat_logprob(entry: inference_pb2.TokenLogprob | inference_pb2.TopLogprob) -> dict[str, Any]:
     return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token_bytes)}
 
@@ -279,9 +284,11 @@ class CompletionShape:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": scores}
         return self._envelope(self.chunk_object, [choice])
 
-    def text_event(self, text: str) -> bytes:
-        """The SSE event of a text chunk without logprobs: the hot path, so the envelope, which is the
-        same for every chunk of the stream, is rendered once."""
+    def delta_event(self, text: str, logprobs: Logprobs = ()) -> bytes:
+        """The SSE event of a chunk of text. Without logprobs it is the hot path, so the envelope, which is
+        the same for every chunk of the stream, is rendered once."""
+        if logprobs:
+            return sse(self.chunk(text, logprobs=logprobs))
         if self._text_event is None:
             marker = "\x00"
             head, tail = json.dumps(self.chunk(marker), separators=(",", ":")).split(json.dumps(marker), 1)
