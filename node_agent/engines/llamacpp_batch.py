@@ -362,16 +362,14 @@ class DecodeLoop:
         logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
         peak = float(logits.max())
         norm = peak + math.log(float(np.exp(logits - peak, dtype=np.float64).sum()))
-        top: tuple[TopLogprob, ...] = ()
+        top: list[TopLogprob] = []
         if top_n > 0:
             best = np.argpartition(logits, -top_n)[-top_n:]
-            best = best[np.argsort(-logits[best], kind="stable")]
-            top = tuple(
-                TopLogprob(raw.decode(errors="replace"), raw, float(logits[t]) - norm)
-                for t, raw in ((int(t), self._piece_of(int(t), special=True)) for t in best)
-            )
+            for t in best[np.argsort(-logits[best], kind="stable")].tolist():
+                raw = self._piece_of(t, special=True)
+                top.append(TopLogprob(raw.decode(errors="replace"), raw, float(logits[t]) - norm))
         raw = self._piece_of(token, special=True)
-        return TokenLogprob(raw.decode(errors="replace"), raw, float(logits[token]) - norm, top, offset)
+        return TokenLogprob(raw.decode(errors="replace"), raw, float(logits[token]) - norm, tuple(top), offset)
 
     def _released(self, seq: _Sequence, everything: bool = False) -> tuple[TokenLogprob, ...]:
         """The pending token logprobs whose text has been released (all of them at the natural end)."""
