@@ -23,7 +23,7 @@ import grpc
 
 from controlplane import placement, routing
 from controlplane.etcd_store import EtcdStore
-from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2, placement_pb2, placement_pb2_grpc
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2, routing_pb2, routing_pb2_grpc
 from launcher.processes import etcd_argv
 from tests.cluster import free_port, grpc_serving, wait_for
 
@@ -118,7 +118,7 @@ async def main() -> None:
 
             async with grpc.aio.insecure_channel(cp_address) as channel:
                 admin = admin_pb2_grpc.AdminServiceStub(channel)
-                picker = placement_pb2_grpc.PlacementServiceStub(channel)
+                picker = routing_pb2_grpc.RoutingServiceStub(channel)
                 request = admin_pb2.ExplainPlacementRequest(deployment=node_pb2.Deployment(spec=spec, min_replicas=1))
                 samples = []
                 for _ in range(200):
@@ -160,7 +160,7 @@ async def main() -> None:
                     while time.perf_counter() < deadline:
                         t = time.perf_counter()
                         await picker.PickReplica(
-                            placement_pb2.PickReplicaRequest(
+                            routing_pb2.PickReplicaRequest(
                                 model="routed", prefix_hash=f"p{(w + n) % 50}" if n % 2 else ""
                             ),
                             timeout=10,

@@ -8,7 +8,6 @@ from google.protobuf import timestamp_pb2
 
 from controlplane import placement, routing
 from controlplane.fleet import FleetView
-from controlplane.placement_service import Placement
 from controlplane.reconciler import Reconciler
 from controlplane.store import ClusterStore
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
@@ -45,13 +44,10 @@ def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
 
 
 class Admin(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(
-        self, store: ClusterStore, fleet: FleetView, reconciler: Reconciler, placement_service: Placement
-    ) -> None:
+    def __init__(self, store: ClusterStore, fleet: FleetView, reconciler: Reconciler) -> None:
         self._store = store
         self._fleet = fleet
         self._reconciler = reconciler
-        self._placement = placement_service
 
     def _with_scheduling(self, node: node_pb2.Node) -> node_pb2.Node:
         out = node_pb2.Node()

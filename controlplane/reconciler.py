@@ -192,7 +192,7 @@ class Reconciler:
         # A draining replica goes once a replica elsewhere is ready to take its requests.
         ready_elsewhere = sum(1 for a in active if (r := self.replica_of(a)) is not None and r.state == READY)
         for assignment in draining:
-            if ready_elsewhere >= min(1, want) or want == 0:
+            if ready_elsewhere >= min(1, want):  # scaled to zero: nothing to wait for
                 await self._unassign(assignment, "node is draining; replacement is ready")
 
     def _removal_order(self, assignment: node_pb2.Assignment) -> tuple[int, int]:

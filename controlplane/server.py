@@ -1,4 +1,4 @@
-"""Run the control plane: etcd store, fleet view, reconciler, and the registry, placement and admin
+"""Run the control plane: etcd store, fleet view, reconciler, router, and the registry, routing and admin
 gRPC services."""
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ from controlplane.admin import Admin, validate_deployment
 from controlplane.etcd_store import EtcdStore
 from controlplane.fleet import FleetView
 from controlplane.placement import GiB, PlacementPolicy
-from controlplane.placement_service import Placement
 from controlplane.reconciler import Reconciler
 from controlplane.registry import NodeRegistry
+from controlplane.router import Router
+from controlplane.routing_service import RoutingService
 from controlplane.settings import ControlPlaneSettings
 from fleetlm.controlplane.v1 import (
     admin_pb2,
     admin_pb2_grpc,
-    placement_pb2,
-    placement_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    routing_pb2,
+    routing_pb2_grpc,
 )
 from mesh import logs
 from mesh.catalog import CatalogError, load_catalog
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAMES = [
     registry_pb2.DESCRIPTOR.services_by_name["NodeRegistryService"].full_name,
-    placement_pb2.DESCRIPTOR.services_by_name["PlacementService"].full_name,
+    routing_pb2.DESCRIPTOR.services_by_name["RoutingService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 ]
 
@@ -58,13 +59,13 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
         vram_reserve_bytes=int(settings.vram_reserve_gib * GiB),
     )
     reconciler = Reconciler(store, fleet, policy, settings.reconcile_interval_seconds)
-    placement_service = Placement(fleet, reconciler)
+    router = Router(fleet, reconciler)
     server = GrpcServer(SERVICE_NAMES)
     registry_pb2_grpc.add_NodeRegistryServiceServicer_to_server(
         NodeRegistry(store, fleet, settings.lease_ttl_seconds), server.server
     )
-    placement_pb2_grpc.add_PlacementServiceServicer_to_server(placement_service, server.server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(Admin(store, fleet, reconciler, placement_service), server.server)
+    routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingService(router), server.server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(Admin(store, fleet, reconciler), server.server)
     try:
         async with asyncio.TaskGroup() as tasks:
             follower = tasks.create_task(fleet.run())

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from fleetlm.controlplane.v1 import placement_pb2, placement_pb2_grpc
+from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.errors import ErrorCode, FleetError
 from mesh.inference_requests import (
@@ -69,7 +69,7 @@ class Gateway:
     ) -> None:
         self._controlplane = controlplane
         self._cp_channel = grpc.aio.insecure_channel(controlplane)
-        self._placement = placement_pb2_grpc.PlacementServiceStub(self._cp_channel)
+        self._placement = routing_pb2_grpc.RoutingServiceStub(self._cp_channel)
         self._node_channels: dict[str, grpc.aio.Channel] = {}
         self.request_timeout = request_timeout_seconds
         self._placement_timeout = placement_timeout_seconds
@@ -78,7 +78,7 @@ class Gateway:
         # the request's user or prefix: reuse it for a moment (one round trip less before the first
         # token), until that replica refuses anything. Several replicas: the control plane balances them.
         self._route_cache_seconds = route_cache_seconds
-        self._routes: dict[str, tuple[float, placement_pb2.PickReplicaResponse]] = {}
+        self._routes: dict[str, tuple[float, routing_pb2.PickReplicaResponse]] = {}
 
     async def close(self) -> None:
         for channel in self._node_channels.values():
@@ -113,19 +113,19 @@ class Gateway:
             )
         return error
 
-    async def pick(self, model: str, user: str = "", prefix_hash: str = "") -> placement_pb2.PickReplicaResponse:
+    async def pick(self, model: str, user: str = "", prefix_hash: str = "") -> routing_pb2.PickReplicaResponse:
         """The control plane's choice of replica (and alternates) for one request."""
         return (await self._pick(model, user, prefix_hash))[0]
 
-    async def _pick(self, model: str, user: str, prefix_hash: str) -> tuple[placement_pb2.PickReplicaResponse, bool]:
+    async def _pick(self, model: str, user: str, prefix_hash: str) -> tuple[routing_pb2.PickReplicaResponse, bool]:
         require_model(model)
         cached = self._routes.get(model)
         if cached is not None and time.monotonic() < cached[0]:
             return cached[1], True
-        request = placement_pb2.PickReplicaRequest(model=model, user=user, prefix_hash=prefix_hash)
+        request = routing_pb2.PickReplicaRequest(model=model, user=user, prefix_hash=prefix_hash)
         request.wait_for_ready.FromNanoseconds(int(self._scale_from_zero_timeout * 1e9))
         try:
-            reply: placement_pb2.PickReplicaResponse = await self._placement.PickReplica(
+            reply: routing_pb2.PickReplicaResponse = await self._placement.PickReplica(
                 request, timeout=self._placement_timeout + self._scale_from_zero_timeout
             )
         except grpc.aio.AioRpcError as exc:
@@ -235,7 +235,7 @@ class Gateway:
     async def list_models(self) -> list[inference_pb2.ModelInfo]:
         try:
             reply = await self._placement.ListServedModels(
-                placement_pb2.ListServedModelsRequest(), timeout=self._placement_timeout
+                routing_pb2.ListServedModelsRequest(), timeout=self._placement_timeout
             )
         except grpc.aio.AioRpcError as exc:
             raise self._control_plane_error(exc) from exc

@@ -33,7 +33,7 @@ def test_reflection_lists_services(mesh: Mesh) -> None:
     assert "fleetlm.inference.v1.InferenceService" in edge
     assert "grpc.health.v1.Health" in edge
     cp = grpcurl(mesh.controlplane, "list").stdout.split()
-    for service in ("AdminService", "PlacementService", "NodeRegistryService"):
+    for service in ("AdminService", "RoutingService", "NodeRegistryService"):
         assert f"fleetlm.controlplane.v1.{service}" in cp
     described = grpcurl(mesh.controlplane, "describe", "fleetlm.controlplane.v1.AdminService").stdout
     assert "rpc ListNodes" in described

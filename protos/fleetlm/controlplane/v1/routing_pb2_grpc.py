@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fleetlm.controlplane.v1 import placement_pb2 as fleetlm_dot_controlplane_dot_v1_dot_placement__pb2
+from fleetlm.controlplane.v1 import routing_pb2 as fleetlm_dot_controlplane_dot_v1_dot_routing__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,15 +18,17 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fleetlm/controlplane/v1/placement_pb2_grpc.py depends on'
+        + ' but the generated code in fleetlm/controlplane/v1/routing_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class PlacementServiceStub:
-    """PlacementService answers the edge: which node serves a request, and which models the fleet serves.
+class RoutingServiceStub:
+    """RoutingService answers the edge: which replica serves a request (scaling a deployment from zero when
+    it has none ready), and which models the fleet serves. Placement (where replicas run) is the
+    control plane's own business and is driven by AdminService.
     """
 
     def __init__(self, channel):
@@ -36,19 +38,21 @@ class PlacementServiceStub:
             channel: A grpc.Channel.
         """
         self.PickReplica = channel.unary_unary(
-                '/fleetlm.controlplane.v1.PlacementService/PickReplica',
-                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_placement__pb2.PickReplicaRequest.SerializeToString,
-                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_placement__pb2.PickReplicaResponse.FromString,
+                '/fleetlm.controlplane.v1.RoutingService/PickReplica',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.PickReplicaRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.PickReplicaResponse.FromString,
                 _registered_method=True)
         self.ListServedModels = channel.unary_unary(
-                '/fleetlm.controlplane.v1.PlacementService/ListServedModels',
-                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_placement__pb2.ListServedModelsRequest.SerializeToString,
-                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_placement__pb2.ListServedModelsResponse.FromString,
+                '/fleetlm.controlplane.v1.RoutingService/ListServedModels',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.ListServedModelsRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.ListServedModelsResponse.FromString,
                 _registered_method=True)
 
 
-class PlacementServiceServicer:
-    """PlacementService answers the edge: which node serves a request, and which models the fleet serves.
+class RoutingServiceServicer:
+    """RoutingService answers the edge: which replica serves a request (scaling a deployment from zero when
+    it has none ready), and which models the fleet serves. Placement (where replicas run) is the
+    control plane's own business and is driven by AdminService.
     """
 
     def PickReplica(self, request, context):
@@ -67,28 +71,30 @@ class PlacementServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_PlacementServiceServicer_to_server(servicer, server):
+def add_RoutingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'PickReplica': grpc.unary_unary_rpc_method_handler(
                     servicer.PickReplica,
-                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_placement__pb2.PickReplicaRequest.FromString,
-                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_placement__pb2.PickReplicaResponse.SerializeToString,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.PickReplicaRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.PickReplicaResponse.SerializeToString,
             ),
             'ListServedModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListServedModels,
-                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_placement__pb2.ListServedModelsRequest.FromString,
-                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_placement__pb2.ListServedModelsResponse.SerializeToString,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.ListServedModelsRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.ListServedModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'fleetlm.controlplane.v1.PlacementService', rpc_method_handlers)
+            'fleetlm.controlplane.v1.RoutingService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('fleetlm.controlplane.v1.PlacementService', rpc_method_handlers)
+    server.add_registered_method_handlers('fleetlm.controlplane.v1.RoutingService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class PlacementService:
-    """PlacementService answers the edge: which node serves a request, and which models the fleet serves.
+class RoutingService:
+    """RoutingService answers the edge: which replica serves a request (scaling a deployment from zero when
+    it has none ready), and which models the fleet serves. Placement (where replicas run) is the
+    control plane's own business and is driven by AdminService.
     """
 
     @staticmethod
@@ -105,9 +111,9 @@ class PlacementService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fleetlm.controlplane.v1.PlacementService/PickReplica',
-            fleetlm_dot_controlplane_dot_v1_dot_placement__pb2.PickReplicaRequest.SerializeToString,
-            fleetlm_dot_controlplane_dot_v1_dot_placement__pb2.PickReplicaResponse.FromString,
+            '/fleetlm.controlplane.v1.RoutingService/PickReplica',
+            fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.PickReplicaRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.PickReplicaResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -132,9 +138,9 @@ class PlacementService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fleetlm.controlplane.v1.PlacementService/ListServedModels',
-            fleetlm_dot_controlplane_dot_v1_dot_placement__pb2.ListServedModelsRequest.SerializeToString,
-            fleetlm_dot_controlplane_dot_v1_dot_placement__pb2.ListServedModelsResponse.FromString,
+            '/fleetlm.controlplane.v1.RoutingService/ListServedModels',
+            fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.ListServedModelsRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.ListServedModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,32 @@
+"""RoutingService, for the edge: a thin gRPC adapter over the Router."""
+
+from __future__ import annotations
+
+import grpc
+
+from controlplane.router import Router
+from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
+
+
+class RoutingService(routing_pb2_grpc.RoutingServiceServicer):
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    async def PickReplica(
+        self, request: routing_pb2.PickReplicaRequest, context: grpc.aio.ServicerContext
+    ) -> routing_pb2.PickReplicaResponse:
+        wait = request.wait_for_ready.ToTimedelta().total_seconds()
+        route = await self._router.route(request.model, request.user, request.prefix_hash, wait)
+        best, *others = route.replicas
+        return routing_pb2.PickReplicaResponse(
+            node_id=best.node_id,
+            inference_address=best.address,
+            alternates=[routing_pb2.ReplicaEndpoint(node_id=v.node_id, inference_address=v.address) for v in others],
+            cpu_offload_model=route.cpu_offload_model,
+            device=best.device,
+        )
+
+    async def ListServedModels(
+        self, request: routing_pb2.ListServedModelsRequest, context: grpc.aio.ServicerContext
+    ) -> routing_pb2.ListServedModelsResponse:
+        return routing_pb2.ListServedModelsResponse(models=self._router.served_models())
