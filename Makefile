@@ -5,6 +5,9 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# `buf breaking` compares the protos (the public contract) with the main branch, so that a change to the
+# contract is deliberate. A clone with no local main (CI building another branch) compares with origin/main.
+BUF_AGAINST ?= .git\#$(shell git show-ref -q --verify refs/heads/main && echo branch=main || echo ref=origin/main)
 
 .PHONY: up test check lint protos bench clean
 
@@ -20,6 +23,8 @@ test: check
 check: $(VENV)/.installed
 	$(BIN)/python protos/generate.py --check
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code
+	$(BIN)/buf breaking --against '$(BUF_AGAINST)'
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
