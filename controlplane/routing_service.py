@@ -1,16 +1,26 @@
-"""RoutingService, for the edge: a thin gRPC adapter over the Router."""
+"""RoutingService, for the edges: a thin gRPC adapter over the RoutePublisher and the Router."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
+from controlplane.route_publisher import RoutePublisher
 from controlplane.router import Router
 from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
 
 
 class RoutingService(routing_pb2_grpc.RoutingServiceServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, publisher: RoutePublisher) -> None:
         self._router = router
+        self._publisher = publisher
+
+    async def WatchRoutes(
+        self, request: routing_pb2.WatchRoutesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[routing_pb2.WatchRoutesResponse]:
+        async for update in self._publisher.watch():
+            yield update
 
     async def PickReplica(
         self, request: routing_pb2.PickReplicaRequest, context: grpc.aio.ServicerContext

@@ -13,6 +13,7 @@ from controlplane.fleet import FleetView
 from controlplane.placement import GiB, PlacementPolicy
 from controlplane.reconciler import Reconciler
 from controlplane.registry import NodeRegistry
+from controlplane.route_publisher import RoutePublisher
 from controlplane.router import Router
 from controlplane.routing_service import RoutingService
 from controlplane.settings import ControlPlaneSettings
@@ -60,11 +61,12 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     )
     reconciler = Reconciler(store, fleet, policy, settings.reconcile_interval_seconds)
     router = Router(fleet, reconciler)
+    publisher = RoutePublisher(fleet)
     server = GrpcServer(SERVICE_NAMES)
     registry_pb2_grpc.add_NodeRegistryServiceServicer_to_server(
         NodeRegistry(store, fleet, settings.lease_ttl_seconds), server.server
     )
-    routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingService(router), server.server)
+    routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingService(router, publisher), server.server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(Admin(store, fleet, reconciler), server.server)
     try:
         async with asyncio.TaskGroup() as tasks:
@@ -73,12 +75,15 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             if settings.deployments:
                 await _load_deployments(settings.deployments, fleet, reconciler)
             reconciling = tasks.create_task(reconciler.run())
+            publishing = tasks.create_task(publisher.run())
             port = await server.start(settings.listen)
             log.info("control plane listening on %s (etcd %s)", bound_address(settings.listen, port), settings.etcd)
             await stop.wait()
             # Order: stop taking RPCs and drain them first, then stop deciding, then stop following etcd.
+            publisher.close()  # routing streams never end by themselves: end them so edges move on now
             await server.stop(settings.shutdown_grace_seconds)
             reconciling.cancel()
+            publishing.cancel()
             follower.cancel()
     finally:
         await store.close()

@@ -23,26 +23,38 @@ _sym_db = _symbol_database.Default()
 
 
 from fleetlm.inference.v1 import inference_pb2 as fleetlm_dot_inference_dot_v1_dot_inference__pb2
+from fleetlm.controlplane.v1 import node_pb2 as fleetlm_dot_controlplane_dot_v1_dot_node__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fleetlm/controlplane/v1/routing.proto\x12\x17\x66leetlm.controlplane.v1\x1a$fleetlm/inference/v1/inference.proto\x1a\x1egoogle/protobuf/duration.proto\"y\n\x12PickReplicaRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x13\n\x0bprefix_hash\x18\x03 \x01(\t\x12\x31\n\x0ewait_for_ready\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"=\n\x0fReplicaEndpoint\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11inference_address\x18\x02 \x01(\t\"\xaa\x01\n\x13PickReplicaResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11inference_address\x18\x02 \x01(\t\x12<\n\nalternates\x18\x03 \x03(\x0b\x32(.fleetlm.controlplane.v1.ReplicaEndpoint\x12\x19\n\x11\x63pu_offload_model\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"\x19\n\x17ListServedModelsRequest\"K\n\x18ListServedModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.fleetlm.inference.v1.ModelInfo2\xf3\x01\n\x0eRoutingService\x12h\n\x0bPickReplica\x12+.fleetlm.controlplane.v1.PickReplicaRequest\x1a,.fleetlm.controlplane.v1.PickReplicaResponse\x12w\n\x10ListServedModels\x12\x30.fleetlm.controlplane.v1.ListServedModelsRequest\x1a\x31.fleetlm.controlplane.v1.ListServedModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fleetlm/controlplane/v1/routing.proto\x12\x17\x66leetlm.controlplane.v1\x1a$fleetlm/inference/v1/inference.proto\x1a\"fleetlm/controlplane/v1/node.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"y\n\x12PickReplicaRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x13\n\x0bprefix_hash\x18\x03 \x01(\t\x12\x31\n\x0ewait_for_ready\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"=\n\x0fReplicaEndpoint\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11inference_address\x18\x02 \x01(\t\"\xaa\x01\n\x13PickReplicaResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11inference_address\x18\x02 \x01(\t\x12<\n\nalternates\x18\x03 \x03(\x0b\x32(.fleetlm.controlplane.v1.ReplicaEndpoint\x12\x19\n\x11\x63pu_offload_model\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"\x19\n\x17ListServedModelsRequest\"K\n\x18ListServedModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.fleetlm.inference.v1.ModelInfo\"%\n\x12WatchRoutesRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\"\xb7\x01\n\x0cReplicaRoute\x12\r\n\x05model\x18\x01 \x01(\t\x12\x34\n\x05state\x18\x02 \x01(\x0e\x32%.fleetlm.controlplane.v1.ReplicaState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x18\n\x10running_requests\x18\x05 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x06 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\r\"\x83\x01\n\nNodeRoutes\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11inference_address\x18\x02 \x01(\t\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12\x37\n\x08replicas\x18\x04 \x03(\x0b\x32%.fleetlm.controlplane.v1.ReplicaRoute\"h\n\nModelRoute\x12-\n\x04info\x18\x01 \x01(\x0b\x32\x1f.fleetlm.inference.v1.ModelInfo\x12\x10\n\x08\x64\x65ployed\x18\x02 \x01(\x08\x12\x19\n\x11\x63pu_offload_model\x18\x03 \x01(\t\"\xf4\x01\n\x13WatchRoutesResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12\x32\n\x05nodes\x18\x02 \x03(\x0b\x32#.fleetlm.controlplane.v1.NodeRoutes\x12\x18\n\x10removed_node_ids\x18\x03 \x03(\t\x12\x33\n\x06models\x18\x04 \x03(\x0b\x32#.fleetlm.controlplane.v1.ModelRoute\x12\x16\n\x0eremoved_models\x18\x05 \x03(\t\x12\x30\n\x0cpublished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xdf\x02\n\x0eRoutingService\x12j\n\x0bWatchRoutes\x12+.fleetlm.controlplane.v1.WatchRoutesRequest\x1a,.fleetlm.controlplane.v1.WatchRoutesResponse0\x01\x12h\n\x0bPickReplica\x12+.fleetlm.controlplane.v1.PickReplicaRequest\x1a,.fleetlm.controlplane.v1.PickReplicaResponse\x12w\n\x10ListServedModels\x12\x30.fleetlm.controlplane.v1.ListServedModelsRequest\x1a\x31.fleetlm.controlplane.v1.ListServedModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetlm.controlplane.v1.routing_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PICKREPLICAREQUEST']._serialized_start=136
-  _globals['_PICKREPLICAREQUEST']._serialized_end=257
-  _globals['_REPLICAENDPOINT']._serialized_start=259
-  _globals['_REPLICAENDPOINT']._serialized_end=320
-  _globals['_PICKREPLICARESPONSE']._serialized_start=323
-  _globals['_PICKREPLICARESPONSE']._serialized_end=493
-  _globals['_LISTSERVEDMODELSREQUEST']._serialized_start=495
-  _globals['_LISTSERVEDMODELSREQUEST']._serialized_end=520
-  _globals['_LISTSERVEDMODELSRESPONSE']._serialized_start=522
-  _globals['_LISTSERVEDMODELSRESPONSE']._serialized_end=597
-  _globals['_ROUTINGSERVICE']._serialized_start=600
-  _globals['_ROUTINGSERVICE']._serialized_end=843
+  _globals['_PICKREPLICAREQUEST']._serialized_start=205
+  _globals['_PICKREPLICAREQUEST']._serialized_end=326
+  _globals['_REPLICAENDPOINT']._serialized_start=328
+  _globals['_REPLICAENDPOINT']._serialized_end=389
+  _globals['_PICKREPLICARESPONSE']._serialized_start=392
+  _globals['_PICKREPLICARESPONSE']._serialized_end=562
+  _globals['_LISTSERVEDMODELSREQUEST']._serialized_start=564
+  _globals['_LISTSERVEDMODELSREQUEST']._serialized_end=589
+  _globals['_LISTSERVEDMODELSRESPONSE']._serialized_start=591
+  _globals['_LISTSERVEDMODELSRESPONSE']._serialized_end=666
+  _globals['_WATCHROUTESREQUEST']._serialized_start=668
+  _globals['_WATCHROUTESREQUEST']._serialized_end=705
+  _globals['_REPLICAROUTE']._serialized_start=708
+  _globals['_REPLICAROUTE']._serialized_end=891
+  _globals['_NODEROUTES']._serialized_start=894
+  _globals['_NODEROUTES']._serialized_end=1025
+  _globals['_MODELROUTE']._serialized_start=1027
+  _globals['_MODELROUTE']._serialized_end=1131
+  _globals['_WATCHROUTESRESPONSE']._serialized_start=1134
+  _globals['_WATCHROUTESRESPONSE']._serialized_end=1378
+  _globals['_ROUTINGSERVICE']._serialized_start=1381
+  _globals['_ROUTINGSERVICE']._serialized_end=1732
 # @@protoc_insertion_point(module_scope)

@@ -26,9 +26,9 @@ if _version_not_supported:
 
 
 class RoutingServiceStub:
-    """RoutingService answers the edge: which replica serves a request (scaling a deployment from zero when
-    it has none ready), and which models the fleet serves. Placement (where replicas run) is the
-    control plane's own business and is driven by AdminService.
+    """RoutingService serves the edges: the routing table they route from on their own (WatchRoutes), a
+    replica for a model that has none ready (PickReplica scales it from zero), and which models the fleet
+    serves. Placement (where replicas run) is the control plane's own business, driven by AdminService.
     """
 
     def __init__(self, channel):
@@ -37,6 +37,11 @@ class RoutingServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.WatchRoutes = channel.unary_stream(
+                '/fleetlm.controlplane.v1.RoutingService/WatchRoutes',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.WatchRoutesRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.WatchRoutesResponse.FromString,
+                _registered_method=True)
         self.PickReplica = channel.unary_unary(
                 '/fleetlm.controlplane.v1.RoutingService/PickReplica',
                 request_serializer=fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.PickReplicaRequest.SerializeToString,
@@ -50,14 +55,24 @@ class RoutingServiceStub:
 
 
 class RoutingServiceServicer:
-    """RoutingService answers the edge: which replica serves a request (scaling a deployment from zero when
-    it has none ready), and which models the fleet serves. Placement (where replicas run) is the
-    control plane's own business and is driven by AdminService.
+    """RoutingService serves the edges: the routing table they route from on their own (WatchRoutes), a
+    replica for a model that has none ready (PickReplica scales it from zero), and which models the fleet
+    serves. Placement (where replicas run) is the control plane's own business, driven by AdminService.
     """
 
+    def WatchRoutes(self, request, context):
+        """WatchRoutes streams the routing table: the whole table first, then what changed (coalesced), and an
+        empty update every few seconds when nothing did, so that an edge can tell a quiet table from a
+        control plane that is gone. The edge keeps routing on its last table while the stream is down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PickReplica(self, request, context):
-        """PickReplica chooses the node that should serve one request for a model. Errors: MODEL_NOT_FOUND
-        (with the known models), MODEL_UNAVAILABLE (known, but no ready replica).
+        """PickReplica chooses the node that should serve one request for a model, scaling a deployment with
+        no ready replica from zero. Errors: MODEL_NOT_FOUND (with the known models), MODEL_UNAVAILABLE
+        (known, but no ready replica), and the placement's errors when it fits nowhere.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -73,6 +88,11 @@ class RoutingServiceServicer:
 
 def add_RoutingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'WatchRoutes': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRoutes,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.WatchRoutesRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.WatchRoutesResponse.SerializeToString,
+            ),
             'PickReplica': grpc.unary_unary_rpc_method_handler(
                     servicer.PickReplica,
                     request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.PickReplicaRequest.FromString,
@@ -92,10 +112,37 @@ def add_RoutingServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RoutingService:
-    """RoutingService answers the edge: which replica serves a request (scaling a deployment from zero when
-    it has none ready), and which models the fleet serves. Placement (where replicas run) is the
-    control plane's own business and is driven by AdminService.
+    """RoutingService serves the edges: the routing table they route from on their own (WatchRoutes), a
+    replica for a model that has none ready (PickReplica scales it from zero), and which models the fleet
+    serves. Placement (where replicas run) is the control plane's own business, driven by AdminService.
     """
+
+    @staticmethod
+    def WatchRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.RoutingService/WatchRoutes',
+            fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.WatchRoutesRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_routing__pb2.WatchRoutesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def PickReplica(request,

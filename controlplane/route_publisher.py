@@ -1,0 +1,177 @@
+"""Publishes the routing table to edges (`RoutingService.WatchRoutes`): the edges route on their own copy.
+
+An edge that subscribes gets the whole table, then only what changed: the nodes whose reports or
+scheduling changed and the models whose aggregate state changed, gathered for `interval` seconds so that a
+busy fleet sends one update per interval, not one per report. When nothing changes, an empty update goes
+out every `keepalive` seconds, so that an edge can tell a quiet table from a control plane that is gone.
+A subscriber that falls behind is sent the whole table again instead of a backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from controlplane import routing
+from controlplane.fleet import FleetView
+from controlplane.store import StoreEvent
+from fleetlm.controlplane.v1 import node_pb2, routing_pb2
+from mesh.catalog import queue_limit, running_limit
+
+log = logging.getLogger(__name__)
+
+MAX_BACKLOG = 64  # updates a slow subscriber may have waiting before it is sent a snapshot instead
+
+
+def node_routes(node: node_pb2.Node, draining: bool) -> routing_pb2.NodeRoutes:
+    return routing_pb2.NodeRoutes(
+        node_id=node.node_id,
+        inference_address=node.inference_address,
+        draining=draining,
+        replicas=[
+            routing_pb2.ReplicaRoute(
+                model=r.model.name,
+                state=r.state,
+                error=r.error,
+                device=r.device or "cpu",
+                running_requests=r.running_requests,
+                queued_requests=r.queued_requests,
+                capacity=running_limit(r.model) + queue_limit(r.model),
+            )
+            for r in node.replicas
+        ],
+    )
+
+
+class _Subscriber:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[routing_pb2.WatchRoutesResponse | None] = asyncio.Queue()
+        self.behind = False  # next: a snapshot
+
+
+class RoutePublisher:
+    def __init__(self, fleet: FleetView, interval: float = 0.05, keepalive: float = 2.0) -> None:
+        self._fleet = fleet
+        self._interval = interval
+        self._keepalive = keepalive
+        self._subscribers: set[_Subscriber] = set()
+        self._dirty_nodes: set[str] = set()
+        self._models_dirty = False
+        self._everything_dirty = False
+        self._wake = asyncio.Event()
+        self._models: dict[str, routing_pb2.ModelRoute] = {}
+        self._closed = False
+        fleet.listeners.append(self._on_change)
+
+    def close(self) -> None:
+        """End every stream now (at shutdown: the edges move to another control plane at once)."""
+        self._closed = True
+        for subscriber in self._subscribers:
+            subscriber.queue.put_nowait(None)
+
+    # --- what changed ------------------------------------------------------------------------------------
+
+    def _on_change(self, event: StoreEvent | None) -> None:
+        if event is None:
+            self._everything_dirty = True
+        elif event.kind in ("node", "scheduling"):
+            self._dirty_nodes.add(event.key)
+            self._models_dirty = True  # a node's report changes its models' ready counts and states
+        elif event.kind in ("deployment", "model"):
+            self._models_dirty = True
+        else:
+            return
+        self._wake.set()
+
+    def _draining(self, node_id: str) -> bool:
+        return self._fleet.scheduling(node_id) == node_pb2.SCHEDULING_DRAINING
+
+    def _model_routes(self) -> dict[str, routing_pb2.ModelRoute]:
+        fleet = self._fleet
+        specs = dict(fleet.models)
+        specs.update({name: d.spec for name, d in fleet.deployments.items()})
+        out = {}
+        for info in routing.model_infos(fleet.nodes, specs):
+            deployment = fleet.deployments.get(info.name)
+            out[info.name] = routing_pb2.ModelRoute(
+                info=info,
+                deployed=deployment is not None,
+                cpu_offload_model=deployment.cpu_offload_model if deployment is not None else "",
+            )
+        return out
+
+    def snapshot(self) -> routing_pb2.WatchRoutesResponse:
+        """The whole table as it is now."""
+        update = routing_pb2.WatchRoutesResponse(
+            snapshot=True,
+            nodes=[node_routes(n, self._draining(i)) for i, n in self._fleet.nodes.items()],
+            models=list(self._model_routes().values()),
+        )
+        update.published_at.GetCurrentTime()
+        return update
+
+    def _delta(self) -> routing_pb2.WatchRoutesResponse:
+        update = routing_pb2.WatchRoutesResponse()
+        nodes = self._fleet.nodes
+        for node_id in sorted(self._dirty_nodes):
+            node = nodes.get(node_id)
+            if node is None:
+                update.removed_node_ids.append(node_id)
+            else:
+                update.nodes.append(node_routes(node, self._draining(node_id)))
+        if self._models_dirty:
+            models = self._model_routes()
+            update.models.extend(m for name, m in models.items() if self._models.get(name) != m)
+            update.removed_models.extend(sorted(set(self._models) - set(models)))
+            self._models = models
+        update.published_at.GetCurrentTime()
+        return update
+
+    # --- publishing --------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Send what changed to every subscriber, at most once per interval; a keepalive when quiet."""
+        await self._fleet.synced.wait()
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._keepalive)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self._everything_dirty:
+                update = self.snapshot()
+                self._models = {m.info.name: m for m in update.models}
+            else:
+                update = self._delta()
+            self._dirty_nodes.clear()
+            self._models_dirty = self._everything_dirty = False
+            for subscriber in list(self._subscribers):
+                if subscriber.behind:
+                    continue
+                if update.snapshot or subscriber.queue.qsize() < MAX_BACKLOG:
+                    subscriber.queue.put_nowait(update)
+                else:
+                    subscriber.behind = True
+                    subscriber.queue.put_nowait(None)  # wakes it to take a snapshot
+            await asyncio.sleep(self._interval)  # gather the next changes
+
+    async def watch(self) -> AsyncIterator[routing_pb2.WatchRoutesResponse]:
+        """One edge's stream: the table, then its changes, until the edge goes away."""
+        await self._fleet.synced.wait()
+        subscriber = _Subscriber()
+        self._subscribers.add(subscriber)
+        try:
+            yield self.snapshot()
+            while True:
+                update = await subscriber.queue.get()
+                if self._closed:
+                    return
+                if update is None or subscriber.behind:
+                    while not subscriber.queue.empty():
+                        subscriber.queue.get_nowait()
+                    subscriber.behind = False
+                    update = self.snapshot()
+                yield update
+        finally:
+            self._subscribers.discard(subscriber)

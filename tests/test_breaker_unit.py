@@ -1,0 +1,61 @@
+"""Per-node circuit breakers at the edge: pure state, on a clock the test moves."""
+
+from __future__ import annotations
+
+from edge.breaker import Breakers
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_open_after_failures_then_one_probe_after_the_cooldown() -> None:
+    clock = Clock()
+    b = Breakers(failures=2, cooldown=1.0, clock=clock)
+    assert b.allow("n")
+    b.failed("n")
+    assert b.allow("n") and not b.is_open("n")  # one failure is not enough at failures=2
+    b.failed("n")
+    assert b.is_open("n") and not b.allow("n")
+    clock.now += 0.5
+    assert not b.allow("n")
+    clock.now += 0.6
+    assert b.allow("n")  # the probe
+    assert not b.allow("n")  # only one at a time
+    b.succeeded("n")
+    assert not b.is_open("n") and b.allow("n") and b.allow("n")
+
+
+def test_a_failed_probe_doubles_the_cooldown_up_to_the_cap() -> None:
+    clock = Clock()
+    b = Breakers(failures=1, cooldown=1.0, max_cooldown=3.0, clock=clock)
+    b.failed("n")
+    waits = []
+    for _ in range(4):
+        start = clock.now
+        while not b.allow("n"):
+            clock.now += 0.25
+        waits.append(clock.now - start)
+        b.failed("n")
+    assert waits == [1.0, 2.0, 3.0, 3.0]
+
+
+def test_a_probe_that_ends_without_a_verdict_lets_another_go() -> None:
+    clock = Clock()
+    b = Breakers(failures=1, cooldown=1.0, clock=clock)
+    b.failed("n")
+    clock.now += 1.0
+    assert b.allow("n") and not b.allow("n")
+    b.released("n")
+    assert b.allow("n")
+
+
+def test_nodes_are_independent() -> None:
+    b = Breakers(failures=1, clock=Clock())
+    b.failed("a")
+    assert not b.allow("a") and b.allow("b")
+    assert b.open_nodes() == ["a"]
