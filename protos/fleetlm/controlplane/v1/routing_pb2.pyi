@@ -1,7 +1,7 @@
 import datetime
 
-from fleetlm.inference.v1 import inference_pb2 as _inference_pb2
 from fleetlm.controlplane.v1 import node_pb2 as _node_pb2
+from fleetlm.inference.v1 import inference_pb2 as _inference_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
