@@ -76,7 +76,7 @@ class _ModelReplicas:
         self.by_node: dict[str, Replica] = {}
         self._buckets: dict[Key, list[Replica]] = {}
         self._keys: list[Key] = []  # sorted keys of non-empty buckets
-        self._ring: tuple[list[int], list[Replica]] | None = None
+        self._ring: tuple[list[int], list[str]] | None = None  # points and node ids, by point
 
     # --- buckets ---------------------------------------------------------------------------------------
 
@@ -119,10 +119,11 @@ class _ModelReplicas:
             self._unbucket(old)
             replica.own = old.own  # what this edge has in flight there is still in flight
         replica.own_at_report = replica.own
-        replica.point = ring_point(replica.node_id)
+        replica.point = old.point if old is not None else ring_point(replica.node_id)
         self.by_node[replica.node_id] = replica
         self.rekey(replica)
-        self._ring = None
+        if old is None:
+            self._ring = None  # only membership moves the ring, not a new report
 
     def remove(self, node_id: str) -> Replica | None:
         old = self.by_node.pop(node_id, None)
@@ -145,10 +146,10 @@ class _ModelReplicas:
                 break
         return out
 
-    def ring(self) -> tuple[list[int], list[Replica]]:
+    def ring(self) -> tuple[list[int], list[str]]:
         if self._ring is None:
             ordered = sorted(self.by_node.values(), key=lambda r: r.point)
-            self._ring = ([r.point for r in ordered], ordered)
+            self._ring = ([r.point for r in ordered], [r.node_id for r in ordered])
         return self._ring
 
 
@@ -240,10 +241,10 @@ class RouteTable:
 
     @staticmethod
     def _affine(table: _ModelReplicas, key: str, least: int, slack: int) -> Replica | None:
-        points, replicas = table.ring()
+        points, node_ids = table.ring()
         start = bisect.bisect(points, ring_point(key)) % len(points)
         for step in range(min(len(points), 8)):  # the next usable replica clockwise, looking a little way
-            replica = replicas[(start + step) % len(points)]
+            replica = table.by_node[node_ids[(start + step) % len(points)]]
             load = replica.load
             if replica.ready and not replica.draining and load < replica.capacity:
                 return replica if load <= least + slack else None
