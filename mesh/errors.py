@@ -18,6 +18,9 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 DOMAIN = "fleetlm"
+# A 429 always says when to come back (OpenAI's clients and the old system's read it); a refusal that
+# names no time of its own gets this one.
+DEFAULT_RETRY_AFTER_SECONDS = 1
 _DETAILS_KEY = "grpc-status-details-bin"
 
 
@@ -47,7 +50,8 @@ class _Mapping:
     openai_type: str
 
 
-# The one table. OpenAI's types: invalid_request_error (4xx the caller can fix), server_error (5xx).
+# The one table. OpenAI's types: invalid_request_error (4xx the caller can fix), rate_limit_error (429:
+# the fleet is busy now, come back after Retry-After), server_error (5xx: it cannot be served as it is).
 _TABLE: Mapping[ErrorCode, _Mapping] = {
     ErrorCode.INVALID_REQUEST: _Mapping(400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error"),
     ErrorCode.MODEL_REQUIRED: _Mapping(400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error"),
@@ -57,7 +61,7 @@ _TABLE: Mapping[ErrorCode, _Mapping] = {
     ErrorCode.NODE_NOT_FOUND: _Mapping(404, grpc.StatusCode.NOT_FOUND, "invalid_request_error"),
     ErrorCode.LEASE_EXPIRED: _Mapping(404, grpc.StatusCode.NOT_FOUND, "invalid_request_error"),
     ErrorCode.GPU_OVERLOADED: _Mapping(429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit_error"),
-    ErrorCode.NO_CAPACITY: _Mapping(503, grpc.StatusCode.RESOURCE_EXHAUSTED, "server_error"),
+    ErrorCode.NO_CAPACITY: _Mapping(429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit_error"),
     ErrorCode.MODEL_UNAVAILABLE: _Mapping(503, grpc.StatusCode.UNAVAILABLE, "server_error"),
     ErrorCode.BACKEND_UNAVAILABLE: _Mapping(503, grpc.StatusCode.UNAVAILABLE, "server_error"),
     ErrorCode.BACKEND_TIMEOUT: _Mapping(504, grpc.StatusCode.DEADLINE_EXCEEDED, "server_error"),
@@ -111,18 +115,24 @@ class FleetError(Exception):
             }
         }
 
+    @property
+    def retry_after(self) -> int | None:
+        """Seconds the client should wait before trying again, if it says so (every 429 does)."""
+        if self.retry_after_seconds is None and self.http_status == 429:
+            return DEFAULT_RETRY_AFTER_SECONDS
+        return self.retry_after_seconds
+
     def http_headers(self) -> dict[str, str]:
-        if self.retry_after_seconds is None:
-            return {}
-        return {"Retry-After": str(self.retry_after_seconds)}
+        retry_after = self.retry_after
+        return {} if retry_after is None else {"Retry-After": str(retry_after)}
 
     def grpc_trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
         """Trailing metadata holding a google.rpc.Status with an ErrorInfo, as grpcio-status writes it."""
         info_metadata = dict(self.metadata)
         if self.param is not None:
             info_metadata["param"] = self.param
-        if self.retry_after_seconds is not None:
-            info_metadata["retry_after_seconds"] = str(self.retry_after_seconds)
+        if self.retry_after is not None:
+            info_metadata["retry_after_seconds"] = str(self.retry_after)
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.ErrorInfo(reason=self.code.value, domain=DOMAIN, metadata=info_metadata))
         status = status_pb2.Status(code=getattr(code_pb2, self.grpc_code.name), message=self.message, details=[detail])

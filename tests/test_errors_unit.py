@@ -16,6 +16,7 @@ EXPECTED = {
     "BACKEND_UNAVAILABLE": (503, grpc.StatusCode.UNAVAILABLE),
     "BACKEND_TIMEOUT": (504, grpc.StatusCode.DEADLINE_EXCEEDED),
     "GPU_OVERLOADED": (429, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    "NO_CAPACITY": (429, grpc.StatusCode.RESOURCE_EXHAUSTED),  # a busy fleet: come back later, not 503
 }
 
 
@@ -79,3 +80,20 @@ def test_openai_shape() -> None:
         }
     }
     assert FleetError(ErrorCode.GPU_OVERLOADED, "busy", retry_after_seconds=2).http_headers() == {"Retry-After": "2"}
+
+
+@pytest.mark.parametrize("code", [ErrorCode.GPU_OVERLOADED, ErrorCode.NO_CAPACITY])
+def test_overload_is_a_rate_limit_that_says_when_to_come_back(code: ErrorCode) -> None:
+    error = FleetError(code, "every replica is busy")
+    assert error.http_status == 429 and error.openai_body()["error"]["type"] == "rate_limit_error"
+    assert error.http_headers() == {"Retry-After": "1"}  # named by no one: the default
+    received = FleetError.from_rpc_error(_Received(error, error.grpc_code, error.message))
+    assert received.code == code and received.retry_after_seconds == 1  # it crosses gRPC hops too
+    assert FleetError(code, "busy", retry_after_seconds=7).http_headers() == {"Retry-After": "7"}
+
+
+def test_unavailable_stays_503_and_a_bare_resource_exhausted_is_overload() -> None:
+    for code in (ErrorCode.MODEL_UNAVAILABLE, ErrorCode.BACKEND_UNAVAILABLE):
+        assert FleetError(code, "cannot be served").http_status == 503
+    bare = FleetError.from_rpc_error(_Received(None, grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"))
+    assert bare.code == ErrorCode.NO_CAPACITY and bare.http_status == 429 and bare.http_headers()
