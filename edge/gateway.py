@@ -1,7 +1,12 @@
 """The edge's transport-free core: validate, ask the control plane where to go, call that node.
 
-The HTTP routes and the gRPC servicer are thin adapters over `Gateway`; both get the same placement,
-the same deadlines and the same errors.
+The HTTP routes and the gRPC servicer are thin adapters over `Gateway`; both get the same routing, the
+same retries, the same deadlines and the same errors.
+
+Every call goes through one attempt loop (`Gateway._first_answer`): the replica the control plane chose,
+then its alternates, then the same for the model's `cpu_offload_model` when the replicas refused for
+load. An attempt is retried elsewhere only when the node refused before doing anything for the request
+(full, unloading, unreachable); once the first event of a stream has come, the request is that node's.
 """
 
 from __future__ import annotations
@@ -9,21 +14,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import AsyncGenerator
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.errors import ErrorCode, FleetError
-from mesh.inference_requests import (
-    require_model,
-    validate_embed,
-    validate_generate,
-    validate_tokenize,
-)
+from mesh.inference_requests import validate_embed, validate_generate, validate_tokenize
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 OVERLOADED = {ErrorCode.GPU_OVERLOADED, ErrorCode.NO_CAPACITY}
 RETRYABLE = OVERLOADED | {ErrorCode.BACKEND_UNAVAILABLE, ErrorCode.MODEL_UNAVAILABLE, ErrorCode.MODEL_NOT_FOUND}
 PREFIX_CHARS = 256  # about 64 tokens: shorter shared prefixes are not worth routing for
+
+T = TypeVar("T")
 
 
 def prefix_hash(request: inference_pb2.GenerateRequest) -> str:
@@ -44,7 +47,13 @@ def prefix_hash(request: inference_pb2.GenerateRequest) -> str:
     return hashlib.blake2b(text[:PREFIX_CHARS].encode(), digest_size=8).hexdigest()
 
 
+def new_request_id(prefix: str = "req") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
 def _with_model(request: Any, model: str) -> Any:
+    if request.model == model:
+        return request
     copy = type(request)()
     copy.CopyFrom(request)
     copy.model = model
@@ -58,6 +67,31 @@ class Target:
     stub: inference_pb2_grpc.InferenceServiceStub
 
 
+@dataclass(frozen=True)
+class Route:
+    """The replicas to try for one model, best first, and where its overflow goes."""
+
+    targets: list[Target]
+    cpu_offload_model: str
+    device: str
+    cached: bool
+
+
+# One attempt: call `target` with the request (its model set to the one being tried). It returns what
+# the caller needs to go on, or raises FleetError; only a refusal in RETRYABLE moves to the next replica.
+Attempt = Callable[[Any, Target], Awaitable[T]]
+
+
+def _log_failure(request_id: str, error: FleetError) -> None:
+    """One line for a request the edge could not place: the fleet's failures loudly, the caller's quietly."""
+    if error.http_status >= 500:
+        log.warning("request %s failed: %s", request_id, error)
+    elif error.http_status == 429:
+        log.info("request %s refused: %s", request_id, error)
+    else:
+        log.debug("request %s rejected: %s", request_id, error)
+
+
 class Gateway:
     def __init__(
         self,
@@ -69,7 +103,7 @@ class Gateway:
     ) -> None:
         self._controlplane = controlplane
         self._cp_channel = grpc.aio.insecure_channel(controlplane)
-        self._placement = routing_pb2_grpc.RoutingServiceStub(self._cp_channel)
+        self._routing = routing_pb2_grpc.RoutingServiceStub(self._cp_channel)
         self._node_channels: dict[str, grpc.aio.Channel] = {}
         self.request_timeout = request_timeout_seconds
         self._placement_timeout = placement_timeout_seconds
@@ -85,12 +119,12 @@ class Gateway:
             await channel.close()
         await self._cp_channel.close()
 
-    def _stub(self, address: str) -> inference_pb2_grpc.InferenceServiceStub:
+    def _target(self, node_id: str, address: str) -> Target:
         channel = self._node_channels.get(address)
         if channel is None:
             channel = grpc.aio.insecure_channel(address)
             self._node_channels[address] = channel
-        return inference_pb2_grpc.InferenceServiceStub(channel)
+        return Target(node_id, address, inference_pb2_grpc.InferenceServiceStub(channel))
 
     def _control_plane_error(self, exc: grpc.aio.AioRpcError) -> FleetError:
         error = FleetError.from_rpc_error(exc)
@@ -99,126 +133,198 @@ class Gateway:
         return error
 
     def _node_error(self, exc: grpc.aio.AioRpcError, target: Target, timeout: float) -> FleetError:
-        error = FleetError.from_rpc_error(exc)
-        if error.code == ErrorCode.BACKEND_TIMEOUT:
+        """A failed node call as the client hears it: the node's own error when it sent one (its reason
+        and message), else what the transport's status means, naming the node."""
+        sent = FleetError.sent_by_peer(exc)
+        if sent is not None:
+            return sent
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             return FleetError(
                 ErrorCode.BACKEND_TIMEOUT,
                 f"node {target.node_id} did not finish within the request timeout of {timeout:g}s",
             )
-        if error.code == ErrorCode.BACKEND_UNAVAILABLE and exc.code() == grpc.StatusCode.UNAVAILABLE:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
             return FleetError(
                 ErrorCode.BACKEND_UNAVAILABLE,
                 f"node {target.node_id} at {target.address} is unreachable",
                 retry_after_seconds=1,
             )
-        return error
+        return FleetError.from_rpc_error(exc)
 
-    async def pick(self, model: str, user: str = "", prefix_hash: str = "") -> routing_pb2.PickReplicaResponse:
-        """The control plane's choice of replica (and alternates) for one request."""
-        return (await self._pick(model, user, prefix_hash))[0]
+    # --- routing ----------------------------------------------------------------------------------------
 
-    async def _pick(self, model: str, user: str, prefix_hash: str) -> tuple[routing_pb2.PickReplicaResponse, bool]:
-        require_model(model)
-        cached = self._routes.get(model)
+    async def _route(self, model: str, user: str, prefix: str, reuse: bool = True) -> Route:
+        """The control plane's choice of replicas for one request, or the cached one for a model with a
+        single replica (when `reuse`)."""
+        cached = self._routes.get(model) if reuse else None
         if cached is not None and time.monotonic() < cached[0]:
-            return cached[1], True
-        request = routing_pb2.PickReplicaRequest(model=model, user=user, prefix_hash=prefix_hash)
+            return self._as_route(cached[1], cached=True)
+        request = routing_pb2.PickReplicaRequest(model=model, user=user, prefix_hash=prefix)
         request.wait_for_ready.FromNanoseconds(int(self._scale_from_zero_timeout * 1e9))
         try:
-            reply: routing_pb2.PickReplicaResponse = await self._placement.PickReplica(
+            reply: routing_pb2.PickReplicaResponse = await self._routing.PickReplica(
                 request, timeout=self._placement_timeout + self._scale_from_zero_timeout
             )
         except grpc.aio.AioRpcError as exc:
             raise self._control_plane_error(exc) from exc
         if self._route_cache_seconds > 0 and not reply.alternates:
             self._routes[model] = (time.monotonic() + self._route_cache_seconds, reply)
-        return reply, False
+        return self._as_route(reply, cached=False)
 
-    async def _targets(self, model: str, user: str, prefix: str) -> AsyncGenerator[tuple[str, Target], FleetError]:
-        """(model, replica) pairs to try in order: the chosen replica, its alternates, then the same for
-        the model's cpu_offload_model when every replica refused for load. The caller sends back the
-        error of each failed attempt; only errors that leave the request untouched are retried."""
-        seen: set[str] = set()
-        error: FleetError | None = None
+    def _as_route(self, reply: routing_pb2.PickReplicaResponse, cached: bool) -> Route:
+        endpoints = [(reply.node_id, reply.inference_address)]
+        endpoints += [(e.node_id, e.inference_address) for e in reply.alternates]
+        return Route(
+            targets=[self._target(node_id, address) for node_id, address in endpoints],
+            cpu_offload_model=reply.cpu_offload_model,
+            device=reply.device or "cpu",
+            cached=cached,
+        )
+
+    async def _first_answer(
+        self, request: Any, request_id: str, attempt: Attempt[T], user: str = "", prefix: str = ""
+    ) -> T:
+        """Run `attempt` on each replica in turn until one answers: the chosen replica, its alternates,
+        then the same for the model's cpu_offload_model when replicas refused for load. A cached route is
+        tried alone: when its replica refuses (full, unloading, moved, gone), the control plane is asked
+        again at once. A refusal outside RETRYABLE is the answer; when every replica refused and one of
+        them was full, the answer is 429 (GPU_OVERLOADED for GPU replicas, else NO_CAPACITY)."""
+        model: str = request.model
+        tried: set[str] = set()
+        last: FleetError | None = None
+        overloaded: FleetError | None = None
         device = "cpu"
-        while model and model not in seen:
-            seen.add(model)
-            pick, cached = await self._pick(model, user, prefix)
-            if cached:
-                # A reused route is tried alone: if its replica refuses (full, unloading, moved, gone), the
-                # control plane is asked again at once.
-                error = yield model, Target(pick.node_id, pick.inference_address, self._stub(pick.inference_address))
-                if error.code not in RETRYABLE:
-                    raise error
-                self._routes.pop(model, None)
-                pick, _ = await self._pick(model, user, prefix)
-            device = pick.device or device
-            endpoints = [(pick.node_id, pick.inference_address)]
-            endpoints += [(e.node_id, e.inference_address) for e in pick.alternates]
-            for node_id, address in endpoints:
-                error = yield model, Target(node_id, address, self._stub(address))
-                if error.code not in RETRYABLE:
-                    raise error
-                self._routes.pop(model, None)
-            assert error is not None
-            if error.code not in OVERLOADED:
+        while model and model not in tried:
+            tried.add(model)
+            try:
+                route = await self._route(model, user, prefix)
+            except FleetError as error:
+                if overloaded is None or error.code not in RETRYABLE:
+                    raise
+                last = error  # the offload cannot take it either: the answer is still the overload
                 break
-            model = pick.cpu_offload_model
-        assert error is not None
-        if error.code in OVERLOADED:
+            if route.cached:
+                # A reused route is tried alone; if its replica refuses, the control plane is asked again.
+                try:
+                    return await attempt(_with_model(request, model), route.targets[0])
+                except FleetError as error:
+                    self._refused(error, request_id, model, route.targets[0])
+                    last = error
+                    if error.code in OVERLOADED:
+                        overloaded = overloaded or error
+                route = await self._route(model, user, prefix, reuse=False)
+            device = route.device
+            for target in route.targets:
+                try:
+                    return await attempt(_with_model(request, model), target)
+                except FleetError as error:
+                    self._refused(error, request_id, model, target)
+                    last = error
+                    if error.code in OVERLOADED:
+                        overloaded = overloaded or error
+            if overloaded is None or not route.cpu_offload_model:
+                break
+            log.info("request %s: every replica of %s is busy; offloading to %s", request_id, model,
+                     route.cpu_offload_model)  # fmt: skip
+            model = route.cpu_offload_model
+        if overloaded is not None:
             code = ErrorCode.GPU_OVERLOADED if device == "gpu" else ErrorCode.NO_CAPACITY
-            raise FleetError(code, f"every replica is busy ({error.message})", retry_after_seconds=1)
-        raise error
+            detail = overloaded.message if last is overloaded else f"{overloaded.message}; then {last}"
+            raise FleetError(code, f"every replica is busy ({detail})", retry_after_seconds=1)
+        assert last is not None  # a route names at least one replica
+        raise last
+
+    def _refused(self, error: FleetError, request_id: str, model: str, target: Target) -> None:
+        """Log one refusal and drop the model's cached route; re-raise it unless another replica may serve."""
+        self._routes.pop(model, None)
+        if error.code not in RETRYABLE:
+            raise error
+        log.debug("request %s: node %s refused %s (%s); trying the next replica", request_id, target.node_id,
+                  model, error)  # fmt: skip
 
     def _timeout(self, client_timeout: float | None) -> float:
         if client_timeout is None:
             return self.request_timeout
         return max(0.001, min(self.request_timeout, client_timeout))
 
+    # --- calls ------------------------------------------------------------------------------------------
+
     async def generate(
         self, request: inference_pb2.GenerateRequest, client_timeout: float | None = None
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
-        """The node's Generate stream. A replica that refuses before the first token (full, unloading,
-        unreachable) is replaced by the next one. Closing this iterator cancels the call on the node."""
+        """The node's Generate stream: deltas, then one result. A replica that refuses before the first
+        event (full, unloading, unreachable) is replaced by the next one; after it, a failure ends the
+        stream with that error, and so does a stream that breaks the contract (an empty event, no result).
+        Closing this iterator cancels the call on the node."""
         validate_generate(request)
+        if not request.request_id:
+            request.request_id = new_request_id()
+        request_id = request.request_id
         timeout = self._timeout(client_timeout)
-        targets = self._targets(request.model, request.user, prefix_hash(request))
+
+        async def open_stream(
+            attempt: inference_pb2.GenerateRequest, target: Target
+        ) -> tuple[Any, inference_pb2.GenerateResponse, Target]:
+            call = target.stub.Generate(attempt, timeout=timeout)
+            try:
+                return call, await self._next_event(call, target, timeout), target
+            except BaseException:
+                call.cancel()
+                raise
+
         try:
-            model, target = await anext(targets)
+            call, response, target = await self._first_answer(
+                request, request_id, open_stream, request.user, prefix_hash(request)
+            )
+        except FleetError as error:
+            _log_failure(request_id, error)
+            raise
+        try:
             while True:
-                if model != request.model:
-                    request = _with_model(request, model)
-                call = target.stub.Generate(request, timeout=timeout)
-                started = False
-                try:
-                    async for response in call:
-                        started = True
-                        yield response
+                yield response
+                if response.HasField("result"):
+                    await call.code()  # its status follows at once: the call ends on the node, not cancelled
                     return
-                except grpc.aio.AioRpcError as exc:
-                    error = self._node_error(exc, target, timeout)
-                    if started:
-                        raise error from exc
-                finally:
-                    call.cancel()
-                model, target = await targets.asend(error)
+                response = await self._next_event(call, target, timeout)
+        except FleetError as error:
+            log.warning("request %s: stream from node %s failed after it started: %s", request_id, target.node_id,
+                        error)  # fmt: skip
+            raise
         finally:
-            await targets.aclose()
+            call.cancel()  # a no-op once the call has ended; otherwise the node stops the work
+
+    async def _next_event(self, call: Any, target: Target, timeout: float) -> inference_pb2.GenerateResponse:
+        """The stream's next event, checked: an error, an event with nothing in it and a stream that ends
+        without its result all become a FleetError (retried elsewhere only before the first event)."""
+        try:
+            response = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise self._node_error(exc, target, timeout) from exc
+        if response is grpc.aio.EOF:
+            raise FleetError(
+                ErrorCode.BACKEND_UNAVAILABLE,
+                f"node {target.node_id} ended the stream without a result",
+                retry_after_seconds=1,
+            )
+        if response.WhichOneof("event") is None:
+            raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, f"node {target.node_id} sent an empty stream event")
+        return response  # type: ignore[no-any-return]
 
     async def _unary(self, method: str, request: Any, client_timeout: float | None) -> Any:
         timeout = self._timeout(client_timeout)
-        targets = self._targets(request.model, "", "")
+        request_id = new_request_id(method.lower())
+
+        async def call(attempt: Any, target: Target) -> Any:
+            try:
+                return await getattr(target.stub, method)(attempt, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise self._node_error(exc, target, timeout) from exc
+
         try:
-            model, target = await anext(targets)
-            while True:
-                if model != request.model:
-                    request = _with_model(request, model)
-                try:
-                    return await getattr(target.stub, method)(request, timeout=timeout)
-                except grpc.aio.AioRpcError as exc:
-                    model, target = await targets.asend(self._node_error(exc, target, timeout))
-        finally:
-            await targets.aclose()
+            return await self._first_answer(request, request_id, call)
+        except FleetError as error:
+            _log_failure(request_id, error)
+            raise
 
     async def embed(
         self, request: inference_pb2.EmbedRequest, client_timeout: float | None = None
@@ -234,7 +340,7 @@ class Gateway:
 
     async def list_models(self) -> list[inference_pb2.ModelInfo]:
         try:
-            reply = await self._placement.ListServedModels(
+            reply = await self._routing.ListServedModels(
                 routing_pb2.ListServedModelsRequest(), timeout=self._placement_timeout
             )
         except grpc.aio.AioRpcError as exc:

@@ -1,18 +1,31 @@
-"""The edge's InferenceService: the fleet's gRPC front door, a thin adapter over the Gateway."""
+"""The edge's InferenceService: the fleet's gRPC front door, a thin adapter over the Gateway.
+
+Errors leave as FleetError, which the server's interceptor (mesh.grpc_server) turns into a status with
+the fleetlm ErrorInfo, before or after a stream has started. Anything else is logged here with the
+request's id and leaves as INTERNAL, with the same ErrorInfo shape and no traceback.
+"""
 
 from __future__ import annotations
 
-import uuid
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
-from edge.gateway import Gateway
+from edge.gateway import Gateway, new_request_id
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from mesh.errors import ErrorCode, FleetError
+
+log = logging.getLogger(__name__)
 
 
 def _client_timeout(context: grpc.aio.ServicerContext) -> float | None:
     return context.time_remaining()
+
+
+def _internal(request_id: str) -> FleetError:
+    log.exception("request %s: unhandled error", request_id)
+    return FleetError(ErrorCode.INTERNAL, f"internal error (request {request_id}); see the edge's log")
 
 
 class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
@@ -23,11 +36,15 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         if not request.request_id:
-            request.request_id = f"req-{uuid.uuid4().hex}"
+            request.request_id = new_request_id()
         stream = self._gateway.generate(request, _client_timeout(context))
         try:
             async for response in stream:
                 yield response
+        except (FleetError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            raise _internal(request.request_id) from exc
         finally:
             await stream.aclose()
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 DOMAIN = "fleetlm"
@@ -139,28 +140,40 @@ class FleetError(Exception):
         return ((_DETAILS_KEY, status.SerializeToString()),)
 
     @classmethod
-    def from_rpc_error(cls, error: grpc.RpcError) -> FleetError:
-        """Rebuild the FleetError a fleetlm peer sent, or classify a bare gRPC failure."""
-        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-        details = (error.details() if hasattr(error, "details") else None) or ""
+    def sent_by_peer(cls, error: grpc.RpcError) -> FleetError | None:
+        """The FleetError a fleetlm peer put in a failed call's status (its ErrorInfo), or None when the
+        status carries none (the transport failed, or the peer is not fleetlm)."""
         trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
         for key, value in trailing or ():
             if key != _DETAILS_KEY:
                 continue
-            status = status_pb2.Status.FromString(value)
+            try:
+                status = status_pb2.Status.FromString(value)
+            except DecodeError:
+                return None  # not a google.rpc.Status: no reason of ours in it
             for detail in status.details:
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info) and info.domain == DOMAIN and info.reason in ErrorCode.__members__:
                     meta = dict(info.metadata)
                     param = meta.pop("param", None)
-                    retry = meta.pop("retry_after_seconds", None)
+                    retry = meta.pop("retry_after_seconds", "")
                     return cls(
                         ErrorCode(info.reason),
                         status.message,
                         param=param,
                         metadata=meta,
-                        retry_after_seconds=int(retry) if retry else None,
+                        retry_after_seconds=int(retry) if retry.isdigit() else None,
                     )
+        return None
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> FleetError:
+        """Rebuild the FleetError a fleetlm peer sent, or classify a bare gRPC failure."""
+        sent = cls.sent_by_peer(error)
+        if sent is not None:
+            return sent
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = (error.details() if hasattr(error, "details") else None) or ""
         mapped = _FROM_GRPC.get(code, ErrorCode.BACKEND_UNAVAILABLE)
         return cls(mapped, f"backend call failed: {code.name}: {details}".rstrip(": "))
 

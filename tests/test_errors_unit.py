@@ -97,3 +97,12 @@ def test_unavailable_stays_503_and_a_bare_resource_exhausted_is_overload() -> No
         assert FleetError(code, "cannot be served").http_status == 503
     bare = FleetError.from_rpc_error(_Received(None, grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"))
     assert bare.code == ErrorCode.NO_CAPACITY and bare.http_status == 429 and bare.http_headers()
+
+
+def test_a_peer_that_is_not_fleetlm_is_classified_not_crashed_on() -> None:
+    garbage = _Received(None, grpc.StatusCode.INTERNAL, "boom")
+    garbage._trailing = (("grpc-status-details-bin", b"\xff\x00 not a status"),)
+    assert FleetError.sent_by_peer(garbage) is None
+    assert FleetError.from_rpc_error(garbage).code == ErrorCode.BACKEND_UNAVAILABLE
+    sent = FleetError(ErrorCode.BACKEND_UNAVAILABLE, "engine crashed", retry_after_seconds=1)
+    assert FleetError.sent_by_peer(_Received(sent, grpc.StatusCode.UNAVAILABLE)) == sent

@@ -1,0 +1,303 @@
+"""The gateway's attempt loop, in-process over real gRPC: a RoutingService stand-in that answers
+PickReplica as told, and InferenceService stand-ins for nodes, each a real grpc.aio server on 127.0.0.1:0
+behind the same error interceptor the real services use. What is tested is the edge's decision: which
+replica is tried, in which order, and what the client hears.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from edge.gateway import Gateway
+from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
+from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from mesh.errors import ErrorCode, FleetError
+from mesh.grpc_server import GrpcServer
+from mesh.lifecycle import free_port
+
+ROUTING = routing_pb2.DESCRIPTOR.services_by_name["RoutingService"].full_name
+INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+def full(node: str) -> FleetError:
+    return FleetError(ErrorCode.NO_CAPACITY, f"full on {node}", retry_after_seconds=1)
+
+
+@dataclass
+class Node(inference_pb2_grpc.InferenceServiceServicer):
+    """A node stand-in. `refuse` (if set) is raised before any event; otherwise it streams "a", "b" and
+    a result naming itself and the model it was asked for."""
+
+    node_id: str
+    refuse: FleetError | None = None
+    calls: list[str] = field(default_factory=list)  # the model of each call, in order
+    request_ids: list[str] = field(default_factory=list)
+    address: str = ""
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        self.calls.append(request.model)
+        self.request_ids.append(request.request_id)
+        if self.refuse is not None:
+            raise self.refuse
+        for text in ("a", "b"):
+            yield inference_pb2.GenerateResponse(delta=inference_pb2.TextDelta(text=text))
+        yield inference_pb2.GenerateResponse(
+            result=inference_pb2.GenerateResult(
+                finish_reason=inference_pb2.FINISH_REASON_STOP, model=request.model, node_id=self.node_id
+            )
+        )
+
+    async def Embed(
+        self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.EmbedResponse:
+        self.calls.append(request.model)
+        if self.refuse is not None:
+            raise self.refuse
+        return inference_pb2.EmbedResponse(
+            embeddings=[inference_pb2.Embedding(values=[1.0])] * len(request.inputs), model=request.model
+        )
+
+    async def Tokenize(
+        self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.TokenizeResponse:
+        self.calls.append(request.model)
+        if self.refuse is not None:
+            raise self.refuse
+        return inference_pb2.TokenizeResponse(token_ids=[1, 2, 3], context_size=2048)
+
+
+class BreaksAfterFirstToken(Node):
+    """Streams one delta, then fails as a crashed engine does."""
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        self.calls.append(request.model)
+        yield inference_pb2.GenerateResponse(delta=inference_pb2.TextDelta(text="a"))
+        raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "engine crashed", retry_after_seconds=1)
+
+
+class Routing(routing_pb2_grpc.RoutingServiceServicer):
+    """Answers PickReplica from `routes` (model -> a function giving the reply, called once per pick)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Callable[[], routing_pb2.PickReplicaResponse]] = {}
+        self.picks: list[str] = []
+
+    async def PickReplica(
+        self, request: routing_pb2.PickReplicaRequest, context: grpc.aio.ServicerContext
+    ) -> routing_pb2.PickReplicaResponse:
+        self.picks.append(request.model)
+        route = self.routes.get(request.model)
+        if route is None:
+            raise FleetError(ErrorCode.MODEL_NOT_FOUND, f"model '{request.model}' does not exist", param="model")
+        return route()
+
+
+def reply(*nodes: Node, offload: str = "", device: str = "cpu") -> routing_pb2.PickReplicaResponse:
+    best, *others = nodes
+    return routing_pb2.PickReplicaResponse(
+        node_id=best.node_id,
+        inference_address=best.address,
+        alternates=[routing_pb2.ReplicaEndpoint(node_id=n.node_id, inference_address=n.address) for n in others],
+        cpu_offload_model=offload,
+        device=device,
+    )
+
+
+@dataclass
+class Fleet:
+    routing: Routing
+    routing_address: str
+    servers: list[GrpcServer]
+
+    async def node(self, node: Node) -> Node:
+        server = GrpcServer([INFERENCE])
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(node, server.server)
+        node.address = f"127.0.0.1:{await server.start('127.0.0.1:0')}"
+        self.servers.append(server)
+        return node
+
+    def gateway(self, route_cache_seconds: float = 0.0) -> Gateway:
+        return Gateway(self.routing_address, 30, 5, 0, route_cache_seconds)
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[Fleet]:
+    routing = Routing()
+    server = GrpcServer([ROUTING])
+    routing_pb2_grpc.add_RoutingServiceServicer_to_server(routing, server.server)
+    port = await server.start("127.0.0.1:0")
+    fleet = Fleet(routing, f"127.0.0.1:{port}", [server])
+    yield fleet
+    for each in fleet.servers:
+        await each.stop(0)
+
+
+def unreachable(node_id: str) -> Node:
+    """A node whose address answers nothing (its machine died before its lease ran out)."""
+    return Node(node_id, address=f"127.0.0.1:{free_port()}")
+
+
+def chat(model: str) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(
+        model=model,
+        chat=inference_pb2.ChatConversation(messages=[inference_pb2.ChatMessage(role="user", content="hi")]),
+    )
+
+
+async def generate(gateway: Gateway, request: inference_pb2.GenerateRequest) -> list[inference_pb2.GenerateResponse]:
+    return [event async for event in gateway.generate(request)]
+
+
+async def test_alternates_are_tried_in_order_until_one_serves(fleet: Fleet) -> None:
+    a = await fleet.node(Node("a", refuse=full("a")))
+    b = unreachable("b")
+    c = await fleet.node(Node("c"))
+    d = await fleet.node(Node("d"))
+    fleet.routing.routes["m"] = lambda: reply(a, b, c, d)
+    gateway = fleet.gateway()
+    try:
+        events = await generate(gateway, chat("m"))
+    finally:
+        await gateway.close()
+    assert [e.delta.text for e in events[:-1]] == ["a", "b"] and events[-1].result.node_id == "c"
+    assert (a.calls, c.calls, d.calls) == (["m"], ["m"], [])
+    assert fleet.routing.picks == ["m"]
+    # Every attempt carried the same request id, which the edge set.
+    assert a.request_ids == c.request_ids and a.request_ids[0].startswith("req-")
+
+
+async def test_a_cached_route_that_is_refused_is_asked_for_again(fleet: Fleet) -> None:
+    a = await fleet.node(Node("a"))
+    b = await fleet.node(Node("b"))
+    fleet.routing.routes["m"] = lambda: reply(a)  # one replica, no alternates: the route is cached
+    gateway = fleet.gateway(route_cache_seconds=60)  # long enough never to expire during the test
+    try:
+        await generate(gateway, chat("m"))
+        await generate(gateway, chat("m"))
+        assert fleet.routing.picks == ["m"] and a.calls == ["m", "m"]  # the second one reused the route
+        # The replica fills up and the control plane now names another one.
+        a.refuse = full("a")
+        fleet.routing.routes["m"] = lambda: reply(b)
+        events = await generate(gateway, chat("m"))
+        assert events[-1].result.node_id == "b"
+        assert fleet.routing.picks == ["m", "m"] and a.calls == ["m", "m", "m"]
+        # The refusal dropped the old route; the new one is cached in its place.
+        await generate(gateway, chat("m"))
+        assert fleet.routing.picks == ["m", "m"] and b.calls == ["m", "m"]
+    finally:
+        await gateway.close()
+
+
+async def test_every_replica_full_goes_to_the_cpu_offload_model(fleet: Fleet) -> None:
+    a = await fleet.node(Node("a", refuse=FleetError(ErrorCode.GPU_OVERLOADED, "full", retry_after_seconds=1)))
+    b = await fleet.node(Node("b", refuse=FleetError(ErrorCode.GPU_OVERLOADED, "full", retry_after_seconds=1)))
+    cpu = await fleet.node(Node("cpu"))
+    fleet.routing.routes["big"] = lambda: reply(a, b, offload="big-cpu", device="gpu")
+    fleet.routing.routes["big-cpu"] = lambda: reply(cpu)
+    gateway = fleet.gateway()
+    try:
+        events = await generate(gateway, chat("big"))
+    finally:
+        await gateway.close()
+    assert events[-1].result.model == "big-cpu" and events[-1].result.node_id == "cpu"
+    assert (a.calls, b.calls, cpu.calls) == (["big"], ["big"], ["big-cpu"])
+    assert fleet.routing.picks == ["big", "big-cpu"]
+
+
+@pytest.mark.parametrize(("device", "code"), [("gpu", ErrorCode.GPU_OVERLOADED), ("cpu", ErrorCode.NO_CAPACITY)])
+async def test_every_replica_full_and_no_offload_is_a_429(fleet: Fleet, device: str, code: ErrorCode) -> None:
+    a = await fleet.node(Node("a", refuse=full("a")))
+    b = await fleet.node(Node("b", refuse=full("b")))
+    fleet.routing.routes["m"] = lambda: reply(a, b, device=device)
+    gateway = fleet.gateway()
+    try:
+        with pytest.raises(FleetError) as caught:
+            await generate(gateway, chat("m"))
+    finally:
+        await gateway.close()
+    assert caught.value.code == code and caught.value.http_status == 429
+    assert caught.value.http_headers()["Retry-After"] == "1"
+    assert "every replica is busy" in caught.value.message
+    assert (a.calls, b.calls) == (["m"], ["m"])
+
+
+async def test_an_offload_that_cannot_serve_still_answers_429(fleet: Fleet) -> None:
+    a = await fleet.node(Node("a", refuse=full("a")))
+    fleet.routing.routes["m"] = lambda: reply(a, offload="m-cpu")  # m-cpu: the control plane knows none
+    gateway = fleet.gateway()
+    try:
+        with pytest.raises(FleetError) as caught:
+            await generate(gateway, chat("m"))
+    finally:
+        await gateway.close()
+    assert caught.value.code == ErrorCode.NO_CAPACITY and "m-cpu" in caught.value.message
+    assert fleet.routing.picks == ["m", "m-cpu"]
+
+
+async def test_a_refusal_that_is_the_requests_fault_is_not_retried(fleet: Fleet) -> None:
+    too_long = FleetError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, "prompt too long", param="messages")
+    a = await fleet.node(Node("a", refuse=too_long))
+    b = await fleet.node(Node("b"))
+    fleet.routing.routes["m"] = lambda: reply(a, b, offload="m-cpu")
+    gateway = fleet.gateway()
+    try:
+        with pytest.raises(FleetError) as caught:
+            await generate(gateway, chat("m"))
+    finally:
+        await gateway.close()
+    assert caught.value.code == ErrorCode.CONTEXT_LENGTH_EXCEEDED and caught.value.param == "messages"
+    assert (a.calls, b.calls) == (["m"], [])
+    assert fleet.routing.picks == ["m"]
+
+
+async def test_an_error_after_the_first_token_is_not_retried(fleet: Fleet) -> None:
+    a = await fleet.node(BreaksAfterFirstToken("a"))
+    b = await fleet.node(Node("b"))
+    fleet.routing.routes["m"] = lambda: reply(a, b)
+    gateway = fleet.gateway()
+    received: list[str] = []
+    try:
+        with pytest.raises(FleetError) as caught:
+            async for event in gateway.generate(chat("m")):
+                received.append(event.delta.text)
+    finally:
+        await gateway.close()
+    assert received == ["a"]  # the client already has output from a: b would repeat it
+    assert caught.value.code == ErrorCode.BACKEND_UNAVAILABLE and "engine crashed" in caught.value.message
+    assert (a.calls, b.calls) == (["m"], [])
+
+
+async def test_embed_and_tokenize_share_the_loop(fleet: Fleet) -> None:
+    a = await fleet.node(Node("a", refuse=full("a")))
+    b = await fleet.node(Node("b"))
+    fleet.routing.routes["m"] = lambda: reply(a, b)
+    gateway = fleet.gateway()
+    try:
+        embedded = await gateway.embed(inference_pb2.EmbedRequest(model="m", inputs=["x", "y"]))
+        tokens = await gateway.tokenize(inference_pb2.TokenizeRequest(model="m", text="x"))
+        a.refuse = FleetError(ErrorCode.INVALID_REQUEST, "bad input", param="input")
+        with pytest.raises(FleetError) as caught:
+            await gateway.embed(inference_pb2.EmbedRequest(model="m", inputs=["x"]))
+    finally:
+        await gateway.close()
+    assert len(embedded.embeddings) == 2 and list(tokens.token_ids) == [1, 2, 3]
+    assert caught.value.code == ErrorCode.INVALID_REQUEST and caught.value.param == "input"
+    assert a.calls == ["m", "m", "m"] and b.calls == ["m", "m"]  # the last one never reached b
+
+
+async def test_a_model_the_control_plane_does_not_know_is_its_404(fleet: Fleet) -> None:
+    gateway = fleet.gateway()
+    try:
+        with pytest.raises(FleetError) as caught:
+            await generate(gateway, chat("nope"))
+    finally:
+        await gateway.close()
+    assert caught.value.code == ErrorCode.MODEL_NOT_FOUND and caught.value.param == "model"
