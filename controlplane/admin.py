@@ -1,10 +1,17 @@
 """AdminService: the operators' RPCs. Thin: reads come from the store or the fleet view, decisions
-from the placement functions, writes go through the reconciler."""
+from the placement functions, writes go through the reconciler.
+
+Every reply goes out through `_shown`: a spec's secrets (an engine's api-key, a hub token) stay in etcd,
+where the nodes read them, and are never returned to an operator.
+"""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import grpc
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 from controlplane import placement, routing
 from controlplane.fleet import FleetView
@@ -12,6 +19,9 @@ from controlplane.reconciler import Reconciler
 from controlplane.store import ClusterStore
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from mesh.errors import ErrorCode, FleetError, invalid
+from mesh.redaction import REDACTED, redact_message, redacted_fields, secret_values
+
+R = TypeVar("R", bound=Message)
 
 
 def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
@@ -25,6 +35,13 @@ def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
         raise invalid("deployment.spec.format", "format must be one of gguf, hf, awq")
     if spec.device not in ("", "cpu", "gpu", "any"):
         raise invalid("deployment.spec.device", "device must be one of cpu, gpu, any")
+    placeholders = redacted_fields(spec)
+    if placeholders:
+        raise invalid(
+            f"deployment.spec.{placeholders[0]}",
+            f"{placeholders[0]} holds '{REDACTED}', which AdminService shows in place of a secret;"
+            " send the secret itself",
+        )
     reason = placement.check_format(spec)
     if reason:
         raise FleetError(ErrorCode.FORMAT_NOT_SUPPORTED, f"model '{spec.name}': {reason}", param="deployment.spec")
@@ -48,6 +65,13 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         self._store = store
         self._fleet = fleet
         self._reconciler = reconciler
+
+    def _shown(self, reply: R) -> R:
+        """The reply with every spec in it redacted, and every secret the fleet knows of cut out of its text
+        (an engine that printed its key into a replica's error, say)."""
+        specs = [d.spec for d in self._fleet.deployments.values()]
+        specs += [a.model for a in self._fleet.assignments.values()]
+        return redact_message(reply, set().union(*map(secret_values, specs)))
 
     def _with_scheduling(self, node: node_pb2.Node) -> node_pb2.Node:
         out = node_pb2.Node()
@@ -79,7 +103,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListNodesResponse:
         # From etcd, not the cached view: an operator asking wants the authoritative answer.
         nodes = sorted(await self._store.list("node"), key=lambda n: n.node_id)
-        return admin_pb2.ListNodesResponse(nodes=[self._with_scheduling(n) for n in nodes])
+        return self._shown(admin_pb2.ListNodesResponse(nodes=[self._with_scheduling(n) for n in nodes]))
 
     async def GetNode(
         self, request: admin_pb2.GetNodeRequest, context: grpc.aio.ServicerContext
@@ -89,7 +113,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         node = await self._store.get("node", request.node_id)
         if node is None:
             raise FleetError(ErrorCode.NODE_NOT_FOUND, f"node '{request.node_id}' is not registered", param="node_id")
-        return admin_pb2.GetNodeResponse(node=self._with_scheduling(node))
+        return self._shown(admin_pb2.GetNodeResponse(node=self._with_scheduling(node)))
 
     async def _set_scheduling(self, node_id: str, scheduling: int) -> None:
         self._live_node(node_id)
@@ -106,20 +130,20 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.CordonNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CordonNodeResponse:
         await self._set_scheduling(request.node_id, node_pb2.SCHEDULING_CORDONED)
-        return admin_pb2.CordonNodeResponse()
+        return self._shown(admin_pb2.CordonNodeResponse())
 
     async def UncordonNode(
         self, request: admin_pb2.UncordonNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.UncordonNodeResponse:
         await self._set_scheduling(request.node_id, node_pb2.SCHEDULING_ACTIVE)
-        return admin_pb2.UncordonNodeResponse()
+        return self._shown(admin_pb2.UncordonNodeResponse())
 
     async def DrainNode(
         self, request: admin_pb2.DrainNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.DrainNodeResponse:
         await self._set_scheduling(request.node_id, node_pb2.SCHEDULING_DRAINING)
         moving = len(self._fleet.node_assignments(request.node_id))
-        return admin_pb2.DrainNodeResponse(replicas_to_move=moving)
+        return self._shown(admin_pb2.DrainNodeResponse(replicas_to_move=moving))
 
     # --- models and deployments -----------------------------------------------------------------------
 
@@ -138,7 +162,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
                 for c in candidates
             ]
             statuses.append(admin_pb2.ModelStatus(spec=spec, info=info, replicas=replicas))
-        return admin_pb2.ListModelsResponse(models=statuses)
+        return self._shown(admin_pb2.ListModelsResponse(models=statuses))
 
     async def DeployModel(
         self, request: admin_pb2.DeployModelRequest, context: grpc.aio.ServicerContext
@@ -149,7 +173,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         await self._reconciler.save_deployment(deployment)
         await self._reconciler.reconcile()
         assignments = [a for a in self._fleet.assignments.values() if a.model.name == deployment.spec.name]
-        return admin_pb2.DeployModelResponse(deployment=deployment, assignments=assignments)
+        return self._shown(admin_pb2.DeployModelResponse(deployment=deployment, assignments=assignments))
 
     async def UndeployModel(
         self, request: admin_pb2.UndeployModelRequest, context: grpc.aio.ServicerContext
@@ -158,7 +182,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         await self._store.delete("deployment", request.name)
         self._fleet.deployments.pop(request.name, None)
         await self._reconciler.reconcile()
-        return admin_pb2.UndeployModelResponse()
+        return self._shown(admin_pb2.UndeployModelResponse())
 
     async def ListDeployments(
         self, request: admin_pb2.ListDeploymentsRequest, context: grpc.aio.ServicerContext
@@ -178,7 +202,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
                     deployment=self._fleet.deployments[name], assignments=assignments, replicas=replicas
                 )
             )
-        return admin_pb2.ListDeploymentsResponse(deployments=statuses)
+        return self._shown(admin_pb2.ListDeploymentsResponse(deployments=statuses))
 
     async def ScaleDeployment(
         self, request: admin_pb2.ScaleDeploymentRequest, context: grpc.aio.ServicerContext
@@ -195,7 +219,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         updated.replicas = request.replicas
         await self._reconciler.save_deployment(updated)
         await self._reconciler.reconcile()
-        return admin_pb2.ScaleDeploymentResponse(deployment=updated)
+        return self._shown(admin_pb2.ScaleDeploymentResponse(deployment=updated))
 
     async def ExplainPlacement(
         self, request: admin_pb2.ExplainPlacementRequest, context: grpc.aio.ServicerContext
@@ -205,16 +229,18 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         else:
             spec = validate_deployment(request.deployment).spec
         verdicts = placement.evaluate(spec, self._reconciler.snapshots(), self._reconciler.policy)
-        return admin_pb2.ExplainPlacementResponse(
-            verdicts=[
-                admin_pb2.NodeVerdict(
-                    node_id=v.node_id,
-                    fits=v.fit is not None,
-                    reason=v.reason,
-                    score=v.score,
-                    device=v.fit.device if v.fit else "",
-                )
-                for v in verdicts
-            ],
-            chosen_node_id=verdicts[0].node_id if verdicts and verdicts[0].fit else "",
+        return self._shown(
+            admin_pb2.ExplainPlacementResponse(
+                verdicts=[
+                    admin_pb2.NodeVerdict(
+                        node_id=v.node_id,
+                        fits=v.fit is not None,
+                        reason=v.reason,
+                        score=v.score,
+                        device=v.fit.device if v.fit else "",
+                    )
+                    for v in verdicts
+                ],
+                chosen_node_id=verdicts[0].node_id if verdicts and verdicts[0].fit else "",
+            )
         )

@@ -1,4 +1,8 @@
-"""NodeRegistryService: node agents register under a lease and heartbeat to keep it."""
+"""NodeRegistryService: node agents register under a lease and heartbeat to keep it.
+
+A node's reports are stored with their specs redacted: the control plane never needs a report's secrets
+(the keys a node uses come to it in its assignments), and a stored report is what operators are shown.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from controlplane.fleet import FleetView
 from controlplane.store import ClusterStore
 from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
 from mesh.errors import ErrorCode, FleetError, invalid
+from mesh.redaction import redact_message
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +44,13 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         if not request.inference_address:
             raise invalid("inference_address", "inference_address (host:port) is required")
         lease_id = await self._store.grant_lease(self._ttl)
+        replicas = [redact_message(r) for r in request.replicas]
         now = _now()
         node = node_pb2.Node(
             node_id=request.node_id,
             inference_address=request.inference_address,
             inventory=request.inventory,
-            replicas=request.replicas,
+            replicas=replicas,
             registered_at=now,
             last_heartbeat_at=now,
             lease_id=lease_id,
@@ -52,7 +58,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
             agent_version=request.agent_version,
         )
         await self._store.put("node", node, lease_id)
-        for replica in request.replicas:
+        for replica in replicas:
             if not replica.assigned and self._fleet.models.get(replica.model.name) != replica.model:
                 await self._store.put("model", replica.model)
         log.info(
@@ -80,7 +86,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         updated = node_pb2.Node()
         updated.CopyFrom(node)
         del updated.replicas[:]
-        updated.replicas.extend(request.replicas)
+        updated.replicas.extend(redact_message(r) for r in request.replicas)
         updated.inventory.ram.free_bytes = request.ram_free_bytes
         updated.last_heartbeat_at.CopyFrom(_now())
         await self._store.put("node", updated, request.lease_id)
