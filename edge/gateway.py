@@ -306,6 +306,8 @@ class Gateway:
                 f"node {target.node_id} ended the stream without a result",
                 retry_after_seconds=1,
             )
+        if response is None:  # grpc.aio's answer to bytes that do not parse (it logs the DecodeError)
+            raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, f"node {target.node_id} sent a malformed stream event")
         if response.WhichOneof("event") is None:
             raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, f"node {target.node_id} sent an empty stream event")
         return response  # type: ignore[no-any-return]

@@ -123,8 +123,9 @@ def _plain_error_body(message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
 
 
-def _internal_error() -> FleetError:
-    return FleetError(ErrorCode.INTERNAL, "internal error; see the edge's log")
+def _internal_error(request_id: str = "") -> FleetError:
+    about = f" (request {request_id})" if request_id else ""
+    return FleetError(ErrorCode.INTERNAL, f"internal error{about}; see the edge's log")
 
 
 def _json_message(status: int, body: Any, headers: dict[str, str] | None = None) -> tuple[Message, Message]:
@@ -173,19 +174,20 @@ class GenerationRoutes:
             started = True
             await send(message)
 
+        request_id = new_id("chatcmpl" if chat else "cmpl")
         try:
-            await self._generate(receive, send_started, chat)
+            await self._generate(receive, send_started, chat, request_id)
         except FleetError as error:
             if not started:
                 for message in _json_message(error.http_status, error.openai_body(), error.http_headers()):
                     await send(message)
         except Exception:
-            log.exception("unhandled error on %s", scope["path"])
+            log.exception("request %s: unhandled error on %s", request_id, scope["path"])
             if not started:
-                for message in _json_message(500, _internal_error().openai_body()):
+                for message in _json_message(500, _internal_error(request_id).openai_body()):
                     await send(message)
 
-    async def _generate(self, receive: Receive, send: Send, chat: bool) -> None:
+    async def _generate(self, receive: Receive, send: Send, chat: bool, request_id: str) -> None:
         raw = bytearray()
         while True:
             message = await receive()
@@ -197,8 +199,7 @@ class GenerationRoutes:
         body: ChatCompletionRequest | CompletionRequest = (
             parse_body(bytes(raw), ChatCompletionRequest) if chat else parse_body(bytes(raw), CompletionRequest)
         )
-        request_id = new_id("chatcmpl" if chat else "cmpl")
-        proto = body.to_proto(request_id)
+        proto = body.to_proto(request_id)  # the same id reaches the node (GenerateRequest.request_id)
         shape = CompletionShape(chat, proto.model, request_id, body.wants_logprobs)
         stream = self._gateway.generate(proto)
         try:
@@ -243,6 +244,11 @@ class GenerationRoutes:
                 response = await anext(stream, None)
         except FleetError as error:
             await event(sse(error.openai_body()))
+        except Exception:
+            # Not one of ours (a bug, a failure nobody classified): the client still gets an error in
+            # OpenAI's shape and the end of the stream, never a stream that just stops.
+            log.exception("request %s: unhandled error in the stream", shape.id)
+            await event(sse(_internal_error(shape.id).openai_body()))
         await send({"type": "http.response.body", "body": sse("[DONE]"), "more_body": False})
 
 

@@ -6,6 +6,7 @@ replica is tried, in which order, and what the client hears.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -128,16 +129,25 @@ class Fleet:
         return Gateway(self.routing_address, 30, 5, 0, route_cache_seconds)
 
 
-@pytest.fixture
-async def fleet() -> AsyncIterator[Fleet]:
+@contextlib.asynccontextmanager
+async def standin_fleet() -> AsyncIterator[Fleet]:
+    """A RoutingService stand-in on 127.0.0.1; nodes are added with `Fleet.node`. All stop at the end."""
     routing = Routing()
     server = GrpcServer([ROUTING])
     routing_pb2_grpc.add_RoutingServiceServicer_to_server(routing, server.server)
     port = await server.start("127.0.0.1:0")
     fleet = Fleet(routing, f"127.0.0.1:{port}", [server])
-    yield fleet
-    for each in fleet.servers:
-        await each.stop(0)
+    try:
+        yield fleet
+    finally:
+        for each in fleet.servers:
+            await each.stop(0)
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[Fleet]:
+    async with standin_fleet() as fleet:
+        yield fleet
 
 
 def unreachable(node_id: str) -> Node:
