@@ -37,6 +37,7 @@ from edge.openai_protocol import (
 )
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import ErrorCode, FleetError
+from mesh.inference_requests import require_model
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -70,8 +71,7 @@ def parse_body(raw: bytes, model: type[M]) -> M:
         raise FleetError(ErrorCode.INVALID_REQUEST, f"the request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise FleetError(ErrorCode.INVALID_REQUEST, "the request body must be a JSON object")
-    if data.get("model") is None or data.get("model") == "":
-        raise FleetError(ErrorCode.MODEL_REQUIRED, "the 'model' field is required", param="model")
+    require_model(data.get("model"))  # first, as over gRPC: a request without a model is MODEL_REQUIRED
     try:
         return model.model_validate(data)
     except ValidationError as exc:

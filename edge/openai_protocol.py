@@ -1,8 +1,9 @@
 """OpenAI's request and response shapes, and their translation to and from fleetlm's protos.
 
-Requests are validated by pydantic; a field of the wrong type or out of range becomes a 400 naming the
-field. Fields OpenAI defines that fleetlm does not implement are refused when they would change the
-result (n > 1, tools, echo, suffix), and ignored when they would not (metadata, store).
+Requests are validated by pydantic (types) and by mesh.inference_requests' table of bounds (ranges, the
+same as over gRPC); a field of the wrong type or out of range becomes a 400 naming the field. Fields
+OpenAI defines that fleetlm does not implement are refused when they would change the result (n > 1,
+tools, echo, suffix), and ignored when they would not (metadata, store).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import struct
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import invalid
-from mesh.inference_requests import MAX_TOP_LOGPROBS
+from mesh.inference_requests import SAMPLING_BOUNDS
 
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_STOP: "stop",
@@ -32,23 +33,37 @@ class StreamOptions(BaseModel):
 
 
 class _Request(BaseModel):
+    """pydantic checks the types; the ranges come from mesh.inference_requests.SAMPLING_BOUNDS, the table
+    gRPC requests are checked against, so that both give the same param and message."""
+
     model_config = ConfigDict(extra="ignore")
+    # Each bounded field -> the SamplingParams field whose bound it obeys.
+    BOUNDED: ClassVar[dict[str, str]] = {name: name for name in SAMPLING_BOUNDS if name != "top_logprobs"}
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**64)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
+    n: int = 1
     user: str | None = None
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> Self:
+        # Raises FleetError (INVALID_REQUEST), which pydantic lets through as it is.
+        for field, bound in self.BOUNDED.items():
+            value = getattr(self, field)
+            if value is not None:
+                SAMPLING_BOUNDS[bound].check(field, value)
+        return self
 
     def sampling(self) -> inference_pb2.SamplingParams:
         params = inference_pb2.SamplingParams()
@@ -101,10 +116,16 @@ class ChatMessageIn(BaseModel):
 
 
 class ChatCompletionRequest(_Request):
+    BOUNDED: ClassVar[dict[str, str]] = {
+        **_Request.BOUNDED,
+        "max_completion_tokens": "max_tokens",
+        "top_logprobs": "top_logprobs",
+    }
+
     messages: list[ChatMessageIn]
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = None
     tools: list[Any] | None = None
 
     @property
@@ -132,10 +153,12 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
+    BOUNDED: ClassVar[dict[str, str]] = {**_Request.BOUNDED, "logprobs": "top_logprobs"}
+
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = 16  # OpenAI's default for completions
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: int | None = None  # the completions API's top_logprobs
     suffix: str | None = None
 
     @property

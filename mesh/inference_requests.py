@@ -7,6 +7,8 @@ call a node directly. Every rejection names the request field (`param`) as OpenA
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import ErrorCode, FleetError, invalid
@@ -14,39 +16,69 @@ from mesh.errors import ErrorCode, FleetError, invalid
 ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
 
 
-def require_model(model: str) -> None:
-    if not model.strip():
+def _number(value: float) -> str:
+    if isinstance(value, int) or (math.isfinite(value) and value.is_integer() and abs(value) < 1e15):
+        digits = str(int(value))
+        return digits if len(digits) <= 24 else f"{digits[:20]}... ({len(digits)} digits)"
+    return f"{value:g}"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values one request parameter accepts: low <= value <= high (low < value when `low_open`)."""
+
+    low: float
+    high: float
+    low_open: bool = False
+
+    def check(self, param: str, value: float) -> None:
+        """Raise INVALID_REQUEST naming `param` when `value` is outside (NaN and infinities always are)."""
+        finite = isinstance(value, int) or math.isfinite(value)  # a JSON integer may not fit a float
+        above_low = value > self.low if self.low_open else value >= self.low
+        if finite and above_low and value <= self.high:
+            return
+        low = f"greater than {_number(self.low)} and at most" if self.low_open else f"between {_number(self.low)} and"
+        raise invalid(param, f"'{param}' must be {low} {_number(self.high)}; got {_number(value)}")
+
+
+# The one table of SamplingParams' bounds. gRPC requests are checked against it by validate_sampling, and
+# the HTTP API's models check their fields against the same entries (edge/openai_protocol.py), so that a
+# value out of range gets the same param and message over both. The integer limits beyond the bounds that
+# matter are the proto fields' own (uint32, uint64): over HTTP a bigger number is an error, not a crash.
+SAMPLING_BOUNDS: Mapping[str, Bound] = {
+    "max_tokens": Bound(1, UINT32_MAX),
+    "temperature": Bound(0, 2),
+    "top_p": Bound(0, 1, low_open=True),
+    "top_k": Bound(0, UINT32_MAX),
+    "min_p": Bound(0, 1),
+    "seed": Bound(0, UINT64_MAX),
+    "presence_penalty": Bound(-2, 2),
+    "frequency_penalty": Bound(-2, 2),
+    # Multiplicative (llama.cpp, vLLM, SGLang): 1 is off; llama.cpp divides logits by it, so never 0.
+    "repetition_penalty": Bound(0, 10, low_open=True),
+    "top_logprobs": Bound(0, MAX_TOP_LOGPROBS),
+}
+
+
+def require_model(model: object) -> None:
+    """The one check that a request names a model (a JSON body's `model`, or a proto's)."""
+    if model is None or (isinstance(model, str) and not model.strip()):
         raise FleetError(ErrorCode.MODEL_REQUIRED, "the 'model' field is required", param="model")
 
 
-def _in_range(params: inference_pb2.SamplingParams, name: str, low: float, high: float) -> None:
-    if not params.HasField(name):  # type: ignore[arg-type]
-        return
-    value = getattr(params, name)
-    if not (math.isfinite(value) and low <= value <= high):
-        raise invalid(name, f"'{name}' must be between {low:g} and {high:g}; got {value:g}")
-
-
 def validate_sampling(params: inference_pb2.SamplingParams) -> None:
-    if params.HasField("max_tokens") and params.max_tokens < 1:
-        raise invalid("max_tokens", "'max_tokens' must be at least 1")
-    _in_range(params, "temperature", 0.0, 2.0)
-    _in_range(params, "presence_penalty", -2.0, 2.0)
-    _in_range(params, "frequency_penalty", -2.0, 2.0)
-    _in_range(params, "min_p", 0.0, 1.0)
-    _in_range(params, "repetition_penalty", 0.01, 10.0)
-    if params.HasField("top_p") and not (0.0 < params.top_p <= 1.0):
-        raise invalid("top_p", f"'top_p' must be greater than 0 and at most 1; got {params.top_p:g}")
+    for name, bound in SAMPLING_BOUNDS.items():
+        field = params.DESCRIPTOR.fields_by_name[name]
+        if not field.has_presence or params.HasField(name):
+            bound.check(name, getattr(params, name))
     if len(params.stops) > MAX_STOPS:
         raise invalid("stop", f"at most {MAX_STOPS} stop sequences are allowed; got {len(params.stops)}")
     if any(not s for s in params.stops):
         raise invalid("stop", "stop sequences must not be empty strings")
-    if params.top_logprobs > MAX_TOP_LOGPROBS:
-        raise invalid(
-            "top_logprobs", f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}; got {params.top_logprobs}"
-        )
     if params.top_logprobs and not params.logprobs:
         raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs' set to true")
 

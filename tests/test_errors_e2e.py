@@ -63,6 +63,33 @@ def test_model_required(mesh: Mesh) -> None:
     assert error_of(response)["param"] == "model"
     error = grpc_generate(mesh.grpc, chat(""))
     assert error.code == "MODEL_REQUIRED" and error.grpc_code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.message == error_of(response)["message"]
+    # Checked first, as over gRPC, and a blank name is no name.
+    for body in ({"messages": "hello", "temperature": 9}, {"model": "  ", "messages": HELLO}):
+        response = post(mesh, "/v1/chat/completions", body)
+        assert response.status_code == 400 and error_of(response)["code"] == "MODEL_REQUIRED", body
+    assert grpc_generate(mesh.grpc, chat("  ")).code == "MODEL_REQUIRED"
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [{"temperature": 2.5}, {"top_p": 1.5}, {"repetition_penalty": 0.0}, {"min_p": -0.5}, {"max_tokens": 0}],
+)
+def test_a_bound_gets_the_same_param_and_message_over_http_and_grpc(mesh: Mesh, sampling: dict[str, Any]) -> None:
+    response = post(mesh, "/v1/chat/completions", {"model": mesh.model, "messages": HELLO, **sampling})
+    assert response.status_code == 400, response.text
+    http = error_of(response)
+    error = grpc_generate(mesh.grpc, chat(mesh.model, **sampling))
+    assert error.grpc_code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (http["code"], http["param"], http["message"]) == (error.code, error.param, error.message)
+    assert http["param"] == next(iter(sampling))
+
+
+def test_a_number_too_big_for_the_proto_is_a_400_not_a_crash(mesh: Mesh) -> None:
+    for name in ("max_tokens", "top_k", "seed"):
+        response = post(mesh, "/v1/completions", {"model": mesh.model, "prompt": "x", name: 2**64})
+        assert response.status_code == 400, response.text
+        assert error_of(response)["param"] == name
 
 
 def test_model_not_found_lists_available_models(mesh: Mesh) -> None:
@@ -131,8 +158,11 @@ def test_backend_unavailable_when_node_is_unreachable(mesh: Mesh, unreachable_no
 
 @pytest.fixture(scope="module")
 def impatient_edge(mesh: Mesh) -> Iterator[tuple[str, str]]:
-    """A second edge on the same fleet whose request timeout is shorter than any real generation."""
-    proc, http, grpc_address = mesh.cluster.start_edge("--request-timeout", "0.4")
+    """A second edge on the same fleet whose request timeout is far shorter than the generation asked of
+    it: 1,500 greedy tokens (the model loops, it never stops early) take 12 s or more on two cores (~90
+    tokens/s at best), while 3 s leaves a busy machine ample time for the first token, which the
+    streamed case needs to see its stream start."""
+    proc, http, grpc_address = mesh.cluster.start_edge("--request-timeout", "3")
     yield http, grpc_address
     proc.stop()
 
