@@ -90,7 +90,11 @@ class FleetView:
                 if remaining <= 0:
                     return None
                 try:
-                    await asyncio.wait_for(self._changed.wait(), remaining)
+                    # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for swallows a
+                    # cancellation that arrives with a change, and a waiter whose caller is gone would
+                    # carry on (a request waiting for a replica would then be routed, for no one).
+                    async with asyncio.timeout(remaining):
+                        await self._changed.wait()
                 except TimeoutError:
                     return predicate() or None
 

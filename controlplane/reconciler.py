@@ -62,7 +62,10 @@ class Reconciler:
         await self._fleet.synced.wait()
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+                # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for swallows a cancellation
+                # that arrives as the wake-up does, and this loop would outlive the control plane's shutdown.
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

@@ -120,7 +120,10 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
                     yield registry_pb2.WatchAssignmentsResponse(assignments=current)
                 changed.clear()
                 try:
-                    await asyncio.wait_for(changed.wait(), RESEND_SECONDS)
+                    # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives with a
+                    # change, and the stream of a node that went away would go on.
+                    async with asyncio.timeout(RESEND_SECONDS):
+                        await changed.wait()
                 except TimeoutError:
                     last = None  # resend even if unchanged
         finally:

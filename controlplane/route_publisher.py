@@ -135,7 +135,10 @@ class RoutePublisher:
         await self._fleet.synced.wait()
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), self._keepalive)
+                # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives with a
+                # wake-up, and this loop would outlive the control plane's shutdown.
+                async with asyncio.timeout(self._keepalive):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

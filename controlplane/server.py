@@ -71,7 +71,8 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     try:
         async with asyncio.TaskGroup() as tasks:
             follower = tasks.create_task(fleet.run())
-            await asyncio.wait_for(fleet.synced.wait(), timeout=30)
+            async with asyncio.timeout(30):  # not wait_for, which can swallow a cancellation on 3.11
+                await fleet.synced.wait()
             if settings.deployments:
                 await _load_deployments(settings.deployments, fleet, reconciler)
             reconciling = tasks.create_task(reconciler.run())

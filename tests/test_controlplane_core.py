@@ -1,0 +1,227 @@
+"""The control plane's core in-process on a real etcd: the store, fleet view, reconciler, registry and
+router are the control plane's own; the nodes are records written through the registry, as an agent's
+RegisterNode and Heartbeat calls write them, so the test decides exactly when each replica is loading or
+ready.
+
+What is checked: a request counts against the replica it is routed to, once, and against nothing else,
+however the fleet changes while it waits for a replica to scale from zero (issue 10, item 7), and
+whenever its caller goes away; and the background loops stop when they are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from controlplane.admin import validate_deployment
+from controlplane.etcd_store import EtcdStore
+from controlplane.fleet import FleetView
+from controlplane.placement import GiB, PlacementPolicy
+from controlplane.reconciler import Reconciler
+from controlplane.registry import NodeRegistry
+from controlplane.router import Router
+from controlplane.store import StoreEvent
+from fleetlm.controlplane.v1 import node_pb2, registry_pb2
+from mesh.errors import ErrorCode, FleetError
+from tests.cluster import Cluster
+
+pytestmark = [pytest.mark.cluster]
+
+PATH = "/models/smol.gguf"
+MODEL = "lazy"
+PENDING, LOADING, READY = node_pb2.REPLICA_STATE_PENDING, node_pb2.REPLICA_STATE_LOADING, node_pb2.REPLICA_STATE_READY
+# Bounds for things that take milliseconds here; generous because other test runs share the 2 cores.
+SETTLE = 30.0
+
+
+@pytest.fixture(scope="module")
+def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    cluster = Cluster(tmp_path_factory.mktemp("router"))
+    try:
+        yield cluster.start_etcd()
+    finally:
+        cluster.close()
+
+
+@dataclass
+class ControlPlane:
+    fleet: FleetView
+    reconciler: Reconciler
+    router: Router
+    registry: NodeRegistry
+    leases: dict[str, int]
+
+    async def settle(self, predicate: Any, what: str) -> Any:
+        found = await self.fleet.wait_for(predicate, SETTLE)
+        assert found, f"the fleet view never showed {what}"
+        return found
+
+    async def add_node(self, node_id: str) -> None:
+        inventory = node_pb2.Inventory(
+            ram=node_pb2.Memory(total_bytes=16 * GiB, free_bytes=12 * GiB),
+            model_files=[node_pb2.ModelFile(path=PATH, size_bytes=100_000_000, format="gguf")],
+        )
+        request = registry_pb2.RegisterNodeRequest(
+            node_id=node_id, inference_address=f"{node_id}.test:50061", inventory=inventory
+        )
+        reply = await self.registry.RegisterNode(request, None)  # type: ignore[arg-type]
+        self.leases[node_id] = reply.lease_id
+        await self.settle(lambda: node_id in self.fleet.nodes, f"node {node_id}")
+
+    async def report(self, node_id: str, state: int | None, running: int = 0) -> None:
+        """A heartbeat from the node: its replica of MODEL in `state` (None: it has none)."""
+        replicas = []
+        if state is not None:
+            spec = self.fleet.deployments[MODEL].spec
+            replicas = [node_pb2.Replica(model=spec, state=state, assigned=True, running_requests=running)]  # type: ignore[arg-type]
+        request = registry_pb2.HeartbeatRequest(node_id=node_id, lease_id=self.leases[node_id], replicas=replicas)
+        await self.registry.Heartbeat(request, None)  # type: ignore[arg-type]
+        await self.settle(lambda: list(self.fleet.nodes[node_id].replicas) == replicas, f"{node_id}'s report")
+
+    async def deploy(self, max_replicas: int = 2) -> None:
+        spec = node_pb2.ModelSpec(name=MODEL, path=PATH, format="gguf")
+        await self.reconciler.save_deployment(
+            validate_deployment(node_pb2.Deployment(spec=spec, min_replicas=0, max_replicas=max_replicas))
+        )
+        await self.settle(lambda: MODEL in self.fleet.deployments, "the deployment")
+
+    def assigned_nodes(self) -> list[str]:
+        return sorted(a.node_id for a in self.fleet.assignments.values() if a.model.name == MODEL)
+
+    def in_flight(self) -> dict[str, int]:
+        """Requests counted against each replica since its node's last report."""
+        return {v.node_id: v.in_flight for v in self.router.index.views(MODEL)}
+
+
+@contextlib.asynccontextmanager
+async def control_plane(etcd_url: str) -> AsyncIterator[ControlPlane]:
+    store = EtcdStore(etcd_url, f"/router-test-{uuid.uuid4().hex[:8]}")  # a fresh cluster state per test
+    await store.connect()
+    fleet = FleetView(store)
+    reconciler = Reconciler(store, fleet, PlacementPolicy(), interval_seconds=0.5)
+    router = Router(fleet, reconciler)
+    registry = NodeRegistry(store, fleet, lease_ttl_seconds=60)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            running = [tasks.create_task(fleet.run()), tasks.create_task(reconciler.run())]
+            await asyncio.wait_for(fleet.synced.wait(), SETTLE)
+            try:
+                yield ControlPlane(fleet, reconciler, router, registry, {})
+            finally:
+                for task in running:
+                    task.cancel()
+    finally:
+        await store.close()
+
+
+async def test_a_request_that_waits_through_fleet_changes_counts_once_against_its_replica(etcd_url: str) -> None:
+    async with control_plane(etcd_url) as cp:
+        await cp.add_node("n1")
+        await cp.add_node("n2")
+        await cp.deploy()
+        waiting = asyncio.create_task(cp.router.route(MODEL, wait_seconds=120))
+        [chosen] = await cp.settle(cp.assigned_nodes, "a replica placed from zero")
+        [other] = {"n1", "n2"} - {chosen}
+        # The fleet changes several times while the request waits; each change re-checks its wait.
+        for state in (PENDING, LOADING, LOADING):
+            await cp.report(chosen, state)
+            await cp.report(other, None)
+        assert not waiting.done()
+        await cp.report(chosen, READY)
+        route = await asyncio.wait_for(waiting, SETTLE)
+        assert route.replicas[0].node_id == chosen
+        assert cp.in_flight() == {chosen: 1}
+
+        # A second replica: the first one carries exactly the one request routed to it, so the next
+        # request goes to the idle newcomer, and then they take turns.
+        await cp.reconciler.save_deployment(_scaled(cp.fleet.deployments[MODEL], 2))
+        await cp.reconciler.reconcile()
+        assert cp.assigned_nodes() == ["n1", "n2"]
+        await cp.report(other, READY)
+        assert (await cp.router.route(MODEL)).replicas[0].node_id == other
+        for _ in range(4):
+            await cp.router.route(MODEL)
+        assert cp.in_flight() == {chosen: 3, other: 3}
+
+
+async def test_a_replica_that_becomes_ready_while_the_request_places_it_gets_the_request_once(etcd_url: str) -> None:
+    async with control_plane(etcd_url) as cp:
+        await cp.add_node("n1")
+        await cp.deploy(max_replicas=1)
+        # A request that does not wait (a client's PickReplica with no wait_for_ready, or an edge run with
+        # --scale-from-zero-timeout 0) places a replica and hears why it cannot be served yet.
+        with pytest.raises(FleetError) as first:
+            await cp.router.route(MODEL)
+        assert first.value.code == ErrorCode.MODEL_UNAVAILABLE and first.value.retry_after_seconds
+        assert cp.assigned_nodes() == ["n1"]
+        await cp.report("n1", LOADING)
+        # The next request finds no ready replica, and its scale-from-zero step waits for a reconcile pass
+        # in progress (the test holds the pass's lock); meanwhile the node reports the replica ready.
+        async with cp.reconciler._lock:
+            second = asyncio.create_task(cp.router.route(MODEL))
+            await asyncio.sleep(0)  # the request has picked (no replica ready) and waits for the lock
+            assert not second.done()
+            await cp.report("n1", READY)
+        route = await asyncio.wait_for(second, SETTLE)
+        # It is served by that replica, which counts it once (routed, not just looked at for a reason).
+        assert [v.node_id for v in route.replicas] == ["n1"]
+        assert cp.in_flight() == {"n1": 1}
+
+
+async def test_a_request_whose_caller_goes_away_as_its_replica_becomes_ready_is_not_routed(etcd_url: str) -> None:
+    async with control_plane(etcd_url) as cp:
+        await cp.add_node("n1")
+        await cp.deploy(max_replicas=1)
+        waiting = asyncio.create_task(cp.router.route(MODEL, wait_seconds=120))
+        await cp.settle(cp.assigned_nodes, "a replica placed from zero")
+        await cp.report("n1", LOADING)
+        assert not waiting.done()
+        # The caller (the edge, for a client that disconnected) cancels the wait in the same turn of the
+        # event loop in which the report that the replica is ready wakes it.
+        loop = asyncio.get_running_loop()
+
+        def caller_leaves(event: StoreEvent | None) -> None:
+            node = cp.fleet.nodes.get(event.key) if event is not None and event.kind == "node" else None
+            if node is not None and any(r.state == READY for r in node.replicas):
+                loop.call_soon(waiting.cancel)
+
+        cp.fleet.listeners.append(caller_leaves)
+        await cp.report("n1", READY)
+        await asyncio.wait([waiting], timeout=SETTLE)
+        assert waiting.cancelled()
+        assert cp.in_flight() == {"n1": 0}  # no request was routed for a caller that is gone
+
+
+async def test_the_reconciler_stops_when_cancelled_as_it_is_woken(etcd_url: str) -> None:
+    store = EtcdStore(etcd_url, f"/router-test-{uuid.uuid4().hex[:8]}")
+    await store.connect()
+    try:
+        fleet = FleetView(store)
+        await fleet.resync()
+        reconciler = Reconciler(store, fleet, PlacementPolicy(), interval_seconds=600)
+        loop_task = asyncio.create_task(reconciler.run())
+        for _ in range(3):
+            await asyncio.sleep(0)  # it runs up to its wait for the next change
+        assert not loop_task.done()
+        reconciler.kick()  # a change, and the control plane's shutdown, at the same moment
+        loop_task.cancel()
+        await asyncio.wait([loop_task], timeout=SETTLE)
+        stopped = loop_task.cancelled()
+        loop_task.cancel()  # alone this time (it always works), so that a failure leaves no loop running
+        await asyncio.wait([loop_task], timeout=SETTLE)
+        assert stopped
+    finally:
+        await store.close()
+
+
+def _scaled(deployment: node_pb2.Deployment, replicas: int) -> node_pb2.Deployment:
+    out = node_pb2.Deployment()
+    out.CopyFrom(deployment)
+    out.replicas = replicas
+    return out
