@@ -124,7 +124,10 @@ class RouteFeed:
         call = stub.WatchRoutes(routing_pb2.WatchRoutesRequest(edge_id=self._edge_id))
         try:
             while True:
-                update = await asyncio.wait_for(call.read(), self._silence)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that arrives
+                # with the message, and the feed would outlive the edge's shutdown.
+                async with asyncio.timeout(self._silence):
+                    update = await call.read()
                 if update is grpc.aio.EOF:
                     return
                 if update.snapshot and not self.connected:
