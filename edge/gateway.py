@@ -312,9 +312,9 @@ class Gateway:
             raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, f"node {target.node_id} sent an empty stream event")
         return response  # type: ignore[no-any-return]
 
-    async def _unary(self, method: str, request: Any, client_timeout: float | None) -> Any:
+    async def _unary(self, method: str, request: Any, client_timeout: float | None, request_id: str) -> Any:
         timeout = self._timeout(client_timeout)
-        request_id = new_request_id(method.lower())
+        request_id = request_id or new_request_id(method.lower())
 
         async def call(attempt: Any, target: Target) -> Any:
             try:
@@ -329,16 +329,17 @@ class Gateway:
             raise
 
     async def embed(
-        self, request: inference_pb2.EmbedRequest, client_timeout: float | None = None
+        self, request: inference_pb2.EmbedRequest, client_timeout: float | None = None, request_id: str = ""
     ) -> inference_pb2.EmbedResponse:
+        """`request_id` names the call in the edge's logs (EmbedRequest has no field for it)."""
         validate_embed(request)
-        return await self._unary("Embed", request, client_timeout)  # type: ignore[no-any-return]
+        return await self._unary("Embed", request, client_timeout, request_id)  # type: ignore[no-any-return]
 
     async def tokenize(
-        self, request: inference_pb2.TokenizeRequest, client_timeout: float | None = None
+        self, request: inference_pb2.TokenizeRequest, client_timeout: float | None = None, request_id: str = ""
     ) -> inference_pb2.TokenizeResponse:
         validate_tokenize(request)
-        return await self._unary("Tokenize", request, client_timeout)  # type: ignore[no-any-return]
+        return await self._unary("Tokenize", request, client_timeout, request_id)  # type: ignore[no-any-return]
 
     async def list_models(self) -> list[inference_pb2.ModelInfo]:
         try:

@@ -51,12 +51,24 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
-        return await self._gateway.embed(request, _client_timeout(context))
+        request_id = new_request_id("embed")
+        try:
+            return await self._gateway.embed(request, _client_timeout(context), request_id)
+        except (FleetError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            raise _internal(request_id) from exc
 
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.TokenizeResponse:
-        return await self._gateway.tokenize(request, _client_timeout(context))
+        request_id = new_request_id("tokenize")
+        try:
+            return await self._gateway.tokenize(request, _client_timeout(context), request_id)
+        except (FleetError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            raise _internal(request_id) from exc
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

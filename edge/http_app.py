@@ -267,14 +267,16 @@ def create_app(gateway: Gateway) -> ASGIApp:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-        return JSONResponse(_internal_error().openai_body(), status_code=500)
+        request_id = getattr(request.state, "request_id", "")
+        log.exception("request %s: unhandled error on %s", request_id or "-", request.url.path, exc_info=exc)
+        return JSONResponse(_internal_error(request_id).openai_body(), status_code=500)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Any:
+        request.state.request_id = new_id("embd")
         body = parse_body(await request.body(), EmbeddingRequest)
         proto = body.to_proto()
-        response = await until_disconnect(request.receive, gateway.embed(proto))
+        response = await until_disconnect(request.receive, gateway.embed(proto, request_id=request.state.request_id))
         return embeddings_json(response, proto.model, body.encoding_format)
 
     @app.get("/v1/models")

@@ -7,13 +7,16 @@ replica is tried, in which order, and what the client hears.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
+import httpx
 import pytest
 
 from edge.gateway import Gateway
+from edge.http_app import create_app
 from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.errors import ErrorCode, FleetError
@@ -311,3 +314,28 @@ async def test_a_model_the_control_plane_does_not_know_is_its_404(fleet: Fleet) 
     finally:
         await gateway.close()
     assert caught.value.code == ErrorCode.MODEL_NOT_FOUND and caught.value.param == "model"
+
+
+async def test_the_request_id_reaches_the_node_and_every_log_line_about_it(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await fleet.node(Node("a", refuse=full("a")))
+    b = await fleet.node(Node("b"))
+    fleet.routing.routes["m"] = lambda: reply(a, b)
+    fleet.routing.routes["solo"] = lambda: reply(a)
+    gateway = fleet.gateway()
+    caplog.set_level(logging.DEBUG, logger="edge")
+    try:
+        transport = httpx.ASGITransport(app=create_app(gateway))
+        async with httpx.AsyncClient(transport=transport, base_url="http://edge") as client:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            served = (await client.post("/v1/chat/completions", json=body)).json()
+            refused = await client.post("/v1/chat/completions", json=body | {"model": "solo"})
+    finally:
+        await gateway.close()
+    # Over HTTP the id is the completion's own: the node got it, and the refusal and 429 logs name it.
+    assert a.request_ids[0] == b.request_ids[0] == served["id"] and served["id"].startswith("chatcmpl-")
+    assert refused.status_code == 429
+    about = [r.getMessage() for r in caplog.records if r.name.startswith("edge")]
+    assert about and all(any(i in line for i in a.request_ids) for line in about), about
+    assert any("refused" in line and a.request_ids[1] in line for line in about)
