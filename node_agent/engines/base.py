@@ -6,7 +6,7 @@ Transport-free: no gRPC or HTTP types here, so engines are testable alone and th
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 
@@ -87,11 +87,19 @@ class Embeddings:
 @dataclass
 class EngineInfo:
     context_size: int
-    extras: dict[str, str] = field(default_factory=dict)
 
 
 class EngineError(Exception):
-    """A failure the engine can explain in one line (shown to operators and clients)."""
+    """A failure the engine can explain in one line (shown to operators and clients). On its own it is
+    one the engine may recover from (a server that is down, a crash, a start-up that timed out): the
+    host tries the replica again with backoff."""
+
+
+class PermanentEngineError(EngineError):
+    """A configuration error that trying again cannot fix: a missing weights file, weights the engine
+    cannot run, SGLang on a node without an NVIDIA GPU, an `openai` engine with neither URL nor command.
+    The host stops retrying the replica; a new deployment or the next delivery of its assignment tries it
+    again, once the operator has fixed the cause."""
 
 
 class ContextLengthExceeded(EngineError):
@@ -122,16 +130,14 @@ class Engine(Protocol):
         """Requests running and waiting now."""
         ...
 
-    @property
-    def slots(self) -> int:
-        """Requests it runs at once."""
-        ...
-
     async def start(self) -> EngineInfo:
-        """Load the model; raises with a readable reason if it cannot."""
+        """Load the model; raises EngineError (PermanentEngineError when retrying cannot help) with a
+        readable reason if it cannot. A start that fails or is cancelled leaves no process behind."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Free the model and stop its process, whatever state start() reached; safe to call twice."""
+        ...
 
     async def tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt as generation would see it (chat template applied, special tokens

@@ -2,8 +2,12 @@
 server a deployment names in `command` (vLLM, llama.cpp's llama-server, llama_cpp.server).
 
 Start: the process (supervisor.EngineProcess), then its readiness URL, then the OpenAI client on top.
-A crash is reported by `watch` with the process's last output; the host then fails the replica and
-starts it again with backoff. Close: the client, then the process (SIGTERM, then SIGKILL).
+A start that fails or is cancelled (the replica was unloaded while its engine was loading) stops the
+process. A crash is reported by `watch` with the process's last output; the host then fails the replica
+and starts it again with backoff. Close: the client, then the process (SIGTERM, then SIGKILL).
+
+A secret flag's value (`--api-key K`) reaches the process and the client, never a log line or an error:
+the command line is logged redacted, and the value is cut from the output the process prints.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 import httpx
 
 from fleetlm.controlplane.v1 import node_pb2
+from mesh.redaction import REDACTED, redact_argv
 from node_agent.engines.base import Embeddings, EngineInfo, EngineLoad, GenerationEvent, Prompt, SamplingOptions
 from node_agent.engines.openai_server import OpenAIServerConfig, OpenAIServerEngine
 from node_agent.engines.supervisor import EngineProcess
@@ -43,32 +48,39 @@ def command_launch(spec: node_pb2.ModelSpec, port: int) -> Launch:
     return Launch(name=f"{spec.command[0]} ({spec.name})", argv=argv, port=port, startup_timeout=timeout or 300.0)
 
 
+def secret_values(argv: Sequence[str]) -> list[str]:
+    """The values in a command line that redact_argv hides (`--api-key K`, `--api-key=K`)."""
+    values = []
+    for original, shown in zip(argv, redact_argv(argv), strict=True):
+        if original != shown:
+            values.append(original.split("=", 1)[1] if shown.endswith(f"={REDACTED}") else original)
+    return values
+
+
 class LaunchedServerEngine:
     def __init__(self, launch: Launch, client: OpenAIServerConfig) -> None:
         self.launch = launch
-        self.process = EngineProcess(launch.name, launch.argv, launch.env)
+        self.process = EngineProcess(launch.name, launch.argv, launch.env, secrets=secret_values(launch.argv))
         self.client = OpenAIServerEngine(client)
         self._url = f"http://127.0.0.1:{launch.port}"
+        # A server started with an API key asks for it on its readiness URL too (llama_cpp.server does).
+        self._probe_headers = {"Authorization": f"Bearer {client.api_key}"} if client.api_key else {}
 
     @property
     def load(self) -> EngineLoad:
         return self.client.load
 
-    @property
-    def slots(self) -> int:
-        return self.client.slots
-
     async def _ready(self) -> bool:
-        async with httpx.AsyncClient(timeout=2.0) as probe:
+        async with httpx.AsyncClient(timeout=2.0, headers=self._probe_headers) as probe:
             reply = await probe.get(f"{self._url}{self.launch.ready_path}")
         return reply.status_code == 200
 
     async def start(self) -> EngineInfo:
-        await self.process.start(self._ready, self.launch.startup_timeout)
         try:
+            await self.process.start(self._ready, self.launch.startup_timeout)
             return await self.client.start()
         except BaseException:
-            await self.close()
+            await asyncio.shield(self.close())
             raise
 
     async def close(self) -> None:

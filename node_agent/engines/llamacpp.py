@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from node_agent.engines.base import (
     GenerationEvent,
     InvalidInput,
     Message,
+    PermanentEngineError,
     Prompt,
     SamplingOptions,
 )
@@ -34,6 +36,11 @@ from node_agent.engines.embedding_batch import EmbeddingBatcher
 from node_agent.engines.llamacpp_batch import BatchRequest, BatchStats, DecodeLoop, lower_thread_priority
 
 log = logging.getLogger(__name__)
+
+# llama-cpp-python silences a model's loading by pointing the process's stdout and stderr (fds 1 and 2)
+# at /dev/null and back. Two loads at once on two threads can restore each other's /dev/null, and then
+# everything the agent logs is lost for good: one load at a time in the whole process.
+_LOADING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -81,10 +88,6 @@ class LlamaCppEngine:
         return EngineLoad(loop.running, loop.queued) if loop is not None else EngineLoad()
 
     @property
-    def slots(self) -> int:
-        return self.config.slots
-
-    @property
     def stats(self) -> BatchStats | None:
         return self._loop.stats if self._loop is not None else None
 
@@ -92,24 +95,27 @@ class LlamaCppEngine:
         import llama_cpp
 
         if not Path(self.config.path).is_file():
-            raise EngineError(f"model file not found: {self.config.path}")
+            raise PermanentEngineError(f"model file not found: {self.config.path}")
         extra: dict[str, Any] = {"pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN} if embedding else {}
         try:
-            return llama_cpp.Llama(
-                model_path=self.config.path,
-                # Generation runs on the batched context below; this one only serves the tokenizer,
-                # metadata and (for embeddings) its own small batches.
-                n_ctx=self.config.context_size if embedding else 256,
-                n_batch=self.config.batch_size if embedding else 256,
-                n_threads=self.config.threads,
-                n_threads_batch=self.config.threads,
-                n_gpu_layers=self.config.gpu_layers,
-                embedding=embedding,
-                verbose=False,
-                **extra,
-            )
+            with _LOADING:
+                return llama_cpp.Llama(
+                    model_path=self.config.path,
+                    # Generation runs on the batched context below; this one only serves the tokenizer,
+                    # metadata and (for embeddings) its own small batches.
+                    n_ctx=self.config.context_size if embedding else 256,
+                    n_batch=self.config.batch_size if embedding else 256,
+                    n_threads=self.config.threads,
+                    n_threads_batch=self.config.threads,
+                    n_gpu_layers=self.config.gpu_layers,
+                    embedding=embedding,
+                    verbose=False,
+                    **extra,
+                )
         except (ValueError, RuntimeError) as exc:
-            raise EngineError(f"llama.cpp could not load {self.config.path}: {exc}") from exc
+            # The file is there and llama.cpp refuses it (truncated, not GGUF, an architecture it does not
+            # know): the same file fails the same way next time.
+            raise PermanentEngineError(f"llama.cpp could not load {self.config.path}: {exc}") from exc
 
     def _new_batch_context(self, loop: asyncio.AbstractEventLoop) -> DecodeLoop:
         import llama_cpp

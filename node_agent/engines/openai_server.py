@@ -176,10 +176,6 @@ class OpenAIServerEngine:
     def load(self) -> EngineLoad:
         return EngineLoad(self._running, self._waiting)
 
-    @property
-    def slots(self) -> int:
-        return self.config.slots
-
     async def models(self) -> list[dict[str, Any]]:
         """The server's /v1/models entries; raises EngineUnavailable when it does not answer."""
         try:
@@ -204,7 +200,7 @@ class OpenAIServerEngine:
         if not self._context_size and isinstance(entry.get("max_model_len"), int):
             self._context_size = entry["max_model_len"]
         log.info("engine server %s serves %s as %s", self._root, self.config.name, self._model)
-        return EngineInfo(context_size=self._context_size, extras={"upstream_model": self._model})
+        return EngineInfo(context_size=self._context_size)
 
     async def close(self) -> None:
         await self._client.aclose()

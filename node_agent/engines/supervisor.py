@@ -12,12 +12,14 @@ import asyncio
 import collections
 import contextlib
 import logging
+import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from mesh.child_process import orphan_proof, signal_group
-from node_agent.engines.base import EngineError
+from mesh.redaction import REDACTED, redact_argv
+from node_agent.engines.base import EngineError, PermanentEngineError
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +34,20 @@ def _exit_text(code: int) -> str:
 
 
 class EngineProcess:
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None, tail: int = 30) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        tail: int = 30,
+        secrets: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = dict(env) if env is not None else None
+        # Values never to show (an API key passed as a flag): hidden in the logged command line and in
+        # whatever the process prints, which becomes a replica's error.
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
         self._lines: collections.deque[str] = collections.deque(maxlen=tail)
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -49,17 +61,25 @@ class EngineProcess:
         """The last lines the process printed, for a failure's reason."""
         return "\n".join(self._lines) or "(it printed nothing)"
 
+    def _hide(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
     async def _read(self, stream: asyncio.StreamReader) -> None:
         async for raw in stream:
-            line = raw.decode(errors="replace").rstrip()
+            line = self._hide(raw.decode(errors="replace").rstrip())
             if line:
                 self._lines.append(line)
                 log.debug("[%s] %s", self.name, line)
 
     async def start(self, ready: ReadyCheck, timeout: float, poll: float = 0.25) -> None:
         """Start the process and return once `ready` says so. Raises EngineError with the process's last
-        output if it exits first or is not ready within `timeout` seconds (it is stopped then)."""
-        log.info("starting %s: %s", self.name, " ".join(self.argv))
+        output if it exits first or is not ready within `timeout` seconds, PermanentEngineError if it
+        cannot be run at all; the process is stopped then, and when the start is cancelled."""
+        log.info("starting %s: %s", self.name, " ".join(redact_argv(self.argv)))
+        if shutil.which(self.argv[0]) is None:
+            raise PermanentEngineError(f"could not start {self.name}: no program '{self.argv[0]}' on this node")
         try:
             # Started from the event loop's thread: the parent-death signal follows the forking thread.
             # Its own session: a stop reaches its whole process group, a terminal's Ctrl-C does not.
@@ -72,9 +92,19 @@ class EngineProcess:
                 start_new_session=True,
             )
         except OSError as exc:
-            raise EngineError(f"could not start {self.name} ({self.argv[0]}): {exc}") from exc
+            raise PermanentEngineError(f"could not start {self.name} ({self.argv[0]}): {exc}") from exc
         assert self._proc.stdout is not None
         self._reader = asyncio.ensure_future(self._read(self._proc.stdout))
+        try:
+            await self._wait_ready(ready, timeout, poll)
+        except BaseException:
+            # Not ready, or the replica was unloaded meanwhile: nothing of it may stay behind. Shielded,
+            # so that a second cancellation cannot stop the stop halfway.
+            await asyncio.shield(self.stop())
+            raise
+
+    async def _wait_ready(self, ready: ReadyCheck, timeout: float, poll: float) -> None:
+        assert self._proc is not None
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.returncode is not None:
@@ -87,7 +117,6 @@ class EngineProcess:
                     log.info("%s is ready (pid %d)", self.name, self._proc.pid)
                     return
             if time.monotonic() >= deadline:
-                await self.stop()
                 raise EngineError(f"{self.name} was not ready within {timeout:g}s; last output:\n{self.tail()}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._proc.wait(), poll)
