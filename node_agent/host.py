@@ -1,34 +1,43 @@
-"""The models this node hosts: one engine per replica, its state, its load and its limits.
+"""The models this node hosts. `ModelHost` owns each replica's whole life: loading its engine, watching
+it, retrying it, admitting its requests, reporting its state and load, and unloading it.
 
 Replicas come from two places: the node's own catalog (loaded at start, kept for the agent's life) and
-the control plane's assignments (loaded and unloaded as the assignments change). An assigned replica
-that fails to load is retried with backoff while it stays assigned. A replica whose engine fails later
-(its process crashed, its server stopped answering) is failed with the reason and started again with
-backoff. Unloading is graceful: the replica refuses new requests at once, lets the running and queued
-ones finish, then frees its engine (and stops its process).
+the control plane's assignments (loaded and unloaded as the assignments change).
+
+Retries: a replica whose engine cannot start (its server is unreachable, it crashed or timed out while
+starting) or fails later is retried with backoff (1 s, 2 s, 4 s ... 60 s) for as long as it is declared
+or assigned. Only a permanent configuration error (PermanentEngineError: a missing weights file, a
+format the engine cannot run, no GPU for SGLang) stops the retries, with that reason on the replica; the
+next delivery of the same assignment, or a new deployment, tries again.
+
+Admission: a request is counted against the replica (running or waiting) in the same synchronous step
+that admits it, so requests that arrive together cannot all get in past the limits. That count is the
+load the node reports and what an unload drains.
+
+Unloading is graceful: the replica refuses new requests at once, lets the admitted ones finish, then
+frees its engine (and stops its process). An engine still starting is stopped too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import timestamp_pb2
 
 from fleetlm.controlplane.v1 import node_pb2
 from fleetlm.inference.v1 import inference_pb2
-from mesh.catalog import ENGINE_FORMATS, queue_limit, running_limit
+from mesh.catalog import queue_limit, running_limit
 from mesh.errors import ErrorCode, FleetError
-from mesh.lifecycle import free_port
-from node_agent.engines.base import Engine, EngineError
-from node_agent.engines.launched import LaunchedServerEngine, command_launch
-from node_agent.engines.openai_server import OpenAIServerConfig, OpenAIServerEngine
-from node_agent.engines.sglang import GpuShare, sglang_launch
+from mesh.redaction import redact_spec
+from node_agent.engine_factory import EngineFactory, Placement
+from node_agent.engines.base import Engine, EngineError, PermanentEngineError
 from node_agent.settings import NodeSettings
 
 log = logging.getLogger(__name__)
@@ -40,37 +49,46 @@ _STATE_TO_MODEL = {
     node_pb2.REPLICA_STATE_FAILED: inference_pb2.MODEL_STATE_FAILED,
 }
 
+RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
 UNLOAD_GRACE_SECONDS = 120.0
+
+
+class _Load(enum.Enum):
+    READY = "ready"
+    FAILED = "failed"  # worth trying again
+    PERMANENT = "permanent"  # a configuration error: not until the spec or its assignment comes again
 
 
 @dataclass
 class HostedModel:
     spec: node_pb2.ModelSpec
     assigned: bool = False
+    placement: Placement = field(default_factory=Placement)
     device: str = "cpu"
-    gpu_indices: tuple[int, ...] = ()  # from the assignment
-    memory_bytes: int = 0  # the placement's budget, from the assignment
     state: int = node_pb2.REPLICA_STATE_PENDING
     error: str = ""
     engine: Engine | None = None
     context_size: int = 0
     last_request_at: float = field(default_factory=time.time)
+    admitted: int = 0  # requests admitted and not finished, running or waiting: the replica's load
     rejected: int = 0
+    load_attempts: int = 0
     unloading: bool = False
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None  # loads, watches and retries the engine; done: given up
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     @property
-    def busy(self) -> int:
-        return self.engine.load.running + self.engine.load.queued if self.engine else 0
-
-    @property
     def capacity(self) -> int:
         return running_limit(self.spec) + queue_limit(self.spec)
+
+    def load(self) -> tuple[int, int]:
+        """(running, queued): those the engine runs now, and the rest of the admitted ones."""
+        running = min(self.engine.load.running, self.admitted) if self.engine is not None else 0
+        return running, self.admitted - running
 
 
 class ModelHost:
@@ -78,11 +96,10 @@ class ModelHost:
         self, catalog: Iterable[node_pb2.ModelSpec], settings: NodeSettings, gpus: Sequence[node_pb2.Gpu] = ()
     ) -> None:
         self.models: dict[str, HostedModel] = {s.name: HostedModel(s) for s in catalog}
-        self._settings = settings
-        self._gpus = list(gpus)
-        self._gpu_count = len(self._gpus)
+        self._factory = EngineFactory(settings, gpus)
         self.changed = asyncio.Event()  # set on state and load changes, so heartbeats go out promptly
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         # Loads and unloads are owned here (and cancelled by close), never left to the garbage collector.
@@ -91,116 +108,66 @@ class ModelHost:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    # --- engines --------------------------------------------------------------------------------------
+    def _close_engine(self, engine: Engine) -> asyncio.Task[None]:
+        """Close an engine in a task of its own, which no cancellation interrupts (an unload while the
+        agent stops, say): a process half-started is still stopped. close() waits for these."""
 
-    def _make_engine(self, hosted: HostedModel) -> Engine:
-        spec = hosted.spec
-        if spec.format not in ENGINE_FORMATS.get(spec.engine, set()):
-            raise FleetError(
-                ErrorCode.FORMAT_NOT_SUPPORTED, f"engine '{spec.engine}' cannot run '{spec.format}' weights"
-            )
-        if spec.engine == "sglang":
-            return self._sglang_engine(hosted)
-        if spec.engine == "openai":
-            return self._openai_engine(hosted)
-        if spec.engine == "llamacpp":
-            from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+        async def closing() -> None:
+            try:
+                await engine.close()
+            except Exception:
+                log.exception("closing an engine failed")
 
-            use_gpu = hosted.device == "gpu" or (spec.device != "cpu" and self._gpu_count > 0)
-            hosted.device = "gpu" if use_gpu and self._gpu_count > 0 else "cpu"
-            return LlamaCppEngine(
-                LlamaCppConfig(
-                    path=spec.path,
-                    context_size=spec.context_size or 2048,
-                    threads=self._settings.threads,
-                    gpu_layers=-1 if use_gpu else 0,
-                    slots=running_limit(spec),
-                    unified_kv=self._settings.unified_kv,
-                    nice=self._settings.engine_nice,
-                )
-            )
-        raise EngineError(f"engine '{spec.engine}' is not supported by this node agent yet")
+        task = asyncio.ensure_future(closing())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        return task
 
-    def _client_config(self, hosted: HostedModel, base_url: str) -> OpenAIServerConfig:
-        spec = hosted.spec
-        return OpenAIServerConfig(
-            base_url=base_url,
-            name=spec.name,
-            context_size=spec.context_size,
-            slots=running_limit(spec),
-            # A server that requires a key gets it as --api-key when the agent starts it (vLLM, SGLang).
-            api_key=spec.engine_args.get("api-key", ""),
-            health_interval=self._settings.engine_health_seconds,
-        )
-
-    def _sglang_engine(self, hosted: HostedModel) -> Engine:
-        spec = hosted.spec
-        nvidia = [g for g in self._gpus if g.vendor == "nvidia"]
-        if not nvidia:
-            raise FleetError(
-                ErrorCode.FORMAT_NOT_SUPPORTED,
-                f"model '{spec.name}' ({spec.format}) runs on SGLang, which needs an NVIDIA GPU; this node has none",
-                param="format",
-            )
-        wanted = spec.gpu_count if spec.HasField("gpu_count") else 1
-        indices = list(hosted.gpu_indices) or [g.index for g in nvidia[:wanted]]
-        if len(indices) < wanted:
-            raise EngineError(f"model '{spec.name}' needs {wanted} GPUs; this node has {len(nvidia)}")
-        hosted.device = "gpu"
-        share = GpuShare(indices, hosted.memory_bytes, {g.index: g.memory.total_bytes for g in nvidia})
-        port = free_port()
-        launch = sglang_launch(spec, share, port, self._settings.sglang_python)
-        config = self._client_config(hosted, f"http://127.0.0.1:{port}")
-        # SGLang serves the model under --served-model-name, the deployment's name.
-        return LaunchedServerEngine(launch, replace(config, upstream_model=spec.name))
-
-    def _openai_engine(self, hosted: HostedModel) -> Engine:
-        spec = hosted.spec
-        if spec.command:
-            port = free_port()
-            return LaunchedServerEngine(
-                command_launch(spec, port), self._client_config(hosted, f"http://127.0.0.1:{port}")
-            )
-        if not spec.path.startswith(("http://", "https://")):
-            raise EngineError(f"model '{spec.name}': engine 'openai' needs the server's URL as its path, or a command")
-        return OpenAIServerEngine(self._client_config(hosted, spec.path))
+    # --- a replica's life -----------------------------------------------------------------------------
 
     def _set(self, hosted: HostedModel, state: int, error: str = "") -> None:
         hosted.state, hosted.error = state, error
         self.changed.set()
 
-    async def _load_once(self, hosted: HostedModel) -> bool:
+    async def _load_once(self, hosted: HostedModel) -> _Load:
         self._set(hosted, node_pb2.REPLICA_STATE_LOADING)
+        hosted.load_attempts += 1
         engine: Engine | None = None
         try:
-            engine = self._make_engine(hosted)
+            built = self._factory.build(hosted.spec, hosted.placement)
+            engine, hosted.device = built.engine, built.device
             info = await engine.start()
-        except Exception as exc:
-            if isinstance(exc, FleetError):
-                reason = exc.message
-            elif isinstance(exc, EngineError):
+        except BaseException as exc:
+            if engine is not None:
+                # Also when cancelled (unloaded while starting): the engine's process must not outlive it.
+                await asyncio.shield(self._close_engine(engine))
+            if not isinstance(exc, Exception):
+                raise
+            if isinstance(exc, EngineError):
                 reason = str(exc)
             else:
                 log.exception("unexpected error loading %s", hosted.name)
                 reason = f"unexpected error: {exc!r}"
-            log.error("model %s failed to load: %s", hosted.name, reason)
-            if engine is not None:
-                await engine.close()
+            permanent = isinstance(exc, PermanentEngineError)
+            log.error("model %s failed to load%s: %s", hosted.name, " (not retried)" if permanent else "", reason)
             self._set(hosted, node_pb2.REPLICA_STATE_FAILED, reason)
-            return False
+            return _Load.PERMANENT if permanent else _Load.FAILED
         hosted.engine, hosted.context_size = engine, info.context_size
         hosted.last_request_at = time.time()
         self._set(hosted, node_pb2.REPLICA_STATE_READY)
         log.info("model %s ready on %s (context %d)", hosted.name, hosted.device, info.context_size)
-        return True
+        return _Load.READY
 
     async def _run_replica(self, hosted: HostedModel) -> None:
-        """Load the replica, watch its engine, and start it again with backoff when it fails: a load
-        that fails is retried while the replica stays assigned; an engine that dies is always restarted.
-        The backoff starts over once the replica has stayed ready for RETRY_MAX_SECONDS."""
-        backoff = 1.0
+        """Load the replica, watch its engine, and start it again with backoff whenever it fails, until
+        it is unloaded (this task is cancelled) or a permanent error ends it. The backoff starts over
+        once the replica has stayed ready for RETRY_MAX_SECONDS."""
+        backoff = RETRY_FIRST_SECONDS
         while True:
-            if await self._load_once(hosted):
+            outcome = await self._load_once(hosted)
+            if outcome is _Load.PERMANENT:
+                return
+            if outcome is _Load.READY:
                 engine, ready_at = hosted.engine, time.monotonic()
                 assert engine is not None
                 try:
@@ -211,38 +178,50 @@ class ModelHost:
                 log.error("model %s failed: %s", hosted.name, reason)
                 hosted.engine = None
                 self._set(hosted, node_pb2.REPLICA_STATE_FAILED, reason)
-                await engine.close()  # requests still on it fail now, not later
+                await asyncio.shield(self._close_engine(engine))  # requests still on it fail now, not later
                 if time.monotonic() - ready_at >= RETRY_MAX_SECONDS:
-                    backoff = 1.0
-            elif not hosted.assigned:
-                return  # a catalog model that cannot load: the operator fixes the catalog and restarts
+                    backoff = RETRY_FIRST_SECONDS
             log.info("starting %s again in %.0fs", hosted.name, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RETRY_MAX_SECONDS)
 
-    async def load_all(self) -> None:
+    def _start(self, hosted: HostedModel) -> None:
+        hosted.task = self._spawn(self._run_replica(hosted))
+        self.changed.set()
+
+    def start(self) -> None:
+        """Load the catalog's models (in the background)."""
         for hosted in self.models.values():
-            hosted.task = self._spawn(self._run_replica(hosted))
-        await asyncio.gather(*(h.task for h in self.models.values() if h.task is not None))
+            if hosted.task is None:
+                self._start(hosted)
+
+    async def _stop_task(self, hosted: HostedModel) -> None:
+        """Cancel a replica's loading/watching and wait until it is over (an engine it was starting is
+        stopped by then)."""
+        task = hosted.task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _unload(self, hosted: HostedModel, why: str) -> None:
         hosted.unloading = True
         self.changed.set()
-        if hosted.task is not None and not hosted.task.done():
-            hosted.task.cancel()
+        await self._stop_task(hosted)
         deadline = time.monotonic() + UNLOAD_GRACE_SECONDS
-        while hosted.busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)  # in-flight requests finish first
-        if hosted.engine is not None:
-            await hosted.engine.close()
-            hosted.engine = None
+        while hosted.admitted and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)  # admitted requests (generations, embeddings) finish first
+        engine, hosted.engine = hosted.engine, None
+        if engine is not None:
+            await asyncio.shield(self._close_engine(engine))
         if self.models.get(hosted.name) is hosted:
             del self.models[hosted.name]
         self.changed.set()
         log.info("model %s unloaded (%s)", hosted.name, why)
 
     def apply_assignments(self, assignments: Iterable[node_pb2.Assignment]) -> None:
-        """Converge on the control plane's desired set: load what is new, unload what is gone."""
+        """Converge on the control plane's desired set: load what is new, unload what is gone, and try
+        again a replica that gave up on a permanent error (its assignment came again)."""
         desired = {a.model.name: a for a in assignments}
         for name, hosted in list(self.models.items()):
             if not hosted.assigned or hosted.unloading:
@@ -257,27 +236,28 @@ class ModelHost:
             if current is not None and not current.unloading:
                 if not current.assigned:
                     log.warning("assignment %s clashes with a catalog model of the same name; ignored", name)
+                elif current.task is None or current.task.done():
+                    log.info("assignment of %s delivered again: loading it again (it failed: %s)", name, current.error)
+                    self._start(current)
                 continue
-            hosted = HostedModel(
-                assignment.model,
-                assigned=True,
-                device=assignment.device or "cpu",
-                gpu_indices=tuple(assignment.gpu_indices),
-                memory_bytes=assignment.memory_bytes,
-            )
+            placement = Placement(assignment.device, tuple(assignment.gpu_indices), assignment.memory_bytes)
+            device = assignment.device or "cpu"
+            hosted = HostedModel(assignment.model, assigned=True, placement=placement, device=device)
             self.models[name] = hosted
-            hosted.task = self._spawn(self._run_replica(hosted))
-            self.changed.set()
+            self._start(hosted)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        """Stop everything: loads and unloads in progress, then every engine (and its process)."""
+        tasks = [*self._tasks, *(h.task for h in self.models.values() if h.task is not None)]
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for hosted in list(self.models.values()):
-            if hosted.task is not None:
-                hosted.task.cancel()
-            if hosted.engine is not None:
-                await hosted.engine.close()
-                hosted.engine = None
+            engine, hosted.engine = hosted.engine, None
+            if engine is not None:
+                self._close_engine(engine)
+        while self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     # --- requests -------------------------------------------------------------------------------------
 
@@ -300,21 +280,26 @@ class ModelHost:
 
     @contextlib.asynccontextmanager
     async def serving(self, model: str) -> AsyncIterator[tuple[HostedModel, Engine]]:
-        """Admit one request: refused when the replica is full (running + queued at its limits)."""
+        """Admit one request (a generation or an embedding), or refuse it when the replica is full
+        (running + queued at its limits). Nothing here awaits before the request is counted: the check
+        and the count are one step of the event loop, so concurrent requests cannot both take the last
+        place."""
         hosted, engine = self.engine_for(model)
-        if hosted.busy >= hosted.capacity:
+        if hosted.admitted >= hosted.capacity:
             hosted.rejected += 1
             code = ErrorCode.GPU_OVERLOADED if hosted.device == "gpu" else ErrorCode.NO_CAPACITY
             raise FleetError(
                 code,
-                f"model '{model}' on this node is full ({hosted.busy} requests; limit {hosted.capacity})",
+                f"model '{model}' on this node is full ({hosted.admitted} requests; limit {hosted.capacity})",
                 retry_after_seconds=1,
             )
+        hosted.admitted += 1
         hosted.last_request_at = time.time()
         self.changed.set()
         try:
             yield hosted, engine
         finally:
+            hosted.admitted -= 1
             hosted.last_request_at = time.time()
             self.changed.set()
 
@@ -325,16 +310,16 @@ class ModelHost:
         for hosted in self.models.values():
             if hosted.unloading:
                 continue
-            load = hosted.engine.load if hosted.engine is not None else None
+            running, queued = hosted.load()
             stamp = timestamp_pb2.Timestamp()
             stamp.FromNanoseconds(int(hosted.last_request_at * 1e9))
             result.append(
                 node_pb2.Replica(
-                    model=hosted.spec,
+                    model=redact_spec(hosted.spec),  # reports are shown to operators: no secret in them
                     state=hosted.state,  # type: ignore[arg-type]
                     error=hosted.error,
-                    running_requests=load.running if load else 0,
-                    queued_requests=load.queued if load else 0,
+                    running_requests=running,
+                    queued_requests=queued,
                     last_request_at=stamp,
                     assigned=hosted.assigned,
                     device=hosted.device,

@@ -1,8 +1,12 @@
-"""The node's InferenceService: converts protos to engine calls and engine failures to FleetErrors."""
+"""The node's InferenceService: converts protos to engine calls and engine failures to FleetErrors.
+Admission and limits are the host's (`ModelHost.serving`); every refusal or failure of a request is
+logged here once, with its model and request_id."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
@@ -20,6 +24,8 @@ from node_agent.engines.base import (
     TextChunk,
 )
 from node_agent.host import ModelHost
+
+log = logging.getLogger(__name__)
 
 _FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH}
 
@@ -84,6 +90,19 @@ def _engine_error(exc: EngineError, input_param: str = "messages") -> FleetError
     return FleetError(ErrorCode.BACKEND_UNAVAILABLE, str(exc), retry_after_seconds=1)
 
 
+@contextlib.contextmanager
+def _logged(method: str, model: str, request_id: str = "") -> Iterator[None]:
+    """Log a request's refusal or failure with what identifies it (the interceptor then maps it)."""
+    try:
+        yield
+    except FleetError as error:
+        log.info("%s request %s for model %s: %s", method, request_id or "-", model, error)
+        raise
+    except Exception as exc:
+        log.warning("%s request %s for model %s failed: %r", method, request_id or "-", model, exc)
+        raise
+
+
 class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, host: ModelHost, node_id: str) -> None:
         self._host = host
@@ -92,7 +111,12 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        validate_generate(request)
+        with _logged("Generate", request.model, request.request_id):
+            validate_generate(request)
+            async for response in self._generate(request):
+                yield response
+
+    async def _generate(self, request: inference_pb2.GenerateRequest) -> AsyncIterator[inference_pb2.GenerateResponse]:
         input_param = "prompt" if request.WhichOneof("input") == "prompt" else "messages"
         prompt = _prompt(request)
         async with self._host.serving(request.model) as (_, engine):
@@ -119,12 +143,14 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
-        validate_embed(request)
-        async with self._host.serving(request.model) as (_, engine):
-            try:
-                result = await engine.embed(list(request.inputs))
-            except EngineError as exc:
-                raise _engine_error(exc, "input") from exc
+        # EmbedRequest has no request_id field (yet): its lines carry the model only.
+        with _logged("Embed", request.model):
+            validate_embed(request)
+            async with self._host.serving(request.model) as (_, engine):
+                try:
+                    result = await engine.embed(list(request.inputs))
+                except EngineError as exc:
+                    raise _engine_error(exc, "input") from exc
         return inference_pb2.EmbedResponse(
             embeddings=[inference_pb2.Embedding(values=v) for v in result.vectors],
             usage=inference_pb2.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
@@ -134,13 +160,14 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.TokenizeResponse:
-        validate_tokenize(request)
-        hosted, engine = self._host.engine_for(request.model)
-        prompt = _messages(request.chat) if request.WhichOneof("input") == "chat" else request.text
-        try:
-            ids = await engine.tokenize(prompt)
-        except EngineError as exc:
-            raise _engine_error(exc, "chat" if request.WhichOneof("input") == "chat" else "text") from exc
+        with _logged("Tokenize", request.model):
+            validate_tokenize(request)
+            hosted, engine = self._host.engine_for(request.model)
+            prompt = _messages(request.chat) if request.WhichOneof("input") == "chat" else request.text
+            try:
+                ids = await engine.tokenize(prompt)
+            except EngineError as exc:
+                raise _engine_error(exc, "chat" if request.WhichOneof("input") == "chat" else "text") from exc
         return inference_pb2.TokenizeResponse(token_ids=ids, context_size=hosted.context_size)
 
     async def ListModels(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import sys
+from collections.abc import Awaitable
 from importlib.metadata import PackageNotFoundError, version
 
 import grpc
@@ -42,6 +45,30 @@ def _advertised(settings: NodeSettings, port: int) -> str:
     return f"{host}:{port}"
 
 
+async def _first_failure(stop: asyncio.Event, background: list[asyncio.Task[None]]) -> str:
+    """Wait for a stop signal, or for a background task to end, which is a failure (they run until
+    cancelled); return what failed, or "" on a stop signal."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait([stopped, *background], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    for task in background:
+        if task in done:
+            error = task.exception() if not task.cancelled() else None
+            log.error("the agent's %s task ended: %r; shutting down", task.get_name(), error, exc_info=error)
+            return f"the agent's {task.get_name()} task failed: {error!r}"
+    return ""
+
+
+async def _step(what: str, work: Awaitable[None]) -> None:
+    """One shutdown step; its failure is logged and does not skip the next steps."""
+    try:
+        await work
+    except Exception:
+        log.exception("shutdown: %s failed", what)
+
+
 async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     entries = load_catalog(settings.catalog) if settings.catalog else []
     models_dirs = list(settings.models_dirs)
@@ -58,29 +85,49 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     port = await server.start(settings.listen)
     address = _advertised(settings, port)
     log.info("node %s serving InferenceService on %s", settings.node_id, bound_address(settings.listen, port))
-    async with grpc.aio.insecure_channel(settings.controlplane) as channel:
-        registration = Registration(
-            channel, settings.node_id, address, host, collect, settings.rpc_timeout_seconds, _agent_version()
-        )
-        async with asyncio.TaskGroup() as tasks:
+    failure = ""
+    try:
+        async with grpc.aio.insecure_channel(settings.controlplane) as channel:
+            registration = Registration(
+                channel, settings.node_id, address, host, collect, settings.rpc_timeout_seconds, _agent_version()
+            )
+            host.start()
             background = [
-                tasks.create_task(registration.run()),
-                tasks.create_task(host.load_all()),
-                tasks.create_task(assignments.follow(channel, settings.node_id, host, registration.registered)),
+                asyncio.create_task(registration.run(), name="registration"),
+                asyncio.create_task(
+                    assignments.follow(channel, settings.node_id, host, registration.registered), name="assignments"
+                ),
             ]
-            await stop.wait()
-            # Order: leave the fleet first so the edge stops choosing this node, then drain in-flight
-            # requests, then free the engines.
-            for task in background:
-                task.cancel()
-            await registration.deregister()
-            await server.stop(settings.shutdown_grace_seconds)
-    await host.close()
-    log.info("node %s stopped", settings.node_id)
+            try:
+                failure = await _first_failure(stop, background)
+            finally:
+                # Whatever ended it (a signal, a failed task, a cancellation), in this order: leave the
+                # fleet so the edge stops choosing this node, drain in-flight requests, then (below) free
+                # the engines.
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
+                await _step("deregistering", registration.deregister())
+                await _step("stopping the gRPC server", server.stop(settings.shutdown_grace_seconds))
+    finally:
+        await host.close()
+        log.info("node %s stopped", settings.node_id)
+    if failure:
+        raise SystemExit(f"fleetlm node: {failure}")
+
+
+def _log_to_a_copy_of_stderr() -> None:
+    """While llama-cpp-python loads a model it points fd 2 at /dev/null (process-wide); lines the agent
+    logs meanwhile from its other threads would be lost. They go to a copy of fd 2 made now."""
+    stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, errors="backslashreplace")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+            handler.setStream(stream)
 
 
 def main(settings: NodeSettings) -> None:
     logs.setup(f"node:{settings.node_id}"[:12], settings.log_level)
+    _log_to_a_copy_of_stderr()
     try:
         if settings.catalog:
             load_catalog(settings.catalog)
