@@ -77,6 +77,30 @@ class Route:
     cached: bool
 
 
+@dataclass
+class _Refusals:
+    """What the replicas said when they refused one request."""
+
+    last: FleetError | None = None
+    overloaded: FleetError | None = None  # the first refusal for load
+
+    def add(self, error: FleetError) -> None:
+        self.last = error
+        if error.code in OVERLOADED and self.overloaded is None:
+            self.overloaded = error
+
+    def answer(self, device: str) -> FleetError:
+        """The error the client hears when no replica served."""
+        if self.overloaded is None:
+            assert self.last is not None  # a route names at least one replica
+            return self.last
+        code = ErrorCode.GPU_OVERLOADED if device == "gpu" else ErrorCode.NO_CAPACITY
+        detail = self.overloaded.message
+        if self.last is not self.overloaded and self.last is not None and self.last.code not in OVERLOADED:
+            detail += f"; then {self.last}"
+        return FleetError(code, f"every replica is busy ({detail})", retry_after_seconds=1)
+
+
 # One attempt: call `target` with the request (its model set to the one being tried). It returns what
 # the caller needs to go on, or raises FleetError; only a refusal in RETRYABLE moves to the next replica.
 Attempt = Callable[[Any, Target], Awaitable[T]]
@@ -185,57 +209,50 @@ class Gateway:
         self, request: Any, request_id: str, attempt: Attempt[T], user: str = "", prefix: str = ""
     ) -> T:
         """Run `attempt` on each replica in turn until one answers: the chosen replica, its alternates,
-        then the same for the model's cpu_offload_model when replicas refused for load. A cached route is
-        tried alone: when its replica refuses (full, unloading, moved, gone), the control plane is asked
-        again at once. A refusal outside RETRYABLE is the answer; when every replica refused and one of
-        them was full, the answer is 429 (GPU_OVERLOADED for GPU replicas, else NO_CAPACITY)."""
+        then the same for the model's cpu_offload_model when replicas refused for load. A refusal outside
+        RETRYABLE is the answer at once; when every replica refused and one of them was full, the answer
+        is 429 (GPU_OVERLOADED for GPU replicas, else NO_CAPACITY)."""
         model: str = request.model
         tried: set[str] = set()
-        last: FleetError | None = None
-        overloaded: FleetError | None = None
-        device = "cpu"
+        refusals = _Refusals()
+        device, offload = "cpu", ""
         while model and model not in tried:
             tried.add(model)
-            try:
-                route = await self._route(model, user, prefix)
-            except FleetError as error:
-                if overloaded is None or error.code not in RETRYABLE:
-                    raise
-                last = error  # the offload cannot take it either: the answer is still the overload
+            route = await self._route_unless_overloaded(refusals, model, user, prefix)
+            while route is not None:
+                device, offload = route.device, route.cpu_offload_model
+                for target in route.targets:
+                    try:
+                        return await attempt(_with_model(request, model), target)
+                    except FleetError as error:
+                        self._refused(error, request_id, model, target)
+                        refusals.add(error)
+                # A reused route names one replica; when it refuses (full, unloading, moved, gone), the
+                # control plane is asked again at once.
+                route = (
+                    await self._route_unless_overloaded(refusals, model, user, prefix, False) if route.cached else None
+                )
+            if refusals.overloaded is None or not offload:
                 break
-            if route.cached:
-                # A reused route is tried alone; if its replica refuses, the control plane is asked again.
-                try:
-                    return await attempt(_with_model(request, model), route.targets[0])
-                except FleetError as error:
-                    self._refused(error, request_id, model, route.targets[0])
-                    last = error
-                    if error.code in OVERLOADED:
-                        overloaded = overloaded or error
-                route = await self._route(model, user, prefix, reuse=False)
-            device = route.device
-            for target in route.targets:
-                try:
-                    return await attempt(_with_model(request, model), target)
-                except FleetError as error:
-                    self._refused(error, request_id, model, target)
-                    last = error
-                    if error.code in OVERLOADED:
-                        overloaded = overloaded or error
-            if overloaded is None or not route.cpu_offload_model:
-                break
-            log.info("request %s: every replica of %s is busy; offloading to %s", request_id, model,
-                     route.cpu_offload_model)  # fmt: skip
-            model = route.cpu_offload_model
-        if overloaded is not None:
-            code = ErrorCode.GPU_OVERLOADED if device == "gpu" else ErrorCode.NO_CAPACITY
-            detail = overloaded.message if last is overloaded else f"{overloaded.message}; then {last}"
-            raise FleetError(code, f"every replica is busy ({detail})", retry_after_seconds=1)
-        assert last is not None  # a route names at least one replica
-        raise last
+            log.info("request %s: every replica of %s is busy; offloading to %s", request_id, model, offload)
+            model, offload = offload, ""
+        raise refusals.answer(device)
+
+    async def _route_unless_overloaded(
+        self, refusals: _Refusals, model: str, user: str, prefix: str, reuse: bool = True
+    ) -> Route | None:
+        """The route for `model`, or None when routing fails after a replica was full (an offload model
+        with no replica to offer, say): the request's answer is then the overload, not that failure."""
+        try:
+            return await self._route(model, user, prefix, reuse)
+        except FleetError as error:
+            if refusals.overloaded is None or error.code not in RETRYABLE:
+                raise
+            refusals.add(error)
+            return None
 
     def _refused(self, error: FleetError, request_id: str, model: str, target: Target) -> None:
-        """Log one refusal and drop the model's cached route; re-raise it unless another replica may serve."""
+        """Drop the model's cached route and log the refusal; re-raise it unless another replica may serve."""
         self._routes.pop(model, None)
         if error.code not in RETRYABLE:
             raise error
