@@ -113,9 +113,9 @@ class LlamaCppEngine:
                     **extra,
                 )
         except (ValueError, RuntimeError) as exc:
-            # The file is there and llama.cpp refuses it (truncated, not GGUF, an architecture it does not
-            # know): the same file fails the same way next time.
-            raise PermanentEngineError(f"llama.cpp could not load {self.config.path}: {exc}") from exc
+            # The file is there and llama.cpp refuses it. Retried: it may still be being copied, or the
+            # node short of memory for now; a file that stays broken costs one attempt a minute.
+            raise EngineError(f"llama.cpp could not load {self.config.path}: {exc}") from exc
 
     def _new_batch_context(self, loop: asyncio.AbstractEventLoop) -> DecodeLoop:
         import llama_cpp
