@@ -8,8 +8,10 @@ goes only if the agent stops the engine's whole process group, which is what is 
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +25,8 @@ import yaml
 
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from launcher.default_model import default_model_path
+from node_agent.host import ModelHost
+from node_agent.settings import NodeSettings
 from tests.cluster import Cluster, Proc, wait_for
 
 pytestmark = [pytest.mark.cluster]
@@ -158,3 +162,31 @@ def test_a_failed_background_task_still_shuts_the_agent_down_in_order(tmp_path: 
         cluster.close()
         for proc in marked(marker):
             proc.send_signal(signal.SIGKILL)
+
+
+def decode_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "llama-batch")
+
+
+@pytest.mark.model
+async def test_unloading_a_llama_replica_while_it_loads_leaves_no_decode_thread() -> None:
+    # In the agent's process: a llama.cpp replica unassigned at points all along its load (0.1 s for the
+    # weights, then ~10 ms for the batched context, here) must leave no decode thread (each holds a
+    # llama.cpp context) behind.
+    host = ModelHost([], NodeSettings(node_id="unload-test", threads=2))
+    spec = node_pb2.ModelSpec(name="brief", path=MODEL_PATH, format="gguf", engine="llamacpp", context_size=256,
+                              max_running_requests=1)  # fmt: skip
+    assignment = node_pb2.Assignment(node_id="unload-test", model=spec, device="cpu")
+    before = decode_threads()
+    try:
+        for step in range(60):
+            host.apply_assignments([assignment])
+            await asyncio.sleep(0.005 * step)
+            host.apply_assignments([])
+            deadline = time.monotonic() + 60  # an unload waits for the load's thread: generous
+            while "brief" in host.models and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert "brief" not in host.models
+        assert decode_threads() == before
+    finally:
+        await host.close()

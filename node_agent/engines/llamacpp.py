@@ -117,7 +117,7 @@ class LlamaCppEngine:
             # node short of memory for now; a file that stays broken costs one attempt a minute.
             raise EngineError(f"llama.cpp could not load {self.config.path}: {exc}") from exc
 
-    def _new_batch_context(self, loop: asyncio.AbstractEventLoop) -> DecodeLoop:
+    def _new_batch_context(self, loop: asyncio.AbstractEventLoop) -> None:
         import llama_cpp
 
         params = llama_cpp.llama_context_default_params()
@@ -138,7 +138,8 @@ class LlamaCppEngine:
         if not self._ctx:
             raise EngineError("llama.cpp could not create a context of "
                               f"{params.n_ctx} tokens for {self.config.slots} sequences")  # fmt: skip
-        return DecodeLoop(
+        # Kept on self from this thread: a start cancelled meanwhile still leaves it for close() to stop.
+        self._loop = DecodeLoop(
             llama_cpp,
             model.vocab,
             self._ctx,
@@ -154,7 +155,7 @@ class LlamaCppEngine:
 
     async def start(self) -> EngineInfo:
         self._llm = await self._on(self._setup_thread, self._new_llama, False)
-        self._loop = await self._on(self._setup_thread, self._new_batch_context, asyncio.get_running_loop())
+        await self._on(self._setup_thread, self._new_batch_context, asyncio.get_running_loop())
         template = self._llm.metadata.get("tokenizer.chat_template")
         if template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -171,18 +172,21 @@ class LlamaCppEngine:
         import llama_cpp
 
         await self.embedder.close()
+        # A start or an embedding still running on the worker threads (the replica was unloaded while
+        # loading) finishes first, off the event loop, so that nothing it creates is missed below.
+        for pool in (self._setup_thread, self._embed_thread):
+            await asyncio.to_thread(pool.shutdown, True)
         if self._loop is not None:
             await asyncio.to_thread(self._loop.close)  # the decode thread finishes its step first
             self._loop = None
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
-        for pool, attr in ((self._setup_thread, "_llm"), (self._embed_thread, "_embedder")):
+        for attr in ("_llm", "_embedder"):
             llm = getattr(self, attr)
             if llm is not None:
-                await self._on(pool, llm.close)
                 setattr(self, attr, None)
-            pool.shutdown(wait=True)
+                await asyncio.to_thread(llm.close)
 
     def _render_chat(self, messages: Sequence[Message]) -> str:
         if self._template is None:
