@@ -1,19 +1,26 @@
-"""The edge's transport-free core: validate, ask the control plane where to go, call that node.
+"""The edge's transport-free core: validate, pick a replica from the edge's routing table, call that node.
 
 The HTTP routes and the gRPC servicer are thin adapters over `Gateway`; both get the same routing, the
 same retries, the same deadlines and the same errors.
 
-Every call goes through one attempt loop (`Gateway._first_answer`): the replica the control plane chose,
-then its alternates, then the same for the model's `cpu_offload_model` when the replicas refused for
-load. An attempt is retried elsewhere only when the node refused before doing anything for the request
-(full, unloading, unreachable); once the first event of a stream has come, the request is that node's.
+Routing runs here, where requests arrive: the control plane publishes the routing table (`RouteFeed`)
+and the edge picks a replica from its copy (`RouteTable`) with no round trip, counting what it has in
+flight on each replica. The control plane is asked only for a model with no ready replica (it scales a
+deployment from zero), for a model the table does not know (it may be brand new), and while the edge has
+no table yet. If the control plane goes away, the edge routes on its last table.
+
+Every call goes through one attempt loop (`Gateway._first_answer`): the best replica, then the next
+ones, then the same for the model's `cpu_offload_model` when the replicas refused for load. An attempt is
+retried elsewhere only when the node refused before doing anything for the request (full, unloading,
+unreachable); once the first event of a stream has come, the request is that node's. A node that cannot
+be reached is skipped by the next requests at once (per-node circuit breakers, `edge.breaker`), until a
+probe finds it back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +28,9 @@ from typing import Any, TypeVar
 
 import grpc
 
+from edge.breaker import Breakers
+from edge.route_feed import RouteFeed
+from edge.route_table import Replica
 from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.errors import ErrorCode, FleetError
@@ -34,6 +44,13 @@ RETRYABLE = OVERLOADED | {ErrorCode.BACKEND_UNAVAILABLE, ErrorCode.MODEL_UNAVAIL
 PREFIX_CHARS = 256  # about 64 tokens: shorter shared prefixes are not worth routing for
 
 T = TypeVar("T")
+# gRPC backs off reconnecting to a peer that went away up to 120 s by default, failing calls at once
+# meanwhile: a node or control plane that comes back would stay unreachable from this edge that long.
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 
 
 def prefix_hash(request: inference_pb2.GenerateRequest) -> str:
@@ -65,6 +82,7 @@ class Target:
     node_id: str
     address: str
     stub: inference_pb2_grpc.InferenceServiceStub
+    replica: Replica | None = None  # its entry in the routing table, when it was picked from there
 
 
 @dataclass(frozen=True)
@@ -74,7 +92,6 @@ class Route:
     targets: list[Target]
     cpu_offload_model: str
     device: str
-    cached: bool
 
 
 @dataclass
@@ -119,48 +136,87 @@ def _log_failure(request_id: str, error: FleetError) -> None:
 class Gateway:
     def __init__(
         self,
-        controlplane: str,
+        controlplanes: str | list[str],
         request_timeout_seconds: float,
         placement_timeout_seconds: float,
         scale_from_zero_timeout_seconds: float = 120.0,
-        route_cache_seconds: float = 0.0,
+        edge_id: str = "edge",
+        breakers: Breakers | None = None,
     ) -> None:
-        self._controlplane = controlplane
-        self._cp_channel = grpc.aio.insecure_channel(controlplane)
-        self._routing = routing_pb2_grpc.RoutingServiceStub(self._cp_channel)
+        addresses = [controlplanes] if isinstance(controlplanes, str) else list(controlplanes)
+        self._controlplanes = [a.strip() for a in addresses if a.strip()]
+        self._cp_channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self._controlplanes]
+        self._cp_turn = 0  # the control plane that answered last is asked first
+        self.feed = RouteFeed(self._cp_channels, edge_id)
+        self.breakers = breakers or Breakers()
         self._node_channels: dict[str, grpc.aio.Channel] = {}
         self.request_timeout = request_timeout_seconds
         self._placement_timeout = placement_timeout_seconds
         self._scale_from_zero_timeout = scale_from_zero_timeout_seconds
-        # A model served by one replica gets the same answer from the control plane every time, whatever
-        # the request's user or prefix: reuse it for a moment (one round trip less before the first
-        # token), until that replica refuses anything. Several replicas: the control plane balances them.
-        self._route_cache_seconds = route_cache_seconds
-        self._routes: dict[str, tuple[float, routing_pb2.PickReplicaResponse]] = {}
+
+    async def run(self) -> None:
+        """Follow the control plane's routing table until cancelled (owned by the edge's task group)."""
+        await self.feed.run()
 
     async def close(self) -> None:
         for channel in self._node_channels.values():
             await channel.close()
-        await self._cp_channel.close()
+        for channel in self._cp_channels:
+            await channel.close()
 
-    def _target(self, node_id: str, address: str) -> Target:
+    def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._node_channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self._node_channels[address] = channel
-        return Target(node_id, address, inference_pb2_grpc.InferenceServiceStub(channel))
+        return channel
+
+    def _target(self, node_id: str, address: str, replica: Replica | None = None) -> Target:
+        return Target(node_id, address, inference_pb2_grpc.InferenceServiceStub(self._channel(address)), replica)
+
+    def _reachable(self, address: str) -> bool:
+        """Whether a request may go to this node now: its breaker lets it (taking the half-open probe),
+        and its channel is not known to be failing to connect."""
+        channel = self._node_channels.get(address)
+        failing = channel is not None and channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        if failing and not self.breakers.is_open(address):
+            self.breakers.failed(address)
+        return self.breakers.allow(address)
+
+    async def _ask_controlplane(self, method: str, request: Any, timeout: float) -> Any:
+        """Call the control plane, trying each address in turn while they are unreachable."""
+        error: grpc.aio.AioRpcError | None = None
+        for i in range(len(self._cp_channels)):
+            turn = (self._cp_turn + i) % len(self._cp_channels)
+            stub = routing_pb2_grpc.RoutingServiceStub(self._cp_channels[turn])
+            try:
+                reply = await getattr(stub, method)(request, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
+                    raise self._control_plane_error(exc) from exc
+                error = exc
+                continue
+            self._cp_turn = turn
+            return reply
+        assert error is not None
+        raise self._control_plane_error(error) from error
 
     def _control_plane_error(self, exc: grpc.aio.AioRpcError) -> FleetError:
         error = FleetError.from_rpc_error(exc)
         if error.code in (ErrorCode.BACKEND_UNAVAILABLE, ErrorCode.BACKEND_TIMEOUT):
-            return FleetError(error.code, f"control plane at {self._controlplane} did not answer ({exc.code().name})")
+            where = ", ".join(self._controlplanes)
+            return FleetError(
+                error.code, f"control plane at {where} did not answer ({exc.code().name})", retry_after_seconds=1
+            )
         return error
 
     def _node_error(self, exc: grpc.aio.AioRpcError, target: Target, timeout: float) -> FleetError:
         """A failed node call as the client hears it: the node's own error when it sent one (its reason
-        and message), else what the transport's status means, naming the node."""
+        and message), else what the transport's status means, naming the node. A node that sent its own
+        error is reachable; one the transport could not reach opens its breaker."""
         sent = FleetError.sent_by_peer(exc)
         if sent is not None:
+            self.breakers.succeeded(target.address)
             return sent
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             return FleetError(
@@ -168,6 +224,7 @@ class Gateway:
                 f"node {target.node_id} did not finish within the request timeout of {timeout:g}s",
             )
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            self.breakers.failed(target.address)
             return FleetError(
                 ErrorCode.BACKEND_UNAVAILABLE,
                 f"node {target.node_id} at {target.address} is unreachable",
@@ -177,41 +234,80 @@ class Gateway:
 
     # --- routing ----------------------------------------------------------------------------------------
 
-    async def _route(self, model: str, user: str, prefix: str, reuse: bool = True) -> Route:
-        """The control plane's choice of replicas for one request, or the cached one for a model with a
-        single replica (when `reuse`)."""
-        cached = self._routes.get(model) if reuse else None
-        if cached is not None and time.monotonic() < cached[0]:
-            return self._as_route(cached[1], cached=True)
+    async def _route(self, model: str, user: str, prefix: str) -> Route:
+        """The replicas for one request, best first: from the edge's table when it has a ready replica of
+        the model, else from the control plane (scale from zero, a model the table does not know yet, or
+        no table at all)."""
+        feed = self.feed
+        if feed.synced.is_set():
+            replicas, reasons = feed.table.pick(model, user, prefix)
+            known = feed.models.get(model)
+            if replicas:
+                reachable = [r for r in replicas if self._reachable(r.address)]
+                if not reachable:
+                    names = ", ".join(r.node_id for r in replicas)
+                    raise FleetError(
+                        ErrorCode.BACKEND_UNAVAILABLE,
+                        f"every replica of '{model}' is unreachable ({names}); retrying them shortly",
+                        retry_after_seconds=1,
+                    )
+                return Route(
+                    targets=[self._target(r.node_id, r.address, r) for r in reachable],
+                    cpu_offload_model=known.cpu_offload_model if known is not None else "",
+                    device=reachable[0].device,
+                )
+            if known is not None and not known.deployed:
+                # A model from a node's own catalog: nothing to scale, so the replicas' states are the answer.
+                raise FleetError(
+                    ErrorCode.MODEL_UNAVAILABLE,
+                    f"model '{model}' has no ready replica ({'; '.join(reasons) or 'no live node hosts it'})",
+                    retry_after_seconds=5,
+                )
+        return await self._pick_from_controlplane(model, user, prefix)
+
+    async def _pick_from_controlplane(self, model: str, user: str, prefix: str) -> Route:
         request = routing_pb2.PickReplicaRequest(model=model, user=user, prefix_hash=prefix)
         request.wait_for_ready.FromNanoseconds(int(self._scale_from_zero_timeout * 1e9))
         try:
-            reply: routing_pb2.PickReplicaResponse = await self._routing.PickReplica(
-                request, timeout=self._placement_timeout + self._scale_from_zero_timeout
+            reply: routing_pb2.PickReplicaResponse = await self._ask_controlplane(
+                "PickReplica", request, self._placement_timeout + self._scale_from_zero_timeout
             )
-        except grpc.aio.AioRpcError as exc:
-            raise self._control_plane_error(exc) from exc
-        if self._route_cache_seconds > 0 and not reply.alternates:
-            self._routes[model] = (time.monotonic() + self._route_cache_seconds, reply)
-        return self._as_route(reply, cached=False)
-
-    def _as_route(self, reply: routing_pb2.PickReplicaResponse, cached: bool) -> Route:
+        except FleetError as error:
+            # With no control plane to ask, a model the table does not know is unknown.
+            unknown = self.feed.synced.is_set() and model not in self.feed.models
+            if error.code == ErrorCode.BACKEND_UNAVAILABLE and unknown:
+                raise self._not_found(model) from error
+            raise
         endpoints = [(reply.node_id, reply.inference_address)]
         endpoints += [(e.node_id, e.inference_address) for e in reply.alternates]
         return Route(
-            targets=[self._target(node_id, address) for node_id, address in endpoints],
+            targets=[
+                self._target(node_id, address, self._table_entry(model, node_id)) for node_id, address in endpoints
+            ],
             cpu_offload_model=reply.cpu_offload_model,
             device=reply.device or "cpu",
-            cached=cached,
+        )
+
+    def _table_entry(self, model: str, node_id: str) -> Replica | None:
+        return next((r for r in self.feed.table.replicas(model) if r.node_id == node_id), None)
+
+    def _not_found(self, model: str) -> FleetError:
+        names = sorted(self.feed.models)
+        return FleetError(
+            ErrorCode.MODEL_NOT_FOUND,
+            f"model '{model}' does not exist; available models: {', '.join(names) or 'none'}",
+            param="model",
+            metadata={"available_models": ",".join(names)},
         )
 
     async def _first_answer(
         self, request: Any, request_id: str, attempt: Attempt[T], user: str = "", prefix: str = ""
     ) -> T:
-        """Run `attempt` on each replica in turn until one answers: the chosen replica, its alternates,
+        """Run `attempt` on each replica in turn until one answers: the chosen replica, the next ones,
         then the same for the model's cpu_offload_model when replicas refused for load. A refusal outside
         RETRYABLE is the answer at once; when every replica refused and one of them was full, the answer
-        is 429 (GPU_OVERLOADED for GPU replicas, else NO_CAPACITY)."""
+        is 429 (GPU_OVERLOADED for GPU replicas, else NO_CAPACITY). Each attempt counts against its
+        replica in the routing table while it runs; `attempt` must release it when it fails (`release`)."""
         model: str = request.model
         tried: set[str] = set()
         refusals = _Refusals()
@@ -219,32 +315,39 @@ class Gateway:
         while model and model not in tried:
             tried.add(model)
             route = await self._route_unless_overloaded(refusals, model, user, prefix)
-            while route is not None:
+            if route is not None:
                 device, offload = route.device, route.cpu_offload_model
                 for target in route.targets:
+                    self.acquire(target)
                     try:
                         return await attempt(_with_model(request, model), target)
                     except FleetError as error:
+                        self.release(target)
                         self._refused(error, request_id, model, target)
                         refusals.add(error)
-                # A reused route names one replica; when it refuses (full, unloading, moved, gone), the
-                # control plane is asked again at once.
-                route = (
-                    await self._route_unless_overloaded(refusals, model, user, prefix, False) if route.cached else None
-                )
+                    except BaseException:
+                        self.release(target)
+                        self.breakers.released(target.address)  # a probe that ended with no verdict
+                        raise
             if refusals.overloaded is None or not offload:
                 break
             log.info("request %s: every replica of %s is busy; offloading to %s", request_id, model, offload)
             model, offload = offload, ""
         raise refusals.answer(device)
 
-    async def _route_unless_overloaded(
-        self, refusals: _Refusals, model: str, user: str, prefix: str, reuse: bool = True
-    ) -> Route | None:
+    def acquire(self, target: Target) -> None:
+        if target.replica is not None:
+            self.feed.table.acquire(target.replica)
+
+    def release(self, target: Target) -> None:
+        if target.replica is not None:
+            self.feed.table.release(target.replica)
+
+    async def _route_unless_overloaded(self, refusals: _Refusals, model: str, user: str, prefix: str) -> Route | None:
         """The route for `model`, or None when routing fails after a replica was full (an offload model
         with no replica to offer, say): the request's answer is then the overload, not that failure."""
         try:
-            return await self._route(model, user, prefix, reuse)
+            return await self._route(model, user, prefix)
         except FleetError as error:
             if refusals.overloaded is None or error.code not in RETRYABLE:
                 raise
@@ -252,8 +355,7 @@ class Gateway:
             return None
 
     def _refused(self, error: FleetError, request_id: str, model: str, target: Target) -> None:
-        """Drop the model's cached route and log the refusal; re-raise it unless another replica may serve."""
-        self._routes.pop(model, None)
+        """Log the refusal; re-raise it unless another replica may serve."""
         if error.code not in RETRYABLE:
             raise error
         log.debug("request %s: node %s refused %s (%s); trying the next replica", request_id, target.node_id,
@@ -284,10 +386,12 @@ class Gateway:
         ) -> tuple[Any, inference_pb2.GenerateResponse, Target]:
             call = target.stub.Generate(attempt, timeout=timeout)
             try:
-                return call, await self._next_event(call, target, timeout), target
+                first = await self._next_event(call, target, timeout)
             except BaseException:
                 call.cancel()
                 raise
+            self.breakers.succeeded(target.address)
+            return call, first, target
 
         try:
             call, response, target = await self._first_answer(
@@ -309,6 +413,7 @@ class Gateway:
             raise
         finally:
             call.cancel()  # a no-op once the call has ended; otherwise the node stops the work
+            self.release(target)
 
     async def _next_event(self, call: Any, target: Target, timeout: float) -> inference_pb2.GenerateResponse:
         """The stream's next event, checked: an error, an event with nothing in it and a stream that ends
@@ -335,9 +440,12 @@ class Gateway:
 
         async def call(attempt: Any, target: Target) -> Any:
             try:
-                return await getattr(target.stub, method)(attempt, timeout=timeout)
+                reply = await getattr(target.stub, method)(attempt, timeout=timeout)
             except grpc.aio.AioRpcError as exc:
                 raise self._node_error(exc, target, timeout) from exc
+            self.breakers.succeeded(target.address)
+            self.release(target)
+            return reply
 
         try:
             return await self._first_answer(request, request_id, call)
@@ -359,10 +467,26 @@ class Gateway:
         return await self._unary("Tokenize", request, client_timeout, request_id)  # type: ignore[no-any-return]
 
     async def list_models(self) -> list[inference_pb2.ModelInfo]:
-        try:
-            reply = await self._routing.ListServedModels(
-                routing_pb2.ListServedModelsRequest(), timeout=self._placement_timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise self._control_plane_error(exc) from exc
+        """Every model the fleet knows, from the routing table (the control plane, before the first table)."""
+        if self.feed.synced.is_set():
+            return self.feed.model_infos()
+        reply = await self._ask_controlplane(
+            "ListServedModels", routing_pb2.ListServedModelsRequest(), self._placement_timeout
+        )
         return list(reply.models)
+
+    def routing_status(self) -> dict[str, Any]:
+        """Whether the routing table is fresh, for /health (and operators): the edge routes on a stale
+        table when the control plane is away, and says since when."""
+        stale = self.feed.stale_seconds
+        if not self.feed.synced.is_set():
+            state = "none"
+        else:
+            state = "fresh" if stale is None else "stale"
+        status: dict[str, Any] = {"routing_table": state}
+        if stale is not None:
+            status["routing_table_stale_seconds"] = round(stale, 1)
+        open_nodes = self.breakers.open_nodes()
+        if open_nodes:
+            status["unreachable_nodes"] = open_nodes
+        return status

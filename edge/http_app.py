@@ -298,9 +298,11 @@ def create_app(gateway: Gateway) -> ASGIApp:
 
     @app.get("/health")
     async def health() -> Any:
-        """200 when the control plane answers; 503 (BACKEND_UNAVAILABLE) when it does not."""
+        """200 while the edge can route: it has a routing table, fresh or not ("routing_table": "stale" and
+        for how long, when the control plane is away), or the control plane answers; else 503
+        (BACKEND_UNAVAILABLE)."""
         infos = await gateway.list_models()
         ready = [m.name for m in infos if m.state == inference_pb2.MODEL_STATE_READY]
-        return {"status": "ok", "ready_models": ready}
+        return {"status": "ok", "ready_models": ready, **gateway.routing_status()}
 
     return GenerationRoutes(gateway, app)

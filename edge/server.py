@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Iterator
 
 import uvicorn
 
+from edge.breaker import Breakers
 from edge.gateway import Gateway
 from edge.grpc_service import EdgeInference
 from edge.http_app import create_app
@@ -32,11 +34,12 @@ class _Uvicorn(uvicorn.Server):
 
 async def serve(settings: EdgeSettings, stop: asyncio.Event) -> None:
     gateway = Gateway(
-        settings.controlplane,
+        settings.controlplane.split(","),
         settings.request_timeout_seconds,
         settings.placement_timeout_seconds,
         settings.scale_from_zero_timeout_seconds,
-        settings.route_cache_seconds,
+        edge_id=settings.edge_id or f"{socket.gethostname()}:{settings.grpc_listen.rsplit(':', 1)[-1]}",
+        breakers=Breakers(settings.breaker_failures, settings.breaker_cooldown_seconds),
     )
     grpc_server = GrpcServer([INFERENCE_SERVICE])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(EdgeInference(gateway), grpc_server.server)
@@ -55,6 +58,7 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event) -> None:
     grpc_port = await grpc_server.start(settings.grpc_listen)
     try:
         async with asyncio.TaskGroup() as tasks:
+            routing = tasks.create_task(gateway.run())
             http_task = tasks.create_task(http.serve())
             while not http.started and not http_task.done():
                 await asyncio.sleep(0.05)
@@ -71,6 +75,7 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event) -> None:
             # Order: stop both front doors (draining in-flight requests), then close node channels.
             http.should_exit = True
             await grpc_server.stop(settings.shutdown_grace_seconds)
+            routing.cancel()
     finally:
         await gateway.close()
     log.info("edge stopped")

@@ -11,18 +11,26 @@ class EdgeSettings(BaseSettings):
 
     http_listen: str = Field("127.0.0.1:8080", description="host:port of the OpenAI-compatible HTTP API")
     grpc_listen: str = Field("127.0.0.1:50050", description="host:port of the gRPC InferenceService")
-    controlplane: str = Field("127.0.0.1:50051", description="host:port of the control plane")
+    controlplane: str = Field(
+        "127.0.0.1:50051",
+        description="host:port of the control plane, or several separated by commas: the edge follows the"
+        " routing table from one and moves to the next when it goes away",
+    )
+    edge_id: str = Field("", description="this edge's name in the control plane's logs (default: host:grpc port)")
     request_timeout_seconds: float = Field(
         600.0, gt=0, description="longest a request may run on a node before it fails with BACKEND_TIMEOUT"
     )
     scale_from_zero_timeout_seconds: float = Field(
         120.0, ge=0, description="how long a request waits for a deployment with no ready replica to load"
     )
-    route_cache_seconds: float = Field(
+    breaker_failures: int = Field(
+        1, ge=1, description="failures to reach a node in a row after which the edge skips it for a while"
+    )
+    breaker_cooldown_seconds: float = Field(
         1.0,
-        ge=0,
-        description="how long the edge reuses the control plane's answer for a model served by a single"
-        " replica (any refusal by that replica drops it); 0: ask for every request",
+        gt=0,
+        description="how long an unreachable node is skipped before one request probes it again; doubles after"
+        " each failed probe, up to 30 s",
     )
     placement_timeout_seconds: float = Field(5.0, gt=0, description="deadline of placement calls")
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="time in-flight requests get at shutdown")

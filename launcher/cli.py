@@ -65,8 +65,8 @@ def _edge(args: argparse.Namespace) -> None:
         values["request_timeout_seconds"] = args.request_timeout
     if args.scale_from_zero_timeout is not None:
         values["scale_from_zero_timeout_seconds"] = args.scale_from_zero_timeout
-    if args.route_cache_seconds is not None:
-        values["route_cache_seconds"] = args.route_cache_seconds
+    if args.breaker_cooldown is not None:
+        values["breaker_cooldown_seconds"] = args.breaker_cooldown
     main(_settings(EdgeSettings, values))
 
 
@@ -132,13 +132,17 @@ def parser() -> argparse.ArgumentParser:
     edge = sub.add_parser("edge", help="run the edge (OpenAI HTTP + gRPC front door)")
     edge.add_argument("--http-listen", help="host:port of the HTTP API (127.0.0.1:8080)")
     edge.add_argument("--grpc-listen", help="host:port of the gRPC API (127.0.0.1:50050)")
-    edge.add_argument("--controlplane", help="control plane host:port (127.0.0.1:50051)")
+    edge.add_argument(
+        "--controlplane", help="control plane host:port, or several separated by commas (127.0.0.1:50051)"
+    )
     edge.add_argument("--request-timeout", type=float, help="request timeout in seconds (600)")
     edge.add_argument(
         "--scale-from-zero-timeout", type=float, help="wait for a model to load on first request, seconds (120)"
     )
     edge.add_argument(
-        "--route-cache-seconds", type=float, help="reuse the route to a single-replica model this long (1; 0: off)"
+        "--breaker-cooldown",
+        type=float,
+        help="seconds an unreachable node is skipped before a request probes it again, doubling to 30 (1)",
     )
     edge.add_argument("--log-level")
     edge.set_defaults(run=_edge)

@@ -1,11 +1,14 @@
 """The gateway's attempt loop, in-process over real gRPC: a RoutingService stand-in that answers
-PickReplica as told, and InferenceService stand-ins for nodes, each a real grpc.aio server on 127.0.0.1:0
-behind the same error interceptor the real services use. What is tested is the edge's decision: which
-replica is tried, in which order, and what the client hears.
+PickReplica as told (and, in the routing-table tests below, publishes a table over WatchRoutes), and
+InferenceService stand-ins for nodes, each a real grpc.aio server on 127.0.0.1:0 behind the same error
+interceptor the real services use. What is tested is the edge's decision: which replica is tried, in
+which order, and what the client hears. The tests that use PickReplica only are the edge before it has
+a routing table (just started, no control plane yet).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -15,9 +18,10 @@ import grpc
 import httpx
 import pytest
 
+from edge.breaker import Breakers
 from edge.gateway import Gateway
 from edge.http_app import create_app
-from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
+from fleetlm.controlplane.v1 import node_pb2, routing_pb2, routing_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.errors import ErrorCode, FleetError
 from mesh.grpc_server import GrpcServer
@@ -88,11 +92,23 @@ class BreaksAfterFirstToken(Node):
 
 
 class Routing(routing_pb2_grpc.RoutingServiceServicer):
-    """Answers PickReplica from `routes` (model -> a function giving the reply, called once per pick)."""
+    """Answers PickReplica from `routes` (model -> a function giving the reply, called once per pick), and
+    WatchRoutes with `table` (then holds the stream open) when a test sets one."""
 
     def __init__(self) -> None:
         self.routes: dict[str, Callable[[], routing_pb2.PickReplicaResponse]] = {}
         self.picks: list[str] = []
+        self.table: routing_pb2.WatchRoutesResponse | None = None
+
+    async def WatchRoutes(
+        self, request: routing_pb2.WatchRoutesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[routing_pb2.WatchRoutesResponse]:
+        if self.table is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no table in this test")
+        yield self.table  # type: ignore[misc]
+        while True:
+            await asyncio.sleep(0.2)
+            yield routing_pb2.WatchRoutesResponse()  # keepalive
 
     async def PickReplica(
         self, request: routing_pb2.PickReplicaRequest, context: grpc.aio.ServicerContext
@@ -128,8 +144,8 @@ class Fleet:
         self.servers.append(server)
         return node
 
-    def gateway(self, route_cache_seconds: float = 0.0) -> Gateway:
-        return Gateway(self.routing_address, 30, 5, 0, route_cache_seconds)
+    def gateway(self, breakers: Breakers | None = None) -> Gateway:
+        return Gateway(self.routing_address, 30, 5, 0, breakers=breakers)
 
 
 @contextlib.asynccontextmanager
@@ -185,28 +201,6 @@ async def test_alternates_are_tried_in_order_until_one_serves(fleet: Fleet) -> N
     assert fleet.routing.picks == ["m"]
     # Every attempt carried the same request id, which the edge set.
     assert a.request_ids == c.request_ids and a.request_ids[0].startswith("req-")
-
-
-async def test_a_cached_route_that_is_refused_is_asked_for_again(fleet: Fleet) -> None:
-    a = await fleet.node(Node("a"))
-    b = await fleet.node(Node("b"))
-    fleet.routing.routes["m"] = lambda: reply(a)  # one replica, no alternates: the route is cached
-    gateway = fleet.gateway(route_cache_seconds=60)  # long enough never to expire during the test
-    try:
-        await generate(gateway, chat("m"))
-        await generate(gateway, chat("m"))
-        assert fleet.routing.picks == ["m"] and a.calls == ["m", "m"]  # the second one reused the route
-        # The replica fills up and the control plane now names another one.
-        a.refuse = full("a")
-        fleet.routing.routes["m"] = lambda: reply(b)
-        events = await generate(gateway, chat("m"))
-        assert events[-1].result.node_id == "b"
-        assert fleet.routing.picks == ["m", "m"] and a.calls == ["m", "m", "m"]
-        # The refusal dropped the old route; the new one is cached in its place.
-        await generate(gateway, chat("m"))
-        assert fleet.routing.picks == ["m", "m"] and b.calls == ["m", "m"]
-    finally:
-        await gateway.close()
 
 
 async def test_every_replica_full_goes_to_the_cpu_offload_model(fleet: Fleet) -> None:
@@ -339,3 +333,142 @@ async def test_the_request_id_reaches_the_node_and_every_log_line_about_it(
     about = [r.getMessage() for r in caplog.records if r.name.startswith("edge")]
     assert about and all(any(i in line for i in a.request_ids) for line in about), about
     assert any("refused" in line and a.request_ids[1] in line for line in about)
+
+
+# --- routing from the edge's own table ------------------------------------------------------------------
+
+
+def table(*entries: tuple[Node, int], model: str = "m", deployed: bool = True) -> routing_pb2.WatchRoutesResponse:
+    """A routing table: each (node, reported load) serving `model`, ready."""
+    nodes = [
+        routing_pb2.NodeRoutes(
+            node_id=node.node_id,
+            inference_address=node.address,
+            replicas=[
+                routing_pb2.ReplicaRoute(
+                    model=model, state=node_pb2.REPLICA_STATE_READY, running_requests=load, capacity=8
+                )
+            ],
+        )
+        for node, load in entries
+    ]
+    info = inference_pb2.ModelInfo(name=model, state=inference_pb2.MODEL_STATE_READY, ready_replicas=len(nodes))
+    return routing_pb2.WatchRoutesResponse(
+        snapshot=True, nodes=nodes, models=[routing_pb2.ModelRoute(info=info, deployed=deployed)]
+    )
+
+
+@contextlib.asynccontextmanager
+async def following(gateway: Gateway) -> AsyncIterator[Gateway]:
+    """The gateway with its routing-table feed running, once the first table has arrived."""
+    task = asyncio.ensure_future(gateway.run())
+    try:
+        await asyncio.wait_for(gateway.feed.synced.wait(), 10)
+        yield gateway
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await gateway.close()
+
+
+async def test_requests_are_routed_from_the_table_with_no_control_plane_round_trip(fleet: Fleet) -> None:
+    a = await fleet.node(Node("a"))
+    b = await fleet.node(Node("b"))
+    fleet.routing.table = table((a, 0), (b, 3))
+    async with following(fleet.gateway()) as gateway:
+        for _ in range(3):
+            await generate(gateway, chat("m"))
+        assert fleet.routing.picks == []
+        assert a.calls == ["m", "m", "m"] and b.calls == []  # a is the least loaded, and each request ended
+        assert (await gateway.list_models())[0].name == "m"
+        assert gateway.routing_status() == {"routing_table": "fresh"}
+
+
+async def test_an_unreachable_replica_is_skipped_until_a_probe_finds_it_back(fleet: Fleet) -> None:
+    live = await fleet.node(Node("live"))
+    dead = unreachable("dead")
+    fleet.routing.table = table((dead, 0), (live, 5))  # the dead one looks best
+    async with following(fleet.gateway(Breakers(failures=1, cooldown=0.3))) as gateway:
+        events = await generate(gateway, chat("m"))  # tries dead, is refused at once, then live
+        assert events[-1].result.node_id == "live"
+        assert gateway.routing_status()["unreachable_nodes"] == [dead.address]
+        await generate(gateway, chat("m"))
+        assert live.calls == ["m", "m"]
+        # It comes back on the same address: after the cool-down one request probes it, and it serves again.
+        revived = Node("dead")
+        server = GrpcServer([INFERENCE])
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(revived, server.server)
+        await server.start(dead.address)
+        fleet.servers.append(server)
+        for _ in range(100):  # bounded: 10 s at most
+            events = await generate(gateway, chat("m"))
+            if events[-1].result.node_id == "dead":
+                break
+            await asyncio.sleep(0.1)
+        assert revived.calls, "the revived node was never tried again"
+        assert "unreachable_nodes" not in gateway.routing_status()
+
+
+async def test_the_edge_routes_on_its_last_table_when_the_control_plane_is_gone(fleet: Fleet) -> None:
+    a = await fleet.node(Node("a"))
+    fleet.routing.table = table((a, 0))
+    async with following(fleet.gateway()) as gateway:
+        control_plane = fleet.servers.pop(0)
+        await control_plane.stop(0)
+        for _ in range(100):  # bounded: the feed notices the stream is gone within a second or so
+            if gateway.routing_status()["routing_table"] == "stale":
+                break
+            await asyncio.sleep(0.05)
+        events = await generate(gateway, chat("m"))
+        assert events[-1].result.node_id == "a"
+        status = gateway.routing_status()
+        assert status["routing_table"] == "stale" and status["routing_table_stale_seconds"] >= 0
+        assert [m.name for m in await gateway.list_models()] == ["m"]
+        # A model the table does not know is a 404 from the table when no control plane can be asked.
+        with pytest.raises(FleetError) as caught:
+            await generate(gateway, chat("nope"))
+        assert caught.value.code == ErrorCode.MODEL_NOT_FOUND and "available models: m" in caught.value.message
+
+
+async def test_a_deployment_with_no_ready_replica_and_an_unknown_model_ask_the_control_plane(fleet: Fleet) -> None:
+    a = await fleet.node(Node("a"))
+    fleet.routing.table = table(model="cold")  # deployed, no replica: scale from zero
+    fleet.routing.routes["cold"] = lambda: reply(a)
+    fleet.routing.routes["brand-new"] = lambda: reply(a)
+    async with following(fleet.gateway()) as gateway:
+        assert (await generate(gateway, chat("cold")))[-1].result.node_id == "a"
+        assert (await generate(gateway, chat("brand-new")))[-1].result.node_id == "a"
+        with pytest.raises(FleetError) as caught:
+            await generate(gateway, chat("nope"))
+        assert caught.value.code == ErrorCode.MODEL_NOT_FOUND
+    assert fleet.routing.picks == ["cold", "brand-new", "nope"]
+
+
+async def test_a_catalog_model_with_no_ready_replica_is_unavailable_with_the_reason(fleet: Fleet) -> None:
+    a = await fleet.node(Node("a"))
+    snapshot = table((a, 0), deployed=False)
+    snapshot.nodes[0].replicas[0].state = node_pb2.REPLICA_STATE_FAILED
+    snapshot.nodes[0].replicas[0].error = "model file not found: /x.gguf"
+    fleet.routing.table = snapshot
+    async with following(fleet.gateway()) as gateway:
+        with pytest.raises(FleetError) as caught:
+            await generate(gateway, chat("m"))
+    assert caught.value.code == ErrorCode.MODEL_UNAVAILABLE
+    assert "a: replica is failed: model file not found: /x.gguf" in caught.value.message
+    assert fleet.routing.picks == [] and a.calls == []
+
+
+async def test_each_attempt_counts_against_its_replica_until_it_ends(fleet: Fleet) -> None:
+    a = await fleet.node(Node("a"))
+    b = await fleet.node(Node("b"))
+    fleet.routing.table = table((a, 0), (b, 0))
+    async with following(fleet.gateway()) as gateway:
+        first = gateway.generate(chat("m"))
+        second = gateway.generate(chat("m"))
+        await anext(first)
+        await anext(second)  # both open: the second went to the other replica, the first being busier
+        assert sorted(a.calls + b.calls) == ["m", "m"] and a.calls and b.calls
+        assert sorted(r.own for r in gateway.feed.table.replicas("m")) == [1, 1]
+        await first.aclose()
+        await second.aclose()
+        assert [r.own for r in gateway.feed.table.replicas("m")] == [0, 0]
