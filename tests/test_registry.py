@@ -13,11 +13,14 @@ import grpc
 import pytest
 
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
-from tests.cluster import Cluster, fleetlm, smollm_entry, wait_for
+from tests.cluster import Cluster, smollm_entry, wait_for
 
 pytestmark = [pytest.mark.cluster]
 
 TTL = 3
+# Bounds for things that take about a second on an idle machine (an agent registering, etcd expiring a
+# lease), generous because other test runs share these 2 cores: they check that it happens, not how fast.
+SETTLE = 30
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def etcd_keys(cluster: Cluster) -> list[str]:
 
 def test_registration_stores_inventory_in_etcd(fleet: Cluster) -> None:
     proc, address = fleet.start_node("reg-1", [smollm_entry()])
-    wait_for(lambda: "reg-1" in node_ids(fleet), 10, "registration")
+    wait_for(lambda: "reg-1" in node_ids(fleet), SETTLE, "registration")
     node = admin(fleet).GetNode(admin_pb2.GetNodeRequest(node_id="reg-1"), timeout=5).node
     assert node.inference_address == address
     assert node.inventory.cpu.cores >= 1 and node.inventory.cpu.model
@@ -68,7 +71,7 @@ def test_registration_stores_inventory_in_etcd(fleet: Cluster) -> None:
             admin(fleet).GetNode(admin_pb2.GetNodeRequest(node_id="reg-1"), timeout=5).node.replicas[0].state
             == node_pb2.REPLICA_STATE_READY
         ),
-        30,
+        60,
         "replica ready",
     )
     assert "/fleetlm/nodes/reg-1" in etcd_keys(fleet)
@@ -78,12 +81,12 @@ def test_registration_stores_inventory_in_etcd(fleet: Cluster) -> None:
 
 def test_killed_agent_leaves_within_the_lease_ttl(fleet: Cluster) -> None:
     proc, _ = fleet.start_node("reg-kill", [smollm_entry()])
-    wait_for(lambda: "reg-kill" in node_ids(fleet), 10, "registration")
+    wait_for(lambda: "reg-kill" in node_ids(fleet), SETTLE, "registration")
     time.sleep(TTL)  # several heartbeats have refreshed the lease: the node stays while alive
     assert "reg-kill" in node_ids(fleet)
     proc.signal(signal.SIGKILL)  # no deregistration: only the lease can remove it
     killed = time.monotonic()
-    wait_for(lambda: "reg-kill" not in node_ids(fleet), TTL + 5, "the node to leave")
+    wait_for(lambda: "reg-kill" not in node_ids(fleet), TTL + SETTLE, "the node to leave")
     gone_after = time.monotonic() - killed
     print(f"node left {gone_after:.1f}s after SIGKILL (lease TTL {TTL}s)")
     assert "/fleetlm/nodes/reg-kill" not in etcd_keys(fleet)
@@ -94,23 +97,19 @@ def test_killed_agent_leaves_within_the_lease_ttl(fleet: Cluster) -> None:
 
 def test_stopped_agent_deregisters_at_once(fleet: Cluster) -> None:
     proc, _ = fleet.start_node("reg-stop", [smollm_entry()])
-    wait_for(lambda: "reg-stop" in node_ids(fleet), 10, "registration")
+    wait_for(lambda: "reg-stop" in node_ids(fleet), SETTLE, "registration")
     assert proc.stop() == 0
     assert "reg-stop" not in node_ids(fleet)
 
 
 def test_agent_registers_again_after_control_plane_restart(fleet: Cluster) -> None:
     proc, _ = fleet.start_node("reg-survivor", [smollm_entry()])
-    wait_for(lambda: "reg-survivor" in node_ids(fleet), 10, "registration")
+    wait_for(lambda: "reg-survivor" in node_ids(fleet), SETTLE, "registration")
     old = next(p for p in fleet.procs if p.name == "controlplane")
     old.signal(signal.SIGKILL)
     old.popen.wait()
-    fleet.procs.remove(old)
     # Lease lapses while the control plane is down; the agent keeps retrying and registers again.
     time.sleep(TTL + 1)
-    restarted = fleet._start(  # same address, so the running agent finds it
-        "controlplane",
-        fleetlm("controlplane", "--listen", fleet.controlplane, "--etcd", fleet.etcd_url, "--lease-ttl", str(TTL)),
-    )
-    wait_for(lambda: "reg-survivor" in node_ids(fleet), 20, "re-registration", restarted)
+    restarted = fleet.restart(old)  # same address, so the running agent finds it
+    wait_for(lambda: "reg-survivor" in node_ids(fleet), 2 * SETTLE, "re-registration", restarted)
     proc.stop()
