@@ -61,9 +61,9 @@ def secret_values(spec: node_pb2.ModelSpec) -> set[str]:
 
 
 def _redact_spec_in_place(spec: node_pb2.ModelSpec) -> None:
-    for name in spec.engine_args:
-        if is_secret_flag(name):
-            spec.engine_args[name] = REDACTED
+    # The names first: writing to a protobuf map while iterating over it can skip entries.
+    for name in [name for name in spec.engine_args if is_secret_flag(name)]:
+        spec.engine_args[name] = REDACTED
     command = redact_argv(spec.command)
     if command != list(spec.command):
         del spec.command[:]

@@ -123,3 +123,13 @@ def test_any_message_shape_is_walked_maps_and_recursive_types_included() -> None
     shown = redact_message(value, [KEY])
     assert KEY not in str(shown)
     assert shown["nested"]["lines"][1] == f"key {REDACTED}" and shown["log"] == f"started with --api-key {REDACTED}"
+
+
+def test_every_secret_arg_is_redacted_however_many() -> None:
+    # Many keys, so that a walk that skips entries of the map (writing to it while iterating) shows.
+    many = spec(engine_args={f"api-key-{i}": f"secret-value-{i}" for i in range(20)} | {"max-total-tokens": "64"})
+    shown = redact_spec(many)
+    assert {v for k, v in shown.engine_args.items() if k != "max-total-tokens"} == {REDACTED}
+    assert shown.engine_args["max-total-tokens"] == "64"
+    reply = redact_message(admin_pb2.ModelStatus(spec=many))
+    assert not any(f"secret-value-{i}" in str(reply) for i in range(20))
