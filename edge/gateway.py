@@ -19,8 +19,10 @@ probe finds it back.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import random
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -40,7 +42,8 @@ log = logging.getLogger(__name__)
 
 # Errors a node gives before it has done anything for the request: another replica may serve it.
 OVERLOADED = {ErrorCode.GPU_OVERLOADED, ErrorCode.NO_CAPACITY}
-RETRYABLE = OVERLOADED | {ErrorCode.BACKEND_UNAVAILABLE, ErrorCode.MODEL_UNAVAILABLE, ErrorCode.MODEL_NOT_FOUND}
+HEALING = {ErrorCode.BACKEND_UNAVAILABLE, ErrorCode.MODEL_UNAVAILABLE, ErrorCode.MODEL_NOT_FOUND}
+RETRYABLE = OVERLOADED | HEALING
 PREFIX_CHARS = 256  # about 64 tokens: shorter shared prefixes are not worth routing for
 
 T = TypeVar("T")
@@ -100,11 +103,18 @@ class _Refusals:
 
     last: FleetError | None = None
     overloaded: FleetError | None = None  # the first refusal for load
+    by_nodes: int = 0  # refusals that came from nodes (not from routing)
 
-    def add(self, error: FleetError) -> None:
+    def add(self, error: FleetError, from_node: bool = True) -> None:
         self.last = error
+        self.by_nodes += from_node
         if error.code in OVERLOADED and self.overloaded is None:
             self.overloaded = error
+
+    def may_heal(self) -> bool:
+        """Whether another pass soon may find a replica: replicas refused because they were going away
+        (unloading, moved, unreachable), not because they were full, and the table may have changed."""
+        return self.overloaded is None and self.by_nodes > 0 and self.last is not None and self.last.code in HEALING
 
     def answer(self, device: str) -> FleetError:
         """The error the client hears when no replica served."""
@@ -142,6 +152,7 @@ class Gateway:
         scale_from_zero_timeout_seconds: float = 120.0,
         edge_id: str = "edge",
         breakers: Breakers | None = None,
+        failover_seconds: float = 3.0,
     ) -> None:
         addresses = [controlplanes] if isinstance(controlplanes, str) else list(controlplanes)
         self._controlplanes = [a.strip() for a in addresses if a.strip()]
@@ -153,6 +164,7 @@ class Gateway:
         self.request_timeout = request_timeout_seconds
         self._placement_timeout = placement_timeout_seconds
         self._scale_from_zero_timeout = scale_from_zero_timeout_seconds
+        self._failover_seconds = failover_seconds
 
     async def run(self) -> None:
         """Follow the control plane's routing table until cancelled (owned by the edge's task group)."""
@@ -301,7 +313,29 @@ class Gateway:
         )
 
     async def _first_answer(
-        self, request: Any, request_id: str, attempt: Attempt[T], user: str = "", prefix: str = ""
+        self, request: Any, request_id: str, attempt: Attempt[T], timeout: float, user: str = "", prefix: str = ""
+    ) -> T:
+        """`_one_pass` over the replicas; when every replica refused because it was going away (a drain
+        unloading it, a node that died), pass again after a jittered backoff, re-routing from the table as
+        it changes, until `failover_seconds` (or the request's deadline) is spent."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(self._failover_seconds, timeout)
+        backoff = 0.05
+        while True:
+            refusals = _Refusals()
+            try:
+                return await self._one_pass(request, request_id, attempt, refusals, user, prefix)
+            except FleetError:
+                pause = backoff * random.uniform(0.5, 1.5)
+                if not refusals.may_heal() or loop.time() + pause > deadline:
+                    raise
+            log.debug("request %s: every replica of %s refused; routing again in %.2fs", request_id, request.model,
+                      pause)  # fmt: skip
+            await asyncio.sleep(pause)
+            backoff = min(backoff * 2, 1.0)
+
+    async def _one_pass(
+        self, request: Any, request_id: str, attempt: Attempt[T], refusals: _Refusals, user: str, prefix: str
     ) -> T:
         """Run `attempt` on each replica in turn until one answers: the chosen replica, the next ones,
         then the same for the model's cpu_offload_model when replicas refused for load. A refusal outside
@@ -310,7 +344,6 @@ class Gateway:
         replica in the routing table while it runs; `attempt` must release it when it fails (`release`)."""
         model: str = request.model
         tried: set[str] = set()
-        refusals = _Refusals()
         device, offload = "cpu", ""
         while model and model not in tried:
             tried.add(model)
@@ -351,7 +384,7 @@ class Gateway:
         except FleetError as error:
             if refusals.overloaded is None or error.code not in RETRYABLE:
                 raise
-            refusals.add(error)
+            refusals.add(error, from_node=False)
             return None
 
     def _refused(self, error: FleetError, request_id: str, model: str, target: Target) -> None:
@@ -395,7 +428,7 @@ class Gateway:
 
         try:
             call, response, target = await self._first_answer(
-                request, request_id, open_stream, request.user, prefix_hash(request)
+                request, request_id, open_stream, timeout, request.user, prefix_hash(request)
             )
         except FleetError as error:
             _log_failure(request_id, error)
@@ -448,7 +481,7 @@ class Gateway:
             return reply
 
         try:
-            return await self._first_answer(request, request_id, call)
+            return await self._first_answer(request, request_id, call, timeout)
         except FleetError as error:
             _log_failure(request_id, error)
             raise

@@ -40,6 +40,7 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event) -> None:
         settings.scale_from_zero_timeout_seconds,
         edge_id=settings.edge_id or f"{socket.gethostname()}:{settings.grpc_listen.rsplit(':', 1)[-1]}",
         breakers=Breakers(settings.breaker_failures, settings.breaker_cooldown_seconds),
+        failover_seconds=settings.failover_seconds,
     )
     grpc_server = GrpcServer([INFERENCE_SERVICE])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(EdgeInference(gateway), grpc_server.server)

@@ -32,6 +32,12 @@ class EdgeSettings(BaseSettings):
         description="how long an unreachable node is skipped before one request probes it again; doubles after"
         " each failed probe, up to 30 s",
     )
+    failover_seconds: float = Field(
+        3.0,
+        ge=0,
+        description="how long a request that every replica refused because it was going away (unloading,"
+        " unreachable) is routed again, with jittered backoff, before the client hears the error",
+    )
     placement_timeout_seconds: float = Field(5.0, gt=0, description="deadline of placement calls")
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="time in-flight requests get at shutdown")
     log_level: str = Field("INFO", description="log level")

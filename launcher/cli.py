@@ -67,6 +67,8 @@ def _edge(args: argparse.Namespace) -> None:
         values["scale_from_zero_timeout_seconds"] = args.scale_from_zero_timeout
     if args.breaker_cooldown is not None:
         values["breaker_cooldown_seconds"] = args.breaker_cooldown
+    if args.failover_seconds is not None:
+        values["failover_seconds"] = args.failover_seconds
     main(_settings(EdgeSettings, values))
 
 
@@ -138,6 +140,11 @@ def parser() -> argparse.ArgumentParser:
     edge.add_argument("--request-timeout", type=float, help="request timeout in seconds (600)")
     edge.add_argument(
         "--scale-from-zero-timeout", type=float, help="wait for a model to load on first request, seconds (120)"
+    )
+    edge.add_argument(
+        "--failover-seconds",
+        type=float,
+        help="how long a request that every replica refused while going away is routed again (3)",
     )
     edge.add_argument(
         "--breaker-cooldown",

@@ -99,6 +99,7 @@ class Routing(routing_pb2_grpc.RoutingServiceServicer):
         self.routes: dict[str, Callable[[], routing_pb2.PickReplicaResponse]] = {}
         self.picks: list[str] = []
         self.table: routing_pb2.WatchRoutesResponse | None = None
+        self.updates: asyncio.Queue[routing_pb2.WatchRoutesResponse] = asyncio.Queue()
 
     async def WatchRoutes(
         self, request: routing_pb2.WatchRoutesRequest, context: grpc.aio.ServicerContext
@@ -107,8 +108,11 @@ class Routing(routing_pb2_grpc.RoutingServiceServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no table in this test")
         yield self.table  # type: ignore[misc]
         while True:
-            await asyncio.sleep(0.2)
-            yield routing_pb2.WatchRoutesResponse()  # keepalive
+            try:
+                async with asyncio.timeout(0.2):
+                    yield await self.updates.get()
+            except TimeoutError:
+                yield routing_pb2.WatchRoutesResponse()  # keepalive
 
     async def PickReplica(
         self, request: routing_pb2.PickReplicaRequest, context: grpc.aio.ServicerContext
@@ -472,3 +476,36 @@ async def test_each_attempt_counts_against_its_replica_until_it_ends(fleet: Flee
         await first.aclose()
         await second.aclose()
         assert [r.own for r in gateway.feed.table.replicas("m")] == [0, 0]
+
+
+async def test_replicas_going_away_are_routed_again_as_the_table_changes(fleet: Fleet) -> None:
+    # A drain: the only replica in the edge's table is unloading; its replacement reaches the table a
+    # moment later. The request waits for it (jittered backoff) instead of failing.
+    going = await fleet.node(Node("going", refuse=FleetError(ErrorCode.MODEL_UNAVAILABLE, "model 'm' is unloading")))
+    replacement = await fleet.node(Node("replacement"))
+    fleet.routing.table = table((going, 0))
+    async with following(fleet.gateway()) as gateway:
+
+        async def publish_replacement() -> None:
+            await asyncio.sleep(0.3)
+            fleet.routing.updates.put_nowait(table((replacement, 0)))
+
+        publishing = asyncio.ensure_future(publish_replacement())
+        events = await generate(gateway, chat("m"))
+        await publishing
+    assert events[-1].result.node_id == "replacement"
+    assert len(going.calls) >= 1 and replacement.calls == ["m"]
+
+
+async def test_replicas_that_stay_gone_fail_once_the_failover_time_is_spent(fleet: Fleet) -> None:
+    going = await fleet.node(Node("going", refuse=FleetError(ErrorCode.MODEL_UNAVAILABLE, "model 'm' is unloading")))
+    fleet.routing.table = table((going, 0))
+    gateway = Gateway(fleet.routing_address, 30, 5, 0, failover_seconds=0.5)
+    async with following(gateway):
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(FleetError) as caught:
+            await generate(gateway, chat("m"))
+        waited = asyncio.get_running_loop().time() - started
+    assert caught.value.code == ErrorCode.MODEL_UNAVAILABLE and "unloading" in caught.value.message
+    assert len(going.calls) >= 2  # it was asked again
+    assert waited < 5  # generous (0.5 s of failover on a busy machine): it does not wait for the request timeout
