@@ -14,7 +14,7 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from controlplane.fleet import FleetView
-from controlplane.store import ClusterStore
+from controlplane.store import ClusterStore, StoreEvent
 from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
 from mesh.errors import ErrorCode, FleetError, invalid
 from mesh.redaction import redact_message
@@ -102,16 +102,22 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
     async def WatchAssignments(
         self, request: registry_pb2.WatchAssignmentsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[registry_pb2.WatchAssignmentsResponse]:
-        """The node's whole desired state now, then after every change to it, and at least every
-        RESEND_SECONDS so that a lost message heals."""
+        """The node's whole desired state now, then after every change to it, and again every
+        RESEND_SECONDS whether it changed or not, so that a lost message heals and a replica that stopped on
+        a permanent error is tried again. Only this node's assignments (or a full resync) wake the stream:
+        the fleet's other events (every node's reports) cost it nothing."""
         changed = asyncio.Event()
+        mine = f"{request.node_id}/"
 
-        def on_change(event: object) -> None:
-            changed.set()
+        def on_change(event: StoreEvent | None) -> None:
+            if event is None or (event.kind == "assignment" and event.key.startswith(mine)):
+                changed.set()
 
         self._fleet.listeners.append(on_change)
+        loop = asyncio.get_running_loop()
         try:
             last: list[bytes] | None = None
+            resend_at = loop.time() + RESEND_SECONDS
             while True:
                 current = sorted(self._fleet.node_assignments(request.node_id), key=lambda a: a.model.name)
                 encoded = [a.SerializeToString(deterministic=True) for a in current]
@@ -120,11 +126,12 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
                     yield registry_pb2.WatchAssignmentsResponse(assignments=current)
                 changed.clear()
                 try:
-                    # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives with a
-                    # change, and the stream of a node that went away would go on.
-                    async with asyncio.timeout(RESEND_SECONDS):
+                    # A fixed deadline, not one that starts over at each change; and not asyncio.wait_for,
+                    # which on Python 3.11 swallows a cancellation that arrives with a change.
+                    async with asyncio.timeout(max(0.0, resend_at - loop.time())):
                         await changed.wait()
                 except TimeoutError:
                     last = None  # resend even if unchanged
+                    resend_at = loop.time() + RESEND_SECONDS
         finally:
             self._fleet.listeners.remove(on_change)

@@ -81,7 +81,10 @@ class Registration:
                 while True:
                     self._host.changed.clear()
                     try:
-                        await asyncio.wait_for(self._host.changed.wait(), interval)
+                        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+                        # that arrives with a change, and the agent's shutdown would wait on this loop.
+                        async with asyncio.timeout(interval):
+                            await self._host.changed.wait()
                         # Report changes (load, state) promptly, but at most MIN_REPORT_SECONDS apart.
                         await asyncio.sleep(MIN_REPORT_SECONDS)
                     except TimeoutError:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from controlplane import registry as registry_module
 from controlplane.admin import validate_deployment
 from controlplane.etcd_store import EtcdStore
 from controlplane.fleet import FleetView
@@ -225,3 +226,41 @@ def _scaled(deployment: node_pb2.Deployment, replicas: int) -> node_pb2.Deployme
     out.CopyFrom(deployment)
     out.replicas = replicas
     return out
+
+
+async def test_assignments_are_resent_on_a_fixed_period_however_busy_the_fleet_is(
+    etcd_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node whose replica stopped on a permanent error loads it again when its assignment is re-delivered;
+    # that must happen every RESEND_SECONDS even while other nodes report many times a second (each report
+    # is a fleet event; the resend timer used to start over at every one, so it never fired).
+    monkeypatch.setattr(registry_module, "RESEND_SECONDS", 0.5)
+    async with control_plane(etcd_url) as cp:
+        await cp.add_node("n1")
+        await cp.add_node("n2")
+        await cp.deploy(max_replicas=1)
+        await cp.reconciler.ensure_one(MODEL)
+        [owner] = await cp.settle(cp.assigned_nodes, "a replica placed")
+        [other] = {"n1", "n2"} - {owner}
+        stream = cp.registry.WatchAssignments(registry_pb2.WatchAssignmentsRequest(node_id=owner), None)  # type: ignore[arg-type]
+        first = await asyncio.wait_for(anext(stream), SETTLE)
+        assert [a.model.name for a in first.assignments] == [MODEL]
+        received = 0
+
+        async def read() -> None:
+            nonlocal received
+            async for _ in stream:
+                received += 1
+
+        reader = asyncio.create_task(read())
+        try:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 2.5
+            while loop.time() < end:  # the other node reports ten times a second
+                await cp.report(other, None)
+                await asyncio.sleep(0.1)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            await stream.aclose()
+        assert received >= 2, f"resent {received} times in 2.5 s with a 0.5 s period"

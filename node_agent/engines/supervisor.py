@@ -119,12 +119,13 @@ class EngineProcess:
             if time.monotonic() >= deadline:
                 raise EngineError(f"{self.name} was not ready within {timeout:g}s; last output:\n{self.tail()}")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._proc.wait(), poll)
+                async with asyncio.timeout(poll):  # not wait_for, which can swallow a cancellation on 3.11
+                    await self._proc.wait()
 
     async def _drain(self) -> None:
         if self._reader is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
+            # asyncio.wait neither cancels the reader nor raises its end (a cancelled reader is fine here).
+            await asyncio.wait({self._reader}, timeout=1.0)
 
     async def exited(self) -> str:
         """Wait until the process dies without being asked to; return why, with its last output."""
@@ -144,7 +145,8 @@ class EngineProcess:
         if proc.returncode is None:
             signal_group(proc.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), grace)
+                async with asyncio.timeout(grace):
+                    await proc.wait()
             except TimeoutError:
                 log.warning("%s did not stop within %gs; killing it", self.name, grace)
         # Whatever the leader left behind in its group (an engine's worker processes) goes too.
