@@ -26,6 +26,10 @@ class FleetView:
         self._resync_interval = resync_interval_seconds
         self.records: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
         self.synced = asyncio.Event()
+        # Set once the nodes that hold assignments are back in the view (or a grace period has passed):
+        # after a control-plane restart their leases may have lapsed, and until they register again the
+        # view would say they are gone although they are serving. See `settle`.
+        self.settled = asyncio.Event()
         self._changed = asyncio.Condition()
         self.listeners: list[Callable[[StoreEvent | None], None]] = []
 
@@ -76,6 +80,26 @@ class FleetView:
             listener(event)
         async with self._changed:
             self._changed.notify_all()
+
+    def missing_nodes(self) -> set[str]:
+        """Nodes that hold assignments but have no live record."""
+        return {a.node_id for a in self.assignments.values()} - set(self.nodes)
+
+    async def settle(self, grace_seconds: float) -> None:
+        """Wait (at most `grace_seconds`) for every node that holds an assignment to be in the view, then
+        set `settled`. Until then the reconciler moves nothing and edges keep the table they have: a
+        control plane that comes back must not take a node whose lease lapsed while it was away for a
+        dead one."""
+        await self.synced.wait()
+        missing = self.missing_nodes()
+        if missing:
+            log.info("waiting up to %gs for nodes with assignments to register again: %s", grace_seconds,
+                     ", ".join(sorted(missing)))  # fmt: skip
+            await self.wait_for(lambda: not self.missing_nodes(), grace_seconds)
+            gone = self.missing_nodes()
+            if gone:
+                log.warning("nodes not back after %gs, taken as gone: %s", grace_seconds, ", ".join(sorted(gone)))
+        self.settled.set()
 
     async def wait_for(self, predicate: Callable[[], T | None], timeout: float) -> T | None:
         """The first truthy predicate() within timeout, re-checked after every change; else None."""

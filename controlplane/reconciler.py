@@ -59,7 +59,7 @@ class Reconciler:
         self._wake.set()
 
     async def run(self) -> None:
-        await self._fleet.synced.wait()
+        await self._fleet.settled.wait()  # nothing is moved while nodes may still be coming back
         while True:
             try:
                 # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for swallows a cancellation

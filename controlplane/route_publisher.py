@@ -132,7 +132,7 @@ class RoutePublisher:
 
     async def run(self) -> None:
         """Send what changed to every subscriber, at most once per interval; a keepalive when quiet."""
-        await self._fleet.synced.wait()
+        await self._fleet.settled.wait()
         while True:
             try:
                 # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives with a
@@ -160,8 +160,10 @@ class RoutePublisher:
             await asyncio.sleep(self._interval)  # gather the next changes
 
     async def watch(self) -> AsyncIterator[routing_pb2.WatchRoutesResponse]:
-        """One edge's stream: the table, then its changes, until the edge goes away."""
-        await self._fleet.synced.wait()
+        """One edge's stream: the table, then its changes, until the edge goes away. Not before the fleet has
+        settled: an edge keeps routing on the table it has rather than take one that lacks nodes which are
+        still registering again."""
+        await self._fleet.settled.wait()
         subscriber = _Subscriber()
         self._subscribers.add(subscriber)
         try:

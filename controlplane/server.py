@@ -75,6 +75,8 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
                 await fleet.synced.wait()
             if settings.deployments:
                 await _load_deployments(settings.deployments, fleet, reconciler)
+            grace = settings.startup_grace_seconds
+            settling = tasks.create_task(fleet.settle(settings.lease_ttl_seconds + 5 if grace is None else grace))
             reconciling = tasks.create_task(reconciler.run())
             publishing = tasks.create_task(publisher.run())
             port = await server.start(settings.listen)
@@ -83,6 +85,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             # Order: stop taking RPCs and drain them first, then stop deciding, then stop following etcd.
             publisher.close()  # routing streams never end by themselves: end them so edges move on now
             await server.stop(settings.shutdown_grace_seconds)
+            settling.cancel()
             reconciling.cancel()
             publishing.cancel()
             follower.cancel()

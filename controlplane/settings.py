@@ -17,6 +17,12 @@ class ControlPlaneSettings(BaseSettings):
     lease_ttl_seconds: int = Field(
         10, ge=2, le=3600, description="TTL of a node's registration lease; a silent node leaves after it"
     )
+    startup_grace_seconds: float | None = Field(
+        None,
+        ge=0,
+        description="after start-up, how long to wait for nodes that hold assignments to register again before"
+        " taking them as gone (their replicas are then placed elsewhere); default: the lease TTL + 5 s",
+    )
     resync_interval_seconds: float = Field(
         30.0, gt=0, description="period of the full reload of fleet state that heals missed watch events"
     )

@@ -28,6 +28,8 @@ def _controlplane(args: argparse.Namespace) -> None:
     values = _given(args, "listen", "etcd", "etcd_prefix", "deployments", "placement_strategy", "log_level")
     if args.lease_ttl is not None:
         values["lease_ttl_seconds"] = args.lease_ttl
+    if args.startup_grace is not None:
+        values["startup_grace_seconds"] = args.startup_grace
     main(_settings(ControlPlaneSettings, values))
 
 
@@ -104,6 +106,11 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--etcd", help="etcd URL (http://127.0.0.1:2379)")
     cp.add_argument("--etcd-prefix", help="etcd key prefix (/fleetlm)")
     cp.add_argument("--lease-ttl", type=int, help="node lease TTL in seconds (10)")
+    cp.add_argument(
+        "--startup-grace",
+        type=float,
+        help="seconds to wait at start-up for nodes with assignments to register again (lease TTL + 5)",
+    )
     cp.add_argument("--deployments", help="models.yaml of deployments to create at start-up")
     cp.add_argument("--placement-strategy", choices=["spread", "binpack"], help="replica placement (spread)")
     cp.add_argument("--log-level")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 
 import grpc
@@ -99,8 +100,11 @@ class Registration:
                     continue
                 self.registered.clear()
                 log.warning("control plane unreachable (%s); retrying in %.1fs", error.message, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+            # Short and jittered: a control plane that comes back waits for its nodes before it moves
+            # anything (its start-up grace), so they should be back within a couple of seconds, and not all
+            # in the same instant.
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+            backoff = min(backoff * 2, 2.0)
 
     async def deregister(self) -> None:
         if not self.lease_id:

@@ -110,7 +110,11 @@ async def control_plane(etcd_url: str) -> AsyncIterator[ControlPlane]:
     registry = NodeRegistry(store, fleet, lease_ttl_seconds=60)
     try:
         async with asyncio.TaskGroup() as tasks:
-            running = [tasks.create_task(fleet.run()), tasks.create_task(reconciler.run())]
+            running = [
+                tasks.create_task(fleet.run()),
+                tasks.create_task(fleet.settle(0)),
+                tasks.create_task(reconciler.run()),
+            ]
             await asyncio.wait_for(fleet.synced.wait(), SETTLE)
             try:
                 yield ControlPlane(fleet, reconciler, router, registry, {})
@@ -205,6 +209,7 @@ async def test_the_reconciler_stops_when_cancelled_as_it_is_woken(etcd_url: str)
     try:
         fleet = FleetView(store)
         await fleet.resync()
+        fleet.settled.set()
         reconciler = Reconciler(store, fleet, PlacementPolicy(), interval_seconds=600)
         loop_task = asyncio.create_task(reconciler.run())
         for _ in range(3):

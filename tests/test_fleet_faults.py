@@ -1,0 +1,220 @@
+"""The fleet keeps serving when one component fails: a real etcd, control plane, two node agents and an
+edge as processes, a model with two replicas, four clients streaming chat requests in a loop through the
+edge, then one fault at a time. Each outcome is counted and asserted: requests that failed before their
+first token, failed mid-stream, or hung."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
+from launcher.default_model import default_model_path
+from tests.cluster import Cluster, Proc, wait_for
+
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
+
+TTL = 3
+MODEL = "smol-ha"
+CLIENTS = 4
+HUNG_SECONDS = 30  # a request still going after this long is counted as hung (a normal one takes ~1 s)
+
+
+@dataclass
+class Outcomes:
+    ok: int = 0
+    before_first_token: list[str] = field(default_factory=list)
+    mid_stream: list[str] = field(default_factory=list)
+    hung: int = 0
+    ok_at: list[float] = field(default_factory=list)  # when each successful request ended
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def summary(self) -> str:
+        return (
+            f"{self.ok} ok, {len(self.before_first_token)} failed before the first token, "
+            f"{len(self.mid_stream)} failed mid-stream, {self.hung} hung; "
+            f"first failures: {(self.before_first_token + self.mid_stream)[:3]}"
+        )
+
+
+class Traffic:
+    """CLIENTS threads streaming short chat requests in a loop until stopped, counting outcomes."""
+
+    def __init__(self, http: str) -> None:
+        self.outcomes = Outcomes()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(http, i), daemon=True) for i in range(CLIENTS)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, http: str, i: int) -> None:
+        client = openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=HUNG_SECONDS)
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            started = False
+            try:
+                stream = client.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": f"Client {i}, request {n}: name a colour."}],
+                    max_tokens=12,
+                    temperature=0,
+                    stream=True,
+                )
+                finished = False
+                for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        started = True
+                    if chunk.choices and chunk.choices[0].finish_reason:
+                        finished = True
+                with self.outcomes.lock:
+                    if finished:
+                        self.outcomes.ok += 1
+                        self.outcomes.ok_at.append(time.monotonic())
+                    else:
+                        self.outcomes.mid_stream.append("stream ended without a finish_reason")
+            except (openai.APITimeoutError, httpx.TimeoutException):
+                with self.outcomes.lock:
+                    self.outcomes.hung += 1
+            except (openai.APIError, httpx.HTTPError) as exc:
+                with self.outcomes.lock:
+                    (self.outcomes.mid_stream if started else self.outcomes.before_first_token).append(str(exc)[:200])
+                time.sleep(0.05)
+
+    def stop(self) -> Outcomes:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(HUNG_SECONDS + 10)
+        assert not any(t.is_alive() for t in self._threads), "a client thread did not stop"
+        return self.outcomes
+
+
+@dataclass
+class HaFleet:
+    cluster: Cluster
+    http: str
+    admin: admin_pb2_grpc.AdminServiceStub
+    nodes: dict[str, Proc]
+
+    def ready_nodes(self) -> list[str]:
+        listed = self.admin.ListDeployments(admin_pb2.ListDeploymentsRequest(), timeout=5).deployments
+        status = next((d for d in listed if d.deployment.spec.name == MODEL), None)
+        return [] if status is None else [r.node_id for r in status.replicas if r.state == node_pb2.REPLICA_STATE_READY]
+
+    def proc(self, name: str) -> Proc:
+        return next(p for p in self.cluster.procs if p.name == name)
+
+
+@pytest.fixture
+def ha(tmp_path: Path) -> Iterator[HaFleet]:
+    cluster = Cluster(tmp_path)
+    catalog = tmp_path / "deployments.yaml"
+    path = default_model_path()
+    catalog.write_text(
+        f"models:\n  - {{name: {MODEL}, path: {path}, format: gguf, context_size: 1024, "
+        "min_replicas: 2, max_replicas: 2, max_running_requests: 4}\n"
+    )
+    try:
+        cluster.start_etcd()
+        cluster.start_controlplane(TTL, "--deployments", str(catalog))
+        nodes = {}
+        for node_id in ("ha-1", "ha-2"):
+            nodes[node_id], _ = cluster.start_node(node_id, models_dirs=[str(path.parent)], threads=1)
+        _, http, _ = cluster.start_edge()
+        admin = admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(cluster.controlplane))
+        fleet = HaFleet(cluster, http, admin, nodes)
+        wait_for(lambda: len(fleet.ready_nodes()) == 2, 90, "two ready replicas")
+        # Both replicas are in the edge's table once a request has been served by each (warm-up).
+        client = openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=60)
+        for _ in range(4):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        yield fleet
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.close()
+
+
+def recovery_after(outcomes: Outcomes, fault_at: float) -> float | None:
+    """Seconds from the fault to the first request that succeeded after it."""
+    later = [t for t in outcomes.ok_at if t > fault_at]
+    return min(later) - fault_at if later else None
+
+
+def run_fault(ha: HaFleet, fault: Any, after_seconds: float = 6.0) -> tuple[Outcomes, float]:
+    traffic = Traffic(ha.http)
+    try:
+        time.sleep(2)
+        fault_at = time.monotonic()
+        fault()
+        time.sleep(after_seconds)
+    finally:
+        outcomes = traffic.stop()
+    print(f"outcomes: {outcomes.summary()}; first success {recovery_after(outcomes, fault_at)}s after the fault")
+    return outcomes, fault_at
+
+
+def assert_served_through(outcomes: Outcomes, allow_mid_stream: bool = False) -> None:
+    assert outcomes.before_first_token == [], outcomes.summary()
+    assert outcomes.hung == 0, outcomes.summary()
+    if not allow_mid_stream:
+        assert outcomes.mid_stream == [], outcomes.summary()
+    for failure in outcomes.mid_stream:  # a cut stream is said, never a silent truncation
+        assert "without a finish_reason" not in failure, outcomes.summary()
+    assert outcomes.ok >= 10, outcomes.summary()
+
+
+def test_a_node_killed_loses_no_request_that_had_not_started(ha: HaFleet) -> None:
+    outcomes, _ = run_fault(ha, lambda: ha.nodes["ha-1"].signal(signal.SIGKILL))
+    assert_served_through(outcomes, allow_mid_stream=True)
+
+
+def test_the_control_plane_killed_and_restarted_stops_no_traffic(ha: HaFleet) -> None:
+    controlplane = ha.proc("controlplane")
+
+    def fault() -> None:
+        controlplane.signal(signal.SIGKILL)
+        time.sleep(TTL * 3)  # past the nodes' lease TTL: their etcd records expire meanwhile
+        ha.cluster.restart(controlplane)
+
+    outcomes, _ = run_fault(ha, fault, after_seconds=8)
+    assert_served_through(outcomes)
+    # No healthy replica was moved: both still ready, on the same nodes, never reloaded.
+    wait_for(lambda: sorted(ha.ready_nodes()) == ["ha-1", "ha-2"], 30, "both replicas reported again")
+    for node in ("ha-1", "ha-2"):
+        assert ha.proc(f"node-{node}").log_path.read_text().count(f"model {MODEL} ready") == 1
+
+
+def test_etcd_frozen_stops_no_traffic(ha: HaFleet) -> None:
+    etcd = ha.proc("etcd")
+
+    def fault() -> None:
+        etcd.signal(signal.SIGSTOP)
+        time.sleep(15)
+        etcd.signal(signal.SIGCONT)
+
+    outcomes, _ = run_fault(ha, fault, after_seconds=5)
+    assert_served_through(outcomes)
+
+
+def test_etcd_restarted_stops_no_traffic(ha: HaFleet) -> None:
+    etcd = ha.proc("etcd")
+
+    def fault() -> None:
+        etcd.stop()
+        time.sleep(3)
+        ha.cluster.restart(etcd)
+
+    outcomes, _ = run_fault(ha, fault, after_seconds=8)
+    assert_served_through(outcomes)
