@@ -35,6 +35,7 @@ from edge.route_feed import RouteFeed
 from edge.route_table import Replica
 from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError
 from mesh.inference_requests import validate_embed, validate_generate, validate_tokenize
 
@@ -47,13 +48,6 @@ RETRYABLE = OVERLOADED | HEALING
 PREFIX_CHARS = 256  # about 64 tokens: shorter shared prefixes are not worth routing for
 
 T = TypeVar("T")
-# gRPC backs off reconnecting to a peer that went away up to 120 s by default, failing calls at once
-# meanwhile: a node or control plane that comes back would stay unreachable from this edge that long.
-CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
 
 
 def prefix_hash(request: inference_pb2.GenerateRequest) -> str:
