@@ -98,6 +98,7 @@ class RoutePublisher:
                 info=info,
                 deployed=deployment is not None,
                 cpu_offload_model=deployment.cpu_offload_model if deployment is not None else "",
+                continue_on_failure=deployment is not None and deployment.continue_on_failure,
             )
         return out
 

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import grpc
 
 from edge.breaker import Breakers
+from edge.continuation import Progress, why_not
 from edge.route_feed import RouteFeed
 from edge.route_table import Replica
 from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
@@ -89,6 +90,17 @@ class Route:
     targets: list[Target]
     cpu_offload_model: str
     device: str
+
+
+@dataclass
+class _Stream:
+    """A Generate call that has sent its first event, and the replica it counts against until `end`."""
+
+    call: Any
+    first: inference_pb2.GenerateResponse
+    target: Target
+    model: str  # the model it serves (the request's, or its cpu_offload_model)
+    ended: bool = False
 
 
 @dataclass
@@ -159,6 +171,7 @@ class Gateway:
         self._placement_timeout = placement_timeout_seconds
         self._scale_from_zero_timeout = scale_from_zero_timeout_seconds
         self._failover_seconds = failover_seconds
+        self.continued_streams = 0  # streams cut by a failed node and continued on another replica
 
     async def run(self) -> None:
         """Follow the control plane's routing table until cancelled (owned by the edge's task group)."""
@@ -307,7 +320,14 @@ class Gateway:
         )
 
     async def _first_answer(
-        self, request: Any, request_id: str, attempt: Attempt[T], timeout: float, user: str = "", prefix: str = ""
+        self,
+        request: Any,
+        request_id: str,
+        attempt: Attempt[T],
+        timeout: float,
+        user: str = "",
+        prefix: str = "",
+        avoid: frozenset[str] = frozenset(),
     ) -> T:
         """`_one_pass` over the replicas; when every replica refused because it was going away (a drain
         unloading it, a node that died), pass again after a jittered backoff, re-routing from the table as
@@ -318,7 +338,7 @@ class Gateway:
         while True:
             refusals = _Refusals()
             try:
-                return await self._one_pass(request, request_id, attempt, refusals, user, prefix)
+                return await self._one_pass(request, request_id, attempt, refusals, user, prefix, avoid)
             except FleetError:
                 pause = backoff * random.uniform(0.5, 1.5)
                 if not refusals.may_heal() or loop.time() + pause > deadline:
@@ -329,13 +349,21 @@ class Gateway:
             backoff = min(backoff * 2, 1.0)
 
     async def _one_pass(
-        self, request: Any, request_id: str, attempt: Attempt[T], refusals: _Refusals, user: str, prefix: str
+        self,
+        request: Any,
+        request_id: str,
+        attempt: Attempt[T],
+        refusals: _Refusals,
+        user: str,
+        prefix: str,
+        avoid: frozenset[str] = frozenset(),
     ) -> T:
         """Run `attempt` on each replica in turn until one answers: the chosen replica, the next ones,
         then the same for the model's cpu_offload_model when replicas refused for load. A refusal outside
         RETRYABLE is the answer at once; when every replica refused and one of them was full, the answer
         is 429 (GPU_OVERLOADED for GPU replicas, else NO_CAPACITY). Each attempt counts against its
-        replica in the routing table while it runs; `attempt` must release it when it fails (`release`)."""
+        replica in the routing table while it runs; `attempt` must release it when it fails (`release`).
+        Nodes in `avoid` (those that failed a stream being continued) are not tried."""
         model: str = request.model
         tried: set[str] = set()
         device, offload = "cpu", ""
@@ -344,7 +372,12 @@ class Gateway:
             route = await self._route_unless_overloaded(refusals, model, user, prefix)
             if route is not None:
                 device, offload = route.device, route.cpu_offload_model
-                for target in route.targets:
+                targets = [t for t in route.targets if t.node_id not in avoid]
+                if not targets:
+                    names = ", ".join(sorted(avoid))
+                    refusals.add(FleetError(ErrorCode.BACKEND_UNAVAILABLE, f"no replica of '{model}' but {names}",
+                                            retry_after_seconds=1), from_node=False)  # fmt: skip
+                for target in targets:
                     self.acquire(target)
                     try:
                         return await attempt(_with_model(request, model), target)
@@ -400,47 +433,121 @@ class Gateway:
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         """The node's Generate stream: deltas, then one result. A replica that refuses before the first
         event (full, unloading, unreachable) is replaced by the next one; after it, a failure ends the
-        stream with that error, and so does a stream that breaks the contract (an empty event, no result).
-        Closing this iterator cancels the call on the node."""
+        stream with that error, and so does a stream that breaks the contract (an empty event, no result),
+        unless the model's deployment sets continue_on_failure and the node went away: then the request
+        goes on on another replica from the text sent so far (`_continue`). Closing this iterator cancels
+        the call on the node."""
         validate_generate(request)
         if not request.request_id:
             request.request_id = new_request_id()
         request_id = request.request_id
         timeout = self._timeout(client_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
 
-        async def open_stream(
-            attempt: inference_pb2.GenerateRequest, target: Target
-        ) -> tuple[Any, inference_pb2.GenerateResponse, Target]:
-            call = target.stub.Generate(attempt, timeout=timeout)
+        async def open_stream(attempt: inference_pb2.GenerateRequest, target: Target) -> _Stream:
+            left = max(0.001, deadline - loop.time())
+            call = target.stub.Generate(attempt, timeout=left)
             try:
-                first = await self._next_event(call, target, timeout)
+                first = await self._next_event(call, target, left)
             except BaseException:
                 call.cancel()
                 raise
             self.breakers.succeeded(target.address)
-            return call, first, target
+            return _Stream(call, first, target, attempt.model)
 
         try:
-            call, response, target = await self._first_answer(
+            stream = await self._first_answer(
                 request, request_id, open_stream, timeout, request.user, prefix_hash(request)
             )
         except FleetError as error:
             _log_failure(request_id, error)
             raise
+        progress = Progress(request)
         try:
+            response = stream.first
             while True:
-                yield response
-                if response.HasField("result"):
-                    await call.code()  # its status follows at once: the call ends on the node, not cancelled
-                    return
-                response = await self._next_event(call, target, timeout)
-        except FleetError as error:
-            log.warning("request %s: stream from node %s failed after it started: %s", request_id, target.node_id,
-                        error)  # fmt: skip
-            raise
+                try:
+                    while not response.HasField("result"):
+                        yield progress.forward(response)
+                        response = await self._next_event(stream.call, stream.target, timeout)
+                except FleetError as error:
+                    cut = stream
+                    stream, response = await self._continue(cut, progress, error, open_stream, deadline)
+                    continue
+                yield progress.forward(response)
+                if not stream.ended:
+                    await stream.call.code()  # its status follows at once: the call ends on the node
+                return
         finally:
-            call.cancel()  # a no-op once the call has ended; otherwise the node stops the work
-            self.release(target)
+            self._end(stream)  # cancels a call still running: the node stops the work
+
+    def _end(self, stream: _Stream) -> None:
+        if not stream.ended:
+            stream.ended = True
+            stream.call.cancel()  # a no-op once the call has ended
+            self.release(stream.target)
+
+    async def _continue(
+        self,
+        cut: _Stream,
+        progress: Progress,
+        error: FleetError,
+        open_stream: Attempt[_Stream],
+        deadline: float,
+    ) -> tuple[_Stream, inference_pb2.GenerateResponse]:
+        """After `cut` failed mid-stream with `error`: the stream that continues it on another replica and
+        its first event (or `cut` itself, ended, and the result when no token was left to generate). Raises
+        `error` when the stream may not be continued, naming why when it was tried and failed."""
+        request = progress.request
+        request_id = request.request_id
+        known = self.feed.models.get(cut.model)
+        reason = why_not(request, error, known is not None and known.continue_on_failure, progress.continued)
+        node = cut.target.node_id
+        if reason:
+            log.warning("request %s: stream from node %s failed after it started: %s (not continued: %s)",
+                        request_id, node, error, reason)  # fmt: skip
+            raise error
+        self._end(cut)
+        progress.failed_nodes.add(node)
+        avoid = frozenset(progress.failed_nodes)
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            if left <= 0:
+                raise FleetError(ErrorCode.BACKEND_TIMEOUT, "the request's timeout is spent")
+            counts = await asyncio.gather(
+                self._unary("Tokenize", self._tokenize_request(cut.model, request.prompt), left, request_id, avoid),
+                self._unary(
+                    "Tokenize", self._tokenize_request(cut.model, progress.continued_prompt()), left, request_id, avoid
+                ),
+            )
+            continued = progress.cut(len(counts[0].token_ids), len(counts[1].token_ids))
+            if continued is None:
+                log.warning("request %s: node %s failed after the last token; the stream ends with its length",
+                            request_id, node)  # fmt: skip
+                return cut, progress.length_result(cut.model)
+            continued.model = cut.model
+            left = deadline - asyncio.get_running_loop().time()
+            stream = await self._first_answer(
+                continued, request_id, open_stream, left, request.user, prefix_hash(request), avoid
+            )
+        except FleetError as failed:
+            log.warning("request %s: stream from node %s failed after it started: %s (continuing failed: %s)",
+                        request_id, node, error, failed)  # fmt: skip
+            raise FleetError(
+                error.code,
+                f"{error.message}; continuing on another replica failed: {failed.message}",
+                retry_after_seconds=error.retry_after_seconds,
+            ) from error
+        self.continued_streams += 1
+        log.warning("request %s: node %s failed after %d characters (%s); continued on node %s (continuation %d)",
+                    request_id, node, progress.chars_before, error, stream.target.node_id,
+                    progress.continued)  # fmt: skip
+        return stream, stream.first
+
+    @staticmethod
+    def _tokenize_request(model: str, text: str) -> inference_pb2.TokenizeRequest:
+        return inference_pb2.TokenizeRequest(model=model, text=text)
 
     async def _next_event(self, call: Any, target: Target, timeout: float) -> inference_pb2.GenerateResponse:
         """The stream's next event, checked: an error, an event with nothing in it and a stream that ends
@@ -461,7 +568,14 @@ class Gateway:
             raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, f"node {target.node_id} sent an empty stream event")
         return response  # type: ignore[no-any-return]
 
-    async def _unary(self, method: str, request: Any, client_timeout: float | None, request_id: str) -> Any:
+    async def _unary(
+        self,
+        method: str,
+        request: Any,
+        client_timeout: float | None,
+        request_id: str,
+        avoid: frozenset[str] = frozenset(),
+    ) -> Any:
         timeout = self._timeout(client_timeout)
         request_id = request_id or new_request_id(method.lower())
 
@@ -475,7 +589,7 @@ class Gateway:
             return reply
 
         try:
-            return await self._first_answer(request, request_id, call, timeout)
+            return await self._first_answer(request, request_id, call, timeout, avoid=avoid)
         except FleetError as error:
             _log_failure(request_id, error)
             raise

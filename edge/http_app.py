@@ -300,9 +300,15 @@ def create_app(gateway: Gateway) -> ASGIApp:
     async def health() -> Any:
         """200 while the edge can route: it has a routing table, fresh or not ("routing_table": "stale" and
         for how long, when the control plane is away), or the control plane answers; else 503
-        (BACKEND_UNAVAILABLE)."""
+        (BACKEND_UNAVAILABLE). `continued_streams` counts the streams a failed node cut that went on on
+        another replica (deployments with continue_on_failure)."""
         infos = await gateway.list_models()
         ready = [m.name for m in infos if m.state == inference_pb2.MODEL_STATE_READY]
-        return {"status": "ok", "ready_models": ready, **gateway.routing_status()}
+        return {
+            "status": "ok",
+            "ready_models": ready,
+            **gateway.routing_status(),
+            "continued_streams": gateway.continued_streams,
+        }
 
     return GenerationRoutes(gateway, app)

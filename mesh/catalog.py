@@ -13,6 +13,7 @@ deployments (`fleetlm controlplane --deployments`) share this format.
         max_replicas: 2
         idle_timeout: 600     # seconds without requests before a replica is unloaded; 0: never
         cpu_offload_model: smollm2-135m-cpu
+        continue_on_failure: true  # a stream cut by a failed node goes on on another replica
         max_running_requests: 3
         max_queued_requests: 16
         # engines that run as a process (SGLang, a launched openai server)
@@ -78,6 +79,7 @@ class ModelEntry(BaseModel):
     max_replicas: int = Field(1, ge=1, le=1000)
     idle_timeout: float = Field(0, ge=0)
     cpu_offload_model: str = ""
+    continue_on_failure: bool = False
     max_running_requests: int | None = Field(None, ge=1)
     max_queued_requests: int | None = Field(None, ge=0)
     gpu_count: int | None = Field(None, ge=1, le=64)
@@ -113,6 +115,7 @@ class ModelEntry(BaseModel):
             max_replicas=max(self.max_replicas, self.min_replicas),
             replicas=self.min_replicas,
             cpu_offload_model=self.cpu_offload_model,
+            continue_on_failure=self.continue_on_failure,
         )
         deployment.idle_timeout.FromNanoseconds(int(self.idle_timeout * 1e9))
         return deployment

@@ -175,7 +175,7 @@ class Node(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., inference_address: _Optional[str] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_id: _Optional[int] = ..., lease_ttl_seconds: _Optional[int] = ..., agent_version: _Optional[str] = ..., scheduling: _Optional[_Union[Scheduling, str]] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("spec", "min_replicas", "max_replicas", "replicas", "idle_timeout", "cpu_offload_model", "created_at")
+    __slots__ = ("spec", "min_replicas", "max_replicas", "replicas", "idle_timeout", "cpu_offload_model", "created_at", "continue_on_failure")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,7 @@ class Deployment(_message.Message):
     IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     CPU_OFFLOAD_MODEL_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CONTINUE_ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
     spec: ModelSpec
     min_replicas: int
     max_replicas: int
@@ -190,7 +191,8 @@ class Deployment(_message.Message):
     idle_timeout: _duration_pb2.Duration
     cpu_offload_model: str
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., replicas: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cpu_offload_model: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    continue_on_failure: bool
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., replicas: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cpu_offload_model: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., continue_on_failure: _Optional[bool] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("node_id", "model", "device", "gpu_indices", "memory_bytes", "assigned_at")

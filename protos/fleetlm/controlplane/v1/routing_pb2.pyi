@@ -93,14 +93,16 @@ class NodeRoutes(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., inference_address: _Optional[str] = ..., draining: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[ReplicaRoute, _Mapping]]] = ...) -> None: ...
 
 class ModelRoute(_message.Message):
-    __slots__ = ("info", "deployed", "cpu_offload_model")
+    __slots__ = ("info", "deployed", "cpu_offload_model", "continue_on_failure")
     INFO_FIELD_NUMBER: _ClassVar[int]
     DEPLOYED_FIELD_NUMBER: _ClassVar[int]
     CPU_OFFLOAD_MODEL_FIELD_NUMBER: _ClassVar[int]
+    CONTINUE_ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
     info: _inference_pb2.ModelInfo
     deployed: bool
     cpu_offload_model: str
-    def __init__(self, info: _Optional[_Union[_inference_pb2.ModelInfo, _Mapping]] = ..., deployed: _Optional[bool] = ..., cpu_offload_model: _Optional[str] = ...) -> None: ...
+    continue_on_failure: bool
+    def __init__(self, info: _Optional[_Union[_inference_pb2.ModelInfo, _Mapping]] = ..., deployed: _Optional[bool] = ..., cpu_offload_model: _Optional[str] = ..., continue_on_failure: _Optional[bool] = ...) -> None: ...
 
 class WatchRoutesResponse(_message.Message):
     __slots__ = ("snapshot", "nodes", "removed_node_ids", "models", "removed_models", "published_at")
