@@ -4,20 +4,108 @@ Placement and routing run on every request, so they read this view instead of et
 event-driven (a watch on the store's prefix) and also reloaded in full periodically and after any watch
 failure, so that an event the watch missed heals within one resync interval. Waiters (a request holding
 for a replica to become ready) are woken on every change.
+
+Load is not cluster state. What a node reports that changes with every request (its replicas' running,
+queued and refused counts, when each last had a request, free RAM, the time of the report) lives in the
+`LoadBoard`, written by the registry at each heartbeat and never by etcd: the node record in etcd is
+rewritten only when its durable part changes (see `durable_key`). The board is laid over every node record
+the view takes in, from a watch event or a resync, so the view always shows the newest load, never the
+stale figures the record in etcd was written with. A load-only report reaches `load_listeners` (the route
+publisher), not `listeners`: the reconciler runs on its timer and on durable changes, not on every report.
+Only the control plane a node reports to knows its load; another one sees the figures of the node's last
+durable change, which is acceptable: load is a hint for routing and idle unload, not a decision's input
+that must agree everywhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from google.protobuf import timestamp_pb2
 
 from controlplane.store import KINDS, ClusterStore, StoreEvent, record_key
 from fleetlm.controlplane.v1 import node_pb2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def durable_key(node: node_pb2.Node) -> bytes:
+    """The part of a node record that is cluster state, as bytes to compare: everything but its load (the
+    fields `LoadBoard` keeps). Two reports with the same key need no write to etcd."""
+    durable = node_pb2.Node()
+    durable.CopyFrom(node)
+    durable.ClearField("last_heartbeat_at")
+    durable.inventory.ram.ClearField("free_bytes")
+    for replica in durable.replicas:
+        replica.ClearField("running_requests")
+        replica.ClearField("queued_requests")
+        replica.ClearField("last_request_at")
+        replica.ClearField("rejected_requests")
+    return durable.SerializeToString(deterministic=True)
+
+
+@dataclass
+class NodeLoad:
+    """One node's last report: its replicas (by model name and whether assigned), free RAM, and when."""
+
+    replicas: dict[tuple[str, bool], node_pb2.Replica]
+    ram_free_bytes: int
+    reported_at: timestamp_pb2.Timestamp
+
+
+class LoadBoard:
+    """The nodes' load as their last heartbeats reported it, in memory only. Written by the registry."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, NodeLoad] = {}
+
+    def report(
+        self,
+        node_id: str,
+        replicas: Iterable[node_pb2.Replica],
+        ram_free_bytes: int,
+        reported_at: timestamp_pb2.Timestamp,
+    ) -> None:
+        self._nodes[node_id] = NodeLoad({(r.model.name, r.assigned): r for r in replicas}, ram_free_bytes, reported_at)
+
+    def forget(self, node_id: str) -> None:
+        self._nodes.pop(node_id, None)
+
+    def retain(self, node_ids: Iterable[str]) -> None:
+        keep = set(node_ids)
+        for node_id in [n for n in self._nodes if n not in keep]:
+            del self._nodes[node_id]
+
+    def __contains__(self, node_id: str) -> bool:
+        return node_id in self._nodes
+
+    def overlay(self, node: node_pb2.Node) -> node_pb2.Node:
+        """A copy of `node` with the load of its last report (the node itself when none is known). Only the
+        load fields change: a replica's state and error come from the record, which is cluster state."""
+        load = self._nodes.get(node.node_id)
+        if load is None:
+            return node
+        out = node_pb2.Node()
+        out.CopyFrom(node)
+        out.last_heartbeat_at.CopyFrom(load.reported_at)
+        out.inventory.ram.free_bytes = load.ram_free_bytes
+        for replica in out.replicas:
+            reported = load.replicas.get((replica.model.name, replica.assigned))
+            if reported is None:
+                continue
+            replica.running_requests = reported.running_requests
+            replica.queued_requests = reported.queued_requests
+            replica.rejected_requests = reported.rejected_requests
+            if reported.HasField("last_request_at"):
+                replica.last_request_at.CopyFrom(reported.last_request_at)
+            else:
+                replica.ClearField("last_request_at")
+        return out
 
 
 class FleetView:
@@ -32,6 +120,10 @@ class FleetView:
         self.settled = asyncio.Event()
         self._changed = asyncio.Condition()
         self.listeners: list[Callable[[StoreEvent | None], None]] = []
+        self.load = LoadBoard()
+        # Told of a node whose load alone changed, with a "node" event carrying its record as the view now
+        # holds it. Not woken by durable changes: those reach `listeners`.
+        self.load_listeners: list[Callable[[StoreEvent], None]] = []
 
     @property
     def nodes(self) -> dict[str, node_pb2.Node]:
@@ -58,22 +150,50 @@ class FleetView:
 
     async def resync(self) -> None:
         loaded = await asyncio.gather(*(self._store.list(kind) for kind in KINDS))
-        self.records = {
+        records = {
             kind: {record_key(kind, m): m for m in messages} for kind, messages in zip(KINDS, loaded, strict=True)
         }
+        # The records in etcd carry the load of their last durable change: lay the reported load over them.
+        records["node"] = {key: self.load.overlay(node) for key, node in records["node"].items()}
+        self.load.retain(records["node"])
+        self.records = records
         self.synced.set()
         await self._notify(None)
 
     async def apply(self, event: StoreEvent) -> None:
         table = self.records[event.kind]
         if event.value is None:
+            if event.kind == "node":
+                self.load.forget(event.key)
             if table.pop(event.key, None) is not None and event.kind == "node":
                 log.info("node %s left the fleet", event.key)
         else:
-            if event.kind == "node" and event.key not in table:
-                log.info("node %s joined the fleet", event.key)
+            if event.kind == "node":
+                if event.key not in table:
+                    log.info("node %s joined the fleet", event.key)
+                assert isinstance(event.value, node_pb2.Node)
+                event = StoreEvent(event.kind, event.key, self.load.overlay(event.value))
             table[event.key] = event.value
         await self._notify(event)
+
+    def report_load(
+        self,
+        node_id: str,
+        replicas: Iterable[node_pb2.Replica],
+        ram_free_bytes: int,
+        reported_at: timestamp_pb2.Timestamp,
+    ) -> None:
+        """A node's heartbeat, as the registry received it: keep its load, and show it on the node's record
+        at once (the record itself changes in etcd only with its durable part)."""
+        self.load.report(node_id, replicas, ram_free_bytes, reported_at)
+        node = self.nodes.get(node_id)
+        if node is None:
+            return  # its record is on its way from the watch: the board is laid over it when it comes
+        updated = self.load.overlay(node)
+        self.nodes[node_id] = updated
+        event = StoreEvent("node", node_id, updated)
+        for listener in self.load_listeners:
+            listener(event)
 
     async def _notify(self, event: StoreEvent | None) -> None:
         for listener in self.listeners:

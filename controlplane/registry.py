@@ -1,5 +1,11 @@
 """NodeRegistryService: node agents register under a lease and heartbeat to keep it.
 
+A heartbeat carries the node's replicas and load. Its load goes to the fleet view's load board, in memory;
+the node's record in etcd is rewritten only when its durable part (replicas appearing, going, changing
+state, error or device; the inventory but free RAM) differs from what this control plane last wrote or
+from what the view holds. Otherwise the heartbeat only refreshes the lease: a busy fleet reports several
+times a second per node, and those reports must not become etcd writes, nor wake every reader of etcd.
+
 A node's reports are stored with their specs redacted: the control plane never needs a report's secrets
 (the keys a node uses come to it in its assignments), and a stored report is what operators are shown.
 """
@@ -13,7 +19,7 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from controlplane.fleet import FleetView
+from controlplane.fleet import FleetView, durable_key
 from controlplane.store import ClusterStore, StoreEvent
 from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
 from mesh.errors import ErrorCode, FleetError, invalid
@@ -35,6 +41,10 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         self._store = store
         self._fleet = fleet
         self._ttl = lease_ttl_seconds
+        # node_id -> durable_key of the record this control plane last wrote for it. Compared as well as
+        # the view's record, because the view learns of a write only when the watch brings it back: a
+        # change that is undone before then must still be written.
+        self._written: dict[str, bytes] = {}
 
     async def RegisterNode(
         self, request: registry_pb2.RegisterNodeRequest, context: grpc.aio.ServicerContext
@@ -58,6 +68,8 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
             agent_version=request.agent_version,
         )
         await self._store.put("node", node, lease_id)
+        self._written[node.node_id] = durable_key(node)
+        self._fleet.report_load(node.node_id, replicas, node.inventory.ram.free_bytes, now)
         for replica in replicas:
             if not replica.assigned and self._fleet.models.get(replica.model.name) != replica.model:
                 await self._store.put("model", replica.model)
@@ -82,20 +94,29 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
             raise expired
         node = self._fleet.nodes.get(request.node_id) or await self._store.get("node", request.node_id)
         if node is None or node.lease_id != request.lease_id:
+            self._written.pop(request.node_id, None)
             raise expired
+        now = _now()
+        replicas = [redact_message(r) for r in request.replicas]
+        # Load first, so that the watch event of a write below already finds it on the board.
+        self._fleet.report_load(request.node_id, replicas, request.ram_free_bytes, now)
         updated = node_pb2.Node()
         updated.CopyFrom(node)
         del updated.replicas[:]
-        updated.replicas.extend(redact_message(r) for r in request.replicas)
+        updated.replicas.extend(replicas)
         updated.inventory.ram.free_bytes = request.ram_free_bytes
-        updated.last_heartbeat_at.CopyFrom(_now())
-        await self._store.put("node", updated, request.lease_id)
+        updated.last_heartbeat_at.CopyFrom(now)
+        key = durable_key(updated)
+        if key != self._written.get(request.node_id) or key != durable_key(node):
+            await self._store.put("node", updated, request.lease_id)
+            self._written[request.node_id] = key
         return registry_pb2.HeartbeatResponse()
 
     async def DeregisterNode(
         self, request: registry_pb2.DeregisterNodeRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.DeregisterNodeResponse:
         await self._store.revoke_lease(request.lease_id)
+        self._written.pop(request.node_id, None)
         log.info("node %s deregistered", request.node_id)
         return registry_pb2.DeregisterNodeResponse()
 

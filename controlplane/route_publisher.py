@@ -63,6 +63,7 @@ class RoutePublisher:
         self._models: dict[str, routing_pb2.ModelRoute] = {}
         self._closed = False
         fleet.listeners.append(self._on_change)
+        fleet.load_listeners.append(self._on_load)
 
     def close(self) -> None:
         """End every stream now (at shutdown: the edges move to another control plane at once)."""
@@ -82,6 +83,11 @@ class RoutePublisher:
             self._models_dirty = True
         else:
             return
+        self._wake.set()
+
+    def _on_load(self, event: StoreEvent) -> None:
+        # Load alone changes no model's ready count or state: only the node's routes are sent again.
+        self._dirty_nodes.add(event.key)
         self._wake.set()
 
     def _draining(self, node_id: str) -> bool:

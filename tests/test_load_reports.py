@@ -1,0 +1,262 @@
+"""Load is not cluster state (issue 11, item 2), on a real etcd with the control plane's core in-process.
+
+A heartbeat carries the node's replicas and load. Only a change to the durable part (a replica's state,
+error, device; a replica appearing or going) is written to etcd; a load-only report only refreshes the
+lease. Writes are counted by a real etcd watcher of the node's key, independent of the control plane. The
+load still reaches everyone who uses it: the fleet view (also across a full resync from etcd, whose record
+holds older figures), the reconciler's idle unload, and the routing table published to edges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aetcd
+import pytest
+from google.protobuf import duration_pb2, json_format, timestamp_pb2
+
+from controlplane.admin import validate_deployment
+from controlplane.etcd_store import EtcdStore
+from controlplane.fleet import FleetView
+from controlplane.placement import GiB, PlacementPolicy
+from controlplane.reconciler import Reconciler
+from controlplane.registry import NodeRegistry
+from controlplane.route_publisher import RoutePublisher
+from controlplane.store import StoreEvent
+from fleetlm.controlplane.v1 import node_pb2, registry_pb2, routing_pb2
+from tests.cluster import Cluster
+
+pytestmark = [pytest.mark.cluster]
+
+PATH = "/models/load.gguf"
+LOADING, READY = node_pb2.REPLICA_STATE_LOADING, node_pb2.REPLICA_STATE_READY
+# Bounds for things that take milliseconds here; generous because other test runs share the 2 cores.
+SETTLE = 30.0
+
+
+@pytest.fixture(scope="module")
+def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    cluster = Cluster(tmp_path_factory.mktemp("load"))
+    try:
+        yield cluster.start_etcd()
+    finally:
+        cluster.close()
+
+
+def stamp(seconds: float) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromNanoseconds(int(seconds * 1e9))
+    return out
+
+
+@dataclass
+class NodeWrites:
+    """Every put and delete of one key, as a separate etcd client watching it sees them."""
+
+    puts: list[node_pb2.Node] = field(default_factory=list)
+
+    async def wait_for(self, predicate: Any, what: str) -> None:
+        async with asyncio.timeout(SETTLE):
+            while not predicate(self.puts):
+                await asyncio.sleep(0.01)
+
+
+@dataclass
+class ControlPlane:
+    prefix: str
+    fleet: FleetView
+    reconciler: Reconciler
+    publisher: RoutePublisher
+    registry: NodeRegistry
+    leases: dict[str, int] = field(default_factory=dict)
+    fleet_events: list[StoreEvent | None] = field(default_factory=list)  # what wakes the reconciler
+
+    async def add_node(self, node_id: str) -> None:
+        inventory = node_pb2.Inventory(
+            ram=node_pb2.Memory(total_bytes=16 * GiB, free_bytes=12 * GiB),
+            model_files=[node_pb2.ModelFile(path=PATH, size_bytes=100_000_000, format="gguf")],
+        )
+        request = registry_pb2.RegisterNodeRequest(
+            node_id=node_id, inference_address=f"{node_id}.test:50061", inventory=inventory
+        )
+        reply = await self.registry.RegisterNode(request, None)  # type: ignore[arg-type]
+        self.leases[node_id] = reply.lease_id
+        assert await self.fleet.wait_for(lambda: node_id in self.fleet.nodes, SETTLE)
+
+    async def report(self, node_id: str, *replicas: node_pb2.Replica, ram_free: int = 12 * GiB) -> None:
+        request = registry_pb2.HeartbeatRequest(
+            node_id=node_id, lease_id=self.leases[node_id], replicas=replicas, ram_free_bytes=ram_free
+        )
+        await self.registry.Heartbeat(request, None)  # type: ignore[arg-type]
+
+    def node_events(self, node_id: str) -> int:
+        return sum(1 for e in self.fleet_events if e is not None and e.kind == "node" and e.key == node_id)
+
+
+@contextlib.asynccontextmanager
+async def control_plane(etcd_url: str) -> AsyncIterator[ControlPlane]:
+    prefix = f"/load-test-{uuid.uuid4().hex[:8]}"  # a fresh cluster state per test
+    store = EtcdStore(etcd_url, prefix)
+    await store.connect()
+    fleet = FleetView(store)
+    reconciler = Reconciler(store, fleet, PlacementPolicy(), interval_seconds=600)  # passes run when a test asks
+    publisher = RoutePublisher(fleet, interval=0.05, keepalive=600)
+    cp = ControlPlane(prefix, fleet, reconciler, publisher, NodeRegistry(store, fleet, lease_ttl_seconds=60))
+    fleet.listeners.append(cp.fleet_events.append)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            running = [tasks.create_task(fleet.run()), tasks.create_task(fleet.settle(0))]
+            running.append(tasks.create_task(publisher.run()))
+            async with asyncio.timeout(SETTLE):
+                await fleet.synced.wait()
+            try:
+                yield cp
+            finally:
+                publisher.close()
+                for task in running:
+                    task.cancel()
+    finally:
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def node_writes(etcd_url: str, key: str) -> AsyncIterator[NodeWrites]:
+    host, port = etcd_url.removeprefix("http://").split(":")
+    client = aetcd.Client(host=host, port=int(port))
+    await client.connect()
+    writes = NodeWrites()
+    watch = await client.watch(key.encode())
+
+    async def follow() -> None:
+        async for event in watch:
+            if event.kind == aetcd.rtypes.EventKind.PUT:
+                writes.puts.append(json_format.Parse(event.kv.value, node_pb2.Node(), ignore_unknown_fields=True))
+
+    follower = asyncio.create_task(follow())
+    try:
+        yield writes
+    finally:
+        follower.cancel()
+        await watch.cancel()
+        await client.close()
+
+
+def replica(name: str, state: int, running: int = 0, queued: int = 0, **kw: Any) -> node_pb2.Replica:
+    spec = node_pb2.ModelSpec(name=name, path=PATH, format="gguf", engine="llamacpp")
+    return node_pb2.Replica(model=spec, state=state, running_requests=running, queued_requests=queued, **kw)  # type: ignore[arg-type]
+
+
+async def test_load_only_reports_write_nothing_to_etcd_and_a_state_change_writes_once(etcd_url: str) -> None:
+    async with control_plane(etcd_url) as cp, node_writes(etcd_url, f"{cp.prefix}/nodes/n1") as writes:
+        await cp.add_node("n1")
+        await cp.report("n1", replica("m", LOADING))
+        await writes.wait_for(lambda puts: puts and puts[-1].replicas[0].state == LOADING, "the loading replica")
+        assert await cp.fleet.wait_for(lambda: cp.fleet.nodes["n1"].replicas[0].state == LOADING, SETTLE)
+        puts_before, events_before = len(writes.puts), cp.node_events("n1")
+
+        # 100 reports in which only load changes: each is in the view at once, none is an etcd write, and
+        # none is a fleet event (those wake the reconciler).
+        now = time.time()
+        for i in range(100):
+            load = {"running": i % 4, "queued": i % 7, "rejected_requests": i, "last_request_at": stamp(now + i)}
+            report = replica("m", LOADING, **load)
+            await cp.report("n1", report, ram_free=(10 + i % 3) * GiB)
+            shown = cp.fleet.nodes["n1"]
+            assert (shown.replicas[0].running_requests, shown.replicas[0].queued_requests) == (i % 4, i % 7)
+            assert shown.replicas[0].rejected_requests == i and shown.inventory.ram.free_bytes == (10 + i % 3) * GiB
+            assert shown.replicas[0].last_request_at == stamp(now + i)
+
+        # Then one change of state, and one of error: one write each. The watcher sees writes in order, so
+        # when it sees the change, it has seen every write the load reports made before it.
+        await cp.report("n1", replica("m", READY, running=1))
+        await writes.wait_for(lambda puts: puts[-1].replicas[0].state == READY, "the ready replica")
+        assert len(writes.puts) - puts_before == 1
+        await cp.report("n1", replica("m", READY, running=2, error="engine restarted"))
+        await writes.wait_for(lambda puts: puts[-1].replicas[0].error, "the replica's error")
+        assert len(writes.puts) - puts_before == 2
+        assert await cp.fleet.wait_for(lambda: cp.fleet.nodes["n1"].replicas[0].error, SETTLE)
+        assert cp.node_events("n1") - events_before == 2
+        # The durable write came back through the watch with the newest load laid over it.
+        assert cp.fleet.nodes["n1"].replicas[0].running_requests == 2
+
+        # A replica that appears is a durable change too.
+        await cp.report("n1", replica("m", READY, error="engine restarted"), replica("other", LOADING))
+        await writes.wait_for(lambda puts: len(puts[-1].replicas) == 2, "the second replica")
+        assert len(writes.puts) - puts_before == 3
+
+
+def _idle_deployment() -> node_pb2.Deployment:
+    spec = node_pb2.ModelSpec(name="idle", path=PATH, format="gguf")
+    deployment = node_pb2.Deployment(
+        spec=spec, min_replicas=0, max_replicas=1, idle_timeout=duration_pb2.Duration(seconds=60)
+    )
+    return validate_deployment(deployment)
+
+
+async def test_idle_unload_uses_the_reported_load_also_after_a_resync_from_etcd(etcd_url: str) -> None:
+    async with control_plane(etcd_url) as cp:
+        await cp.add_node("n1")
+        await cp.reconciler.save_deployment(_idle_deployment())
+        await cp.reconciler.ensure_one("idle")
+        spec = cp.fleet.deployments["idle"].spec
+        long_ago = stamp(time.time() - 3600)
+
+        def report(running: int) -> node_pb2.Replica:
+            out = node_pb2.Replica(model=spec, state=READY, assigned=True, running_requests=running)
+            out.last_request_at.CopyFrom(long_ago)
+            return out
+
+        def assigned() -> bool:
+            return any(a.model.name == "idle" for a in cp.fleet.assignments.values())
+
+        # Ready and idle for an hour: that is what etcd's record says (the write of the state change).
+        await cp.report("n1", report(running=0))
+        assert await cp.fleet.wait_for(lambda: cp.fleet.nodes["n1"].replicas[0].state == READY, SETTLE)
+        # Then the node reports two requests running: load only, kept in memory. A full resync from etcd
+        # (as the view does periodically) must not put back the idle figures of the record.
+        await cp.report("n1", report(running=2))
+        await cp.fleet.resync()
+        assert cp.fleet.nodes["n1"].replicas[0].running_requests == 2
+        await cp.reconciler.reconcile()
+        assert assigned(), "a busy replica was unloaded as idle"
+
+        # Idle again: the next pass unloads it, from the load in memory.
+        await cp.report("n1", report(running=0))
+        await cp.fleet.resync()
+        await cp.reconciler.reconcile()
+        assert not assigned()
+        assert cp.fleet.deployments["idle"].replicas == 0
+
+
+async def test_the_published_routing_table_carries_load_only_reports(etcd_url: str) -> None:
+    async with control_plane(etcd_url) as cp:
+        await cp.add_node("n1")
+        await cp.report("n1", replica("m", READY))
+        assert await cp.fleet.wait_for(lambda: cp.fleet.nodes["n1"].replicas[0].state == READY, SETTLE)
+        stream = cp.publisher.watch()
+        first = await asyncio.wait_for(anext(stream), SETTLE)
+        assert first.snapshot and first.nodes[0].replicas[0].running_requests == 0
+
+        async def routes_with(running: int, queued: int) -> routing_pb2.ReplicaRoute:
+            async with asyncio.timeout(SETTLE):
+                while True:
+                    update = await anext(stream)
+                    for node in update.nodes:
+                        if node.node_id == "n1":
+                            route = node.replicas[0]
+                            if (route.running_requests, route.queued_requests) == (running, queued):
+                                return route
+
+        events_before = cp.node_events("n1")
+        for running, queued in ((1, 0), (3, 2), (0, 0)):
+            await cp.report("n1", replica("m", READY, running=running, queued=queued))
+            route = await routes_with(running, queued)
+            assert route.state == READY
+        assert cp.node_events("n1") == events_before  # the reconciler was not woken by any of them
+        await stream.aclose()
