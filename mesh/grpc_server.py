@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mesh.channels import SERVER_KEEPALIVE_OPTIONS
 from mesh.errors import ErrorCode, FleetError
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
+                # the keepalive pings of fleetlm's own channels (mesh.channels) are welcome
+                *SERVER_KEEPALIVE_OPTIONS,
             ],
         )
         self.health = health.aio.HealthServicer()
