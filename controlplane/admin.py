@@ -1,13 +1,20 @@
 """AdminService: the operators' RPCs. Thin: reads come from the store or the fleet view, decisions
 from the placement functions, writes go through the reconciler.
 
+With several control planes, reads are answered by whichever control plane is asked, and writes are made by
+the leader: a follower forwards them to it (`_forward`) and returns its reply or its error unchanged, so an
+operator may point grpcurl at any control plane. While an election is under way a write is refused with
+BACKEND_UNAVAILABLE (gRPC UNAVAILABLE) and a Retry-After; nothing is written.
+
 Every reply goes out through `_shown`: a spec's secrets (an engine's api-key, a hub token) stay in etcd,
 where the nodes read them, and are never returned to an operator.
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -16,12 +23,16 @@ from google.protobuf.message import Message
 from controlplane import placement, routing
 from controlplane.fleet import FleetView
 from controlplane.reconciler import Reconciler
-from controlplane.store import ClusterStore
+from controlplane.store import ClusterStore, FencedOut
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
+from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError, invalid
 from mesh.redaction import REDACTED, redact_message, redacted_fields, secret_values
 
 R = TypeVar("R", bound=Message)
+
+FORWARDED = "x-fleetlm-forwarded-by"  # metadata on a write one control plane sends to the leader
+FORWARD_TIMEOUT_SECONDS = 30.0  # a DeployModel runs a reconcile pass on the leader: seconds, not minutes
 
 
 def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
@@ -65,6 +76,80 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         self._store = store
         self._fleet = fleet
         self._reconciler = reconciler
+        self._leadership = reconciler.leadership
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    # --- writes: made by the leader ---------------------------------------------------------------------
+
+    async def _forward(self, method: str, request: Message, context: grpc.aio.ServicerContext | None) -> Any:
+        """None when this control plane leads (or is the only one): the caller makes the write here. Else
+        the leader's reply to the same request, or its error as a FleetError."""
+        leadership = self._leadership
+        if leadership is None or leadership.is_leader:
+            return None
+        metadata = dict(context.invocation_metadata() or ()) if context is not None else {}
+        if FORWARDED in metadata:  # never forward twice: two control planes that disagree would loop
+            raise _no_leader(f"{leadership.address} was sent a write by {metadata[FORWARDED]} but does not lead")
+        address = leadership.leader_address
+        if not address:
+            raise _no_leader("no control plane leads right now (an election is under way)")
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        call = getattr(admin_pb2_grpc.AdminServiceStub(channel), method)
+        try:
+            return await call(request, timeout=FORWARD_TIMEOUT_SECONDS, metadata=((FORWARDED, leadership.address),))
+        except grpc.aio.AioRpcError as error:
+            sent = FleetError.sent_by_peer(error)
+            if sent is not None:
+                raise sent from None
+            raise _no_leader(f"the leader at {address} did not answer ({error.code().name})") from None
+
+    @contextlib.asynccontextmanager
+    async def _leading(self) -> AsyncIterator[None]:
+        """A write in the leader's role: if the leadership ends under it, the client hears so (nothing more
+        was written) instead of an internal error."""
+        try:
+            yield
+        except FencedOut as exc:
+            if self._leadership is not None:
+                self._leadership.step_down(f"a fenced write was refused ({exc})")
+            raise _no_leader("this control plane stopped leading during the write") from None
+
+    async def ensure_replica(self, name: str) -> None:
+        """Scale from zero, on the leader wherever it is asked (PickReplica on any control plane)."""
+        request = admin_pb2.EnsureReplicaRequest(name=name)
+        if await self._forward("EnsureReplica", request, None) is None:
+            async with self._leading():
+                await self._reconciler.ensure_one(name)
+
+    async def EnsureReplica(
+        self, request: admin_pb2.EnsureReplicaRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.EnsureReplicaResponse:
+        self._deployment(request.name)
+        if (forwarded := await self._forward("EnsureReplica", request, context)) is not None:
+            return forwarded  # type: ignore[no-any-return]
+        async with self._leading():
+            await self._reconciler.ensure_one(request.name)
+        return admin_pb2.EnsureReplicaResponse()
+
+    async def GetLeader(
+        self, request: admin_pb2.GetLeaderRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetLeaderResponse:
+        if self._leadership is None:
+            return admin_pb2.GetLeaderResponse(is_leader=True)
+        leader, revision = self._leadership.describe()
+        return admin_pb2.GetLeaderResponse(
+            leader_address=leader,
+            address=self._leadership.address,
+            is_leader=self._leadership.is_leader,
+            fencing_revision=revision,
+        )
 
     def _shown(self, reply: R) -> R:
         """The reply with every spec in it redacted, and every secret the fleet knows of cut out of its text
@@ -118,29 +203,36 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def _set_scheduling(self, node_id: str, scheduling: int) -> None:
         self._live_node(node_id)
         record = node_pb2.Node(node_id=node_id, scheduling=scheduling)  # type: ignore[arg-type]
-        if scheduling == node_pb2.SCHEDULING_ACTIVE:
-            await self._store.delete("scheduling", node_id)
-            self._fleet.records["scheduling"].pop(node_id, None)
-        else:
-            await self._store.put("scheduling", record)
-            self._fleet.records["scheduling"][node_id] = record
+        async with self._leading():
+            if scheduling == node_pb2.SCHEDULING_ACTIVE:
+                await self._store.delete("scheduling", node_id, fence=self._reconciler.fence())
+                self._fleet.records["scheduling"].pop(node_id, None)
+            else:
+                await self._store.put("scheduling", record, fence=self._reconciler.fence())
+                self._fleet.records["scheduling"][node_id] = record
         self._reconciler.kick()
 
     async def CordonNode(
         self, request: admin_pb2.CordonNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CordonNodeResponse:
+        if (forwarded := await self._forward("CordonNode", request, context)) is not None:
+            return forwarded  # type: ignore[no-any-return]
         await self._set_scheduling(request.node_id, node_pb2.SCHEDULING_CORDONED)
         return self._shown(admin_pb2.CordonNodeResponse())
 
     async def UncordonNode(
         self, request: admin_pb2.UncordonNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.UncordonNodeResponse:
+        if (forwarded := await self._forward("UncordonNode", request, context)) is not None:
+            return forwarded  # type: ignore[no-any-return]
         await self._set_scheduling(request.node_id, node_pb2.SCHEDULING_ACTIVE)
         return self._shown(admin_pb2.UncordonNodeResponse())
 
     async def DrainNode(
         self, request: admin_pb2.DrainNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.DrainNodeResponse:
+        if (forwarded := await self._forward("DrainNode", request, context)) is not None:
+            return forwarded  # type: ignore[no-any-return]
         await self._set_scheduling(request.node_id, node_pb2.SCHEDULING_DRAINING)
         moving = len(self._fleet.node_assignments(request.node_id))
         return self._shown(admin_pb2.DrainNodeResponse(replicas_to_move=moving))
@@ -168,10 +260,13 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.DeployModelRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.DeployModelResponse:
         deployment = validate_deployment(request.deployment)
+        if (forwarded := await self._forward("DeployModel", request, context)) is not None:
+            return forwarded  # type: ignore[no-any-return]
         # Dry run first: a deployment that fits nowhere is refused with every node's reason.
         placement.place(deployment.spec, self._reconciler.snapshots(), self._reconciler.policy)
-        await self._reconciler.save_deployment(deployment)
-        await self._reconciler.reconcile()
+        async with self._leading():
+            await self._reconciler.save_deployment(deployment)
+            await self._reconciler.reconcile()
         assignments = [a for a in self._fleet.assignments.values() if a.model.name == deployment.spec.name]
         return self._shown(admin_pb2.DeployModelResponse(deployment=deployment, assignments=assignments))
 
@@ -179,9 +274,12 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.UndeployModelRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.UndeployModelResponse:
         self._deployment(request.name)
-        await self._store.delete("deployment", request.name)
-        self._fleet.deployments.pop(request.name, None)
-        await self._reconciler.reconcile()
+        if (forwarded := await self._forward("UndeployModel", request, context)) is not None:
+            return forwarded  # type: ignore[no-any-return]
+        async with self._leading():
+            await self._store.delete("deployment", request.name, fence=self._reconciler.fence())
+            self._fleet.deployments.pop(request.name, None)
+            await self._reconciler.reconcile()
         return self._shown(admin_pb2.UndeployModelResponse())
 
     async def ListDeployments(
@@ -214,11 +312,14 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
                 f"replicas must be between min_replicas ({deployment.min_replicas}) and max_replicas"
                 f" ({deployment.max_replicas}); got {request.replicas}",
             )
+        if (forwarded := await self._forward("ScaleDeployment", request, context)) is not None:
+            return forwarded  # type: ignore[no-any-return]
         updated = node_pb2.Deployment()
         updated.CopyFrom(deployment)
         updated.replicas = request.replicas
-        await self._reconciler.save_deployment(updated)
-        await self._reconciler.reconcile()
+        async with self._leading():
+            await self._reconciler.save_deployment(updated)
+            await self._reconciler.reconcile()
         return self._shown(admin_pb2.ScaleDeploymentResponse(deployment=updated))
 
     async def ExplainPlacement(
@@ -244,3 +345,9 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
                 chosen_node_id=verdicts[0].node_id if verdicts and verdicts[0].fit else "",
             )
         )
+
+
+def _no_leader(why: str) -> FleetError:
+    return FleetError(
+        ErrorCode.BACKEND_UNAVAILABLE, f"{why}; nothing was written, retry shortly", retry_after_seconds=1
+    )

@@ -11,7 +11,7 @@ import aetcd
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from controlplane.store import KINDS, PREFIXES, StoreEvent, record_key
+from controlplane.store import KINDS, PREFIXES, Fence, FencedOut, Holder, StoreEvent, record_key
 
 
 class EtcdStore:
@@ -49,14 +49,69 @@ class EtcdStore:
         except aetcd.exceptions.ClientError:
             pass  # already expired: the goal is reached
 
-    async def put(self, kind: str, message: Message, lease_id: int = 0) -> None:
+    async def put(self, kind: str, message: Message, lease_id: int = 0, fence: Fence | None = None) -> None:
         key = f"{self._dir(kind)}{record_key(kind, message)}".encode()
         value = json_format.MessageToJson(message, indent=None).encode()
-        await self._client.put(key, value, lease=lease_id or None)
+        if fence is None:
+            await self._client.put(key, value, lease=lease_id or None)
+            return
+        await self._fenced(fence, self._client.transactions.put(key, value, lease=lease_id or None))
 
-    async def delete(self, kind: str, key: str) -> bool:
-        result = await self._client.delete(f"{self._dir(kind)}{key}".encode())
-        return bool(result and result.deleted)
+    async def delete(self, kind: str, key: str, fence: Fence | None = None) -> bool:
+        full = f"{self._dir(kind)}{key}".encode()
+        if fence is None:
+            result = await self._client.delete(full)
+            return bool(result and result.deleted)
+        responses = await self._fenced(fence, self._client.transactions.delete(full))
+        return bool(responses[0].response_delete_range.deleted)
+
+    async def _fenced(self, fence: Fence, operation: Any) -> list[Any]:
+        """One transaction: the operation, only if the election key still has the fence's create revision
+        (a vacated key has 0; a key won again by anyone has a newer one)."""
+        tx = self._client.transactions
+        succeeded, responses = await self._client.transaction(
+            compare=[tx.create(fence.key.encode()) == fence.revision], success=[operation], failure=[]
+        )
+        if not succeeded:
+            raise FencedOut(f"the leadership fenced by {fence.key}@{fence.revision} is over")
+        return list(responses)
+
+    # --- elections --------------------------------------------------------------------------------------
+
+    def election_key(self, election: str) -> str:
+        return f"{self._prefix}/election/{election}"
+
+    async def campaign(self, election: str, value: str, lease_id: int) -> Fence | None:
+        key = self.election_key(election)
+        tx = self._client.transactions
+        succeeded, responses = await self._client.transaction(
+            compare=[tx.create(key.encode()) == 0],  # vacant
+            success=[tx.put(key.encode(), value.encode(), lease=lease_id), tx.get(key.encode())],
+            failure=[],
+        )
+        if not succeeded:
+            return None
+        _, kv = responses[-1][0]  # the get, in the same transaction: the key this call created
+        return Fence(key, int(kv.create_revision))
+
+    async def holder(self, election: str) -> Holder | None:
+        found = await self._client.get(self.election_key(election).encode())
+        return None if found is None else Holder(found.value.decode(), int(found.create_revision))
+
+    async def watch_election(self, election: str) -> AsyncIterator[Holder | None]:
+        watch = await self._client.watch(self.election_key(election).encode())
+
+        async def events() -> AsyncIterator[Holder | None]:
+            try:
+                async for event in watch:
+                    if event.kind == aetcd.rtypes.EventKind.DELETE:
+                        yield None
+                    else:
+                        yield Holder(event.kv.value.decode(), int(event.kv.create_revision))
+            finally:
+                await watch.cancel()
+
+        return events()
 
     async def get(self, kind: str, key: str) -> Any:
         found = await self._client.get(f"{self._dir(kind)}{key}".encode())

@@ -23,7 +23,8 @@ from google.protobuf import timestamp_pb2
 
 from controlplane import placement
 from controlplane.fleet import FleetView
-from controlplane.store import ClusterStore, record_key
+from controlplane.leader import Leadership
+from controlplane.store import ClusterStore, Fence, FencedOut, record_key
 from fleetlm.controlplane.v1 import node_pb2
 from mesh.errors import FleetError
 
@@ -45,8 +46,10 @@ class Reconciler:
         fleet: FleetView,
         policy: placement.PlacementPolicy,
         interval_seconds: float = 2.0,
+        leadership: Leadership | None = None,
     ) -> None:
         self._store = store
+        self.leadership = leadership  # None: the only control plane, writes unfenced
         self._fleet = fleet
         self.policy = policy
         self._interval = interval_seconds
@@ -58,9 +61,17 @@ class Reconciler:
     def kick(self) -> None:
         self._wake.set()
 
+    def fence(self) -> Fence | None:
+        """The fence for a write in the leader's role (None when there is no election); FencedOut when
+        this control plane does not lead."""
+        return None if self.leadership is None else self.leadership.fence()
+
     async def run(self) -> None:
         await self._fleet.settled.wait()  # nothing is moved while nodes may still be coming back
         while True:
+            if self.leadership is not None and not self.leadership.is_leader:
+                await self.leadership.elected.wait()  # followers decide nothing
+                self._wake.set()  # a new leader does a pass at once
             try:
                 # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for swallows a cancellation
                 # that arrives as the wake-up does, and this loop would outlive the control plane's shutdown.
@@ -71,6 +82,9 @@ class Reconciler:
             self._wake.clear()
             try:
                 await self.reconcile()
+            except FencedOut as exc:
+                if self.leadership is not None:
+                    self.leadership.step_down(f"a fenced write was refused ({exc})")
             except Exception:
                 log.exception("reconcile pass failed")
 
@@ -102,19 +116,19 @@ class Reconciler:
             memory_bytes=verdict.fit.memory_bytes,
             assigned_at=_now(),
         )
-        await self._store.put("assignment", assignment)
+        await self._store.put("assignment", assignment, fence=self.fence())
         self._fleet.assignments[record_key("assignment", assignment)] = assignment
         log.info("placed %s on %s (%s)", deployment.spec.name, verdict.node_id, verdict.reason)
         return assignment
 
     async def _unassign(self, assignment: node_pb2.Assignment, why: str) -> None:
         key = record_key("assignment", assignment)
-        await self._store.delete("assignment", key)
+        await self._store.delete("assignment", key, fence=self.fence())
         self._fleet.assignments.pop(key, None)
         log.info("removed %s from %s: %s", assignment.model.name, assignment.node_id, why)
 
     async def save_deployment(self, deployment: node_pb2.Deployment) -> None:
-        await self._store.put("deployment", deployment)
+        await self._store.put("deployment", deployment, fence=self.fence())
         self._fleet.deployments[deployment.spec.name] = deployment
 
     # --- the pass -------------------------------------------------------------------------------------

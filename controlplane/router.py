@@ -9,6 +9,7 @@ returned adds to a replica's in-flight count.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from controlplane import routing
@@ -31,9 +32,17 @@ class Route:
 
 
 class Router:
-    def __init__(self, fleet: FleetView, reconciler: Reconciler) -> None:
+    def __init__(
+        self,
+        fleet: FleetView,
+        reconciler: Reconciler,
+        scale_from_zero: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self._fleet = fleet
         self._reconciler = reconciler
+        # Only the leader places replicas: with several control planes this sends the request to it
+        # (Admin.ensure_replica); alone, the reconciler here does it.
+        self._scale_from_zero = scale_from_zero or reconciler.ensure_one
         self._turns = itertools.count()
         self.index = routing.RoutingIndex()
         fleet.listeners.append(self._on_change)
@@ -71,7 +80,7 @@ class Router:
         if not chosen and deployment is None and not reasons and model not in self._fleet.models:
             raise routing.not_found(model, routing.known_models(self._fleet.nodes, self.known_specs()))
         if not chosen and deployment is not None:
-            await self._reconciler.ensure_one(model)  # raises if it fits nowhere
+            await self._scale_from_zero(model)  # raises if it fits nowhere
             if wait_seconds > 0:
                 await self._fleet.wait_for(lambda: self._settled(model), wait_seconds)
             # Decide once the wait is over: only this pick counts against the replica it returns.

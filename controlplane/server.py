@@ -1,15 +1,21 @@
-"""Run the control plane: etcd store, fleet view, reconciler, router, and the registry, routing and admin
-gRPC services."""
+"""Run the control plane: etcd store, fleet view, leader election, reconciler, router, and the registry,
+routing and admin gRPC services.
+
+Several control planes may run against one etcd: every one follows etcd and serves every RPC; the one that
+wins the election (controlplane/leader.py) also reconciles and makes the writes, the others forward writes
+to it."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from pathlib import Path
 
 from controlplane.admin import Admin, validate_deployment
 from controlplane.etcd_store import EtcdStore
 from controlplane.fleet import FleetView
+from controlplane.leader import Leadership
 from controlplane.placement import GiB, PlacementPolicy
 from controlplane.reconciler import Reconciler
 from controlplane.registry import NodeRegistry
@@ -17,6 +23,7 @@ from controlplane.route_publisher import RoutePublisher
 from controlplane.router import Router
 from controlplane.routing_service import RoutingService
 from controlplane.settings import ControlPlaneSettings
+from controlplane.store import FencedOut
 from fleetlm.controlplane.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -50,6 +57,29 @@ async def _load_deployments(path: str, fleet: FleetView, reconciler: Reconciler)
         log.info("deployment %s loaded from %s", entry.name, path)
 
 
+def _advertised(settings: ControlPlaneSettings, port: int) -> str:
+    if settings.advertise:
+        return settings.advertise
+    host = settings.listen.rsplit(":", 1)[0]
+    if host in ("0.0.0.0", "[::]", ""):
+        host = socket.getfqdn()
+    return f"{host}:{port}"
+
+
+async def _load_deployments_when_leading(
+    path: str, leadership: Leadership, fleet: FleetView, reconciler: Reconciler
+) -> None:
+    """The deployments file is applied by the leader (only it writes), once, when this control plane first
+    leads; every control plane may be given the same file."""
+    while True:
+        await leadership.elected.wait()
+        try:
+            await _load_deployments(path, fleet, reconciler)
+            return
+        except FencedOut:
+            continue  # lost the leadership meanwhile: whoever leads now applies its own file
+
+
 async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     store = EtcdStore(settings.etcd, settings.etcd_prefix)
     await store.connect()
@@ -59,37 +89,54 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
         ram_reserve_bytes=int(settings.ram_reserve_gib * GiB),
         vram_reserve_bytes=int(settings.vram_reserve_gib * GiB),
     )
-    reconciler = Reconciler(store, fleet, policy, settings.reconcile_interval_seconds)
-    router = Router(fleet, reconciler)
+    leadership = Leadership(store, "", settings.leader_ttl_seconds)  # its address is known once bound
+    reconciler = Reconciler(store, fleet, policy, settings.reconcile_interval_seconds, leadership)
+    admin = Admin(store, fleet, reconciler)
+    router = Router(fleet, reconciler, scale_from_zero=admin.ensure_replica)
     publisher = RoutePublisher(fleet)
     server = GrpcServer(SERVICE_NAMES)
     registry_pb2_grpc.add_NodeRegistryServiceServicer_to_server(
         NodeRegistry(store, fleet, settings.lease_ttl_seconds), server.server
     )
     routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingService(router, publisher), server.server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(Admin(store, fleet, reconciler), server.server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server.server)
     try:
         async with asyncio.TaskGroup() as tasks:
             follower = tasks.create_task(fleet.run())
             async with asyncio.timeout(30):  # not wait_for, which can swallow a cancellation on 3.11
                 await fleet.synced.wait()
-            if settings.deployments:
-                await _load_deployments(settings.deployments, fleet, reconciler)
             grace = settings.startup_grace_seconds
             settling = tasks.create_task(fleet.settle(settings.lease_ttl_seconds + 5 if grace is None else grace))
             reconciling = tasks.create_task(reconciler.run())
             publishing = tasks.create_task(publisher.run())
             port = await server.start(settings.listen)
-            log.info("control plane listening on %s (etcd %s)", bound_address(settings.listen, port), settings.etcd)
+            leadership.address = _advertised(settings, port)
+            electing = tasks.create_task(leadership.run())
+            loading = None
+            if settings.deployments:
+                loading = tasks.create_task(
+                    _load_deployments_when_leading(settings.deployments, leadership, fleet, reconciler)
+                )
+            log.info(
+                "control plane listening on %s, advertised as %s (etcd %s)",
+                bound_address(settings.listen, port),
+                leadership.address,
+                settings.etcd,
+            )
             await stop.wait()
-            # Order: stop taking RPCs and drain them first, then stop deciding, then stop following etcd.
+            # Order: stop taking RPCs and drain them first, then stop deciding and give up the leadership
+            # (revoking its lease, so that another control plane leads at once), then stop following etcd.
             publisher.close()  # routing streams never end by themselves: end them so edges move on now
             await server.stop(settings.shutdown_grace_seconds)
-            settling.cancel()
-            reconciling.cancel()
+            for task in (loading, settling, reconciling):
+                if task is not None:
+                    task.cancel()
+            electing.cancel()
+            await asyncio.gather(electing, return_exceptions=True)  # its last step revokes the lease
             publishing.cancel()
             follower.cancel()
     finally:
+        await admin.close()
         await store.close()
     log.info("control plane stopped")
 

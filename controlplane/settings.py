@@ -12,6 +12,18 @@ class ControlPlaneSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLEETLM_CP_")
 
     listen: str = Field("127.0.0.1:50051", description="host:port the control plane's gRPC server binds")
+    advertise: str | None = Field(
+        None,
+        description="host:port other control planes reach this one at (followers forward writes to the"
+        " leader there); default: the listen address, with a wildcard host replaced by this machine's name",
+    )
+    leader_ttl_seconds: int = Field(
+        3,
+        ge=2,
+        le=60,
+        description="TTL of the leader's etcd lease: when the leader dies, another control plane leads about"
+        " this long after (at once when it stops cleanly); the leader renews every third of it",
+    )
     etcd: str = Field("http://127.0.0.1:2379", description="URL of an etcd v3 endpoint")
     etcd_prefix: str = Field("/fleetlm", description="etcd key prefix under which all state is kept")
     lease_ttl_seconds: int = Field(

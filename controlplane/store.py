@@ -6,6 +6,11 @@ Records, by kind (etcd key under the prefix):
   deployment   deployments/{name}              Deployment: desired state an operator asked for
   assignment   assignments/{node_id}/{model}   Assignment: a replica the control plane placed on a node
   scheduling   scheduling/{node_id}            SchedulingRecord: cordoned or draining (survives restarts)
+
+Beside the records, one key per election (`election/{name}`), created under the winner's lease; its create
+revision is the winner's fencing token. A write made in the leader's role passes `fence=`: the store makes
+it only while that same key still exists, in one transaction, so a leader that was paused past its lease
+(and replaced) cannot write what it decided before the pause.
 """
 
 from __future__ import annotations
@@ -48,6 +53,27 @@ def record_key(kind: str, message: Message) -> str:
 
 
 @dataclass(frozen=True)
+class Fence:
+    """A leader's fencing token: the election key and the create revision it had when this leader won."""
+
+    key: str
+    revision: int
+
+
+class FencedOut(Exception):
+    """A fenced write was refused: the election key is no longer the one the writer created (its lease
+    expired, someone else leads). Nothing was written."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds an election key: the value the winner wrote (its address) and the key's create revision."""
+
+    value: str
+    revision: int
+
+
+@dataclass(frozen=True)
 class StoreEvent:
     """A change to one record. `value` is None when the record was deleted."""
 
@@ -67,10 +93,12 @@ class ClusterStore(Protocol):
 
     async def revoke_lease(self, lease_id: int) -> None: ...
 
-    async def put(self, kind: str, message: Message, lease_id: int = 0) -> None: ...
+    async def put(self, kind: str, message: Message, lease_id: int = 0, fence: Fence | None = None) -> None:
+        """Write a record; with a fence, only while the fence holds (else FencedOut, nothing written)."""
+        ...
 
-    async def delete(self, kind: str, key: str) -> bool:
-        """Remove a record; False if it did not exist."""
+    async def delete(self, kind: str, key: str, fence: Fence | None = None) -> bool:
+        """Remove a record; False if it did not exist. With a fence, as for put."""
         ...
 
     async def get(self, kind: str, key: str) -> Any: ...
@@ -80,6 +108,19 @@ class ClusterStore(Protocol):
     async def watch(self) -> AsyncIterator[StoreEvent]:
         """Start watching every record; returns the changes from now on, in order. The iterator ends
         (or raises) if the backend drops the watch."""
+        ...
+
+    async def campaign(self, election: str, value: str, lease_id: int) -> Fence | None:
+        """Create the election key under the lease if no one holds it: the fence if this call won, else None."""
+        ...
+
+    async def holder(self, election: str) -> Holder | None:
+        """Who holds the election key now, or None when it is vacant."""
+        ...
+
+    async def watch_election(self, election: str) -> AsyncIterator[Holder | None]:
+        """Start watching the election key: its holder after each change (None when vacated). The iterator
+        ends (or raises) if the backend drops the watch."""
         ...
 
     async def close(self) -> None: ...

@@ -25,7 +25,11 @@ def _controlplane(args: argparse.Namespace) -> None:
     from controlplane.server import main
     from controlplane.settings import ControlPlaneSettings
 
-    values = _given(args, "listen", "etcd", "etcd_prefix", "deployments", "placement_strategy", "log_level")
+    values = _given(
+        args, "listen", "advertise", "etcd", "etcd_prefix", "deployments", "placement_strategy", "log_level"
+    )
+    if args.leader_ttl is not None:
+        values["leader_ttl_seconds"] = args.leader_ttl
     if args.lease_ttl is not None:
         values["lease_ttl_seconds"] = args.lease_ttl
     if args.startup_grace is not None:
@@ -103,6 +107,12 @@ def parser() -> argparse.ArgumentParser:
 
     cp = sub.add_parser("controlplane", help="run the control plane")
     cp.add_argument("--listen", help="host:port to bind (127.0.0.1:50051)")
+    cp.add_argument("--advertise", help="host:port other control planes forward writes to (default: from --listen)")
+    cp.add_argument(
+        "--leader-ttl",
+        type=int,
+        help="seconds before another control plane leads when the leader dies (3); several may share one etcd",
+    )
     cp.add_argument("--etcd", help="etcd URL (http://127.0.0.1:2379)")
     cp.add_argument("--etcd-prefix", help="etcd key prefix (/fleetlm)")
     cp.add_argument("--lease-ttl", type=int, help="node lease TTL in seconds (10)")
@@ -121,7 +131,9 @@ def parser() -> argparse.ArgumentParser:
     node.add_argument("--node-id", help="node id (default: host name)")
     node.add_argument("--listen", help="host:port of its InferenceService (127.0.0.1:50061)")
     node.add_argument("--advertise", help="host:port the edge should dial (default: from --listen)")
-    node.add_argument("--controlplane", help="control plane host:port (127.0.0.1:50051)")
+    node.add_argument(
+        "--controlplane", help="control plane host:port, or several separated by commas (127.0.0.1:50051)"
+    )
     node.add_argument(
         "--models-dir",
         action="append",

@@ -16,6 +16,7 @@ from fleetlm.controlplane.v1 import node_pb2
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh import logs
 from mesh.catalog import CatalogError, load_catalog
+from mesh.channels import CHANNEL_OPTIONS
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
 from node_agent import assignments, inventory
@@ -43,6 +44,33 @@ def _advertised(settings: NodeSettings, port: int) -> str:
     if host in ("0.0.0.0", "[::]", ""):
         host = socket.getfqdn()
     return f"{host}:{port}"
+
+
+def controlplane_target(addresses: str) -> str:
+    """The gRPC target for one or several control planes. One address is used as it is (a DNS name that
+    resolves to several records already gives the channel several addresses). Several become one
+    `ipv4:`/`ipv6:` target, host names resolved now: the channel's pick_first policy uses the first that
+    answers and, when its connection breaks, tries them in order again, so the agent moves to another
+    control plane by itself; the registration and the assignment stream then go on there."""
+    entries = [a.strip() for a in addresses.split(",") if a.strip()]
+    if not entries:
+        raise ValueError("no control-plane address given")
+    if len(entries) == 1:
+        return entries[0]
+    v4: list[str] = []
+    v6: list[str] = []
+    for entry in entries:
+        host, sep, port = entry.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"control-plane address {entry!r} is not host:port")
+        for family, *_, sockaddr in socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM):
+            if family == socket.AF_INET and f"{sockaddr[0]}:{port}" not in v4:
+                v4.append(f"{sockaddr[0]}:{port}")
+            elif family == socket.AF_INET6 and f"[{sockaddr[0]}]:{port}" not in v6:
+                v6.append(f"[{sockaddr[0]}]:{port}")
+    if v4:  # one target holds one address family
+        return "ipv4:" + ",".join(v4)
+    return "ipv6:" + ",".join(v6)
 
 
 async def _first_failure(stop: asyncio.Event, background: list[asyncio.Task[None]]) -> str:
@@ -87,7 +115,8 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     log.info("node %s serving InferenceService on %s", settings.node_id, bound_address(settings.listen, port))
     failure = ""
     try:
-        async with grpc.aio.insecure_channel(settings.controlplane) as channel:
+        target = controlplane_target(settings.controlplane)
+        async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
             registration = Registration(
                 channel, settings.node_id, address, host, collect, settings.rpc_timeout_seconds, _agent_version()
             )
@@ -133,6 +162,7 @@ def main(settings: NodeSettings) -> None:
             load_catalog(settings.catalog)
         if settings.inventory_override:
             inventory.apply_override(node_pb2.Inventory(), settings.inventory_override)
+        controlplane_target(settings.controlplane)  # a bad address list fails here, not in the background
     except (CatalogError, OSError, ValueError, TypeError) as exc:
         raise SystemExit(f"fleetlm node: {exc}") from None
     run_until_signalled(lambda stop: serve(settings, stop))

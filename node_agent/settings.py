@@ -21,7 +21,11 @@ class NodeSettings(BaseSettings):
         description="host:port the edge dials to reach this node; default: the listen address, with a"
         " wildcard host replaced by this machine's host name",
     )
-    controlplane: str = Field("127.0.0.1:50051", description="host:port of the control plane")
+    controlplane: str = Field(
+        "127.0.0.1:50051",
+        description="host:port of the control plane, or of several separated by commas (the agent uses the"
+        " first that answers and moves to the next when it goes away), or a DNS name with several records",
+    )
     catalog: Path | None = Field(
         None, description="YAML catalog of models this node always serves (besides its assignments)"
     )

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -230,3 +231,20 @@ class Cluster:
     def close(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+
+
+def start_controlplanes(cluster: Cluster, count: int, lease_ttl: int = 3, *extra: str) -> list[tuple[Proc, str]]:
+    """`count` control planes on the cluster's etcd, side by side (one of them leads), as (process, address);
+    each is named controlplane-<i>. `cluster.controlplane` becomes the comma-separated list of them all,
+    which nodes and edges started afterwards are given."""
+    started = []
+    for i in range(count):
+        address = f"127.0.0.1:{free_port()}"
+        argv = fleetlm(
+            "controlplane", "--listen", address, "--etcd", cluster.etcd_url, "--lease-ttl", str(lease_ttl), *extra
+        )
+        started.append((cluster._start(f"controlplane-{i}", argv, partial(grpc_serving, address)), address))
+    for proc, _ in started:
+        wait_for(proc.ready, START_TIMEOUT, proc.name, proc)
+    cluster.controlplane = ",".join(address for _, address in started)
+    return started

@@ -179,3 +179,29 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ...) -> None: ...
+
+class EnsureReplicaRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class EnsureReplicaResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetLeaderRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetLeaderResponse(_message.Message):
+    __slots__ = ("leader_address", "address", "is_leader", "fencing_revision")
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    IS_LEADER_FIELD_NUMBER: _ClassVar[int]
+    FENCING_REVISION_FIELD_NUMBER: _ClassVar[int]
+    leader_address: str
+    address: str
+    is_leader: bool
+    fencing_revision: int
+    def __init__(self, leader_address: _Optional[str] = ..., address: _Optional[str] = ..., is_leader: _Optional[bool] = ..., fencing_revision: _Optional[int] = ...) -> None: ...

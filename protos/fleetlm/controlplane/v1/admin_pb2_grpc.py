@@ -90,6 +90,16 @@ class AdminServiceStub:
                 request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DrainNodeRequest.SerializeToString,
                 response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DrainNodeResponse.FromString,
                 _registered_method=True)
+        self.EnsureReplica = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/EnsureReplica',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.EnsureReplicaRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.EnsureReplicaResponse.FromString,
+                _registered_method=True)
+        self.GetLeader = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/GetLeader',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.GetLeaderRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.GetLeaderResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -175,6 +185,23 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnsureReplica(self, request, context):
+        """Scale from zero: make sure a deployment has at least one replica assigned, raising its replica count
+        to 1 if it was 0. Fails with the placement error (NO_CAPACITY, FORMAT_NOT_SUPPORTED) when it fits
+        nowhere. A control plane that does not lead sends PickReplica's scale-from-zero to the leader with it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLeader(self, request, context):
+        """Which control plane leads (runs placement and makes every write), as this one sees it. Writes sent to
+        any control plane are forwarded to the leader.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +259,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DrainNode,
                     request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DrainNodeRequest.FromString,
                     response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DrainNodeResponse.SerializeToString,
+            ),
+            'EnsureReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnsureReplica,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.EnsureReplicaRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.EnsureReplicaResponse.SerializeToString,
+            ),
+            'GetLeader': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLeader,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.GetLeaderRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.GetLeaderResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -532,6 +569,60 @@ class AdminService:
             '/fleetlm.controlplane.v1.AdminService/DrainNode',
             fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DrainNodeRequest.SerializeToString,
             fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.DrainNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnsureReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/EnsureReplica',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.EnsureReplicaRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.EnsureReplicaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLeader(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/GetLeader',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.GetLeaderRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.GetLeaderResponse.FromString,
             options,
             channel_credentials,
             insecure,
