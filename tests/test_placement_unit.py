@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from controlplane import placement
@@ -159,3 +161,179 @@ def test_an_attached_server_needs_nothing_from_the_node_but_a_launched_one_needs
     verdicts = placement.evaluate(launched, [bare, snap(node("has-it"))], POLICY)
     assert [v.node_id for v in verdicts if v.fit] == ["has-it"]
     assert next(v for v in verdicts if v.node_id == "bare").reason == f"model file not present on the node: {GGUF}"
+
+
+# --- decisions unchanged: a random fleet against a straightforward reference -------------------------
+# placement.py is written for speed (the spec's facts worked out once per decision, few allocations per
+# node, place() keeping only the best); this reference is the same rules written plainly, node by node,
+# with every verdict sorted. The two must agree on every verdict, reason and score, and on every place().
+
+
+def _reference_evaluate(
+    spec: node_pb2.ModelSpec, snaps: list[placement.NodeSnapshot], policy: placement.PlacementPolicy
+) -> list[tuple[object, ...]]:
+    engine = placement.engine_of(spec)
+    out = []
+    for s in snaps:
+        n = s.node
+        gpus = list(n.inventory.gpus)
+        file = next((f for f in n.inventory.model_files if f.path == spec.path), None)
+        attached = engine == "openai" and not spec.command
+        reject: tuple[str, str] | None = None
+        if s.scheduling == node_pb2.SCHEDULING_CORDONED:
+            reject = ("capacity", "node is cordoned")
+        elif s.scheduling == node_pb2.SCHEDULING_DRAINING:
+            reject = ("capacity", "node is draining")
+        elif any(a.model.name == spec.name for a in s.assignments):
+            reject = ("capacity", "already runs a replica of this model")
+        elif engine in placement.GPU_ONLY_ENGINES and not any(g.vendor == "nvidia" for g in gpus):
+            reject = ("format", f"{spec.format} models run on SGLang, which needs an NVIDIA GPU; node has none")
+        elif spec.device == "gpu" and not gpus:
+            reject = ("format", "deployment needs a GPU; node has none")
+        elif not attached and file is None:
+            reject = ("capacity", f"model file not present on the node: {spec.path}")
+        if reject is not None:
+            out.append((True, 0.0, n.node_id, None, reject[1], reject[0]))
+            continue
+        need = 0 if attached else placement.memory_estimate(spec, file)
+        fit: tuple[object, ...] | None = None
+        if gpus and spec.device != "cpu":
+            count = spec.gpu_count if spec.HasField("gpu_count") else 1
+            share = need / count
+            free = []
+            for g in gpus:
+                used = sum(
+                    a.memory_bytes / len(a.gpu_indices)
+                    for a in s.assignments
+                    if a.device == "gpu" and g.index in a.gpu_indices
+                )
+                free.append((max(0, g.memory.total_bytes - policy.vram_reserve_bytes), used, g.index))
+            free.sort(key=lambda e: (e[1] - e[0], e[2]))
+            chosen = [e for e in free[:count] if e[1] + share <= e[0]]
+            if len(chosen) == count:
+                fit = (
+                    "gpu",
+                    sorted(e[2] for e in chosen),
+                    need,
+                    sum(e[0] for e in chosen),
+                    int(sum(e[1] for e in chosen)),
+                )
+            elif spec.device == "gpu" or engine in placement.GPU_ONLY_ENGINES:
+                reason = (
+                    f"needs {count} GPUs; node has {len(gpus)}"
+                    if count > len(gpus)
+                    else f"needs {share / GiB:.2f} GiB of GPU memory on {count} GPU(s); no GPU has that much free"
+                )
+                out.append((True, 0.0, n.node_id, None, reason, "capacity"))
+                continue
+        if fit is None:
+            used_cpu = sum(a.memory_bytes for a in s.assignments if a.device == "cpu")
+            capacity = max(0, n.inventory.ram.total_bytes - policy.ram_reserve_bytes)
+            if used_cpu + need > capacity:
+                reason = f"needs {need / GiB:.2f} GiB of RAM; {max(0, capacity - used_cpu) / GiB:.2f} GiB is unassigned"
+                out.append((True, 0.0, n.node_id, None, reason, "capacity"))
+                continue
+            fit = ("cpu", [], need, capacity, used_cpu)
+        after = (fit[4] + fit[2]) / fit[3] if fit[3] else 1.0  # type: ignore[operator]
+        score = after if policy.strategy == "binpack" else 1.0 - after
+        if any(r.model.path == spec.path for r in n.replicas) or any(a.model.path == spec.path for a in s.assignments):
+            score += 0.25
+        out.append((False, -score, n.node_id, fit, f"fits on {fit[0]} ({policy.strategy} {score:.3f})", ""))
+    out.sort(key=lambda v: (v[0], v[1], v[2]))
+    return out
+
+
+def _random_fleet(rng: random.Random, size: int) -> list[placement.NodeSnapshot]:
+    paths = [GGUF, "/models/hf", "/models/other.gguf"]
+    snaps = []
+    for _ in range(size):
+        gpus = [
+            node_pb2.Gpu(
+                index=g,
+                vendor=rng.choice(["nvidia", "nvidia", "amd"]),
+                memory=node_pb2.Memory(total_bytes=int(rng.choice([0.5, 8, 16, 24, 80]) * GiB)),
+            )
+            for g in range(rng.choice([0, 0, 1, 2, 4]))
+        ]
+        files = [
+            node_pb2.ModelFile(
+                path=p, size_bytes=int(rng.uniform(0.1, 6) * GiB), kv_bytes_per_token=rng.choice([0, 50_000, 131_072])
+            )
+            for p in paths
+            if rng.random() < 0.6
+        ]
+        n = node_pb2.Node(
+            node_id=f"r{rng.randrange(size * 2):04d}",  # some ids repeat: ties break on the id
+            inventory=node_pb2.Inventory(
+                ram=node_pb2.Memory(total_bytes=rng.choice([2, 8, 16, 64]) * GiB), gpus=gpus, model_files=files
+            ),
+        )
+        if rng.random() < 0.3:
+            n.replicas.append(node_pb2.Replica(model=spec(name="warm", path=rng.choice(paths))))
+        assignments = []
+        for k in range(rng.choice([0, 0, 1, 2, 3])):
+            on_gpu = bool(gpus) and rng.random() < 0.5
+            indices = sorted(rng.sample([g.index for g in gpus], rng.randint(1, len(gpus)))) if on_gpu else []
+            model = spec(name=rng.choice(["m", f"a{k}", f"b{k}"]), path=rng.choice(paths))
+            assignments.append(
+                node_pb2.Assignment(
+                    node_id=n.node_id,
+                    model=model,
+                    device="gpu" if on_gpu else "cpu",
+                    gpu_indices=indices,
+                    memory_bytes=int(rng.uniform(0.5, 20) * GiB),
+                )
+            )
+        scheduling = rng.choice(
+            [node_pb2.SCHEDULING_ACTIVE] * 6 + [node_pb2.SCHEDULING_CORDONED, node_pb2.SCHEDULING_DRAINING]
+        )
+        snaps.append(snap(n, scheduling, *assignments))
+    return snaps
+
+
+def _random_spec(rng: random.Random) -> node_pb2.ModelSpec:
+    kind = rng.choice(["gguf", "gguf", "hf", "attached", "launched"])
+    if kind == "gguf":
+        return spec(device=rng.choice(["any", "cpu", "gpu", ""]), context_size=rng.choice([512, 4096, 32768]),
+                    max_running_requests=rng.choice([1, 4]))  # fmt: skip
+    if kind == "hf":
+        return spec(
+            name="m", path="/models/hf", format="hf", engine="sglang", device="gpu", gpu_count=rng.choice([1, 2, 3])
+        )
+    if kind == "attached":
+        return spec(path="http://10.0.0.7:8000/v1", engine="openai")
+    return spec(engine="openai", command=["llama-server", "-m", "{path}"])
+
+
+def _fit_fields(fit: placement.Fit | None) -> tuple[object, ...] | None:
+    return None if fit is None else (fit.device, fit.gpu_indices, fit.memory_bytes, fit.capacity_bytes, fit.used_bytes)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_decisions_match_a_straightforward_reference_on_a_random_fleet(seed: int) -> None:
+    rng = random.Random(seed)
+    snaps = _random_fleet(rng, 300)
+    outcomes: set[object] = set()
+    for _ in range(24):
+        model = _random_spec(rng)
+        policy = placement.PlacementPolicy(rng.choice(["spread", "binpack"]), rng.choice([0, GiB, 2 * GiB]), GiB // 2)
+        expected = _reference_evaluate(model, snaps, policy)
+        got = [
+            (v.fit is None, -v.score, v.node_id, _fit_fields(v.fit), v.reason, v.category)
+            for v in placement.evaluate(model, snaps, policy)
+        ]
+        assert got == expected
+        outcomes.update(v[5] or v[3][0] for v in expected)  # type: ignore[index]
+        try:
+            chosen = placement.place(model, snaps, policy)
+        except FleetError as error:
+            assert placement.check_format(model) or not any(not e[0] for e in expected), error.message
+            continue
+        best = next(v for v in placement.evaluate(model, snaps, policy))
+        assert (chosen.node_id, chosen.reason, chosen.score, chosen.fit) == (
+            best.node_id,
+            best.reason,
+            best.score,
+            best.fit,
+        )
+    assert outcomes == {"cpu", "gpu", "capacity", "format"}  # the fleet exercises every kind of verdict
