@@ -52,6 +52,11 @@ _STATE_TO_MODEL = {
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
 UNLOAD_GRACE_SECONDS = 120.0
+# How long a replica whose assignment disappeared keeps serving before it is unloaded. A node cut off
+# from the control plane for longer than its lease loses its assignments there; when it is back, the
+# control plane assigns the replica to it again a moment later. Without this pause the node would unload
+# the model and load it again; with it, the replica simply carries on.
+UNASSIGNED_GRACE_SECONDS = 5.0
 
 
 class _Load(enum.Enum):
@@ -76,6 +81,7 @@ class HostedModel:
     load_attempts: int = 0
     unloading: bool = False
     task: asyncio.Task[None] | None = None  # loads, watches and retries the engine; done: given up
+    release: asyncio.Task[None] | None = None  # unassigned: unloads it after UNASSIGNED_GRACE_SECONDS
 
     @property
     def name(self) -> str:
@@ -227,10 +233,16 @@ class ModelHost:
             if not hosted.assigned or hosted.unloading:
                 continue
             wanted = desired.get(name)
-            if wanted is None or wanted.model != hosted.spec:
-                hosted.unloading = True  # now, so that a new spec of the same name is loaded below
-                why = "no longer assigned" if wanted is None else "its deployment changed"
-                self._spawn(self._unload(hosted, why))
+            if wanted is None:
+                if hosted.release is None:
+                    hosted.release = self._spawn(self._release_later(hosted))
+            elif wanted.model != hosted.spec:
+                self._cancel_release(hosted)
+                hosted.unloading = True  # now, so that the new spec of the same name is loaded below
+                self._spawn(self._unload(hosted, "its deployment changed"))
+            elif hosted.release is not None:
+                self._cancel_release(hosted)
+                log.info("model %s is assigned again: it carries on serving", name)
         for name, assignment in desired.items():
             current = self.models.get(name)
             if current is not None and not current.unloading:
@@ -245,6 +257,20 @@ class ModelHost:
             hosted = HostedModel(assignment.model, assigned=True, placement=placement, device=device)
             self.models[name] = hosted
             self._start(hosted)
+
+    async def _release_later(self, hosted: HostedModel) -> None:
+        await asyncio.sleep(UNASSIGNED_GRACE_SECONDS)
+        if hosted.unloading or self.models.get(hosted.name) is not hosted:
+            return
+        hosted.release = None  # from here on the unload is under way: a new assignment loads it afresh
+        hosted.unloading = True
+        await self._unload(hosted, "no longer assigned")
+
+    @staticmethod
+    def _cancel_release(hosted: HostedModel) -> None:
+        if hosted.release is not None:
+            hosted.release.cancel()
+            hosted.release = None
 
     async def close(self) -> None:
         """Stop everything: loads and unloads in progress, then every engine (and its process)."""

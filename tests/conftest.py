@@ -47,7 +47,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     outcome = yield
     report = outcome.get_result()
     if report.failed:
-        for name in ("mesh", "fleet"):
+        for name in ("mesh", "fleet", "ha"):
             cluster = getattr(item.funcargs.get(name), "cluster", None) if hasattr(item, "funcargs") else None
             if isinstance(cluster, Cluster):
                 report.sections.append(("fleetlm logs", cluster.logs()))
