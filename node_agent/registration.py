@@ -43,19 +43,26 @@ class Registration:
         self._version = version
         self.lease_id = 0
         self.registered = asyncio.Event()
+        # The RegisterNode call in flight, if any. Stopping the agent must not cancel it half-way: the
+        # control plane may already have written the record under a new lease, and only the reply says
+        # which lease to revoke, so deregister waits for it.
+        self._registering: asyncio.Future[registry_pb2.RegisterNodeResponse] | None = None
 
     async def _register(self) -> float:
         inv = await asyncio.to_thread(self._collect_inventory)
-        reply = await self._stub.RegisterNode(
-            registry_pb2.RegisterNodeRequest(
-                node_id=self._node_id,
-                inference_address=self._address,
-                inventory=inv,
-                replicas=self._host.replicas(),
-                agent_version=self._version,
-            ),
-            timeout=self._timeout,
+        self._registering = asyncio.ensure_future(
+            self._stub.RegisterNode(
+                registry_pb2.RegisterNodeRequest(
+                    node_id=self._node_id,
+                    inference_address=self._address,
+                    inventory=inv,
+                    replicas=self._host.replicas(),
+                    agent_version=self._version,
+                ),
+                timeout=self._timeout,
+            )
         )
+        reply = await asyncio.shield(self._registering)
         self.lease_id = reply.lease_id
         self.registered.set()
         log.info("registered with the control plane (lease %x, ttl %ss)", reply.lease_id, reply.lease_ttl.seconds)
@@ -107,6 +114,12 @@ class Registration:
             backoff = min(backoff * 2, 2.0)
 
     async def deregister(self) -> None:
+        registering = self._registering
+        if registering is not None:
+            # A registration the stop interrupted: its reply names the lease the record now lives under.
+            await asyncio.wait([registering], timeout=self._timeout)
+            if registering.done() and not registering.cancelled() and registering.exception() is None:
+                self.lease_id = registering.result().lease_id
         if not self.lease_id:
             return
         try:
