@@ -331,15 +331,19 @@ class Gateway:
     ) -> T:
         """`_one_pass` over the replicas; when every replica refused because it was going away (a drain
         unloading it, a node that died), pass again after a jittered backoff, re-routing from the table as
-        it changes, until `failover_seconds` (or the request's deadline) is spent."""
+        it changes, for `failover_seconds` from the end of the first pass (a pass that waited on a node
+        that went silent may itself have taken seconds), within the request's own deadline."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(self._failover_seconds, timeout)
+        request_deadline = loop.time() + timeout
+        deadline: float | None = None
         backoff = 0.05
         while True:
             refusals = _Refusals()
             try:
                 return await self._one_pass(request, request_id, attempt, refusals, user, prefix, avoid)
             except FleetError:
+                if deadline is None:
+                    deadline = min(loop.time() + self._failover_seconds, request_deadline)
                 pause = backoff * random.uniform(0.5, 1.5)
                 if not refusals.may_heal() or loop.time() + pause > deadline:
                     raise
