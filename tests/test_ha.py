@@ -15,9 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from controlplane.etcd_store import EtcdStore
-from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2, routing_pb2, routing_pb2_grpc
 from launcher.default_model import default_model_path
 from mesh.errors import ErrorCode, FleetError
 from tests.cluster import Cluster, Proc, start_controlplanes, wait_for
@@ -155,6 +156,18 @@ def test_writes_sent_to_a_follower_are_forwarded_to_the_leader(fleet: Fleet) -> 
     error = FleetError.from_rpc_error(refused.value)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
     assert error.code == ErrorCode.NO_CAPACITY and "model file not present" in error.message
+
+    # Scale from zero asked of the follower (PickReplica, as an edge does for a model with no replica): the
+    # leader places the replica, the follower answers once its own view has it ready.
+    zero = deployment("smol-zero")
+    zero.min_replicas = 0
+    assert not admin.DeployModel(admin_pb2.DeployModelRequest(deployment=zero), timeout=30).assignments
+    routing = routing_pb2_grpc.RoutingServiceStub(grpc.insecure_channel(follower))
+    wait = duration_pb2.Duration(seconds=int(READY_BOUND))
+    picked = routing.PickReplica(routing_pb2.PickReplicaRequest(model="smol-zero", wait_for_ready=wait), timeout=120)
+    assert picked.node_id == NODE
+    assert "placed smol-zero" in proc_at(fleet, leader).log_path.read_text()
+    assert "placed smol-zero" not in proc_at(fleet, follower).log_path.read_text()
 
     scaled = admin.ScaleDeployment(admin_pb2.ScaleDeploymentRequest(name=MODEL, replicas=1), timeout=30)
     assert scaled.deployment.replicas == 1
