@@ -130,9 +130,9 @@ def test_a_node_cut_off_loses_no_request_and_rejoins_with_its_replica(fleet: Par
         wait_for(lambda: node_log.read_text().count("registered with the control plane") >= 2, 90,
                  "the healed node to hear that it registered again")  # fmt: skip
         wait_for(lambda: sorted(ha.ready_nodes()) == list(NODES), 60, "the healed node's replica in the table")
-        # And it stays: no second lapse of the new lease, no reload, for three lease TTLs. Fails 1 run in 2
-        # at 129fc63: the control plane removed the assignment when the lease lapsed, the node's
-        # WatchAssignments hears it after the heal and unloads ("no longer assigned"), then loads again.
+        # And it stays: no second lapse of the new lease, no reload, for three lease TTLs. (The control plane
+        # removed the assignment when the lease lapsed and assigns it again after the heal; the node keeps
+        # an unassigned replica serving for a few seconds, so it carries on instead of reloading.)
         settled_until = time.monotonic() + 3 * TTL
         while time.monotonic() < settled_until:
             assert sorted(ha.ready_nodes()) == list(NODES), f"the healed node left again: {outcomes_now(traffic)}"
