@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -56,13 +57,19 @@ class NodeLoad:
     replicas: dict[tuple[str, bool], node_pb2.Replica]
     ram_free_bytes: int
     reported_at: timestamp_pb2.Timestamp
+    received: float  # time.monotonic() here
 
 
 class LoadBoard:
-    """The nodes' load as their last heartbeats reported it, in memory only. Written by the registry."""
+    """The nodes' load as their last heartbeats reported it, in memory only. Written by the registry.
 
-    def __init__(self) -> None:
+    A report counts for `max_age_seconds` (the registry sets the lease TTL: a node heartbeats at least four
+    times in it). After that the node reports to another control plane, or to none: its record's figures
+    stand, and `fresh` says this control plane does not know the node's load now."""
+
+    def __init__(self, max_age_seconds: float = 10.0) -> None:
         self._nodes: dict[str, NodeLoad] = {}
+        self.max_age_seconds = max_age_seconds
 
     def report(
         self,
@@ -71,7 +78,15 @@ class LoadBoard:
         ram_free_bytes: int,
         reported_at: timestamp_pb2.Timestamp,
     ) -> None:
-        self._nodes[node_id] = NodeLoad({(r.model.name, r.assigned): r for r in replicas}, ram_free_bytes, reported_at)
+        by_replica = {(r.model.name, r.assigned): r for r in replicas}
+        self._nodes[node_id] = NodeLoad(by_replica, ram_free_bytes, reported_at, time.monotonic())
+
+    def fresh(self, node_id: str) -> bool:
+        """Whether this control plane heard the node's load within max_age_seconds. A decision that must
+        not act on stale load (idle unload) can check it: with several control planes, a node's load is
+        known only to the one it reports to."""
+        load = self._nodes.get(node_id)
+        return load is not None and time.monotonic() - load.received <= self.max_age_seconds
 
     def forget(self, node_id: str) -> None:
         self._nodes.pop(node_id, None)
@@ -88,8 +103,10 @@ class LoadBoard:
         """A copy of `node` with the load of its last report (the node itself when none is known). Only the
         load fields change: a replica's state and error come from the record, which is cluster state."""
         load = self._nodes.get(node.node_id)
-        if load is None:
+        if load is None or not self.fresh(node.node_id):
             return node
+        if load.reported_at.ToNanoseconds() < node.last_heartbeat_at.ToNanoseconds():
+            return node  # written from a later report, by another control plane the node moved to
         out = node_pb2.Node()
         out.CopyFrom(node)
         out.last_heartbeat_at.CopyFrom(load.reported_at)

@@ -41,6 +41,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         self._store = store
         self._fleet = fleet
         self._ttl = lease_ttl_seconds
+        fleet.load.max_age_seconds = lease_ttl_seconds  # a node reports at least every TTL/4
         # node_id -> durable_key of the record this control plane last wrote for it. Compared as well as
         # the view's record, because the view learns of a write only when the watch brings it back: a
         # change that is undone before then must still be written.

@@ -100,8 +100,8 @@ class ControlPlane:
 
 
 @contextlib.asynccontextmanager
-async def control_plane(etcd_url: str) -> AsyncIterator[ControlPlane]:
-    prefix = f"/load-test-{uuid.uuid4().hex[:8]}"  # a fresh cluster state per test
+async def control_plane(etcd_url: str, prefix: str = "") -> AsyncIterator[ControlPlane]:
+    prefix = prefix or f"/load-test-{uuid.uuid4().hex[:8]}"  # a fresh cluster state per test
     store = EtcdStore(etcd_url, prefix)
     await store.connect()
     fleet = FleetView(store)
@@ -260,3 +260,27 @@ async def test_the_published_routing_table_carries_load_only_reports(etcd_url: s
             assert route.state == READY
         assert cp.node_events("n1") == events_before  # the reconciler was not woken by any of them
         await stream.aclose()
+
+
+async def test_a_node_that_moves_to_another_control_plane_is_not_shown_with_the_load_it_left_behind(
+    etcd_url: str,
+) -> None:
+    # Two control planes on one etcd. Each knows the load of the nodes that report to it; the other sees
+    # the figures of the node's last durable write, never a report it received before the node moved.
+    prefix = f"/load-test-{uuid.uuid4().hex[:8]}"
+    async with control_plane(etcd_url, prefix) as a, control_plane(etcd_url, prefix) as b:
+        await a.add_node("n1")
+        b.leases["n1"] = a.leases["n1"]
+        await a.report("n1", replica("m", READY, running=3))
+        assert await b.fleet.wait_for(lambda: "n1" in b.fleet.nodes and b.fleet.nodes["n1"].replicas, SETTLE)
+        assert a.fleet.nodes["n1"].replicas[0].running_requests == 3 and a.fleet.load.fresh("n1")
+
+        # The node now reports to b (a went away for it, say), load only. b has never written its record,
+        # so it writes it once; a takes in that record, with b's figures, not its own older report.
+        await b.report("n1", replica("m", READY, running=1))
+        assert b.fleet.nodes["n1"].replicas[0].running_requests == 1
+        assert await a.fleet.wait_for(lambda: a.fleet.nodes["n1"].replicas[0].running_requests == 1, SETTLE)
+        # Reports to b only: a stops taking its own last report as the node's load after max_age_seconds.
+        a.fleet.load.max_age_seconds = 0.2
+        await asyncio.sleep(0.3)  # at least max_age_seconds: a lower bound, not a race
+        assert not a.fleet.load.fresh("n1") and b.fleet.load.fresh("n1")
