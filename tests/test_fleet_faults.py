@@ -37,6 +37,7 @@ class Outcomes:
     mid_stream: list[str] = field(default_factory=list)
     hung: int = 0
     ok_at: list[float] = field(default_factory=list)  # when each successful request ended
+    failed_at: list[float] = field(default_factory=list)  # when each failed request started
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def summary(self) -> str:
@@ -63,6 +64,7 @@ class Traffic:
         while not self._stop.is_set():
             n += 1
             started = False
+            began = time.monotonic()
             try:
                 stream = client.chat.completions.create(
                     model=MODEL,
@@ -83,12 +85,15 @@ class Traffic:
                         self.outcomes.ok_at.append(time.monotonic())
                     else:
                         self.outcomes.mid_stream.append("stream ended without a finish_reason")
+                        self.outcomes.failed_at.append(began)
             except (openai.APITimeoutError, httpx.TimeoutException):
                 with self.outcomes.lock:
                     self.outcomes.hung += 1
+                    self.outcomes.failed_at.append(began)
             except (openai.APIError, httpx.HTTPError) as exc:
                 with self.outcomes.lock:
                     (self.outcomes.mid_stream if started else self.outcomes.before_first_token).append(str(exc)[:200])
+                    self.outcomes.failed_at.append(began)
                 time.sleep(0.05)
 
     def stop(self) -> Outcomes:
@@ -115,35 +120,46 @@ class HaFleet:
         return next(p for p in self.cluster.procs if p.name == name)
 
 
-@pytest.fixture
-def ha(tmp_path: Path) -> Iterator[HaFleet]:
-    cluster = Cluster(tmp_path)
-    catalog = tmp_path / "deployments.yaml"
+def start_ha_fleet(cluster: Cluster, workdir: Path) -> HaFleet:
+    """etcd, a control plane deploying MODEL with two replicas, two nodes and an edge, warmed up."""
+    catalog = workdir / "deployments.yaml"
     path = default_model_path()
     catalog.write_text(
         f"models:\n  - {{name: {MODEL}, path: {path}, format: gguf, context_size: 1024, "
         "min_replicas: 2, max_replicas: 2, max_running_requests: 4}\n"
     )
+    cluster.start_etcd()
+    cluster.start_controlplane(TTL, "--deployments", str(catalog))
+    nodes = {}
+    for node_id in ("ha-1", "ha-2"):
+        nodes[node_id], _ = cluster.start_node(node_id, models_dirs=[str(path.parent)], threads=1)
+    _, http, _ = cluster.start_edge()
+    admin = admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(cluster.controlplane))
+    fleet = HaFleet(cluster, http, admin, nodes)
+    wait_for(lambda: len(fleet.ready_nodes()) == 2, 90, "two ready replicas")
+    # Both replicas are in the edge's table once a request has been served by each (warm-up).
+    client = openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=60)
+    for _ in range(4):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    return fleet
+
+
+@pytest.fixture
+def ha(tmp_path: Path) -> Iterator[HaFleet]:
+    cluster = Cluster(tmp_path)
     try:
-        cluster.start_etcd()
-        cluster.start_controlplane(TTL, "--deployments", str(catalog))
-        nodes = {}
-        for node_id in ("ha-1", "ha-2"):
-            nodes[node_id], _ = cluster.start_node(node_id, models_dirs=[str(path.parent)], threads=1)
-        _, http, _ = cluster.start_edge()
-        admin = admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(cluster.controlplane))
-        fleet = HaFleet(cluster, http, admin, nodes)
-        wait_for(lambda: len(fleet.ready_nodes()) == 2, 90, "two ready replicas")
-        # Both replicas are in the edge's table once a request has been served by each (warm-up).
-        client = openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=60)
-        for _ in range(4):
-            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-        yield fleet
+        yield start_ha_fleet(cluster, tmp_path)
     except BaseException:
         print(cluster.logs())
         raise
     finally:
         cluster.close()
+
+
+def back_to_normal_after(outcomes: Outcomes, fault_at: float) -> float:
+    """Seconds from the fault until every request succeeds again: the start of the last request that
+    failed after it (0 when none failed)."""
+    return max(0.0, max(outcomes.failed_at) - fault_at) if outcomes.failed_at else 0.0
 
 
 def recovery_after(outcomes: Outcomes, fault_at: float) -> float | None:

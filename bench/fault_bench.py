@@ -1,0 +1,145 @@
+"""The fleet under faults: one fault at a time under steady streaming load, the issue's table.
+
+    .venv/bin/python -m bench.fault_bench [--only NAME ...] [--down-seconds 60]
+
+Each row starts a fresh fleet of real processes (etcd, control plane(s), two node agents with the real
+model, an edge), deploys a model with two replicas, runs four clients streaming short chat requests in a
+loop through the edge (tests/test_fleet_faults.py's Traffic), applies one fault, keeps the load going
+for a while after it, and counts what the clients saw: requests served, failed before their first token,
+failed mid-stream, hung (over 30 s), and the time from the fault until every request succeeds again
+(the start of the last request that failed). The partition row needs root and iproute2 (network
+namespaces); the leader row runs three control planes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import openai
+
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
+from launcher.default_model import default_model_path
+from tests import netns
+from tests.cluster import Cluster, start_controlplanes, wait_for
+from tests.test_fleet_faults import MODEL, TTL, HaFleet, Outcomes, Traffic, back_to_normal_after, start_ha_fleet
+from tests.test_partition import start_fleet as start_partition_fleet
+
+Fault = Callable[[HaFleet], None]
+
+
+def leader_fleet(cluster: Cluster, workdir: Path) -> HaFleet:
+    catalog = workdir / "deployments.yaml"
+    path = default_model_path()
+    catalog.write_text(
+        f"models:\n  - {{name: {MODEL}, path: {path}, format: gguf, context_size: 1024, "
+        "min_replicas: 2, max_replicas: 2, max_running_requests: 4}\n"
+    )
+    cluster.start_etcd()
+    start_controlplanes(cluster, 3, TTL, "--deployments", str(catalog))
+    nodes = {n: cluster.start_node(n, models_dirs=[str(path.parent)], threads=1)[0] for n in ("ha-1", "ha-2")}
+    _, http, _ = cluster.start_edge()
+    first = cluster.controlplane.split(",")[0]
+    fleet = HaFleet(cluster, http, admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(first)), nodes)
+    wait_for(lambda: len(fleet.ready_nodes()) == 2, 90, "two ready replicas")
+    client = openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=60)
+    for _ in range(4):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    return fleet
+
+
+def kill_leader(fleet: HaFleet) -> None:
+    for proc in fleet.cluster.procs:
+        if proc.name.startswith("controlplane-"):
+            address = proc.argv[proc.argv.index("--listen") + 1]
+            stub = admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(address))
+            if stub.GetLeader(admin_pb2.GetLeaderRequest(), timeout=2).is_leader:
+                proc.signal(signal.SIGKILL)
+                return
+    raise RuntimeError("no leader found")
+
+
+def run(name: str, start: Callable[[Cluster, Path], HaFleet], fault: Fault, after: float) -> tuple[Outcomes, float]:
+    with tempfile.TemporaryDirectory(prefix=f"fault-{name}-") as tmp:
+        cluster = Cluster(Path(tmp))
+        try:
+            fleet = start(cluster, Path(tmp))
+            traffic = Traffic(fleet.http)
+            try:
+                time.sleep(3)
+                fault_at = time.monotonic()
+                fault(fleet)
+                time.sleep(after)
+            finally:
+                outcomes = traffic.stop()
+            return outcomes, back_to_normal_after(outcomes, fault_at)
+        finally:
+            cluster.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", help="run only these rows (by the names in the table)")
+    parser.add_argument("--down-seconds", type=float, default=60, help="how long every control plane is down")
+    args = parser.parse_args()
+    down = args.down_seconds
+    net_holder: list[netns.Network] = []
+
+    def partition_fleet(cluster: Cluster, workdir: Path) -> HaFleet:
+        net = netns.Network()
+        net_holder.append(net)
+        return start_partition_fleet(cluster, net, workdir)
+
+    def cp_down(fleet: HaFleet) -> None:
+        cp = fleet.proc("controlplane")
+        cp.signal(signal.SIGKILL)
+        time.sleep(down)
+        fleet.cluster.restart(cp)
+
+    def etcd_frozen(fleet: HaFleet) -> None:
+        fleet.proc("etcd").signal(signal.SIGSTOP)
+        time.sleep(15)
+        fleet.proc("etcd").signal(signal.SIGCONT)
+
+    def etcd_restarted(fleet: HaFleet) -> None:
+        etcd = fleet.proc("etcd")
+        etcd.stop()
+        time.sleep(3)
+        fleet.cluster.restart(etcd)
+
+    rows: list[tuple[str, Callable[[Cluster, Path], HaFleet], Fault, float]] = [
+        ("node SIGKILLed", start_ha_fleet, lambda f: f.nodes["ha-1"].signal(signal.SIGKILL), 10),
+        ("node cut off by a partition", partition_fleet, lambda f: net_holder[-1].cut("part-1"), 20),
+        ("leader control plane SIGKILLed", leader_fleet, kill_leader, 10),
+        (f"all control planes down {down:g} s", start_ha_fleet, cp_down, 10),
+        ("etcd frozen (SIGSTOP) 15 s", start_ha_fleet, etcd_frozen, 5),
+        ("etcd restarted", start_ha_fleet, etcd_restarted, 10),
+    ]
+    if netns.unavailable() is not None:
+        print(f"skipping the partition row: {netns.unavailable()}")
+        rows = [r for r in rows if "partition" not in r[0]]
+    if args.only:
+        rows = [r for r in rows if any(o in r[0] for o in args.only)]
+    results = []
+    for name, start, fault, after in rows:
+        print(f"running: {name} ...", flush=True)
+        try:
+            outcomes, back = run(name, start, fault, after)
+        finally:
+            while net_holder:
+                net_holder.pop().close()
+        results.append((name, outcomes, back))
+    print("\nfault (2 replicas, 4 clients streaming)      ok  failed before 1st token  failed mid-stream  hung  "
+          "back to normal")  # fmt: skip
+    for name, o, back in results:
+        print(f"{name:42}{o.ok:>5}{len(o.before_first_token):>25}{len(o.mid_stream):>19}{o.hung:>6}"
+              f"{back:>14.2f} s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
