@@ -125,6 +125,8 @@ def test_no_admin_reply_node_record_or_log_shows_a_deployments_key(fleet: Fleet)
     admin("CordonNode", {"node_id": NODE})
     admin("UncordonNode", {"node_id": NODE})
     admin("DrainNode", {"node_id": "reporter"})
+    admin("EnsureReplica", {"name": "keyed"})
+    assert admin("GetLeader")["is_leader"] is True
     # A spec copied from a reply and sent back would give the engine "[redacted]" as its key: refused.
     listed = admin("ListDeployments")["deployments"]
     copied = next(d["deployment"] for d in listed if d["deployment"]["spec"]["name"] == "keyed")
