@@ -10,9 +10,9 @@ through the control plane's gRPC API as the edge and operators make them.
 Then heartbeats: as many simulated nodes again, gRPC clients of the control-plane process, register and
 heartbeat `--heartbeat-rate` times a second each with changing load (running and queued requests, last
 request, free RAM), and now and then a change of state (a replica READY <-> LOADING). Printed: heartbeats
-and state changes sent per second, etcd puts per second (etcd's own `etcd_mvcc_put_total`), and the
-control plane's CPU (psutil, both cores = 200 %). Load is not cluster state: the puts should follow the
-state changes, not the heartbeats.
+and state changes sent per second, etcd puts and lease renewals per second (etcd's own counters
+`etcd_mvcc_put_total`, `etcd_debugging_lease_renewed_total`), and the control plane's CPU (psutil, both
+cores = 200 %). Load is not cluster state: the puts should follow the state changes, not the heartbeats.
 """
 
 from __future__ import annotations
@@ -91,12 +91,15 @@ def row(name: str, samples_ms: list[float], per_second: float | None = None) -> 
     return f"{name:<58} {percentile(samples_ms, 50):>9.3f} {percentile(samples_ms, 99):>9.3f} {rate}"
 
 
-def etcd_puts(etcd_url: str) -> float:
-    """etcd's count of keys written (puts, in transactions or not) since it started."""
+def etcd_counts(etcd_url: str) -> tuple[float, float]:
+    """etcd's own counts since it started: keys written (puts, in transactions or not), lease renewals."""
+    wanted = ("etcd_mvcc_put_total", "etcd_debugging_lease_renewed_total")
+    found = {}
     for line in httpx.get(f"{etcd_url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("etcd_mvcc_put_total "):
-            return float(line.split()[1])
-    raise RuntimeError("etcd_mvcc_put_total is not in etcd's /metrics")
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            found[name] = float(value)
+    return found[wanted[0]], found[wanted[1]]
 
 
 async def heartbeats(cp_address: str, etcd_url: str, cp_pid: int, args: argparse.Namespace) -> None:
@@ -164,11 +167,13 @@ async def heartbeats(cp_address: str, etcd_url: str, cp_pid: int, args: argparse
         beating = asyncio.gather(*(beat(i, until) for i in range(args.nodes)))
         await asyncio.sleep(warmup)
         process = psutil.Process(cp_pid)
-        cpu_before, puts_before, start = sum(process.cpu_times()[:2]), etcd_puts(etcd_url), time.perf_counter()
+        cpu_before, (puts_before, renewals_before) = sum(process.cpu_times()[:2]), etcd_counts(etcd_url)
+        start = time.perf_counter()
         measuring = True
         await asyncio.sleep(args.heartbeat_seconds)
         measuring = False
-        cpu_after, puts_after, elapsed = sum(process.cpu_times()[:2]), etcd_puts(etcd_url), time.perf_counter() - start
+        cpu_after, (puts_after, renewals_after) = sum(process.cpu_times()[:2]), etcd_counts(etcd_url)
+        elapsed = time.perf_counter() - start
         await beating
     finally:
         for channel in channels:
@@ -178,13 +183,15 @@ async def heartbeats(cp_address: str, etcd_url: str, cp_pid: int, args: argparse
           f"{args.state_change_share:.1%} of heartbeats a change of state, {elapsed:.0f} s measured:")  # fmt: skip
     print(
         f"{'heartbeats/s':>13} {'state changes/s':>16} {'etcd puts/s':>12} {'puts/heartbeat':>15}"
+        f" {'lease renewals/s':>17}"
         f" {'cp CPU %':>9} {'hb p50 ms':>10} {'hb p99 ms':>10} {'errors':>7}"
     )
     sent = counts["heartbeats"]
     puts = puts_after - puts_before
     print(
         f"{sent / elapsed:>13,.0f} {counts['state changes'] / elapsed:>16,.1f} {puts / elapsed:>12,.1f}"
-        f" {puts / max(sent, 1):>15.3f} {100 * (cpu_after - cpu_before) / elapsed:>9.0f}"
+        f" {puts / max(sent, 1):>15.3f} {(renewals_after - renewals_before) / elapsed:>17,.1f}"
+        f" {100 * (cpu_after - cpu_before) / elapsed:>9.0f}"
         f" {percentile(latencies, 50):>10.2f} {percentile(latencies, 99):>10.2f} {counts['errors']:>7}"
     )
 

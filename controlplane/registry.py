@@ -5,6 +5,8 @@ the node's record in etcd is rewritten only when its durable part (replicas appe
 state, error or device; the inventory but free RAM) differs from what this control plane last wrote or
 from what the view holds. Otherwise the heartbeat only refreshes the lease: a busy fleet reports several
 times a second per node, and those reports must not become etcd writes, nor wake every reader of etcd.
+Nor etcd requests: the lease is renewed at most every TTL/4 per node (a node whose lease is gone is out of
+the fleet view, so its next heartbeat is told to register again all the same).
 
 A node's reports are stored with their specs redacted: the control plane never needs a report's secrets
 (the keys a node uses come to it in its assignments), and a stored report is what operators are shown.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -42,6 +45,8 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         self._fleet = fleet
         self._ttl = lease_ttl_seconds
         fleet.load.max_age_seconds = lease_ttl_seconds  # a node reports at least every TTL/4
+        # node_id -> (lease, time.monotonic() of its last renewal here).
+        self._renewed: dict[str, tuple[int, float]] = {}
         # node_id -> durable_key of the record this control plane last wrote for it. Compared as well as
         # the view's record, because the view learns of a write only when the watch brings it back: a
         # change that is undone before then must still be written.
@@ -70,6 +75,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         )
         await self._store.put("node", node, lease_id)
         self._written[node.node_id] = durable_key(node)
+        self._renewed[node.node_id] = (lease_id, time.monotonic())
         self._fleet.report_load(node.node_id, replicas, node.inventory.ram.free_bytes, now)
         for replica in replicas:
             if not replica.assigned and self._fleet.models.get(replica.model.name) != replica.model:
@@ -91,11 +97,17 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.HeartbeatResponse:
         expired = FleetError(ErrorCode.LEASE_EXPIRED, f"node {request.node_id} is not registered; register again")
-        if not await self._store.refresh_lease(request.lease_id):
-            raise expired
+        lease, renewed_at = self._renewed.get(request.node_id, (0, 0.0))
+        # Renewed within TTL/4: the lease has at least 3/4 of its TTL left, and cannot have lapsed; one that
+        # was revoked has taken the node's record with it, which the view check below sees.
+        if lease != request.lease_id or time.monotonic() - renewed_at >= self._ttl / 4:
+            if not await self._store.refresh_lease(request.lease_id):
+                self._forget(request.node_id)
+                raise expired
+            self._renewed[request.node_id] = (request.lease_id, time.monotonic())
         node = self._fleet.nodes.get(request.node_id) or await self._store.get("node", request.node_id)
         if node is None or node.lease_id != request.lease_id:
-            self._written.pop(request.node_id, None)
+            self._forget(request.node_id)
             raise expired
         now = _now()
         replicas = [redact_message(r) for r in request.replicas]
@@ -117,9 +129,13 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         self, request: registry_pb2.DeregisterNodeRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.DeregisterNodeResponse:
         await self._store.revoke_lease(request.lease_id)
-        self._written.pop(request.node_id, None)
+        self._forget(request.node_id)
         log.info("node %s deregistered", request.node_id)
         return registry_pb2.DeregisterNodeResponse()
+
+    def _forget(self, node_id: str) -> None:
+        self._written.pop(node_id, None)
+        self._renewed.pop(node_id, None)
 
     async def WatchAssignments(
         self, request: registry_pb2.WatchAssignmentsRequest, context: grpc.aio.ServicerContext

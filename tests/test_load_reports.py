@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aetcd
+import httpx
 import pytest
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
 
@@ -38,6 +39,7 @@ PATH = "/models/load.gguf"
 LOADING, READY = node_pb2.REPLICA_STATE_LOADING, node_pb2.REPLICA_STATE_READY
 # Bounds for things that take milliseconds here; generous because other test runs share the 2 cores.
 SETTLE = 30.0
+LEASE_TTL = 60
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +109,7 @@ async def control_plane(etcd_url: str, prefix: str = "") -> AsyncIterator[Contro
     fleet = FleetView(store)
     reconciler = Reconciler(store, fleet, PlacementPolicy(), interval_seconds=600)  # passes run when a test asks
     publisher = RoutePublisher(fleet, interval=0.05, keepalive=600)
-    cp = ControlPlane(prefix, fleet, reconciler, publisher, NodeRegistry(store, fleet, lease_ttl_seconds=60))
+    cp = ControlPlane(prefix, fleet, reconciler, publisher, NodeRegistry(store, fleet, lease_ttl_seconds=LEASE_TTL))
     fleet.listeners.append(cp.fleet_events.append)
     try:
         async with asyncio.TaskGroup() as tasks:
@@ -147,6 +149,14 @@ async def node_writes(etcd_url: str, key: str) -> AsyncIterator[NodeWrites]:
         await client.close()
 
 
+def etcd_counter(etcd_url: str, name: str) -> float:
+    """One of etcd's own counters from its /metrics."""
+    for line in httpx.get(f"{etcd_url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in etcd's /metrics")
+
+
 def replica(name: str, state: int, running: int = 0, queued: int = 0, **kw: Any) -> node_pb2.Replica:
     spec = node_pb2.ModelSpec(name=name, path=PATH, format="gguf", engine="llamacpp")
     return node_pb2.Replica(model=spec, state=state, running_requests=running, queued_requests=queued, **kw)  # type: ignore[arg-type]
@@ -161,7 +171,8 @@ async def test_load_only_reports_write_nothing_to_etcd_and_a_state_change_writes
         puts_before, events_before = len(writes.puts), cp.node_events("n1")
 
         # 100 reports in which only load changes: each is in the view at once, none is an etcd write, and
-        # none is a fleet event (those wake the reconciler).
+        # none is a fleet event (those wake the reconciler). Nor a lease renewal each: one per TTL/4 at most.
+        renewals_before, started = etcd_counter(etcd_url, "etcd_debugging_lease_renewed_total"), time.monotonic()
         now = time.time()
         for i in range(100):
             load = {"running": i % 4, "queued": i % 7, "rejected_requests": i, "last_request_at": stamp(now + i)}
@@ -171,6 +182,8 @@ async def test_load_only_reports_write_nothing_to_etcd_and_a_state_change_writes
             assert (shown.replicas[0].running_requests, shown.replicas[0].queued_requests) == (i % 4, i % 7)
             assert shown.replicas[0].rejected_requests == i and shown.inventory.ram.free_bytes == (10 + i % 3) * GiB
             assert shown.replicas[0].last_request_at == stamp(now + i)
+        renewals = etcd_counter(etcd_url, "etcd_debugging_lease_renewed_total") - renewals_before
+        assert renewals <= 1 + (time.monotonic() - started) // (LEASE_TTL / 4)
 
         # Then one change of state, and one of error: one write each. The watcher sees writes in order, so
         # when it sees the change, it has seen every write the load reports made before it.
