@@ -47,6 +47,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         fleet.load.max_age_seconds = lease_ttl_seconds  # a node reports at least every TTL/4
         # node_id -> (lease, time.monotonic() of its last renewal here).
         self._renewed: dict[str, tuple[int, float]] = {}
+        fleet.listeners.append(self._on_change)
         # node_id -> durable_key of the record this control plane last wrote for it. Compared as well as
         # the view's record, because the view learns of a write only when the watch brings it back: a
         # change that is undone before then must still be written.
@@ -132,6 +133,10 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         self._forget(request.node_id)
         log.info("node %s deregistered", request.node_id)
         return registry_pb2.DeregisterNodeResponse()
+
+    def _on_change(self, event: StoreEvent | None) -> None:
+        if event is not None and event.kind == "node" and event.value is None:
+            self._forget(event.key)  # its lease is gone: what was written under it no longer stands
 
     def _forget(self, node_id: str) -> None:
         self._written.pop(node_id, None)

@@ -71,8 +71,10 @@ class NodeRegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """Heartbeat refreshes a node's lease and updates its replicas and load. NOT_FOUND means the lease
-        expired: the agent must register again.
+        """Heartbeat keeps a node's lease and reports its replicas and load. The load (running, queued and
+        refused requests, last request, free RAM) is kept in the control plane's memory; the node's record in
+        etcd is rewritten only when the rest changes (a replica appears or goes, changes state, error or
+        device). NOT_FOUND means the lease expired: the agent must register again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
