@@ -160,7 +160,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
 
     def _with_scheduling(self, node: node_pb2.Node) -> node_pb2.Node:
         out = node_pb2.Node()
-        out.CopyFrom(node)
+        out.CopyFrom(self._fleet.load.overlay(node))  # etcd holds durable state; load is in memory
         out.scheduling = self._fleet.scheduling(node.node_id)  # type: ignore[assignment]
         return out
 

@@ -180,6 +180,10 @@ class Reconciler:
                 replica = self.replica_of(assignment)
                 if replica is None or replica.state != READY:
                     continue
+                if not fleet.load.fresh(assignment.node_id):
+                    # Its load is not heard here (it reports to another control plane): the record's
+                    # last_request_at is as old as its last durable change, so "idle" would be a guess.
+                    continue
                 busy = replica.running_requests + replica.queued_requests
                 idle_for = now - replica.last_request_at.ToMicroseconds() / 1e6
                 if not busy and idle_for > timeout:

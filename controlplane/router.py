@@ -46,6 +46,7 @@ class Router:
         self._turns = itertools.count()
         self.index = routing.RoutingIndex()
         fleet.listeners.append(self._on_change)
+        fleet.load_listeners.append(self._on_change)  # load-only reports too: PickReplica ranks by load
 
     def _draining(self, node_id: str) -> bool:
         return self._fleet.scheduling(node_id) == node_pb2.SCHEDULING_DRAINING
