@@ -21,36 +21,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import openai
 
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
-from launcher.default_model import default_model_path
 from tests import netns
-from tests.cluster import Cluster, start_controlplanes, wait_for
-from tests.test_fleet_faults import MODEL, TTL, HaFleet, Outcomes, Traffic, back_to_normal_after, start_ha_fleet
+from tests.cluster import Cluster
+from tests.test_fleet_faults import HaFleet, Outcomes, Traffic, back_to_normal_after, start_ha_fleet
 from tests.test_partition import start_fleet as start_partition_fleet
 
 Fault = Callable[[HaFleet], None]
 
 
 def leader_fleet(cluster: Cluster, workdir: Path) -> HaFleet:
-    catalog = workdir / "deployments.yaml"
-    path = default_model_path()
-    catalog.write_text(
-        f"models:\n  - {{name: {MODEL}, path: {path}, format: gguf, context_size: 1024, "
-        "min_replicas: 2, max_replicas: 2, max_running_requests: 4}\n"
-    )
-    cluster.start_etcd()
-    start_controlplanes(cluster, 3, TTL, "--deployments", str(catalog))
-    nodes = {n: cluster.start_node(n, models_dirs=[str(path.parent)], threads=1)[0] for n in ("ha-1", "ha-2")}
-    _, http, _ = cluster.start_edge()
-    first = cluster.controlplane.split(",")[0]
-    fleet = HaFleet(cluster, http, admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(first)), nodes)
-    wait_for(lambda: len(fleet.ready_nodes()) == 2, 90, "two ready replicas")
-    client = openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=60)
-    for _ in range(4):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    return fleet
+    return start_ha_fleet(cluster, workdir, controlplanes=3)
 
 
 def kill_leader(fleet: HaFleet) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from launcher.default_model import default_model_path
-from tests.cluster import Cluster, Proc, wait_for
+from tests.cluster import Cluster, Proc, start_controlplanes, wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -120,8 +120,9 @@ class HaFleet:
         return next(p for p in self.cluster.procs if p.name == name)
 
 
-def start_ha_fleet(cluster: Cluster, workdir: Path) -> HaFleet:
-    """etcd, a control plane deploying MODEL with two replicas, two nodes and an edge, warmed up."""
+def start_ha_fleet(cluster: Cluster, workdir: Path, controlplanes: int = 1) -> HaFleet:
+    """etcd, a control plane (or several, one leading) deploying MODEL with two replicas, two nodes and an
+    edge given every control-plane address, warmed up."""
     catalog = workdir / "deployments.yaml"
     path = default_model_path()
     catalog.write_text(
@@ -129,12 +130,15 @@ def start_ha_fleet(cluster: Cluster, workdir: Path) -> HaFleet:
         "min_replicas: 2, max_replicas: 2, max_running_requests: 4}\n"
     )
     cluster.start_etcd()
-    cluster.start_controlplane(TTL, "--deployments", str(catalog))
+    if controlplanes == 1:
+        cluster.start_controlplane(TTL, "--deployments", str(catalog))
+    else:
+        start_controlplanes(cluster, controlplanes, TTL, "--deployments", str(catalog))
     nodes = {}
     for node_id in ("ha-1", "ha-2"):
         nodes[node_id], _ = cluster.start_node(node_id, models_dirs=[str(path.parent)], threads=1)
     _, http, _ = cluster.start_edge()
-    admin = admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(cluster.controlplane))
+    admin = admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(cluster.controlplane.split(",")[0]))
     fleet = HaFleet(cluster, http, admin, nodes)
     wait_for(lambda: len(fleet.ready_nodes()) == 2, 90, "two ready replicas")
     # Both replicas are in the edge's table once a request has been served by each (warm-up).
