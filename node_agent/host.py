@@ -234,7 +234,11 @@ class ModelHost:
                 continue
             wanted = desired.get(name)
             if wanted is None:
-                if hosted.release is None:
+                if UNASSIGNED_GRACE_SECONDS <= 0:
+                    self._cancel_release(hosted)
+                    hosted.unloading = True
+                    self._spawn(self._unload(hosted, "no longer assigned"))
+                elif hosted.release is None:
                     hosted.release = self._spawn(self._release_later(hosted))
             elif wanted.model != hosted.spec:
                 self._cancel_release(hosted)

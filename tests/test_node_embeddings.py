@@ -20,6 +20,7 @@ from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from launcher.default_model import default_model_path
 from mesh.errors import ErrorCode, FleetError
 from mesh.grpc_server import GrpcServer
+from node_agent import host as host_module
 from node_agent.engines.base import EngineUnavailable
 from node_agent.engines.embedding_batch import EmbeddingBatcher
 from node_agent.host import ModelHost
@@ -118,7 +119,11 @@ async def wait_until(check: object, timeout: float, what: str) -> None:
 
 
 @pytest.mark.model
-async def test_an_embedding_counts_toward_the_load_the_limits_and_the_unload_drain(node: NodeUnderTest) -> None:
+async def test_an_embedding_counts_toward_the_load_the_limits_and_the_unload_drain(
+    node: NodeUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The unload starts when the assignment goes (no grace to wait for a re-assignment: not what this tests).
+    monkeypatch.setattr(host_module, "UNASSIGNED_GRACE_SECONDS", 0)
     spec = node_pb2.ModelSpec(name=MODEL, path=str(default_model_path()), format="gguf", engine="llamacpp",
                               context_size=1024, max_running_requests=1, max_queued_requests=0)  # fmt: skip
     assignment = node_pb2.Assignment(node_id="embed-test", model=spec, device="cpu")

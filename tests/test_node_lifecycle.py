@@ -25,6 +25,7 @@ import yaml
 
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from launcher.default_model import default_model_path
+from node_agent import host as host_module
 from node_agent.host import ModelHost
 from node_agent.settings import NodeSettings
 from tests.cluster import Cluster, Proc, wait_for
@@ -169,7 +170,11 @@ def decode_threads() -> int:
 
 
 @pytest.mark.model
-async def test_unloading_a_llama_replica_while_it_loads_leaves_no_decode_thread() -> None:
+async def test_unloading_a_llama_replica_while_it_loads_leaves_no_decode_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Unassigned means unloaded at once here: the grace for a re-assignment is not what this tests.
+    monkeypatch.setattr(host_module, "UNASSIGNED_GRACE_SECONDS", 0)
     # In the agent's process: a llama.cpp replica unassigned at points all along its load (0.1 s for the
     # weights, then ~10 ms for the batched context, here) must leave no decode thread (each holds a
     # llama.cpp context) behind.

@@ -208,7 +208,10 @@ def test_a_crashed_engine_is_reported_then_restarted_with_backoff(fleet: Fleet) 
     assert "was killed by SIGKILL; last output:" in failed.error
     with pytest.raises(openai.APIStatusError) as caught:
         fleet.client.completions.create(model="smol-launched", prompt="Hi", max_tokens=2)
-    assert caught.value.status_code == 503 and "SIGKILL" in str(caught.value.body)
+    # 503 with the reason while it is down; on a busy machine the request may come after the first
+    # restart (1 s) has begun, and then the replica is "loading" again.
+    body = str(caught.value.body)
+    assert caught.value.status_code == 503 and ("SIGKILL" in body or "is loading" in body), body
     fleet.wait_state("smol-launched", node_pb2.REPLICA_STATE_READY)
     assert time.monotonic() - killed_at >= 1.0  # the first restart waits the first backoff step
     text, _ = chat(fleet, "smol-launched", max_tokens=8)
