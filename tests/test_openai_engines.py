@@ -214,6 +214,7 @@ def test_a_crashed_engine_is_reported_then_restarted_with_backoff(fleet: Fleet) 
     assert caught.value.status_code == 503 and ("SIGKILL" in body or "is loading" in body), body
     fleet.wait_state("smol-launched", node_pb2.REPLICA_STATE_READY)
     assert time.monotonic() - killed_at >= 1.0  # the first restart waits the first backoff step
+    fleet.cluster.wait_model_state(fleet.http, "smol-launched", "ready", timeout=30)  # the edge's table
     text, _ = chat(fleet, "smol-launched", max_tokens=8)
     assert text
 
@@ -234,6 +235,8 @@ def test_an_attached_server_that_stops_answering_fails_its_replica_until_it_answ
     fleet.start_attached()
     # The next try is at most one backoff step (8 s, 16 s) away once the server is back; 120 s is generous.
     fleet.wait_state("smol-attached", node_pb2.REPLICA_STATE_READY, timeout=120)
+    # The edge routes from the table the control plane publishes, a moment behind the node's report.
+    fleet.cluster.wait_model_state(fleet.http, "smol-attached", "ready", timeout=30)
     text, _ = chat(fleet, "smol-attached", max_tokens=8)
     assert text
 
