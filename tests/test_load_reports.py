@@ -212,6 +212,12 @@ def _idle_deployment() -> node_pb2.Deployment:
     return validate_deployment(deployment)
 
 
+def ready(cp: Any, node_id: str) -> bool:
+    """The node's first replica is ready in the view (False until its report has arrived at all)."""
+    replicas = cp.fleet.nodes[node_id].replicas
+    return bool(replicas) and replicas[0].state == READY
+
+
 async def test_idle_unload_uses_the_reported_load_also_after_a_resync_from_etcd(etcd_url: str) -> None:
     async with control_plane(etcd_url) as cp:
         await cp.add_node("n1")
@@ -230,7 +236,7 @@ async def test_idle_unload_uses_the_reported_load_also_after_a_resync_from_etcd(
 
         # Ready and idle for an hour: that is what etcd's record says (the write of the state change).
         await cp.report("n1", report(running=0))
-        assert await cp.fleet.wait_for(lambda: cp.fleet.nodes["n1"].replicas[0].state == READY, SETTLE)
+        assert await cp.fleet.wait_for(lambda: ready(cp, "n1"), SETTLE)
         # Then the node reports two requests running: load only, kept in memory. A full resync from etcd
         # (as the view does periodically) must not put back the idle figures of the record.
         await cp.report("n1", report(running=2))
@@ -251,7 +257,7 @@ async def test_the_published_routing_table_carries_load_only_reports(etcd_url: s
     async with control_plane(etcd_url) as cp:
         await cp.add_node("n1")
         await cp.report("n1", replica("m", READY))
-        assert await cp.fleet.wait_for(lambda: cp.fleet.nodes["n1"].replicas[0].state == READY, SETTLE)
+        assert await cp.fleet.wait_for(lambda: ready(cp, "n1"), SETTLE)
         stream = cp.publisher.watch()
         first = await asyncio.wait_for(anext(stream), SETTLE)
         assert first.snapshot and first.nodes[0].replicas[0].running_requests == 0
