@@ -166,8 +166,13 @@ async def test_load_only_reports_write_nothing_to_etcd_and_a_state_change_writes
     async with control_plane(etcd_url) as cp, node_writes(etcd_url, f"{cp.prefix}/nodes/n1") as writes:
         await cp.add_node("n1")
         await cp.report("n1", replica("m", LOADING))
-        await writes.wait_for(lambda puts: puts and puts[-1].replicas[0].state == LOADING, "the loading replica")
-        assert await cp.fleet.wait_for(lambda: cp.fleet.nodes["n1"].replicas[0].state == LOADING, SETTLE)
+        await writes.wait_for(
+            lambda puts: bool(puts and puts[-1].replicas) and puts[-1].replicas[0].state == LOADING,
+            "the loading replica",
+        )
+        assert await cp.fleet.wait_for(
+            lambda: bool(cp.fleet.nodes["n1"].replicas) and cp.fleet.nodes["n1"].replicas[0].state == LOADING, SETTLE
+        )
         puts_before, events_before = len(writes.puts), cp.node_events("n1")
 
         # 100 reports in which only load changes: each is in the view at once, none is an etcd write, and
@@ -188,12 +193,18 @@ async def test_load_only_reports_write_nothing_to_etcd_and_a_state_change_writes
         # Then one change of state, and one of error: one write each. The watcher sees writes in order, so
         # when it sees the change, it has seen every write the load reports made before it.
         await cp.report("n1", replica("m", READY, running=1))
-        await writes.wait_for(lambda puts: puts[-1].replicas[0].state == READY, "the ready replica")
+        await writes.wait_for(
+            lambda puts: bool(puts and puts[-1].replicas) and puts[-1].replicas[0].state == READY, "the ready replica"
+        )
         assert len(writes.puts) - puts_before == 1
         await cp.report("n1", replica("m", READY, running=2, error="engine restarted"))
-        await writes.wait_for(lambda puts: puts[-1].replicas[0].error, "the replica's error")
+        await writes.wait_for(
+            lambda puts: bool(puts and puts[-1].replicas) and puts[-1].replicas[0].error, "the replica's error"
+        )
         assert len(writes.puts) - puts_before == 2
-        assert await cp.fleet.wait_for(lambda: cp.fleet.nodes["n1"].replicas[0].error, SETTLE)
+        assert await cp.fleet.wait_for(
+            lambda: bool(cp.fleet.nodes["n1"].replicas) and cp.fleet.nodes["n1"].replicas[0].error, SETTLE
+        )
         assert cp.node_events("n1") - events_before == 2
         # The durable write came back through the watch with the newest load laid over it.
         assert cp.fleet.nodes["n1"].replicas[0].running_requests == 2
