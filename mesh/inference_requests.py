@@ -92,6 +92,12 @@ def validate_chat(chat: inference_pb2.ChatConversation) -> None:
                 f"messages[{i}].role",
                 f"messages[{i}].role must be one of {', '.join(ROLES)}; got '{message.role}'",
             )
+    last = chat.messages[-1].role
+    if chat.continue_final_message and last != "assistant":
+        raise invalid(
+            "continue_final_message",
+            f"'continue_final_message' needs the last message to be the assistant's; its role is '{last}'",
+        )
 
 
 def validate_generate(request: inference_pb2.GenerateRequest) -> None:

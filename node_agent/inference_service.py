@@ -14,6 +14,7 @@ from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.errors import ErrorCode, FleetError
 from mesh.inference_requests import validate_embed, validate_generate, validate_tokenize
 from node_agent.engines.base import (
+    Chat,
     ContextLengthExceeded,
     EngineError,
     Finished,
@@ -70,12 +71,12 @@ def text_delta(chunk: TextChunk) -> inference_pb2.GenerateResponse:
     return inference_pb2.GenerateResponse(delta=delta)
 
 
-def _messages(chat: inference_pb2.ChatConversation) -> list[Message]:
-    return [Message(m.role, m.content) for m in chat.messages]
+def _chat(chat: inference_pb2.ChatConversation) -> Chat:
+    return Chat(tuple(Message(m.role, m.content) for m in chat.messages), chat.continue_final_message)
 
 
 def _prompt(request: inference_pb2.GenerateRequest) -> Prompt:
-    return request.prompt if request.WhichOneof("input") == "prompt" else _messages(request.chat)
+    return request.prompt if request.WhichOneof("input") == "prompt" else _chat(request.chat)
 
 
 def _engine_error(exc: EngineError, input_param: str = "messages") -> FleetError:
@@ -163,7 +164,7 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
         with _logged("Tokenize", request.model):
             validate_tokenize(request)
             hosted, engine = self._host.engine_for(request.model)
-            prompt = _messages(request.chat) if request.WhichOneof("input") == "chat" else request.text
+            prompt = _chat(request.chat) if request.WhichOneof("input") == "chat" else request.text
             try:
                 ids = await engine.tokenize(prompt)
             except EngineError as exc:

@@ -17,6 +17,16 @@ class Message:
 
 
 @dataclass(frozen=True)
+class Chat:
+    """A conversation the engine formats with the model's chat template. With `continue_final_message`
+    the last message is an assistant turn the model goes on with (no end-of-turn after its text and no
+    new generation prompt); the caller checks that its role is "assistant"."""
+
+    messages: tuple[Message, ...]
+    continue_final_message: bool = False
+
+
+@dataclass(frozen=True)
 class SamplingOptions:
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -67,7 +77,7 @@ class Finished:
 
 GenerationEvent = TextChunk | Finished
 # What to complete: a raw prompt, or a conversation the engine formats with the model's chat template.
-Prompt = str | Sequence[Message]
+Prompt = str | Chat
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from node_agent.engines.base import (
+    Chat,
     ContextLengthExceeded,
     Embeddings,
     EngineError,
@@ -27,7 +28,6 @@ from node_agent.engines.base import (
     Finished,
     GenerationEvent,
     InvalidInput,
-    Message,
     PermanentEngineError,
     Prompt,
     SamplingOptions,
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # at /dev/null and back. Two loads at once on two threads can restore each other's /dev/null, and then
 # everything the agent logs is lost for good: one load at a time in the whole process.
 _LOADING = threading.Lock()
+# Stands in for the final message's text when a conversation is rendered to be continued (_render_chat).
+_FINAL_MARK = "\ue000fleetlm-final-message\ue000"
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class LlamaCppEngine:
         self._loop: DecodeLoop | None = None
         self._embedder: Any = None
         self._template: Any = None
+        self._continuing: Any = None  # the template without the generation prompt (continue_final_message)
         self._setup_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama-setup")
         self._embed_thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="llama-emb", initializer=lower_thread_priority, initargs=(config.nice,)
@@ -161,11 +164,10 @@ class LlamaCppEngine:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
             vocab_text = self._llm._model.token_get_text
-            self._template = Jinja2ChatFormatter(
-                template=template,
-                eos_token=vocab_text(self._llm.token_eos()),
-                bos_token=vocab_text(self._llm.token_bos()),
-            )
+            tokens = {"eos_token": vocab_text(self._llm.token_eos()), "bos_token": vocab_text(self._llm.token_bos())}
+            self._template = Jinja2ChatFormatter(template=template, **tokens)
+            # For a conversation whose final assistant message the model continues: no new turn after it.
+            self._continuing = Jinja2ChatFormatter(template=template, add_generation_prompt=False, **tokens)
         return EngineInfo(context_size=self.config.context_size)
 
     async def close(self) -> None:
@@ -188,14 +190,34 @@ class LlamaCppEngine:
                 setattr(self, attr, None)
                 await asyncio.to_thread(llm.close)
 
-    def _render_chat(self, messages: Sequence[Message]) -> str:
-        if self._template is None:
+    def _render_chat(self, chat: Chat) -> str:
+        """The conversation as the model's template writes it, ending with the generation prompt; or, to
+        continue the final (assistant) message, cut just after that message's text."""
+        if self._template is None or self._continuing is None:
             raise InvalidInput("this model has no chat template; use the completions API", "messages")
+        messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+        if not chat.continue_final_message:
+            return self._render(self._template, messages)
+        # vLLM finds the final message's text in the rendered conversation (its last occurrence) and cuts
+        # there. A mark in its place finds the same spot even when the text is empty, only whitespace or
+        # trimmed by the template, and the text that follows it is then exactly what the client was sent.
+        messages[-1]["content"] = _FINAL_MARK
+        rendered = self._render(self._continuing, messages)
+        at = rendered.rfind(_FINAL_MARK)
+        if at < 0:
+            raise InvalidInput(
+                "this model's chat template does not write the final assistant message's text, so it cannot be"
+                " continued",
+                "continue_final_message",
+            )
+        return rendered[:at] + chat.messages[-1].content
+
+    @staticmethod
+    def _render(template: Any, messages: list[dict[str, str]]) -> str:
         try:
-            rendered = self._template(messages=[{"role": m.role, "content": m.content} for m in messages])
+            return str(template(messages=messages).prompt)
         except Exception as exc:
             raise InvalidInput(f"the model's chat template rejected the messages: {exc}", "messages") from exc
-        return str(rendered.prompt)
 
     def _tokenize(self, text: str) -> list[int]:
         llm = self._llm

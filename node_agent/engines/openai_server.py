@@ -98,7 +98,12 @@ def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[
         if options.logprobs:
             body["logprobs"] = options.top_logprobs  # the completions API's form: how many alternatives
         return "/completions", body
-    body["messages"] = [{"role": m.role, "content": m.content} for m in prompt]
+    body["messages"] = [{"role": m.role, "content": m.content} for m in prompt.messages]
+    if prompt.continue_final_message:
+        # vLLM's and SGLang's extra parameters for going on with the final assistant message. A server that
+        # does not know them (llama_cpp.server, OpenAI itself) ignores them and starts a new turn.
+        body["continue_final_message"] = True
+        body["add_generation_prompt"] = False
     if options.logprobs:
         body["logprobs"] = True
         body["top_logprobs"] = options.top_logprobs
