@@ -1,10 +1,13 @@
 """Continuing a stream cut by a failed node on another replica (a deployment's `continue_on_failure`).
 
 Pure bookkeeping, no I/O: `Progress` remembers what the client has been sent, builds the request that
-continues it (the prompt followed by the text sent so far, the tokens left of max_tokens, the same
-sampling and seed), and rewrites what the next replica sends so that the client sees one stream:
-logprob offsets count from the start of the whole output, and the result's usage counts the original
-prompt and every token generated on every replica.
+continues it (the tokens left of max_tokens, the same sampling and seed, and: a completion's prompt
+followed by the text sent so far; a chat's messages followed by an assistant message with that text,
+which the node continues instead of starting a new turn, `ChatConversation.continue_final_message`), and
+rewrites what the next replica sends so that the client sees one stream: logprob offsets count from the
+start of the whole output, and the result's usage counts the original prompt and every token generated
+on every replica. The tokens generated before the cut are counted by tokenizing the original input and
+the continued one on a replica: the difference is the text sent.
 
 Only text the client was sent is resent. A node never sends part of a stop string (it holds such text
 back until it knows), so a stop string that straddles the cut was never sent in part: the next replica
@@ -30,10 +33,6 @@ def why_not(request: inference_pb2.GenerateRequest, error: FleetError, opted_in:
         return "its deployment does not set continue_on_failure"
     if error.code not in CONTINUABLE:
         return f"{error.code.value} is not a node failure"
-    if request.WhichOneof("input") != "prompt":
-        # A chat turn is continued by rendering the conversation and appending the partial reply: that
-        # needs the node to continue an assistant turn, which the InferenceService cannot ask for yet.
-        return "a chat stream cannot be continued yet (only completions)"
     if continued >= MAX_CONTINUATIONS:
         return f"it was already continued {continued} times"
     return ""
@@ -68,17 +67,41 @@ class Progress:
             usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         return response
 
+    def again(self) -> inference_pb2.GenerateRequest:
+        """The request to send again when the client was sent no text yet: as it is."""
+        assert not self.sent
+        self.continued += 1
+        again = inference_pb2.GenerateRequest()
+        again.CopyFrom(self.request)
+        return again
+
+    def tokenize_requests(self, model: str) -> tuple[inference_pb2.TokenizeRequest, inference_pb2.TokenizeRequest]:
+        """What to count the generated tokens with: the original input and the continued one, as `cut` and
+        the node will see them (a chat's with the model's template applied by the node)."""
+        if self.request.WhichOneof("input") == "chat":
+            return (
+                inference_pb2.TokenizeRequest(model=model, chat=self.request.chat),
+                inference_pb2.TokenizeRequest(model=model, chat=self._continued_chat()),
+            )
+        return (
+            inference_pb2.TokenizeRequest(model=model, text=self.request.prompt),
+            inference_pb2.TokenizeRequest(model=model, text=self.request.prompt + self.sent),
+        )
+
     def cut(self, prompt_tokens: int, continued_prompt_tokens: int) -> inference_pb2.GenerateRequest | None:
-        """The request that continues from what was sent, given the token counts of the original prompt and
-        of the prompt followed by the text sent (the difference is what the failed replicas generated);
-        None when no token of max_tokens is left (the cut came just before the end)."""
+        """The request that continues from what was sent, given the token counts of the two inputs of
+        `tokenize_requests` (the difference is what the failed replicas generated); None when no token of
+        max_tokens is left (the cut came just before the end)."""
         self.prompt_tokens = prompt_tokens
         self.tokens_before = max(0, continued_prompt_tokens - prompt_tokens)
         self.chars_before = len(self.sent)
         self.continued += 1
         continued = inference_pb2.GenerateRequest()
         continued.CopyFrom(self.request)
-        continued.prompt = self.continued_prompt()
+        if self.request.WhichOneof("input") == "chat":
+            continued.chat.CopyFrom(self._continued_chat())
+        else:
+            continued.prompt = self.request.prompt + self.sent
         if self.request.sampling.HasField("max_tokens"):
             left = self.request.sampling.max_tokens - self.tokens_before
             if left <= 0:
@@ -86,8 +109,17 @@ class Progress:
             continued.sampling.max_tokens = left
         return continued
 
-    def continued_prompt(self) -> str:
-        return self.request.prompt + self.sent
+    def _continued_chat(self) -> inference_pb2.ChatConversation:
+        """The conversation with the reply sent so far as its final assistant message, to be continued
+        (appended to the final message when the client had asked for that one to be continued already)."""
+        chat = inference_pb2.ChatConversation()
+        chat.CopyFrom(self.request.chat)
+        if chat.continue_final_message:
+            chat.messages[-1].content += self.sent
+        else:
+            chat.messages.add(role="assistant", content=self.sent)
+            chat.continue_final_message = True
+        return chat
 
     def length_result(self, model: str) -> inference_pb2.GenerateResponse:
         """The result of a stream whose max_tokens were all generated before the cut (its usage is

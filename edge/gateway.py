@@ -519,13 +519,15 @@ class Gateway:
         try:
             if left <= 0:
                 raise FleetError(ErrorCode.BACKEND_TIMEOUT, "the request's timeout is spent")
-            counts = await asyncio.gather(
-                self._unary("Tokenize", self._tokenize_request(cut.model, request.prompt), left, request_id, avoid),
-                self._unary(
-                    "Tokenize", self._tokenize_request(cut.model, progress.continued_prompt()), left, request_id, avoid
-                ),
-            )
-            continued = progress.cut(len(counts[0].token_ids), len(counts[1].token_ids))
+            if progress.sent:
+                original, continuing = progress.tokenize_requests(cut.model)
+                counts = await asyncio.gather(
+                    self._unary("Tokenize", original, left, request_id, avoid),
+                    self._unary("Tokenize", continuing, left, request_id, avoid),
+                )
+                continued = progress.cut(len(counts[0].token_ids), len(counts[1].token_ids))
+            else:
+                continued = progress.again()  # no text was sent: nothing to go on from, nor to count
             if continued is None:
                 log.warning("request %s: node %s failed after the last token; the stream ends with its length",
                             request_id, node)  # fmt: skip
@@ -548,10 +550,6 @@ class Gateway:
                     request_id, node, progress.chars_before, error, stream.target.node_id,
                     progress.continued)  # fmt: skip
         return stream, stream.first
-
-    @staticmethod
-    def _tokenize_request(model: str, text: str) -> inference_pb2.TokenizeRequest:
-        return inference_pb2.TokenizeRequest(model=model, text=text)
 
     async def _next_event(self, call: Any, target: Target, timeout: float) -> inference_pb2.GenerateResponse:
         """The stream's next event, checked: an error, an event with nothing in it and a stream that ends

@@ -1,9 +1,10 @@
 """A stream cut by a failed node, continued on another replica (a deployment's continue_on_failure), in
 process: the edge's Gateway and HTTP app over real grpc.aio node stand-ins that stream a script and then
 fail as a crashed engine does. What is tested is the edge's decision and bookkeeping: what the next
-replica is asked (prompt + the text sent, the tokens left, the same sampling), and what the client sees
-(one stream, offsets and usage over the whole output, one finish reason). The same with real processes
-and the real model: tests/test_continue_e2e.py.
+replica is asked (prompt + the text sent, or the conversation + the reply sent as a final assistant
+message to continue; the tokens left, the same sampling), and what the client sees (one stream, offsets
+and usage over the whole output, one finish reason). The same with real processes and the real model:
+tests/test_continue_e2e.py; the node's side of a continued chat: tests/test_continue_chat.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from tests.test_gateway_attempts import Fleet, Node, following, standin_fleet, t
 @dataclass
 class Scripted(Node):
     """Streams `deltas` (one token per character, as its Tokenize counts), then either fails as a crashed
-    engine (`dies`) or ends with a result whose usage counts its own prompt and output."""
+    engine (`dies`) or ends with a result whose usage counts its own prompt and output. A conversation
+    counts as a template renders it: one token per message and per character of its text, and one for
+    the generation prompt unless the final message is continued."""
 
     deltas: list[str] = field(default_factory=list)
     dies: bool = False
@@ -46,7 +49,7 @@ class Scripted(Node):
             yield inference_pb2.GenerateResponse(delta=delta)
         if self.dies:
             raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, f"engine on {self.node_id} crashed", retry_after_seconds=1)
-        usage = inference_pb2.Usage(prompt_tokens=len(request.prompt), completion_tokens=offset)
+        usage = inference_pb2.Usage(prompt_tokens=self.count(request), completion_tokens=offset)
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         yield inference_pb2.GenerateResponse(
             result=inference_pb2.GenerateResult(
@@ -57,7 +60,14 @@ class Scripted(Node):
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.TokenizeResponse:
-        return inference_pb2.TokenizeResponse(token_ids=[ord(c) for c in request.text], context_size=2048)
+        return inference_pb2.TokenizeResponse(token_ids=[0] * self.count(request), context_size=2048)
+
+    @staticmethod
+    def count(request: inference_pb2.GenerateRequest | inference_pb2.TokenizeRequest) -> int:
+        if request.WhichOneof("input") != "chat":
+            return len(request.text if isinstance(request, inference_pb2.TokenizeRequest) else request.prompt)
+        chat = request.chat
+        return sum(1 + len(m.content) for m in chat.messages) + (0 if chat.continue_final_message else 1)
 
 
 @pytest.fixture
@@ -141,17 +151,75 @@ async def test_without_the_opt_in_the_cut_is_an_error(fleet: Fleet) -> None:
     assert caught.value.code == ErrorCode.BACKEND_UNAVAILABLE and "engine on a crashed" in caught.value.message
 
 
-async def test_a_chat_stream_is_not_continued_yet_and_says_so(fleet: Fleet) -> None:
-    a = Scripted("a", deltas=["Hi"], dies=True)
-    b = Scripted("b", deltas=[" there"])
-    await serve(fleet, a, b)
-    request = inference_pb2.GenerateRequest(
-        model="m", chat=inference_pb2.ChatConversation(messages=[inference_pb2.ChatMessage(role="user", content="x")])
+def chat_request(*messages: tuple[str, str], continue_final: bool = False) -> inference_pb2.GenerateRequest:
+    chat = inference_pb2.ChatConversation(
+        messages=[inference_pb2.ChatMessage(role=role, content=content) for role, content in messages],
+        continue_final_message=continue_final,
     )
+    sampling = inference_pb2.SamplingParams(max_tokens=20, temperature=0, seed=3, logprobs=True)
+    return inference_pb2.GenerateRequest(model="m", chat=chat, sampling=sampling)
+
+
+async def test_a_cut_chat_stream_goes_on_as_the_final_assistant_message(fleet: Fleet) -> None:
+    a = Scripted("a", deltas=["Hi", " there"], dies=True)
+    b = Scripted("b", deltas=[",", " friend"], dies=True)
+    c = Scripted("c", deltas=["."])
+    await serve(fleet, a, b, c)
+    request = chat_request(("system", "Be brief."), ("user", "Greet me"))
     async with following(fleet.gateway()) as gateway:
-        with pytest.raises(FleetError) as caught:
-            await events_of(gateway, request)
-    assert caught.value.code == ErrorCode.BACKEND_UNAVAILABLE and b.requests == []
+        events = await events_of(gateway, request)
+        assert gateway.continued_streams == 2
+    # b gets the conversation with what a sent as an assistant message to continue, c the same with what
+    # a and b sent (one message, not one per replica); the tokens left, the same sampling and seed.
+    for node, sent in ((b, "Hi there"), (c, "Hi there, friend")):
+        [continued] = node.requests
+        assert [(m.role, m.content) for m in continued.chat.messages] == [
+            ("system", "Be brief."),
+            ("user", "Greet me"),
+            ("assistant", sent),
+        ]
+        assert continued.chat.continue_final_message
+        assert continued.sampling.max_tokens == 20 - len(sent)
+        assert continued.sampling.seed == 3 and continued.sampling.temperature == 0 and continued.sampling.logprobs
+    assert not a.requests[0].chat.continue_final_message and len(a.requests[0].chat.messages) == 2
+    assert text_of(events) == "Hi there, friend."
+    assert [lp.text_offset for e in events[:-1] for lp in e.delta.logprobs] == [0, 2, 8, 9, 16]
+    usage = events[-1].result.usage
+    prompt_tokens = (1 + len("Be brief.")) + (1 + len("Greet me")) + 1
+    assert (usage.prompt_tokens, usage.completion_tokens) == (prompt_tokens, len("Hi there, friend."))
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+async def test_a_chat_that_continues_a_reply_already_goes_on_in_that_reply(fleet: Fleet) -> None:
+    a = Scripted("a", deltas=[" blue"], dies=True)
+    b = Scripted("b", deltas=["."])
+    await serve(fleet, a, b)
+    request = chat_request(("user", "Sky colour?"), ("assistant", "It is"), continue_final=True)
+    async with following(fleet.gateway()) as gateway:
+        events = await events_of(gateway, request)
+    [continued] = b.requests
+    assert [(m.role, m.content) for m in continued.chat.messages] == [
+        ("user", "Sky colour?"),
+        ("assistant", "It is blue"),
+    ]
+    assert continued.chat.continue_final_message and continued.sampling.max_tokens == 20 - len(" blue")
+    assert text_of(events) == " blue."
+    assert events[-1].result.usage.prompt_tokens == (1 + len("Sky colour?")) + (1 + len("It is"))
+
+
+async def test_a_stream_cut_before_any_text_is_sent_again_as_it_was(fleet: Fleet) -> None:
+    a = Scripted("a", deltas=[""], dies=True)  # a first event with no text (a token of a split character)
+    b = Scripted("b", deltas=["Hello"])
+    await serve(fleet, a, b)
+    request = chat_request(("user", "Greet me"))
+    async with following(fleet.gateway()) as gateway:
+        events = await events_of(gateway, request)
+        assert gateway.continued_streams == 1
+    [again] = b.requests
+    assert again.chat == a.requests[0].chat and again.sampling == a.requests[0].sampling
+    assert text_of(events) == "Hello"
+    usage = events[-1].result.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (Scripted.count(again), len("Hello"))
 
 
 async def test_with_no_other_replica_the_cut_is_an_error_that_says_why(fleet: Fleet) -> None:
