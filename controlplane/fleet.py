@@ -7,14 +7,17 @@ for a replica to become ready) are woken on every change.
 
 Load is not cluster state. What a node reports that changes with every request (its replicas' running,
 queued and refused counts, when each last had a request, free RAM, the time of the report) lives in the
-`LoadBoard`, written by the registry at each heartbeat and never by etcd: the node record in etcd is
+`LoadBoard`, written by the registry from the node's load stream (or its heartbeats, for a node with no
+stream here) and never by etcd: the node record in etcd is
 rewritten only when its durable part changes (see `durable_key`). The board is laid over every node record
 the view takes in, from a watch event or a resync, so the view always shows the newest load, never the
 stale figures the record in etcd was written with. A load-only report reaches `load_listeners` (the route
 publisher), not `listeners`: the reconciler runs on its timer and on durable changes, not on every report.
-Only the control plane a node reports to knows its load; another one sees the figures of the node's last
-durable change, which is acceptable: load is a hint for routing and idle unload, not a decision's input
-that must agree everywhere.
+A node streams its load to every control plane it was given (registry.ReportLoad), so every one of them
+knows it, not only the one it heartbeats to. A control plane the node cannot reach (or an agent that
+predates the stream, which reports to one control plane only) leaves the figures of the node's last durable
+change, which is acceptable: load is a hint for routing and idle unload, not a decision's input that must
+agree everywhere; `LoadBoard.fresh` says which it is.
 """
 
 from __future__ import annotations
@@ -61,11 +64,12 @@ class NodeLoad:
 
 
 class LoadBoard:
-    """The nodes' load as their last heartbeats reported it, in memory only. Written by the registry.
+    """The nodes' load as their last reports said, in memory only. Written by the registry.
 
-    A report counts for `max_age_seconds` (the registry sets the lease TTL: a node heartbeats at least four
-    times in it). After that the node reports to another control plane, or to none: its record's figures
-    stand, and `fresh` says this control plane does not know the node's load now."""
+    A report counts for `max_age_seconds` (the registry sets the lease TTL: a node reports at least four
+    times in it). After that no report reaches this control plane (the node cannot reach it, or it is an
+    old agent that reports to another control plane only): its record's figures stand, and `fresh` says
+    this control plane does not know the node's load now."""
 
     def __init__(self, max_age_seconds: float = 10.0) -> None:
         self._nodes: dict[str, NodeLoad] = {}
@@ -83,8 +87,8 @@ class LoadBoard:
 
     def fresh(self, node_id: str) -> bool:
         """Whether this control plane heard the node's load within max_age_seconds. A decision that must
-        not act on stale load (idle unload) can check it: with several control planes, a node's load is
-        known only to the one it reports to."""
+        not act on stale load (idle unload) checks it: a node that cannot reach this control plane, or an
+        old agent reporting elsewhere, leaves it stale."""
         load = self._nodes.get(node_id)
         return load is not None and time.monotonic() - load.received <= self.max_age_seconds
 
@@ -106,7 +110,7 @@ class LoadBoard:
         if load is None or not self.fresh(node.node_id):
             return node
         if load.reported_at.ToNanoseconds() < node.last_heartbeat_at.ToNanoseconds():
-            return node  # written from a later report, by another control plane the node moved to
+            return node  # written from a later report (a heartbeat to another control plane) than ours
         out = node_pb2.Node()
         out.CopyFrom(node)
         out.last_heartbeat_at.CopyFrom(load.reported_at)
@@ -200,8 +204,9 @@ class FleetView:
         ram_free_bytes: int,
         reported_at: timestamp_pb2.Timestamp,
     ) -> None:
-        """A node's heartbeat, as the registry received it: keep its load, and show it on the node's record
-        at once (the record itself changes in etcd only with its durable part)."""
+        """A node's load report (from its stream or a heartbeat), as the registry received it: keep its load,
+        and show it on the node's record at once (the record itself changes in etcd only with its durable
+        part)."""
         self.load.report(node_id, replicas, ram_free_bytes, reported_at)
         node = self.nodes.get(node_id)
         if node is None:

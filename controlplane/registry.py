@@ -1,12 +1,17 @@
-"""NodeRegistryService: node agents register under a lease and heartbeat to keep it.
+"""NodeRegistryService: node agents register under a lease, heartbeat to keep it, and stream their load.
 
-A heartbeat carries the node's replicas and load. Its load goes to the fleet view's load board, in memory;
-the node's record in etcd is rewritten only when its durable part (replicas appearing, going, changing
-state, error or device; the inventory but free RAM) differs from what this control plane last wrote or
-from what the view holds. Otherwise the heartbeat only refreshes the lease: a busy fleet reports several
-times a second per node, and those reports must not become etcd writes, nor wake every reader of etcd.
-Nor etcd requests: the lease is renewed at most every TTL/4 per node (a node whose lease is gone is out of
-the fleet view, so its next heartbeat is told to register again all the same).
+A node heartbeats to one control plane and keeps a `ReportLoad` stream open to every one, so that each
+control plane (and the edges that follow it) knows every node's load, not only the load of the nodes that
+heartbeat to it. A report goes to the fleet view's load board, in memory, and nowhere else. A heartbeat
+carries the node's replicas too: the node's record in etcd is rewritten only when its durable part
+(replicas appearing, going, changing state, error or device; the inventory but free RAM) differs from what
+this control plane last wrote or from what the view holds. Otherwise the heartbeat only refreshes the
+lease: a busy fleet reports several times a second per node, and those reports must not become etcd
+writes, nor wake every reader of etcd. Nor etcd requests: the lease is renewed at most every TTL/4 per node
+(a node whose lease is gone is out of the fleet view, so its next heartbeat is told to register again all
+the same). While a node's stream is open here, the stream is its one source of load (a heartbeat's figures
+may be older than the stream's last report, which can overtake it); a node with no stream here (one whose
+agent predates ReportLoad, or whose stream is being opened again) reports its load in heartbeats.
 
 A node's reports are stored with their specs redacted: the control plane never needs a report's secrets
 (the keys a node uses come to it in its assignments), and a stored report is what operators are shown.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import grpc
@@ -31,6 +37,10 @@ from mesh.redaction import redact_message
 log = logging.getLogger(__name__)
 
 RESEND_SECONDS = 15.0
+# How long a load report for a node this control plane's view does not hold (under the report's lease) waits
+# for the view before it is refused: a node that has just registered through another control plane reaches
+# this one's view through its etcd watch a moment later.
+VIEW_LAG_SECONDS = 5.0
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -52,6 +62,8 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         # the view's record, because the view learns of a write only when the watch brings it back: a
         # change that is undone before then must still be written.
         self._written: dict[str, bytes] = {}
+        # node_id -> ReportLoad streams from it open here now (while one is, its heartbeats' load is not used).
+        self._streams: Counter[str] = Counter()
 
     async def RegisterNode(
         self, request: registry_pb2.RegisterNodeRequest, context: grpc.aio.ServicerContext
@@ -112,8 +124,10 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
             raise expired
         now = _now()
         replicas = [redact_message(r) for r in request.replicas]
-        # Load first, so that the watch event of a write below already finds it on the board.
-        self._fleet.report_load(request.node_id, replicas, request.ram_free_bytes, now)
+        streamed = self._streams[request.node_id] > 0
+        if not streamed:
+            # Load first, so that the watch event of a write below already finds it on the board.
+            self._fleet.report_load(request.node_id, replicas, request.ram_free_bytes, now)
         updated = node_pb2.Node()
         updated.CopyFrom(node)
         del updated.replicas[:]
@@ -124,7 +138,61 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         if key != self._written.get(request.node_id) or key != durable_key(node):
             await self._store.put("node", updated, request.lease_id)
             self._written[request.node_id] = key
-        return registry_pb2.HeartbeatResponse()
+        return registry_pb2.HeartbeatResponse(load_streamed=streamed)
+
+    async def ReportLoad(
+        self, request_iterator: AsyncIterator[registry_pb2.ReportLoadRequest], context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ReportLoadResponse:
+        """One node's load, report after report, into the load board. Refused (the stream ends with the
+        error) for a report that does not come from the node's current registration."""
+        node_id = ""
+        try:
+            async for report in request_iterator:
+                if not node_id:
+                    if not report.node_id:
+                        raise invalid("node_id", "a load report must name its node")
+                    node_id = report.node_id
+                    self._streams[node_id] += 1
+                elif report.node_id != node_id:
+                    raise invalid(
+                        "node_id", f"a load stream carries one node's reports: {node_id}, not {report.node_id}"
+                    )
+                if not report.lease_id:
+                    raise invalid("lease_id", "a load report must carry the lease_id its node registered with")
+                if not await self._registered_under(node_id, report.lease_id):
+                    raise FleetError(
+                        ErrorCode.LEASE_EXPIRED, f"node {node_id} is not registered under lease {report.lease_id:x}"
+                    )
+                replicas = [redact_message(r) for r in report.replicas]
+                self._fleet.report_load(node_id, replicas, report.ram_free_bytes, _now())
+        except FleetError as error:
+            # The error interceptor wraps unary responses and server streams only: a client stream says its
+            # error itself, in the same shape (a status with an ErrorInfo).
+            await context.abort(error.grpc_code, error.message, trailing_metadata=error.grpc_trailing_metadata())
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("load stream from node %s failed", node_id or "(unnamed)")
+            internal = FleetError(ErrorCode.INTERNAL, "internal error; see the server log")
+            await context.abort(
+                internal.grpc_code, internal.message, trailing_metadata=internal.grpc_trailing_metadata()
+            )
+        finally:
+            if node_id:
+                self._streams[node_id] -= 1
+                if self._streams[node_id] <= 0:
+                    del self._streams[node_id]
+        return registry_pb2.ReportLoadResponse()
+
+    async def _registered_under(self, node_id: str, lease_id: int) -> bool:
+        """Whether the view holds the node's record under this lease, waiting (VIEW_LAG_SECONDS at most) for a
+        registration it has not seen yet."""
+
+        def holds() -> bool:
+            node = self._fleet.nodes.get(node_id)
+            return node is not None and node.lease_id == lease_id
+
+        return holds() or bool(await self._fleet.wait_for(holds, VIEW_LAG_SECONDS))
 
     async def DeregisterNode(
         self, request: registry_pb2.DeregisterNodeRequest, context: grpc.aio.ServicerContext

@@ -1,7 +1,10 @@
 """Joining the fleet and staying in it: register under a lease, heartbeat, register again if it lapsed.
 
-Heartbeats go out every interval the control plane asked for, and at once when a replica changes state
-(loading -> ready), so a model becomes routable as soon as it is loaded.
+Heartbeats go out every interval the control plane asked for, and within MIN_REPORT_SECONDS when a replica
+changes state (loading -> ready), so a model becomes routable as soon as it is loaded. A change of load
+alone goes to every control plane over the load streams (load_reports.py), not in a heartbeat, unless the
+control plane this node heartbeats to does not hear those streams (an older version, or a stream being
+opened again: HeartbeatResponse.load_streamed says): then heartbeats carry the load promptly, as before.
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
 from mesh.errors import ErrorCode, FleetError
 from node_agent import inventory
 from node_agent.host import ModelHost
+from node_agent.load_reports import MIN_REPORT_SECONDS, ChangeFeed, durable_signature
 
 log = logging.getLogger(__name__)
-
-MIN_REPORT_SECONDS = 0.2
 
 
 class Registration:
@@ -30,33 +32,46 @@ class Registration:
         node_id: str,
         address: str,
         host: ModelHost,
+        feed: ChangeFeed,
         collect_inventory: Callable[[], node_pb2.Inventory],
         timeout: float,
         version: str,
     ) -> None:
         self._stub = registry_pb2_grpc.NodeRegistryServiceStub(channel)
-        self._node_id = node_id
+        self.node_id = node_id
         self._address = address
         self._host = host
         self._collect_inventory = collect_inventory
         self._timeout = timeout
         self._version = version
         self.lease_id = 0
+        self.interval = 1.0  # between heartbeats (and load reports), as the control plane says when registering
         self.registered = asyncio.Event()
+        # Whether the control plane this node heartbeats to hears its load stream (its last heartbeat reply).
+        self.load_streamed = False
+        self._changed = feed.subscribe()
+        self._check = False  # a load stream was refused: heartbeat now, to learn whether the lease is gone
         # The RegisterNode call in flight, if any. Stopping the agent must not cancel it half-way: the
         # control plane may already have written the record under a new lease, and only the reply says
         # which lease to revoke, so deregister waits for it.
         self._registering: asyncio.Future[registry_pb2.RegisterNodeResponse] | None = None
 
-    async def _register(self) -> float:
+    def check_now(self) -> None:
+        """Heartbeat at once (a control plane refused a load report: the lease may be gone)."""
+        self._check = True
+        self._changed.set()
+
+    async def _register(self) -> bytes:
+        """Register under a new lease; returns the durable signature of the replicas it carried."""
         inv = await asyncio.to_thread(self._collect_inventory)
+        replicas = self._host.replicas()
         self._registering = asyncio.ensure_future(
             self._stub.RegisterNode(
                 registry_pb2.RegisterNodeRequest(
-                    node_id=self._node_id,
+                    node_id=self.node_id,
                     inference_address=self._address,
                     inventory=inv,
-                    replicas=self._host.replicas(),
+                    replicas=replicas,
                     agent_version=self._version,
                 ),
                 timeout=self._timeout,
@@ -64,40 +79,56 @@ class Registration:
         )
         reply = await asyncio.shield(self._registering)
         self.lease_id = reply.lease_id
+        self.interval = max(0.2, reply.heartbeat_interval.ToTimedelta().total_seconds())
+        self.load_streamed = False  # its streams send the new lease from now on; the next heartbeat says
         self.registered.set()
         log.info("registered with the control plane (lease %x, ttl %ss)", reply.lease_id, reply.lease_ttl.seconds)
-        return max(0.2, reply.heartbeat_interval.ToTimedelta().total_seconds())
+        return durable_signature(replicas)
 
-    async def _heartbeat(self) -> None:
-        await self._stub.Heartbeat(
-            registry_pb2.HeartbeatRequest(
-                node_id=self._node_id,
-                lease_id=self.lease_id,
-                replicas=self._host.replicas(),
-                ram_free_bytes=inventory.ram_free_bytes(),
-            ),
-            timeout=self._timeout,
-        )
+    def _due(self, sent: bytes) -> bool:
+        """Whether a change calls for a heartbeat before the interval is up: a check was asked for, a durable
+        change (that only a heartbeat writes), or any change while the control plane hears no load stream."""
+        return self._check or not self.load_streamed or durable_signature(self._host.replicas()) != sent
+
+    async def _heartbeats(self, sent: bytes) -> None:
+        """Heartbeat every interval, and within MIN_REPORT_SECONDS of a change that is due, until a call fails."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                # A fixed deadline, not one that starts over at every change of load. asyncio.timeout, not
+                # wait_for: on Python 3.11 wait_for swallows a cancellation that arrives with a change, and
+                # the agent's shutdown would wait on this loop.
+                async with asyncio.timeout_at(loop.time() + self.interval):
+                    while not (self._changed.is_set() and self._due(sent)):
+                        self._changed.clear()
+                        await self._changed.wait()
+                    # Report changes promptly, but at most MIN_REPORT_SECONDS apart.
+                    await asyncio.sleep(MIN_REPORT_SECONDS)
+            except TimeoutError:
+                pass
+            self._changed.clear()
+            self._check = False
+            replicas = self._host.replicas()
+            reply = await self._stub.Heartbeat(
+                registry_pb2.HeartbeatRequest(
+                    node_id=self.node_id,
+                    lease_id=self.lease_id,
+                    replicas=replicas,
+                    ram_free_bytes=inventory.ram_free_bytes(),
+                ),
+                timeout=self._timeout,
+            )
+            self.load_streamed = reply.load_streamed
+            sent = durable_signature(replicas)
 
     async def run(self) -> None:
         """Stay registered until cancelled."""
         backoff = 0.5
         while True:
             try:
-                interval = await self._register()
+                sent = await self._register()
                 backoff = 0.5
-                while True:
-                    self._host.changed.clear()
-                    try:
-                        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
-                        # that arrives with a change, and the agent's shutdown would wait on this loop.
-                        async with asyncio.timeout(interval):
-                            await self._host.changed.wait()
-                        # Report changes (load, state) promptly, but at most MIN_REPORT_SECONDS apart.
-                        await asyncio.sleep(MIN_REPORT_SECONDS)
-                    except TimeoutError:
-                        pass
-                    await self._heartbeat()
+                await self._heartbeats(sent)
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
@@ -124,7 +155,7 @@ class Registration:
             return
         try:
             await self._stub.DeregisterNode(
-                registry_pb2.DeregisterNodeRequest(node_id=self._node_id, lease_id=self.lease_id),
+                registry_pb2.DeregisterNodeRequest(node_id=self.node_id, lease_id=self.lease_id),
                 timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as exc:

@@ -22,6 +22,7 @@ from mesh.lifecycle import bound_address, run_until_signalled
 from node_agent import assignments, inventory
 from node_agent.host import ModelHost
 from node_agent.inference_service import NodeInference
+from node_agent.load_reports import ChangeFeed, report_load
 from node_agent.registration import Registration
 from node_agent.settings import NodeSettings
 
@@ -46,17 +47,9 @@ def _advertised(settings: NodeSettings, port: int) -> str:
     return f"{host}:{port}"
 
 
-def controlplane_target(addresses: str) -> str:
-    """The gRPC target for one or several control planes. One address is used as it is (a DNS name that
-    resolves to several records already gives the channel several addresses). Several become one
-    `ipv4:`/`ipv6:` target, host names resolved now: the channel's pick_first policy uses the first that
-    answers and, when its connection breaks, tries them in order again, so the agent moves to another
-    control plane by itself; the registration and the assignment stream then go on there."""
-    entries = [a.strip() for a in addresses.split(",") if a.strip()]
-    if not entries:
-        raise ValueError("no control-plane address given")
-    if len(entries) == 1:
-        return entries[0]
+def _resolved(entries: list[str]) -> list[str]:
+    """Every address the entries (host:port each) resolve to, in order and once each, of one address family
+    (IPv4 when there is any): a gRPC target holds one family."""
     v4: list[str] = []
     v6: list[str] = []
     for entry in entries:
@@ -68,9 +61,40 @@ def controlplane_target(addresses: str) -> str:
                 v4.append(f"{sockaddr[0]}:{port}")
             elif family == socket.AF_INET6 and f"[{sockaddr[0]}]:{port}" not in v6:
                 v6.append(f"[{sockaddr[0]}]:{port}")
-    if v4:  # one target holds one address family
-        return "ipv4:" + ",".join(v4)
-    return "ipv6:" + ",".join(v6)
+    return v4 or v6
+
+
+def _entries(addresses: str) -> list[str]:
+    entries = [a.strip() for a in addresses.split(",") if a.strip()]
+    if not entries:
+        raise ValueError("no control-plane address given")
+    return entries
+
+
+def controlplane_target(addresses: str) -> str:
+    """The gRPC target for one or several control planes. One address is used as it is (a DNS name that
+    resolves to several records already gives the channel several addresses). Several become one
+    `ipv4:`/`ipv6:` target, host names resolved now: the channel's pick_first policy uses the first that
+    answers and, when its connection breaks, tries them in order again, so the agent moves to another
+    control plane by itself; the registration and the assignment stream then go on there."""
+    entries = _entries(addresses)
+    if len(entries) == 1:
+        return entries[0]
+    resolved = _resolved(entries)
+    return ("ipv4:" if ":" not in resolved[0].rsplit(":", 1)[0] else "ipv6:") + ",".join(resolved)
+
+
+def controlplane_addresses(addresses: str) -> list[str]:
+    """Each control plane once, as host:port: the load streams go to every one. Host names are resolved now
+    (a DNS name with several records is several control planes); one that does not resolve yet is kept as
+    it is, for its channel to resolve when it connects."""
+    entries = _entries(addresses)
+    try:
+        return _resolved([e.removeprefix("dns:///") for e in entries])
+    except (OSError, ValueError):
+        if len(entries) > 1:
+            raise  # the same list as a target is refused at start-up already
+        return entries
 
 
 async def _first_failure(stop: asyncio.Event, background: list[asyncio.Task[None]]) -> str:
@@ -116,16 +140,20 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     failure = ""
     try:
         target = controlplane_target(settings.controlplane)
+        controlplanes = await asyncio.to_thread(controlplane_addresses, settings.controlplane)
         async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+            feed = ChangeFeed(host)
             registration = Registration(
-                channel, settings.node_id, address, host, collect, settings.rpc_timeout_seconds, _agent_version()
+                channel, settings.node_id, address, host, feed, collect, settings.rpc_timeout_seconds, _agent_version()
             )
             host.start()
             background = [
+                asyncio.create_task(feed.run(), name="change feed"),
                 asyncio.create_task(registration.run(), name="registration"),
                 asyncio.create_task(
                     assignments.follow(channel, settings.node_id, host, registration.registered), name="assignments"
                 ),
+                asyncio.create_task(report_load(controlplanes, registration, host, feed), name="load streams"),
             ]
             try:
                 failure = await _first_failure(stop, background)

@@ -5,6 +5,10 @@ error, device; a replica appearing or going) is written to etcd; a load-only rep
 lease. Writes are counted by a real etcd watcher of the node's key, independent of the control plane. The
 load still reaches everyone who uses it: the fleet view (also across a full resync from etcd, whose record
 holds older figures), the reconciler's idle unload, and the routing table published to edges.
+
+Load also travels on a stream of its own (`ReportLoad`, over a real gRPC server and channel here), to every
+control plane, not only to the one the node heartbeats to; a report that is not the node's own
+registration's is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aetcd
+import grpc
 import httpx
 import pytest
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
@@ -30,7 +35,9 @@ from controlplane.reconciler import Reconciler
 from controlplane.registry import NodeRegistry
 from controlplane.route_publisher import RoutePublisher
 from controlplane.store import StoreEvent
-from fleetlm.controlplane.v1 import node_pb2, registry_pb2, routing_pb2
+from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc, routing_pb2
+from mesh.errors import ErrorCode, FleetError
+from mesh.grpc_server import GrpcServer
 from tests.cluster import Cluster
 
 pytestmark = [pytest.mark.cluster]
@@ -314,3 +321,164 @@ async def test_a_node_that_moves_to_another_control_plane_is_not_shown_with_the_
         a.fleet.load.max_age_seconds = 0.2
         await asyncio.sleep(0.3)  # at least max_age_seconds: a lower bound, not a race
         assert not a.fleet.load.fresh("n1") and b.fleet.load.fresh("n1")
+
+
+@contextlib.asynccontextmanager
+async def registry_server(cp: ControlPlane) -> AsyncIterator[registry_pb2_grpc.NodeRegistryServiceStub]:
+    """The control plane's NodeRegistryService on a real gRPC server on a free port, and a stub for it."""
+    server = GrpcServer(["fleetlm.controlplane.v1.NodeRegistryService"])
+    registry_pb2_grpc.add_NodeRegistryServiceServicer_to_server(cp.registry, server.server)
+    port = await server.start("127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield registry_pb2_grpc.NodeRegistryServiceStub(channel)
+    finally:
+        await server.stop(0)
+
+
+class Reports:
+    """A ReportLoad stream the test feeds report by report."""
+
+    def __init__(self, stub: registry_pb2_grpc.NodeRegistryServiceStub) -> None:
+        self.queue: asyncio.Queue[registry_pb2.ReportLoadRequest | None] = asyncio.Queue()
+        self.call = stub.ReportLoad(self._requests())
+
+    async def _requests(self) -> AsyncIterator[registry_pb2.ReportLoadRequest]:
+        while (report := await self.queue.get()) is not None:
+            yield report
+
+    def send(self, node_id: str, lease_id: int, *replicas: node_pb2.Replica, ram_free: int = 12 * GiB) -> None:
+        self.queue.put_nowait(
+            registry_pb2.ReportLoadRequest(
+                node_id=node_id, lease_id=lease_id, replicas=replicas, ram_free_bytes=ram_free
+            )
+        )
+
+    async def refusal(self) -> tuple[grpc.StatusCode, FleetError]:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async with asyncio.timeout(SETTLE):
+                await self.call
+        return refused.value.code(), FleetError.from_rpc_error(refused.value)
+
+
+async def until(predicate: Any) -> bool:
+    """Polls: a load report changes the view without waking the view's waiters (only durable changes do)."""
+    async with asyncio.timeout(SETTLE):
+        while not predicate():
+            await asyncio.sleep(0.01)
+    return True
+
+
+def running(cp: ControlPlane, node_id: str) -> int:
+    node = cp.fleet.nodes.get(node_id)
+    return node.replicas[0].running_requests if node is not None and node.replicas else -1
+
+
+async def test_a_load_stream_reaches_a_control_plane_the_node_does_not_heartbeat_to(etcd_url: str) -> None:
+    # Two control planes on one etcd. The node registers and heartbeats through a only; its load stream to b
+    # is all b hears of it: b's view, its freshness and its routing table follow the stream.
+    prefix = f"/load-test-{uuid.uuid4().hex[:8]}"
+    async with control_plane(etcd_url, prefix) as a, control_plane(etcd_url, prefix) as b, registry_server(b) as b_stub:
+        await a.add_node("n1")
+        lease = a.leases["n1"]
+        await a.report("n1", replica("m", READY))  # the durable change: b sees it through etcd
+        assert await b.fleet.wait_for(lambda: "n1" in b.fleet.nodes and ready(b, "n1"), SETTLE)
+        assert not b.fleet.load.fresh("n1")  # nothing reported to b yet
+
+        stream = b.publisher.watch()
+        await asyncio.wait_for(anext(stream), SETTLE)  # the snapshot
+        events_before = b.node_events("n1")
+        reports = Reports(b_stub)
+        for load in (3, 1, 4):
+            reports.send("n1", lease, replica("m", READY, running=load))
+            assert await until(lambda load=load: running(b, "n1") == load)
+            async with asyncio.timeout(SETTLE):
+                while not any(
+                    n.node_id == "n1" and n.replicas[0].running_requests == load for n in (await anext(stream)).nodes
+                ):
+                    pass
+        assert b.fleet.load.fresh("n1")
+        assert running(a, "n1") == 0  # a heard none of it: the stream went to b alone
+        # Load only: no node event (none wakes a reconciler; none was written to etcd).
+        assert b.node_events("n1") == events_before
+        reports.queue.put_nowait(None)
+        async with asyncio.timeout(SETTLE):
+            assert await reports.call == registry_pb2.ReportLoadResponse()
+        await stream.aclose()
+
+
+async def test_while_a_stream_is_open_heartbeats_carry_no_load_and_say_so(etcd_url: str) -> None:
+    async with control_plane(etcd_url) as cp, registry_server(cp) as stub:
+        await cp.add_node("n1")
+        lease = cp.leases["n1"]
+        heartbeat = registry_pb2.HeartbeatRequest(
+            node_id="n1", lease_id=lease, replicas=[replica("m", READY, running=2)]
+        )
+        assert not (await stub.Heartbeat(heartbeat, timeout=SETTLE)).load_streamed
+        assert await until(lambda: running(cp, "n1") == 2)
+
+        reports = Reports(stub)
+        reports.send("n1", lease, replica("m", READY, running=5))
+        assert await until(lambda: running(cp, "n1") == 5)
+        # A heartbeat sent before the last report may arrive after it: its figures do not undo the stream's.
+        heartbeat.replicas[0].running_requests = 1
+        assert (await stub.Heartbeat(heartbeat, timeout=SETTLE)).load_streamed
+        assert running(cp, "n1") == 5
+
+        # The stream closed: heartbeats are the node's load reports here again (as from an older agent).
+        reports.queue.put_nowait(None)
+        async with asyncio.timeout(SETTLE):
+            await reports.call
+        async with asyncio.timeout(SETTLE):
+            while (await stub.Heartbeat(heartbeat, timeout=SETTLE)).load_streamed:
+                await asyncio.sleep(0.01)  # the stream's end reaches the server a moment after the client's
+        assert running(cp, "n1") == 1
+
+
+async def test_only_a_nodes_own_registration_may_report_its_load(
+    etcd_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from controlplane import registry
+
+    monkeypatch.setattr(registry, "VIEW_LAG_SECONDS", 0.5)  # how long a refusal waits for the view
+    async with control_plane(etcd_url) as cp, registry_server(cp) as stub:
+        await cp.add_node("n1")
+        lease = cp.leases["n1"]
+        await cp.report("n1", replica("m", READY))
+        assert await cp.fleet.wait_for(lambda: ready(cp, "n1"), SETTLE)
+
+        # A node this control plane does not know, and a lease that is not the node's: NOT_FOUND, with the
+        # reason that makes the node check its registration. The load goes nowhere.
+        for node_id, lease_id in (("ghost", lease), ("n1", lease + 1)):
+            reports = Reports(stub)
+            reports.send(node_id, lease_id, replica("m", READY, running=7))
+            code, error = await reports.refusal()
+            assert code == grpc.StatusCode.NOT_FOUND and error.code == ErrorCode.LEASE_EXPIRED, error
+            assert node_id in error.message
+        assert "ghost" not in cp.fleet.nodes and running(cp, "n1") == 0
+
+        # One stream is one node's: a report for another node on it is refused, as are reports that name
+        # no node or no lease. Each says which field.
+        reports = Reports(stub)
+        reports.send("n1", lease, replica("m", READY, running=1))
+        reports.send("n2", lease, replica("m", READY, running=7))
+        code, error = await reports.refusal()
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and error.param == "node_id", error
+        assert running(cp, "n1") == 1
+        for node_id, lease_id, param in (("", lease, "node_id"), ("n1", 0, "lease_id")):
+            reports = Reports(stub)
+            reports.send(node_id, lease_id)
+            code, error = await reports.refusal()
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and error.param == param, error
+
+        # A node that registers again under a new lease is accepted under it, as soon as the view has the
+        # new record (a report waits for it).
+        monkeypatch.setattr(registry, "VIEW_LAG_SECONDS", SETTLE)
+        await cp.add_node("n1")
+        await cp.report("n1", replica("m", READY))  # a registration of no replicas, then the replica again
+        reports = Reports(stub)
+        reports.send("n1", cp.leases["n1"], replica("m", READY, running=3))
+        assert await until(lambda: running(cp, "n1") == 3)
+        reports.queue.put_nowait(None)
+        async with asyncio.timeout(SETTLE):
+            await reports.call

@@ -59,8 +59,10 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., lease_id: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[_node_pb2.Replica, _Mapping]]] = ..., ram_free_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("load_streamed",)
+    LOAD_STREAMED_FIELD_NUMBER: _ClassVar[int]
+    load_streamed: bool
+    def __init__(self, load_streamed: _Optional[bool] = ...) -> None: ...
 
 class DeregisterNodeRequest(_message.Message):
     __slots__ = ("node_id", "lease_id")
@@ -71,5 +73,21 @@ class DeregisterNodeRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., lease_id: _Optional[int] = ...) -> None: ...
 
 class DeregisterNodeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReportLoadRequest(_message.Message):
+    __slots__ = ("node_id", "lease_id", "replicas", "ram_free_bytes")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    RAM_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    lease_id: int
+    replicas: _containers.RepeatedCompositeFieldContainer[_node_pb2.Replica]
+    ram_free_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., lease_id: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[_node_pb2.Replica, _Mapping]]] = ..., ram_free_bytes: _Optional[int] = ...) -> None: ...
+
+class ReportLoadResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

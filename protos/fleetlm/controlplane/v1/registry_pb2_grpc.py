@@ -28,6 +28,8 @@ if _version_not_supported:
 class NodeRegistryServiceStub:
     """NodeRegistryService is how node agents join the fleet and stay in it. A registration holds an
     etcd lease; heartbeats keep it alive. A node that stops heartbeating is gone when its lease expires.
+    A node heartbeats to one control plane (the first that answers) and streams its load to every one
+    (ReportLoad), so that each knows every node's load.
     """
 
     def __init__(self, channel):
@@ -56,11 +58,18 @@ class NodeRegistryServiceStub:
                 request_serializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.WatchAssignmentsRequest.SerializeToString,
                 response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.WatchAssignmentsResponse.FromString,
                 _registered_method=True)
+        self.ReportLoad = channel.stream_unary(
+                '/fleetlm.controlplane.v1.NodeRegistryService/ReportLoad',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.ReportLoadRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.ReportLoadResponse.FromString,
+                _registered_method=True)
 
 
 class NodeRegistryServiceServicer:
     """NodeRegistryService is how node agents join the fleet and stay in it. A registration holds an
     etcd lease; heartbeats keep it alive. A node that stops heartbeating is gone when its lease expires.
+    A node heartbeats to one control plane (the first that answers) and streams its load to every one
+    (ReportLoad), so that each knows every node's load.
     """
 
     def RegisterNode(self, request, context):
@@ -74,7 +83,9 @@ class NodeRegistryServiceServicer:
         """Heartbeat keeps a node's lease and reports its replicas and load. The load (running, queued and
         refused requests, last request, free RAM) is kept in the control plane's memory; the node's record in
         etcd is rewritten only when the rest changes (a replica appears or goes, changes state, error or
-        device). NOT_FOUND means the lease expired: the agent must register again.
+        device). NOT_FOUND means the lease expired: the agent must register again. While this control plane
+        hears the node over a ReportLoad stream, it takes the node's load from the stream only, and says so
+        (HeartbeatResponse.load_streamed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +101,22 @@ class NodeRegistryServiceServicer:
     def WatchAssignments(self, request, context):
         """WatchAssignments streams the complete set of replicas the node should run: once at once, then on
         every change and periodically, so that an agent that missed a message converges anyway.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportLoad(self, request_iterator, context):
+        """ReportLoad is a node's stream of load and replica progress to one control plane. A node keeps one
+        open to every control plane it was given, sends a report on every change (at most every 0.2 s) and
+        at least every heartbeat interval, and opens it again with jittered backoff when it breaks. Reports
+        are kept in the control plane's memory (for routing tables, idle unload, ListNodes), never written
+        to etcd: the node's durable state still goes through Heartbeat. A report is accepted only for the
+        node's own record: NOT_FOUND (LEASE_EXPIRED) means this control plane has no node of that id under
+        that lease, and the node checks its registration at once (a heartbeat, which registers again if the
+        lease is gone); INVALID_ARGUMENT means a report named no node or lease, or another node than the
+        stream's first report. A control plane that predates this RPC answers UNIMPLEMENTED: the node then
+        keeps sending its load in heartbeats, as before.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,6 +145,11 @@ def add_NodeRegistryServiceServicer_to_server(servicer, server):
                     request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.WatchAssignmentsRequest.FromString,
                     response_serializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.WatchAssignmentsResponse.SerializeToString,
             ),
+            'ReportLoad': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReportLoad,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.ReportLoadRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.ReportLoadResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'fleetlm.controlplane.v1.NodeRegistryService', rpc_method_handlers)
@@ -129,6 +161,8 @@ def add_NodeRegistryServiceServicer_to_server(servicer, server):
 class NodeRegistryService:
     """NodeRegistryService is how node agents join the fleet and stay in it. A registration holds an
     etcd lease; heartbeats keep it alive. A node that stops heartbeating is gone when its lease expires.
+    A node heartbeats to one control plane (the first that answers) and streams its load to every one
+    (ReportLoad), so that each knows every node's load.
     """
 
     @staticmethod
@@ -229,6 +263,33 @@ class NodeRegistryService:
             '/fleetlm.controlplane.v1.NodeRegistryService/WatchAssignments',
             fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.WatchAssignmentsRequest.SerializeToString,
             fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.WatchAssignmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLoad(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fleetlm.controlplane.v1.NodeRegistryService/ReportLoad',
+            fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.ReportLoadRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_registry__pb2.ReportLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,
