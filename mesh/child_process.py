@@ -34,6 +34,24 @@ def signal_group(pid: int, sig: int) -> None:
         pass
 
 
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of a process group, read from /proc (Linux)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses, so split after the last ")"
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(entry.name))
+    return members
+
+
 def orphan_proof(argv: list[str]) -> list[str]:
     """`argv` run through this module, which sets the parent-death signal in the child and then execs it.
 

@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from mesh.child_process import orphan_proof, signal_group
+from mesh.child_process import group_members, orphan_proof, signal_group
 from mesh.redaction import REDACTED, redact_argv
 from node_agent.engines.base import EngineError, PermanentEngineError
 
@@ -152,6 +152,12 @@ class EngineProcess:
         # Whatever the leader left behind in its group (an engine's worker processes) goes too.
         signal_group(proc.pid, signal.SIGKILL)
         await proc.wait()
+        # The leader is reaped, but SIGKILLed members (GPU workers holding memory, say) die when the kernel
+        # next runs them: on a busy machine that is not at once. Wait for them (10 s at most), so that a
+        # restart never meets the old engine's processes.
+        deadline = time.monotonic() + 10
+        while group_members(proc.pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
