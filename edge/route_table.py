@@ -4,153 +4,27 @@ The control plane publishes the table (`RoutingService.WatchRoutes`); the edge k
 routes from it with no round trip. If the control plane goes away the edge goes on routing from the last
 table it had (and says since when it has heard nothing).
 
-Only ready replicas are candidates (the others' states and errors are what a client hears when none is
-ready). They are ordered:
-  1. not full (estimated load under the replica's limits);
-  2. not on a draining node;
-  3. least estimated load, ties spread by rotation;
-and first of all the affine replica: requests sharing a long prompt prefix go to the replica that has it
-cached (else requests of the same OpenAI `user`), found on a consistent-hash ring, but only while it is
-within `slack` requests of the least loaded replica and not full, so that a hot prefix never piles
-every request onto one busy replica.
+The choice itself is `mesh.replica_choice`, the rule the control plane's `PickReplica` follows too: ready
+replicas only; not full, not draining, least estimated load, ties rotated; the prefix's (else the user's)
+affine replica first while it is within `slack` of the least loaded. What the table adds is keeping one
+`ReplicaSet` per model current, so that a decision costs O(count + distinct load levels) whatever the
+number of replicas: the reports replace a node's replicas, and this edge's own requests (`acquire`,
+`release`) move a replica between buckets.
 
-Load estimate. A node reports running + queued requests per replica, which includes what every edge has
-sent it. This edge also knows exactly what it has in flight there now. The estimate is what the others
-had there at the last report plus what this edge has now:
-    max(0, reported - own_at_report) + own
-so several edges each add what they routed, reports correct the drift, and with no reports (control
-plane away) the estimate still follows this edge's own traffic exactly.
-
-A decision costs O(count + distinct load levels) plus O(log n) for affinity, whatever the number of
-replicas: replicas are kept in buckets by (full, draining, load), and only the buckets are ordered.
+What this edge has in flight on a replica is counted by node and model, not on the entry a request was
+routed with: a report replaces the entry while requests are still running there, and the request that
+ends must come off the entry that is current then. Each entry's `own` mirrors that count, so the estimate
+is the other edges' share at the report plus this edge's own now.
 """
 
 from __future__ import annotations
 
-import bisect
-import hashlib
+import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
-Key = tuple[int, int, int]  # (full, draining, load): smaller is better
+from mesh.replica_choice import Replica, ReplicaSet
 
-
-def ring_point(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-
-
-@dataclass(eq=False)
-class Replica:
-    """One replica of one model on one node, as routing needs it."""
-
-    node_id: str
-    address: str
-    model: str
-    ready: bool
-    state: str = "ready"  # pending, loading, ready, failed: for the reasons a client hears
-    error: str = ""
-    device: str = "cpu"
-    capacity: int = 1  # running + queued requests it holds before it refuses more
-    reported: int = 0  # running + queued at the node's last report
-    draining: bool = False
-    # Kept by the table:
-    own: int = 0  # requests this edge has in flight on it now
-    own_at_report: int = 0
-    point: int = 0
-    key: Key | None = field(default=None, repr=False)  # its bucket, while ready
-    slot: int = field(default=-1, repr=False)  # its index in that bucket
-
-    @property
-    def load(self) -> int:
-        return max(0, self.reported - self.own_at_report) + self.own
-
-    def rank(self) -> Key:
-        load = self.load
-        return (int(load >= self.capacity), int(self.draining), load)
-
-
-class _ModelReplicas:
-    """The replicas of one model: all of them by node, the ready ones in ordered buckets, and the ring."""
-
-    def __init__(self) -> None:
-        self.by_node: dict[str, Replica] = {}
-        self._buckets: dict[Key, list[Replica]] = {}
-        self._keys: list[Key] = []  # sorted keys of non-empty buckets
-        self._ring: tuple[list[int], list[str]] | None = None  # points and node ids, by point
-
-    # --- buckets ---------------------------------------------------------------------------------------
-
-    def _unbucket(self, replica: Replica) -> None:
-        key = replica.key
-        if key is None:
-            return
-        bucket = self._buckets[key]
-        last = bucket.pop()
-        if last is not replica:
-            bucket[replica.slot] = last
-            last.slot = replica.slot
-        if not bucket:
-            del self._buckets[key]
-            self._keys.pop(bisect.bisect_left(self._keys, key))
-        replica.key, replica.slot = None, -1
-
-    def _bucket(self, replica: Replica) -> None:
-        key = replica.rank()
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = []
-            bisect.insort(self._keys, key)
-        replica.key, replica.slot = key, len(bucket)
-        bucket.append(replica)
-
-    def rekey(self, replica: Replica) -> None:
-        if replica.ready:
-            if replica.key != replica.rank():
-                self._unbucket(replica)
-                self._bucket(replica)
-        else:
-            self._unbucket(replica)
-
-    # --- membership ------------------------------------------------------------------------------------
-
-    def put(self, replica: Replica) -> None:
-        old = self.by_node.get(replica.node_id)
-        if old is not None:
-            self._unbucket(old)
-            replica.own = old.own  # what this edge has in flight there is still in flight
-        replica.own_at_report = replica.own
-        replica.point = old.point if old is not None else ring_point(replica.node_id)
-        self.by_node[replica.node_id] = replica
-        self.rekey(replica)
-        if old is None:
-            self._ring = None  # only membership moves the ring, not a new report
-
-    def remove(self, node_id: str) -> Replica | None:
-        old = self.by_node.pop(node_id, None)
-        if old is not None:
-            self._unbucket(old)
-            self._ring = None
-        return old
-
-    # --- choosing --------------------------------------------------------------------------------------
-
-    def best(self, count: int, turn: int) -> list[Replica]:
-        out: list[Replica] = []
-        for key in self._keys:
-            bucket = self._buckets[key]
-            n = len(bucket)
-            start = turn % n
-            for i in range(min(n, count - len(out))):
-                out.append(bucket[(start + i) % n])
-            if len(out) >= count:
-                break
-        return out
-
-    def ring(self) -> tuple[list[int], list[str]]:
-        if self._ring is None:
-            ordered = sorted(self.by_node.values(), key=lambda r: r.point)
-            self._ring = ([r.point for r in ordered], [r.node_id for r in ordered])
-        return self._ring
+__all__ = ["Replica", "RouteTable"]
 
 
 class RouteTable:
@@ -158,9 +32,10 @@ class RouteTable:
     by this edge's own requests (`acquire`, `release`); read by `pick`."""
 
     def __init__(self) -> None:
-        self._models: dict[str, _ModelReplicas] = {}
+        self._models: dict[str, ReplicaSet] = {}
         self._nodes: dict[str, set[str]] = {}  # node id -> models it hosts
-        self._turn = 0
+        self._in_flight: dict[tuple[str, str], int] = {}  # (node id, model) -> this edge's requests there
+        self._turns = itertools.count()
 
     # --- updates ---------------------------------------------------------------------------------------
 
@@ -168,7 +43,12 @@ class RouteTable:
         """Replace everything known about one node with its latest report."""
         models = set()
         for replica in replicas:
-            self._models.setdefault(replica.model, _ModelReplicas()).put(replica)
+            table = self._models.get(replica.model)
+            if table is None:
+                table = self._models[replica.model] = ReplicaSet()
+            # What this edge has in flight there is still in flight, and the report may count it already.
+            replica.own = replica.own_at_report = self._in_flight.get((replica.node_id, replica.model), 0)
+            table.put(replica)
             models.add(replica.model)
         for gone in self._nodes.get(node_id, set()) - models:
             self._drop(gone, node_id)
@@ -195,17 +75,25 @@ class RouteTable:
     # --- this edge's requests ----------------------------------------------------------------------------
 
     def acquire(self, replica: Replica) -> None:
-        replica.own += 1
-        self._rekey(replica)
+        """Count one request of this edge on `replica` (the entry it was picked as, or an older one)."""
+        key = (replica.node_id, replica.model)
+        self._count(key, self._in_flight.get(key, 0) + 1)
 
     def release(self, replica: Replica) -> None:
-        replica.own = max(0, replica.own - 1)
-        self._rekey(replica)
+        """The request counted by `acquire` has ended, on whichever entry is the replica's now."""
+        key = (replica.node_id, replica.model)
+        self._count(key, max(0, self._in_flight.get(key, 0) - 1))
 
-    def _rekey(self, replica: Replica) -> None:
-        table = self._models.get(replica.model)
-        if table is not None and table.by_node.get(replica.node_id) is replica:
-            table.rekey(replica)
+    def _count(self, key: tuple[str, str], n: int) -> None:
+        if n:
+            self._in_flight[key] = n
+        else:
+            self._in_flight.pop(key, None)
+        table = self._models.get(key[1])
+        current = table.by_node.get(key[0]) if table is not None else None
+        if table is not None and current is not None:
+            current.own = n
+            table.rescore(current.node_id)
 
     # --- reads -----------------------------------------------------------------------------------------
 
@@ -224,28 +112,4 @@ class RouteTable:
         table = self._models.get(model)
         if table is None:
             return [], []
-        self._turn += 1
-        best = table.best(count, self._turn)
-        if not best:
-            return [], [
-                f"{r.node_id}: replica is {r.state}" + (f": {r.error}" if r.error else "")
-                for r in table.by_node.values()
-            ]
-        least = best[0].load
-        for key in (prefix_hash, user):
-            if key:
-                preferred = self._affine(table, key, least, slack)
-                if preferred is not None:
-                    return [preferred, *[r for r in best if r is not preferred]][:count], []
-        return best, []
-
-    @staticmethod
-    def _affine(table: _ModelReplicas, key: str, least: int, slack: int) -> Replica | None:
-        points, node_ids = table.ring()
-        start = bisect.bisect(points, ring_point(key)) % len(points)
-        for step in range(min(len(points), 8)):  # the next usable replica clockwise, looking a little way
-            replica = table.by_node[node_ids[(start + step) % len(points)]]
-            load = replica.load
-            if replica.ready and not replica.draining and load < replica.capacity:
-                return replica if load <= least + slack else None
-        return None
+        return table.choose(user, prefix_hash, count, next(self._turns), slack)

@@ -1,4 +1,5 @@
-"""The edge's routing table: ordering, affinity, load estimates across several edges. Pure arithmetic."""
+"""The edge's routing table: how it keeps the shared choice (`mesh.replica_choice`, whose rules
+test_routing_unit.py checks) current as reports and this edge's own requests come and go. Pure arithmetic."""
 
 from __future__ import annotations
 
@@ -31,18 +32,25 @@ def route(t: RouteTable, **kw: object) -> Replica:
     return chosen
 
 
-def test_least_loaded_first_counting_this_edges_requests() -> None:
-    assert first(table(rep("a", 3), rep("b", 1), rep("c", 2))).node_id == "b"
+def loads(t: RouteTable) -> dict[str, int]:
+    return {r.node_id: r.load for r in t.replicas("m")}
+
+
+def test_this_edges_requests_count_until_they_end() -> None:
     t = table(rep("a", 0), rep("b", 1))
-    picks = [route(t).node_id for _ in range(5)]
-    assert picks[0] == "a" and picks.count("a") == 3  # loads end even: a 0+3, b 1+2
+    picks = [route(t) for _ in range(5)]
+    assert [r.node_id for r in picks].count("a") == 3  # loads end even: a 0+3, b 1+2
+    assert loads(t) == {"a": 3, "b": 3}
+    for replica in picks:
+        t.release(replica)
+    assert loads(t) == {"a": 0, "b": 1}
 
 
 def test_a_report_replaces_the_others_share_and_keeps_this_edges_own() -> None:
     t = table(rep("a", 0), rep("b", 0))
     a = route(t)
     route(t)
-    assert {r.load for r in t.replicas("m")} == {1}
+    assert set(loads(t).values()) == {1}
     # The node reports 3: this edge's 1 plus 2 from other edges.
     t.put_node(a.node_id, [rep(a.node_id, 3)])
     [a2] = [r for r in t.replicas("m") if r.node_id == a.node_id]
@@ -52,40 +60,16 @@ def test_a_report_replaces_the_others_share_and_keeps_this_edges_own() -> None:
     assert first(t).node_id != a.node_id
 
 
-def test_ties_rotate() -> None:
-    t = table(rep("a"), rep("b"), rep("c"))
-    assert {first(t).node_id for _ in range(12)} == {"a", "b", "c"}
-
-
-def test_full_and_draining_replicas_go_last() -> None:
-    t = table(rep("full", 5), rep("drain", draining=True), rep("ok", 3))
-    assert [r.node_id for r in t.pick("m")[0]] == ["ok", "drain", "full"]
-
-
-def test_prefix_affinity_sticks_while_the_replica_is_not_much_busier() -> None:
-    def fresh(busy: str = "", load: int = 0) -> RouteTable:
-        return table(*(rep(n, load if n == busy else 0) for n in "abcdef"))
-
-    chosen = {first(fresh(), prefix_hash="system-prompt-1").node_id for _ in range(6)}
-    assert len(chosen) == 1
-    favourite = chosen.pop()
-    assert first(fresh(favourite, 2), prefix_hash="system-prompt-1", slack=2).node_id == favourite
-    assert first(fresh(favourite, 3), prefix_hash="system-prompt-1", slack=2).node_id != favourite
-    spread = {first(fresh(), prefix_hash=f"prompt-{i}").node_id for i in range(40)}
-    assert len(spread) >= 4  # different prefixes land on different replicas
-
-
-def test_session_affinity_by_user() -> None:
-    t = table(*(rep(n) for n in "abcd"))
-    assert len({first(t, user="alice").node_id for _ in range(8)}) == 1
-
-
-def test_no_ready_replica_gives_reasons() -> None:
-    t = table(rep("a", ready=False), rep("b", ready=False, error="model file not found"))
-    chosen, reasons = t.pick("m")
-    assert chosen == []
-    assert sorted(reasons) == ["a: replica is loading", "b: replica is failed: model file not found"]
-    assert t.pick("unknown") == ([], [])
+def test_a_request_that_spans_a_report_comes_off_the_replica_when_it_ends() -> None:
+    # The gateway releases the entry it routed with; a report has replaced that entry in the meantime.
+    t = table(rep("a", 0), rep("b", 0))
+    a = route(t)
+    t.put_node("a", [rep("a", 1)])  # the node reports the request running
+    t.release(a)  # it ends
+    assert loads(t)["a"] == 0  # the others' share (1 - 1) and nothing of this edge's
+    t.put_node("a", [rep("a", 0)])  # the node's next report: idle
+    assert loads(t) == {"a": 0, "b": 0}
+    assert {r.node_id for r in t.replicas("m") if r.own} == set()
 
 
 def test_a_node_that_leaves_takes_its_replicas_and_a_snapshot_replaces_all() -> None:
@@ -95,15 +79,23 @@ def test_a_node_that_leaves_takes_its_replicas_and_a_snapshot_replaces_all() -> 
     t.replace({"b": [rep("b", 2)], "d": [rep("d", 1)]})
     assert [r.node_id for r in t.pick("m")[0]] == ["d", "b"]
     assert t.models() == {"m"}
+    assert t.pick("unknown") == ([], [])
 
 
 def test_a_replica_that_becomes_ready_or_fails_moves_in_and_out_of_the_candidates() -> None:
     t = table(rep("a", ready=False))
-    assert t.pick("m")[0] == []
+    assert t.pick("m") == ([], ["a: replica is loading"])
     t.put_node("a", [rep("a")])
     assert first(t).node_id == "a"
     t.put_node("a", [rep("a", ready=False, error="crashed")])
-    assert t.pick("m")[0] == []
+    assert t.pick("m") == ([], ["a: replica is failed: crashed"])
+
+
+def test_successive_requests_take_turns_and_keys_pass_through() -> None:
+    t = table(rep("a"), rep("b"), rep("c"))
+    assert {first(t).node_id for _ in range(12)} == {"a", "b", "c"}
+    assert len({first(t, user="alice").node_id for _ in range(8)}) == 1
+    assert len({first(t, prefix_hash="system-prompt").node_id for _ in range(8)}) == 1
 
 
 def test_a_thousand_replicas_route_fast_in_process() -> None:
