@@ -17,7 +17,6 @@ from controlplane import routing
 from controlplane.fleet import FleetView
 from controlplane.store import StoreEvent
 from fleetlm.controlplane.v1 import node_pb2, routing_pb2
-from mesh.catalog import queue_limit, running_limit
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ def node_routes(node: node_pb2.Node, draining: bool) -> routing_pb2.NodeRoutes:
                 device=r.device or "cpu",
                 running_requests=r.running_requests,
                 queued_requests=r.queued_requests,
-                capacity=running_limit(r.model) + queue_limit(r.model),
+                capacity=routing.capacity(r.model),
             )
             for r in node.replicas
         ],
