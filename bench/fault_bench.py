@@ -35,15 +35,38 @@ def leader_fleet(cluster: Cluster, workdir: Path) -> HaFleet:
     return start_ha_fleet(cluster, workdir, controlplanes=3)
 
 
+FAILOVER: list[float] = []  # seconds from killing the leader to another control plane leading
+
+
+def _leads(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = admin_pb2_grpc.AdminServiceStub(channel).GetLeader(admin_pb2.GetLeaderRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return bool(reply.is_leader)
+
+
 def kill_leader(fleet: HaFleet) -> None:
-    for proc in fleet.cluster.procs:
-        if proc.name.startswith("controlplane-"):
-            address = proc.argv[proc.argv.index("--listen") + 1]
-            stub = admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(address))
-            if stub.GetLeader(admin_pb2.GetLeaderRequest(), timeout=2).is_leader:
-                proc.signal(signal.SIGKILL)
-                return
-    raise RuntimeError("no leader found")
+    """SIGKILL the leader, then time the failover: until another control plane says it leads (polled
+    every 50 ms for at most 60 s)."""
+    addresses = {
+        proc.name: proc.argv[proc.argv.index("--listen") + 1]
+        for proc in fleet.cluster.procs
+        if proc.name.startswith("controlplane-")
+    }
+    leader = next((name for name, address in addresses.items() if _leads(address)), None)
+    if leader is None:
+        raise RuntimeError("no leader found")
+    fleet.proc(leader).signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    others = [address for name, address in addresses.items() if name != leader]
+    while time.monotonic() - killed_at < 60:
+        if any(_leads(address) for address in others):
+            FAILOVER.append(time.monotonic() - killed_at)
+            return
+        time.sleep(0.05)
+    raise RuntimeError("no control plane took over within 60 s")
 
 
 def run(name: str, start: Callable[[Cluster, Path], HaFleet], fault: Fault, after: float) -> tuple[Outcomes, float]:
@@ -121,6 +144,9 @@ def main() -> None:
     for name, o, back in results:
         print(f"{name:42}{o.ok:>5}{len(o.before_first_token):>25}{len(o.mid_stream):>19}{o.hung:>6}"
               f"{back:>14.2f} s")  # fmt: skip
+    if FAILOVER:
+        print(f"\nleader failover: another control plane led {FAILOVER[0]:.2f} s after the leader was killed "
+              "(default --leader-ttl 3)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ minutes (this one does, by +-15%) favours no row. The rows:
   llama_cpp.server  llama-cpp-python's OpenAI server (what a user would pick instead)
   fleetlm HTTP  the edge's OpenAI API over SSE: edge -> control plane -> node agent -> llama.cpp
   fleetlm gRPC  the edge's InferenceService.Generate stream, same path
+  node gRPC     the node agent's InferenceService.Generate called directly (no edge): what the edge adds
   llama-server  llama.cpp's own C++ server with 8 slots, when --llama-server is given
 For 1 stream: TTFT p50 and decode tokens/s. For 8 concurrent streams: aggregate tokens/s, TTFT p50/p99.
 """
@@ -187,22 +188,24 @@ def llama_server(binary: str, model_path: str, threads: int, log: Path) -> tuple
     return server, sse_stream(f"http://127.0.0.1:{port}", MODEL)
 
 
-def start_fleetlm(cluster: Cluster, model_path: str, threads: int) -> tuple[str, str]:
+def start_fleetlm(cluster: Cluster, model_path: str, threads: int) -> tuple[str, str, str]:
     catalog = cluster.dir / "deployments.yaml"
     entry = {"name": MODEL, "path": model_path, "format": "gguf", "context_size": 2048,
              "min_replicas": 1, "max_replicas": 1, "max_running_requests": 8}  # fmt: skip
     catalog.write_text(yaml.safe_dump({"models": [entry]}))
     cluster.start_etcd()
     cluster.start_controlplane(10, "--deployments", str(catalog), "--log-level", "WARNING")
-    cluster.start_node("bench", models_dirs=[str(Path(model_path).parent)], threads=threads)
+    _, node_address = cluster.start_node("bench", models_dirs=[str(Path(model_path).parent)], threads=threads)
     _, http, grpc_address = cluster.start_edge("--log-level", "WARNING")
     cluster.wait_model_state(http, MODEL)
-    return http, grpc_address
+    return http, grpc_address, node_address
 
 
 DIRECT = "direct (llama-cpp-python in-process)"
 ALTERNATIVE = "llama_cpp.server"
 FLEETLM_HTTP = "fleetlm, OpenAI HTTP (SSE) through the edge"
+FLEETLM_GRPC = "fleetlm, gRPC through the edge"
+NODE_GRPC = "fleetlm node agent, gRPC, no edge"
 
 
 def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
@@ -218,14 +221,18 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
         cells = [r["ttft_1"], r["tps_1"], r["agg_8"], r["ttft_8_p50"], r["ttft_8_p99"]]
         ratio = [r["agg_8"] / direct["tps_1"], r["agg_8"] / alternative["agg_8"]]
         print(f"{name:<46} " + " ".join(f"{c:>15.1f}" for c in cells) + " " + " ".join(f"{x:>19.2f}" for x in ratio))
-    for name in (FLEETLM_HTTP, "fleetlm, gRPC through the edge"):
+    for name in (FLEETLM_HTTP, FLEETLM_GRPC, NODE_GRPC):
         r = table[name]
         line = (f"\n{name}: 1 stream {r['tps_1'] / direct['tps_1']:.2f}x the direct decode rate, "
                 f"TTFT {r['ttft_1'] - direct['ttft_1']:+.1f} ms against direct")  # fmt: skip
         if "llama-server (C++, 8 slots)" in table:
             line += f"; 8 streams {r['agg_8'] / table['llama-server (C++, 8 slots)']['agg_8']:.2f}x llama-server"
         print(line, end="")
-    print()
+    node = table[NODE_GRPC]["ttft_1"]
+    http, grpc_ = table[FLEETLM_HTTP]["ttft_1"] - node, table[FLEETLM_GRPC]["ttft_1"] - node
+    print(
+        f"\nthe edge's own share of TTFT (against the node called directly): HTTP {http:+.1f} ms, gRPC {grpc_:+.1f} ms"
+    )
 
 
 async def main() -> None:
@@ -247,9 +254,10 @@ async def main() -> None:
                 server, stream = llama_server(args.llama_server, model_path, args.threads, Path(tmp) / "llama.log")
                 servers.append(server)
                 rows["llama-server (C++, 8 slots)"] = stream
-            http, grpc_address = start_fleetlm(cluster, model_path, args.threads)
+            http, grpc_address, node_address = start_fleetlm(cluster, model_path, args.threads)
             rows[FLEETLM_HTTP] = sse_stream(http, MODEL)
-            rows["fleetlm, gRPC through the edge"] = grpc_stream(grpc_address)
+            rows[FLEETLM_GRPC] = grpc_stream(grpc_address)
+            rows[NODE_GRPC] = grpc_stream(node_address)
             for stream in rows.values():
                 await stream(8)  # warm-up
             results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}

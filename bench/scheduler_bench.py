@@ -43,6 +43,7 @@ from fleetlm.controlplane.v1 import (
     routing_pb2_grpc,
 )
 from launcher.processes import etcd_argv
+from mesh import replica_choice
 from tests.cluster import free_port, grpc_serving, wait_for
 
 GiB = 1024**3
@@ -234,15 +235,21 @@ async def decisions(
             samples.append((time.perf_counter() - t) * 1000)
         print(row("deploy: place + write assignment to etcd (DeployModel)", samples))
 
-        # 2. Routing arithmetic, in-process: the index the control plane keeps, fed the same nodes.
-        index = routing.RoutingIndex()
-        for n in nodes:
-            index.update_node(n.node_id, n, draining=False)
-        ready = len(index.views("routed"))
+        # 2. Routing arithmetic, in-process: the shared choice (mesh.replica_choice) over the same nodes'
+        # ready replicas, built per decision as PickReplica does (the edge keeps its set current instead:
+        # bench/routing_bench.py).
+        replicas = [
+            replica_choice.Replica(n.node_id, n.inference_address, "routed", True,
+                                   capacity=routing.capacity(r.model), reported=r.running_requests + r.queued_requests)
+            for n in nodes
+            for r in n.replicas
+            if r.model.name == "routed" and r.state == node_pb2.REPLICA_STATE_READY
+        ]  # fmt: skip
+        ready = len(replicas)
         samples = []
         for turn in range(5000):
             t = time.perf_counter()
-            index.pick("routed", prefix_hash=f"p{turn % 50}" if turn % 2 else "", turn=turn)
+            replica_choice.choose(replicas, prefix_hash=f"p{turn % 50}" if turn % 2 else "", turn=turn)
             samples.append((time.perf_counter() - t) * 1000)
         rate = 1000 / statistics.mean(samples)
         print(row(f"routing, in-process ({ready} ready replicas)", samples, rate))

@@ -97,7 +97,7 @@ class ControlPlane:
 
     def in_flight(self) -> dict[str, int]:
         """Requests counted against each replica since its node's last report."""
-        return {v.node_id: v.in_flight for v in self.router.index.views(MODEL)}
+        return {r.node_id: r.own for r in self.router.replicas(MODEL)}
 
 
 @contextlib.asynccontextmanager
