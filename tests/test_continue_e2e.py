@@ -3,7 +3,8 @@ with the real model, an edge, and the official openai client. Two deployments of
 with continue_on_failure and one without; two streams of each are running (the edge spreads them over
 both nodes, counting its own in-flight work) when one node is killed. The opted-in streams both end with
 a finish_reason and no error (one of them continued on the other node); of the others, the one that was
-on the killed node ends with an explicit error event.
+on the killed node ends with an explicit error event. Then the same for chat streams: the continued one
+is, at temperature 0, the very reply an uncut run gives, with the same usage.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -32,6 +34,12 @@ NODES = ("ce-1", "ce-2")
 PROMPT = "Count: 1, 2, 3, 4, 5, 6,"  # at temperature 0 the model counts on: a duplicated or lost piece shows
 MAX_TOKENS = 400  # long enough (seconds on a busy 2-core machine) that the kill lands mid-stream
 WAIT = 180  # seconds: generous bounds for a machine other test runs share; a normal stream takes ~10 s
+# At temperature 0 SmolLM2 counts on for hundreds of tokens, sure of each one. (In prose, where its two
+# most likely tokens can be close, a continuation may pick the other one: the partial reply is read in
+# one batch, which llama.cpp rounds differently from decoding it token by token. tests/test_continue_chat.py
+# checks that the continued conversation is exactly the tokens generated.)
+QUESTION = "Count from 1 to 100, separated by commas."
+CHAT_MAX_TOKENS = 300
 
 
 @dataclass
@@ -82,9 +90,11 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 @dataclass
 class Stream:
-    """One streaming completion, read in its own thread: its first text, then (after `go`) the rest."""
+    """One streaming completion (or chat completion), read in its own thread: its first text, then (after
+    `go`) the rest."""
 
     model: str
+    chat: bool = False
     started: threading.Event = field(default_factory=threading.Event)
     go: threading.Event = field(default_factory=threading.Event)
     text: str = ""
@@ -96,18 +106,30 @@ class Stream:
     def run(self, http: str) -> None:
         client = openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=WAIT)
         try:
-            stream = client.completions.create(
-                model=self.model,
-                prompt=PROMPT,
-                max_tokens=MAX_TOKENS,
-                temperature=0,
-                seed=7,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
+            stream: openai.Stream[Any]
+            if self.chat:
+                stream = client.chat.completions.create(
+                    model=self.model,
+                    messages=[{"role": "user", "content": QUESTION}],
+                    max_tokens=CHAT_MAX_TOKENS,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            else:
+                stream = client.completions.create(
+                    model=self.model,
+                    prompt=PROMPT,
+                    max_tokens=MAX_TOKENS,
+                    temperature=0,
+                    seed=7,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
             for chunk in stream:
                 if chunk.choices:
-                    self.text += chunk.choices[0].text
+                    choice = chunk.choices[0]
+                    self.text += (choice.delta.content or "") if self.chat else choice.text
                     if chunk.choices[0].finish_reason:
                         self.finish_reasons.append(chunk.choices[0].finish_reason)
                 if chunk.usage is not None:
@@ -127,8 +149,8 @@ def numbers(text: str) -> list[int]:
     return [int(n) for n in re.findall(r"\d+", text)[:-1]]
 
 
-def test_a_killed_node_s_streams_continue_when_opted_in_and_end_with_an_error_when_not(fleet: Fleet) -> None:
-    streams = [Stream(CONTINUED), Stream(CONTINUED), Stream(PLAIN), Stream(PLAIN)]
+def run_streams(fleet: Fleet, streams: list[Stream], kill: str) -> None:
+    """Start the streams, SIGKILL node `kill` once each has its first text, let them finish."""
     threads = [threading.Thread(target=s.run, args=(fleet.http,), daemon=True) for s in streams]
     for thread in threads:
         thread.start()
@@ -138,13 +160,18 @@ def test_a_killed_node_s_streams_continue_when_opted_in_and_end_with_an_error_wh
         assert all(s.text and not s.error and not s.finish_reasons for s in streams), [
             (s.model, s.text[:40], s.error, s.finish_reasons) for s in streams
         ]
-        fleet.nodes["ce-1"].signal(signal.SIGKILL)
+        fleet.nodes[kill].signal(signal.SIGKILL)
     finally:
         for stream in streams:
             stream.go.set()
         for thread in threads:
             thread.join(WAIT)
     assert not any(t.is_alive() for t in threads), "a stream hung"
+
+
+def test_a_killed_node_s_streams_continue_when_opted_in_and_end_with_an_error_when_not(fleet: Fleet) -> None:
+    streams = [Stream(CONTINUED), Stream(CONTINUED), Stream(PLAIN), Stream(PLAIN)]
+    run_streams(fleet, streams, "ce-1")
     continued, plain = streams[:2], streams[2:]
     report = [(s.model, s.error, s.finish_reasons, s.usage, s.text[-60:]) for s in streams]
     # Opted in: both streams end with one finish_reason and no error, their text counts on with nothing
@@ -173,5 +200,40 @@ def test_a_killed_node_s_streams_continue_when_opted_in_and_end_with_an_error_wh
     assert health["continued_streams"] == 1, health
     log = fleet.cluster.logs()
     assert re.search(r"request cmpl-\w+: node ce-1 failed after \d+ characters .*continued on node ce-2", log), (
+        "the continuation was not logged with its request id"
+    )
+
+
+def test_a_killed_node_s_chat_stream_goes_on_on_the_other_replica_as_if_never_cut(fleet: Fleet) -> None:
+    # The uncut reply, from the other deployment of the same model and settings: the replicas of CONTINUED
+    # carry no load from it (which could make the edge put both streams below on one node).
+    uncut = Stream(PLAIN, chat=True)
+    uncut.go.set()
+    uncut.run(fleet.http)
+    assert uncut.error == "" and len(uncut.finish_reasons) == 1 and uncut.usage is not None, uncut
+    assert len(uncut.text) > 200, uncut.text  # long enough for the kill below to land mid-stream
+    # Two at once: the edge puts one on each node (it counts its own in-flight work); ce-1 is killed.
+    streams = [Stream(CONTINUED, chat=True), Stream(CONTINUED, chat=True)]
+    run_streams(fleet, streams, "ce-1")
+    report = [(s.error, s.finish_reasons, s.usage, s.before_kill[-40:], s.text[-60:]) for s in streams]
+    health = httpx.get(f"{fleet.http}/health", timeout=10).json()
+    assert health["continued_streams"] == 1, (health, report)
+    for stream in streams:
+        # One stream each, no error, one finish_reason. Greedy decoding of the same model on the same
+        # conversation: the continued reply (the partial reply rendered as an assistant turn to go on with)
+        # is the uncut one, and the tokens before the cut, counted by tokenizing it, add up to its usage.
+        assert stream.error == "" and stream.finish_reasons == uncut.finish_reasons, report
+        assert stream.text.startswith(stream.before_kill) and stream.text == uncut.text, report
+        counted = numbers(stream.text)
+        assert counted == list(range(1, 1 + len(counted))) and len(counted) > 50, report
+        assert stream.usage is not None, report
+        assert (stream.usage.prompt_tokens, stream.usage.completion_tokens) == (
+            uncut.usage.prompt_tokens,
+            uncut.usage.completion_tokens,
+        ), report
+        if stream.finish_reasons == ["length"]:
+            assert stream.usage.completion_tokens == CHAT_MAX_TOKENS, report
+    log = fleet.cluster.logs()
+    assert re.search(r"request chatcmpl-\w+: node ce-1 failed after \d+ characters .*continued on node ce-2", log), (
         "the continuation was not logged with its request id"
     )
