@@ -72,6 +72,9 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
             raise invalid("node_id", "node_id is required and must not contain '/'")
         if not request.inference_address:
             raise invalid("inference_address", "inference_address (host:port) is required")
+        # The lease's TTL runs from the grant: when it was asked for, not when the record is written after
+        # it (an etcd write can take a while on a busy machine), is the time its renewals count from.
+        granted_at = time.monotonic()
         lease_id = await self._store.grant_lease(self._ttl)
         replicas = [redact_message(r) for r in request.replicas]
         now = _now()
@@ -88,7 +91,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         )
         await self._store.put("node", node, lease_id)
         self._written[node.node_id] = durable_key(node)
-        self._renewed[node.node_id] = (lease_id, time.monotonic())
+        self._renewed[node.node_id] = (lease_id, granted_at)
         self._fleet.report_load(node.node_id, replicas, node.inventory.ram.free_bytes, now)
         for replica in replicas:
             if not replica.assigned and self._fleet.models.get(replica.model.name) != replica.model:
@@ -112,15 +115,17 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         expired = FleetError(ErrorCode.LEASE_EXPIRED, f"node {request.node_id} is not registered; register again")
         lease, renewed_at = self._renewed.get(request.node_id, (0, 0.0))
         # Renewed within TTL/4: the lease has at least 3/4 of its TTL left, and cannot have lapsed; one that
-        # was revoked has taken the node's record with it, which the view check below sees.
+        # was revoked has taken the node's record with it, which the view check below sees. The time of a
+        # renewal is taken before the call: etcd renews it at some point during the call, never before.
         if lease != request.lease_id or time.monotonic() - renewed_at >= self._ttl / 4:
+            asked_at = time.monotonic()
             if not await self._store.refresh_lease(request.lease_id):
-                self._forget(request.node_id)
+                self._forget_lease(request.node_id, request.lease_id)
                 raise expired
-            self._renewed[request.node_id] = (request.lease_id, time.monotonic())
+            self._renewed[request.node_id] = (request.lease_id, asked_at)
         node = self._fleet.nodes.get(request.node_id) or await self._store.get("node", request.node_id)
         if node is None or node.lease_id != request.lease_id:
-            self._forget(request.node_id)
+            self._forget_lease(request.node_id, request.lease_id)
             raise expired
         now = _now()
         replicas = [redact_message(r) for r in request.replicas]
@@ -206,6 +211,14 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         if event is not None and event.kind == "node" and event.value is None:
             self._forget(event.key)  # its lease is gone: what was written under it no longer stands
 
+    def _forget_lease(self, node_id: str, lease_id: int) -> None:
+        """A heartbeat under a lease that no longer holds the node's record: forget that lease's renewal.
+        Only that one: a heartbeat sent long ago under an older lease (held up on a connection the network
+        cut) must not make this control plane forget the renewal of the lease the node registered under
+        since."""
+        if self._renewed.get(node_id, (0, 0.0))[0] == lease_id:
+            del self._renewed[node_id]
+
     def _forget(self, node_id: str) -> None:
         self._written.pop(node_id, None)
         self._renewed.pop(node_id, None)
@@ -230,12 +243,16 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
             last: list[bytes] | None = None
             resend_at = loop.time() + RESEND_SECONDS
             while True:
+                # Cleared before the assignments are read, not after they are sent: the yield waits for the
+                # message to go out, and a change in that time (the reconciler placing a replica on a node
+                # that has just registered again, whose first message said "nothing") must wake the next
+                # pass, not wait for the resend while the node's unassigned grace runs out.
+                changed.clear()
                 current = sorted(self._fleet.node_assignments(request.node_id), key=lambda a: a.model.name)
                 encoded = [a.SerializeToString(deterministic=True) for a in current]
                 if encoded != last:
                     last = encoded
                     yield registry_pb2.WatchAssignmentsResponse(assignments=current)
-                changed.clear()
                 try:
                     # A fixed deadline, not one that starts over at each change; and not asyncio.wait_for,
                     # which on Python 3.11 swallows a cancellation that arrives with a change.

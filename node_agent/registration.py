@@ -51,6 +51,8 @@ class Registration:
         self.load_streamed = False
         self._changed = feed.subscribe()
         self._check = False  # a load stream was refused: heartbeat now, to learn whether the lease is gone
+        self._ttl = 2 * timeout  # the lease's time-to-live, as the control plane says when registering
+        self._sent = b""  # the durable signature of the replicas the last registration or heartbeat carried
         # The RegisterNode call in flight, if any. Stopping the agent must not cancel it half-way: the
         # control plane may already have written the record under a new lease, and only the reply says
         # which lease to revoke, so deregister waits for it.
@@ -80,10 +82,12 @@ class Registration:
         reply = await asyncio.shield(self._registering)
         self.lease_id = reply.lease_id
         self.interval = max(0.2, reply.heartbeat_interval.ToTimedelta().total_seconds())
+        self._ttl = reply.lease_ttl.ToTimedelta().total_seconds() or self._timeout * 2
         self.load_streamed = False  # its streams send the new lease from now on; the next heartbeat says
         self.registered.set()
         log.info("registered with the control plane (lease %x, ttl %ss)", reply.lease_id, reply.lease_ttl.seconds)
-        return durable_signature(replicas)
+        self._sent = durable_signature(replicas)
+        return self._sent
 
     def _due(self, sent: bytes) -> bool:
         """Whether a change calls for a heartbeat before the interval is up: a check was asked for, a durable
@@ -116,18 +120,28 @@ class Registration:
                     replicas=replicas,
                     ram_free_bytes=inventory.ram_free_bytes(),
                 ),
-                timeout=self._timeout,
+                # At most half the lease: a heartbeat stuck on a connection that died silently is given up
+                # while the lease still has time for another try, not after it has lapsed.
+                timeout=min(self._timeout, max(0.5, self._ttl / 2)),
             )
             self.load_streamed = reply.load_streamed
-            sent = durable_signature(replicas)
+            self._sent = sent = durable_signature(replicas)
 
     async def run(self) -> None:
-        """Stay registered until cancelled."""
-        backoff = 0.5
+        """Stay registered until cancelled.
+
+        A heartbeat that fails for want of an answer (the control plane or the network away) is tried
+        again under the same lease: the lease may well be alive (another control plane can renew it), and
+        only the control plane can tell that it is not (LEASE_EXPIRED), which is the one reason to register
+        again. Registering again after any failure put the record under a new lease each time, and a
+        registration whose reply was lost left a lease the agent did not know of holding its record."""
+        backoff = 0.25
+        sent: bytes | None = None  # None: not registered (or the lease is gone)
         while True:
             try:
-                sent = await self._register()
-                backoff = 0.5
+                if sent is None:
+                    sent = await self._register()
+                backoff = 0.25
                 await self._heartbeats(sent)
             except asyncio.CancelledError:
                 raise
@@ -135,9 +149,15 @@ class Registration:
                 error = FleetError.from_rpc_error(exc)
                 if error.code == ErrorCode.LEASE_EXPIRED:
                     log.warning("lease expired; registering again")
+                    sent = None
+                    self.registered.clear()
                     continue
-                self.registered.clear()
-                log.warning("control plane unreachable (%s); retrying in %.1fs", error.message, backoff)
+                if sent is None:
+                    self.registered.clear()
+                    log.warning("control plane unreachable (%s); registering again in %.1fs", error.message, backoff)
+                else:
+                    sent = self._sent
+                    log.warning("heartbeat failed (%s); trying again in %.1fs", error.message, backoff)
             # Short and jittered: a control plane that comes back waits for its nodes before it moves
             # anything (its start-up grace), so they should be back within a couple of seconds, and not all
             # in the same instant.

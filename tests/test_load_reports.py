@@ -482,3 +482,32 @@ async def test_only_a_nodes_own_registration_may_report_its_load(
         reports.queue.put_nowait(None)
         async with asyncio.timeout(SETTLE):
             await reports.call
+
+
+async def test_an_assignment_made_while_the_first_message_goes_out_is_sent_at_once(
+    etcd_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node that registers again after a partition opens its assignment stream; the first message says
+    # "nothing" (the reconciler has not placed its replica again yet), and the placement lands while that
+    # message is on its way. It must go out at once, not at the next periodic resend: the node unloads an
+    # unassigned replica after a few seconds (the flaw the partition test saw: a reload after the heal).
+    from controlplane import registry
+
+    monkeypatch.setattr(registry, "RESEND_SECONDS", 600.0)  # a lost change would wait this long
+    async with control_plane(etcd_url) as cp:
+        await cp.add_node("n1")
+        stream = cp.registry.WatchAssignments(registry_pb2.WatchAssignmentsRequest(node_id="n1"), None)  # type: ignore[arg-type]
+        first = await asyncio.wait_for(anext(stream), SETTLE)
+        assert list(first.assignments) == []
+        # The stream is suspended at its yield (the message being sent) while the assignment is written.
+        spec = node_pb2.ModelSpec(name="m", path=PATH, format="gguf", engine="llamacpp")
+        writer = EtcdStore(etcd_url, cp.prefix)  # as the leader writes it, from its own etcd client
+        await writer.connect()
+        try:
+            await writer.put("assignment", node_pb2.Assignment(node_id="n1", model=spec))
+        finally:
+            await writer.close()
+        assert await cp.fleet.wait_for(lambda: cp.fleet.node_assignments("n1"), SETTLE)
+        second = await asyncio.wait_for(anext(stream), SETTLE)
+        assert [a.model.name for a in second.assignments] == ["m"]
+        await stream.aclose()
