@@ -51,6 +51,7 @@ class Router:
         # (Admin.ensure_replica); alone, the reconciler here does it.
         self._scale_from_zero = scale_from_zero or reconciler.ensure_one
         self._turns = itertools.count()
+        self._warm: dict[str, str] = {}  # model -> the node chosen first last time (ties go to it, as at the edge)
         self._routed: dict[str, dict[str, int]] = {}  # node id -> model -> requests since its report
         fleet.listeners.append(self._on_report)
         fleet.load_listeners.append(self._on_report)  # a load-only report counts the requests as well
@@ -103,7 +104,8 @@ class Router:
             raise FleetError(ErrorCode.MODEL_REQUIRED, "the 'model' field is required", param="model")
         turn = next(self._turns)
         count = 1 + MAX_ALTERNATES
-        chosen, reasons = replica_choice.choose(self.replicas(model), user, prefix_hash, count, turn)
+        warm = self._warm.get(model, "")
+        chosen, reasons = replica_choice.choose(self.replicas(model), user, prefix_hash, count, turn, warm=warm)
         deployment = self._fleet.deployments.get(model)
         if not chosen and deployment is None and not reasons and model not in self._fleet.models:
             raise routing.not_found(model, routing.known_models(self._fleet.nodes, self.known_specs()))
@@ -112,12 +114,13 @@ class Router:
             if wait_seconds > 0:
                 await self._fleet.wait_for(lambda: self._settled(model), wait_seconds)
             # Decide once the wait is over, on the fleet as it is then.
-            chosen, reasons = replica_choice.choose(self.replicas(model), user, prefix_hash, count, turn)
+            chosen, reasons = replica_choice.choose(self.replicas(model), user, prefix_hash, count, turn, warm=warm)
             if not chosen:
                 reasons = reasons or ["its replica is still being placed"]
         if not chosen:
             raise routing.unavailable(model, reasons)
         best = chosen[0]
+        self._warm[model] = best.node_id
         by_model = self._routed.setdefault(best.node_id, {})
         by_model[model] = by_model.get(model, 0) + 1
         return Route(chosen, deployment.cpu_offload_model if deployment is not None else "")

@@ -36,6 +36,7 @@ class RouteTable:
         self._nodes: dict[str, set[str]] = {}  # node id -> models it hosts
         self._in_flight: dict[tuple[str, str], int] = {}  # (node id, model) -> this edge's requests there
         self._turns = itertools.count()
+        self._warm: dict[str, str] = {}  # model -> the node chosen first last time (ties go to it: warm)
 
     # --- updates ---------------------------------------------------------------------------------------
 
@@ -112,4 +113,7 @@ class RouteTable:
         table = self._models.get(model)
         if table is None:
             return [], []
-        return table.choose(user, prefix_hash, count, next(self._turns), slack)
+        chosen, reasons = table.choose(user, prefix_hash, count, next(self._turns), slack, self._warm.get(model, ""))
+        if chosen:
+            self._warm[model] = chosen[0].node_id
+        return chosen, reasons

@@ -158,12 +158,16 @@ class ReplicaSet:
             self._unbucket(replica)
 
     def choose(
-        self, user: str = "", prefix_hash: str = "", count: int = 4, turn: int = 0, slack: int = 2
+        self, user: str = "", prefix_hash: str = "", count: int = 4, turn: int = 0, slack: int = 2, warm: str = ""
     ) -> tuple[list[Replica], list[str]]:
         """Up to `count` candidates, best first, and (when there is none) why each replica is not one.
-        `turn` spreads ties: pass a different one for each request. Choosing counts nothing: the caller
-        adds the request to the `own` of the replica it sends it to."""
-        best = self._best(count, turn)
+        Among the best ties, `warm` (the node the caller chose last) comes first when it is one of them:
+        an engine that served the previous request answers sooner than one that sat idle (measured on
+        llama.cpp with 2 replicas: 6-9 ms more to the first token when ties alternated, as fast as one
+        replica when they stuck). Load still spreads the work: a replica with a request in flight scores
+        worse. Other ties rotate with `turn`. Choosing counts nothing: the caller adds the request to the
+        `own` of the replica it sends it to."""
+        best = self._best(count, turn, warm)
         if not best:
             return [], [reason for r in self.by_node.values() if (reason := not_ready(r)) is not None]
         least = best[0].load
@@ -197,12 +201,17 @@ class ReplicaSet:
             del self._buckets[key]
             self._scores.pop(bisect.bisect_left(self._scores, key))
 
-    def _best(self, count: int, turn: int) -> list[Replica]:
+    def _best(self, count: int, turn: int, warm: str = "") -> list[Replica]:
         out: list[Replica] = []
         for key in self._scores:
-            replicas = self._buckets[key].replicas
+            bucket = self._buckets[key]
+            replicas = bucket.replicas
             n = len(replicas)
             start = turn % n  # the rotation that spreads ties
+            if warm and not out:
+                i = bisect.bisect_left(bucket.node_ids, warm)
+                if i < n and bucket.node_ids[i] == warm:
+                    start = i
             for i in range(min(n, count - len(out))):
                 out.append(replicas[(start + i) % n])
             if len(out) >= count:
@@ -226,8 +235,14 @@ class ReplicaSet:
 
 
 def choose(
-    replicas: Iterable[Replica], user: str = "", prefix_hash: str = "", count: int = 4, turn: int = 0, slack: int = 2
+    replicas: Iterable[Replica],
+    user: str = "",
+    prefix_hash: str = "",
+    count: int = 4,
+    turn: int = 0,
+    slack: int = 2,
+    warm: str = "",
 ) -> tuple[list[Replica], list[str]]:
     """The choice among `replicas` (all of one model, one per node) for one request, keeping nothing: for a
     caller that decides too rarely to keep a `ReplicaSet` current."""
-    return ReplicaSet(replicas).choose(user, prefix_hash, count, turn, slack)
+    return ReplicaSet(replicas).choose(user, prefix_hash, count, turn, slack, warm)

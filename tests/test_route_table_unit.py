@@ -91,9 +91,24 @@ def test_a_replica_that_becomes_ready_or_fails_moves_in_and_out_of_the_candidate
     assert t.pick("m") == ([], ["a: replica is failed: crashed"])
 
 
-def test_successive_requests_take_turns_and_keys_pass_through() -> None:
+def test_idle_ties_go_to_the_warm_replica_and_concurrent_requests_spread() -> None:
     t = table(rep("a"), rep("b"), rep("c"))
-    assert {first(t).node_id for _ in range(12)} == {"a", "b", "c"}
+    # One request at a time: the replica that served the last one serves the next (its engine is warm).
+    warm = first(t).node_id
+    assert {first(t).node_id for _ in range(12)} == {warm}
+    # Requests in flight together spread over every replica: the busy ones score worse.
+    held = [route(t) for _ in range(3)]
+    assert {r.node_id for r in held} == {"a", "b", "c"}
+    # When the warm one is busy the next goes elsewhere, and then sticks there.
+    t2 = table(rep("a"), rep("b"), rep("c"))
+    busy = route(t2)
+    other = first(t2).node_id
+    assert other != busy.node_id
+    assert first(t2).node_id == other
+
+
+def test_keys_pass_through() -> None:
+    t = table(rep("a"), rep("b"), rep("c"))
     assert len({first(t, user="alice").node_id for _ in range(8)}) == 1
     assert len({first(t, prefix_hash="system-prompt").node_id for _ in range(8)}) == 1
 
