@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge.gateway import Gateway
+from edge.http_limits import HttpLimits, RequestLimits, RequestRefused
 from edge.openai_protocol import (
     FINISH_REASONS,
     ChatCompletionRequest,
@@ -181,6 +182,9 @@ class GenerationRoutes:
             if not started:
                 for message in _json_message(error.http_status, error.openai_body(), error.http_headers()):
                     await send(message)
+        except RequestRefused as refusal:  # the body was too large or too slow (edge.http_limits)
+            for message in refusal.messages():
+                await send(message)
         except Exception:
             log.exception("request %s: unhandled error on %s", request_id, scope["path"])
             if not started:
@@ -252,14 +256,19 @@ class GenerationRoutes:
         await send({"type": "http.response.body", "body": sse("[DONE]"), "more_body": False})
 
 
-def create_app(gateway: Gateway) -> ASGIApp:
-    """The edge's HTTP API: the generation routes (GenerationRoutes) in front of a FastAPI app."""
+def create_app(gateway: Gateway, limits: HttpLimits | None = None) -> ASGIApp:
+    """The edge's HTTP API: the generation routes (GenerationRoutes) in front of a FastAPI app, every
+    request's body bounded in size and time (edge.http_limits)."""
     app = FastAPI(title="fleetlm edge", version="1", docs_url=None, redoc_url=None)
     started = int(time.time())
 
     @app.exception_handler(FleetError)
     async def fleet_error(request: Request, error: FleetError) -> JSONResponse:
         return JSONResponse(error.openai_body(), status_code=error.http_status, headers=error.http_headers())
+
+    @app.exception_handler(RequestRefused)
+    async def refused(request: Request, refusal: RequestRefused) -> JSONResponse:
+        return JSONResponse(refusal.openai_body(), status_code=refusal.status, headers={"Connection": "close"})
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -311,4 +320,4 @@ def create_app(gateway: Gateway) -> ASGIApp:
             "continued_streams": gateway.continued_streams,
         }
 
-    return GenerationRoutes(gateway, app)
+    return RequestLimits(GenerationRoutes(gateway, app), limits or HttpLimits())

@@ -7,7 +7,7 @@ call a node directly. Every rejection names the request field (`param`) as OpenA
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from fleetlm.inference.v1 import inference_pb2
@@ -16,6 +16,11 @@ from mesh.errors import ErrorCode, FleetError, invalid
 ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
+# Limits against abuse, checked before anything is tokenized (tokenizing is linear in the text, and a
+# chat template renders every message): more than any context the fleet serves (1,000,000 characters is
+# ~250k tokens; OpenAI's API takes 2,048 messages at most), far less than what would tie up an engine.
+MAX_MESSAGES = 2048
+MAX_PROMPT_CHARS = 1_000_000
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
 
@@ -83,9 +88,21 @@ def validate_sampling(params: inference_pb2.SamplingParams) -> None:
         raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs' set to true")
 
 
+def check_prompt_chars(param: str, texts: Iterable[str]) -> None:
+    """The text a request asks to tokenize, bounded before it is: MAX_PROMPT_CHARS in all."""
+    total = 0
+    for text in texts:
+        total += len(text)
+        if total > MAX_PROMPT_CHARS:
+            raise invalid(param, f"'{param}' has more than {MAX_PROMPT_CHARS} characters in all")
+
+
 def validate_chat(chat: inference_pb2.ChatConversation) -> None:
     if not chat.messages:
         raise invalid("messages", "'messages' must contain at least one message")
+    if len(chat.messages) > MAX_MESSAGES:
+        raise invalid("messages", f"at most {MAX_MESSAGES} messages are allowed; got {len(chat.messages)}")
+    check_prompt_chars("messages", (m.content for m in chat.messages))
     for i, message in enumerate(chat.messages):
         if message.role not in ROLES:
             raise invalid(
@@ -107,6 +124,8 @@ def validate_generate(request: inference_pb2.GenerateRequest) -> None:
         raise invalid("messages", "a request needs 'messages' (chat) or 'prompt' (completion)")
     if which == "chat":
         validate_chat(request.chat)
+    else:
+        check_prompt_chars("prompt", (request.prompt,))
     validate_sampling(request.sampling)
 
 
@@ -118,6 +137,7 @@ def validate_embed(request: inference_pb2.EmbedRequest, max_inputs: int = 2048) 
         raise invalid("input", f"at most {max_inputs} inputs per request; got {len(request.inputs)}")
     if any(not text for text in request.inputs):
         raise invalid("input", "'input' must not contain empty strings")
+    check_prompt_chars("input", request.inputs)
 
 
 def validate_tokenize(request: inference_pb2.TokenizeRequest) -> None:
@@ -127,3 +147,5 @@ def validate_tokenize(request: inference_pb2.TokenizeRequest) -> None:
         raise invalid("text", "a request needs 'text' or 'chat'")
     if which == "chat":
         validate_chat(request.chat)
+    else:
+        check_prompt_chars("text", (request.text,))
