@@ -9,12 +9,13 @@ flight on each replica. The control plane is asked only for a model with no read
 deployment from zero), for a model the table does not know (it may be brand new), and while the edge has
 no table yet. If the control plane goes away, the edge routes on its last table.
 
-Every call goes through one attempt loop (`Gateway._first_answer`): the best replica, then the next
+Every call goes through one attempt loop (`Gateway.first_answer`): the best replica, then the next
 ones, then the same for the model's `cpu_offload_model` when the replicas refused for load. An attempt is
 retried elsewhere only when the node refused before doing anything for the request (full, unloading,
 unreachable); once the first event of a stream has come, the request is that node's. A node that cannot
 be reached is skipped by the next requests at once (per-node circuit breakers, `edge.breaker`), until a
-probe finds it back.
+probe finds it back. The Generate stream, and its continuation on another replica when its node dies
+mid-stream, are `edge.generation`'s, over this attempt loop.
 """
 
 from __future__ import annotations
@@ -31,14 +32,13 @@ from typing import Any, TypeVar
 import grpc
 
 from edge.breaker import Breakers
-from edge.continuation import Progress, why_not
 from edge.route_feed import RouteFeed
 from edge.route_table import Replica
 from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError
-from mesh.inference_requests import validate_embed, validate_generate, validate_tokenize
+from mesh.inference_requests import validate_embed, validate_tokenize
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +93,6 @@ class Route:
 
 
 @dataclass
-class _Stream:
-    """A Generate call that has sent its first event, and the replica it counts against until `end`."""
-
-    call: Any
-    first: inference_pb2.GenerateResponse
-    target: Target
-    model: str  # the model it serves (the request's, or its cpu_offload_model)
-    ended: bool = False
-
-
-@dataclass
 class _Refusals:
     """What the replicas said when they refused one request."""
 
@@ -139,7 +128,7 @@ class _Refusals:
 Attempt = Callable[[Any, Target], Awaitable[T]]
 
 
-def _log_failure(request_id: str, error: FleetError) -> None:
+def log_failure(request_id: str, error: FleetError) -> None:
     """One line for a request the edge could not place: the fleet's failures loudly, the caller's quietly."""
     if error.http_status >= 500:
         log.warning("request %s failed: %s", request_id, error)
@@ -172,6 +161,9 @@ class Gateway:
         self._scale_from_zero_timeout = scale_from_zero_timeout_seconds
         self._failover_seconds = failover_seconds
         self.continued_streams = 0  # streams cut by a failed node and continued on another replica
+        from edge.generation import Generation  # it builds on this module: imported once this one is loaded
+
+        self._generation = Generation(self)
 
     async def run(self) -> None:
         """Follow the control plane's routing table until cancelled (owned by the edge's task group)."""
@@ -229,7 +221,7 @@ class Gateway:
             )
         return error
 
-    def _node_error(self, exc: grpc.aio.AioRpcError, target: Target, timeout: float) -> FleetError:
+    def node_error(self, exc: grpc.aio.AioRpcError, target: Target, timeout: float) -> FleetError:
         """A failed node call as the client hears it: the node's own error when it sent one (its reason
         and message), else what the transport's status means, naming the node. A node that sent its own
         error is reachable; one the transport could not reach opens its breaker."""
@@ -319,7 +311,7 @@ class Gateway:
             metadata={"available_models": ",".join(names)},
         )
 
-    async def _first_answer(
+    async def first_answer(
         self,
         request: Any,
         request_id: str,
@@ -425,152 +417,21 @@ class Gateway:
         log.debug("request %s: node %s refused %s (%s); trying the next replica", request_id, target.node_id,
                   model, error)  # fmt: skip
 
-    def _timeout(self, client_timeout: float | None) -> float:
+    def bounded_timeout(self, client_timeout: float | None) -> float:
         if client_timeout is None:
             return self.request_timeout
         return max(0.001, min(self.request_timeout, client_timeout))
 
     # --- calls ------------------------------------------------------------------------------------------
 
-    async def generate(
+    def generate(
         self, request: inference_pb2.GenerateRequest, client_timeout: float | None = None
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
-        """The node's Generate stream: deltas, then one result. A replica that refuses before the first
-        event (full, unloading, unreachable) is replaced by the next one; after it, a failure ends the
-        stream with that error, and so does a stream that breaks the contract (an empty event, no result),
-        unless the model's deployment sets continue_on_failure and the node went away: then the request
-        goes on on another replica from the text sent so far (`_continue`). Closing this iterator cancels
-        the call on the node."""
-        validate_generate(request)
-        if not request.request_id:
-            request.request_id = new_request_id()
-        request_id = request.request_id
-        timeout = self._timeout(client_timeout)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        """The node's Generate stream: deltas, then one result, continued on another replica when the node
+        dies mid-stream and the deployment opts in (`edge.generation`). Closing it cancels the call."""
+        return self._generation.generate(request, client_timeout)
 
-        async def open_stream(attempt: inference_pb2.GenerateRequest, target: Target) -> _Stream:
-            left = max(0.001, deadline - loop.time())
-            call = target.stub.Generate(attempt, timeout=left)
-            try:
-                first = await self._next_event(call, target, left)
-            except BaseException:
-                call.cancel()
-                raise
-            self.breakers.succeeded(target.address)
-            return _Stream(call, first, target, attempt.model)
-
-        try:
-            stream = await self._first_answer(
-                request, request_id, open_stream, timeout, request.user, prefix_hash(request)
-            )
-        except FleetError as error:
-            _log_failure(request_id, error)
-            raise
-        progress = Progress(request)
-        try:
-            response = stream.first
-            while True:
-                try:
-                    while not response.HasField("result"):
-                        yield progress.forward(response)
-                        response = await self._next_event(stream.call, stream.target, timeout)
-                except FleetError as error:
-                    cut = stream
-                    stream, response = await self._continue(cut, progress, error, open_stream, deadline)
-                    continue
-                yield progress.forward(response)
-                if not stream.ended:
-                    await stream.call.code()  # its status follows at once: the call ends on the node
-                return
-        finally:
-            self._end(stream)  # cancels a call still running: the node stops the work
-
-    def _end(self, stream: _Stream) -> None:
-        if not stream.ended:
-            stream.ended = True
-            stream.call.cancel()  # a no-op once the call has ended
-            self.release(stream.target)
-
-    async def _continue(
-        self,
-        cut: _Stream,
-        progress: Progress,
-        error: FleetError,
-        open_stream: Attempt[_Stream],
-        deadline: float,
-    ) -> tuple[_Stream, inference_pb2.GenerateResponse]:
-        """After `cut` failed mid-stream with `error`: the stream that continues it on another replica and
-        its first event (or `cut` itself, ended, and the result when no token was left to generate). Raises
-        `error` when the stream may not be continued, naming why when it was tried and failed."""
-        request = progress.request
-        request_id = request.request_id
-        known = self.feed.models.get(cut.model)
-        reason = why_not(request, error, known is not None and known.continue_on_failure, progress.continued)
-        node = cut.target.node_id
-        if reason:
-            log.warning("request %s: stream from node %s failed after it started: %s (not continued: %s)",
-                        request_id, node, error, reason)  # fmt: skip
-            raise error
-        self._end(cut)
-        progress.failed_nodes.add(node)
-        avoid = frozenset(progress.failed_nodes)
-        left = deadline - asyncio.get_running_loop().time()
-        try:
-            if left <= 0:
-                raise FleetError(ErrorCode.BACKEND_TIMEOUT, "the request's timeout is spent")
-            if progress.sent:
-                original, continuing = progress.tokenize_requests(cut.model)
-                counts = await asyncio.gather(
-                    self._unary("Tokenize", original, left, request_id, avoid),
-                    self._unary("Tokenize", continuing, left, request_id, avoid),
-                )
-                continued = progress.cut(len(counts[0].token_ids), len(counts[1].token_ids))
-            else:
-                continued = progress.again()  # no text was sent: nothing to go on from, nor to count
-            if continued is None:
-                log.warning("request %s: node %s failed after the last token; the stream ends with its length",
-                            request_id, node)  # fmt: skip
-                return cut, progress.length_result(cut.model)
-            continued.model = cut.model
-            left = deadline - asyncio.get_running_loop().time()
-            stream = await self._first_answer(
-                continued, request_id, open_stream, left, request.user, prefix_hash(request), avoid
-            )
-        except FleetError as failed:
-            log.warning("request %s: stream from node %s failed after it started: %s (continuing failed: %s)",
-                        request_id, node, error, failed)  # fmt: skip
-            raise FleetError(
-                error.code,
-                f"{error.message}; continuing on another replica failed: {failed.message}",
-                retry_after_seconds=error.retry_after_seconds,
-            ) from error
-        self.continued_streams += 1
-        log.warning("request %s: node %s failed after %d characters (%s); continued on node %s (continuation %d)",
-                    request_id, node, progress.chars_before, error, stream.target.node_id,
-                    progress.continued)  # fmt: skip
-        return stream, stream.first
-
-    async def _next_event(self, call: Any, target: Target, timeout: float) -> inference_pb2.GenerateResponse:
-        """The stream's next event, checked: an error, an event with nothing in it and a stream that ends
-        without its result all become a FleetError (retried elsewhere only before the first event)."""
-        try:
-            response = await call.read()
-        except grpc.aio.AioRpcError as exc:
-            raise self._node_error(exc, target, timeout) from exc
-        if response is grpc.aio.EOF:
-            raise FleetError(
-                ErrorCode.BACKEND_UNAVAILABLE,
-                f"node {target.node_id} ended the stream without a result",
-                retry_after_seconds=1,
-            )
-        if response is None:  # grpc.aio's answer to bytes that do not parse (it logs the DecodeError)
-            raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, f"node {target.node_id} sent a malformed stream event")
-        if response.WhichOneof("event") is None:
-            raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, f"node {target.node_id} sent an empty stream event")
-        return response  # type: ignore[no-any-return]
-
-    async def _unary(
+    async def unary(
         self,
         method: str,
         request: Any,
@@ -578,22 +439,22 @@ class Gateway:
         request_id: str,
         avoid: frozenset[str] = frozenset(),
     ) -> Any:
-        timeout = self._timeout(client_timeout)
+        timeout = self.bounded_timeout(client_timeout)
         request_id = request_id or new_request_id(method.lower())
 
         async def call(attempt: Any, target: Target) -> Any:
             try:
                 reply = await getattr(target.stub, method)(attempt, timeout=timeout)
             except grpc.aio.AioRpcError as exc:
-                raise self._node_error(exc, target, timeout) from exc
+                raise self.node_error(exc, target, timeout) from exc
             self.breakers.succeeded(target.address)
             self.release(target)
             return reply
 
         try:
-            return await self._first_answer(request, request_id, call, timeout, avoid=avoid)
+            return await self.first_answer(request, request_id, call, timeout, avoid=avoid)
         except FleetError as error:
-            _log_failure(request_id, error)
+            log_failure(request_id, error)
             raise
 
     async def embed(
@@ -601,13 +462,13 @@ class Gateway:
     ) -> inference_pb2.EmbedResponse:
         """`request_id` names the call in the edge's logs (EmbedRequest has no field for it)."""
         validate_embed(request)
-        return await self._unary("Embed", request, client_timeout, request_id)  # type: ignore[no-any-return]
+        return await self.unary("Embed", request, client_timeout, request_id)  # type: ignore[no-any-return]
 
     async def tokenize(
         self, request: inference_pb2.TokenizeRequest, client_timeout: float | None = None, request_id: str = ""
     ) -> inference_pb2.TokenizeResponse:
         validate_tokenize(request)
-        return await self._unary("Tokenize", request, client_timeout, request_id)  # type: ignore[no-any-return]
+        return await self.unary("Tokenize", request, client_timeout, request_id)  # type: ignore[no-any-return]
 
     async def list_models(self) -> list[inference_pb2.ModelInfo]:
         """Every model the fleet knows, from the routing table (the control plane, before the first table)."""

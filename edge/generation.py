@@ -1,0 +1,181 @@
+"""The edge's Generate stream: one node's stream passed to the client, and, when the node dies in the
+middle of it and the model's deployment sets continue_on_failure, the same stream continued on another
+replica from the text sent so far (the bookkeeping is `edge.continuation`'s).
+
+It builds on the `Gateway` (`edge.gateway`): the attempt loop picks and calls the replica that opens
+the stream, or the one that continues it; the gateway's breakers learn from how each call went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from edge.continuation import Progress, why_not
+from edge.gateway import Attempt, Gateway, Target, log_failure, new_request_id, prefix_hash
+from fleetlm.inference.v1 import inference_pb2
+from mesh.errors import ErrorCode, FleetError
+from mesh.inference_requests import validate_generate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stream:
+    """A Generate call that has sent its first event, and the replica it counts against until `end`."""
+
+    call: Any
+    first: inference_pb2.GenerateResponse
+    target: Target
+    model: str  # the model it serves (the request's, or its cpu_offload_model)
+    ended: bool = False
+
+
+class Generation:
+    """Generate streams through one gateway (`Gateway.generate`)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    async def generate(
+        self, request: inference_pb2.GenerateRequest, client_timeout: float | None = None
+    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+        """The node's Generate stream: deltas, then one result. A replica that refuses before the first
+        event (full, unloading, unreachable) is replaced by the next one; after it, a failure ends the
+        stream with that error, and so does a stream that breaks the contract (an empty event, no result),
+        unless the model's deployment sets continue_on_failure and the node went away: then the request
+        goes on on another replica from the text sent so far (`_continue`). Closing this iterator cancels
+        the call on the node."""
+        validate_generate(request)
+        if not request.request_id:
+            request.request_id = new_request_id()
+        request_id = request.request_id
+        timeout = self._gateway.bounded_timeout(client_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        async def open_stream(attempt: inference_pb2.GenerateRequest, target: Target) -> Stream:
+            left = max(0.001, deadline - loop.time())
+            call = target.stub.Generate(attempt, timeout=left)
+            try:
+                first = await self._next_event(call, target, left)
+            except BaseException:
+                call.cancel()
+                raise
+            self._gateway.breakers.succeeded(target.address)
+            return Stream(call, first, target, attempt.model)
+
+        try:
+            stream = await self._gateway.first_answer(
+                request, request_id, open_stream, timeout, request.user, prefix_hash(request)
+            )
+        except FleetError as error:
+            log_failure(request_id, error)
+            raise
+        progress = Progress(request)
+        try:
+            response = stream.first
+            while True:
+                try:
+                    while not response.HasField("result"):
+                        yield progress.forward(response)
+                        response = await self._next_event(stream.call, stream.target, timeout)
+                except FleetError as error:
+                    cut = stream
+                    stream, response = await self._continue(cut, progress, error, open_stream, deadline)
+                    continue
+                yield progress.forward(response)
+                if not stream.ended:
+                    await stream.call.code()  # its status follows at once: the call ends on the node
+                return
+        finally:
+            self._end(stream)  # cancels a call still running: the node stops the work
+
+    def _end(self, stream: Stream) -> None:
+        if not stream.ended:
+            stream.ended = True
+            stream.call.cancel()  # a no-op once the call has ended
+            self._gateway.release(stream.target)
+
+    async def _continue(
+        self,
+        cut: Stream,
+        progress: Progress,
+        error: FleetError,
+        open_stream: Attempt[Stream],
+        deadline: float,
+    ) -> tuple[Stream, inference_pb2.GenerateResponse]:
+        """After `cut` failed mid-stream with `error`: the stream that continues it on another replica and
+        its first event (or `cut` itself, ended, and the result when no token was left to generate). Raises
+        `error` when the stream may not be continued, naming why when it was tried and failed."""
+        request = progress.request
+        request_id = request.request_id
+        known = self._gateway.feed.models.get(cut.model)
+        reason = why_not(request, error, known is not None and known.continue_on_failure, progress.continued)
+        node = cut.target.node_id
+        if reason:
+            log.warning("request %s: stream from node %s failed after it started: %s (not continued: %s)",
+                        request_id, node, error, reason)  # fmt: skip
+            raise error
+        self._end(cut)
+        progress.failed_nodes.add(node)
+        avoid = frozenset(progress.failed_nodes)
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            if left <= 0:
+                raise FleetError(ErrorCode.BACKEND_TIMEOUT, "the request's timeout is spent")
+            if progress.sent:
+                original, continuing = progress.tokenize_requests(cut.model)
+                counts = await asyncio.gather(
+                    self._gateway.unary("Tokenize", original, left, request_id, avoid),
+                    self._gateway.unary("Tokenize", continuing, left, request_id, avoid),
+                )
+                continued = progress.cut(len(counts[0].token_ids), len(counts[1].token_ids))
+            else:
+                continued = progress.again()  # no text was sent: nothing to go on from, nor to count
+            if continued is None:
+                log.warning("request %s: node %s failed after the last token; the stream ends with its length",
+                            request_id, node)  # fmt: skip
+                return cut, progress.length_result(cut.model)
+            continued.model = cut.model
+            left = deadline - asyncio.get_running_loop().time()
+            stream = await self._gateway.first_answer(
+                continued, request_id, open_stream, left, request.user, prefix_hash(request), avoid
+            )
+        except FleetError as failed:
+            log.warning("request %s: stream from node %s failed after it started: %s (continuing failed: %s)",
+                        request_id, node, error, failed)  # fmt: skip
+            raise FleetError(
+                error.code,
+                f"{error.message}; continuing on another replica failed: {failed.message}",
+                retry_after_seconds=error.retry_after_seconds,
+            ) from error
+        self._gateway.continued_streams += 1
+        log.warning("request %s: node %s failed after %d characters (%s); continued on node %s (continuation %d)",
+                    request_id, node, progress.chars_before, error, stream.target.node_id,
+                    progress.continued)  # fmt: skip
+        return stream, stream.first
+
+    async def _next_event(self, call: Any, target: Target, timeout: float) -> inference_pb2.GenerateResponse:
+        """The stream's next event, checked: an error, an event with nothing in it and a stream that ends
+        without its result all become a FleetError (retried elsewhere only before the first event)."""
+        try:
+            response = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise self._gateway.node_error(exc, target, timeout) from exc
+        if response is grpc.aio.EOF:
+            raise FleetError(
+                ErrorCode.BACKEND_UNAVAILABLE,
+                f"node {target.node_id} ended the stream without a result",
+                retry_after_seconds=1,
+            )
+        if response is None:  # grpc.aio's answer to bytes that do not parse (it logs the DecodeError)
+            raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, f"node {target.node_id} sent a malformed stream event")
+        if response.WhichOneof("event") is None:
+            raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, f"node {target.node_id} sent an empty stream event")
+        return response  # type: ignore[no-any-return]
