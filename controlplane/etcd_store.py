@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlparse
@@ -134,6 +135,19 @@ class EtcdStore:
                 await watch.cancel()
 
         return events()
+
+    # --- plain values outside the record kinds (join tokens, node identities) ------------------------------
+
+    async def put_value(self, key: str, value: bytes) -> None:
+        await self._client.put(f"{self._prefix}/{key}".encode(), value)
+
+    async def get_value(self, key: str) -> bytes | None:
+        found = await self._client.get(f"{self._prefix}/{key}".encode())
+        return None if found is None else bytes(found.value)
+
+    async def list_values(self, directory: str) -> builtins.list[bytes]:
+        found = await self._client.get_prefix(f"{self._prefix}/{directory.rstrip('/')}/".encode())
+        return [bytes(kv.value) for kv in found]
 
     def _parse(self, event: Any) -> StoreEvent | None:
         key = event.kv.key.decode()

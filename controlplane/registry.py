@@ -32,10 +32,13 @@ from controlplane.fleet import FleetView, durable_key
 from controlplane.store import ClusterStore, StoreEvent
 from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
 from mesh.errors import ErrorCode, FleetError, invalid
+from mesh.fleet_ca import identity_uri
 from mesh.redaction import redact_message
+from mesh.tls import peer_identities
 
 log = logging.getLogger(__name__)
 
+NODE_IDENTITY = identity_uri("node", "-")[:-1]
 RESEND_SECONDS = 15.0
 # How long a load report for a node this control plane's view does not hold (under the report's lease) waits
 # for the view before it is refused: a node that has just registered through another control plane reaches
@@ -50,8 +53,13 @@ def _now() -> timestamp_pb2.Timestamp:
 
 
 class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
-    def __init__(self, store: ClusterStore, fleet: FleetView, lease_ttl_seconds: int) -> None:
+    def __init__(
+        self, store: ClusterStore, fleet: FleetView, lease_ttl_seconds: int, require_identity: bool = False
+    ) -> None:
         self._store = store
+        # With mutual TLS: a node may register, report and follow assignments only as the node its client
+        # certificate names (spiffe://fleetlm/node/<id>), whatever node_id its requests carry.
+        self._require_identity = require_identity
         self._fleet = fleet
         self._ttl = lease_ttl_seconds
         fleet.load.max_age_seconds = lease_ttl_seconds  # a node reports at least every TTL/4
@@ -65,9 +73,27 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         # node_id -> ReportLoad streams from it open here now (while one is, its heartbeats' load is not used).
         self._streams: Counter[str] = Counter()
 
+    async def _as_node(self, context: grpc.aio.ServicerContext, node_id: str) -> None:
+        """Abort unless the caller's verified certificate is node `node_id`'s (when identities are required)."""
+        if not self._require_identity:
+            return
+        identities = peer_identities(context)
+        if identity_uri("node", node_id or "-") in identities:
+            return
+        nodes = [i.rsplit("/", 1)[1] for i in identities if i.startswith(NODE_IDENTITY)]
+        if not nodes:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "a node needs its fleet certificate (join with a join token)"
+            )
+        log.warning("node %s refused: its certificate is node %s's", node_id, nodes[0])
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED, f"this certificate is node {nodes[0]}'s; it cannot act as {node_id!r}"
+        )
+
     async def RegisterNode(
         self, request: registry_pb2.RegisterNodeRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.RegisterNodeResponse:
+        await self._as_node(context, request.node_id)
         if not request.node_id or "/" in request.node_id:
             raise invalid("node_id", "node_id is required and must not contain '/'")
         if not request.inference_address:
@@ -112,6 +138,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
     async def Heartbeat(
         self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.HeartbeatResponse:
+        await self._as_node(context, request.node_id)
         expired = FleetError(ErrorCode.LEASE_EXPIRED, f"node {request.node_id} is not registered; register again")
         lease, renewed_at = self._renewed.get(request.node_id, (0, 0.0))
         # Renewed within TTL/4: the lease has at least 3/4 of its TTL left, and cannot have lapsed; one that
@@ -156,6 +183,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
                 if not node_id:
                     if not report.node_id:
                         raise invalid("node_id", "a load report must name its node")
+                    await self._as_node(context, report.node_id)
                     node_id = report.node_id
                     self._streams[node_id] += 1
                 elif report.node_id != node_id:
@@ -202,6 +230,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
     async def DeregisterNode(
         self, request: registry_pb2.DeregisterNodeRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.DeregisterNodeResponse:
+        await self._as_node(context, request.node_id)
         await self._store.revoke_lease(request.lease_id)
         self._forget(request.node_id)
         log.info("node %s deregistered", request.node_id)
@@ -230,6 +259,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         RESEND_SECONDS whether it changed or not, so that a lost message heals and a replica that stopped on
         a permanent error is tried again. Only this node's assignments (or a full resync) wake the stream:
         the fleet's other events (every node's reports) cost it nothing."""
+        await self._as_node(context, request.node_id)
         changed = asyncio.Event()
         mine = f"{request.node_id}/"
 

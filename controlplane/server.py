@@ -15,6 +15,7 @@ from pathlib import Path
 from controlplane.admin import Admin, validate_deployment
 from controlplane.etcd_store import EtcdStore
 from controlplane.fleet import FleetView
+from controlplane.join import JoinService, JoinTokens
 from controlplane.leader import Leadership
 from controlplane.placement import GiB, PlacementPolicy
 from controlplane.reconciler import Reconciler
@@ -27,6 +28,8 @@ from controlplane.store import FencedOut
 from fleetlm.controlplane.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    identity_pb2,
+    identity_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     routing_pb2,
@@ -35,8 +38,10 @@ from fleetlm.controlplane.v1 import (
 from mesh import logs
 from mesh.catalog import CatalogError, load_catalog
 from mesh.errors import FleetError
+from mesh.fleet_ca import FleetCA
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
+from mesh.tls import TlsFiles, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,7 @@ SERVICE_NAMES = [
     routing_pb2.DESCRIPTOR.services_by_name["RoutingService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 ]
+JOIN_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["JoinService"].full_name
 
 
 async def _load_deployments(path: str, fleet: FleetView, reconciler: Reconciler) -> None:
@@ -94,10 +100,20 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     admin = Admin(store, fleet, reconciler)
     router = Router(fleet, reconciler, scale_from_zero=admin.ensure_replica)
     publisher = RoutePublisher(fleet)
-    server = GrpcServer(SERVICE_NAMES)
+    tls = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    ca = FleetCA.load(settings.ca_dir) if settings.ca_dir else None
+    join = JoinService(JoinTokens(store), ca) if ca is not None else None
+    server = GrpcServer(SERVICE_NAMES + ([JOIN_SERVICE] if join else []))
     registry_pb2_grpc.add_NodeRegistryServiceServicer_to_server(
-        NodeRegistry(store, fleet, settings.lease_ttl_seconds), server.server
+        NodeRegistry(store, fleet, settings.lease_ttl_seconds, require_identity=tls is not None), server.server
     )
+    join_server = None
+    if join is not None:
+        identity_pb2_grpc.add_JoinServiceServicer_to_server(join, server.server)  # Renew, over mutual TLS
+        if tls is not None and settings.join_listen:
+            # Join alone on its own port: without a client certificate, nothing else may be reached.
+            join_server = GrpcServer([JOIN_SERVICE])
+            identity_pb2_grpc.add_JoinServiceServicer_to_server(join, join_server.server)
     routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingService(router, publisher), server.server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server.server)
     try:
@@ -109,7 +125,11 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             settling = tasks.create_task(fleet.settle(settings.lease_ttl_seconds + 5 if grace is None else grace))
             reconciling = tasks.create_task(reconciler.run())
             publishing = tasks.create_task(publisher.run())
-            port = await server.start(settings.listen)
+            port = await server.start(settings.listen, server_credentials(tls, True) if tls else None)
+            if join_server is not None and tls is not None and settings.join_listen:
+                join_port = await join_server.start(settings.join_listen, server_credentials(tls, False))
+                where = bound_address(settings.join_listen, join_port)
+                log.info("JoinService on %s (TLS, CA %s)", where, ca and ca.fingerprint)
             leadership.address = _advertised(settings, port)
             electing = tasks.create_task(leadership.run())
             loading = None
@@ -127,6 +147,8 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             # Order: stop taking RPCs and drain them first, then stop deciding and give up the leadership
             # (revoking its lease, so that another control plane leads at once), then stop following etcd.
             publisher.close()  # routing streams never end by themselves: end them so edges move on now
+            if join_server is not None:
+                await join_server.stop(0)
             await server.stop(settings.shutdown_grace_seconds)
             for task in (loading, settling, reconciling):
                 if task is not None:
@@ -141,8 +163,20 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     log.info("control plane stopped")
 
 
+def _check_tls(settings: ControlPlaneSettings) -> None:
+    tls = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    if settings.join_listen and (tls is None or settings.ca_dir is None):
+        raise ValueError("--join-listen needs --tls-cert, --tls-key, --tls-ca and --ca-dir")
+    if settings.ca_dir is not None:
+        FleetCA.load(settings.ca_dir)
+
+
 def main(settings: ControlPlaneSettings) -> None:
     logs.setup("controlplane", settings.log_level)
+    try:
+        _check_tls(settings)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"fleetlm controlplane: {exc}") from None
     if settings.deployments:
         try:
             for entry in load_catalog(Path(settings.deployments)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -48,4 +49,19 @@ class ControlPlaneSettings(BaseSettings):
         2.0, gt=0, description="period of the desired-state pass (it also runs on every change)"
     )
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="time in-flight RPCs get at shutdown")
+    tls_cert: Path | None = Field(
+        None,
+        description="certificate (PEM) of the gRPC server, and of this control plane as a client; with --tls-key"
+        " and --tls-ca the server speaks mutual TLS only; files are re-read when they change",
+    )
+    tls_key: Path | None = Field(None, description="private key (PEM) of --tls-cert; never logged")
+    tls_ca: Path | None = Field(None, description="the fleet CA (PEM) client certificates must be signed by")
+    ca_dir: Path | None = Field(
+        None, description="directory of the fleet CA (ca.crt, ca.key) with which Join signs nodes' certificates"
+    )
+    join_listen: str | None = Field(
+        None,
+        description="host:port of JoinService over server-side TLS with no client certificate (a joining node has"
+        " none yet); needs the TLS files and --ca-dir",
+    )
     log_level: str = Field("INFO", description="log level")

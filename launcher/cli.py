@@ -26,7 +26,17 @@ def _controlplane(args: argparse.Namespace) -> None:
     from controlplane.settings import ControlPlaneSettings
 
     values = _given(
-        args, "listen", "advertise", "etcd", "etcd_prefix", "deployments", "placement_strategy", "log_level"
+        args,
+        "listen",
+        "advertise",
+        "etcd",
+        "etcd_prefix",
+        "deployments",
+        "placement_strategy",
+        "log_level",
+        *TLS_FLAGS,
+        "ca_dir",
+        "join_listen",
     )
     if args.leader_ttl is not None:
         values["leader_ttl_seconds"] = args.leader_ttl
@@ -54,6 +64,11 @@ def _node(args: argparse.Namespace) -> None:
         "engine_health_seconds",
         "inventory_override",
         "log_level",
+        *TLS_FLAGS,
+        "join_token",
+        "ca_fingerprint",
+        "join_address",
+        "state_dir",
     )
     if args.unified_kv:
         values["unified_kv"] = True
@@ -63,7 +78,7 @@ def _node(args: argparse.Namespace) -> None:
 
 
 def _edge(args: argparse.Namespace) -> None:
-    from edge.server import main
+    from edge.server import EdgeTlsSettings, main
     from edge.settings import EdgeSettings
 
     values = _given(args, "http_listen", "grpc_listen", "controlplane", "log_level")
@@ -75,7 +90,83 @@ def _edge(args: argparse.Namespace) -> None:
         values["breaker_cooldown_seconds"] = args.breaker_cooldown
     if args.failover_seconds is not None:
         values["failover_seconds"] = args.failover_seconds
-    main(_settings(EdgeSettings, values))
+    main(_settings(EdgeSettings, values), _settings(EdgeTlsSettings, _given(args, *TLS_FLAGS)))
+
+
+TLS_FLAGS = ("tls_cert", "tls_key", "tls_ca")
+
+
+def _tls_flags(command: argparse.ArgumentParser, role: str) -> None:
+    command.add_argument("--tls-cert", help=f"{role}'s certificate (PEM); with --tls-key and --tls-ca: TLS on")
+    command.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+    command.add_argument("--tls-ca", help="the fleet CA (PEM) that peers' certificates are verified with")
+
+
+def _ca(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mesh.fleet_ca import FleetCA, identity_uri, write_private, write_public
+
+    directory = Path(args.dir).expanduser()
+    try:
+        if args.action == "init":
+            ca = FleetCA.create(directory)
+            print(f"fleet CA created in {directory}\nfingerprint: {ca.fingerprint}")
+            return
+        ca = FleetCA.load(directory)
+        if args.action == "fingerprint":
+            print(ca.fingerprint)
+            return
+        if not args.identity or not args.out:
+            raise ValueError("issue needs --identity and --out")
+        kind, _, name = args.identity.partition("/")
+        cert, key = ca.issue(identity_uri(kind, name), args.dns, args.ip, args.days)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"fleetlm ca {args.action}: {exc}") from None
+    write_private(Path(f"{args.out}.key"), key)
+    write_public(Path(f"{args.out}.crt"), cert)
+    print(f"{args.out}.crt and {args.out}.key (0600) for {identity_uri(kind, name)}")
+
+
+def _join_token(args: argparse.Namespace) -> None:
+    import asyncio
+    import time
+    from pathlib import Path
+
+    from controlplane.etcd_store import EtcdStore
+    from controlplane.join import JoinTokens, utc
+    from mesh.fleet_ca import FleetCA
+
+    try:
+        fingerprint = FleetCA.load(Path(args.ca_dir).expanduser()).fingerprint if args.action == "create" else ""
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"fleetlm join-token: no fleet CA in {args.ca_dir}: {exc}") from None
+
+    async def run() -> None:
+        store = EtcdStore(args.etcd, args.etcd_prefix)
+        await store.connect()
+        try:
+            tokens = JoinTokens(store)
+            if args.action == "create":
+                token, record = await tokens.create(args.ttl, args.description)
+                print(f"join token (shown once): {token}\nexpires: {utc(record.expires_at)}")
+                print(f"fleetlm node --join-token {token} --ca-fingerprint {fingerprint} --join-address CP:PORT")
+            elif args.action == "list":
+                now = time.time()
+                for t in await tokens.list():
+                    print(f"{t.id}\t{t.state(now)}\texpires {utc(t.expires_at)}\t{t.description}")
+            else:
+                token_id = (args.token_id or "").removeprefix("fljt_").split(".")[0]
+                if not token_id or not await tokens.revoke(token_id):
+                    raise SystemExit(f"fleetlm join-token revoke: no token {token_id!r}")
+                print(f"join token {token_id} revoked")
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(run())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"fleetlm join-token {args.action}: {exc}") from None
 
 
 def _up(args: argparse.Namespace) -> None:
@@ -124,6 +215,9 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--deployments", help="models.yaml of deployments to create at start-up")
     cp.add_argument("--placement-strategy", choices=["spread", "binpack"], help="replica placement (spread)")
     cp.add_argument("--log-level")
+    _tls_flags(cp, "the control plane")
+    cp.add_argument("--ca-dir", help="directory of the fleet CA (ca.crt, ca.key); Join signs with it")
+    cp.add_argument("--join-listen", help="host:port of JoinService, TLS without client certificates")
     cp.set_defaults(run=_controlplane)
 
     node = sub.add_parser("node", help="run a node agent")
@@ -148,6 +242,11 @@ def parser() -> argparse.ArgumentParser:
     node.add_argument("--sglang-python", help="Python that runs sglang.launch_server (the agent's own)")
     node.add_argument("--engine-health-seconds", type=float, help="health-check period of engine servers (5)")
     node.add_argument("--log-level")
+    _tls_flags(node, "this node")
+    node.add_argument("--join-token", help="join token (FLEETLM_NODE_JOIN_TOKEN keeps it out of ps)")
+    node.add_argument("--ca-fingerprint", help="sha256:... of the fleet CA, pinned for --join-token")
+    node.add_argument("--join-address", help="host:port of the control plane's --join-listen")
+    node.add_argument("--state-dir", help="where the node keeps its key and certificate")
     node.set_defaults(run=_node)
 
     edge = sub.add_parser("edge", help="run the edge (OpenAI HTTP + gRPC front door)")
@@ -171,7 +270,29 @@ def parser() -> argparse.ArgumentParser:
         help="seconds an unreachable node is skipped before a request probes it again, doubling to 30 (1)",
     )
     edge.add_argument("--log-level")
+    _tls_flags(edge, "the edge")
     edge.set_defaults(run=_edge)
+
+    default_ca = os.path.join(default_state, "ca")
+    ca = sub.add_parser("ca", help="the fleet certificate authority")
+    ca.add_argument("action", choices=["init", "issue", "fingerprint"])
+    ca.add_argument("--dir", default=default_ca, help=f"the CA's directory ({default_ca})")
+    ca.add_argument("--identity", help="issue: controlplane/<id>, edge/<id>, node/<id> or admin (spiffe://fleetlm/...)")
+    ca.add_argument("--dns", action="append", default=[], help="issue: a DNS name in the certificate (repeatable)")
+    ca.add_argument("--ip", action="append", default=[], help="issue: an IP address in the certificate (repeatable)")
+    ca.add_argument("--days", type=float, default=30, help="issue: validity in days (30)")
+    ca.add_argument("--out", help="issue: write OUT.crt and OUT.key (0600)")
+    ca.set_defaults(run=_ca)
+
+    jt = sub.add_parser("join-token", help="create, list or revoke the tokens nodes join the fleet with")
+    jt.add_argument("action", choices=["create", "list", "revoke"])
+    jt.add_argument("token_id", nargs="?", help="revoke: the token's id (fljt_<id>.…)")
+    jt.add_argument("--etcd", default="http://127.0.0.1:2379", help="etcd URL (http://127.0.0.1:2379)")
+    jt.add_argument("--etcd-prefix", default="/fleetlm", help="etcd key prefix (/fleetlm)")
+    jt.add_argument("--ttl", type=float, default=3600, help="create: seconds the token is valid (3600)")
+    jt.add_argument("--description", default="", help="create: what the token is for")
+    jt.add_argument("--ca-dir", default=default_ca, help=f"the fleet CA, for its fingerprint ({default_ca})")
+    jt.set_defaults(run=_join_token)
     return top
 
 

@@ -110,9 +110,11 @@ class GrpcServer:
         )
         self.port = 0
 
-    async def start(self, address: str) -> int:
-        """Bind and start; returns the bound port (address may end in :0)."""
-        self.port = self.server.add_insecure_port(address)
+    async def start(self, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+        """Bind and start (TLS with `credentials`); returns the bound port (address may end in :0)."""
+        self.port = (
+            self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
+        )
         if self.port == 0:
             raise OSError(f"cannot bind gRPC server to {address}")
         await self.server.start()

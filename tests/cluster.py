@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from launcher.default_model import default_model_path
 from launcher.processes import etcd_argv
 from mesh.child_process import orphan_proof
+from mesh.fleet_ca import FleetCA, identity_uri, write_private, write_public
 from mesh.lifecycle import free_port
 
 MODEL = "smollm2-135m"
@@ -48,8 +49,9 @@ def wait_for(check: Any, timeout: float, what: str, proc: Proc | None = None) ->
     raise TimeoutError(f"timed out waiting for {what} (last error: {last})")
 
 
-def grpc_serving(address: str, service: str = "") -> bool:
-    with grpc.insecure_channel(address) as channel:
+def grpc_serving(address: str, service: str = "", credentials: grpc.ChannelCredentials | None = None) -> bool:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -107,11 +109,45 @@ def smollm_entry(name: str = MODEL, **extra: Any) -> dict[str, Any]:
 class Cluster:
     """A fleet on this machine. Components are added one by one; `close` stops them in reverse."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tls: bool = False) -> None:
         self.dir = workdir
         self.procs: list[Proc] = []
         self.etcd_url = ""
         self.controlplane = ""
+        # With tls=True: a fleet CA in <workdir>/ca; the control plane serves mutual TLS (and JoinService on
+        # join_address), the edge HTTPS and TLS gRPC; tests call with the admin client certificate.
+        self.tls = tls
+        self.ca_dir = workdir / "ca"
+        self.join_address = ""
+        if tls:
+            FleetCA.create(self.ca_dir)
+            self.issue("admin", "admin")
+
+    def issue(self, name: str, identity: str, ips: tuple[str, ...] = ("127.0.0.1",), days: float = 30) -> list[str]:
+        """A certificate from the cluster's CA as <dir>/<name>.crt/.key; returns the --tls-* flags for it."""
+        kind, _, who = identity.partition("/")
+        cert, key = FleetCA.load(self.ca_dir).issue(identity_uri(kind, who), [], list(ips), days)
+        write_public(self.dir / f"{name}.crt", cert)
+        write_private(self.dir / f"{name}.key", key)
+        return self.tls_flags(name)
+
+    def tls_flags(self, name: str) -> list[str]:
+        ca = str(self.ca_dir / "ca.crt")
+        return ["--tls-cert", str(self.dir / f"{name}.crt"), "--tls-key", str(self.dir / f"{name}.key"), "--tls-ca", ca]
+
+    def credentials(self, name: str = "admin") -> grpc.ChannelCredentials | None:
+        """Channel credentials presenting <name>'s certificate (None without TLS)."""
+        if not self.tls:
+            return None
+        return grpc.ssl_channel_credentials(
+            (self.ca_dir / "ca.crt").read_bytes(),
+            (self.dir / f"{name}.key").read_bytes(),
+            (self.dir / f"{name}.crt").read_bytes(),
+        )
+
+    def channel(self, address: str, name: str = "admin") -> grpc.Channel:
+        credentials = self.credentials(name)
+        return grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
 
     def _start(self, name: str, argv: list[str], ready: Any = None) -> Proc:
         proc = Proc(name, argv, self.dir, ready)
@@ -143,6 +179,17 @@ class Cluster:
     def start_controlplane(self, lease_ttl: int = 3, *extra: str) -> str:
         port = free_port()
         self.controlplane = address = f"127.0.0.1:{port}"
+        if self.tls:
+            self.join_address = f"127.0.0.1:{free_port()}"
+            extra = (
+                *self.issue("controlplane", "controlplane/cp"),
+                "--ca-dir",
+                str(self.ca_dir),
+                "--join-listen",
+                self.join_address,
+                *extra,
+            )
+        credentials = self.credentials()
         proc = self._start(
             "controlplane",
             fleetlm(
@@ -155,7 +202,7 @@ class Cluster:
                 str(lease_ttl),
                 *extra,
             ),
-            lambda: grpc_serving(address),
+            lambda: grpc_serving(address, credentials=credentials),
         )
         wait_for(proc.ready, START_TIMEOUT, "control plane", proc)
         return self.controlplane
@@ -194,12 +241,15 @@ class Cluster:
                 *args,
             ),
         )
-        proc.ready = lambda: grpc_serving(address)
+        credentials = self.credentials()
+        proc.ready = lambda: grpc_serving(address, credentials=credentials)
         wait_for(proc.ready, START_TIMEOUT, f"node {node_id}", proc)
         return proc, address
 
     def start_edge(self, *extra: str) -> tuple[Proc, str, str]:
         http_port, grpc_port = free_port(), free_port()
+        if self.tls:
+            extra = (*self.issue(f"edge-{http_port}", f"edge/{http_port}"), *extra)
         proc = self._start(
             f"edge-{http_port}",
             fleetlm(
@@ -213,8 +263,9 @@ class Cluster:
                 *extra,
             ),
         )
-        http = f"http://127.0.0.1:{http_port}"
-        proc.ready = lambda: httpx.get(f"{http}/health", timeout=1).status_code == 200
+        http = f"{'https' if self.tls else 'http'}://127.0.0.1:{http_port}"
+        verify: Any = str(self.ca_dir / "ca.crt") if self.tls else True
+        proc.ready = lambda: httpx.get(f"{http}/health", timeout=1, verify=verify).status_code == 200
         wait_for(proc.ready, START_TIMEOUT, "edge", proc)
         return proc, http, f"127.0.0.1:{grpc_port}"
 

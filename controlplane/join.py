@@ -1,0 +1,165 @@
+"""Join tokens and the JoinService: how a node gets its fleet certificate.
+
+A join token is `fljt_<id>.<secret>`: the id names the token (list, revoke), the secret (256 random bits) is
+shown once and stored only as its SHA-256 in etcd (`<prefix>/join-tokens/<id>`). An unsalted hash is
+enough for a secret of 256 random bits: no dictionary reaches it, and a hash read from etcd lets no one
+join. A token expires (`ttl`), can be revoked, and may be used by any number of nodes until then (a
+bootstrap token for a batch of boxes, as Kubernetes' are).
+
+Join signs the node's CSR for `spiffe://fleetlm/node/<node_id>` with DNS name `<node_id>.node.fleetlm`
+(what the edge verifies when it dials the node); the identity comes from the request's node_id, never
+from the CSR. Every bad token gets the same UNAUTHENTICATED answer, so a caller learns nothing about which
+check failed; the control plane's log says which, by the token's id only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from dataclasses import asdict, dataclass
+
+import grpc
+from cryptography import x509
+from google.protobuf import timestamp_pb2
+
+from controlplane.etcd_store import EtcdStore
+from fleetlm.controlplane.v1 import identity_pb2, identity_pb2_grpc
+from mesh.fleet_ca import LEAF_DAYS, FleetCA, identity_uri, node_dns_name
+from mesh.tls import peer_identities
+
+log = logging.getLogger(__name__)
+
+TOKEN_PREFIX = "fljt_"
+DIRECTORY = "join-tokens"
+
+
+@dataclass
+class JoinToken:
+    id: str
+    sha256: str
+    created_at: float
+    expires_at: float
+    revoked: bool = False
+    description: str = ""
+
+    def state(self, now: float) -> str:
+        return "revoked" if self.revoked else "expired" if now >= self.expires_at else "valid"
+
+
+def _parse(token: str) -> tuple[str, str] | None:
+    if not token.startswith(TOKEN_PREFIX) or "." not in token:
+        return None
+    token_id, _, secret = token.removeprefix(TOKEN_PREFIX).partition(".")
+    if not token_id.isalnum() or not secret:
+        return None
+    return token_id, secret
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class JoinTokens:
+    """The join tokens in etcd: create (the secret is returned once), list, revoke, check."""
+
+    def __init__(self, store: EtcdStore) -> None:
+        self._store = store
+
+    async def create(self, ttl_seconds: float, description: str = "") -> tuple[str, JoinToken]:
+        if ttl_seconds <= 0:
+            raise ValueError("a join token's ttl must be positive")
+        token_id, secret = secrets.token_hex(4), secrets.token_urlsafe(32)
+        now = time.time()
+        record = JoinToken(token_id, _digest(secret), now, now + ttl_seconds, False, description)
+        await self._store.put_value(f"{DIRECTORY}/{token_id}", json.dumps(asdict(record)).encode())
+        return f"{TOKEN_PREFIX}{token_id}.{secret}", record
+
+    async def get(self, token_id: str) -> JoinToken | None:
+        raw = await self._store.get_value(f"{DIRECTORY}/{token_id}")
+        return None if raw is None else JoinToken(**json.loads(raw))
+
+    async def list(self) -> list[JoinToken]:
+        return sorted(
+            (JoinToken(**json.loads(raw)) for raw in await self._store.list_values(DIRECTORY)),
+            key=lambda t: t.created_at,
+        )
+
+    async def revoke(self, token_id: str) -> bool:
+        record = await self.get(token_id)
+        if record is None:
+            return False
+        record.revoked = True
+        await self._store.put_value(f"{DIRECTORY}/{token_id}", json.dumps(asdict(record)).encode())
+        return True
+
+    async def check(self, token: str) -> str:
+        """The token's id if it may join now, else raises PermissionError (with the reason for the log)."""
+        parsed = _parse(token)
+        if parsed is None:
+            raise PermissionError("malformed join token")
+        token_id, secret = parsed
+        record = await self.get(token_id)
+        if record is None or not hmac.compare_digest(record.sha256, _digest(secret)):
+            raise PermissionError(f"unknown join token {token_id}")
+        state = record.state(time.time())
+        if state != "valid":
+            raise PermissionError(f"join token {token_id} is {state}")
+        return token_id
+
+
+def _not_after(cert_pem: bytes) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc)
+    return stamp
+
+
+class JoinService(identity_pb2_grpc.JoinServiceServicer):
+    def __init__(self, tokens: JoinTokens, ca: FleetCA, cert_days: float = LEAF_DAYS) -> None:
+        self._tokens = tokens
+        self._ca = ca
+        self._days = cert_days
+
+    async def _sign(self, csr_pem: bytes, node_id: str, context: grpc.aio.ServicerContext) -> identity_pb2.JoinResponse:
+        try:
+            cert = await asyncio.to_thread(
+                self._ca.sign_csr, csr_pem, identity_uri("node", node_id), [node_dns_name(node_id)], self._days
+            )
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"csr_pem: {exc}")
+        return identity_pb2.JoinResponse(
+            certificate_pem=cert, ca_certificate_pem=self._ca.cert_pem, not_after=_not_after(cert)
+        )
+
+    async def Join(
+        self, request: identity_pb2.JoinRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.JoinResponse:
+        node_id = request.node_id
+        if not node_id or "/" in node_id or not all(c.isalnum() or c in "-_." for c in node_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id is required: letters, digits, '-_.'")
+        try:
+            token_id = await self._tokens.check(request.token)
+        except PermissionError as exc:
+            log.warning("join refused for node %s: %s", node_id, exc)  # the token's id at most, never its secret
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid, expired or revoked join token")
+        reply = await self._sign(request.csr_pem, node_id, context)
+        log.info("node %s joined with join token %s", node_id, token_id)
+        return reply
+
+    async def Renew(
+        self, request: identity_pb2.RenewRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.JoinResponse:
+        nodes = [i for i in peer_identities(context) if i.startswith(identity_uri("node", "x")[:-1])]
+        if not nodes:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Renew needs the node's fleet certificate")
+        node_id = nodes[0].rsplit("/", 1)[1]
+        return await self._sign(request.csr_pem, node_id, context)
+
+
+def utc(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,178 @@
+"""TLS for every fleetlm link, from certificate files: grpc server credentials that re-read their files when
+they change (rotation without a restart), channel credentials that present the component's certificate,
+the verified identity of a gRPC peer, and the pinned first contact of a joining node.
+
+Mutual TLS between fleet components: a server given a CA requires a client certificate signed by it
+(grpc's REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY); servers for the public (clients of the OpenAI
+API, joining nodes, operators with a token) ask for none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from mesh.fleet_ca import uri_identities
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A component's certificate, its key, and the CA it trusts (the fleet CA)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    @classmethod
+    def of(cls, cert: Path | str | None, key: Path | str | None, ca: Path | str | None) -> TlsFiles | None:
+        """None when no file is given; all three or a clear error (never a half-TLS start)."""
+        given = [x for x in (cert, key, ca) if x]
+        if not given:
+            return None
+        if len(given) != 3:
+            raise ValueError("TLS needs --tls-cert, --tls-key and --tls-ca together")
+        files = cls(Path(str(cert)), Path(str(key)), Path(str(ca)))
+        for path in (files.cert, files.key, files.ca):
+            if not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        return files
+
+    def _mtimes(self) -> tuple[int, ...]:
+        return tuple(p.stat().st_mtime_ns for p in (self.cert, self.key, self.ca))
+
+
+class _Reloader:
+    """The fetcher of grpc's dynamic server credentials: grpc calls it before each new handshake; it returns
+    a new configuration when a file's mtime changed, else None (keep the current one). A half-written
+    or broken set of files keeps the last good configuration (logged without the key's contents)."""
+
+    def __init__(self, files: TlsFiles, require_client_cert: bool) -> None:
+        self._files = files
+        self._require = require_client_cert
+        self._lock = threading.Lock()  # grpc may call the fetcher from several of its threads
+        self._seen = files._mtimes()
+        self.initial = self._config()
+
+    def _config(self) -> grpc.ServerCertificateConfiguration:
+        key = self._files.key.read_bytes()
+        cert = self._files.cert.read_bytes()
+        ca = self._files.ca.read_bytes()
+        serialization.load_pem_private_key(key, password=None)  # a broken key fails here, not in a handshake
+        x509.load_pem_x509_certificate(cert)
+        # The chain sent ends with the CA, so a joining node can find the certificate it pinned.
+        chain = cert if ca.strip() in cert else cert.rstrip(b"\n") + b"\n" + ca
+        return grpc.ssl_server_certificate_configuration(
+            [(key, chain)], root_certificates=ca if self._require else None
+        )
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            try:
+                mtimes = self._files._mtimes()
+                if mtimes == self._seen:
+                    return None
+                config = self._config()
+            except Exception as exc:  # a rotation in progress must not break serving
+                log.warning("TLS files %s not reloaded: %s", self._files.cert, type(exc).__name__)
+                return None
+            self._seen = mtimes
+            log.info("TLS certificate %s reloaded", self._files.cert)
+            return config
+
+
+def server_credentials(files: TlsFiles, require_client_cert: bool) -> grpc.ServerCredentials:
+    reloader = _Reloader(files, require_client_cert)
+    return grpc.dynamic_ssl_server_credentials(
+        reloader.initial, reloader, require_client_authentication=require_client_cert
+    )
+
+
+def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
+    """Trust the fleet CA and present this component's certificate (mutual TLS). Read at channel creation:
+    a rotated client certificate is used by channels opened afterwards."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=files.ca.read_bytes(),
+        private_key=files.key.read_bytes(),
+        certificate_chain=files.cert.read_bytes(),
+    )
+
+
+def secure_channel(
+    target: str, files: TlsFiles | None, options: Sequence[tuple[str, Any]], server_name: str | None = None
+) -> grpc.aio.Channel:
+    """A channel to a fleet component: mutual TLS when `files` are given, else plaintext. `server_name` is the
+    name the server's certificate must carry (a node's `<id>.node.fleetlm`), when it is not the target's."""
+    if files is None:
+        return grpc.aio.insecure_channel(target, options=list(options))
+    extra = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.aio.secure_channel(target, channel_credentials(files), options=[*options, *extra])
+
+
+def peer_identities(context: grpc.aio.ServicerContext) -> list[str]:
+    """The spiffe identities in the peer's verified certificate; [] over plaintext or with no client
+    certificate. Read from the certificate itself (grpc only exposes its PEM), not from a name the peer
+    claims in its request."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    if not pems:
+        return []
+    return uri_identities(x509.load_pem_x509_certificate(pems[0]))
+
+
+async def keep_ssl_context_current(context: ssl.SSLContext, files: TlsFiles, period: float = 2.0) -> None:
+    """Load the certificate files into `context` again whenever they change (until cancelled): an SSLContext
+    uses the chain loaded last for every new handshake, so uvicorn's HTTPS rotates without a restart."""
+    seen = files._mtimes()
+    while True:
+        await asyncio.sleep(period)
+        try:
+            mtimes = files._mtimes()
+            if mtimes != seen:
+                context.load_cert_chain(files.cert, files.key)
+                seen = mtimes
+                log.info("TLS certificate %s reloaded", files.cert)
+        except (OSError, ssl.SSLError) as exc:  # half-written files: try again next period
+            log.warning("TLS files %s not reloaded: %s", files.cert, type(exc).__name__)
+
+
+def fetch_pinned_ca(address: str, pin: str, timeout: float = 10.0) -> bytes:
+    """The CA certificate (PEM) of the TLS server at host:port whose SHA-256 fingerprint is `pin`.
+
+    The first contact of a joining node: it has no CA to verify the server with yet, only the fingerprint the
+    operator gave it. The server sends its chain (leaf and CA) in the handshake; the node takes the chain
+    without verifying it, keeps the certificate whose fingerprint matches the pin, and refuses otherwise.
+    The caller then verifies the server against that CA with grpc before it sends its join token, so an
+    interceptor without the CA's key never sees the token."""
+    want = pin.lower().removeprefix("sha256:").replace(":", "")
+    host, _, port = address.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # nothing is trusted from this connection but the pinned certificate
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname=None) as tls,
+    ):
+        # Public since Python 3.13; the same method of the underlying _ssl object before.
+        chain_of = getattr(tls, "get_unverified_chain", None) or tls._sslobj.get_unverified_chain  # type: ignore[attr-defined]
+        chain = chain_of() or []
+    for cert in chain:
+        der = cert if isinstance(cert, bytes) else cert.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]
+        if hashlib.sha256(der).hexdigest() == want:
+            return ssl.DER_cert_to_PEM_cert(der).encode()
+    raise PermissionError(
+        f"the server at {address} does not present the pinned CA {pin} (wrong fingerprint, or not this fleet)"
+    )

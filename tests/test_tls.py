@@ -1,0 +1,167 @@
+"""TLS on the fleet's links, with real certificates from a real fleet CA: the control plane speaks only TLS
+(read from the handshake bytes), requires a client certificate from the fleet CA, lets a node act only as
+the node its certificate names, and picks up a rotated certificate without a restart."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import ssl
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+
+from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
+from mesh.fleet_ca import FleetCA, fingerprint, identity_uri, node_dns_name, uri_identities
+from tests.cluster import Cluster
+
+pytestmark = [pytest.mark.cluster]
+
+# A rotation is seen by the next handshake after the files change; generous for a busy 2-core machine.
+ROTATION_BOUND = 30
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path_factory.mktemp("tls"), tls=True)
+    try:
+        cluster.start_etcd()
+        cluster.start_controlplane(lease_ttl=3)
+        yield cluster
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.close()
+
+
+def test_fleet_ca_signs_identities_and_keeps_keys_private(tmp_path: Path) -> None:
+    ca = FleetCA.create(tmp_path / "ca")
+    assert stat.S_IMODE((tmp_path / "ca" / "ca.key").stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError):
+        FleetCA.create(tmp_path / "ca")  # never replaced: every certificate it signed would break
+    cert_pem, key_pem = ca.issue(identity_uri("node", "n1"), ips=["127.0.0.1"])
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    cert.verify_directly_issued_by(ca.cert)
+    assert uri_identities(cert) == ["spiffe://fleetlm/node/n1"]
+    dns = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert node_dns_name("n1") in dns.get_values_for_type(x509.DNSName)
+    assert b"PRIVATE KEY" in key_pem and key_pem not in cert_pem
+    # The pin is the SHA-256 of the CA certificate's DER, as `openssl x509 -fingerprint -sha256` prints it.
+    der = ssl.PEM_cert_to_DER_cert(ca.cert_pem.decode())
+    assert fingerprint(ca.cert_pem) == "sha256:" + __import__("hashlib").sha256(der).hexdigest()
+    assert FleetCA.load(tmp_path / "ca").fingerprint == ca.fingerprint
+
+
+def _server_hello(address: str) -> bytes:
+    """The first bytes the server answers a real TLS ClientHello with, read off the socket."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(outgoing.read())
+        return raw.recv(5 + 4)
+
+
+def _answer_to_plaintext_http2(address: str) -> bytes:
+    """What the server answers a plaintext HTTP/2 connection preface and an empty SETTINGS frame with."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+        raw.settimeout(10)
+        try:
+            return raw.recv(64)
+        except (ConnectionResetError, TimeoutError):
+            return b""
+
+
+def test_the_control_plane_speaks_tls_and_refuses_plaintext(fleet: Cluster) -> None:
+    hello = _server_hello(fleet.controlplane)
+    # A TLS record of type handshake (22), version 3.x, whose first message is a ServerHello (2).
+    assert hello[0] == 0x16 and hello[1] == 3 and hello[5] == 0x02, hello
+    answer = _answer_to_plaintext_http2(fleet.controlplane)
+    # A plaintext HTTP/2 server answers with its SETTINGS frame (type 4 at byte 3); this one does not speak it.
+    assert not (len(answer) >= 4 and answer[3] == 4), answer
+    with grpc.insecure_channel(fleet.controlplane) as channel, pytest.raises(grpc.RpcError) as refused:
+        registry_pb2_grpc.NodeRegistryServiceStub(channel).RegisterNode(
+            registry_pb2.RegisterNodeRequest(node_id="plain", inference_address="127.0.0.1:1"), timeout=5
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _register(fleet: Cluster, credentials: grpc.ChannelCredentials, node_id: str) -> grpc.StatusCode:
+    with grpc.secure_channel(fleet.controlplane, credentials) as channel:
+        stub = registry_pb2_grpc.NodeRegistryServiceStub(channel)
+        try:
+            reply = stub.RegisterNode(
+                registry_pb2.RegisterNodeRequest(
+                    node_id=node_id, inference_address="127.0.0.1:1", inventory=node_pb2.Inventory()
+                ),
+                timeout=10,
+            )
+        except grpc.RpcError as exc:
+            return exc.code()  # type: ignore[no-any-return]
+        stub.DeregisterNode(registry_pb2.DeregisterNodeRequest(node_id=node_id, lease_id=reply.lease_id), timeout=10)
+        return grpc.StatusCode.OK
+
+
+def test_a_node_acts_only_as_the_node_its_certificate_names(fleet: Cluster, tmp_path: Path) -> None:
+    ca_pem = (fleet.ca_dir / "ca.crt").read_bytes()
+    fleet.issue("node-a", "node/node-a")
+    fleet.issue("an-edge", "edge/e1")
+    stranger = FleetCA.create(tmp_path / "other-ca")
+    cert, key = stranger.issue(identity_uri("node", "node-a"), ips=["127.0.0.1"])
+    outcomes = {
+        "no client certificate": _register(fleet, grpc.ssl_channel_credentials(ca_pem), "node-a"),
+        "another CA's certificate for node-a": _register(
+            fleet, grpc.ssl_channel_credentials(ca_pem, key, cert), "node-a"
+        ),
+        "node-a's certificate as node-b": _register(fleet, fleet.credentials("node-a"), "node-b"),  # type: ignore[arg-type]
+        "an edge's certificate as node-a": _register(fleet, fleet.credentials("an-edge"), "node-a"),  # type: ignore[arg-type]
+        "node-a's certificate as node-a": _register(fleet, fleet.credentials("node-a"), "node-a"),  # type: ignore[arg-type]
+    }
+    assert outcomes == {
+        "no client certificate": grpc.StatusCode.UNAVAILABLE,  # the handshake itself fails
+        "another CA's certificate for node-a": grpc.StatusCode.UNAVAILABLE,
+        "node-a's certificate as node-b": grpc.StatusCode.PERMISSION_DENIED,
+        "an edge's certificate as node-a": grpc.StatusCode.UNAUTHENTICATED,
+        "node-a's certificate as node-a": grpc.StatusCode.OK,
+    }
+
+
+def _served_certificate(address: str, ca: Path) -> x509.Certificate:
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = False  # the chain is verified; the name is not what this test is about
+    host, port = address.rsplit(":", 1)
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_a_rotated_certificate_is_served_without_a_restart(fleet: Cluster) -> None:
+    ca_file = fleet.ca_dir / "ca.crt"
+    before = _served_certificate(fleet.controlplane, ca_file)
+    fleet.issue("controlplane", "controlplane/cp", days=7)  # the same files, rewritten (os.replace)
+    rotated = x509.load_pem_x509_certificate((fleet.dir / "controlplane.crt").read_bytes())
+    assert rotated.serial_number != before.serial_number
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=ROTATION_BOUND)
+    seen = before
+    while seen.serial_number != rotated.serial_number and datetime.datetime.now() < deadline:
+        seen = _served_certificate(fleet.controlplane, ca_file)
+    assert seen.serial_number == rotated.serial_number
+    controlplane = fleet.procs[-1]
+    assert controlplane.popen.poll() is None  # the same process: no restart
+    assert _register(fleet, fleet.credentials("node-a"), "node-a") == grpc.StatusCode.OK  # type: ignore[arg-type]
