@@ -7,18 +7,26 @@ import contextlib
 import logging
 import socket
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import uvicorn
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edge.breaker import Breakers
 from edge.gateway import Gateway
 from edge.grpc_service import EdgeInference
 from edge.http_app import create_app
+from edge.route_feed import RouteFeed
 from edge.settings import EdgeSettings
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh import logs
+from mesh.channels import CHANNEL_OPTIONS
+from mesh.fleet_ca import node_dns_name
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
+from mesh.tls import TlsFiles, keep_ssl_context_current, secure_channel, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -32,34 +40,84 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-async def serve(settings: EdgeSettings, stop: asyncio.Event) -> None:
-    gateway = Gateway(
+class _TlsGateway(Gateway):
+    """The gateway over mutual TLS: its control-plane channels and node channels present the edge's
+    certificate, and a node's channel accepts only the certificate of the node the routing table names
+    (`<node_id>.node.fleetlm`, checked by grpc's hostname verification).
+
+    Interim: it replaces the Gateway's plaintext channels (made lazily; they never connected) until Gateway
+    takes a channel factory of its own."""
+
+    def __init__(self, tls: TlsFiles, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tls = tls
+        self._plaintext = self._cp_channels
+        self._cp_channels = [secure_channel(a, tls, CHANNEL_OPTIONS) for a in self._controlplanes]
+        self.feed = RouteFeed(self._cp_channels, kwargs["edge_id"])
+
+    def _target(self, node_id: str, address: str, replica: object = None) -> object:  # type: ignore[override]
+        if address not in self._node_channels:
+            self._node_channels[address] = secure_channel(address, self._tls, CHANNEL_OPTIONS, node_dns_name(node_id))
+        return super()._target(node_id, address, replica)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        for channel in self._plaintext:
+            await channel.close()
+        await super().close()
+
+
+class EdgeTlsSettings(BaseSettings):
+    """The edge's TLS files (FLEETLM_EDGE_TLS_*). Interim home: they belong in EdgeSettings."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEETLM_EDGE_", extra="ignore")
+
+    tls_cert: Path | None = Field(
+        None,
+        description="the edge's certificate (PEM): HTTPS and gRPC with it (clients need no certificate of their"
+        " own), and mutual TLS with it to control planes and nodes; files are re-read when they change",
+    )
+    tls_key: Path | None = Field(None, description="private key (PEM) of --tls-cert; never logged")
+    tls_ca: Path | None = Field(None, description="the fleet CA (PEM) control planes and nodes are verified with")
+
+
+async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeTlsSettings | None = None) -> None:
+    t = tls_settings or EdgeTlsSettings(**{})  # from the environment alone
+    tls = TlsFiles.of(t.tls_cert, t.tls_key, t.tls_ca)
+    edge_id = settings.edge_id or f"{socket.gethostname()}:{settings.grpc_listen.rsplit(':', 1)[-1]}"
+    args = (
         settings.controlplane.split(","),
         settings.request_timeout_seconds,
         settings.placement_timeout_seconds,
         settings.scale_from_zero_timeout_seconds,
-        edge_id=settings.edge_id or f"{socket.gethostname()}:{settings.grpc_listen.rsplit(':', 1)[-1]}",
-        breakers=Breakers(settings.breaker_failures, settings.breaker_cooldown_seconds),
-        failover_seconds=settings.failover_seconds,
     )
+    options: dict[str, Any] = {
+        "edge_id": edge_id,
+        "breakers": Breakers(settings.breaker_failures, settings.breaker_cooldown_seconds),
+        "failover_seconds": settings.failover_seconds,
+    }
+    gateway = Gateway(*args, **options) if tls is None else _TlsGateway(tls, *args, **options)
     grpc_server = GrpcServer([INFERENCE_SERVICE])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(EdgeInference(gateway), grpc_server.server)
     host, port = settings.http_listen.rsplit(":", 1)
-    http = _Uvicorn(
-        uvicorn.Config(
-            create_app(gateway),
-            host=host,
-            port=int(port),
-            log_level=settings.log_level.lower(),
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
-        )
+    config = uvicorn.Config(
+        create_app(gateway),
+        host=host,
+        port=int(port),
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        ssl_certfile=str(tls.cert) if tls else None,
+        ssl_keyfile=str(tls.key) if tls else None,
     )
-    grpc_port = await grpc_server.start(settings.grpc_listen)
+    config.load()  # builds the SSLContext now, so that it can be kept current below
+    http = _Uvicorn(config)
+    # The public front doors: TLS with the edge's certificate, no client certificate asked for.
+    grpc_port = await grpc_server.start(settings.grpc_listen, server_credentials(tls, False) if tls else None)
     try:
         async with asyncio.TaskGroup() as tasks:
             routing = tasks.create_task(gateway.run())
+            rotating = tasks.create_task(keep_ssl_context_current(config.ssl, tls)) if tls and config.ssl else None
             http_task = tasks.create_task(http.serve())
             while not http.started and not http_task.done():
                 await asyncio.sleep(0.05)
@@ -67,7 +125,8 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event) -> None:
                 raise SystemExit(f"fleetlm edge: cannot serve HTTP on {settings.http_listen}")
             http_port = http.servers[0].sockets[0].getsockname()[1]
             log.info(
-                "edge serving OpenAI HTTP on http://%s and gRPC on %s (control plane %s)",
+                "edge serving OpenAI HTTP on %s://%s and gRPC on %s (control plane %s)",
+                "https" if tls else "http",
                 bound_address(settings.http_listen, http_port),
                 bound_address(settings.grpc_listen, grpc_port),
                 settings.controlplane,
@@ -77,11 +136,18 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event) -> None:
             http.should_exit = True
             await grpc_server.stop(settings.shutdown_grace_seconds)
             routing.cancel()
+            if rotating is not None:
+                rotating.cancel()
     finally:
         await gateway.close()
     log.info("edge stopped")
 
 
-def main(settings: EdgeSettings) -> None:
+def main(settings: EdgeSettings, tls_settings: EdgeTlsSettings | None = None) -> None:
     logs.setup("edge", settings.log_level)
-    run_until_signalled(lambda stop: serve(settings, stop))
+    t = tls_settings or EdgeTlsSettings(**{})  # from the environment alone
+    try:
+        TlsFiles.of(t.tls_cert, t.tls_key, t.tls_ca)
+    except ValueError as exc:
+        raise SystemExit(f"fleetlm edge: {exc}") from None
+    run_until_signalled(lambda stop: serve(settings, stop, t))

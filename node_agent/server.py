@@ -10,8 +10,6 @@ import sys
 from collections.abc import Awaitable
 from importlib.metadata import PackageNotFoundError, version
 
-import grpc
-
 from fleetlm.controlplane.v1 import node_pb2
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh import logs
@@ -19,8 +17,10 @@ from mesh.catalog import CatalogError, load_catalog
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
+from mesh.tls import secure_channel, server_credentials
 from node_agent import assignments, inventory
 from node_agent.host import ModelHost
+from node_agent.identity import JoinError, node_identity
 from node_agent.inference_service import NodeInference
 from node_agent.load_reports import ChangeFeed, report_load
 from node_agent.registration import Registration
@@ -130,18 +130,23 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     def collect() -> node_pb2.Inventory:
         return inventory.collect(models_dirs, [e.path for e in entries], settings.inventory_override)
 
+    target = controlplane_target(settings.controlplane)
+    try:
+        tls = await node_identity(settings, target)
+    except JoinError as exc:
+        raise SystemExit(f"fleetlm node: {exc}") from None
     gpus = (await asyncio.to_thread(collect)).gpus
     host = ModelHost([e.spec() for e in entries], settings, gpus)
     server = GrpcServer([INFERENCE_SERVICE])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(NodeInference(host, settings.node_id), server.server)
-    port = await server.start(settings.listen)
+    # With TLS, only fleet components (the edge) with a certificate from the fleet CA may call this node.
+    port = await server.start(settings.listen, server_credentials(tls, True) if tls else None)
     address = _advertised(settings, port)
     log.info("node %s serving InferenceService on %s", settings.node_id, bound_address(settings.listen, port))
     failure = ""
     try:
-        target = controlplane_target(settings.controlplane)
         controlplanes = await asyncio.to_thread(controlplane_addresses, settings.controlplane)
-        async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        async with secure_channel(target, tls, CHANNEL_OPTIONS) as channel:
             feed = ChangeFeed(host)
             registration = Registration(
                 channel, settings.node_id, address, host, feed, collect, settings.rpc_timeout_seconds, _agent_version()
@@ -153,8 +158,13 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
                 asyncio.create_task(
                     assignments.follow(channel, settings.node_id, host, registration.registered), name="assignments"
                 ),
-                asyncio.create_task(report_load(controlplanes, registration, host, feed), name="load streams"),
             ]
+            if tls is None:
+                # The load streams open plaintext channels of their own (load_reports.py); under TLS the
+                # heartbeats carry the load instead (the control plane then says load_streamed=false).
+                background.append(
+                    asyncio.create_task(report_load(controlplanes, registration, host, feed), name="load streams")
+                )
             try:
                 failure = await _first_failure(stop, background)
             finally:

@@ -7,7 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -65,4 +65,24 @@ class NodeSettings(BaseSettings):
     )
     rpc_timeout_seconds: float = Field(5.0, gt=0, description="deadline of calls to the control plane")
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="time in-flight requests get at shutdown")
+    tls_cert: Path | None = Field(
+        None,
+        description="this node's certificate (PEM, spiffe://fleetlm/node/<id>): its InferenceService then speaks"
+        " mutual TLS only, and it calls the control plane with it; files are re-read when they change",
+    )
+    tls_key: Path | None = Field(None, description="private key (PEM) of --tls-cert; never logged")
+    tls_ca: Path | None = Field(None, description="the fleet CA (PEM) peers' certificates must be signed by")
+    join_token: SecretStr | None = Field(
+        None,
+        description="join token (`fleetlm join-token create`): the node makes its own key and gets its"
+        " certificate from the control plane's join address, kept in --state-dir; never logged",
+    )
+    ca_fingerprint: str | None = Field(
+        None, description="sha256:... of the fleet CA, pinned for the first contact of --join-token"
+    )
+    join_address: str | None = Field(None, description="host:port of the control plane's --join-listen")
+    state_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "fleetlm",
+        description="where the node keeps its key and certificate (identity/, files 0600)",
+    )
     log_level: str = Field("INFO", description="log level")

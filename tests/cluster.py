@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from launcher.default_model import default_model_path
 from launcher.processes import etcd_argv
 from mesh.child_process import orphan_proof
-from mesh.fleet_ca import FleetCA, identity_uri, write_private, write_public
+from mesh.fleet_ca import FleetCA, identity_uri, node_dns_name, write_private, write_public
 from mesh.lifecycle import free_port
 
 MODEL = "smollm2-135m"
@@ -49,15 +50,28 @@ def wait_for(check: Any, timeout: float, what: str, proc: Proc | None = None) ->
     raise TimeoutError(f"timed out waiting for {what} (last error: {last})")
 
 
-def grpc_serving(address: str, service: str = "", credentials: grpc.ChannelCredentials | None = None) -> bool:
-    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+def grpc_serving(
+    address: str, service: str = "", credentials: grpc.ChannelCredentials | None = None, server_name: str = ""
+) -> bool:
+    """Whether the gRPC server at `address` serves; over TLS with `credentials`, verifying `server_name` (a
+    node's `<id>.node.fleetlm`) when given instead of the address."""
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    channel = grpc.secure_channel(address, credentials, options) if credentials else grpc.insecure_channel(address)
     with channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 class Proc:
-    def __init__(self, name: str, argv: list[str], log_dir: Path, ready: Any = None, append: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_dir: Path,
+        ready: Any = None,
+        append: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.ready = ready  # a check that it serves, for restart()
@@ -65,7 +79,11 @@ class Proc:
         self._log = open(self.log_path, "ab" if append else "wb")  # noqa: SIM115 - closed in stop()
         # Started from pytest's main thread: the parent-death signal is tied to the thread that forks.
         self.popen = subprocess.Popen(
-            orphan_proof(argv), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            orphan_proof(argv),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **env} if env else None,
         )
 
     def log_text(self) -> str:
@@ -242,7 +260,7 @@ class Cluster:
             ),
         )
         credentials = self.credentials()
-        proc.ready = lambda: grpc_serving(address, credentials=credentials)
+        proc.ready = lambda: grpc_serving(address, credentials=credentials, server_name=node_dns_name(node_id))
         wait_for(proc.ready, START_TIMEOUT, f"node {node_id}", proc)
         return proc, address
 
@@ -264,7 +282,7 @@ class Cluster:
             ),
         )
         http = f"{'https' if self.tls else 'http'}://127.0.0.1:{http_port}"
-        verify: Any = str(self.ca_dir / "ca.crt") if self.tls else True
+        verify: Any = ssl.create_default_context(cafile=str(self.ca_dir / "ca.crt")) if self.tls else True
         proc.ready = lambda: httpx.get(f"{http}/health", timeout=1, verify=verify).status_code == 200
         wait_for(proc.ready, START_TIMEOUT, "edge", proc)
         return proc, http, f"127.0.0.1:{grpc_port}"

@@ -1,0 +1,146 @@
+"""Nodes join the fleet with a join token: the real `fleetlm join-token` command, real node processes, a real
+control plane with mutual TLS on a real etcd. A valid token gives the node a certificate for its own id and it
+registers; a wrong CA pin, an expired, revoked or unknown token are refused, and no secret reaches a log."""
+
+from __future__ import annotations
+
+import re
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from cryptography import x509
+
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
+from mesh.fleet_ca import uri_identities
+from mesh.lifecycle import free_port
+from tests.cluster import START_TIMEOUT, Cluster, Proc, fleetlm, wait_for
+
+pytestmark = [pytest.mark.cluster]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path_factory.mktemp("join"), tls=True)
+    try:
+        cluster.start_etcd()
+        cluster.start_controlplane(lease_ttl=3)
+        yield cluster
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.close()
+
+
+def join_token(fleet: Cluster, *args: str) -> tuple[str, str, str]:
+    """(token, CA fingerprint, the whole output) of `fleetlm join-token create`."""
+    out = subprocess.run(
+        fleetlm("join-token", "create", "--etcd", fleet.etcd_url, "--ca-dir", str(fleet.ca_dir), *args),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    token = re.search(r"join token \(shown once\): (\S+)", out)
+    pin = re.search(r"--ca-fingerprint (sha256:[0-9a-f]{64})", out)
+    assert token and pin, out
+    return token.group(1), pin.group(1), out
+
+
+def node_ids(fleet: Cluster) -> set[str]:
+    with fleet.channel(fleet.controlplane) as channel:
+        nodes = admin_pb2_grpc.AdminServiceStub(channel).ListNodes(admin_pb2.ListNodesRequest(), timeout=10).nodes
+    return {n.node_id for n in nodes}
+
+
+def joining_node(fleet: Cluster, node_id: str, token: str, pin: str) -> Proc:
+    argv = fleetlm(
+        "node",
+        "--node-id",
+        node_id,
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--controlplane",
+        fleet.controlplane,
+        "--threads",
+        "1",
+        "--state-dir",
+        str(fleet.dir / f"state-{node_id}"),
+        "--join-address",
+        fleet.join_address,
+        "--ca-fingerprint",
+        pin,
+    )
+    # The token through the environment, as an operator should pass it (not in `ps`).
+    proc = Proc(f"node-{node_id}", argv, fleet.dir, env={"FLEETLM_NODE_JOIN_TOKEN": token})
+    fleet.procs.append(proc)
+    return proc
+
+
+def refused(proc: Proc) -> str:
+    """The node's log once it has exited, which it must: a node that cannot join does not start."""
+    proc.popen.wait(START_TIMEOUT)
+    assert proc.popen.returncode != 0
+    return proc.log_text()
+
+
+def test_a_node_joins_with_a_token_and_registers_as_itself(fleet: Cluster) -> None:
+    token, pin, _ = join_token(fleet, "--ttl", "600")
+    proc = joining_node(fleet, "joined-1", token, pin)
+    wait_for(lambda: "joined-1" in node_ids(fleet), START_TIMEOUT, "the joined node to register", proc)
+    identity = fleet.dir / "state-joined-1" / "identity"
+    cert = x509.load_pem_x509_certificate((identity / "node.crt").read_bytes())
+    assert uri_identities(cert) == ["spiffe://fleetlm/node/joined-1"]
+    assert stat.S_IMODE((identity / "node.key").stat().st_mode) == 0o600
+    secret = token.split(".", 1)[1]
+    assert secret not in proc.log_text() and secret not in fleet.procs[1].log_text()
+    # The token is in etcd only as a hash.
+    dump = subprocess.run(
+        [*fleetlm("join-token", "list", "--etcd", fleet.etcd_url)], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert secret not in dump and "valid" in dump
+    proc.stop()
+
+
+def test_a_wrong_pin_an_expired_a_revoked_or_an_unknown_token_is_refused(fleet: Cluster) -> None:
+    good, pin, _ = join_token(fleet, "--ttl", "600")
+    expired, _, _ = join_token(fleet, "--ttl", "1")
+    revoked, _, _ = join_token(fleet, "--ttl", "600")
+    subprocess.run(
+        fleetlm("join-token", "revoke", revoked.split(".")[0], "--etcd", fleet.etcd_url), check=True, timeout=60
+    )
+    time.sleep(1.5)  # the 1 s token is past its expiry (checked against the wall clock by the control plane)
+    unknown = good.split(".")[0] + ".not-the-secret"
+    wrong_pin = "sha256:" + "0" * 64
+    cases = {
+        "wrong pin": joining_node(fleet, "bad-pin", good, wrong_pin),
+        "expired": joining_node(fleet, "bad-expired", expired, pin),
+        "revoked": joining_node(fleet, "bad-revoked", revoked, pin),
+        "unknown": joining_node(fleet, "bad-unknown", unknown, pin),
+    }
+    logs = {case: refused(proc) for case, proc in cases.items()}
+    assert "does not present the pinned CA" in logs["wrong pin"]
+    for case in ("expired", "revoked", "unknown"):
+        assert "UNAUTHENTICATED" in logs[case], logs[case]
+    for token in (good, expired, revoked, unknown):
+        secret = token.split(".", 1)[1]
+        assert all(secret not in text for text in logs.values())
+        assert secret not in fleet.procs[1].log_text()
+    assert not node_ids(fleet) & {"bad-pin", "bad-expired", "bad-revoked", "bad-unknown"}
+
+
+def test_joining_is_refused_over_plaintext_and_the_join_port_serves_nothing_else(fleet: Cluster) -> None:
+    with grpc.insecure_channel(fleet.join_address) as channel, pytest.raises(grpc.RpcError) as plaintext:
+        admin_pb2_grpc.AdminServiceStub(channel).ListNodes(admin_pb2.ListNodesRequest(), timeout=10)
+    assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+    ca = (fleet.ca_dir / "ca.crt").read_bytes()
+    with (
+        grpc.secure_channel(fleet.join_address, grpc.ssl_channel_credentials(ca)) as channel,
+        pytest.raises(grpc.RpcError) as other,
+    ):
+        admin_pb2_grpc.AdminServiceStub(channel).ListNodes(admin_pb2.ListNodesRequest(), timeout=10)
+    assert other.value.code() == grpc.StatusCode.UNIMPLEMENTED  # no AdminService without a client certificate

@@ -1,0 +1,129 @@
+"""A whole fleet over TLS: etcd, a control plane with mutual TLS, a node that joined with a join token and
+serves the real SmolLM2 model, and an edge that speaks HTTPS to the official `openai` client (which trusts
+the fleet CA and has no certificate of its own) and mutual TLS to the control plane and the node (checking
+that the node answering is the node the routing table names)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import openai
+import pytest
+from cryptography import x509
+
+from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from tests.cluster import MODEL, START_TIMEOUT, Cluster, smollm_entry, wait_for
+from tests.test_join import join_token, node_ids
+
+pytestmark = [pytest.mark.cluster]
+
+ROTATION_BOUND = 30  # the edge re-reads its files every 2 s; generous for a busy machine
+
+
+class Fleet:
+    def __init__(self, cluster: Cluster, http: str, grpc_address: str) -> None:
+        self.cluster = cluster
+        self.http = http
+        self.grpc = grpc_address
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    cluster = Cluster(tmp_path_factory.mktemp("tls-e2e"), tls=True)
+    try:
+        cluster.start_etcd()
+        cluster.start_controlplane(lease_ttl=3)
+        token, pin, _ = join_token(cluster, "--ttl", "600")
+        cluster.start_node(
+            "tls-node",
+            [smollm_entry()],
+            extra=(
+                "--state-dir",
+                str(cluster.dir / "state-tls-node"),
+                "--join-token",
+                token,
+                "--ca-fingerprint",
+                pin,
+                "--join-address",
+                cluster.join_address,
+            ),
+        )
+        wait_for(lambda: "tls-node" in node_ids(cluster), START_TIMEOUT, "the node to register")
+        _, http, grpc_address = cluster.start_edge()
+        yield Fleet(cluster, http, grpc_address)
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.close()
+
+
+def _client(fleet: Fleet) -> openai.OpenAI:
+    trust = ssl.create_default_context(cafile=str(fleet.cluster.ca_dir / "ca.crt"))
+    return openai.OpenAI(
+        base_url=f"{fleet.http}/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=httpx.Client(verify=trust, timeout=120),
+    )
+
+
+def test_the_openai_client_chats_over_https_through_mutual_tls_links(fleet: Fleet) -> None:
+    assert fleet.http.startswith("https://")
+    client = _client(fleet)
+    wait_for(
+        lambda: any(m.id == MODEL for m in client.models.list().data), START_TIMEOUT, "the model in the edge's table"
+    )
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name a color."}], max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].message.content and reply.usage and reply.usage.completion_tokens > 0
+    # Plaintext HTTP to the HTTPS port gets no answer in HTTP.
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(fleet.http.replace("https://", "http://") + "/health", timeout=10)
+    # A client that does not trust the fleet CA refuses the edge.
+    with pytest.raises(openai.APIConnectionError):
+        openai.OpenAI(base_url=f"{fleet.http}/v1", api_key="unused", max_retries=0).models.list()
+
+
+def test_the_edges_grpc_needs_no_client_certificate_and_refuses_plaintext(fleet: Fleet) -> None:
+    ca = (fleet.cluster.ca_dir / "ca.crt").read_bytes()
+    request = inference_pb2.GenerateRequest(model=MODEL, prompt="The sky is")
+    request.sampling.max_tokens = 4
+    with grpc.secure_channel(fleet.grpc, grpc.ssl_channel_credentials(ca)) as channel:
+        texts = [r.delta.text for r in inference_pb2_grpc.InferenceServiceStub(channel).Generate(request, timeout=120)]
+    assert "".join(texts)
+    with grpc.insecure_channel(fleet.grpc) as channel, pytest.raises(grpc.RpcError) as plaintext:
+        list(inference_pb2_grpc.InferenceServiceStub(channel).Generate(request, timeout=10))
+    assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _https_serial(http: str, ca: str) -> int:
+    host, port = http.removeprefix("https://").rsplit(":", 1)
+    context = ssl.create_default_context(cafile=ca)
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def test_the_edges_https_certificate_rotates_without_a_restart(fleet: Fleet) -> None:
+    ca = str(fleet.cluster.ca_dir / "ca.crt")
+    before = _https_serial(fleet.http, ca)
+    port = fleet.http.rsplit(":", 1)[1]
+    fleet.cluster.issue(f"edge-{port}", f"edge/{port}", days=7)
+    new = x509.load_pem_x509_certificate((fleet.cluster.dir / f"edge-{port}.crt").read_bytes()).serial_number
+    assert new != before
+    deadline = time.monotonic() + ROTATION_BOUND
+    while _https_serial(fleet.http, ca) != new and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _https_serial(fleet.http, ca) == new
+    assert _client(fleet).models.list().data  # still serving, same process
