@@ -1,4 +1,7 @@
+import datetime
+
 from fleetlm.controlplane.v1 import node_pb2 as _node_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from fleetlm.inference.v1 import inference_pb2 as _inference_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -205,3 +208,127 @@ class GetLeaderResponse(_message.Message):
     is_leader: bool
     fencing_revision: int
     def __init__(self, leader_address: _Optional[str] = ..., address: _Optional[str] = ..., is_leader: _Optional[bool] = ..., fencing_revision: _Optional[int] = ...) -> None: ...
+
+class ApiKeyLimits(_message.Message):
+    __slots__ = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests_per_minute: int
+    tokens_per_minute: int
+    max_concurrent_requests: int
+    def __init__(self, requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ...) -> None: ...
+
+class ApiKey(_message.Message):
+    __slots__ = ("id", "name", "models", "expires_at", "limits", "revoked", "prefix", "created_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    expires_at: _timestamp_pb2.Timestamp
+    limits: ApiKeyLimits
+    revoked: bool
+    prefix: str
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Union[ApiKeyLimits, _Mapping]] = ..., revoked: _Optional[bool] = ..., prefix: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreateApiKeyRequest(_message.Message):
+    __slots__ = ("name", "models", "expires_at", "limits")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    expires_at: _timestamp_pb2.Timestamp
+    limits: ApiKeyLimits
+    def __init__(self, name: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Union[ApiKeyLimits, _Mapping]] = ...) -> None: ...
+
+class CreateApiKeyResponse(_message.Message):
+    __slots__ = ("key", "secret")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    key: ApiKey
+    secret: str
+    def __init__(self, key: _Optional[_Union[ApiKey, _Mapping]] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class ListApiKeysRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListApiKeysResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[ApiKey]
+    def __init__(self, keys: _Optional[_Iterable[_Union[ApiKey, _Mapping]]] = ...) -> None: ...
+
+class RevokeApiKeyRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class RevokeApiKeyResponse(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: ApiKey
+    def __init__(self, key: _Optional[_Union[ApiKey, _Mapping]] = ...) -> None: ...
+
+class WatchApiKeysRequest(_message.Message):
+    __slots__ = ("edge_id",)
+    EDGE_ID_FIELD_NUMBER: _ClassVar[int]
+    edge_id: str
+    def __init__(self, edge_id: _Optional[str] = ...) -> None: ...
+
+class ApiKeyRecord(_message.Message):
+    __slots__ = ("key", "hash")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    key: ApiKey
+    hash: bytes
+    def __init__(self, key: _Optional[_Union[ApiKey, _Mapping]] = ..., hash: _Optional[bytes] = ...) -> None: ...
+
+class WatchApiKeysResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[ApiKeyRecord]
+    def __init__(self, keys: _Optional[_Iterable[_Union[ApiKeyRecord, _Mapping]]] = ...) -> None: ...
+
+class AcquireQuotaRequest(_message.Message):
+    __slots__ = ("edge_id", "key_id", "requests", "tokens_used", "in_flight", "requests_returned")
+    EDGE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_RETURNED_FIELD_NUMBER: _ClassVar[int]
+    edge_id: str
+    key_id: str
+    requests: int
+    tokens_used: int
+    in_flight: int
+    requests_returned: int
+    def __init__(self, edge_id: _Optional[str] = ..., key_id: _Optional[str] = ..., requests: _Optional[int] = ..., tokens_used: _Optional[int] = ..., in_flight: _Optional[int] = ..., requests_returned: _Optional[int] = ...) -> None: ...
+
+class AcquireQuotaResponse(_message.Message):
+    __slots__ = ("requests_granted", "requests_remaining", "tokens_remaining", "reset_seconds", "others_in_flight", "edges")
+    REQUESTS_GRANTED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    RESET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OTHERS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    requests_granted: int
+    requests_remaining: int
+    tokens_remaining: int
+    reset_seconds: float
+    others_in_flight: int
+    edges: int
+    def __init__(self, requests_granted: _Optional[int] = ..., requests_remaining: _Optional[int] = ..., tokens_remaining: _Optional[int] = ..., reset_seconds: _Optional[float] = ..., others_in_flight: _Optional[int] = ..., edges: _Optional[int] = ...) -> None: ...

@@ -100,6 +100,31 @@ class AdminServiceStub:
                 request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.GetLeaderRequest.SerializeToString,
                 response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.GetLeaderResponse.FromString,
                 _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/CreateApiKey',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/ListApiKeys',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/RevokeApiKey',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
+        self.WatchApiKeys = channel.unary_stream(
+                '/fleetlm.controlplane.v1.AdminService/WatchApiKeys',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.WatchApiKeysRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.WatchApiKeysResponse.FromString,
+                _registered_method=True)
+        self.AcquireQuota = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/AcquireQuota',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.AcquireQuotaRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.AcquireQuotaResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -202,6 +227,49 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateApiKey(self, request, context):
+        """CreateApiKey makes an API key for the edges' OpenAI HTTP and gRPC APIs. The reply carries its secret
+        (`flk-` + 43 base64url characters, 256 random bits) once: etcd keeps only HMAC-SHA256(fleet secret,
+        secret), and no later reply holds the secret or its hash. A write (the leader makes it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """ListApiKeys lists every key (revoked and expired ones too): id, name, models, limits, expiry and a short
+        prefix of the secret to recognise it by; never the secret or its hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """RevokeApiKey revokes a key for good: every edge refuses it within seconds (WatchApiKeys pushes it at
+        once). NOT_FOUND when no key has that id. A write (the leader makes it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchApiKeys(self, request, context):
+        """WatchApiKeys streams the key table to an edge: the whole table at once, then again on every change, so
+        an edge checks a key in memory with no round trip. Records carry the keyed hash, never a secret. Edges
+        call it with the edge credential (derived from the fleet secret); an operator may with the admin token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcquireQuota(self, request, context):
+        """AcquireQuota leases a key's request allowance to an edge in small chunks, charges the tokens the edge
+        served, and tells it the fleet's minute window, so that N edges together admit at most the key's limit
+        plus one chunk per edge. Answered by the leader (a follower forwards it); the windows live in its memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -269,6 +337,31 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetLeader,
                     request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.GetLeaderRequest.FromString,
                     response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.GetLeaderResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'WatchApiKeys': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchApiKeys,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.WatchApiKeysRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.WatchApiKeysResponse.SerializeToString,
+            ),
+            'AcquireQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireQuota,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.AcquireQuotaRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.AcquireQuotaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -623,6 +716,141 @@ class AdminService:
             '/fleetlm.controlplane.v1.AdminService/GetLeader',
             fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.GetLeaderRequest.SerializeToString,
             fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.GetLeaderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/CreateApiKey',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/ListApiKeys',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/RevokeApiKey',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/WatchApiKeys',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.WatchApiKeysRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.WatchApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/AcquireQuota',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.AcquireQuotaRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.AcquireQuotaResponse.FromString,
             options,
             channel_credentials,
             insecure,
