@@ -1,8 +1,8 @@
 import datetime
 
 from fleetlm.controlplane.v1 import node_pb2 as _node_pb2
-from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from fleetlm.inference.v1 import inference_pb2 as _inference_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
