@@ -36,6 +36,7 @@ from edge.openai_protocol import (
     new_id,
     sse,
 )
+from edge.openapi import describe
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import ErrorCode, FleetError
 from mesh.inference_requests import require_model
@@ -259,7 +260,8 @@ class GenerationRoutes:
 def create_app(gateway: Gateway, limits: HttpLimits | None = None) -> ASGIApp:
     """The edge's HTTP API: the generation routes (GenerationRoutes) in front of a FastAPI app, every
     request's body bounded in size and time (edge.http_limits)."""
-    app = FastAPI(title="fleetlm edge", version="1", docs_url=None, redoc_url=None)
+    app = FastAPI(title="fleetlm edge", version="1", docs_url="/docs", redoc_url=None)
+    describe(app)  # the generation routes, which FastAPI does not serve, in /openapi.json and /docs
     started = int(time.time())
 
     @app.exception_handler(FleetError)

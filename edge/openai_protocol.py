@@ -36,7 +36,7 @@ class _Request(BaseModel):
     """pydantic checks the types; the ranges come from mesh.inference_requests.SAMPLING_BOUNDS, the table
     gRPC requests are checked against, so that both give the same param and message."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     # Each bounded field -> the SamplingParams field whose bound it obeys.
     BOUNDED: ClassVar[dict[str, str]] = {name: name for name in SAMPLING_BOUNDS if name != "top_logprobs"}
 
@@ -95,14 +95,14 @@ class _Request(BaseModel):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     type: Literal["text"]
     text: str
 
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: str
     content: str | list[ContentPart] | None = None
@@ -195,7 +195,7 @@ class CompletionRequest(_Request):
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     input: str | list[str]

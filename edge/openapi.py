@@ -1,0 +1,383 @@
+"""The OpenAPI description of the routes FastAPI does not see, merged into FastAPI's own document.
+
+/v1/chat/completions and /v1/completions are served as plain ASGI in front of FastAPI (the hot path,
+edge.http_app.GenerationRoutes), and /v1/embeddings reads its body itself; FastAPI knows none of their
+shapes. They are written here from the same tables the requests are checked against
+(mesh.inference_requests: SAMPLING_BOUNDS, MAX_MESSAGES, MAX_PROMPT_CHARS, ...), so that /openapi.json and
+/docs say what the edge accepts and answers, and a fuzzer (schemathesis, tests/test_fuzz_http.py) can hold
+the edge to it: what the document forbids is refused with a 4xx, what it allows never gets a 5xx, and
+every answer has the documented shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from edge.http_limits import HttpLimits
+from mesh.inference_requests import (
+    MAX_MESSAGES,
+    MAX_PROMPT_CHARS,
+    MAX_STOPS,
+    MAX_TOP_LOGPROBS,
+    ROLES,
+    SAMPLING_BOUNDS,
+)
+
+JSON = "application/json"
+Schema = dict[str, Any]
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _bounded(name: str, kind: str) -> Schema:
+    """An optional number from the one table of bounds (SAMPLING_BOUNDS)."""
+    bound = SAMPLING_BOUNDS[name]
+    schema: Schema = {"type": kind, "maximum": bound.high}
+    schema["exclusiveMinimum" if bound.low_open else "minimum"] = bound.low
+    return _nullable(schema)
+
+
+_TEXT = {"type": "string", "maxLength": MAX_PROMPT_CHARS}
+
+
+def _sampling_properties() -> Schema:
+    return {
+        # Required, and not blank: a request without one is MODEL_REQUIRED.
+        "model": {"type": "string", "pattern": r"\S", "description": "a model the fleet serves (GET /v1/models)"},
+        "max_tokens": _bounded("max_tokens", "integer"),
+        "temperature": _bounded("temperature", "number"),
+        "top_p": _bounded("top_p", "number"),
+        "top_k": _bounded("top_k", "integer"),
+        "min_p": _bounded("min_p", "number"),
+        "seed": _bounded("seed", "integer"),
+        "stop": _nullable(
+            {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "maxItems": MAX_STOPS, "items": {"type": "string", "minLength": 1}},
+                ]
+            }
+        ),
+        "presence_penalty": _bounded("presence_penalty", "number"),
+        "frequency_penalty": _bounded("frequency_penalty", "number"),
+        "repetition_penalty": _bounded("repetition_penalty", "number"),
+        "stream": {"type": "boolean", "default": False, "description": "answer as server-sent events"},
+        "stream_options": _nullable(
+            {"type": "object", "properties": {"include_usage": {"type": "boolean", "default": False}}}
+        ),
+        "n": {"type": "integer", "minimum": 1, "maximum": 1, "default": 1, "description": "only 1 is supported"},
+        "user": _nullable({"type": "string"}),
+    }
+
+
+def _request_schemas() -> dict[str, Schema]:
+    content_part = {
+        "type": "object",
+        "required": ["type", "text"],
+        "properties": {"type": {"type": "string", "enum": ["text"]}, "text": _TEXT},
+    }
+    message = {
+        "type": "object",
+        "required": ["role"],
+        "properties": {
+            "role": {"type": "string", "enum": list(ROLES)},
+            "content": _nullable({"anyOf": [_TEXT, {"type": "array", "items": _ref("ContentPart")}]}),
+        },
+    }
+    chat = {
+        "type": "object",
+        "required": ["model", "messages"],
+        "description": f"At most {MAX_PROMPT_CHARS} characters of message text in all.",
+        "properties": {
+            **_sampling_properties(),
+            "messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "items": _ref("ChatMessage")},
+            "max_completion_tokens": _bounded("max_tokens", "integer"),
+            "logprobs": _nullable({"type": "boolean"}),
+            "top_logprobs": {
+                **_bounded("top_logprobs", "integer"),
+                "description": f"0 to {MAX_TOP_LOGPROBS}; needs logprobs: true",
+            },
+            "tools": _nullable({"type": "array", "maxItems": 0, "description": "tool calling is not supported yet"}),
+        },
+    }
+    one_prompt = {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS}
+    completion = {
+        "type": "object",
+        "required": ["model", "prompt"],
+        "properties": {
+            **_sampling_properties(),
+            "prompt": {"anyOf": [one_prompt, {"type": "array", "minItems": 1, "maxItems": 1, "items": one_prompt}]},
+            "max_tokens": {**_bounded("max_tokens", "integer"), "default": 16},
+            "echo": {"type": "boolean", "enum": [False], "default": False, "description": "not supported"},
+            "logprobs": _bounded("top_logprobs", "integer"),
+            "suffix": _nullable({"type": "string", "maxLength": 0, "description": "not supported"}),
+        },
+    }
+    embedding_input = {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS}
+    embedding = {
+        "type": "object",
+        "required": ["model", "input"],
+        "description": f"At most {MAX_PROMPT_CHARS} characters of input in all.",
+        "properties": {
+            "model": _sampling_properties()["model"],
+            "input": {
+                "anyOf": [embedding_input, {"type": "array", "minItems": 1, "maxItems": 2048, "items": embedding_input}]
+            },
+            "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
+            "dimensions": {"type": "null", "description": "choosing the dimensions is not supported"},
+            "user": _nullable({"type": "string"}),
+        },
+    }
+    return {
+        "ContentPart": content_part,
+        "ChatMessage": message,
+        "ChatCompletionRequest": chat,
+        "CompletionRequest": completion,
+        "EmbeddingRequest": embedding,
+    }
+
+
+def _response_schemas() -> dict[str, Schema]:
+    usage = {
+        "type": "object",
+        "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+        "properties": {
+            k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        },
+    }
+    finish = {"type": "string", "enum": ["stop", "length"]}
+    envelope = {
+        "id": {"type": "string"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "system_fingerprint": {"type": "string"},
+    }
+    chat_choice = {
+        "type": "object",
+        "required": ["index", "message", "finish_reason"],
+        "properties": {
+            "index": {"type": "integer"},
+            "message": {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {"role": {"type": "string", "enum": ["assistant"]}, "content": {"type": "string"}},
+            },
+            "finish_reason": finish,
+            "logprobs": _nullable({"type": "object"}),
+        },
+    }
+    text_choice = {
+        "type": "object",
+        "required": ["index", "text", "finish_reason"],
+        "properties": {
+            "index": {"type": "integer"},
+            "text": {"type": "string"},
+            "finish_reason": finish,
+            "logprobs": _nullable({"type": "object"}),
+        },
+    }
+    error = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string", "enum": ["invalid_request_error", "rate_limit_error", "server_error"]},
+                    "param": _nullable({"type": "string"}),
+                    "code": _nullable({"type": "string"}),
+                },
+            }
+        },
+    }
+    return {
+        "Usage": usage,
+        "ChatCompletion": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices", "usage"],
+            "properties": {
+                **envelope,
+                "object": {"type": "string", "enum": ["chat.completion"]},
+                "choices": {"type": "array", "items": chat_choice},
+                "usage": _ref("Usage"),
+            },
+        },
+        "Completion": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices", "usage"],
+            "properties": {
+                **envelope,
+                "object": {"type": "string", "enum": ["text_completion"]},
+                "choices": {"type": "array", "items": text_choice},
+                "usage": _ref("Usage"),
+            },
+        },
+        "ErrorResponse": error,
+        "ChatCompletionChunk": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices"],
+            "properties": {
+                **envelope,
+                "object": {"type": "string", "enum": ["chat.completion.chunk"]},
+                "choices": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["index", "delta", "finish_reason"],
+                        "properties": {
+                            "index": {"type": "integer"},
+                            "delta": {
+                                "type": "object",
+                                "properties": {
+                                    "role": {"type": "string", "enum": ["assistant"]},
+                                    "content": {"type": "string"},
+                                },
+                            },
+                            "finish_reason": _nullable(finish),
+                            "logprobs": _nullable({"type": "object"}),
+                        },
+                    },
+                },
+                "usage": _ref("Usage"),
+            },
+        },
+        "CompletionChunk": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices"],
+            "properties": {
+                **envelope,
+                "object": {"type": "string", "enum": ["text_completion"]},
+                "choices": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["index", "text", "finish_reason"],
+                        "properties": {
+                            "index": {"type": "integer"},
+                            "text": {"type": "string"},
+                            "finish_reason": _nullable(finish),
+                            "logprobs": _nullable({"type": "object"}),
+                        },
+                    },
+                },
+                "usage": _ref("Usage"),
+            },
+        },
+    }
+
+
+def _sse_event(chunk: str) -> Schema:
+    """One server-sent event of a stream (OpenAPI 3.1: the schema of an event-stream describes each event):
+    its data is a chunk or an error as JSON, or the closing `[DONE]`."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "anyOf": [
+                    {"type": "string", "enum": ["[DONE]"]},
+                    {
+                        "type": "string",
+                        "contentMediaType": JSON,
+                        "contentSchema": {"anyOf": [_ref(chunk), _ref("ErrorResponse")]},
+                    },
+                ]
+            }
+        },
+    }
+
+
+_SSE = (
+    "With `stream: true`: server-sent events, one `data: {json}` per chunk (`chat.completion.chunk` /"
+    " `text_completion` objects with `choices[].delta` or `choices[].text`), a final chunk with `usage` when"
+    " `stream_options.include_usage` is set, then `data: [DONE]`. An error after the stream has started is one"
+    ' `data: {"error": {...}}` event (the ErrorResponse shape), then `data: [DONE]`.'
+)
+
+
+def _errors() -> dict[str, Any]:
+    limits = HttpLimits()
+    reasons = {
+        "400": "invalid request: the body is not JSON, or a field has the wrong type or is out of range (`param`)",
+        "404": "the model does not exist (MODEL_NOT_FOUND)",
+        "405": "the route takes POST",
+        "408": f"the body did not arrive within {limits.body_timeout_seconds:g} s (REQUEST_TIMEOUT)",
+        "413": f"the body is larger than {limits.max_body_bytes} bytes (REQUEST_TOO_LARGE)",
+        "429": "the model's replicas are full; see Retry-After (NO_CAPACITY, GPU_OVERLOADED)",
+        "499": "the client went away",
+        "500": "a bug; the edge's log has the request id (INTERNAL)",
+        "503": "no replica can serve the model now (MODEL_UNAVAILABLE, BACKEND_UNAVAILABLE)",
+        "504": "the node did not answer in time (BACKEND_TIMEOUT)",
+    }
+    return {
+        code: {"description": why, "content": {JSON: {"schema": _ref("ErrorResponse")}}}
+        for code, why in reasons.items()
+    }
+
+
+def _operation(summary: str, request: str, response: str, chunk: str = "") -> Schema:
+    return {
+        "summary": summary,
+        "operationId": request.removesuffix("Request").lower(),
+        "requestBody": {"required": True, "content": {JSON: {"schema": _ref(request)}}},
+        "responses": {
+            "200": {
+                "description": f"the {response}; {_SSE}" if response != "embeddings" else "the embeddings",
+                "content": {
+                    JSON: {"schema": _ref(response) if response != "embeddings" else {"type": "object"}},
+                    **({"text/event-stream": {"schema": _sse_event(chunk)}} if chunk else {}),
+                },
+            },
+            **_errors(),
+        },
+    }
+
+
+def describe(app: FastAPI) -> None:
+    """Make `app.openapi()` (GET /openapi.json, /docs) describe the generation routes and the bodies of the
+    routes that read them themselves, with the error responses every route can give."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(_request_schemas())
+        schemas.update(_response_schemas())
+        paths = document.setdefault("paths", {})
+        paths["/v1/chat/completions"] = {
+            "post": _operation(
+                "Create a chat completion", "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk"
+            )
+        }
+        paths["/v1/completions"] = {
+            "post": _operation("Create a completion", "CompletionRequest", "Completion", "CompletionChunk")
+        }
+        embeddings = paths.get("/v1/embeddings", {}).get("post")
+        if embeddings is not None:
+            embeddings.update(_operation("Create embeddings", "EmbeddingRequest", "embeddings"))
+        model = paths.get("/v1/models/{model_id}", {}).get("get")
+        if model is not None:
+            model["responses"]["404"] = _errors()["404"]
+        for item in paths.values():
+            for operation in item.values():
+                # FleetError's answers are OpenAI's error body, whatever the route.
+                for code, response in _errors().items():
+                    if code in {"500", "503"}:
+                        operation.setdefault("responses", {}).setdefault(code, response)
+                operation.get("responses", {}).pop("422", None)  # FastAPI's validation error: never sent
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
