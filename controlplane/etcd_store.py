@@ -5,22 +5,95 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import aetcd
+import aetcd.rpc
+import aetcd.watcher
+import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from controlplane.store import KINDS, PREFIXES, Fence, FencedOut, Holder, StoreEvent, record_key
 
 
-class EtcdStore:
-    def __init__(self, url: str, prefix: str = "/fleetlm", timeout_seconds: int = 5) -> None:
-        parsed = urlparse(url if "://" in url else f"http://{url}")
-        self._client = aetcd.Client(
-            host=parsed.hostname or "127.0.0.1", port=parsed.port or 2379, timeout=timeout_seconds
+@dataclass(frozen=True)
+class EtcdAccess:
+    """How to reach etcd beyond its URL: TLS (the CA that signed etcd's certificate, and a client certificate
+    when etcd asks for one, --client-cert-auth) and etcd's own user/password authentication."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a repr, a log or an error
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if self.ca is None:
+            if self.cert or self.key:
+                raise ValueError("--etcd-cert/--etcd-key need --etcd-ca")
+            return None
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("--etcd-cert and --etcd-key go together")
+        return grpc.ssl_channel_credentials(
+            self.ca.read_bytes(),
+            self.key.read_bytes() if self.key else None,
+            self.cert.read_bytes() if self.cert else None,
         )
+
+
+class _TlsClient(aetcd.Client):
+    """aetcd's client over TLS. aetcd 1.0 opens only plaintext channels; this is its `connect` with a secure
+    channel, everything else (authentication, stubs, watcher) as aetcd does it."""
+
+    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        target = f"{self._host}:{self._port}"
+        self.channel = grpc.aio.secure_channel(target, self._credentials, options=list(self._options.items()))
+        try:
+            if self._username is not None and self._password is not None:
+                self.auth_stub = aetcd.rpc.AuthStub(self.channel)
+                reply = await self.auth_stub.Authenticate(
+                    aetcd.rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout
+                )
+                self.metadata = (("token", reply.token),)
+        except grpc.aio.AioRpcError as exc:
+            raise aetcd.exceptions.ClientError(f"etcd authentication failed: {exc.code().name}") from None
+        self.kvstub = aetcd.rpc.KVStub(self.channel)
+        self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+        self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+        self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(
+            aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        self._connected.set()
+
+
+class EtcdStore:
+    def __init__(
+        self, url: str, prefix: str = "/fleetlm", timeout_seconds: int = 5, access: EtcdAccess | None = None
+    ) -> None:
+        parsed = urlparse(url if "://" in url else f"http://{url}")
+        access = access or EtcdAccess()
+        if parsed.scheme == "https" and access.ca is None:
+            raise ValueError("an https:// etcd needs --etcd-ca")
+        options: dict[str, Any] = {
+            "host": parsed.hostname or "127.0.0.1",
+            "port": parsed.port or 2379,
+            "timeout": timeout_seconds,
+            "username": access.user,
+            "password": access.password,
+        }
+        credentials = access.credentials()
+        self._client = aetcd.Client(**options) if credentials is None else _TlsClient(credentials, **options)
         self._prefix = prefix.rstrip("/")
 
     def _dir(self, kind: str) -> str:

@@ -12,6 +12,8 @@ import logging
 import socket
 from pathlib import Path
 
+import aetcd
+
 from controlplane.admin import Admin, validate_deployment
 from controlplane.etcd_store import EtcdStore
 from controlplane.fleet import FleetView
@@ -87,8 +89,11 @@ async def _load_deployments_when_leading(
 
 
 async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
-    store = EtcdStore(settings.etcd, settings.etcd_prefix)
-    await store.connect()
+    store = EtcdStore(settings.etcd, settings.etcd_prefix, access=settings.etcd_access())
+    try:
+        await store.connect()
+    except aetcd.exceptions.ClientError as exc:  # refused credentials, a TLS mismatch: say so, no traceback
+        raise SystemExit(f"fleetlm controlplane: cannot use etcd at {settings.etcd}: {exc}") from None
     fleet = FleetView(store, settings.resync_interval_seconds)
     policy = PlacementPolicy(
         strategy=settings.placement_strategy,
@@ -169,6 +174,7 @@ def _check_tls(settings: ControlPlaneSettings) -> None:
         raise ValueError("--join-listen needs --tls-cert, --tls-key, --tls-ca and --ca-dir")
     if settings.ca_dir is not None:
         FleetCA.load(settings.ca_dir)
+    EtcdStore(settings.etcd, settings.etcd_prefix, access=settings.etcd_access())  # bad etcd options fail here
 
 
 def main(settings: ControlPlaneSettings) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from controlplane.etcd_store import EtcdAccess
 
 
 class ControlPlaneSettings(BaseSettings):
@@ -27,6 +29,14 @@ class ControlPlaneSettings(BaseSettings):
     )
     etcd: str = Field("http://127.0.0.1:2379", description="URL of an etcd v3 endpoint")
     etcd_prefix: str = Field("/fleetlm", description="etcd key prefix under which all state is kept")
+    etcd_ca: Path | None = Field(None, description="CA (PEM) of etcd's server certificate: TLS to etcd")
+    etcd_cert: Path | None = Field(None, description="client certificate (PEM) for an etcd with --client-cert-auth")
+    etcd_key: Path | None = Field(None, description="private key (PEM) of --etcd-cert; never logged")
+    etcd_user: str | None = Field(None, description="etcd user (etcd's own authentication)")
+    etcd_password: SecretStr | None = Field(
+        None, description="password of --etcd-user (FLEETLM_CP_ETCD_PASSWORD, or --etcd-password-file); never logged"
+    )
+    etcd_password_file: Path | None = Field(None, description="file holding the password of --etcd-user")
     lease_ttl_seconds: int = Field(
         10, ge=2, le=3600, description="TTL of a node's registration lease; a silent node leaves after it"
     )
@@ -65,3 +75,11 @@ class ControlPlaneSettings(BaseSettings):
         " none yet); needs the TLS files and --ca-dir",
     )
     log_level: str = Field("INFO", description="log level")
+
+    def etcd_access(self) -> EtcdAccess:
+        password = self.etcd_password.get_secret_value() if self.etcd_password else None
+        if self.etcd_password_file is not None:
+            password = self.etcd_password_file.read_text().strip()
+        if bool(self.etcd_user) != bool(password):
+            raise ValueError("--etcd-user and its password go together")
+        return EtcdAccess(self.etcd_ca, self.etcd_cert, self.etcd_key, self.etcd_user, password)

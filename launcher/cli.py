@@ -35,6 +35,7 @@ def _controlplane(args: argparse.Namespace) -> None:
         "placement_strategy",
         "log_level",
         *TLS_FLAGS,
+        *ETCD_FLAGS,
         "ca_dir",
         "join_listen",
     )
@@ -94,6 +95,15 @@ def _edge(args: argparse.Namespace) -> None:
 
 
 TLS_FLAGS = ("tls_cert", "tls_key", "tls_ca")
+ETCD_FLAGS = ("etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file")
+
+
+def _etcd_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--etcd-ca", help="CA (PEM) of etcd's certificate: TLS to etcd (https:// URL)")
+    command.add_argument("--etcd-cert", help="client certificate (PEM) for etcd's --client-cert-auth")
+    command.add_argument("--etcd-key", help="private key (PEM) of --etcd-cert")
+    command.add_argument("--etcd-user", help="etcd user; its password from FLEETLM_CP_ETCD_PASSWORD or a file")
+    command.add_argument("--etcd-password-file", help="file holding the password of --etcd-user")
 
 
 def _tls_flags(command: argparse.ArgumentParser, role: str) -> None:
@@ -142,8 +152,12 @@ def _join_token(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as exc:
         raise SystemExit(f"fleetlm join-token: no fleet CA in {args.ca_dir}: {exc}") from None
 
+    from controlplane.settings import ControlPlaneSettings
+
+    etcd = _settings(ControlPlaneSettings, {"etcd": args.etcd, **_given(args, *ETCD_FLAGS)})
+
     async def run() -> None:
-        store = EtcdStore(args.etcd, args.etcd_prefix)
+        store = EtcdStore(etcd.etcd, args.etcd_prefix, access=etcd.etcd_access())
         await store.connect()
         try:
             tokens = JoinTokens(store)
@@ -218,6 +232,7 @@ def parser() -> argparse.ArgumentParser:
     _tls_flags(cp, "the control plane")
     cp.add_argument("--ca-dir", help="directory of the fleet CA (ca.crt, ca.key); Join signs with it")
     cp.add_argument("--join-listen", help="host:port of JoinService, TLS without client certificates")
+    _etcd_flags(cp)
     cp.set_defaults(run=_controlplane)
 
     node = sub.add_parser("node", help="run a node agent")
@@ -292,6 +307,7 @@ def parser() -> argparse.ArgumentParser:
     jt.add_argument("--ttl", type=float, default=3600, help="create: seconds the token is valid (3600)")
     jt.add_argument("--description", default="", help="create: what the token is for")
     jt.add_argument("--ca-dir", default=default_ca, help=f"the fleet CA, for its fingerprint ({default_ca})")
+    _etcd_flags(jt)
     jt.set_defaults(run=_join_token)
     return top
 
