@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "fljt_"
 DIRECTORY = "join-tokens"
+IDENTITIES = "node-identities"
+# How stale the registry's copy of the revoked nodes may be: a revocation refuses the node's next call
+# within this (and its lease then lapses, taking it out of routing).
+REVOCATION_REFRESH_SECONDS = 2.0
 
 
 @dataclass
@@ -113,6 +117,48 @@ class JoinTokens:
         return token_id
 
 
+class NodeIdentities:
+    """Which node certificates stand: Join records the serial it signed for a node (the last one wins, so a
+    node that joins again invalidates its older certificates), and an operator may revoke a node. The
+    registry asks `refusal` on every call of a node; the records are re-read at most every
+    REVOCATION_REFRESH_SECONDS, so heartbeats cost etcd nothing more."""
+
+    def __init__(self, store: EtcdStore) -> None:
+        self._store = store
+        self._cache: dict[str, dict[str, object]] = {}
+        self._read_at = -1e9
+        self._lock = asyncio.Lock()
+
+    async def record(self, node_id: str, serial: int, token_id: str) -> None:
+        value = {"node_id": node_id, "serial": str(serial), "token_id": token_id, "revoked": False}
+        await self._store.put_value(f"{IDENTITIES}/{node_id}", json.dumps(value).encode())
+        self._cache[node_id] = value
+
+    async def revoke(self, node_id: str) -> bool:
+        raw = await self._store.get_value(f"{IDENTITIES}/{node_id}")
+        value = json.loads(raw) if raw else {"node_id": node_id, "serial": "", "token_id": ""}
+        value["revoked"] = True
+        await self._store.put_value(f"{IDENTITIES}/{node_id}", json.dumps(value).encode())
+        return raw is not None
+
+    async def refusal(self, node_id: str, serial: int) -> str:
+        """Why this node's certificate is refused now, or "" when it stands. A node with no record (its
+        certificate came from `fleetlm ca issue`, not from Join) stands unless revoked."""
+        async with self._lock:
+            if time.monotonic() - self._read_at > REVOCATION_REFRESH_SECONDS:
+                values = [json.loads(raw) for raw in await self._store.list_values(IDENTITIES)]
+                self._cache = {str(v["node_id"]): v for v in values}
+                self._read_at = time.monotonic()
+        value = self._cache.get(node_id)
+        if value is None:
+            return ""
+        if value.get("revoked"):
+            return f"node {node_id} is revoked"
+        if value.get("serial") and value["serial"] != str(serial):
+            return f"node {node_id} has joined again since this certificate was issued"
+        return ""
+
+
 def _not_after(cert_pem: bytes) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc)
@@ -120,18 +166,24 @@ def _not_after(cert_pem: bytes) -> timestamp_pb2.Timestamp:
 
 
 class JoinService(identity_pb2_grpc.JoinServiceServicer):
-    def __init__(self, tokens: JoinTokens, ca: FleetCA, cert_days: float = LEAF_DAYS) -> None:
+    def __init__(
+        self, tokens: JoinTokens, ca: FleetCA, identities: NodeIdentities, cert_days: float = LEAF_DAYS
+    ) -> None:
         self._tokens = tokens
+        self._identities = identities
         self._ca = ca
         self._days = cert_days
 
-    async def _sign(self, csr_pem: bytes, node_id: str, context: grpc.aio.ServicerContext) -> identity_pb2.JoinResponse:
+    async def _sign(
+        self, csr_pem: bytes, node_id: str, context: grpc.aio.ServicerContext, token_id: str
+    ) -> identity_pb2.JoinResponse:
         try:
             cert = await asyncio.to_thread(
                 self._ca.sign_csr, csr_pem, identity_uri("node", node_id), [node_dns_name(node_id)], self._days
             )
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"csr_pem: {exc}")
+        await self._identities.record(node_id, x509.load_pem_x509_certificate(cert).serial_number, token_id)
         return identity_pb2.JoinResponse(
             certificate_pem=cert, ca_certificate_pem=self._ca.cert_pem, not_after=_not_after(cert)
         )
@@ -147,7 +199,7 @@ class JoinService(identity_pb2_grpc.JoinServiceServicer):
         except PermissionError as exc:
             log.warning("join refused for node %s: %s", node_id, exc)  # the token's id at most, never its secret
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid, expired or revoked join token")
-        reply = await self._sign(request.csr_pem, node_id, context)
+        reply = await self._sign(request.csr_pem, node_id, context, token_id)
         log.info("node %s joined with join token %s", node_id, token_id)
         return reply
 
@@ -158,7 +210,12 @@ class JoinService(identity_pb2_grpc.JoinServiceServicer):
         if not nodes:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Renew needs the node's fleet certificate")
         node_id = nodes[0].rsplit("/", 1)[1]
-        return await self._sign(request.csr_pem, node_id, context)
+        pems = context.auth_context().get("x509_pem_cert") or []
+        serial = x509.load_pem_x509_certificate(pems[0]).serial_number if pems else 0
+        reason = await self._identities.refusal(node_id, serial)
+        if reason:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+        return await self._sign(request.csr_pem, node_id, context, "renewal")
 
 
 def utc(seconds: float) -> str:

@@ -29,12 +29,13 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from controlplane.fleet import FleetView, durable_key
+from controlplane.join import NodeIdentities
 from controlplane.store import ClusterStore, StoreEvent
 from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
 from mesh.errors import ErrorCode, FleetError, invalid
 from mesh.fleet_ca import identity_uri
 from mesh.redaction import redact_message
-from mesh.tls import peer_identities
+from mesh.tls import peer_certificate, peer_identities
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,15 @@ def _now() -> timestamp_pb2.Timestamp:
 
 class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
     def __init__(
-        self, store: ClusterStore, fleet: FleetView, lease_ttl_seconds: int, require_identity: bool = False
+        self,
+        store: ClusterStore,
+        fleet: FleetView,
+        lease_ttl_seconds: int,
+        require_identity: bool = False,
+        identities: NodeIdentities | None = None,
     ) -> None:
         self._store = store
+        self._identities = identities  # revoked nodes, and certificates superseded by a later join
         # With mutual TLS: a node may register, report and follow assignments only as the node its client
         # certificate names (spiffe://fleetlm/node/<id>), whatever node_id its requests carry.
         self._require_identity = require_identity
@@ -79,6 +86,11 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
             return
         identities = peer_identities(context)
         if identity_uri("node", node_id or "-") in identities:
+            cert = peer_certificate(context)
+            reason = await self._identities.refusal(node_id, cert.serial_number) if self._identities and cert else ""
+            if reason:
+                log.warning("node %s refused: %s", node_id, reason)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
             return
         nodes = [i.rsplit("/", 1)[1] for i in identities if i.startswith(NODE_IDENTITY)]
         if not nodes:

@@ -17,7 +17,7 @@ import aetcd
 from controlplane.admin import Admin, validate_deployment
 from controlplane.etcd_store import EtcdStore
 from controlplane.fleet import FleetView
-from controlplane.join import JoinService, JoinTokens
+from controlplane.join import JoinService, JoinTokens, NodeIdentities
 from controlplane.leader import Leadership
 from controlplane.placement import GiB, PlacementPolicy
 from controlplane.reconciler import Reconciler
@@ -107,10 +107,11 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     publisher = RoutePublisher(fleet)
     tls = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca)
     ca = FleetCA.load(settings.ca_dir) if settings.ca_dir else None
-    join = JoinService(JoinTokens(store), ca) if ca is not None else None
+    identities = NodeIdentities(store)
+    join = JoinService(JoinTokens(store), ca, identities) if ca is not None else None
     server = GrpcServer(SERVICE_NAMES + ([JOIN_SERVICE] if join else []))
     registry_pb2_grpc.add_NodeRegistryServiceServicer_to_server(
-        NodeRegistry(store, fleet, settings.lease_ttl_seconds, require_identity=tls is not None), server.server
+        NodeRegistry(store, fleet, settings.lease_ttl_seconds, tls is not None, identities), server.server
     )
     join_server = None
     if join is not None:

@@ -118,6 +118,9 @@ def _ca(args: argparse.Namespace) -> None:
     from mesh.fleet_ca import FleetCA, identity_uri, write_private, write_public
 
     directory = Path(args.dir).expanduser()
+    if args.action == "revoke":
+        _revoke_node(args)
+        return
     try:
         if args.action == "init":
             ca = FleetCA.create(directory)
@@ -136,6 +139,32 @@ def _ca(args: argparse.Namespace) -> None:
     write_private(Path(f"{args.out}.key"), key)
     write_public(Path(f"{args.out}.crt"), cert)
     print(f"{args.out}.crt and {args.out}.key (0600) for {identity_uri(kind, name)}")
+
+
+def _revoke_node(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from controlplane.etcd_store import EtcdStore
+    from controlplane.join import NodeIdentities
+    from controlplane.settings import ControlPlaneSettings
+
+    if not args.node:
+        raise SystemExit("fleetlm ca revoke: --node ID is required")
+    etcd = _settings(ControlPlaneSettings, {"etcd": args.etcd, **_given(args, *ETCD_FLAGS)})
+
+    async def run() -> bool:
+        store = EtcdStore(etcd.etcd, args.etcd_prefix, access=etcd.etcd_access())
+        await store.connect()
+        try:
+            return await NodeIdentities(store).revoke(args.node)
+        finally:
+            await store.close()
+
+    try:
+        known = asyncio.run(run())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"fleetlm ca revoke: {exc}") from None
+    print(f"node {args.node} revoked" + ("" if known else " (it had not joined with a token yet)"))
 
 
 def _join_token(args: argparse.Namespace) -> None:
@@ -290,13 +319,17 @@ def parser() -> argparse.ArgumentParser:
 
     default_ca = os.path.join(default_state, "ca")
     ca = sub.add_parser("ca", help="the fleet certificate authority")
-    ca.add_argument("action", choices=["init", "issue", "fingerprint"])
+    ca.add_argument("action", choices=["init", "issue", "fingerprint", "revoke"])
     ca.add_argument("--dir", default=default_ca, help=f"the CA's directory ({default_ca})")
     ca.add_argument("--identity", help="issue: controlplane/<id>, edge/<id>, node/<id> or admin (spiffe://fleetlm/...)")
     ca.add_argument("--dns", action="append", default=[], help="issue: a DNS name in the certificate (repeatable)")
     ca.add_argument("--ip", action="append", default=[], help="issue: an IP address in the certificate (repeatable)")
     ca.add_argument("--days", type=float, default=30, help="issue: validity in days (30)")
     ca.add_argument("--out", help="issue: write OUT.crt and OUT.key (0600)")
+    ca.add_argument("--node", help="revoke: the node whose certificates the control plane refuses from now on")
+    ca.add_argument("--etcd", default="http://127.0.0.1:2379", help="revoke: etcd URL (http://127.0.0.1:2379)")
+    ca.add_argument("--etcd-prefix", default="/fleetlm", help="revoke: etcd key prefix (/fleetlm)")
+    _etcd_flags(ca)
     ca.set_defaults(run=_ca)
 
     jt = sub.add_parser("join-token", help="create, list or revoke the tokens nodes join the fleet with")

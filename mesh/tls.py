@@ -122,6 +122,12 @@ def secure_channel(
     return grpc.aio.secure_channel(target, channel_credentials(files), options=[*options, *extra])
 
 
+def peer_certificate(context: grpc.aio.ServicerContext) -> x509.Certificate | None:
+    """The peer's verified certificate; None over plaintext or with no client certificate."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    return x509.load_pem_x509_certificate(pems[0]) if pems else None
+
+
 def peer_identities(context: grpc.aio.ServicerContext) -> list[str]:
     """The spiffe identities in the peer's verified certificate; [] over plaintext or with no client
     certificate. Read from the certificate itself (grpc only exposes its PEM), not from a name the peer

@@ -144,3 +144,17 @@ def test_joining_is_refused_over_plaintext_and_the_join_port_serves_nothing_else
     ):
         admin_pb2_grpc.AdminServiceStub(channel).ListNodes(admin_pb2.ListNodesRequest(), timeout=10)
     assert other.value.code() == grpc.StatusCode.UNIMPLEMENTED  # no AdminService without a client certificate
+
+
+def test_a_revoked_node_is_refused_and_leaves_the_fleet(fleet: Cluster) -> None:
+    token, pin, _ = join_token(fleet, "--ttl", "600")
+    proc = joining_node(fleet, "revoked-1", token, pin)
+    wait_for(lambda: "revoked-1" in node_ids(fleet), START_TIMEOUT, "the joined node to register", proc)
+    subprocess.run(fleetlm("ca", "revoke", "--node", "revoked-1", "--etcd", fleet.etcd_url), check=True, timeout=60)
+    # Its next heartbeat is refused (the registry re-reads revocations every 2 s), then its 3 s lease lapses:
+    # a few seconds; 30 s is for a busy machine.
+    wait_for(lambda: "revoked-1" not in node_ids(fleet), 30, "the revoked node to leave the fleet")
+    assert "node revoked-1 refused: node revoked-1 is revoked" in fleet.procs[1].log_text()
+    time.sleep(5)  # it keeps trying to register again: every attempt is refused
+    assert "revoked-1" not in node_ids(fleet)
+    proc.stop()
