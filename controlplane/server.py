@@ -43,7 +43,7 @@ from mesh.errors import FleetError
 from mesh.fleet_ca import FleetCA
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
-from mesh.tls import TlsFiles, server_credentials
+from mesh.tls import TlsFiles, refuse_exposed_plaintext, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
 
 def _check_tls(settings: ControlPlaneSettings) -> None:
     tls = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    refuse_exposed_plaintext("the control plane", [settings.listen], tls is not None, settings.insecure_plaintext)
     if settings.join_listen and (tls is None or settings.ca_dir is None):
         raise ValueError("--join-listen needs --tls-cert, --tls-key, --tls-ca and --ca-dir")
     if settings.ca_dir is not None:

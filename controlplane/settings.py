@@ -74,6 +74,9 @@ class ControlPlaneSettings(BaseSettings):
         description="host:port of JoinService over server-side TLS with no client certificate (a joining node has"
         " none yet); needs the TLS files and --ca-dir",
     )
+    insecure_plaintext: bool = Field(
+        False, description="serve plaintext gRPC on a non-loopback --listen (refused without it unless TLS is on)"
+    )
     log_level: str = Field("INFO", description="log level")
 
     def etcd_access(self) -> EtcdAccess:

@@ -26,7 +26,13 @@ from mesh.channels import CHANNEL_OPTIONS
 from mesh.fleet_ca import node_dns_name
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
-from mesh.tls import TlsFiles, keep_ssl_context_current, secure_channel, server_credentials
+from mesh.tls import (
+    TlsFiles,
+    keep_ssl_context_current,
+    refuse_exposed_plaintext,
+    secure_channel,
+    server_credentials,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,9 @@ class EdgeTlsSettings(BaseSettings):
     )
     tls_key: Path | None = Field(None, description="private key (PEM) of --tls-cert; never logged")
     tls_ca: Path | None = Field(None, description="the fleet CA (PEM) control planes and nodes are verified with")
+    insecure_plaintext: bool = Field(
+        False, description="serve plaintext HTTP and gRPC on non-loopback addresses (refused without it unless TLS)"
+    )
 
 
 async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeTlsSettings | None = None) -> None:
@@ -147,7 +156,10 @@ def main(settings: EdgeSettings, tls_settings: EdgeTlsSettings | None = None) ->
     logs.setup("edge", settings.log_level)
     t = tls_settings or EdgeTlsSettings(**{})  # from the environment alone
     try:
-        TlsFiles.of(t.tls_cert, t.tls_key, t.tls_ca)
+        tls = TlsFiles.of(t.tls_cert, t.tls_key, t.tls_ca)
+        refuse_exposed_plaintext(
+            "the edge", [settings.http_listen, settings.grpc_listen], tls is not None, t.insecure_plaintext
+        )
     except ValueError as exc:
         raise SystemExit(f"fleetlm edge: {exc}") from None
     run_until_signalled(lambda stop: serve(settings, stop, t))

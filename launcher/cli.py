@@ -94,7 +94,7 @@ def _edge(args: argparse.Namespace) -> None:
     main(_settings(EdgeSettings, values), _settings(EdgeTlsSettings, _given(args, *TLS_FLAGS)))
 
 
-TLS_FLAGS = ("tls_cert", "tls_key", "tls_ca")
+TLS_FLAGS = ("tls_cert", "tls_key", "tls_ca", "insecure_plaintext")
 ETCD_FLAGS = ("etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file")
 
 
@@ -107,6 +107,12 @@ def _etcd_flags(command: argparse.ArgumentParser) -> None:
 
 
 def _tls_flags(command: argparse.ArgumentParser, role: str) -> None:
+    command.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        default=None,
+        help="serve plaintext on a non-loopback address (refused without this flag unless TLS is on)",
+    )
     command.add_argument("--tls-cert", help=f"{role}'s certificate (PEM); with --tls-key and --tls-ca: TLS on")
     command.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
     command.add_argument("--tls-ca", help="the fleet CA (PEM) that peers' certificates are verified with")
@@ -165,6 +171,73 @@ def _revoke_node(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as exc:
         raise SystemExit(f"fleetlm ca revoke: {exc}") from None
     print(f"node {args.node} revoked" + ("" if known else " (it had not joined with a token yet)"))
+
+
+def _keys(args: argparse.Namespace) -> None:
+    """fleetlm keys create|list|revoke (AdminService, with the admin token) and new-secret (a secret file)."""
+    from pathlib import Path
+
+    from mesh.auth import create_secret_file
+
+    if args.action == "new-secret":
+        if not args.name:
+            raise SystemExit("fleetlm keys new-secret FILE: name the file to create")
+        try:
+            create_secret_file(Path(args.name).expanduser())
+        except OSError as exc:
+            raise SystemExit(f"fleetlm keys new-secret: {exc}") from None
+        print(f"{args.name} (0600): 32 random bytes, for --auth-secret-file or --admin-token-file")
+        return
+    import asyncio
+    import json
+    import time
+
+    import grpc
+    from google.protobuf import json_format
+
+    from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
+    from mesh.auth import read_secret_file
+    from mesh.errors import FleetError
+
+    token = os.environ.get("FLEETLM_ADMIN_TOKEN", "")
+    try:
+        if args.admin_token_file:
+            token = read_secret_file(Path(args.admin_token_file).expanduser(), "admin token").decode()
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"fleetlm keys: {exc}") from None
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(args.controlplane.split(",")[0]) as channel:
+            stub = admin_pb2_grpc.AdminServiceStub(channel)
+            if args.action == "create":
+                if not args.name:
+                    raise SystemExit("fleetlm keys create NAME: the key needs a name")
+                request = admin_pb2.CreateApiKeyRequest(name=args.name, models=args.model)
+                request.limits.requests_per_minute = args.rpm
+                request.limits.tokens_per_minute = args.tpm
+                request.limits.max_concurrent_requests = args.concurrency
+                if args.expires_in:
+                    request.expires_at.FromSeconds(int(time.time() + args.expires_in))
+                created = await stub.CreateApiKey(request, metadata=metadata, timeout=30)
+                print(f"id: {created.key.id}")
+                print(f"secret (shown once; keep it now): {created.secret}")
+            elif args.action == "list":
+                listed = await stub.ListApiKeys(admin_pb2.ListApiKeysRequest(), metadata=metadata, timeout=30)
+                for key in listed.keys:
+                    print(json.dumps(json_format.MessageToDict(key)))
+            else:
+                if not args.name:
+                    raise SystemExit("fleetlm keys revoke ID: name the key's id")
+                request_r = admin_pb2.RevokeApiKeyRequest(id=args.name)
+                revoked = await stub.RevokeApiKey(request_r, metadata=metadata, timeout=30)
+                print(f"revoked {revoked.key.id} ({revoked.key.name})")
+
+    try:
+        asyncio.run(run())
+    except grpc.aio.AioRpcError as exc:
+        error = FleetError.from_rpc_error(exc)
+        raise SystemExit(f"fleetlm keys {args.action}: {error.message}") from None
 
 
 def _join_token(args: argparse.Namespace) -> None:
@@ -316,6 +389,20 @@ def parser() -> argparse.ArgumentParser:
     edge.add_argument("--log-level")
     _tls_flags(edge, "the edge")
     edge.set_defaults(run=_edge)
+
+    keys = sub.add_parser("keys", help="create, list or revoke API keys (AdminService, with the admin token)")
+    keys.add_argument("action", choices=["create", "list", "revoke", "new-secret"])
+    keys.add_argument("name", nargs="?", help="create: the key's name; revoke: its id; new-secret: the file")
+    keys.add_argument("--controlplane", default="127.0.0.1:50051", help="control plane host:port")
+    keys.add_argument(
+        "--admin-token-file", help="file holding the admin token (or FLEETLM_ADMIN_TOKEN in the environment)"
+    )
+    keys.add_argument("--model", action="append", default=[], help="create: a model it may use (repeatable; all)")
+    keys.add_argument("--rpm", type=int, default=0, help="create: requests per minute, fleet-wide (0: no limit)")
+    keys.add_argument("--tpm", type=int, default=0, help="create: tokens per minute, fleet-wide (0: no limit)")
+    keys.add_argument("--concurrency", type=int, default=0, help="create: requests at once (0: no limit)")
+    keys.add_argument("--expires-in", type=float, default=0, help="create: seconds until it expires (never)")
+    keys.set_defaults(run=_keys)
 
     default_ca = os.path.join(default_state, "ca")
     ca = sub.add_parser("ca", help="the fleet certificate authority")

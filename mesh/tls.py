@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -152,6 +153,34 @@ async def keep_ssl_context_current(context: ssl.SSLContext, files: TlsFiles, per
                 log.info("TLS certificate %s reloaded", files.cert)
         except (OSError, ssl.SSLError) as exc:  # half-written files: try again next period
             log.warning("TLS files %s not reloaded: %s", files.cert, type(exc).__name__)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether host:port names only this machine (127.0.0.0/8, ::1, or a name that resolves only there).
+    A wildcard (0.0.0.0, [::], empty) is every interface: not loopback."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        resolved = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        return False
+    return bool(resolved) and all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in resolved)
+
+
+def refuse_exposed_plaintext(component: str, addresses: Sequence[str], tls: bool, insecure: bool) -> None:
+    """Safe by default: a component that listens beyond this machine speaks TLS, unless its operator asked
+    for plaintext by name (--insecure-plaintext). On loopback, plaintext stays the one-command default."""
+    exposed = [a for a in addresses if a and not is_loopback(a)]
+    if exposed and not tls and not insecure:
+        raise ValueError(
+            f"{component} listens on {', '.join(exposed)}, beyond this machine, without TLS: give --tls-cert,"
+            " --tls-key and --tls-ca (fleetlm ca issue), or --insecure-plaintext to serve plaintext anyway"
+        )
 
 
 def fetch_pinned_ca(address: str, pin: str, timeout: float = 10.0) -> bytes:

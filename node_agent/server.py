@@ -17,7 +17,7 @@ from mesh.catalog import CatalogError, load_catalog
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
-from mesh.tls import secure_channel, server_credentials
+from mesh.tls import TlsFiles, refuse_exposed_plaintext, secure_channel, server_credentials
 from node_agent import assignments, inventory
 from node_agent.host import ModelHost
 from node_agent.identity import JoinError, node_identity
@@ -201,6 +201,9 @@ def main(settings: NodeSettings) -> None:
         if settings.inventory_override:
             inventory.apply_override(node_pb2.Inventory(), settings.inventory_override)
         controlplane_target(settings.controlplane)  # a bad address list fails here, not in the background
+        # A node that will join has TLS once it has joined.
+        tls = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca) is not None or bool(settings.join_token)
+        refuse_exposed_plaintext("the node", [settings.listen], tls, settings.insecure_plaintext)
     except (CatalogError, OSError, ValueError, TypeError) as exc:
         raise SystemExit(f"fleetlm node: {exc}") from None
     run_until_signalled(lambda stop: serve(settings, stop))

@@ -85,4 +85,7 @@ class NodeSettings(BaseSettings):
         default_factory=lambda: Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "fleetlm",
         description="where the node keeps its key and certificate (identity/, files 0600)",
     )
+    insecure_plaintext: bool = Field(
+        False, description="serve plaintext gRPC on a non-loopback --listen (refused without it unless TLS is on)"
+    )
     log_level: str = Field("INFO", description="log level")
