@@ -12,7 +12,9 @@ where the nodes read them, and are never returned to an operator.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -21,10 +23,14 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
 from controlplane import placement, routing
+from controlplane.api_keys import ApiKeys, AuthSettings
+from controlplane.etcd_store import EtcdStore
 from controlplane.fleet import FleetView
+from controlplane.quota import Quotas
 from controlplane.reconciler import Reconciler
 from controlplane.store import ClusterStore, FencedOut
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
+from mesh.auth import AdminGuard, read_secret_file
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError, invalid
 from mesh.redaction import REDACTED, redact_message, redacted_fields, secret_values
@@ -71,15 +77,63 @@ def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
     return out
 
 
+_RPCS = list(admin_pb2.DESCRIPTOR.services_by_name["AdminService"].methods_by_name)
+
+
 class Admin(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, store: ClusterStore, fleet: FleetView, reconciler: Reconciler) -> None:
+    def __init__(
+        self,
+        store: ClusterStore,
+        fleet: FleetView,
+        reconciler: Reconciler,
+        keys: ApiKeys | None = None,
+        guard: AdminGuard | None = None,
+    ) -> None:
         self._store = store
         self._fleet = fleet
         self._reconciler = reconciler
         self._leadership = reconciler.leadership
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._quotas = Quotas()
+        self._following: asyncio.Task[None] | None = None
+        self._own_credential = ""  # the admin token, for writes this control plane forwards on its own behalf
+        if keys is None or guard is None:
+            # Interim, until the server passes them: from FLEETLM_CP_AUTH_SECRET_FILE / _ADMIN_TOKEN_FILE.
+            settings = AuthSettings(**{})  # from the environment alone
+            secret = read_secret_file(settings.auth_secret_file, "auth secret") if settings.auth_secret_file else None
+            token = read_secret_file(settings.admin_token_file, "admin token") if settings.admin_token_file else None
+            keys = keys or (ApiKeys(store, secret) if isinstance(store, EtcdStore) else None)
+            guard = guard or AdminGuard(token.decode() if token else None, secret)
+            self._own_credential = token.decode() if token else ""
+        self._keys = keys
+        self._guard = guard
+        if keys is not None:
+            with contextlib.suppress(RuntimeError):  # no running loop: a unit test that follows nothing
+                self._following = asyncio.get_running_loop().create_task(keys.follow())
+        for name in _RPCS:  # every RPC checks the caller's credential first (reflection and health are apart)
+            setattr(self, name, self._checked(name, getattr(self, name)))
+
+    def _checked(self, name: str, method: Any) -> Any:
+        full = f"/fleetlm.controlplane.v1.AdminService/{name}"
+        guard = self._guard
+        if inspect.isasyncgenfunction(method):
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                guard.check(full, context.invocation_metadata())
+                async for reply in method(request, context):
+                    yield reply
+
+            return stream
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            guard.check(full, context.invocation_metadata())
+            return await method(request, context)
+
+        return unary
 
     async def close(self) -> None:
+        if self._following is not None:
+            self._following.cancel()
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
@@ -103,7 +157,13 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         call = getattr(admin_pb2_grpc.AdminServiceStub(channel), method)
         try:
-            return await call(request, timeout=FORWARD_TIMEOUT_SECONDS, metadata=((FORWARDED, leadership.address),))
+            # The caller's own credential goes along: the leader checks it as it would the caller's.
+            passed = [(FORWARDED, leadership.address)]
+            if "authorization" in metadata:
+                passed.append(("authorization", metadata["authorization"]))
+            elif self._own_credential:  # a write of its own (scale from zero for PickReplica)
+                passed.append(("authorization", f"Bearer {self._own_credential}"))
+            return await call(request, timeout=FORWARD_TIMEOUT_SECONDS, metadata=tuple(passed))
         except grpc.aio.AioRpcError as error:
             sent = FleetError.sent_by_peer(error)
             if sent is not None:
@@ -344,6 +404,74 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
                 ],
                 chosen_node_id=verdicts[0].node_id if verdicts and verdicts[0].fit else "",
             )
+        )
+
+    # --- API keys -------------------------------------------------------------------------------------
+
+    def _api_keys(self) -> ApiKeys:
+        if self._keys is None:
+            raise FleetError(ErrorCode.FORMAT_NOT_SUPPORTED, "API keys need the control plane's etcd store")
+        return self._keys
+
+    async def CreateApiKey(
+        self, request: admin_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CreateApiKeyResponse:
+        keys = self._api_keys()
+        if (forwarded := await self._forward("CreateApiKey", request, context)) is not None:
+            return forwarded  # type: ignore[no-any-return]
+        async with self._leading():
+            key, secret = await keys.create(request, self._reconciler.fence())
+        return admin_pb2.CreateApiKeyResponse(key=key, secret=secret)
+
+    async def ListApiKeys(
+        self, request: admin_pb2.ListApiKeysRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListApiKeysResponse:
+        keys = self._api_keys()
+        await keys.load()  # the authoritative answer, as ListNodes gives
+        return keys.listed()
+
+    async def RevokeApiKey(
+        self, request: admin_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RevokeApiKeyResponse:
+        keys = self._api_keys()
+        if (forwarded := await self._forward("RevokeApiKey", request, context)) is not None:
+            return forwarded  # type: ignore[no-any-return]
+        async with self._leading():
+            key = await keys.revoke(request.id, self._reconciler.fence())
+        return admin_pb2.RevokeApiKeyResponse(key=key)
+
+    async def WatchApiKeys(
+        self, request: admin_pb2.WatchApiKeysRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[admin_pb2.WatchApiKeysResponse]:
+        async for snapshot in self._api_keys().snapshots():
+            yield snapshot
+
+    async def AcquireQuota(
+        self, request: admin_pb2.AcquireQuotaRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AcquireQuotaResponse:
+        record = self._api_keys().records.get(request.key_id)
+        if record is None:
+            raise FleetError(ErrorCode.API_KEY_NOT_FOUND, f"no API key has id '{request.key_id}'", param="key_id")
+        if (forwarded := await self._forward("AcquireQuota", request, context)) is not None:
+            return forwarded  # type: ignore[no-any-return]
+        limits = record.key.limits
+        grant = self._quotas.acquire(
+            request.key_id,
+            request.edge_id,
+            min(request.requests, 1024),
+            request.tokens_used,
+            request.in_flight,
+            request.requests_returned,
+            limits.requests_per_minute,
+            limits.tokens_per_minute,
+        )
+        return admin_pb2.AcquireQuotaResponse(
+            requests_granted=grant.requests_granted,
+            requests_remaining=grant.requests_remaining,
+            tokens_remaining=grant.tokens_remaining,
+            reset_seconds=grant.reset_seconds,
+            others_in_flight=grant.others_in_flight,
+            edges=grant.edges,
         )
 
 

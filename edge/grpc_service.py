@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from edge import auth
 from edge.gateway import Gateway, new_request_id
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.errors import ErrorCode, FleetError
@@ -31,29 +32,38 @@ def _internal(request_id: str) -> FleetError:
 class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
+        self._auth = auth.for_gateway(gateway)
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         if not request.request_id:
             request.request_id = new_request_id()
+        admission = await auth.admit_grpc(self._auth, context, request.model)
+        tokens = 0
         stream = self._gateway.generate(request, _client_timeout(context))
         try:
             async for response in stream:
+                if response.HasField("result"):
+                    tokens = response.result.usage.total_tokens
                 yield response
         except (FleetError, grpc.aio.AbortError):
             raise
         except Exception as exc:
             raise _internal(request.request_id) from exc
         finally:
+            admission.finish(tokens)
             await stream.aclose()
 
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
         request_id = new_request_id("embed")
+        admission = await auth.admit_grpc(self._auth, context, request.model)
         try:
-            return await self._gateway.embed(request, _client_timeout(context), request_id)
+            response = await self._gateway.embed(request, _client_timeout(context), request_id)
+            admission.finish(response.usage.total_tokens)
+            return response
         except (FleetError, grpc.aio.AbortError):
             raise
         except Exception as exc:
@@ -63,6 +73,8 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.TokenizeResponse:
         request_id = new_request_id("tokenize")
+        admission = await auth.admit_grpc(self._auth, context, request.model)
+        admission.finish(0)
         try:
             return await self._gateway.tokenize(request, _client_timeout(context), request_id)
         except (FleetError, grpc.aio.AbortError):
@@ -73,4 +85,10 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
-        return inference_pb2.ListModelsResponse(models=await self._gateway.list_models())
+        models = await self._gateway.list_models()
+        if self._auth is not None:
+            metadata = context.invocation_metadata() or ()
+            value = next((v for k, v in metadata if k == "authorization"), None)
+            key = self._auth.authenticate(value.decode() if isinstance(value, bytes) else value, None)
+            models = [m for m in models if self._auth.may_use(key, m.name)]
+        return inference_pb2.ListModelsResponse(models=models)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edge import auth
 from edge.gateway import Gateway
 from edge.http_limits import HttpLimits, RequestLimits, RequestRefused
 from edge.openai_protocol import (
@@ -205,6 +206,7 @@ class GenerationRoutes:
             parse_body(bytes(raw), ChatCompletionRequest) if chat else parse_body(bytes(raw), CompletionRequest)
         )
         proto = body.to_proto(request_id)  # the same id reaches the node (GenerateRequest.request_id)
+        await auth.admit_model(proto.model)  # the key's model and limits (edge.auth); no-op with keys off
         shape = CompletionShape(chat, proto.model, request_id, body.wants_logprobs)
         stream = self._gateway.generate(proto)
         try:
@@ -212,6 +214,7 @@ class GenerationRoutes:
                 await until_disconnect(receive, self._stream(send, stream, shape, body.include_usage))
             else:
                 text, logprobs, result = await until_disconnect(receive, _collect(stream))
+                auth.charge(result.usage.total_tokens)
                 for message in _json_message(200, shape.full(text, result, logprobs)):
                     await send(message)
         finally:
@@ -243,6 +246,7 @@ class GenerationRoutes:
                     await event(shape.delta_event(response.delta.text, response.delta.logprobs))
                 else:
                     reason = FINISH_REASONS.get(response.result.finish_reason, "stop")
+                    auth.charge(response.result.usage.total_tokens)
                     await event(sse(shape.chunk(None if shape.chat else "", finish=reason)))
                     if include_usage:
                         await event(sse(shape.usage_chunk(response.result.usage)))
@@ -287,16 +291,18 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None) -> ASGIApp:
         request.state.request_id = new_id("embd")
         body = parse_body(await request.body(), EmbeddingRequest)
         proto = body.to_proto()
+        await auth.admit_model(proto.model)
         response = await until_disconnect(request.receive, gateway.embed(proto, request_id=request.state.request_id))
+        auth.charge(response.usage.total_tokens)
         return embeddings_json(response, proto.model, body.encoding_format)
 
     @app.get("/v1/models")
     async def models() -> Any:
-        return models_json(await gateway.list_models(), started)
+        return models_json(await _visible(gateway), started)
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> Any:
-        listed = models_json(await gateway.list_models(), started)["data"]
+        listed = models_json(await _visible(gateway), started)["data"]
         for entry in listed:
             if entry["id"] == model_id:
                 return entry
@@ -322,4 +328,12 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None) -> ASGIApp:
             "continued_streams": gateway.continued_streams,
         }
 
-    return RequestLimits(GenerationRoutes(gateway, app), limits or HttpLimits())
+    keys = auth.ApiKeyMiddleware(GenerationRoutes(gateway, app), auth.for_gateway(gateway))
+    return RequestLimits(keys, limits or HttpLimits())
+
+
+async def _visible(gateway: Gateway) -> list[inference_pb2.ModelInfo]:
+    """The models the request's API key may use: a key never learns of the others."""
+    infos = await gateway.list_models()
+    allowed = set(auth.visible_models([m.name for m in infos]))
+    return [m for m in infos if m.name in allowed]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -40,4 +42,12 @@ class EdgeSettings(BaseSettings):
     )
     placement_timeout_seconds: float = Field(5.0, gt=0, description="deadline of placement calls")
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="time in-flight requests get at shutdown")
+    require_api_key: bool = Field(
+        False,
+        description="refuse OpenAI HTTP and gRPC requests without a valid API key (AdminService.CreateApiKey);"
+        " /health stays open. Needs --auth-secret-file",
+    )
+    auth_secret_file: Path | None = Field(
+        None, description="the fleet secret (the control planes' --auth-secret-file) API keys are hashed with"
+    )
     log_level: str = Field("INFO", description="log level")

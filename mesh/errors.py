@@ -42,6 +42,13 @@ class ErrorCode(enum.StrEnum):
     GPU_OVERLOADED = "GPU_OVERLOADED"
     CANCELLED = "CANCELLED"
     INTERNAL = "INTERNAL"
+    # Credentials and limits. The edge's use OpenAI's own lowercase codes, which OpenAI's SDKs and users
+    # already know; UNAUTHENTICATED is an operator's missing or wrong admin credential.
+    INVALID_API_KEY = "invalid_api_key"
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    API_KEY_NOT_FOUND = "API_KEY_NOT_FOUND"
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,11 @@ _TABLE: Mapping[ErrorCode, _Mapping] = {
     ErrorCode.BACKEND_TIMEOUT: _Mapping(504, grpc.StatusCode.DEADLINE_EXCEEDED, "server_error"),
     ErrorCode.CANCELLED: _Mapping(499, grpc.StatusCode.CANCELLED, "server_error"),
     ErrorCode.INTERNAL: _Mapping(500, grpc.StatusCode.INTERNAL, "server_error"),
+    ErrorCode.INVALID_API_KEY: _Mapping(401, grpc.StatusCode.UNAUTHENTICATED, "invalid_request_error"),
+    ErrorCode.UNAUTHENTICATED: _Mapping(401, grpc.StatusCode.UNAUTHENTICATED, "invalid_request_error"),
+    ErrorCode.MODEL_NOT_ALLOWED: _Mapping(403, grpc.StatusCode.PERMISSION_DENIED, "invalid_request_error"),
+    ErrorCode.RATE_LIMIT_EXCEEDED: _Mapping(429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit_error"),
+    ErrorCode.API_KEY_NOT_FOUND: _Mapping(404, grpc.StatusCode.NOT_FOUND, "invalid_request_error"),
 }
 
 # For a gRPC error that carries no ErrorInfo (a peer that is not fleetlm, or the transport itself).
@@ -78,7 +90,11 @@ _FROM_GRPC: Mapping[grpc.StatusCode, ErrorCode] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: ErrorCode.BACKEND_TIMEOUT,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ErrorCode.NO_CAPACITY,
     grpc.StatusCode.CANCELLED: ErrorCode.CANCELLED,
+    grpc.StatusCode.UNAUTHENTICATED: ErrorCode.UNAUTHENTICATED,
 }
+
+
+_REASONS = {code.value for code in ErrorCode}
 
 
 @dataclass
@@ -153,7 +169,7 @@ class FleetError(Exception):
                 return None  # not a google.rpc.Status: no reason of ours in it
             for detail in status.details:
                 info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info) and info.domain == DOMAIN and info.reason in ErrorCode.__members__:
+                if detail.Unpack(info) and info.domain == DOMAIN and info.reason in _REASONS:
                     meta = dict(info.metadata)
                     param = meta.pop("param", None)
                     retry = meta.pop("retry_after_seconds", "")

@@ -1,0 +1,149 @@
+"""Credentials shared by the fleet's components: the fleet secret, the admin token, and the check of a
+bearer credential on AdminService.
+
+- The fleet secret (`--auth-secret-file`, at least 32 random bytes) is given to control planes and edges.
+  API keys are stored as HMAC-SHA256(fleet secret, key), and edges prove themselves to the control plane with
+  a credential derived from it (`edge_credential`), so an edge needs no file of its own beyond the secret.
+- The admin token (`--admin-token-file`) is what an operator sends as `authorization: Bearer <token>` on
+  every AdminService RPC.
+
+Credentials are compared as HMACs of what was sent, with hmac.compare_digest: the time a comparison takes
+says nothing about how much of a guess was right. No credential is ever logged or put in an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from mesh.errors import ErrorCode, FleetError
+
+MIN_SECRET_BYTES = 32
+ADMIN_SERVICE = "/fleetlm.controlplane.v1.AdminService/"
+# AdminService RPCs an edge calls with its edge credential (the key table and the quota leases).
+EDGE_METHODS = frozenset({ADMIN_SERVICE + "WatchApiKeys", ADMIN_SERVICE + "AcquireQuota"})
+_EDGE_LABEL = b"fleetlm edge credential v1"
+
+
+def create_secret_file(path: Path) -> None:
+    """A new secret file (32 random bytes, base64url, mode 0600); refuses to overwrite one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_urlsafe(MIN_SECRET_BYTES) + "\n")
+
+
+def read_secret_file(path: Path | str, what: str = "secret") -> bytes:
+    """The secret in a file (surrounding whitespace dropped). ValueError, naming the file but never its
+    content, when it is shorter than 32 bytes."""
+    value = Path(path).read_bytes().strip()
+    if len(value) < MIN_SECRET_BYTES:
+        raise ValueError(f"{what} file {path} holds {len(value)} bytes; it needs at least {MIN_SECRET_BYTES}")
+    return value
+
+
+def edge_credential(fleet_secret: bytes) -> str:
+    """The bearer credential an edge presents to the control plane: derived from the fleet secret, so it
+    cannot be used to recover the secret or to forge API keys."""
+    return "fle-" + hmac.new(fleet_secret, _EDGE_LABEL, hashlib.sha256).hexdigest()
+
+
+def bearer(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+    """The credential in `authorization: Bearer <credential>` metadata, or None."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+            scheme, _, credential = text.strip().partition(" ")
+            if scheme.lower() == "bearer" and credential.strip():
+                return credential.strip()
+    return None
+
+
+class _Matcher:
+    """Compares a presented credential with one known one, in constant time (HMAC of both under a per-process
+    random key, so the lengths of the two do not show either)."""
+
+    def __init__(self, credential: str) -> None:
+        self._key = secrets.token_bytes(32)
+        self._digest = self._mac(credential)
+
+    def _mac(self, value: str) -> bytes:
+        return hmac.new(self._key, value.encode(), hashlib.sha256).digest()
+
+    def matches(self, presented: str | None) -> bool:
+        return presented is not None and hmac.compare_digest(self._mac(presented), self._digest)
+
+
+class AdminGuard:
+    """Who may call which AdminService RPC: the admin token for every one; the edge credential also for
+    WatchApiKeys and AcquireQuota. With neither configured, every call is let through (auth off)."""
+
+    def __init__(self, admin_token: str | None, fleet_secret: bytes | None = None) -> None:
+        self._admin = _Matcher(admin_token) if admin_token else None
+        self._edge = _Matcher(edge_credential(fleet_secret)) if fleet_secret else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._admin is not None
+
+    def check(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> None:
+        """Raises UNAUTHENTICATED unless the call carries a credential good for `method`."""
+        if self._admin is None:
+            return
+        presented = bearer(metadata)
+        if self._admin.matches(presented):
+            return
+        if method in EDGE_METHODS and self._edge is not None and self._edge.matches(presented):
+            return
+        why = "no credential was sent" if presented is None else "the credential sent is not valid"
+        raise FleetError(
+            ErrorCode.UNAUTHENTICATED,
+            f"{method.rsplit('/', 1)[-1]} needs 'authorization: Bearer <admin token>' metadata; {why}",
+        )
+
+
+class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Checks AdminService calls with an AdminGuard before they reach the servicer; every other service
+    (reflection, grpc.health.v1, the node and routing services) is left alone. Put it before the error
+    interceptor so its refusal carries the ErrorInfo like any other error."""
+
+    def __init__(self, guard: AdminGuard) -> None:
+        self._guard = guard
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        if not method.startswith(ADMIN_SERVICE):
+            return await continuation(details)
+        try:
+            self._guard.check(method, details.invocation_metadata)
+        except FleetError as error:
+            return _refusal(error, await continuation(details))
+        return await continuation(details)
+
+
+def _refusal(error: FleetError, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+    if handler is None:
+        return None
+
+    async def abort(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(error.grpc_code, error.message, trailing_metadata=error.grpc_trailing_metadata())
+
+    async def abort_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await abort(request, context)
+        yield  # pragma: no cover - never reached: abort raises
+
+    options = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(abort_stream, **options)
+    return grpc.unary_unary_rpc_method_handler(abort, **options)

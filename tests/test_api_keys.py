@@ -1,0 +1,313 @@
+"""API keys at the edge, against a real fleet: etcd, one control plane with a fleet secret and an admin token,
+one node serving SmolLM2 with llama.cpp, two edges requiring keys; the official `openai` client and real
+`grpcurl`. Auth is switched on through the environment the components inherit (FLEETLM_CP_AUTH_SECRET_FILE,
+FLEETLM_CP_ADMIN_TOKEN_FILE, FLEETLM_EDGE_REQUIRE_API_KEY, FLEETLM_EDGE_AUTH_SECRET_FILE)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
+from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from launcher.processes import etcd_argv  # noqa: F401 - etcd comes with the cluster
+from mesh.auth import create_secret_file
+from tests.cluster import MODEL, Cluster, fleetlm, smollm_entry, wait_for
+from tests.test_grpcurl import grpcurl_binary
+
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
+
+REVOCATION_BOUND = 5.0  # the issue's bound: a revoked key is refused by every edge within 5 s
+
+
+@dataclass
+class Fleet:
+    cluster: Cluster
+    edges: list[tuple[str, str]]  # (http base, grpc address)
+    admin_token: str
+    token_file: Path
+
+    def admin(self) -> admin_pb2_grpc.AdminServiceStub:
+        return admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(self.cluster.controlplane))
+
+    def create(self, name: str, **limits: int) -> tuple[str, str]:
+        models = limits.pop("models", None)
+        request = admin_pb2.CreateApiKeyRequest(name=name, models=models or [])
+        for field, value in limits.items():
+            setattr(request.limits, field, value)
+        reply = self.admin().CreateApiKey(request, metadata=self.metadata, timeout=30)
+        return reply.key.id, reply.secret
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.admin_token}"),)
+
+    def client(self, key: str | None, edge: int = 0) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.edges[edge][0]}/v1", api_key=key or "", max_retries=0, timeout=120)
+
+
+def _serves(http: str, key: str) -> bool:
+    headers = {"Authorization": f"Bearer {key}"}
+    data = httpx.get(f"{http}/v1/models", headers=headers, timeout=2).json()["data"]
+    return any(m["id"] == MODEL and m["state"] == "ready" for m in data)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    workdir = tmp_path_factory.mktemp("keys")
+    secret_file, token_file = workdir / "fleet.secret", workdir / "admin.token"
+    create_secret_file(secret_file)
+    create_secret_file(token_file)
+    env = {
+        "FLEETLM_CP_AUTH_SECRET_FILE": str(secret_file),
+        "FLEETLM_CP_ADMIN_TOKEN_FILE": str(token_file),
+        "FLEETLM_EDGE_REQUIRE_API_KEY": "true",
+        "FLEETLM_EDGE_AUTH_SECRET_FILE": str(secret_file),
+    }
+    cluster = Cluster(workdir)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)  # the components are started with this environment
+        try:
+            cluster.start_etcd()
+            cluster.start_controlplane(3)
+            cluster.start_node("node-a", [smollm_entry()])
+            edges = [cluster.start_edge()[1:] for _ in range(2)]
+            fleet = Fleet(cluster, edges, token_file.read_text().strip(), token_file)
+            _, probe = fleet.create("probe")
+            for http, _ in edges:
+                wait_for(lambda http=http: _serves(http, probe), 90, f"{http} to serve {MODEL} to a key")
+            yield fleet
+        except BaseException:
+            print(cluster.logs())
+            raise
+        finally:
+            cluster.close()
+
+
+def _complete(client: openai.OpenAI) -> Any:
+    return client.completions.with_raw_response.create(model=MODEL, prompt="One, two,", max_tokens=1, temperature=0)
+
+
+def test_no_key_and_a_wrong_key_get_401_invalid_api_key(fleet: Fleet) -> None:
+    http = fleet.edges[0][0]
+    bare = httpx.post(f"{http}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1}, timeout=30)
+    assert bare.status_code == 401
+    assert bare.json()["error"]["code"] == "invalid_api_key"
+    assert bare.headers["www-authenticate"] == "Bearer"
+    for key in ("flk-not-a-key", "flk-" + "A" * 43, "sk-an-openai-key"):
+        with pytest.raises(openai.AuthenticationError) as refused:
+            fleet.client(key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert refused.value.status_code == 401
+        assert refused.value.code == "invalid_api_key"
+    assert httpx.get(f"{http}/health", timeout=5).status_code == 200  # health stays open
+
+
+def test_a_key_for_another_model_gets_403_and_does_not_see_the_model(fleet: Fleet) -> None:
+    _, secret = fleet.create("other", models=["some-other-model"])  # type: ignore[arg-type]
+    client = fleet.client(secret)
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=1)
+    assert refused.value.status_code == 403
+    assert refused.value.code == "model_not_allowed"
+    assert MODEL not in [m.id for m in client.models.list().data]
+    _, allowed = fleet.create("smol-only", models=[MODEL])  # type: ignore[arg-type]
+    assert MODEL in [m.id for m in fleet.client(allowed).models.list().data]
+    # over gRPC: PERMISSION_DENIED, and UNAUTHENTICATED without a key
+    stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(fleet.edges[0][1]))
+    request = inference_pb2.GenerateRequest(
+        model=MODEL, prompt="hi", sampling=inference_pb2.SamplingParams(max_tokens=1)
+    )
+    for metadata, code in (
+        ((), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", f"Bearer {secret}"),), grpc.StatusCode.PERMISSION_DENIED),
+    ):
+        with pytest.raises(grpc.RpcError) as failed:
+            list(stub.Generate(request, metadata=metadata, timeout=30))
+        assert failed.value.code() == code
+    replies = list(stub.Generate(request, metadata=(("authorization", f"Bearer {allowed}"),), timeout=60))
+    assert replies[-1].HasField("result")
+
+
+def test_a_revoked_key_is_refused_by_both_edges_within_5_s(fleet: Fleet) -> None:
+    key_id, secret = fleet.create("to-revoke")
+    for i in range(2):  # works on both edges first (the table reached them)
+        wait_for(lambda i=i: fleet.client(secret, i).models.list().data, 10, f"edge {i} to know the key")
+    revoked_at = time.monotonic()
+    fleet.admin().RevokeApiKey(admin_pb2.RevokeApiKeyRequest(id=key_id), metadata=fleet.metadata, timeout=30)
+    refused_after = []
+    for i in range(2):
+        deadline = time.monotonic() + 2 * REVOCATION_BOUND  # bounded: the loop ends by itself
+        while time.monotonic() < deadline:
+            try:
+                fleet.client(secret, i).models.list()
+            except openai.AuthenticationError as exc:
+                assert exc.code == "invalid_api_key"
+                refused_after.append(time.monotonic() - revoked_at)
+                break
+            time.sleep(0.05)
+    assert len(refused_after) == 2, f"refused by {len(refused_after)} of 2 edges"
+    assert max(refused_after) < REVOCATION_BOUND, refused_after
+    listed = fleet.admin().ListApiKeys(admin_pb2.ListApiKeysRequest(), metadata=fleet.metadata, timeout=30)
+    assert next(k for k in listed.keys if k.id == key_id).revoked
+
+
+def test_requests_per_minute_429_with_openai_headers(fleet: Fleet) -> None:
+    _, secret = fleet.create("rpm", requests_per_minute=3)
+    client = fleet.client(secret)
+    outcomes = []
+    for _ in range(5):
+        try:
+            raw = _complete(client)
+            outcomes.append((200, raw.headers))
+        except openai.RateLimitError as exc:
+            assert exc.code == "rate_limit_exceeded"
+            outcomes.append((429, exc.response.headers))
+    assert [status for status, _ in outcomes] == [200, 200, 200, 429, 429]
+    for status, headers in outcomes:
+        assert headers["x-ratelimit-limit-requests"] == "3"
+        assert headers["x-ratelimit-reset-requests"].endswith("s")
+        if status == 429:
+            assert headers["x-ratelimit-remaining-requests"] == "0"
+            assert 1 <= int(headers["retry-after"]) <= 60
+    assert [int(h["x-ratelimit-remaining-requests"]) for _, h in outcomes[:3]] == [2, 1, 0]
+
+
+def test_two_edges_share_one_rpm_limit(fleet: Fleet) -> None:
+    limit, slack = 6, 2  # slack: at most one chunk (1 request for limits under 64) per edge
+    _, secret = fleet.create("shared", requests_per_minute=limit)
+    admitted = refused = 0
+    for i in range(4 * limit):  # alternating edges; bounded
+        try:
+            _complete(fleet.client(secret, i % 2))
+            admitted += 1
+        except openai.RateLimitError:
+            refused += 1
+    assert admitted + refused == 4 * limit
+    assert limit <= admitted <= limit + slack, admitted  # per edge alone it would be 2 x limit
+
+
+def test_tokens_per_minute_429(fleet: Fleet) -> None:
+    _, secret = fleet.create("tpm", tokens_per_minute=5)
+    client = fleet.client(secret)
+    first = client.completions.with_raw_response.create(model=MODEL, prompt="One, two, three,", max_tokens=4)
+    assert first.headers["x-ratelimit-limit-tokens"] == "5"
+    assert first.parse().usage.total_tokens > 5  # the first one goes; its tokens use the window up
+    outcome = None
+    for _ in range(20):  # bounded: the charge is counted when the reply ends
+        try:
+            _complete(client)
+        except openai.RateLimitError as exc:
+            outcome = exc
+            break
+        time.sleep(0.1)
+    assert outcome is not None and outcome.code == "rate_limit_exceeded"
+    assert outcome.response.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert "retry-after" in outcome.response.headers
+
+
+def test_concurrent_requests_429(fleet: Fleet) -> None:
+    _, secret = fleet.create("one-at-a-time", max_concurrent_requests=1)
+    client = fleet.client(secret)
+    stream = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=200, stream=True)
+    next(iter(stream))  # the first request is running
+    with pytest.raises(openai.RateLimitError) as refused:
+        _complete(client)
+    assert refused.value.code == "rate_limit_exceeded"
+    stream.close()
+    wait_for(lambda: _complete(client), 30, "the slot to be free again")
+
+
+def test_the_secret_is_nowhere_but_in_the_create_reply(fleet: Fleet) -> None:
+    key_id, secret = fleet.create("secret-check")
+    _complete(fleet.client(secret))  # used once, so that edges and logs had every chance to see it
+    etcdctl = Path(grpcurl_binary()).parent / "etcdctl"
+    dump = subprocess.run(
+        [str(etcdctl), "--endpoints", fleet.cluster.etcd_url, "get", "--prefix", "/"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert key_id in dump  # the record is there ...
+    assert secret not in dump and secret[4:] not in dump  # ... but not the secret
+    listed = fleet.admin().ListApiKeys(admin_pb2.ListApiKeysRequest(), metadata=fleet.metadata, timeout=30)
+    text = str(listed)
+    assert key_id in text and secret not in text and secret[4:12] not in text
+    assert "hash" not in json.dumps([str(k) for k in listed.keys])
+    for log in fleet.cluster.dir.glob("*.log"):
+        content = log.read_text(errors="replace")
+        assert secret not in content, log.name
+        assert fleet.admin_token not in content, log.name
+
+
+def test_grpcurl_every_admin_rpc_needs_the_admin_token(fleet: Fleet) -> None:
+    methods = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].methods
+    assert len(methods) >= 18
+    cp = fleet.cluster.controlplane
+
+    def call(method: str, *headers: str) -> subprocess.CompletedProcess[str]:
+        args = [grpcurl_binary(), "-plaintext", "-max-time", "5", *headers, "-d", "{}", cp]
+        return subprocess.run(
+            [*args, f"fleetlm.controlplane.v1.AdminService/{method}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    for method in methods:
+        without = call(method.name)
+        assert "Unauthenticated" in without.stderr, (method.name, without.stderr)
+        wrong = call(method.name, "-H", "authorization: Bearer not-the-token-but-long-enough-to-look-real")
+        assert "Unauthenticated" in wrong.stderr, (method.name, wrong.stderr)
+        with_token = call(method.name, "-H", f"authorization: Bearer {fleet.admin_token}")
+        assert "Unauthenticated" not in with_token.stderr, (method.name, with_token.stderr)
+    # reflection and health stay open
+    listed = subprocess.run([grpcurl_binary(), "-plaintext", cp, "list"], capture_output=True, text=True, timeout=60)
+    assert "fleetlm.controlplane.v1.AdminService" in listed.stdout
+    health = subprocess.run(
+        [grpcurl_binary(), "-plaintext", cp, "grpc.health.v1.Health/Check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "SERVING" in health.stdout
+
+
+def test_fleetlm_keys_create_list_revoke(fleet: Fleet) -> None:
+    base = [
+        *fleetlm("keys"),
+        "--controlplane",
+        fleet.cluster.controlplane,
+        "--admin-token-file",
+        str(fleet.token_file),
+    ]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([base[0], *base[1:4], *args, *base[4:]], capture_output=True, text=True, timeout=60)
+
+    created = run("create", "cli-key", "--rpm", "10", "--model", MODEL)
+    assert created.returncode == 0, created.stderr
+    key_id = created.stdout.split("id: ")[1].split()[0]
+    secret = created.stdout.split("keep it now): ")[1].split()[0]
+    assert secret.startswith("flk-") and len(secret) == 4 + 43
+    listed = run("list")
+    assert key_id in listed.stdout and secret not in listed.stdout
+    assert run("revoke", key_id).returncode == 0
+    no_token = subprocess.run(
+        [*fleetlm("keys", "list"), "--controlplane", fleet.cluster.controlplane],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert no_token.returncode != 0 and "admin token" in no_token.stderr
