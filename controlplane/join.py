@@ -29,7 +29,7 @@ from cryptography import x509
 from google.protobuf import timestamp_pb2
 
 from controlplane.etcd_store import EtcdStore
-from fleetlm.controlplane.v1 import identity_pb2, identity_pb2_grpc
+from fleetlm.controlplane.v1 import admin_pb2, identity_pb2, identity_pb2_grpc
 from mesh.fleet_ca import LEAF_DAYS, FleetCA, identity_uri, node_dns_name
 from mesh.tls import peer_identities
 
@@ -205,7 +205,7 @@ class JoinService(identity_pb2_grpc.JoinServiceServicer):
 
     async def Renew(
         self, request: identity_pb2.RenewRequest, context: grpc.aio.ServicerContext
-    ) -> identity_pb2.JoinResponse:
+    ) -> identity_pb2.RenewResponse:
         nodes = [i for i in peer_identities(context) if i.startswith(identity_uri("node", "x")[:-1])]
         if not nodes:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Renew needs the node's fleet certificate")
@@ -215,7 +215,74 @@ class JoinService(identity_pb2_grpc.JoinServiceServicer):
         reason = await self._identities.refusal(node_id, serial)
         if reason:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
-        return await self._sign(request.csr_pem, node_id, context, "renewal")
+        signed = await self._sign(request.csr_pem, node_id, context, "renewal")
+        return identity_pb2.RenewResponse(
+            certificate_pem=signed.certificate_pem,
+            ca_certificate_pem=signed.ca_certificate_pem,
+            not_after=signed.not_after,
+        )
+
+
+_STATES = {
+    "valid": admin_pb2.JOIN_TOKEN_STATE_VALID,
+    "expired": admin_pb2.JOIN_TOKEN_STATE_EXPIRED,
+    "revoked": admin_pb2.JOIN_TOKEN_STATE_REVOKED,
+}
+
+
+def _described(token: JoinToken) -> admin_pb2.JoinToken:
+    described = admin_pb2.JoinToken(id=token.id, state=_STATES[token.state(time.time())], description=token.description)
+    described.created_at.FromNanoseconds(int(token.created_at * 1e9))
+    described.expires_at.FromNanoseconds(int(token.expires_at * 1e9))
+    return described
+
+
+class JoinTokenAdmin:
+    """AdminService's join-token RPCs, mixed into the control plane's AdminService servicer (whatever guards
+    AdminService guards them too). Any control plane may answer: a token is a record of its own in etcd, not
+    placement state, so it needs no leader."""
+
+    join_tokens: JoinTokens | None = None
+    ca_fingerprint = ""
+
+    async def _tokens(self, context: grpc.aio.ServicerContext) -> JoinTokens:
+        if self.join_tokens is None or not self.ca_fingerprint:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "this control plane has no fleet CA to join with (--ca-dir)"
+            )
+        assert self.join_tokens is not None
+        return self.join_tokens
+
+    async def CreateJoinToken(
+        self, request: admin_pb2.CreateJoinTokenRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CreateJoinTokenResponse:
+        tokens = await self._tokens(context)
+        ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else 3600.0
+        if ttl <= 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl must be positive")
+        token, record = await tokens.create(ttl, request.description)
+        log.info("join token %s created (expires %s)", record.id, utc(record.expires_at))
+        return admin_pb2.CreateJoinTokenResponse(
+            token=token, join_token=_described(record), ca_fingerprint=self.ca_fingerprint
+        )
+
+    async def ListJoinTokens(
+        self, request: admin_pb2.ListJoinTokensRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListJoinTokensResponse:
+        tokens = await self._tokens(context)
+        return admin_pb2.ListJoinTokensResponse(join_tokens=[_described(t) for t in await tokens.list()])
+
+    async def RevokeJoinToken(
+        self, request: admin_pb2.RevokeJoinTokenRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RevokeJoinTokenResponse:
+        tokens = await self._tokens(context)
+        token_id = request.id.removeprefix(TOKEN_PREFIX).split(".")[0]
+        if not token_id.isalnum() or not await tokens.revoke(token_id):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no join token {token_id!r}")
+        record = await tokens.get(token_id)
+        assert record is not None
+        log.info("join token %s revoked", token_id)
+        return admin_pb2.RevokeJoinTokenResponse(join_token=_described(record))
 
 
 def utc(seconds: float) -> str:

@@ -17,7 +17,7 @@ import aetcd
 from controlplane.admin import Admin, validate_deployment
 from controlplane.etcd_store import EtcdStore
 from controlplane.fleet import FleetView
-from controlplane.join import JoinService, JoinTokens, NodeIdentities
+from controlplane.join import JoinService, JoinTokenAdmin, JoinTokens, NodeIdentities
 from controlplane.leader import Leadership
 from controlplane.placement import GiB, PlacementPolicy
 from controlplane.reconciler import Reconciler
@@ -53,6 +53,10 @@ SERVICE_NAMES = [
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 ]
 JOIN_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["JoinService"].full_name
+
+
+class FleetAdmin(JoinTokenAdmin, Admin):
+    """AdminService: the control plane's Admin with the join-token RPCs."""
 
 
 async def _load_deployments(path: str, fleet: FleetView, reconciler: Reconciler) -> None:
@@ -102,13 +106,15 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     )
     leadership = Leadership(store, "", settings.leader_ttl_seconds)  # its address is known once bound
     reconciler = Reconciler(store, fleet, policy, settings.reconcile_interval_seconds, leadership)
-    admin = Admin(store, fleet, reconciler)
+    admin = FleetAdmin(store, fleet, reconciler)
     router = Router(fleet, reconciler, scale_from_zero=admin.ensure_replica)
     publisher = RoutePublisher(fleet)
     tls = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca)
     ca = FleetCA.load(settings.ca_dir) if settings.ca_dir else None
     identities = NodeIdentities(store)
     join = JoinService(JoinTokens(store), ca, identities) if ca is not None else None
+    if ca is not None:
+        admin.join_tokens, admin.ca_fingerprint = JoinTokens(store), ca.fingerprint
     server = GrpcServer(SERVICE_NAMES + ([JOIN_SERVICE] if join else []))
     registry_pb2_grpc.add_NodeRegistryServiceServicer_to_server(
         NodeRegistry(store, fleet, settings.lease_ttl_seconds, tls is not None, identities), server.server

@@ -60,7 +60,7 @@ def _usable(files: TlsFiles, node_id: str) -> tuple[bool, bool]:
     return True, cert.not_valid_after_utc - now < lifetime * RENEW_FRACTION
 
 
-def _store(files: TlsFiles, reply: identity_pb2.JoinResponse, key: bytes) -> None:
+def _store(files: TlsFiles, reply: identity_pb2.JoinResponse | identity_pb2.RenewResponse, key: bytes) -> None:
     write_public(files.ca, reply.ca_certificate_pem)
     write_private(files.key, key)
     write_public(files.cert, reply.certificate_pem)

@@ -4,18 +4,21 @@ registers; a wrong CA pin, an expired, revoked or unknown token are refused, and
 
 from __future__ import annotations
 
+import json
 import re
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from cryptography import x509
 
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
-from mesh.fleet_ca import uri_identities
+from mesh.fleet_ca import fingerprint, uri_identities
 from mesh.lifecycle import free_port
 from tests.cluster import START_TIMEOUT, Cluster, Proc, fleetlm, wait_for
 
@@ -158,3 +161,57 @@ def test_a_revoked_node_is_refused_and_leaves_the_fleet(fleet: Cluster) -> None:
     time.sleep(5)  # it keeps trying to register again: every attempt is refused
     assert "revoked-1" not in node_ids(fleet)
     proc.stop()
+
+
+def test_join_tokens_through_admin_service_with_real_grpcurl(fleet: Cluster) -> None:
+    tls = [
+        "-cacert",
+        str(fleet.ca_dir / "ca.crt"),
+        "-cert",
+        str(fleet.dir / "admin.crt"),
+        "-key",
+        str(fleet.dir / "admin.key"),
+    ]
+
+    def grpcurl(method: str, body: str = "{}") -> dict[str, object]:
+        done = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "grpcurl"),
+                *tls,
+                "-d",
+                body,
+                fleet.controlplane,
+                f"fleetlm.controlplane.v1.AdminService/{method}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+    def field(message: dict[str, object], name: str) -> object:
+        """A field by its proto name, which grpcurl prints, or by its lowerCamel JSON name."""
+        camel = re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name)
+        return message[name] if name in message else message[camel]
+
+    created = grpcurl("CreateJoinToken", '{"ttl": "600s", "description": "rack 7"}')
+    token, pin = str(created["token"]), str(field(created, "ca_fingerprint"))
+    assert token.startswith("fljt_") and pin == fingerprint((fleet.ca_dir / "ca.crt").read_bytes())
+    token_id = token.removeprefix("fljt_").split(".")[0]
+    listed = field(grpcurl("ListJoinTokens"), "join_tokens")
+    assert isinstance(listed, list)
+    mine = [t for t in listed if t["id"] == token_id]
+    assert mine and mine[0]["state"] == "JOIN_TOKEN_STATE_VALID" and mine[0]["description"] == "rack 7"
+    assert token.split(".", 1)[1] not in json.dumps(listed)  # never the secret again
+    # The token works: a node joins with it. Then it is revoked, and the next node is refused.
+    proc = joining_node(fleet, "grpcurl-joined", token, pin)
+    wait_for(lambda: "grpcurl-joined" in node_ids(fleet), START_TIMEOUT, "the joined node to register", proc)
+    revoked = grpcurl("RevokeJoinToken", json.dumps({"id": token_id}))
+    assert field(revoked, "join_token")["state"] == "JOIN_TOKEN_STATE_REVOKED"  # type: ignore[index]
+    assert "UNAUTHENTICATED" in refused(joining_node(fleet, "grpcurl-late", token, pin))
+    proc.stop()
+    # Plaintext, or TLS without the admin's certificate, does not reach AdminService.
+    with grpc.insecure_channel(fleet.controlplane) as channel, pytest.raises(grpc.RpcError) as plain:
+        admin_pb2_grpc.AdminServiceStub(channel).CreateJoinToken(admin_pb2.CreateJoinTokenRequest(), timeout=10)
+    assert plain.value.code() == grpc.StatusCode.UNAVAILABLE

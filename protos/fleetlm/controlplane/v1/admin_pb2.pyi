@@ -2,14 +2,27 @@ import datetime
 
 from fleetlm.controlplane.v1 import node_pb2 as _node_pb2
 from fleetlm.inference.v1 import inference_pb2 as _inference_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class JoinTokenState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOIN_TOKEN_STATE_UNSPECIFIED: _ClassVar[JoinTokenState]
+    JOIN_TOKEN_STATE_VALID: _ClassVar[JoinTokenState]
+    JOIN_TOKEN_STATE_EXPIRED: _ClassVar[JoinTokenState]
+    JOIN_TOKEN_STATE_REVOKED: _ClassVar[JoinTokenState]
+JOIN_TOKEN_STATE_UNSPECIFIED: JoinTokenState
+JOIN_TOKEN_STATE_VALID: JoinTokenState
+JOIN_TOKEN_STATE_EXPIRED: JoinTokenState
+JOIN_TOKEN_STATE_REVOKED: JoinTokenState
 
 class DeployModelRequest(_message.Message):
     __slots__ = ("deployment",)
@@ -332,3 +345,57 @@ class AcquireQuotaResponse(_message.Message):
     others_in_flight: int
     edges: int
     def __init__(self, requests_granted: _Optional[int] = ..., requests_remaining: _Optional[int] = ..., tokens_remaining: _Optional[int] = ..., reset_seconds: _Optional[float] = ..., others_in_flight: _Optional[int] = ..., edges: _Optional[int] = ...) -> None: ...
+
+class CreateJoinTokenRequest(_message.Message):
+    __slots__ = ("ttl", "description")
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    ttl: _duration_pb2.Duration
+    description: str
+    def __init__(self, ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., description: _Optional[str] = ...) -> None: ...
+
+class JoinToken(_message.Message):
+    __slots__ = ("id", "state", "created_at", "expires_at", "description")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    state: JoinTokenState
+    created_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    description: str
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JoinTokenState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., description: _Optional[str] = ...) -> None: ...
+
+class CreateJoinTokenResponse(_message.Message):
+    __slots__ = ("token", "join_token", "ca_fingerprint")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CA_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    join_token: JoinToken
+    ca_fingerprint: str
+    def __init__(self, token: _Optional[str] = ..., join_token: _Optional[_Union[JoinToken, _Mapping]] = ..., ca_fingerprint: _Optional[str] = ...) -> None: ...
+
+class ListJoinTokensRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListJoinTokensResponse(_message.Message):
+    __slots__ = ("join_tokens",)
+    JOIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    join_tokens: _containers.RepeatedCompositeFieldContainer[JoinToken]
+    def __init__(self, join_tokens: _Optional[_Iterable[_Union[JoinToken, _Mapping]]] = ...) -> None: ...
+
+class RevokeJoinTokenRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class RevokeJoinTokenResponse(_message.Message):
+    __slots__ = ("join_token",)
+    JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    join_token: JoinToken
+    def __init__(self, join_token: _Optional[_Union[JoinToken, _Mapping]] = ...) -> None: ...

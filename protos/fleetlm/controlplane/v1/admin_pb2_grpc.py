@@ -125,6 +125,21 @@ class AdminServiceStub:
                 request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.AcquireQuotaRequest.SerializeToString,
                 response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.AcquireQuotaResponse.FromString,
                 _registered_method=True)
+        self.CreateJoinToken = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/CreateJoinToken',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CreateJoinTokenRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CreateJoinTokenResponse.FromString,
+                _registered_method=True)
+        self.ListJoinTokens = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/ListJoinTokens',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListJoinTokensRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListJoinTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeJoinToken = channel.unary_unary(
+                '/fleetlm.controlplane.v1.AdminService/RevokeJoinToken',
+                request_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.RevokeJoinTokenRequest.SerializeToString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.RevokeJoinTokenResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -270,6 +285,29 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateJoinToken(self, request, context):
+        """CreateJoinToken makes a token nodes join the fleet with (JoinService.Join). The reply carries the token
+        once, with the fleet CA's fingerprint the node pins; etcd keeps only the SHA-256 of its secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJoinTokens(self, request, context):
+        """ListJoinTokens lists every join token (expired and revoked ones too), never a secret or its hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeJoinToken(self, request, context):
+        """RevokeJoinToken revokes a join token: no node joins with it from then on (nodes that joined keep their
+        certificates). NOT_FOUND when no token has that id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -362,6 +400,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.AcquireQuota,
                     request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.AcquireQuotaRequest.FromString,
                     response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.AcquireQuotaResponse.SerializeToString,
+            ),
+            'CreateJoinToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJoinToken,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CreateJoinTokenRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CreateJoinTokenResponse.SerializeToString,
+            ),
+            'ListJoinTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJoinTokens,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListJoinTokensRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListJoinTokensResponse.SerializeToString,
+            ),
+            'RevokeJoinToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeJoinToken,
+                    request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.RevokeJoinTokenRequest.FromString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.RevokeJoinTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -851,6 +904,87 @@ class AdminService:
             '/fleetlm.controlplane.v1.AdminService/AcquireQuota',
             fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.AcquireQuotaRequest.SerializeToString,
             fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.AcquireQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJoinToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/CreateJoinToken',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CreateJoinTokenRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.CreateJoinTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJoinTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/ListJoinTokens',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListJoinTokensRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.ListJoinTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeJoinToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlm.controlplane.v1.AdminService/RevokeJoinToken',
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.RevokeJoinTokenRequest.SerializeToString,
+            fleetlm_dot_controlplane_dot_v1_dot_admin__pb2.RevokeJoinTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fleetlm/controlplane/v1/identity.proto\x12\x17\x66leetlm.controlplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\">\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"r\n\x0cJoinResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x02 \x01(\x0c\x12-\n\tnot_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xb9\x01\n\x0bJoinService\x12S\n\x04Join\x12$.fleetlm.controlplane.v1.JoinRequest\x1a%.fleetlm.controlplane.v1.JoinResponse\x12U\n\x05Renew\x12%.fleetlm.controlplane.v1.RenewRequest\x1a%.fleetlm.controlplane.v1.JoinResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fleetlm/controlplane/v1/identity.proto\x12\x17\x66leetlm.controlplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\">\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"r\n\x0cJoinResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x02 \x01(\x0c\x12-\n\tnot_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"s\n\rRenewResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x02 \x01(\x0c\x12-\n\tnot_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xba\x01\n\x0bJoinService\x12S\n\x04Join\x12$.fleetlm.controlplane.v1.JoinRequest\x1a%.fleetlm.controlplane.v1.JoinResponse\x12V\n\x05Renew\x12%.fleetlm.controlplane.v1.RenewRequest\x1a&.fleetlm.controlplane.v1.RenewResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RENEWREQUEST']._serialized_end=195
   _globals['_JOINRESPONSE']._serialized_start=197
   _globals['_JOINRESPONSE']._serialized_end=311
-  _globals['_JOINSERVICE']._serialized_start=314
-  _globals['_JOINSERVICE']._serialized_end=499
+  _globals['_RENEWRESPONSE']._serialized_start=313
+  _globals['_RENEWRESPONSE']._serialized_end=428
+  _globals['_JOINSERVICE']._serialized_start=431
+  _globals['_JOINSERVICE']._serialized_end=617
 # @@protoc_insertion_point(module_scope)

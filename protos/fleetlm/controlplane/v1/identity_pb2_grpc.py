@@ -45,7 +45,7 @@ class JoinServiceStub:
         self.Renew = channel.unary_unary(
                 '/fleetlm.controlplane.v1.JoinService/Renew',
                 request_serializer=fleetlm_dot_controlplane_dot_v1_dot_identity__pb2.RenewRequest.SerializeToString,
-                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_identity__pb2.JoinResponse.FromString,
+                response_deserializer=fleetlm_dot_controlplane_dot_v1_dot_identity__pb2.RenewResponse.FromString,
                 _registered_method=True)
 
 
@@ -81,7 +81,7 @@ def add_JoinServiceServicer_to_server(servicer, server):
             'Renew': grpc.unary_unary_rpc_method_handler(
                     servicer.Renew,
                     request_deserializer=fleetlm_dot_controlplane_dot_v1_dot_identity__pb2.RenewRequest.FromString,
-                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_identity__pb2.JoinResponse.SerializeToString,
+                    response_serializer=fleetlm_dot_controlplane_dot_v1_dot_identity__pb2.RenewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,7 +140,7 @@ class JoinService:
             target,
             '/fleetlm.controlplane.v1.JoinService/Renew',
             fleetlm_dot_controlplane_dot_v1_dot_identity__pb2.RenewRequest.SerializeToString,
-            fleetlm_dot_controlplane_dot_v1_dot_identity__pb2.JoinResponse.FromString,
+            fleetlm_dot_controlplane_dot_v1_dot_identity__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,
