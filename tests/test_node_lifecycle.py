@@ -136,7 +136,8 @@ def test_stopping_the_agent_while_an_engine_starts_stops_the_engine(fleet: Fleet
 
 def test_a_failed_background_task_still_shuts_the_agent_down_in_order(tmp_path: Path) -> None:
     # A real failure of a background task: the inventory override is broken after the agent started,
-    # and the control plane restarts, so the agent registers again and cannot build its inventory.
+    # and the control plane restarts after the node's lease expired, so the agent registers again and
+    # cannot build its inventory.
     marker = f"fleetlm-test-{uuid.uuid4().hex}"
     cluster = Cluster(tmp_path)
     try:
@@ -146,8 +147,13 @@ def test_a_failed_background_task_still_shuts_the_agent_down_in_order(tmp_path: 
         node, _ = cluster.start_node("breaks", models=[slow_entry("slow", marker)], inventory=override)
         wait_started(marker, node)
         (tmp_path / "breaks-inventory.yaml").write_text(yaml.safe_dump({"ram_total_gib": "lots"}))
-        cluster.procs[1].stop()  # the control plane: the node's heartbeats fail, it registers again
+        # The control plane goes away for longer than the lease (TTL 3 s) and comes back: the node's
+        # heartbeats go unanswered (it keeps its lease meanwhile), then the control plane says the lease
+        # expired and the node registers again, which builds its inventory.
         assert cluster.procs[1].name == "controlplane" and controlplane
+        cluster.procs[1].stop()
+        time.sleep(6)
+        cluster.restart(cluster.procs[1])
         # The node ends by itself: 60 s covers its backoff (0.5 s) and the engine's stop.
         deadline = time.monotonic() + 60
         while node.popen.poll() is None and time.monotonic() < deadline:
