@@ -14,9 +14,13 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
-from mesh.fleet_ca import FleetCA, fingerprint, identity_uri, node_dns_name, uri_identities
+from mesh.channels import CHANNEL_OPTIONS
+from mesh.fleet_ca import FleetCA, fingerprint, identity_uri, node_dns_name, uri_identities, write_private, write_public
+from mesh.grpc_server import GrpcServer
+from mesh.tls import TlsFiles, secure_channel, server_credentials
 from tests.cluster import Cluster
 
 pytestmark = [pytest.mark.cluster]
@@ -165,3 +169,32 @@ def test_a_rotated_certificate_is_served_without_a_restart(fleet: Cluster) -> No
     controlplane = fleet.procs[-1]
     assert controlplane.popen.poll() is None  # the same process: no restart
     assert _register(fleet, fleet.credentials("node-a"), "node-a") == grpc.StatusCode.OK  # type: ignore[arg-type]
+
+
+async def test_the_edge_dials_a_node_by_its_identity(tmp_path: Path) -> None:
+    """The edge's channel to a node (mesh.tls.secure_channel with the node's name, as the edge opens it)
+    accepts only the certificate of the node the routing table names: a fleet certificate of another node
+    at that address is refused in the handshake."""
+    ca = FleetCA.create(tmp_path / "ca")
+
+    def files(name: str, identity: str) -> TlsFiles:
+        cert, key = ca.issue(identity, ips=["127.0.0.1"])
+        write_public(tmp_path / f"{name}.crt", cert)
+        write_private(tmp_path / f"{name}.key", key)
+        return TlsFiles(tmp_path / f"{name}.crt", tmp_path / f"{name}.key", tmp_path / "ca" / "ca.crt")
+
+    server = GrpcServer([])
+    port = await server.start("127.0.0.1:0", server_credentials(files("b", identity_uri("node", "node-b")), True))
+    edge = files("edge", identity_uri("edge", "e1"))
+    outcomes = {}
+    try:
+        for expected in ("node-a", "node-b"):
+            async with secure_channel(f"127.0.0.1:{port}", edge, CHANNEL_OPTIONS, node_dns_name(expected)) as channel:
+                try:
+                    await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                    outcomes[expected] = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    outcomes[expected] = exc.code()
+    finally:
+        await server.stop(0)
+    assert outcomes == {"node-a": grpc.StatusCode.UNAVAILABLE, "node-b": grpc.StatusCode.OK}
