@@ -449,11 +449,16 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def AcquireQuota(
         self, request: admin_pb2.AcquireQuotaRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.AcquireQuotaResponse:
-        record = self._api_keys().records.get(request.key_id)
-        if record is None:
-            raise FleetError(ErrorCode.API_KEY_NOT_FOUND, f"no API key has id '{request.key_id}'", param="key_id")
+        keys = self._api_keys()
+        # Forwarded first: the windows are the leader's, and a follower may not have read a new key yet.
         if (forwarded := await self._forward("AcquireQuota", request, context)) is not None:
             return forwarded  # type: ignore[no-any-return]
+        record = keys.records.get(request.key_id)
+        if record is None:
+            await keys.load()  # made a moment ago by another leader, or not read yet
+            record = keys.records.get(request.key_id)
+        if record is None:
+            raise FleetError(ErrorCode.API_KEY_NOT_FOUND, f"no API key has id '{request.key_id}'", param="key_id")
         limits = record.key.limits
         grant = self._quotas.acquire(
             request.key_id,
