@@ -162,3 +162,24 @@ async def test_an_embedding_counts_toward_the_load_the_limits_and_the_unload_dra
         reply = await asyncio.wait_for(long, 600)
         assert len(reply.embeddings) == len(LONG_INPUTS) and all(len(e.values) > 0 for e in reply.embeddings)
     await wait_until(lambda: MODEL not in host.models, 60, "the replica to be unloaded")
+
+
+@pytest.mark.model
+async def test_an_input_with_no_tokens_is_the_requests_error_and_the_engine_goes_on() -> None:
+    # Found by fuzzing the edge: "\x04" tokenizes to nothing on SmolLM2, and an empty batch made llama_decode
+    # fail and corrupt the heap (the node crashed on a later request).
+    from node_agent.engines.base import InvalidInput
+    from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+
+    engine = LlamaCppEngine(LlamaCppConfig(str(default_model_path()), context_size=512, threads=2, slots=1))
+    await engine.start()
+    try:
+        assert await engine.tokenize("\x04") == []
+        for _ in range(3):
+            with pytest.raises(InvalidInput) as caught:
+                await engine.embed(["a fine sentence", "\x04"])
+            assert caught.value.param == "input" and "input[1]" in str(caught.value)
+        result = await engine.embed(["a fine sentence", "another one"])
+        assert len(result.vectors) == 2 and all(len(v) > 0 for v in result.vectors)
+    finally:
+        await engine.close()

@@ -286,6 +286,11 @@ class LlamaCppEngine:
                 )
         # One trip to a worker thread for all inputs, not one per input.
         counts = await asyncio.to_thread(lambda: [len(self._tokenize(t)) for t in texts])
+        # An input with no token at all (a control character alone, say) would make llama_decode fail on an
+        # empty batch, which corrupts llama.cpp's state: it is the request's error, not the engine's.
+        empty = [i for i, n in enumerate(counts) if n == 0]
+        if empty:
+            raise InvalidInput(f"input[{empty[0]}] has no tokens for this model's tokenizer", "input")
         too_long = [i for i, n in enumerate(counts) if n > config.context_size]
         if too_long:
             i = too_long[0]
