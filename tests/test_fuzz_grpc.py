@@ -33,8 +33,8 @@ from hypothesis import strategies as st
 import fleetlm
 from tests.cluster import MODEL, Cluster, Proc, smollm_entry
 
-GENERATED_PER_METHOD = 25
-RAW_PER_METHOD = 10  # random bytes, and as many valid messages cut short
+GENERATED_PER_METHOD = 60
+RAW_PER_METHOD = 25  # random bytes, and as many valid messages cut short
 CALL_TIMEOUT = 3.0  # a streaming method that stays open ends with DEADLINE_EXCEEDED, which is fine
 BAD = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 NODE_ID = "fuzz-node"
