@@ -166,7 +166,9 @@ class EdgeAuth:
             q.local_tokens += max(0, tokens)
         if key.limits.tokens_per_minute:
             q.fleet_tokens_left = max(0, q.fleet_tokens_left - max(0, tokens))
-        if time.monotonic() - q.reported_at > REPORT_INTERVAL_SECONDS:
+        # A concurrency limit: the others must hear that this request ended, or they would count it until
+        # this edge's next lease.
+        if key.limits.max_concurrent_requests or time.monotonic() - q.reported_at > REPORT_INTERVAL_SECONDS:
             self._refill_soon(key, q)
 
     # --- limits --------------------------------------------------------------------------------------------
