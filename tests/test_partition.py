@@ -62,8 +62,9 @@ def start_fleet(cluster: Cluster, net: netns.Network, workdir: Path) -> HaFleet:
     )
     cluster.start_etcd()
     cluster.controlplane = controlplane = f"{net.gateway}:{free_port()}"
+    # The fleet's addresses are on a bridge the test made, not loopback: plaintext there must be asked for.
     argv = fleetlm("controlplane", "--listen", controlplane, "--etcd", cluster.etcd_url, "--lease-ttl", str(TTL),
-                   "--deployments", str(catalog))  # fmt: skip
+                   "--deployments", str(catalog), "--insecure-plaintext")  # fmt: skip
     procs = [Proc("controlplane", argv, workdir, lambda: grpc_serving(controlplane))]
     cluster.procs.append(procs[0])
     wait_for(procs[0].ready, START_TIMEOUT, "control plane", procs[0])
@@ -72,7 +73,7 @@ def start_fleet(cluster: Cluster, net: netns.Network, workdir: Path) -> HaFleet:
         net.add_host(node)
         address = f"{net.address(node)}:{NODE_PORT}"
         argv = fleetlm("node", "--node-id", node, "--listen", address, "--controlplane", controlplane,
-                       "--threads", "1", "--models-dir", str(path.parent))  # fmt: skip
+                       "--threads", "1", "--models-dir", str(path.parent), "--insecure-plaintext")  # fmt: skip
         nodes[node] = Proc(f"node-{node}", net.argv(node, argv), workdir, lambda a=address: grpc_serving(a))
         cluster.procs.append(nodes[node])
         wait_for(nodes[node].ready, START_TIMEOUT, f"node {node} (reached over the bridge)", nodes[node])
