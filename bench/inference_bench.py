@@ -1,6 +1,7 @@
 """Inference benchmark: fleetlm against the engine called directly and against llama_cpp.server.
 
-    .venv/bin/python -m bench.inference_bench [--tokens 128] [--threads 2] [--rounds 3] [--llama-server PATH]
+    .venv/bin/python -m bench.inference_bench [--tokens 128] [--threads 2] [--rounds 3] [--replicas 1]
+                                              [--llama-server PATH]
 
 Same model (SmolLM2-135M-Instruct Q4_1), same thread count, same greedy prompt, in one run. Every
 server is started first and stays up (idle, it costs nothing); then each round measures every row in
@@ -188,17 +189,29 @@ def llama_server(binary: str, model_path: str, threads: int, log: Path) -> tuple
     return server, sse_stream(f"http://127.0.0.1:{port}", MODEL)
 
 
-def start_fleetlm(cluster: Cluster, model_path: str, threads: int) -> tuple[str, str, str]:
+def start_fleetlm(cluster: Cluster, model_path: str, threads: int, replicas: int = 1) -> tuple[str, str, str]:
+    """etcd, a control plane, `replicas` node agents (one replica each) and an edge; returns the edge's HTTP
+    and gRPC addresses and the first node's."""
     catalog = cluster.dir / "deployments.yaml"
     entry = {"name": MODEL, "path": model_path, "format": "gguf", "context_size": 2048,
-             "min_replicas": 1, "max_replicas": 1, "max_running_requests": 8}  # fmt: skip
+             "min_replicas": replicas, "max_replicas": replicas, "max_running_requests": 8}  # fmt: skip
     catalog.write_text(yaml.safe_dump({"models": [entry]}))
     cluster.start_etcd()
     cluster.start_controlplane(10, "--deployments", str(catalog), "--log-level", "WARNING")
-    _, node_address = cluster.start_node("bench", models_dirs=[str(Path(model_path).parent)], threads=threads)
+    nodes = [
+        cluster.start_node(f"bench-{i}", models_dirs=[str(Path(model_path).parent)], threads=threads)[1]
+        for i in range(replicas)
+    ]
     _, http, grpc_address = cluster.start_edge("--log-level", "WARNING")
     cluster.wait_model_state(http, MODEL)
-    return http, grpc_address, node_address
+    if replicas > 1:
+        wait_for(lambda: ready_replicas(http) >= replicas, 120, f"{replicas} ready replicas", None)
+    return http, grpc_address, nodes[0]
+
+
+def ready_replicas(http: str) -> int:
+    models = httpx.get(f"{http}/v1/models", timeout=5).json()["data"]
+    return next((int(m["ready_replicas"]) for m in models if m["id"] == MODEL), 0)
 
 
 DIRECT = "direct (llama-cpp-python in-process)"
@@ -212,6 +225,7 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
     table = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in results.items()}
     direct, alternative = table[DIRECT], table[ALTERNATIVE]
     print(f"\n{args.tokens} tokens per request, greedy, {args.threads} threads, SmolLM2-135M-Instruct Q4_1, "
+          f"fleetlm with {args.replicas} replica(s), "
           f"median of {args.rounds} rounds\n")  # fmt: skip
     print(f"{'':<46} {'1 stream':>31} {'8 concurrent streams':>47}")
     header = ["TTFT p50 ms", "decode tok/s", "aggregate tok/s", "TTFT p50 ms", "TTFT p99 ms"]
@@ -235,11 +249,32 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
     )
 
 
+def report_ttft(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
+    """Time to first token only (40 short requests per row and round, one at a time)."""
+    table = {name: statistics.median(r["ttft_1"] for r in runs) for name, runs in results.items()}
+    print(f"\ntime to first token, 1 stream, {args.threads} threads, fleetlm with {args.replicas} replica(s), "
+          f"median of {args.rounds} rounds of 40 requests\n")  # fmt: skip
+    for name, ttft in table.items():
+        print(f"{name:<46} {ttft:8.1f} ms   {ttft - table[DIRECT]:+6.1f} ms against direct   "
+              f"{ttft - table[NODE_GRPC]:+6.1f} ms against the node")  # fmt: skip
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per request (128)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every engine (2)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all rows; figures are medians (3)")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="replicas of the model, one per node agent (1); with 2 or more the edge chooses",
+    )
+    parser.add_argument(
+        "--ttft-only",
+        action="store_true",
+        help="measure only the time to first token of single requests (quick; several replicas)",
+    )
     parser.add_argument("--llama-server", help="path of llama.cpp's llama-server binary, for another row")
     args = parser.parse_args()
     model_path = str(default_model_path())
@@ -254,7 +289,7 @@ async def main() -> None:
                 server, stream = llama_server(args.llama_server, model_path, args.threads, Path(tmp) / "llama.log")
                 servers.append(server)
                 rows["llama-server (C++, 8 slots)"] = stream
-            http, grpc_address, node_address = start_fleetlm(cluster, model_path, args.threads)
+            http, grpc_address, node_address = start_fleetlm(cluster, model_path, args.threads, args.replicas)
             rows[FLEETLM_HTTP] = sse_stream(http, MODEL)
             rows[FLEETLM_GRPC] = grpc_stream(grpc_address)
             rows[NODE_GRPC] = grpc_stream(node_address)
@@ -263,14 +298,19 @@ async def main() -> None:
             results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}
             for round_ in range(args.rounds):
                 for name, stream in rows.items():
-                    results[name].append(await measure(stream, args.tokens))
+                    if args.ttft_only:
+                        results[name].append(
+                            {"ttft_1": statistics.median([(await stream(4)).ttft for _ in range(40)]) * 1000}
+                        )
+                    else:
+                        results[name].append(await measure(stream, args.tokens))
                 print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
         finally:
             cluster.close()
             for server in servers:
                 server.terminate()
                 server.wait(30)
-    report(results, args)
+    (report_ttft if args.ttft_only else report)(results, args)
 
 
 if __name__ == "__main__":
