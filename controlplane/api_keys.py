@@ -40,6 +40,7 @@ SECRET_PREFIX = "flk-"
 DIRECTORY = "api-keys"
 FOLLOW_INTERVAL_SECONDS = 1.0
 MAX_NAME = 128
+MAX_TIMESTAMP_SECONDS = 253402300799  # 9999-12-31T23:59:59Z, the last time a Timestamp may hold
 
 
 class AuthSettings(BaseSettings):
@@ -76,8 +77,13 @@ def _validate(request: admin_pb2.CreateApiKeyRequest) -> None:
         raise invalid("name", f"a key needs a name of 1 to {MAX_NAME} characters")
     if any(not m.strip() for m in request.models):
         raise invalid("models", "a model name cannot be empty")
-    if request.HasField("expires_at") and request.expires_at.ToSeconds() <= time.time():
-        raise invalid("expires_at", "expires_at must be in the future")
+    if request.HasField("expires_at"):
+        # Read as plain fields: Timestamp's own conversions raise on values outside years 1-9999.
+        seconds, nanos = request.expires_at.seconds, request.expires_at.nanos
+        if not 0 <= nanos < 1_000_000_000 or seconds > MAX_TIMESTAMP_SECONDS:
+            raise invalid("expires_at", "expires_at must be a valid time before the year 10000")
+        if seconds <= time.time():
+            raise invalid("expires_at", "expires_at must be in the future")
 
 
 class ApiKeys:

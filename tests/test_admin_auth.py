@@ -95,3 +95,16 @@ def test_the_edge_credential_opens_only_the_edge_rpcs(two_controlplanes: tuple[s
         with pytest.raises(grpc.RpcError) as refused:
             call()
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(("seconds", "nanos"), [(-(10**15), 0), (10**15, 0), (2**40, -1), (1, 0)])
+def test_create_with_a_bad_expiry_is_a_400_naming_it(
+    two_controlplanes: tuple[str, str, str, str], seconds: int, nanos: int
+) -> None:
+    lead, _, token, _ = two_controlplanes
+    request = admin_pb2.CreateApiKeyRequest(name="bad-expiry")
+    request.expires_at.seconds, request.expires_at.nanos = seconds, nanos
+    with pytest.raises(grpc.RpcError) as refused:
+        _stub(lead).CreateApiKey(request, metadata=(("authorization", f"Bearer {token}"),), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "expires_at" in (refused.value.details() or "")
