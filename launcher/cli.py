@@ -308,6 +308,11 @@ def parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: all cores)")
     up.add_argument("--lease-ttl", type=int, default=10, help="node lease TTL in seconds (10)")
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on every link with a fleet CA made in the state directory (always on when --host is not loopback)",
+    )
     default_state = os.path.join(os.environ.get("XDG_STATE_HOME", "~/.local/state"), "fleetlm")
     up.add_argument("--state-dir", default=default_state, help=f"etcd data and logs ({default_state})")
     up.set_defaults(run=_up)

@@ -3,6 +3,12 @@
 Starts, in order and each only once the previous is ready: embedded etcd, the control plane, one node
 agent serving the default model, the edge. Stops in the reverse order on Ctrl-C / SIGTERM, or when any
 child dies, and leaves no process and no bound port behind.
+
+On loopback (the default) everything is plaintext, as llama-server and Ollama are on localhost. Bound
+to any other address (or with --tls) it makes a fleet CA in the state directory, issues a certificate to
+each component and one for an operator (`tls/admin.crt`, for grpcurl), and runs every link over TLS:
+mutual TLS between the components, HTTPS and TLS gRPC for clients, which trust `ca/ca.crt`. The embedded
+etcd always listens on loopback only.
 """
 
 from __future__ import annotations
@@ -10,24 +16,58 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import socket
+import ssl
 import sys
 import threading
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 from launcher.default_model import write_default_catalog
 from launcher.processes import Child, etcd_argv, port_free, tcp_open, wait_until
 from mesh.catalog import CatalogError, load_catalog
+from mesh.tls import is_loopback
 
 
 def _fleetlm(*args: str) -> list[str]:
     return [sys.executable, "-m", "launcher", *args]
 
 
-def _models_ready(http: str) -> bool:
-    with urllib.request.urlopen(f"{http}/v1/models", timeout=2) as reply:
+def _models_ready(http: str, context: ssl.SSLContext | None = None) -> bool:
+    with urllib.request.urlopen(f"{http}/v1/models", timeout=2, context=context) as reply:
         data = json.load(reply)["data"]
     return bool(data) and all(m["state"] in ("ready", "failed") for m in data)
+
+
+def _issue_certificates(state: Path, host: str, node_id: str) -> dict[str, list[str]]:
+    """The fleet CA in `state/ca` (made once), and a fresh certificate for each component and for an
+    operator in `state/tls`; returns each component's TLS flags. Names: localhost, this machine's name and
+    every address it has, so clients reach it by any of them."""
+    from mesh.fleet_ca import CA_CERT, FleetCA, identity_uri, write_private, write_public
+
+    ca = FleetCA.load_or_create(state / "ca")
+    dns = sorted({"localhost", socket.gethostname(), socket.getfqdn()})
+    ips = {"127.0.0.1"} | {
+        a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET
+    }
+    if host not in ("0.0.0.0", "::", ""):
+        ips.add(host)
+    tls = state / "tls"
+    flags: dict[str, list[str]] = {}
+    for name, identity in (
+        ("controlplane", identity_uri("controlplane", "up")),
+        ("node", identity_uri("node", node_id)),
+        ("edge", identity_uri("edge", "up")),
+        ("admin", identity_uri("admin")),
+    ):
+        cert, key = ca.issue(identity, dns, sorted(ips))
+        write_private(tls / f"{name}.key", key)
+        write_public(tls / f"{name}.crt", cert)
+        flags[name] = ["--tls-cert", str(tls / f"{name}.crt"), "--tls-key", str(tls / f"{name}.key"),
+                       "--tls-ca", str(state / "ca" / CA_CERT)]  # fmt: skip
+    return flags
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,16 +100,26 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
 
     children: list[Child] = []
-    etcd_url = args.etcd or f"http://{host}:{args.etcd_port}"
+    # etcd holds the fleet's state and has no credentials here: it listens on loopback only, whatever --host.
+    etcd_url = args.etcd or f"http://127.0.0.1:{args.etcd_port}"
     cp = f"{host}:{args.controlplane_port}"
-    http = f"http://{host}:{args.http_port}"
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # where this process reaches the components
+    node_id = socket.gethostname()
+    use_tls = args.tls or not is_loopback(f"{host}:0")
+    tls: dict[str, list[str]] = {"controlplane": [], "node": [], "edge": []}
+    context: ssl.SSLContext | None = None
+    if use_tls:
+        tls = _issue_certificates(state, host, node_id)
+        context = ssl.create_default_context(cafile=str(state / "ca" / "ca.crt"))
+    scheme = "https" if use_tls else "http"
+    http = f"{scheme}://{local}:{args.http_port}"
     code = 0
     try:
         if not args.etcd:
             log = open(state / "etcd.log", "ab")  # noqa: SIM115 - lives as long as etcd
-            etcd = Child("etcd", etcd_argv(state / "etcd", host, args.etcd_port, args.etcd_port + 1), log)
+            etcd = Child("etcd", etcd_argv(state / "etcd", "127.0.0.1", args.etcd_port, args.etcd_port + 1), log)
             children.append(etcd)
-            wait_until(lambda: tcp_open(host, args.etcd_port), 30, "etcd to listen", etcd)
+            wait_until(lambda: tcp_open("127.0.0.1", args.etcd_port), 30, "etcd to listen", etcd)
         controlplane = Child(
             "controlplane",
             _fleetlm(
@@ -82,10 +132,11 @@ def run(args: argparse.Namespace) -> int:
                 str(args.lease_ttl),
                 "--deployments",
                 str(catalog),
+                *tls["controlplane"],
             ),
         )
         children.append(controlplane)
-        wait_until(lambda: tcp_open(host, args.controlplane_port), 60, "the control plane", controlplane)
+        wait_until(lambda: tcp_open(local, args.controlplane_port), 60, "the control plane", controlplane)
         node = Child(
             "node",
             _fleetlm(
@@ -94,8 +145,12 @@ def run(args: argparse.Namespace) -> int:
                 "--listen",
                 f"{host}:{args.node_port}",
                 "--controlplane",
-                cp,
+                f"{local}:{args.controlplane_port}",
+                "--node-id",
+                node_id,
+                *(["--advertise", f"{local}:{args.node_port}"] if local != host else []),
                 *(["--threads", str(args.threads)] if args.threads else []),
+                *tls["node"],
             ),
         )
         children.append(node)
@@ -108,23 +163,33 @@ def run(args: argparse.Namespace) -> int:
                 "--grpc-listen",
                 f"{host}:{args.grpc_port}",
                 "--controlplane",
-                cp,
+                f"{local}:{args.controlplane_port}",
+                *tls["edge"],
             ),
         )
         children.append(edge)
-        wait_until(lambda: tcp_open(host, args.http_port), 60, "the edge", edge)
-        wait_until(lambda: _models_ready(http), 300, "the models to load", node)
+        wait_until(lambda: tcp_open(local, args.http_port), 60, "the edge", edge)
+        wait_until(lambda: _models_ready(http, context), 300, "the models to load", node)
         model = ", ".join(e.name for e in entries)
         etcd_note = "" if args.etcd else f"   (data in {state / 'etcd'})"
+        if use_tls:
+            ca_file, admin = state / "ca" / "ca.crt", state / "tls" / "admin"
+            curl, grpcurl = f"curl --cacert {ca_file}", f"grpcurl -cacert {ca_file}"
+            admin_grpcurl = f"{grpcurl} -cert {admin}.crt -key {admin}.key"
+            tls_note = f"\n  TLS               every link; clients trust {ca_file}; operators use {admin}.crt/.key"
+        else:
+            curl, grpcurl = "curl", "grpcurl -plaintext"
+            admin_grpcurl, tls_note = grpcurl, ""
+        cp_local = f"{local}:{args.controlplane_port}"
         print(
             f"""
 fleetlm is up.
-  OpenAI HTTP API   {http}/v1        (try: curl {http}/v1/models)
-  gRPC Inference    {host}:{args.grpc_port}   (reflection on: grpcurl -plaintext {host}:{args.grpc_port} list)
-  control plane     {cp}   (grpcurl -plaintext {cp} fleetlm.controlplane.v1.AdminService/ListNodes)
-  node agent        {host}:{args.node_port}
+  OpenAI HTTP API   {http}/v1        (try: {curl} {http}/v1/models)
+  gRPC Inference    {local}:{args.grpc_port}   (reflection on: {grpcurl} {local}:{args.grpc_port} list)
+  control plane     {cp_local}   ({admin_grpcurl} {cp_local} fleetlm.controlplane.v1.AdminService/ListNodes)
+  node agent        {local}:{args.node_port}
   etcd              {etcd_url}{etcd_note}
-  deployments       {model}   (catalog {catalog})
+  deployments       {model}   (catalog {catalog}){tls_note}
 Press Ctrl-C to stop.
 """,
             flush=True,

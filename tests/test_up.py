@@ -92,3 +92,55 @@ def test_up_refuses_busy_ports(tmp_path: Path) -> None:
         )  # fmt: skip
     assert result.returncode == 2
     assert f"127.0.0.1:{port}" in result.stderr and "in use" in result.stderr
+
+
+def test_up_with_tls_serves_https_with_its_own_ca_and_asks_operators_for_their_certificate(tmp_path: Path) -> None:
+    # What `fleetlm up --host 0.0.0.0` (and the Docker image) does, kept on loopback here with --tls.
+    ports = {name: free_port() for name in ("http", "grpc", "cp", "node")}
+    etcd_port = free_port()
+    while not port_free("127.0.0.1", etcd_port + 1):
+        etcd_port = free_port()
+    state = tmp_path / "state"
+    argv = [str(Path(sys.executable).parent / "fleetlm"), "up", "--tls", "--state-dir", str(state),
+            "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
+            "--controlplane-port", str(ports["cp"]), "--node-port", str(ports["node"]),
+            "--etcd-port", str(etcd_port), "--threads", "2"]  # fmt: skip
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        up = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "fleetlm is up" not in log.read_text():
+            assert up.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        ca, admin = state / "ca" / "ca.crt", state / "tls" / "admin"
+        assert f"https://127.0.0.1:{ports['http']}/v1" in log.read_text()
+        assert (state / "ca" / "ca.key").stat().st_mode & 0o077 == 0  # private keys are the owner's only
+        curl = shutil.which("curl")
+        assert curl
+        body = json.dumps({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Say hi."}],
+                           "max_tokens": 8})  # fmt: skip
+        url = f"https://127.0.0.1:{ports['http']}/v1/chat/completions"
+        reply = subprocess.run([curl, "-sS", "--cacert", str(ca), url, "-H", "content-type: application/json",
+                                "-d", body], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert json.loads(reply.stdout)["choices"][0]["message"]["content"], reply
+        # Not without trusting the CA, and not in plaintext.
+        untrusted = subprocess.run([curl, "-sS", url, "-d", body], capture_output=True, text=True, timeout=30)
+        assert untrusted.returncode != 0 and "certificate" in untrusted.stderr, untrusted
+        plain = subprocess.run([curl, "-sS", url.replace("https", "http"), "-d", body], capture_output=True,
+                               text=True, timeout=30)  # fmt: skip
+        assert plain.returncode != 0 or not plain.stdout.startswith("{"), plain
+        # The control plane answers an operator with the admin certificate, and no one without one.
+        grpcurl = str(Path(sys.executable).parent / "grpcurl")
+        method = "fleetlm.controlplane.v1.AdminService/ListNodes"
+        cp = f"127.0.0.1:{ports['cp']}"
+        ok = subprocess.run([grpcurl, "-cacert", str(ca), "-cert", f"{admin}.crt", "-key", f"{admin}.key", cp,
+                             method], capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert ok.returncode == 0 and '"nodes"' in ok.stdout, ok
+        refused = subprocess.run([grpcurl, "-max-time", "5", "-cacert", str(ca), cp, method], capture_output=True,
+                                 text=True, timeout=30)  # fmt: skip
+        assert refused.returncode != 0, refused
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(60)
