@@ -257,7 +257,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         Only that one: a heartbeat sent long ago under an older lease (held up on a connection the network
         cut) must not make this control plane forget the renewal of the lease the node registered under
         since."""
-        if self._renewed.get(node_id, (0, 0.0))[0] == lease_id:
+        if node_id in self._renewed and self._renewed[node_id][0] == lease_id:
             del self._renewed[node_id]
 
     def _forget(self, node_id: str) -> None:

@@ -25,7 +25,12 @@ class RoutingService(routing_pb2_grpc.RoutingServiceServicer):
     async def PickReplica(
         self, request: routing_pb2.PickReplicaRequest, context: grpc.aio.ServicerContext
     ) -> routing_pb2.PickReplicaResponse:
-        wait = request.wait_for_ready.ToTimedelta().total_seconds()
+        # Any Duration a client sends (ToTimedelta overflows past ~10^9 days): at least 0, and at most the
+        # call's own deadline when it has one.
+        wait = max(0.0, request.wait_for_ready.seconds + request.wait_for_ready.nanos / 1e9)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = min(wait, remaining)
         route = await self._router.route(request.model, request.user, request.prefix_hash, wait)
         best, *others = route.replicas
         return routing_pb2.PickReplicaResponse(

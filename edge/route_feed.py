@@ -25,6 +25,14 @@ log = logging.getLogger(__name__)
 READY = node_pb2.REPLICA_STATE_READY
 
 
+def _state_name(state: int) -> str:
+    """A replica state's name; a number this edge does not know (a newer node, a bad report) is "unknown",
+    never an exception that ends the routing feed and the edge with it."""
+    if state not in node_pb2.ReplicaState.values():
+        return "unknown"
+    return node_pb2.ReplicaState.Name(state).removeprefix("REPLICA_STATE_").lower()
+
+
 def replicas_of(node: routing_pb2.NodeRoutes) -> list[Replica]:
     return [
         Replica(
@@ -32,7 +40,7 @@ def replicas_of(node: routing_pb2.NodeRoutes) -> list[Replica]:
             address=node.inference_address,
             model=r.model,
             ready=r.state == READY,
-            state=node_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_").lower(),
+            state=_state_name(r.state),
             error=r.error,
             device=r.device or "cpu",
             capacity=max(1, r.capacity),

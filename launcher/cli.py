@@ -45,6 +45,8 @@ def _controlplane(args: argparse.Namespace) -> None:
         values["lease_ttl_seconds"] = args.lease_ttl
     if args.startup_grace is not None:
         values["startup_grace_seconds"] = args.startup_grace
+    # The credentials are read by controlplane.api_keys.AuthSettings from FLEETLM_CP_*: the flags set those.
+    _flags_to_env(args, "FLEETLM_CP_", "auth_secret_file", "admin_token_file")
     main(_settings(ControlPlaneSettings, values))
 
 
@@ -91,7 +93,18 @@ def _edge(args: argparse.Namespace) -> None:
         values["breaker_cooldown_seconds"] = args.breaker_cooldown
     if args.failover_seconds is not None:
         values["failover_seconds"] = args.failover_seconds
+    # The edge's auth is built from FLEETLM_EDGE_* (edge.auth): the flags set those.
+    if args.require_api_key:
+        os.environ["FLEETLM_EDGE_REQUIRE_API_KEY"] = "true"
+    _flags_to_env(args, "FLEETLM_EDGE_", "auth_secret_file")
     main(_settings(EdgeSettings, values), _settings(EdgeTlsSettings, _given(args, *TLS_FLAGS)))
+
+
+def _flags_to_env(args: argparse.Namespace, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            os.environ[prefix + name.upper()] = str(value)
 
 
 TLS_FLAGS = ("tls_cert", "tls_key", "tls_ca", "insecure_plaintext")
@@ -336,6 +349,11 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--deployments", help="models.yaml of deployments to create at start-up")
     cp.add_argument("--placement-strategy", choices=["spread", "binpack"], help="replica placement (spread)")
     cp.add_argument("--log-level")
+    cp.add_argument(
+        "--auth-secret-file",
+        help="the fleet secret (>= 32 bytes; fleetlm keys new-secret): API keys are kept as its HMACs",
+    )
+    cp.add_argument("--admin-token-file", help="the operators' token: every AdminService RPC then needs it")
     _tls_flags(cp, "the control plane")
     cp.add_argument("--ca-dir", help="directory of the fleet CA (ca.crt, ca.key); Join signs with it")
     cp.add_argument("--join-listen", help="host:port of JoinService, TLS without client certificates")
@@ -392,6 +410,8 @@ def parser() -> argparse.ArgumentParser:
         help="seconds an unreachable node is skipped before a request probes it again, doubling to 30 (1)",
     )
     edge.add_argument("--log-level")
+    edge.add_argument("--require-api-key", action="store_true", help="every /v1 and gRPC request needs an API key")
+    edge.add_argument("--auth-secret-file", help="the fleet secret the control plane was given")
     _tls_flags(edge, "the edge")
     edge.set_defaults(run=_edge)
 

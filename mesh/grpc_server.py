@@ -32,8 +32,34 @@ def _internal(method: str, exc: BaseException) -> FleetError:
     return FleetError(ErrorCode.INTERNAL, "internal error; see the server log")
 
 
+class _Undecodable:
+    """What a request that is not a valid message deserializes to: the servicer's wrapper refuses it with
+    INVALID_ARGUMENT (grpc's own answer to a deserializer that raises is UNKNOWN, a status for bugs)."""
+
+
+_UNDECODABLE = _Undecodable()
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError, or whatever a corrupt message makes the parser raise
+            return _UNDECODABLE
+
+    return deserialize
+
+
+def _undecodable(method: str) -> FleetError:
+    return FleetError(ErrorCode.INVALID_REQUEST, f"the request to {method} is not a valid protobuf message")
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps FleetError (and anything unexpected) raised by a servicer to a gRPC status."""
+    """Maps FleetError (and anything unexpected) raised by a servicer to a gRPC status, and a request that
+    does not decode to INVALID_ARGUMENT."""
 
     async def intercept_service(
         self,
@@ -44,25 +70,40 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        options = {
+            "request_deserializer": _lenient(handler.request_deserializer),
+            "response_serializer": handler.response_serializer,
+        }
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(method, handler.unary_unary), **options)
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(method, handler.unary_stream), **options)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(method, handler.stream_unary, streamed=True), **options
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(method, handler.stream_stream, streamed=True), **options
             )
         return handler
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+async def _checked(method: str, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if request is _UNDECODABLE:
+            raise _undecodable(method)
+        yield request
+
+
+def _wrap_unary(
+    method: str, behavior: Callable[..., Awaitable[Any]], streamed: bool = False
+) -> Callable[..., Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behavior(request, context)
+            if request is _UNDECODABLE:
+                raise _undecodable(method)
+            return await behavior(_checked(method, request) if streamed else request, context)
         except grpc.aio.AbortError:
             raise
         except FleetError as error:
@@ -73,10 +114,14 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
     return wrapped
 
 
-def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+def _wrap_stream(
+    method: str, behavior: Callable[..., AsyncIterator[Any]], streamed: bool = False
+) -> Callable[..., Any]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for response in behavior(request, context):
+            if request is _UNDECODABLE:
+                raise _undecodable(method)
+            async for response in behavior(_checked(method, request) if streamed else request, context):
                 yield response
         except grpc.aio.AbortError:
             raise
