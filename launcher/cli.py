@@ -220,8 +220,23 @@ def _keys(args: argparse.Namespace) -> None:
         raise SystemExit(f"fleetlm keys: {exc}") from None
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
+    target = args.controlplane.split(",")[0]
+    if (
+        args.tls_ca
+    ):  # a control plane serving mutual TLS: the operator's certificate (fleetlm ca issue --identity admin)
+        if not (args.tls_cert and args.tls_key):
+            raise SystemExit("fleetlm keys: --tls-ca needs --tls-cert and --tls-key (an admin certificate)")
+        credentials = grpc.ssl_channel_credentials(
+            Path(args.tls_ca).read_bytes(), Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes()
+        )
+
+    def open_channel() -> grpc.aio.Channel:
+        if args.tls_ca:
+            return grpc.aio.secure_channel(target, credentials)
+        return grpc.aio.insecure_channel(target)
+
     async def run() -> None:
-        async with grpc.aio.insecure_channel(args.controlplane.split(",")[0]) as channel:
+        async with open_channel() as channel:
             stub = admin_pb2_grpc.AdminServiceStub(channel)
             if args.action == "create":
                 if not args.name:
@@ -321,6 +336,12 @@ def parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: all cores)")
     up.add_argument("--lease-ttl", type=int, default=10, help="node lease TTL in seconds (10)")
+    up.add_argument(
+        "--require-auth",
+        action="store_true",
+        help="API keys on the edge and the admin token on AdminService, made in the state directory"
+        " (always on when --host is not loopback)",
+    )
     up.add_argument(
         "--tls",
         action="store_true",
@@ -427,6 +448,9 @@ def parser() -> argparse.ArgumentParser:
     keys.add_argument("--tpm", type=int, default=0, help="create: tokens per minute, fleet-wide (0: no limit)")
     keys.add_argument("--concurrency", type=int, default=0, help="create: requests at once (0: no limit)")
     keys.add_argument("--expires-in", type=float, default=0, help="create: seconds until it expires (never)")
+    keys.add_argument("--tls-ca", help="the fleet CA (PEM), when the control plane serves TLS")
+    keys.add_argument("--tls-cert", help="an admin certificate (PEM): fleetlm ca issue --identity admin")
+    keys.add_argument("--tls-key", help="its private key (PEM)")
     keys.set_defaults(run=_keys)
 
     default_ca = os.path.join(default_state, "ca")

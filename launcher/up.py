@@ -7,8 +7,10 @@ child dies, and leaves no process and no bound port behind.
 On loopback (the default) everything is plaintext, as llama-server and Ollama are on localhost. Bound
 to any other address (or with --tls) it makes a fleet CA in the state directory, issues a certificate to
 each component and one for an operator (`tls/admin.crt`, for grpcurl), and runs every link over TLS:
-mutual TLS between the components, HTTPS and TLS gRPC for clients, which trust `ca/ca.crt`. The embedded
-etcd always listens on loopback only.
+mutual TLS between the components, HTTPS and TLS gRPC for clients, which trust `ca/ca.crt`. It then
+also requires credentials (as --require-auth does on loopback): a fleet secret and an admin token are made
+in `auth/`, every /v1 and gRPC request needs an API key (`fleetlm keys create`) and every AdminService RPC
+the admin token. The embedded etcd always listens on loopback only.
 """
 
 from __future__ import annotations
@@ -35,7 +37,12 @@ def _fleetlm(*args: str) -> list[str]:
     return [sys.executable, "-m", "launcher", *args]
 
 
-def _models_ready(http: str, context: ssl.SSLContext | None = None) -> bool:
+def _models_ready(http: str, context: ssl.SSLContext | None = None, names: list[str] | None = None) -> bool:
+    """Whether every model is loaded (or failed). With API keys required `fleetlm up` holds none: it reads
+    the edge's /health, which stays open, and waits until every one of `names` is ready there."""
+    if names is not None:
+        with urllib.request.urlopen(f"{http}/health", timeout=2, context=context) as reply:
+            return set(names) <= set(json.load(reply).get("ready_models", []))
     with urllib.request.urlopen(f"{http}/v1/models", timeout=2, context=context) as reply:
         data = json.load(reply)["data"]
     return bool(data) and all(m["state"] in ("ready", "failed") for m in data)
@@ -111,6 +118,17 @@ def run(args: argparse.Namespace) -> int:
     if use_tls:
         tls = _issue_certificates(state, host, node_id)
         context = ssl.create_default_context(cafile=str(state / "ca" / "ca.crt"))
+    auth: dict[str, list[str]] = {"controlplane": [], "edge": []}
+    require_auth = args.require_auth or use_tls
+    if require_auth:
+        from mesh.auth import create_secret_file
+
+        for name in ("fleet.secret", "admin.token"):
+            if not (state / "auth" / name).exists():
+                create_secret_file(state / "auth" / name)
+        secret, token = str(state / "auth" / "fleet.secret"), str(state / "auth" / "admin.token")
+        auth = {"controlplane": ["--auth-secret-file", secret, "--admin-token-file", token],
+                "edge": ["--require-api-key", "--auth-secret-file", secret]}  # fmt: skip
     scheme = "https" if use_tls else "http"
     http = f"{scheme}://{local}:{args.http_port}"
     code = 0
@@ -133,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
                 "--deployments",
                 str(catalog),
                 *tls["controlplane"],
+                *auth["controlplane"],
             ),
         )
         children.append(controlplane)
@@ -165,11 +184,13 @@ def run(args: argparse.Namespace) -> int:
                 "--controlplane",
                 f"{local}:{args.controlplane_port}",
                 *tls["edge"],
+                *auth["edge"],
             ),
         )
         children.append(edge)
         wait_until(lambda: tcp_open(local, args.http_port), 60, "the edge", edge)
-        wait_until(lambda: _models_ready(http, context), 300, "the models to load", node)
+        names = [e.name for e in entries] if require_auth else None
+        wait_until(lambda: _models_ready(http, context, names), 300, "the models to load", node)
         model = ", ".join(e.name for e in entries)
         etcd_note = "" if args.etcd else f"   (data in {state / 'etcd'})"
         if use_tls:
@@ -177,9 +198,15 @@ def run(args: argparse.Namespace) -> int:
             curl, grpcurl = f"curl --cacert {ca_file}", f"grpcurl -cacert {ca_file}"
             admin_grpcurl = f"{grpcurl} -cert {admin}.crt -key {admin}.key"
             tls_note = f"\n  TLS               every link; clients trust {ca_file}; operators use {admin}.crt/.key"
+            keys_tls = f" --tls-ca {ca_file} --tls-cert {admin}.crt --tls-key {admin}.key"
         else:
             curl, grpcurl = "curl", "grpcurl -plaintext"
-            admin_grpcurl, tls_note = grpcurl, ""
+            admin_grpcurl, tls_note, keys_tls = grpcurl, "", ""
+        if require_auth:
+            token_file = state / "auth" / "admin.token"
+            admin_grpcurl += f' -H "authorization: Bearer $(cat {token_file})"'
+            tls_note += (f"\n  API keys          required; make one: fleetlm keys create NAME --controlplane {local}:"
+                         f"{args.controlplane_port} --admin-token-file {token_file}{keys_tls}")  # fmt: skip
         cp_local = f"{local}:{args.controlplane_port}"
         print(
             f"""

@@ -94,8 +94,23 @@ def test_up_refuses_busy_ports(tmp_path: Path) -> None:
     assert f"127.0.0.1:{port}" in result.stderr and "in use" in result.stderr
 
 
-def test_up_with_tls_serves_https_with_its_own_ca_and_asks_operators_for_their_certificate(tmp_path: Path) -> None:
-    # What `fleetlm up --host 0.0.0.0` (and the Docker image) does, kept on loopback here with --tls.
+def make_key(state: Path, cp_port: int, tls: bool) -> str:
+    """`fleetlm keys create` as the banner says, with the admin token (and certificate) up made."""
+    fleetlm = str(Path(sys.executable).parent / "fleetlm")
+    argv = [fleetlm, "keys", "create", "tester", "--controlplane", f"127.0.0.1:{cp_port}",
+            "--admin-token-file", str(state / "auth" / "admin.token")]  # fmt: skip
+    if tls:
+        admin = state / "tls" / "admin"
+        argv += ["--tls-ca", str(state / "ca" / "ca.crt"), "--tls-cert", f"{admin}.crt", "--tls-key", f"{admin}.key"]
+    made = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made
+    secret = next(word for word in made.stdout.split() if word.startswith("flk-"))
+    return secret
+
+
+def test_up_with_tls_serves_https_with_its_own_ca_and_asks_for_credentials(tmp_path: Path) -> None:
+    # What `fleetlm up --host 0.0.0.0` (and the Docker image) does, kept on loopback here with --tls: TLS on
+    # every link and credentials required.
     ports = {name: free_port() for name in ("http", "grpc", "cp", "node")}
     etcd_port = free_port()
     while not port_free("127.0.0.1", etcd_port + 1):
@@ -122,9 +137,15 @@ def test_up_with_tls_serves_https_with_its_own_ca_and_asks_operators_for_their_c
         body = json.dumps({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Say hi."}],
                            "max_tokens": 8})  # fmt: skip
         url = f"https://127.0.0.1:{ports['http']}/v1/chat/completions"
+        anonymous = subprocess.run([curl, "-sS", "--cacert", str(ca), url, "-H", "content-type: application/json",
+                                    "-d", body], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert json.loads(anonymous.stdout)["error"]["code"] == "invalid_api_key", anonymous
+        key = make_key(state, ports["cp"], tls=True)
         reply = subprocess.run([curl, "-sS", "--cacert", str(ca), url, "-H", "content-type: application/json",
-                                "-d", body], capture_output=True, text=True, timeout=60)  # fmt: skip
+                                "-H", f"authorization: Bearer {key}", "-d", body], capture_output=True, text=True,
+                               timeout=60)  # fmt: skip
         assert json.loads(reply.stdout)["choices"][0]["message"]["content"], reply
+        assert key not in log.read_text()
         # Not without trusting the CA, and not in plaintext.
         untrusted = subprocess.run([curl, "-sS", url, "-d", body], capture_output=True, text=True, timeout=30)
         assert untrusted.returncode != 0 and "certificate" in untrusted.stderr, untrusted
@@ -135,12 +156,53 @@ def test_up_with_tls_serves_https_with_its_own_ca_and_asks_operators_for_their_c
         grpcurl = str(Path(sys.executable).parent / "grpcurl")
         method = "fleetlm.controlplane.v1.AdminService/ListNodes"
         cp = f"127.0.0.1:{ports['cp']}"
-        ok = subprocess.run([grpcurl, "-cacert", str(ca), "-cert", f"{admin}.crt", "-key", f"{admin}.key", cp,
-                             method], capture_output=True, text=True, timeout=30)  # fmt: skip
+        token = (state / "auth" / "admin.token").read_text().strip()
+        ok = subprocess.run([grpcurl, "-cacert", str(ca), "-cert", f"{admin}.crt", "-key", f"{admin}.key",
+                             "-H", f"authorization: Bearer {token}", cp, method], capture_output=True, text=True,
+                            timeout=30)  # fmt: skip
         assert ok.returncode == 0 and '"nodes"' in ok.stdout, ok
         refused = subprocess.run([grpcurl, "-max-time", "5", "-cacert", str(ca), cp, method], capture_output=True,
                                  text=True, timeout=30)  # fmt: skip
         assert refused.returncode != 0, refused
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(60)
+
+
+def test_up_with_require_auth_on_loopback_asks_for_a_key_and_the_admin_token(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("http", "grpc", "cp", "node")}
+    etcd_port = free_port()
+    while not port_free("127.0.0.1", etcd_port + 1):
+        etcd_port = free_port()
+    state = tmp_path / "state"
+    argv = [str(Path(sys.executable).parent / "fleetlm"), "up", "--require-auth", "--state-dir", str(state),
+            "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
+            "--controlplane-port", str(ports["cp"]), "--node-port", str(ports["node"]),
+            "--etcd-port", str(etcd_port), "--threads", "2"]  # fmt: skip
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        up = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "fleetlm is up" not in log.read_text():
+            assert up.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert "fleetlm keys create" in log.read_text()
+        curl = shutil.which("curl")
+        assert curl
+        url = f"http://127.0.0.1:{ports['http']}/v1/models"
+        refused = subprocess.run([curl, "-sS", "-w", "%{http_code}", url], capture_output=True, text=True, timeout=30)
+        assert refused.stdout.endswith("401"), refused
+        key = make_key(state, ports["cp"], tls=False)
+        ok = subprocess.run([curl, "-sS", url, "-H", f"authorization: Bearer {key}"], capture_output=True, text=True,
+                            timeout=30)  # fmt: skip
+        assert json.loads(ok.stdout)["data"][0]["id"] == "smollm2-135m", ok
+        grpcurl = str(Path(sys.executable).parent / "grpcurl")
+        method = "fleetlm.controlplane.v1.AdminService/ListNodes"
+        no_token = subprocess.run([grpcurl, "-plaintext", f"127.0.0.1:{ports['cp']}", method], capture_output=True,
+                                  text=True, timeout=30)  # fmt: skip
+        assert no_token.returncode != 0 and "Unauthenticated" in no_token.stderr, no_token
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(60)
