@@ -18,6 +18,7 @@ from edge.breaker import Breakers
 from edge.gateway import Gateway
 from edge.grpc_service import EdgeInference
 from edge.http_app import create_app
+from edge.http_limits import HttpLimits, uvicorn_options
 from edge.route_feed import RouteFeed
 from edge.settings import EdgeSettings
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -108,8 +109,10 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
     grpc_server = GrpcServer([INFERENCE_SERVICE])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(EdgeInference(gateway), grpc_server.server)
     host, port = settings.http_listen.rsplit(":", 1)
+    limits = HttpLimits()  # body size and deadlines; the header deadline is on the connection (uvicorn_options)
     config = uvicorn.Config(
-        create_app(gateway),
+        create_app(gateway, limits),
+        **uvicorn_options(limits),
         host=host,
         port=int(port),
         log_level=settings.log_level.lower(),
