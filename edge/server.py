@@ -109,7 +109,13 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
     grpc_server = GrpcServer([INFERENCE_SERVICE])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(EdgeInference(gateway), grpc_server.server)
     host, port = settings.http_listen.rsplit(":", 1)
-    limits = HttpLimits()  # body size and deadlines; the header deadline is on the connection (uvicorn_options)
+    # Body size and deadlines; the header deadline and keep-alive are on the connection (uvicorn_options).
+    limits = HttpLimits(
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_seconds=settings.body_timeout_seconds,
+        header_timeout_seconds=settings.header_timeout_seconds,
+        keep_alive_seconds=settings.keep_alive_seconds,
+    )
     config = uvicorn.Config(
         create_app(gateway, limits),
         **uvicorn_options(limits),

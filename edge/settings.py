@@ -50,4 +50,12 @@ class EdgeSettings(BaseSettings):
     auth_secret_file: Path | None = Field(
         None, description="the fleet secret (the control planes' --auth-secret-file) API keys are hashed with"
     )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="largest request body; above it 413 before the body is read"
+    )
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="time a request body has to arrive after its headers; then 408"
+    )
+    header_timeout_seconds: float = Field(10.0, gt=0, description="time a request's headers have to arrive; then 408")
+    keep_alive_seconds: int = Field(5, ge=1, description="how long an idle kept-alive HTTP connection is held")
     log_level: str = Field("INFO", description="log level")

@@ -93,6 +93,15 @@ def _edge(args: argparse.Namespace) -> None:
         values["breaker_cooldown_seconds"] = args.breaker_cooldown
     if args.failover_seconds is not None:
         values["failover_seconds"] = args.failover_seconds
+    http_limits = {
+        "max_body_bytes": "max_body_bytes",
+        "body_timeout": "body_timeout_seconds",
+        "header_timeout": "header_timeout_seconds",
+        "keep_alive": "keep_alive_seconds",
+    }
+    for flag, field in http_limits.items():
+        if getattr(args, flag) is not None:
+            values[field] = getattr(args, flag)
     # The edge's auth is built from FLEETLM_EDGE_* (edge.auth): the flags set those.
     if args.require_api_key:
         os.environ["FLEETLM_EDGE_REQUIRE_API_KEY"] = "true"
@@ -432,6 +441,10 @@ def parser() -> argparse.ArgumentParser:
     )
     edge.add_argument("--log-level")
     edge.add_argument("--require-api-key", action="store_true", help="every /v1 and gRPC request needs an API key")
+    edge.add_argument("--max-body-bytes", type=int, help="largest HTTP request body; above it 413 (8 MiB)")
+    edge.add_argument("--body-timeout", type=float, help="seconds a request body has to arrive; then 408 (30)")
+    edge.add_argument("--header-timeout", type=float, help="seconds request headers have to arrive; then 408 (10)")
+    edge.add_argument("--keep-alive", type=int, help="seconds an idle HTTP connection is kept (5)")
     edge.add_argument("--auth-secret-file", help="the fleet secret the control plane was given")
     _tls_flags(edge, "the edge")
     edge.set_defaults(run=_edge)
