@@ -69,8 +69,8 @@ def test_no_admin_reply_node_record_or_log_shows_a_deployments_key(fleet: Fleet)
     keys = (key_in_args, key_in_command, key_reported)
     replies: dict[str, str] = {}  # RPC -> everything grpcurl printed for it
 
-    def admin(method: str, body: object = None, check: bool = True) -> dict:  # type: ignore[type-arg]
-        args = ["-d", json.dumps(body)] if body is not None else []
+    def admin(method: str, body: object = None, check: bool = True, *extra: str) -> dict:  # type: ignore[type-arg]
+        args = [*extra, *(["-d", json.dumps(body)] if body is not None else [])]
         result = grpcurl(*args, cp, f"{ADMIN}/{method}", check=check)
         replies[method] = replies.get(method, "") + result.stdout + result.stderr
         return json.loads(result.stdout) if result.returncode == 0 else {}
@@ -139,6 +139,13 @@ def test_no_admin_reply_node_record_or_log_shows_a_deployments_key(fleet: Fleet)
     assert key_in_args in etcd_records(fleet.cluster, "assignments/")
     for name in ("keyed", "flagged"):
         admin("UndeployModel", {"name": name})
+
+    # The API-key and join-token RPCs: this fleet has no fleet secret and no CA, so they answer why; their
+    # replies are checked for keys like every other (WatchApiKeys is a stream: 5 s at most).
+    for method in ("CreateApiKey", "ListApiKeys", "RevokeApiKey", "AcquireQuota", "CreateJoinToken",
+                   "ListJoinTokens", "RevokeJoinToken"):  # fmt: skip
+        admin(method, {}, False)
+    admin("WatchApiKeys", {}, False, "-max-time", "5")
 
     every_rpc = {m.name for m in admin_pb2.DESCRIPTOR.services_by_name["AdminService"].methods}
     assert set(replies) == every_rpc, "a new AdminService RPC: add it to this test"
