@@ -19,14 +19,15 @@ from tests.cluster import free_port
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
 
-def test_up_serves_curl_and_stops_cleanly(tmp_path: Path) -> None:
+def start_up(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
+    """`fleetlm up` with `flags` on free ports, its state in tmp_path/state, once its banner is out (120 s at
+    most; it is killed if it does not get there). Returns the process, its ports and its log."""
     ports = {name: free_port() for name in ("http", "grpc", "cp", "node")}
     etcd_port = free_port()
     while not port_free("127.0.0.1", etcd_port + 1):
         etcd_port = free_port()
-    fleetlm = str(Path(sys.executable).parent / "fleetlm")
     argv = [
-        fleetlm, "up",
+        str(Path(sys.executable).parent / "fleetlm"), "up", *flags,
         "--state-dir", str(tmp_path / "state"),
         "--http-port", str(ports["http"]),
         "--grpc-port", str(ports["grpc"]),
@@ -35,6 +36,7 @@ def test_up_serves_curl_and_stops_cleanly(tmp_path: Path) -> None:
         "--etcd-port", str(etcd_port),
         "--threads", "2",
     ]  # fmt: skip
+    ports["etcd"] = etcd_port  # and its peer port, one above
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
         up = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
@@ -44,6 +46,16 @@ def test_up_serves_curl_and_stops_cleanly(tmp_path: Path) -> None:
             assert up.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
+    except BaseException:
+        up.kill()
+        up.wait()
+        raise
+    return up, ports, log
+
+
+def test_up_serves_curl_and_stops_cleanly(tmp_path: Path) -> None:
+    up, ports, log = start_up(tmp_path)
+    try:
         banner = log.read_text()
         assert f"http://127.0.0.1:{ports['http']}/v1" in banner
         assert f"127.0.0.1:{ports['grpc']}" in banner
@@ -75,7 +87,7 @@ def test_up_serves_curl_and_stops_cleanly(tmp_path: Path) -> None:
     assert "fleetlm stopped." in log.read_text()
     leftovers = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not leftovers, leftovers
-    for port in [*ports.values(), etcd_port, etcd_port + 1]:
+    for port in [*ports.values(), ports["etcd"] + 1]:
         assert port_free("127.0.0.1", port), f"port {port} still bound"
 
 
@@ -111,24 +123,9 @@ def make_key(state: Path, cp_port: int, tls: bool) -> str:
 def test_up_with_tls_serves_https_with_its_own_ca_and_asks_for_credentials(tmp_path: Path) -> None:
     # What `fleetlm up --host 0.0.0.0` (and the Docker image) does, kept on loopback here with --tls: TLS on
     # every link and credentials required.
-    ports = {name: free_port() for name in ("http", "grpc", "cp", "node")}
-    etcd_port = free_port()
-    while not port_free("127.0.0.1", etcd_port + 1):
-        etcd_port = free_port()
+    up, ports, log = start_up(tmp_path, "--tls")
     state = tmp_path / "state"
-    argv = [str(Path(sys.executable).parent / "fleetlm"), "up", "--tls", "--state-dir", str(state),
-            "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
-            "--controlplane-port", str(ports["cp"]), "--node-port", str(ports["node"]),
-            "--etcd-port", str(etcd_port), "--threads", "2"]  # fmt: skip
-    log = tmp_path / "up.log"
-    with open(log, "wb") as out:
-        up = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while "fleetlm is up" not in log.read_text():
-            assert up.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
         ca, admin = state / "ca" / "ca.crt", state / "tls" / "admin"
         assert f"https://127.0.0.1:{ports['http']}/v1" in log.read_text()
         assert (state / "ca" / "ca.key").stat().st_mode & 0o077 == 0  # private keys are the owner's only
@@ -170,24 +167,9 @@ def test_up_with_tls_serves_https_with_its_own_ca_and_asks_for_credentials(tmp_p
 
 
 def test_up_with_require_auth_on_loopback_asks_for_a_key_and_the_admin_token(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("http", "grpc", "cp", "node")}
-    etcd_port = free_port()
-    while not port_free("127.0.0.1", etcd_port + 1):
-        etcd_port = free_port()
+    up, ports, log = start_up(tmp_path, "--require-auth")
     state = tmp_path / "state"
-    argv = [str(Path(sys.executable).parent / "fleetlm"), "up", "--require-auth", "--state-dir", str(state),
-            "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
-            "--controlplane-port", str(ports["cp"]), "--node-port", str(ports["node"]),
-            "--etcd-port", str(etcd_port), "--threads", "2"]  # fmt: skip
-    log = tmp_path / "up.log"
-    with open(log, "wb") as out:
-        up = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while "fleetlm is up" not in log.read_text():
-            assert up.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
         assert "fleetlm keys create" in log.read_text()
         curl = shutil.which("curl")
         assert curl
