@@ -38,7 +38,9 @@ from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError
+from mesh.fleet_ca import node_dns_name
 from mesh.inference_requests import validate_embed, validate_tokenize
+from mesh.tls import TlsFiles, secure_channel
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +150,13 @@ class Gateway:
         edge_id: str = "edge",
         breakers: Breakers | None = None,
         failover_seconds: float = 3.0,
+        tls: TlsFiles | None = None,
     ) -> None:
         addresses = [controlplanes] if isinstance(controlplanes, str) else list(controlplanes)
         self._controlplanes = [a.strip() for a in addresses if a.strip()]
-        self._cp_channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self._controlplanes]
+        # With `tls`, every channel is mutual TLS with the edge's certificate; plaintext without.
+        self._tls = tls
+        self._cp_channels = [secure_channel(a, tls, CHANNEL_OPTIONS) for a in self._controlplanes]
         self._cp_turn = 0  # the control plane that answered last is asked first
         self.feed = RouteFeed(self._cp_channels, edge_id)
         self.breakers = breakers or Breakers()
@@ -175,15 +180,20 @@ class Gateway:
         for channel in self._cp_channels:
             await channel.close()
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
+    def _channel(self, node_id: str, address: str) -> grpc.aio.Channel:
+        """The channel to a node; over TLS it accepts only the certificate of the node the routing table
+        names (`<node_id>.node.fleetlm`, checked by grpc's hostname verification)."""
         channel = self._node_channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            name = node_dns_name(node_id) if self._tls is not None else None
+            channel = secure_channel(address, self._tls, CHANNEL_OPTIONS, name)
             self._node_channels[address] = channel
         return channel
 
     def _target(self, node_id: str, address: str, replica: Replica | None = None) -> Target:
-        return Target(node_id, address, inference_pb2_grpc.InferenceServiceStub(self._channel(address)), replica)
+        return Target(
+            node_id, address, inference_pb2_grpc.InferenceServiceStub(self._channel(node_id, address)), replica
+        )
 
     def _reachable(self, address: str) -> bool:
         """Whether a request may go to this node now: its breaker lets it (taking the half-open probe),

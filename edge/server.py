@@ -19,19 +19,15 @@ from edge.gateway import Gateway
 from edge.grpc_service import EdgeInference
 from edge.http_app import create_app
 from edge.http_limits import HttpLimits, uvicorn_options
-from edge.route_feed import RouteFeed
 from edge.settings import EdgeSettings
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh import logs
-from mesh.channels import CHANNEL_OPTIONS
-from mesh.fleet_ca import node_dns_name
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
 from mesh.tls import (
     TlsFiles,
     keep_ssl_context_current,
     refuse_exposed_plaintext,
-    secure_channel,
     server_credentials,
 )
 
@@ -45,32 +41,6 @@ class _Uvicorn(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         # Signals belong to the process's one shutdown sequence (mesh.lifecycle), not to uvicorn.
         yield
-
-
-class _TlsGateway(Gateway):
-    """The gateway over mutual TLS: its control-plane channels and node channels present the edge's
-    certificate, and a node's channel accepts only the certificate of the node the routing table names
-    (`<node_id>.node.fleetlm`, checked by grpc's hostname verification).
-
-    Interim: it replaces the Gateway's plaintext channels (made lazily; they never connected) until Gateway
-    takes a channel factory of its own."""
-
-    def __init__(self, tls: TlsFiles, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._tls = tls
-        self._plaintext = self._cp_channels
-        self._cp_channels = [secure_channel(a, tls, CHANNEL_OPTIONS) for a in self._controlplanes]
-        self.feed = RouteFeed(self._cp_channels, kwargs["edge_id"])
-
-    def _target(self, node_id: str, address: str, replica: object = None) -> object:  # type: ignore[override]
-        if address not in self._node_channels:
-            self._node_channels[address] = secure_channel(address, self._tls, CHANNEL_OPTIONS, node_dns_name(node_id))
-        return super()._target(node_id, address, replica)  # type: ignore[arg-type]
-
-    async def close(self) -> None:
-        for channel in self._plaintext:
-            await channel.close()
-        await super().close()
 
 
 class EdgeTlsSettings(BaseSettings):
@@ -104,8 +74,9 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
         "edge_id": edge_id,
         "breakers": Breakers(settings.breaker_failures, settings.breaker_cooldown_seconds),
         "failover_seconds": settings.failover_seconds,
+        "tls": tls,
     }
-    gateway = Gateway(*args, **options) if tls is None else _TlsGateway(tls, *args, **options)
+    gateway = Gateway(*args, **options)
     grpc_server = GrpcServer([INFERENCE_SERVICE])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(EdgeInference(gateway), grpc_server.server)
     host, port = settings.http_listen.rsplit(":", 1)
