@@ -265,7 +265,8 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None) -> ASGIApp:
     """The edge's HTTP API: the generation routes (GenerationRoutes) in front of a FastAPI app, every
     request's body bounded in size and time (edge.http_limits)."""
     app = FastAPI(title="fleetlm edge", version="1", docs_url="/docs", redoc_url=None)
-    describe(app)  # the generation routes, which FastAPI does not serve, in /openapi.json and /docs
+    # the generation routes, which FastAPI does not serve, in /openapi.json and /docs (and whether keys are needed)
+    describe(app, auth.for_gateway(gateway) is not None)
     started = int(time.time())
 
     @app.exception_handler(FleetError)

@@ -344,9 +344,22 @@ def _operation(summary: str, request: str, response: str, chunk: str = "") -> Sc
     }
 
 
-def describe(app: FastAPI) -> None:
+_KEY_ERRORS = {
+    "401": "no API key, or one that is unknown, revoked or expired (invalid_api_key)",
+    "403": "the API key may not use this model (model_not_allowed)",
+}
+_BEARER = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "an API key of the fleet (`fleetlm keys create`); sent as `Authorization: Bearer <key>`",
+}
+
+
+def describe(app: FastAPI, requires_key: bool = False) -> None:
     """Make `app.openapi()` (GET /openapi.json, /docs) describe the generation routes and the bodies of the
-    routes that read them themselves, with the error responses every route can give."""
+    routes that read them themselves, with the error responses every route can give. An edge that requires
+    API keys says so: the OpenAI routes (/v1/...) need a bearer key and may answer 401/403; /health, /metrics
+    and the document itself stay open."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -377,6 +390,16 @@ def describe(app: FastAPI) -> None:
                     if code in {"500", "503"}:
                         operation.setdefault("responses", {}).setdefault(code, response)
                 operation.get("responses", {}).pop("422", None)  # FastAPI's validation error: never sent
+        if requires_key:
+            document["components"]["securitySchemes"] = {"apiKey": _BEARER}
+            for path, item in paths.items():
+                if not path.startswith("/v1/"):
+                    continue
+                for operation in item.values():
+                    operation["security"] = [{"apiKey": []}]
+                    for code, why in _KEY_ERRORS.items():
+                        content = {JSON: {"schema": _ref("ErrorResponse")}}
+                        operation.setdefault("responses", {})[code] = {"description": why, "content": content}
         app.openapi_schema = document
         return document
 

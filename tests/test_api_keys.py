@@ -17,12 +17,17 @@ import grpc
 import httpx
 import openai
 import pytest
+import schemathesis
+from schemathesis import GenerationMode
+from schemathesis.specs.openapi.checks import ignored_auth
 
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from launcher.processes import etcd_argv  # noqa: F401 - etcd comes with the cluster
 from mesh.auth import create_secret_file
 from tests.cluster import MODEL, Cluster, fleetlm, smollm_entry, wait_for
+from tests.test_fuzz_http import CHECKS as FUZZ_CHECKS
+from tests.test_fuzz_http import run_operation as fuzz_operation
 from tests.test_grpcurl import grpcurl_binary
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
@@ -311,6 +316,42 @@ def test_fleetlm_keys_create_list_revoke(fleet: Fleet) -> None:
         timeout=60,
     )
     assert no_token.returncode != 0 and "admin token" in no_token.stderr
+
+
+def test_schemathesis_finds_no_openai_route_that_ignores_the_key(fleet: Fleet) -> None:
+    """schemathesis's ignored_auth against an edge that requires keys: its document declares a bearer key on
+    every /v1 route (and 401/403 among the answers); each case is sent with a valid key, and for every
+    operation that answers 2xx the same request is sent again without a key and with a wrong one, and must be
+    refused (401/403). The usual checks (no 5xx, documented statuses and bodies) run on the same cases."""
+    _, key = fleet.create("fuzz")
+    http = fleet.edges[0][0]
+    schema = schemathesis.openapi.from_url(f"{http}/openapi.json")
+    document = httpx.get(f"{http}/openapi.json", timeout=10).json()
+    assert document["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": document["components"]["securitySchemes"]["apiKey"]["description"],
+    }
+
+    @schema.auth()
+    class FleetKey:
+        def get(self, case: Any, context: Any) -> str:
+            return key
+
+        def set(self, case: Any, data: str, context: Any) -> None:
+            case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
+
+    checked: list[str] = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if not operation.path.startswith("/v1/"):
+            continue
+        assert operation.definition.raw.get("security") == [{"apiKey": []}], operation.path
+        sent = fuzz_operation(operation, GenerationMode.POSITIVE, http, MODEL, [ignored_auth, *FUZZ_CHECKS], 10)
+        checked.append(f"{operation.method.upper()} {operation.path}: {sent}")
+    print("ignored_auth:", "; ".join(checked))
+    assert len(checked) >= 5, checked  # chat, completions, embeddings, models, a model
+    assert httpx.get(f"{http}/openapi.json", timeout=10).status_code == 200  # the document stays open
 
 
 def test_without_a_control_plane_each_edge_keeps_its_keys_and_admits_its_share(fleet: Fleet) -> None:

@@ -4,8 +4,8 @@ Cases are generated from the document, valid ones and ones that break it (positi
 and sent to a real edge whose node runs SmolLM2 through llama.cpp. Checks: no 5xx (not_a_server_error),
 what breaks the document is refused with a 4xx (negative_data_rejection), every answer's status, media
 type and JSON body are the documented ones (status_code_conformance, content_type_conformance,
-response_schema_conformance). ignored_auth needs a security scheme in the document: it comes with the
-edge's API keys (--require-api-key).
+response_schema_conformance). ignored_auth runs against an edge that requires API keys, whose document
+declares them (tests/test_api_keys.py).
 
 A generated request names the model the edge serves when its `model` is a valid name (else nearly every
 case would stop at 404 MODEL_NOT_FOUND, and a field the document forbids but the edge took would go
@@ -58,13 +58,20 @@ def _cheap(body: dict[str, Any], model: str) -> None:
         body["max_tokens"] = 4
 
 
-def _run(operation: Any, mode: GenerationMode, http: str, model: str) -> int:
-    """MAX_EXAMPLES cases of one operation in one mode; returns how many were sent."""
+def run_operation(
+    operation: Any,
+    mode: GenerationMode,
+    http: str,
+    model: str,
+    checks: list[Any] = CHECKS,
+    examples: int = MAX_EXAMPLES,
+) -> int:
+    """`examples` cases of one operation in one mode, each run through `checks`; returns how many were sent."""
     sent = 0
 
     @given(operation.as_strategy(generation_mode=mode))
     @settings(
-        max_examples=MAX_EXAMPLES,
+        max_examples=examples,
         deadline=None,
         database=None,
         suppress_health_check=list(HealthCheck),
@@ -75,7 +82,7 @@ def _run(operation: Any, mode: GenerationMode, http: str, model: str) -> int:
         if isinstance(case.body, dict):
             _cheap(case.body, model)
         sent += 1
-        case.call_and_validate(base_url=http, checks=CHECKS, timeout=120)
+        case.call_and_validate(base_url=http, checks=checks, timeout=120)
 
     try:
         one()
@@ -99,7 +106,7 @@ def test_the_edge_keeps_to_its_openapi_document(mesh: Mesh, capsys: pytest.Captu
     for result in schema.get_all_operations():
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            cases[f"{operation.method.upper()} {operation.path} {mode.value}"] = _run(
+            cases[f"{operation.method.upper()} {operation.path} {mode.value}"] = run_operation(
                 operation, mode, mesh.http, mesh.model
             )
     with capsys.disabled():
