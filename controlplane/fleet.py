@@ -50,6 +50,7 @@ def durable_key(node: node_pb2.Node) -> bytes:
         replica.ClearField("queued_requests")
         replica.ClearField("last_request_at")
         replica.ClearField("rejected_requests")
+        replica.ClearField("load_progress")
     return durable.SerializeToString(deterministic=True)
 
 
@@ -122,6 +123,10 @@ class LoadBoard:
             replica.running_requests = reported.running_requests
             replica.queued_requests = reported.queued_requests
             replica.rejected_requests = reported.rejected_requests
+            if reported.HasField("load_progress"):
+                replica.load_progress = reported.load_progress
+            else:
+                replica.ClearField("load_progress")
             if reported.HasField("last_request_at"):
                 replica.last_request_at.CopyFrom(reported.last_request_at)
             else:

@@ -25,9 +25,9 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from google.protobuf import timestamp_pb2
 
@@ -82,6 +82,8 @@ class HostedModel:
     unloading: bool = False
     task: asyncio.Task[None] | None = None  # loads, watches and retries the engine; done: given up
     release: asyncio.Task[None] | None = None  # unassigned: unloads it after UNASSIGNED_GRACE_SECONDS
+    starting: Engine | None = None  # the engine being loaded, for its load progress
+    loading_since: float = 0.0  # when the current load attempt began (time.time())
 
     @property
     def name(self) -> str:
@@ -95,6 +97,24 @@ class HostedModel:
         """(running, queued): those the engine runs now, and the rest of the admitted ones."""
         running = min(self.engine.load.running, self.admitted) if self.engine is not None else 0
         return running, self.admitted - running
+
+
+@runtime_checkable
+class ReportsLoadProgress(Protocol):
+    """An engine that can tell how much of its weights it has loaded (llama.cpp); it calls
+    on_load_progress when that moves."""
+
+    load_progress: float | None
+    on_load_progress: Callable[[], None] | None
+
+
+def _loading(replica: node_pb2.Replica, hosted: HostedModel) -> None:
+    """The load progress of a loading replica: the fraction if its engine can tell, and since when."""
+    if hosted.loading_since:
+        replica.loading_since.FromNanoseconds(int(hosted.loading_since * 1e9))
+    engine = hosted.starting
+    if isinstance(engine, ReportsLoadProgress) and engine.load_progress is not None:
+        replica.load_progress = engine.load_progress
 
 
 class ModelHost:
@@ -136,14 +156,19 @@ class ModelHost:
         self.changed.set()
 
     async def _load_once(self, hosted: HostedModel) -> _Load:
+        hosted.loading_since = time.time()
         self._set(hosted, node_pb2.REPLICA_STATE_LOADING)
         hosted.load_attempts += 1
         engine: Engine | None = None
         try:
             built = self._factory.build(hosted.spec, hosted.placement)
             engine, hosted.device = built.engine, built.device
+            hosted.starting = engine
+            if isinstance(engine, ReportsLoadProgress):
+                engine.on_load_progress = self.changed.set
             info = await engine.start()
         except BaseException as exc:
+            hosted.starting = None
             if engine is not None:
                 # Also when cancelled (unloaded while starting): the engine's process must not outlive it.
                 await asyncio.shield(self._close_engine(engine))
@@ -158,7 +183,7 @@ class ModelHost:
             log.error("model %s failed to load%s: %s", hosted.name, " (not retried)" if permanent else "", reason)
             self._set(hosted, node_pb2.REPLICA_STATE_FAILED, reason)
             return _Load.PERMANENT if permanent else _Load.FAILED
-        hosted.engine, hosted.context_size = engine, info.context_size
+        hosted.engine, hosted.context_size, hosted.starting = engine, info.context_size, None
         hosted.last_request_at = time.time()
         self._set(hosted, node_pb2.REPLICA_STATE_READY)
         log.info("model %s ready on %s (context %d)", hosted.name, hosted.device, info.context_size)
@@ -356,6 +381,8 @@ class ModelHost:
                     rejected_requests=hosted.rejected,
                 )
             )
+            if hosted.state == node_pb2.REPLICA_STATE_LOADING:
+                _loading(result[-1], hosted)
         return result
 
     def model_infos(self) -> list[inference_pb2.ModelInfo]:

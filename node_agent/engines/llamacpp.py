@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 # at /dev/null and back. Two loads at once on two threads can restore each other's /dev/null, and then
 # everything the agent logs is lost for good: one load at a time in the whole process.
 _LOADING = threading.Lock()
+# Load progress is reported in steps of this fraction (llama.cpp calls back once per tensor, hundreds of
+# times): each step is one report to the control plane.
+PROGRESS_STEP = 0.05
 # Stands in for the final message's text when a conversation is rendered to be continued (_render_chat).
 _FINAL_MARK = "\ue000fleetlm-final-message\ue000"
 
@@ -67,9 +71,39 @@ class LlamaCppConfig:
     embed_max_chars: int = 32_768  # per input; longer is a 400
 
 
+@contextlib.contextmanager
+def _progress_reported(report: Callable[[float], None]) -> Iterator[None]:
+    """llama-cpp-python's Llama takes no progress callback: it loads with the params that
+    llama_model_default_params() returns, so that function gives params carrying `report` for the length
+    of one load. Only under _LOADING: no other load in the process can see it."""
+    import llama_cpp.llama_cpp as low  # the module Llama calls it through
+
+    original = low.llama_model_default_params
+
+    def reported(progress: float, _: Any) -> bool:
+        report(progress)
+        return True  # go on loading
+
+    callback = low.llama_progress_callback(reported)
+
+    def with_progress() -> Any:
+        params = original()
+        params.progress_callback = callback
+        return params
+
+    low.llama_model_default_params = with_progress
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = original
+
+
 class LlamaCppEngine:
     def __init__(self, config: LlamaCppConfig) -> None:
         self.config = config
+        # Fraction of the weights read while start() runs (None before), and who is told when it moves.
+        self.load_progress: float | None = None
+        self.on_load_progress: Callable[[], None] | None = None
         self._llm: Any = None
         self._ctx: Any = None
         self._loop: DecodeLoop | None = None
@@ -81,6 +115,7 @@ class LlamaCppEngine:
             1, thread_name_prefix="llama-emb", initializer=lower_thread_priority, initargs=(config.nice,)
         )
         self._embedder_lock = asyncio.Lock()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self.embedder = EmbeddingBatcher(
             self._embed_batch, config.embed_window_seconds, config.embed_max_batch, config.embed_cache_size
         )
@@ -100,8 +135,9 @@ class LlamaCppEngine:
         if not Path(self.config.path).is_file():
             raise PermanentEngineError(f"model file not found: {self.config.path}")
         extra: dict[str, Any] = {"pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN} if embedding else {}
+        progress = contextlib.nullcontext() if embedding else _progress_reported(self._loaded)
         try:
-            with _LOADING:
+            with _LOADING, progress:
                 return llama_cpp.Llama(
                     model_path=self.config.path,
                     # Generation runs on the batched context below; this one only serves the tokenizer,
@@ -119,6 +155,16 @@ class LlamaCppEngine:
             # The file is there and llama.cpp refuses it. Retried: it may still be being copied, or the
             # node short of memory for now; a file that stays broken costs one attempt a minute.
             raise EngineError(f"llama.cpp could not load {self.config.path}: {exc}") from exc
+
+    def _loaded(self, fraction: float) -> None:
+        """On the loading thread: keep the fraction, in PROGRESS_STEP steps, and tell the event loop."""
+        stepped = round(min(1.0, int(fraction / PROGRESS_STEP) * PROGRESS_STEP), 2)
+        if self.load_progress is not None and stepped <= self.load_progress:
+            return
+        self.load_progress = stepped
+        listener, loop = self.on_load_progress, self._event_loop
+        if listener is not None and loop is not None:
+            loop.call_soon_threadsafe(listener)
 
     def _new_batch_context(self, loop: asyncio.AbstractEventLoop) -> None:
         import llama_cpp
@@ -157,6 +203,7 @@ class LlamaCppEngine:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def start(self) -> EngineInfo:
+        self._event_loop = asyncio.get_running_loop()
         self._llm = await self._on(self._setup_thread, self._new_llama, False)
         await self._on(self._setup_thread, self._new_batch_context, asyncio.get_running_loop())
         template = self._llm.metadata.get("tokenizer.chat_template")
