@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import grpc
 
 from edge.breaker import Breakers
+from edge.metrics import CURRENT, EdgeMetrics
 from edge.route_feed import RouteFeed
 from edge.route_table import Replica
 from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
@@ -101,6 +102,7 @@ class _Refusals:
     last: FleetError | None = None
     overloaded: FleetError | None = None  # the first refusal for load
     by_nodes: int = 0  # refusals that came from nodes (not from routing)
+    attempts: int = 0  # replicas tried for the request so far, in this pass and the ones before
 
     def add(self, error: FleetError, from_node: bool = True) -> None:
         self.last = error
@@ -166,6 +168,7 @@ class Gateway:
         self._scale_from_zero_timeout = scale_from_zero_timeout_seconds
         self._failover_seconds = failover_seconds
         self.continued_streams = 0  # streams cut by a failed node and continued on another replica
+        self.metrics: EdgeMetrics | None = None  # set by the edge when metrics are on (edge.metrics)
         from edge.generation import Generation  # it builds on this module: imported once this one is loaded
 
         self._generation = Generation(self)
@@ -264,6 +267,8 @@ class Gateway:
             replicas, reasons = feed.table.pick(model, user, prefix)
             known = feed.models.get(model)
             if replicas:
+                if self.metrics is not None:
+                    self.metrics.routed(model, feed.table.decided)
                 reachable = [r for r in replicas if self._reachable(r.address)]
                 if not reachable:
                     names = ", ".join(r.node_id for r in replicas)
@@ -299,6 +304,8 @@ class Gateway:
             if error.code == ErrorCode.BACKEND_UNAVAILABLE and unknown:
                 raise self._not_found(model) from error
             raise
+        if self.metrics is not None:
+            self.metrics.routed(model, "controlplane")
         endpoints = [(reply.node_id, reply.inference_address)]
         endpoints += [(e.node_id, e.inference_address) for e in reply.alternates]
         return Route(
@@ -339,11 +346,13 @@ class Gateway:
         request_deadline = loop.time() + timeout
         deadline: float | None = None
         backoff = 0.05
+        attempts = 0
         while True:
-            refusals = _Refusals()
+            refusals = _Refusals(attempts=attempts)
             try:
                 return await self._one_pass(request, request_id, attempt, refusals, user, prefix, avoid)
             except FleetError:
+                attempts = refusals.attempts
                 if deadline is None:
                     deadline = min(loop.time() + self._failover_seconds, request_deadline)
                 pause = backoff * random.uniform(0.5, 1.5)
@@ -384,6 +393,9 @@ class Gateway:
                     refusals.add(FleetError(ErrorCode.BACKEND_UNAVAILABLE, f"no replica of '{model}' but {names}",
                                             retry_after_seconds=1), from_node=False)  # fmt: skip
                 for target in targets:
+                    if refusals.attempts and self.metrics is not None:
+                        self.metrics.series(request.model).retries.inc()
+                    refusals.attempts += 1
                     self.acquire(target)
                     try:
                         return await attempt(_with_model(request, model), target)
@@ -398,6 +410,8 @@ class Gateway:
             if refusals.overloaded is None or not offload:
                 break
             log.info("request %s: every replica of %s is busy; offloading to %s", request_id, model, offload)
+            if self.metrics is not None:
+                self.metrics.series(request.model).offloads.inc()
             model, offload = offload, ""
         raise refusals.answer(device)
 
@@ -472,13 +486,24 @@ class Gateway:
     ) -> inference_pb2.EmbedResponse:
         """`request_id` names the call in the edge's logs (EmbedRequest has no field for it)."""
         validate_embed(request)
-        return await self.unary("Embed", request, client_timeout, request_id)  # type: ignore[no-any-return]
+        metrics, call = self.metrics, CURRENT.get()
+        if metrics is not None and call is not None and request.model in self.feed.models:
+            metrics.serving(call, request.model)
+        reply: inference_pb2.EmbedResponse = await self.unary("Embed", request, client_timeout, request_id)
+        if metrics is not None and call is not None:
+            metrics.serving(call, request.model)  # a node served it: a model of the fleet
+            metrics.embedded(call, reply.usage.prompt_tokens)
+        return reply
 
     async def tokenize(
         self, request: inference_pb2.TokenizeRequest, client_timeout: float | None = None, request_id: str = ""
     ) -> inference_pb2.TokenizeResponse:
         validate_tokenize(request)
-        return await self.unary("Tokenize", request, client_timeout, request_id)  # type: ignore[no-any-return]
+        reply = await self.unary("Tokenize", request, client_timeout, request_id)
+        call = CURRENT.get()
+        if self.metrics is not None and call is not None:
+            self.metrics.serving(call, request.model)
+        return reply  # type: ignore[no-any-return]
 
     async def list_models(self) -> list[inference_pb2.ModelInfo]:
         """Every model the fleet knows, from the routing table (the control plane, before the first table)."""

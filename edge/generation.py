@@ -18,6 +18,7 @@ import grpc
 
 from edge.continuation import Progress, why_not
 from edge.gateway import Attempt, Gateway, Target, log_failure, new_request_id, prefix_hash
+from edge.metrics import CURRENT
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import ErrorCode, FleetError
 from mesh.inference_requests import validate_generate
@@ -70,6 +71,11 @@ class Generation:
             self._gateway.breakers.succeeded(target.address)
             return Stream(call, first, target, attempt.model)
 
+        # The request's metrics (edge.metrics): its first token, the gaps between tokens, its usage.
+        metrics = self._gateway.metrics
+        counted = CURRENT.get() if metrics is not None else None
+        if metrics is not None and counted is not None and request.model in self._gateway.feed.models:
+            metrics.serving(counted, request.model)
         try:
             stream = await self._gateway.first_answer(
                 request, request_id, open_stream, timeout, request.user, prefix_hash(request)
@@ -77,22 +83,34 @@ class Generation:
         except FleetError as error:
             log_failure(request_id, error)
             raise
+        if metrics is not None and counted is not None:
+            metrics.serving(counted, request.model)  # a replica took it: a model of the fleet
         progress = Progress(request)
         try:
             response = stream.first
             while True:
                 try:
                     while not response.HasField("result"):
-                        yield progress.forward(response)
+                        event = progress.forward(response)
+                        if metrics is not None and counted is not None:
+                            metrics.text(counted)
+                        yield event
                         response = await self._next_event(stream.call, stream.target, timeout)
                 except FleetError as error:
                     cut = stream
                     stream, response = await self._continue(cut, progress, error, open_stream, deadline)
                     continue
-                yield progress.forward(response)
+                event = progress.forward(response)
+                if metrics is not None and counted is not None:
+                    metrics.result(counted, event.result.usage.prompt_tokens, event.result.usage.completion_tokens)
+                yield event
                 if not stream.ended:
                     await stream.call.code()  # its status follows at once: the call ends on the node
                 return
+        except FleetError as error:
+            if counted is not None:
+                counted.code = error.code.value  # after the stream started: an HTTP status of 200 says nothing
+            raise
         finally:
             self._end(stream)  # cancels a call still running: the node stops the work
 
@@ -156,6 +174,8 @@ class Generation:
                 retry_after_seconds=error.retry_after_seconds,
             ) from error
         self._gateway.continued_streams += 1
+        if self._gateway.metrics is not None:
+            self._gateway.metrics.series(request.model).failovers.inc()
         log.warning("request %s: node %s failed after %d characters (%s); continued on node %s (continuation %d)",
                     request_id, node, progress.chars_before, error, stream.target.node_id,
                     progress.continued)  # fmt: skip

@@ -37,6 +37,7 @@ class RouteTable:
         self._in_flight: dict[tuple[str, str], int] = {}  # (node id, model) -> this edge's requests there
         self._turns = itertools.count()
         self._warm: dict[str, str] = {}  # model -> the node chosen first last time (ties go to it: warm)
+        self.decided = ""  # what the last `pick` went by (ReplicaSet.decided), for the edge's metrics
 
     # --- updates ---------------------------------------------------------------------------------------
 
@@ -112,8 +113,10 @@ class RouteTable:
         ready. Choosing does not count the request: the caller acquires the replica it sends to."""
         table = self._models.get(model)
         if table is None:
+            self.decided = ""
             return [], []
         chosen, reasons = table.choose(user, prefix_hash, count, next(self._turns), slack, self._warm.get(model, ""))
+        self.decided = table.decided
         if chosen:
             self._warm[model] = chosen[0].node_id
         return chosen, reasons

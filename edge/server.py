@@ -19,6 +19,7 @@ from edge.gateway import Gateway
 from edge.grpc_service import EdgeInference
 from edge.http_app import create_app
 from edge.http_limits import HttpLimits, uvicorn_options
+from edge.metrics import EdgeMetrics
 from edge.settings import EdgeSettings
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh import logs
@@ -77,8 +78,13 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
         "tls": tls,
     }
     gateway = Gateway(*args, **options)
+    metrics = EdgeMetrics(gateway) if settings.metrics else None
+    gateway.metrics = metrics
     grpc_server = GrpcServer([INFERENCE_SERVICE])
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(EdgeInference(gateway), grpc_server.server)
+    servicer = EdgeInference(gateway)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+        metrics.grpc_servicer(servicer) if metrics else servicer, grpc_server.server
+    )
     host, port = settings.http_listen.rsplit(":", 1)
     # Body size and deadlines; the header deadline and keep-alive are on the connection (uvicorn_options).
     limits = HttpLimits(
@@ -87,8 +93,9 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
         header_timeout_seconds=settings.header_timeout_seconds,
         keep_alive_seconds=settings.keep_alive_seconds,
     )
+    app = create_app(gateway, limits)
     config = uvicorn.Config(
-        create_app(gateway, limits),
+        metrics.asgi(app) if metrics else app,
         **uvicorn_options(limits),
         host=host,
         port=int(port),

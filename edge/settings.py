@@ -58,4 +58,9 @@ class EdgeSettings(BaseSettings):
     )
     header_timeout_seconds: float = Field(10.0, gt=0, description="time a request's headers have to arrive; then 408")
     keep_alive_seconds: int = Field(5, ge=1, description="how long an idle kept-alive HTTP connection is held")
+    metrics: bool = Field(
+        True,
+        description="serve Prometheus metrics at /metrics on the HTTP port and count every request for them"
+        " (false: neither, and no work per request)",
+    )
     log_level: str = Field("INFO", description="log level")

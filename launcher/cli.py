@@ -93,6 +93,8 @@ def _edge(args: argparse.Namespace) -> None:
         values["breaker_cooldown_seconds"] = args.breaker_cooldown
     if args.failover_seconds is not None:
         values["failover_seconds"] = args.failover_seconds
+    if args.no_metrics:
+        values["metrics"] = False
     http_limits = {
         "max_body_bytes": "max_body_bytes",
         "body_timeout": "body_timeout_seconds",
@@ -446,6 +448,9 @@ def parser() -> argparse.ArgumentParser:
     edge.add_argument("--header-timeout", type=float, help="seconds request headers have to arrive; then 408 (10)")
     edge.add_argument("--keep-alive", type=int, help="seconds an idle HTTP connection is kept (5)")
     edge.add_argument("--auth-secret-file", help="the fleet secret the control plane was given")
+    edge.add_argument(
+        "--no-metrics", action="store_true", help="no Prometheus /metrics on the HTTP port, and no counting for it"
+    )
     _tls_flags(edge, "the edge")
     edge.set_defaults(run=_edge)
 

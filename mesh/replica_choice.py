@@ -124,6 +124,9 @@ class ReplicaSet:
         self._scores: list[Score] = []  # the scores of non-empty buckets, sorted
         self._bucket_of: dict[str, Score] = {}  # node id -> the score of the bucket its replica is in
         self._ring: tuple[list[int], list[str]] | None = None  # points and node ids, by point
+        # What the last `choose` went by, for the edge's metrics: prefix_affinity, user_affinity or
+        # least_load; "" when no replica was a candidate.
+        self.decided = ""
         for replica in replicas:
             self.put(replica)
 
@@ -169,13 +172,16 @@ class ReplicaSet:
         `own` of the replica it sends it to."""
         best = self._best(count, turn, warm)
         if not best:
+            self.decided = ""
             return [], [reason for r in self.by_node.values() if (reason := not_ready(r)) is not None]
         least = best[0].load
-        for key in (prefix_hash, user):
+        for key, why in ((prefix_hash, "prefix_affinity"), (user, "user_affinity")):
             if key:
                 preferred = self._affine(key, least, slack)
                 if preferred is not None:
+                    self.decided = why
                     return [preferred, *[r for r in best if r is not preferred]][:count], []
+        self.decided = "least_load"
         return best, []
 
     # --- buckets ---------------------------------------------------------------------------------------

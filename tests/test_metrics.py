@@ -1,0 +1,263 @@
+"""Prometheus metrics of the three services, against a real fleet of processes: etcd, one control plane with
+a fleet secret and an admin token, two nodes (node-a serves SmolLM2 with llama.cpp and a model whose weights
+are missing; node-b serves nothing), one edge requiring API keys. Known traffic goes through the official
+`openai` client and a gRPC stub; each service's /metrics is scraped over HTTP and parsed with
+prometheus_client's parser, and the counts are compared with what the clients saw."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
+from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from mesh.auth import create_secret_file
+from tests.cluster import MODEL, Cluster, smollm_entry, wait_for
+
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
+
+MISSING = "missing-weights"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str) -> Samples:
+    """Every sample of a /metrics page, by name and labels."""
+    reply = httpx.get(url, timeout=10)
+    assert reply.status_code == 200, reply.text
+    samples: Samples = {}
+    for family in text_string_to_metric_families(reply.text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sample with exactly these labels (0 when absent: a counter not yet incremented)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include these."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+@dataclass
+class Fleet:
+    cluster: Cluster
+    http: str
+    grpc: str
+    admin_token: str
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.admin_token}"),)
+
+    def key(self, name: str, **limits: int) -> str:
+        request = admin_pb2.CreateApiKeyRequest(name=name)
+        for field, limit in limits.items():
+            setattr(request.limits, field, limit)
+        stub = admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(self.cluster.controlplane))
+        return str(stub.CreateApiKey(request, metadata=self.metadata, timeout=30).secret)
+
+    def client(self, key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.http}/v1", api_key=key, max_retries=0, timeout=120)
+
+    def edge(self) -> Samples:
+        return scrape(f"{self.http}/metrics")
+
+
+def _serves(http: str, key: str) -> bool:
+    data = httpx.get(f"{http}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=2).json()["data"]
+    return any(m["id"] == MODEL and m["state"] == "ready" for m in data)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    workdir = tmp_path_factory.mktemp("metrics")
+    secret_file, token_file = workdir / "fleet.secret", workdir / "admin.token"
+    create_secret_file(secret_file)
+    create_secret_file(token_file)
+    env = {
+        "FLEETLM_CP_AUTH_SECRET_FILE": str(secret_file),
+        "FLEETLM_CP_ADMIN_TOKEN_FILE": str(token_file),
+        "FLEETLM_EDGE_REQUIRE_API_KEY": "true",
+        "FLEETLM_EDGE_AUTH_SECRET_FILE": str(secret_file),
+    }
+    cluster = Cluster(workdir)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, setting in env.items():
+            patch.setenv(name, setting)  # the components are started with this environment
+        try:
+            cluster.start_etcd()
+            cluster.start_controlplane(3)
+            missing = smollm_entry(MISSING, path=str(Path("/nonexistent/weights.gguf")))
+            cluster.start_node("node-a", [smollm_entry(), missing])
+            cluster.start_node("node-b")
+            _, http, grpc_address = cluster.start_edge()
+            fleet = Fleet(cluster, http, grpc_address, token_file.read_text().strip())
+            probe = fleet.key("probe")
+            wait_for(lambda: _serves(http, probe), 90, f"{http} to serve {MODEL}")
+            yield fleet
+        except BaseException:
+            print(cluster.logs())
+            raise
+        finally:
+            cluster.close()
+
+
+# --- the edge -------------------------------------------------------------------------------------------------
+
+
+def test_edge_metrics_is_open_while_api_keys_are_required(fleet: Fleet) -> None:
+    assert httpx.post(f"{fleet.http}/v1/completions", json={"model": MODEL}, timeout=10).status_code == 401
+    reply = httpx.get(f"{fleet.http}/metrics", timeout=10)
+    assert reply.status_code == 200
+    assert "fleetlm_edge_requests_total" in reply.text
+    assert "flk-" not in reply.text  # no key in it
+
+
+def test_edge_counts_requests_tokens_and_latencies_as_the_clients_saw_them(fleet: Fleet) -> None:
+    key = fleet.key("traffic")
+    client = fleet.client(key)
+    before = fleet.edge()
+    prompt_tokens = completion_tokens = 0
+    with_text = 0  # generations whose client received text: each has one first token
+    for i in range(3):
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Count from {i} to {i + 5}."}],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text = ""
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+            if chunk.usage is not None:
+                prompt_tokens += chunk.usage.prompt_tokens
+                completion_tokens += chunk.usage.completion_tokens
+        with_text += bool(text)
+    for prompt in ("One, two,", "The capital of France is"):
+        completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+        assert completion.usage is not None
+        prompt_tokens += completion.usage.prompt_tokens
+        completion_tokens += completion.usage.completion_tokens
+        with_text += bool(completion.choices[0].text)
+    embedding = client.embeddings.create(model=MODEL, input=["metrics", "count"])
+    prompt_tokens += embedding.usage.prompt_tokens
+    stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(fleet.grpc))
+    request = inference_pb2.GenerateRequest(model=MODEL, prompt="Red, green,")
+    request.sampling.max_tokens = 4
+    request.sampling.temperature = 0
+    grpc_text = ""
+    for event in stub.Generate(request, metadata=(("authorization", f"Bearer {key}"),), timeout=120):
+        if event.HasField("delta"):
+            grpc_text += event.delta.text
+        else:
+            prompt_tokens += event.result.usage.prompt_tokens
+            completion_tokens += event.result.usage.completion_tokens
+    with_text += bool(grpc_text)
+    after = fleet.edge()
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    ok = {"model": MODEL, "status": "200", "code": ""}
+    assert delta("fleetlm_edge_requests_total", route="/v1/chat/completions", **ok) == 3
+    assert delta("fleetlm_edge_requests_total", route="/v1/completions", **ok) == 2
+    assert delta("fleetlm_edge_requests_total", route="/v1/embeddings", **ok) == 1
+    grpc_ok = {"model": MODEL, "route": "grpc:Generate", "status": "OK", "code": ""}
+    assert delta("fleetlm_edge_requests_total", **grpc_ok) == 1
+    assert delta("fleetlm_edge_prompt_tokens_total", model=MODEL) == prompt_tokens
+    assert delta("fleetlm_edge_generation_tokens_total", model=MODEL) == completion_tokens
+    assert with_text >= 5  # the prompts were chosen to produce text
+    assert delta("fleetlm_edge_time_to_first_token_seconds_count", model=MODEL) == with_text
+    assert delta("fleetlm_edge_e2e_request_latency_seconds_count", model=MODEL) == 6
+    # At most one gap fewer than the tokens of each generation (a text event may carry several tokens).
+    gaps = delta("fleetlm_edge_inter_token_latency_seconds_count", model=MODEL)
+    assert 0 < gaps <= completion_tokens - with_text
+    assert delta("fleetlm_edge_routing_decisions_total", model=MODEL, reason="least_load") == 7
+    assert value(after, "fleetlm_edge_requests_in_flight", model=MODEL) == 0
+    assert value(after, "fleetlm_edge_routing_table_fresh") == 1
+    assert 0 <= value(after, "fleetlm_edge_routing_table_age_seconds") < 30
+    # A histogram's sum is in seconds: 6 generations on a 2-core machine take well under 10 minutes.
+    assert 0 < delta("fleetlm_edge_e2e_request_latency_seconds_sum", model=MODEL) < 600
+
+
+def test_edge_counts_429s_and_errors_with_their_codes(fleet: Fleet) -> None:
+    limited = fleet.client(fleet.key("one-a-minute", requests_per_minute=1))
+    client = fleet.client(fleet.key("errors"))
+    before = fleet.edge()
+    statuses = []
+    for _ in range(3):
+        try:
+            limited.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+            statuses.append(200)
+        except openai.RateLimitError as exc:
+            assert exc.code == "rate_limit_exceeded"
+            statuses.append(429)
+    assert statuses == [200, 429, 429]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="Hi", max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, temperature=5)
+    with pytest.raises(openai.AuthenticationError):
+        fleet.client("flk-wrong").completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+    stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(fleet.grpc))
+    with pytest.raises(grpc.RpcError) as failed:
+        request = inference_pb2.GenerateRequest(model=MISSING, prompt="Hi")
+        list(stub.Generate(request, metadata=(("authorization", f"Bearer {fleet.key('grpc')}"),), timeout=60))
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    after = fleet.edge()
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    completions = {"route": "/v1/completions"}
+    # A key's limit is checked before the body's model is looked at over HTTP: model "" (no client-made name).
+    limit = {"status": "429", "code": "rate_limit_exceeded"}
+    assert delta("fleetlm_edge_requests_total", model="", **completions, **limit) == 2
+    assert delta("fleetlm_edge_rate_limited_total", model="", code="rate_limit_exceeded") == 2
+    assert delta("fleetlm_edge_requests_total", model=MODEL, status="200", code="", **completions) == 1
+    not_found = {"status": "404", "code": "MODEL_NOT_FOUND"}
+    assert delta("fleetlm_edge_requests_total", model="", **completions, **not_found) == 1
+    bad = {"status": "400", "code": "INVALID_REQUEST"}
+    assert delta("fleetlm_edge_requests_total", model="", **completions, **bad) == 1
+    assert delta("fleetlm_edge_requests_total", model="", status="401", code="invalid_api_key", **completions) == 1
+    unavailable = {"route": "grpc:Generate", "status": "UNAVAILABLE", "code": "MODEL_UNAVAILABLE"}
+    assert delta("fleetlm_edge_requests_total", model=MISSING, **unavailable) == 1
+    assert not any(name == "fleetlm_edge_requests_total" and ("model", "no-such-model") in labels
+                   for name, labels in after)  # fmt: skip
+
+
+def test_edge_counts_requests_in_flight(fleet: Fleet) -> None:
+    client = fleet.client(fleet.key("long"))
+    done = threading.Event()
+
+    def long_request() -> None:
+        try:
+            client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=200, temperature=0)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    try:
+        seen = wait_for(lambda: value(fleet.edge(), "fleetlm_edge_requests_in_flight", model=MODEL) == 1, 60,
+                        "the request to be in flight")  # fmt: skip
+        assert seen
+    finally:
+        thread.join(180)
+    assert done.is_set()
+    assert value(fleet.edge(), "fleetlm_edge_requests_in_flight", model=MODEL) == 0
