@@ -330,6 +330,12 @@ def _up(args: argparse.Namespace) -> None:
     sys.exit(run(args))
 
 
+def _status(args: argparse.Namespace) -> None:
+    from launcher.status import run
+
+    sys.exit(run(args))
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fleetlm", description="LLM serving across a fleet of machines.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -470,6 +476,24 @@ def parser() -> argparse.ArgumentParser:
     keys.add_argument("--tls-cert", help="an admin certificate (PEM): fleetlm ca issue --identity admin")
     keys.add_argument("--tls-key", help="its private key (PEM)")
     keys.set_defaults(run=_keys)
+
+    status = sub.add_parser("status", help="a live view of the fleet: nodes, deployments, replicas (AdminService)")
+    status.add_argument(
+        "--controlplane", help="control plane host:port (default: the one fleetlm up runs, else 127.0.0.1:50051)"
+    )
+    status.add_argument("--once", action="store_true", help="print the view once and exit")
+    status.add_argument("--json", action="store_true", help="print the fleet once as JSON and exit")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (2)")
+    status.add_argument(
+        "--admin-token-file", help="file holding the admin token (or FLEETLM_ADMIN_TOKEN; default: fleetlm up's)"
+    )
+    status.add_argument("--tls-ca", help="the fleet CA (PEM), when the control plane serves TLS")
+    status.add_argument("--tls-cert", help="an admin certificate (PEM): fleetlm ca issue --identity admin")
+    status.add_argument("--tls-key", help="its private key (PEM)")
+    status.add_argument(
+        "--state-dir", default=default_state, help=f"where fleetlm up left operator.json ({default_state})"
+    )
+    status.set_defaults(run=_status)
 
     default_ca = os.path.join(default_state, "ca")
     ca = sub.add_parser("ca", help="the fleet certificate authority")

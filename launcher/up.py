@@ -16,12 +16,15 @@ the admin token. The embedded etcd always listens on loopback only.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import signal
 import socket
 import ssl
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -29,6 +32,7 @@ import psutil
 
 from launcher.default_model import write_default_catalog
 from launcher.processes import Child, etcd_argv, port_free, tcp_open, wait_until
+from launcher.status import StatusError, fetch, find_target, write_operator_file
 from mesh.catalog import CatalogError, load_catalog
 from mesh.tls import is_loopback
 
@@ -46,6 +50,40 @@ def _models_ready(http: str, context: ssl.SSLContext | None = None, names: list[
     with urllib.request.urlopen(f"{http}/v1/models", timeout=2, context=context) as reply:
         data = json.load(reply)["data"]
     return bool(data) and all(m["state"] in ("ready", "failed") for m in data)
+
+
+class LoadProgress:
+    """Prints how the models' load goes while `fleetlm up` waits for them: a line when a replica's state or
+    load progress moves (in llama.cpp's 5% steps), or every 10 s for an engine that cannot tell."""
+
+    def __init__(self, state: Path) -> None:
+        self._target = find_target(argparse.Namespace(controlplane=None, state_dir=str(state), tls_ca=None,
+                                                      tls_cert=None, tls_key=None, admin_token_file=None))  # fmt: skip
+        self._shown: dict[tuple[str, str], str] = {}
+        self._next_check = 0.0
+
+    def show(self, now: bool = False) -> bool:
+        """Print what changed (at most every 0.5 s unless `now`); never raises (the control plane may not
+        answer yet). Always False, so that it can lead a readiness check."""
+        if not now and time.monotonic() < self._next_check:
+            return False
+        self._next_check = time.monotonic() + 0.5
+        try:
+            snap = asyncio.run(fetch(self._target))
+        except StatusError:
+            return False
+        for replica in snap["replicas"]:
+            key = (replica["node"], replica["model"])
+            if replica["state"] != "loading":
+                line = replica["state"] + (f": {replica['error']}" if replica["error"] else "")
+            elif replica["load_progress"] is not None:
+                line = f"loading {replica['load_progress'] * 100:.0f}%"
+            else:
+                line = f"loading ({(replica['loading_seconds'] or 0) // 10 * 10:.0f}s)"
+            if self._shown.get(key) != line:
+                self._shown[key] = line
+                print(f"  {replica['model']} on {replica['node']}: {line}", flush=True)
+        return False
 
 
 def _issue_certificates(state: Path, host: str, node_id: str) -> dict[str, list[str]]:
@@ -129,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
         secret, token = str(state / "auth" / "fleet.secret"), str(state / "auth" / "admin.token")
         auth = {"controlplane": ["--auth-secret-file", secret, "--admin-token-file", token],
                 "edge": ["--require-api-key", "--auth-secret-file", secret]}  # fmt: skip
+    # Where `fleetlm status` (and an operator on this machine) reaches this fleet, with which credentials.
+    operator_tls = dict(zip(("tls_cert", "tls_key", "tls_ca"), tls["admin"][1::2], strict=True)) if use_tls else {}
+    admin_token = str(state / "auth" / "admin.token") if require_auth else ""
+    write_operator_file(state, f"{local}:{args.controlplane_port}", operator_tls, admin_token)
     scheme = "https" if use_tls else "http"
     http = f"{scheme}://{local}:{args.http_port}"
     code = 0
@@ -190,7 +232,9 @@ def run(args: argparse.Namespace) -> int:
         children.append(edge)
         wait_until(lambda: tcp_open(local, args.http_port), 60, "the edge", edge)
         names = [e.name for e in entries] if require_auth else None
-        wait_until(lambda: _models_ready(http, context, names), 300, "the models to load", node)
+        progress = LoadProgress(state)
+        wait_until(lambda: progress.show() or _models_ready(http, context, names), 300, "the models to load", node)
+        progress.show(now=True)  # the models' final states, which the last check may not have fetched
         model = ", ".join(e.name for e in entries)
         etcd_note = "" if args.etcd else f"   (data in {state / 'etcd'})"
         if use_tls:
@@ -208,6 +252,8 @@ def run(args: argparse.Namespace) -> int:
             tls_note += (f"\n  API keys          required; make one: fleetlm keys create NAME --controlplane {local}:"
                          f"{args.controlplane_port} --admin-token-file {token_file}{keys_tls}")  # fmt: skip
         cp_local = f"{local}:{args.controlplane_port}"
+        default_state = Path(os.environ.get("XDG_STATE_HOME", "~/.local/state"), "fleetlm").expanduser()
+        status_dir = "" if state == default_state else f" --state-dir {state}"
         print(
             f"""
 fleetlm is up.
@@ -217,6 +263,7 @@ fleetlm is up.
   node agent        {local}:{args.node_port}
   etcd              {etcd_url}{etcd_note}
   deployments       {model}   (catalog {catalog}){tls_note}
+  status            fleetlm status{status_dir}   (nodes, deployments, replicas; --json for scripts)
 Press Ctrl-C to stop.
 """,
             flush=True,

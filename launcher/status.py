@@ -1,0 +1,324 @@
+"""`fleetlm status`: the fleet at a glance, refreshed in place (like `nvidia-smi -l` or `kubectl get -w`).
+
+It reads what an operator may read through AdminService (ListNodes, ListDeployments, GetLeader) and shows
+nodes (scheduling, heartbeat, CPU, RAM, GPUs and their memory), deployments, and every replica (state,
+load against its slots, refusals, load progress or error). `--once` prints one view, `--json` one JSON
+document for scripts.
+
+Where to connect and with which credentials, like kubectl with its kubeconfig: flags first, then
+FLEETLM_ADMIN_TOKEN, then `<state>/operator.json`, which `fleetlm up` writes (its control plane, the fleet
+CA, the operator certificate and the admin token file it made), so on the machine that runs `fleetlm up`
+the command needs nothing else. That file's credentials are used only for its own control plane: a
+--controlplane elsewhere gets only the credentials given with it.
+
+Every failure (nothing listening, TLS refused, a wrong admin token, an unreadable file) is one line on
+stderr and exit code 1; in the live view it is shown in place and tried again at the next refresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
+from mesh.catalog import queue_limit, running_limit
+
+OPERATOR_FILE = "operator.json"
+DEFAULT_CONTROLPLANE = "127.0.0.1:50051"
+CALL_TIMEOUT_SECONDS = 10.0
+GIB = 1024**3
+
+
+class StatusError(Exception):
+    """A failure to show: one line, no traceback."""
+
+
+@dataclass(frozen=True)
+class Target:
+    address: str
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    admin_token_file: str = ""
+    admin_token: str = ""  # from FLEETLM_ADMIN_TOKEN
+
+
+def write_operator_file(state: Path, controlplane: str, tls: dict[str, str], admin_token_file: str) -> Path:
+    """What `fleetlm status` (and an operator) needs to reach the fleet `fleetlm up` runs. No secret in it:
+    paths only, to files that are 0600 themselves."""
+    path = state / OPERATOR_FILE
+    record = {"controlplane": controlplane, **tls, "admin_token_file": admin_token_file}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def find_target(args: argparse.Namespace) -> Target:
+    """Flags, then the environment, then `fleetlm up`'s operator file in the state directory."""
+    saved: dict[str, str] = {}
+    operator = Path(args.state_dir).expanduser() / OPERATOR_FILE
+    if operator.is_file():
+        try:
+            saved = {k: str(v) for k, v in json.loads(operator.read_text()).items()}
+        except (OSError, ValueError) as exc:
+            raise StatusError(f"cannot read {operator}: {exc}") from None
+    address = args.controlplane or saved.get("controlplane") or DEFAULT_CONTROLPLANE
+    if saved.get("controlplane") != address.split(",")[0]:
+        saved = {}  # that file describes another control plane: none of its credentials apply here
+    env_token = os.environ.get("FLEETLM_ADMIN_TOKEN", "")
+    return Target(
+        address=address.split(",")[0],
+        tls_ca=args.tls_ca or saved.get("tls_ca", ""),
+        tls_cert=args.tls_cert or saved.get("tls_cert", ""),
+        tls_key=args.tls_key or saved.get("tls_key", ""),
+        admin_token_file=args.admin_token_file or ("" if env_token else saved.get("admin_token_file", "")),
+        admin_token=env_token,
+    )
+
+
+def _channel(target: Target) -> grpc.aio.Channel:
+    if not target.tls_ca:
+        return grpc.aio.insecure_channel(target.address)
+    if not (target.tls_cert and target.tls_key):
+        raise StatusError(
+            "--tls-ca needs --tls-cert and --tls-key (an admin certificate: fleetlm ca issue --identity admin)"
+        )
+    try:
+        credentials = grpc.ssl_channel_credentials(
+            Path(target.tls_ca).read_bytes(), Path(target.tls_key).read_bytes(), Path(target.tls_cert).read_bytes()
+        )
+    except OSError as exc:
+        raise StatusError(f"cannot read a TLS file: {exc}") from None
+    return grpc.aio.secure_channel(target.address, credentials)
+
+
+def _metadata(target: Target) -> tuple[tuple[str, str], ...]:
+    from mesh.auth import read_secret_file
+
+    token = target.admin_token
+    if target.admin_token_file:
+        try:
+            token = read_secret_file(Path(target.admin_token_file).expanduser(), "admin token").decode()
+        except (OSError, ValueError) as exc:
+            raise StatusError(str(exc)) from None
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+async def fetch(target: Target) -> dict[str, Any]:
+    """One snapshot of the fleet from the control plane."""
+    metadata = _metadata(target)
+    try:
+        async with _channel(target) as channel:
+            stub = admin_pb2_grpc.AdminServiceStub(channel)
+            call = {"metadata": metadata, "timeout": CALL_TIMEOUT_SECONDS}
+            nodes = await stub.ListNodes(admin_pb2.ListNodesRequest(), **call)
+            deployments = await stub.ListDeployments(admin_pb2.ListDeploymentsRequest(), **call)
+            leader = await stub.GetLeader(admin_pb2.GetLeaderRequest(), **call)
+    except grpc.aio.AioRpcError as exc:
+        raise StatusError(_explain(target, exc)) from None
+    return snapshot(target.address, nodes, deployments, leader, time.time())
+
+
+def _explain(target: Target, exc: grpc.aio.AioRpcError) -> str:
+    from mesh.errors import FleetError
+
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        how = "over TLS" if target.tls_ca else "in plaintext"
+        return (f"the control plane at {target.address} does not answer {how} ({exc.details()}); is it running?"
+                " (fleetlm up, or --controlplane HOST:PORT)")  # fmt: skip
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"the control plane at {target.address} did not answer within {CALL_TIMEOUT_SECONDS:g}s"
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        refused = FleetError.from_rpc_error(exc).message
+        return (f"the control plane at {target.address} refused the credentials: {refused}"
+                " (--admin-token-file, FLEETLM_ADMIN_TOKEN, --tls-cert/--tls-key)")  # fmt: skip
+    return f"the control plane at {target.address} answered {code.name}: {FleetError.from_rpc_error(exc).message}"
+
+
+# --- the snapshot (what --json prints) -------------------------------------------------------------------
+
+
+def _state(value: int) -> str:
+    return node_pb2.ReplicaState.Name(value).removeprefix("REPLICA_STATE_").lower()  # type: ignore[arg-type]
+
+
+def _replica(node_id: str, replica: node_pb2.Replica, now: float) -> dict[str, Any]:
+    loading = replica.state == node_pb2.REPLICA_STATE_LOADING
+    return {
+        "node": node_id,
+        "model": replica.model.name,
+        "engine": replica.model.engine,
+        "state": _state(replica.state),
+        "device": replica.device,
+        "assigned": replica.assigned,
+        "running": replica.running_requests,
+        "queued": replica.queued_requests,
+        "slots": running_limit(replica.model),
+        "queue_limit": queue_limit(replica.model),
+        "rejected": replica.rejected_requests,
+        "error": replica.error,
+        "load_progress": replica.load_progress if loading and replica.HasField("load_progress") else None,
+        "loading_seconds": round(max(0.0, now - replica.loading_since.ToNanoseconds() / 1e9), 1)
+        if loading and replica.HasField("loading_since")
+        else None,
+    }
+
+
+def _node(node: node_pb2.Node, now: float) -> dict[str, Any]:
+    inv = node.inventory
+    scheduling = node_pb2.Scheduling.Name(node.scheduling).removeprefix("SCHEDULING_").lower()  # type: ignore[arg-type]
+    return {
+        "id": node.node_id,
+        "address": node.inference_address,
+        "state": "active" if scheduling == "unspecified" else scheduling,
+        "heartbeat_seconds_ago": round(max(0.0, now - node.last_heartbeat_at.ToNanoseconds() / 1e9), 1)
+        if node.HasField("last_heartbeat_at")
+        else None,
+        "cpu": {"model": inv.cpu.model, "cores": inv.cpu.cores},
+        "ram": {"total_bytes": inv.ram.total_bytes, "free_bytes": inv.ram.free_bytes},
+        "gpus": [
+            {"index": g.index, "name": g.name, "total_bytes": g.memory.total_bytes, "free_bytes": g.memory.free_bytes}
+            for g in inv.gpus
+        ],
+        "agent_version": node.agent_version,
+    }
+
+
+def snapshot(
+    address: str,
+    nodes: admin_pb2.ListNodesResponse,
+    deployments: admin_pb2.ListDeploymentsResponse,
+    leader: admin_pb2.GetLeaderResponse,
+    now: float,
+) -> dict[str, Any]:
+    ready = node_pb2.REPLICA_STATE_READY
+    return {
+        "controlplane": address,
+        "leader": leader.leader_address,
+        "time": now,
+        "nodes": [_node(n, now) for n in nodes.nodes],
+        "deployments": [
+            {
+                "name": d.deployment.spec.name,
+                "engine": d.deployment.spec.engine,
+                "replicas": d.deployment.replicas,
+                "min_replicas": d.deployment.min_replicas,
+                "max_replicas": d.deployment.max_replicas,
+                "ready": sum(r.state == ready for r in d.replicas),
+                "nodes": [r.node_id for r in d.replicas],
+            }
+            for d in deployments.deployments
+        ],
+        "replicas": [_replica(n.node_id, r, now) for n in nodes.nodes for r in n.replicas],
+    }
+
+
+# --- the view -------------------------------------------------------------------------------------------
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]]
+
+
+def _gib(used: int, total: int) -> str:
+    return f"{used / GIB:.1f}/{total / GIB:.1f} GiB"
+
+
+def _progress(replica: dict[str, Any]) -> str:
+    if replica["state"] == "loading":
+        parts = []
+        if replica["load_progress"] is not None:
+            parts.append(f"{replica['load_progress'] * 100:.0f}%")
+        if replica["loading_seconds"] is not None:
+            parts.append(f"{replica['loading_seconds']:.0f}s")
+        return "loading " + " ".join(parts) if parts else "loading"
+    return replica["error"]
+
+
+def render(snap: dict[str, Any], width: int) -> list[str]:
+    """The view as lines, each cut to the terminal's width."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap["time"]))
+    leader = f"   leader {snap['leader']}" if snap["leader"] else "   no leader"
+    lines = [f"fleetlm status   control plane {snap['controlplane']}{leader}   {when}", ""]
+    nodes = snap["nodes"]
+    lines.append(f"NODES ({len(nodes)})")
+    rows = []
+    for n in nodes:
+        ram = n["ram"]
+        gpus = ", ".join(f"{g['name']} {_gib(g['total_bytes'] - g['free_bytes'], g['total_bytes'])}" for g in n["gpus"])
+        beat = n["heartbeat_seconds_ago"]
+        rows.append([
+            n["id"], n["state"], n["address"], f"{n['cpu']['cores']} cores",
+            _gib(ram["total_bytes"] - ram["free_bytes"], ram["total_bytes"]) if ram["total_bytes"] else "-",
+            gpus or "-", "-" if beat is None else f"{beat:.1f}s ago",
+        ])  # fmt: skip
+    lines += _table(["NODE", "STATE", "ADDRESS", "CPU", "RAM USED", "GPUS", "HEARTBEAT"], rows) if rows else ["  none"]
+    deployments = snap["deployments"]
+    lines += ["", f"DEPLOYMENTS ({len(deployments)})"]
+    rows = [[d["name"], d["engine"], f"{d['ready']}/{d['replicas']}", f"{d['min_replicas']}-{d['max_replicas']}",
+             ",".join(d["nodes"]) or "-"] for d in deployments]  # fmt: skip
+    lines += _table(["NAME", "ENGINE", "READY", "MIN-MAX", "NODES"], rows) if rows else ["  none"]
+    replicas = snap["replicas"]
+    lines += ["", f"REPLICAS ({len(replicas)})"]
+    rows = [[r["node"], r["model"], r["state"], r["device"] or "-", f"{r['running']}/{r['slots']}",
+             f"{r['queued']}/{r['queue_limit']}", str(r["rejected"]), _progress(r)] for r in replicas]  # fmt: skip
+    lines += (
+        _table(["NODE", "MODEL", "STATE", "DEVICE", "RUNNING/SLOTS", "QUEUED", "REFUSED", "PROGRESS / ERROR"], rows)
+        if rows
+        else ["  none"]
+    )
+    return [line[:width] for line in lines]
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+
+async def _live(target: Target, interval: float) -> None:
+    """Redraw in place: home the cursor, write each line over the old one, clear what is left below."""
+    out = sys.stdout
+    out.write("\x1b[?25l\x1b[2J")  # hide the cursor, clear the screen once
+    try:
+        while True:
+            size = shutil.get_terminal_size()
+            try:
+                lines = render(await fetch(target), size.columns)
+            except StatusError as exc:
+                lines = [f"fleetlm status: {exc}"[: size.columns], f"(trying again every {interval:g}s)"]
+            lines.append(f"every {interval:g}s; Ctrl-C to stop")
+            out.write("\x1b[H" + "".join(line + "\x1b[K\n" for line in lines[: size.lines - 1]) + "\x1b[J")
+            out.flush()
+            await asyncio.sleep(interval)
+    finally:
+        out.write("\x1b[?25h")
+        out.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        target = find_target(args)
+        if args.json or args.once:
+            snap = asyncio.run(fetch(target))
+            if args.json:
+                print(json.dumps(snap, indent=2))
+            else:
+                width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 1 << 16  # piped: whole
+                print("\n".join(render(snap, width)))
+            return 0
+        asyncio.run(_live(target, args.interval))
+    except StatusError as exc:
+        print(f"fleetlm status: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print()
+    return 0
