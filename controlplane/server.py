@@ -37,7 +37,7 @@ from fleetlm.controlplane.v1 import (
     routing_pb2,
     routing_pb2_grpc,
 )
-from mesh import logs
+from mesh import logs, tracing
 from mesh.catalog import CatalogError, load_catalog
 from mesh.errors import FleetError
 from mesh.fleet_ca import FleetCA
@@ -186,9 +186,10 @@ def _check_tls(settings: ControlPlaneSettings) -> None:
 
 
 def main(settings: ControlPlaneSettings) -> None:
-    logs.setup("controlplane", settings.log_level)
+    logs.setup("controlplane", settings.log_level, settings.log_format)
     try:
         _check_tls(settings)
+        traces = tracing.setup("controlplane")
     except (OSError, ValueError) as exc:
         raise SystemExit(f"fleetlm controlplane: {exc}") from None
     if settings.deployments:
@@ -197,4 +198,8 @@ def main(settings: ControlPlaneSettings) -> None:
                 validate_deployment(entry.deployment())
         except (CatalogError, FleetError) as exc:
             raise SystemExit(f"fleetlm controlplane: {exc}") from None
-    run_until_signalled(lambda stop: serve(settings, stop))
+    try:
+        run_until_signalled(lambda stop: serve(settings, stop))
+    finally:
+        if traces is not None:
+            traces.shutdown()

@@ -78,6 +78,9 @@ class ControlPlaneSettings(BaseSettings):
         False, description="serve plaintext gRPC on a non-loopback --listen (refused without it unless TLS is on)"
     )
     log_level: str = Field("INFO", description="log level")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text, or one JSON object per line (json), on stderr"
+    )
 
     def etcd_access(self) -> EtcdAccess:
         password = self.etcd_password.get_secret_value() if self.etcd_password else None

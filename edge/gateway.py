@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from edge.access_log import served_by
 from edge.breaker import Breakers
 from edge.metrics import CURRENT, EdgeMetrics
 from edge.route_feed import RouteFeed
@@ -41,6 +42,7 @@ from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError
 from mesh.fleet_ca import node_dns_name
 from mesh.inference_requests import validate_embed, validate_tokenize
+from mesh.request_context import outgoing
 from mesh.tls import TlsFiles, secure_channel
 
 log = logging.getLogger(__name__)
@@ -398,7 +400,9 @@ class Gateway:
                     refusals.attempts += 1
                     self.acquire(target)
                     try:
-                        return await attempt(_with_model(request, model), target)
+                        answer = await attempt(_with_model(request, model), target)
+                        served_by(target.node_id)  # the access log's and the span's node
+                        return answer
                     except FleetError as error:
                         self.release(target)
                         self._refused(error, request_id, model, target)
@@ -465,10 +469,11 @@ class Gateway:
     ) -> Any:
         timeout = self.bounded_timeout(client_timeout)
         request_id = request_id or new_request_id(method.lower())
+        metadata = outgoing(request_id)  # the id and the trace context reach the node
 
         async def call(attempt: Any, target: Target) -> Any:
             try:
-                reply = await getattr(target.stub, method)(attempt, timeout=timeout)
+                reply = await getattr(target.stub, method)(attempt, timeout=timeout, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 raise self.node_error(exc, target, timeout) from exc
             self.breakers.succeeded(target.address)

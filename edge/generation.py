@@ -22,6 +22,7 @@ from edge.metrics import CURRENT
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import ErrorCode, FleetError
 from mesh.inference_requests import validate_generate
+from mesh.request_context import outgoing
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,11 @@ class Generation:
         timeout = self._gateway.bounded_timeout(client_timeout)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        metadata = outgoing(request_id)  # the id and the trace context reach the node
 
         async def open_stream(attempt: inference_pb2.GenerateRequest, target: Target) -> Stream:
             left = max(0.001, deadline - loop.time())
-            call = target.stub.Generate(attempt, timeout=left)
+            call = target.stub.Generate(attempt, timeout=left, metadata=metadata)
             try:
                 first = await self._next_event(call, target, left)
             except BaseException:

@@ -5,6 +5,10 @@ Errors always have OpenAI's shape. Before a stream starts they are real HTTP err
 awaited before the response begins, so a bad prompt is a 400, not a broken stream); after it starts an
 error is sent as one `data:` event, then `data: [DONE]`. A client that disconnects cancels the work on
 the node, streamed or not.
+
+Every request has an id (`RequestIds`, in front of everything else): the client's `X-Request-Id`, or a
+fresh `req_...`; every response carries it back, errors included, and it reaches the node (and the engine
+server) with the request. Each request is one line of the access log (edge.access_log).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge import auth
+from edge import access_log, auth
 from edge.gateway import Gateway
 from edge.http_limits import HttpLimits, RequestLimits, RequestRefused
 from edge.openai_protocol import (
@@ -39,6 +43,7 @@ from edge.openai_protocol import (
 )
 from edge.openapi import describe
 from fleetlm.inference.v1 import inference_pb2
+from mesh import request_context
 from mesh.errors import ErrorCode, FleetError
 from mesh.inference_requests import require_model
 
@@ -110,15 +115,33 @@ async def _collect(
     parts: list[str] = []
     logprobs: list[inference_pb2.TokenLogprob] = []
     result = None
+    access = access_log.current()
     async for event in stream:
         if event.HasField("delta"):
+            if access is not None and not parts:
+                access.token()
             parts.append(event.delta.text)
             logprobs.extend(event.delta.logprobs)
         else:
             result = event.result
     if result is None:
         raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream without a result")
+    if access is not None:
+        _note_result(access, result)
     return "".join(parts), logprobs, result
+
+
+def _note_result(access: access_log.Access, result: inference_pb2.GenerateResult) -> None:
+    access.usage(
+        result.usage.prompt_tokens, result.usage.completion_tokens, FINISH_REASONS.get(result.finish_reason, "")
+    )
+    access.node = result.node_id or access.node
+
+
+def _note_error(error: FleetError) -> None:
+    access = access_log.current()
+    if access is not None:
+        access.error = str(error.code)
 
 
 def _plain_error_body(message: str) -> dict[str, Any]:
@@ -177,18 +200,21 @@ class GenerationRoutes:
             started = True
             await send(message)
 
-        request_id = new_id("chatcmpl" if chat else "cmpl")
+        request_id = request_context.REQUEST_ID.get()
         try:
             await self._generate(receive, send_started, chat, request_id)
         except FleetError as error:
+            _note_error(error)
             if not started:
                 for message in _json_message(error.http_status, error.openai_body(), error.http_headers()):
                     await send(message)
         except RequestRefused as refusal:  # the body was too large or too slow (edge.http_limits)
+            access_log.note_error(refusal.code)
             for message in refusal.messages():
                 await send(message)
         except Exception:
             log.exception("request %s: unhandled error on %s", request_id, scope["path"])
+            access_log.note_error(ErrorCode.INTERNAL)
             if not started:
                 for message in _json_message(500, _internal_error(request_id).openai_body()):
                     await send(message)
@@ -206,8 +232,12 @@ class GenerationRoutes:
             parse_body(bytes(raw), ChatCompletionRequest) if chat else parse_body(bytes(raw), CompletionRequest)
         )
         proto = body.to_proto(request_id)  # the same id reaches the node (GenerateRequest.request_id)
+        access = access_log.current()
+        if access is not None:
+            access.model = proto.model
+            access.operation = "chat" if chat else "text_completion"
         await auth.admit_model(proto.model)  # the key's model and limits (edge.auth); no-op with keys off
-        shape = CompletionShape(chat, proto.model, request_id, body.wants_logprobs)
+        shape = CompletionShape(chat, proto.model, new_id("chatcmpl" if chat else "cmpl"), body.wants_logprobs)
         stream = self._gateway.generate(proto)
         try:
             if body.stream:
@@ -232,6 +262,9 @@ class GenerationRoutes:
         first = await anext(stream, None)
         if first is None:
             raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream at once")
+        access = access_log.current()
+        if access is not None and first.HasField("delta"):
+            access.token()
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
 
         async def event(data: bytes) -> None:
@@ -246,18 +279,23 @@ class GenerationRoutes:
                     await event(shape.delta_event(response.delta.text, response.delta.logprobs))
                 else:
                     reason = FINISH_REASONS.get(response.result.finish_reason, "stop")
+                    if access is not None:
+                        _note_result(access, response.result)
                     auth.charge(response.result.usage.total_tokens)
                     await event(sse(shape.chunk(None if shape.chat else "", finish=reason)))
                     if include_usage:
                         await event(sse(shape.usage_chunk(response.result.usage)))
                 response = await anext(stream, None)
         except FleetError as error:
+            _note_error(error)  # the status stays 200: the error is an event of the stream
             await event(sse(error.openai_body()))
         except Exception:
             # Not one of ours (a bug, a failure nobody classified): the client still gets an error in
             # OpenAI's shape and the end of the stream, never a stream that just stops.
-            log.exception("request %s: unhandled error in the stream", shape.id)
-            await event(sse(_internal_error(shape.id).openai_body()))
+            request_id = request_context.REQUEST_ID.get()
+            log.exception("request %s: unhandled error in the stream", request_id)
+            access_log.note_error(ErrorCode.INTERNAL)
+            await event(sse(_internal_error(request_id).openai_body()))
         await send({"type": "http.response.body", "body": sse("[DONE]"), "more_body": False})
 
 
@@ -271,10 +309,12 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None) -> ASGIApp:
 
     @app.exception_handler(FleetError)
     async def fleet_error(request: Request, error: FleetError) -> JSONResponse:
+        _note_error(error)
         return JSONResponse(error.openai_body(), status_code=error.http_status, headers=error.http_headers())
 
     @app.exception_handler(RequestRefused)
     async def refused(request: Request, refusal: RequestRefused) -> JSONResponse:
+        access_log.note_error(refusal.code)
         return JSONResponse(refusal.openai_body(), status_code=refusal.status, headers={"Connection": "close"})
 
     @app.exception_handler(HTTPException)
@@ -283,17 +323,23 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None) -> ASGIApp:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        request_id = getattr(request.state, "request_id", "")
+        request_id = request_context.REQUEST_ID.get()
         log.exception("request %s: unhandled error on %s", request_id or "-", request.url.path, exc_info=exc)
+        access_log.note_error(ErrorCode.INTERNAL)
         return JSONResponse(_internal_error(request_id).openai_body(), status_code=500)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Any:
-        request.state.request_id = new_id("embd")
         body = parse_body(await request.body(), EmbeddingRequest)
         proto = body.to_proto()
+        access = access_log.current()
+        if access is not None:
+            access.model = proto.model
         await auth.admit_model(proto.model)
-        response = await until_disconnect(request.receive, gateway.embed(proto, request_id=request.state.request_id))
+        request_id = request_context.REQUEST_ID.get()
+        response = await until_disconnect(request.receive, gateway.embed(proto, request_id=request_id))
+        if access is not None:
+            access.usage(response.usage.prompt_tokens, 0)
         auth.charge(response.usage.total_tokens)
         return embeddings_json(response, proto.model, body.encoding_format)
 
@@ -330,7 +376,53 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None) -> ASGIApp:
         }
 
     keys = auth.ApiKeyMiddleware(GenerationRoutes(gateway, app), auth.for_gateway(gateway))
-    return RequestLimits(keys, limits or HttpLimits())
+    return RequestIds(RequestLimits(keys, limits or HttpLimits()))
+
+
+QUIET_PATHS = frozenset({"/health", "/metrics"})  # polled by probes and scrapers: access lines at DEBUG, no span
+
+
+class RequestIds:
+    """ASGI, in front of everything: the request's id (the client's X-Request-Id, or a fresh one), bound
+    while the request is served (log lines carry it), sent back on every response the app and the limits
+    in front of it give, errors included; the request's access-log line and span (edge.access_log). An
+    id that is not valid is a 400 naming the header, answered with a fresh id of the edge's own."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        given: str | None = None
+        carrier: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                given = value.decode("latin-1")
+            elif name == b"traceparent" or name == b"tracestate":
+                carrier[name.decode()] = value.decode("latin-1")
+        request_id = given if given is not None and request_context.is_valid(given) else request_context.make()
+        header = (b"x-request-id", request_id.encode())
+        path = scope["path"]
+        quiet = path in QUIET_PATHS
+        with access_log.request(request_id, path, "http", carrier, traced=not quiet, quiet=quiet) as access:
+
+            async def send_with_id(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    access.status = message["status"]
+                    message = {**message, "headers": [*message.get("headers", ()), header]}
+                await send(message)
+
+            if given is not None and given != request_id:
+                try:
+                    request_context.checked(given, request_context.HTTP_HEADER)
+                except FleetError as error:
+                    access.error = str(error.code)
+                    for message in _json_message(error.http_status, error.openai_body()):
+                        await send_with_id(message)
+                    return
+            await self._app(scope, receive, send_with_id)
 
 
 async def _visible(gateway: Gateway) -> list[inference_pb2.ModelInfo]:

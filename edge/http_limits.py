@@ -24,6 +24,9 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from edge import access_log
+from mesh import request_context
+
 
 @dataclass(frozen=True)
 class HttpLimits:
@@ -126,7 +129,7 @@ def _loop_time(monotonic_deadline: float) -> float:
 _HEADER_TIMEOUT_RESPONSE = b"".join(
     [
         b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n",
-        b"content-length: %d\r\n\r\n%s",
+        b"x-request-id: %s\r\ncontent-length: %d\r\n\r\n%s",
     ]
 )
 
@@ -177,7 +180,10 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
             408, "REQUEST_TIMEOUT", f"the request's headers did not arrive within {self.header_timeout_seconds:g} s"
         )
         body = json.dumps(refusal.openai_body()).encode()
-        self.transport.write(_HEADER_TIMEOUT_RESPONSE % (len(body), body))
+        # No X-Request-Id came (no headers did): the answer carries one of the edge's, in its access log too.
+        with access_log.request(request_context.make(), "-", "http", traced=False) as access:
+            access.status, access.error = refusal.status, refusal.code
+            self.transport.write(_HEADER_TIMEOUT_RESPONSE % (access.request_id.encode(), len(body), body))
         self.transport.close()
 
 

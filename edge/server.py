@@ -22,7 +22,7 @@ from edge.http_limits import HttpLimits, uvicorn_options
 from edge.metrics import EdgeMetrics
 from edge.settings import EdgeSettings
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
-from mesh import logs
+from mesh import logs, tracing
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
 from mesh.tls import (
@@ -100,7 +100,8 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
         host=host,
         port=int(port),
         log_level=settings.log_level.lower(),
-        access_log=False,
+        access_log=False,  # the edge writes its own (edge.access_log)
+        log_config=None,  # uvicorn's lines go through the root logger (mesh.logs): --log-format holds for them
         lifespan="off",
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         ssl_certfile=str(tls.cert) if tls else None,
@@ -140,13 +141,18 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
 
 
 def main(settings: EdgeSettings, tls_settings: EdgeTlsSettings | None = None) -> None:
-    logs.setup("edge", settings.log_level)
+    logs.setup("edge", settings.log_level, settings.log_format)
     t = tls_settings or EdgeTlsSettings(**{})  # from the environment alone
     try:
         tls = TlsFiles.of(t.tls_cert, t.tls_key, t.tls_ca)
         refuse_exposed_plaintext(
             "the edge", [settings.http_listen, settings.grpc_listen], tls is not None, t.insecure_plaintext
         )
+        traces = tracing.setup("edge")
     except ValueError as exc:
         raise SystemExit(f"fleetlm edge: {exc}") from None
-    run_until_signalled(lambda stop: serve(settings, stop, t))
+    try:
+        run_until_signalled(lambda stop: serve(settings, stop, t))
+    finally:
+        if traces is not None:
+            traces.shutdown()  # after the servers stopped: the last requests' spans are flushed

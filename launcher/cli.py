@@ -34,6 +34,7 @@ def _controlplane(args: argparse.Namespace) -> None:
         "deployments",
         "placement_strategy",
         "log_level",
+        "log_format",
         *TLS_FLAGS,
         *ETCD_FLAGS,
         "ca_dir",
@@ -67,6 +68,7 @@ def _node(args: argparse.Namespace) -> None:
         "engine_health_seconds",
         "inventory_override",
         "log_level",
+        "log_format",
         *TLS_FLAGS,
         "join_token",
         "ca_fingerprint",
@@ -84,7 +86,7 @@ def _edge(args: argparse.Namespace) -> None:
     from edge.server import EdgeTlsSettings, main
     from edge.settings import EdgeSettings
 
-    values = _given(args, "http_listen", "grpc_listen", "controlplane", "log_level")
+    values = _given(args, "http_listen", "grpc_listen", "controlplane", "log_level", "log_format")
     if args.request_timeout is not None:
         values["request_timeout_seconds"] = args.request_timeout
     if args.scale_from_zero_timeout is not None:
@@ -120,6 +122,12 @@ def _flags_to_env(args: argparse.Namespace, prefix: str, *names: str) -> None:
 
 TLS_FLAGS = ("tls_cert", "tls_key", "tls_ca", "insecure_plaintext")
 ETCD_FLAGS = ("etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file")
+
+
+def _log_format_flag(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--log-format", choices=["text", "json"], help="log lines as text (default) or one JSON object per line"
+    )
 
 
 def _etcd_flags(command: argparse.ArgumentParser) -> None:
@@ -327,6 +335,9 @@ def _join_token(args: argparse.Namespace) -> None:
 def _up(args: argparse.Namespace) -> None:
     from launcher.up import run
 
+    if args.log_format is not None:  # the components it starts read it from their environment
+        for prefix in ("FLEETLM_CP_", "FLEETLM_NODE_", "FLEETLM_EDGE_"):
+            os.environ[prefix + "LOG_FORMAT"] = args.log_format
     sys.exit(run(args))
 
 
@@ -366,6 +377,7 @@ def parser() -> argparse.ArgumentParser:
     )
     default_state = os.path.join(os.environ.get("XDG_STATE_HOME", "~/.local/state"), "fleetlm")
     up.add_argument("--state-dir", default=default_state, help=f"etcd data and logs ({default_state})")
+    _log_format_flag(up)
     up.set_defaults(run=_up)
 
     cp = sub.add_parser("controlplane", help="run the control plane")
@@ -387,6 +399,7 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--deployments", help="models.yaml of deployments to create at start-up")
     cp.add_argument("--placement-strategy", choices=["spread", "binpack"], help="replica placement (spread)")
     cp.add_argument("--log-level")
+    _log_format_flag(cp)
     cp.add_argument(
         "--auth-secret-file",
         help="the fleet secret (>= 32 bytes; fleetlm keys new-secret): API keys are kept as its HMACs",
@@ -420,6 +433,7 @@ def parser() -> argparse.ArgumentParser:
     node.add_argument("--sglang-python", help="Python that runs sglang.launch_server (the agent's own)")
     node.add_argument("--engine-health-seconds", type=float, help="health-check period of engine servers (5)")
     node.add_argument("--log-level")
+    _log_format_flag(node)
     _tls_flags(node, "this node")
     node.add_argument("--join-token", help="join token (FLEETLM_NODE_JOIN_TOKEN keeps it out of ps)")
     node.add_argument("--ca-fingerprint", help="sha256:... of the fleet CA, pinned for --join-token")
@@ -448,6 +462,7 @@ def parser() -> argparse.ArgumentParser:
         help="seconds an unreachable node is skipped before a request probes it again, doubling to 30 (1)",
     )
     edge.add_argument("--log-level")
+    _log_format_flag(edge)
     edge.add_argument("--require-api-key", action="store_true", help="every /v1 and gRPC request needs an API key")
     edge.add_argument("--max-body-bytes", type=int, help="largest HTTP request body; above it 413 (8 MiB)")
     edge.add_argument("--body-timeout", type=float, help="seconds a request body has to arrive; then 408 (30)")

@@ -74,6 +74,8 @@ def setup(component: str, level: str = "INFO", log_format: str = "text") -> None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Python's warnings go through the same handler (with --log-format json a bare line would break it).
+    logging.captureWarnings(True)
     # grpc and httpx are chatty at INFO about things operators do not need.
     for noisy in ("httpx", "aetcd"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

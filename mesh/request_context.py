@@ -13,6 +13,9 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 
+from mesh import tracing
+from mesh.errors import invalid
+
 HTTP_HEADER = "X-Request-Id"
 METADATA_KEY = "x-request-id"  # gRPC metadata keys are lower case
 MAX_LENGTH = 128
@@ -38,6 +41,34 @@ def from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
         if key == METADATA_KEY and isinstance(value, str) and is_valid(value):
             return value
     return ""
+
+
+def checked(value: str, where: str) -> str:
+    """A client's id as given, or a 400 naming where it came from (`where`: the header or metadata key).
+    Never replaced silently: the client would look for its id in vain."""
+    if not is_valid(value):
+        raise invalid(
+            where,
+            f"invalid {where}: at most {MAX_LENGTH} characters of letters, digits and ._:/+=@- (got"
+            f" {len(value)} characters{'' if value.isprintable() else ', some unprintable'})",
+        )
+    return value
+
+
+def sent_in(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The id a gRPC caller sent (checked: a 400 when it is not valid), or a fresh one."""
+    for key, value in metadata or ():
+        if key == METADATA_KEY:
+            return checked(value if isinstance(value, str) else value.decode("latin-1"), METADATA_KEY)
+    return make()
+
+
+def outgoing(request_id: str) -> tuple[tuple[str, str], ...]:
+    """The metadata of a call made for a request: its id and, with tracing on, the current span's trace
+    context (mesh.tracing)."""
+    if tracing.TRACER is None:
+        return ((METADATA_KEY, request_id),)
+    return ((METADATA_KEY, request_id), *tracing.inject({}).items())
 
 
 @contextlib.contextmanager

@@ -1,12 +1,11 @@
 """The node's InferenceService: converts protos to engine calls and engine failures to FleetErrors.
-Admission and limits are the host's (`ModelHost.serving`); every refusal or failure of a request is
-logged here once, with its model and request_id."""
+Admission and limits are the host's (`ModelHost.serving`); every request is logged once, with its id,
+model, replica, outcome and tokens, and traced when tracing is on (node_agent.request_log)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -25,6 +24,7 @@ from node_agent.engines.base import (
     TextChunk,
 )
 from node_agent.host import ModelHost
+from node_agent.request_log import Served, served
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +91,6 @@ def _engine_error(exc: EngineError, input_param: str = "messages") -> FleetError
     return FleetError(ErrorCode.BACKEND_UNAVAILABLE, str(exc), retry_after_seconds=1)
 
 
-@contextlib.contextmanager
-def _logged(method: str, model: str, request_id: str = "") -> Iterator[None]:
-    """Log a request's refusal or failure with what identifies it (the interceptor then maps it)."""
-    try:
-        yield
-    except FleetError as error:
-        log.info("%s request %s for model %s: %s", method, request_id or "-", model, error)
-        raise
-    except Exception as exc:
-        log.warning("%s request %s for model %s failed: %r", method, request_id or "-", model, exc)
-        raise
-
-
 class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, host: ModelHost, node_id: str) -> None:
         self._host = host
@@ -112,18 +99,24 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        with _logged("Generate", request.model, request.request_id):
+        operation = "text_completion" if request.WhichOneof("input") == "prompt" else "chat"
+        metadata = context.invocation_metadata()
+        with served("Generate", request.model, operation, metadata, self._node_id, request.request_id) as record:
             validate_generate(request)
-            async for response in self._generate(request):
+            async for response in self._generate(request, record):
                 yield response
 
-    async def _generate(self, request: inference_pb2.GenerateRequest) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    async def _generate(
+        self, request: inference_pb2.GenerateRequest, record: Served
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         input_param = "prompt" if request.WhichOneof("input") == "prompt" else "messages"
         prompt = _prompt(request)
-        async with self._host.serving(request.model) as (_, engine):
+        async with self._host.serving(request.model) as (hosted, engine):
+            record.replica(hosted.spec.engine, hosted.device)
             try:
                 async for event in engine.generate(prompt, sampling_options(request.sampling)):
                     if isinstance(event, Finished):
+                        record.usage(event.prompt_tokens, event.completion_tokens)
                         usage = inference_pb2.Usage(
                             prompt_tokens=event.prompt_tokens,
                             completion_tokens=event.completion_tokens,
@@ -144,14 +137,16 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
-        # EmbedRequest has no request_id field (yet): its lines carry the model only.
-        with _logged("Embed", request.model):
+        metadata = context.invocation_metadata()
+        with served("Embed", request.model, "embeddings", metadata, self._node_id) as record:
             validate_embed(request)
-            async with self._host.serving(request.model) as (_, engine):
+            async with self._host.serving(request.model) as (hosted, engine):
+                record.replica(hosted.spec.engine, hosted.device)
                 try:
                     result = await engine.embed(list(request.inputs))
                 except EngineError as exc:
                     raise _engine_error(exc, "input") from exc
+            record.usage(result.prompt_tokens, 0)
         return inference_pb2.EmbedResponse(
             embeddings=[inference_pb2.Embedding(values=v) for v in result.vectors],
             usage=inference_pb2.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
@@ -161,9 +156,10 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.TokenizeResponse:
-        with _logged("Tokenize", request.model):
+        with served("Tokenize", request.model, "tokenize", context.invocation_metadata(), self._node_id) as record:
             validate_tokenize(request)
             hosted, engine = self._host.engine_for(request.model)
+            record.replica(hosted.spec.engine, hosted.device)
             prompt = _chat(request.chat) if request.WhichOneof("input") == "chat" else request.text
             try:
                 ids = await engine.tokenize(prompt)

@@ -12,13 +12,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fleetlm.controlplane.v1 import node_pb2
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
-from mesh import logs
+from mesh import logs, tracing
 from mesh.catalog import CatalogError, load_catalog
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
 from mesh.tls import TlsFiles, refuse_exposed_plaintext, secure_channel, server_credentials
-from node_agent import assignments, inventory
+from node_agent import assignments, inventory, llama_logs
 from node_agent.host import ModelHost
 from node_agent.identity import JoinError, node_identity
 from node_agent.inference_service import NodeInference
@@ -193,8 +193,9 @@ def _log_to_a_copy_of_stderr() -> None:
 
 
 def main(settings: NodeSettings) -> None:
-    logs.setup(f"node:{settings.node_id}"[:12], settings.log_level)
+    logs.setup(f"node:{settings.node_id}"[:12], settings.log_level, settings.log_format)
     _log_to_a_copy_of_stderr()
+    llama_logs.route()  # llama.cpp's lines in the node's format too (--log-format json)
     try:
         if settings.catalog:
             load_catalog(settings.catalog)
@@ -204,6 +205,11 @@ def main(settings: NodeSettings) -> None:
         # A node that will join has TLS once it has joined.
         tls = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca) is not None or bool(settings.join_token)
         refuse_exposed_plaintext("the node", [settings.listen], tls, settings.insecure_plaintext)
+        traces = tracing.setup("node")
     except (CatalogError, OSError, ValueError, TypeError) as exc:
         raise SystemExit(f"fleetlm node: {exc}") from None
-    run_until_signalled(lambda stop: serve(settings, stop))
+    try:
+        run_until_signalled(lambda stop: serve(settings, stop))
+    finally:
+        if traces is not None:
+            traces.shutdown()  # after the server and the engines stopped: the last requests' spans are flushed

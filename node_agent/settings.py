@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -89,3 +90,6 @@ class NodeSettings(BaseSettings):
         False, description="serve plaintext gRPC on a non-loopback --listen (refused without it unless TLS is on)"
     )
     log_level: str = Field("INFO", description="log level")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text, or one JSON object per line (json), on stderr"
+    )

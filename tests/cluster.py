@@ -127,8 +127,9 @@ def smollm_entry(name: str = MODEL, **extra: Any) -> dict[str, Any]:
 class Cluster:
     """A fleet on this machine. Components are added one by one; `close` stops them in reverse."""
 
-    def __init__(self, workdir: Path, tls: bool = False) -> None:
+    def __init__(self, workdir: Path, tls: bool = False, env: dict[str, str] | None = None) -> None:
         self.dir = workdir
+        self.env = env  # added to every component's environment (OTEL_*, FLEETLM_*), else theirs is pytest's
         self.procs: list[Proc] = []
         self.etcd_url = ""
         self.controlplane = ""
@@ -168,7 +169,7 @@ class Cluster:
         return grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
 
     def _start(self, name: str, argv: list[str], ready: Any = None) -> Proc:
-        proc = Proc(name, argv, self.dir, ready)
+        proc = Proc(name, argv, self.dir, ready, env=self.env)
         self.procs.append(proc)
         return proc
 
@@ -176,7 +177,7 @@ class Cluster:
         """The same component again (same argv, so the same ports and data), once it serves; its log goes on
         in the same file. `proc` is stopped first if it still runs."""
         proc.stop()
-        again = Proc(proc.name, proc.argv, self.dir, proc.ready, append=True)
+        again = Proc(proc.name, proc.argv, self.dir, proc.ready, append=True, env=self.env)
         self.procs[self.procs.index(proc)] = again
         if again.ready is not None:
             wait_for(again.ready, START_TIMEOUT, f"{again.name} to serve again", again)

@@ -6,6 +6,9 @@ or `/v1/completions` (a raw prompt) over SSE and turns the chunks into the engin
 iterator closes the HTTP stream, which is how these servers learn to abort the request. Embeddings go
 to `/v1/embeddings`. The agent's own limits hold in front of the server: at most `slots` requests run
 upstream, the rest wait here, so the load the scheduler sees is true. `watch` health-checks the server.
+Each request carries the fleet's request id (`X-Request-Id`) and, with tracing on, the node's span as
+W3C `traceparent`, so the server's own logs and traces join the fleet's. A server that refuses ids that
+are not UUIDs (llama_cpp.server answers 400 to every such request) is found at start and gets none.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from mesh import request_context, tracing
 from node_agent.engines.base import (
     ContextLengthExceeded,
     Embeddings,
@@ -110,6 +114,13 @@ def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[
     return "/chat/completions", body
 
 
+def request_headers(with_id: bool = True) -> dict[str, str]:
+    """The headers that tie an upstream request to the fleet's: the request's id and its trace context."""
+    request_id = request_context.REQUEST_ID.get() if with_id else ""
+    headers = {request_context.HTTP_HEADER: request_id} if request_id else {}
+    return tracing.inject(headers)
+
+
 def _raw(token: str, raw: Any) -> bytes:
     return bytes(raw) if isinstance(raw, list) else token.encode()
 
@@ -174,6 +185,7 @@ class OpenAIServerEngine:
         self._model = config.upstream_model or config.name
         self._context_size = config.context_size
         self._gate = asyncio.Semaphore(config.slots)
+        self._sends_ids = True  # whether requests carry X-Request-Id (`_takes_request_ids`)
         self._running = 0
         self._waiting = 0
 
@@ -204,8 +216,24 @@ class OpenAIServerEngine:
             raise EngineError(f"the engine's server at {self._root} has no model '{self._model}' (it lists {ids})")
         if not self._context_size and isinstance(entry.get("max_model_len"), int):
             self._context_size = entry["max_model_len"]
+        self._sends_ids = await self._takes_request_ids()
         log.info("engine server %s serves %s as %s", self._root, self.config.name, self._model)
         return EngineInfo(context_size=self._context_size)
+
+    async def _takes_request_ids(self) -> bool:
+        """Whether the server takes fleetlm's ids as X-Request-Id. llama_cpp.server (its starlette-context
+        request-id plugin) answers 400 to any request whose id is not a UUID: sending ids to it would fail
+        every request, so it gets none, said once here."""
+        headers = {request_context.HTTP_HEADER: request_context.make()}
+        try:
+            reply = await self._client.get(f"{self._root}/models", headers=headers, timeout=self.config.connect_timeout)
+        except httpx.HTTPError:
+            return True  # it answered a moment ago; a failure now is no verdict on the header
+        if reply.status_code == 400:
+            log.warning("engine server %s refuses X-Request-Id values that are not UUIDs (400): fleetlm's request"
+                        " ids are not sent to it (trace context still is)", self._root)  # fmt: skip
+            return False
+        return True
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -248,7 +276,9 @@ class OpenAIServerEngine:
         chunks, finish, usage, offset = 0, "", None, 0
         async with self._slot():
             try:
-                async with self._client.stream("POST", f"{self._root}{path}", json=body) as reply:
+                async with self._client.stream(
+                    "POST", f"{self._root}{path}", json=body, headers=request_headers(self._sends_ids)
+                ) as reply:
                     if reply.status_code != 200:
                         await reply.aread()
                         raise upstream_error(reply.status_code, _error_message(reply), input_param)
@@ -287,7 +317,9 @@ class OpenAIServerEngine:
         async with self._slot():
             try:
                 reply = await self._client.post(
-                    f"{self._root}/embeddings", json={"model": self._model, "input": list(texts)}
+                    f"{self._root}/embeddings",
+                    json={"model": self._model, "input": list(texts)},
+                    headers=request_headers(self._sends_ids),
                 )
             except httpx.HTTPError as exc:
                 raise EngineUnavailable(f"the engine's server at {self._root} failed: {exc!r}") from exc

@@ -1,0 +1,135 @@
+"""One request as the node serves it: its id bound (every log line about it carries the id), its span
+when tracing is on (a child of the edge's, from the call's `traceparent` metadata), and ONE log line when
+it ends: model, replica, outcome, tokens, duration.
+
+The id is the edge's `x-request-id` metadata, else the request's own `request_id` field (Generate), else
+a fresh one (a caller that is not an edge)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh import request_context, tracing
+from mesh.errors import ErrorCode, FleetError
+
+log = logging.getLogger("fleetlm.node.requests")
+_REPLICA_FAILURES = (str(ErrorCode.INTERNAL), str(ErrorCode.BACKEND_UNAVAILABLE))
+
+
+@dataclass
+class Served:
+    request_id: str
+    method: str
+    model: str
+    operation: str
+    engine: str = ""
+    device: str = ""
+    outcome: str = "ok"
+    message: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    span: Any = None
+
+    def replica(self, engine: str, device: str) -> None:
+        self.engine, self.device = engine, device
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
+
+
+def _request_id(metadata: Iterable[tuple[str, str | bytes]], field_id: str) -> str:
+    sent = request_context.from_metadata(metadata)
+    if sent:
+        return sent
+    return field_id if field_id and request_context.is_valid(field_id) else request_context.make()
+
+
+@contextlib.contextmanager
+def served(
+    method: str, model: str, operation: str, metadata: Iterable[tuple[str, str | bytes]] | None, node_id: str,
+    field_id: str = "",
+) -> Iterator[Served]:  # fmt: skip
+    pairs = tuple(metadata or ())
+    record = Served(_request_id(pairs, field_id), method, model, operation)
+    with request_context.bound(record.request_id):
+        try:
+            if tracing.TRACER is None:
+                yield record
+            else:
+                from opentelemetry.trace import use_span
+
+                attributes = {
+                    "fleetlm.request_id": record.request_id,
+                    "fleetlm.node.id": node_id,
+                    "gen_ai.operation.name": operation,
+                    "gen_ai.request.model": model,
+                }
+                record.span = tracing.start_span(f"{operation} {model}", tracing.carrier_from(pairs), attributes)
+                with use_span(record.span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+                    yield record
+        except FleetError as error:
+            record.outcome, record.message = str(error.code), error.message
+            raise
+        except asyncio.CancelledError:
+            record.outcome = str(ErrorCode.CANCELLED)  # the edge cancelled the call (its client went away)
+            raise
+        except Exception as exc:
+            record.outcome, record.message = str(ErrorCode.INTERNAL), repr(exc)
+            raise
+        finally:
+            _finish(record, node_id)
+
+
+def _finish(record: Served, node_id: str) -> None:
+    duration = round((time.perf_counter() - record.started) * 1000, 2)
+    replica = f"{node_id}/{record.model}"
+    fields = {
+        "method": record.method,
+        "model": record.model,
+        "replica": replica,
+        "engine": record.engine,
+        "device": record.device,
+        "outcome": record.outcome,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "duration_ms": duration,
+    }
+    failed = record.outcome not in ("ok", str(ErrorCode.CANCELLED))
+    # A failure of the replica (not of the request) is a warning; a refusal or a bad request, info.
+    level = logging.WARNING if record.outcome in _REPLICA_FAILURES else logging.INFO
+    log.log(
+        level,
+        "%s %s on %s (%s %s): %s prompt_tokens=%d completion_tokens=%d duration_ms=%.2f%s",
+        record.method,
+        record.model,
+        replica,
+        record.engine or "-",
+        record.device or "-",
+        record.outcome,
+        record.prompt_tokens,
+        record.completion_tokens,
+        duration,
+        f": {record.message}" if record.message else "",
+        extra=fields,
+    )
+    if record.span is not None:
+        from opentelemetry.trace import Status, StatusCode
+
+        record.span.set_attributes(
+            {
+                "gen_ai.usage.input_tokens": record.prompt_tokens,
+                "gen_ai.usage.output_tokens": record.completion_tokens,
+                "fleetlm.outcome": record.outcome,
+            }
+        )
+        if failed:
+            record.span.set_attribute("error.type", record.outcome)
+            record.span.set_status(Status(StatusCode.ERROR, record.message or record.outcome))
+        record.span.end()
