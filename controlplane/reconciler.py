@@ -21,7 +21,7 @@ import time
 
 from google.protobuf import timestamp_pb2
 
-from controlplane import placement
+from controlplane import metrics, placement
 from controlplane.fleet import FleetView
 from controlplane.leader import Leadership
 from controlplane.store import ClusterStore, Fence, FencedOut, record_key
@@ -150,6 +150,7 @@ class Reconciler:
 
     async def reconcile(self) -> None:
         async with self._lock:
+            metrics.RECONCILE_PASSES.inc()
             await self._reconcile()
 
     async def _reconcile(self) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aetcd
 
+from controlplane import metrics
 from controlplane.admin import Admin, validate_deployment
 from controlplane.etcd_store import EtcdStore
 from controlplane.fleet import FleetView
@@ -38,6 +39,7 @@ from fleetlm.controlplane.v1 import (
     routing_pb2_grpc,
 )
 from mesh import logs, tracing
+from mesh import metrics as metrics_port
 from mesh.catalog import CatalogError, load_catalog
 from mesh.errors import FleetError
 from mesh.fleet_ca import FleetCA
@@ -128,6 +130,8 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             identity_pb2_grpc.add_JoinServiceServicer_to_server(join, join_server.server)
     routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingService(router, publisher), server.server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server.server)
+    # Beyond loopback the metrics port speaks HTTPS with the control plane's certificate.
+    scraped = metrics_port.start("controlplane", settings.metrics_listen, tls, metrics.registry(fleet, leadership))
     try:
         async with asyncio.TaskGroup() as tasks:
             follower = tasks.create_task(fleet.run())
@@ -170,6 +174,8 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             publishing.cancel()
             follower.cancel()
     finally:
+        if scraped is not None:
+            scraped.close()
         await admin.close()
         await store.close()
     log.info("control plane stopped")
@@ -177,7 +183,9 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
 
 def _check_tls(settings: ControlPlaneSettings) -> None:
     tls = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca)
-    refuse_exposed_plaintext("the control plane", [settings.listen], tls is not None, settings.insecure_plaintext)
+    metrics_port.check_listen(settings.metrics_listen)
+    exposed = [settings.listen, *([settings.metrics_listen] if settings.metrics_listen else [])]
+    refuse_exposed_plaintext("the control plane", exposed, tls is not None, settings.insecure_plaintext)
     if settings.join_listen and (tls is None or settings.ca_dir is None):
         raise ValueError("--join-listen needs --tls-cert, --tls-key, --tls-ca and --ca-dir")
     if settings.ca_dir is not None:

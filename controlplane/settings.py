@@ -77,6 +77,11 @@ class ControlPlaneSettings(BaseSettings):
     insecure_plaintext: bool = Field(
         False, description="serve plaintext gRPC on a non-loopback --listen (refused without it unless TLS is on)"
     )
+    metrics_listen: str = Field(
+        "127.0.0.1:9400",
+        description='host:port of the Prometheus metrics port (/metrics; port 0 picks a free one, logged); "" for'
+        " none. Beyond loopback it speaks HTTPS with the TLS files, or needs --insecure-plaintext",
+    )
     log_level: str = Field("INFO", description="log level")
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as text, or one JSON object per line (json), on stderr"

@@ -44,7 +44,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mesh.errors import FleetError
-from mesh.metrics import E2E_BUCKETS, ITL_BUCKETS, PREFIX, TTFT_BUCKETS
+from mesh.metrics import E2E_BUCKETS, ITL_BUCKETS, PREFIX, TTFT_BUCKETS, new_registry
 
 if TYPE_CHECKING:
     from edge.gateway import Gateway
@@ -122,7 +122,7 @@ class _RoutingCollector(Collector):
 
 class EdgeMetrics:
     def __init__(self, gateway: Gateway, registry: CollectorRegistry | None = None) -> None:
-        self.registry = r = registry or CollectorRegistry()
+        self.registry = r = registry or new_registry()
         self._gateway = gateway
         self.requests = Counter(
             P + "requests",

@@ -39,6 +39,7 @@ def _controlplane(args: argparse.Namespace) -> None:
         *ETCD_FLAGS,
         "ca_dir",
         "join_listen",
+        "metrics_listen",
     )
     if args.leader_ttl is not None:
         values["leader_ttl_seconds"] = args.leader_ttl
@@ -74,6 +75,7 @@ def _node(args: argparse.Namespace) -> None:
         "ca_fingerprint",
         "join_address",
         "state_dir",
+        "metrics_listen",
     )
     if args.unified_kv:
         values["unified_kv"] = True
@@ -408,6 +410,12 @@ def parser() -> argparse.ArgumentParser:
     _tls_flags(cp, "the control plane")
     cp.add_argument("--ca-dir", help="directory of the fleet CA (ca.crt, ca.key); Join signs with it")
     cp.add_argument("--join-listen", help="host:port of JoinService, TLS without client certificates")
+    cp.add_argument("--metrics-listen", help="host:port of the Prometheus metrics port (127.0.0.1:9400; '' for none)")
+    cp.add_argument(
+        "--node-cert-lifetime",
+        type=float,
+        help="seconds the node certificates it signs are valid (30 days); nodes renew at two thirds of it",
+    )
     _etcd_flags(cp)
     cp.set_defaults(run=_controlplane)
 
@@ -439,6 +447,7 @@ def parser() -> argparse.ArgumentParser:
     node.add_argument("--ca-fingerprint", help="sha256:... of the fleet CA, pinned for --join-token")
     node.add_argument("--join-address", help="host:port of the control plane's --join-listen")
     node.add_argument("--state-dir", help="where the node keeps its key and certificate")
+    node.add_argument("--metrics-listen", help="host:port of the Prometheus metrics port (127.0.0.1:9401; '' for none)")
     node.set_defaults(run=_node)
 
     edge = sub.add_parser("edge", help="run the edge (OpenAI HTTP + gRPC front door)")

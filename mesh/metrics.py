@@ -9,11 +9,19 @@ key or user: their series count must stay bounded by the fleet's size, not by it
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 from mesh.tls import TlsFiles
 
@@ -39,6 +47,42 @@ E2E_BUCKETS = (
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 # Short internal operations (a routing decision, an etcd call, a decode step): 100 us to 10 s.
 FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+# Sequences in one decode step (continuous batching).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Distribution:
+    """A histogram kept by the code that observes (an engine's decode thread), with no Prometheus object and
+    no lock: one writer; a scrape reads `counts` and `total`, which may be one observation apart. The node's
+    collector turns it into a histogram with `buckets`."""
+
+    __slots__ = ("buckets", "counts", "total")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # per bucket (not cumulative), the last one +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+
+
+def new_registry() -> CollectorRegistry:
+    """A component's own registry (several components, or test fleets, may share a process), with the process
+    metrics every Prometheus client exports (CPU, memory, file descriptors, GC, Python version)."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def check_listen(listen: str) -> None:
+    """A metrics address is "" (no port) or host:port; ValueError, naming the setting, otherwise."""
+    _, sep, port = listen.rpartition(":")
+    if listen and (not sep or not port.isdigit() or int(port) > 65535):
+        raise ValueError(f"--metrics-listen {listen!r} is not host:port (or '' for no metrics port)")
 
 
 @dataclass
@@ -67,3 +111,17 @@ def serve(listen: str, tls: TlsFiles | None = None, registry: CollectorRegistry 
     bound = server.server_address[1]
     log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", host or "0.0.0.0", bound)
     return MetricsServer(server, thread, bound)
+
+
+def start(component: str, listen: str, tls: TlsFiles | None, registry: CollectorRegistry) -> MetricsServer | None:
+    """A component's metrics port, or None when `listen` is ""; a port it cannot bind ends the component with
+    a message that says which and what to do (a scrape target that never answers would be found much later)."""
+    if not listen:
+        return None
+    try:
+        return serve(listen, tls, registry)
+    except OSError as exc:
+        raise SystemExit(
+            f"fleetlm {component}: cannot serve metrics on {listen}: {exc.strerror or exc}"
+            " (--metrics-listen HOST:PORT for another port, '' for none)"
+        ) from None

@@ -84,6 +84,7 @@ class HostedModel:
     release: asyncio.Task[None] | None = None  # unassigned: unloads it after UNASSIGNED_GRACE_SECONDS
     starting: Engine | None = None  # the engine being loaded, for its load progress
     loading_since: float = 0.0  # when the current load attempt began (time.time())
+    load_seconds: float = 0.0  # how long the last successful load took (the node's metrics)
 
     @property
     def name(self) -> str:
@@ -185,6 +186,7 @@ class ModelHost:
             return _Load.PERMANENT if permanent else _Load.FAILED
         hosted.engine, hosted.context_size, hosted.starting = engine, info.context_size, None
         hosted.last_request_at = time.time()
+        hosted.load_seconds = hosted.last_request_at - hosted.loading_since
         self._set(hosted, node_pb2.REPLICA_STATE_READY)
         log.info("model %s ready on %s (context %d)", hosted.name, hosted.device, info.context_size)
         return _Load.READY

@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fleetlm.controlplane.v1 import node_pb2
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh import logs, tracing
+from mesh import metrics as metrics_port
 from mesh.catalog import CatalogError, load_catalog
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.grpc_server import GrpcServer
@@ -23,6 +24,7 @@ from node_agent.host import ModelHost
 from node_agent.identity import JoinError, node_identity
 from node_agent.inference_service import NodeInference
 from node_agent.load_reports import ChangeFeed, report_load
+from node_agent.metrics import NodeMetrics
 from node_agent.registration import Registration
 from node_agent.settings import NodeSettings
 
@@ -137,8 +139,14 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
         raise SystemExit(f"fleetlm node: {exc}") from None
     gpus = (await asyncio.to_thread(collect)).gpus
     host = ModelHost([e.spec() for e in entries], settings, gpus)
+    metrics = NodeMetrics(host) if settings.metrics_listen else None
+    # Beyond loopback the metrics port speaks HTTPS with the node's certificate (Prometheus given the fleet CA).
+    scraped = metrics_port.start("node", settings.metrics_listen, tls, metrics.registry) if metrics else None
     server = GrpcServer([INFERENCE_SERVICE])
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(NodeInference(host, settings.node_id), server.server)
+    servicer = NodeInference(host, settings.node_id)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+        metrics.counted_servicer(servicer) if metrics else servicer, server.server
+    )
     # With TLS, only fleet components (the edge) with a certificate from the fleet CA may call this node.
     port = await server.start(settings.listen, server_credentials(tls, True) if tls else None)
     address = _advertised(settings, port)
@@ -178,6 +186,8 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
                 await _step("stopping the gRPC server", server.stop(settings.shutdown_grace_seconds))
     finally:
         await host.close()
+        if scraped is not None:
+            scraped.close()
         log.info("node %s stopped", settings.node_id)
     if failure:
         raise SystemExit(f"fleetlm node: {failure}")
@@ -204,7 +214,9 @@ def main(settings: NodeSettings) -> None:
         controlplane_target(settings.controlplane)  # a bad address list fails here, not in the background
         # A node that will join has TLS once it has joined.
         tls = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca) is not None or bool(settings.join_token)
-        refuse_exposed_plaintext("the node", [settings.listen], tls, settings.insecure_plaintext)
+        metrics_port.check_listen(settings.metrics_listen)
+        exposed = [settings.listen, *([settings.metrics_listen] if settings.metrics_listen else [])]
+        refuse_exposed_plaintext("the node", exposed, tls, settings.insecure_plaintext)
         traces = tracing.setup("node")
     except (CatalogError, OSError, ValueError, TypeError) as exc:
         raise SystemExit(f"fleetlm node: {exc}") from None

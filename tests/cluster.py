@@ -32,6 +32,11 @@ MODEL = "smollm2-135m"
 # How long a component may take to start: a Python process that imports grpc (and llama_cpp, for a node)
 # takes 2-5 s on these 2 cores when other test runs share them; 60 s fails only a component that is stuck.
 START_TIMEOUT = 60
+# Control planes and nodes serve Prometheus metrics on a port of their own (127.0.0.1:9400 / :9401 by
+# default). Tests start several side by side, and other fleets may run on this machine: every one the tests
+# start without naming a port picks a free one. Cluster names one for each component it starts (`metrics`).
+os.environ.setdefault("FLEETLM_CP_METRICS_LISTEN", "127.0.0.1:0")
+os.environ.setdefault("FLEETLM_NODE_METRICS_LISTEN", "127.0.0.1:0")
 
 
 def wait_for(check: Any, timeout: float, what: str, proc: Proc | None = None) -> Any:
@@ -138,6 +143,8 @@ class Cluster:
         self.tls = tls
         self.ca_dir = workdir / "ca"
         self.join_address = ""
+        # The metrics URL of each control plane and node it started ("controlplane", or the node's id).
+        self.metrics: dict[str, str] = {}
         if tls:
             FleetCA.create(self.ca_dir)
             self.issue("admin", "admin")
@@ -209,6 +216,8 @@ class Cluster:
                 *extra,
             )
         credentials = self.credentials()
+        metrics_port = free_port()
+        self.metrics["controlplane"] = f"{'https' if self.tls else 'http'}://127.0.0.1:{metrics_port}/metrics"
         proc = self._start(
             "controlplane",
             fleetlm(
@@ -219,6 +228,8 @@ class Cluster:
                 self.etcd_url,
                 "--lease-ttl",
                 str(lease_ttl),
+                "--metrics-listen",
+                f"127.0.0.1:{metrics_port}",
                 *extra,
             ),
             lambda: grpc_serving(address, credentials=credentials),
@@ -245,6 +256,8 @@ class Cluster:
             override.write_text(yaml.safe_dump(inventory))
             args += ["--inventory-override", str(override)]
         address = f"127.0.0.1:{free_port()}"
+        metrics_port = free_port()
+        self.metrics[node_id] = f"{'https' if self.tls else 'http'}://127.0.0.1:{metrics_port}/metrics"
         proc = self._start(
             f"node-{node_id}",
             fleetlm(
@@ -257,6 +270,8 @@ class Cluster:
                 self.controlplane,
                 "--threads",
                 str(threads),
+                "--metrics-listen",
+                f"127.0.0.1:{metrics_port}",
                 *args,
             ),
         )

@@ -17,7 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.auth import create_secret_file
 from tests.cluster import MODEL, Cluster, smollm_entry, wait_for
@@ -56,6 +56,7 @@ class Fleet:
     http: str
     grpc: str
     admin_token: str
+    node_address: str  # node-a's InferenceService
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -100,10 +101,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             cluster.start_etcd()
             cluster.start_controlplane(3)
             missing = smollm_entry(MISSING, path=str(Path("/nonexistent/weights.gguf")))
-            cluster.start_node("node-a", [smollm_entry(), missing])
+            _, node_address = cluster.start_node("node-a", [smollm_entry(), missing])
             cluster.start_node("node-b")
             _, http, grpc_address = cluster.start_edge()
-            fleet = Fleet(cluster, http, grpc_address, token_file.read_text().strip())
+            fleet = Fleet(cluster, http, grpc_address, token_file.read_text().strip(), node_address)
             probe = fleet.key("probe")
             wait_for(lambda: _serves(http, probe), 90, f"{http} to serve {MODEL}")
             yield fleet
@@ -261,3 +262,88 @@ def test_edge_counts_requests_in_flight(fleet: Fleet) -> None:
         thread.join(180)
     assert done.is_set()
     assert value(fleet.edge(), "fleetlm_edge_requests_in_flight", model=MODEL) == 0
+
+
+# --- the node -------------------------------------------------------------------------------------------------
+
+
+def test_node_metrics_show_replicas_and_count_requests_and_tokens(fleet: Fleet) -> None:
+    node = fleet.cluster.metrics["node-a"]
+    client = fleet.client(fleet.key("node"))
+    before = scrape(node)
+    assert value(before, "fleetlm_node_replica_state", model=MODEL, state="ready") == 1
+    assert value(before, "fleetlm_node_replica_state", model=MISSING, state="failed") == 1
+    assert value(before, "fleetlm_node_slots", model=MODEL) == 4  # llama.cpp's default sequence slots
+    assert value(before, "fleetlm_node_capacity", model=MODEL) == 4 + 16
+    assert value(before, "fleetlm_node_load_seconds", model=MODEL) > 0
+    assert 0 <= value(before, "fleetlm_node_kv_cache_usage_ratio", model=MODEL) <= 1
+    assert not any(name.startswith("fleetlm_node_gpu_") for name, _ in before)  # no GPU here: no series
+    prompt_tokens = completion_tokens = generation_prompt_tokens = 0
+    for prompt in ("Blue, yellow,", "Monday, Tuesday,"):
+        completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+        assert completion.usage is not None
+        prompt_tokens += completion.usage.prompt_tokens
+        generation_prompt_tokens += completion.usage.prompt_tokens
+        completion_tokens += completion.usage.completion_tokens
+    for _ in range(2):  # the second is answered from the embedding cache
+        prompt_tokens += client.embeddings.create(model=MODEL, input=["node metrics"]).usage.prompt_tokens
+    after = scrape(node)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("fleetlm_node_requests_total", model=MODEL, outcome="ok") == 4
+    assert delta("fleetlm_node_prompt_tokens_total", model=MODEL) == prompt_tokens
+    assert delta("fleetlm_node_generation_tokens_total", model=MODEL) == completion_tokens
+    assert delta("fleetlm_node_prefix_cache_queries_total", model=MODEL) == generation_prompt_tokens
+    steps = delta("fleetlm_node_decode_steps_total", model=MODEL)
+    assert steps >= completion_tokens  # one step per token at least (a prompt may take more)
+    assert delta("fleetlm_node_decode_step_seconds_count", model=MODEL) == steps
+    assert delta("fleetlm_node_decode_batch_sequences_count", model=MODEL) == steps
+    assert delta("fleetlm_node_embedding_cache_hits_total", model=MODEL) == 1
+    assert delta("fleetlm_node_embedding_cache_misses_total", model=MODEL) == 1
+    assert value(after, "fleetlm_node_requests_running", model=MODEL) == 0
+    assert value(after, "process_cpu_seconds_total") > 0  # the process metrics every Prometheus client exports
+    empty = scrape(fleet.cluster.metrics["node-b"])  # serves nothing: no replica series
+    assert not any(name == "fleetlm_node_replica_state" for name, _ in empty)
+
+
+def test_node_counts_a_refused_request_with_its_code(fleet: Fleet) -> None:
+    node = fleet.cluster.metrics["node-a"]
+    before = scrape(node)
+    stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(fleet.node_address))
+    with pytest.raises(grpc.RpcError) as failed:
+        list(stub.Generate(inference_pb2.GenerateRequest(model=MISSING, prompt="Hi"), timeout=30))
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    after = scrape(node)
+    name, outcome = "fleetlm_node_requests_total", {"model": MISSING, "outcome": "MODEL_UNAVAILABLE"}
+    assert value(after, name, **outcome) - value(before, name, **outcome) == 1
+
+
+# --- the control plane ----------------------------------------------------------------------------------------
+
+
+def test_controlplane_metrics_show_nodes_replicas_and_its_work(fleet: Fleet) -> None:
+    url = fleet.cluster.metrics["controlplane"]
+    samples = scrape(url)
+    assert value(samples, "fleetlm_controlplane_nodes", state="active") == 2
+    assert value(samples, "fleetlm_controlplane_nodes", state="missing") == 0
+    assert value(samples, "fleetlm_controlplane_replicas", model=MODEL, state="ready") == 1
+    assert value(samples, "fleetlm_controlplane_replicas", model=MISSING, state="failed") == 1
+    assert value(samples, "fleetlm_controlplane_is_leader") == 1
+    assert total(samples, "fleetlm_controlplane_etcd_request_seconds_count") > 0
+    passes = value(samples, "fleetlm_controlplane_reconcile_passes_total")
+    # The reconciler passes at least every 2 s (reconcile_interval_seconds): 30 s is a generous bound.
+    wait_for(lambda: value(scrape(url), "fleetlm_controlplane_reconcile_passes_total") > passes, 30, "a pass")
+    # A deployment whose weights no node has: its placement fails for capacity, and is timed.
+    spec = node_pb2.ModelSpec(name="nowhere", path="/nonexistent/nowhere.gguf", format="gguf", engine="llamacpp")
+    deployment = node_pb2.Deployment(spec=spec, min_replicas=1, max_replicas=1, replicas=1)
+    stub = admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(fleet.cluster.controlplane))
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.DeployModel(admin_pb2.DeployModelRequest(deployment=deployment), metadata=fleet.metadata, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    after = scrape(url)
+    failures = "fleetlm_controlplane_placement_failures_total"
+    assert value(after, failures, reason="capacity") - value(samples, failures, reason="capacity") == 1
+    timed = "fleetlm_controlplane_placement_seconds_count"
+    assert value(after, timed) - value(samples, timed) == 1

@@ -38,6 +38,7 @@ class EmbeddingBatcher:
         self._closed = False
         self.batches = 0  # embedding calls made, for tests and metrics
         self.cache_hits = 0
+        self.cache_misses = 0  # inputs that had to be embedded
 
     async def embed(self, texts: Sequence[str]) -> list[Vector]:
         if self._closed:
@@ -58,6 +59,7 @@ class EmbeddingBatcher:
             waiting[text] = future
             self._pending.append((text, future))
         self.cache_hits += sum(1 for t in texts if t in found)
+        self.cache_misses += len(texts) - sum(1 for t in texts if t in found)
         if len(self._pending) >= self._max_batch:
             self._flush_now()
         elif self._pending and self._timer is None:

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from mesh.metrics import BATCH_BUCKETS, FAST_BUCKETS, Distribution
 from node_agent.engines.base import (
     Finished,
     GenerationEvent,
@@ -93,6 +94,10 @@ class BatchStats:
     prompt_tokens: int = 0
     reused_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     generated_tokens: int = 0
+    grammars: int = 0  # sequences that ran with a grammar
+    # For the node's metrics: each step's time (building the batch, llama_decode, sampling) and sequences.
+    step_seconds: Distribution = field(default_factory=lambda: Distribution(FAST_BUCKETS))
+    step_sequences: Distribution = field(default_factory=lambda: Distribution(BATCH_BUCKETS))
 
 
 def _runs(slots: list[int]) -> int:
@@ -170,6 +175,14 @@ class DecodeLoop:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    def kv_tokens(self) -> int:
+        """Tokens whose KV the context holds now (running sequences' and the prefixes kept for reuse), read
+        from another thread for the metrics: a snapshot that may be one step old."""
+        active = dict(self._active)
+        return sum(s.n_past for s in active.values()) + sum(
+            len(tokens) for slot, tokens in list(self._cached.items()) if slot not in active
+        )
 
     def submit(self, request: BatchRequest) -> None:
         with self._wake:
@@ -309,6 +322,7 @@ class DecodeLoop:
             self._finish(seq, keep_cache=True)
         if not self._active:
             return
+        started = time.perf_counter()
         batch, budget, n = self._batch, self._batch_size, 0
 
         def add(seq: _Sequence, start: int, end: int) -> None:
@@ -349,6 +363,8 @@ class DecodeLoop:
             if seq.logits_at >= 0:
                 index, seq.logits_at = seq.logits_at, -1
                 self._sample(seq, index)
+        self.stats.step_seconds.observe(time.perf_counter() - started)
+        self.stats.step_sequences.observe(len(plan))
 
     def _piece_of(self, token: int, special: bool = False) -> bytes:
         size = self._ll.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, special)
