@@ -95,6 +95,7 @@ class Route:
     targets: list[Target]
     cpu_offload_model: str
     device: str
+    probe: str = ""  # the address of a node whose half-open breaker this request probes (the first target)
 
 
 @dataclass
@@ -200,14 +201,27 @@ class Gateway:
             node_id, address, inference_pb2_grpc.InferenceServiceStub(self._channel(node_id, address)), replica
         )
 
-    def _reachable(self, address: str) -> bool:
-        """Whether a request may go to this node now: its breaker lets it (taking the half-open probe),
-        and its channel is not known to be failing to connect."""
-        channel = self._node_channels.get(address)
-        failing = channel is not None and channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE
-        if failing and not self.breakers.is_open(address):
-            self.breakers.failed(address)
-        return self.breakers.allow(address)
+    def _usable(self, replicas: list[Replica]) -> tuple[list[Replica], str]:
+        """The replicas a request may go to now, and the address it probes ('' if none).
+
+        A node whose breaker is closed (and whose channel is not known to be failing to connect) is usable.
+        Of the nodes whose breaker is open and due for a probe, the first goes FIRST, as this request's
+        probe: it fails over to the next replica before its first token if the node is still unreachable,
+        so the probe costs the client nothing, and it is tried for certain. (A probe taken for a replica
+        listed behind a healthy one was never sent when the healthy one answered: its breaker stayed
+        half-open with a probe "in flight" for good, and the node got no traffic from this edge again.)"""
+        usable: list[Replica] = []
+        probe: Replica | None = None
+        for replica in replicas:
+            channel = self._node_channels.get(replica.address)
+            failing = channel is not None and channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE
+            if failing and not self.breakers.is_open(replica.address):
+                self.breakers.failed(replica.address)
+            if not self.breakers.is_open(replica.address):
+                usable.append(replica)
+            elif probe is None and self.breakers.allow(replica.address):
+                probe = replica  # allow() took the half-open probe
+        return ([probe] if probe is not None else []) + usable, probe.address if probe is not None else ""
 
     async def _ask_controlplane(self, method: str, request: Any, timeout: float) -> Any:
         """Call the control plane, trying each address in turn while they are unreachable."""
@@ -271,7 +285,7 @@ class Gateway:
             if replicas:
                 if self.metrics is not None:
                     self.metrics.routed(model, feed.table.decided)
-                reachable = [r for r in replicas if self._reachable(r.address)]
+                reachable, probe = self._usable(replicas)
                 if not reachable:
                     names = ", ".join(r.node_id for r in replicas)
                     raise FleetError(
@@ -283,6 +297,7 @@ class Gateway:
                     targets=[self._target(r.node_id, r.address, r) for r in reachable],
                     cpu_offload_model=known.cpu_offload_model if known is not None else "",
                     device=reachable[0].device,
+                    probe=probe,
                 )
             if known is not None and not known.deployed:
                 # A model from a node's own catalog: nothing to scale, so the replicas' states are the answer.
@@ -394,23 +409,28 @@ class Gateway:
                     names = ", ".join(sorted(avoid))
                     refusals.add(FleetError(ErrorCode.BACKEND_UNAVAILABLE, f"no replica of '{model}' but {names}",
                                             retry_after_seconds=1), from_node=False)  # fmt: skip
-                for target in targets:
-                    if refusals.attempts and self.metrics is not None:
-                        self.metrics.series(request.model).retries.inc()
-                    refusals.attempts += 1
-                    self.acquire(target)
-                    try:
-                        answer = await attempt(_with_model(request, model), target)
-                        served_by(target.node_id)  # the access log's and the span's node
-                        return answer
-                    except FleetError as error:
-                        self.release(target)
-                        self._refused(error, request_id, model, target)
-                        refusals.add(error)
-                    except BaseException:
-                        self.release(target)
-                        self.breakers.released(target.address)  # a probe that ended with no verdict
-                        raise
+                try:
+                    for target in targets:
+                        if refusals.attempts and self.metrics is not None:
+                            self.metrics.series(request.model).retries.inc()
+                        refusals.attempts += 1
+                        self.acquire(target)
+                        try:
+                            answer = await attempt(_with_model(request, model), target)
+                            served_by(target.node_id)  # the access log's and the span's node
+                            return answer
+                        except FleetError as error:
+                            self.release(target)
+                            self._refused(error, request_id, model, target)
+                            refusals.add(error)
+                        except BaseException:
+                            self.release(target)
+                            raise
+                finally:
+                    if route.probe:
+                        # A probe that got no verdict (its target was not tried, or the attempt ended in
+                        # a timeout or a cancellation): the next request may probe instead.
+                        self.breakers.released(route.probe)
             if refusals.overloaded is None or not offload:
                 break
             log.info("request %s: every replica of %s is busy; offloading to %s", request_id, model, offload)

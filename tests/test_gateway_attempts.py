@@ -413,6 +413,33 @@ async def test_an_unreachable_replica_is_skipped_until_a_probe_finds_it_back(fle
         assert "unreachable_nodes" not in gateway.routing_status()
 
 
+async def test_a_node_back_after_a_cut_is_probed_even_when_another_replica_looks_better(fleet: Fleet) -> None:
+    # The partition test's case: after the heal the other replica is the one the table prefers (less load,
+    # or the warm tie-break). The probe of the healed node must still be sent; before the fix it was taken
+    # for a replica listed second and never sent, and the node got no traffic from this edge again.
+    live = await fleet.node(Node("live"))
+    dead = unreachable("dead")
+    fleet.routing.table = table((dead, 0), (live, 5))  # the dead one looks best: it is tried, its breaker opens
+    async with following(fleet.gateway(Breakers(failures=1, cooldown=0.3))) as gateway:
+        assert (await generate(gateway, chat("m")))[-1].result.node_id == "live"
+        assert gateway.routing_status()["unreachable_nodes"] == [dead.address]
+        fleet.routing.updates.put_nowait(table((dead, 5), (live, 0)))  # now the other one looks best
+        revived = Node("dead")
+        server = GrpcServer([INFERENCE])
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(revived, server.server)
+        await server.start(dead.address)
+        fleet.servers.append(server)
+        served = []
+        for _ in range(60):  # bounded: 6 s at most, 20 cool-downs
+            served.append((await generate(gateway, chat("m")))[-1].result.node_id)
+            if "unreachable_nodes" not in gateway.routing_status():
+                break
+            await asyncio.sleep(0.1)
+        assert revived.calls == ["m"], f"the revived node was probed {len(revived.calls)} times; served: {served}"
+        assert "unreachable_nodes" not in gateway.routing_status()
+        assert served[-1] == "dead"  # the probe was this request, and it served it
+
+
 async def test_the_edge_routes_on_its_last_table_when_the_control_plane_is_gone(fleet: Fleet) -> None:
     a = await fleet.node(Node("a"))
     fleet.routing.table = table((a, 0))
