@@ -327,13 +327,15 @@ async def test_the_request_id_reaches_the_node_and_every_log_line_about_it(
         transport = httpx.ASGITransport(app=create_app(gateway))
         async with httpx.AsyncClient(transport=transport, base_url="http://edge") as client:
             body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-            served = (await client.post("/v1/chat/completions", json=body)).json()
+            served = await client.post("/v1/chat/completions", json=body)
             refused = await client.post("/v1/chat/completions", json=body | {"model": "solo"})
     finally:
         await gateway.close()
-    # Over HTTP the id is the completion's own: the node got it, and the refusal and 429 logs name it.
-    assert a.request_ids[0] == b.request_ids[0] == served["id"] and served["id"].startswith("chatcmpl-")
-    assert refused.status_code == 429
+    # Over HTTP the id is the request's (X-Request-Id, made by the edge here): both nodes tried got it, the
+    # client got it back, and the refusal and 429 logs name it. The completion keeps an id of its own.
+    assert a.request_ids[0] == b.request_ids[0] == served.headers["x-request-id"]
+    assert served.headers["x-request-id"].startswith("req_") and served.json()["id"].startswith("chatcmpl-")
+    assert refused.status_code == 429 and refused.headers["x-request-id"] == a.request_ids[1]
     about = [r.getMessage() for r in caplog.records if r.name.startswith("edge")]
     assert about and all(any(i in line for i in a.request_ids) for line in about), about
     assert any("refused" in line and a.request_ids[1] in line for line in about)
