@@ -5,19 +5,24 @@ line and the node's request line carry their fields as keys."""
 from __future__ import annotations
 
 import json
+import re
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.cluster import MODEL, Cluster, Proc, smollm_entry
+from tests.cluster import MODEL, Cluster, Proc, smollm_entry, wait_for
+from tests.test_up import start_up
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
 CHAT = [{"role": "user", "content": "Say hello."}]
+TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")  # mesh.logs' text format
 
 
 @dataclass
@@ -87,3 +92,26 @@ def test_every_line_of_every_component_is_json_through_requests_and_stop(fleet: 
         lines = entries(proc)
         assert len(lines) >= 2, proc.name
         assert any("stopped" in e["message"] for e in lines), proc.name
+
+
+def test_fleetlm_up_passes_log_format_json_to_every_component(tmp_path: Path) -> None:
+    """`fleetlm up --log-format json`: the lines of all three components in its output are JSON (its own
+    banner stays text), and none is in the text format."""
+    up, ports, log = start_up(tmp_path, "--log-format", "json")
+    try:
+        reply = httpx.post(f"http://127.0.0.1:{ports['http']}/v1/completions", timeout=120,
+                           json={"model": MODEL, "prompt": "One", "max_tokens": 2})  # fmt: skip
+        assert reply.status_code == 200
+        request_id = reply.headers["x-request-id"]
+        # The access line is written as the request ends, just after the client has its answer: 15 s.
+        wait_for(lambda: request_id in log.read_text(), 15, "the access line")
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(60)
+    lines = log.read_text(errors="replace").splitlines()
+    text_format = [line for line in lines if TEXT_LINE.match(line)]
+    assert not text_format, text_format[:5]
+    entries = [json.loads(line) for line in lines if line.startswith("{")]
+    components = {e["component"].split(":")[0] for e in entries if "component" in e}
+    assert {"controlplane", "node", "edge"} <= components, components
+    assert any(e.get("logger") == "fleetlm.access" and e.get("request_id") == request_id for e in entries)
