@@ -45,7 +45,7 @@ from mesh.errors import FleetError
 from mesh.fleet_ca import FleetCA
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
-from mesh.tls import TlsFiles, refuse_exposed_plaintext, server_credentials
+from mesh.tls import TlsFiles, keep_ssl_context_current, refuse_exposed_plaintext, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,9 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
                 log.info("JoinService on %s (TLS, CA %s)", where, ca and ca.fingerprint)
             leadership.address = _advertised(settings, port)
             electing = tasks.create_task(leadership.run())
+            # The metrics port's HTTPS takes renewed certificate files too, as the gRPC server does.
+            context = scraped.ssl_context if scraped is not None and tls is not None else None
+            rotating = tasks.create_task(keep_ssl_context_current(context, tls)) if context and tls else None
             loading = None
             if settings.deployments:
                 loading = tasks.create_task(
@@ -166,7 +169,7 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             if join_server is not None:
                 await join_server.stop(0)
             await server.stop(settings.shutdown_grace_seconds)
-            for task in (loading, settling, reconciling):
+            for task in (loading, settling, reconciling, rotating):
                 if task is not None:
                     task.cancel()
             electing.cancel()

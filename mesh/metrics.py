@@ -93,6 +93,12 @@ class MetricsServer:
     thread: Any
     port: int
 
+    @property
+    def ssl_context(self) -> Any:
+        """The SSLContext of an HTTPS port (None for HTTP): keep it current when certificates are renewed
+        (mesh.tls.keep_ssl_context_current), as the component's other ports are."""
+        return getattr(self.server.socket, "context", None)
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()

@@ -18,7 +18,13 @@ from mesh.catalog import CatalogError, load_catalog
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
-from mesh.tls import TlsFiles, refuse_exposed_plaintext, secure_channel, server_credentials
+from mesh.tls import (
+    TlsFiles,
+    keep_ssl_context_current,
+    refuse_exposed_plaintext,
+    secure_channel,
+    server_credentials,
+)
 from node_agent import assignments, inventory, llama_logs
 from node_agent.host import ModelHost
 from node_agent.identity import JoinError, node_identity
@@ -173,6 +179,10 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
                 background.append(
                     asyncio.create_task(report_load(controlplanes, registration, host, feed), name="load streams")
                 )
+            if tls is not None and scraped is not None and scraped.ssl_context is not None:
+                # The metrics port's HTTPS takes a renewed certificate too.
+                rotating = keep_ssl_context_current(scraped.ssl_context, tls)
+                background.append(asyncio.create_task(rotating, name="metrics certificate"))
             try:
                 failure = await _first_failure(stop, background)
             finally:

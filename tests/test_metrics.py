@@ -6,6 +6,9 @@ prometheus_client's parser, and the counts are compared with what the clients sa
 
 from __future__ import annotations
 
+import socket
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.auth import create_secret_file
-from tests.cluster import MODEL, Cluster, smollm_entry, wait_for
+from tests.cluster import MODEL, Cluster, fleetlm, free_port, smollm_entry, wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -347,3 +350,57 @@ def test_controlplane_metrics_show_nodes_replicas_and_its_work(fleet: Fleet) -> 
     assert value(after, failures, reason="capacity") - value(samples, failures, reason="capacity") == 1
     timed = "fleetlm_controlplane_placement_seconds_count"
     assert value(after, timed) - value(samples, timed) == 1
+
+
+# --- the metrics ports' settings ------------------------------------------------------------------------------
+
+
+def _refusal(*argv: str) -> str:
+    """What a component that must not start says (it exits by itself: the check comes before serving)."""
+    done = subprocess.run(fleetlm(*argv), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.stderr
+
+
+def test_a_bad_metrics_address_is_refused_naming_the_flag() -> None:
+    said = _refusal("controlplane", "--etcd", "http://127.0.0.1:1", "--metrics-listen", "nonsense")
+    assert "--metrics-listen 'nonsense' is not host:port" in said
+    said = _refusal("node", "--controlplane", "127.0.0.1:1", "--metrics-listen", "127.0.0.1:http")
+    assert "--metrics-listen '127.0.0.1:http' is not host:port" in said
+
+
+def test_a_metrics_port_beyond_loopback_needs_tls_or_insecure_plaintext() -> None:
+    said = _refusal("node", "--controlplane", "127.0.0.1:1", "--metrics-listen", f"0.0.0.0:{free_port()}")
+    assert "beyond this machine, without TLS" in said and "--insecure-plaintext" in said
+
+
+def test_a_busy_metrics_port_ends_the_node_with_what_to_do() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        said = _refusal("node", "--controlplane", "127.0.0.1:1", "--metrics-listen", f"127.0.0.1:{port}")
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in said and "--metrics-listen" in said
+
+
+def test_the_controlplane_metrics_port_speaks_https_with_the_fleet_certificate(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, tls=True)
+    try:
+        cluster.start_etcd()
+        cluster.start_controlplane(3)
+        url = cluster.metrics["controlplane"]
+        assert url.startswith("https://")
+        trusted = ssl.create_default_context(cafile=str(cluster.ca_dir / "ca.crt"))
+        reply = httpx.get(url, verify=trusted, timeout=10)
+        assert reply.status_code == 200 and "fleetlm_controlplane_is_leader" in reply.text
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url.replace("https://", "http://"), timeout=10)  # no plaintext on it
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url, timeout=10)  # a client that does not trust the fleet CA
+        assert httpx.get(url, verify=trusted, timeout=10).status_code == 200  # and the port still serves
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.close()
