@@ -3,7 +3,9 @@ from the placement functions, writes go through the reconciler.
 
 With several control planes, reads are answered by whichever control plane is asked, and writes are made by
 the leader: a follower forwards them to it (`_forward`) and returns its reply or its error unchanged, so an
-operator may point grpcurl at any control plane. While an election is under way a write is refused with
+operator may point grpcurl at any control plane. Under TLS the follower calls the leader over mutual TLS with
+its own certificate (a fleet certificate is a client certificate too), checking the leader's against the
+address the leader advertises. While an election is under way a write is refused with
 BACKEND_UNAVAILABLE (gRPC UNAVAILABLE) and a Retry-After; nothing is written.
 
 Every reply goes out through `_shown`: a spec's secrets (an engine's api-key, a hub token) stay in etcd,
@@ -34,6 +36,7 @@ from mesh.auth import AdminGuard, read_secret_file
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError, invalid
 from mesh.redaction import REDACTED, redact_message, redacted_fields, secret_values
+from mesh.tls import TlsFiles, secure_channel
 
 R = TypeVar("R", bound=Message)
 
@@ -88,8 +91,10 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         reconciler: Reconciler,
         keys: ApiKeys | None = None,
         guard: AdminGuard | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self._store = store
+        self._tls = tls  # this control plane's own certificate: it forwards writes to the leader with it
         self._fleet = fleet
         self._reconciler = reconciler
         self._leadership = reconciler.leadership
@@ -154,7 +159,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             raise _no_leader("no control plane leads right now (an election is under way)")
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._channels[address] = secure_channel(address, self._tls, CHANNEL_OPTIONS)
         call = getattr(admin_pb2_grpc.AdminServiceStub(channel), method)
         try:
             # The caller's own credential goes along: the leader checks it as it would the caller's.

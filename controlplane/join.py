@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import grpc
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 from google.protobuf import timestamp_pb2
 
 from controlplane.etcd_store import EtcdStore
@@ -119,9 +120,12 @@ class JoinTokens:
 
 class NodeIdentities:
     """Which node certificates stand: Join records the serial it signed for a node (the last one wins, so a
-    node that joins again invalidates its older certificates), and an operator may revoke a node. The
-    registry asks `refusal` on every call of a node; the records are re-read at most every
-    REVOCATION_REFRESH_SECONDS, so heartbeats cost etcd nothing more."""
+    node that joins again invalidates its older certificates), and an operator may revoke a node. A renewal
+    records the new serial and keeps the one it replaced standing (until it expires), so the calls a node
+    has in flight on connections made with it are not refused. The registry asks `refusal` on every call of
+    a node; the records are re-read at most every REVOCATION_REFRESH_SECONDS, so heartbeats cost etcd nothing
+    more, and once more before a certificate is refused as superseded (another control plane may have renewed
+    it a moment ago)."""
 
     def __init__(self, store: EtcdStore) -> None:
         self._store = store
@@ -129,10 +133,18 @@ class NodeIdentities:
         self._read_at = -1e9
         self._lock = asyncio.Lock()
 
-    async def record(self, node_id: str, serial: int, token_id: str) -> None:
-        value = {"node_id": node_id, "serial": str(serial), "token_id": token_id, "revoked": False}
+    async def record(self, node_id: str, serial: int, token_id: str, previous: int | None = None) -> None:
+        value: dict[str, object] = {"node_id": node_id, "serial": str(serial), "token_id": token_id, "revoked": False}
+        if previous is not None:
+            value["previous"] = str(previous)
         await self._store.put_value(f"{IDENTITIES}/{node_id}", json.dumps(value).encode())
         self._cache[node_id] = value
+
+    async def renewed(self, node_id: str, serial: int, previous: int) -> None:
+        """The node's certificate `previous` was renewed as `serial` (the join token it came with is kept)."""
+        raw = await self._store.get_value(f"{IDENTITIES}/{node_id}")
+        token_id = str(json.loads(raw).get("token_id", "")) if raw else ""
+        await self.record(node_id, serial, token_id, previous)
 
     async def revoke(self, node_id: str) -> bool:
         raw = await self._store.get_value(f"{IDENTITIES}/{node_id}")
@@ -149,14 +161,32 @@ class NodeIdentities:
                 values = [json.loads(raw) for raw in await self._store.list_values(IDENTITIES)]
                 self._cache = {str(v["node_id"]): v for v in values}
                 self._read_at = time.monotonic()
+        reason = self._judge(node_id, serial)
+        if reason and not reason.endswith("is revoked"):  # superseded, as the cache has it: ask etcd itself
+            raw = await self._store.get_value(f"{IDENTITIES}/{node_id}")
+            if raw is not None:
+                self._cache[node_id] = json.loads(raw)
+            reason = self._judge(node_id, serial)
+        return reason
+
+    def _judge(self, node_id: str, serial: int) -> str:
         value = self._cache.get(node_id)
         if value is None:
             return ""
         if value.get("revoked"):
             return f"node {node_id} is revoked"
-        if value.get("serial") and value["serial"] != str(serial):
-            return f"node {node_id} has joined again since this certificate was issued"
+        if value.get("serial") and str(serial) not in (value["serial"], value.get("previous")):
+            return f"node {node_id} has joined again or renewed its certificate since this one was issued"
         return ""
+
+
+def _csr_name(csr_pem: bytes) -> str | None:
+    """The common name a CSR asks for ("" when it has none); None when it is not a CSR."""
+    try:
+        names = x509.load_pem_x509_csr(csr_pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:
+        return None
+    return str(names[0].value) if names else ""
 
 
 def _not_after(cert_pem: bytes) -> timestamp_pb2.Timestamp:
@@ -175,7 +205,7 @@ class JoinService(identity_pb2_grpc.JoinServiceServicer):
         self._days = cert_days
 
     async def _sign(
-        self, csr_pem: bytes, node_id: str, context: grpc.aio.ServicerContext, token_id: str
+        self, csr_pem: bytes, node_id: str, context: grpc.aio.ServicerContext, token_id: str, renewing: int = 0
     ) -> identity_pb2.JoinResponse:
         try:
             cert = await asyncio.to_thread(
@@ -183,7 +213,11 @@ class JoinService(identity_pb2_grpc.JoinServiceServicer):
             )
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"csr_pem: {exc}")
-        await self._identities.record(node_id, x509.load_pem_x509_certificate(cert).serial_number, token_id)
+        serial = x509.load_pem_x509_certificate(cert).serial_number
+        if renewing:
+            await self._identities.renewed(node_id, serial, renewing)
+        else:
+            await self._identities.record(node_id, serial, token_id)
         return identity_pb2.JoinResponse(
             certificate_pem=cert, ca_certificate_pem=self._ca.cert_pem, not_after=_not_after(cert)
         )
@@ -214,8 +248,18 @@ class JoinService(identity_pb2_grpc.JoinServiceServicer):
         serial = x509.load_pem_x509_certificate(pems[0]).serial_number if pems else 0
         reason = await self._identities.refusal(node_id, serial)
         if reason:
+            log.warning("renewal refused for node %s: %s", node_id, reason)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
-        signed = await self._sign(request.csr_pem, node_id, context, "renewal")
+        asked = _csr_name(request.csr_pem)
+        if asked is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "csr_pem: not a PEM certificate signing request")
+        if asked != node_id:
+            log.warning("renewal refused for node %s: its CSR names %r", node_id, asked)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"this certificate is node {node_id}'s; the CSR asks for {asked!r}"
+            )
+        signed = await self._sign(request.csr_pem, node_id, context, "", renewing=serial)
+        log.info("node %s renewed its certificate", node_id)
         return identity_pb2.RenewResponse(
             certificate_pem=signed.certificate_pem,
             ca_certificate_pem=signed.ca_certificate_pem,

@@ -108,13 +108,14 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     )
     leadership = Leadership(store, "", settings.leader_ttl_seconds)  # its address is known once bound
     reconciler = Reconciler(store, fleet, policy, settings.reconcile_interval_seconds, leadership)
-    admin = FleetAdmin(store, fleet, reconciler)
+    tls = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    admin = FleetAdmin(store, fleet, reconciler, tls=tls)  # forwards writes to the leader over mutual TLS
     router = Router(fleet, reconciler, scale_from_zero=admin.ensure_replica)
     publisher = RoutePublisher(fleet)
-    tls = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca)
     ca = FleetCA.load(settings.ca_dir) if settings.ca_dir else None
     identities = NodeIdentities(store)
-    join = JoinService(JoinTokens(store), ca, identities) if ca is not None else None
+    lifetime_days = settings.node_cert_lifetime_seconds / 86400
+    join = JoinService(JoinTokens(store), ca, identities, lifetime_days) if ca is not None else None
     if ca is not None:
         admin.join_tokens, admin.ca_fingerprint = JoinTokens(store), ca.fingerprint
     server = GrpcServer(SERVICE_NAMES + ([JOIN_SERVICE] if join else []))

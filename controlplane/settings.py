@@ -69,6 +69,12 @@ class ControlPlaneSettings(BaseSettings):
     ca_dir: Path | None = Field(
         None, description="directory of the fleet CA (ca.crt, ca.key) with which Join signs nodes' certificates"
     )
+    node_cert_lifetime_seconds: float = Field(
+        30 * 86400,
+        ge=10,
+        description="lifetime of the node certificates Join and Renew sign; a node renews its own at two thirds"
+        " of it while it runs",
+    )
     join_listen: str | None = Field(
         None,
         description="host:port of JoinService over server-side TLS with no client certificate (a joining node has"

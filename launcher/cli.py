@@ -47,6 +47,8 @@ def _controlplane(args: argparse.Namespace) -> None:
         values["lease_ttl_seconds"] = args.lease_ttl
     if args.startup_grace is not None:
         values["startup_grace_seconds"] = args.startup_grace
+    if args.node_cert_lifetime is not None:
+        values["node_cert_lifetime_seconds"] = args.node_cert_lifetime
     # The credentials are read by controlplane.api_keys.AuthSettings from FLEETLM_CP_*: the flags set those.
     _flags_to_env(args, "FLEETLM_CP_", "auth_secret_file", "admin_token_file")
     main(_settings(ControlPlaneSettings, values))
@@ -410,6 +412,11 @@ def parser() -> argparse.ArgumentParser:
     _tls_flags(cp, "the control plane")
     cp.add_argument("--ca-dir", help="directory of the fleet CA (ca.crt, ca.key); Join signs with it")
     cp.add_argument("--join-listen", help="host:port of JoinService, TLS without client certificates")
+    cp.add_argument(
+        "--node-cert-lifetime",
+        type=float,
+        help="seconds the node certificates it signs are valid (30 days); nodes renew at two thirds of it",
+    )
     cp.add_argument("--metrics-listen", help="host:port of the Prometheus metrics port (127.0.0.1:9400; '' for none)")
     cp.add_argument(
         "--node-cert-lifetime",

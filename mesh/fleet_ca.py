@@ -43,6 +43,11 @@ def node_dns_name(node_id: str) -> str:
     return f"{node_id}.node.{TRUST_DOMAIN}"
 
 
+# The DNS name in every control plane's certificate from the fleet CA: what a node verifies a control plane by
+# when it dials one by address (several given, or a name resolved to its records), which no per-host name fits.
+CONTROLPLANE_DNS_NAME = f"controlplane.{TRUST_DOMAIN}"
+
+
 def fingerprint(cert_pem: bytes) -> str:
     """`sha256:<hex>` of the certificate's DER encoding (what `--ca-fingerprint` pins)."""
     der = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
@@ -152,9 +157,11 @@ class FleetCA:
         days: float = LEAF_DAYS,
         not_before: datetime.datetime | None = None,
     ) -> x509.Certificate:
-        """A leaf certificate for `identity` (usable as server and as client: every fleet component is both)."""
+        """A leaf certificate for `identity` (usable as server and as client: every fleet component is both).
+        It starts a little before now, for clocks behind the CA's: 5 minutes, or a tenth of a short lifetime
+        (a node certificate of minutes, for a renewal test), which must not start out mostly spent."""
         now = datetime.datetime.now(datetime.UTC)
-        start = not_before or now - datetime.timedelta(minutes=5)
+        start = not_before or now - min(datetime.timedelta(minutes=5), datetime.timedelta(days=days) / 10)
         return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity)]))
@@ -177,10 +184,13 @@ class FleetCA:
     def issue(
         self, identity: str, dns_names: list[str] | None = None, ips: list[str] | None = None, days: float = LEAF_DAYS
     ) -> tuple[bytes, bytes]:
-        """A new key and its certificate, as (certificate PEM, key PEM). A node's carries its DNS name too."""
+        """A new key and its certificate, as (certificate PEM, key PEM). A node's carries its DNS name too, and
+        a control plane's CONTROLPLANE_DNS_NAME."""
         node_prefix = identity_uri("node", "-")[:-1]
         if identity.startswith(node_prefix):
             dns_names = [*(dns_names or []), node_dns_name(identity.removeprefix(node_prefix))]
+        elif identity.startswith(identity_uri("controlplane", "-")[:-1]):
+            dns_names = [*(dns_names or []), CONTROLPLANE_DNS_NAME]
         key = new_key()
         cert = self.sign(key.public_key(), identity, dns_names, ips, days)
         return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)

@@ -2,6 +2,11 @@
 they change (rotation without a restart), channel credentials that present the component's certificate,
 the verified identity of a gRPC peer, and the pinned first contact of a joining node.
 
+Client channels follow their files too (`secure_channel`): a channel made from TlsFiles checks them before
+each call and, when they have changed, makes its calls on a new channel with the new certificate from then
+on (grpc's channel credentials are read once, at creation). That is how a node's renewed certificate, or an
+operator's rotated one, reaches the connections a component opens, without a restart.
+
 Mutual TLS between fleet components: a server given a CA requires a client certificate signed by it
 (grpc's REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY); servers for the public (clients of the OpenAI
 API, joining nodes, operators with a token) ask for none.
@@ -55,6 +60,20 @@ class TlsFiles:
     def _mtimes(self) -> tuple[int, ...]:
         return tuple(p.stat().st_mtime_ns for p in (self.cert, self.key, self.ca))
 
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """(key, certificate, CA) as PEM, checked: the key is the certificate's. Raises ValueError otherwise,
+        as it does while a renewal is replacing the files one after the other, so no reader ever takes a key
+        and a certificate of two different generations."""
+        key, cert, ca = self.key.read_bytes(), self.cert.read_bytes(), self.ca.read_bytes()
+        private = serialization.load_pem_private_key(key, password=None)
+        certificate = x509.load_pem_x509_certificate(cert)
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        if private.public_key().public_bytes(serialization.Encoding.DER, spki) != certificate.public_key().public_bytes(
+            serialization.Encoding.DER, spki
+        ):
+            raise ValueError(f"the key {self.key} is not the key of {self.cert}")
+        return key, cert, ca
+
 
 class _Reloader:
     """The fetcher of grpc's dynamic server credentials: grpc calls it before each new handshake; it returns
@@ -69,11 +88,7 @@ class _Reloader:
         self.initial = self._config()
 
     def _config(self) -> grpc.ServerCertificateConfiguration:
-        key = self._files.key.read_bytes()
-        cert = self._files.cert.read_bytes()
-        ca = self._files.ca.read_bytes()
-        serialization.load_pem_private_key(key, password=None)  # a broken key fails here, not in a handshake
-        x509.load_pem_x509_certificate(cert)
+        key, cert, ca = self._files.read()  # a broken or mismatched pair fails here, not in a handshake
         # The chain sent ends with the CA, so a joining node can find the certificate it pinned.
         chain = cert if ca.strip() in cert else cert.rstrip(b"\n") + b"\n" + ca
         return grpc.ssl_server_certificate_configuration(
@@ -103,24 +118,111 @@ def server_credentials(files: TlsFiles, require_client_cert: bool) -> grpc.Serve
 
 
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
-    """Trust the fleet CA and present this component's certificate (mutual TLS). Read at channel creation:
-    a rotated client certificate is used by channels opened afterwards."""
-    return grpc.ssl_channel_credentials(
-        root_certificates=files.ca.read_bytes(),
-        private_key=files.key.read_bytes(),
-        certificate_chain=files.cert.read_bytes(),
-    )
+    """Trust the fleet CA and present this component's certificate (mutual TLS), as the files are now."""
+    key, cert, ca = files.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+# How long a channel replaced by a newer certificate keeps the calls it carries. Longer than any request the
+# edge lets run (600 s), so no generation is cut; only endless streams (routing table, assignments, load,
+# keys) are, and they open again at once, on the new certificate.
+REPLACED_CHANNEL_GRACE_SECONDS = 660.0
+
+
+class _Rotating:
+    """A multicallable that makes each call on the channel's current underlying channel."""
+
+    def __init__(self, owner: _FollowingChannel, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._owner = owner
+        self._kind = kind
+        self._args = args
+        self._kwargs = kwargs
+        self._made: tuple[grpc.aio.Channel, Any] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        channel = self._owner.current()
+        if self._made is None or self._made[0] is not channel:
+            self._made = (channel, getattr(channel, self._kind)(*self._args, **self._kwargs))
+        return self._made[1](*args, **kwargs)
+
+
+class _FollowingChannel(grpc.aio.Channel):
+    """A mutual-TLS channel that follows its certificate files: before each call it compares their mtimes
+    (three stat calls) and, when they changed and hold a matching key and certificate, opens a new channel
+    with them for this call and every later one. The replaced channel stops taking calls and is closed once
+    the calls it carries end (REPLACED_CHANNEL_GRACE_SECONDS at most)."""
+
+    def __init__(self, target: str, files: TlsFiles, options: list[tuple[str, Any]]) -> None:
+        self._target = target
+        self._files = files
+        self._options = options
+        self._seen = files._mtimes()
+        self._failed: tuple[int, ...] = ()  # the files' mtimes when they last failed to load (logged once)
+        self._channel = grpc.aio.secure_channel(target, channel_credentials(files), options=options)
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def current(self) -> grpc.aio.Channel:
+        mtimes = self._seen
+        try:
+            mtimes = self._files._mtimes()
+            if mtimes != self._seen:
+                credentials = channel_credentials(self._files)
+                self._seen = mtimes
+                old, self._channel = self._channel, grpc.aio.secure_channel(self._target, credentials, self._options)
+                task = asyncio.get_running_loop().create_task(old.close(REPLACED_CHANNEL_GRACE_SECONDS))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+                log.info("TLS certificate %s reloaded for calls to %s", self._files.cert, self._target)
+        except (OSError, ValueError) as exc:  # files being replaced: the last good channel, and look again
+            if mtimes != self._failed:
+                self._failed = mtimes
+                log.warning("TLS files %s not reloaded: %s", self._files.cert, type(exc).__name__)
+        return self._channel
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _Rotating(self, "unary_unary", args, kwargs)
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _Rotating(self, "unary_stream", args, kwargs)
+
+    def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _Rotating(self, "stream_unary", args, kwargs)
+
+    def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _Rotating(self, "stream_stream", args, kwargs)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self.current().get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._channel.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self.current().channel_ready()
+
+    async def close(self, grace: float | None = None) -> None:
+        for task in list(self._closing):
+            task.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+        await self._channel.close(grace)
+
+    async def __aenter__(self) -> _FollowingChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close(None)
 
 
 def secure_channel(
     target: str, files: TlsFiles | None, options: Sequence[tuple[str, Any]], server_name: str | None = None
 ) -> grpc.aio.Channel:
-    """A channel to a fleet component: mutual TLS when `files` are given, else plaintext. `server_name` is the
-    name the server's certificate must carry (a node's `<id>.node.fleetlm`), when it is not the target's."""
+    """A channel to a fleet component: mutual TLS when `files` are given (following them when they change),
+    else plaintext. `server_name` is the name the server's certificate must carry (a node's
+    `<id>.node.fleetlm`, the control planes' `controlplane.fleetlm`), when it is not the target's."""
     if files is None:
         return grpc.aio.insecure_channel(target, options=list(options))
     extra = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    return grpc.aio.secure_channel(target, channel_credentials(files), options=[*options, *extra])
+    return _FollowingChannel(target, files, [*options, *extra])
 
 
 def peer_certificate(context: grpc.aio.ServicerContext) -> x509.Certificate | None:

@@ -8,7 +8,9 @@ node stays fresh. A stream that breaks is opened again with jittered backoff. A 
 a report as not from the node's current registration (NOT_FOUND) makes the registration heartbeat at once,
 which registers again if the lease is gone. One that predates the stream (UNIMPLEMENTED) is asked again
 now and then; meanwhile the heartbeats carry the node's load to it, as before (HeartbeatResponse.
-load_streamed tells the registration whether its control plane hears the stream).
+load_streamed tells the registration whether its control plane hears the stream). Under TLS the streams are
+mutual TLS with the node's own certificate (the one it registers with), verified against the control planes'
+fleet name when they are dialled by address.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import grpc
 from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError
+from mesh.tls import TlsFiles, secure_channel
 from node_agent import inventory
 from node_agent.host import ModelHost
 
@@ -86,16 +89,34 @@ class Registered(Protocol):
     def check_now(self) -> None: ...
 
 
-async def report_load(addresses: Sequence[str], registration: Registered, host: ModelHost, feed: ChangeFeed) -> None:
-    """One stream to each control plane, until cancelled."""
+async def report_load(
+    addresses: Sequence[str],
+    registration: Registered,
+    host: ModelHost,
+    feed: ChangeFeed,
+    tls: TlsFiles | None = None,
+    server_name: str | None = None,
+) -> None:
+    """One stream to each control plane, until cancelled; over mutual TLS with `tls`, checking that the server
+    carries `server_name` (when it is not the address's own name)."""
     async with asyncio.TaskGroup() as tasks:
         for address in addresses:
-            tasks.create_task(LoadStream(address, registration, host, feed).run())
+            tasks.create_task(LoadStream(address, registration, host, feed, tls, server_name).run())
 
 
 class LoadStream:
-    def __init__(self, address: str, registration: Registered, host: ModelHost, feed: ChangeFeed) -> None:
+    def __init__(
+        self,
+        address: str,
+        registration: Registered,
+        host: ModelHost,
+        feed: ChangeFeed,
+        tls: TlsFiles | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.address = address
+        self._tls = tls
+        self._server_name = server_name
         self._registration = registration
         self._host = host
         self._feed = feed
@@ -124,7 +145,7 @@ class LoadStream:
     async def run(self) -> None:
         """Keep the stream open until cancelled."""
         backoff = 0.5
-        async with grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
+        async with secure_channel(self.address, self._tls, CHANNEL_OPTIONS, self._server_name) as channel:
             stub = registry_pb2_grpc.NodeRegistryServiceStub(channel)
             while True:
                 await self._registration.registered.wait()

@@ -16,6 +16,7 @@ from mesh import logs, tracing
 from mesh import metrics as metrics_port
 from mesh.catalog import CatalogError, load_catalog
 from mesh.channels import CHANNEL_OPTIONS
+from mesh.fleet_ca import CONTROLPLANE_DNS_NAME
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
 from mesh.tls import (
@@ -27,7 +28,7 @@ from mesh.tls import (
 )
 from node_agent import assignments, inventory, llama_logs
 from node_agent.host import ModelHost
-from node_agent.identity import JoinError, node_identity
+from node_agent.identity import JoinError, keep_renewed, node_identity, renews
 from node_agent.inference_service import NodeInference
 from node_agent.load_reports import ChangeFeed, report_load
 from node_agent.metrics import NodeMetrics
@@ -139,8 +140,11 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
         return inventory.collect(models_dirs, [e.path for e in entries], settings.inventory_override)
 
     target = controlplane_target(settings.controlplane)
+    # Control planes dialled by address (several given) are verified by the name every control plane's
+    # certificate from the fleet CA carries; one given by name, by that name.
+    by_fleet_name = CONTROLPLANE_DNS_NAME if target.startswith(("ipv4:", "ipv6:")) else None
     try:
-        tls = await node_identity(settings, target)
+        tls = await node_identity(settings, target, by_fleet_name)
     except JoinError as exc:
         raise SystemExit(f"fleetlm node: {exc}") from None
     gpus = (await asyncio.to_thread(collect)).gpus
@@ -160,7 +164,7 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     failure = ""
     try:
         controlplanes = await asyncio.to_thread(controlplane_addresses, settings.controlplane)
-        async with secure_channel(target, tls, CHANNEL_OPTIONS) as channel:
+        async with secure_channel(target, tls, CHANNEL_OPTIONS, by_fleet_name) as channel:
             feed = ChangeFeed(host)
             registration = Registration(
                 channel, settings.node_id, address, host, feed, collect, settings.rpc_timeout_seconds, _agent_version()
@@ -173,12 +177,13 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
                     assignments.follow(channel, settings.node_id, host, registration.registered), name="assignments"
                 ),
             ]
-            if tls is None:
-                # The load streams open plaintext channels of their own (load_reports.py); under TLS the
-                # heartbeats carry the load instead (the control plane then says load_streamed=false).
-                background.append(
-                    asyncio.create_task(report_load(controlplanes, registration, host, feed), name="load streams")
-                )
+            # The load streams dial each control plane by its resolved address (load_reports.py).
+            by_name = CONTROLPLANE_DNS_NAME if tls else None
+            streams = report_load(controlplanes, registration, host, feed, tls, by_name)
+            background.append(asyncio.create_task(streams, name="load streams"))
+            if tls is not None and renews(settings):
+                renewal = keep_renewed(settings, tls, target, by_fleet_name)
+                background.append(asyncio.create_task(renewal, name="certificate renewal"))
             if tls is not None and scraped is not None and scraped.ssl_context is not None:
                 # The metrics port's HTTPS takes a renewed certificate too.
                 rotating = keep_ssl_context_current(scraped.ssl_context, tls)

@@ -321,14 +321,22 @@ class Cluster:
 def start_controlplanes(cluster: Cluster, count: int, lease_ttl: int = 3, *extra: str) -> list[tuple[Proc, str]]:
     """`count` control planes on the cluster's etcd, side by side (one of them leads), as (process, address);
     each is named controlplane-<i>. `cluster.controlplane` becomes the comma-separated list of them all,
-    which nodes and edges started afterwards are given."""
+    which nodes and edges started afterwards are given. In a TLS cluster each has its own certificate
+    (controlplane/cp<i>) and a join address (the first one's is `cluster.join_address`)."""
     started = []
     for i in range(count):
         address = f"127.0.0.1:{free_port()}"
+        tls: list[str] = []
+        if cluster.tls:
+            join = f"127.0.0.1:{free_port()}"
+            cluster.join_address = cluster.join_address if i else join
+            tls = [*cluster.issue(f"controlplane-{i}", f"controlplane/cp{i}"), "--ca-dir", str(cluster.ca_dir)]
+            tls += ["--join-listen", join]
         argv = fleetlm(
-            "controlplane", "--listen", address, "--etcd", cluster.etcd_url, "--lease-ttl", str(lease_ttl), *extra
+            "controlplane", "--listen", address, "--etcd", cluster.etcd_url, "--lease-ttl", str(lease_ttl), *tls, *extra
         )
-        started.append((cluster._start(f"controlplane-{i}", argv, partial(grpc_serving, address)), address))
+        ready = partial(grpc_serving, address, credentials=cluster.credentials())
+        started.append((cluster._start(f"controlplane-{i}", argv, ready), address))
     for proc, _ in started:
         wait_for(proc.ready, START_TIMEOUT, proc.name, proc)
     cluster.controlplane = ",".join(address for _, address in started)
