@@ -9,6 +9,7 @@ engines and stores only after that, so no call runs against a closed backend.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -77,12 +78,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(_wrap_unary(method, handler.unary_unary), **options)
         if handler.unary_stream is not None:
+            # A streaming handler either yields its replies (an async generator) or writes them with
+            # context.write and returns (grpc_health's Watch): each is wrapped as what it is.
+            if not inspect.isasyncgenfunction(handler.unary_stream):
+                return grpc.unary_stream_rpc_method_handler(_wrap_writer(method, handler.unary_stream), **options)
             return grpc.unary_stream_rpc_method_handler(_wrap_stream(method, handler.unary_stream), **options)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
                 _wrap_unary(method, handler.stream_unary, streamed=True), **options
             )
         if handler.stream_stream is not None:
+            if not inspect.isasyncgenfunction(handler.stream_stream):
+                return grpc.stream_stream_rpc_method_handler(
+                    _wrap_writer(method, handler.stream_stream, streamed=True), **options
+                )
             return grpc.stream_stream_rpc_method_handler(
                 _wrap_stream(method, handler.stream_stream, streamed=True), **options
             )
@@ -114,6 +123,30 @@ def _wrap_unary(
     return wrapped
 
 
+def _wrap_writer(method: str, behavior: Callable[..., Any], streamed: bool = False) -> Callable[..., Awaitable[None]]:
+    """A streaming handler that is not an async generator: one that writes with context.write (or returns an
+    async iterator, whose replies are written here)."""
+
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> None:
+        try:
+            if request is _UNDECODABLE:
+                raise _undecodable(method)
+            produced = behavior(_checked(method, request) if streamed else request, context)
+            if hasattr(produced, "__aiter__"):
+                async for response in produced:
+                    await context.write(response)
+            else:
+                await produced
+        except grpc.aio.AbortError:
+            raise
+        except FleetError as error:
+            await _abort(context, error)
+        except Exception as exc:
+            await _abort(context, _internal(method, exc))
+
+    return wrapped
+
+
 def _wrap_stream(
     method: str, behavior: Callable[..., AsyncIterator[Any]], streamed: bool = False
 ) -> Callable[..., Any]:
@@ -133,10 +166,19 @@ def _wrap_stream(
     return wrapped
 
 
+# Streams one client connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; grpc's own
+# default is no limit), so that one connection cannot hold handlers and buffers without bound. Beyond it grpc
+# does not refuse a stream: the client's transport holds it until one of the open ones ends. The edge carries
+# all of its requests to a node on one connection, so the limit is far above what a node admits at once
+# (running plus queued: 4 + 16 per replica by default) and fleet traffic never waits on it; a client that
+# opens streams by the thousand does.
+MAX_CONCURRENT_STREAMS = 1024
+
+
 class GrpcServer:
     """A grpc.aio server with health and reflection always on."""
 
-    def __init__(self, service_names: Iterable[str]) -> None:
+    def __init__(self, service_names: Iterable[str], max_concurrent_streams: int = MAX_CONCURRENT_STREAMS) -> None:
         self.service_names = list(service_names)
         self.server = grpc.aio.server(
             interceptors=[ErrorInterceptor()],
@@ -144,6 +186,7 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
+                ("grpc.max_concurrent_streams", max_concurrent_streams),
                 # the keepalive pings of fleetlm's own channels (mesh.channels) are welcome
                 *SERVER_KEEPALIVE_OPTIONS,
             ],
