@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -278,25 +279,32 @@ def authorization_header(scope: MutableMapping[str, Any]) -> str | None:
     return None
 
 
+# Each gateway's EdgeAuth and the task of its key feed (held here: a task nobody references may be collected),
+# kept beside the gateway rather than in attributes of its own.
+_BY_GATEWAY: weakref.WeakKeyDictionary[Any, tuple[EdgeAuth | None, asyncio.Task[None] | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def for_gateway(gateway: Any) -> EdgeAuth | None:
     """The edge's one EdgeAuth, shared by its HTTP app and its gRPC service, made on first call from
     EdgeSettings (FLEETLM_EDGE_REQUIRE_API_KEY, FLEETLM_EDGE_AUTH_SECRET_FILE), its key feed started on the
     running loop. None when keys are not required. Interim: edge.server should make it from its settings
     and run the feed in its task group."""
-    if hasattr(gateway, "_edge_auth"):
-        return gateway._edge_auth  # type: ignore[no-any-return]
+    if gateway in _BY_GATEWAY:
+        return _BY_GATEWAY[gateway][0]
     from edge.settings import EdgeSettings
     from mesh.auth import read_secret_file
 
     settings = EdgeSettings(**{})  # from the environment alone
-    auth = None
+    auth, task = None, None
     if settings.require_api_key:
         if settings.auth_secret_file is None:
             raise SystemExit("fleetlm edge: --require-api-key needs --auth-secret-file")
         secret = read_secret_file(settings.auth_secret_file, "auth secret")
-        auth = EdgeAuth(secret, gateway._cp_channels, gateway.feed._edge_id)
-        gateway._edge_auth_task = asyncio.get_running_loop().create_task(auth.feed.run())
-    gateway._edge_auth = auth
+        auth = EdgeAuth(secret, gateway.controlplane_channels, gateway.feed.edge_id)
+        task = asyncio.get_running_loop().create_task(auth.feed.run())
+    _BY_GATEWAY[gateway] = (auth, task)
     return auth
 
 

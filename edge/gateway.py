@@ -176,6 +176,11 @@ class Gateway:
 
         self._generation = Generation(self)
 
+    @property
+    def controlplane_channels(self) -> list[grpc.aio.Channel]:
+        """The channels to the control planes (mutual TLS under TLS), for the edge's other streams to share."""
+        return self._cp_channels
+
     async def run(self) -> None:
         """Follow the control plane's routing table until cancelled (owned by the edge's task group)."""
         await self.feed.run()

@@ -73,6 +73,11 @@ class RouteFeed:
     # --- state for callers -------------------------------------------------------------------------------
 
     @property
+    def edge_id(self) -> str:
+        """The id this edge follows the routing table under (and names itself by to the control planes)."""
+        return self._edge_id
+
+    @property
     def stale_seconds(self) -> float | None:
         """Seconds since the control plane was last heard while disconnected; None while connected and
         fresh (and before the first snapshot, when there is no table to be stale)."""
