@@ -199,7 +199,7 @@ def test_a_killed_node_s_streams_continue_when_opted_in_and_end_with_an_error_wh
     health = httpx.get(f"{fleet.http}/health", timeout=10).json()
     assert health["continued_streams"] == 1, health
     log = fleet.cluster.logs()
-    assert re.search(r"request cmpl-\w+: node ce-1 failed after \d+ characters .*continued on node ce-2", log), (
+    assert re.search(r"request req_\w+: node ce-1 failed after \d+ characters .*continued on node ce-2", log), (
         "the continuation was not logged with its request id"
     )
 
@@ -234,6 +234,6 @@ def test_a_killed_node_s_chat_stream_goes_on_on_the_other_replica_as_if_never_cu
         if stream.finish_reasons == ["length"]:
             assert stream.usage.completion_tokens == CHAT_MAX_TOKENS, report
     log = fleet.cluster.logs()
-    assert re.search(r"request chatcmpl-\w+: node ce-1 failed after \d+ characters .*continued on node ce-2", log), (
+    assert re.search(r"request req_\w+: node ce-1 failed after \d+ characters .*continued on node ce-2", log), (
         "the continuation was not logged with its request id"
     )

@@ -137,10 +137,11 @@ async def test_concurrent_requests_straight_to_the_node_get_in_only_up_to_the_li
         fleet_error = FleetError.from_rpc_error(error)
         assert fleet_error.code == ErrorCode.NO_CAPACITY
         assert fleet_error.retry_after_seconds == 1
-    # Each refusal is in the node's log with its request_id and model.
+    # Each refusal is in the node's log (its one line per request, node_agent.request_log) with its
+    # request id and model.
     log = fleet.node.log_path.read_text(errors="replace")
-    logged = [line for line in log.splitlines() if f"for model {model}: NO_CAPACITY" in line]
-    assert len([line for line in logged if f"admission-{model}-" in line]) >= len(refused)
+    logged = [line for line in log.splitlines() if f"Generate {model} on " in line and ": NO_CAPACITY " in line]
+    assert len([line for line in logged if f"request_id=admission-{model}-" in line]) >= len(refused), logged
 
 
 def test_the_nodes_log_survives_two_llama_models_loading_at_once(fleet: Fleet) -> None:
