@@ -31,6 +31,9 @@ def why_not(request: inference_pb2.GenerateRequest, error: FleetError, opted_in:
     """Why a stream cut by `error` is not continued, or "" when it may be."""
     if not opted_in:
         return "its deployment does not set continue_on_failure"
+    if request.sampling.response_format.WhichOneof("format") in ("json_object", "json_schema"):
+        # The next replica's grammar would start a new document in the middle of the one sent so far.
+        return "a grammar (response_format) cannot resume a document cut mid-way"
     if error.code not in CONTINUABLE:
         return f"{error.code.value} is not a node failure"
     if continued >= MAX_CONTINUATIONS:

@@ -3,7 +3,8 @@
 Requests are validated by pydantic (types) and by mesh.inference_requests' table of bounds (ranges, the
 same as over gRPC); a field of the wrong type or out of range becomes a 400 naming the field. Fields
 OpenAI defines that fleetlm does not implement are refused when they would change the result (n > 1,
-tools, echo, suffix), and ignored when they would not (metadata, store).
+tools, echo, suffix), and ignored when they would not (metadata, store). `response_format` (structured
+outputs) is taken by chat and, as vLLM and llama-server take it, by completions.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import invalid
@@ -30,6 +39,47 @@ FINISH_REASONS = {
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaSpec(BaseModel):
+    """OpenAI's `response_format.json_schema`. The name's pattern and the schema's size are checked with
+    the proto (mesh.inference_requests.validate_response_format), the same over gRPC."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")  # `schema` would shadow BaseModel.schema
+    strict: bool | None = None
+
+
+class ResponseFormatIn(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> Self:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("'json_schema' is required when type is 'json_schema'")
+        return self
+
+    def to_proto(self) -> inference_pb2.ResponseFormat:
+        if self.type == "text":
+            return inference_pb2.ResponseFormat(text=inference_pb2.TextFormat())
+        if self.type == "json_object":
+            return inference_pb2.ResponseFormat(json_object=inference_pb2.JsonObjectFormat())
+        spec = self.json_schema
+        assert spec is not None  # _schema_given
+        return inference_pb2.ResponseFormat(
+            json_schema=inference_pb2.JsonSchemaFormat(
+                name=spec.name,
+                description=spec.description or "",
+                schema=json.dumps(spec.schema_),  # key order kept: it is the order the model writes them in
+                strict=bool(spec.strict),
+            )
+        )
 
 
 class _Request(BaseModel):
@@ -55,6 +105,21 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None
+    response_format: ResponseFormatIn | None = None
+
+    @field_validator("response_format", mode="wrap")
+    @classmethod
+    def _response_format_param(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Every error inside response_format names `response_format` (as the gRPC check does); the
+        message says which part."""
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+            message = "must be an object" if first["type"] == "model_type" else first["msg"]
+            message = message.removeprefix("Value error, ")
+            raise invalid("response_format", f"invalid 'response_format{where}': {message}") from exc
 
     @model_validator(mode="after")
     def _check_bounds(self) -> Self:
@@ -83,6 +148,8 @@ class _Request(BaseModel):
                 setattr(params, name, value)
         if self.stop is not None:
             params.stops.extend([self.stop] if isinstance(self.stop, str) else self.stop)
+        if self.response_format is not None:
+            params.response_format.CopyFrom(self.response_format.to_proto())
         return params
 
     def check_supported(self) -> None:

@@ -20,10 +20,12 @@ from edge.http_limits import HttpLimits
 from mesh.inference_requests import (
     MAX_MESSAGES,
     MAX_PROMPT_CHARS,
+    MAX_SCHEMA_CHARS,
     MAX_STOPS,
     MAX_TOP_LOGPROBS,
     ROLES,
     SAMPLING_BOUNDS,
+    SCHEMA_NAME,
 )
 
 JSON = "application/json"
@@ -76,6 +78,45 @@ def _sampling_properties() -> Schema:
         ),
         "n": {"type": "integer", "minimum": 1, "maximum": 1, "default": 1, "description": "only 1 is supported"},
         "user": _nullable({"type": "string"}),
+        "response_format": _nullable(_ref("ResponseFormat")),
+    }
+
+
+def _response_format_schemas() -> dict[str, Schema]:
+    """OpenAI's response_format. What a JSON schema may use is the engine's to say: the llama.cpp engine
+    refuses keywords its grammar cannot enforce with a 400 naming response_format."""
+
+    def kind(name: str) -> Schema:
+        return {"type": "string", "enum": [name]}
+
+    json_schema = {
+        "type": "object",
+        "required": ["name", "schema"],
+        "properties": {
+            "name": {"type": "string", "pattern": SCHEMA_NAME.pattern.join("^$")},
+            "description": _nullable({"type": "string"}),
+            "schema": {
+                "type": "object",
+                "description": f"a JSON schema, at most {MAX_SCHEMA_CHARS} characters as JSON text",
+            },
+            "strict": _nullable({"type": "boolean"}),
+        },
+    }
+    return {
+        "ResponseFormat": {
+            "description": "text (the default), any JSON object, or JSON valid against a schema; decoding is"
+            " constrained to it. A reply cut by max_tokens (finish_reason length) may be incomplete.",
+            "anyOf": [
+                {"type": "object", "required": ["type"], "properties": {"type": kind("text")}},
+                {"type": "object", "required": ["type"], "properties": {"type": kind("json_object")}},
+                {
+                    "type": "object",
+                    "required": ["type", "json_schema"],
+                    "properties": {"type": kind("json_schema"), "json_schema": _ref("JsonSchemaFormat")},
+                },
+            ],
+        },
+        "JsonSchemaFormat": json_schema,
     }
 
 
@@ -143,6 +184,7 @@ def _request_schemas() -> dict[str, Schema]:
         "ChatCompletionRequest": chat,
         "CompletionRequest": completion,
         "EmbeddingRequest": embedding,
+        **_response_format_schemas(),
     }
 
 

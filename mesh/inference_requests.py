@@ -6,7 +6,9 @@ call a node directly. Every rejection names the request field (`param`) as OpenA
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -21,6 +23,10 @@ MAX_TOP_LOGPROBS = 20
 # ~250k tokens; OpenAI's API takes 2,048 messages at most), far less than what would tie up an engine.
 MAX_MESSAGES = 2048
 MAX_PROMPT_CHARS = 1_000_000
+# A JSON schema in response_format: its text is bounded (the grammar made from it grows with it, and it
+# is parsed on every node that serves it); its name is OpenAI's pattern.
+MAX_SCHEMA_CHARS = 65_536
+SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
 
@@ -86,6 +92,32 @@ def validate_sampling(params: inference_pb2.SamplingParams) -> None:
         raise invalid("stop", "stop sequences must not be empty strings")
     if params.top_logprobs and not params.logprobs:
         raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs' set to true")
+    if params.HasField("response_format"):
+        validate_response_format(params.response_format)
+
+
+def validate_response_format(response_format: inference_pb2.ResponseFormat) -> None:
+    """Its shape: one kind, and for json_schema a name and a schema that is a JSON object. Whether an
+    engine can enforce the schema is the engine's to say (also INVALID_REQUEST naming response_format)."""
+    which = response_format.WhichOneof("format")
+    if which is None:
+        raise invalid("response_format", "'response_format' must set one of text, json_object or json_schema")
+    if which != "json_schema":
+        return
+    spec = response_format.json_schema
+    if not SCHEMA_NAME.fullmatch(spec.name):
+        raise invalid(
+            "response_format",
+            "'response_format.json_schema.name' must be 1 to 64 characters of a-z, A-Z, 0-9, '_' and '-'",
+        )
+    if len(spec.schema) > MAX_SCHEMA_CHARS:
+        raise invalid("response_format", f"'response_format.json_schema.schema' is over {MAX_SCHEMA_CHARS} characters")
+    try:
+        schema = json.loads(spec.schema) if spec.schema else None
+    except (ValueError, RecursionError) as exc:
+        raise invalid("response_format", f"'response_format.json_schema.schema' is not valid JSON: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise invalid("response_format", "'response_format.json_schema.schema' must be a JSON object (a JSON schema)")
 
 
 def check_prompt_chars(param: str, texts: Iterable[str]) -> None:
