@@ -20,6 +20,7 @@ from node_agent.engines.base import (
     InvalidInput,
     Message,
     Prompt,
+    ResponseFormat,
     SamplingOptions,
     TextChunk,
 )
@@ -50,7 +51,19 @@ def sampling_options(params: inference_pb2.SamplingParams) -> SamplingOptions:
         repetition_penalty=opt("repetition_penalty", 1.0),
         logprobs=params.logprobs,
         top_logprobs=params.top_logprobs,
+        response_format=response_format(params),
     )
+
+
+def response_format(params: inference_pb2.SamplingParams) -> ResponseFormat | None:
+    """The proto's response_format for the engine; None for free text (unset, or `text`)."""
+    which = params.response_format.WhichOneof("format") if params.HasField("response_format") else None
+    if which == "json_object":
+        return ResponseFormat("json_object")
+    if which == "json_schema":
+        spec = params.response_format.json_schema
+        return ResponseFormat("json_schema", spec.schema, spec.name, spec.description, spec.strict)
+    return None
 
 
 def text_delta(chunk: TextChunk) -> inference_pb2.GenerateResponse:

@@ -27,6 +27,19 @@ class Chat:
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """The output must be a JSON document: any object (`json_object`), or one valid against `schema`, a JSON
+    schema's text (`json_schema`). Engines that cannot enforce a schema raise InvalidInput naming
+    `response_format`, never ignore it."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: str = ""
+    name: str = ""
+    description: str = ""
+    strict: bool = False
+
+
+@dataclass(frozen=True)
 class SamplingOptions:
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -40,6 +53,7 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     logprobs: bool = False  # report each generated token's log probability
     top_logprobs: int = 0  # and this many alternatives at each position
+    response_format: ResponseFormat | None = None  # None: free text
 
 
 @dataclass(frozen=True)

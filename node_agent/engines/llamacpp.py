@@ -34,6 +34,7 @@ from node_agent.engines.base import (
     SamplingOptions,
 )
 from node_agent.engines.embedding_batch import EmbeddingBatcher
+from node_agent.engines.json_grammar import grammar_for
 from node_agent.engines.llamacpp_batch import BatchRequest, BatchStats, DecodeLoop, lower_thread_priority
 
 log = logging.getLogger(__name__)
@@ -297,12 +298,19 @@ class LlamaCppEngine:
                 param="max_tokens",
             )
         limit = context - len(tokens) if options.max_tokens is None else options.max_tokens
+        # A schema is converted off the event loop (a few ms; cached by its text); one it cannot enforce
+        # is refused here, before the request takes a slot.
+        grammar = (
+            None if options.response_format is None else await asyncio.to_thread(grammar_for, options.response_format)
+        )
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
-        request = BatchRequest(tokens, options, limit, events.put_nowait)
+        request = BatchRequest(tokens, options, limit, events.put_nowait, grammar)
         self._loop.submit(request)
         try:
             while True:
                 item = await events.get()
+                if isinstance(item, InvalidInput):
+                    raise item  # the request's fault (a grammar llama.cpp refused), not the engine's
                 if isinstance(item, BaseException):
                     raise EngineUnavailable(f"llama.cpp generation failed: {item}")
                 yield item

@@ -21,6 +21,12 @@ position (numpy, on the decode thread; `bench/logprobs_bench.py` here: 1% of the
 starts is released, so the entries travel with their text and those of a cut stop string are dropped
 with it.
 
+Structured outputs: a request with a grammar (a JSON schema's, node_agent.engines.json_grammar) gets
+llama.cpp's grammar sampler first in its own sampler chain, so it is one more sequence of the same
+decode step, and the chain, grammar included, is freed with the sequence. The grammar masks every token
+that cannot continue the document; once the document is complete it allows only end-of-generation
+tokens, so the sequence ends with "stop". max_tokens can still cut it first ("length").
+
 Prefix reuse: a slot keeps the KV cache of its last request. A new request goes to the free slot whose
 cached tokens share the longest prefix with its prompt, or copies that prefix from any other sequence
 (`llama_memory_seq_cp`; with a unified KV cache the cells are shared, not copied), and only the rest of
@@ -47,6 +53,7 @@ from mesh.metrics import BATCH_BUCKETS, FAST_BUCKETS, Distribution
 from node_agent.engines.base import (
     Finished,
     GenerationEvent,
+    InvalidInput,
     SamplingOptions,
     TextChunk,
     TokenLogprob,
@@ -71,6 +78,7 @@ class BatchRequest:
     options: SamplingOptions
     limit: int  # most tokens to generate
     sink: Sink  # receives the request's events, on the consumers' event loop
+    grammar: str | None = None  # GBNF (root rule `root`) the output is constrained to
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -246,6 +254,7 @@ class DecodeLoop:
                 self._emit(request, exc)
 
     def _start(self, request: BatchRequest) -> None:
+        sampler = self._sampler(request.options, request.grammar)  # first: a grammar may be refused
         free = [s for s in range(self.slots) if s not in self._active]
 
         def preference(slot: int) -> tuple[int, int, int, float]:
@@ -278,7 +287,7 @@ class DecodeLoop:
             request=request,
             tokens=list(request.prompt),
             n_past=source_len,
-            sampler=self._sampler(request.options),
+            sampler=sampler,
             stream=TextStream(request.options.stops),
         )
 
@@ -287,9 +296,18 @@ class DecodeLoop:
         seq = self._active.get(slot)
         return seq.tokens[: seq.n_past] if seq is not None else self._cached[slot]
 
-    def _sampler(self, options: SamplingOptions) -> Any:
+    def _sampler(self, options: SamplingOptions, grammar: str | None = None) -> Any:
         ll = self._ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if grammar is not None:
+            # First in the chain: the samplers after it (penalties, top-k, ...) choose among the tokens the
+            # grammar allows, so a top-k cut can never leave only forbidden ones.
+            constraint = ll.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+            if not constraint:
+                ll.llama_sampler_free(chain)
+                raise InvalidInput("llama.cpp could not parse the grammar made from response_format", "response_format")
+            ll.llama_sampler_chain_add(chain, constraint)  # the chain owns it from now on
+            self.stats.grammars += 1
         if options.repetition_penalty != 1.0 or options.frequency_penalty or options.presence_penalty:
             ll.llama_sampler_chain_add(
                 chain,

@@ -36,6 +36,7 @@ from node_agent.engines.base import (
     GenerationEvent,
     InvalidInput,
     Prompt,
+    ResponseFormat,
     SamplingOptions,
     TextChunk,
     TokenLogprob,
@@ -47,6 +48,11 @@ log = logging.getLogger(__name__)
 # How servers word a prompt that is too long: vLLM "maximum context length", SGLang "longer than the
 # model's context length", llama.cpp "exceed context window".
 _CONTEXT_WORDS = re.compile(r"context (length|window|size)|too long|maximum context", re.IGNORECASE)
+# And a response_format it refuses (vLLM and SGLang name the field, llama.cpp the schema or grammar).
+_FORMAT_WORDS = re.compile(r"response_format|json.?schema|grammar", re.IGNORECASE)
+# llama_cpp.server answers a body its own request model refuses with a 500 carrying pydantic's error: that
+# is the request's fault, not the server's.
+_REFUSED_BODY = re.compile(r"validation error.*'loc': \('body',", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,9 @@ def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[
         body["top_k"] = options.top_k
     if options.min_p > 0:
         body["min_p"] = options.min_p
+    if options.response_format is not None:
+        # On both endpoints: vLLM, SGLang and llama-server take it on completions too.
+        body["response_format"] = response_format_json(options.response_format)
     if isinstance(prompt, str):
         body["prompt"] = prompt
         if options.logprobs:
@@ -112,6 +121,17 @@ def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[
         body["logprobs"] = True
         body["top_logprobs"] = options.top_logprobs
     return "/chat/completions", body
+
+
+def response_format_json(response_format: ResponseFormat) -> dict[str, Any]:
+    """OpenAI's `response_format`, passed through for the server to enforce (or refuse, with its 400)."""
+    if response_format.kind == "json_object":
+        return {"type": "json_object"}
+    spec: dict[str, Any] = {"name": response_format.name, "schema": json.loads(response_format.schema)}
+    if response_format.description:
+        spec["description"] = response_format.description
+    spec["strict"] = response_format.strict
+    return {"type": "json_schema", "json_schema": spec}
 
 
 def request_headers(with_id: bool = True) -> dict[str, str]:
@@ -163,10 +183,13 @@ def _error_message(reply: httpx.Response) -> str:
 
 def upstream_error(status: int, message: str, input_param: str) -> EngineError:
     """A server's refusal in the engine's terms: the caller's fault (400s) or the server's (the rest)."""
+    message = message.split('\n\n  File "')[0]  # a server's traceback is not for the client
     text = f"the engine's server answered {status}: {message}"
-    if status in (400, 413, 422):
+    if status in (400, 413, 422) or (status == 500 and _REFUSED_BODY.search(message)):
         if _CONTEXT_WORDS.search(message):
             return ContextLengthExceeded(text, input_param)
+        if _FORMAT_WORDS.search(message):
+            return InvalidInput(text, "response_format")  # a schema the server cannot enforce
         return InvalidInput(text, input_param)
     return EngineUnavailable(text)
 

@@ -1,0 +1,194 @@
+"""Grammars (GBNF) that keep llama.cpp's output to a JSON document: any object, or one valid against a
+JSON schema (OpenAI's `response_format`).
+
+The schema is converted by llama-cpp-python's own converter (`llama_grammar.SchemaConverter`, the same
+as llama.cpp's `json_schema_to_grammar`). That converter silently drops what it cannot express (number
+ranges, `oneOf`'s exclusivity, `not`, ...): a reply would then parse and still break the schema. So the
+schema is checked first against what it does enforce, and anything else is refused with the keyword
+and where it is (InvalidInput naming `response_format`, a 400), never ignored. Annotations (`title`,
+`description`, `default`, `examples`, ...) and unknown keywords are ignored, as JSON Schema says.
+
+One fix to the converter's output: its string characters allow raw control characters (a newline inside
+a string), which JSON forbids and `json.loads` refuses; here they must be escaped, as in llama.cpp's
+own JSON grammar.
+
+Conversion is pure Python and costs a few milliseconds for a typical schema: the engine runs it off
+the event loop, and the last schemas are cached by their text (an application sends the same one
+again and again).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+from node_agent.engines.base import InvalidInput, ResponseFormat
+
+# Keywords the converter enforces, by the kind of schema they apply to.
+_STRUCTURE = {"type", "enum", "const", "anyOf", "$ref", "$defs", "definitions"}
+_OBJECT = {"properties", "required", "additionalProperties"}
+_ARRAY = {"items", "prefixItems", "minItems", "maxItems"}
+_STRING = {"pattern", "format", "minLength", "maxLength"}
+# Assertions of JSON Schema (2020-12 and older drafts) that the converter does not enforce.
+_UNSUPPORTED = {
+    "minimum": "number ranges",
+    "maximum": "number ranges",
+    "exclusiveMinimum": "number ranges",
+    "exclusiveMaximum": "number ranges",
+    "multipleOf": "multipleOf",
+    "oneOf": "oneOf (use anyOf)",
+    "allOf": "allOf",
+    "not": "not",
+    "if": "if/then/else",
+    "then": "if/then/else",
+    "else": "if/then/else",
+    "uniqueItems": "uniqueItems",
+    "contains": "contains",
+    "minContains": "contains",
+    "maxContains": "contains",
+    "minProperties": "minProperties/maxProperties",
+    "maxProperties": "minProperties/maxProperties",
+    "patternProperties": "patternProperties",
+    "propertyNames": "propertyNames",
+    "dependentRequired": "dependencies",
+    "dependentSchemas": "dependencies",
+    "dependencies": "dependencies",
+    "unevaluatedProperties": "unevaluatedProperties",
+    "unevaluatedItems": "unevaluatedItems",
+    "additionalItems": "additionalItems",
+    "contentEncoding": "content keywords",
+    "contentMediaType": "content keywords",
+    "contentSchema": "content keywords",
+    "$dynamicRef": "$dynamicRef",
+    "$recursiveRef": "$recursiveRef",
+}
+_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
+_FORMATS = {"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"}
+# Bounds on what the grammar grows with: nesting (the converter recurses), counted repetitions (each count
+# is written out as rules) and the grammar's own size.
+MAX_DEPTH = 32
+MAX_COUNT = 1000
+MAX_GRAMMAR_CHARS = 262_144
+# The converter's string character, and the same without the control characters JSON forbids raw.
+_CHAR = r'[^"\\] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
+_JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
+
+
+class _Refused(Exception):
+    def __init__(self, where: str, what: str) -> None:
+        super().__init__(f"{what} (at {where or 'the root'})")
+
+
+def _count(node: dict[str, Any], key: str, where: str) -> int | None:
+    value = node.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_COUNT:
+        raise _Refused(where, f"'{key}' must be an integer from 0 to {MAX_COUNT}")
+    return value
+
+
+def _check(node: Any, where: str, depth: int) -> None:
+    """Refuse what the converter would ignore or cannot build (raises _Refused)."""
+    if depth > MAX_DEPTH:
+        raise _Refused(where, f"the schema nests deeper than {MAX_DEPTH} levels")
+    if not isinstance(node, dict):
+        raise _Refused(where, "a schema must be a JSON object here (true/false schemas are not supported)")
+    for key, what in _UNSUPPORTED.items():
+        if key in node:
+            raise _Refused(where, f"'{key}' is not supported: the grammar cannot enforce {what}")
+    kind = node.get("type")
+    if isinstance(kind, list):
+        if not kind or not all(isinstance(k, str) and k in _TYPES for k in kind):
+            raise _Refused(where, f"'type' must name types among {sorted(_TYPES)}")
+        if set(node) & (_OBJECT | _ARRAY | _STRING | {"enum", "const", "anyOf"}):
+            raise _Refused(where, "a list of types with other keywords is not supported (use anyOf)")
+    elif kind is not None and kind not in _TYPES:
+        raise _Refused(where, f"'type' must be one of {sorted(_TYPES)}; got {json.dumps(kind)[:80]}")
+    ref = node.get("$ref")
+    if ref is not None and (not isinstance(ref, str) or not ref.startswith("#/")):
+        raise _Refused(where, "only local references ('#/...') are supported in '$ref'")
+    if "enum" in node and (not isinstance(node["enum"], list) or not node["enum"]):
+        raise _Refused(where, "'enum' must be a non-empty list")
+    if "anyOf" in node and (not isinstance(node["anyOf"], list) or not node["anyOf"]):
+        raise _Refused(where, "'anyOf' must be a non-empty list")
+    # The converter takes the first of these that a schema has and drops the rest of them.
+    used = [k for k in ("$ref", "anyOf", "const", "enum", "pattern", "format") if k in node]
+    strings = [k for k in ("pattern", "format", "minLength", "maxLength") if k in node]
+    if len(used) > 1 or (strings and len(strings) > 1 and not set(strings) <= {"minLength", "maxLength"}):
+        both = used if len(used) > 1 else strings
+        raise _Refused(where, f"'{both[0]}' with '{both[1]}' in one schema is not supported")
+    if used and set(node) & (_OBJECT | _ARRAY):
+        raise _Refused(where, f"'{used[0]}' beside object or array keywords is not supported")
+    if "format" in node and node["format"] not in _FORMATS:
+        raise _Refused(
+            where, f"format {json.dumps(node['format'])[:80]} is not supported; supported: {sorted(_FORMATS)}"
+        )
+    if "pattern" in node and not isinstance(node["pattern"], str):
+        raise _Refused(where, "'pattern' must be a string")
+    for low, high in (("minItems", "maxItems"), ("minLength", "maxLength")):
+        lo, hi = _count(node, low, where), _count(node, high, where)
+        if lo is not None and hi is not None and lo > hi:
+            raise _Refused(where, f"'{low}' is greater than '{high}'")
+    if "items" in node and "prefixItems" in node:
+        raise _Refused(where, "'items' with 'prefixItems' is not supported")
+    properties = node.get("properties", {})
+    if not isinstance(properties, dict):
+        raise _Refused(where, "'properties' must be an object")
+    required = node.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise _Refused(where, "'required' must be a list of property names")
+    missing = [r for r in required if r not in properties]
+    if missing:
+        raise _Refused(where, f"'required' names '{missing[0]}', which is not in 'properties'")
+    for name, sub in properties.items():
+        _check(sub, f"{where}/properties/{name}", depth + 1)
+    extra = node.get("additionalProperties")
+    if extra is not None and not isinstance(extra, bool):
+        _check(extra, f"{where}/additionalProperties", depth + 1)
+    items = node.get("items", node.get("prefixItems"))
+    if isinstance(items, list):
+        for i, sub in enumerate(items):
+            _check(sub, f"{where}/items/{i}", depth + 1)
+    elif items is not None:
+        _check(items, f"{where}/items", depth + 1)
+    for i, sub in enumerate(node.get("anyOf", [])):
+        _check(sub, f"{where}/anyOf/{i}", depth + 1)
+    for key in ("$defs", "definitions"):
+        defs = node.get(key, {})
+        if not isinstance(defs, dict):
+            raise _Refused(where, f"'{key}' must be an object")
+        for name, sub in defs.items():
+            _check(sub, f"{where}/{key}/{name}", depth + 1)
+
+
+@functools.lru_cache(maxsize=128)
+def schema_grammar(schema_text: str) -> str:
+    """The GBNF of a JSON schema's text; raises InvalidInput naming `response_format` when the grammar
+    cannot enforce it. Exceptions are not cached: a refused schema is checked again (it is cheap)."""
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    refused = "'response_format.json_schema.schema' cannot be enforced by the llama.cpp engine"
+    try:
+        schema = json.loads(schema_text)
+        _check(schema, "", 0)
+        converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+        converter.visit(converter.resolve_refs(schema, "request"), "")
+        grammar = converter.format_grammar()
+    except _Refused as exc:
+        raise InvalidInput(f"{refused}: {exc}", "response_format") from exc
+    except (ValueError, AssertionError, KeyError, TypeError, RecursionError, IndexError) as exc:
+        raise InvalidInput(f"{refused}: the grammar converter failed: {exc}"[:500], "response_format") from exc
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        raise InvalidInput(f"{refused}: its grammar is over {MAX_GRAMMAR_CHARS} characters", "response_format")
+    return grammar.replace(f"char ::= {_CHAR}", f"char ::= {_JSON_CHAR}")
+
+
+def grammar_for(response_format: ResponseFormat) -> str:
+    """The GBNF for a response_format (its root rule is `root`)."""
+    if response_format.kind == "json_object":
+        from llama_cpp.llama_grammar import JSON_GBNF
+
+        return JSON_GBNF  # root ::= object; its strings already refuse raw control characters
+    return schema_grammar(response_format.schema)
