@@ -412,11 +412,6 @@ def parser() -> argparse.ArgumentParser:
     _tls_flags(cp, "the control plane")
     cp.add_argument("--ca-dir", help="directory of the fleet CA (ca.crt, ca.key); Join signs with it")
     cp.add_argument("--join-listen", help="host:port of JoinService, TLS without client certificates")
-    cp.add_argument(
-        "--node-cert-lifetime",
-        type=float,
-        help="seconds the node certificates it signs are valid (30 days); nodes renew at two thirds of it",
-    )
     cp.add_argument("--metrics-listen", help="host:port of the Prometheus metrics port (127.0.0.1:9400; '' for none)")
     cp.add_argument(
         "--node-cert-lifetime",
