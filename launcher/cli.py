@@ -362,6 +362,10 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--controlplane-port", type=int, default=50051, help="control plane port (50051)")
     up.add_argument("--node-port", type=int, default=50061, help="node agent port (50061)")
     up.add_argument("--etcd-port", type=int, default=2379, help="embedded etcd client port; peer is +1 (2379)")
+    up.add_argument(
+        "--controlplane-metrics-port", type=int, default=9400, help="control plane Prometheus /metrics port (9400)"
+    )
+    up.add_argument("--node-metrics-port", type=int, default=9401, help="node agent Prometheus /metrics port (9401)")
     up.add_argument("--etcd", help="URL of an existing etcd to use instead of the embedded one")
     up.add_argument(
         "--catalog", help="deployments to run, models.yaml (default: SmolLM2-135M-Instruct as smollm2-135m)"

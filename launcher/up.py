@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         "edge gRPC": args.grpc_port,
         "control plane": args.controlplane_port,
         "node agent": args.node_port,
+        "control plane metrics": args.controlplane_metrics_port,
+        "node agent metrics": args.node_metrics_port,
     }
     if not args.etcd:
         ports |= {"etcd client": args.etcd_port, "etcd peer": args.etcd_port + 1}
@@ -192,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
                 str(args.lease_ttl),
                 "--deployments",
                 str(catalog),
+                "--metrics-listen",
+                f"{host}:{args.controlplane_metrics_port}",
                 *tls["controlplane"],
                 *auth["controlplane"],
             ),
@@ -209,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{local}:{args.controlplane_port}",
                 "--node-id",
                 node_id,
+                "--metrics-listen",
+                f"{host}:{args.node_metrics_port}",
                 *(["--advertise", f"{local}:{args.node_port}"] if local != host else []),
                 *(["--threads", str(args.threads)] if args.threads else []),
                 *tls["node"],
@@ -252,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
             tls_note += (f"\n  API keys          required; make one: fleetlm keys create NAME --controlplane {local}:"
                          f"{args.controlplane_port} --admin-token-file {token_file}{keys_tls}")  # fmt: skip
         cp_local = f"{local}:{args.controlplane_port}"
+        metrics = f"{scheme}://{local}"
         default_state = Path(os.environ.get("XDG_STATE_HOME", "~/.local/state"), "fleetlm").expanduser()
         status_dir = "" if state == default_state else f" --state-dir {state}"
         print(
@@ -261,6 +268,8 @@ fleetlm is up.
   gRPC Inference    {local}:{args.grpc_port}   (reflection on: {grpcurl} {local}:{args.grpc_port} list)
   control plane     {cp_local}   ({admin_grpcurl} {cp_local} fleetlm.controlplane.v1.AdminService/ListNodes)
   node agent        {local}:{args.node_port}
+  metrics           {http}/metrics (edge), {metrics}:{args.controlplane_metrics_port}/metrics (control plane),
+                    {metrics}:{args.node_metrics_port}/metrics (node)   (Prometheus: docker/prometheus.yml)
   etcd              {etcd_url}{etcd_note}
   deployments       {model}   (catalog {catalog}){tls_note}
   status            fleetlm status{status_dir}   (nodes, deployments, replicas; --json for scripts)

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
@@ -258,7 +260,7 @@ def test_the_view_shows_load_progress_and_errors() -> None:
     assert all(len(line) <= 40 for line in render(snap, 40))
 
 
-def test_status_finds_what_fleetlm_up_made(tmp_path: Path) -> None:
+def test_status_finds_what_fleetlm_up_made_and_up_serves_metrics(tmp_path: Path) -> None:
     from tests.test_up import start_up
 
     # TLS and credentials: status needs the CA, the operator certificate and the admin token, and finds
@@ -275,6 +277,14 @@ def test_status_finds_what_fleetlm_up_made(tmp_path: Path) -> None:
         snap = json.loads(done.stdout)
         assert snap["controlplane"] == f"127.0.0.1:{ports['cp']}"
         assert [(r["model"], r["state"]) for r in snap["replicas"]] == [("smollm2-135m", "ready")]
+        # The metrics ports it gave the control plane and the node, in its banner, over HTTPS with the CA.
+        trust = ssl.create_default_context(cafile=str(state / "ca" / "ca.crt"))
+        for port, prefix in ((ports["cp_metrics"], "fleetlm_controlplane_"), (ports["node_metrics"], "fleetlm_node_")):
+            url = f"https://127.0.0.1:{port}/metrics"
+            assert url in text
+            scraped = httpx.get(url, verify=trust, timeout=10)
+            assert scraped.status_code == 200 and prefix in scraped.text
+        assert f"https://127.0.0.1:{ports['http']}/metrics (edge)" in text
         # Without them: refused, in one line.
         bare = status("--once", "--controlplane", f"127.0.0.1:{ports['cp']}", "--state-dir", str(tmp_path))
         assert bare.returncode == 1 and bare.stderr.count("\n") == 1, bare.stderr

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.model, pytest.mark.cluster]
 def start_up(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
     """`fleetlm up` with `flags` on free ports, its state in tmp_path/state, once its banner is out (120 s at
     most; it is killed if it does not get there). Returns the process, its ports and its log."""
-    ports = {name: free_port() for name in ("http", "grpc", "cp", "node")}
+    ports = {name: free_port() for name in ("http", "grpc", "cp", "node", "cp_metrics", "node_metrics")}
     etcd_port = free_port()
     while not port_free("127.0.0.1", etcd_port + 1):
         etcd_port = free_port()
@@ -33,6 +33,8 @@ def start_up(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], dict
         "--grpc-port", str(ports["grpc"]),
         "--controlplane-port", str(ports["cp"]),
         "--node-port", str(ports["node"]),
+        "--controlplane-metrics-port", str(ports["cp_metrics"]),
+        "--node-metrics-port", str(ports["node_metrics"]),
         "--etcd-port", str(etcd_port),
         "--threads", "2",
     ]  # fmt: skip
