@@ -267,6 +267,17 @@ def test_edge_counts_requests_in_flight(fleet: Fleet) -> None:
     assert value(fleet.edge(), "fleetlm_edge_requests_in_flight", model=MODEL) == 0
 
 
+def test_an_edge_without_metrics_serves_no_metrics_page_and_still_serves(fleet: Fleet) -> None:
+    _, http, _ = fleet.cluster.start_edge("--no-metrics")
+    key = fleet.key("unmetered")
+    wait_for(lambda: _serves(http, key), 60, f"{http} to serve {MODEL}")
+    reply = httpx.get(f"{http}/metrics", timeout=10)
+    assert reply.status_code == 404
+    assert reply.json()["error"]["type"] == "invalid_request_error"  # OpenAI's shape, as for any unknown path
+    client = openai.OpenAI(base_url=f"{http}/v1", api_key=key, max_retries=0, timeout=120)
+    assert client.completions.create(model=MODEL, prompt="One, two,", max_tokens=2, temperature=0).usage is not None
+
+
 # --- the node -------------------------------------------------------------------------------------------------
 
 
