@@ -23,10 +23,11 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 from controlplane.fleet import FleetView, durable_key
 from controlplane.join import NodeIdentities
@@ -45,6 +46,42 @@ RESEND_SECONDS = 15.0
 # for the view before it is refused: a node that has just registered through another control plane reaches
 # this one's view through its etcd watch a moment later.
 VIEW_LAG_SECONDS = 5.0
+
+
+_TIMESTAMP = timestamp_pb2.Timestamp.DESCRIPTOR.full_name
+_DURATION = duration_pb2.Duration.DESCRIPTOR.full_name
+_TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)  # 0001-01-01 to 9999-12-31, a Timestamp's range
+_DURATION_SECONDS = 315_576_000_000  # 10,000 years, a Duration's range
+
+
+def _time_out_of_range(message: Message, path: str) -> str:
+    """The field path of the first Timestamp or Duration in `message` outside its type's range, or "". A node's
+    report is kept in etcd as JSON, which refuses them: found here, it is a 400 naming the field, not an
+    internal error at the write."""
+    for field, value in message.ListFields():
+        if field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        repeated = field.is_repeated
+        for i, item in enumerate(value if repeated else [value]):
+            where = f"{path}.{field.name}" + (f"[{i}]" if repeated else "")
+            kind = field.message_type.full_name
+            if kind == _TIMESTAMP:
+                if not (_TIMESTAMP_SECONDS[0] <= item.seconds <= _TIMESTAMP_SECONDS[1] and 0 <= item.nanos < 10**9):
+                    return where
+            elif kind == _DURATION:
+                signs_agree = item.seconds * item.nanos >= 0
+                if not (abs(item.seconds) <= _DURATION_SECONDS and abs(item.nanos) < 10**9 and signs_agree):
+                    return where
+            elif bad := _time_out_of_range(item, where):
+                return bad
+    return ""
+
+
+def _check_times(field: str, messages: Iterable[Message]) -> None:
+    for i, message in enumerate(messages):
+        bad = _time_out_of_range(message, f"{field}[{i}]")
+        if bad:
+            raise invalid(bad, f"{bad} is not a valid time (out of its type's range)")
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -110,6 +147,8 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
             raise invalid("node_id", "node_id is required and must not contain '/'")
         if not request.inference_address:
             raise invalid("inference_address", "inference_address (host:port) is required")
+        _check_times("replicas", request.replicas)
+        _check_times("inventory", [request.inventory])
         # The lease's TTL runs from the grant: when it was asked for, not when the record is written after
         # it (an etcd write can take a while on a busy machine), is the time its renewals count from.
         granted_at = time.monotonic()
@@ -166,6 +205,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         if node is None or node.lease_id != request.lease_id:
             self._forget_lease(request.node_id, request.lease_id)
             raise expired
+        _check_times("replicas", request.replicas)
         now = _now()
         replicas = [redact_message(r) for r in request.replicas]
         streamed = self._streams[request.node_id] > 0
@@ -208,6 +248,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
                     raise FleetError(
                         ErrorCode.LEASE_EXPIRED, f"node {node_id} is not registered under lease {report.lease_id:x}"
                     )
+                _check_times("replicas", report.replicas)
                 replicas = [redact_message(r) for r in report.replicas]
                 self._fleet.report_load(node_id, replicas, report.ram_free_bytes, _now())
         except FleetError as error:
