@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ class StatusError(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    address: str
+    address: str  # host:port, or several separated by commas
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
@@ -72,11 +72,11 @@ def find_target(args: argparse.Namespace) -> Target:
         except (OSError, ValueError) as exc:
             raise StatusError(f"cannot read {operator}: {exc}") from None
     address = args.controlplane or saved.get("controlplane") or DEFAULT_CONTROLPLANE
-    if saved.get("controlplane") != address.split(",")[0]:
+    if saved.get("controlplane") != address:
         saved = {}  # that file describes another control plane: none of its credentials apply here
     env_token = os.environ.get("FLEETLM_ADMIN_TOKEN", "")
     return Target(
-        address=address.split(",")[0],
+        address=address,
         tls_ca=args.tls_ca or saved.get("tls_ca", ""),
         tls_cert=args.tls_cert or saved.get("tls_cert", ""),
         tls_key=args.tls_key or saved.get("tls_key", ""),
@@ -114,7 +114,18 @@ def _metadata(target: Target) -> tuple[tuple[str, str], ...]:
 
 
 async def fetch(target: Target) -> dict[str, Any]:
-    """One snapshot of the fleet from the control plane."""
+    """One snapshot of the fleet from the first of the control planes (--controlplane a,b,c) that answers:
+    every one of them serves admin reads."""
+    addresses = target.address.split(",")
+    for address in addresses[:-1]:
+        try:
+            return await _fetch_one(replace(target, address=address))
+        except StatusError:
+            continue
+    return await _fetch_one(replace(target, address=addresses[-1]))
+
+
+async def _fetch_one(target: Target) -> dict[str, Any]:
     metadata = _metadata(target)
     try:
         async with _channel(target) as channel:

@@ -202,6 +202,11 @@ def test_status_failures_are_one_line(fleet: Fleet, tmp_path: Path) -> None:
     token = fleet.token_file.read_text().strip()
     good = status("--once", "--controlplane", fleet.cluster.controlplane, env={"FLEETLM_ADMIN_TOKEN": token})
     assert good.returncode == 0 and "node-a" in good.stdout, good.stderr
+    # Several control planes: the first that answers.
+    both = f"127.0.0.1:{free_port()},{fleet.cluster.controlplane}"
+    several = status("--json", "--controlplane", both, env={"FLEETLM_ADMIN_TOKEN": token})
+    assert several.returncode == 0, several.stderr
+    assert json.loads(several.stdout)["controlplane"] == fleet.cluster.controlplane
 
 
 async def test_a_llama_replica_reports_its_load_progress() -> None:
@@ -291,3 +296,25 @@ def test_status_finds_what_fleetlm_up_made_and_up_serves_metrics(tmp_path: Path)
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(60)
+
+
+def test_load_progress_is_load_not_cluster_state() -> None:
+    # The control plane's view: a new fraction changes no durable key (no etcd write), and the newest report
+    # is what ListNodes shows over the record.
+    from google.protobuf import timestamp_pb2
+
+    from controlplane.fleet import LoadBoard, durable_key
+
+    def node(progress: float | None) -> node_pb2.Node:
+        replica = node_pb2.Replica(model=node_pb2.ModelSpec(name="m"), state=node_pb2.REPLICA_STATE_LOADING)
+        if progress is not None:
+            replica.load_progress = progress
+        return node_pb2.Node(node_id="n1", replicas=[replica])
+
+    assert durable_key(node(0.2)) == durable_key(node(0.7)) == durable_key(node(None))
+    board, now = LoadBoard(), timestamp_pb2.Timestamp()
+    now.GetCurrentTime()
+    board.report("n1", node(0.7).replicas, 0, now)
+    assert board.overlay(node(0.2)).replicas[0].load_progress == pytest.approx(0.7)
+    board.report("n1", node(None).replicas, 0, now)
+    assert not board.overlay(node(0.2)).replicas[0].HasField("load_progress")
