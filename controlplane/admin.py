@@ -36,7 +36,7 @@ from mesh.auth import AdminGuard, read_secret_file
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError, invalid
 from mesh.redaction import REDACTED, redact_message, redacted_fields, secret_values
-from mesh.tls import TlsFiles, secure_channel
+from mesh.tls import TlsFiles, peer_identities, secure_channel
 
 R = TypeVar("R", bound=Message)
 
@@ -108,7 +108,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             secret = read_secret_file(settings.auth_secret_file, "auth secret") if settings.auth_secret_file else None
             token = read_secret_file(settings.admin_token_file, "admin token") if settings.admin_token_file else None
             keys = keys or (ApiKeys(store, secret) if isinstance(store, EtcdStore) else None)
-            guard = guard or AdminGuard(token.decode() if token else None, secret)
+            guard = guard or AdminGuard(token.decode() if token else None, secret, tls=tls is not None)
             self._own_credential = token.decode() if token else ""
         self._keys = keys
         self._guard = guard
@@ -124,14 +124,14 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         if inspect.isasyncgenfunction(method):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                guard.check(full, context.invocation_metadata())
+                guard.check(full, context.invocation_metadata(), peer_identities(context))
                 async for reply in method(request, context):
                     yield reply
 
             return stream
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            guard.check(full, context.invocation_metadata())
+            guard.check(full, context.invocation_metadata(), peer_identities(context))
             return await method(request, context)
 
         return unary

@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from mesh.errors import ErrorCode, FleetError
+from mesh.fleet_ca import TRUST_DOMAIN
 
 MIN_SECRET_BYTES = 32
 ADMIN_SERVICE = "/fleetlm.controlplane.v1.AdminService/"
@@ -81,32 +82,56 @@ class _Matcher:
         return presented is not None and hmac.compare_digest(self._mac(presented), self._digest)
 
 
-class AdminGuard:
-    """Who may call which AdminService RPC: the admin token for every one; the edge credential also for
-    WatchApiKeys and AcquireQuota. With neither configured, every call is let through (auth off)."""
+def identity_kinds(identities: Iterable[str]) -> set[str]:
+    """The kinds (node, controlplane, edge, admin) of `spiffe://fleetlm/<kind>[/<name>]` identities."""
+    prefix = f"spiffe://{TRUST_DOMAIN}/"
+    return {i.removeprefix(prefix).split("/", 1)[0] for i in identities if i.startswith(prefix)}
 
-    def __init__(self, admin_token: str | None, fleet_secret: bytes | None = None) -> None:
+
+class AdminGuard:
+    """Who may call which AdminService RPC.
+
+    A call passes with the admin token, or (with TLS) with a client certificate whose fleet identity is an
+    operator's (`admin`) or another control plane's (a follower forwarding a write whose caller it checked).
+    The edge's credential, or an edge's certificate, also passes WatchApiKeys and AcquireQuota. Any other
+    fleet certificate (a node's, say) is authenticated but not allowed: PERMISSION_DENIED. With no admin
+    token and no TLS, every call is let through (auth off, as on 127.0.0.1 by default)."""
+
+    def __init__(self, admin_token: str | None, fleet_secret: bytes | None = None, tls: bool = False) -> None:
         self._admin = _Matcher(admin_token) if admin_token else None
         self._edge = _Matcher(edge_credential(fleet_secret)) if fleet_secret else None
+        self._tls = tls
 
     @property
     def enabled(self) -> bool:
-        return self._admin is not None
+        return self._admin is not None or self._tls
 
-    def check(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> None:
-        """Raises UNAUTHENTICATED unless the call carries a credential good for `method`."""
-        if self._admin is None:
+    def check(self, method: str, metadata: Iterable[tuple[str, Any]] | None, identities: Iterable[str] = ()) -> None:
+        """Raises UNAUTHENTICATED unless the call carries a credential good for `method` (PERMISSION_DENIED
+        for a fleet certificate of a kind that may not call it)."""
+        if not self.enabled:
             return
         presented = bearer(metadata)
-        if self._admin.matches(presented):
+        if self._admin is not None and self._admin.matches(presented):
             return
-        if method in EDGE_METHODS and self._edge is not None and self._edge.matches(presented):
+        edge_method = method in EDGE_METHODS
+        if edge_method and self._edge is not None and self._edge.matches(presented):
             return
+        kinds = identity_kinds(identities) if self._tls else set()
+        if kinds & {"admin", "controlplane"} or (edge_method and "edge" in kinds):
+            return
+        name = method.rsplit("/", 1)[-1]
+        if kinds:
+            raise FleetError(
+                ErrorCode.PERMISSION_DENIED,
+                f"{name} needs an operator's credential: the admin token or an admin certificate; the"
+                f" client certificate is a {' or '.join(sorted(kinds))}'s",
+            )
         why = "no credential was sent" if presented is None else "the credential sent is not valid"
-        raise FleetError(
-            ErrorCode.UNAUTHENTICATED,
-            f"{method.rsplit('/', 1)[-1]} needs 'authorization: Bearer <admin token>' metadata; {why}",
-        )
+        wanted = "'authorization: Bearer <admin token>' metadata"
+        if self._tls:
+            wanted += " or a client certificate with an admin identity"
+        raise FleetError(ErrorCode.UNAUTHENTICATED, f"{name} needs {wanted}; {why}")
 
 
 class AdminAuthInterceptor(grpc.aio.ServerInterceptor):

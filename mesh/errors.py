@@ -48,6 +48,8 @@ class ErrorCode(enum.StrEnum):
     MODEL_NOT_ALLOWED = "model_not_allowed"
     RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
     UNAUTHENTICATED = "UNAUTHENTICATED"
+    # A fleet component that proved who it is but may not make this call (a node's certificate on AdminService).
+    PERMISSION_DENIED = "PERMISSION_DENIED"
     API_KEY_NOT_FOUND = "API_KEY_NOT_FOUND"
 
 
@@ -78,6 +80,7 @@ _TABLE: Mapping[ErrorCode, _Mapping] = {
     ErrorCode.INVALID_API_KEY: _Mapping(401, grpc.StatusCode.UNAUTHENTICATED, "invalid_request_error"),
     ErrorCode.UNAUTHENTICATED: _Mapping(401, grpc.StatusCode.UNAUTHENTICATED, "invalid_request_error"),
     ErrorCode.MODEL_NOT_ALLOWED: _Mapping(403, grpc.StatusCode.PERMISSION_DENIED, "invalid_request_error"),
+    ErrorCode.PERMISSION_DENIED: _Mapping(403, grpc.StatusCode.PERMISSION_DENIED, "invalid_request_error"),
     ErrorCode.RATE_LIMIT_EXCEEDED: _Mapping(429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit_error"),
     ErrorCode.API_KEY_NOT_FOUND: _Mapping(404, grpc.StatusCode.NOT_FOUND, "invalid_request_error"),
 }

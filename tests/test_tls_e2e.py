@@ -16,6 +16,7 @@ import openai
 import pytest
 from cryptography import x509
 
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from tests.cluster import MODEL, START_TIMEOUT, Cluster, smollm_entry, wait_for
 from tests.test_join import join_token, node_ids
@@ -127,3 +128,41 @@ def test_the_edges_https_certificate_rotates_without_a_restart(fleet: Fleet) -> 
         time.sleep(0.5)
     assert _https_serial(fleet.http, ca) == new
     assert _client(fleet).models.list().data  # still serving, same process
+
+
+def test_with_tls_only_an_operator_certificate_may_call_admin_service(fleet: Fleet) -> None:
+    """No admin token here: with TLS, the client certificate is the credential. An operator's (admin)
+    certificate may call every AdminService RPC; a node's or an edge's is a fleet member's, authenticated but
+    not allowed (PERMISSION_DENIED), except the edge's own two RPCs (WatchApiKeys, AcquireQuota)."""
+    cluster = fleet.cluster
+    cluster.issue("intruder-node", "node/intruder")
+    cluster.issue("some-edge", "edge/some-edge")
+    listing = admin_pb2.ListNodesRequest()
+    with cluster.channel(cluster.controlplane, "admin") as channel:
+        nodes = admin_pb2_grpc.AdminServiceStub(channel).ListNodes(listing, timeout=30)
+        assert "tls-node" in [n.node_id for n in nodes.nodes]
+    for name, kind in (("intruder-node", "node"), ("some-edge", "edge")):
+        with cluster.channel(cluster.controlplane, name) as channel:
+            stub = admin_pb2_grpc.AdminServiceStub(channel)
+            for method, request in (
+                (stub.ListNodes, listing),
+                (stub.CreateJoinToken, admin_pb2.CreateJoinTokenRequest()),
+                (stub.CordonNode, admin_pb2.CordonNodeRequest(node_id="tls-node")),
+            ):
+                with pytest.raises(grpc.RpcError) as refused:
+                    method(request, timeout=30)
+                assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, refused.value
+                assert f"a {kind}'s" in (refused.value.details() or "")
+    with cluster.channel(cluster.controlplane, "some-edge") as channel:
+        # the edge's own RPC is not refused for who it is (it follows the key table: the first reply arrives)
+        watch = admin_pb2_grpc.AdminServiceStub(channel).WatchApiKeys(admin_pb2.WatchApiKeysRequest(), timeout=10)
+        try:
+            next(iter(watch))
+        except grpc.RpcError as error:
+            assert error.code() not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED), error
+        finally:
+            watch.cancel()
+    with cluster.channel(cluster.controlplane, "admin") as channel:  # nothing was cordoned by the refused calls
+        nodes = admin_pb2_grpc.AdminServiceStub(channel).ListNodes(listing, timeout=30)
+        node = next(n for n in nodes.nodes if n.node_id == "tls-node")
+        assert node.scheduling != node_pb2.SCHEDULING_CORDONED
