@@ -48,7 +48,7 @@ def durable_signature(replicas: Iterable[node_pb2.Replica]) -> bytes:
     for replica in replicas:
         durable = node_pb2.Replica()
         durable.CopyFrom(replica)
-        for name in ("running_requests", "queued_requests", "last_request_at", "rejected_requests"):
+        for name in ("running_requests", "queued_requests", "last_request_at", "rejected_requests", "load_progress"):
             durable.ClearField(name)
         out.append(durable.SerializeToString(deterministic=True))
     return b"\0".join(out)

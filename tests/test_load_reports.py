@@ -511,3 +511,23 @@ async def test_an_assignment_made_while_the_first_message_goes_out_is_sent_at_on
         second = await asyncio.wait_for(anext(stream), SETTLE)
         assert [a.model.name for a in second.assignments] == ["m"]
         await stream.aclose()
+
+
+def test_load_and_load_progress_leave_the_durable_signature_equal() -> None:
+    """What makes a node heartbeat at once is a change of its durable state: a new load fraction while a
+    replica loads (5 % steps) or a new request count is load, which the load stream carries."""
+    from fleetlm.controlplane.v1 import node_pb2
+    from node_agent.load_reports import durable_signature
+
+    loading = node_pb2.Replica(
+        model=node_pb2.ModelSpec(name="m"), state=node_pb2.REPLICA_STATE_LOADING, load_progress=0.05
+    )
+    further = node_pb2.Replica(
+        model=node_pb2.ModelSpec(name="m"), state=node_pb2.REPLICA_STATE_LOADING, load_progress=0.45
+    )
+    busier = node_pb2.Replica(
+        model=node_pb2.ModelSpec(name="m"), state=node_pb2.REPLICA_STATE_LOADING, running_requests=3
+    )
+    assert durable_signature([loading]) == durable_signature([further]) == durable_signature([busier])
+    ready = node_pb2.Replica(model=node_pb2.ModelSpec(name="m"), state=node_pb2.REPLICA_STATE_READY)
+    assert durable_signature([ready]) != durable_signature([loading])
