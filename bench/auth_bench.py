@@ -4,11 +4,12 @@
 
 One run, one fleet (etcd, a control plane with a fleet secret and an admin token, one node agent with
 SmolLM2 on llama.cpp) and two edges on it: one that requires API keys (`--require-api-key`) and one that
-does not. The key used has all three limits set (requests and tokens per minute, concurrency), high enough
-never to refuse, so every request pays for the check, the fleet-wide allowance and the token charge.
-Each round measures both edges in turn (rows interleaved, medians over the rounds): time to first token of
-40 short streamed requests one at a time, and 8 concurrent streams of `--tokens` tokens (aggregate
-tokens/s). Then the check alone, in-process: `EdgeAuth.admit` with 10,000 keys in the table.
+does not. Two keys are measured on the second: one without limits (the check alone) and one with all three
+limits set (requests and tokens per minute, concurrency), high enough never to refuse, so every request
+pays for the check, the fleet-wide allowance and the token charge. Each round measures the rows in turn
+(rows interleaved, medians over the rounds): time to first token of 40 short streamed requests one at a
+time, and 8 concurrent streams of `--tokens` tokens (aggregate tokens/s). Then the check alone,
+in-process: `EdgeAuth.admit` with 10,000 keys in the table.
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ async def main() -> None:
             request.limits.max_concurrent_requests = 64
             reply = admin.CreateApiKey(request, metadata=(("authorization", f"Bearer {token.read_text().strip()}"),))
             key = reply.secret
+            plain = admin.CreateApiKey(
+                admin_pb2.CreateApiKeyRequest(name="bench-no-limits"),
+                metadata=(("authorization", f"Bearer {token.read_text().strip()}"),),
+            ).secret
 
             def serves() -> bool:
                 got = httpx.get(f"{keyed_url}/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=2)
@@ -129,6 +134,7 @@ async def main() -> None:
             wait_for(serves, 60, "the keyed edge to know the key", None)
             rows = {
                 "edge, no auth": (open_url, ""),
+                "edge, API key without limits": (keyed_url, plain),
                 "edge, API key with rpm, tpm and concurrency limits": (keyed_url, key),
             }
             results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}

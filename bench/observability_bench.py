@@ -1,0 +1,112 @@
+"""The cost of metrics and tracing: the same request load through fleets that differ only in observability.
+
+    .venv/bin/python -m bench.observability_bench [--rounds 3] [--tokens 128]
+
+One run, four fleets side by side on this machine (each: etcd, a control plane, one node agent with
+SmolLM2 on llama.cpp, one edge), idle but for the row being measured:
+- off: no metrics anywhere (edge --no-metrics, no metrics port on the control plane and the node), no tracing;
+- off again: a second such fleet, so that the table shows what two equal fleets differ by;
+- metrics: Prometheus metrics on every service (the default), scraped once a second as Prometheus would;
+- metrics + tracing: the same, and OpenTelemetry spans from the edge and the node exported over OTLP/gRPC to
+  a receiver in this process (a real gRPC TraceService server that keeps what it is sent).
+Each round measures the four in turn (rows interleaved, medians over the rounds): time to first token of
+40 short streamed requests one at a time, and 8 concurrent streams of `--tokens` tokens (aggregate
+tokens/s). The issue's aim: >= 0.98x throughput and <= +0.2 ms to the first token with both on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import httpx
+
+from bench.auth_bench import MODEL, measure, stream
+from launcher.default_model import default_model_path
+from tests.cluster import Cluster
+from tests.test_tracing import OtlpReceiver
+
+# "off again" is a second fleet like the first: the difference between the two is what two fleets differ by
+# with nothing changed (the noise floor of the comparison).
+ROWS = ("off", "off again", "metrics", "metrics + tracing")
+
+
+def start_fleet(work: Path, name: str, path: Path, receiver: OtlpReceiver) -> tuple[Cluster, str, list[str]]:
+    """A fleet of its own for one row; returns it, its edge's HTTP base and the metrics URLs to scrape."""
+    env = None
+    if name == "metrics + tracing":
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}"}
+    directory = work / name.replace(" ", "").replace("+", "-")
+    directory.mkdir()
+    cluster = Cluster(directory, env=env)
+    off = name.startswith("off")
+    cluster.start_etcd()
+    cluster.start_controlplane(10, "--log-level", "WARNING", *(["--metrics-listen", ""] if off else []))
+    entry = {"name": MODEL, "path": str(path), "format": "gguf", "context_size": 2048, "max_running_requests": 8}
+    cluster.start_node("bench", [entry], threads=2, extra=("--metrics-listen", "") if off else ())
+    _, http, _ = cluster.start_edge("--log-level", "WARNING", *(["--no-metrics"] if off else []))
+    cluster.wait_model_state(http, MODEL, timeout=120)
+    scraped = [] if off else [f"{http}/metrics", *cluster.metrics.values()]
+    return cluster, http, scraped
+
+
+def scrape_every_second(urls: list[str], stop: threading.Event) -> None:
+    """What a Prometheus server does to the fleet while it serves: GET /metrics of each service each second."""
+    with httpx.Client(timeout=5) as client:
+        while not stop.wait(1.0):
+            for url in urls:
+                try:
+                    client.get(url)
+                except httpx.HTTPError:
+                    pass
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128)
+    args = parser.parse_args()
+    path = default_model_path()
+    receiver = OtlpReceiver()
+    clusters: list[Cluster] = []
+    stop = threading.Event()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            urls: dict[str, str] = {}
+            scraped: list[str] = []
+            for name in ROWS:
+                cluster, urls[name], metrics = start_fleet(Path(tmp), name, path, receiver)
+                clusters.append(cluster)
+                scraped += metrics
+            scraper = threading.Thread(target=scrape_every_second, args=(scraped, stop), daemon=True)
+            scraper.start()
+            results: dict[str, list[dict[str, float]]] = {name: [] for name in ROWS}
+            async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=16)) as client:
+                for url in urls.values():
+                    await stream(client, url, "", 8)  # warm-up
+                for round_ in range(args.rounds):
+                    for name in ROWS:
+                        results[name].append(await measure(client, urls[name], "", args.tokens))
+                    print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
+    finally:
+        stop.set()
+        for cluster in clusters:
+            cluster.close()
+        receiver.close()
+    table = {name: {m: statistics.median(r[m] for r in runs) for m in runs[0]} for name, runs in results.items()}
+    base = table["off"]
+    print(f"\nSmolLM2-135M Q4_1, 2 threads, one node per fleet; medians of {args.rounds} rounds")
+    print(f"spans received by the OTLP receiver: {len(receiver.spans)}\n")
+    print(f"{'':<20}{'TTFT p50 ms':>12}{'8 streams tok/s':>17}{'TTFT vs off':>13}{'tok/s vs off':>14}")
+    for name, row in table.items():
+        print(f"{name:<20}{row['ttft']:>12.2f}{row['agg']:>17.1f}{row['ttft'] - base['ttft']:>+11.2f}ms"
+              f"{row['agg'] / base['agg']:>13.3f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
