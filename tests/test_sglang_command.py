@@ -62,6 +62,7 @@ def test_one_gpu_hf_model() -> None:
         "--served-model-name": "qwen-7b",
         "--host": "127.0.0.1",
         "--port": "31000",
+        "--enable-metrics": "",  # its /metrics, which the node links by replica
         "--context-length": "8192",
         "--max-running-requests": "3",  # the old system's limit, by default
         "--mem-fraction-static": "0.5",  # 12 GiB of a 24 GiB GPU
@@ -117,6 +118,8 @@ def test_deployment_limits_and_engine_args_override_the_defaults() -> None:
     assert got["--port"] == "31002"
     assert "--context-length" not in got
     assert launch.startup_timeout == 900
+    off = sglang_launch(spec(engine_args={"enable-metrics": False}), GpuShare([0], 12 * GiB, {0: 24 * GiB}), 31003)
+    assert "--enable-metrics" not in flags(list(off.argv))
 
 
 @pytest.mark.parametrize(

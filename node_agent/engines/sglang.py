@@ -80,6 +80,9 @@ def sglang_launch(
         "served-model-name": spec.name,
         "host": "127.0.0.1",
         "port": str(port),
+        # Its own Prometheus /metrics (sglang:*), which the node links by replica (engine_server_info):
+        # on by default; `enable-metrics: false` in engine_args turns it off.
+        "enable-metrics": "",
     }
     if spec.context_size:
         defaults["context-length"] = str(spec.context_size)
