@@ -18,6 +18,7 @@ up: $(VENV)/.installed
 	$(BIN)/fleetlm up
 
 test: check
+	./scripts/test_tools.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: $(VENV)/.installed

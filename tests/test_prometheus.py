@@ -5,7 +5,8 @@ series and counts: requests, prompt and completion tokens equal to the usage the
 time-to-first-token histogram with one observation per generation.
 
 There is no PyPI wheel of the Prometheus server. When it is missing the test fails with the command that
-installs it (scripts/bootstrap.sh runs it as root on Debian, as in CI): it never passes without it."""
+installs it (`make test` runs scripts/test_tools.sh, which installs it as root on Debian, as in CI): it
+never passes without it."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from tests.cluster import MODEL, Cluster, Proc, smollm_entry, wait_for, write_ca
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
 INSTALL = (
-    "apt-get update && apt-get install -y prometheus (Debian/Ubuntu, as root; scripts/bootstrap.sh does it),"
+    "apt-get update && apt-get install -y prometheus (Debian/Ubuntu, as root; make test does it with"
+    " scripts/test_tools.sh),"
     " or put the prometheus binary of https://prometheus.io/download/ on the PATH"
 )
 # Scrapes come every second; a query's answer may lag a couple of scrapes on two busy cores, and Prometheus

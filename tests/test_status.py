@@ -33,7 +33,7 @@ from tests.cluster import Cluster, smollm_entry, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.model]
 
-TMUX_INSTALL = "apt-get install -y tmux (scripts/bootstrap.sh does it when run as root)"
+TMUX_INSTALL = "apt-get install -y tmux (make test does it through scripts/test_tools.sh when run as root)"
 DEPLOYED = "smol-deployed"
 
 
