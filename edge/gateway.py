@@ -511,14 +511,20 @@ class Gateway:
             log_failure(request_id, error)
             raise
 
+    def counting(self, model: str) -> None:
+        """The running request is for `model`: from now on its metrics are counted under it, if the fleet
+        serves that model (a client cannot grow the series by inventing names)."""
+        metrics, call = self.metrics, CURRENT.get()
+        if metrics is not None and call is not None and model in self.feed.models:
+            metrics.serving(call, model)
+
     async def embed(
         self, request: inference_pb2.EmbedRequest, client_timeout: float | None = None, request_id: str = ""
     ) -> inference_pb2.EmbedResponse:
         """`request_id` names the call in the edge's logs (EmbedRequest has no field for it)."""
         validate_embed(request)
+        self.counting(request.model)
         metrics, call = self.metrics, CURRENT.get()
-        if metrics is not None and call is not None and request.model in self.feed.models:
-            metrics.serving(call, request.model)
         reply: inference_pb2.EmbedResponse = await self.unary("Embed", request, client_timeout, request_id)
         if metrics is not None and call is not None:
             metrics.serving(call, request.model)  # a node served it: a model of the fleet

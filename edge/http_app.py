@@ -236,6 +236,7 @@ class GenerationRoutes:
         if access is not None:
             access.model = proto.model
             access.operation = "chat" if chat else "text_completion"
+        self._gateway.counting(proto.model)  # a key's 429 below is counted under the model (edge.metrics)
         await auth.admit_model(proto.model)  # the key's model and limits (edge.auth); no-op with keys off
         shape = CompletionShape(chat, proto.model, new_id("chatcmpl" if chat else "cmpl"), body.wants_logprobs)
         stream = self._gateway.generate(proto)
@@ -335,6 +336,7 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None) -> ASGIApp:
         access = access_log.current()
         if access is not None:
             access.model = proto.model
+        gateway.counting(proto.model)
         await auth.admit_model(proto.model)
         request_id = request_context.REQUEST_ID.get()
         response = await until_disconnect(request.receive, gateway.embed(proto, request_id=request_id))

@@ -106,7 +106,7 @@ class _RoutingCollector(Collector):
             value=float(fresh),
         )
         # RouteFeed keeps the time it last heard from the control plane (an update or a keepalive, every 2 s)
-        heard = getattr(feed, "_heard_at", 0.0)
+        heard = feed.heard_at
         if heard:
             yield GaugeMetricFamily(
                 P + "routing_table_age_seconds",

@@ -78,6 +78,11 @@ class RouteFeed:
         return self._edge_id
 
     @property
+    def heard_at(self) -> float:
+        """Monotonic time the control plane was last heard (an update or a keepalive); 0 before the first."""
+        return self._heard_at
+
+    @property
     def stale_seconds(self) -> float | None:
         """Seconds since the control plane was last heard while disconnected; None while connected and
         fresh (and before the first snapshot, when there is no table to be stale)."""

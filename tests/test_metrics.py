@@ -229,10 +229,10 @@ def test_edge_counts_429s_and_errors_with_their_codes(fleet: Fleet) -> None:
         return value(after, name, **labels) - value(before, name, **labels)
 
     completions = {"route": "/v1/completions"}
-    # A key's limit is checked before the body's model is looked at over HTTP: model "" (no client-made name).
+    # A key's 429 is counted under the model it asked for (a model the fleet serves), as over gRPC.
     limit = {"status": "429", "code": "rate_limit_exceeded"}
-    assert delta("fleetlm_edge_requests_total", model="", **completions, **limit) == 2
-    assert delta("fleetlm_edge_rate_limited_total", model="", code="rate_limit_exceeded") == 2
+    assert delta("fleetlm_edge_requests_total", model=MODEL, **completions, **limit) == 2
+    assert delta("fleetlm_edge_rate_limited_total", model=MODEL, code="rate_limit_exceeded") == 2
     assert delta("fleetlm_edge_requests_total", model=MODEL, status="200", code="", **completions) == 1
     not_found = {"status": "404", "code": "MODEL_NOT_FOUND"}
     assert delta("fleetlm_edge_requests_total", model="", **completions, **not_found) == 1
