@@ -113,6 +113,27 @@ def fleetlm(*args: str) -> list[str]:
     return [sys.executable, "-m", "launcher", *args]
 
 
+def streamed_chat(client: Any, content: str, max_tokens: int) -> tuple[str, int, int]:
+    """One streamed chat completion (greedy, usage asked for) through an `openai` client: its text and the
+    prompt and completion tokens of the usage the client was sent."""
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, prompt_tokens, completion_tokens = "", 0, 0
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.usage is not None:
+            prompt_tokens += chunk.usage.prompt_tokens
+            completion_tokens += chunk.usage.completion_tokens
+    return text, prompt_tokens, completion_tokens
+
+
 def write_catalog(path: Path, models: list[dict[str, Any]]) -> Path:
     path.write_text(yaml.safe_dump({"models": models}))
     return path

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.auth import create_secret_file
-from tests.cluster import MODEL, Cluster, fleetlm, free_port, smollm_entry, wait_for
+from tests.cluster import MODEL, Cluster, fleetlm, free_port, smollm_entry, streamed_chat, wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -136,21 +136,9 @@ def test_edge_counts_requests_tokens_and_latencies_as_the_clients_saw_them(fleet
     prompt_tokens = completion_tokens = 0
     with_text = 0  # generations whose client received text: each has one first token
     for i in range(3):
-        stream = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": f"Count from {i} to {i + 5}."}],
-            max_tokens=8,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        text = ""
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                text += chunk.choices[0].delta.content
-            if chunk.usage is not None:
-                prompt_tokens += chunk.usage.prompt_tokens
-                completion_tokens += chunk.usage.completion_tokens
+        text, prompt, completion = streamed_chat(client, f"Count from {i} to {i + 5}.", 8)
+        prompt_tokens += prompt
+        completion_tokens += completion
         with_text += bool(text)
     for prompt in ("One, two,", "The capital of France is"):
         completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)

@@ -26,7 +26,7 @@ import yaml
 
 from launcher.default_model import default_model_path
 from mesh.lifecycle import free_port
-from tests.cluster import MODEL, Cluster, Proc, smollm_entry, wait_for, write_catalog
+from tests.cluster import MODEL, Cluster, Proc, smollm_entry, streamed_chat, wait_for, write_catalog
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -147,21 +147,9 @@ def test_promql_counts_what_the_openai_client_saw(fleet: Fleet) -> None:
     chats = completions = 0
     with_text = 0  # generations whose client received text: each has one first token
     for i in range(3):
-        stream = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": f"Count from {i} to {i + 5}."}],
-            max_tokens=8,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        text = ""
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                text += chunk.choices[0].delta.content
-            if chunk.usage is not None:
-                prompt_tokens += chunk.usage.prompt_tokens
-                completion_tokens += chunk.usage.completion_tokens
+        text, prompt, completion = streamed_chat(client, f"Count from {i} to {i + 5}.", 8)
+        prompt_tokens += prompt
+        completion_tokens += completion
         chats += 1
         with_text += bool(text)
     for i in range(2):
