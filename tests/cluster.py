@@ -113,6 +113,12 @@ def fleetlm(*args: str) -> list[str]:
     return [sys.executable, "-m", "launcher", *args]
 
 
+def serves_to_key(http: str, key: str) -> bool:
+    """Whether the edge at `http` lists the default model as ready to a client with API key `key`."""
+    data = httpx.get(f"{http}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=2).json()["data"]
+    return any(m["id"] == MODEL and m["state"] == "ready" for m in data)
+
+
 def streamed_chat(client: Any, content: str, max_tokens: int) -> tuple[str, int, int]:
     """One streamed chat completion (greedy, usage asked for) through an `openai` client: its text and the
     prompt and completion tokens of the usage the client was sent."""

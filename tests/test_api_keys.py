@@ -25,7 +25,7 @@ from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from launcher.processes import etcd_argv  # noqa: F401 - etcd comes with the cluster
 from mesh.auth import create_secret_file
-from tests.cluster import MODEL, Cluster, fleetlm, smollm_entry, wait_for
+from tests.cluster import MODEL, Cluster, fleetlm, serves_to_key, smollm_entry, wait_for
 from tests.test_fuzz_http import CHECKS as FUZZ_CHECKS
 from tests.test_fuzz_http import run_operation as fuzz_operation
 from tests.test_grpcurl import grpcurl_binary
@@ -61,12 +61,6 @@ class Fleet:
         return openai.OpenAI(base_url=f"{self.edges[edge][0]}/v1", api_key=key or "", max_retries=0, timeout=120)
 
 
-def _serves(http: str, key: str) -> bool:
-    headers = {"Authorization": f"Bearer {key}"}
-    data = httpx.get(f"{http}/v1/models", headers=headers, timeout=2).json()["data"]
-    return any(m["id"] == MODEL and m["state"] == "ready" for m in data)
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     workdir = tmp_path_factory.mktemp("keys")
@@ -91,7 +85,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             fleet = Fleet(cluster, edges, token_file.read_text().strip(), token_file)
             _, probe = fleet.create("probe")
             for http, _ in edges:
-                wait_for(lambda http=http: _serves(http, probe), 90, f"{http} to serve {MODEL} to a key")
+                wait_for(lambda http=http: serves_to_key(http, probe), 90, f"{http} to serve {MODEL} to a key")
             yield fleet
         except BaseException:
             print(cluster.logs())

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.auth import create_secret_file
-from tests.cluster import MODEL, Cluster, fleetlm, free_port, smollm_entry, streamed_chat, wait_for
+from tests.cluster import MODEL, Cluster, fleetlm, free_port, serves_to_key, smollm_entry, streamed_chat, wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -79,11 +79,6 @@ class Fleet:
         return scrape(f"{self.http}/metrics")
 
 
-def _serves(http: str, key: str) -> bool:
-    data = httpx.get(f"{http}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=2).json()["data"]
-    return any(m["id"] == MODEL and m["state"] == "ready" for m in data)
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     workdir = tmp_path_factory.mktemp("metrics")
@@ -109,7 +104,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             _, http, grpc_address = cluster.start_edge()
             fleet = Fleet(cluster, http, grpc_address, token_file.read_text().strip(), node_address)
             probe = fleet.key("probe")
-            wait_for(lambda: _serves(http, probe), 90, f"{http} to serve {MODEL}")
+            wait_for(lambda: serves_to_key(http, probe), 90, f"{http} to serve {MODEL}")
             yield fleet
         except BaseException:
             print(cluster.logs())
@@ -255,10 +250,10 @@ def test_edge_counts_requests_in_flight(fleet: Fleet) -> None:
     assert value(fleet.edge(), "fleetlm_edge_requests_in_flight", model=MODEL) == 0
 
 
-def test_an_edge_without_metrics_serves_no_metrics_page_and_still_serves(fleet: Fleet) -> None:
+def test_an_edge_without_metrics_serves_no_metrics_page_and_stillserves_to_key(fleet: Fleet) -> None:
     _, http, _ = fleet.cluster.start_edge("--no-metrics")
     key = fleet.key("unmetered")
-    wait_for(lambda: _serves(http, key), 60, f"{http} to serve {MODEL}")
+    wait_for(lambda: serves_to_key(http, key), 60, f"{http} to serve {MODEL}")
     reply = httpx.get(f"{http}/metrics", timeout=10)
     assert reply.status_code == 404
     assert reply.json()["error"]["type"] == "invalid_request_error"  # OpenAI's shape, as for any unknown path
