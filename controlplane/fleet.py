@@ -247,6 +247,8 @@ class FleetView:
                     event.key,
                     self.load.max_age_seconds,
                 )
+                async with self._changed:  # waiters see the lapse; listeners see no change: the node stays
+                    self._changed.notify_all()
                 return
             self.lapsed.pop(event.key, None)
             self._departing.discard(event.key)
