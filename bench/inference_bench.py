@@ -178,15 +178,23 @@ def llama_cpp_server(model_path: str, threads: int, log: Path) -> tuple[subproce
     return server, sse_stream(f"http://127.0.0.1:{port}", MODEL)
 
 
-def llama_server(binary: str, model_path: str, threads: int, log: Path) -> tuple[subprocess.Popen[bytes], Stream]:
+def start_llama_server(
+    binary: str, model_path: str, threads: int, log: Path, *extra: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """llama.cpp's llama-server with 8 slots of 2048 tokens (fleetlm's deployment here); its base URL."""
     port = free_port()
     server = start_http_server(
-        [binary, "-m", model_path, "-t", str(threads), "-np", "8", "-c", str(8 * 2048), "--port", str(port)],
+        [binary, "-m", model_path, "-t", str(threads), "-np", "8", "-c", str(8 * 2048), "--port", str(port), *extra],
         # /v1/models answers while the model is still loading; /health waits for it
         f"http://127.0.0.1:{port}/health",
         log,
     )
-    return server, sse_stream(f"http://127.0.0.1:{port}", MODEL)
+    return server, f"http://127.0.0.1:{port}"
+
+
+def llama_server(binary: str, model_path: str, threads: int, log: Path) -> tuple[subprocess.Popen[bytes], Stream]:
+    server, url = start_llama_server(binary, model_path, threads, log)
+    return server, sse_stream(url, MODEL)
 
 
 def start_fleetlm(cluster: Cluster, model_path: str, threads: int, replicas: int = 1) -> tuple[str, str, str]:
