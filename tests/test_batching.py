@@ -4,8 +4,9 @@ sequence leaves the others alone, OpenAI sampling semantics, prefix reuse and th
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import pytest_asyncio
@@ -13,6 +14,7 @@ import pytest_asyncio
 from launcher.default_model import default_model_path
 from node_agent.engines.base import Finished, SamplingOptions, TextChunk, TokenLogprob
 from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+from node_agent.engines.llamacpp_batch import BatchRequest
 
 pytestmark = [pytest.mark.model]
 
@@ -235,6 +237,97 @@ async def test_a_new_request_keeps_the_running_slots_consecutive() -> None:
         for task in (first[0], first[2], late):
             task.cancel()
         await asyncio.gather(*first, late, return_exceptions=True)
+    finally:
+        await built.close()
+
+
+class Posts:
+    """Every batch of events the decode thread posts to the event loop, in order (it posts once a decode)."""
+
+    def __init__(self, engine: LlamaCppEngine) -> None:
+        assert engine._loop is not None
+        self.loop = engine._loop
+        self.batches: list[list[tuple[BatchRequest, object]]] = []
+        self._original = self.loop._post
+
+    def __enter__(self) -> Posts:
+        def recording(callback: Callable[[], None]) -> object:
+            assert isinstance(callback, functools.partial)  # of _dispatch, with the decode's events
+            self.batches.append(list(callback.args[0]))
+            return self._original(callback)
+
+        self.loop._post = recording
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop._post = self._original
+
+    def texts(self, batch: list[tuple[BatchRequest, object]]) -> set[int]:
+        """The requests (their ids: a dataclass does not hash) that got text in one batch."""
+        return {id(request) for request, item in batch if isinstance(item, TextChunk) and item.text}
+
+    async def until_generating(self, count: int) -> set[int]:
+        """Wait until `count` requests have had text; those requests' ids."""
+        deadline = time.monotonic() + 60
+        while True:
+            seen: set[int] = set().union(*(self.texts(b) for b in self.batches))
+            if len(seen) >= count:
+                return seen
+            assert time.monotonic() < deadline, f"only {len(seen)} of {count} requests generated within 60 s"
+            await asyncio.sleep(0.01)
+
+
+async def test_a_new_prompts_first_token_goes_out_before_the_running_sequences_next_ones(
+    engine: LlamaCppEngine,
+) -> None:
+    # Beside sequences that are generating, a new prompt is decoded on its own first (llama.cpp would give
+    # it a pass of its own in a shared batch anyway), and its first token posted before the running
+    # sequences' next tokens, not with them after both passes.
+    long, short = SamplingOptions(max_tokens=300, temperature=0), SamplingOptions(max_tokens=6, temperature=0)
+    # A prompt no other test sends: a slot that has it cached whole would leave it nothing to prefill.
+    prompt = f"Write a short list of three rivers of Europe (run {time.monotonic_ns()}):"
+    with Posts(engine) as posts:
+        running = [asyncio.ensure_future(run(engine, p, long)) for p in PROMPTS[1:5]]
+        try:
+            others = await posts.until_generating(4)
+            text, _ = await run(engine, prompt, short)
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+    assert text == (await run(engine, prompt, short))[0]  # and its output is what it is alone
+    new = next(r for b in posts.batches for r in posts.texts(b) if r not in others)
+    at = next(i for i, b in enumerate(posts.batches) if new in posts.texts(b))
+    assert not posts.texts(posts.batches[at]) & others, "the first token waited for the running sequences' tokens"
+    assert posts.texts(posts.batches[at + 1]) >= others  # who got theirs in the decode right after
+
+
+async def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_go_on_generating() -> None:
+    built = LlamaCppEngine(
+        LlamaCppConfig(str(default_model_path()), context_size=1024, threads=2, slots=4, batch_size=64)
+    )
+    await built.start()
+    try:
+        prompt = "You are a careful assistant. " * 40 + "Question: what is 2+2?"  # ~240 tokens: 4 chunks of 64
+        with Posts(built) as posts:
+            running = [asyncio.ensure_future(run(built, p, SamplingOptions(max_tokens=300, temperature=0)))
+                       for p in PROMPTS[:2]]  # fmt: skip
+            try:
+                others = await posts.until_generating(2)
+                submitted = len(posts.batches)
+                text, finished = await run(built, prompt, SamplingOptions(max_tokens=8, temperature=0))
+            finally:
+                for task in running:
+                    task.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
+        new = next(r for b in posts.batches for r in posts.texts(b) if r not in others)
+        first = next(i for i, b in enumerate(posts.batches) if new in posts.texts(b))
+        # While the prompt went in, chunk by chunk, each running sequence got a token every step.
+        for request in others:
+            got = sum(request in posts.texts(b) for b in posts.batches[submitted:first])
+            assert got >= 3, f"a running sequence got {got} tokens while a 4-chunk prompt was prefilled"
+        assert finished.completion_tokens >= 1 and text  # the model may answer "4" and stop
+        assert text == (await run(built, prompt, SamplingOptions(max_tokens=8, temperature=0)))[0]  # as alone
     finally:
         await built.close()
 

@@ -1,10 +1,19 @@
-"""Continuous batching on one llama.cpp context: N sequence slots, one decode per step.
+"""Continuous batching on one llama.cpp context: N sequence slots, one decode per step (two with prompts).
 
-A dedicated thread owns the context. Each step it admits waiting requests into free slots, then builds
-one `llama_batch` with one token from every sequence that is generating plus prompt chunks of newly
-admitted ones (within the batch budget), calls `llama_decode` once, and samples every sequence whose
-logits came out, each with its own sampler chain. Requests join and leave between steps; a cancelled
-request frees its slot at the next step.
+A dedicated thread owns the context. Each step it admits waiting requests into free slots, decodes the
+prompt chunks of newly admitted ones (within the batch size), then one token from every sequence that is
+generating, and samples every sequence whose logits came out, each with its own sampler chain. Requests
+join and leave between steps; a cancelled request frees its slot at the next step.
+
+Prompts beside running sequences: with a KV stream per sequence (the default), llama.cpp cuts a batch into
+micro-batches that take the same number of tokens from each of their sequences, so a batch of 7
+generating tokens and a 15-token prompt is two passes over the weights (8 tokens, then the prompt's other
+14), and every token of it waits for both. So a step decodes its prompt chunks first, in a `llama_decode`
+of their own (the same passes), posts the first tokens they give at once, and then decodes the generating
+sequences, with those whose prompt just ended. llama.cpp's own server puts prompt chunks and generating
+tokens in one batch (up to 2048 tokens, micro-batches of 512): with per-sequence streams the same passes,
+the first token a pass later. With a unified KV cache micro-batches are cut by size alone, so there the
+chunks ride in the generating sequences' decode.
 
 Each sequence has its own KV stream (unless the KV cache is unified), and llama.cpp decodes one run of
 consecutive stream ids in ascending order as one micro-batch: every extra run is another pass over the
@@ -12,8 +21,8 @@ weights. So a step's tokens go into the batch in slot order, and a new request p
 that keeps the running slots consecutive (measured here: 8 streams took 34 ms a step in slot order, 42 ms
 in arrival order).
 
-Results reach the event loop once per step (one cross-thread wake-up for all the step's tokens, not one
-per token), through the `post` callable the engine gives.
+Results reach the event loop once per decode (one cross-thread wake-up for all its tokens, not one per
+token), through the `post` callable the engine gives.
 
 Logprobs, when a request asks: after its token is sampled, a log-softmax of the raw logits at its
 position (numpy, on the decode thread; `bench/logprobs_bench.py` here: 1% of the tokens/s at 1 stream,
@@ -354,8 +363,27 @@ class DecodeLoop:
             self._finish(seq, keep_cache=True)
         if not self._active:
             return
+        separate = not self._shared_kv
+        if separate and any(len(s.tokens) - s.n_past > 1 for s in self._active.values()):
+            # Prompt chunks first, in a decode of their own, and their first tokens out at once (see the
+            # module's docstring); then every generating sequence, those whose prompt just ended included.
+            self._decode([], self._batch_size)
+            self._flush()
+        generating = [(s, 1) for s in self._active.values() if len(s.tokens) - s.n_past == 1]
+        self._decode(generating, 0 if separate else self._batch_size - len(generating))
+
+    def _decode(self, plan: list[tuple[_Sequence, int]], budget: int) -> None:
+        """One llama_decode: `plan`'s (sequence, tokens) and prompt chunks within `budget`; then sampling."""
+        for seq in self._active.values():
+            remaining = len(seq.tokens) - seq.n_past
+            if remaining > 1 and budget > 0:
+                take = min(budget, remaining)
+                plan.append((seq, take))
+                budget -= take
+        if not plan:
+            return  # llama_decode must never get an empty batch
         started = time.perf_counter()
-        batch, budget, n = self._batch, self._batch_size, 0
+        batch, n = self._batch, 0
 
         def add(seq: _Sequence, start: int, end: int) -> None:
             nonlocal n
@@ -371,19 +399,7 @@ class DecodeLoop:
                 seq.logits_at = n - 1
             seq.n_past = end
 
-        # Generating sequences get their one token first, then prompt chunks take what budget is left; the
-        # batch is then written in slot order, so that consecutive slots make one micro-batch.
-        plan: list[tuple[_Sequence, int]] = []
-        for seq in self._active.values():
-            if len(seq.tokens) - seq.n_past == 1:
-                plan.append((seq, 1))
-                budget -= 1
-        for seq in self._active.values():
-            remaining = len(seq.tokens) - seq.n_past
-            if remaining > 1 and budget > 0:
-                take = min(budget, remaining)
-                plan.append((seq, take))
-                budget -= take
+        # In slot order, so that consecutive slots make one micro-batch.
         for seq, take in sorted(plan, key=lambda entry: entry[0].slot):
             add(seq, seq.n_past, seq.n_past + take)
         batch.n_tokens = n
