@@ -88,6 +88,7 @@ class Generation:
         if metrics is not None and counted is not None:
             metrics.serving(counted, request.model)  # a replica took it: a model of the fleet
         progress = Progress(request)
+        streamed = request.delivery != inference_pb2.TEXT_DELIVERY_WHOLE  # else no gaps between tokens to time
         try:
             response = stream.first
             while True:
@@ -95,7 +96,7 @@ class Generation:
                     while not response.HasField("result"):
                         event = progress.forward(response)
                         if metrics is not None and counted is not None:
-                            metrics.text(counted)
+                            metrics.text(counted, streamed)
                         yield event
                         response = await self._next_event(stream.call, stream.target, timeout)
                 except FleetError as error:

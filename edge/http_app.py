@@ -232,6 +232,9 @@ class GenerationRoutes:
             parse_body(bytes(raw), ChatCompletionRequest) if chat else parse_body(bytes(raw), CompletionRequest)
         )
         proto = body.to_proto(request_id)  # the same id reaches the node (GenerateRequest.request_id)
+        if not body.stream:
+            # The reply goes out whole: the node need not send the text a token at a time (node_agent.text_delivery).
+            proto.delivery = inference_pb2.TEXT_DELIVERY_WHOLE
         access = access_log.current()
         if access is not None:
             access.model = proto.model

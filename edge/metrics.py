@@ -11,7 +11,8 @@ What is counted:
                                            code's name, code the fleet's error code ("" on success).
   time_to_first_token_seconds{model}       from the request's arrival to its first text, for every
                                            generation that produced text (streamed or not, as vLLM counts).
-  inter_token_latency_seconds{model}       the gap between consecutive text events of a stream.
+  inter_token_latency_seconds{model}       the gap between consecutive text events of a streamed generation
+                                           (a whole reply's text comes in one or two, TEXT_DELIVERY_WHOLE).
   e2e_request_latency_seconds{model}       arrival to the result, for every generation that finished.
   prompt_tokens_total, generation_tokens_total{model}  the usage the client was sent (embeddings' prompts too).
   retries_total, failovers_total, offloads_total{model}  see `Gateway` and `edge.generation`.
@@ -209,13 +210,15 @@ class EdgeMetrics:
             call.series = self.series(model)
             call.series.in_flight.inc()
 
-    def text(self, call: Call) -> None:
-        """A text event of a generation is on its way to the client."""
+    def text(self, call: Call, streamed: bool = True) -> None:
+        """A text event of a generation is on its way to the client; the gap since the last one is timed
+        only when the text is `streamed` (a whole reply's text comes in one or two events)."""
         now = time.perf_counter()
         series = call.series
         if series is not None:
             if call.last_text_at:
-                series.itl.observe(now - call.last_text_at)
+                if streamed:
+                    series.itl.observe(now - call.last_text_at)
             else:
                 series.ttft.observe(now - call.started)
         call.last_text_at = now

@@ -5,7 +5,7 @@ model, replica, outcome and tokens, and traced when tracing is on (node_agent.re
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
@@ -26,6 +26,7 @@ from node_agent.engines.base import (
 )
 from node_agent.host import ModelHost
 from node_agent.request_log import Served, served
+from node_agent.text_delivery import delivered
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +117,12 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
         metadata = context.invocation_metadata()
         with served("Generate", request.model, operation, metadata, self._node_id, request.request_id) as record:
             validate_generate(request)
-            async for response in self._generate(request, record):
+            async for response in delivered(self._generate(request, record), request.delivery):
                 yield response
 
     async def _generate(
         self, request: inference_pb2.GenerateRequest, record: Served
-    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         input_param = "prompt" if request.WhichOneof("input") == "prompt" else "messages"
         prompt = _prompt(request)
         async with self._host.serving(request.model) as (hosted, engine):

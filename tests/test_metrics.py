@@ -182,6 +182,19 @@ def test_edge_counts_requests_tokens_and_latencies_as_the_clients_saw_them(fleet
     assert 0 < delta("fleetlm_edge_e2e_request_latency_seconds_sum", model=MODEL) < 600
 
 
+def test_a_non_streamed_reply_has_a_first_token_and_no_gaps_between_tokens(fleet: Fleet) -> None:
+    # The edge asks the node for the text whole (TEXT_DELIVERY_WHOLE): a first delta at once, the rest in
+    # one; the client never sees the gaps between tokens, and the edge does not time them.
+    client = fleet.client(fleet.key("whole"))
+    before = fleet.edge()
+    reply = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=24, temperature=0)
+    after = fleet.edge()
+    assert reply.usage is not None and reply.usage.completion_tokens > 2 and reply.choices[0].text
+    for name, count in (("time_to_first_token", 1), ("inter_token_latency", 0), ("e2e_request_latency", 1)):
+        series = f"fleetlm_edge_{name}_seconds_count"
+        assert value(after, series, model=MODEL) - value(before, series, model=MODEL) == count, name
+
+
 def test_edge_counts_429s_and_errors_with_their_codes(fleet: Fleet) -> None:
     limited = fleet.client(fleet.key("one-a-minute", requests_per_minute=1))
     client = fleet.client(fleet.key("errors"))

@@ -182,3 +182,28 @@ def test_grpc_generate_streams_logprobs_with_the_text(mesh: Mesh) -> None:
     assert len(scored) == events[-1].result.usage.completion_tokens
     assert "".join(t.token for t in scored) == "".join(d.text for d in deltas)
     assert all(len(t.top_logprobs) == 4 and t.token_bytes == t.token.encode() for t in scored)
+
+
+def test_grpc_generate_whole_delivery_is_the_same_reply_in_two_deltas(mesh: Mesh) -> None:
+    def generate(delivery: inference_pb2.TextDelivery) -> list[inference_pb2.GenerateResponse]:
+        sampling = inference_pb2.SamplingParams(max_tokens=32, temperature=0, logprobs=True, top_logprobs=2)
+        request = inference_pb2.GenerateRequest(
+            model=mesh.model, prompt="Once upon a time", sampling=sampling, delivery=delivery
+        )
+        with grpc.insecure_channel(mesh.grpc) as channel:
+            return list(inference_pb2_grpc.InferenceServiceStub(channel).Generate(request, timeout=60))
+
+    streamed = generate(inference_pb2.TEXT_DELIVERY_UNSPECIFIED)
+    whole = generate(inference_pb2.TEXT_DELIVERY_WHOLE)
+    streamed_deltas = [e.delta for e in streamed if e.HasField("delta")]
+    whole_deltas = [e.delta for e in whole if e.HasField("delta")]
+    assert len(streamed_deltas) > 8  # a delta about every token
+    assert len(whole_deltas) == 2  # the first at once, the rest before the result
+    assert "".join(d.text for d in whole_deltas) == "".join(d.text for d in streamed_deltas)
+
+    def scored(deltas: list[inference_pb2.TextDelta]) -> list[tuple[str, float, int]]:
+        return [(t.token, round(t.logprob, 4), t.text_offset) for d in deltas for t in d.logprobs]
+
+    assert scored(whole_deltas) == scored(streamed_deltas)
+    assert whole[-1].result.usage == streamed[-1].result.usage
+    assert whole[-1].result.finish_reason == streamed[-1].result.finish_reason

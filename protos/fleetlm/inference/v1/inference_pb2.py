@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$fleetlm/inference/v1/inference.proto\x12\x14\x66leetlm.inference.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"g\n\x10\x43hatConversation\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.fleetlm.inference.v1.ChatMessage\x12\x1e\n\x16\x63ontinue_final_message\x18\x02 \x01(\x08\"\xf0\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\r\n\x05stops\x18\x06 \x03(\t\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0c \x01(\r\x12=\n\x0fresponse_format\x18\r \x01(\x0b\x32$.fleetlm.inference.v1.ResponseFormatB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"\xca\x01\n\x0eResponseFormat\x12\x30\n\x04text\x18\x01 \x01(\x0b\x32 .fleetlm.inference.v1.TextFormatH\x00\x12=\n\x0bjson_object\x18\x02 \x01(\x0b\x32&.fleetlm.inference.v1.JsonObjectFormatH\x00\x12=\n\x0bjson_schema\x18\x03 \x01(\x0b\x32&.fleetlm.inference.v1.JsonSchemaFormatH\x00\x42\x08\n\x06\x66ormat\"\x0c\n\nTextFormat\"\x12\n\x10JsonObjectFormat\"U\n\x10JsonSchemaFormat\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06schema\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"\xcd\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x36\n\x04\x63hat\x18\x02 \x01(\x0b\x32&.fleetlm.inference.v1.ChatConversationH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x36\n\x08sampling\x18\x04 \x01(\x0b\x32$.fleetlm.inference.v1.SamplingParams\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"\x85\x01\n\x10GenerateResponse\x12\x30\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1f.fleetlm.inference.v1.TextDeltaH\x00\x12\x36\n\x06result\x18\x02 \x01(\x0b\x32$.fleetlm.inference.v1.GenerateResultH\x00\x42\x07\n\x05\x65vent\"O\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x34\n\x08logprobs\x18\x02 \x03(\x0b\x32\".fleetlm.inference.v1.TokenLogprob\"\x90\x01\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x36\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32 .fleetlm.inference.v1.TopLogprob\x12\x13\n\x0btext_offset\x18\x05 \x01(\r\"A\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x97\x01\n\x0eGenerateResult\x12\x39\n\rfinish_reason\x18\x01 \x01(\x0e\x32\".fleetlm.inference.v1.FinishReason\x12*\n\x05usage\x18\x02 \x01(\x0b\x32\x1b.fleetlm.inference.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x7f\n\rEmbedResponse\x12\x33\n\nembeddings\x18\x01 \x03(\x0b\x32\x1f.fleetlm.inference.v1.Embedding\x12*\n\x05usage\x18\x02 \x01(\x0b\x32\x1b.fleetlm.inference.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\"q\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x36\n\x04\x63hat\x18\x03 \x01(\x0b\x32&.fleetlm.inference.v1.ChatConversationH\x00\x42\x07\n\x05input\";\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x14\n\x0c\x63ontext_size\x18\x02 \x01(\r\"\x13\n\x11ListModelsRequest\"\xa7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontext_size\x18\x04 \x01(\r\x12/\n\x05state\x18\x05 \x01(\x0e\x32 .fleetlm.inference.v1.ModelState\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x16\n\x0eready_replicas\x18\x07 \x01(\r\"E\n\x12ListModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.fleetlm.inference.v1.ModelInfo*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*\x8e\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x04\x32\xfd\x02\n\x10InferenceService\x12[\n\x08Generate\x12%.fleetlm.inference.v1.GenerateRequest\x1a&.fleetlm.inference.v1.GenerateResponse0\x01\x12P\n\x05\x45mbed\x12\".fleetlm.inference.v1.EmbedRequest\x1a#.fleetlm.inference.v1.EmbedResponse\x12Y\n\x08Tokenize\x12%.fleetlm.inference.v1.TokenizeRequest\x1a&.fleetlm.inference.v1.TokenizeResponse\x12_\n\nListModels\x12\'.fleetlm.inference.v1.ListModelsRequest\x1a(.fleetlm.inference.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$fleetlm/inference/v1/inference.proto\x12\x14\x66leetlm.inference.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"g\n\x10\x43hatConversation\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.fleetlm.inference.v1.ChatMessage\x12\x1e\n\x16\x63ontinue_final_message\x18\x02 \x01(\x08\"\xf0\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\r\n\x05stops\x18\x06 \x03(\t\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0c \x01(\r\x12=\n\x0fresponse_format\x18\r \x01(\x0b\x32$.fleetlm.inference.v1.ResponseFormatB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"\xca\x01\n\x0eResponseFormat\x12\x30\n\x04text\x18\x01 \x01(\x0b\x32 .fleetlm.inference.v1.TextFormatH\x00\x12=\n\x0bjson_object\x18\x02 \x01(\x0b\x32&.fleetlm.inference.v1.JsonObjectFormatH\x00\x12=\n\x0bjson_schema\x18\x03 \x01(\x0b\x32&.fleetlm.inference.v1.JsonSchemaFormatH\x00\x42\x08\n\x06\x66ormat\"\x0c\n\nTextFormat\"\x12\n\x10JsonObjectFormat\"U\n\x10JsonSchemaFormat\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06schema\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"\x83\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x36\n\x04\x63hat\x18\x02 \x01(\x0b\x32&.fleetlm.inference.v1.ChatConversationH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x36\n\x08sampling\x18\x04 \x01(\x0b\x32$.fleetlm.inference.v1.SamplingParams\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x34\n\x08\x64\x65livery\x18\x07 \x01(\x0e\x32\".fleetlm.inference.v1.TextDeliveryB\x07\n\x05input\"\x85\x01\n\x10GenerateResponse\x12\x30\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1f.fleetlm.inference.v1.TextDeltaH\x00\x12\x36\n\x06result\x18\x02 \x01(\x0b\x32$.fleetlm.inference.v1.GenerateResultH\x00\x42\x07\n\x05\x65vent\"O\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x34\n\x08logprobs\x18\x02 \x03(\x0b\x32\".fleetlm.inference.v1.TokenLogprob\"\x90\x01\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x36\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32 .fleetlm.inference.v1.TopLogprob\x12\x13\n\x0btext_offset\x18\x05 \x01(\r\"A\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x97\x01\n\x0eGenerateResult\x12\x39\n\rfinish_reason\x18\x01 \x01(\x0e\x32\".fleetlm.inference.v1.FinishReason\x12*\n\x05usage\x18\x02 \x01(\x0b\x32\x1b.fleetlm.inference.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x7f\n\rEmbedResponse\x12\x33\n\nembeddings\x18\x01 \x03(\x0b\x32\x1f.fleetlm.inference.v1.Embedding\x12*\n\x05usage\x18\x02 \x01(\x0b\x32\x1b.fleetlm.inference.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\"q\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x36\n\x04\x63hat\x18\x03 \x01(\x0b\x32&.fleetlm.inference.v1.ChatConversationH\x00\x42\x07\n\x05input\";\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x14\n\x0c\x63ontext_size\x18\x02 \x01(\r\"\x13\n\x11ListModelsRequest\"\xa7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontext_size\x18\x04 \x01(\r\x12/\n\x05state\x18\x05 \x01(\x0e\x32 .fleetlm.inference.v1.ModelState\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x16\n\x0eready_replicas\x18\x07 \x01(\r\"E\n\x12ListModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.fleetlm.inference.v1.ModelInfo*F\n\x0cTextDelivery\x12\x1d\n\x19TEXT_DELIVERY_UNSPECIFIED\x10\x00\x12\x17\n\x13TEXT_DELIVERY_WHOLE\x10\x01*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*\x8e\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x04\x32\xfd\x02\n\x10InferenceService\x12[\n\x08Generate\x12%.fleetlm.inference.v1.GenerateRequest\x1a&.fleetlm.inference.v1.GenerateResponse0\x01\x12P\n\x05\x45mbed\x12\".fleetlm.inference.v1.EmbedRequest\x1a#.fleetlm.inference.v1.EmbedResponse\x12Y\n\x08Tokenize\x12%.fleetlm.inference.v1.TokenizeRequest\x1a&.fleetlm.inference.v1.TokenizeResponse\x12_\n\nListModels\x12\'.fleetlm.inference.v1.ListModelsRequest\x1a(.fleetlm.inference.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetlm.inference.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2555
-  _globals['_FINISHREASON']._serialized_end=2650
-  _globals['_MODELSTATE']._serialized_start=2653
-  _globals['_MODELSTATE']._serialized_end=2795
+  _globals['_TEXTDELIVERY']._serialized_start=2609
+  _globals['_TEXTDELIVERY']._serialized_end=2679
+  _globals['_FINISHREASON']._serialized_start=2681
+  _globals['_FINISHREASON']._serialized_end=2776
+  _globals['_MODELSTATE']._serialized_start=2779
+  _globals['_MODELSTATE']._serialized_end=2921
   _globals['_CHATMESSAGE']._serialized_start=62
   _globals['_CHATMESSAGE']._serialized_end=106
   _globals['_CHATCONVERSATION']._serialized_start=108
@@ -50,35 +52,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JSONSCHEMAFORMAT']._serialized_start=951
   _globals['_JSONSCHEMAFORMAT']._serialized_end=1036
   _globals['_GENERATEREQUEST']._serialized_start=1039
-  _globals['_GENERATEREQUEST']._serialized_end=1244
-  _globals['_GENERATERESPONSE']._serialized_start=1247
-  _globals['_GENERATERESPONSE']._serialized_end=1380
-  _globals['_TEXTDELTA']._serialized_start=1382
-  _globals['_TEXTDELTA']._serialized_end=1461
-  _globals['_TOKENLOGPROB']._serialized_start=1464
-  _globals['_TOKENLOGPROB']._serialized_end=1608
-  _globals['_TOPLOGPROB']._serialized_start=1610
-  _globals['_TOPLOGPROB']._serialized_end=1675
-  _globals['_USAGE']._serialized_start=1677
-  _globals['_USAGE']._serialized_end=1756
-  _globals['_GENERATERESULT']._serialized_start=1759
-  _globals['_GENERATERESULT']._serialized_end=1910
-  _globals['_EMBEDREQUEST']._serialized_start=1912
-  _globals['_EMBEDREQUEST']._serialized_end=1957
-  _globals['_EMBEDDING']._serialized_start=1959
-  _globals['_EMBEDDING']._serialized_end=1986
-  _globals['_EMBEDRESPONSE']._serialized_start=1988
-  _globals['_EMBEDRESPONSE']._serialized_end=2115
-  _globals['_TOKENIZEREQUEST']._serialized_start=2117
-  _globals['_TOKENIZEREQUEST']._serialized_end=2230
-  _globals['_TOKENIZERESPONSE']._serialized_start=2232
-  _globals['_TOKENIZERESPONSE']._serialized_end=2291
-  _globals['_LISTMODELSREQUEST']._serialized_start=2293
-  _globals['_LISTMODELSREQUEST']._serialized_end=2312
-  _globals['_MODELINFO']._serialized_start=2315
-  _globals['_MODELINFO']._serialized_end=2482
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2484
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2553
-  _globals['_INFERENCESERVICE']._serialized_start=2798
-  _globals['_INFERENCESERVICE']._serialized_end=3179
+  _globals['_GENERATEREQUEST']._serialized_end=1298
+  _globals['_GENERATERESPONSE']._serialized_start=1301
+  _globals['_GENERATERESPONSE']._serialized_end=1434
+  _globals['_TEXTDELTA']._serialized_start=1436
+  _globals['_TEXTDELTA']._serialized_end=1515
+  _globals['_TOKENLOGPROB']._serialized_start=1518
+  _globals['_TOKENLOGPROB']._serialized_end=1662
+  _globals['_TOPLOGPROB']._serialized_start=1664
+  _globals['_TOPLOGPROB']._serialized_end=1729
+  _globals['_USAGE']._serialized_start=1731
+  _globals['_USAGE']._serialized_end=1810
+  _globals['_GENERATERESULT']._serialized_start=1813
+  _globals['_GENERATERESULT']._serialized_end=1964
+  _globals['_EMBEDREQUEST']._serialized_start=1966
+  _globals['_EMBEDREQUEST']._serialized_end=2011
+  _globals['_EMBEDDING']._serialized_start=2013
+  _globals['_EMBEDDING']._serialized_end=2040
+  _globals['_EMBEDRESPONSE']._serialized_start=2042
+  _globals['_EMBEDRESPONSE']._serialized_end=2169
+  _globals['_TOKENIZEREQUEST']._serialized_start=2171
+  _globals['_TOKENIZEREQUEST']._serialized_end=2284
+  _globals['_TOKENIZERESPONSE']._serialized_start=2286
+  _globals['_TOKENIZERESPONSE']._serialized_end=2345
+  _globals['_LISTMODELSREQUEST']._serialized_start=2347
+  _globals['_LISTMODELSREQUEST']._serialized_end=2366
+  _globals['_MODELINFO']._serialized_start=2369
+  _globals['_MODELINFO']._serialized_end=2536
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2538
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2607
+  _globals['_INFERENCESERVICE']._serialized_start=2924
+  _globals['_INFERENCESERVICE']._serialized_end=3305
 # @@protoc_insertion_point(module_scope)

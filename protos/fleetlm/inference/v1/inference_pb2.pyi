@@ -7,6 +7,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TextDelivery(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TEXT_DELIVERY_UNSPECIFIED: _ClassVar[TextDelivery]
+    TEXT_DELIVERY_WHOLE: _ClassVar[TextDelivery]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -20,6 +25,8 @@ class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_STATE_READY: _ClassVar[ModelState]
     MODEL_STATE_FAILED: _ClassVar[ModelState]
     MODEL_STATE_UNAVAILABLE: _ClassVar[ModelState]
+TEXT_DELIVERY_UNSPECIFIED: TextDelivery
+TEXT_DELIVERY_WHOLE: TextDelivery
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -106,20 +113,22 @@ class JsonSchemaFormat(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., schema: _Optional[str] = ..., strict: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "chat", "prompt", "sampling", "user", "request_id")
+    __slots__ = ("model", "chat", "prompt", "sampling", "user", "request_id", "delivery")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
     model: str
     chat: ChatConversation
     prompt: str
     sampling: SamplingParams
     user: str
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., chat: _Optional[_Union[ChatConversation, _Mapping]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., user: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    delivery: TextDelivery
+    def __init__(self, model: _Optional[str] = ..., chat: _Optional[_Union[ChatConversation, _Mapping]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., user: _Optional[str] = ..., request_id: _Optional[str] = ..., delivery: _Optional[_Union[TextDelivery, str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "result")
