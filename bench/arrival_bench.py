@@ -5,11 +5,12 @@
 
 `bench.inference_bench` starts 8 streams together and they end together. Real traffic arrives while
 others decode: here K clients (8, then 12 > the 8 slots) each send their next request as soon as their
-last one ends (a closed loop), taking the requests in turn from one list drawn from a fixed seed, so
-every row gets the same requests: prompts of mixed length (about half short, ~10 tokens; a third
+last one ends (a closed loop), client i the requests i, i + K, ... of one list drawn from a fixed seed, so
+every row gets the same requests: prompts of mixed length (about half short, ~15 tokens; a third
 medium, ~100; the rest long, ~400) and answers of 16-256 tokens, greedy. Aggregate tokens/s counts the
-tokens each server reports it generated (its usage), over the wall time of the whole list; the table
-also prints the total, which must be equal across rows for the comparison to hold.
+tokens each server reports it generated (its usage), over the wall time of the whole list. The table
+prints each row's total: a few greedy answers end (end of text) a little sooner or later on one server
+than on the other, as their numerics differ in the last bits; the totals show by how much.
 
 Every server starts first and stays up; each round measures every row in turn (rows interleaved), and
 the table gives medians over the rounds. The rows, all with 8 slots, the same model, 2 threads and 2048
@@ -158,16 +159,17 @@ def grpc_call(address: str) -> Call:
 
 
 async def closed_loop(call: Call, jobs: list[Job], clients: int) -> dict[str, float]:
-    """`clients` clients take the jobs in turn, each sending its next one when its last one has ended."""
+    """`clients` clients, client i sending jobs i, i + clients, i + 2 * clients, ..., each when its last
+    one has ended. Each client's list is fixed, not taken from a shared queue, so that the last requests,
+    which run with fewer beside them, are the same ones in every row."""
     replies: list[Reply] = []
-    taken = iter(jobs)
 
-    async def client() -> None:
-        for job in taken:  # one shared iterator: the next free client takes the next job
+    async def client(mine: list[Job]) -> None:
+        for job in mine:
             replies.append(await call(job))
 
     start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
+    await asyncio.gather(*(client(jobs[i::clients]) for i in range(clients)))
     wall = time.perf_counter() - start
     tokens = sum(r.tokens for r in replies)
     return {
@@ -218,7 +220,7 @@ PROBED = [HTTP_STREAMED, GRPC, NODE, SERVER_STREAMED]  # rows whose first token 
 def report(loops: dict[tuple[int, str], list[dict[str, float]]], firsts: dict[str, list[float]],
            args: argparse.Namespace) -> None:  # fmt: skip
     print(
-        f"\ncontinuous arrival: {args.requests} requests per row (prompts ~10/100/400 tokens, answers 16-256"
+        f"\ncontinuous arrival: {args.requests} requests per row (prompts ~15/100/400 tokens, answers 16-256"
         f" tokens, greedy, seed {args.seed}), {args.threads} threads, 8 slots, median of {args.rounds} rounds"
     )
     header = ["tok/s", "x llama-server", "req/s", "first p50 ms", "latency p50 ms", "tokens"]
