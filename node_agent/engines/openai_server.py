@@ -26,6 +26,7 @@ import httpx
 
 from mesh import request_context, tracing
 from node_agent.engines.base import (
+    ChoiceEnd,
     ContextLengthExceeded,
     Embeddings,
     EngineError,
@@ -93,6 +94,8 @@ def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[
         body["max_tokens"] = None  # completions default to 16 tokens; fleetlm's default is the context
     if options.seed is not None:
         body["seed"] = options.seed
+    if options.n > 1:
+        body["n"] = options.n  # the server's choices come back with their index
     if options.stops:
         body["stop"] = list(options.stops)
     if options.presence_penalty:
@@ -168,6 +171,14 @@ def parse_logprobs(data: Any, offset: int) -> tuple[TokenLogprob, ...]:
         out.append(TokenLogprob(token, token.encode(), float(logprob or 0.0), top, offset))
         offset += len(token)
     return tuple(out)
+
+
+def _choice_index(choice: dict[str, Any], n: int) -> int:
+    """A streamed choice's index, checked: a server that sends one outside 0..n-1 is broken."""
+    index = choice.get("index", 0)
+    if not isinstance(index, int) or not 0 <= index < n:
+        raise EngineUnavailable(f"the engine's server sent a choice with index {index!r} for n={n}")
+    return index
 
 
 def _error_message(reply: httpx.Response) -> str:
@@ -279,6 +290,12 @@ class OpenAIServerEngine:
             "model",
         )
 
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        raise InvalidInput(
+            f"model '{self.config.name}' runs on an OpenAI-compatible server, which fleetlm cannot detokenize for",
+            "model",
+        )
+
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
         self._waiting += 1
@@ -294,9 +311,14 @@ class OpenAIServerEngine:
             self._gate.release()
 
     async def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+        """The server's stream as the engine's events. With n > 1 its choices are told apart by their
+        `index` (each with its own text offsets for logprobs), and each choice's finish_reason is a ChoiceEnd
+        as it comes; the request's Finished carries the first choice's reason and the server's usage."""
         path, body = request_body(prompt, options, self._model)
         input_param = "prompt" if isinstance(prompt, str) else "messages"
-        chunks, finish, usage, offset = 0, "", None, 0
+        chunks, usage = 0, None
+        offsets: dict[int, int] = {}  # per choice: characters received so far
+        finishes: dict[int, str] = {}
         async with self._slot():
             try:
                 async with self._client.stream(
@@ -316,25 +338,35 @@ class OpenAIServerEngine:
                             raise EngineUnavailable(f"the engine's server failed mid-stream: {event['error']}")
                         usage = event.get("usage") or usage
                         for choice in event.get("choices") or ():
+                            index = _choice_index(choice, options.n)
                             text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                            offset = offsets.get(index, 0)
                             logprobs = parse_logprobs(choice.get("logprobs"), offset) if options.logprobs else ()
                             if text or logprobs:
                                 chunks += 1
-                                offset += len(text)
-                                yield TextChunk(text, logprobs)
-                            if choice.get("finish_reason"):
-                                finish = "length" if choice["finish_reason"] == "length" else "stop"
+                                offsets[index] = offset + len(text)
+                                yield TextChunk(text, logprobs, index)
+                            if choice.get("finish_reason") and index not in finishes:
+                                finishes[index] = "length" if choice["finish_reason"] == "length" else "stop"
+                                if options.n > 1:
+                                    yield ChoiceEnd(index, finishes[index])  # type: ignore[arg-type]
             except httpx.HTTPError as exc:
                 raise EngineUnavailable(f"the engine's server at {self._root} failed: {exc!r}") from exc
             except ValueError as exc:
                 raise EngineUnavailable(f"the engine's server sent a chunk that is not JSON: {exc}") from exc
-        if not finish:
+        if not finishes:
             # llama_cpp.server, for one, ends a stream this way when the request fails after its 200.
             raise EngineUnavailable("the engine's server ended the stream without a finish reason (see its log)")
+        if len(finishes) < options.n:
+            # llama_cpp.server drops `n` from the request and answers with one choice.
+            raise InvalidInput(
+                f"n is {options.n}, and the engine's server returned {len(finishes)} choice(s): it does not support n",
+                "n",
+            )
         # Servers that do not report usage in streams (llama_cpp.server): one chunk is about one token.
         prompt_tokens = int(usage.get("prompt_tokens", 0)) if usage else 0
         completion_tokens = int(usage.get("completion_tokens", chunks)) if usage else chunks
-        yield Finished(finish, prompt_tokens, completion_tokens)  # type: ignore[arg-type]
+        yield Finished(finishes[0], prompt_tokens, completion_tokens)  # type: ignore[arg-type]
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
         async with self._slot():
