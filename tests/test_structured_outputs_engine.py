@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import json
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +27,7 @@ from node_agent.engines.base import (
     SamplingOptions,
     TextChunk,
 )
+from node_agent.engines.json_grammar import schema_grammar
 from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 
 pytestmark = [pytest.mark.model]
@@ -216,3 +219,48 @@ async def test_every_sampler_is_freed_with_its_sequence(engine: LlamaCppEngine) 
     assert counting.calls["llama_sampler_chain_init"] == 100
     assert counting.calls["llama_sampler_free"] == 200  # each chain and each grammar, once
     assert loop.running == 0
+
+
+def grammar_allows(engine: LlamaCppEngine, schema: dict[str, Any], text: str) -> bool:
+    """Whether llama.cpp's grammar sampler, with the grammar the engine makes of `schema`, lets the model write
+    exactly `text` (each of its tokens allowed in turn, then the end of generation)."""
+    import llama_cpp
+
+    llm = engine._llm
+    grammar = schema_grammar(json.dumps(schema))
+    sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode(), b"root")
+    assert sampler, grammar
+    try:
+        for token in [*llm.tokenize(text.encode(), add_bos=False, special=False), llm.token_eos()]:
+            one = llama_cpp.llama_token_data(token, 0.0, 0.0)
+            llama_cpp.llama_sampler_apply(
+                sampler, ctypes.byref(llama_cpp.llama_token_data_array(ctypes.pointer(one), 1, -1, False))
+            )
+            if one.logit == -math.inf:
+                return False
+            if token != llm.token_eos():
+                llama_cpp.llama_sampler_accept(sampler, token)  # never a forbidden one: llama.cpp would abort
+        return True
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+
+
+@pytest.mark.parametrize(
+    ("text", "allowed"),
+    [
+        ('"2024-02-29"', True),  # a leap year
+        ('"2000-02-29"', True),  # a century divisible by 400
+        ('"2023-12-31"', True),
+        ('"1999-04-30"', True),
+        ('"0001-01-01"', True),
+        ('"2023-02-29"', False),  # the converter's own date rule allowed these
+        ('"1900-02-29"', False),
+        ('"2023-04-31"', False),
+        ('"2023-02-30"', False),
+        ('"0000-01-01"', False),
+        ('"2023-13-01"', False),
+    ],
+)
+def test_a_date_is_a_date_of_the_calendar(engine: LlamaCppEngine, text: str, allowed: bool) -> None:
+    assert grammar_allows(engine, {"type": "string", "format": "date"}, text) is allowed
+    assert grammar_allows(engine, {"type": "string", "format": "date-time"}, text[:-1] + 'T10:00:00Z"') is allowed
