@@ -129,6 +129,21 @@ async def test_a_constrained_request_batches_and_leaves_the_others_unchanged(eng
     assert steps < sum(f.completion_tokens for _, f in together) / 2
 
 
+async def test_in_a_batch_of_eight_one_grammar_changes_none_of_the_seven_others(engine: LlamaCppEngine) -> None:
+    """Issue 14's must-show, exactly: 8 requests at once, 7 greedy and 1 constrained, and the same 7 beside
+    1 free request instead: the 7 answers are the same both times, and the same as each alone."""
+    prompts = [*FREE_PROMPTS, "Once upon a time, in a small village,", "The history of Rome", "def add(a, b):"]
+    greedy = SamplingOptions(max_tokens=48, temperature=0)
+    alone = [(await run(engine, p, greedy))[0] for p in prompts]
+    for fmt in (AS_PERSON, None):
+        options = SamplingOptions(max_tokens=300, temperature=0.8, seed=5, response_format=fmt)
+        jobs = [*(run(engine, p, greedy) for p in prompts), run(engine, ASK, options)]
+        *seven, (eighth, _) = await asyncio.gather(*jobs)
+        assert [text for text, _ in seven] == alone, fmt
+        if fmt is not None:
+            jsonschema_rs.validator_for(PERSON).validate(json.loads(eighth))
+
+
 @pytest.mark.parametrize(
     ("schema", "words"),
     [
