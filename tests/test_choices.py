@@ -17,6 +17,7 @@ import openai
 import pytest
 from google.protobuf import duration_pb2  # noqa: F401 - registers well-known types for ErrorInfo
 
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.errors import FleetError
 from tests.cluster import Cluster, Proc, free_port, wait_for
@@ -140,6 +141,50 @@ def test_grpc_deltas_carry_their_choice_and_each_choice_ends(mesh: Mesh) -> None
     result = events[-1].result
     assert result.usage.prompt_tokens == single[-1].result.usage.prompt_tokens
     assert result.usage.completion_tokens == 4 * single[-1].result.usage.completion_tokens
+
+
+def test_grpc_seeded_choices_differ_and_come_back_the_same(mesh: Mesh) -> None:
+    request = inference_pb2.GenerateRequest(
+        model=mesh.model,
+        chat=inference_pb2.ChatConversation(messages=[inference_pb2.ChatMessage(**m) for m in ASK]),
+        sampling=inference_pb2.SamplingParams(max_tokens=24, temperature=1.0, seed=77, n=4),
+    )
+
+    def choices() -> list[str]:
+        texts: dict[int, str] = collections.defaultdict(str)
+        with grpc.insecure_channel(mesh.grpc) as channel:
+            for event in inference_pb2_grpc.InferenceServiceStub(channel).Generate(request, timeout=120):
+                if event.HasField("delta"):
+                    texts[event.delta.index] += event.delta.text
+        return [texts[i] for i in range(4)]
+
+    first = choices()
+    assert len(set(first)) == 4, first
+    assert choices() == first
+
+
+def test_the_node_counts_a_request_for_n_choices_as_n_sequences(mesh: Mesh) -> None:
+    """While an n = 4 request streams, the load the node reports (seen in the control plane's GetNode) is 4
+    running sequences; after it, none."""
+    story = "The lighthouse keeper's long story:\n"  # greedy, it runs long (bench.grammar_bench)
+    sampling = inference_pb2.SamplingParams(max_tokens=1000, temperature=0, n=4)
+    request = inference_pb2.GenerateRequest(model=mesh.model, prompt=story, sampling=sampling)
+
+    def load() -> int:
+        with grpc.insecure_channel(mesh.controlplane) as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            node = admin.GetNode(admin_pb2.GetNodeRequest(node_id="node-a"), timeout=5).node
+        replica = next(r for r in node.replicas if r.model.name == mesh.model)
+        return replica.running_requests + replica.queued_requests
+
+    with grpc.insecure_channel(mesh.node_address) as channel:
+        stream = inference_pb2_grpc.InferenceServiceStub(channel).Generate(request, timeout=300)
+        try:
+            assert next(stream).HasField("delta")
+            wait_for(lambda: load() == 4, 30, "the node to report 4 running sequences")
+        finally:
+            stream.cancel()
+    wait_for(lambda: load() == 0, 30, "the node to report its slots free again")
 
 
 @pytest.mark.parametrize("n", [0, 5, 129])

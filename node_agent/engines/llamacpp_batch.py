@@ -343,23 +343,20 @@ class DecodeLoop:
             stream=TextStream(request.options.stops),
         )
         self._active[slot] = first
-        for index, (chain, grammar) in enumerate(others, start=1):
-            # The other choices' slots are taken now (they wait for the prompt there); the fewest runs of
-            # consecutive slots, then the least recently used. Their cached prefixes are given up.
+        self._reserve_forks(first, others)
+
+    def _reserve_forks(self, first: _Sequence, samplers: list[tuple[Any, Any]]) -> None:
+        """Take a slot for each other choice of `first`'s request now (admission counted them): it waits
+        there, with no tokens, until `first`'s prompt is computed (`_fork`). The fewest runs of consecutive
+        slots, then the least recently used; their cached prefixes are given up."""
+        for index, (chain, grammar) in enumerate(samplers, start=1):
             free = [s for s in range(self.slots) if s not in self._active]
-            other = max(free, key=lambda s: (-_runs([*self._active, s]), -self._last_used[s]))
-            self._cached[other] = []
-            self._active[other] = _Sequence(
-                slot=other,
-                request=request,
-                tokens=[],
-                n_past=0,
-                sampler=chain,
-                grammar=grammar,
-                stream=TextStream(request.options.stops),
-                index=index,
-            )
-            first.forks.append(self._active[other])
+            slot = max(free, key=lambda s: (-_runs([*self._active, s]), -self._last_used[s]))
+            self._cached[slot] = []
+            stream = TextStream(first.request.options.stops)
+            waiting = _Sequence(slot, first.request, [], 0, chain, stream, grammar=grammar, index=index)
+            self._active[slot] = waiting
+            first.forks.append(waiting)
 
     def _fork(self, seq: _Sequence, index: int) -> None:
         """`seq`'s prompt is in its KV cache and its logits at `index`: its request's other choices start
