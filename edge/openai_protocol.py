@@ -2,14 +2,16 @@
 
 Requests are validated by pydantic (types) and by mesh.inference_requests' table of bounds (ranges, the
 same as over gRPC); a field of the wrong type or out of range becomes a 400 naming the field. Fields
-OpenAI defines that fleetlm does not implement are refused when they would change the result (n > 1,
-tools, echo, suffix), and ignored when they would not (metadata, store). `response_format` (structured
-outputs) is taken by chat and, as vLLM and llama-server take it, by completions.
+OpenAI defines that fleetlm does not implement are refused when they would change the result (tools,
+echo, suffix, best_of, logit_bias, audio, image/audio/file content), and ignored when they would not
+(metadata, store). `response_format` (structured outputs) is taken by chat and, as vLLM and llama-server
+take it, by completions. `n` choices come back as `choices[i]` with their `index`, streamed or not.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import struct
 import time
@@ -103,9 +105,10 @@ class _Request(BaseModel):
     repetition_penalty: float | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int | None = None
     user: str | None = None
     response_format: ResponseFormatIn | None = None
+    logit_bias: dict[str, Any] | None = None
 
     @field_validator("response_format", mode="wrap")
     @classmethod
@@ -142,6 +145,7 @@ class _Request(BaseModel):
             "presence_penalty",
             "frequency_penalty",
             "repetition_penalty",
+            "n",
         ):
             value = getattr(self, name)
             if value is not None:
@@ -153,8 +157,12 @@ class _Request(BaseModel):
         return params
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise invalid("n", "only n=1 is supported")
+        if self.logit_bias:
+            raise invalid("logit_bias", "logit_bias is not supported")
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
 
     @property
     def include_usage(self) -> bool:
@@ -166,6 +174,27 @@ class ContentPart(BaseModel):
 
     type: Literal["text"]
     text: str
+
+
+# Content parts OpenAI defines that carry something other than text. fleetlm's engines get text only (the
+# proto's ChatMessage.content is a string), so these are refused by name rather than lost.
+NOT_TEXT = {
+    "image_url": "images are not supported: fleetlm passes text only, to every model",
+    "input_audio": "audio input is not supported: fleetlm passes text only, to every model",
+    "file": "file inputs are not supported: fleetlm passes text only, to every model",
+}
+
+
+def refuse_content_parts(messages: Any) -> None:
+    """A 400 naming the part (`messages[i].content[j]`) for content that is not text."""
+    if not isinstance(messages, list):
+        return
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind in NOT_TEXT:
+                raise invalid(f"messages[{i}].content[{j}]", f"'{kind}' content: {NOT_TEXT[kind]}")
 
 
 class ChatMessageIn(BaseModel):
@@ -194,6 +223,16 @@ class ChatCompletionRequest(_Request):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        # Before the types are checked, so that an image part is named as such, not as a wrong 'type'.
+        if isinstance(data, dict):
+            refuse_content_parts(data.get("messages"))
+        return data
 
     @property
     def wants_logprobs(self) -> bool:
@@ -203,6 +242,10 @@ class ChatCompletionRequest(_Request):
         super().check_supported()
         if self.tools:
             raise invalid("tools", "tool calling is not supported yet")
+        if self.audio is not None:
+            raise invalid("audio", "audio output is not supported: fleetlm's models answer in text")
+        if self.modalities is not None and set(self.modalities) - {"text"}:
+            raise invalid("modalities", "only the 'text' modality is supported")
 
     def to_proto(self, request_id: str) -> inference_pb2.GenerateRequest:
         self.check_supported()
@@ -227,6 +270,7 @@ class CompletionRequest(_Request):
     echo: bool = False
     logprobs: int | None = None  # the completions API's top_logprobs
     suffix: str | None = None
+    best_of: int | None = None
 
     @property
     def wants_logprobs(self) -> bool:
@@ -245,6 +289,8 @@ class CompletionRequest(_Request):
             raise invalid("echo", "echo is not supported")
         if self.suffix:
             raise invalid("suffix", "suffix is not supported")
+        if self.best_of is not None and self.best_of != self.choices:
+            raise invalid("best_of", "best_of is not supported (n choices are all returned; leave best_of unset)")
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         if not prompt:
             raise invalid("prompt", "'prompt' must not be empty")
@@ -304,6 +350,25 @@ def _chat_logprob(entry: inference_pb2.TokenLogprob | inference_pb2.TopLogprob) 
     return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token_bytes)}
 
 
+@dataclasses.dataclass
+class Choices:
+    """A generation's choices as its events arrive, by index: each one's text, logprobs and, with n > 1,
+    finish reason (its ChoiceEnd)."""
+
+    texts: dict[int, list[str]] = dataclasses.field(default_factory=dict)
+    logprobs: dict[int, list[inference_pb2.TokenLogprob]] = dataclasses.field(default_factory=dict)
+    finishes: dict[int, inference_pb2.FinishReason] = dataclasses.field(default_factory=dict)
+
+    def add(self, event: inference_pb2.GenerateResponse) -> None:
+        if event.HasField("delta"):
+            delta = event.delta
+            self.texts.setdefault(delta.index, []).append(delta.text)
+            if delta.logprobs:
+                self.logprobs.setdefault(delta.index, []).extend(delta.logprobs)
+        elif event.HasField("choice_end"):
+            self.finishes[event.choice_end.index] = event.choice_end.finish_reason
+
+
 class CompletionShape:
     """Builds the bodies of one chat or text completion, streamed or not."""
 
@@ -315,7 +380,7 @@ class CompletionShape:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
-        self._text_event: tuple[bytes, bytes] | None = None
+        self._text_events: dict[int, tuple[bytes, bytes]] = {}  # per choice index
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
@@ -345,45 +410,53 @@ class CompletionShape:
             "text_offset": [e.text_offset for e in entries],
         }
 
-    def full(self, text: str, result: inference_pb2.GenerateResult, logprobs: Logprobs = ()) -> dict[str, Any]:
-        reason = FINISH_REASONS.get(result.finish_reason, "stop")
-        scores = self.logprobs_json(logprobs)
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": reason,
-                "logprobs": scores,
-            }
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": scores}
-        body = self._envelope(self.object, [choice], usage=usage_json(result.usage), system_fingerprint=result.node_id)
+    def full(self, choices: Choices, result: inference_pb2.GenerateResult) -> dict[str, Any]:
+        """The whole body: one choice per index (a choice's finish reason is its ChoiceEnd's, or, for a
+        single choice, the result's)."""
+        listed = []
+        for index in range(max(1, len(choices.finishes))):
+            text = "".join(choices.texts.get(index, ()))
+            reason = FINISH_REASONS.get(choices.finishes.get(index, result.finish_reason), "stop")
+            scores = self.logprobs_json(choices.logprobs.get(index, ()))
+            if self.chat:
+                message = {"role": "assistant", "content": text}
+                listed.append({"index": index, "message": message, "finish_reason": reason, "logprobs": scores})
+            else:
+                listed.append({"index": index, "text": text, "finish_reason": reason, "logprobs": scores})
+        body = self._envelope(self.object, listed, usage=usage_json(result.usage), system_fingerprint=result.node_id)
         body["model"] = result.model or self.model  # the model that served it: an offload may differ
         return body
 
     def chunk(
-        self, text: str | None, finish: str | None = None, first: bool = False, logprobs: Logprobs = ()
+        self,
+        text: str | None,
+        finish: str | None = None,
+        first: bool = False,
+        logprobs: Logprobs = (),
+        index: int = 0,
     ) -> dict[str, Any]:
         scores = self.logprobs_json(logprobs, streamed=True)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": scores}
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": scores}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": scores}
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": scores}
         return self._envelope(self.chunk_object, [choice])
 
-    def delta_event(self, text: str, logprobs: Logprobs = ()) -> bytes:
+    def delta_event(self, text: str, logprobs: Logprobs = (), index: int = 0) -> bytes:
         """The SSE event of a chunk of text. Without logprobs it is the hot path, so the envelope, which is
-        the same for every chunk of the stream, is rendered once."""
+        the same for every chunk of a choice, is rendered once per choice."""
         if logprobs:
-            return sse(self.chunk(text, logprobs=logprobs))
-        if self._text_event is None:
+            return sse(self.chunk(text, logprobs=logprobs, index=index))
+        event = self._text_events.get(index)
+        if event is None:
             marker = "\x00"
-            head, tail = json.dumps(self.chunk(marker), separators=(",", ":")).split(json.dumps(marker), 1)
-            self._text_event = (f"data: {head}".encode(), f"{tail}\n\n".encode())
-        before, after = self._text_event
+            rendered = json.dumps(self.chunk(marker, index=index), separators=(",", ":"))
+            head, tail = rendered.split(json.dumps(marker), 1)
+            event = self._text_events[index] = (f"data: {head}".encode(), f"{tail}\n\n".encode())
+        before, after = event
         return before + json.dumps(text).encode() + after
 
     def usage_chunk(self, usage: inference_pb2.Usage) -> dict[str, Any]:

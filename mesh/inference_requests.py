@@ -18,11 +18,15 @@ from mesh.errors import ErrorCode, FleetError, invalid
 ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
+# OpenAI's own bound on `n`. A replica runs at most its max_running_requests sequences at once: a request
+# for more choices than that is refused by the node (also a 400 naming n).
+MAX_CHOICES = 128
 # Limits against abuse, checked before anything is tokenized (tokenizing is linear in the text, and a
 # chat template renders every message): more than any context the fleet serves (1,000,000 characters is
 # ~250k tokens; OpenAI's API takes 2,048 messages at most), far less than what would tie up an engine.
 MAX_MESSAGES = 2048
 MAX_PROMPT_CHARS = 1_000_000
+MAX_TOKEN_IDS = 1_000_000  # a Detokenize request's ids: more than any context, bounded all the same
 # A JSON schema in response_format: its text is bounded (the grammar made from it grows with it, and it
 # is parsed on every node that serves it); its name is OpenAI's pattern.
 MAX_SCHEMA_CHARS = 65_536
@@ -72,6 +76,7 @@ SAMPLING_BOUNDS: Mapping[str, Bound] = {
     # Multiplicative (llama.cpp, vLLM, SGLang): 1 is off; llama.cpp divides logits by it, so never 0.
     "repetition_penalty": Bound(0, 10, low_open=True),
     "top_logprobs": Bound(0, MAX_TOP_LOGPROBS),
+    "n": Bound(1, MAX_CHOICES),
 }
 
 
@@ -179,5 +184,23 @@ def validate_tokenize(request: inference_pb2.TokenizeRequest) -> None:
         raise invalid("text", "a request needs 'text' or 'chat'")
     if which == "chat":
         validate_chat(request.chat)
+        if request.chat.continue_final_message and request.add_generation_prompt:
+            raise invalid(
+                "add_generation_prompt",
+                "'add_generation_prompt' and 'continue_final_message' cannot both be true: the final message is"
+                " either continued or followed by a new turn",
+            )
     else:
         check_prompt_chars("text", (request.text,))
+        if request.HasField("add_generation_prompt"):
+            raise invalid("add_generation_prompt", "'add_generation_prompt' applies to a conversation, not to a text")
+
+
+def validate_detokenize(request: inference_pb2.DetokenizeRequest) -> None:
+    """The ids' count and sign; whether each is in the model's vocabulary is the engine's to say."""
+    require_model(request.model)
+    if len(request.token_ids) > MAX_TOKEN_IDS:
+        raise invalid("token_ids", f"at most {MAX_TOKEN_IDS} token ids per request; got {len(request.token_ids)}")
+    for i, token in enumerate(request.token_ids):
+        if token < 0:
+            raise invalid("token_ids", f"token {i} is {token}; token ids are not negative")

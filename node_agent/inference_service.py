@@ -11,9 +11,10 @@ import grpc
 
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.errors import ErrorCode, FleetError
-from mesh.inference_requests import validate_embed, validate_generate, validate_tokenize
+from mesh.inference_requests import validate_detokenize, validate_embed, validate_generate, validate_tokenize
 from node_agent.engines.base import (
     Chat,
+    ChoiceEnd,
     ContextLengthExceeded,
     EngineError,
     Finished,
@@ -52,6 +53,7 @@ def sampling_options(params: inference_pb2.SamplingParams) -> SamplingOptions:
         logprobs=params.logprobs,
         top_logprobs=params.top_logprobs,
         response_format=response_format(params),
+        n=params.n if params.HasField("n") else 1,
     )
 
 
@@ -67,7 +69,7 @@ def response_format(params: inference_pb2.SamplingParams) -> ResponseFormat | No
 
 
 def text_delta(chunk: TextChunk) -> inference_pb2.GenerateResponse:
-    delta = inference_pb2.TextDelta(text=chunk.text)
+    delta = inference_pb2.TextDelta(text=chunk.text, index=chunk.index)
     for entry in chunk.logprobs:
         delta.logprobs.append(
             inference_pb2.TokenLogprob(
@@ -84,8 +86,20 @@ def text_delta(chunk: TextChunk) -> inference_pb2.GenerateResponse:
     return inference_pb2.GenerateResponse(delta=delta)
 
 
-def _chat(chat: inference_pb2.ChatConversation) -> Chat:
-    return Chat(tuple(Message(m.role, m.content) for m in chat.messages), chat.continue_final_message)
+def _chat(chat: inference_pb2.ChatConversation, add_generation_prompt: bool = True) -> Chat:
+    messages = tuple(Message(m.role, m.content) for m in chat.messages)
+    return Chat(messages, chat.continue_final_message, add_generation_prompt)
+
+
+def _finished(event: Finished, model: str, node_id: str) -> inference_pb2.GenerateResponse:
+    usage = inference_pb2.Usage(
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        total_tokens=event.prompt_tokens + event.completion_tokens,
+    )
+    reason = _FINISH[event.reason]
+    result = inference_pb2.GenerateResult(finish_reason=reason, usage=usage, model=model, node_id=node_id)
+    return inference_pb2.GenerateResponse(result=result)
 
 
 def _prompt(request: inference_pb2.GenerateRequest) -> Prompt:
@@ -124,26 +138,19 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         input_param = "prompt" if request.WhichOneof("input") == "prompt" else "messages"
         prompt = _prompt(request)
-        async with self._host.serving(request.model) as (hosted, engine):
+        options = sampling_options(request.sampling)
+        async with self._host.serving(request.model, options.n) as (hosted, engine):
             record.replica(hosted.spec.engine, hosted.device)
             try:
-                async for event in engine.generate(prompt, sampling_options(request.sampling)):
-                    if isinstance(event, Finished):
-                        record.usage(event.prompt_tokens, event.completion_tokens)
-                        usage = inference_pb2.Usage(
-                            prompt_tokens=event.prompt_tokens,
-                            completion_tokens=event.completion_tokens,
-                            total_tokens=event.prompt_tokens + event.completion_tokens,
-                        )
-                        result = inference_pb2.GenerateResult(
-                            finish_reason=_FINISH[event.reason],
-                            usage=usage,
-                            model=request.model,
-                            node_id=self._node_id,
-                        )
-                        yield inference_pb2.GenerateResponse(result=result)
-                    else:
+                async for event in engine.generate(prompt, options):
+                    if isinstance(event, TextChunk):
                         yield text_delta(event)
+                    elif isinstance(event, ChoiceEnd):
+                        end = inference_pb2.ChoiceEnd(index=event.index, finish_reason=_FINISH[event.reason])
+                        yield inference_pb2.GenerateResponse(choice_end=end)
+                    else:
+                        record.usage(event.prompt_tokens, event.completion_tokens)
+                        yield _finished(event, request.model, self._node_id)
             except EngineError as exc:
                 raise _engine_error(exc, input_param) from exc
 
@@ -173,12 +180,28 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
             validate_tokenize(request)
             hosted, engine = self._host.engine_for(request.model)
             record.replica(hosted.spec.engine, hosted.device)
-            prompt = _chat(request.chat) if request.WhichOneof("input") == "chat" else request.text
+            chat = request.WhichOneof("input") == "chat"
+            with_prompt = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+            prompt = _chat(request.chat, with_prompt) if chat else request.text
             try:
                 ids = await engine.tokenize(prompt)
             except EngineError as exc:
-                raise _engine_error(exc, "chat" if request.WhichOneof("input") == "chat" else "text") from exc
+                raise _engine_error(exc, "chat" if chat else "text") from exc
         return inference_pb2.TokenizeResponse(token_ids=ids, context_size=hosted.context_size)
+
+    async def Detokenize(
+        self, request: inference_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.DetokenizeResponse:
+        metadata = context.invocation_metadata()
+        with served("Detokenize", request.model, "detokenize", metadata, self._node_id) as record:
+            validate_detokenize(request)
+            hosted, engine = self._host.engine_for(request.model)
+            record.replica(hosted.spec.engine, hosted.device)
+            try:
+                text = await engine.detokenize(list(request.token_ids))
+            except EngineError as exc:
+                raise _engine_error(exc, "token_ids") from exc
+        return inference_pb2.DetokenizeResponse(text=text)
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -8,9 +8,11 @@ schema is checked first against what it does enforce, and anything else is refus
 and where it is (InvalidInput naming `response_format`, a 400), never ignored. Annotations (`title`,
 `description`, `default`, `examples`, ...) and unknown keywords are ignored, as JSON Schema says.
 
-One fix to the converter's output: its string characters allow raw control characters (a newline inside
+Two fixes to the converter's output: its string characters allow raw control characters (a newline inside
 a string), which JSON forbids and `json.loads` refuses; here they must be escaped, as in llama.cpp's
-own JSON grammar.
+own JSON grammar. And its `date` (of the formats date and date-time) allows any day 01-31 in any month
+and the year 0000, so that "2023-02-30" came out of a schema asking for a date; here a date is one of the
+calendar (February 29 in leap years only).
 
 Conversion is pure Python and costs a few milliseconds for a typical schema: the engine runs it off
 the event loop, and the last schemas are cached by their text (an application sends the same one
@@ -73,6 +75,17 @@ MAX_GRAMMAR_CHARS = 262_144
 # The converter's string character, and the same without the control characters JSON forbids raw.
 _CHAR = r'[^"\\] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
 _JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
+# The converter's date, and a date of the calendar: a year 0001-9999, each month's own days, and February 29
+# when the year is a leap year (divisible by 4, and by 400 for a century).
+_DATE = '[0-9] [0-9] [0-9] [0-9] "-" ( "0" [1-9] | "1" [0-2] ) "-" ( "0" [1-9] | [1-2] [0-9] | "3" [0-1] )'
+_CALENDAR_DATE = (
+    '( [0-9] [0-9] [0-9] [1-9] | [0-9] [0-9] [1-9] "0" | [0-9] [1-9] "00" | [1-9] "000" ) "-" ('
+    ' ( "0" [13578] | "1" [02] ) "-" ( "0" [1-9] | [12] [0-9] | "3" [01] )'
+    ' | ( "0" [469] | "11" ) "-" ( "0" [1-9] | [12] [0-9] | "30" )'
+    ' | "02-" ( "0" [1-9] | "1" [0-9] | "2" [0-8] ) )'
+    ' | ( [0-9] [0-9] ( "0" [48] | [2468] [048] | [13579] [26] ) | ( "0" [48] | [2468] [048] | [13579] [26] ) "00" )'
+    ' "-02-29"'
+)
 
 
 class _Refused(Exception):
@@ -182,7 +195,9 @@ def schema_grammar(schema_text: str) -> str:
         raise InvalidInput(f"{refused}: the grammar converter failed: {exc}"[:500], "response_format") from exc
     if len(grammar) > MAX_GRAMMAR_CHARS:
         raise InvalidInput(f"{refused}: its grammar is over {MAX_GRAMMAR_CHARS} characters", "response_format")
-    return grammar.replace(f"char ::= {_CHAR}", f"char ::= {_JSON_CHAR}")
+    return grammar.replace(f"char ::= {_CHAR}", f"char ::= {_JSON_CHAR}").replace(
+        f"date ::= {_DATE}", f"date ::= {_CALENDAR_DATE}"
+    )
 
 
 def grammar_for(response_format: ResponseFormat) -> str:

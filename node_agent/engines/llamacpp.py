@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -245,7 +246,7 @@ class LlamaCppEngine:
             raise InvalidInput("this model has no chat template; use the completions API", "messages")
         messages = [{"role": m.role, "content": m.content} for m in chat.messages]
         if not chat.continue_final_message:
-            return self._render(self._template, messages)
+            return self._render(self._template if chat.add_generation_prompt else self._continuing, messages)
         # vLLM finds the final message's text in the rendered conversation (its last occurrence) and cuts
         # there. A mark in its place finds the same spot even when the text is empty, only whitespace or
         # trimmed by the template, and the text that follows it is then exactly what the client was sent.
@@ -278,12 +279,38 @@ class LlamaCppEngine:
         # The tokenizer reads only the vocabulary, never a context: safe beside generation.
         return await asyncio.to_thread(self._tokenize, text)
 
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        size = self._llm.n_vocab()
+        for i, token in enumerate(tokens):
+            if not 0 <= token < size:
+                raise InvalidInput(f"token {i} is {token}; this model's token ids are 0 to {size - 1}", "token_ids")
+        return await asyncio.to_thread(self._detokenize, list(tokens))
+
+    def _detokenize(self, tokens: list[int]) -> str:
+        import llama_cpp
+
+        ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+        vocab = self._llm._model.vocab
+        size = 4 * len(tokens) + 16
+        for _ in range(2):  # llama.cpp answers a buffer too small with the size it needs
+            text = ctypes.create_string_buffer(size)
+            # Special tokens written out (a template's turn markers): the text tokenizes to the same ids.
+            n = llama_cpp.llama_detokenize(vocab, ids, len(tokens), text, size, False, True)
+            if n >= 0:
+                return text.raw[:n].decode(errors="replace")
+            size = -n
+        raise EngineUnavailable("llama.cpp could not detokenize")
+
     async def watch(self) -> str:
         await asyncio.Event().wait()  # in-process: a failure surfaces in the request that meets it
         return ""
 
     async def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
         assert self._loop is not None, "engine not started"
+        if options.n > self.config.slots:
+            raise InvalidInput(
+                f"n is {options.n}; this model's replicas decode at most {self.config.slots} sequences at once", "n"
+            )
         tokens = await self.tokenize(prompt)
         context = self.config.context_size
         if len(tokens) >= context:

@@ -31,6 +31,14 @@ draws from the same distribution as masking first. Once the document is complete
 only end-of-generation tokens, so the sequence ends with "stop"; max_tokens can still cut it first
 ("length").
 
+Several choices (`n` > 1): a request takes n slots at once, or waits at the head of the queue until n are
+free. Its prompt is computed once, in the first choice's slot; when that prefill ends, the KV cache is
+copied to the other choices' slots (`llama_memory_seq_cp`: a copy of the KV stream's buffer when each
+sequence has its own, shared cells with a unified cache) and every choice samples its first token from the
+same logits, each with its own sampler chain (seed + i) and grammar. From then on they are ordinary
+sequences of the batch: each ends on its own, with its own stop strings and logprobs, and a cancelled
+request frees all n slots at the next step.
+
 Prefix reuse: a slot keeps the KV cache of its last request. A new request goes to the free slot whose
 cached tokens share the longest prefix with its prompt, or copies that prefix from any other sequence
 (`llama_memory_seq_cp`; with a unified KV cache the cells are shared, not copied), and only the rest of
@@ -55,6 +63,7 @@ import numpy as np
 
 from mesh.metrics import BATCH_BUCKETS, FAST_BUCKETS, Distribution
 from node_agent.engines.base import (
+    ChoiceEnd,
     Finished,
     GenerationEvent,
     InvalidInput,
@@ -82,10 +91,14 @@ LONG_PREFIX = 64
 class BatchRequest:
     prompt: list[int]
     options: SamplingOptions
-    limit: int  # most tokens to generate
+    limit: int  # most tokens to generate, per choice
     sink: Sink  # receives the request's events, on the consumers' event loop
     grammar: str | None = None  # GBNF (root rule `root`) the output is constrained to
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Kept by the decode thread, for n > 1: the choices that ended, their tokens and the first one's reason.
+    ended: int = 0
+    generated: int = 0
+    first_reason: str = "stop"
 
 
 @dataclass
@@ -97,6 +110,10 @@ class _Sequence:
     sampler: Any
     stream: TextStream
     grammar: Any = None  # llama.cpp's grammar sampler, when the request has a response_format
+    index: int = 0  # the choice (n > 1)
+    # The request's other choices, waiting in their slots for this one's prompt (n > 1, until its prefill
+    # ends); each of them has no tokens until then.
+    forks: list[_Sequence] = field(default_factory=list)
     generated: int = 0
     logits_at: int = -1  # index of this sequence's logits in the current batch, or -1
     # With logprobs: sampled tokens whose text has not been released yet (text_offset = where it starts).
@@ -108,6 +125,8 @@ class BatchStats:
     steps: int = 0
     prompt_tokens: int = 0
     reused_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    computed_prompt_tokens: int = 0  # prompt tokens llama_decode computed (in batches)
+    forked_prompt_tokens: int = 0  # prompt tokens of a choice (n > 1) whose KV was copied from the first
     generated_tokens: int = 0
     grammars: int = 0  # sequences that ran with a grammar
     grammar_checks: int = 0  # tokens sampled under a grammar
@@ -254,7 +273,8 @@ class DecodeLoop:
             self._post(functools.partial(_dispatch, events))
 
     def _admit(self) -> None:
-        while self._queue and len(self._active) < self.slots:
+        # First come, first served: a request with n choices waits at the head until n slots are free.
+        while self._queue and len(self._active) + self._queue[0].options.n <= self.slots:
             with self._wake:
                 request = self._queue.popleft()
             if request.cancelled.is_set():
@@ -264,10 +284,28 @@ class DecodeLoop:
             except Exception as exc:
                 log.exception("could not start a sequence")
                 self._emit(request, exc)
+        if self._queue and self._queue[0].options.n > self.slots:  # the engine refuses these first
+            with self._wake:
+                request = self._queue.popleft()
+            self._emit(request, InvalidInput(f"n is {request.options.n}; this model runs {self.slots} sequences", "n"))
+
+    def _samplers(self, request: BatchRequest) -> list[tuple[Any, Any]]:
+        """A sampler chain and grammar (or None) for each choice; none is left behind if one fails."""
+        made: list[tuple[Any, Any]] = []
+        try:
+            for index in range(request.options.n):
+                grammar = self._grammar(request.grammar)  # first: a grammar may be refused
+                made.append((self._sampler(request.options, index), grammar))
+        except BaseException:
+            for chain, grammar in made:
+                self._ll.llama_sampler_free(chain)
+                if grammar is not None:
+                    self._ll.llama_sampler_free(grammar)
+            raise
+        return made
 
     def _start(self, request: BatchRequest) -> None:
-        grammar = self._grammar(request.grammar)  # first: a grammar may be refused
-        sampler = self._sampler(request.options)
+        (sampler, grammar), *others = self._samplers(request)
         free = [s for s in range(self.slots) if s not in self._active]
 
         def preference(slot: int) -> tuple[int, int, int, float]:
@@ -295,7 +333,7 @@ class DecodeLoop:
         self._cached[slot] = request.prompt[:source_len]
         self.stats.prompt_tokens += len(request.prompt)
         self.stats.reused_prompt_tokens += source_len
-        self._active[slot] = _Sequence(
+        first = _Sequence(
             slot=slot,
             request=request,
             tokens=list(request.prompt),
@@ -304,6 +342,35 @@ class DecodeLoop:
             grammar=grammar,
             stream=TextStream(request.options.stops),
         )
+        self._active[slot] = first
+        self._reserve_forks(first, others)
+
+    def _reserve_forks(self, first: _Sequence, samplers: list[tuple[Any, Any]]) -> None:
+        """Take a slot for each other choice of `first`'s request now (admission counted them): it waits
+        there, with no tokens, until `first`'s prompt is computed (`_fork`). The fewest runs of consecutive
+        slots, then the least recently used; their cached prefixes are given up."""
+        for index, (chain, grammar) in enumerate(samplers, start=1):
+            free = [s for s in range(self.slots) if s not in self._active]
+            slot = max(free, key=lambda s: (-_runs([*self._active, s]), -self._last_used[s]))
+            self._cached[slot] = []
+            stream = TextStream(first.request.options.stops)
+            waiting = _Sequence(slot, first.request, [], 0, chain, stream, grammar=grammar, index=index)
+            self._active[slot] = waiting
+            first.forks.append(waiting)
+
+    def _fork(self, seq: _Sequence, index: int) -> None:
+        """`seq`'s prompt is in its KV cache and its logits at `index`: its request's other choices start
+        from there, their KV copied from its slot (the whole buffer when each sequence has its own stream,
+        which llama.cpp does at the next decode, before that step's tokens are written), and their first
+        token sampled from the same logits with their own samplers."""
+        forks, seq.forks = seq.forks, []
+        for other in forks:
+            self._ll.llama_memory_seq_rm(self._mem, other.slot, -1, -1)
+            self._ll.llama_memory_seq_cp(self._mem, seq.slot, other.slot, 0, -1)
+            other.tokens, other.n_past = list(seq.tokens), seq.n_past
+            self.stats.forked_prompt_tokens += seq.n_past
+        for other in forks:
+            self._sample(other, index)
 
     def _kv_tokens(self, slot: int) -> list[int]:
         """The tokens whose KV a slot holds now: a running sequence's so far, else its last request's."""
@@ -319,7 +386,8 @@ class DecodeLoop:
         self.stats.grammars += 1
         return sampler
 
-    def _sampler(self, options: SamplingOptions) -> Any:
+    def _sampler(self, options: SamplingOptions, index: int = 0) -> Any:
+        """The sampler chain of choice `index`: seeded with seed + index, or at random without a seed."""
         ll = self._ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         if options.repetition_penalty != 1.0 or options.frequency_penalty or options.presence_penalty:
@@ -345,7 +413,7 @@ class DecodeLoop:
         if options.min_p > 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(options.min_p, 1))
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(options.temperature))
-        seed = options.seed if options.seed is not None else ll.LLAMA_DEFAULT_SEED
+        seed = options.seed + index if options.seed is not None else ll.LLAMA_DEFAULT_SEED  # DEFAULT: random
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
@@ -359,6 +427,7 @@ class DecodeLoop:
 
         def add(seq: _Sequence, start: int, end: int) -> None:
             nonlocal n
+            self.stats.computed_prompt_tokens += max(0, min(end, len(seq.request.prompt)) - start)
             for pos in range(start, end):
                 batch.token[n] = seq.tokens[pos]
                 batch.pos[n] = pos
@@ -384,6 +453,8 @@ class DecodeLoop:
                 take = min(budget, remaining)
                 plan.append((seq, take))
                 budget -= take
+        if not plan:
+            return  # nothing to decode (not expected): llama_decode must never get an empty batch
         for seq, take in sorted(plan, key=lambda entry: entry[0].slot):
             add(seq, seq.n_past, seq.n_past + take)
         batch.n_tokens = n
@@ -464,6 +535,8 @@ class DecodeLoop:
         return token
 
     def _sample(self, seq: _Sequence, index: int) -> None:
+        if seq.forks:
+            self._fork(seq, index)
         if seq.grammar is None:
             token = self._ll.llama_sampler_sample(seq.sampler, self._ctx, index)
         else:
@@ -485,7 +558,7 @@ class DecodeLoop:
             seq.pending.append(self._logprob(index, token, options.top_logprobs, seq.stream.decoded))
         text = seq.stream.feed(self._piece_of(token))
         if text:
-            self._emit(request, TextChunk(text, self._released(seq)))
+            self._emit(request, TextChunk(text, self._released(seq), seq.index))
         if seq.stream.stopped:
             self._complete(seq, "stop")
         elif seq.generated >= request.limit:
@@ -495,13 +568,29 @@ class DecodeLoop:
         tail = seq.stream.flush()
         # Tokens of a stop string that was cut out are dropped with it; otherwise every token is reported.
         logprobs = self._released(seq, everything=not seq.stream.stopped)
+        request = seq.request
         if tail or logprobs:
-            self._emit(seq.request, TextChunk(tail, logprobs))
-        finished = Finished(reason, prompt_tokens=len(seq.request.prompt), completion_tokens=seq.generated)  # type: ignore[arg-type]
-        self._emit(seq.request, finished)
+            self._emit(request, TextChunk(tail, logprobs, seq.index))
         self._finish(seq, keep_cache=True)
+        if request.options.n == 1:
+            self._emit(request, Finished(reason, len(request.prompt), seq.generated))  # type: ignore[arg-type]
+            return
+        self._emit(request, ChoiceEnd(seq.index, reason))  # type: ignore[arg-type]
+        request.ended += 1
+        request.generated += seq.generated
+        if seq.index == 0:
+            request.first_reason = reason
+        if request.ended == request.options.n:
+            self._emit(request, Finished(request.first_reason, len(request.prompt), request.generated))  # type: ignore[arg-type]
 
     def _finish(self, seq: _Sequence, keep_cache: bool) -> None:
+        """Free the sequence's slot and samplers, and those of the choices still waiting for its prompt. Once:
+        a sequence already finished (a waiting choice of a cancelled request, say) is left alone."""
+        if self._active.get(seq.slot) is not seq:
+            return
+        for other in seq.forks:
+            self._finish(other, keep_cache=False)
+        seq.forks = []
         self._active.pop(seq.slot, None)
         self._ll.llama_sampler_free(seq.sampler)
         if seq.grammar is not None:

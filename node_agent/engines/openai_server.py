@@ -4,16 +4,18 @@ llama-server, another SGLang), or one the agent runs as a child (SGLang, a launc
 Generation streams `/v1/chat/completions` (a conversation: the server applies its own chat template)
 or `/v1/completions` (a raw prompt) over SSE and turns the chunks into the engine's events; closing the
 iterator closes the HTTP stream, which is how these servers learn to abort the request. Embeddings go
-to `/v1/embeddings`. The agent's own limits hold in front of the server: at most `slots` requests run
-upstream, the rest wait here, so the load the scheduler sees is true. `watch` health-checks the server.
-Each request carries the fleet's request id (`X-Request-Id`) and, with tracing on, the node's span as
-W3C `traceparent`, so the server's own logs and traces join the fleet's. A server that refuses ids that
-are not UUIDs (llama_cpp.server answers 400 to every such request) is found at start and gets none.
+to `/v1/embeddings`. The agent's own limits hold in front of the server: at most `slots` sequences run
+upstream (a request for n choices is n), the rest wait here in line, so the load the scheduler sees is
+true. `watch` health-checks the server. Each request carries the fleet's request id (`X-Request-Id`)
+and, with tracing on, the node's span as W3C `traceparent`, so the server's own logs and traces join the
+fleet's. A server that refuses ids that are not UUIDs (llama_cpp.server answers 400 to every such request)
+is found at start and gets none.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -27,6 +29,7 @@ import httpx
 
 from mesh import request_context, tracing
 from node_agent.engines.base import (
+    ChoiceEnd,
     ContextLengthExceeded,
     Embeddings,
     EngineError,
@@ -61,7 +64,7 @@ class OpenAIServerConfig:
     base_url: str  # http://host:port, with or without /v1
     name: str  # the model's name in fleetlm
     context_size: int = 0  # 0: as the server reports it (vLLM's max_model_len), else unknown
-    slots: int = 4  # requests sent upstream at once
+    slots: int = 4  # sequences sent upstream at once (a request for n choices is n)
     upstream_model: str = ""  # the model id the server knows; "": the name, if listed, else its first
     api_key: str = ""
     connect_timeout: float = 5.0
@@ -94,6 +97,8 @@ def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[
         body["max_tokens"] = None  # completions default to 16 tokens; fleetlm's default is the context
     if options.seed is not None:
         body["seed"] = options.seed
+    if options.n > 1:
+        body["n"] = options.n  # the server's choices come back with their index
     if options.stops:
         body["stop"] = list(options.stops)
     if options.presence_penalty:
@@ -171,6 +176,14 @@ def parse_logprobs(data: Any, offset: int) -> tuple[TokenLogprob, ...]:
     return tuple(out)
 
 
+def _choice_index(choice: dict[str, Any], n: int) -> int:
+    """A streamed choice's index, checked: a server that sends one outside 0..n-1 is broken."""
+    index = choice.get("index", 0)
+    if not isinstance(index, int) or not 0 <= index < n:
+        raise EngineUnavailable(f"the engine's server sent a choice with index {index!r} for n={n}")
+    return index
+
+
 def _error_message(reply: httpx.Response) -> str:
     try:
         data = reply.json()
@@ -208,7 +221,8 @@ class OpenAIServerEngine:
         )
         self._model = config.upstream_model or config.name
         self._context_size = config.context_size
-        self._gate = asyncio.Semaphore(config.slots)
+        # Requests waiting for sequences, first come first served: (how many, woken when they are granted).
+        self._line: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
         self._sends_ids = True  # whether requests carry X-Request-Id (`_takes_request_ids`)
         self._running = 0
         self._waiting = 0
@@ -290,26 +304,59 @@ class OpenAIServerEngine:
             "model",
         )
 
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        raise InvalidInput(
+            f"model '{self.config.name}' runs on an OpenAI-compatible server, which fleetlm cannot detokenize for",
+            "model",
+        )
+
     @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        self._waiting += 1
+    async def _slot(self, sequences: int = 1) -> AsyncIterator[None]:
+        """Run with `sequences` of the `slots` sequences the server is sent at once (a request for n choices
+        is n). Requests wait in line, first come first served, so that one for several sequences is not
+        passed over by single ones for ever."""
+        entry = (sequences, asyncio.get_running_loop().create_future())
+        self._line.append(entry)
+        self._waiting += sequences
         try:
-            await self._gate.acquire()
+            self._grant()
+            await entry[1]
+        except BaseException:
+            if entry in self._line:
+                self._line.remove(entry)  # left while waiting
+            elif not entry[1].cancelled():
+                self._running -= sequences  # granted, and cancelled before it could start
+            self._grant()
+            raise
         finally:
-            self._waiting -= 1
-        self._running += 1
+            self._waiting -= sequences
         self._heard = time.monotonic()
         try:
             yield
         finally:
-            self._running -= 1
-            self._gate.release()
+            self._running -= sequences
+            self._grant()
+
+    def _grant(self) -> None:
+        """Start the requests at the head of the line that fit in the sequences left."""
+        while self._line and self._running + self._line[0][0] <= self.config.slots:
+            sequences, granted = self._line.popleft()
+            if not granted.done():
+                self._running += sequences
+                granted.set_result(None)
 
     async def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+        """The server's stream as the engine's events. With n > 1 its choices are told apart by their
+        `index` (each with its own text offsets for logprobs), and each choice's finish_reason is a ChoiceEnd
+        as it comes; the request's Finished carries the first choice's reason and the server's usage."""
+        if options.n > self.config.slots:  # it would wait in line for ever, and hold up those behind it
+            raise InvalidInput(f"n is {options.n}; this engine runs at most {self.config.slots} sequences at once", "n")
         path, body = request_body(prompt, options, self._model)
         input_param = "prompt" if isinstance(prompt, str) else "messages"
-        chunks, finish, usage, offset = 0, "", None, 0
-        async with self._slot():
+        chunks, usage = 0, None
+        offsets: dict[int, int] = {}  # per choice: characters received so far
+        finishes: dict[int, str] = {}
+        async with self._slot(options.n):
             try:
                 async with self._client.stream(
                     "POST", f"{self._root}{path}", json=body, headers=request_headers(self._sends_ids)
@@ -329,25 +376,35 @@ class OpenAIServerEngine:
                             raise EngineUnavailable(f"the engine's server failed mid-stream: {event['error']}")
                         usage = event.get("usage") or usage
                         for choice in event.get("choices") or ():
+                            index = _choice_index(choice, options.n)
                             text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                            offset = offsets.get(index, 0)
                             logprobs = parse_logprobs(choice.get("logprobs"), offset) if options.logprobs else ()
                             if text or logprobs:
                                 chunks += 1
-                                offset += len(text)
-                                yield TextChunk(text, logprobs)
-                            if choice.get("finish_reason"):
-                                finish = "length" if choice["finish_reason"] == "length" else "stop"
+                                offsets[index] = offset + len(text)
+                                yield TextChunk(text, logprobs, index)
+                            if choice.get("finish_reason") and index not in finishes:
+                                finishes[index] = "length" if choice["finish_reason"] == "length" else "stop"
+                                if options.n > 1:
+                                    yield ChoiceEnd(index, finishes[index])  # type: ignore[arg-type]
             except httpx.HTTPError as exc:
                 raise EngineUnavailable(f"the engine's server at {self._root} failed: {exc!r}") from exc
             except ValueError as exc:
                 raise EngineUnavailable(f"the engine's server sent a chunk that is not JSON: {exc}") from exc
-        if not finish:
+        if not finishes:
             # llama_cpp.server, for one, ends a stream this way when the request fails after its 200.
             raise EngineUnavailable("the engine's server ended the stream without a finish reason (see its log)")
+        if len(finishes) < options.n:
+            # llama_cpp.server drops `n` from the request and answers with one choice.
+            raise InvalidInput(
+                f"n is {options.n}, and the engine's server returned {len(finishes)} choice(s): it does not support n",
+                "n",
+            )
         # Servers that do not report usage in streams (llama_cpp.server): one chunk is about one token.
         prompt_tokens = int(usage.get("prompt_tokens", 0)) if usage else 0
         completion_tokens = int(usage.get("completion_tokens", chunks)) if usage else chunks
-        yield Finished(finish, prompt_tokens, completion_tokens)  # type: ignore[arg-type]
+        yield Finished(finishes[0], prompt_tokens, completion_tokens)  # type: ignore[arg-type]
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
         async with self._slot():
