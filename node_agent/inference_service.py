@@ -17,19 +17,32 @@ from node_agent.engines.base import (
     ContextLengthExceeded,
     EngineError,
     Finished,
+    Function,
     InvalidInput,
     Message,
     Prompt,
     ResponseFormat,
     SamplingOptions,
     TextChunk,
+    ToolCall,
+    ToolCallChunk,
+    ToolChoice,
 )
 from node_agent.host import ModelHost
 from node_agent.request_log import Served, served
 
 log = logging.getLogger(__name__)
 
-_FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH}
+_FINISH = {
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "tool_calls": inference_pb2.FINISH_REASON_TOOL_CALLS,
+}
+_TOOL_CHOICES = {
+    inference_pb2.TOOL_CHOICE_MODE_NONE: "none",
+    inference_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
+    inference_pb2.TOOL_CHOICE_MODE_REQUIRED: "required",
+}
 
 
 def sampling_options(params: inference_pb2.SamplingParams) -> SamplingOptions:
@@ -84,8 +97,39 @@ def text_delta(chunk: TextChunk) -> inference_pb2.GenerateResponse:
     return inference_pb2.GenerateResponse(delta=delta)
 
 
+def tool_call_delta(chunk: ToolCallChunk) -> inference_pb2.GenerateResponse:
+    delta = inference_pb2.ToolCallDelta(index=chunk.index, id=chunk.id, name=chunk.name, arguments=chunk.arguments)
+    return inference_pb2.GenerateResponse(tool_call=delta)
+
+
+def _tool_call(call: ToolCall) -> inference_pb2.ToolCall:
+    return inference_pb2.ToolCall(
+        id=call.id, function=inference_pb2.FunctionCall(name=call.name, arguments=call.arguments)
+    )
+
+
+def _message(m: inference_pb2.ChatMessage) -> Message:
+    calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls)
+    return Message(m.role, m.content, calls, m.tool_call_id)
+
+
+def _tool_choice(chat: inference_pb2.ChatConversation) -> ToolChoice:
+    """The proto's tool_choice (validated): unset or unspecified is auto with tools, none without."""
+    choice = chat.tool_choice
+    which = choice.WhichOneof("choice") if chat.HasField("tool_choice") else None
+    if which == "function_name":
+        return ToolChoice("function", choice.function_name)
+    mode = _TOOL_CHOICES.get(choice.mode) if which == "mode" else None
+    return ToolChoice(mode or ("auto" if chat.tools else "none"))  # type: ignore[arg-type]
+
+
 def _chat(chat: inference_pb2.ChatConversation) -> Chat:
-    return Chat(tuple(Message(m.role, m.content) for m in chat.messages), chat.continue_final_message)
+    tools = tuple(
+        Function(t.function.name, t.function.description, t.function.parameters, t.function.strict) for t in chat.tools
+    )
+    parallel = chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else True
+    messages = tuple(_message(m) for m in chat.messages)
+    return Chat(messages, chat.continue_final_message, tools, _tool_choice(chat), parallel)
 
 
 def _prompt(request: inference_pb2.GenerateRequest) -> Prompt:
@@ -140,8 +184,11 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
                             usage=usage,
                             model=request.model,
                             node_id=self._node_id,
+                            tool_calls=[_tool_call(c) for c in event.tool_calls],
                         )
                         yield inference_pb2.GenerateResponse(result=result)
+                    elif isinstance(event, ToolCallChunk):
+                        yield tool_call_delta(event)
                     else:
                         yield text_delta(event)
             except EngineError as exc:

@@ -11,19 +11,57 @@ from typing import Literal, Protocol
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call of a function: its id (`call_...`), the function's name and its arguments as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Message:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str = ""  # a "tool" turn: the call it answers
+
+
+@dataclass(frozen=True)
+class Function:
+    """A tool the model may call. `parameters` is the JSON schema of its arguments as text ("" for none)."""
+
+    name: str
+    description: str = ""
+    parameters: str = ""
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """OpenAI's tool_choice: "none", "auto", "required", or "function" with the function's name."""
+
+    mode: Literal["none", "auto", "required", "function"] = "auto"
+    function: str = ""
 
 
 @dataclass(frozen=True)
 class Chat:
     """A conversation the engine formats with the model's chat template. With `continue_final_message`
     the last message is an assistant turn the model goes on with (no end-of-turn after its text and no
-    new generation prompt); the caller checks that its role is "assistant"."""
+    new generation prompt); the caller checks that its role is "assistant". With `tools` (and a
+    tool_choice other than "none") the model may call them: its calls come as ToolCallChunk events."""
 
     messages: tuple[Message, ...]
     continue_final_message: bool = False
+    tools: tuple[Function, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
+    parallel_tool_calls: bool = True
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model may call tools in this reply."""
+        return bool(self.tools) and self.tool_choice.mode != "none"
 
 
 @dataclass(frozen=True)
@@ -83,13 +121,25 @@ class TextChunk:
 
 
 @dataclass(frozen=True)
+class ToolCallChunk:
+    """Part of a tool call the model is writing, as OpenAI streams `delta.tool_calls`: the first chunk of a
+    call has its index, id and name; the later ones the same index and the next piece of its arguments."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
 class Finished:
-    reason: Literal["stop", "length"]
+    reason: Literal["stop", "length", "tool_calls"]
     prompt_tokens: int
     completion_tokens: int
+    tool_calls: tuple[ToolCall, ...] = ()  # every call of the reply, complete (as streamed)
 
 
-GenerationEvent = TextChunk | Finished
+GenerationEvent = TextChunk | ToolCallChunk | Finished
 # What to complete: a raw prompt, or a conversation the engine formats with the model's chat template.
 Prompt = str | Chat
 
