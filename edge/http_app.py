@@ -116,14 +116,16 @@ async def _collect(
     logprobs: list[inference_pb2.TokenLogprob] = []
     result = None
     access = access_log.current()
+    first = True
     async for event in stream:
+        if access is not None and first and not event.HasField("result"):
+            access.token()
+        first = False
         if event.HasField("delta"):
-            if access is not None and not parts:
-                access.token()
             parts.append(event.delta.text)
             logprobs.extend(event.delta.logprobs)
-        else:
-            result = event.result
+        elif event.HasField("result"):
+            result = event.result  # its tool_calls are the reply's, whole (the deltas streamed them)
     if result is None:
         raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream without a result")
     if access is not None:
@@ -264,7 +266,7 @@ class GenerationRoutes:
         if first is None:
             raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream at once")
         access = access_log.current()
-        if access is not None and first.HasField("delta"):
+        if access is not None and not first.HasField("result"):
             access.token()
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
 
@@ -278,6 +280,8 @@ class GenerationRoutes:
             while response is not None:
                 if response.HasField("delta"):
                     await event(shape.delta_event(response.delta.text, response.delta.logprobs))
+                elif response.HasField("tool_call"):
+                    await event(sse(shape.tool_call_chunk(response.tool_call)))
                 else:
                     reason = FINISH_REASONS.get(response.result.finish_reason, "stop")
                     if access is not None:

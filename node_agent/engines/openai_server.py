@@ -26,6 +26,7 @@ import httpx
 
 from mesh import request_context, tracing
 from node_agent.engines.base import (
+    Chat,
     ContextLengthExceeded,
     Embeddings,
     EngineError,
@@ -42,6 +43,7 @@ from node_agent.engines.base import (
     TokenLogprob,
     TopLogprob,
 )
+from node_agent.engines.openai_tools import ToolCallDeltas, demanded_calls, message_json, tools_json
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ log = logging.getLogger(__name__)
 _CONTEXT_WORDS = re.compile(r"context (length|window|size)|too long|maximum context", re.IGNORECASE)
 # And a response_format it refuses (vLLM and SGLang name the field, llama.cpp the schema or grammar).
 _FORMAT_WORDS = re.compile(r"response_format|json.?schema|grammar", re.IGNORECASE)
+# And tools it refuses (vLLM: "auto" tool choice requires --enable-auto-tool-choice ...).
+_TOOL_WORDS = re.compile(r"\btools?\b|tool.?choice|tool.?call|function", re.IGNORECASE)
 # llama_cpp.server answers a body its own request model refuses with a 500 carrying pydantic's error: that
 # is the request's fault, not the server's.
 _REFUSED_BODY = re.compile(r"validation error.*'loc': \('body',", re.DOTALL)
@@ -111,7 +115,8 @@ def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[
         if options.logprobs:
             body["logprobs"] = options.top_logprobs  # the completions API's form: how many alternatives
         return "/completions", body
-    body["messages"] = [{"role": m.role, "content": m.content} for m in prompt.messages]
+    body["messages"] = [message_json(m) for m in prompt.messages]
+    body.update(tools_json(prompt))
     if prompt.continue_final_message:
         # vLLM's and SGLang's extra parameters for going on with the final assistant message. A server that
         # does not know them (llama_cpp.server, OpenAI itself) ignores them and starts a new turn.
@@ -132,6 +137,12 @@ def response_format_json(response_format: ResponseFormat) -> dict[str, Any]:
         spec["description"] = response_format.description
     spec["strict"] = response_format.strict
     return {"type": "json_schema", "json_schema": spec}
+
+
+def _finish_reason(reason: str) -> str:
+    if reason in ("tool_calls", "function_call"):
+        return "tool_calls"
+    return "length" if reason == "length" else "stop"
 
 
 def request_headers(with_id: bool = True) -> dict[str, str]:
@@ -181,7 +192,7 @@ def _error_message(reply: httpx.Response) -> str:
     return str(error)
 
 
-def upstream_error(status: int, message: str, input_param: str) -> EngineError:
+def upstream_error(status: int, message: str, input_param: str, tools: bool = False) -> EngineError:
     """A server's refusal in the engine's terms: the caller's fault (400s) or the server's (the rest)."""
     message = message.split('\n\n  File "')[0]  # a server's traceback is not for the client
     text = f"the engine's server answered {status}: {message}"
@@ -190,6 +201,8 @@ def upstream_error(status: int, message: str, input_param: str) -> EngineError:
             return ContextLengthExceeded(text, input_param)
         if _FORMAT_WORDS.search(message):
             return InvalidInput(text, "response_format")  # a schema the server cannot enforce
+        if tools and _TOOL_WORDS.search(message):
+            return InvalidInput(text, "tools")  # tools, or a tool_choice, the server does not take
         return InvalidInput(text, input_param)
     return EngineUnavailable(text)
 
@@ -293,10 +306,18 @@ class OpenAIServerEngine:
             self._running -= 1
             self._gate.release()
 
-    async def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+    def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+        events = self._generate(prompt, options)
+        if isinstance(prompt, Chat) and prompt.tools and prompt.tool_choice.mode in ("required", "function"):
+            return demanded_calls(events)  # a server that ignores tool_choice is found out, not passed on
+        return events
+
+    async def _generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
         path, body = request_body(prompt, options, self._model)
         input_param = "prompt" if isinstance(prompt, str) else "messages"
+        with_tools = "tools" in body
         chunks, finish, usage, offset = 0, "", None, 0
+        calls = ToolCallDeltas()
         async with self._slot():
             try:
                 async with self._client.stream(
@@ -304,7 +325,7 @@ class OpenAIServerEngine:
                 ) as reply:
                     if reply.status_code != 200:
                         await reply.aread()
-                        raise upstream_error(reply.status_code, _error_message(reply), input_param)
+                        raise upstream_error(reply.status_code, _error_message(reply), input_param, with_tools)
                     async for line in reply.aiter_lines():
                         if not line.startswith("data:"):
                             continue
@@ -322,8 +343,11 @@ class OpenAIServerEngine:
                                 chunks += 1
                                 offset += len(text)
                                 yield TextChunk(text, logprobs)
+                            for call in calls.feed((choice.get("delta") or {}).get("tool_calls")):
+                                chunks += 1 if call.arguments else 0
+                                yield call
                             if choice.get("finish_reason"):
-                                finish = "length" if choice["finish_reason"] == "length" else "stop"
+                                finish = _finish_reason(choice["finish_reason"])
             except httpx.HTTPError as exc:
                 raise EngineUnavailable(f"the engine's server at {self._root} failed: {exc!r}") from exc
             except ValueError as exc:
@@ -334,7 +358,9 @@ class OpenAIServerEngine:
         # Servers that do not report usage in streams (llama_cpp.server): one chunk is about one token.
         prompt_tokens = int(usage.get("prompt_tokens", 0)) if usage else 0
         completion_tokens = int(usage.get("completion_tokens", chunks)) if usage else chunks
-        yield Finished(finish, prompt_tokens, completion_tokens)  # type: ignore[arg-type]
+        if finish == "stop" and calls.calls:
+            finish = "tool_calls"  # a server that says "stop" after calls (llama_cpp.server's named choice)
+        yield Finished(finish, prompt_tokens, completion_tokens, calls.calls)  # type: ignore[arg-type]
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
         async with self._slot():
