@@ -68,8 +68,11 @@ main()
 
 
 def engine_server(port: int, directory: Path, name: str = "engine-server", any_id: bool = True) -> Proc:
+    # --interrupt_requests False: by default llama_cpp.server ends a stream when any other request comes in,
+    # the node's health check (/v1/models every 5 s) included, and a test's request that meets one fails.
     argv = [sys.executable, "-c", ENGINE_WRAPPER, "--model", str(default_model_path()), "--port", str(port),
-            "--n_threads", "1", "--n_ctx", "1024", "--model_alias", "smollm2"]  # fmt: skip
+            "--n_threads", "1", "--n_ctx", "1024", "--model_alias", "smollm2",
+            "--interrupt_requests", "False"]  # fmt: skip
     proc = Proc(name, argv, directory, env={"ACCEPT_ANY_ID": "1"} if any_id else None)
     # 120 s: loading the model in a fresh process on a busy 2-core machine
     wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200, 120,
