@@ -89,6 +89,15 @@ def check_calls(events: list[GenerationEvent]) -> None:
         assert "".join(c.arguments for c in mine) == call.arguments
 
 
+async def test_smollm2_s_template_has_no_tool_format_so_the_generic_one_is_injected(engine: LlamaCppEngine) -> None:
+    assert not engine._native_tools
+    rendered = engine._render_chat(Chat(ASK, tools=TOOLS))
+    assert rendered.startswith("<|im_start|>system\n# Tools\n")  # a system message added for the section
+    assert '<tool_call>\n{"name": "<function name>", "arguments": <the arguments, a JSON object>}' in rendered
+    assert json.dumps({"type": "function", "function": {"name": "get_time", "description": TOOLS[1].description,
+                                                        "parameters": TIMEZONE}}) in rendered  # fmt: skip
+
+
 async def test_required_calls_validate_against_their_schemas(engine: LlamaCppEngine) -> None:
     chat = Chat(ASK, tools=TOOLS, tool_choice=ToolChoice("required"), parallel_tool_calls=False)
     options = [SamplingOptions(max_tokens=200, temperature=1.0, seed=s) for s in range(8)]

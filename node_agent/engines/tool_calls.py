@@ -36,6 +36,9 @@ from node_agent.engines.llamacpp_batch import Trigger
 from node_agent.engines.tool_call_stream import CLOSE, OPEN
 
 RESULT_OPEN, RESULT_CLOSE = "<tool_response>", "</tool_response>"
+# The section does not name <tool_response>: with it there, SmolLM2 went on `<tool_` with `response>` far more
+# often than with `call>` (asked to repeat a call's block, it called in 3 of 16 replies at temperature 0.5 and
+# 0 of 16 at 1.0 with the sentence; in 4 of 8 at 0.7 without). Results show their wrapper where they appear.
 SECTION = """# Tools
 
 You can call functions to help you answer. Each function is described by a JSON object, one a line:
