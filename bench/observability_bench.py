@@ -12,6 +12,11 @@ SmolLM2 on llama.cpp, one edge), idle but for the row being measured:
 Each round measures the four in turn (rows interleaved, medians over the rounds): time to first token of
 40 short streamed requests one at a time, and 8 concurrent streams of `--tokens` tokens (aggregate
 tokens/s). The issue's aim: >= 0.98x throughput and <= +0.2 ms to the first token with both on.
+
+Latencies on a 2-core machine that also runs the engine move by a millisecond from run to run; what the
+hooks cost is also read off directly: the CPU time the edge and the node spend per short request (their
+processes' user + system time over 200 more requests, the scrapes' own cost included, one a second as
+Prometheus would), which no other fleet's noise reaches.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import psutil
 
 from bench.auth_bench import MODEL, measure, stream
 from launcher.default_model import default_model_path
@@ -34,6 +40,21 @@ from tests.test_tracing import OtlpReceiver
 # "off again" is a second fleet like the first: the difference between the two is what two fleets differ by
 # with nothing changed (the noise floor of the comparison).
 ROWS = ("off", "off again", "metrics", "metrics + tracing")
+
+
+def cpu_seconds(cluster: Cluster, prefix: str) -> float:
+    """User + system CPU seconds of the cluster's process whose name starts with `prefix` (edge, node)."""
+    proc = next(p for p in cluster.procs if p.name.startswith(prefix))
+    times = psutil.Process(proc.popen.pid).cpu_times()
+    return times.user + times.system
+
+
+async def cpu_per_request(client: httpx.AsyncClient, cluster: Cluster, url: str, n: int = 200) -> dict[str, float]:
+    """Milliseconds of edge and node CPU per short streamed request (n of them, one at a time)."""
+    before = {part: cpu_seconds(cluster, part) for part in ("edge", "node")}
+    for _ in range(n):
+        await stream(client, url, "", 4)
+    return {f"{part}_cpu": (cpu_seconds(cluster, part) - before[part]) * 1000 / n for part in before}
 
 
 def start_fleet(work: Path, name: str, path: Path, receiver: OtlpReceiver) -> tuple[Cluster, str, list[str]]:
@@ -78,10 +99,12 @@ async def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             urls: dict[str, str] = {}
+            fleets: dict[str, Cluster] = {}
             scraped: list[str] = []
             for name in ROWS:
                 cluster, urls[name], metrics = start_fleet(Path(tmp), name, path, receiver)
                 clusters.append(cluster)
+                fleets[name] = cluster
                 scraped += metrics
             scraper = threading.Thread(target=scrape_every_second, args=(scraped, stop), daemon=True)
             scraper.start()
@@ -91,7 +114,9 @@ async def main() -> None:
                     await stream(client, url, "", 8)  # warm-up
                 for round_ in range(args.rounds):
                     for name in ROWS:
-                        results[name].append(await measure(client, urls[name], "", args.tokens))
+                        row = await measure(client, urls[name], "", args.tokens)
+                        row |= await cpu_per_request(client, fleets[name], urls[name])
+                        results[name].append(row)
                     print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
     finally:
         stop.set()
@@ -102,10 +127,11 @@ async def main() -> None:
     base = table["off"]
     print(f"\nSmolLM2-135M Q4_1, 2 threads, one node per fleet; medians of {args.rounds} rounds")
     print(f"spans received by the OTLP receiver: {len(receiver.spans)}\n")
-    print(f"{'':<20}{'TTFT p50 ms':>12}{'8 streams tok/s':>17}{'TTFT vs off':>13}{'tok/s vs off':>14}")
+    print(f"{'':<20}{'TTFT p50 ms':>12}{'8 streams tok/s':>17}{'TTFT vs off':>13}{'tok/s vs off':>14}"
+          f"{'edge CPU ms/req':>17}{'node CPU ms/req':>17}")  # fmt: skip
     for name, row in table.items():
         print(f"{name:<20}{row['ttft']:>12.2f}{row['agg']:>17.1f}{row['ttft'] - base['ttft']:>+11.2f}ms"
-              f"{row['agg'] / base['agg']:>13.3f}x")  # fmt: skip
+              f"{row['agg'] / base['agg']:>13.3f}x{row['edge_cpu']:>17.2f}{row['node_cpu']:>17.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

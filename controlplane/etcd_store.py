@@ -18,7 +18,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from controlplane.metrics import etcd_call
-from controlplane.store import KINDS, PREFIXES, Fence, FencedOut, Holder, StoreEvent, record_key
+from controlplane.store import KINDS, PREFIXES, Fence, FencedOut, Holder, LeaseNotFound, StoreEvent, record_key
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,13 @@ class EtcdStore:
         key = f"{self._dir(kind)}{record_key(kind, message)}".encode()
         value = json_format.MessageToJson(message, indent=None).encode()
         if fence is None:
-            with etcd_call("put"):
-                await self._client.put(key, value, lease=lease_id or None)
+            try:
+                with etcd_call("put"):
+                    await self._client.put(key, value, lease=lease_id or None)
+            except aetcd.exceptions.ClientError as exc:
+                if lease_id and "lease not found" in str(exc):
+                    raise LeaseNotFound(f"lease {lease_id:x} not found") from None
+                raise
             return
         await self._fenced(fence, self._client.transactions.put(key, value, lease=lease_id or None))
 

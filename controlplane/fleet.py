@@ -18,6 +18,15 @@ knows it, not only the one it heartbeats to. A control plane the node cannot rea
 predates the stream, which reports to one control plane only) leaves the figures of the node's last durable
 change, which is acceptable: load is a hint for routing and idle unload, not a decision's input that must
 agree everywhere; `LoadBoard.fresh` says which it is.
+
+A lease that lapses while its node is still heard is not the node leaving. When etcd is frozen (or the
+control planes cannot reach it) no lease can be renewed, and when it answers again it expires every lease
+whose TTL went by meanwhile: every node's record goes at once, although every node is serving and reporting
+its load here. Taking that for the nodes leaving would empty the routing table and make the reconciler move
+every replica. So a node whose record is deleted while its load stream is open here and reported within
+half the TTL is kept in the view as it was (`lapsed`), for one TTL, in which its next heartbeat is told to
+register again (LEASE_EXPIRED) and does, with the same replicas. A node that deregistered, whose stream
+ended (a stopped or killed agent), or that was not heard lately (cut off) leaves at once, as before.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ class NodeLoad:
     ram_free_bytes: int
     reported_at: timestamp_pb2.Timestamp
     received: float  # time.monotonic() here
+    streaming: bool = False  # whether a load stream from the node is open here now
 
 
 class LoadBoard:
@@ -74,6 +84,7 @@ class LoadBoard:
 
     def __init__(self, max_age_seconds: float = 10.0) -> None:
         self._nodes: dict[str, NodeLoad] = {}
+        self._streaming: set[str] = set()  # nodes with a load stream open here (kept by the registry)
         self.max_age_seconds = max_age_seconds
 
     def report(
@@ -84,7 +95,28 @@ class LoadBoard:
         reported_at: timestamp_pb2.Timestamp,
     ) -> None:
         by_replica = {(r.model.name, r.assigned): r for r in replicas}
-        self._nodes[node_id] = NodeLoad(by_replica, ram_free_bytes, reported_at, time.monotonic())
+        streaming = node_id in self._streaming
+        self._nodes[node_id] = NodeLoad(by_replica, ram_free_bytes, reported_at, time.monotonic(), streaming)
+
+    def stream_opened(self, node_id: str) -> None:
+        self._streaming.add(node_id)
+
+    def stream_closed(self, node_id: str) -> None:
+        """The node's last load stream here ended: its reports are no longer a sign that it is alive."""
+        self._streaming.discard(node_id)
+        load = self._nodes.get(node_id)
+        if load is not None:
+            load.streaming = False
+
+    def alive(self, node_id: str, within_seconds: float) -> bool:
+        """Whether the node is heard now: its load stream is open here and reported within `within_seconds`."""
+        load = self._nodes.get(node_id)
+        return (
+            load is not None
+            and load.streaming
+            and node_id in self._streaming
+            and time.monotonic() - load.received <= within_seconds
+        )
 
     def fresh(self, node_id: str) -> bool:
         """Whether this control plane heard the node's load within max_age_seconds. A decision that must
@@ -150,6 +182,10 @@ class FleetView:
         # Told of a node whose load alone changed, with a "node" event carrying its record as the view now
         # holds it. Not woken by durable changes: those reach `listeners`.
         self.load_listeners: list[Callable[[StoreEvent], None]] = []
+        # Nodes whose lease lapsed while they were still heard (see the module's docstring): node id ->
+        # time.monotonic() by which they must have registered again, else they leave the view.
+        self.lapsed: dict[str, float] = {}
+        self._departing: set[str] = set()  # nodes that deregistered here: their record's deletion is a leave
 
     @property
     def nodes(self) -> dict[str, node_pb2.Node]:
@@ -181,13 +217,41 @@ class FleetView:
         }
         # The records in etcd carry the load of their last durable change: lay the reported load over them.
         records["node"] = {key: self.load.overlay(node) for key, node in records["node"].items()}
+        for node_id in list(self.lapsed):  # still waiting for these to register again: keep them
+            if node_id in records["node"]:
+                del self.lapsed[node_id]
+            elif node_id in self.nodes:
+                records["node"][node_id] = self.nodes[node_id]
         self.load.retain(records["node"])
         self.records = records
         self.synced.set()
         await self._notify(None)
 
+    def departing(self, node_id: str) -> None:
+        """The node deregistered: the deletion of its record that follows is the node leaving."""
+        self._departing.add(node_id)
+
+    def _lapses(self, node_id: str) -> bool:
+        """Whether the deletion of this node's record is a lapsed lease (the node is heard now), not a leave."""
+        if node_id in self._departing or node_id not in self.nodes:
+            return False
+        return self.load.alive(node_id, self.load.max_age_seconds / 2)
+
     async def apply(self, event: StoreEvent) -> None:
         table = self.records[event.kind]
+        if event.kind == "node":
+            if event.value is None and self._lapses(event.key):
+                self.lapsed[event.key] = time.monotonic() + self.load.max_age_seconds
+                log.warning(
+                    "node %s's lease lapsed while it is still reporting; keeping it for %gs to register again",
+                    event.key,
+                    self.load.max_age_seconds,
+                )
+                async with self._changed:  # waiters see the lapse; listeners see no change: the node stays
+                    self._changed.notify_all()
+                return
+            self.lapsed.pop(event.key, None)
+            self._departing.discard(event.key)
         if event.value is None:
             if event.kind == "node":
                 self.load.forget(event.key)
@@ -271,7 +335,21 @@ class FleetView:
 
     async def run(self) -> None:
         """Follow the store until cancelled: watch, and resync in full on a timer and after errors."""
-        await asyncio.gather(self._follow(), self._resync_periodically())
+        await asyncio.gather(self._follow(), self._resync_periodically(), self._expire_lapsed())
+
+    async def expire_lapsed(self) -> None:
+        """Let go of the lapsed nodes that did not register again in time, or whose stream has ended."""
+        now = time.monotonic()
+        for node_id, deadline in list(self.lapsed.items()):
+            if now >= deadline or not self.load.alive(node_id, self.load.max_age_seconds):
+                log.warning("node %s did not register again after its lease lapsed; it has left", node_id)
+                self._departing.add(node_id)  # so that apply takes the deletion as a leave
+                await self.apply(StoreEvent("node", node_id, None))
+
+    async def _expire_lapsed(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            await self.expire_lapsed()
 
     async def _follow(self) -> None:
         backoff = 0.5

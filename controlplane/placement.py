@@ -312,7 +312,13 @@ def _place(spec: node_pb2.ModelSpec, snapshots: list[NodeSnapshot], policy: Plac
         return _verdict(need, best[2], policy, best[3])
     verdicts = evaluate(spec, snapshots, policy)
     if not verdicts:
-        raise FleetError(ErrorCode.NO_CAPACITY, f"model '{spec.name}' cannot be placed: no live nodes")
+        # Not a busy fleet (429) but one that cannot serve now: no node is registered (none started yet, or
+        # every lease lapsed at once and the nodes are registering again). A 503 that says when to retry.
+        raise FleetError(
+            ErrorCode.MODEL_UNAVAILABLE,
+            f"model '{spec.name}' cannot be placed: no live nodes",
+            retry_after_seconds=1,
+        )
     reasons = "; ".join(f"{v.node_id}: {v.reason}" for v in verdicts)
     code = ErrorCode.FORMAT_NOT_SUPPORTED if all(v.category == "format" for v in verdicts) else ErrorCode.NO_CAPACITY
     raise FleetError(code, f"model '{spec.name}' fits on no node ({reasons})", retry_after_seconds=10)

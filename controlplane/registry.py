@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 
 from controlplane.fleet import FleetView, durable_key
 from controlplane.join import NodeIdentities
-from controlplane.store import ClusterStore, StoreEvent
+from controlplane.store import ClusterStore, LeaseNotFound, StoreEvent
 from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
 from mesh.errors import ErrorCode, FleetError, invalid
 from mesh.fleet_ca import identity_uri
@@ -220,7 +220,11 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         updated.last_heartbeat_at.CopyFrom(now)
         key = durable_key(updated)
         if key != self._written.get(request.node_id) or key != durable_key(node):
-            await self._store.put("node", updated, request.lease_id)
+            try:
+                await self._store.put("node", updated, request.lease_id)
+            except LeaseNotFound:  # revoked since its last renewal here (within TTL/4)
+                self._forget_lease(request.node_id, request.lease_id)
+                raise expired from None
             self._written[request.node_id] = key
         return registry_pb2.HeartbeatResponse(load_streamed=streamed)
 
@@ -238,6 +242,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
                     await self._as_node(context, report.node_id)
                     node_id = report.node_id
                     self._streams[node_id] += 1
+                    self._fleet.load.stream_opened(node_id)
                 elif report.node_id != node_id:
                     raise invalid(
                         "node_id", f"a load stream carries one node's reports: {node_id}, not {report.node_id}"
@@ -268,6 +273,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
                 self._streams[node_id] -= 1
                 if self._streams[node_id] <= 0:
                     del self._streams[node_id]
+                    self._fleet.load.stream_closed(node_id)
         return registry_pb2.ReportLoadResponse()
 
     async def _registered_under(self, node_id: str, lease_id: int) -> bool:
@@ -284,6 +290,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         self, request: registry_pb2.DeregisterNodeRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.DeregisterNodeResponse:
         await self._as_node(context, request.node_id)
+        self._fleet.departing(request.node_id)  # the deletion of its record is the node leaving, not a lapse
         await self._store.revoke_lease(request.lease_id)
         self._forget(request.node_id)
         log.info("node %s deregistered", request.node_id)

@@ -37,6 +37,7 @@ def node_routes(node: node_pb2.Node, draining: bool) -> routing_pb2.NodeRoutes:
                 running_requests=r.running_requests,
                 queued_requests=r.queued_requests,
                 capacity=routing.capacity(r.model),
+                load_progress=r.load_progress if r.HasField("load_progress") else None,
             )
             for r in node.replicas
         ],

@@ -2,13 +2,49 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import grpc
 
 from controlplane.route_publisher import RoutePublisher
-from controlplane.router import Router
+from controlplane.router import Route, Router
 from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
+from mesh import request_context, tracing
+from mesh.errors import FleetError
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _picking(model: str, metadata: Any) -> Iterator[dict[str, Any]]:
+    """One PickReplica as the control plane serves it: the request's id bound (the edge sends it, so every
+    line logged meanwhile, a placement included, carries it) and, with tracing on, a span that is a child of
+    the edge's request span. Yields the span's attributes, for the caller to add the outcome to."""
+    pairs = tuple(metadata or ())
+    request_id = request_context.from_metadata(pairs)
+    attributes: dict[str, Any] = {"gen_ai.request.model": model}
+    with request_context.bound(request_id) if request_id else contextlib.nullcontext():
+        if tracing.TRACER is None:
+            yield attributes
+            return
+        from opentelemetry.trace import Status, StatusCode, use_span
+
+        if request_id:
+            attributes["fleetlm.request_id"] = request_id
+        span = tracing.start_span(f"PickReplica {model}", tracing.carrier_from(pairs), attributes)
+        try:
+            with use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+                yield attributes
+        except FleetError as error:
+            span.set_attribute("error.type", str(error.code))
+            span.set_status(Status(StatusCode.ERROR, error.message))
+            raise
+        finally:
+            span.set_attributes(attributes)
+            span.end()
 
 
 class RoutingService(routing_pb2_grpc.RoutingServiceServicer):
@@ -31,7 +67,9 @@ class RoutingService(routing_pb2_grpc.RoutingServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             wait = min(wait, remaining)
-        route = await self._router.route(request.model, request.user, request.prefix_hash, wait)
+        with _picking(request.model, context.invocation_metadata()) as attributes:
+            route: Route = await self._router.route(request.model, request.user, request.prefix_hash, wait)
+            attributes["fleetlm.node.id"] = route.replicas[0].node_id
         best, *others = route.replicas
         return routing_pb2.PickReplicaResponse(
             node_id=best.node_id,

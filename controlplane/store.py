@@ -65,6 +65,10 @@ class FencedOut(Exception):
     expired, someone else leads). Nothing was written."""
 
 
+class LeaseNotFound(Exception):
+    """A write under a lease that no longer exists (it expired or was revoked). Nothing was written."""
+
+
 @dataclass(frozen=True)
 class Holder:
     """Who holds an election key: the value the winner wrote (its address) and the key's create revision."""

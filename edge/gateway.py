@@ -21,6 +21,7 @@ mid-stream, are `edge.generation`'s, over this attempt loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 import random
@@ -38,6 +39,7 @@ from edge.route_feed import RouteFeed
 from edge.route_table import Replica
 from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from mesh import request_context
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError
 from mesh.fleet_ca import node_dns_name
@@ -52,6 +54,15 @@ OVERLOADED = {ErrorCode.GPU_OVERLOADED, ErrorCode.NO_CAPACITY}
 HEALING = {ErrorCode.BACKEND_UNAVAILABLE, ErrorCode.MODEL_UNAVAILABLE, ErrorCode.MODEL_NOT_FOUND}
 RETRYABLE = OVERLOADED | HEALING
 PREFIX_CHARS = 256  # about 64 tokens: shorter shared prefixes are not worth routing for
+# Set by a transport that can show a waiting client how the wait goes (a streamed HTTP request: SSE comments):
+# while a request waits for its model to scale from zero, it is called with a line saying where the load is
+# (placing, loading on which node and how far, failed and retried), once it has waited WAIT_FIRST_NOTE_SECONDS,
+# then at each change and every WAIT_NOTE_SECONDS. Not set: the request waits silently.
+WAIT_NOTES: contextvars.ContextVar[Callable[[str], Awaitable[None]] | None] = contextvars.ContextVar(
+    "fleetlm_wait_notes", default=None
+)
+WAIT_NOTE_SECONDS = 5.0
+WAIT_FIRST_NOTE_SECONDS = 1.0
 
 T = TypeVar("T")
 
@@ -229,13 +240,16 @@ class Gateway:
         return ([probe] if probe is not None else []) + usable, probe.address if probe is not None else ""
 
     async def _ask_controlplane(self, method: str, request: Any, timeout: float) -> Any:
-        """Call the control plane, trying each address in turn while they are unreachable."""
+        """Call the control plane, trying each address in turn while they are unreachable. The call carries
+        the request's id and trace context, as a node call does."""
         error: grpc.aio.AioRpcError | None = None
+        request_id = request_context.REQUEST_ID.get()
+        metadata = outgoing(request_id) if request_id else None
         for i in range(len(self._cp_channels)):
             turn = (self._cp_turn + i) % len(self._cp_channels)
             stub = routing_pb2_grpc.RoutingServiceStub(self._cp_channels[turn])
             try:
-                reply = await getattr(stub, method)(request, timeout=timeout)
+                reply = await getattr(stub, method)(request, timeout=timeout, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
                     raise self._control_plane_error(exc) from exc
@@ -316,10 +330,14 @@ class Gateway:
     async def _pick_from_controlplane(self, model: str, user: str, prefix: str) -> Route:
         request = routing_pb2.PickReplicaRequest(model=model, user=user, prefix_hash=prefix)
         request.wait_for_ready.FromNanoseconds(int(self._scale_from_zero_timeout * 1e9))
+        ask = self._ask_controlplane("PickReplica", request, self._placement_timeout + self._scale_from_zero_timeout)
+        notes = WAIT_NOTES.get()
+        known = self.feed.models.get(model)
         try:
-            reply: routing_pb2.PickReplicaResponse = await self._ask_controlplane(
-                "PickReplica", request, self._placement_timeout + self._scale_from_zero_timeout
-            )
+            if notes is not None and known is not None and known.deployed:
+                reply: routing_pb2.PickReplicaResponse = await self._noting_the_wait(model, ask, notes)
+            else:
+                reply = await ask
         except FleetError as error:
             # With no control plane to ask, a model the table does not know is unknown.
             unknown = self.feed.synced.is_set() and model not in self.feed.models
@@ -337,6 +355,47 @@ class Gateway:
             cpu_offload_model=reply.cpu_offload_model,
             device=reply.device or "cpu",
         )
+
+    async def _noting_the_wait(self, model: str, ask: Awaitable[T], note: Callable[[str], Awaitable[None]]) -> T:
+        """`ask`'s answer; meanwhile `note` hears where the model's load is, from this edge's routing table,
+        at each change and every WAIT_NOTE_SECONDS."""
+        asking = asyncio.ensure_future(ask)
+        try:
+            # Quiet for the first moment: a request refused at once (a deployment that fits nowhere) stays a
+            # plain HTTP error, and one whose replica is nearly ready needs no news.
+            await asyncio.wait([asking], timeout=WAIT_FIRST_NOTE_SECONDS)
+            loop = asyncio.get_running_loop()
+            said, said_at = "", 0.0
+            while not asking.done():
+                changed = asyncio.ensure_future(self.feed.changed().wait())
+                try:
+                    line = self._wait_note(model)
+                    if line != said or loop.time() - said_at >= WAIT_NOTE_SECONDS:  # news, or a keepalive
+                        await note(line)
+                        said, said_at = line, loop.time()
+                    await asyncio.wait(
+                        [asking, changed], timeout=WAIT_NOTE_SECONDS, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    changed.cancel()
+            return asking.result()
+        finally:
+            asking.cancel()
+
+    def _wait_note(self, model: str) -> str:
+        """One line on where a model that scales from zero is, from the routing table."""
+        replicas = self.feed.table.replicas(model)
+        if not replicas:
+            return f"waiting for a replica of {model} to be placed"
+        parts = []
+        for r in replicas:
+            where = f"{model} on {r.node_id}: {r.state}"
+            if r.state == "loading" and r.load_progress is not None:
+                where += f" {r.load_progress:.0%}"
+            elif r.error:
+                where += f" ({r.error})"
+            parts.append(where)
+        return "; ".join(parts)
 
     def _table_entry(self, model: str, node_id: str) -> Replica | None:
         return next((r for r in self.feed.table.replicas(model) if r.node_id == node_id), None)

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge import access_log, auth
-from edge.gateway import Gateway
+from edge.gateway import WAIT_NOTES, Gateway
 from edge.http_limits import HttpLimits, RequestLimits, RequestRefused
 from edge.openai_protocol import (
     FINISH_REASONS,
@@ -261,19 +261,32 @@ class GenerationRoutes:
         include_usage: bool,
     ) -> None:
         # The first event comes before the response starts, so that errors before any output are plain
-        # HTTP errors; after that an error is one `data:` event, then `data: [DONE]`.
-        first = await anext(stream, None)
-        if first is None:
-            raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream at once")
-        access = access_log.current()
-        if access is not None and not first.HasField("result"):
-            access.token()
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        # HTTP errors; after that an error is one `data:` event, then `data: [DONE]`. One exception: a
+        # request that waits for its model to scale from zero hears how the load goes (SSE comments, which
+        # clients skip), so its response starts with the first of them.
+        started = False
 
         async def event(data: bytes) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
+        async def note(line: str) -> None:
+            await event(b": fleetlm: " + " ".join(line.split()).encode() + b"\n\n")
+
+        access = access_log.current()
         try:
+            waiting = WAIT_NOTES.set(note)
+            try:
+                first = await anext(stream, None)
+            finally:
+                WAIT_NOTES.reset(waiting)
+            if first is None:
+                raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream at once")
+            if access is not None and not first.HasField("result"):  # text or a tool call
+                access.token()
             if shape.chat:
                 await event(sse(shape.chunk(None, first=True)))
             response: inference_pb2.GenerateResponse | None = first
@@ -292,9 +305,13 @@ class GenerationRoutes:
                         await event(sse(shape.usage_chunk(response.result.usage)))
                 response = await anext(stream, None)
         except FleetError as error:
+            if not started:
+                raise  # a plain HTTP error
             _note_error(error)  # the status stays 200: the error is an event of the stream
             await event(sse(error.openai_body()))
         except Exception:
+            if not started:
+                raise
             # Not one of ours (a bug, a failure nobody classified): the client still gets an error in
             # OpenAI's shape and the end of the stream, never a stream that just stops.
             request_id = request_context.REQUEST_ID.get()

@@ -46,6 +46,7 @@ def replicas_of(node: routing_pb2.NodeRoutes) -> list[Replica]:
             capacity=max(1, r.capacity),
             reported=r.running_requests + r.queued_requests,
             draining=node.draining,
+            load_progress=r.load_progress if r.HasField("load_progress") else None,
         )
         for r in node.replicas
     ]
@@ -69,6 +70,7 @@ class RouteFeed:
         self._silence = 3 * keepalive_seconds
         self._heard_at = 0.0  # monotonic time of the last message, 0 before the first
         self.connected = False
+        self._changed = asyncio.Event()  # set (and replaced) by every update: see `changed`
 
     # --- state for callers -------------------------------------------------------------------------------
 
@@ -91,6 +93,10 @@ class RouteFeed:
         age = time.monotonic() - self._heard_at
         return None if self.connected and age < self._silence else age
 
+    def changed(self) -> asyncio.Event:
+        """An event set by the next update of the table (for a caller that follows a replica's progress)."""
+        return self._changed
+
     def model_infos(self) -> list[inference_pb2.ModelInfo]:
         return [self.models[name].info for name in sorted(self.models)]
 
@@ -98,6 +104,9 @@ class RouteFeed:
 
     def apply(self, update: routing_pb2.WatchRoutesResponse) -> None:
         self._heard_at = time.monotonic()
+        if update.nodes or update.removed_node_ids or update.models or update.removed_models or update.snapshot:
+            self._changed.set()
+            self._changed = asyncio.Event()
         if update.snapshot:
             self.table.replace({n.node_id: replicas_of(n) for n in update.nodes})
             self.models = {m.info.name: m for m in update.models}

@@ -56,6 +56,7 @@ class Replica:
     draining: bool = False
     own: int = 0  # requests the caller counts against it now (see the load estimate)
     own_at_report: int = 0  # `own` when the report was taken in
+    load_progress: float | None = None  # while loading, the fraction loaded, when the engine can tell
 
     @property
     def load(self) -> int:

@@ -101,13 +101,13 @@ class ControlPlane:
 
 
 @contextlib.asynccontextmanager
-async def control_plane(etcd_url: str) -> AsyncIterator[ControlPlane]:
+async def control_plane(etcd_url: str, lease_ttl: int = 60) -> AsyncIterator[ControlPlane]:
     store = EtcdStore(etcd_url, f"/router-test-{uuid.uuid4().hex[:8]}")  # a fresh cluster state per test
     await store.connect()
     fleet = FleetView(store)
     reconciler = Reconciler(store, fleet, PlacementPolicy(), interval_seconds=0.5)
     router = Router(fleet, reconciler)
-    registry = NodeRegistry(store, fleet, lease_ttl_seconds=60)
+    registry = NodeRegistry(store, fleet, lease_ttl_seconds=lease_ttl)
     try:
         async with asyncio.TaskGroup() as tasks:
             running = [
@@ -269,3 +269,143 @@ async def test_assignments_are_resent_on_a_fixed_period_however_busy_the_fleet_i
             await asyncio.gather(reader, return_exceptions=True)
             await stream.aclose()
         assert received >= 2, f"resent {received} times in 2.5 s with a 0.5 s period"
+
+
+class LoadStream:
+    """What a live agent sends: a ReportLoad stream into the registry, reporting every 0.2 s (as under load),
+    and a heartbeat every second with the replicas the view holds for it, until closed."""
+
+    def __init__(self, cp: ControlPlane, node_id: str) -> None:
+        self._closed = asyncio.Event()
+        self.paused = False  # the stream stays open, but nothing comes through (a node cut off)
+        self._cp, self._node_id = cp, node_id
+        self.task = asyncio.create_task(cp.registry.ReportLoad(self._reports(), None))  # type: ignore[arg-type]
+        self.heartbeats = asyncio.create_task(self._heartbeats())
+
+    async def _reports(self) -> AsyncIterator[registry_pb2.ReportLoadRequest]:
+        while not self._closed.is_set():
+            if not self.paused:
+                yield registry_pb2.ReportLoadRequest(node_id=self._node_id, lease_id=self._cp.leases[self._node_id])
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await self._closed.wait()
+
+    async def _heartbeats(self) -> None:
+        while not self._closed.is_set():
+            node = self._cp.fleet.nodes.get(self._node_id)
+            if not self.paused and node is not None:
+                request = registry_pb2.HeartbeatRequest(
+                    node_id=self._node_id, lease_id=self._cp.leases[self._node_id], replicas=node.replicas
+                )
+                with contextlib.suppress(FleetError):  # LEASE_EXPIRED once the test has revoked it
+                    await self._cp.registry.Heartbeat(request, None)  # type: ignore[arg-type]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._closed.wait()
+
+    def stop_heartbeats(self) -> None:
+        self.heartbeats.cancel()
+
+    async def close(self) -> None:
+        self._closed.set()
+        self.heartbeats.cancel()
+        await asyncio.gather(self.task, self.heartbeats, return_exceptions=True)
+
+
+async def poll(predicate: Any, what: str) -> None:
+    """Wait for a predicate on what the view does not announce (load): checked every 50 ms."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE
+    while not predicate():
+        assert loop.time() < deadline, f"never saw {what}"
+        await asyncio.sleep(0.05)
+
+
+LAPSE_TTL = 4  # lease TTL of the lapse tests: a node heard within 2 s is kept for 4 s after its lease goes
+
+
+async def test_a_node_whose_lease_lapses_while_it_reports_stays_in_the_fleet_until_it_registers_again(
+    etcd_url: str,
+) -> None:
+    # etcd frozen past the TTL (or the control plane unable to reach it) expires every lease when it comes
+    # back, while every node is serving and streaming its load: that is not the nodes leaving. Before, the
+    # view dropped them all, the routing table emptied (requests: 'no live nodes') and the reconciler
+    # unassigned every replica.
+    async with control_plane(etcd_url, lease_ttl=LAPSE_TTL) as cp:
+        await cp.add_node("n1")
+        await cp.deploy(max_replicas=1)
+        await cp.reconciler.ensure_one(MODEL)
+        await cp.settle(cp.assigned_nodes, "a replica placed")
+        await cp.report("n1", READY)
+        stream = LoadStream(cp, "n1")
+        try:
+            await poll(lambda: cp.fleet.load.alive("n1", 1.0), "n1's load stream")
+            removed: list[str] = []
+            cp.fleet.listeners.append(
+                lambda e: removed.append(e.key) if e is not None and e.kind == "node" and e.value is None else None
+            )
+            stream.stop_heartbeats()  # the lease can no longer be renewed (etcd frozen)...
+            await cp.fleet._store.revoke_lease(cp.leases["n1"])  # ...and etcd expires it when it answers again
+            await poll(lambda: "n1" in cp.fleet.lapsed, "n1's lapsed lease")
+            await cp.reconciler.reconcile()
+            assert "n1" in cp.fleet.nodes and cp.assigned_nodes() == ["n1"] and removed == []
+            assert [r.node_id for r in (await cp.router.route(MODEL)).replicas] == ["n1"]
+            # Its next heartbeat is told that its lease is gone; it registers again with its replica.
+            with pytest.raises(FleetError) as expired:
+                await cp.registry.Heartbeat(
+                    registry_pb2.HeartbeatRequest(node_id="n1", lease_id=cp.leases["n1"]),
+                    None,  # type: ignore[arg-type]
+                )
+            assert expired.value.code == ErrorCode.LEASE_EXPIRED
+            old_lease = cp.leases["n1"]
+            await cp.add_node("n1")
+            await cp.settle(lambda: cp.fleet.nodes["n1"].lease_id != old_lease, "n1 under its new lease")
+            assert [r.state for r in cp.fleet.nodes["n1"].replicas] == []  # add_node registers with none
+            await cp.report("n1", READY)
+            assert "n1" not in cp.fleet.lapsed and cp.assigned_nodes() == ["n1"] and removed == []
+        finally:
+            await stream.close()
+
+
+async def test_a_lapsed_node_that_does_not_register_again_leaves_after_the_ttl(etcd_url: str) -> None:
+    async with control_plane(etcd_url, lease_ttl=LAPSE_TTL) as cp:
+        await cp.add_node("n1")
+        stream = LoadStream(cp, "n1")
+        try:
+            await poll(lambda: cp.fleet.load.alive("n1", 1.0), "n1's load stream")
+            loop = asyncio.get_running_loop()
+            revoked_at = loop.time()
+            stream.stop_heartbeats()
+            await cp.fleet._store.revoke_lease(cp.leases["n1"])
+            await poll(lambda: "n1" in cp.fleet.lapsed, "n1's lapsed lease")
+            await cp.settle(lambda: "n1" not in cp.fleet.nodes, "n1 gone")
+            assert loop.time() - revoked_at >= LAPSE_TTL - 0.5  # kept for the TTL, though still reporting
+        finally:
+            await stream.close()
+
+
+@pytest.mark.parametrize("how", ["stream closed", "deregistered", "not heard lately"])
+async def test_a_node_that_left_is_not_kept_as_lapsed(etcd_url: str, how: str) -> None:
+    async with control_plane(etcd_url, lease_ttl=LAPSE_TTL) as cp:
+        await cp.add_node("n1")
+        stream = LoadStream(cp, "n1")
+        try:
+            await poll(lambda: cp.fleet.load.alive("n1", 1.0), "n1's load stream")
+            stream.stop_heartbeats()
+            if how == "stream closed":  # a stopped or killed agent: its stream ends, then its lease
+                await stream.close()
+                await cp.fleet._store.revoke_lease(cp.leases["n1"])
+            elif how == "deregistered":  # its streams may still be open here when another control plane
+                # (or this one) takes its deregistration
+                await cp.registry.DeregisterNode(
+                    registry_pb2.DeregisterNodeRequest(node_id="n1", lease_id=cp.leases["n1"]),
+                    None,  # type: ignore[arg-type]
+                )
+            else:  # cut off: the stream is open, but nothing has come through it for more than TTL/2
+                stream.paused = True
+                await asyncio.sleep(LAPSE_TTL / 2 + 0.5)
+                await cp.fleet._store.revoke_lease(cp.leases["n1"])
+            await cp.settle(lambda: "n1" not in cp.fleet.nodes, "n1 gone")
+            assert "n1" not in cp.fleet.lapsed
+        finally:
+            await stream.close()

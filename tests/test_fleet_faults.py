@@ -226,6 +226,11 @@ def test_etcd_frozen_stops_no_traffic(ha: HaFleet) -> None:
 
     outcomes, _ = run_fault(ha, fault, after_seconds=5)
     assert_served_through(outcomes)
+    # etcd expired the nodes' leases when it came back, while both kept reporting: they were kept in the
+    # fleet (not taken for gone), registered again, and no replica was moved or loaded again.
+    wait_for(lambda: sorted(ha.ready_nodes()) == ["ha-1", "ha-2"], 30, "both replicas reported again")
+    for node in ("ha-1", "ha-2"):
+        assert ha.proc(f"node-{node}").log_path.read_text().count(f"model {MODEL} ready") == 1
 
 
 def test_etcd_restarted_stops_no_traffic(ha: HaFleet) -> None:

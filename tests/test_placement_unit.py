@@ -337,3 +337,13 @@ def test_decisions_match_a_straightforward_reference_on_a_random_fleet(seed: int
             best.fit,
         )
     assert outcomes == {"cpu", "gpu", "capacity", "format"}  # the fleet exercises every kind of verdict
+
+
+def test_no_live_node_is_a_retryable_503_not_a_busy_fleet() -> None:
+    # Every lease can lapse at once (etcd frozen, then back) while the nodes register again: a request
+    # placed meanwhile hears "come back in a second" (503 with Retry-After), not that the fleet is full (429).
+    with pytest.raises(FleetError) as caught:
+        placement.place(spec(), [], placement.PlacementPolicy())
+    error = caught.value
+    assert error.code == ErrorCode.MODEL_UNAVAILABLE and error.http_status == 503
+    assert error.retry_after == 1 and "no live nodes" in error.message

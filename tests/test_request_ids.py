@@ -68,11 +68,8 @@ main()
 
 
 def engine_server(port: int, directory: Path, name: str = "engine-server", any_id: bool = True) -> Proc:
-    # --interrupt_requests False: by default llama_cpp.server ends a stream when any other request comes in,
-    # the node's health check (/v1/models every 5 s) included, and a test's request that meets one fails.
     argv = [sys.executable, "-c", ENGINE_WRAPPER, "--model", str(default_model_path()), "--port", str(port),
-            "--n_threads", "1", "--n_ctx", "1024", "--model_alias", "smollm2",
-            "--interrupt_requests", "False"]  # fmt: skip
+            "--n_threads", "1", "--n_ctx", "1024", "--model_alias", "smollm2"]  # fmt: skip
     proc = Proc(name, argv, directory, env={"ACCEPT_ANY_ID": "1"} if any_id else None)
     # 120 s: loading the model in a fresh process on a busy 2-core machine
     wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200, 120,
@@ -116,7 +113,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             {"name": STRICT, "path": f"http://127.0.0.1:{strict_port}/v1", "engine": "openai", "format": "gguf",
              "context_size": 1024},
         ]  # fmt: skip
-        node, _ = cluster.start_node("node-a", models)
+        # Health checks every 0.3 s: llama_cpp.server as it ships cuts a running stream when any other request
+        # (a health check too) comes in; the node must not check a server that is answering a request.
+        node, _ = cluster.start_node("node-a", models, extra=("--engine-health-seconds", "0.3"))
         edge, http, grpc_address = cluster.start_edge("--max-body-bytes", "2048", "--header-timeout", "2")
         _, keyed, _ = cluster.start_edge("--require-api-key", "--auth-secret-file", str(secret))
         cluster.wait_model_state(http, MODEL, timeout=120)
@@ -315,6 +314,26 @@ def test_the_engine_server_gets_the_id_as_a_header(fleet: Fleet) -> None:
     assert "traceparent=-" in engine_lines[0]  # tracing is off in this fleet: no trace context is sent
     node_lines = [line for line in lines_with(fleet.node, "to-engine-1") if "fleetlm.node.requests" in line]
     assert len(node_lines) == 1 and "(openai " in node_lines[0]
+
+
+def test_health_checks_do_not_cut_a_stream_on_an_engine_server_that_interrupts(fleet: Fleet) -> None:
+    # llama_cpp.server ends a stream with [DONE] and no finish reason when another request arrives
+    # (interrupt_requests, on by default), /v1/models included. Before, the node's health check did that to
+    # any request longer than one check interval: a fresh-clone CI run saw this test's neighbour fail when
+    # its request was cut before the first token and retried (the engine got it twice).
+    client = fleet.client()
+    for i in range(3):
+        request_id = f"long-{i}-{time.time_ns()}"
+        stream = client.completions.create(
+            model=ATTACHED,
+            prompt="Once upon a time",
+            max_tokens=48,
+            stream=True,
+            extra_headers={"X-Request-Id": request_id},
+        )
+        finish = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+        assert finish == ["length"], finish
+        assert len(lines_with(fleet.engine, f"x-request-id={request_id}")) == 1  # served once, not retried
 
 
 # --- gRPC ---------------------------------------------------------------------------------------------------

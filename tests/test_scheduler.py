@@ -30,6 +30,7 @@ from launcher.default_model import default_model_path
 from mesh.errors import ErrorCode, FleetError
 from tests.cluster import Cluster, wait_for
 from tests.test_grpcurl import grpcurl
+from tests.test_openai_engines import llama_cpp_server_argv
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -232,6 +233,48 @@ def test_scale_from_zero_then_idle_unload(fleet: Fleet) -> None:
     # And it scales from zero again.
     assert fleet.client().completions.create(model="lazy", prompt="Hi", max_tokens=3).choices
     fleet.undeploy("lazy")
+
+
+def test_a_streamed_request_that_waits_for_scale_from_zero_hears_how_the_load_goes(fleet: Fleet) -> None:
+    # An engine server that takes a few seconds to start, as SGLang does (SmolLM2 on llama.cpp loads in a
+    # third of a second here, within the edge's first quiet second).
+    server = " ".join(llama_cpp_server_argv("{port}"))
+    fleet.deploy("lazy-notes", device="cpu", min_replicas=0, max_replicas=1, engine="openai",
+                 command=["sh", "-c", f"sleep 2; exec {server}"], startup_timeout={"seconds": 120})  # fmt: skip
+    body = {"model": "lazy-notes", "prompt": "Hello", "max_tokens": 4, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{fleet.http}/v1/completions", json=body, timeout=CLIENT_TIMEOUT) as reply:
+        assert reply.status_code == 200
+        lines = [line for line in reply.iter_lines() if line]
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    notes = [line for line in lines[:first_data] if line.startswith(": fleetlm: ")]
+    print("\n".join(notes))
+    # The wait took longer than the first second (a node loads the model), so the client heard where it was:
+    # SSE comments naming the model, before its first chunk; then the stream as usual.
+    assert notes and all("lazy-notes" in note for note in notes), lines[:first_data]
+    assert all(line.startswith(": fleetlm: ") for line in lines[:first_data])
+    assert lines[-1] == "data: [DONE]" and all(not line.startswith(":") for line in lines[first_data:])
+    chunks = [json.loads(line[6:]) for line in lines[first_data:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # OpenAI's SDK skips the comments: a cold model streams to it like a warm one.
+    fleet.deploy("lazy-sdk", device="cpu", min_replicas=0, max_replicas=1)
+    stream = fleet.client().completions.create(model="lazy-sdk", prompt="Hello", max_tokens=4, stream=True)
+    finish = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+    fleet.undeploy("lazy-notes")
+    fleet.undeploy("lazy-sdk")
+
+
+def test_a_streamed_request_for_a_deployment_that_fits_nowhere_is_still_a_plain_http_error(fleet: Fleet) -> None:
+    # Refused at once (every node cordoned): no wait, so no news, and the refusal is a real HTTP status.
+    fleet.deploy("nowhere", device="cpu", min_replicas=0, max_replicas=1)
+    for node_id in NODES:
+        fleet.cordon(node_id)
+    body = {"model": "nowhere", "prompt": "Hello", "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{fleet.http}/v1/completions", json=body, timeout=CLIENT_TIMEOUT) as reply:
+        reply.read()
+    assert reply.status_code in (429, 503), reply.text
+    assert reply.json()["error"]["message"]
+    fleet.undeploy("nowhere")
 
 
 def _hold_stream(fleet: Fleet, model: str) -> tuple[threading.Event, threading.Thread]:

@@ -24,11 +24,13 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from launcher.default_model import default_model_path
 from mesh import tracing
 from tests.cluster import MODEL, Cluster, Proc, free_port, smollm_entry, wait_for
 from tests.test_request_ids import engine_server, lines_with
 
 ATTACHED = "smol-attached"
+LAZY = "smol-lazy"  # deployed with no replica: the first request scales it from zero
 CHAT = [{"role": "user", "content": "Say hello."}]
 
 
@@ -119,10 +121,15 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     engine = engine_server(port := free_port(), workdir)
     try:
         cluster.start_etcd()
-        cluster.start_controlplane(3)
+        deployments = workdir / "deployments.yaml"  # a deployment that scales from zero: PickReplica places it
+        deployments.write_text(
+            f"models:\n  - {{name: {LAZY}, path: {default_model_path()}, format: gguf, context_size: 1024, "
+            "min_replicas: 0, max_replicas: 1}\n"
+        )
+        cluster.start_controlplane(3, "--deployments", str(deployments))
         attached = {"name": ATTACHED, "path": f"http://127.0.0.1:{port}/v1", "engine": "openai", "format": "gguf",
                     "context_size": 1024}  # fmt: skip
-        cluster.start_node("node-a", [smollm_entry(), attached])
+        cluster.start_node("node-a", [smollm_entry(), attached], models_dirs=[str(default_model_path().parent)])
         _, http, grpc_address = cluster.start_edge()
         cluster.wait_model_state(http, MODEL, timeout=120)
         cluster.wait_model_state(http, ATTACHED, timeout=120)
@@ -208,6 +215,24 @@ def test_grpc_traceparent_metadata_and_the_engine_server_gets_the_node_span(flee
     # The engine server got the node's span as its parent: 00-<trace>-<node span>-01.
     line = lines_with(fleet.engine, "x-request-id=traced-3")[0]
     assert f"traceparent=00-{trace_id}-{node.span.span_id.hex()}-01" in line, line
+
+
+@pytest.mark.model
+@pytest.mark.cluster
+def test_a_request_that_scales_from_zero_has_the_control_plane_s_span_between(fleet: Fleet) -> None:
+    client(fleet).completions.create(
+        model=LAZY, prompt="One, two,", max_tokens=3, extra_headers={"X-Request-Id": "traced-lazy"}
+    )
+    spans = {s.service: s for s in fleet.spans("traced-lazy", count=3)}
+    assert set(spans) == {"fleetlm-edge", "fleetlm-controlplane", "fleetlm-node"}
+    edge, placed, node = spans["fleetlm-edge"], spans["fleetlm-controlplane"], spans["fleetlm-node"]
+    assert placed.span.trace_id == edge.span.trace_id == node.span.trace_id
+    assert placed.span.parent_span_id == edge.span.span_id  # PickReplica was called for the edge's request
+    assert placed.span.name == f"PickReplica {LAZY}" and placed.span.kind == trace_pb2.Span.SPAN_KIND_SERVER
+    assert placed.attributes["gen_ai.request.model"] == LAZY and placed.attributes["fleetlm.node.id"] == "node-a"
+    # It spans the wait for the replica to load: it ends before the node's span starts.
+    assert edge.span.start_time_unix_nano <= placed.span.start_time_unix_nano
+    assert placed.span.end_time_unix_nano <= node.span.start_time_unix_nano
 
 
 @pytest.mark.model

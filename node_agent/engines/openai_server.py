@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -224,6 +225,7 @@ class OpenAIServerEngine:
         self._sends_ids = True  # whether requests carry X-Request-Id (`_takes_request_ids`)
         self._running = 0
         self._waiting = 0
+        self._heard = 0.0  # time.monotonic() when a request last started here or got bytes from the server
 
     @property
     def load(self) -> EngineLoad:
@@ -278,6 +280,15 @@ class OpenAIServerEngine:
         failures = 0
         while True:
             await asyncio.sleep(self.config.health_interval)
+            if (
+                self._running
+                and time.monotonic() - self._heard < self.config.health_interval * self.config.health_failures
+            ):
+                # A request is running and the server has answered it lately: that is the check. And a check
+                # sent now could cut it: llama_cpp.server (interrupt_requests, on by default) ends a stream
+                # with [DONE] and no finish reason when any other request, /v1/models too, comes in.
+                failures = 0
+                continue
             try:
                 await self.models()
                 failures = 0
@@ -300,6 +311,7 @@ class OpenAIServerEngine:
         finally:
             self._waiting -= 1
         self._running += 1
+        self._heard = time.monotonic()
         try:
             yield
         finally:
@@ -327,6 +339,7 @@ class OpenAIServerEngine:
                         await reply.aread()
                         raise upstream_error(reply.status_code, _error_message(reply), input_param, with_tools)
                     async for line in reply.aiter_lines():
+                        self._heard = time.monotonic()
                         if not line.startswith("data:"):
                             continue
                         data = line[5:].strip()

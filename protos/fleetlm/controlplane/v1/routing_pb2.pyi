@@ -63,7 +63,7 @@ class WatchRoutesRequest(_message.Message):
     def __init__(self, edge_id: _Optional[str] = ...) -> None: ...
 
 class ReplicaRoute(_message.Message):
-    __slots__ = ("model", "state", "error", "device", "running_requests", "queued_requests", "capacity")
+    __slots__ = ("model", "state", "error", "device", "running_requests", "queued_requests", "capacity", "load_progress")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class ReplicaRoute(_message.Message):
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    LOAD_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     model: str
     state: _node_pb2.ReplicaState
     error: str
@@ -78,7 +79,8 @@ class ReplicaRoute(_message.Message):
     running_requests: int
     queued_requests: int
     capacity: int
-    def __init__(self, model: _Optional[str] = ..., state: _Optional[_Union[_node_pb2.ReplicaState, str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
+    load_progress: float
+    def __init__(self, model: _Optional[str] = ..., state: _Optional[_Union[_node_pb2.ReplicaState, str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., capacity: _Optional[int] = ..., load_progress: _Optional[float] = ...) -> None: ...
 
 class NodeRoutes(_message.Message):
     __slots__ = ("node_id", "inference_address", "draining", "replicas")
