@@ -37,6 +37,10 @@ def why_not(request: inference_pb2.GenerateRequest, error: FleetError, opted_in:
     if request.sampling.response_format.WhichOneof("format") in ("json_object", "json_schema"):
         # The next replica's grammar would start a new document in the middle of the one sent so far.
         return "a grammar (response_format) cannot resume a document cut mid-way"
+    if request.WhichOneof("input") == "chat" and request.chat.tools:
+        # Calls already streamed have ids and parsed arguments the next replica knows nothing of, and a call
+        # cut mid-way would restart under a grammar that begins at `<tool_call>`.
+        return "a reply with tools (tool calls) cannot be resumed mid-way"
     if error.code not in CONTINUABLE:
         return f"{error.code.value} is not a node failure"
     if continued >= MAX_CONTINUATIONS:

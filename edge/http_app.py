@@ -115,12 +115,14 @@ async def _collect(stream: AsyncIterator[inference_pb2.GenerateResponse]) -> tup
     choices = Choices()
     result = None
     access = access_log.current()
+    first = True
     async for event in stream:
         if event.HasField("result"):
-            result = event.result
+            result = event.result  # its tool_calls are the reply's, whole (the deltas streamed them)
             continue
-        if access is not None and event.HasField("delta") and not choices.texts:
-            access.token()
+        if access is not None and first:
+            access.token()  # the first output of either kind: text or a tool call
+        first = False
         choices.add(event)
     if result is None:
         raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream without a result")
@@ -283,7 +285,7 @@ class GenerationRoutes:
                 WAIT_NOTES.reset(waiting)
             if first is None:
                 raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream at once")
-            if access is not None and first.HasField("delta"):
+            if access is not None and not first.HasField("result"):  # text or a tool call
                 access.token()
             if shape.chat:
                 for index in range(choices):  # each choice starts with its role, as OpenAI's streams do
@@ -297,6 +299,8 @@ class GenerationRoutes:
                     end = response.choice_end
                     reason = FINISH_REASONS.get(end.finish_reason, "stop")
                     await event(sse(shape.chunk(None if shape.chat else "", finish=reason, index=end.index)))
+                elif response.HasField("tool_call"):
+                    await event(sse(shape.tool_call_chunk(response.tool_call)))
                 else:
                     reason = FINISH_REASONS.get(response.result.finish_reason, "stop")
                     if access is not None:

@@ -2,10 +2,13 @@
 
 Requests are validated by pydantic (types) and by mesh.inference_requests' table of bounds (ranges, the
 same as over gRPC); a field of the wrong type or out of range becomes a 400 naming the field. Fields
-OpenAI defines that fleetlm does not implement are refused when they would change the result (tools,
-echo, suffix, best_of, logit_bias, audio, image/audio/file content), and ignored when they would not
-(metadata, store). `response_format` (structured outputs) is taken by chat and, as vLLM and llama-server
-take it, by completions. `n` choices come back as `choices[i]` with their `index`, streamed or not.
+OpenAI defines that fleetlm does not implement are refused when they would change the result (echo,
+suffix, best_of, logit_bias, audio, image/audio/file content, the deprecated functions/function_call), and
+ignored when they would not (metadata, store). `response_format` (structured outputs) is taken by chat
+and, as vLLM and llama-server take it, by completions. `n` choices come back as `choices[i]` with their
+`index`, streamed or not. Chat takes tools (`tools`, `tool_choice`, `parallel_tool_calls`, assistant
+`tool_calls` and `tool` messages in the history); a reply's calls come back as `message.tool_calls`,
+streamed as `delta.tool_calls` (index, id, type and name first, then pieces of the arguments).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import struct
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal, Self
 
 from pydantic import (
@@ -36,6 +39,12 @@ from mesh.inference_requests import SAMPLING_BOUNDS
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_STOP: "stop",
     inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
+}
+TOOL_CHOICE_MODES = {
+    "none": inference_pb2.TOOL_CHOICE_MODE_NONE,
+    "auto": inference_pb2.TOOL_CHOICE_MODE_AUTO,
+    "required": inference_pb2.TOOL_CHOICE_MODE_REQUIRED,
 }
 
 
@@ -113,16 +122,8 @@ class _Request(BaseModel):
     @field_validator("response_format", mode="wrap")
     @classmethod
     def _response_format_param(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        """Every error inside response_format names `response_format` (as the gRPC check does); the
-        message says which part."""
-        try:
-            return handler(value)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-            message = "must be an object" if first["type"] == "model_type" else first["msg"]
-            message = message.removeprefix("Value error, ")
-            raise invalid("response_format", f"invalid 'response_format{where}': {message}") from exc
+        """Every error inside response_format names `response_format` (as the gRPC check does)."""
+        return _named("response_format", value, handler)
 
     @model_validator(mode="after")
     def _check_bounds(self) -> Self:
@@ -197,11 +198,34 @@ def refuse_content_parts(messages: Any) -> None:
                 raise invalid(f"messages[{i}].content[{j}]", f"'{kind}' content: {NOT_TEXT[kind]}")
 
 
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCallIn(BaseModel):
+    """A call an assistant message made (the history a client sends back)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+    def to_proto(self) -> inference_pb2.ToolCall:
+        call = inference_pb2.FunctionCall(name=self.function.name, arguments=self.function.arguments)
+        return inference_pb2.ToolCall(id=self.id, function=call)
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: str
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant message's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -209,6 +233,69 @@ class ChatMessageIn(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def to_proto(self) -> inference_pb2.ChatMessage:
+        return inference_pb2.ChatMessage(
+            role=self.role,
+            content=self.text(),
+            tool_calls=[call.to_proto() for call in self.tool_calls or ()],
+            tool_call_id=self.tool_call_id or "",
+        )
+
+
+class FunctionIn(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; checked with the proto (validate_tools)
+    strict: bool | None = None
+
+
+class ToolIn(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["function"]
+    function: FunctionIn
+
+    def to_proto(self) -> inference_pb2.Tool:
+        function = self.function
+        return inference_pb2.Tool(
+            function=inference_pb2.FunctionDefinition(
+                name=function.name,
+                description=function.description or "",
+                # key order kept: it is the order the model writes the arguments in
+                parameters=json.dumps(function.parameters) if function.parameters is not None else "",
+                strict=bool(function.strict),
+            )
+        )
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def _named(param: str, value: Any, handler: Callable[[Any], Any]) -> Any:
+    """pydantic's first error in a field, as a 400 naming the field (not its union branches); the message
+    says which part."""
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        parts = [p for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p[:1].isupper()))]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+        message = "must be an object" if first["type"] == "model_type" else first["msg"]
+        message = message.removeprefix("Value error, ")
+        raise invalid(param, f"invalid '{param}{where}': {message}") from exc
 
 
 class ChatCompletionRequest(_Request):
@@ -222,9 +309,20 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
+    tools: list[ToolIn] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # OpenAI's deprecated forerunners of tools: refused rather than ignored.
+    functions: Any = None
+    function_call: Any = None
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
+
+    @field_validator("tool_choice", mode="wrap")
+    @classmethod
+    def _tool_choice_param(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # An object can only be a named function: its errors are that shape's, not the strings'.
+        return _named("tool_choice", value, NamedToolChoice.model_validate if isinstance(value, dict) else handler)
 
     @model_validator(mode="before")
     @classmethod
@@ -240,12 +338,27 @@ class ChatCompletionRequest(_Request):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise invalid("tools", "tool calling is not supported yet")
         if self.audio is not None:
             raise invalid("audio", "audio output is not supported: fleetlm's models answer in text")
         if self.modalities is not None and set(self.modalities) - {"text"}:
             raise invalid("modalities", "only the 'text' modality is supported")
+        for legacy in ("functions", "function_call"):
+            if getattr(self, legacy) is not None:
+                raise invalid(
+                    legacy, f"'{legacy}' (deprecated by OpenAI) is not supported; use 'tools' and 'tool_choice'"
+                )
+
+    def chat(self) -> inference_pb2.ChatConversation:
+        chat = inference_pb2.ChatConversation(
+            messages=[m.to_proto() for m in self.messages], tools=[t.to_proto() for t in self.tools or ()]
+        )
+        if isinstance(self.tool_choice, str):
+            chat.tool_choice.mode = TOOL_CHOICE_MODES[self.tool_choice]
+        elif self.tool_choice is not None:
+            chat.tool_choice.function_name = self.tool_choice.function.name
+        if self.parallel_tool_calls is not None:
+            chat.parallel_tool_calls = self.parallel_tool_calls
+        return chat
 
     def to_proto(self, request_id: str) -> inference_pb2.GenerateRequest:
         self.check_supported()
@@ -254,9 +367,7 @@ class ChatCompletionRequest(_Request):
             sampling.max_tokens = self.max_completion_tokens
         sampling.logprobs = bool(self.logprobs)
         sampling.top_logprobs = self.top_logprobs or 0
-        chat = inference_pb2.ChatConversation(
-            messages=[inference_pb2.ChatMessage(role=m.role, content=m.text()) for m in self.messages]
-        )
+        chat = self.chat()
         return inference_pb2.GenerateRequest(
             model=self.model or "", chat=chat, sampling=sampling, user=self.user or "", request_id=request_id
         )
@@ -412,14 +523,17 @@ class CompletionShape:
 
     def full(self, choices: Choices, result: inference_pb2.GenerateResult) -> dict[str, Any]:
         """The whole body: one choice per index (a choice's finish reason is its ChoiceEnd's, or, for a
-        single choice, the result's)."""
+        single choice, the result's). A reply's tool calls (n = 1 only) are the first choice's."""
         listed = []
         for index in range(max(1, len(choices.finishes))):
             text = "".join(choices.texts.get(index, ()))
             reason = FINISH_REASONS.get(choices.finishes.get(index, result.finish_reason), "stop")
             scores = self.logprobs_json(choices.logprobs.get(index, ()))
             if self.chat:
-                message = {"role": "assistant", "content": text}
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if index == 0 and result.tool_calls:
+                    message["content"] = text or None  # as OpenAI: a reply of calls only has null content
+                    message["tool_calls"] = [tool_call_json(call) for call in result.tool_calls]
                 listed.append({"index": index, "message": message, "finish_reason": reason, "logprobs": scores})
             else:
                 listed.append({"index": index, "text": text, "finish_reason": reason, "logprobs": scores})
@@ -459,8 +573,27 @@ class CompletionShape:
         before, after = event
         return before + json.dumps(text).encode() + after
 
+    def tool_call_chunk(self, delta: inference_pb2.ToolCallDelta) -> dict[str, Any]:
+        """A chunk with part of a tool call, as OpenAI streams them: the call's first has its index, id, type
+        and name (arguments ""), the later ones the index and the next piece of the arguments."""
+        call: dict[str, Any] = {"index": delta.index}
+        if delta.id:
+            call.update(id=delta.id, type="function", function={"name": delta.name, "arguments": delta.arguments})
+        else:
+            call["function"] = {"arguments": delta.arguments}
+        choice = {"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None, "logprobs": None}
+        return self._envelope(self.chunk_object, [choice])
+
     def usage_chunk(self, usage: inference_pb2.Usage) -> dict[str, Any]:
         return self._envelope(self.chunk_object, [], usage=usage_json(usage))
+
+
+def tool_call_json(call: inference_pb2.ToolCall) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.function.name, "arguments": call.function.arguments},
+    }
 
 
 def embeddings_json(response: inference_pb2.EmbedResponse, model: str, encoding: str) -> dict[str, Any]:

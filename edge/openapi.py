@@ -19,12 +19,14 @@ from fastapi.openapi.utils import get_openapi
 from edge.auth import needs_key
 from edge.http_limits import HttpLimits
 from mesh.inference_requests import (
+    FUNCTION_NAME,
     MAX_CHOICES,
     MAX_MESSAGES,
     MAX_PROMPT_CHARS,
     MAX_SCHEMA_CHARS,
     MAX_STOPS,
     MAX_TOKEN_IDS,
+    MAX_TOOLS,
     MAX_TOP_LOGPROBS,
     ROLES,
     SAMPLING_BOUNDS,
@@ -129,6 +131,67 @@ def _response_format_schemas() -> dict[str, Schema]:
     }
 
 
+def _tool_schemas() -> dict[str, Schema]:
+    """OpenAI's tools and tool_choice, and the tool calls of the history. What a parameters schema may use
+    is the engine's to say, as for response_format (a 400 naming `tools[i].function.parameters`)."""
+    function = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "pattern": FUNCTION_NAME.pattern.join("^$")},
+            "description": _nullable({"type": "string"}),
+            "parameters": _nullable(
+                {
+                    "type": "object",
+                    "properties": {"type": {"type": "string", "enum": ["object"]}},
+                    "description": f"a JSON schema of an object, at most {MAX_SCHEMA_CHARS} characters as JSON text",
+                }
+            ),
+            "strict": _nullable({"type": "boolean"}),
+        },
+    }
+    call = {
+        "type": "object",
+        "required": ["id", "function"],
+        "properties": {
+            "id": {"type": "string", "minLength": 1},
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {
+                "type": "object",
+                "required": ["name", "arguments"],
+                "properties": {"name": {"type": "string", "minLength": 1}, "arguments": {"type": "string"}},
+            },
+        },
+    }
+    return {
+        "Tool": {
+            "type": "object",
+            "required": ["type", "function"],
+            "properties": {"type": {"type": "string", "enum": ["function"]}, "function": function},
+        },
+        "ToolChoice": {
+            "description": "none, auto (the default with tools), required, or a function the model must call;"
+            " required and a function need tools",
+            "anyOf": [
+                {"type": "string", "enum": ["none", "auto", "required"]},
+                {
+                    "type": "object",
+                    "required": ["type", "function"],
+                    "properties": {
+                        "type": {"type": "string", "enum": ["function"]},
+                        "function": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {"name": {"type": "string"}},
+                        },
+                    },
+                },
+            ],
+        },
+        "ToolCall": call,
+    }
+
+
 def _request_schemas() -> dict[str, Schema]:
     content_part = {
         "type": "object",
@@ -142,6 +205,12 @@ def _request_schemas() -> dict[str, Schema]:
         "properties": {
             "role": {"type": "string", "enum": list(ROLES)},
             "content": _nullable({"anyOf": [_TEXT, {"type": "array", "items": _ref("ContentPart")}]}),
+            "tool_calls": _nullable(
+                {"type": "array", "items": _ref("ToolCall"), "description": "an assistant message's tool calls"}
+            ),
+            "tool_call_id": _nullable(
+                {"type": "string", "description": "role tool (required there): the id of the call it answers"}
+            ),
         },
     }
     chat = {
@@ -157,7 +226,11 @@ def _request_schemas() -> dict[str, Schema]:
                 **_bounded("top_logprobs", "integer"),
                 "description": f"0 to {MAX_TOP_LOGPROBS}; needs logprobs: true",
             },
-            "tools": _nullable({"type": "array", "maxItems": 0, "description": "tool calling is not supported yet"}),
+            "tools": _nullable({"type": "array", "maxItems": MAX_TOOLS, "items": _ref("Tool")}),
+            "tool_choice": _nullable(_ref("ToolChoice")),
+            "parallel_tool_calls": _nullable({"type": "boolean", "description": "false: at most one call"}),
+            "functions": {"type": "null", "description": "deprecated by OpenAI, not supported: use tools"},
+            "function_call": {"type": "null", "description": "deprecated by OpenAI, not supported: use tool_choice"},
             "audio": {"type": "null", "description": "audio output is not supported"},
             "modalities": _nullable({"type": "array", "items": {"type": "string", "enum": ["text"]}}),
         },
@@ -198,6 +271,7 @@ def _request_schemas() -> dict[str, Schema]:
         "CompletionRequest": completion,
         "EmbeddingRequest": embedding,
         **_response_format_schemas(),
+        **_tool_schemas(),
         **_tokenizer_schemas(),
     }
 
@@ -271,7 +345,24 @@ def _response_schemas() -> dict[str, Schema]:
             k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")
         },
     }
-    finish = {"type": "string", "enum": ["stop", "length"]}
+    finish = {"type": "string", "enum": ["stop", "length", "tool_calls"]}
+    # A call in a reply; in a chunk, the first part of a call (index, id, type, name), or a later one (index,
+    # and the next piece of the arguments).
+    call = {"type": "array", "items": _ref("ToolCall")}
+    call_part = {
+        "type": "object",
+        "required": ["index", "function"],
+        "properties": {
+            "index": {"type": "integer", "minimum": 0},
+            "id": {"type": "string"},
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {
+                "type": "object",
+                "required": ["arguments"],
+                "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+            },
+        },
+    }
     envelope = {
         "id": {"type": "string"},
         "created": {"type": "integer"},
@@ -286,7 +377,11 @@ def _response_schemas() -> dict[str, Schema]:
             "message": {
                 "type": "object",
                 "required": ["role", "content"],
-                "properties": {"role": {"type": "string", "enum": ["assistant"]}, "content": {"type": "string"}},
+                "properties": {
+                    "role": {"type": "string", "enum": ["assistant"]},
+                    "content": _nullable({"type": "string"}),
+                    "tool_calls": call,
+                },
             },
             "finish_reason": finish,
             "logprobs": _nullable({"type": "object"}),
@@ -359,6 +454,7 @@ def _response_schemas() -> dict[str, Schema]:
                                 "properties": {
                                     "role": {"type": "string", "enum": ["assistant"]},
                                     "content": {"type": "string"},
+                                    "tool_calls": {"type": "array", "items": call_part},
                                 },
                             },
                             "finish_reason": _nullable(finish),

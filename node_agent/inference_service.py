@@ -18,19 +18,32 @@ from node_agent.engines.base import (
     ContextLengthExceeded,
     EngineError,
     Finished,
+    Function,
     InvalidInput,
     Message,
     Prompt,
     ResponseFormat,
     SamplingOptions,
     TextChunk,
+    ToolCall,
+    ToolCallChunk,
+    ToolChoice,
 )
 from node_agent.host import ModelHost
 from node_agent.request_log import Served, served
 
 log = logging.getLogger(__name__)
 
-_FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH}
+_FINISH = {
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "tool_calls": inference_pb2.FINISH_REASON_TOOL_CALLS,
+}
+_TOOL_CHOICES = {
+    inference_pb2.TOOL_CHOICE_MODE_NONE: "none",
+    inference_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
+    inference_pb2.TOOL_CHOICE_MODE_REQUIRED: "required",
+}
 
 
 def sampling_options(params: inference_pb2.SamplingParams) -> SamplingOptions:
@@ -86,9 +99,46 @@ def text_delta(chunk: TextChunk) -> inference_pb2.GenerateResponse:
     return inference_pb2.GenerateResponse(delta=delta)
 
 
+def tool_call_delta(chunk: ToolCallChunk) -> inference_pb2.GenerateResponse:
+    delta = inference_pb2.ToolCallDelta(index=chunk.index, id=chunk.id, name=chunk.name, arguments=chunk.arguments)
+    return inference_pb2.GenerateResponse(tool_call=delta)
+
+
+def _tool_call(call: ToolCall) -> inference_pb2.ToolCall:
+    return inference_pb2.ToolCall(
+        id=call.id, function=inference_pb2.FunctionCall(name=call.name, arguments=call.arguments)
+    )
+
+
+def _message(m: inference_pb2.ChatMessage) -> Message:
+    calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls)
+    return Message(m.role, m.content, calls, m.tool_call_id)
+
+
+def _tool_choice(chat: inference_pb2.ChatConversation) -> ToolChoice:
+    """The proto's tool_choice (validated): unset or unspecified is auto with tools, none without."""
+    choice = chat.tool_choice
+    which = choice.WhichOneof("choice") if chat.HasField("tool_choice") else None
+    if which == "function_name":
+        return ToolChoice("function", choice.function_name)
+    mode = _TOOL_CHOICES.get(choice.mode) if which == "mode" else None
+    return ToolChoice(mode or ("auto" if chat.tools else "none"))  # type: ignore[arg-type]
+
+
 def _chat(chat: inference_pb2.ChatConversation, add_generation_prompt: bool = True) -> Chat:
-    messages = tuple(Message(m.role, m.content) for m in chat.messages)
-    return Chat(messages, chat.continue_final_message, add_generation_prompt)
+    tools = tuple(
+        Function(t.function.name, t.function.description, t.function.parameters, t.function.strict) for t in chat.tools
+    )
+    parallel = chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else True
+    messages = tuple(_message(m) for m in chat.messages)
+    return Chat(
+        messages,
+        chat.continue_final_message,
+        add_generation_prompt,
+        tools=tools,
+        tool_choice=_tool_choice(chat),
+        parallel_tool_calls=parallel,
+    )
 
 
 def _finished(event: Finished, model: str, node_id: str) -> inference_pb2.GenerateResponse:
@@ -98,7 +148,10 @@ def _finished(event: Finished, model: str, node_id: str) -> inference_pb2.Genera
         total_tokens=event.prompt_tokens + event.completion_tokens,
     )
     reason = _FINISH[event.reason]
-    result = inference_pb2.GenerateResult(finish_reason=reason, usage=usage, model=model, node_id=node_id)
+    tool_calls = [_tool_call(c) for c in event.tool_calls]
+    result = inference_pb2.GenerateResult(
+        finish_reason=reason, usage=usage, model=model, node_id=node_id, tool_calls=tool_calls
+    )
     return inference_pb2.GenerateResponse(result=result)
 
 
@@ -145,6 +198,8 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
                 async for event in engine.generate(prompt, options):
                     if isinstance(event, TextChunk):
                         yield text_delta(event)
+                    elif isinstance(event, ToolCallChunk):
+                        yield tool_call_delta(event)
                     elif isinstance(event, ChoiceEnd):
                         end = inference_pb2.ChoiceEnd(index=event.index, finish_reason=_FINISH[event.reason])
                         yield inference_pb2.GenerateResponse(choice_end=end)

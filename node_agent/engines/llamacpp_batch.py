@@ -39,6 +39,16 @@ same logits, each with its own sampler chain (seed + i) and grammar. From then o
 sequences of the batch: each ends on its own, with its own stop strings and logprobs, and a cancelled
 request frees all n slots at the next step.
 
+Tool calls (tool_choice "auto"): the grammar is lazy (`llama_sampler_init_grammar_lazy_patterns`): it
+waits, allowing everything, until the output contains its trigger word (`<tool_call>`), then replays the
+text from the trigger on and constrains the rest. The text after the word, up to the end of the token that
+completed it, is replayed into the grammar too, and llama.cpp aborts the whole process when the grammar
+refuses it (a C++ exception through ctypes). So while a grammar waits, each token that would complete the
+trigger is checked first against what the grammar allows after the word (`Trigger.continuations`); one it
+would refuse is set aside and the token sampled again without it, as a grammar would. Tokens in
+`BatchRequest.shown` (a model's special token for the trigger) are rendered as their text, so that the
+tool-call parser sees them.
+
 Prefix reuse: a slot keeps the KV cache of its last request. A new request goes to the free slot whose
 cached tokens share the longest prefix with its prompt, or copies that prefix from any other sequence
 (`llama_memory_seq_cp`; with a unified KV cache the cells are shared, not copied), and only the rest of
@@ -85,6 +95,29 @@ PENALTY_WINDOW = 64  # tokens the repetition/frequency/presence penalties look b
 # A cached prefix at least this long is worth a slot that splits the batch into more runs; a shorter one
 # is cheaper to compute again than an extra pass over the weights at every step of the request.
 LONG_PREFIX = 64
+# Tokens set aside in one step because they would fire a lazy grammar's trigger with text it refuses; past
+# this the request fails (each is one more pass of the chain over the vocabulary).
+MAX_TRIGGER_RESAMPLES = 16
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """What starts a lazy grammar: the first `word` in the output (the grammar's text begins with it), or
+    one of `tokens`. After the word the grammar allows only text that begins like one of `continuations`
+    (checked for the token that completes the word; see the module's docstring)."""
+
+    word: str
+    continuations: tuple[str, ...]
+    tokens: tuple[int, ...] = ()
+
+    def pattern(self) -> bytes:
+        """The word as a regular expression (ECMAScript, llama.cpp's std::regex), matched anywhere."""
+        return "".join(f"\\{c}" if c in r"\^$.|?*+()[]{}" else c for c in self.word).encode()
+
+    def refuses(self, tail: bytes) -> bool:
+        """Whether the grammar refuses `tail`, the text after the word in the token that completes it."""
+        text = tail.decode(errors="replace")
+        return not any(c.startswith(text) for c in self.continuations)
 
 
 @dataclass
@@ -94,6 +127,9 @@ class BatchRequest:
     limit: int  # most tokens to generate, per choice
     sink: Sink  # receives the request's events, on the consumers' event loop
     grammar: str | None = None  # GBNF (root rule `root`) the output is constrained to
+    grammar_of: str = "response_format"  # the request field the grammar comes from (named in its errors)
+    trigger: Trigger | None = None  # with a grammar: lazy, it starts at this trigger
+    shown: frozenset[int] = frozenset()  # special tokens rendered as their text (not as nothing)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Kept by the decode thread, for n > 1: the choices that ended, their tokens and the first one's reason.
     ended: int = 0
@@ -109,7 +145,10 @@ class _Sequence:
     n_past: int  # tokens already in the KV cache
     sampler: Any
     stream: TextStream
-    grammar: Any = None  # llama.cpp's grammar sampler, when the request has a response_format
+    grammar: Any = None  # llama.cpp's grammar sampler, when the request has a response_format or tools
+    # While a lazy grammar waits for its trigger: the end of the output so far (as llama.cpp's grammar
+    # renders it, special tokens as text), enough to find the trigger word in. None otherwise.
+    awaiting: bytes | None = None
     index: int = 0  # the choice (n > 1)
     # The request's other choices, waiting in their slots for this one's prompt (n > 1, until its prefill
     # ends); each of them has no tokens until then.
@@ -131,6 +170,7 @@ class BatchStats:
     grammars: int = 0  # sequences that ran with a grammar
     grammar_checks: int = 0  # tokens sampled under a grammar
     grammar_resamples: int = 0  # of those, tokens the grammar forbade, sampled again with it applied
+    trigger_resamples: int = 0  # tokens set aside that would have started a lazy grammar with text it refuses
     # For the node's metrics: each step's time (building the batch, llama_decode, sampling) and sequences.
     step_seconds: Distribution = field(default_factory=lambda: Distribution(FAST_BUCKETS))
     step_sequences: Distribution = field(default_factory=lambda: Distribution(BATCH_BUCKETS))
@@ -294,7 +334,7 @@ class DecodeLoop:
         made: list[tuple[Any, Any]] = []
         try:
             for index in range(request.options.n):
-                grammar = self._grammar(request.grammar)  # first: a grammar may be refused
+                grammar = self._grammar(request)  # first: a grammar may be refused
                 made.append((self._sampler(request.options, index), grammar))
         except BaseException:
             for chain, grammar in made:
@@ -340,6 +380,7 @@ class DecodeLoop:
             n_past=source_len,
             sampler=sampler,
             grammar=grammar,
+            awaiting=b"" if request.trigger is not None else None,
             stream=TextStream(request.options.stops),
         )
         self._active[slot] = first
@@ -354,7 +395,9 @@ class DecodeLoop:
             slot = max(free, key=lambda s: (-_runs([*self._active, s]), -self._last_used[s]))
             self._cached[slot] = []
             stream = TextStream(first.request.options.stops)
-            waiting = _Sequence(slot, first.request, [], 0, chain, stream, grammar=grammar, index=index)
+            waiting = _Sequence(
+                slot, first.request, [], 0, chain, stream, grammar=grammar, awaiting=first.awaiting, index=index
+            )
             self._active[slot] = waiting
             first.forks.append(waiting)
 
@@ -377,12 +420,22 @@ class DecodeLoop:
         seq = self._active.get(slot)
         return seq.tokens[: seq.n_past] if seq is not None else self._cached[slot]
 
-    def _grammar(self, grammar: str | None) -> Any:
+    def _grammar(self, request: BatchRequest) -> Any:
+        grammar, trigger = request.grammar, request.trigger
         if grammar is None:
             return None
-        sampler = self._ll.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        ll = self._ll
+        if trigger is None:
+            sampler = ll.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        else:
+            patterns = (ctypes.c_char_p * 1)(trigger.pattern())
+            tokens = (ll.llama_token * max(1, len(trigger.tokens)))(*trigger.tokens)
+            sampler = ll.llama_sampler_init_grammar_lazy_patterns(
+                self._vocab, grammar.encode(), b"root", patterns, 1, tokens, len(trigger.tokens)
+            )
         if not sampler:
-            raise InvalidInput("llama.cpp could not parse the grammar made from response_format", "response_format")
+            what = request.grammar_of
+            raise InvalidInput(f"llama.cpp could not parse the grammar made from {what}", what)
         self.stats.grammars += 1
         return sampler
 
@@ -499,14 +552,17 @@ class DecodeLoop:
         out, seq.pending = tuple(seq.pending[:n]), seq.pending[n:]
         return out
 
-    def _apply(self, index: int, chain: Any, grammar: Any = None) -> tuple[int, float]:
+    def _apply(self, index: int, chain: Any, grammar: Any = None, banned: list[int] | None = None) -> tuple[int, float]:
         """What llama_sampler_sample does, without accepting the token: the chain applied to the logits at
-        `index` (after the grammar, when given). The token and its logit after the chain."""
+        `index` (after the grammar, when given, and without the `banned` tokens). The token and its logit
+        after the chain."""
         ll = self._ll
         candidates = self._candidates
         candidates["id"] = self._token_ids  # the samplers reorder them
         candidates["logit"] = np.ctypeslib.as_array(ll.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
         candidates["p"] = 0.0
+        if banned:
+            candidates["logit"][banned] = -math.inf
         array = ll.llama_token_data_array(candidates.ctypes.data_as(ll.llama_token_data_p), self._n_vocab, -1, False)
         if grammar is not None:
             ll.llama_sampler_apply(grammar, ctypes.byref(array))
@@ -518,6 +574,11 @@ class DecodeLoop:
         """The next token under the sequence's grammar (see the module's docstring)."""
         ll = self._ll
         token, _ = self._apply(index, seq.sampler)
+        if seq.awaiting is not None:
+            token = self._before_trigger(seq, index, token)
+            ll.llama_sampler_accept(seq.grammar, token)  # may fire the trigger: a tail it allows, checked
+            ll.llama_sampler_accept(seq.sampler, token)
+            return token
         self._one.id, self._one.logit, self._one.p = token, 0.0, 0.0
         ll.llama_sampler_apply(
             seq.grammar, ctypes.byref(ll.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False))
@@ -533,6 +594,33 @@ class DecodeLoop:
         ll.llama_sampler_accept(seq.grammar, token)
         ll.llama_sampler_accept(seq.sampler, token)
         return token
+
+    def _before_trigger(self, seq: _Sequence, index: int, token: int) -> int:
+        """`token`, or the one sampled in its place when it would complete the trigger word with text the
+        grammar refuses (see the module's docstring). Keeps `seq.awaiting` current: None once triggered."""
+        trigger = seq.request.trigger
+        assert trigger is not None and seq.awaiting is not None
+        word = trigger.word.encode()
+        banned: list[int] = []
+        while True:
+            if token in trigger.tokens:
+                seq.awaiting = None
+                return token
+            text = seq.awaiting + self._piece_of(token, special=True)
+            at = text.find(word)
+            if at < 0:
+                seq.awaiting = text[-(len(word) - 1) :] if len(word) > 1 else b""
+                return token
+            if not trigger.refuses(text[at + len(word) :]):
+                seq.awaiting = None
+                return token
+            banned.append(token)
+            self.stats.trigger_resamples += 1
+            if len(banned) > MAX_TRIGGER_RESAMPLES:
+                raise RuntimeError("no token completes the tool call's opening as its grammar allows")
+            token, logit = self._apply(index, seq.sampler, banned=banned)
+            if logit == -math.inf:
+                raise RuntimeError("the grammar allows no token here")
 
     def _sample(self, seq: _Sequence, index: int) -> None:
         if seq.forks:
@@ -556,7 +644,7 @@ class DecodeLoop:
         options = request.options
         if options.logprobs:
             seq.pending.append(self._logprob(index, token, options.top_logprobs, seq.stream.decoded))
-        text = seq.stream.feed(self._piece_of(token))
+        text = seq.stream.feed(self._piece_of(token, special=token in request.shown))
         if text:
             self._emit(request, TextChunk(text, self._released(seq), seq.index))
         if seq.stream.stopped:

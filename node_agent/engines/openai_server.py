@@ -29,6 +29,7 @@ import httpx
 
 from mesh import request_context, tracing
 from node_agent.engines.base import (
+    Chat,
     ChoiceEnd,
     ContextLengthExceeded,
     Embeddings,
@@ -46,6 +47,7 @@ from node_agent.engines.base import (
     TokenLogprob,
     TopLogprob,
 )
+from node_agent.engines.openai_tools import ToolCallDeltas, demanded_calls, message_json, tools_json
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 _CONTEXT_WORDS = re.compile(r"context (length|window|size)|too long|maximum context", re.IGNORECASE)
 # And a response_format it refuses (vLLM and SGLang name the field, llama.cpp the schema or grammar).
 _FORMAT_WORDS = re.compile(r"response_format|json.?schema|grammar", re.IGNORECASE)
+# And tools it refuses (vLLM: "auto" tool choice requires --enable-auto-tool-choice ...).
+_TOOL_WORDS = re.compile(r"\btools?\b|tool.?choice|tool.?call|function", re.IGNORECASE)
 # llama_cpp.server answers a body its own request model refuses with a 500 carrying pydantic's error: that
 # is the request's fault, not the server's.
 _REFUSED_BODY = re.compile(r"validation error.*'loc': \('body',", re.DOTALL)
@@ -117,7 +121,8 @@ def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[
         if options.logprobs:
             body["logprobs"] = options.top_logprobs  # the completions API's form: how many alternatives
         return "/completions", body
-    body["messages"] = [{"role": m.role, "content": m.content} for m in prompt.messages]
+    body["messages"] = [message_json(m) for m in prompt.messages]
+    body.update(tools_json(prompt))
     if prompt.continue_final_message:
         # vLLM's and SGLang's extra parameters for going on with the final assistant message. A server that
         # does not know them (llama_cpp.server, OpenAI itself) ignores them and starts a new turn.
@@ -138,6 +143,12 @@ def response_format_json(response_format: ResponseFormat) -> dict[str, Any]:
         spec["description"] = response_format.description
     spec["strict"] = response_format.strict
     return {"type": "json_schema", "json_schema": spec}
+
+
+def _finish_reason(reason: str) -> str:
+    if reason in ("tool_calls", "function_call"):
+        return "tool_calls"
+    return "length" if reason == "length" else "stop"
 
 
 def request_headers(with_id: bool = True) -> dict[str, str]:
@@ -195,7 +206,7 @@ def _error_message(reply: httpx.Response) -> str:
     return str(error)
 
 
-def upstream_error(status: int, message: str, input_param: str) -> EngineError:
+def upstream_error(status: int, message: str, input_param: str, tools: bool = False) -> EngineError:
     """A server's refusal in the engine's terms: the caller's fault (400s) or the server's (the rest)."""
     message = message.split('\n\n  File "')[0]  # a server's traceback is not for the client
     text = f"the engine's server answered {status}: {message}"
@@ -204,6 +215,8 @@ def upstream_error(status: int, message: str, input_param: str) -> EngineError:
             return ContextLengthExceeded(text, input_param)
         if _FORMAT_WORDS.search(message):
             return InvalidInput(text, "response_format")  # a schema the server cannot enforce
+        if tools and _TOOL_WORDS.search(message):
+            return InvalidInput(text, "tools")  # tools, or a tool_choice, the server does not take
         return InvalidInput(text, input_param)
     return EngineUnavailable(text)
 
@@ -345,17 +358,26 @@ class OpenAIServerEngine:
                 self._running += sequences
                 granted.set_result(None)
 
-    async def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+    def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+        events = self._generate(prompt, options)
+        if isinstance(prompt, Chat) and prompt.tools and prompt.tool_choice.mode in ("required", "function"):
+            return demanded_calls(events)  # a server that ignores tool_choice is found out, not passed on
+        return events
+
+    async def _generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
         """The server's stream as the engine's events. With n > 1 its choices are told apart by their
         `index` (each with its own text offsets for logprobs), and each choice's finish_reason is a ChoiceEnd
-        as it comes; the request's Finished carries the first choice's reason and the server's usage."""
+        as it comes; the request's Finished carries the first choice's reason, the server's usage and the
+        reply's tool calls (n = 1: the edge refuses tools with several choices)."""
         if options.n > self.config.slots:  # it would wait in line for ever, and hold up those behind it
             raise InvalidInput(f"n is {options.n}; this engine runs at most {self.config.slots} sequences at once", "n")
         path, body = request_body(prompt, options, self._model)
         input_param = "prompt" if isinstance(prompt, str) else "messages"
+        with_tools = "tools" in body
         chunks, usage = 0, None
         offsets: dict[int, int] = {}  # per choice: characters received so far
         finishes: dict[int, str] = {}
+        calls = ToolCallDeltas()
         async with self._slot(options.n):
             try:
                 async with self._client.stream(
@@ -363,7 +385,7 @@ class OpenAIServerEngine:
                 ) as reply:
                     if reply.status_code != 200:
                         await reply.aread()
-                        raise upstream_error(reply.status_code, _error_message(reply), input_param)
+                        raise upstream_error(reply.status_code, _error_message(reply), input_param, with_tools)
                     async for line in reply.aiter_lines():
                         self._heard = time.monotonic()
                         if not line.startswith("data:"):
@@ -384,8 +406,11 @@ class OpenAIServerEngine:
                                 chunks += 1
                                 offsets[index] = offset + len(text)
                                 yield TextChunk(text, logprobs, index)
+                            for call in calls.feed((choice.get("delta") or {}).get("tool_calls")):
+                                chunks += 1 if call.arguments else 0
+                                yield call
                             if choice.get("finish_reason") and index not in finishes:
-                                finishes[index] = "length" if choice["finish_reason"] == "length" else "stop"
+                                finishes[index] = _finish_reason(choice["finish_reason"])
                                 if options.n > 1:
                                     yield ChoiceEnd(index, finishes[index])  # type: ignore[arg-type]
             except httpx.HTTPError as exc:
@@ -404,7 +429,10 @@ class OpenAIServerEngine:
         # Servers that do not report usage in streams (llama_cpp.server): one chunk is about one token.
         prompt_tokens = int(usage.get("prompt_tokens", 0)) if usage else 0
         completion_tokens = int(usage.get("completion_tokens", chunks)) if usage else chunks
-        yield Finished(finishes[0], prompt_tokens, completion_tokens)  # type: ignore[arg-type]
+        finish = finishes[0]
+        if finish == "stop" and calls.calls:
+            finish = "tool_calls"  # a server that says "stop" after calls (llama_cpp.server's named choice)
+        yield Finished(finish, prompt_tokens, completion_tokens, calls.calls)  # type: ignore[arg-type]
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
         async with self._slot():
