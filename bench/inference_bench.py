@@ -33,6 +33,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import psutil
 import yaml
 
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -257,14 +258,24 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
     )
 
 
+def process_cpu(cluster: Cluster, prefix: str) -> float:
+    """User + system CPU seconds of the cluster's first process whose name starts with `prefix`."""
+    proc = next(p for p in cluster.procs if p.name.startswith(prefix))
+    times = psutil.Process(proc.popen.pid).cpu_times()
+    return float(times.user + times.system)
+
+
 def report_ttft(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
-    """Time to first token only (40 short requests per row and round, one at a time)."""
+    """Time to first token only (40 short requests per row and round, one at a time), and the CPU time the
+    edge spent per request (on this machine every core is the engine's while it computes, so the edge's CPU
+    during a request is time its prefill waits)."""
     table = {name: statistics.median(r["ttft_1"] for r in runs) for name, runs in results.items()}
+    cpu = {name: statistics.median(r["edge_cpu"] for r in runs) for name, runs in results.items()}
     print(f"\ntime to first token, 1 stream, {args.threads} threads, fleetlm with {args.replicas} replica(s), "
           f"median of {args.rounds} rounds of 40 requests\n")  # fmt: skip
     for name, ttft in table.items():
         print(f"{name:<46} {ttft:8.1f} ms   {ttft - table[DIRECT]:+6.1f} ms against direct   "
-              f"{ttft - table[NODE_GRPC]:+6.1f} ms against the node")  # fmt: skip
+              f"{ttft - table[NODE_GRPC]:+6.1f} ms against the node   edge CPU {cpu[name]:5.2f} ms/req")  # fmt: skip
 
 
 async def main() -> None:
@@ -307,8 +318,13 @@ async def main() -> None:
             for round_ in range(args.rounds):
                 for name, stream in rows.items():
                     if args.ttft_only:
+                        edge_before = process_cpu(cluster, "edge")
+                        firsts = [(await stream(4)).ttft for _ in range(40)]
                         results[name].append(
-                            {"ttft_1": statistics.median([(await stream(4)).ttft for _ in range(40)]) * 1000}
+                            {
+                                "ttft_1": statistics.median(firsts) * 1000,
+                                "edge_cpu": (process_cpu(cluster, "edge") - edge_before) * 1000 / 40,
+                            }
                         )
                     else:
                         results[name].append(await measure(stream, args.tokens))

@@ -29,6 +29,9 @@ OPERATIONS = {
     "Generate": "chat",  # text_completion for a prompt: the servicer says (`Access.operation`)
     "Embed": "embeddings",
     "Tokenize": "tokenize",
+    "Detokenize": "detokenize",
+    "/tokenize": "tokenize",
+    "/detokenize": "detokenize",
 }
 
 

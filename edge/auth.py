@@ -354,9 +354,19 @@ def visible_models(names: list[str]) -> list[str]:
     return names if call is None else [n for n in names if call.auth.may_use(call.key, n)]
 
 
+# Routes about a model outside /v1: vLLM's and SGLang's tokenizer routes.
+KEYED_PATHS = frozenset({"/tokenize", "/detokenize"})
+
+
+def needs_key(path: str) -> bool:
+    """Whether an HTTP path needs an API key (when the edge requires keys): the routes that use a model."""
+    return path.startswith("/v1/") or path in KEYED_PATHS
+
+
 class ApiKeyMiddleware:
-    """ASGI: every /v1 request needs a valid key (401 in OpenAI's shape otherwise); the route admits it for
-    its model (admit_model) and charges its tokens (charge). Other paths (/health, /docs) stay open."""
+    """ASGI: every /v1 request (and /tokenize, /detokenize) needs a valid key (401 in OpenAI's shape
+    otherwise); the route admits it for its model (admit_model) and charges its tokens (charge). Other
+    paths (/health, /docs) stay open."""
 
     def __init__(self, app: Any, auth: EdgeAuth | None) -> None:
         self._app = app
@@ -364,7 +374,7 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         auth = self._auth
-        if auth is None or scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if auth is None or scope["type"] != "http" or not needs_key(scope["path"]):
             await self._app(scope, receive, send)
             return
         try:

@@ -43,7 +43,7 @@ from mesh import request_context
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError
 from mesh.fleet_ca import node_dns_name
-from mesh.inference_requests import validate_embed, validate_tokenize
+from mesh.inference_requests import validate_detokenize, validate_embed, validate_tokenize
 from mesh.request_context import outgoing
 from mesh.tls import TlsFiles, secure_channel
 
@@ -595,6 +595,16 @@ class Gateway:
     ) -> inference_pb2.TokenizeResponse:
         validate_tokenize(request)
         reply = await self.unary("Tokenize", request, client_timeout, request_id)
+        call = CURRENT.get()
+        if self.metrics is not None and call is not None:
+            self.metrics.serving(call, request.model)
+        return reply  # type: ignore[no-any-return]
+
+    async def detokenize(
+        self, request: inference_pb2.DetokenizeRequest, client_timeout: float | None = None, request_id: str = ""
+    ) -> inference_pb2.DetokenizeResponse:
+        validate_detokenize(request)
+        reply = await self.unary("Detokenize", request, client_timeout, request_id)
         call = CURRENT.get()
         if self.metrics is not None and call is not None:
             self.metrics.serving(call, request.model)

@@ -95,7 +95,7 @@ class Generation:
                 try:
                     while not response.HasField("result"):
                         event = progress.forward(response)
-                        if metrics is not None and counted is not None:
+                        if metrics is not None and counted is not None and event.HasField("delta"):
                             metrics.text(counted, streamed)
                         yield event
                         response = await self._next_event(stream.call, stream.target, timeout)
@@ -103,6 +103,7 @@ class Generation:
                     cut = stream
                     stream, response = await self._continue(cut, progress, error, open_stream, deadline)
                     continue
+                progress.check_choices(stream.target.node_id)
                 event = progress.forward(response)
                 if metrics is not None and counted is not None:
                     metrics.result(counted, event.result.usage.prompt_tokens, event.result.usage.completion_tokens)

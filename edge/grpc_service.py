@@ -108,7 +108,7 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
                         access.usage(result.usage.prompt_tokens, result.usage.completion_tokens,
                                      FINISH_REASONS.get(result.finish_reason, ""))  # fmt: skip
                         access.node = result.node_id or access.node
-                    else:
+                    elif response.HasField("delta"):
                         access.token()
                     yield response
             except (FleetError, grpc.aio.AbortError):
@@ -146,6 +146,21 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
             admission.finish(0)
             try:
                 return await self._gateway.tokenize(request, _client_timeout(context), access.request_id)
+            except (FleetError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                raise _internal(access.request_id) from exc
+
+    async def Detokenize(
+        self, request: inference_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.DetokenizeResponse:
+        stack, access = await _call(context, "Detokenize")
+        with stack, _outcome(access):
+            access.model = request.model
+            admission = await auth.admit_grpc(self._auth, context, request.model)
+            admission.finish(0)
+            try:
+                return await self._gateway.detokenize(request, _client_timeout(context), access.request_id)
             except (FleetError, grpc.aio.AbortError):
                 raise
             except Exception as exc:

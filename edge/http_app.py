@@ -33,6 +33,7 @@ from edge.http_limits import HttpLimits, RequestLimits, RequestRefused
 from edge.openai_protocol import (
     FINISH_REASONS,
     ChatCompletionRequest,
+    Choices,
     CompletionRequest,
     CompletionShape,
     EmbeddingRequest,
@@ -42,6 +43,7 @@ from edge.openai_protocol import (
     sse,
 )
 from edge.openapi import describe
+from edge.tokenize_protocol import DetokenizeBody, TokenizeBody, detokenize_json, renamed, tokenize_json
 from fleetlm.inference.v1 import inference_pb2
 from mesh import request_context
 from mesh.errors import ErrorCode, FleetError
@@ -109,26 +111,24 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def _collect(
-    stream: AsyncIterator[inference_pb2.GenerateResponse],
-) -> tuple[str, list[inference_pb2.TokenLogprob], Any]:
-    parts: list[str] = []
-    logprobs: list[inference_pb2.TokenLogprob] = []
+async def _collect(stream: AsyncIterator[inference_pb2.GenerateResponse]) -> tuple[Choices, Any]:
+    choices = Choices()
     result = None
     access = access_log.current()
+    first = True
     async for event in stream:
-        if event.HasField("delta"):
-            if access is not None and not parts:
-                access.token()
-            parts.append(event.delta.text)
-            logprobs.extend(event.delta.logprobs)
-        else:
-            result = event.result
+        if event.HasField("result"):
+            result = event.result  # its tool_calls are the reply's, whole (the deltas streamed them)
+            continue
+        if access is not None and first:
+            access.token()  # the first output of either kind: text or a tool call
+        first = False
+        choices.add(event)
     if result is None:
         raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream without a result")
     if access is not None:
         _note_result(access, result)
-    return "".join(parts), logprobs, result
+    return choices, result
 
 
 def _note_result(access: access_log.Access, result: inference_pb2.GenerateResult) -> None:
@@ -245,11 +245,12 @@ class GenerationRoutes:
         stream = self._gateway.generate(proto)
         try:
             if body.stream:
-                await until_disconnect(receive, self._stream(send, stream, shape, body.include_usage))
+                streamed = self._stream(send, stream, shape, body.include_usage, body.choices)
+                await until_disconnect(receive, streamed)
             else:
-                text, logprobs, result = await until_disconnect(receive, _collect(stream))
+                choices, result = await until_disconnect(receive, _collect(stream))
                 auth.charge(result.usage.total_tokens)
-                for message in _json_message(200, shape.full(text, result, logprobs)):
+                for message in _json_message(200, shape.full(choices, result)):
                     await send(message)
         finally:
             await stream.aclose()  # cancels the node's work if the client went away
@@ -260,6 +261,7 @@ class GenerationRoutes:
         stream: AsyncIterator[inference_pb2.GenerateResponse],
         shape: CompletionShape,
         include_usage: bool,
+        choices: int,
     ) -> None:
         # The first event comes before the response starts, so that errors before any output are plain
         # HTTP errors; after that an error is one `data:` event, then `data: [DONE]`. One exception: a
@@ -286,20 +288,29 @@ class GenerationRoutes:
                 WAIT_NOTES.reset(waiting)
             if first is None:
                 raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream at once")
-            if access is not None and first.HasField("delta"):
+            if access is not None and not first.HasField("result"):  # text or a tool call
                 access.token()
             if shape.chat:
-                await event(sse(shape.chunk(None, first=True)))
+                for index in range(choices):  # each choice starts with its role, as OpenAI's streams do
+                    await event(sse(shape.chunk(None, first=True, index=index)))
             response: inference_pb2.GenerateResponse | None = first
             while response is not None:
                 if response.HasField("delta"):
-                    await event(shape.delta_event(response.delta.text, response.delta.logprobs))
+                    delta = response.delta
+                    await event(shape.delta_event(delta.text, delta.logprobs, delta.index))
+                elif response.HasField("choice_end"):  # n > 1: one choice ends, the others may go on
+                    end = response.choice_end
+                    reason = FINISH_REASONS.get(end.finish_reason, "stop")
+                    await event(sse(shape.chunk(None if shape.chat else "", finish=reason, index=end.index)))
+                elif response.HasField("tool_call"):
+                    await event(sse(shape.tool_call_chunk(response.tool_call)))
                 else:
                     reason = FINISH_REASONS.get(response.result.finish_reason, "stop")
                     if access is not None:
                         _note_result(access, response.result)
                     auth.charge(response.result.usage.total_tokens)
-                    await event(sse(shape.chunk(None if shape.chat else "", finish=reason)))
+                    if choices == 1:  # with n > 1 each choice's ChoiceEnd ended it
+                        await event(sse(shape.chunk(None if shape.chat else "", finish=reason)))
                     if include_usage:
                         await event(sse(shape.usage_chunk(response.result.usage)))
                 response = await anext(stream, None)
@@ -364,6 +375,28 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None) -> ASGIApp:
             access.usage(response.usage.prompt_tokens, 0)
         auth.charge(response.usage.total_tokens)
         return embeddings_json(response, proto.model, body.encoding_format)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Any:
+        """vLLM's and SGLang's /tokenize (edge.tokenize_protocol)."""
+        proto = parse_body(await request.body(), TokenizeBody).to_proto()
+        await _admit_unmetered(gateway, proto.model)
+        call = gateway.tokenize(proto, request_id=request_context.REQUEST_ID.get())
+        try:
+            return tokenize_json(await until_disconnect(request.receive, call))
+        except FleetError as error:
+            raise renamed(error) from None
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Any:
+        """vLLM's and SGLang's /detokenize (edge.tokenize_protocol)."""
+        proto = parse_body(await request.body(), DetokenizeBody).to_proto()
+        await _admit_unmetered(gateway, proto.model)
+        call = gateway.detokenize(proto, request_id=request_context.REQUEST_ID.get())
+        try:
+            return detokenize_json(await until_disconnect(request.receive, call))
+        except FleetError as error:
+            raise renamed(error) from None
 
     @app.get("/v1/models")
     async def models() -> Any:
@@ -445,6 +478,16 @@ class RequestIds:
                         await send_with_id(message)
                     return
             await self._app(scope, receive, send_with_id)
+
+
+async def _admit_unmetered(gateway: Gateway, model: str) -> None:
+    """A request about a model that generates nothing: the key's model and request limits apply, no tokens
+    are charged (as gRPC's Tokenize)."""
+    access = access_log.current()
+    if access is not None:
+        access.model = model
+    gateway.counting(model)
+    await auth.admit_model(model)
 
 
 async def _visible(gateway: Gateway) -> list[inference_pb2.ModelInfo]:

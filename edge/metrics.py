@@ -385,5 +385,8 @@ class _CountedServicer:
     async def Tokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._unary("Tokenize", request, context)
 
+    async def Detokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._unary("Detokenize", request, context)
+
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._unary("ListModels", request, context)

@@ -2,19 +2,24 @@
 
 Requests are validated by pydantic (types) and by mesh.inference_requests' table of bounds (ranges, the
 same as over gRPC); a field of the wrong type or out of range becomes a 400 naming the field. Fields
-OpenAI defines that fleetlm does not implement are refused when they would change the result (n > 1,
-tools, echo, suffix), and ignored when they would not (metadata, store). `response_format` (structured
-outputs) is taken by chat and, as vLLM and llama-server take it, by completions.
+OpenAI defines that fleetlm does not implement are refused when they would change the result (echo,
+suffix, best_of, logit_bias, audio, image/audio/file content, the deprecated functions/function_call), and
+ignored when they would not (metadata, store). `response_format` (structured outputs) is taken by chat
+and, as vLLM and llama-server take it, by completions. `n` choices come back as `choices[i]` with their
+`index`, streamed or not. Chat takes tools (`tools`, `tool_choice`, `parallel_tool_calls`, assistant
+`tool_calls` and `tool` messages in the history); a reply's calls come back as `message.tool_calls`,
+streamed as `delta.tool_calls` (index, id, type and name first, then pieces of the arguments).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import struct
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal, Self
 
 from pydantic import (
@@ -34,6 +39,12 @@ from mesh.inference_requests import SAMPLING_BOUNDS
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_STOP: "stop",
     inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
+}
+TOOL_CHOICE_MODES = {
+    "none": inference_pb2.TOOL_CHOICE_MODE_NONE,
+    "auto": inference_pb2.TOOL_CHOICE_MODE_AUTO,
+    "required": inference_pb2.TOOL_CHOICE_MODE_REQUIRED,
 }
 
 
@@ -103,23 +114,16 @@ class _Request(BaseModel):
     repetition_penalty: float | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int | None = None
     user: str | None = None
     response_format: ResponseFormatIn | None = None
+    logit_bias: dict[str, Any] | None = None
 
     @field_validator("response_format", mode="wrap")
     @classmethod
     def _response_format_param(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        """Every error inside response_format names `response_format` (as the gRPC check does); the
-        message says which part."""
-        try:
-            return handler(value)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-            message = "must be an object" if first["type"] == "model_type" else first["msg"]
-            message = message.removeprefix("Value error, ")
-            raise invalid("response_format", f"invalid 'response_format{where}': {message}") from exc
+        """Every error inside response_format names `response_format` (as the gRPC check does)."""
+        return _named("response_format", value, handler)
 
     @model_validator(mode="after")
     def _check_bounds(self) -> Self:
@@ -142,6 +146,7 @@ class _Request(BaseModel):
             "presence_penalty",
             "frequency_penalty",
             "repetition_penalty",
+            "n",
         ):
             value = getattr(self, name)
             if value is not None:
@@ -153,8 +158,12 @@ class _Request(BaseModel):
         return params
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise invalid("n", "only n=1 is supported")
+        if self.logit_bias:
+            raise invalid("logit_bias", "logit_bias is not supported")
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
 
     @property
     def include_usage(self) -> bool:
@@ -168,11 +177,55 @@ class ContentPart(BaseModel):
     text: str
 
 
+# Content parts OpenAI defines that carry something other than text. fleetlm's engines get text only (the
+# proto's ChatMessage.content is a string), so these are refused by name rather than lost.
+NOT_TEXT = {
+    "image_url": "images are not supported: fleetlm passes text only, to every model",
+    "input_audio": "audio input is not supported: fleetlm passes text only, to every model",
+    "file": "file inputs are not supported: fleetlm passes text only, to every model",
+}
+
+
+def refuse_content_parts(messages: Any) -> None:
+    """A 400 naming the part (`messages[i].content[j]`) for content that is not text."""
+    if not isinstance(messages, list):
+        return
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind in NOT_TEXT:
+                raise invalid(f"messages[{i}].content[{j}]", f"'{kind}' content: {NOT_TEXT[kind]}")
+
+
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCallIn(BaseModel):
+    """A call an assistant message made (the history a client sends back)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+    def to_proto(self) -> inference_pb2.ToolCall:
+        call = inference_pb2.FunctionCall(name=self.function.name, arguments=self.function.arguments)
+        return inference_pb2.ToolCall(id=self.id, function=call)
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: str
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant message's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -180,6 +233,69 @@ class ChatMessageIn(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def to_proto(self) -> inference_pb2.ChatMessage:
+        return inference_pb2.ChatMessage(
+            role=self.role,
+            content=self.text(),
+            tool_calls=[call.to_proto() for call in self.tool_calls or ()],
+            tool_call_id=self.tool_call_id or "",
+        )
+
+
+class FunctionIn(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; checked with the proto (validate_tools)
+    strict: bool | None = None
+
+
+class ToolIn(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["function"]
+    function: FunctionIn
+
+    def to_proto(self) -> inference_pb2.Tool:
+        function = self.function
+        return inference_pb2.Tool(
+            function=inference_pb2.FunctionDefinition(
+                name=function.name,
+                description=function.description or "",
+                # key order kept: it is the order the model writes the arguments in
+                parameters=json.dumps(function.parameters) if function.parameters is not None else "",
+                strict=bool(function.strict),
+            )
+        )
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def _named(param: str, value: Any, handler: Callable[[Any], Any]) -> Any:
+    """pydantic's first error in a field, as a 400 naming the field (not its union branches); the message
+    says which part."""
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        parts = [p for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p[:1].isupper()))]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+        message = "must be an object" if first["type"] == "model_type" else first["msg"]
+        message = message.removeprefix("Value error, ")
+        raise invalid(param, f"invalid '{param}{where}': {message}") from exc
 
 
 class ChatCompletionRequest(_Request):
@@ -193,7 +309,28 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
+    tools: list[ToolIn] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # OpenAI's deprecated forerunners of tools: refused rather than ignored.
+    functions: Any = None
+    function_call: Any = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+
+    @field_validator("tool_choice", mode="wrap")
+    @classmethod
+    def _tool_choice_param(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # An object can only be a named function: its errors are that shape's, not the strings'.
+        return _named("tool_choice", value, NamedToolChoice.model_validate if isinstance(value, dict) else handler)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        # Before the types are checked, so that an image part is named as such, not as a wrong 'type'.
+        if isinstance(data, dict):
+            refuse_content_parts(data.get("messages"))
+        return data
 
     @property
     def wants_logprobs(self) -> bool:
@@ -201,8 +338,27 @@ class ChatCompletionRequest(_Request):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise invalid("tools", "tool calling is not supported yet")
+        if self.audio is not None:
+            raise invalid("audio", "audio output is not supported: fleetlm's models answer in text")
+        if self.modalities is not None and set(self.modalities) - {"text"}:
+            raise invalid("modalities", "only the 'text' modality is supported")
+        for legacy in ("functions", "function_call"):
+            if getattr(self, legacy) is not None:
+                raise invalid(
+                    legacy, f"'{legacy}' (deprecated by OpenAI) is not supported; use 'tools' and 'tool_choice'"
+                )
+
+    def chat(self) -> inference_pb2.ChatConversation:
+        chat = inference_pb2.ChatConversation(
+            messages=[m.to_proto() for m in self.messages], tools=[t.to_proto() for t in self.tools or ()]
+        )
+        if isinstance(self.tool_choice, str):
+            chat.tool_choice.mode = TOOL_CHOICE_MODES[self.tool_choice]
+        elif self.tool_choice is not None:
+            chat.tool_choice.function_name = self.tool_choice.function.name
+        if self.parallel_tool_calls is not None:
+            chat.parallel_tool_calls = self.parallel_tool_calls
+        return chat
 
     def to_proto(self, request_id: str) -> inference_pb2.GenerateRequest:
         self.check_supported()
@@ -211,9 +367,7 @@ class ChatCompletionRequest(_Request):
             sampling.max_tokens = self.max_completion_tokens
         sampling.logprobs = bool(self.logprobs)
         sampling.top_logprobs = self.top_logprobs or 0
-        chat = inference_pb2.ChatConversation(
-            messages=[inference_pb2.ChatMessage(role=m.role, content=m.text()) for m in self.messages]
-        )
+        chat = self.chat()
         return inference_pb2.GenerateRequest(
             model=self.model or "", chat=chat, sampling=sampling, user=self.user or "", request_id=request_id
         )
@@ -227,6 +381,7 @@ class CompletionRequest(_Request):
     echo: bool = False
     logprobs: int | None = None  # the completions API's top_logprobs
     suffix: str | None = None
+    best_of: int | None = None
 
     @property
     def wants_logprobs(self) -> bool:
@@ -245,6 +400,8 @@ class CompletionRequest(_Request):
             raise invalid("echo", "echo is not supported")
         if self.suffix:
             raise invalid("suffix", "suffix is not supported")
+        if self.best_of is not None and self.best_of != self.choices:
+            raise invalid("best_of", "best_of is not supported (n choices are all returned; leave best_of unset)")
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         if not prompt:
             raise invalid("prompt", "'prompt' must not be empty")
@@ -304,6 +461,25 @@ def _chat_logprob(entry: inference_pb2.TokenLogprob | inference_pb2.TopLogprob) 
     return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token_bytes)}
 
 
+@dataclasses.dataclass
+class Choices:
+    """A generation's choices as its events arrive, by index: each one's text, logprobs and, with n > 1,
+    finish reason (its ChoiceEnd)."""
+
+    texts: dict[int, list[str]] = dataclasses.field(default_factory=dict)
+    logprobs: dict[int, list[inference_pb2.TokenLogprob]] = dataclasses.field(default_factory=dict)
+    finishes: dict[int, inference_pb2.FinishReason] = dataclasses.field(default_factory=dict)
+
+    def add(self, event: inference_pb2.GenerateResponse) -> None:
+        if event.HasField("delta"):
+            delta = event.delta
+            self.texts.setdefault(delta.index, []).append(delta.text)
+            if delta.logprobs:
+                self.logprobs.setdefault(delta.index, []).extend(delta.logprobs)
+        elif event.HasField("choice_end"):
+            self.finishes[event.choice_end.index] = event.choice_end.finish_reason
+
+
 class CompletionShape:
     """Builds the bodies of one chat or text completion, streamed or not."""
 
@@ -315,7 +491,7 @@ class CompletionShape:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
-        self._text_event: tuple[bytes, bytes] | None = None
+        self._text_events: dict[int, tuple[bytes, bytes]] = {}  # per choice index
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
@@ -345,49 +521,79 @@ class CompletionShape:
             "text_offset": [e.text_offset for e in entries],
         }
 
-    def full(self, text: str, result: inference_pb2.GenerateResult, logprobs: Logprobs = ()) -> dict[str, Any]:
-        reason = FINISH_REASONS.get(result.finish_reason, "stop")
-        scores = self.logprobs_json(logprobs)
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": reason,
-                "logprobs": scores,
-            }
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": scores}
-        body = self._envelope(self.object, [choice], usage=usage_json(result.usage), system_fingerprint=result.node_id)
+    def full(self, choices: Choices, result: inference_pb2.GenerateResult) -> dict[str, Any]:
+        """The whole body: one choice per index (a choice's finish reason is its ChoiceEnd's, or, for a
+        single choice, the result's). A reply's tool calls (n = 1 only) are the first choice's."""
+        listed = []
+        for index in range(max(1, len(choices.finishes))):
+            text = "".join(choices.texts.get(index, ()))
+            reason = FINISH_REASONS.get(choices.finishes.get(index, result.finish_reason), "stop")
+            scores = self.logprobs_json(choices.logprobs.get(index, ()))
+            if self.chat:
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if index == 0 and result.tool_calls:
+                    message["content"] = text or None  # as OpenAI: a reply of calls only has null content
+                    message["tool_calls"] = [tool_call_json(call) for call in result.tool_calls]
+                listed.append({"index": index, "message": message, "finish_reason": reason, "logprobs": scores})
+            else:
+                listed.append({"index": index, "text": text, "finish_reason": reason, "logprobs": scores})
+        body = self._envelope(self.object, listed, usage=usage_json(result.usage), system_fingerprint=result.node_id)
         body["model"] = result.model or self.model  # the model that served it: an offload may differ
         return body
 
     def chunk(
-        self, text: str | None, finish: str | None = None, first: bool = False, logprobs: Logprobs = ()
+        self,
+        text: str | None,
+        finish: str | None = None,
+        first: bool = False,
+        logprobs: Logprobs = (),
+        index: int = 0,
     ) -> dict[str, Any]:
         scores = self.logprobs_json(logprobs, streamed=True)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": scores}
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": scores}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": scores}
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": scores}
         return self._envelope(self.chunk_object, [choice])
 
-    def delta_event(self, text: str, logprobs: Logprobs = ()) -> bytes:
+    def delta_event(self, text: str, logprobs: Logprobs = (), index: int = 0) -> bytes:
         """The SSE event of a chunk of text. Without logprobs it is the hot path, so the envelope, which is
-        the same for every chunk of the stream, is rendered once."""
+        the same for every chunk of a choice, is rendered once per choice."""
         if logprobs:
-            return sse(self.chunk(text, logprobs=logprobs))
-        if self._text_event is None:
+            return sse(self.chunk(text, logprobs=logprobs, index=index))
+        event = self._text_events.get(index)
+        if event is None:
             marker = "\x00"
-            head, tail = json.dumps(self.chunk(marker), separators=(",", ":")).split(json.dumps(marker), 1)
-            self._text_event = (f"data: {head}".encode(), f"{tail}\n\n".encode())
-        before, after = self._text_event
+            rendered = json.dumps(self.chunk(marker, index=index), separators=(",", ":"))
+            head, tail = rendered.split(json.dumps(marker), 1)
+            event = self._text_events[index] = (f"data: {head}".encode(), f"{tail}\n\n".encode())
+        before, after = event
         return before + json.dumps(text).encode() + after
+
+    def tool_call_chunk(self, delta: inference_pb2.ToolCallDelta) -> dict[str, Any]:
+        """A chunk with part of a tool call, as OpenAI streams them: the call's first has its index, id, type
+        and name (arguments ""), the later ones the index and the next piece of the arguments."""
+        call: dict[str, Any] = {"index": delta.index}
+        if delta.id:
+            call.update(id=delta.id, type="function", function={"name": delta.name, "arguments": delta.arguments})
+        else:
+            call["function"] = {"arguments": delta.arguments}
+        choice = {"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None, "logprobs": None}
+        return self._envelope(self.chunk_object, [choice])
 
     def usage_chunk(self, usage: inference_pb2.Usage) -> dict[str, Any]:
         return self._envelope(self.chunk_object, [], usage=usage_json(usage))
+
+
+def tool_call_json(call: inference_pb2.ToolCall) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.function.name, "arguments": call.function.arguments},
+    }
 
 
 def embeddings_json(response: inference_pb2.EmbedResponse, model: str, encoding: str) -> dict[str, Any]:

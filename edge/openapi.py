@@ -16,12 +16,17 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from edge.auth import needs_key
 from edge.http_limits import HttpLimits
 from mesh.inference_requests import (
+    FUNCTION_NAME,
+    MAX_CHOICES,
     MAX_MESSAGES,
     MAX_PROMPT_CHARS,
     MAX_SCHEMA_CHARS,
     MAX_STOPS,
+    MAX_TOKEN_IDS,
+    MAX_TOOLS,
     MAX_TOP_LOGPROBS,
     ROLES,
     SAMPLING_BOUNDS,
@@ -76,9 +81,15 @@ def _sampling_properties() -> Schema:
         "stream_options": _nullable(
             {"type": "object", "properties": {"include_usage": {"type": "boolean", "default": False}}}
         ),
-        "n": {"type": "integer", "minimum": 1, "maximum": 1, "default": 1, "description": "only 1 is supported"},
+        "n": {
+            **_bounded("n", "integer"),
+            "default": 1,
+            "description": f"choices to generate, 1 to {MAX_CHOICES}, returned as choices[].index; at most the"
+            " model's replica runs at once (its max_running_requests), else a 400 naming n",
+        },
         "user": _nullable({"type": "string"}),
         "response_format": _nullable(_ref("ResponseFormat")),
+        "logit_bias": _nullable({"type": "object", "maxProperties": 0, "description": "not supported"}),
     }
 
 
@@ -120,10 +131,72 @@ def _response_format_schemas() -> dict[str, Schema]:
     }
 
 
+def _tool_schemas() -> dict[str, Schema]:
+    """OpenAI's tools and tool_choice, and the tool calls of the history. What a parameters schema may use
+    is the engine's to say, as for response_format (a 400 naming `tools[i].function.parameters`)."""
+    function = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "pattern": FUNCTION_NAME.pattern.join("^$")},
+            "description": _nullable({"type": "string"}),
+            "parameters": _nullable(
+                {
+                    "type": "object",
+                    "properties": {"type": {"type": "string", "enum": ["object"]}},
+                    "description": f"a JSON schema of an object, at most {MAX_SCHEMA_CHARS} characters as JSON text",
+                }
+            ),
+            "strict": _nullable({"type": "boolean"}),
+        },
+    }
+    call = {
+        "type": "object",
+        "required": ["id", "function"],
+        "properties": {
+            "id": {"type": "string", "minLength": 1},
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {
+                "type": "object",
+                "required": ["name", "arguments"],
+                "properties": {"name": {"type": "string", "minLength": 1}, "arguments": {"type": "string"}},
+            },
+        },
+    }
+    return {
+        "Tool": {
+            "type": "object",
+            "required": ["type", "function"],
+            "properties": {"type": {"type": "string", "enum": ["function"]}, "function": function},
+        },
+        "ToolChoice": {
+            "description": "none, auto (the default with tools), required, or a function the model must call;"
+            " required and a function need tools",
+            "anyOf": [
+                {"type": "string", "enum": ["none", "auto", "required"]},
+                {
+                    "type": "object",
+                    "required": ["type", "function"],
+                    "properties": {
+                        "type": {"type": "string", "enum": ["function"]},
+                        "function": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {"name": {"type": "string"}},
+                        },
+                    },
+                },
+            ],
+        },
+        "ToolCall": call,
+    }
+
+
 def _request_schemas() -> dict[str, Schema]:
     content_part = {
         "type": "object",
         "required": ["type", "text"],
+        "description": "text only: image_url, input_audio and file parts are refused (400 naming the part)",
         "properties": {"type": {"type": "string", "enum": ["text"]}, "text": _TEXT},
     }
     message = {
@@ -132,6 +205,12 @@ def _request_schemas() -> dict[str, Schema]:
         "properties": {
             "role": {"type": "string", "enum": list(ROLES)},
             "content": _nullable({"anyOf": [_TEXT, {"type": "array", "items": _ref("ContentPart")}]}),
+            "tool_calls": _nullable(
+                {"type": "array", "items": _ref("ToolCall"), "description": "an assistant message's tool calls"}
+            ),
+            "tool_call_id": _nullable(
+                {"type": "string", "description": "role tool (required there): the id of the call it answers"}
+            ),
         },
     }
     chat = {
@@ -147,7 +226,13 @@ def _request_schemas() -> dict[str, Schema]:
                 **_bounded("top_logprobs", "integer"),
                 "description": f"0 to {MAX_TOP_LOGPROBS}; needs logprobs: true",
             },
-            "tools": _nullable({"type": "array", "maxItems": 0, "description": "tool calling is not supported yet"}),
+            "tools": _nullable({"type": "array", "maxItems": MAX_TOOLS, "items": _ref("Tool")}),
+            "tool_choice": _nullable(_ref("ToolChoice")),
+            "parallel_tool_calls": _nullable({"type": "boolean", "description": "false: at most one call"}),
+            "functions": {"type": "null", "description": "deprecated by OpenAI, not supported: use tools"},
+            "function_call": {"type": "null", "description": "deprecated by OpenAI, not supported: use tool_choice"},
+            "audio": {"type": "null", "description": "audio output is not supported"},
+            "modalities": _nullable({"type": "array", "items": {"type": "string", "enum": ["text"]}}),
         },
     }
     one_prompt = {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS}
@@ -161,6 +246,7 @@ def _request_schemas() -> dict[str, Schema]:
             "echo": {"type": "boolean", "enum": [False], "default": False, "description": "not supported"},
             "logprobs": _bounded("top_logprobs", "integer"),
             "suffix": _nullable({"type": "string", "maxLength": 0, "description": "not supported"}),
+            "best_of": {**_bounded("n", "integer"), "description": "only equal to n (every choice is returned)"},
         },
     }
     embedding_input = {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS}
@@ -185,6 +271,69 @@ def _request_schemas() -> dict[str, Schema]:
         "CompletionRequest": completion,
         "EmbeddingRequest": embedding,
         **_response_format_schemas(),
+        **_tool_schemas(),
+        **_tokenizer_schemas(),
+    }
+
+
+def _tokenizer_schemas() -> dict[str, Schema]:
+    """vLLM's and SGLang's /tokenize and /detokenize (edge.tokenize_protocol)."""
+    model = _sampling_properties()["model"]
+    text = {
+        "type": "object",
+        "required": ["model", "prompt"],
+        "properties": {
+            "model": model,
+            "prompt": _TEXT,
+            "add_special_tokens": _nullable({"type": "boolean", "enum": [True], "description": "only its default"}),
+            "return_token_strs": _nullable({"type": "boolean", "enum": [False], "description": "not supported"}),
+        },
+    }
+    chat = {
+        "type": "object",
+        "required": ["model", "messages"],
+        "description": "rendered with the model's chat template as a chat completion renders it; add_generation_"
+        "prompt and continue_final_message are not both true",
+        "properties": {
+            "model": model,
+            "messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "items": _ref("ChatMessage")},
+            "add_generation_prompt": _nullable({"type": "boolean", "default": True}),
+            "continue_final_message": {"type": "boolean", "default": False},
+            "add_special_tokens": _nullable({"type": "boolean", "enum": [False], "description": "only its default"}),
+            "return_token_strs": _nullable({"type": "boolean", "enum": [False], "description": "not supported"}),
+        },
+    }
+    detokenize = {
+        "type": "object",
+        "required": ["model", "tokens"],
+        "properties": {
+            "model": model,
+            "tokens": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+                "description": f"at most {MAX_TOKEN_IDS} token ids of the model's vocabulary (another id is a 400"
+                " naming tokens)",
+            },
+        },
+    }
+    return {
+        "TokenizeRequest": {"oneOf": [text, chat]},
+        "DetokenizeRequest": detokenize,
+        "TokenizeResponse": {
+            "type": "object",
+            "required": ["count", "max_model_len", "tokens"],
+            "properties": {
+                "count": {"type": "integer", "minimum": 0},
+                "max_model_len": {"type": "integer", "minimum": 0},
+                "tokens": {"type": "array", "items": {"type": "integer"}},
+                "token_strs": {"type": "null"},
+            },
+        },
+        "DetokenizeResponse": {
+            "type": "object",
+            "required": ["prompt"],
+            "properties": {"prompt": {"type": "string"}},
+        },
     }
 
 
@@ -196,7 +345,24 @@ def _response_schemas() -> dict[str, Schema]:
             k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")
         },
     }
-    finish = {"type": "string", "enum": ["stop", "length"]}
+    finish = {"type": "string", "enum": ["stop", "length", "tool_calls"]}
+    # A call in a reply; in a chunk, the first part of a call (index, id, type, name), or a later one (index,
+    # and the next piece of the arguments).
+    call = {"type": "array", "items": _ref("ToolCall")}
+    call_part = {
+        "type": "object",
+        "required": ["index", "function"],
+        "properties": {
+            "index": {"type": "integer", "minimum": 0},
+            "id": {"type": "string"},
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {
+                "type": "object",
+                "required": ["arguments"],
+                "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+            },
+        },
+    }
     envelope = {
         "id": {"type": "string"},
         "created": {"type": "integer"},
@@ -211,7 +377,11 @@ def _response_schemas() -> dict[str, Schema]:
             "message": {
                 "type": "object",
                 "required": ["role", "content"],
-                "properties": {"role": {"type": "string", "enum": ["assistant"]}, "content": {"type": "string"}},
+                "properties": {
+                    "role": {"type": "string", "enum": ["assistant"]},
+                    "content": _nullable({"type": "string"}),
+                    "tool_calls": call,
+                },
             },
             "finish_reason": finish,
             "logprobs": _nullable({"type": "object"}),
@@ -284,6 +454,7 @@ def _response_schemas() -> dict[str, Schema]:
                                 "properties": {
                                     "role": {"type": "string", "enum": ["assistant"]},
                                     "content": {"type": "string"},
+                                    "tool_calls": {"type": "array", "items": call_part},
                                 },
                             },
                             "finish_reason": _nullable(finish),
@@ -375,7 +546,7 @@ def _operation(summary: str, request: str, response: str, chunk: str = "") -> Sc
         "requestBody": {"required": True, "content": {JSON: {"schema": _ref(request)}}},
         "responses": {
             "200": {
-                "description": f"the {response}; {_SSE}" if response != "embeddings" else "the embeddings",
+                "description": f"the {response}; {_SSE}" if chunk else f"the {response}",
                 "content": {
                     JSON: {"schema": _ref(response) if response != "embeddings" else {"type": "object"}},
                     **({"text/event-stream": {"schema": _sse_event(chunk)}} if chunk else {}),
@@ -422,6 +593,13 @@ def describe(app: FastAPI, requires_key: bool = False) -> None:
         embeddings = paths.get("/v1/embeddings", {}).get("post")
         if embeddings is not None:
             embeddings.update(_operation("Create embeddings", "EmbeddingRequest", "embeddings"))
+        for path, summary, name in (
+            ("/tokenize", "Tokenize a prompt or a conversation (vLLM's shape)", "Tokenize"),
+            ("/detokenize", "The text of token ids (vLLM's shape)", "Detokenize"),
+        ):
+            route = paths.get(path, {}).get("post")
+            if route is not None:
+                route.update(_operation(summary, f"{name}Request", f"{name}Response"))
         model = paths.get("/v1/models/{model_id}", {}).get("get")
         if model is not None:
             model["responses"]["404"] = _errors()["404"]
@@ -435,7 +613,7 @@ def describe(app: FastAPI, requires_key: bool = False) -> None:
         if requires_key:
             document["components"]["securitySchemes"] = {"apiKey": _BEARER}
             for path, item in paths.items():
-                if not path.startswith("/v1/"):
+                if not needs_key(path):
                     continue
                 for operation in item.values():
                     operation["security"] = [{"apiKey": []}]

@@ -18,15 +18,23 @@ from mesh.errors import ErrorCode, FleetError, invalid
 ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
+# OpenAI's own bound on `n`. A replica runs at most its max_running_requests sequences at once: a request
+# for more choices than that is refused by the node (also a 400 naming n).
+MAX_CHOICES = 128
 # Limits against abuse, checked before anything is tokenized (tokenizing is linear in the text, and a
 # chat template renders every message): more than any context the fleet serves (1,000,000 characters is
 # ~250k tokens; OpenAI's API takes 2,048 messages at most), far less than what would tie up an engine.
 MAX_MESSAGES = 2048
 MAX_PROMPT_CHARS = 1_000_000
+MAX_TOKEN_IDS = 1_000_000  # a Detokenize request's ids: more than any context, bounded all the same
 # A JSON schema in response_format: its text is bounded (the grammar made from it grows with it, and it
 # is parsed on every node that serves it); its name is OpenAI's pattern.
 MAX_SCHEMA_CHARS = 65_536
 SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+# Tools: OpenAI's limit on their number; a function's name follows the schema name's pattern (OpenAI's), and
+# its parameters schema the same bound as a response_format's.
+MAX_TOOLS = 128
+FUNCTION_NAME = SCHEMA_NAME
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
 
@@ -72,6 +80,7 @@ SAMPLING_BOUNDS: Mapping[str, Bound] = {
     # Multiplicative (llama.cpp, vLLM, SGLang): 1 is off; llama.cpp divides logits by it, so never 0.
     "repetition_penalty": Bound(0, 10, low_open=True),
     "top_logprobs": Bound(0, MAX_TOP_LOGPROBS),
+    "n": Bound(1, MAX_CHOICES),
 }
 
 
@@ -134,18 +143,113 @@ def validate_chat(chat: inference_pb2.ChatConversation) -> None:
         raise invalid("messages", "'messages' must contain at least one message")
     if len(chat.messages) > MAX_MESSAGES:
         raise invalid("messages", f"at most {MAX_MESSAGES} messages are allowed; got {len(chat.messages)}")
-    check_prompt_chars("messages", (m.content for m in chat.messages))
+    check_prompt_chars(
+        "messages", (t for m in chat.messages for t in (m.content, *(c.function.arguments for c in m.tool_calls)))
+    )
+    call_ids: set[str] = set()  # ids of the tool calls made so far in the conversation
     for i, message in enumerate(chat.messages):
         if message.role not in ROLES:
             raise invalid(
                 f"messages[{i}].role",
                 f"messages[{i}].role must be one of {', '.join(ROLES)}; got '{message.role}'",
             )
-    last = chat.messages[-1].role
-    if chat.continue_final_message and last != "assistant":
+        _validate_tool_history(i, message, call_ids)
+    last = chat.messages[-1]
+    if chat.continue_final_message and last.role != "assistant":
         raise invalid(
             "continue_final_message",
-            f"'continue_final_message' needs the last message to be the assistant's; its role is '{last}'",
+            f"'continue_final_message' needs the last message to be the assistant's; its role is '{last.role}'",
+        )
+    if chat.continue_final_message and last.tool_calls:
+        raise invalid("continue_final_message", "a final assistant message with tool calls cannot be continued")
+    validate_tools(chat)
+
+
+def _validate_tool_history(i: int, message: inference_pb2.ChatMessage, call_ids: set[str]) -> None:
+    """Tool calls only on assistant turns, each with an id and a function name; a tool turn answers a call
+    made before it, by id (as OpenAI requires)."""
+    if message.tool_calls and message.role != "assistant":
+        raise invalid(f"messages[{i}].tool_calls", f"messages[{i}].tool_calls is only allowed on role 'assistant'")
+    for j, call in enumerate(message.tool_calls):
+        where = f"messages[{i}].tool_calls[{j}]"
+        if not call.id:
+            raise invalid(f"{where}.id", f"{where}.id must not be empty")
+        if not call.function.name:
+            raise invalid(f"{where}.function.name", f"{where}.function.name must not be empty")
+        call_ids.add(call.id)
+    if message.role != "tool":
+        if message.tool_call_id:
+            raise invalid(f"messages[{i}].tool_call_id", f"messages[{i}].tool_call_id is only allowed on role 'tool'")
+        return
+    if not message.tool_call_id:
+        raise invalid(
+            f"messages[{i}].tool_call_id", f"messages[{i}] has role 'tool' and needs the 'tool_call_id' it answers"
+        )
+    if message.tool_call_id not in call_ids:
+        raise invalid(
+            f"messages[{i}].tool_call_id",
+            f"messages[{i}].tool_call_id '{message.tool_call_id[:80]}' answers no tool call of an earlier assistant"
+            " message",
+        )
+
+
+def validate_tools(chat: inference_pb2.ChatConversation) -> None:
+    """The tools' shapes (names, parameters a JSON object schema), and a tool_choice that fits them. Whether
+    an engine can enforce a parameters schema is the engine's to say (a 400 naming
+    `tools[i].function.parameters`)."""
+    if len(chat.tools) > MAX_TOOLS:
+        raise invalid("tools", f"at most {MAX_TOOLS} tools are allowed; got {len(chat.tools)}")
+    check_prompt_chars(
+        "tools", (t for tool in chat.tools for t in (tool.function.description, tool.function.parameters))
+    )
+    names: list[str] = []
+    for i, tool in enumerate(chat.tools):
+        where = f"tools[{i}].function"
+        if not tool.HasField("function"):
+            raise invalid(where, f"'{where}' is required")
+        name = tool.function.name
+        if not FUNCTION_NAME.fullmatch(name):
+            raise invalid(f"{where}.name", f"'{where}.name' must be 1 to 64 characters of a-z, A-Z, 0-9, '_' and '-'")
+        if name in names:
+            raise invalid(f"{where}.name", f"'{where}.name' is '{name}', which an earlier tool has too")
+        names.append(name)
+        _validate_parameters(f"{where}.parameters", tool.function.parameters)
+    _validate_tool_choice(chat, names)
+
+
+def _validate_parameters(param: str, parameters: str) -> None:
+    if not parameters:
+        return  # no arguments
+    if len(parameters) > MAX_SCHEMA_CHARS:
+        raise invalid(param, f"'{param}' is over {MAX_SCHEMA_CHARS} characters")
+    try:
+        schema = json.loads(parameters)
+    except (ValueError, RecursionError) as exc:
+        raise invalid(param, f"'{param}' is not valid JSON: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise invalid(param, f"'{param}' must be a JSON object (a JSON schema)")
+    if schema.get("type", "object") != "object":
+        raise invalid(param, f"'{param}' must describe an object (its 'type' must be \"object\")")
+
+
+def _validate_tool_choice(chat: inference_pb2.ChatConversation, names: list[str]) -> None:
+    if not chat.HasField("tool_choice"):
+        return
+    which = chat.tool_choice.WhichOneof("choice")
+    if which is None:
+        raise invalid("tool_choice", "'tool_choice' must set one of mode or function_name")
+    if which == "mode":
+        mode = chat.tool_choice.mode
+        if mode not in inference_pb2.ToolChoiceMode.values():
+            raise invalid("tool_choice", f"'tool_choice.mode' {mode} is not a ToolChoiceMode")
+        if mode == inference_pb2.TOOL_CHOICE_MODE_REQUIRED and not names:
+            raise invalid("tool_choice", "'tool_choice' is 'required', but the request has no 'tools'")
+        return
+    name = chat.tool_choice.function_name
+    if name not in names:
+        listed = ", ".join(names) if names else "none"
+        raise invalid(
+            "tool_choice", f"'tool_choice' names the function '{name[:80]}', which is not among the tools ({listed})"
         )
 
 
@@ -159,6 +263,17 @@ def validate_generate(request: inference_pb2.GenerateRequest) -> None:
     else:
         check_prompt_chars("prompt", (request.prompt,))
     validate_sampling(request.sampling)
+    if which == "chat" and request.sampling.n > 1 and _may_call_tools(request.chat):
+        raise invalid(
+            "n",
+            f"'n' is {request.sampling.n}: several choices cannot be combined with tools (n must be 1, or "
+            "tool_choice 'none')",
+        )
+
+
+def _may_call_tools(chat: inference_pb2.ChatConversation) -> bool:
+    none = chat.HasField("tool_choice") and chat.tool_choice.WhichOneof("choice") == "mode"
+    return bool(chat.tools) and not (none and chat.tool_choice.mode == inference_pb2.TOOL_CHOICE_MODE_NONE)
 
 
 def validate_embed(request: inference_pb2.EmbedRequest, max_inputs: int = 2048) -> None:
@@ -179,5 +294,23 @@ def validate_tokenize(request: inference_pb2.TokenizeRequest) -> None:
         raise invalid("text", "a request needs 'text' or 'chat'")
     if which == "chat":
         validate_chat(request.chat)
+        if request.chat.continue_final_message and request.add_generation_prompt:
+            raise invalid(
+                "add_generation_prompt",
+                "'add_generation_prompt' and 'continue_final_message' cannot both be true: the final message is"
+                " either continued or followed by a new turn",
+            )
     else:
         check_prompt_chars("text", (request.text,))
+        if request.HasField("add_generation_prompt"):
+            raise invalid("add_generation_prompt", "'add_generation_prompt' applies to a conversation, not to a text")
+
+
+def validate_detokenize(request: inference_pb2.DetokenizeRequest) -> None:
+    """The ids' count and sign; whether each is in the model's vocabulary is the engine's to say."""
+    require_model(request.model)
+    if len(request.token_ids) > MAX_TOKEN_IDS:
+        raise invalid("token_ids", f"at most {MAX_TOKEN_IDS} token ids per request; got {len(request.token_ids)}")
+    for i, token in enumerate(request.token_ids):
+        if token < 0:
+            raise invalid("token_ids", f"token {i} is {token}; token ids are not negative")

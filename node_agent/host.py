@@ -11,8 +11,9 @@ format the engine cannot run, no GPU for SGLang) stops the retries, with that re
 next delivery of the same assignment, or a new deployment, tries again.
 
 Admission: a request is counted against the replica (running or waiting) in the same synchronous step
-that admits it, so requests that arrive together cannot all get in past the limits. That count is the
-load the node reports and what an unload drains.
+that admits it, so requests that arrive together cannot all get in past the limits. A request for n
+choices counts n: each is a sequence of the engine's. That count is the load the node reports and what an
+unload drains.
 
 Unloading is graceful: the replica refuses new requests at once, lets the admitted ones finish, then
 frees its engine (and stops its process). An engine still starting is stopped too.
@@ -34,7 +35,7 @@ from google.protobuf import timestamp_pb2
 from fleetlm.controlplane.v1 import node_pb2
 from fleetlm.inference.v1 import inference_pb2
 from mesh.catalog import queue_limit, running_limit
-from mesh.errors import ErrorCode, FleetError
+from mesh.errors import ErrorCode, FleetError, invalid
 from mesh.redaction import redact_spec
 from node_agent.engine_factory import EngineFactory, Placement
 from node_agent.engines.base import Engine, EngineError, PermanentEngineError
@@ -76,7 +77,7 @@ class HostedModel:
     engine: Engine | None = None
     context_size: int = 0
     last_request_at: float = field(default_factory=time.time)
-    admitted: int = 0  # requests admitted and not finished, running or waiting: the replica's load
+    admitted: int = 0  # sequences admitted and not finished, running or waiting: the replica's load
     rejected: int = 0
     load_attempts: int = 0
     unloading: bool = False
@@ -336,27 +337,31 @@ class ModelHost:
         return hosted, hosted.engine
 
     @contextlib.asynccontextmanager
-    async def serving(self, model: str) -> AsyncIterator[tuple[HostedModel, Engine]]:
-        """Admit one request (a generation or an embedding), or refuse it when the replica is full
-        (running + queued at its limits). Nothing here awaits before the request is counted: the check
-        and the count are one step of the event loop, so concurrent requests cannot both take the last
-        place."""
+    async def serving(self, model: str, sequences: int = 1) -> AsyncIterator[tuple[HostedModel, Engine]]:
+        """Admit one request (a generation of `sequences` choices, or an embedding), or refuse it when the
+        replica is full (running + queued at its limits). A request for more choices than the replica
+        runs at once can never run: a 400 naming `n`. Nothing here awaits before the request is counted:
+        the check and the count are one step of the event loop, so concurrent requests cannot both take
+        the last place."""
         hosted, engine = self.engine_for(model)
-        if hosted.admitted >= hosted.capacity:
+        slots = running_limit(hosted.spec)
+        if sequences > slots:
+            raise invalid("n", f"n is {sequences}; model '{model}' runs at most {slots} sequences at once per replica")
+        if hosted.admitted + sequences > hosted.capacity:
             hosted.rejected += 1
             code = ErrorCode.GPU_OVERLOADED if hosted.device == "gpu" else ErrorCode.NO_CAPACITY
             raise FleetError(
                 code,
-                f"model '{model}' on this node is full ({hosted.admitted} requests; limit {hosted.capacity})",
+                f"model '{model}' on this node is full ({hosted.admitted} sequences; limit {hosted.capacity})",
                 retry_after_seconds=1,
             )
-        hosted.admitted += 1
+        hosted.admitted += sequences
         hosted.last_request_at = time.time()
         self.changed.set()
         try:
             yield hosted, engine
         finally:
-            hosted.admitted -= 1
+            hosted.admitted -= sequences
             hosted.last_request_at = time.time()
             self.changed.set()
 

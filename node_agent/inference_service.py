@@ -11,18 +11,23 @@ import grpc
 
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.errors import ErrorCode, FleetError
-from mesh.inference_requests import validate_embed, validate_generate, validate_tokenize
+from mesh.inference_requests import validate_detokenize, validate_embed, validate_generate, validate_tokenize
 from node_agent.engines.base import (
     Chat,
+    ChoiceEnd,
     ContextLengthExceeded,
     EngineError,
     Finished,
+    Function,
     InvalidInput,
     Message,
     Prompt,
     ResponseFormat,
     SamplingOptions,
     TextChunk,
+    ToolCall,
+    ToolCallChunk,
+    ToolChoice,
 )
 from node_agent.host import ModelHost
 from node_agent.request_log import Served, served
@@ -30,7 +35,16 @@ from node_agent.text_delivery import delivered
 
 log = logging.getLogger(__name__)
 
-_FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH}
+_FINISH = {
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "tool_calls": inference_pb2.FINISH_REASON_TOOL_CALLS,
+}
+_TOOL_CHOICES = {
+    inference_pb2.TOOL_CHOICE_MODE_NONE: "none",
+    inference_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
+    inference_pb2.TOOL_CHOICE_MODE_REQUIRED: "required",
+}
 
 
 def sampling_options(params: inference_pb2.SamplingParams) -> SamplingOptions:
@@ -53,6 +67,7 @@ def sampling_options(params: inference_pb2.SamplingParams) -> SamplingOptions:
         logprobs=params.logprobs,
         top_logprobs=params.top_logprobs,
         response_format=response_format(params),
+        n=params.n if params.HasField("n") else 1,
     )
 
 
@@ -68,7 +83,7 @@ def response_format(params: inference_pb2.SamplingParams) -> ResponseFormat | No
 
 
 def text_delta(chunk: TextChunk) -> inference_pb2.GenerateResponse:
-    delta = inference_pb2.TextDelta(text=chunk.text)
+    delta = inference_pb2.TextDelta(text=chunk.text, index=chunk.index)
     for entry in chunk.logprobs:
         delta.logprobs.append(
             inference_pb2.TokenLogprob(
@@ -85,8 +100,60 @@ def text_delta(chunk: TextChunk) -> inference_pb2.GenerateResponse:
     return inference_pb2.GenerateResponse(delta=delta)
 
 
-def _chat(chat: inference_pb2.ChatConversation) -> Chat:
-    return Chat(tuple(Message(m.role, m.content) for m in chat.messages), chat.continue_final_message)
+def tool_call_delta(chunk: ToolCallChunk) -> inference_pb2.GenerateResponse:
+    delta = inference_pb2.ToolCallDelta(index=chunk.index, id=chunk.id, name=chunk.name, arguments=chunk.arguments)
+    return inference_pb2.GenerateResponse(tool_call=delta)
+
+
+def _tool_call(call: ToolCall) -> inference_pb2.ToolCall:
+    return inference_pb2.ToolCall(
+        id=call.id, function=inference_pb2.FunctionCall(name=call.name, arguments=call.arguments)
+    )
+
+
+def _message(m: inference_pb2.ChatMessage) -> Message:
+    calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls)
+    return Message(m.role, m.content, calls, m.tool_call_id)
+
+
+def _tool_choice(chat: inference_pb2.ChatConversation) -> ToolChoice:
+    """The proto's tool_choice (validated): unset or unspecified is auto with tools, none without."""
+    choice = chat.tool_choice
+    which = choice.WhichOneof("choice") if chat.HasField("tool_choice") else None
+    if which == "function_name":
+        return ToolChoice("function", choice.function_name)
+    mode = _TOOL_CHOICES.get(choice.mode) if which == "mode" else None
+    return ToolChoice(mode or ("auto" if chat.tools else "none"))  # type: ignore[arg-type]
+
+
+def _chat(chat: inference_pb2.ChatConversation, add_generation_prompt: bool = True) -> Chat:
+    tools = tuple(
+        Function(t.function.name, t.function.description, t.function.parameters, t.function.strict) for t in chat.tools
+    )
+    parallel = chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else True
+    messages = tuple(_message(m) for m in chat.messages)
+    return Chat(
+        messages,
+        chat.continue_final_message,
+        add_generation_prompt,
+        tools=tools,
+        tool_choice=_tool_choice(chat),
+        parallel_tool_calls=parallel,
+    )
+
+
+def _finished(event: Finished, model: str, node_id: str) -> inference_pb2.GenerateResponse:
+    usage = inference_pb2.Usage(
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        total_tokens=event.prompt_tokens + event.completion_tokens,
+    )
+    reason = _FINISH[event.reason]
+    tool_calls = [_tool_call(c) for c in event.tool_calls]
+    result = inference_pb2.GenerateResult(
+        finish_reason=reason, usage=usage, model=model, node_id=node_id, tool_calls=tool_calls
+    )
+    return inference_pb2.GenerateResponse(result=result)
 
 
 def _prompt(request: inference_pb2.GenerateRequest) -> Prompt:
@@ -125,26 +192,21 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         input_param = "prompt" if request.WhichOneof("input") == "prompt" else "messages"
         prompt = _prompt(request)
-        async with self._host.serving(request.model) as (hosted, engine):
+        options = sampling_options(request.sampling)
+        async with self._host.serving(request.model, options.n) as (hosted, engine):
             record.replica(hosted.spec.engine, hosted.device)
             try:
-                async for event in engine.generate(prompt, sampling_options(request.sampling)):
-                    if isinstance(event, Finished):
-                        record.usage(event.prompt_tokens, event.completion_tokens)
-                        usage = inference_pb2.Usage(
-                            prompt_tokens=event.prompt_tokens,
-                            completion_tokens=event.completion_tokens,
-                            total_tokens=event.prompt_tokens + event.completion_tokens,
-                        )
-                        result = inference_pb2.GenerateResult(
-                            finish_reason=_FINISH[event.reason],
-                            usage=usage,
-                            model=request.model,
-                            node_id=self._node_id,
-                        )
-                        yield inference_pb2.GenerateResponse(result=result)
-                    else:
+                async for event in engine.generate(prompt, options):
+                    if isinstance(event, TextChunk):
                         yield text_delta(event)
+                    elif isinstance(event, ToolCallChunk):
+                        yield tool_call_delta(event)
+                    elif isinstance(event, ChoiceEnd):
+                        end = inference_pb2.ChoiceEnd(index=event.index, finish_reason=_FINISH[event.reason])
+                        yield inference_pb2.GenerateResponse(choice_end=end)
+                    else:
+                        record.usage(event.prompt_tokens, event.completion_tokens)
+                        yield _finished(event, request.model, self._node_id)
             except EngineError as exc:
                 raise _engine_error(exc, input_param) from exc
 
@@ -174,12 +236,28 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
             validate_tokenize(request)
             hosted, engine = self._host.engine_for(request.model)
             record.replica(hosted.spec.engine, hosted.device)
-            prompt = _chat(request.chat) if request.WhichOneof("input") == "chat" else request.text
+            chat = request.WhichOneof("input") == "chat"
+            with_prompt = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+            prompt = _chat(request.chat, with_prompt) if chat else request.text
             try:
                 ids = await engine.tokenize(prompt)
             except EngineError as exc:
-                raise _engine_error(exc, "chat" if request.WhichOneof("input") == "chat" else "text") from exc
+                raise _engine_error(exc, "chat" if chat else "text") from exc
         return inference_pb2.TokenizeResponse(token_ids=ids, context_size=hosted.context_size)
+
+    async def Detokenize(
+        self, request: inference_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.DetokenizeResponse:
+        metadata = context.invocation_metadata()
+        with served("Detokenize", request.model, "detokenize", metadata, self._node_id) as record:
+            validate_detokenize(request)
+            hosted, engine = self._host.engine_for(request.model)
+            record.replica(hosted.spec.engine, hosted.device)
+            try:
+                text = await engine.detokenize(list(request.token_ids))
+            except EngineError as exc:
+                raise _engine_error(exc, "token_ids") from exc
+        return inference_pb2.DetokenizeResponse(text=text)
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -259,5 +259,8 @@ class _CountedServicer:
     async def Tokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._servicer.Tokenize(request, context)
 
+    async def Detokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._servicer.Detokenize(request, context)
+
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._servicer.ListModels(request, context)

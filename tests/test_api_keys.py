@@ -21,6 +21,7 @@ import schemathesis
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import ignored_auth
 
+from edge.auth import needs_key
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from launcher.processes import etcd_argv  # noqa: F401 - etcd comes with the cluster
@@ -314,9 +315,10 @@ def test_fleetlm_keys_create_list_revoke(fleet: Fleet) -> None:
 
 def test_schemathesis_finds_no_openai_route_that_ignores_the_key(fleet: Fleet) -> None:
     """schemathesis's ignored_auth against an edge that requires keys: its document declares a bearer key on
-    every /v1 route (and 401/403 among the answers); each case is sent with a valid key, and for every
-    operation that answers 2xx the same request is sent again without a key and with a wrong one, and must be
-    refused (401/403). The usual checks (no 5xx, documented statuses and bodies) run on the same cases."""
+    every /v1 route, /tokenize and /detokenize (and 401/403 among the answers); each case is sent with a valid
+    key, and for every operation that answers 2xx the same request is sent again without a key and with a wrong
+    one, and must be refused (401/403). The usual checks (no 5xx, documented statuses and bodies) run on the
+    same cases."""
     _, key = fleet.create("fuzz")
     http = fleet.edges[0][0]
     schema = schemathesis.openapi.from_url(f"{http}/openapi.json")
@@ -338,13 +340,13 @@ def test_schemathesis_finds_no_openai_route_that_ignores_the_key(fleet: Fleet) -
     checked: list[str] = []
     for result in schema.get_all_operations():
         operation = result.ok()
-        if not operation.path.startswith("/v1/"):
+        if not needs_key(operation.path):
             continue
         assert operation.definition.raw.get("security") == [{"apiKey": []}], operation.path
         sent = fuzz_operation(operation, GenerationMode.POSITIVE, http, MODEL, [ignored_auth, *FUZZ_CHECKS], 10)
         checked.append(f"{operation.method.upper()} {operation.path}: {sent}")
     print("ignored_auth:", "; ".join(checked))
-    assert len(checked) >= 5, checked  # chat, completions, embeddings, models, a model
+    assert len(checked) >= 7, checked  # chat, completions, embeddings, models, a model, tokenize, detokenize
     assert httpx.get(f"{http}/openapi.json", timeout=10).status_code == 200  # the document stays open
 
 

@@ -190,6 +190,23 @@ async def test_a_cut_chat_stream_goes_on_as_the_final_assistant_message(fleet: F
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+async def test_a_cut_chat_stream_with_tools_is_not_continued(fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
+    """Calls already streamed have ids and arguments the next replica knows nothing of: the cut ends the
+    stream with its error, and the log says why it was not continued."""
+    a = Scripted("a", deltas=["Let me check."], dies=True)
+    b = Scripted("b", deltas=["never"])
+    await serve(fleet, a, b)
+    request = chat_request(("user", "Weather in Paris?"))
+    request.chat.tools.add(function=inference_pb2.FunctionDefinition(name="get_weather"))
+    caplog.set_level(logging.INFO, logger="edge")
+    async with following(fleet.gateway()) as gateway:
+        with pytest.raises(FleetError) as caught:
+            await events_of(gateway, request)
+        assert gateway.continued_streams == 0
+    assert b.requests == [] and caught.value.code == ErrorCode.BACKEND_UNAVAILABLE
+    assert any("not continued: a reply with tools" in r.getMessage() for r in caplog.records)
+
+
 async def test_a_chat_that_continues_a_reply_already_goes_on_in_that_reply(fleet: Fleet) -> None:
     a = Scripted("a", deltas=[" blue"], dies=True)
     b = Scripted("b", deltas=["."])

@@ -65,6 +65,8 @@ OUT_OF_RANGE = [
     ("repetition_penalty", -1),
     ("repetition_penalty", 10.5),
     ("top_logprobs", 21),
+    ("n", 0),
+    ("n", 129),
 ]
 
 
@@ -118,6 +120,8 @@ IN_RANGE = [
     ("top_k", 0),
     ("seed", 0),
     ("top_logprobs", 20),
+    ("n", 1),
+    ("n", 128),  # within OpenAI's bound: a replica with fewer slots refuses it, naming n (the node's check)
 ]
 
 

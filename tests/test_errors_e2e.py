@@ -205,7 +205,7 @@ def test_backend_timeout(mesh: Mesh, impatient_edge: tuple[str, str]) -> None:
         ({"model": "smollm2-135m", "messages": HELLO, "max_tokens": 0}, "max_tokens"),
         ({"model": "smollm2-135m", "messages": HELLO, "top_p": 0}, "top_p"),
         ({"model": "smollm2-135m", "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"model": "smollm2-135m", "messages": HELLO, "n": 2}, "n"),
+        ({"model": "smollm2-135m", "messages": HELLO, "n": 5}, "n"),  # more than the replica's 4 slots
         ({"model": "smollm2-135m", "messages": HELLO, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"model": "smollm2-135m", "messages": HELLO, "top_logprobs": 3}, "top_logprobs"),
         ({"model": "smollm2-135m", "messages": HELLO, "max_tokens": 4000}, "max_tokens"),

@@ -114,4 +114,11 @@ def test_the_edge_keeps_to_its_openapi_document(mesh: Mesh, capsys: pytest.Captu
         for key, count in sorted(cases.items()):
             print(f"  {key}: {count}")
     paths = {key.split()[1] for key in cases}
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"} <= paths
+    assert {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/tokenize",
+        "/detokenize",
+    } <= paths

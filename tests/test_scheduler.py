@@ -241,6 +241,14 @@ def test_a_streamed_request_that_waits_for_scale_from_zero_hears_how_the_load_go
     server = " ".join(llama_cpp_server_argv("{port}"))
     fleet.deploy("lazy-notes", device="cpu", min_replicas=0, max_replicas=1, engine="openai",
                  command=["sh", "-c", f"sleep 2; exec {server}"], startup_timeout={"seconds": 120})  # fmt: skip
+
+    # The edge tells of a wait only for a model its routing table knows is deployed: wait until the table has
+    # heard of the deployment (on a busy machine the request could otherwise go first, and hear nothing).
+    def known() -> bool:
+        listed = httpx.get(f"{fleet.http}/v1/models", timeout=10).json()["data"]
+        return any(m["id"] == "lazy-notes" for m in listed)
+
+    wait_for(known, 30, "the edge's routing table to know lazy-notes")
     body = {"model": "lazy-notes", "prompt": "Hello", "max_tokens": 4, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{fleet.http}/v1/completions", json=body, timeout=CLIENT_TIMEOUT) as reply:
         assert reply.status_code == 200

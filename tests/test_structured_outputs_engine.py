@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import json
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +27,7 @@ from node_agent.engines.base import (
     SamplingOptions,
     TextChunk,
 )
+from node_agent.engines.json_grammar import schema_grammar
 from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 
 pytestmark = [pytest.mark.model]
@@ -126,6 +129,21 @@ async def test_a_constrained_request_batches_and_leaves_the_others_unchanged(eng
     assert steps < sum(f.completion_tokens for _, f in together) / 2
 
 
+async def test_in_a_batch_of_eight_one_grammar_changes_none_of_the_seven_others(engine: LlamaCppEngine) -> None:
+    """Issue 14's must-show, exactly: 8 requests at once, 7 greedy and 1 constrained, and the same 7 beside
+    1 free request instead: the 7 answers are the same both times, and the same as each alone."""
+    prompts = [*FREE_PROMPTS, "Once upon a time, in a small village,", "The history of Rome", "def add(a, b):"]
+    greedy = SamplingOptions(max_tokens=48, temperature=0)
+    alone = [(await run(engine, p, greedy))[0] for p in prompts]
+    for fmt in (AS_PERSON, None):
+        options = SamplingOptions(max_tokens=300, temperature=0.8, seed=5, response_format=fmt)
+        jobs = [*(run(engine, p, greedy) for p in prompts), run(engine, ASK, options)]
+        *seven, (eighth, _) = await asyncio.gather(*jobs)
+        assert [text for text, _ in seven] == alone, fmt
+        if fmt is not None:
+            jsonschema_rs.validator_for(PERSON).validate(json.loads(eighth))
+
+
 @pytest.mark.parametrize(
     ("schema", "words"),
     [
@@ -216,3 +234,48 @@ async def test_every_sampler_is_freed_with_its_sequence(engine: LlamaCppEngine) 
     assert counting.calls["llama_sampler_chain_init"] == 100
     assert counting.calls["llama_sampler_free"] == 200  # each chain and each grammar, once
     assert loop.running == 0
+
+
+def grammar_allows(engine: LlamaCppEngine, schema: dict[str, Any], text: str) -> bool:
+    """Whether llama.cpp's grammar sampler, with the grammar the engine makes of `schema`, lets the model write
+    exactly `text` (each of its tokens allowed in turn, then the end of generation)."""
+    import llama_cpp
+
+    llm = engine._llm
+    grammar = schema_grammar(json.dumps(schema))
+    sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode(), b"root")
+    assert sampler, grammar
+    try:
+        for token in [*llm.tokenize(text.encode(), add_bos=False, special=False), llm.token_eos()]:
+            one = llama_cpp.llama_token_data(token, 0.0, 0.0)
+            llama_cpp.llama_sampler_apply(
+                sampler, ctypes.byref(llama_cpp.llama_token_data_array(ctypes.pointer(one), 1, -1, False))
+            )
+            if one.logit == -math.inf:
+                return False
+            if token != llm.token_eos():
+                llama_cpp.llama_sampler_accept(sampler, token)  # never a forbidden one: llama.cpp would abort
+        return True
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+
+
+@pytest.mark.parametrize(
+    ("text", "allowed"),
+    [
+        ('"2024-02-29"', True),  # a leap year
+        ('"2000-02-29"', True),  # a century divisible by 400
+        ('"2023-12-31"', True),
+        ('"1999-04-30"', True),
+        ('"0001-01-01"', True),
+        ('"2023-02-29"', False),  # the converter's own date rule allowed these
+        ('"1900-02-29"', False),
+        ('"2023-04-31"', False),
+        ('"2023-02-30"', False),
+        ('"0000-01-01"', False),
+        ('"2023-13-01"', False),
+    ],
+)
+def test_a_date_is_a_date_of_the_calendar(engine: LlamaCppEngine, text: str, allowed: bool) -> None:
+    assert grammar_allows(engine, {"type": "string", "format": "date"}, text) is allowed
+    assert grammar_allows(engine, {"type": "string", "format": "date-time"}, text[:-1] + 'T10:00:00Z"') is allowed

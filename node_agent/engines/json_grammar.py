@@ -8,9 +8,11 @@ schema is checked first against what it does enforce, and anything else is refus
 and where it is (InvalidInput naming `response_format`, a 400), never ignored. Annotations (`title`,
 `description`, `default`, `examples`, ...) and unknown keywords are ignored, as JSON Schema says.
 
-One fix to the converter's output: its string characters allow raw control characters (a newline inside
+Two fixes to the converter's output: its string characters allow raw control characters (a newline inside
 a string), which JSON forbids and `json.loads` refuses; here they must be escaped, as in llama.cpp's
-own JSON grammar.
+own JSON grammar. And its `date` (of the formats date and date-time) allows any day 01-31 in any month
+and the year 0000, so that "2023-02-30" came out of a schema asking for a date; here a date is one of the
+calendar (February 29 in leap years only).
 
 Conversion is pure Python and costs a few milliseconds for a typical schema: the engine runs it off
 the event loop, and the last schemas are cached by their text (an application sends the same one
@@ -73,6 +75,17 @@ MAX_GRAMMAR_CHARS = 262_144
 # The converter's string character, and the same without the control characters JSON forbids raw.
 _CHAR = r'[^"\\] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
 _JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
+# The converter's date, and a date of the calendar: a year 0001-9999, each month's own days, and February 29
+# when the year is a leap year (divisible by 4, and by 400 for a century).
+_DATE = '[0-9] [0-9] [0-9] [0-9] "-" ( "0" [1-9] | "1" [0-2] ) "-" ( "0" [1-9] | [1-2] [0-9] | "3" [0-1] )'
+_CALENDAR_DATE = (
+    '( [0-9] [0-9] [0-9] [1-9] | [0-9] [0-9] [1-9] "0" | [0-9] [1-9] "00" | [1-9] "000" ) "-" ('
+    ' ( "0" [13578] | "1" [02] ) "-" ( "0" [1-9] | [12] [0-9] | "3" [01] )'
+    ' | ( "0" [469] | "11" ) "-" ( "0" [1-9] | [12] [0-9] | "30" )'
+    ' | "02-" ( "0" [1-9] | "1" [0-9] | "2" [0-8] ) )'
+    ' | ( [0-9] [0-9] ( "0" [48] | [2468] [048] | [13579] [26] ) | ( "0" [48] | [2468] [048] | [13579] [26] ) "00" )'
+    ' "-02-29"'
+)
 
 
 class _Refused(Exception):
@@ -163,26 +176,90 @@ def _check(node: Any, where: str, depth: int) -> None:
             _check(sub, f"{where}/{key}/{name}", depth + 1)
 
 
+def _converter() -> Any:
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+
+def _visit(converter: Any, schema_text: str, name: str, url: str, refused: str, param: str) -> str:
+    """Check one schema and add its rules to `converter` under `name` (root when ""); the name of its rule.
+    What the grammar cannot enforce raises InvalidInput naming `param`, its message starting `refused`."""
+    try:
+        schema = json.loads(schema_text)
+        _check(schema, "", 0)
+        if name:
+            schema = _prefixed_definitions(schema, name)
+        return str(converter.visit(converter.resolve_refs(schema, url), name))
+    except _Refused as exc:
+        raise InvalidInput(f"{refused}: {exc}", param) from exc
+    except (ValueError, AssertionError, KeyError, TypeError, RecursionError, IndexError) as exc:
+        raise InvalidInput(f"{refused}: the grammar converter failed: {exc}"[:500], param) from exc
+
+
+def _prefixed_definitions(schema: Any, prefix: str) -> Any:
+    """The schema with its definitions renamed `<prefix>-<name>` (and its references with them). The
+    converter names a referenced definition's rule by the definition's own name, so two tools that both
+    define `Item` would share one rule: a prefix per tool keeps them apart. Only references into the root's
+    `$defs`/`definitions` can be renamed; any other is refused."""
+    if not isinstance(schema, dict):
+        return schema
+    renamed = dict(schema)
+    for key in ("$defs", "definitions"):
+        if isinstance(schema.get(key), dict):
+            renamed[key] = {f"{prefix}-{name}": sub for name, sub in schema[key].items()}
+
+    def walk(node: Any, where: str) -> Any:
+        if isinstance(node, list):
+            return [walk(item, f"{where}/{i}") for i, item in enumerate(node)]
+        if not isinstance(node, dict):
+            return node
+        out = {k: walk(v, f"{where}/{k}") for k, v in node.items()}
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            head, _, name = ref.rpartition("/")
+            if head not in ("#/$defs", "#/definitions"):
+                raise _Refused(where, "only references to '#/$defs/...' or '#/definitions/...' are supported here")
+            out["$ref"] = f"{head}/{prefix}-{name}"
+        return out
+
+    return walk(renamed, "")
+
+
+def _finished(grammar: str, refused: str, param: str) -> str:
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        raise InvalidInput(f"{refused}: its grammar is over {MAX_GRAMMAR_CHARS} characters", param)
+    return grammar.replace(f"char ::= {_CHAR}", f"char ::= {_JSON_CHAR}").replace(
+        f"date ::= {_DATE}", f"date ::= {_CALENDAR_DATE}"
+    )
+
+
 @functools.lru_cache(maxsize=128)
 def schema_grammar(schema_text: str) -> str:
     """The GBNF of a JSON schema's text; raises InvalidInput naming `response_format` when the grammar
     cannot enforce it. Exceptions are not cached: a refused schema is checked again (it is cheap)."""
-    from llama_cpp.llama_grammar import SchemaConverter
-
     refused = "'response_format.json_schema.schema' cannot be enforced by the llama.cpp engine"
-    try:
-        schema = json.loads(schema_text)
-        _check(schema, "", 0)
-        converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-        converter.visit(converter.resolve_refs(schema, "request"), "")
-        grammar = converter.format_grammar()
-    except _Refused as exc:
-        raise InvalidInput(f"{refused}: {exc}", "response_format") from exc
-    except (ValueError, AssertionError, KeyError, TypeError, RecursionError, IndexError) as exc:
-        raise InvalidInput(f"{refused}: the grammar converter failed: {exc}"[:500], "response_format") from exc
-    if len(grammar) > MAX_GRAMMAR_CHARS:
-        raise InvalidInput(f"{refused}: its grammar is over {MAX_GRAMMAR_CHARS} characters", "response_format")
-    return grammar.replace(f"char ::= {_CHAR}", f"char ::= {_JSON_CHAR}")
+    converter = _converter()
+    _visit(converter, schema_text, "", "request", refused, "response_format")
+    return _finished(converter.format_grammar(), refused, "response_format")
+
+
+# A function without parameters takes the empty object only.
+NO_PARAMETERS = '{"type": "object", "properties": {}, "additionalProperties": false}'
+
+
+@functools.lru_cache(maxsize=128)
+def arguments_grammar(parameters: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """The GBNF rules (no root) of several functions' arguments, from their parameters schemas' texts ("":
+    no parameters), and the rule of each. Raises InvalidInput naming `tools[i].function.parameters` when
+    the grammar cannot enforce one."""
+    converter = _converter()
+    names = []
+    for i, text in enumerate(parameters):
+        param = f"tools[{i}].function.parameters"
+        refused = f"'{param}' cannot be enforced by the llama.cpp engine"
+        names.append(_visit(converter, text or NO_PARAMETERS, f"tool{i}-arguments", f"tools/{i}", refused, param))
+    return _finished(converter.format_grammar(), "the tools' parameters cannot be enforced", "tools"), tuple(names)
 
 
 def grammar_for(response_format: ResponseFormat) -> str:

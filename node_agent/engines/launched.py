@@ -100,6 +100,9 @@ class LaunchedServerEngine:
     async def tokenize(self, prompt: Prompt) -> list[int]:
         return await self.client.tokenize(prompt)
 
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        return await self.client.detokenize(tokens)
+
     def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
         return self.client.generate(prompt, options)
 

@@ -4,6 +4,11 @@ Generation is continuously batched (`llamacpp_batch.DecodeLoop`): one context wi
 driven by its own thread, so the event loop never blocks on llama.cpp. Requests beyond the slots wait
 in the loop's queue; its length is the load the scheduler sees. A cancelled request leaves the batch
 at the next step. Embeddings run on a second, embedding-mode context on their own thread.
+
+A request's output can be constrained by a grammar: a response_format's (json_grammar), or its tools'
+(tool_calls: the tools in the prompt, the model's template's own format or the generic one, and the
+grammar of the calls, lazy under tool_choice "auto"); a reply with tools is parsed into content and calls
+as it streams (tool_call_stream).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -32,10 +38,14 @@ from node_agent.engines.base import (
     PermanentEngineError,
     Prompt,
     SamplingOptions,
+    TextChunk,
+    TokenLogprob,
 )
 from node_agent.engines.embedding_batch import EmbeddingBatcher
 from node_agent.engines.json_grammar import grammar_for
 from node_agent.engines.llamacpp_batch import BatchRequest, BatchStats, DecodeLoop, lower_thread_priority
+from node_agent.engines.tool_call_stream import CLOSE, OPEN, ToolCallStream
+from node_agent.engines.tool_calls import renders_tools, template_input, tool_grammar
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +121,8 @@ class LlamaCppEngine:
         self._embedder: Any = None
         self._template: Any = None
         self._continuing: Any = None  # the template without the generation prompt (continue_final_message)
+        self._native_tools = False  # the template has Hermes' tool format (node_agent.engines.tool_calls)
+        self._tool_tokens: tuple[int, ...] = ()  # the tool-call tags, where the vocabulary has them as tokens
         self._setup_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama-setup")
         self._embed_thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="llama-emb", initializer=lower_thread_priority, initargs=(config.nice,)
@@ -216,7 +228,21 @@ class LlamaCppEngine:
             self._template = Jinja2ChatFormatter(template=template, **tokens)
             # For a conversation whose final assistant message the model continues: no new turn after it.
             self._continuing = Jinja2ChatFormatter(template=template, add_generation_prompt=False, **tokens)
+            self._native_tools = renders_tools(template, self._template)
+        self._tool_tokens = self._special_tokens(OPEN, CLOSE)
+        log.info("%s: tool calls in %s format", self.config.path,
+                 "the chat template's" if self._native_tools else "the generic")  # fmt: skip
         return EngineInfo(context_size=self.config.context_size)
+
+    def _special_tokens(self, *texts: str) -> tuple[int, ...]:
+        """The tokens that are each of these texts whole, where the vocabulary has such special tokens
+        (Qwen's `<tool_call>`): they must be rendered as their text for the calls to be parsed."""
+        found = []
+        for text in texts:
+            ids = self._llm.tokenize(text.encode(), add_bos=False, special=True)
+            if len(ids) == 1 and len(self._llm.tokenize(text.encode(), add_bos=False, special=False)) > 1:
+                found.append(ids[0])
+        return tuple(found)
 
     async def close(self) -> None:
         import llama_cpp
@@ -243,14 +269,14 @@ class LlamaCppEngine:
         continue the final (assistant) message, cut just after that message's text."""
         if self._template is None or self._continuing is None:
             raise InvalidInput("this model has no chat template; use the completions API", "messages")
-        messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+        messages, tools = template_input(chat, self._native_tools)
         if not chat.continue_final_message:
-            return self._render(self._template, messages)
+            return self._render(self._template if chat.add_generation_prompt else self._continuing, messages, tools)
         # vLLM finds the final message's text in the rendered conversation (its last occurrence) and cuts
         # there. A mark in its place finds the same spot even when the text is empty, only whitespace or
         # trimmed by the template, and the text that follows it is then exactly what the client was sent.
         messages[-1]["content"] = _FINAL_MARK
-        rendered = self._render(self._continuing, messages)
+        rendered = self._render(self._continuing, messages, tools)
         at = rendered.rfind(_FINAL_MARK)
         if at < 0:
             raise InvalidInput(
@@ -261,9 +287,9 @@ class LlamaCppEngine:
         return rendered[:at] + chat.messages[-1].content
 
     @staticmethod
-    def _render(template: Any, messages: list[dict[str, str]]) -> str:
+    def _render(template: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         try:
-            return str(template(messages=messages).prompt)
+            return str(template(messages=messages, tools=tools).prompt)
         except Exception as exc:
             raise InvalidInput(f"the model's chat template rejected the messages: {exc}", "messages") from exc
 
@@ -278,12 +304,38 @@ class LlamaCppEngine:
         # The tokenizer reads only the vocabulary, never a context: safe beside generation.
         return await asyncio.to_thread(self._tokenize, text)
 
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        size = self._llm.n_vocab()
+        for i, token in enumerate(tokens):
+            if not 0 <= token < size:
+                raise InvalidInput(f"token {i} is {token}; this model's token ids are 0 to {size - 1}", "token_ids")
+        return await asyncio.to_thread(self._detokenize, list(tokens))
+
+    def _detokenize(self, tokens: list[int]) -> str:
+        import llama_cpp
+
+        ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+        vocab = self._llm._model.vocab
+        size = 4 * len(tokens) + 16
+        for _ in range(2):  # llama.cpp answers a buffer too small with the size it needs
+            text = ctypes.create_string_buffer(size)
+            # Special tokens written out (a template's turn markers): the text tokenizes to the same ids.
+            n = llama_cpp.llama_detokenize(vocab, ids, len(tokens), text, size, False, True)
+            if n >= 0:
+                return text.raw[:n].decode(errors="replace")
+            size = -n
+        raise EngineUnavailable("llama.cpp could not detokenize")
+
     async def watch(self) -> str:
         await asyncio.Event().wait()  # in-process: a failure surfaces in the request that meets it
         return ""
 
     async def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
         assert self._loop is not None, "engine not started"
+        if options.n > self.config.slots:
+            raise InvalidInput(
+                f"n is {options.n}; this model's replicas decode at most {self.config.slots} sequences at once", "n"
+            )
         tokens = await self.tokenize(prompt)
         context = self.config.context_size
         if len(tokens) >= context:
@@ -298,26 +350,32 @@ class LlamaCppEngine:
                 param="max_tokens",
             )
         limit = context - len(tokens) if options.max_tokens is None else options.max_tokens
-        # A schema is converted off the event loop (a few ms; cached by its text); one it cannot enforce
-        # is refused here, before the request takes a slot.
-        grammar = (
-            None if options.response_format is None else await asyncio.to_thread(grammar_for, options.response_format)
-        )
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
-        request = BatchRequest(tokens, options, limit, events.put_nowait, grammar)
+        request = BatchRequest(tokens, options, limit, events.put_nowait, shown=frozenset(self._tool_tokens))
+        tools = await self._constrain(request, prompt, options)
         self._loop.submit(request)
         try:
-            while True:
-                item = await events.get()
-                if isinstance(item, InvalidInput):
-                    raise item  # the request's fault (a grammar llama.cpp refused), not the engine's
-                if isinstance(item, BaseException):
-                    raise EngineUnavailable(f"llama.cpp generation failed: {item}")
-                yield item
-                if isinstance(item, Finished):
-                    return
+            stream = _events(events)
+            async for event in _tool_calls(stream, ToolCallStream()) if tools else stream:
+                yield event
         finally:
             request.cancelled.set()  # the decode thread drops the sequence at its next step
+
+    async def _constrain(self, request: BatchRequest, prompt: Prompt, options: SamplingOptions) -> bool:
+        """Give the request the grammar its tools or its response_format asks for, converted off the event
+        loop (a few ms; cached by the schemas' text): what the grammar cannot enforce is refused here,
+        before the request takes a slot. Whether the reply is to be parsed for tool calls."""
+        if not (isinstance(prompt, Chat) and prompt.calls_tools):
+            if options.response_format is not None:
+                request.grammar = await asyncio.to_thread(grammar_for, options.response_format)
+            return False
+        if options.response_format is not None:
+            raise InvalidInput(
+                "response_format cannot be combined with tools on the llama.cpp engine", "response_format"
+            )
+        request.grammar, request.trigger = await asyncio.to_thread(tool_grammar, prompt, self._tool_tokens[:1])
+        request.grammar_of = "tools"
+        return True
 
     async def _get_embedder(self) -> Any:
         async with self._embedder_lock:
@@ -355,3 +413,42 @@ class LlamaCppEngine:
             )
         vectors = await self.embedder.embed(list(texts))
         return Embeddings(vectors=vectors, prompt_tokens=sum(counts))
+
+
+async def _events(queue: asyncio.Queue[GenerationEvent | BaseException]) -> AsyncIterator[GenerationEvent]:
+    """A request's events from the decode thread, up to its Finished; a failure raised as the engine's."""
+    while True:
+        item = await queue.get()
+        if isinstance(item, InvalidInput):
+            raise item  # the request's fault (a grammar llama.cpp refused), not the engine's
+        if isinstance(item, BaseException):
+            raise EngineUnavailable(f"llama.cpp generation failed: {item}")
+        yield item
+        if isinstance(item, Finished):
+            return
+
+
+async def _tool_calls(events: AsyncIterator[GenerationEvent], parser: ToolCallStream) -> AsyncIterator[GenerationEvent]:
+    """The events with the reply's text parsed into content and tool calls. Log probabilities go with the
+    content they belong to (held back with it); those of a call's text are not reported."""
+    pending: tuple[TokenLogprob, ...] = ()
+    async for item in events:
+        if isinstance(item, Finished):
+            for text in parser.flush():
+                yield TextChunk(str(text), pending)
+                pending = ()
+            called = item.reason == "stop" and parser.complete_calls > 0  # ended by the grammar, after calls
+            reason = "tool_calls" if called else item.reason
+            yield Finished(reason, item.prompt_tokens, item.completion_tokens, parser.calls)
+            return
+        if not isinstance(item, TextChunk):
+            continue
+        pending += item.logprobs
+        for event in parser.feed(item.text):
+            if isinstance(event, str):
+                yield TextChunk(event, pending)
+                pending = ()
+            else:
+                yield event
+        if not parser.in_content:
+            pending = ()

@@ -40,6 +40,24 @@ draws from the same distribution as masking first. Once the document is complete
 only end-of-generation tokens, so the sequence ends with "stop"; max_tokens can still cut it first
 ("length").
 
+Several choices (`n` > 1): a request takes n slots at once, or waits at the head of the queue until n are
+free. Its prompt is computed once, in the first choice's slot; when that prefill ends, the KV cache is
+copied to the other choices' slots (`llama_memory_seq_cp`: a copy of the KV stream's buffer when each
+sequence has its own, shared cells with a unified cache) and every choice samples its first token from the
+same logits, each with its own sampler chain (seed + i) and grammar. From then on they are ordinary
+sequences of the batch: each ends on its own, with its own stop strings and logprobs, and a cancelled
+request frees all n slots at the next step.
+
+Tool calls (tool_choice "auto"): the grammar is lazy (`llama_sampler_init_grammar_lazy_patterns`): it
+waits, allowing everything, until the output contains its trigger word (`<tool_call>`), then replays the
+text from the trigger on and constrains the rest. The text after the word, up to the end of the token that
+completed it, is replayed into the grammar too, and llama.cpp aborts the whole process when the grammar
+refuses it (a C++ exception through ctypes). So while a grammar waits, each token that would complete the
+trigger is checked first against what the grammar allows after the word (`Trigger.continuations`); one it
+would refuse is set aside and the token sampled again without it, as a grammar would. Tokens in
+`BatchRequest.shown` (a model's special token for the trigger) are rendered as their text, so that the
+tool-call parser sees them.
+
 Prefix reuse: a slot keeps the KV cache of its last request. A new request goes to the free slot whose
 cached tokens share the longest prefix with its prompt, or copies that prefix from any other sequence
 (`llama_memory_seq_cp`; with a unified KV cache the cells are shared, not copied), and only the rest of
@@ -64,6 +82,7 @@ import numpy as np
 
 from mesh.metrics import BATCH_BUCKETS, FAST_BUCKETS, Distribution
 from node_agent.engines.base import (
+    ChoiceEnd,
     Finished,
     GenerationEvent,
     InvalidInput,
@@ -85,16 +104,46 @@ PENALTY_WINDOW = 64  # tokens the repetition/frequency/presence penalties look b
 # A cached prefix at least this long is worth a slot that splits the batch into more runs; a shorter one
 # is cheaper to compute again than an extra pass over the weights at every step of the request.
 LONG_PREFIX = 64
+# Tokens set aside in one step because they would fire a lazy grammar's trigger with text it refuses; past
+# this the request fails (each is one more pass of the chain over the vocabulary).
+MAX_TRIGGER_RESAMPLES = 16
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """What starts a lazy grammar: the first `word` in the output (the grammar's text begins with it), or
+    one of `tokens`. After the word the grammar allows only text that begins like one of `continuations`
+    (checked for the token that completes the word; see the module's docstring)."""
+
+    word: str
+    continuations: tuple[str, ...]
+    tokens: tuple[int, ...] = ()
+
+    def pattern(self) -> bytes:
+        """The word as a regular expression (ECMAScript, llama.cpp's std::regex), matched anywhere."""
+        return "".join(f"\\{c}" if c in r"\^$.|?*+()[]{}" else c for c in self.word).encode()
+
+    def refuses(self, tail: bytes) -> bool:
+        """Whether the grammar refuses `tail`, the text after the word in the token that completes it."""
+        text = tail.decode(errors="replace")
+        return not any(c.startswith(text) for c in self.continuations)
 
 
 @dataclass
 class BatchRequest:
     prompt: list[int]
     options: SamplingOptions
-    limit: int  # most tokens to generate
+    limit: int  # most tokens to generate, per choice
     sink: Sink  # receives the request's events, on the consumers' event loop
     grammar: str | None = None  # GBNF (root rule `root`) the output is constrained to
+    grammar_of: str = "response_format"  # the request field the grammar comes from (named in its errors)
+    trigger: Trigger | None = None  # with a grammar: lazy, it starts at this trigger
+    shown: frozenset[int] = frozenset()  # special tokens rendered as their text (not as nothing)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Kept by the decode thread, for n > 1: the choices that ended, their tokens and the first one's reason.
+    ended: int = 0
+    generated: int = 0
+    first_reason: str = "stop"
 
 
 @dataclass
@@ -105,7 +154,14 @@ class _Sequence:
     n_past: int  # tokens already in the KV cache
     sampler: Any
     stream: TextStream
-    grammar: Any = None  # llama.cpp's grammar sampler, when the request has a response_format
+    grammar: Any = None  # llama.cpp's grammar sampler, when the request has a response_format or tools
+    # While a lazy grammar waits for its trigger: the end of the output so far (as llama.cpp's grammar
+    # renders it, special tokens as text), enough to find the trigger word in. None otherwise.
+    awaiting: bytes | None = None
+    index: int = 0  # the choice (n > 1)
+    # The request's other choices, waiting in their slots for this one's prompt (n > 1, until its prefill
+    # ends); each of them has no tokens until then.
+    forks: list[_Sequence] = field(default_factory=list)
     generated: int = 0
     logits_at: int = -1  # index of this sequence's logits in the current batch, or -1
     # With logprobs: sampled tokens whose text has not been released yet (text_offset = where it starts).
@@ -117,10 +173,13 @@ class BatchStats:
     steps: int = 0
     prompt_tokens: int = 0
     reused_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    computed_prompt_tokens: int = 0  # prompt tokens llama_decode computed (in batches)
+    forked_prompt_tokens: int = 0  # prompt tokens of a choice (n > 1) whose KV was copied from the first
     generated_tokens: int = 0
     grammars: int = 0  # sequences that ran with a grammar
     grammar_checks: int = 0  # tokens sampled under a grammar
     grammar_resamples: int = 0  # of those, tokens the grammar forbade, sampled again with it applied
+    trigger_resamples: int = 0  # tokens set aside that would have started a lazy grammar with text it refuses
     # For the node's metrics: each step's time (building the batch, llama_decode, sampling) and sequences.
     step_seconds: Distribution = field(default_factory=lambda: Distribution(FAST_BUCKETS))
     step_sequences: Distribution = field(default_factory=lambda: Distribution(BATCH_BUCKETS))
@@ -263,7 +322,8 @@ class DecodeLoop:
             self._post(functools.partial(_dispatch, events))
 
     def _admit(self) -> None:
-        while self._queue and len(self._active) < self.slots:
+        # First come, first served: a request with n choices waits at the head until n slots are free.
+        while self._queue and len(self._active) + self._queue[0].options.n <= self.slots:
             with self._wake:
                 request = self._queue.popleft()
             if request.cancelled.is_set():
@@ -273,10 +333,28 @@ class DecodeLoop:
             except Exception as exc:
                 log.exception("could not start a sequence")
                 self._emit(request, exc)
+        if self._queue and self._queue[0].options.n > self.slots:  # the engine refuses these first
+            with self._wake:
+                request = self._queue.popleft()
+            self._emit(request, InvalidInput(f"n is {request.options.n}; this model runs {self.slots} sequences", "n"))
+
+    def _samplers(self, request: BatchRequest) -> list[tuple[Any, Any]]:
+        """A sampler chain and grammar (or None) for each choice; none is left behind if one fails."""
+        made: list[tuple[Any, Any]] = []
+        try:
+            for index in range(request.options.n):
+                grammar = self._grammar(request)  # first: a grammar may be refused
+                made.append((self._sampler(request.options, index), grammar))
+        except BaseException:
+            for chain, grammar in made:
+                self._ll.llama_sampler_free(chain)
+                if grammar is not None:
+                    self._ll.llama_sampler_free(grammar)
+            raise
+        return made
 
     def _start(self, request: BatchRequest) -> None:
-        grammar = self._grammar(request.grammar)  # first: a grammar may be refused
-        sampler = self._sampler(request.options)
+        (sampler, grammar), *others = self._samplers(request)
         free = [s for s in range(self.slots) if s not in self._active]
 
         def preference(slot: int) -> tuple[int, int, int, float]:
@@ -304,31 +382,74 @@ class DecodeLoop:
         self._cached[slot] = request.prompt[:source_len]
         self.stats.prompt_tokens += len(request.prompt)
         self.stats.reused_prompt_tokens += source_len
-        self._active[slot] = _Sequence(
+        first = _Sequence(
             slot=slot,
             request=request,
             tokens=list(request.prompt),
             n_past=source_len,
             sampler=sampler,
             grammar=grammar,
+            awaiting=b"" if request.trigger is not None else None,
             stream=TextStream(request.options.stops),
         )
+        self._active[slot] = first
+        self._reserve_forks(first, others)
+
+    def _reserve_forks(self, first: _Sequence, samplers: list[tuple[Any, Any]]) -> None:
+        """Take a slot for each other choice of `first`'s request now (admission counted them): it waits
+        there, with no tokens, until `first`'s prompt is computed (`_fork`). The fewest runs of consecutive
+        slots, then the least recently used; their cached prefixes are given up."""
+        for index, (chain, grammar) in enumerate(samplers, start=1):
+            free = [s for s in range(self.slots) if s not in self._active]
+            slot = max(free, key=lambda s: (-_runs([*self._active, s]), -self._last_used[s]))
+            self._cached[slot] = []
+            stream = TextStream(first.request.options.stops)
+            waiting = _Sequence(
+                slot, first.request, [], 0, chain, stream, grammar=grammar, awaiting=first.awaiting, index=index
+            )
+            self._active[slot] = waiting
+            first.forks.append(waiting)
+
+    def _fork(self, seq: _Sequence, index: int) -> None:
+        """`seq`'s prompt is in its KV cache and its logits at `index`: its request's other choices start
+        from there, their KV copied from its slot (the whole buffer when each sequence has its own stream,
+        which llama.cpp does at the next decode, before that step's tokens are written), and their first
+        token sampled from the same logits with their own samplers."""
+        forks, seq.forks = seq.forks, []
+        for other in forks:
+            self._ll.llama_memory_seq_rm(self._mem, other.slot, -1, -1)
+            self._ll.llama_memory_seq_cp(self._mem, seq.slot, other.slot, 0, -1)
+            other.tokens, other.n_past = list(seq.tokens), seq.n_past
+            self.stats.forked_prompt_tokens += seq.n_past
+        for other in forks:
+            self._sample(other, index)
 
     def _kv_tokens(self, slot: int) -> list[int]:
         """The tokens whose KV a slot holds now: a running sequence's so far, else its last request's."""
         seq = self._active.get(slot)
         return seq.tokens[: seq.n_past] if seq is not None else self._cached[slot]
 
-    def _grammar(self, grammar: str | None) -> Any:
+    def _grammar(self, request: BatchRequest) -> Any:
+        grammar, trigger = request.grammar, request.trigger
         if grammar is None:
             return None
-        sampler = self._ll.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        ll = self._ll
+        if trigger is None:
+            sampler = ll.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        else:
+            patterns = (ctypes.c_char_p * 1)(trigger.pattern())
+            tokens = (ll.llama_token * max(1, len(trigger.tokens)))(*trigger.tokens)
+            sampler = ll.llama_sampler_init_grammar_lazy_patterns(
+                self._vocab, grammar.encode(), b"root", patterns, 1, tokens, len(trigger.tokens)
+            )
         if not sampler:
-            raise InvalidInput("llama.cpp could not parse the grammar made from response_format", "response_format")
+            what = request.grammar_of
+            raise InvalidInput(f"llama.cpp could not parse the grammar made from {what}", what)
         self.stats.grammars += 1
         return sampler
 
-    def _sampler(self, options: SamplingOptions) -> Any:
+    def _sampler(self, options: SamplingOptions, index: int = 0) -> Any:
+        """The sampler chain of choice `index`: seeded with seed + index, or at random without a seed."""
         ll = self._ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         if options.repetition_penalty != 1.0 or options.frequency_penalty or options.presence_penalty:
@@ -354,7 +475,7 @@ class DecodeLoop:
         if options.min_p > 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(options.min_p, 1))
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(options.temperature))
-        seed = options.seed if options.seed is not None else ll.LLAMA_DEFAULT_SEED
+        seed = options.seed + index if options.seed is not None else ll.LLAMA_DEFAULT_SEED  # DEFAULT: random
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
@@ -387,6 +508,7 @@ class DecodeLoop:
 
         def add(seq: _Sequence, start: int, end: int) -> None:
             nonlocal n
+            self.stats.computed_prompt_tokens += max(0, min(end, len(seq.request.prompt)) - start)
             for pos in range(start, end):
                 batch.token[n] = seq.tokens[pos]
                 batch.pos[n] = pos
@@ -444,14 +566,17 @@ class DecodeLoop:
         out, seq.pending = tuple(seq.pending[:n]), seq.pending[n:]
         return out
 
-    def _apply(self, index: int, chain: Any, grammar: Any = None) -> tuple[int, float]:
+    def _apply(self, index: int, chain: Any, grammar: Any = None, banned: list[int] | None = None) -> tuple[int, float]:
         """What llama_sampler_sample does, without accepting the token: the chain applied to the logits at
-        `index` (after the grammar, when given). The token and its logit after the chain."""
+        `index` (after the grammar, when given, and without the `banned` tokens). The token and its logit
+        after the chain."""
         ll = self._ll
         candidates = self._candidates
         candidates["id"] = self._token_ids  # the samplers reorder them
         candidates["logit"] = np.ctypeslib.as_array(ll.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
         candidates["p"] = 0.0
+        if banned:
+            candidates["logit"][banned] = -math.inf
         array = ll.llama_token_data_array(candidates.ctypes.data_as(ll.llama_token_data_p), self._n_vocab, -1, False)
         if grammar is not None:
             ll.llama_sampler_apply(grammar, ctypes.byref(array))
@@ -463,6 +588,11 @@ class DecodeLoop:
         """The next token under the sequence's grammar (see the module's docstring)."""
         ll = self._ll
         token, _ = self._apply(index, seq.sampler)
+        if seq.awaiting is not None:
+            token = self._before_trigger(seq, index, token)
+            ll.llama_sampler_accept(seq.grammar, token)  # may fire the trigger: a tail it allows, checked
+            ll.llama_sampler_accept(seq.sampler, token)
+            return token
         self._one.id, self._one.logit, self._one.p = token, 0.0, 0.0
         ll.llama_sampler_apply(
             seq.grammar, ctypes.byref(ll.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False))
@@ -479,7 +609,36 @@ class DecodeLoop:
         ll.llama_sampler_accept(seq.sampler, token)
         return token
 
+    def _before_trigger(self, seq: _Sequence, index: int, token: int) -> int:
+        """`token`, or the one sampled in its place when it would complete the trigger word with text the
+        grammar refuses (see the module's docstring). Keeps `seq.awaiting` current: None once triggered."""
+        trigger = seq.request.trigger
+        assert trigger is not None and seq.awaiting is not None
+        word = trigger.word.encode()
+        banned: list[int] = []
+        while True:
+            if token in trigger.tokens:
+                seq.awaiting = None
+                return token
+            text = seq.awaiting + self._piece_of(token, special=True)
+            at = text.find(word)
+            if at < 0:
+                seq.awaiting = text[-(len(word) - 1) :] if len(word) > 1 else b""
+                return token
+            if not trigger.refuses(text[at + len(word) :]):
+                seq.awaiting = None
+                return token
+            banned.append(token)
+            self.stats.trigger_resamples += 1
+            if len(banned) > MAX_TRIGGER_RESAMPLES:
+                raise RuntimeError("no token completes the tool call's opening as its grammar allows")
+            token, logit = self._apply(index, seq.sampler, banned=banned)
+            if logit == -math.inf:
+                raise RuntimeError("the grammar allows no token here")
+
     def _sample(self, seq: _Sequence, index: int) -> None:
+        if seq.forks:
+            self._fork(seq, index)
         if seq.grammar is None:
             token = self._ll.llama_sampler_sample(seq.sampler, self._ctx, index)
         else:
@@ -499,9 +658,9 @@ class DecodeLoop:
         options = request.options
         if options.logprobs:
             seq.pending.append(self._logprob(index, token, options.top_logprobs, seq.stream.decoded))
-        text = seq.stream.feed(self._piece_of(token))
+        text = seq.stream.feed(self._piece_of(token, special=token in request.shown))
         if text:
-            self._emit(request, TextChunk(text, self._released(seq)))
+            self._emit(request, TextChunk(text, self._released(seq), seq.index))
         if seq.stream.stopped:
             self._complete(seq, "stop")
         elif seq.generated >= request.limit:
@@ -511,13 +670,29 @@ class DecodeLoop:
         tail = seq.stream.flush()
         # Tokens of a stop string that was cut out are dropped with it; otherwise every token is reported.
         logprobs = self._released(seq, everything=not seq.stream.stopped)
+        request = seq.request
         if tail or logprobs:
-            self._emit(seq.request, TextChunk(tail, logprobs))
-        finished = Finished(reason, prompt_tokens=len(seq.request.prompt), completion_tokens=seq.generated)  # type: ignore[arg-type]
-        self._emit(seq.request, finished)
+            self._emit(request, TextChunk(tail, logprobs, seq.index))
         self._finish(seq, keep_cache=True)
+        if request.options.n == 1:
+            self._emit(request, Finished(reason, len(request.prompt), seq.generated))  # type: ignore[arg-type]
+            return
+        self._emit(request, ChoiceEnd(seq.index, reason))  # type: ignore[arg-type]
+        request.ended += 1
+        request.generated += seq.generated
+        if seq.index == 0:
+            request.first_reason = reason
+        if request.ended == request.options.n:
+            self._emit(request, Finished(request.first_reason, len(request.prompt), request.generated))  # type: ignore[arg-type]
 
     def _finish(self, seq: _Sequence, keep_cache: bool) -> None:
+        """Free the sequence's slot and samplers, and those of the choices still waiting for its prompt. Once:
+        a sequence already finished (a waiting choice of a cancelled request, say) is left alone."""
+        if self._active.get(seq.slot) is not seq:
+            return
+        for other in seq.forks:
+            self._finish(other, keep_cache=False)
+        seq.forks = []
         self._active.pop(seq.slot, None)
         self._ll.llama_sampler_free(seq.sampler)
         if seq.grammar is not None:

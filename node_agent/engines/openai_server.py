@@ -4,16 +4,18 @@ llama-server, another SGLang), or one the agent runs as a child (SGLang, a launc
 Generation streams `/v1/chat/completions` (a conversation: the server applies its own chat template)
 or `/v1/completions` (a raw prompt) over SSE and turns the chunks into the engine's events; closing the
 iterator closes the HTTP stream, which is how these servers learn to abort the request. Embeddings go
-to `/v1/embeddings`. The agent's own limits hold in front of the server: at most `slots` requests run
-upstream, the rest wait here, so the load the scheduler sees is true. `watch` health-checks the server.
-Each request carries the fleet's request id (`X-Request-Id`) and, with tracing on, the node's span as
-W3C `traceparent`, so the server's own logs and traces join the fleet's. A server that refuses ids that
-are not UUIDs (llama_cpp.server answers 400 to every such request) is found at start and gets none.
+to `/v1/embeddings`. The agent's own limits hold in front of the server: at most `slots` sequences run
+upstream (a request for n choices is n), the rest wait here in line, so the load the scheduler sees is
+true. `watch` health-checks the server. Each request carries the fleet's request id (`X-Request-Id`)
+and, with tracing on, the node's span as W3C `traceparent`, so the server's own logs and traces join the
+fleet's. A server that refuses ids that are not UUIDs (llama_cpp.server answers 400 to every such request)
+is found at start and gets none.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -27,6 +29,8 @@ import httpx
 
 from mesh import request_context, tracing
 from node_agent.engines.base import (
+    Chat,
+    ChoiceEnd,
     ContextLengthExceeded,
     Embeddings,
     EngineError,
@@ -43,6 +47,7 @@ from node_agent.engines.base import (
     TokenLogprob,
     TopLogprob,
 )
+from node_agent.engines.openai_tools import ToolCallDeltas, demanded_calls, message_json, tools_json
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,8 @@ log = logging.getLogger(__name__)
 _CONTEXT_WORDS = re.compile(r"context (length|window|size)|too long|maximum context", re.IGNORECASE)
 # And a response_format it refuses (vLLM and SGLang name the field, llama.cpp the schema or grammar).
 _FORMAT_WORDS = re.compile(r"response_format|json.?schema|grammar", re.IGNORECASE)
+# And tools it refuses (vLLM: "auto" tool choice requires --enable-auto-tool-choice ...).
+_TOOL_WORDS = re.compile(r"\btools?\b|tool.?choice|tool.?call|function", re.IGNORECASE)
 # llama_cpp.server answers a body its own request model refuses with a 500 carrying pydantic's error: that
 # is the request's fault, not the server's.
 _REFUSED_BODY = re.compile(r"validation error.*'loc': \('body',", re.DOTALL)
@@ -61,7 +68,7 @@ class OpenAIServerConfig:
     base_url: str  # http://host:port, with or without /v1
     name: str  # the model's name in fleetlm
     context_size: int = 0  # 0: as the server reports it (vLLM's max_model_len), else unknown
-    slots: int = 4  # requests sent upstream at once
+    slots: int = 4  # sequences sent upstream at once (a request for n choices is n)
     upstream_model: str = ""  # the model id the server knows; "": the name, if listed, else its first
     api_key: str = ""
     connect_timeout: float = 5.0
@@ -94,6 +101,8 @@ def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[
         body["max_tokens"] = None  # completions default to 16 tokens; fleetlm's default is the context
     if options.seed is not None:
         body["seed"] = options.seed
+    if options.n > 1:
+        body["n"] = options.n  # the server's choices come back with their index
     if options.stops:
         body["stop"] = list(options.stops)
     if options.presence_penalty:
@@ -112,7 +121,8 @@ def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[
         if options.logprobs:
             body["logprobs"] = options.top_logprobs  # the completions API's form: how many alternatives
         return "/completions", body
-    body["messages"] = [{"role": m.role, "content": m.content} for m in prompt.messages]
+    body["messages"] = [message_json(m) for m in prompt.messages]
+    body.update(tools_json(prompt))
     if prompt.continue_final_message:
         # vLLM's and SGLang's extra parameters for going on with the final assistant message. A server that
         # does not know them (llama_cpp.server, OpenAI itself) ignores them and starts a new turn.
@@ -133,6 +143,12 @@ def response_format_json(response_format: ResponseFormat) -> dict[str, Any]:
         spec["description"] = response_format.description
     spec["strict"] = response_format.strict
     return {"type": "json_schema", "json_schema": spec}
+
+
+def _finish_reason(reason: str) -> str:
+    if reason in ("tool_calls", "function_call"):
+        return "tool_calls"
+    return "length" if reason == "length" else "stop"
 
 
 def request_headers(with_id: bool = True) -> dict[str, str]:
@@ -171,6 +187,14 @@ def parse_logprobs(data: Any, offset: int) -> tuple[TokenLogprob, ...]:
     return tuple(out)
 
 
+def _choice_index(choice: dict[str, Any], n: int) -> int:
+    """A streamed choice's index, checked: a server that sends one outside 0..n-1 is broken."""
+    index = choice.get("index", 0)
+    if not isinstance(index, int) or not 0 <= index < n:
+        raise EngineUnavailable(f"the engine's server sent a choice with index {index!r} for n={n}")
+    return index
+
+
 def _error_message(reply: httpx.Response) -> str:
     try:
         data = reply.json()
@@ -182,7 +206,7 @@ def _error_message(reply: httpx.Response) -> str:
     return str(error)
 
 
-def upstream_error(status: int, message: str, input_param: str) -> EngineError:
+def upstream_error(status: int, message: str, input_param: str, tools: bool = False) -> EngineError:
     """A server's refusal in the engine's terms: the caller's fault (400s) or the server's (the rest)."""
     message = message.split('\n\n  File "')[0]  # a server's traceback is not for the client
     text = f"the engine's server answered {status}: {message}"
@@ -191,6 +215,8 @@ def upstream_error(status: int, message: str, input_param: str) -> EngineError:
             return ContextLengthExceeded(text, input_param)
         if _FORMAT_WORDS.search(message):
             return InvalidInput(text, "response_format")  # a schema the server cannot enforce
+        if tools and _TOOL_WORDS.search(message):
+            return InvalidInput(text, "tools")  # tools, or a tool_choice, the server does not take
         return InvalidInput(text, input_param)
     return EngineUnavailable(text)
 
@@ -208,7 +234,8 @@ class OpenAIServerEngine:
         )
         self._model = config.upstream_model or config.name
         self._context_size = config.context_size
-        self._gate = asyncio.Semaphore(config.slots)
+        # Requests waiting for sequences, first come first served: (how many, woken when they are granted).
+        self._line: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
         self._sends_ids = True  # whether requests carry X-Request-Id (`_takes_request_ids`)
         self._running = 0
         self._waiting = 0
@@ -290,33 +317,75 @@ class OpenAIServerEngine:
             "model",
         )
 
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        raise InvalidInput(
+            f"model '{self.config.name}' runs on an OpenAI-compatible server, which fleetlm cannot detokenize for",
+            "model",
+        )
+
     @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        self._waiting += 1
+    async def _slot(self, sequences: int = 1) -> AsyncIterator[None]:
+        """Run with `sequences` of the `slots` sequences the server is sent at once (a request for n choices
+        is n). Requests wait in line, first come first served, so that one for several sequences is not
+        passed over by single ones for ever."""
+        entry = (sequences, asyncio.get_running_loop().create_future())
+        self._line.append(entry)
+        self._waiting += sequences
         try:
-            await self._gate.acquire()
+            self._grant()
+            await entry[1]
+        except BaseException:
+            if entry in self._line:
+                self._line.remove(entry)  # left while waiting
+            elif not entry[1].cancelled():
+                self._running -= sequences  # granted, and cancelled before it could start
+            self._grant()
+            raise
         finally:
-            self._waiting -= 1
-        self._running += 1
+            self._waiting -= sequences
         self._heard = time.monotonic()
         try:
             yield
         finally:
-            self._running -= 1
-            self._gate.release()
+            self._running -= sequences
+            self._grant()
 
-    async def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+    def _grant(self) -> None:
+        """Start the requests at the head of the line that fit in the sequences left."""
+        while self._line and self._running + self._line[0][0] <= self.config.slots:
+            sequences, granted = self._line.popleft()
+            if not granted.done():
+                self._running += sequences
+                granted.set_result(None)
+
+    def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+        events = self._generate(prompt, options)
+        if isinstance(prompt, Chat) and prompt.tools and prompt.tool_choice.mode in ("required", "function"):
+            return demanded_calls(events)  # a server that ignores tool_choice is found out, not passed on
+        return events
+
+    async def _generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+        """The server's stream as the engine's events. With n > 1 its choices are told apart by their
+        `index` (each with its own text offsets for logprobs), and each choice's finish_reason is a ChoiceEnd
+        as it comes; the request's Finished carries the first choice's reason, the server's usage and the
+        reply's tool calls (n = 1: the edge refuses tools with several choices)."""
+        if options.n > self.config.slots:  # it would wait in line for ever, and hold up those behind it
+            raise InvalidInput(f"n is {options.n}; this engine runs at most {self.config.slots} sequences at once", "n")
         path, body = request_body(prompt, options, self._model)
         input_param = "prompt" if isinstance(prompt, str) else "messages"
-        chunks, finish, usage, offset = 0, "", None, 0
-        async with self._slot():
+        with_tools = "tools" in body
+        chunks, usage = 0, None
+        offsets: dict[int, int] = {}  # per choice: characters received so far
+        finishes: dict[int, str] = {}
+        calls = ToolCallDeltas()
+        async with self._slot(options.n):
             try:
                 async with self._client.stream(
                     "POST", f"{self._root}{path}", json=body, headers=request_headers(self._sends_ids)
                 ) as reply:
                     if reply.status_code != 200:
                         await reply.aread()
-                        raise upstream_error(reply.status_code, _error_message(reply), input_param)
+                        raise upstream_error(reply.status_code, _error_message(reply), input_param, with_tools)
                     async for line in reply.aiter_lines():
                         self._heard = time.monotonic()
                         if not line.startswith("data:"):
@@ -329,25 +398,41 @@ class OpenAIServerEngine:
                             raise EngineUnavailable(f"the engine's server failed mid-stream: {event['error']}")
                         usage = event.get("usage") or usage
                         for choice in event.get("choices") or ():
+                            index = _choice_index(choice, options.n)
                             text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                            offset = offsets.get(index, 0)
                             logprobs = parse_logprobs(choice.get("logprobs"), offset) if options.logprobs else ()
                             if text or logprobs:
                                 chunks += 1
-                                offset += len(text)
-                                yield TextChunk(text, logprobs)
-                            if choice.get("finish_reason"):
-                                finish = "length" if choice["finish_reason"] == "length" else "stop"
+                                offsets[index] = offset + len(text)
+                                yield TextChunk(text, logprobs, index)
+                            for call in calls.feed((choice.get("delta") or {}).get("tool_calls")):
+                                chunks += 1 if call.arguments else 0
+                                yield call
+                            if choice.get("finish_reason") and index not in finishes:
+                                finishes[index] = _finish_reason(choice["finish_reason"])
+                                if options.n > 1:
+                                    yield ChoiceEnd(index, finishes[index])  # type: ignore[arg-type]
             except httpx.HTTPError as exc:
                 raise EngineUnavailable(f"the engine's server at {self._root} failed: {exc!r}") from exc
             except ValueError as exc:
                 raise EngineUnavailable(f"the engine's server sent a chunk that is not JSON: {exc}") from exc
-        if not finish:
+        if not finishes:
             # llama_cpp.server, for one, ends a stream this way when the request fails after its 200.
             raise EngineUnavailable("the engine's server ended the stream without a finish reason (see its log)")
+        if len(finishes) < options.n:
+            # llama_cpp.server drops `n` from the request and answers with one choice.
+            raise InvalidInput(
+                f"n is {options.n}, and the engine's server returned {len(finishes)} choice(s): it does not support n",
+                "n",
+            )
         # Servers that do not report usage in streams (llama_cpp.server): one chunk is about one token.
         prompt_tokens = int(usage.get("prompt_tokens", 0)) if usage else 0
         completion_tokens = int(usage.get("completion_tokens", chunks)) if usage else chunks
-        yield Finished(finish, prompt_tokens, completion_tokens)  # type: ignore[arg-type]
+        finish = finishes[0]
+        if finish == "stop" and calls.calls:
+            finish = "tool_calls"  # a server that says "stop" after calls (llama_cpp.server's named choice)
+        yield Finished(finish, prompt_tokens, completion_tokens, calls.calls)  # type: ignore[arg-type]
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
         async with self._slot():

@@ -1,0 +1,74 @@
+"""What fleetlm does not implement is refused with a 400 naming the field, in OpenAI's shape, on the real edge:
+never ignored (an answer that silently lacks what was asked for) and never a 500. Fields that would not change
+the answer (metadata, store) are still ignored, as OpenAI's own API ignores what it does not need."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Mesh
+
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
+
+USER = {"role": "user", "content": "Describe this."}
+
+
+def parts(*content: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": "Describe this."}, *content]}]
+
+
+CHAT_REFUSED: list[tuple[dict[str, Any], str, str]] = [
+    (
+        {"messages": parts({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}})},
+        "messages[0].content[1]",
+        "images",
+    ),
+    (
+        {"messages": parts({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}})},
+        "messages[0].content[1]",
+        "audio",
+    ),
+    ({"messages": parts({"type": "file", "file": {"file_id": "file-1"}})}, "messages[0].content[1]", "file"),
+    ({"messages": [USER], "audio": {"voice": "alloy", "format": "wav"}}, "audio", "audio"),
+    ({"messages": [USER], "modalities": ["text", "audio"]}, "modalities", "text"),
+    ({"messages": [USER], "logit_bias": {"1234": 5}}, "logit_bias", "logit_bias"),
+]
+COMPLETION_REFUSED: list[tuple[dict[str, Any], str, str]] = [
+    ({"prompt": "Hello", "echo": True}, "echo", "echo"),
+    ({"prompt": "Hello", "suffix": "world"}, "suffix", "suffix"),
+    ({"prompt": "Hello", "best_of": 3}, "best_of", "best_of"),
+    ({"prompt": "Hello", "logit_bias": {"50256": -100}}, "logit_bias", "logit_bias"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "word"),
+    [("/v1/chat/completions", *case) for case in CHAT_REFUSED]
+    + [("/v1/completions", *case) for case in COMPLETION_REFUSED],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_what_is_not_supported_is_a_400_naming_it(
+    mesh: Mesh, path: str, body: dict[str, Any], param: str, word: str, stream: bool
+) -> None:
+    response = httpx.post(
+        f"{mesh.http}{path}", json={"model": mesh.model, "max_tokens": 4, "stream": stream, **body}, timeout=30
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error == {"message": error["message"], "type": "invalid_request_error", "param": param,
+                     "code": "INVALID_REQUEST"}  # fmt: skip
+    assert word in error["message"], error
+
+
+def test_what_changes_nothing_is_accepted(mesh: Mesh) -> None:
+    """Text-only modalities, best_of equal to n, an empty logit_bias, and fields that do not change the answer."""
+    for path, body in (
+        ("/v1/chat/completions", {"messages": [USER], "modalities": ["text"], "logit_bias": {}, "store": False,
+                                  "metadata": {"team": "a"}}),
+        ("/v1/completions", {"prompt": "Hello", "best_of": 2, "n": 2, "echo": False, "suffix": None}),
+    ):  # fmt: skip
+        response = httpx.post(f"{mesh.http}{path}", json={"model": mesh.model, "max_tokens": 4, **body}, timeout=60)
+        assert response.status_code == 200, response.text
