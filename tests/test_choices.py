@@ -20,9 +20,9 @@ from google.protobuf import duration_pb2  # noqa: F401 - registers well-known ty
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.errors import FleetError
-from tests.cluster import Cluster, Proc, free_port, wait_for
+from tests.cluster import wait_for
 from tests.conftest import Mesh
-from tests.test_openai_engines import llama_cpp_server_argv
+from tests.test_openai_engines import fleet_with_llama_cpp_server
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -214,28 +214,10 @@ def test_an_n_the_replica_cannot_run_is_a_400_naming_n(mesh: Mesh, n: int) -> No
 def attached(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A second fleet whose node serves two `openai` engines: the first fleet's edge (a server that takes n),
     under the model's own name, and llama_cpp.server (which drops n)."""
-    cluster = Cluster(tmp_path_factory.mktemp("choices-engines"))
-    port = free_port()
-    server = Proc("attached-server", llama_cpp_server_argv(str(port)), cluster.dir)
-    try:
-        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200, 120,
-                 "llama_cpp.server", server)  # fmt: skip
-        cluster.start_etcd()
-        cluster.start_controlplane(3)
-        models = [
-            {"name": mesh.model, "path": f"{mesh.http}/v1", "engine": "openai", "format": "gguf",
-             "context_size": 2048},
-            {"name": "smol-attached", "path": f"http://127.0.0.1:{port}/v1", "engine": "openai", "format": "gguf",
-             "context_size": 2048},
-        ]  # fmt: skip
-        cluster.start_node("srv", models=models)
-        _, http, _ = cluster.start_edge()
-        for name in (mesh.model, "smol-attached"):
-            cluster.wait_model_state(http, name, timeout=120)
-        yield http
-    finally:
-        cluster.close()
-        server.stop()
+    this_fleet = {"name": mesh.model, "path": f"{mesh.http}/v1", "engine": "openai", "format": "gguf",
+                  "context_size": 2048}  # fmt: skip
+    with fleet_with_llama_cpp_server(tmp_path_factory.mktemp("choices-engines"), "smol-attached", this_fleet) as base:
+        yield base
 
 
 def test_an_openai_engine_passes_n_through_and_maps_the_choices_back(attached: str, mesh: Mesh) -> None:

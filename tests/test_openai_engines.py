@@ -11,6 +11,7 @@ leaves no engine process behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -37,6 +39,32 @@ MODEL_PATH = str(default_model_path())
 def llama_cpp_server_argv(port: str) -> list[str]:
     return [sys.executable, "-m", "llama_cpp.server", "--model", MODEL_PATH, "--port", port, "--n_threads", "2",
             "--n_ctx", "2048", "--interrupt_requests", "False", "--model_alias", "smollm2"]  # fmt: skip
+
+
+@contextlib.contextmanager
+def fleet_with_llama_cpp_server(directory: Path, name: str, *others: dict[str, Any]) -> Iterator[str]:
+    """A llama_cpp.server started here, then a fleet (etcd, a control plane, one node, an edge) whose node
+    serves it as the `openai` engine of model `name`, beside the `openai` engines `others`; the edge's HTTP
+    base once every model is ready. Everything stops when the block ends."""
+    cluster = Cluster(directory)
+    port = free_port()
+    server = Proc("attached-server", llama_cpp_server_argv(str(port)), cluster.dir)
+    try:
+        # 120 s: a model load on a busy 2-core machine, with other tests running.
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200, 120,
+                 "llama_cpp.server", server)  # fmt: skip
+        cluster.start_etcd()
+        cluster.start_controlplane(3)
+        attached = {"name": name, "path": f"http://127.0.0.1:{port}/v1", "engine": "openai", "format": "gguf",
+                    "context_size": 2048}  # fmt: skip
+        cluster.start_node("srv", models=[*others, attached])
+        _, http, _ = cluster.start_edge()
+        for model in (*(m["name"] for m in others), name):
+            cluster.wait_model_state(http, model, timeout=120)
+        yield http
+    finally:
+        cluster.close()
+        server.stop()
 
 
 @dataclass

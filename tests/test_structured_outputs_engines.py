@@ -12,8 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.cluster import Cluster, Proc, free_port, wait_for
-from tests.test_openai_engines import llama_cpp_server_argv
+from tests.test_openai_engines import fleet_with_llama_cpp_server
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -23,24 +22,8 @@ ASK = [{"role": "user", "content": "Return a JSON object with the keys city and 
 
 @pytest.fixture(scope="module")
 def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    cluster = Cluster(tmp_path_factory.mktemp("structured-engines"))
-    port = free_port()
-    server = Proc("attached-server", llama_cpp_server_argv(str(port)), cluster.dir)
-    try:
-        # 120 s: a model load on a busy 2-core machine, with other tests running.
-        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200, 120,
-                 "llama_cpp.server", server)  # fmt: skip
-        cluster.start_etcd()
-        cluster.start_controlplane(3)
-        model = {"name": MODEL, "path": f"http://127.0.0.1:{port}/v1", "engine": "openai", "format": "gguf",
-                 "context_size": 2048}  # fmt: skip
-        cluster.start_node("srv", models=[model])
-        _, http, _ = cluster.start_edge()
-        cluster.wait_model_state(http, MODEL, timeout=120)
-        yield http
-    finally:
-        cluster.close()
-        server.stop()
+    with fleet_with_llama_cpp_server(tmp_path_factory.mktemp("structured-engines"), MODEL) as base:
+        yield base
 
 
 def test_json_object_is_passed_through_and_enforced(http: str) -> None:

@@ -17,8 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.cluster import Cluster, Proc, free_port, wait_for
-from tests.test_openai_engines import llama_cpp_server_argv
+from tests.test_openai_engines import fleet_with_llama_cpp_server
 from tests.test_tool_calls import reassembled
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
@@ -32,24 +31,8 @@ NAMED: Any = {"type": "function", "function": {"name": "get_weather"}}
 
 @pytest.fixture(scope="module")
 def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    cluster = Cluster(tmp_path_factory.mktemp("tools-engines"))
-    port = free_port()
-    server = Proc("attached-server", llama_cpp_server_argv(str(port)), cluster.dir)
-    try:
-        # 120 s: a model load on a busy 2-core machine, with other tests running.
-        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200, 120,
-                 "llama_cpp.server", server)  # fmt: skip
-        cluster.start_etcd()
-        cluster.start_controlplane(3)
-        model = {"name": MODEL, "path": f"http://127.0.0.1:{port}/v1", "engine": "openai", "format": "gguf",
-                 "context_size": 2048}  # fmt: skip
-        cluster.start_node("srv", models=[model])
-        _, http, _ = cluster.start_edge()
-        cluster.wait_model_state(http, MODEL, timeout=120)
-        yield http
-    finally:
-        cluster.close()
-        server.stop()
+    with fleet_with_llama_cpp_server(tmp_path_factory.mktemp("tools-engines"), MODEL) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
