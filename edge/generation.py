@@ -95,8 +95,12 @@ class Generation:
                 try:
                     while not response.HasField("result"):
                         event = progress.forward(response)
-                        if metrics is not None and counted is not None and event.HasField("delta"):
-                            metrics.text(counted, streamed)
+                        if metrics is not None and counted is not None:
+                            kind = event.WhichOneof("event")
+                            if kind == "delta":
+                                metrics.text(counted, streamed, event.delta.index)
+                            elif kind == "tool_call":
+                                metrics.text(counted, streamed)
                         yield event
                         response = await self._next_event(stream.call, stream.target, timeout)
                 except FleetError as error:

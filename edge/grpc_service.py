@@ -108,8 +108,8 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
                         access.usage(result.usage.prompt_tokens, result.usage.completion_tokens,
                                      FINISH_REASONS.get(result.finish_reason, ""))  # fmt: skip
                         access.node = result.node_id or access.node
-                    elif response.HasField("delta"):
-                        access.token()
+                    elif response.HasField("delta") or response.HasField("tool_call"):
+                        access.token()  # the first output of either kind, as over HTTP
                     yield response
             except (FleetError, grpc.aio.AbortError):
                 raise

@@ -59,7 +59,7 @@ MAX_ERROR_BODY = 64 * 1024  # an error body is read for its code up to this size
 class Call:
     """One request as the metrics see it; the transports open it, the gateway fills it in."""
 
-    __slots__ = ("code", "last_text_at", "model", "route", "series", "started", "status")
+    __slots__ = ("code", "last_output_at", "model", "route", "series", "started", "status")
 
     def __init__(self, route: str) -> None:
         self.route = route
@@ -68,7 +68,8 @@ class Call:
         self.series: _ModelSeries | None = None
         self.status = ""
         self.code = ""
-        self.last_text_at = 0.0  # perf_counter of the last text event, 0 before the first
+        # perf_counter of the last output event (text or a tool call) of each choice; empty before the first
+        self.last_output_at: dict[int, float] = {}
 
 
 CURRENT: ContextVar[Call | None] = ContextVar("fleetlm_edge_call", default=None)
@@ -134,14 +135,14 @@ class EdgeMetrics:
         )
         self.ttft = Histogram(
             P + "time_to_first_token_seconds",
-            "from a generation request's arrival at the edge to its first text",
+            "from a generation request's arrival at the edge to its first output (text or a tool call)",
             ["model"],
             buckets=TTFT_BUCKETS,
             registry=r,
         )
         self.itl = Histogram(
             P + "inter_token_latency_seconds",
-            "time between consecutive text events of a generation",
+            "time between consecutive output events of one choice of a streamed generation",
             ["model"],
             buckets=ITL_BUCKETS,
             registry=r,
@@ -210,18 +211,21 @@ class EdgeMetrics:
             call.series = self.series(model)
             call.series.in_flight.inc()
 
-    def text(self, call: Call, streamed: bool = True) -> None:
-        """A text event of a generation is on its way to the client; the gap since the last one is timed
-        only when the text is `streamed` (a whole reply's text comes in one or two events)."""
+    def text(self, call: Call, streamed: bool = True, index: int = 0) -> None:
+        """An output event of a generation (text, or part of a tool call) of choice `index` is on its way to
+        the client. The first of the request is its first token; after it, the gap since the same choice's
+        last event is timed (the choices of n > 1 decode side by side, so a gap between two choices' events
+        is no inter-token latency), and only when the reply is `streamed` (a whole reply's text comes in
+        one or two events)."""
         now = time.perf_counter()
         series = call.series
         if series is not None:
-            if call.last_text_at:
-                if streamed:
-                    series.itl.observe(now - call.last_text_at)
-            else:
+            last = call.last_output_at.get(index)
+            if not call.last_output_at:
                 series.ttft.observe(now - call.started)
-        call.last_text_at = now
+            elif last is not None and streamed:
+                series.itl.observe(now - last)
+        call.last_output_at[index] = now
 
     def result(self, call: Call, prompt_tokens: int, completion_tokens: int) -> None:
         """A generation's result (its usage as the client sees it) is on its way to the client."""

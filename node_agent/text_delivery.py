@@ -20,6 +20,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from fleetlm.inference.v1 import inference_pb2
 
+# Held text (with its logprobs: about 400 bytes a token with 20 alternatives) leaves as one delta once it
+# reaches this size, so that no merged message nears the 4 MiB a gRPC client takes by default.
+MAX_HELD_BYTES = 1024 * 1024
+
 
 def _kind(delta: inference_pb2.TextDelta) -> bytes:
     """What a delta says besides its text and logprobs: deltas of one kind may merge."""
@@ -37,10 +41,12 @@ class _Held:
         self.delta = inference_pb2.TextDelta()
         self.delta.CopyFrom(first)
         self.texts = [first.text]
+        self.size = first.ByteSize()
 
     def add(self, delta: inference_pb2.TextDelta) -> None:
         self.texts.append(delta.text)
         self.delta.logprobs.extend(delta.logprobs)
+        self.size += delta.ByteSize()
 
     def response(self) -> inference_pb2.GenerateResponse:
         self.delta.text = "".join(self.texts)
@@ -86,6 +92,8 @@ async def _whole(
                     held[key].add(response.delta)
                 else:
                     held[key] = _Held(response.delta)
+                if held[key].size >= MAX_HELD_BYTES:  # one message stays far below gRPC's 4 MiB default
+                    yield held.pop(key).response()
     except Exception:
         for merged in release():
             yield merged

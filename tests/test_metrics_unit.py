@@ -52,3 +52,22 @@ def test_metrics_addresses_that_are_accepted(listen: str) -> None:
 def test_metrics_addresses_that_are_refused_name_the_flag(listen: str) -> None:
     with pytest.raises(ValueError, match="--metrics-listen"):
         check_listen(listen)
+
+
+def test_inter_token_gaps_are_timed_per_choice() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from edge.metrics import Call, EdgeMetrics
+
+    def count(metrics: EdgeMetrics, name: str) -> float:
+        value = metrics.registry.get_sample_value(f"fleetlm_edge_{name}_count", {"model": "m"})
+        return value or 0.0
+
+    metrics = EdgeMetrics(SimpleNamespace(), CollectorRegistry())  # type: ignore[arg-type]  # read when scraped
+    # n = 2: the choices' events interleave, as one decode step gives each choice its token.
+    call = Call("/v1/chat/completions")
+    metrics.serving(call, "m")
+    for index in (0, 1, 0, 1, 0, 1):
+        metrics.text(call, index=index)
+    assert count(metrics, "time_to_first_token_seconds") == 1
+    assert count(metrics, "inter_token_latency_seconds") == 4  # 2 gaps per choice, none between choices

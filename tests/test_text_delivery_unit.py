@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 import pytest
 
 from fleetlm.inference.v1 import inference_pb2
-from node_agent.text_delivery import delivered
+from node_agent.text_delivery import MAX_HELD_BYTES, delivered
 
 WHOLE = inference_pb2.TEXT_DELIVERY_WHOLE
 STREAMED = inference_pb2.TEXT_DELIVERY_UNSPECIFIED
@@ -92,3 +92,22 @@ async def test_closing_the_delivered_stream_closes_the_engines_at_once(delivery:
     await anext(stream)
     await stream.aclose()  # type: ignore[attr-defined]
     assert closed.is_set()
+
+
+async def test_a_long_whole_reply_leaves_in_pieces_that_each_fit_a_grpc_message() -> None:
+    # 4,000 tokens with 20 alternatives each: about 3.5 MB held, which merged into one delta would pass the
+    # 4 MiB a gRPC client takes by default (the edge's channel to a node among them).
+    top = [inference_pb2.TopLogprob(token=f"alt{i:02d}", logprob=-2.0 - i) for i in range(20)]
+
+    def token(i: int) -> inference_pb2.GenerateResponse:
+        logprob = inference_pb2.TokenLogprob(token=f" w{i}", logprob=-0.5, top_logprobs=top)
+        return inference_pb2.GenerateResponse(delta=inference_pb2.TextDelta(text=f" w{i}", logprobs=[logprob]))
+
+    events = [token(i) for i in range(4000)] + [RESULT]
+    out = await collect(delivered(source(events), WHOLE))
+    deltas = [e.delta for e in out if e.HasField("delta")]
+    assert out[-1] == RESULT
+    assert 3 <= len(deltas) < 20, len(deltas)  # merged, but not into one
+    assert all(d.ByteSize() < MAX_HELD_BYTES + 1000 for d in deltas), [d.ByteSize() for d in deltas]
+    assert "".join(d.text for d in deltas) == "".join(f" w{i}" for i in range(4000))
+    assert [lp.token for d in deltas for lp in d.logprobs] == [f" w{i}" for i in range(4000)]

@@ -20,6 +20,7 @@ from google.protobuf import duration_pb2  # noqa: F401 - registers well-known ty
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.errors import FleetError
 from tests.conftest import Mesh
+from tests.test_metrics import scrape, value
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -332,3 +333,24 @@ def test_grpc_malformed_tools_are_invalid_argument_naming_the_field(mesh: Mesh) 
             error = FleetError.from_rpc_error(caught.value)
             assert error.grpc_code == grpc.StatusCode.INVALID_ARGUMENT, (param, error)
             assert error.code == "INVALID_REQUEST" and error.param == param, (param, error)
+
+
+def test_a_reply_of_calls_only_has_its_first_token_timed(client: openai.OpenAI, mesh: Mesh) -> None:
+    # The edge's time-to-first-token histogram counts the first output of either kind: a reply that is
+    # only a tool call (no text at all) is counted once, and its argument pieces are timed as tokens.
+    before = scrape(f"{mesh.http}/metrics")
+    stream = client.chat.completions.create(
+        model=mesh.model, messages=ASK, tools=TOOLS, tool_choice=GET_TIME, parallel_tool_calls=False,
+        max_tokens=60, temperature=0, stream=True,
+    )  # fmt: skip
+    chunks = list(stream)
+    after = scrape(f"{mesh.http}/metrics")
+    assert any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    assert not any(c.choices and c.choices[0].delta.content for c in chunks)
+    counted = {
+        name: value(after, f"fleetlm_edge_{name}_seconds_count", model=mesh.model)
+        - value(before, f"fleetlm_edge_{name}_seconds_count", model=mesh.model)
+        for name in ("time_to_first_token", "inter_token_latency")
+    }
+    assert counted["time_to_first_token"] == 1, counted
+    assert counted["inter_token_latency"] >= 1, counted
