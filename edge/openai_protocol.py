@@ -298,7 +298,19 @@ def _named(param: str, value: Any, handler: Callable[[Any], Any]) -> Any:
         raise invalid(param, f"invalid '{param}{where}': {message}") from exc
 
 
-class ChatCompletionRequest(_Request):
+class TextOnlyMessages(BaseModel):
+    """A request whose `messages` may carry only text: other content parts are refused by name."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        # Before the types are checked, so that an image part is named as such, not as a wrong 'type'.
+        if isinstance(data, dict):
+            refuse_content_parts(data.get("messages"))
+        return data
+
+
+class ChatCompletionRequest(_Request, TextOnlyMessages):
     BOUNDED: ClassVar[dict[str, str]] = {
         **_Request.BOUNDED,
         "max_completion_tokens": "max_tokens",
@@ -323,14 +335,6 @@ class ChatCompletionRequest(_Request):
     def _tool_choice_param(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         # An object can only be a named function: its errors are that shape's, not the strings'.
         return _named("tool_choice", value, NamedToolChoice.model_validate if isinstance(value, dict) else handler)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _text_only(cls, data: Any) -> Any:
-        # Before the types are checked, so that an image part is named as such, not as a wrong 'type'.
-        if isinstance(data, dict):
-            refuse_content_parts(data.get("messages"))
-        return data
 
     @property
     def wants_logprobs(self) -> bool:

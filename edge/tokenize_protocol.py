@@ -18,7 +18,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from edge.openai_protocol import ChatMessageIn, refuse_content_parts
+from edge.openai_protocol import ChatMessageIn, TextOnlyMessages
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import FleetError, invalid
 from mesh.inference_requests import check_prompt_chars, validate_detokenize
@@ -33,7 +33,7 @@ def renamed(error: FleetError) -> FleetError:
     return error if param is None else dataclasses.replace(error, param=param)
 
 
-class TokenizeBody(BaseModel):
+class TokenizeBody(TextOnlyMessages):
     """vLLM's TokenizeCompletionRequest (`prompt`) or TokenizeChatRequest (`messages`), in one model."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -45,13 +45,6 @@ class TokenizeBody(BaseModel):
     continue_final_message: bool = False
     add_special_tokens: bool | None = None
     return_token_strs: bool | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _text_only(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            refuse_content_parts(data.get("messages"))
-        return data
 
     @model_validator(mode="after")
     def _one_input(self) -> Self:
