@@ -16,10 +16,10 @@ import jsonschema_rs
 import pytest
 import pytest_asyncio
 
-from launcher.default_model import default_model_path
 from node_agent.engines.base import (
     Chat,
     ChoiceEnd,
+    EngineUnavailable,
     Finished,
     InvalidInput,
     Message,
@@ -29,7 +29,8 @@ from node_agent.engines.base import (
     TextChunk,
     TokenLogprob,
 )
-from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+from node_agent.engines.llamacpp import LlamaCppEngine
+from tests.model_engine import default_model_engine
 from tests.test_structured_outputs_engine import CountingLlama
 
 pytestmark = [pytest.mark.model]
@@ -40,10 +41,8 @@ POEM = Chat((Message("user", "Write a short poem about the sea."),))
 
 @pytest_asyncio.fixture(scope="module")
 async def engine() -> AsyncIterator[LlamaCppEngine]:
-    built = LlamaCppEngine(LlamaCppConfig(str(default_model_path()), context_size=1024, threads=2, slots=SLOTS))
-    await built.start()
-    yield built
-    await built.close()
+    async with default_model_engine(SLOTS) as built:
+        yield built
 
 
 @dataclass
@@ -214,3 +213,37 @@ async def test_a_request_that_goes_away_frees_all_its_slots_and_samplers(engine:
     assert counting.calls["llama_sampler_free"] == 4
     # The slots take the next request at once.
     assert (await run(engine, POEM, SamplingOptions(max_tokens=4, temperature=0, n=4))).finished is not None
+
+
+async def test_a_request_whose_sampler_cannot_be_made_fails_and_frees_what_was_made(engine: LlamaCppEngine) -> None:
+    """n = 3 with a schema, and the second choice's sampler chain fails (as an allocation in llama.cpp could):
+    the request fails with that error (as EngineUnavailable), and the two grammars and the one chain made
+    for it are freed, the grammar of the failing choice too."""
+    loop = engine._loop
+    assert loop is not None and loop.running == 0
+    counting = CountingLlama(loop._ll)
+    loop._ll = counting
+    real_sampler = loop._sampler
+    made = 0
+
+    def failing_second(options: SamplingOptions, index: int = 0) -> object:
+        nonlocal made
+        made += 1
+        if made == 2:
+            raise MemoryError("no memory for a sampler chain")
+        return real_sampler(options, index)
+
+    loop._sampler = failing_second  # type: ignore[method-assign]
+    fmt = ResponseFormat("json_schema", json.dumps(PERSON), "person")
+    ask = Chat((Message("user", "Describe a person as JSON."),))
+    try:
+        with pytest.raises(EngineUnavailable, match="no memory for a sampler chain"):
+            await run(engine, ask, SamplingOptions(max_tokens=8, temperature=1.0, n=3, response_format=fmt))
+    finally:
+        loop._sampler = real_sampler  # type: ignore[method-assign]
+        loop._ll = counting._real
+    assert counting.calls["llama_sampler_init_grammar"] == 2
+    assert counting.calls["llama_sampler_chain_init"] == 1
+    assert counting.calls["llama_sampler_free"] == 3  # one chain and both grammars
+    assert loop.running == 0
+    assert (await run(engine, POEM, SamplingOptions(max_tokens=4, temperature=0, n=3))).finished is not None

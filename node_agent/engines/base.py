@@ -130,7 +130,7 @@ class ChoiceEnd:
     """With n > 1: one choice has ended. Every choice ends with one, before the request's Finished."""
 
     index: int
-    reason: Literal["stop", "length"]
+    reason: Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True)

@@ -341,15 +341,19 @@ class DecodeLoop:
     def _samplers(self, request: BatchRequest) -> list[tuple[Any, Any]]:
         """A sampler chain and grammar (or None) for each choice; none is left behind if one fails."""
         made: list[tuple[Any, Any]] = []
+        grammar = None  # this choice's, until its chain is made too
         try:
             for index in range(request.options.n):
                 grammar = self._grammar(request)  # first: a grammar may be refused
                 made.append((self._sampler(request.options, index), grammar))
+                grammar = None
         except BaseException:
-            for chain, grammar in made:
+            if grammar is not None:
+                self._ll.llama_sampler_free(grammar)
+            for chain, made_grammar in made:
                 self._ll.llama_sampler_free(chain)
-                if grammar is not None:
-                    self._ll.llama_sampler_free(grammar)
+                if made_grammar is not None:
+                    self._ll.llama_sampler_free(made_grammar)
             raise
         return made
 
