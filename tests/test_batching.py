@@ -15,6 +15,7 @@ from launcher.default_model import default_model_path
 from node_agent.engines.base import Finished, SamplingOptions, TextChunk, TokenLogprob
 from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from node_agent.engines.llamacpp_batch import BatchRequest
+from tests.model_engine import default_model_engine
 
 pytestmark = [pytest.mark.model]
 
@@ -33,10 +34,8 @@ GREEDY = SamplingOptions(max_tokens=32, temperature=0)
 
 @pytest_asyncio.fixture(scope="module")
 async def engine() -> AsyncIterator[LlamaCppEngine]:
-    built = LlamaCppEngine(LlamaCppConfig(str(default_model_path()), context_size=1024, threads=2, slots=8))
-    await built.start()
-    yield built
-    await built.close()
+    async with default_model_engine(8) as built:
+        yield built
 
 
 async def run(engine: LlamaCppEngine, prompt: str, options: SamplingOptions = GREEDY) -> tuple[str, Finished]:

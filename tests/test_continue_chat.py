@@ -14,12 +14,12 @@ import pytest_asyncio
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from fleetlm.inference.v1 import inference_pb2
-from launcher.default_model import default_model_path
 from mesh.errors import ErrorCode, FleetError
 from mesh.inference_requests import validate_generate, validate_tokenize
 from node_agent.engines.base import Chat, Finished, InvalidInput, Message, SamplingOptions, TextChunk
 from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from node_agent.engines.openai_server import request_body
+from tests.model_engine import default_model_engine
 
 QUESTION = Message("user", "Write a short story about a robot who learns to paint.")
 COUNTING = Message("user", "Count from 1 to 100, separated by commas.")
@@ -55,10 +55,8 @@ def test_continue_final_message_with_the_assistant_s_message_last_is_valid() -> 
 
 @pytest_asyncio.fixture(scope="module")
 async def engine() -> AsyncIterator[LlamaCppEngine]:
-    built = LlamaCppEngine(LlamaCppConfig(str(default_model_path()), context_size=1024, threads=2, slots=2))
-    await built.start()
-    yield built
-    await built.close()
+    async with default_model_engine(2) as built:
+        yield built
 
 
 async def reply(engine: LlamaCppEngine, chat: Chat, max_tokens: int) -> tuple[list[str], Finished]:

@@ -16,7 +16,6 @@ import jsonschema_rs
 import pytest
 import pytest_asyncio
 
-from launcher.default_model import default_model_path
 from node_agent.engines.base import (
     Chat,
     Finished,
@@ -28,7 +27,8 @@ from node_agent.engines.base import (
     TextChunk,
 )
 from node_agent.engines.json_grammar import schema_grammar
-from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+from node_agent.engines.llamacpp import LlamaCppEngine
+from tests.model_engine import default_model_engine
 
 pytestmark = [pytest.mark.model]
 
@@ -50,10 +50,8 @@ FREE_PROMPTS = ["The capital of France is", "Water boils at", "The three primary
 
 @pytest_asyncio.fixture(scope="module")
 async def engine() -> AsyncIterator[LlamaCppEngine]:
-    built = LlamaCppEngine(LlamaCppConfig(str(default_model_path()), context_size=1024, threads=2, slots=8))
-    await built.start()
-    yield built
-    await built.close()
+    async with default_model_engine(8) as built:
+        yield built
 
 
 async def run(engine: LlamaCppEngine, prompt: Prompt, options: SamplingOptions) -> tuple[str, Finished]:

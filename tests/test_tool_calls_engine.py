@@ -14,7 +14,6 @@ import jsonschema_rs
 import pytest
 import pytest_asyncio
 
-from launcher.default_model import default_model_path
 from node_agent.engines.base import (
     Chat,
     Finished,
@@ -27,8 +26,9 @@ from node_agent.engines.base import (
     ToolCallChunk,
     ToolChoice,
 )
-from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+from node_agent.engines.llamacpp import LlamaCppEngine
 from node_agent.engines.llamacpp_batch import BatchRequest, Trigger
+from tests.model_engine import default_model_engine
 
 pytestmark = [pytest.mark.model]
 
@@ -57,10 +57,8 @@ FREE_PROMPTS = ["The capital of France is", "Water boils at", "The three primary
 
 @pytest_asyncio.fixture(scope="module")
 async def engine() -> AsyncIterator[LlamaCppEngine]:
-    built = LlamaCppEngine(LlamaCppConfig(str(default_model_path()), context_size=2048, threads=2, slots=8))
-    await built.start()
-    yield built
-    await built.close()
+    async with default_model_engine(8, context_size=2048) as built:
+        yield built
 
 
 async def run(engine: LlamaCppEngine, prompt: Chat | str, options: SamplingOptions) -> list[GenerationEvent]:
