@@ -177,6 +177,7 @@ class Gateway:
         self.feed = RouteFeed(self._cp_channels, edge_id)
         self.breakers = breakers or Breakers()
         self._node_channels: dict[str, grpc.aio.Channel] = {}
+        self._node_stubs: dict[str, inference_pb2_grpc.InferenceServiceStub] = {}  # one per channel
         self.request_timeout = request_timeout_seconds
         self._placement_timeout = placement_timeout_seconds
         self._scale_from_zero_timeout = scale_from_zero_timeout_seconds
@@ -213,9 +214,10 @@ class Gateway:
         return channel
 
     def _target(self, node_id: str, address: str, replica: Replica | None = None) -> Target:
-        return Target(
-            node_id, address, inference_pb2_grpc.InferenceServiceStub(self._channel(node_id, address)), replica
-        )
+        stub = self._node_stubs.get(address)
+        if stub is None:  # a stub makes a callable per method: once per channel, not per request
+            stub = self._node_stubs[address] = inference_pb2_grpc.InferenceServiceStub(self._channel(node_id, address))
+        return Target(node_id, address, stub, replica)
 
     def _usable(self, replicas: list[Replica]) -> tuple[list[Replica], str]:
         """The replicas a request may go to now, and the address it probes ('' if none).

@@ -62,6 +62,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps FleetError (and anything unexpected) raised by a servicer to a gRPC status, and a request that
     does not decode to INVALID_ARGUMENT."""
 
+    def __init__(self) -> None:
+        # A method's handler is the same object on every call: it is wrapped once (method -> the handler
+        # and its wrapper), not on every call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -71,6 +76,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(method, handler)
+        if len(self._wrapped) < 1024:  # a service's methods, never a client's made-up names
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         options = {
             "request_deserializer": _lenient(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
