@@ -1,7 +1,7 @@
 """Inference benchmark: fleetlm against the engine called directly and against llama_cpp.server.
 
     .venv/bin/python -m bench.inference_bench [--tokens 128] [--threads 2] [--rounds 3] [--replicas 1]
-                                              [--llama-server PATH]
+                                              [--llama-server PATH] [--ttft-only [--asyncio-edge]]
 
 Same model (SmolLM2-135M-Instruct Q4_1), same thread count, same greedy prompt, in one run. Every
 server is started first and stays up (idle, it costs nothing); then each round measures every row in
@@ -13,6 +13,8 @@ minutes (this one does, by +-15%) favours no row. The rows:
   fleetlm gRPC  the edge's InferenceService.Generate stream, same path
   node gRPC     the node agent's InferenceService.Generate called directly (no edge): what the edge adds
   llama-server  llama.cpp's own C++ server with 8 slots, when --llama-server is given
+  asyncio edge  with --ttft-only --asyncio-edge: HTTP and gRPC through a second edge on the standard
+                library's event loop (FLEETLM_EVENT_LOOP=asyncio), beside the first on uvloop
 For 1 stream: TTFT p50 and decode tokens/s. For 8 concurrent streams: aggregate tokens/s, TTFT p50/p99.
 """
 
@@ -228,6 +230,8 @@ ALTERNATIVE = "llama_cpp.server"
 FLEETLM_HTTP = "fleetlm, OpenAI HTTP (SSE) through the edge"
 FLEETLM_GRPC = "fleetlm, gRPC through the edge"
 NODE_GRPC = "fleetlm node agent, gRPC, no edge"
+ASYNCIO_HTTP = "fleetlm HTTP, edge on the asyncio loop"
+ASYNCIO_GRPC = "fleetlm gRPC, edge on the asyncio loop"
 
 
 def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
@@ -259,10 +263,24 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
 
 
 def process_cpu(cluster: Cluster, prefix: str) -> float:
-    """User + system CPU seconds of the cluster's first process whose name starts with `prefix`."""
-    proc = next(p for p in cluster.procs if p.name.startswith(prefix))
+    """User + system CPU seconds of the cluster's process named `prefix`, else its first whose name starts
+    with it."""
+    named = [p for p in cluster.procs if p.name == prefix]
+    proc = named[0] if named else next(p for p in cluster.procs if p.name.startswith(prefix))
     times = psutil.Process(proc.popen.pid).cpu_times()
     return float(times.user + times.system)
+
+
+def start_asyncio_edge(cluster: Cluster) -> tuple[str, str, str]:
+    """A second edge in front of the same fleet, on the standard library's event loop (FLEETLM_EVENT_LOOP=
+    asyncio) where the first runs the default (uvloop): its HTTP and gRPC addresses and its process name."""
+    saved = cluster.env
+    cluster.env = {**(saved or {}), "FLEETLM_EVENT_LOOP": "asyncio"}
+    try:
+        proc, http, grpc_address = cluster.start_edge("--log-level", "WARNING")
+    finally:
+        cluster.env = saved
+    return http, grpc_address, proc.name
 
 
 def report_ttft(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
@@ -295,6 +313,11 @@ async def main() -> None:
         help="measure only the time to first token of single requests (quick; several replicas)",
     )
     parser.add_argument("--llama-server", help="path of llama.cpp's llama-server binary, for another row")
+    parser.add_argument(
+        "--asyncio-edge",
+        action="store_true",
+        help="with --ttft-only: two more rows through a second edge on the standard asyncio event loop",
+    )
     args = parser.parse_args()
     model_path = str(default_model_path())
     servers: list[subprocess.Popen[bytes]] = []
@@ -312,18 +335,24 @@ async def main() -> None:
             rows[FLEETLM_HTTP] = sse_stream(http, MODEL)
             rows[FLEETLM_GRPC] = grpc_stream(grpc_address)
             rows[NODE_GRPC] = grpc_stream(node_address)
+            edge_of = {FLEETLM_HTTP: "edge", FLEETLM_GRPC: "edge"}  # the process whose CPU a row reports
+            if args.asyncio_edge:
+                other_http, other_grpc, other_edge = start_asyncio_edge(cluster)
+                rows[ASYNCIO_HTTP], rows[ASYNCIO_GRPC] = sse_stream(other_http, MODEL), grpc_stream(other_grpc)
+                edge_of.update({ASYNCIO_HTTP: other_edge, ASYNCIO_GRPC: other_edge})
             for stream in rows.values():
                 await stream(8)  # warm-up
             results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}
             for round_ in range(args.rounds):
                 for name, stream in rows.items():
                     if args.ttft_only:
-                        edge_before = process_cpu(cluster, "edge")
+                        edge = edge_of.get(name, "edge")
+                        edge_before = process_cpu(cluster, edge)
                         firsts = [(await stream(4)).ttft for _ in range(40)]
                         results[name].append(
                             {
                                 "ttft_1": statistics.median(firsts) * 1000,
-                                "edge_cpu": (process_cpu(cluster, "edge") - edge_before) * 1000 / 40,
+                                "edge_cpu": (process_cpu(cluster, edge) - edge_before) * 1000 / 40,
                             }
                         )
                     else:
