@@ -23,20 +23,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import psutil
 
 from bench.auth_bench import MODEL, measure, stream
+from bench.inference_bench import Stream, grpc_stream, sse_stream
 from launcher.default_model import default_model_path
-from tests.cluster import Cluster
+from tests.cluster import Cluster, Proc
 from tests.test_tracing import OtlpReceiver
+
+T = TypeVar("T")
 
 # "off again" is a second fleet like the first: the difference between the two is what two fleets differ by
 # with nothing changed (the noise floor of the comparison).
@@ -106,11 +112,107 @@ def scrape_every_second(urls: list[str], stop: threading.Event) -> None:
                     pass
 
 
+def start_with_env(cluster: Cluster, env: dict[str, str] | None, start: Callable[[], T]) -> T:
+    """`start()` with `env` added to the environment of the process it starts."""
+    saved = cluster.env
+    cluster.env = {**(saved or {}), **(env or {})}
+    try:
+        return start()
+    finally:
+        cluster.env = saved
+
+
+async def one_fleet(args: argparse.Namespace, path: Path, receiver: OtlpReceiver) -> None:
+    """The hooks side by side in ONE fleet, so that no two rows differ by their engine: three edges (no
+    metrics; metrics; metrics + tracing) in front of the same node, then three nodes alike called directly
+    over gRPC. Rows interleaved, medians of the rounds; CPU per request of the process measured."""
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}"}
+    variants = {"off": (None, False), "metrics": (None, True), "metrics + tracing": (otel, True)}
+    entry = {"name": MODEL, "path": str(path), "format": "gguf", "context_size": 2048, "max_running_requests": 8}
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = Cluster(Path(tmp))
+        try:
+            cluster.start_etcd()
+            cluster.start_controlplane(10, "--log-level", "WARNING")
+            node, _ = cluster.start_node("bench", [entry], threads=2, extra=("--metrics-listen", ""))
+            rows: dict[str, tuple[Stream, Proc]] = {}
+            for name, (env, on) in variants.items():
+                flags = ("--log-level", "WARNING", *(() if on else ("--no-metrics",)))
+                proc, http, grpc_address = start_with_env(cluster, env, functools.partial(cluster.start_edge, *flags))
+                cluster.wait_model_state(http, MODEL, timeout=120)
+                rows[f"edge, {name}, HTTP"] = (sse_stream(http, MODEL), proc)
+                rows[f"edge, {name}, gRPC"] = (grpc_stream(grpc_address), proc)
+            edges = await side_by_side(rows, args.rounds)
+            node.stop()  # the nodes' rows: three nodes alike but for their hooks, each called directly
+            rows = {}
+            for name, (env, on) in variants.items():
+                flags = () if on else ("--metrics-listen", "")
+                proc, address = start_with_env(
+                    cluster, env, functools.partial(cluster.start_node, name.replace(" + ", "-"), [entry], extra=flags)
+                )
+                rows[f"node, {name}, gRPC"] = (grpc_stream(address), proc)
+            for stream_, _ in rows.values():
+                await until_it_answers(stream_)
+            nodes = await side_by_side(rows, args.rounds)
+        finally:
+            cluster.close()
+    print(f"\nThe hooks side by side in one fleet (SmolLM2-135M Q4_1, 2 threads), medians of {args.rounds} rounds of"
+          " 40 short streamed requests; the CPU of the process the row is about\n")  # fmt: skip
+    for table in (edges, nodes):
+        for name, (ttft, cpu) in table.items():
+            base = table[name.replace("metrics + tracing", "off").replace("metrics", "off")][0]
+            print(f"{name:<36}{ttft:8.2f} ms  {ttft - base:+6.2f} ms vs off  CPU {cpu:6.2f} ms/request")
+
+
+async def until_it_answers(stream_: Stream) -> None:
+    """Wait (bounded) for a node's replica to load: its first request that succeeds."""
+    for _ in range(240):
+        try:
+            await stream_(2)
+            return
+        except Exception:
+            await asyncio.sleep(0.5)
+    raise TimeoutError("a node's replica did not become ready in 2 minutes")
+
+
+async def side_by_side(rows: dict[str, tuple[Stream, Proc]], rounds: int) -> dict[str, tuple[float, float]]:
+    """Per row: the median over `rounds` of (median first token of 40 short requests in ms, the row's process
+    CPU ms per request)."""
+    for stream_, _ in rows.values():
+        for _ in range(5):
+            await stream_(4)  # warm-up
+    firsts: dict[str, list[float]] = {name: [] for name in rows}
+    cpus: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(rounds):
+        for name, (stream_, proc) in rows.items():
+            before = proc_cpu(proc)
+            firsts[name].append(statistics.median([(await stream_(4)).ttft * 1000 for _ in range(40)]))
+            cpus[name].append((proc_cpu(proc) - before) * 1000 / 40)
+    return {name: (statistics.median(firsts[name]), statistics.median(cpus[name])) for name in rows}
+
+
+def proc_cpu(proc: Proc) -> float:
+    times = psutil.Process(proc.popen.pid).cpu_times()
+    return float(times.user + times.system)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument(
+        "--one-fleet",
+        action="store_true",
+        help="instead: the hooks side by side in one fleet (three edges before one node, then three nodes)",
+    )
     args = parser.parse_args()
+    if args.one_fleet:
+        receiver = OtlpReceiver()
+        try:
+            await one_fleet(args, default_model_path(), receiver)
+        finally:
+            receiver.close()
+        return
     path = default_model_path()
     receiver = OtlpReceiver()
     clusters: list[Cluster] = []
