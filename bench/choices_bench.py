@@ -19,9 +19,9 @@ import statistics
 import time
 import uuid
 
-from launcher.default_model import default_model_path
 from node_agent.engines.base import Chat, Finished, Message, SamplingOptions, TextChunk
-from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+from node_agent.engines.llamacpp import LlamaCppEngine
+from tests.model_engine import default_model_engine
 
 CONTEXT = (
     "You are the archivist of a small coastal town. The town has a lighthouse, a harbour with forty fishing"
@@ -75,18 +75,14 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64, help="tokens per choice (64)")
     args = parser.parse_args()
-    engine = LlamaCppEngine(LlamaCppConfig(str(default_model_path()), context_size=2048, threads=2, slots=4))
-    await engine.start()
-    names = ["1 request, n=1", "1 request, n=4", "4 requests, n=1 each"]
-    results: dict[str, list[tuple[float, float, int, int]]] = {name: [] for name in names}
-    try:
+    async with default_model_engine(4, context_size=2048) as engine:
+        names = ["1 request, n=1", "1 request, n=4", "4 requests, n=1 each"]
+        results: dict[str, list[tuple[float, float, int, int]]] = {name: [] for name in names}
         prompt_tokens = len(await engine.tokenize(fresh_prompt()))
         await row(engine, names[0], 8)  # warm-up
         for r in range(args.rounds):
             for name in names[r % 3 :] + names[: r % 3]:  # each row goes first in turn
                 results[name].append(await row(engine, name, args.tokens))
-    finally:
-        await engine.close()
     print(f"\nSmolLM2-135M, in-process llama.cpp engine, 4 slots, 2 threads, a {prompt_tokens}-token prompt,")
     print(f"greedy, {args.tokens} tokens per choice; medians of {args.rounds} rounds\n")
     print(f"{'':<24} {'all first tokens':>17} {'to the end':>11} {'prompt computed':>16} {'tokens':>7} {'tok/s':>7}")

@@ -23,9 +23,9 @@ import json
 import statistics
 import time
 
-from launcher.default_model import default_model_path
-from node_agent.engines.base import Chat, Finished, Message, ResponseFormat, SamplingOptions, TextChunk
-from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+from node_agent.engines.base import Chat, Finished, Message, ResponseFormat, SamplingOptions, TextChunk, ToolCallChunk
+from node_agent.engines.llamacpp import LlamaCppEngine
+from tests.model_engine import default_model_engine
 
 SCHEMA = {
     "type": "object",
@@ -50,10 +50,10 @@ PROMPTS = [
 
 
 async def one(engine: LlamaCppEngine, prompt: Chat | str, options: SamplingOptions) -> tuple[float, int, float]:
-    """(seconds to the first text, completion tokens, seconds from the first text to the end)."""
+    """(seconds to the first output, text or a tool call; completion tokens; seconds from then to the end)."""
     start, first = time.perf_counter(), 0.0
     async for event in engine.generate(prompt, options):
-        if isinstance(event, TextChunk):
+        if isinstance(event, TextChunk | ToolCallChunk):
             first = first or time.perf_counter()
         elif isinstance(event, Finished):
             end = time.perf_counter()
@@ -81,11 +81,9 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per stream (128)")
     args = parser.parse_args()
-    engine = LlamaCppEngine(LlamaCppConfig(str(default_model_path()), context_size=1024, threads=2, slots=8))
-    await engine.start()
-    stats = engine.stats
-    assert stats is not None, "the batched engine keeps step counts"
-    try:
+    async with default_model_engine(8) as engine:
+        stats = engine.stats
+        assert stats is not None, "the batched engine keeps step counts"
         await one(engine, ASK, SamplingOptions(max_tokens=8))  # warm-up
         alone: dict[str, list[tuple[float, float]]] = {"free": [], "constrained": []}
         together: dict[str, list[tuple[float, float]]] = {"7 greedy + 1 free": [], "7 greedy + 1 constrained": []}
@@ -105,8 +103,6 @@ async def main() -> None:
                     continue
                 together[name].append((rate, step))
         checks, resamples = stats.grammar_checks - checks, stats.grammar_resamples - resamples
-    finally:
-        await engine.close()
     print(f"\nSmolLM2-135M, in-process llama.cpp engine, 8 slots, 2 threads; medians of {args.rounds} rounds\n")
     base = alone["free"]
     for name, rows in alone.items():

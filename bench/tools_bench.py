@@ -22,19 +22,16 @@ import json
 import statistics
 import time
 
-from launcher.default_model import default_model_path
+from bench.grammar_bench import one
 from node_agent.engines.base import (
     Chat,
-    Finished,
     Function,
     Message,
     SamplingOptions,
-    TextChunk,
-    ToolCallChunk,
     ToolChoice,
 )
-from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from node_agent.engines.tool_calls import template_input
+from tests.model_engine import default_model_engine
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TIMEZONE = {"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]}
@@ -61,28 +58,13 @@ PROMPTS = [
 ]
 
 
-async def one(engine: LlamaCppEngine, prompt: Chat | str, options: SamplingOptions) -> tuple[float, int, float]:
-    """(seconds to the first text or call, completion tokens, seconds from then to the end)."""
-    start, first = time.perf_counter(), 0.0
-    async for event in engine.generate(prompt, options):
-        if isinstance(event, TextChunk | ToolCallChunk):
-            first = first or time.perf_counter()
-        elif isinstance(event, Finished):
-            end = time.perf_counter()
-            first = first or end
-            return first - start, event.completion_tokens, end - first
-    raise RuntimeError("the stream ended without a result")
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    engine = LlamaCppEngine(LlamaCppConfig(str(default_model_path()), context_size=1024, threads=2, slots=8))
-    await engine.start()
-    stats = engine.stats
-    assert stats is not None, "the batched engine keeps step counts"
-    try:
+    async with default_model_engine(8) as engine:
+        stats = engine.stats
+        assert stats is not None, "the batched engine keeps step counts"
         for chat in KINDS.values():
             await one(engine, chat, SamplingOptions(max_tokens=8))  # warm-up, and the prompts cached alike
         alone: dict[str, list[tuple[float, float, float]]] = {name: [] for name in KINDS}
@@ -107,8 +89,6 @@ async def main() -> None:
                 runs = await asyncio.gather(*jobs)
                 wall = time.perf_counter() - start
                 together[name].append((sum(n for _, n, _ in runs) / wall, wall / max(1, stats.steps - steps)))
-    finally:
-        await engine.close()
     print(f"\nSmolLM2-135M, in-process llama.cpp engine, 8 slots, 2 threads; medians of {args.rounds} rounds\n")
     base = statistics.median(r[2] for r in alone["no tools"])
     for name, rows in alone.items():
