@@ -35,12 +35,11 @@ from pathlib import Path
 
 import grpc
 import httpx
-import psutil
 import yaml
 
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from launcher.default_model import default_model_path
-from tests.cluster import Cluster, free_port, wait_for
+from tests.cluster import Cluster, Proc, free_port, wait_for
 
 PROMPT = "Write a very long story."
 MODEL = "smollm2-135m"
@@ -262,25 +261,11 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
     )
 
 
-def process_cpu(cluster: Cluster, prefix: str) -> float:
-    """User + system CPU seconds of the cluster's process named `prefix`, else its first whose name starts
-    with it."""
-    named = [p for p in cluster.procs if p.name == prefix]
-    proc = named[0] if named else next(p for p in cluster.procs if p.name.startswith(prefix))
-    times = psutil.Process(proc.popen.pid).cpu_times()
-    return float(times.user + times.system)
-
-
-def start_asyncio_edge(cluster: Cluster) -> tuple[str, str, str]:
+def start_asyncio_edge(cluster: Cluster) -> tuple[Proc, str, str]:
     """A second edge in front of the same fleet, on the standard library's event loop (FLEETLM_EVENT_LOOP=
-    asyncio) where the first runs the default (uvloop): its HTTP and gRPC addresses and its process name."""
-    saved = cluster.env
-    cluster.env = {**(saved or {}), "FLEETLM_EVENT_LOOP": "asyncio"}
-    try:
-        proc, http, grpc_address = cluster.start_edge("--log-level", "WARNING")
-    finally:
-        cluster.env = saved
-    return http, grpc_address, proc.name
+    asyncio) where the first runs the default (uvloop): its process and its HTTP and gRPC addresses."""
+    with cluster.env_added({"FLEETLM_EVENT_LOOP": "asyncio"}):
+        return cluster.start_edge("--log-level", "WARNING")
 
 
 def report_ttft(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
@@ -335,9 +320,10 @@ async def main() -> None:
             rows[FLEETLM_HTTP] = sse_stream(http, MODEL)
             rows[FLEETLM_GRPC] = grpc_stream(grpc_address)
             rows[NODE_GRPC] = grpc_stream(node_address)
-            edge_of = {FLEETLM_HTTP: "edge", FLEETLM_GRPC: "edge"}  # the process whose CPU a row reports
+            first_edge = next(p for p in cluster.procs if p.name.startswith("edge"))
+            edge_of: dict[str, Proc] = {}  # the edge whose CPU a row reports, when not the first
             if args.asyncio_edge:
-                other_http, other_grpc, other_edge = start_asyncio_edge(cluster)
+                other_edge, other_http, other_grpc = start_asyncio_edge(cluster)
                 rows[ASYNCIO_HTTP], rows[ASYNCIO_GRPC] = sse_stream(other_http, MODEL), grpc_stream(other_grpc)
                 edge_of.update({ASYNCIO_HTTP: other_edge, ASYNCIO_GRPC: other_edge})
             for stream in rows.values():
@@ -346,13 +332,13 @@ async def main() -> None:
             for round_ in range(args.rounds):
                 for name, stream in rows.items():
                     if args.ttft_only:
-                        edge = edge_of.get(name, "edge")
-                        edge_before = process_cpu(cluster, edge)
+                        edge = edge_of.get(name, first_edge)
+                        edge_before = edge.cpu_seconds()
                         firsts = [(await stream(4)).ttft for _ in range(40)]
                         results[name].append(
                             {
                                 "ttft_1": statistics.median(firsts) * 1000,
-                                "edge_cpu": (process_cpu(cluster, edge) - edge_before) * 1000 / 40,
+                                "edge_cpu": (edge.cpu_seconds() - edge_before) * 1000 / 40,
                             }
                         )
                     else:

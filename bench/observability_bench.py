@@ -23,26 +23,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
-import psutil
 
 from bench.auth_bench import MODEL, measure, stream
 from bench.inference_bench import Stream, grpc_stream, sse_stream
 from launcher.default_model import default_model_path
 from tests.cluster import Cluster, Proc
 from tests.test_tracing import OtlpReceiver
-
-T = TypeVar("T")
 
 # "off again" is a second fleet like the first: the difference between the two is what two fleets differ by
 # with nothing changed (the noise floor of the comparison).
@@ -51,9 +45,7 @@ ROWS = ("off", "off again", "metrics", "metrics + tracing")
 
 def cpu_seconds(cluster: Cluster, prefix: str) -> float:
     """User + system CPU seconds of the cluster's process whose name starts with `prefix` (edge, node)."""
-    proc = next(p for p in cluster.procs if p.name.startswith(prefix))
-    times = psutil.Process(proc.popen.pid).cpu_times()
-    return times.user + times.system
+    return next(p for p in cluster.procs if p.name.startswith(prefix)).cpu_seconds()
 
 
 async def cpu_per_request(client: httpx.AsyncClient, cluster: Cluster, url: str, n: int = 200) -> dict[str, float]:
@@ -112,16 +104,6 @@ def scrape_every_second(urls: list[str], stop: threading.Event) -> None:
                     pass
 
 
-def start_with_env(cluster: Cluster, env: dict[str, str] | None, start: Callable[[], T]) -> T:
-    """`start()` with `env` added to the environment of the process it starts."""
-    saved = cluster.env
-    cluster.env = {**(saved or {}), **(env or {})}
-    try:
-        return start()
-    finally:
-        cluster.env = saved
-
-
 async def one_fleet(args: argparse.Namespace, path: Path, receiver: OtlpReceiver) -> None:
     """The hooks side by side in ONE fleet, so that no two rows differ by their engine: three edges (no
     metrics; metrics; metrics + tracing) in front of the same node, then three nodes alike called directly
@@ -138,7 +120,8 @@ async def one_fleet(args: argparse.Namespace, path: Path, receiver: OtlpReceiver
             rows: dict[str, tuple[Stream, Proc]] = {}
             for name, (env, on) in variants.items():
                 flags = ("--log-level", "WARNING", *(() if on else ("--no-metrics",)))
-                proc, http, grpc_address = start_with_env(cluster, env, functools.partial(cluster.start_edge, *flags))
+                with cluster.env_added(env):
+                    proc, http, grpc_address = cluster.start_edge(*flags)
                 cluster.wait_model_state(http, MODEL, timeout=120)
                 rows[f"edge, {name}, HTTP"] = (sse_stream(http, MODEL), proc)
                 rows[f"edge, {name}, gRPC"] = (grpc_stream(grpc_address), proc)
@@ -147,9 +130,8 @@ async def one_fleet(args: argparse.Namespace, path: Path, receiver: OtlpReceiver
             rows = {}
             for name, (env, on) in variants.items():
                 flags = () if on else ("--metrics-listen", "")
-                proc, address = start_with_env(
-                    cluster, env, functools.partial(cluster.start_node, name.replace(" + ", "-"), [entry], extra=flags)
-                )
+                with cluster.env_added(env):
+                    proc, address = cluster.start_node(name.replace(" + ", "-"), [entry], extra=flags)
                 rows[f"node, {name}, gRPC"] = (grpc_stream(address), proc)
             for stream_, _ in rows.values():
                 await until_it_answers(stream_)
@@ -185,15 +167,10 @@ async def side_by_side(rows: dict[str, tuple[Stream, Proc]], rounds: int) -> dic
     cpus: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(rounds):
         for name, (stream_, proc) in rows.items():
-            before = proc_cpu(proc)
+            before = proc.cpu_seconds()
             firsts[name].append(statistics.median([(await stream_(4)).ttft * 1000 for _ in range(40)]))
-            cpus[name].append((proc_cpu(proc) - before) * 1000 / 40)
+            cpus[name].append((proc.cpu_seconds() - before) * 1000 / 40)
     return {name: (statistics.median(firsts[name]), statistics.median(cpus[name])) for name in rows}
-
-
-def proc_cpu(proc: Proc) -> float:
-    times = psutil.Process(proc.popen.pid).cpu_times()
-    return float(times.user + times.system)
 
 
 async def main() -> None:

@@ -80,8 +80,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if known is not None and known[0] is handler:
             return known[1]
         wrapped = self._wrap(method, handler)
-        if len(self._wrapped) < 1024:  # a service's methods, never a client's made-up names
-            self._wrapped[method] = (handler, wrapped)
+        self._wrapped[method] = (handler, wrapped)  # only methods the server has: a bounded set
         return wrapped
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

@@ -7,18 +7,21 @@ dies with pytest (a parent-death signal), so a run that is killed or times out l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
+import psutil
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -93,6 +96,11 @@ class Proc:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the process has used (for benchmarks' CPU per request)."""
+        times = psutil.Process(self.popen.pid).cpu_times()
+        return float(times.user + times.system)
 
     def signal(self, sig: int) -> None:
         if self.popen.poll() is None:
@@ -201,6 +209,16 @@ class Cluster:
     def channel(self, address: str, name: str = "admin") -> grpc.Channel:
         credentials = self.credentials(name)
         return grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+
+    @contextlib.contextmanager
+    def env_added(self, env: dict[str, str] | None) -> Iterator[None]:
+        """The processes started inside the block get `env` on top of the cluster's own environment."""
+        saved = self.env
+        self.env = {**(saved or {}), **(env or {})}
+        try:
+            yield
+        finally:
+            self.env = saved
 
     def _start(self, name: str, argv: list[str], ready: Any = None) -> Proc:
         proc = Proc(name, argv, self.dir, ready, env=self.env)
