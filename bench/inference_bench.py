@@ -1,7 +1,8 @@
 """Inference benchmark: fleetlm against the engine called directly and against llama_cpp.server.
 
     .venv/bin/python -m bench.inference_bench [--tokens 128] [--threads 2] [--rounds 3] [--replicas 1]
-                                              [--llama-server PATH] [--ttft-only [--asyncio-edge]]
+                                              [--llama-server PATH]
+                                              [--ttft-only [--asyncio-edge] [--sessions-apart]]
 
 Same model (SmolLM2-135M-Instruct Q4_1), same thread count, same greedy prompt, in one run. Every
 server is started first and stays up (idle, it costs nothing); then each round measures every row in
@@ -9,12 +10,16 @@ turn, and the table gives each figure's median over the rounds, so a machine who
 minutes (this one does, by +-15%) favours no row. The rows:
   direct        llama-cpp-python in-process (the limit for one stream; it cannot batch)
   llama_cpp.server  llama-cpp-python's OpenAI server (what a user would pick instead)
-  fleetlm HTTP  the edge's OpenAI API over SSE: edge -> control plane -> node agent -> llama.cpp
+  fleetlm HTTP  the edge's OpenAI API over SSE (httpx, the OpenAI SDK's client): edge -> node agent -> llama.cpp;
+                with --ttft-only also through a minimal HTTP/1.1 client, the edge's cost without httpx's
   fleetlm gRPC  the edge's InferenceService.Generate stream, same path
   node gRPC     the node agent's InferenceService.Generate called directly (no edge): what the edge adds
   llama-server  llama.cpp's own C++ server with 8 slots, when --llama-server is given
   asyncio edge  with --ttft-only --asyncio-edge: HTTP and gRPC through a second edge on the standard
                 library's event loop (FLEETLM_EVENT_LOOP=asyncio), beside the first on uvloop
+  sessions apart  with --ttft-only --sessions-apart: a second fleet whose processes each run in a session of
+                their own, as they did before 2026-12-05; with Linux's autogroup scheduling each session is a
+                CPU group of its own, so the engine's nice 10 threads no longer yield to the edge
 For 1 stream: TTFT p50 and decode tokens/s. For 8 concurrent streams: aggregate tokens/s, TTFT p50/p99.
 """
 
@@ -139,6 +144,57 @@ def sse_stream(base_url: str, model: str) -> Stream:
     return stream
 
 
+def lean_sse_stream(base_url: str, model: str) -> Stream:
+    """The same SSE request through a minimal HTTP/1.1 client on asyncio streams (one kept-alive
+    connection, the chunked body decoded by hand): what the server path costs without the client
+    library's own per-request work (httpx's adds 1-3 ms here, for every server alike)."""
+    host, _, port = base_url.removeprefix("http://").rpartition(":")
+    connection: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def fresh() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        while connection:
+            connection.pop()[1].close()
+        connection.append(await asyncio.open_connection(host, int(port)))
+        return connection[0]
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes, start: float) -> Run:
+        writer.write(head)
+        status = await reader.readuntil(b"\r\n\r\n")
+        if not status.startswith(b"HTTP/1.1 200") or b"chunked" not in status.lower():
+            raise RuntimeError(f"unexpected reply: {status[:200]!r}")
+        first, last, finish, pending = 0.0, 0.0, None, b""
+        while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+            pending += (await reader.readexactly(size + 2))[:-2]
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if not line.startswith(b"data: {"):
+                    continue
+                choice = json.loads(line[6:])["choices"][0]
+                if choice.get("text"):
+                    last = time.perf_counter() - start
+                    first = first or last
+                finish = choice.get("finish_reason") or finish
+        await reader.readexactly(2)  # the last chunk's CRLF
+        assert finish == "length", f"generation ended early ({finish}): the figures would be wrong"
+        return Run(first, last, 0)
+
+    async def stream(tokens: int) -> Run:
+        body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
+                           "repeat_penalty": 1.0}).encode()  # fmt: skip
+        head = (b"POST /v1/completions HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s") % (host.encode(), len(body), body)  # fmt: skip
+        reader, writer = connection[0] if connection and not connection[0][0].at_eof() else await fresh()
+        start = time.perf_counter()
+        try:
+            run = await one(reader, writer, head, start)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            # a kept-alive connection the server closed while idle (uvicorn: after 5 s): a new one, once
+            run = await one(*await fresh(), head, start := time.perf_counter())
+        return Run(run.ttft, run.duration, tokens)
+
+    return stream
+
+
 def grpc_stream(address: str) -> Stream:
     channel = grpc.aio.insecure_channel(address)
     stub = inference_pb2_grpc.InferenceServiceStub(channel)
@@ -229,8 +285,13 @@ ALTERNATIVE = "llama_cpp.server"
 FLEETLM_HTTP = "fleetlm, OpenAI HTTP (SSE) through the edge"
 FLEETLM_GRPC = "fleetlm, gRPC through the edge"
 NODE_GRPC = "fleetlm node agent, gRPC, no edge"
+LEAN_HTTP = "fleetlm HTTP (SSE), minimal client"
 ASYNCIO_HTTP = "fleetlm HTTP, edge on the asyncio loop"
 ASYNCIO_GRPC = "fleetlm gRPC, edge on the asyncio loop"
+APART_HTTP = "sessions apart: HTTP (SSE) through the edge"
+APART_LEAN = "sessions apart: HTTP (SSE), minimal client"
+APART_GRPC = "sessions apart: gRPC through the edge"
+APART_NODE = "sessions apart: node agent, gRPC, no edge"
 
 
 def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
@@ -268,10 +329,27 @@ def start_asyncio_edge(cluster: Cluster) -> tuple[Proc, str, str]:
         return cluster.start_edge("--log-level", "WARNING")
 
 
+async def ttft_round(
+    rows: dict[str, Stream], edge_of: Callable[[str], Proc], n: int = 40
+) -> dict[str, dict[str, float]]:
+    """One round of the --ttft-only mode: per row in turn, `n` short requests one at a time; the median time
+    to first token and the CPU time the row's edge spent per request. A row's requests follow each other,
+    not other rows': an engine's OpenMP threads spin for a few milliseconds after a request, so a request
+    that follows another engine's would share the cores with that engine's spin."""
+    figures = {}
+    for name, stream in rows.items():
+        edge = edge_of(name)
+        before = edge.cpu_seconds()
+        firsts = [(await stream(4)).ttft for _ in range(n)]
+        cpu = edge.cpu_seconds() - before
+        figures[name] = {"ttft_1": statistics.median(firsts) * 1000, "edge_cpu": cpu * 1000 / n}
+    return figures
+
+
 def report_ttft(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
-    """Time to first token only (40 short requests per row and round, one at a time), and the CPU time the
-    edge spent per request (on this machine every core is the engine's while it computes, so the edge's CPU
-    during a request is time its prefill waits)."""
+    """Time to first token only (40 short requests per row and round, one at a time), and
+    the CPU time the edge spent per request (on this machine every core is the engine's while it computes,
+    so the edge's CPU during a request is time its prefill waits)."""
     table = {name: statistics.median(r["ttft_1"] for r in runs) for name, runs in results.items()}
     cpu = {name: statistics.median(r["edge_cpu"] for r in runs) for name, runs in results.items()}
     print(f"\ntime to first token, 1 stream, {args.threads} threads, fleetlm with {args.replicas} replica(s), "
@@ -299,6 +377,12 @@ async def main() -> None:
     )
     parser.add_argument("--llama-server", help="path of llama.cpp's llama-server binary, for another row")
     parser.add_argument(
+        "--sessions-apart",
+        action="store_true",
+        help="with --ttft-only: four more rows from a second fleet whose processes each run in a session of "
+        "their own, as before 2026-12-05 (each its own CPU group under Linux's autogroup scheduling)",
+    )
+    parser.add_argument(
         "--asyncio-edge",
         action="store_true",
         help="with --ttft-only: two more rows through a second edge on the standard asyncio event loop",
@@ -306,6 +390,7 @@ async def main() -> None:
     args = parser.parse_args()
     model_path = str(default_model_path())
     servers: list[subprocess.Popen[bytes]] = []
+    others: list[Cluster] = []
     with tempfile.TemporaryDirectory() as tmp:
         cluster = Cluster(Path(tmp))
         try:
@@ -318,6 +403,8 @@ async def main() -> None:
                 rows["llama-server (C++, 8 slots)"] = stream
             http, grpc_address, node_address = start_fleetlm(cluster, model_path, args.threads, args.replicas)
             rows[FLEETLM_HTTP] = sse_stream(http, MODEL)
+            if args.ttft_only:
+                rows[LEAN_HTTP] = lean_sse_stream(http, MODEL)
             rows[FLEETLM_GRPC] = grpc_stream(grpc_address)
             rows[NODE_GRPC] = grpc_stream(node_address)
             first_edge = next(p for p in cluster.procs if p.name.startswith("edge"))
@@ -326,26 +413,29 @@ async def main() -> None:
                 other_edge, other_http, other_grpc = start_asyncio_edge(cluster)
                 rows[ASYNCIO_HTTP], rows[ASYNCIO_GRPC] = sse_stream(other_http, MODEL), grpc_stream(other_grpc)
                 edge_of.update({ASYNCIO_HTTP: other_edge, ASYNCIO_GRPC: other_edge})
+            if args.sessions_apart:
+                apart = Cluster(Path(tmp) / "apart", sessions_apart=True)
+                others.append(apart)
+                (apart.dir).mkdir()
+                apart_http, apart_grpc, apart_node = start_fleetlm(apart, model_path, args.threads, args.replicas)
+                rows[APART_HTTP], rows[APART_LEAN] = sse_stream(apart_http, MODEL), lean_sse_stream(apart_http, MODEL)
+                rows[APART_GRPC], rows[APART_NODE] = grpc_stream(apart_grpc), grpc_stream(apart_node)
+                apart_edge = next(p for p in apart.procs if p.name.startswith("edge"))
+                edge_of.update(dict.fromkeys((APART_HTTP, APART_LEAN, APART_GRPC, APART_NODE), apart_edge))
             for stream in rows.values():
                 await stream(8)  # warm-up
             results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}
             for round_ in range(args.rounds):
-                for name, stream in rows.items():
-                    if args.ttft_only:
-                        edge = edge_of.get(name, first_edge)
-                        edge_before = edge.cpu_seconds()
-                        firsts = [(await stream(4)).ttft for _ in range(40)]
-                        results[name].append(
-                            {
-                                "ttft_1": statistics.median(firsts) * 1000,
-                                "edge_cpu": (edge.cpu_seconds() - edge_before) * 1000 / 40,
-                            }
-                        )
-                    else:
+                if args.ttft_only:
+                    for name, figures in (await ttft_round(rows, lambda name: edge_of.get(name, first_edge))).items():
+                        results[name].append(figures)
+                else:
+                    for name, stream in rows.items():
                         results[name].append(await measure(stream, args.tokens))
                 print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
         finally:
-            cluster.close()
+            for fleet in (cluster, *others):
+                fleet.close()
             for server in servers:
                 server.terminate()
                 server.wait(30)

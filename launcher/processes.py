@@ -17,12 +17,16 @@ class Child:
     def __init__(self, name: str, argv: Sequence[str], log: IO[bytes] | None = None) -> None:
         self.name = name
         self.argv = list(argv)
-        # Own session: a Ctrl-C in the terminal reaches only `fleetlm up`, which stops children in order.
+        # Own process group: a Ctrl-C in the terminal reaches only `fleetlm up`, which stops children in
+        # order. The same session, though: Linux's autogroup scheduling gives each session an equal share
+        # of the CPU, so children in sessions of their own would make the node's llama.cpp threads (nice
+        # 10) compete with the edge as equals, and every token the edge forwards would wait for a core.
         self.proc = subprocess.Popen(
             self.argv,
+            stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT if log is not None else None,
-            start_new_session=True,
+            process_group=0,
             preexec_fn=die_with_parent,
         )
 

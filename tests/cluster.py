@@ -79,6 +79,7 @@ class Proc:
         ready: Any = None,
         append: bool = False,
         env: dict[str, str] | None = None,
+        own_session: bool = False,
     ) -> None:
         self.name = name
         self.argv = argv
@@ -90,7 +91,11 @@ class Proc:
             orphan_proof(argv),
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            # One session with the tests, as `fleetlm up` (see launcher.processes.Child), unless asked
+            # otherwise (a benchmark's row of how it was before).
+            start_new_session=own_session,
+            process_group=None if own_session else 0,
             env={**os.environ, **env} if env else None,
         )
 
@@ -167,9 +172,14 @@ def smollm_entry(name: str = MODEL, **extra: Any) -> dict[str, Any]:
 class Cluster:
     """A fleet on this machine. Components are added one by one; `close` stops them in reverse."""
 
-    def __init__(self, workdir: Path, tls: bool = False, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, tls: bool = False, env: dict[str, str] | None = None, sessions_apart: bool = False
+    ) -> None:
         self.dir = workdir
         self.env = env  # added to every component's environment (OTEL_*, FLEETLM_*), else theirs is pytest's
+        # Each component in a session of its own (and so, with Linux's autogroup scheduling, in a CPU group
+        # of its own) instead of the tests' session: how fleetlm's processes ran before 2026-12-05.
+        self.sessions_apart = sessions_apart
         self.procs: list[Proc] = []
         self.etcd_url = ""
         self.controlplane = ""
@@ -221,7 +231,7 @@ class Cluster:
             self.env = saved
 
     def _start(self, name: str, argv: list[str], ready: Any = None) -> Proc:
-        proc = Proc(name, argv, self.dir, ready, env=self.env)
+        proc = Proc(name, argv, self.dir, ready, env=self.env, own_session=self.sessions_apart)
         self.procs.append(proc)
         return proc
 
@@ -229,7 +239,9 @@ class Cluster:
         """The same component again (same argv, so the same ports and data), once it serves; its log goes on
         in the same file. `proc` is stopped first if it still runs."""
         proc.stop()
-        again = Proc(proc.name, proc.argv, self.dir, proc.ready, append=True, env=self.env)
+        again = Proc(
+            proc.name, proc.argv, self.dir, proc.ready, append=True, env=self.env, own_session=self.sessions_apart
+        )
         self.procs[self.procs.index(proc)] = again
         if again.ready is not None:
             wait_for(again.ready, START_TIMEOUT, f"{again.name} to serve again", again)

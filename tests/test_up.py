@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -64,6 +65,13 @@ def test_up_serves_curl_and_stops_cleanly(tmp_path: Path) -> None:
         descendants = psutil.Process(up.pid).children(recursive=True)
         assert {"etcd"} <= {p.name() for p in descendants}
         assert len(descendants) >= 4
+        for child in psutil.Process(up.pid).children():
+            # A process group of its own, so a terminal's Ctrl-C reaches `fleetlm up` alone, which stops the
+            # children in order; but up's session, so that under Linux's autogroup scheduling they share one
+            # CPU group and the engine's nice 10 threads yield to the edge (its first token: bench.inference_bench
+            # --ttft-only --sessions-apart).
+            assert os.getpgid(child.pid) == child.pid, child
+            assert os.getsid(child.pid) == os.getsid(up.pid), child
 
         curl = shutil.which("curl")
         assert curl, "curl is needed to test what the README shows"
