@@ -145,17 +145,11 @@ def sse_stream(base_url: str, model: str) -> Stream:
 
 
 def lean_sse_stream(base_url: str, model: str) -> Stream:
-    """The same SSE request through a minimal HTTP/1.1 client on asyncio streams (one kept-alive
-    connection, the chunked body decoded by hand): what the server path costs without the client
-    library's own per-request work (httpx's adds 1-3 ms here, for every server alike)."""
+    """The same SSE request through a minimal HTTP/1.1 client on asyncio streams (kept-alive connections,
+    one per request in flight; the chunked body decoded by hand): what the server path costs without the
+    client library's own per-request work (httpx's adds 1-3 ms here, for every server alike)."""
     host, _, port = base_url.removeprefix("http://").rpartition(":")
-    connection: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-
-    async def fresh() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        while connection:
-            connection.pop()[1].close()
-        connection.append(await asyncio.open_connection(host, int(port)))
-        return connection[0]
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes, start: float) -> Run:
         writer.write(head)
@@ -183,13 +177,18 @@ def lean_sse_stream(base_url: str, model: str) -> Stream:
                            "repeat_penalty": 1.0}).encode()  # fmt: skip
         head = (b"POST /v1/completions HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
                 b"content-length: %d\r\n\r\n%s") % (host.encode(), len(body), body)  # fmt: skip
-        reader, writer = connection[0] if connection and not connection[0][0].at_eof() else await fresh()
+        while idle and idle[-1][0].at_eof():
+            idle.pop()[1].close()
+        connection = idle.pop() if idle else await asyncio.open_connection(host, int(port))
         start = time.perf_counter()
         try:
-            run = await one(reader, writer, head, start)
+            run = await one(*connection, head, start)
         except (asyncio.IncompleteReadError, ConnectionError):
             # a kept-alive connection the server closed while idle (uvicorn: after 5 s): a new one, once
-            run = await one(*await fresh(), head, start := time.perf_counter())
+            connection[1].close()
+            connection = await asyncio.open_connection(host, int(port))
+            run = await one(*connection, head, start := time.perf_counter())
+        idle.append(connection)
         return Run(run.ttft, run.duration, tokens)
 
     return stream
@@ -337,7 +336,7 @@ async def ttft_round(
     not other rows': an engine's OpenMP threads spin for a few milliseconds after a request, so a request
     that follows another engine's would share the cores with that engine's spin."""
     figures = {}
-    for name, stream in rows.items():
+    for name, stream in rows.items():  # in the order given: the caller rotates it from round to round
         edge = edge_of(name)
         before = edge.cpu_seconds()
         firsts = [(await stream(4)).ttft for _ in range(n)]
@@ -427,7 +426,10 @@ async def main() -> None:
             results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}
             for round_ in range(args.rounds):
                 if args.ttft_only:
-                    for name, figures in (await ttft_round(rows, lambda name: edge_of.get(name, first_edge))).items():
+                    # each round starts at another row, so that no row always follows the same one
+                    names = list(rows)[round_ % len(rows) :] + list(rows)[: round_ % len(rows)]
+                    turn = {name: rows[name] for name in names}
+                    for name, figures in (await ttft_round(turn, lambda name: edge_of.get(name, first_edge))).items():
                         results[name].append(figures)
                 else:
                     for name, stream in rows.items():

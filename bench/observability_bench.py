@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 
 from bench.auth_bench import MODEL, measure, stream
-from bench.inference_bench import Stream, grpc_stream, sse_stream
+from bench.inference_bench import Stream, grpc_stream, lean_sse_stream
 from launcher.default_model import default_model_path
 from tests.cluster import Cluster, Proc
 from tests.test_tracing import OtlpReceiver
@@ -107,10 +107,15 @@ def scrape_every_second(urls: list[str], stop: threading.Event) -> None:
 async def one_fleet(args: argparse.Namespace, path: Path, receiver: OtlpReceiver) -> None:
     """The hooks side by side in ONE fleet, so that no two rows differ by their engine: three edges (no
     metrics; metrics; metrics + tracing) in front of the same node, then three nodes alike called directly
-    over gRPC. Rows interleaved, medians of the rounds; CPU per request of the process measured."""
+    over gRPC. Rows take turns in a rotating order, medians of the rounds; the metrics scraped once a
+    second as Prometheus would; CPU per request of the process measured."""
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}"}
     variants = {"off": (None, False), "metrics": (None, True), "metrics + tracing": (otel, True)}
     entry = {"name": MODEL, "path": str(path), "format": "gguf", "context_size": 2048, "max_running_requests": 8}
+    stop = threading.Event()
+    scraped: list[str] = []  # the scraper's list: it reads it each second, this adds to it
+    scraper = threading.Thread(target=scrape_every_second, args=(scraped, stop), daemon=True)
+    scraper.start()
     with tempfile.TemporaryDirectory() as tmp:
         cluster = Cluster(Path(tmp))
         try:
@@ -123,27 +128,37 @@ async def one_fleet(args: argparse.Namespace, path: Path, receiver: OtlpReceiver
                 with cluster.env_added(env):
                     proc, http, grpc_address = cluster.start_edge(*flags)
                 cluster.wait_model_state(http, MODEL, timeout=120)
-                rows[f"edge, {name}, HTTP"] = (sse_stream(http, MODEL), proc)
+                if on:
+                    scraped.append(f"{http}/metrics")
+                # the minimal client: httpx's own 1-3 ms per request would only add noise to the difference
+                rows[f"edge, {name}, HTTP"] = (lean_sse_stream(http, MODEL), proc)
                 rows[f"edge, {name}, gRPC"] = (grpc_stream(grpc_address), proc)
-            edges = await side_by_side(rows, args.rounds)
+            edges = await side_by_side(rows, args.rounds, args.tokens)
             node.stop()  # the nodes' rows: three nodes alike but for their hooks, each called directly
+            scraped.clear()
             rows = {}
             for name, (env, on) in variants.items():
+                node_id = name.replace(" + ", "-")
                 flags = () if on else ("--metrics-listen", "")
                 with cluster.env_added(env):
-                    proc, address = cluster.start_node(name.replace(" + ", "-"), [entry], extra=flags)
+                    proc, address = cluster.start_node(node_id, [entry], extra=flags)
+                if on:
+                    scraped.append(cluster.metrics[node_id])
                 rows[f"node, {name}, gRPC"] = (grpc_stream(address), proc)
             for stream_, _ in rows.values():
                 await until_it_answers(stream_)
-            nodes = await side_by_side(rows, args.rounds)
+            nodes = await side_by_side(rows, args.rounds, args.tokens)
         finally:
+            stop.set()
             cluster.close()
-    print(f"\nThe hooks side by side in one fleet (SmolLM2-135M Q4_1, 2 threads), medians of {args.rounds} rounds of"
-          " 40 short streamed requests; the CPU of the process the row is about\n")  # fmt: skip
+    print(f"\nThe hooks side by side in one fleet (SmolLM2-135M Q4_1, 2 threads), medians of {args.rounds} rounds"
+          f" of 40 short streamed requests and of 8 concurrent streams of {args.tokens} tokens; the CPU of the"
+          " process the row is about\n")  # fmt: skip
     for table in (edges, nodes):
-        for name, (ttft, cpu) in table.items():
-            base = table[name.replace("metrics + tracing", "off").replace("metrics", "off")][0]
-            print(f"{name:<36}{ttft:8.2f} ms  {ttft - base:+6.2f} ms vs off  CPU {cpu:6.2f} ms/request")
+        for name, (ttft, cpu, agg) in table.items():
+            base = table[name.replace("metrics + tracing", "off").replace("metrics", "off")]
+            print(f"{name:<36}{ttft:8.2f} ms  {ttft - base[0]:+6.2f} ms vs off  CPU {cpu:6.2f} ms/request"
+                  f"  8 streams {agg:6.1f} tok/s  {agg / base[2]:5.3f}x off")  # fmt: skip
 
 
 async def until_it_answers(stream_: Stream) -> None:
@@ -157,20 +172,35 @@ async def until_it_answers(stream_: Stream) -> None:
     raise TimeoutError("a node's replica did not become ready in 2 minutes")
 
 
-async def side_by_side(rows: dict[str, tuple[Stream, Proc]], rounds: int) -> dict[str, tuple[float, float]]:
+async def side_by_side(
+    rows: dict[str, tuple[Stream, Proc]], rounds: int, tokens: int
+) -> dict[str, tuple[float, float, float]]:
     """Per row: the median over `rounds` of (median first token of 40 short requests in ms, the row's process
-    CPU ms per request)."""
+    CPU ms per request, the aggregate tokens/s of 8 concurrent streams of `tokens`). The rows take turns, in
+    a rotating order."""
     for stream_, _ in rows.values():
         for _ in range(5):
             await stream_(4)  # warm-up
     firsts: dict[str, list[float]] = {name: [] for name in rows}
     cpus: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(rounds):
-        for name, (stream_, proc) in rows.items():
+    aggs: dict[str, list[float]] = {name: [] for name in rows}
+    names = list(rows)
+    for round_ in range(rounds):
+        # each round starts at another row, so that no row always follows the same one (an engine's threads
+        # spin for a few milliseconds after a request: the row after another engine's starts beside that)
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            stream_, proc = rows[name]
             before = proc.cpu_seconds()
             firsts[name].append(statistics.median([(await stream_(4)).ttft * 1000 for _ in range(40)]))
             cpus[name].append((proc.cpu_seconds() - before) * 1000 / 40)
-    return {name: (statistics.median(firsts[name]), statistics.median(cpus[name])) for name in rows}
+            start = time.perf_counter()
+            runs = await asyncio.gather(*(stream_(tokens) for _ in range(8)))
+            aggs[name].append(sum(run.tokens for run in runs) / (time.perf_counter() - start))
+        print(f"round {round_ + 1} of {rounds} done", file=sys.stderr)
+    return {
+        name: (statistics.median(firsts[name]), statistics.median(cpus[name]), statistics.median(aggs[name]))
+        for name in rows
+    }
 
 
 async def main() -> None:
