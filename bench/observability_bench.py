@@ -1,6 +1,6 @@
 """The cost of metrics and tracing: the same request load through fleets that differ only in observability.
 
-    .venv/bin/python -m bench.observability_bench [--rounds 3] [--tokens 128]
+    .venv/bin/python -m bench.observability_bench [--rounds 3] [--tokens 128] [--one-fleet]
 
 One run, four fleets side by side on this machine (each: etcd, a control plane, one node agent with
 SmolLM2 on llama.cpp, one edge), idle but for the row being measured:
@@ -17,6 +17,9 @@ Latencies on a 2-core machine that also runs the engine move by a millisecond fr
 hooks cost is also read off directly: the CPU time the edge and the node spend per short request (their
 processes' user + system time over 200 more requests, the scrapes' own cost included, one a second as
 Prometheus would), which no other fleet's noise reaches.
+
+With --one-fleet instead: the hooks side by side in one fleet (see one_fleet), the lean HTTP client of
+bench.inference_bench, the short requests of the rows taking turns one by one.
 """
 
 from __future__ import annotations
@@ -107,8 +110,8 @@ def scrape_every_second(urls: list[str], stop: threading.Event) -> None:
 async def one_fleet(args: argparse.Namespace, path: Path, receiver: OtlpReceiver) -> None:
     """The hooks side by side in ONE fleet, so that no two rows differ by their engine: three edges (no
     metrics; metrics; metrics + tracing) in front of the same node, then three nodes alike called directly
-    over gRPC. Rows take turns in a rotating order, medians of the rounds; the metrics scraped once a
-    second as Prometheus would; CPU per request of the process measured."""
+    over gRPC. The rows' short requests take turns one by one, medians of the rounds; the metrics scraped
+    once a second as Prometheus would; CPU per request of the process measured."""
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}"}
     variants = {"off": (None, False), "metrics": (None, True), "metrics + tracing": (otel, True)}
     entry = {"name": MODEL, "path": str(path), "format": "gguf", "context_size": 2048, "max_running_requests": 8}
@@ -176,8 +179,10 @@ async def side_by_side(
     rows: dict[str, tuple[Stream, Proc]], rounds: int, tokens: int
 ) -> dict[str, tuple[float, float, float]]:
     """Per row: the median over `rounds` of (median first token of 40 short requests in ms, the row's process
-    CPU ms per request, the aggregate tokens/s of 8 concurrent streams of `tokens`). The rows take turns, in
-    a rotating order."""
+    CPU ms per request, the aggregate tokens/s of 8 concurrent streams of `tokens`). The short requests of
+    the rows take turns one by one, so that a drift of the machine's speed reaches every row alike (a row
+    of nodes then always follows another node's request, whose engine threads spin for a few milliseconds
+    after it: every row alike as well); the rounds rotate the order."""
     for stream_, _ in rows.values():
         for _ in range(5):
             await stream_(4)  # warm-up
@@ -186,13 +191,19 @@ async def side_by_side(
     aggs: dict[str, list[float]] = {name: [] for name in rows}
     names = list(rows)
     for round_ in range(rounds):
-        # each round starts at another row, so that no row always follows the same one (an engine's threads
-        # spin for a few milliseconds after a request: the row after another engine's starts beside that)
-        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            stream_, proc = rows[name]
-            before = proc.cpu_seconds()
-            firsts[name].append(statistics.median([(await stream_(4)).ttft * 1000 for _ in range(40)]))
-            cpus[name].append((proc.cpu_seconds() - before) * 1000 / 40)
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]  # each round starts at another row
+        samples: dict[str, list[float]] = {name: [] for name in rows}
+        cpu = dict.fromkeys(rows, 0.0)
+        for _ in range(40):
+            for name in order:
+                stream_, proc = rows[name]
+                before = proc.cpu_seconds()
+                samples[name].append((await stream_(4)).ttft * 1000)
+                cpu[name] += proc.cpu_seconds() - before
+        for name in order:
+            firsts[name].append(statistics.median(samples[name]))
+            cpus[name].append(cpu[name] * 1000 / 40)
+            stream_, _ = rows[name]
             start = time.perf_counter()
             runs = await asyncio.gather(*(stream_(tokens) for _ in range(8)))
             aggs[name].append(sum(run.tokens for run in runs) / (time.perf_counter() - start))
