@@ -19,7 +19,7 @@ processes' user + system time over 200 more requests, the scrapes' own cost incl
 Prometheus would), which no other fleet's noise reaches.
 
 With --one-fleet instead: the hooks side by side in one fleet (see one_fleet), the lean HTTP client of
-bench.inference_bench, the short requests of the rows taking turns one by one.
+bench.inference_bench, the edges' short requests taking turns one by one.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def scrape_every_second(urls: list[str], stop: threading.Event) -> None:
 async def one_fleet(args: argparse.Namespace, path: Path, receiver: OtlpReceiver) -> None:
     """The hooks side by side in ONE fleet, so that no two rows differ by their engine: three edges (no
     metrics; metrics; metrics + tracing) in front of the same node, then three nodes alike called directly
-    over gRPC. The rows' short requests take turns one by one, medians of the rounds; the metrics scraped
-    once a second as Prometheus would; CPU per request of the process measured."""
+    over gRPC. The edges' short requests take turns one by one, the nodes' come 40 in a row; medians of the
+    rounds; the metrics scraped once a second as Prometheus would; CPU per request of the process measured."""
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}"}
     variants = {"off": (None, False), "metrics": (None, True), "metrics + tracing": (otel, True)}
     entry = {"name": MODEL, "path": str(path), "format": "gguf", "context_size": 2048, "max_running_requests": 8}
@@ -136,7 +136,7 @@ async def one_fleet(args: argparse.Namespace, path: Path, receiver: OtlpReceiver
                 # the minimal client: httpx's own 1-3 ms per request would only add noise to the difference
                 rows[f"edge, {name}, HTTP"] = (lean_sse_stream(http, MODEL), proc)
                 rows[f"edge, {name}, gRPC"] = (grpc_stream(grpc_address), proc)
-            edges = await side_by_side(rows, args.rounds, args.tokens)
+            edges = await side_by_side(rows, args.rounds, args.tokens, interleave=True)  # one engine behind them
             node.stop()  # the nodes' rows: three nodes alike but for their hooks, each called directly
             scraped.clear()
             rows = {}
@@ -150,7 +150,7 @@ async def one_fleet(args: argparse.Namespace, path: Path, receiver: OtlpReceiver
                 rows[f"node, {name}, gRPC"] = (grpc_stream(address), proc)
             for stream_, _ in rows.values():
                 await until_it_answers(stream_)
-            nodes = await side_by_side(rows, args.rounds, args.tokens)
+            nodes = await side_by_side(rows, args.rounds, args.tokens, interleave=False)  # an engine each
         finally:
             stop.set()
             cluster.close()
@@ -176,13 +176,14 @@ async def until_it_answers(stream_: Stream) -> None:
 
 
 async def side_by_side(
-    rows: dict[str, tuple[Stream, Proc]], rounds: int, tokens: int
+    rows: dict[str, tuple[Stream, Proc]], rounds: int, tokens: int, interleave: bool
 ) -> dict[str, tuple[float, float, float]]:
     """Per row: the median over `rounds` of (median first token of 40 short requests in ms, the row's process
-    CPU ms per request, the aggregate tokens/s of 8 concurrent streams of `tokens`). The short requests of
-    the rows take turns one by one, so that a drift of the machine's speed reaches every row alike (a row
-    of nodes then always follows another node's request, whose engine threads spin for a few milliseconds
-    after it: every row alike as well); the rounds rotate the order."""
+    CPU ms per request, the aggregate tokens/s of 8 concurrent streams of `tokens`). With `interleave` (rows
+    in front of one engine) the short requests of the rows take turns one by one, so that a drift of the
+    machine's speed reaches every row alike; else each row's 40 in a row (requests that take turns between
+    engines wait for an idle engine to wake: 16 ms to the first token instead of 9-10 here). The rounds
+    rotate the order."""
     for stream_, _ in rows.values():
         for _ in range(5):
             await stream_(4)  # warm-up
@@ -194,8 +195,8 @@ async def side_by_side(
         order = names[round_ % len(names) :] + names[: round_ % len(names)]  # each round starts at another row
         samples: dict[str, list[float]] = {name: [] for name in rows}
         cpu = dict.fromkeys(rows, 0.0)
-        for _ in range(40):
-            for name in order:
+        for turn in [order] * 40 if interleave else [[name] * 40 for name in order]:
+            for name in turn:
                 stream_, proc = rows[name]
                 before = proc.cpu_seconds()
                 samples[name].append((await stream_(4)).ttft * 1000)
