@@ -211,7 +211,7 @@ def main(settings: ControlPlaneSettings) -> None:
         except (CatalogError, FleetError) as exc:
             raise SystemExit(f"fleetlm controlplane: {exc}") from None
     try:
-        run_until_signalled(lambda stop: serve(settings, stop))
+        run_until_signalled(lambda stop: serve(settings, stop), settings.shutdown_grace_seconds)
     finally:
         if traces is not None:
             traces.shutdown()

@@ -152,7 +152,7 @@ def main(settings: EdgeSettings, tls_settings: EdgeTlsSettings | None = None) ->
     except ValueError as exc:
         raise SystemExit(f"fleetlm edge: {exc}") from None
     try:
-        run_until_signalled(lambda stop: serve(settings, stop, t))
+        run_until_signalled(lambda stop: serve(settings, stop, t), settings.shutdown_grace_seconds)
     finally:
         if traces is not None:
             traces.shutdown()  # after the servers stopped: the last requests' spans are flushed

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
+import threading
 from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+# Time from the stop signal to a forced exit, on top of the service's own grace for in-flight work: the
+# orderly shutdown awaits libraries (an etcd client whose server went away at the same moment was seen to
+# wait forever) and must not leave a process behind that holds its ports with no parent to stop it.
+SHUTDOWN_MARGIN_SECONDS = 30.0
 
 # The services' event loop: uvloop where it is installed (a dependency on Linux and macOS), as uvicorn's
 # `--loop auto` chooses; FLEETLM_EVENT_LOOP=asyncio runs the standard library's loop instead. Every call and
@@ -33,18 +42,38 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
-def run_until_signalled(body: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run `body(stop)` on a fresh event loop (`loop_factory`); `stop` is set on SIGINT or SIGTERM."""
+def run_until_signalled(body: Callable[[asyncio.Event], Awaitable[None]], grace: float = 0.0) -> None:
+    """Run `body(stop)` on a fresh event loop (`loop_factory`); `stop` is set on SIGINT or SIGTERM. The
+    shutdown that follows gets `grace` + SHUTDOWN_MARGIN_SECONDS; past that, or at a second signal, the
+    process logs what happened and exits with status 1 without finishing it."""
 
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def signalled(sig: signal.Signals) -> None:
+            if stop.is_set():
+                _exit_unfinished(f"a second {sig.name} during the shutdown")
+            stop.set()
+            deadline = grace + SHUTDOWN_MARGIN_SECONDS
+            reason = f"the shutdown did not finish within {deadline:g} s of {sig.name}"
+            watchdog = threading.Timer(deadline, _exit_unfinished, (reason,))
+            watchdog.daemon = True  # a shutdown that finishes in time is not held up by it
+            watchdog.start()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, signalled, sig)
         await body(stop)
 
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory()) as running:
         running.run(runner())
+
+
+def _exit_unfinished(reason: str) -> None:
+    """Leave now (from the event loop or the watchdog's thread): one log line, the logs flushed, status 1."""
+    log.error("%s: exiting without finishing it", reason)
+    logging.shutdown()
+    os._exit(1)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

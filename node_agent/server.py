@@ -236,7 +236,7 @@ def main(settings: NodeSettings) -> None:
     except (CatalogError, OSError, ValueError, TypeError) as exc:
         raise SystemExit(f"fleetlm node: {exc}") from None
     try:
-        run_until_signalled(lambda stop: serve(settings, stop))
+        run_until_signalled(lambda stop: serve(settings, stop), settings.shutdown_grace_seconds)
     finally:
         if traces is not None:
             traces.shutdown()  # after the server and the engines stopped: the last requests' spans are flushed
