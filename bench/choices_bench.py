@@ -19,6 +19,7 @@ import statistics
 import time
 import uuid
 
+from bench.inference_bench import rotated
 from node_agent.engines.base import Chat, Finished, Message, SamplingOptions, TextChunk
 from node_agent.engines.llamacpp import LlamaCppEngine
 from tests.model_engine import default_model_engine
@@ -81,7 +82,7 @@ async def main() -> None:
         prompt_tokens = len(await engine.tokenize(fresh_prompt()))
         await row(engine, names[0], 8)  # warm-up
         for r in range(args.rounds):
-            for name in names[r % 3 :] + names[: r % 3]:  # each row goes first in turn
+            for name in rotated(names, r):  # each row goes first in turn
                 results[name].append(await row(engine, name, args.tokens))
     print(f"\nSmolLM2-135M, in-process llama.cpp engine, 4 slots, 2 threads, a {prompt_tokens}-token prompt,")
     print(f"greedy, {args.tokens} tokens per choice; medians of {args.rounds} rounds\n")

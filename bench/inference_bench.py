@@ -60,6 +60,12 @@ class Run:
 Stream = Callable[[int], Awaitable[Run]]
 
 
+def rotated(names: list[str], round_: int) -> list[str]:
+    """`names` starting at another one each round, so that no row always follows the same row."""
+    shift = round_ % len(names)
+    return names[shift:] + names[:shift]
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -415,7 +421,7 @@ async def main() -> None:
             if args.sessions_apart:
                 apart = Cluster(Path(tmp) / "apart", sessions_apart=True)
                 others.append(apart)
-                (apart.dir).mkdir()
+                apart.dir.mkdir()
                 apart_http, apart_grpc, apart_node = start_fleetlm(apart, model_path, args.threads, args.replicas)
                 rows[APART_HTTP], rows[APART_LEAN] = sse_stream(apart_http, MODEL), lean_sse_stream(apart_http, MODEL)
                 rows[APART_GRPC], rows[APART_NODE] = grpc_stream(apart_grpc), grpc_stream(apart_node)
@@ -426,9 +432,7 @@ async def main() -> None:
             results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}
             for round_ in range(args.rounds):
                 if args.ttft_only:
-                    # each round starts at another row, so that no row always follows the same one
-                    names = list(rows)[round_ % len(rows) :] + list(rows)[: round_ % len(rows)]
-                    turn = {name: rows[name] for name in names}
+                    turn = {name: rows[name] for name in rotated(list(rows), round_)}
                     for name, figures in (await ttft_round(turn, lambda name: edge_of.get(name, first_edge))).items():
                         results[name].append(figures)
                 else:

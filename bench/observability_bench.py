@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 from bench.auth_bench import MODEL, measure, stream
-from bench.inference_bench import Stream, grpc_stream, lean_sse_stream
+from bench.inference_bench import Stream, grpc_stream, lean_sse_stream, rotated
 from launcher.default_model import default_model_path
 from tests.cluster import Cluster, Proc
 from tests.test_tracing import OtlpReceiver
@@ -192,7 +192,7 @@ async def side_by_side(
     aggs: dict[str, list[float]] = {name: [] for name in rows}
     names = list(rows)
     for round_ in range(rounds):
-        order = names[round_ % len(names) :] + names[: round_ % len(names)]  # each round starts at another row
+        order = rotated(names, round_)
         samples: dict[str, list[float]] = {name: [] for name in rows}
         cpu = dict.fromkeys(rows, 0.0)
         for turn in [order] * 40 if interleave else [[name] * 40 for name in order]:
