@@ -56,31 +56,59 @@ def _outcome(access: access_log.Access) -> Iterator[None]:
         access.status = 200
 
 
-async def _call(
-    context: grpc.aio.ServicerContext, method: str, field_id: str = ""
-) -> tuple[contextlib.ExitStack, access_log.Access]:
-    """Open one call's record: its id (checked; an invalid one is a 400 naming where it came from, sent
-    with a fresh id), sent back in the initial metadata; the caller's trace context as the span's parent."""
-    metadata = context.invocation_metadata() or ()
-    given, where = "", ""
-    for key, value in metadata:
-        if key == request_context.METADATA_KEY:
-            given, where = (value if isinstance(value, str) else value.decode("latin-1")), key
-    if not where and field_id:
-        given, where = field_id, "request_id"
-    request_id = given if given and request_context.is_valid(given) else request_context.make()
-    carrier = tracing.carrier_from(metadata) if tracing.TRACER is not None else None
-    stack = contextlib.ExitStack()
-    access = stack.enter_context(access_log.request(request_id, method, "grpc", carrier))
-    try:
-        await context.send_initial_metadata(((request_context.METADATA_KEY, request_id),))
-        if given and given != request_id:
-            request_context.checked(given, where)
-    except FleetError as error:
-        access.status, access.error = error.http_status, str(error.code)
-        stack.close()
-        raise
-    return stack, access
+class _Call:
+    """One call's record (`access`) and the sending of its id in the initial metadata, which is started
+    here and not awaited: Generate routes the request and opens the node's stream meanwhile (waiting
+    for it cost every stream's first token a round trip through grpc's completion queue). `sent` waits
+    for it, as everything else the call sends must."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, method: str, field_id: str) -> None:
+        metadata = context.invocation_metadata() or ()
+        given, where = "", ""
+        for key, value in metadata:
+            if key == request_context.METADATA_KEY:
+                given, where = (value if isinstance(value, str) else value.decode("latin-1")), key
+        if not where and field_id:
+            given, where = field_id, "request_id"
+        request_id = given if given and request_context.is_valid(given) else request_context.make()
+        carrier = tracing.carrier_from(metadata) if tracing.TRACER is not None else None
+        self.stack = contextlib.ExitStack()
+        self.access = self.stack.enter_context(access_log.request(request_id, method, "grpc", carrier))
+        # An invalid caller-given id is answered with a 400 naming where it came from, sent with the fresh id.
+        self.rejected = (given, where) if given and given != request_id else None
+        self.sending = asyncio.ensure_future(
+            context.send_initial_metadata(((request_context.METADATA_KEY, request_id),))
+        )
+        self.sending.add_done_callback(_retrieved)
+
+    async def sent(self) -> None:
+        """The id has gone (a call the client ended meanwhile fails here as on its next write); an invalid
+        caller-given id is refused now."""
+        if not self.sending.done():
+            await asyncio.shield(self.sending)
+        self.sending.result()
+        if self.rejected is not None:
+            rejected, self.rejected = self.rejected, None
+            request_context.checked(*rejected)
+
+
+def _retrieved(sending: asyncio.Future[None]) -> None:
+    if not sending.cancelled():
+        sending.exception()  # looked at: a call that went away before its metadata left is no unhandled error
+
+
+@contextlib.asynccontextmanager
+async def _call(context: grpc.aio.ServicerContext, method: str, field_id: str = "") -> AsyncIterator[_Call]:
+    """One call (`_Call`) with its outcome noted in its access record (`_outcome`); however the block ends,
+    the initial metadata has gone before the call's status does."""
+    call = _Call(context, method, field_id)
+    with call.stack, _outcome(call.access):
+        try:
+            yield call
+        finally:
+            if not call.sending.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(call.sending)
 
 
 class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
@@ -91,8 +119,10 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        stack, access = await _call(context, "Generate", request.request_id)
-        with stack, _outcome(access):
+        async with _call(context, "Generate", request.request_id) as call:
+            access = call.access
+            if call.rejected:
+                await call.sent()
             request.request_id = access.request_id
             access.model = request.model
             if request.WhichOneof("input") == "prompt":
@@ -110,6 +140,7 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
                         access.node = result.node_id or access.node
                     elif response.HasField("delta") or response.HasField("tool_call"):
                         access.token()  # the first output of either kind, as over HTTP
+                    await call.sent()
                     yield response
             except (FleetError, grpc.aio.AbortError):
                 raise
@@ -122,8 +153,9 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
-        stack, access = await _call(context, "Embed")
-        with stack, _outcome(access):
+        async with _call(context, "Embed") as call:
+            await call.sent()
+            access = call.access
             access.model = request.model
             admission = await auth.admit_grpc(self._auth, context, request.model)
             try:
@@ -139,8 +171,9 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.TokenizeResponse:
-        stack, access = await _call(context, "Tokenize")
-        with stack, _outcome(access):
+        async with _call(context, "Tokenize") as call:
+            await call.sent()
+            access = call.access
             access.model = request.model
             admission = await auth.admit_grpc(self._auth, context, request.model)
             admission.finish(0)
@@ -154,8 +187,9 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Detokenize(
         self, request: inference_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.DetokenizeResponse:
-        stack, access = await _call(context, "Detokenize")
-        with stack, _outcome(access):
+        async with _call(context, "Detokenize") as call:
+            await call.sent()
+            access = call.access
             access.model = request.model
             admission = await auth.admit_grpc(self._auth, context, request.model)
             admission.finish(0)

@@ -339,8 +339,8 @@ def test_health_checks_do_not_cut_a_stream_on_an_engine_server_that_interrupts(f
 # --- gRPC ---------------------------------------------------------------------------------------------------
 
 
-def _generate(address: str, metadata: tuple[tuple[str, str], ...]) -> tuple[str, Any, list[Any]]:
-    request = inference_pb2.GenerateRequest(model=MODEL, prompt="One, two,")
+def _generate(address: str, metadata: tuple[tuple[str, str], ...], model: str = MODEL) -> tuple[str, Any, list[Any]]:
+    request = inference_pb2.GenerateRequest(model=model, prompt="One, two,")
     request.sampling.max_tokens = 3
     with grpc.insecure_channel(address) as channel:
         call = inference_pb2_grpc.InferenceServiceStub(channel).Generate(request, metadata=metadata, timeout=60)
@@ -364,6 +364,29 @@ def test_grpc_metadata_in_and_out(fleet: Fleet) -> None:
     access = [line for line in lines_with(fleet.edge, "grpc-given-1") if "fleetlm.access" in line]
     assert len(access) == 1 and "grpc Generate 200" in access[0] and "node=node-a" in access[0]
     assert [line for line in lines_with(fleet.node, "grpc-given-1") if "fleetlm.node.requests" in line]
+
+
+def test_grpc_failures_and_unary_calls_carry_the_id(fleet: Fleet) -> None:
+    """The id is sent while the edge routes the request (not before): it still comes back first, also when
+    the call fails before any token, and on the unary calls."""
+    given, error, events = _generate(fleet.grpc, (("x-request-id", "grpc-unknown-1"),), model="no-such-model")
+    assert given == "grpc-unknown-1" and not events
+    assert error is not None and error.code() == grpc.StatusCode.NOT_FOUND, error
+    access = [line for line in lines_with(fleet.edge, "grpc-unknown-1") if "fleetlm.access" in line]
+    assert len(access) == 1 and "grpc Generate 404" in access[0], access
+    with grpc.insecure_channel(fleet.grpc) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        reply, call = stub.Tokenize.with_call(
+            inference_pb2.TokenizeRequest(model=MODEL, text="One, two"), metadata=(("x-request-id", "grpc-tok-1"),)
+        )
+        assert reply.token_ids and dict(call.initial_metadata())["x-request-id"] == "grpc-tok-1"
+        future = stub.Tokenize.future(
+            inference_pb2.TokenizeRequest(model="no-such-model", text="x"), metadata=(("x-request-id", "bad id"),)
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            future.result(timeout=60)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "x-request-id" in refused.value.details()
+    assert MADE.fullmatch(dict(future.initial_metadata())["x-request-id"])
 
 
 def test_a_server_that_refuses_such_ids_gets_none_and_still_serves(fleet: Fleet) -> None:
