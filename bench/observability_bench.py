@@ -19,7 +19,9 @@ processes' user + system time over 200 more requests, the scrapes' own cost incl
 Prometheus would), which no other fleet's noise reaches.
 
 With --one-fleet instead: the hooks side by side in one fleet (see one_fleet), the lean HTTP client of
-bench.inference_bench, the edges' short requests taking turns one by one.
+bench.inference_bench, the edges' short requests taking turns one by one; and, since a difference of
+medians moves with the machine, the median of the request-by-request differences against off (each turn's
+pair taken moments apart) with its 95% confidence interval, which narrows with the number of rounds.
 """
 
 from __future__ import annotations
@@ -158,10 +160,32 @@ async def one_fleet(args: argparse.Namespace, path: Path, receiver: OtlpReceiver
           f" of 40 short streamed requests and of 8 concurrent streams of {args.tokens} tokens; the CPU of the"
           " process the row is about\n")  # fmt: skip
     for table in (edges, nodes):
-        for name, (ttft, cpu, agg) in table.items():
-            base = table[name.replace("metrics + tracing", "off").replace("metrics", "off")]
+        for name, (ttft, cpu, agg, _) in table.items():
+            base = table[_off(name)]
             print(f"{name:<36}{ttft:8.2f} ms  {ttft - base[0]:+6.2f} ms vs off  CPU {cpu:6.2f} ms/request"
                   f"  8 streams {agg:6.1f} tok/s  {agg / base[2]:5.3f}x off")  # fmt: skip
+    print("\nThe edges' first token against off, request by request (each of the edges' turns gives one pair: the"
+          " row's request and off's over the same protocol, moments apart): the median of the differences and its"
+          " 95% confidence interval\n")  # fmt: skip
+    for name, (*_, samples) in edges.items():
+        if name != _off(name):
+            median, low, high = paired_difference(samples, edges[_off(name)][3])
+            print(f"{name:<36}{median:+6.2f} ms  [{low:+.2f}, {high:+.2f}]  over {len(samples)} pairs")
+
+
+def _off(name: str) -> str:
+    """The row without the hooks that `name` is compared with."""
+    return name.replace("metrics + tracing", "off").replace("metrics", "off")
+
+
+def paired_difference(row: list[float], base: list[float]) -> tuple[float, float, float]:
+    """The median of row[i] - base[i] and a distribution-free 95% confidence interval for it: the order
+    statistics at n/2 -+ 1.96 sqrt(n)/2 of the sorted differences (the sign test's interval)."""
+    differences = sorted(a - b for a, b in zip(row, base, strict=True))
+    n = len(differences)
+    half = 1.96 * n**0.5 / 2
+    low, high = max(0, int(n / 2 - half)), min(n - 1, int(n / 2 + half + 0.5))
+    return statistics.median(differences), differences[low], differences[high]
 
 
 async def until_it_answers(stream_: Stream) -> None:
@@ -177,9 +201,10 @@ async def until_it_answers(stream_: Stream) -> None:
 
 async def side_by_side(
     rows: dict[str, tuple[Stream, Proc]], rounds: int, tokens: int, interleave: bool
-) -> dict[str, tuple[float, float, float]]:
+) -> dict[str, tuple[float, float, float, list[float]]]:
     """Per row: the median over `rounds` of (median first token of 40 short requests in ms, the row's process
-    CPU ms per request, the aggregate tokens/s of 8 concurrent streams of `tokens`). With `interleave` (rows
+    CPU ms per request, the aggregate tokens/s of 8 concurrent streams of `tokens`), and every first token
+    in the order of the turns (with `interleave`, the rows' i-th were taken moments apart). With `interleave` (rows
     in front of one engine) the short requests of the rows take turns one by one, so that a drift of the
     machine's speed reaches every row alike; else each row's 40 in a row (requests that take turns between
     engines wait for an idle engine to wake: 16 ms to the first token instead of 9-10 here). The rounds
@@ -188,6 +213,7 @@ async def side_by_side(
         for _ in range(5):
             await stream_(4)  # warm-up
     firsts: dict[str, list[float]] = {name: [] for name in rows}
+    every: dict[str, list[float]] = {name: [] for name in rows}
     cpus: dict[str, list[float]] = {name: [] for name in rows}
     aggs: dict[str, list[float]] = {name: [] for name in rows}
     names = list(rows)
@@ -202,6 +228,7 @@ async def side_by_side(
                 samples[name].append((await stream_(4)).ttft * 1000)
                 cpu[name] += proc.cpu_seconds() - before
         for name in order:
+            every[name] += samples[name]
             firsts[name].append(statistics.median(samples[name]))
             cpus[name].append(cpu[name] * 1000 / 40)
             stream_, _ = rows[name]
@@ -210,7 +237,12 @@ async def side_by_side(
             aggs[name].append(sum(run.tokens for run in runs) / (time.perf_counter() - start))
         print(f"round {round_ + 1} of {rounds} done", file=sys.stderr)
     return {
-        name: (statistics.median(firsts[name]), statistics.median(cpus[name]), statistics.median(aggs[name]))
+        name: (
+            statistics.median(firsts[name]),
+            statistics.median(cpus[name]),
+            statistics.median(aggs[name]),
+            every[name],
+        )
         for name in rows
     }
 
