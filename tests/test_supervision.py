@@ -4,14 +4,19 @@ serving the real model where an engine is needed, plain processes where only the
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
+import grpc
 import psutil
 import pytest
 
+from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from launcher.default_model import default_model_path
 from mesh.catalog import ModelEntry
 from mesh.lifecycle import free_port
@@ -124,3 +129,52 @@ async def test_stop_ends_the_whole_process_group_even_when_sigterm_is_ignored() 
     await process.stop(grace=0.5)
     assert time.monotonic() - started < 5
     assert not group_alive(pid)
+
+
+def test_children_started_on_uvloop_while_grpc_is_busy_run_their_command() -> None:
+    """The node's loop is uvloop and its gRPC threads are busy while it starts engines. uvloop's own subprocess
+    support forks and runs Python's after-fork code before the exec; here that killed about a third of the
+    children (SIGSEGV, or SIGABRT from a gRPC check) before they printed anything. Each child must run."""
+    import uvloop
+
+    async def main() -> collections.Counter[str]:
+        server = grpc.aio.server()
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(_Chatty(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        busy = True
+
+        async def client() -> None:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = inference_pb2_grpc.InferenceServiceStub(channel)
+                while busy:
+                    async for _ in stub.Generate(inference_pb2.GenerateRequest(model="m", prompt="p")):
+                        pass
+
+        clients = [asyncio.ensure_future(client()) for _ in range(4)]
+        outcomes: collections.Counter[str] = collections.Counter()
+        try:
+            await asyncio.sleep(0.2)
+            for _ in range(60):
+                process = EngineProcess("engine", ["sh", "-c", "echo loading; exit 3"])
+                try:
+                    await process.start(lambda: asyncio.sleep(0, result=False), timeout=30)
+                    outcomes["ready?"] += 1
+                except EngineError as exc:
+                    outcomes[str(exc)] += 1
+        finally:
+            busy = False
+            for task in clients:
+                task.cancel()
+            await asyncio.gather(*clients, return_exceptions=True)
+            await server.stop(0)
+        return outcomes
+
+    outcomes = uvloop.run(main())
+    assert outcomes == {"engine exited with code 3 while starting; last output:\nloading": 60}, outcomes
+
+
+class _Chatty(inference_pb2_grpc.InferenceServiceServicer):
+    async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        for _ in range(20):
+            yield inference_pb2.GenerateResponse(delta=inference_pb2.TextDelta(text="x"))

@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from mesh.child_process import group_members, orphan_proof, signal_group
+from mesh.child_process import Spawned, group_members, orphan_proof, signal_group, spawn
 from mesh.redaction import REDACTED, redact_argv
 from node_agent.engines.base import EngineError, PermanentEngineError
 
@@ -49,7 +49,7 @@ class EngineProcess:
         # whatever the process prints, which becomes a replica's error.
         self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
         self._lines: collections.deque[str] = collections.deque(maxlen=tail)
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: Spawned | None = None
         self._reader: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -83,14 +83,9 @@ class EngineProcess:
         try:
             # Started from the event loop's thread: the parent-death signal follows the forking thread.
             # Its own session: a stop reaches its whole process group, a terminal's Ctrl-C does not.
-            self._proc = await asyncio.create_subprocess_exec(
-                *orphan_proof(self.argv),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,
-            )
+            # `spawn`, not the loop's subprocess support (see mesh.child_process: on uvloop a child forked
+            # from this busy gRPC process could die before it ran).
+            self._proc = await spawn(orphan_proof(self.argv), self.env)
         except OSError as exc:
             raise PermanentEngineError(f"could not start {self.name} ({self.argv[0]}): {exc}") from exc
         assert self._proc.stdout is not None
@@ -162,3 +157,4 @@ class EngineProcess:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+        proc.close()
