@@ -270,10 +270,10 @@ def test_an_attached_server_that_stops_answering_fails_its_replica_until_it_answ
 
 
 def test_a_hung_start_up_fails_the_replica_with_the_engines_output(fleet: Fleet) -> None:
-    # The replica is started again with backoff (8 s, 16 s, ...) and its error is the last attempt's. Every
-    # attempt of this engine hangs, so its reason must show within two more attempts; reading the state once
-    # would also take in whatever else one attempt met (a fresh CI machine once saw the child die at start
-    # with SIGSEGV before it printed anything, an attempt that is not the hang this test is about).
+    # The replica is started again with backoff (8 s, 16 s, ...) and its error is the last attempt's: the
+    # test waits for an attempt that failed with the hang's reason, since every attempt of this engine hangs.
+    # (A fresh CI machine once read an attempt whose child died at start with SIGSEGV: children forked by
+    # uvloop beside busy gRPC threads, fixed in the supervisor and tested in tests/test_supervision.py.)
     hung = "was not ready within 1s; last output:\nloading shard 1 of 4"
     seen: list[str] = []
 
