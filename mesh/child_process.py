@@ -109,8 +109,7 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sp
     assert popen.stdout is not None
     exited: asyncio.Future[int] = loop.create_future()
 
-    def reap() -> None:
-        code = popen.wait()  # it has exited: at once
+    def settle(code: int) -> None:
         if not exited.done():
             exited.set_result(code)
 
@@ -123,14 +122,10 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sp
         def on_exit() -> None:
             loop.remove_reader(pidfd)
             os.close(pidfd)
-            reap()
+            settle(popen.wait())  # it has exited: at once
 
         loop.add_reader(pidfd, on_exit)
     else:
-
-        def settle(code: int) -> None:
-            if not exited.done():
-                exited.set_result(code)
 
         def watch() -> None:
             code = popen.wait()

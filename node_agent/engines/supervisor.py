@@ -88,7 +88,6 @@ class EngineProcess:
             self._proc = await spawn(orphan_proof(self.argv), self.env)
         except OSError as exc:
             raise PermanentEngineError(f"could not start {self.name} ({self.argv[0]}): {exc}") from exc
-        assert self._proc.stdout is not None
         self._reader = asyncio.ensure_future(self._read(self._proc.stdout))
         try:
             await self._wait_ready(ready, timeout, poll)
