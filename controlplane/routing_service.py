@@ -30,21 +30,18 @@ def _picking(model: str, metadata: Any) -> Iterator[dict[str, Any]]:
         if tracing.TRACER is None:
             yield attributes
             return
-        from opentelemetry.trace import Status, StatusCode, use_span
-
         if request_id:
             attributes["fleetlm.request_id"] = request_id
-        span = tracing.start_span(f"PickReplica {model}", tracing.carrier_from(pairs), attributes)
+        span = tracing.ServerSpan(f"PickReplica {model}", tracing.carrier_from(pairs), attributes)
+        error: tuple[str, str] | None = None
         try:
-            with use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+            with tracing.current(span):
                 yield attributes
-        except FleetError as error:
-            span.set_attribute("error.type", str(error.code))
-            span.set_status(Status(StatusCode.ERROR, error.message))
+        except FleetError as failed:
+            error = (str(failed.code), failed.message)
             raise
         finally:
-            span.set_attributes(attributes)
-            span.end()
+            span.end(error=error)
 
 
 class RoutingService(routing_pb2_grpc.RoutingServiceServicer):

@@ -50,7 +50,7 @@ class Access:
     finish_reason: str = ""
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None  # perf_counter time the first token reached the edge
-    span: Any = None  # the request's span when tracing is on
+    span: tracing.ServerSpan | None = None  # the request's span when tracing is on
     quiet: bool = False  # a probe's or a scraper's request: its line at DEBUG
 
     def token(self) -> None:
@@ -99,16 +99,15 @@ def request(
     access = Access(request_id, route, protocol, OPERATIONS.get(route, ""), quiet=quiet)
     token = CURRENT.set(access)
     try:
+        if tracing.TRACER is not None and traced:
+            access.span = tracing.ServerSpan(
+                access.operation or route, trace_carrier, {"fleetlm.request_id": request_id}
+            )
         with request_context.bound(request_id):
-            if tracing.TRACER is None or not traced:
+            if access.span is None:
                 yield access
             else:
-                from opentelemetry.trace import use_span
-
-                access.span = tracing.start_span(
-                    access.operation or route, trace_carrier, {"fleetlm.request_id": request_id}
-                )
-                with use_span(access.span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+                with tracing.current(access.span):
                     yield access
     finally:
         CURRENT.reset(token)
@@ -152,11 +151,11 @@ def finish(access: Access) -> None:
 
 
 def _end_span(access: Access) -> None:
-    from opentelemetry.trace import Status, StatusCode
-
     span = access.span
+    assert span is not None
+    name = None
     if access.model:
-        span.update_name(f"{access.operation} {access.model}" if access.operation else access.model)
+        name = f"{access.operation} {access.model}" if access.operation else access.model
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": access.operation,
         "gen_ai.request.model": access.model,
@@ -169,8 +168,5 @@ def _end_span(access: Access) -> None:
         attributes["gen_ai.response.finish_reasons"] = [access.finish_reason]
     if access.first_token is not None:
         attributes["fleetlm.time_to_first_token_ms"] = round((access.first_token - access.started) * 1000, 3)
-    span.set_attributes({k: v for k, v in attributes.items() if v not in ("", None)})
-    if access.error:
-        span.set_attribute("error.type", access.error)
-        span.set_status(Status(StatusCode.ERROR, access.error))
-    span.end()
+    span.attributes.update({k: v for k, v in attributes.items() if v not in ("", None)})
+    span.end(name, (access.error, access.error) if access.error else None)

@@ -17,14 +17,17 @@ an engine server as HTTP headers (`inject`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,12 @@ FLUSH_MILLIS = 5000  # what a shutdown waits for the last spans to leave, at mos
 TRACER: Tracer | None = None
 _PROPAGATOR: Any = None  # the W3C propagator, imported by `setup`
 _SERVER: Any = None  # SpanKind.SERVER
+_SAMPLER: Any = None  # the sampler the OTEL_TRACES_SAMPLER variables ask for (the SDK's default: parent-based, on)
+_IDS: Any = None  # the SDK's random id generator
+_API: Any = None  # opentelemetry.trace
+# The ServerSpan being made by its `end` (its ids and sampling decision are given), and the one current.
+_MAKING: ContextVar[ServerSpan | None] = ContextVar("fleetlm_span_making", default=None)
+_CURRENT: ContextVar[ServerSpan | None] = ContextVar("fleetlm_span", default=None)
 
 
 def configured(environ: Mapping[str, str]) -> bool:
@@ -81,38 +90,145 @@ class Tracing:
 def setup(component: str, environ: Mapping[str, str] | None = None) -> Tracing | None:
     """Turn tracing on for this process when the environment asks for it (see the module's docstring);
     None when it is off. ValueError for settings it cannot honour."""
-    global TRACER, _PROPAGATOR, _SERVER
+    global TRACER, _PROPAGATOR, _SERVER, _SAMPLER, _IDS, _API
     env = os.environ if environ is None else environ
     if not configured(env):
         return None
+    from opentelemetry import trace
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    from opentelemetry.sdk.trace.sampling import Sampler, SamplingResult
     from opentelemetry.trace import SpanKind
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     # Resource.create reads OTEL_RESOURCE_ATTRIBUTES; the attributes given here would win over
     # OTEL_SERVICE_NAME, so the variable is applied here.
     name = env.get("OTEL_SERVICE_NAME", "").strip() or SERVICE_NAMES[component]
-    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+
+    class Drawn(RandomIdGenerator):
+        """The SDK's ids, but those a ServerSpan drew on arrival for the span its `end` makes."""
+
+        def generate_span_id(self) -> int:
+            making = _MAKING.get()
+            return making.context.span_id if making is not None else super().generate_span_id()
+
+        def generate_trace_id(self) -> int:
+            making = _MAKING.get()
+            return making.context.trace_id if making is not None else super().generate_trace_id()
+
+    class Decided(Sampler):
+        """The configured sampler, but the decision a ServerSpan took on arrival for the span its `end` makes
+        (a sampler need not decide the same twice: one that limits a rate would not)."""
+
+        def __init__(self, configured: Sampler) -> None:
+            self._configured = configured
+
+        def should_sample(
+            self, parent_context: Any, trace_id: int, name: str, kind: Any = None, attributes: Any = None,
+            links: Any = None, trace_state: Any = None,
+        ) -> SamplingResult:  # fmt: skip
+            making = _MAKING.get()
+            if making is None:
+                return self._configured.should_sample(parent_context, trace_id, name, kind, attributes, links,
+                                                      trace_state)  # fmt: skip
+            decided = making.sampling
+            return SamplingResult(decided.decision, attributes if decided.decision.is_sampled() else None,
+                                  decided.trace_state)  # fmt: skip
+
+        def get_description(self) -> str:
+            return str(self._configured.get_description())
+
+    # The sampler OTEL_TRACES_SAMPLER(_ARG) configure, asked once per span, when its request arrives.
+    _SAMPLER, _IDS = TracerProvider(shutdown_on_exit=False).sampler, Drawn()
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": name}), sampler=Decided(_SAMPLER), id_generator=_IDS
+    )
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    _PROPAGATOR, _SERVER = TraceContextTextMapPropagator(), SpanKind.SERVER
+    _PROPAGATOR, _SERVER, _API = TraceContextTextMapPropagator(), SpanKind.SERVER, trace
     TRACER = provider.get_tracer("fleetlm")
     endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     log.info("tracing on: service %s, OTLP/gRPC to %s", name, endpoint)
     return Tracing(provider, name)
 
 
-def start_span(
-    name: str, carrier: Mapping[str, str] | None = None, attributes: Mapping[str, Any] | None = None
-) -> Span:
-    """A server span (call only when TRACER is set): a child of the trace context in `carrier` (a client's
-    headers, the edge's metadata) when it holds a valid one, else a new trace. Make it current with
-    `opentelemetry.trace.use_span` so that `inject` passes it on."""
-    assert TRACER is not None
-    parent = _PROPAGATOR.extract(carrier) if carrier else None
-    return TRACER.start_span(name, context=parent, kind=_SERVER, attributes=attributes)
+class ServerSpan:
+    """One request's server span, decided when the request arrives and made when it ends (call only when
+    TRACER is set).
+
+    On arrival it takes its ids (a child of the trace context in `carrier` when that holds a valid one, else a
+    new trace) and the sampler's decision: all a call made for the request needs to pass the span on
+    (`inject`, while it is current: `current`). The SDK's span, its attributes and its processors' work come
+    at `end`, with the arrival as its start time and the same ids and decision (`setup`'s Drawn and Decided): a
+    traced request pays a few random bits and one sampler call before its first token, not the SDK's span."""
+
+    __slots__ = ("_context", "_name", "_parent", "_start", "attributes", "sampling")
+
+    def __init__(self, name: str, carrier: Mapping[str, str] | None, attributes: dict[str, Any]) -> None:
+        assert TRACER is not None
+        trace = _API
+        self._start = time.time_ns()
+        self._name = name
+        self.attributes = attributes  # the span's attributes: the caller adds to them until `end`
+        self._parent = _PROPAGATOR.extract(carrier) if carrier else None
+        parent = trace.get_current_span(self._parent).get_span_context() if self._parent is not None else None
+        if parent is not None and parent.is_valid:
+            trace_id, random_id = parent.trace_id, parent.trace_flags.random_trace_id
+        else:
+            self._parent = None
+            trace_id, random_id = _IDS.generate_trace_id(), _IDS.is_trace_id_random()
+        self.sampling = _SAMPLER.should_sample(self._parent, trace_id, name, _SERVER, attributes)
+        flags = trace.TraceFlags.SAMPLED if self.sampling.decision.is_sampled() else trace.TraceFlags.DEFAULT
+        if random_id:
+            flags |= trace.TraceFlags.RANDOM_TRACE_ID
+        self._context = trace.SpanContext(
+            trace_id, _IDS.generate_span_id(), False, trace.TraceFlags(flags), self.sampling.trace_state
+        )
+
+    @property
+    def context(self) -> Any:
+        """The span's SpanContext (its trace and span ids)."""
+        return self._context
+
+    def inject(self, carrier: dict[str, str]) -> dict[str, str]:
+        """Add the span's trace context to `carrier` (HTTP headers or gRPC metadata)."""
+        _PROPAGATOR.inject(carrier, context=_API.set_span_in_context(_API.NonRecordingSpan(self._context)))
+        return carrier
+
+    def end(self, name: str | None = None, error: tuple[str, str] | None = None) -> None:
+        """Make the span (named `name`, else as it was started) with its attributes and, for a failed
+        request, `error` (its error.type and message), and end it now. A span not sampled is not made."""
+        if TRACER is None or not self.sampling.decision.is_recording():
+            return
+        from opentelemetry.trace import Status, StatusCode
+
+        token = _MAKING.set(self)
+        try:
+            span = TRACER.start_span(
+                name or self._name,
+                context=self._parent,
+                kind=_SERVER,
+                attributes=self.attributes,
+                start_time=self._start,
+            )
+        finally:
+            _MAKING.reset(token)
+        if error is not None:
+            span.set_attribute("error.type", error[0])
+            span.set_status(Status(StatusCode.ERROR, error[1]))
+        span.end()
+
+
+@contextlib.contextmanager
+def current(span: ServerSpan | None) -> Iterator[None]:
+    """`span` is the one `inject` passes on inside the block (and in tasks created there)."""
+    token = _CURRENT.set(span)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
 
 
 def carrier_from(pairs: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:
@@ -121,7 +237,8 @@ def carrier_from(pairs: Iterable[tuple[str, str | bytes]] | None) -> dict[str, s
 
 
 def inject(carrier: dict[str, str]) -> dict[str, str]:
-    """Add the current span's trace context to `carrier` (headers or metadata) when tracing is on."""
-    if TRACER is not None:
-        _PROPAGATOR.inject(carrier)
+    """Add the current span's trace context (`current`) to `carrier` (headers or metadata) when tracing is on."""
+    span = _CURRENT.get()
+    if TRACER is not None and span is not None:
+        span.inject(carrier)
     return carrier

@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from mesh import request_context, tracing
 from mesh.errors import ErrorCode, FleetError
@@ -35,7 +34,7 @@ class Served:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
-    span: Any = None
+    span: tracing.ServerSpan | None = None  # with tracing on
 
     def replica(self, engine: str, device: str) -> None:
         self.engine, self.device = engine, device
@@ -60,19 +59,18 @@ def served(
     record = Served(_request_id(pairs, field_id), method, model, operation)
     with request_context.bound(record.request_id):
         try:
-            if tracing.TRACER is None:
-                yield record
-            else:
-                from opentelemetry.trace import use_span
-
+            if tracing.TRACER is not None:
                 attributes = {
                     "fleetlm.request_id": record.request_id,
                     "fleetlm.node.id": node_id,
                     "gen_ai.operation.name": operation,
                     "gen_ai.request.model": model,
                 }
-                record.span = tracing.start_span(f"{operation} {model}", tracing.carrier_from(pairs), attributes)
-                with use_span(record.span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+                record.span = tracing.ServerSpan(f"{operation} {model}", tracing.carrier_from(pairs), attributes)
+            if record.span is None:
+                yield record
+            else:
+                with tracing.current(record.span):
                     yield record
         except FleetError as error:
             record.outcome, record.message = str(error.code), error.message
@@ -120,16 +118,11 @@ def _finish(record: Served, node_id: str) -> None:
         extra=fields,
     )
     if record.span is not None:
-        from opentelemetry.trace import Status, StatusCode
-
-        record.span.set_attributes(
+        record.span.attributes.update(
             {
                 "gen_ai.usage.input_tokens": record.prompt_tokens,
                 "gen_ai.usage.output_tokens": record.completion_tokens,
                 "fleetlm.outcome": record.outcome,
             }
         )
-        if failed:
-            record.span.set_attribute("error.type", record.outcome)
-            record.span.set_status(Status(StatusCode.ERROR, record.message or record.outcome))
-        record.span.end()
+        record.span.end(error=(record.outcome, record.message or record.outcome) if failed else None)

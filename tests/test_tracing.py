@@ -219,6 +219,34 @@ def test_grpc_traceparent_metadata_and_the_engine_server_gets_the_node_span(flee
 
 @pytest.mark.model
 @pytest.mark.cluster
+def test_a_trace_the_client_does_not_sample_is_passed_on_unsampled_and_not_exported(fleet: Fleet) -> None:
+    """The sampling decision is taken once, when the request reaches the edge (parent-based: the client's
+    flags), and travels on: no component exports a span of it, and the engine server gets flags 00."""
+
+    def chat(request_id: str, flags: str) -> None:
+        request = inference_pb2.GenerateRequest(model=ATTACHED)
+        request.chat.messages.add(role="user", content="Say hello.")
+        request.sampling.max_tokens = 3
+        metadata = (("x-request-id", request_id), ("traceparent", f"00-{trace_id}-{parent_id}-{flags}"))
+        with grpc.insecure_channel(fleet.grpc) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            assert list(stub.Generate(request, metadata=metadata, timeout=60))[-1].HasField("result")
+
+    trace_id, parent_id = "5c0d4d0c6a4b4f9e8e3b1e1f0a2b3c4d", "1122334455667788"
+    chat("traced-unsampled", "00")
+    line = lines_with(fleet.engine, "x-request-id=traced-unsampled")[0]
+    assert f"traceparent=00-{trace_id}-" in line and line.split("traceparent=")[1].split()[0].endswith("-00"), line
+    chat("traced-sampled", "01")
+    edge, node = edge_and_node(fleet.spans("traced-sampled"))  # exported after the unsampled one ended
+    assert not fleet.receiver.with_attribute("fleetlm.request_id", "traced-unsampled")
+    # The spans are made when their requests end, with the times the requests took.
+    assert edge.span.start_time_unix_nano < node.span.start_time_unix_nano
+    assert node.span.end_time_unix_nano <= edge.span.end_time_unix_nano
+    assert edge.span.end_time_unix_nano - edge.span.start_time_unix_nano > 0
+
+
+@pytest.mark.model
+@pytest.mark.cluster
 def test_a_request_that_scales_from_zero_has_the_control_plane_s_span_between(fleet: Fleet) -> None:
     client(fleet).completions.create(
         model=LAZY, prompt="One, two,", max_tokens=3, extra_headers={"X-Request-Id": "traced-lazy"}
