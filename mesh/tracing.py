@@ -12,7 +12,9 @@ root, mesh.logs) rather than an object passed down every call path.
 
 The trace context travels as W3C `traceparent` (and `tracestate`): the edge honours a client's header as the
 parent of its request span, passes its span on to the node in gRPC metadata, and the node passes its own to
-an engine server as HTTP headers (`inject`).
+an engine server as HTTP headers (`inject`). A request's span is a `ServerSpan`: its ids and the sampler's
+decision are taken when the request arrives, the SDK's span is made when it ends (the SDK's span start
+cost a traced request a tenth of a millisecond of its first token on a busy machine).
 """
 
 from __future__ import annotations
