@@ -142,6 +142,21 @@ def lines_with(proc: Proc, text: str, timeout: float = 15) -> list[str]:
     )
 
 
+def access_lines(proc: Proc, request_id: str, timeout: float = 15) -> list[str]:
+    """The edge's access-log lines of one request, once there is one. Waited for as such: the line is
+    written as the request ends, after the client has its answer and after any other line about it (the
+    gateway's warning about a failure comes first)."""
+    return wait_for(  # type: ignore[no-any-return]
+        lambda: [
+            line
+            for line in proc.log_path.read_text(errors="replace").splitlines()
+            if "fleetlm.access" in line and f"request_id={request_id}]" in line
+        ],
+        timeout,
+        f"the access line of {request_id} in {proc.name}'s log",
+    )
+
+
 def fields(line: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=([^\s\]]+)", line))
 
@@ -279,7 +294,7 @@ def test_one_id_in_the_access_log_the_node_log_and_the_header(fleet: Fleet) -> N
     assert raw.headers["x-request-id"] == request_id
     usage = raw.parse().usage
     assert usage is not None
-    access = [line for line in lines_with(fleet.edge, request_id) if "fleetlm.access" in line]
+    access = access_lines(fleet.edge, request_id)
     assert len(access) == 1, access  # one line per request
     seen = fields(access[0])
     assert seen["model"] == MODEL and seen["node"] == "node-a" and " 200 " in access[0]
@@ -298,7 +313,7 @@ def test_a_failed_request_has_its_id_in_both_logs(fleet: Fleet) -> None:
     with pytest.raises(openai.APIStatusError) as error:
         fleet.client().chat.completions.create(model=MISSING, messages=CHAT, extra_headers={"X-Request-Id": "lost-1"})
     assert error.value.status_code == 503 and error.value.request_id == "lost-1"
-    access = [line for line in lines_with(fleet.edge, "lost-1") if "fleetlm.access" in line]
+    access = access_lines(fleet.edge, "lost-1")
     assert len(access) == 1 and " 503 " in access[0] and "error=MODEL_UNAVAILABLE" in access[0], access
 
 
@@ -361,7 +376,7 @@ def test_grpc_metadata_in_and_out(fleet: Fleet) -> None:
     assert MADE.fullmatch(refused)  # the edge's own id comes back with the refusal
     assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "x-request-id" in error.details()
-    access = [line for line in lines_with(fleet.edge, "grpc-given-1") if "fleetlm.access" in line]
+    access = access_lines(fleet.edge, "grpc-given-1")
     assert len(access) == 1 and "grpc Generate 200" in access[0] and "node=node-a" in access[0]
     assert [line for line in lines_with(fleet.node, "grpc-given-1") if "fleetlm.node.requests" in line]
 
@@ -372,7 +387,7 @@ def test_grpc_failures_and_unary_calls_carry_the_id(fleet: Fleet) -> None:
     given, error, events = _generate(fleet.grpc, (("x-request-id", "grpc-unknown-1"),), model="no-such-model")
     assert given == "grpc-unknown-1" and not events
     assert error is not None and error.code() == grpc.StatusCode.NOT_FOUND, error
-    access = [line for line in lines_with(fleet.edge, "grpc-unknown-1") if "fleetlm.access" in line]
+    access = access_lines(fleet.edge, "grpc-unknown-1")
     assert len(access) == 1 and "grpc Generate 404" in access[0], access
     with grpc.insecure_channel(fleet.grpc) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
