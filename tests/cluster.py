@@ -355,14 +355,20 @@ class Cluster:
             ),
         )
         http = f"{'https' if self.tls else 'http'}://127.0.0.1:{http_port}"
-        verify: Any = ssl.create_default_context(cafile=str(self.ca_dir / "ca.crt")) if self.tls else True
+        verify = self.http_verify()
         proc.ready = lambda: httpx.get(f"{http}/health", timeout=1, verify=verify).status_code == 200
         wait_for(proc.ready, START_TIMEOUT, "edge", proc)
         return proc, http, f"127.0.0.1:{grpc_port}"
 
+    def http_verify(self) -> Any:
+        """httpx's `verify` for the edges' HTTP port: the fleet CA under TLS."""
+        return ssl.create_default_context(cafile=str(self.ca_dir / "ca.crt")) if self.tls else True
+
     def wait_model_state(self, http: str, model: str, state: str = "ready", timeout: float = 60) -> None:
+        verify = self.http_verify()
+
         def check() -> bool:
-            data = httpx.get(f"{http}/v1/models", timeout=2).json()["data"]
+            data = httpx.get(f"{http}/v1/models", timeout=2, verify=verify).json()["data"]
             return any(m["id"] == model and m["state"] == state for m in data)
 
         wait_for(check, timeout, f"model {model} to be {state}")

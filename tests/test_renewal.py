@@ -129,9 +129,7 @@ def renew_as_the_node(fleet: Fleet, name: str) -> grpc.RpcError | identity_pb2.R
 def test_the_node_renews_its_certificate_while_requests_keep_succeeding(fleet: Fleet) -> None:
     openai_client = client(fleet)
     # Ready, not only listed: a request while the replica still loads is a 503 (a cold machine loads slower).
-    ready = lambda: any(m.id == MODEL and (m.model_extra or {}).get("state") == "ready"  # noqa: E731
-                        for m in openai_client.models.list().data)  # fmt: skip
-    wait_for(ready, START_TIMEOUT, "the model to be ready")
+    fleet.cluster.wait_model_state(fleet.http, MODEL, timeout=START_TIMEOUT)
     first = served_serial(fleet)
     cert = x509.load_pem_x509_certificate(fleet.identity.cert.read_bytes())
     lifetime = (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()

@@ -132,29 +132,25 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         strict.stop()
 
 
-def lines_with(proc: Proc, text: str, timeout: float = 15) -> list[str]:
-    """The lines of `proc`'s log that contain `text`, once there is one (a line is written when the request
-    has ended, which may be just after the client has its answer). 15 s: a busy machine."""
-    return wait_for(  # type: ignore[no-any-return]
-        lambda: [line for line in proc.log_path.read_text(errors="replace").splitlines() if text in line],
-        timeout,
-        f"{text} in {proc.name}'s log",
-    )
-
-
-def access_lines(proc: Proc, request_id: str, timeout: float = 15) -> list[str]:
-    """The edge's access-log lines of one request, once there is one. Waited for as such: the line is
-    written as the request ends, after the client has its answer and after any other line about it (the
-    gateway's warning about a failure comes first)."""
+def lines_with(proc: Proc, *texts: str, timeout: float = 15) -> list[str]:
+    """The lines of `proc`'s log that contain every one of `texts`, once there is one (a line is written when
+    the request has ended, which may be just after the client has its answer). 15 s: a busy machine."""
     return wait_for(  # type: ignore[no-any-return]
         lambda: [
             line
             for line in proc.log_path.read_text(errors="replace").splitlines()
-            if "fleetlm.access" in line and f"request_id={request_id}]" in line
+            if all(text in line for text in texts)
         ],
         timeout,
-        f"the access line of {request_id} in {proc.name}'s log",
+        f"{' and '.join(texts)} in {proc.name}'s log",
     )
+
+
+def access_lines(proc: Proc, request_id: str) -> list[str]:
+    """The edge's access-log lines of one request. Waited for as such, not as any line naming the request:
+    the access line is written as the request ends, after any other line about it (the gateway's warning
+    about a failure comes first)."""
+    return lines_with(proc, "fleetlm.access", f"request_id={request_id}]")
 
 
 def fields(line: str) -> dict[str, str]:

@@ -77,11 +77,8 @@ def _client(fleet: Fleet) -> openai.OpenAI:
 def test_the_openai_client_chats_over_https_through_mutual_tls_links(fleet: Fleet) -> None:
     assert fleet.http.startswith("https://")
     client = _client(fleet)
-    wait_for(  # ready, not only listed: while the replica loads a request is a 503
-        lambda: any(m.id == MODEL and (m.model_extra or {}).get("state") == "ready" for m in client.models.list().data),
-        START_TIMEOUT,
-        "the model ready in the edge's table",
-    )
+    # Ready, not only listed: while the replica loads a request is a 503.
+    fleet.cluster.wait_model_state(fleet.http, MODEL, timeout=START_TIMEOUT)
     reply = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Name a color."}], max_tokens=8, temperature=0
     )
