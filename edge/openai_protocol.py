@@ -298,6 +298,14 @@ def _named(param: str, value: Any, handler: Callable[[Any], Any]) -> Any:
         raise invalid(param, f"invalid '{param}{where}': {message}") from exc
 
 
+def _token_ids(value: list[Any]) -> bool:
+    """Whether a list is one of OpenAI's token-id forms: ids, or lists of ids (a prompt or an input each)."""
+    first = value[0] if value else None
+    return (isinstance(first, int) and not isinstance(first, bool)) or (
+        isinstance(first, list) and bool(first) and all(isinstance(t, int) for t in first)
+    )
+
+
 class TextOnlyMessages(BaseModel):
     """A request whose `messages` may carry only text: other content parts are refused by name."""
 
@@ -391,12 +399,22 @@ class CompletionRequest(_Request):
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="wrap")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt per request is supported")
-        return value
+    def _one_text_prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """One prompt, as text: OpenAI's other forms (token ids, several prompts) are refused by name."""
+        if isinstance(value, list):
+            if _token_ids(value):
+                raise invalid("prompt", "a prompt of token ids is not supported: send the prompt as text")
+            if not value:
+                raise invalid("prompt", "'prompt' must not be empty")
+            if len(value) > 1:
+                raise invalid(
+                    "prompt",
+                    f"{len(value)} prompts in one request are not supported: send one request per prompt"
+                    " ('n' asks for several choices of one prompt)",
+                )
+        return _named("prompt", value, handler)
 
     def to_proto(self, request_id: str) -> inference_pb2.GenerateRequest:
         self.check_supported()
@@ -430,6 +448,13 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+
+    @field_validator("input", mode="wrap")
+    @classmethod
+    def _text_input(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(value, list) and _token_ids(value):
+            raise invalid("input", "input of token ids is not supported: send the input as text")
+        return _named("input", value, handler)
 
     def to_proto(self) -> inference_pb2.EmbedRequest:
         if self.dimensions is not None:

@@ -41,6 +41,11 @@ COMPLETION_REFUSED: list[tuple[dict[str, Any], str, str]] = [
     ({"prompt": "Hello", "suffix": "world"}, "suffix", "suffix"),
     ({"prompt": "Hello", "best_of": 3}, "best_of", "best_of"),
     ({"prompt": "Hello", "logit_bias": {"50256": -100}}, "logit_bias", "logit_bias"),
+    # OpenAI's other forms of `prompt`: token ids (one prompt or several), several prompts at once
+    ({"prompt": [15496, 11, 995]}, "prompt", "token ids"),
+    ({"prompt": [[15496, 11], [995]]}, "prompt", "token ids"),
+    ({"prompt": ["Hello", "Goodbye"]}, "prompt", "2 prompts"),
+    ({"prompt": []}, "prompt", "empty"),
 ]
 
 
@@ -72,3 +77,12 @@ def test_what_changes_nothing_is_accepted(mesh: Mesh) -> None:
     ):  # fmt: skip
         response = httpx.post(f"{mesh.http}{path}", json={"model": mesh.model, "max_tokens": 4, **body}, timeout=60)
         assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("tokens", [[15496, 11, 995], [[15496, 11], [995]]])
+def test_embedding_input_of_token_ids_is_a_400_naming_it(mesh: Mesh, tokens: list[Any]) -> None:
+    response = httpx.post(f"{mesh.http}/v1/embeddings", json={"model": mesh.model, "input": tokens}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("input", "INVALID_REQUEST"), error
+    assert "token ids" in error["message"], error
