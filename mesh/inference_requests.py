@@ -261,6 +261,8 @@ def validate_generate(request: inference_pb2.GenerateRequest) -> None:
     if which == "chat":
         validate_chat(request.chat)
     else:
+        if not request.prompt:
+            raise invalid("prompt", "'prompt' must not be empty")
         check_prompt_chars("prompt", (request.prompt,))
     validate_sampling(request.sampling)
     if which == "chat" and request.sampling.n > 1 and _may_call_tools(request.chat):

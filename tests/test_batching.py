@@ -77,6 +77,23 @@ async def test_cancelling_one_stream_leaves_the_others_unchanged(engine: LlamaCp
     assert engine.load.running == 0 and engine.load.queued == 0
 
 
+async def test_a_prompt_of_no_tokens_is_refused_and_the_running_sequences_go_on(engine: LlamaCppEngine) -> None:
+    """SmolLM2 adds no BOS, so an empty text is no tokens: refused before it takes a slot. (It once reached
+    the decode step, whose IndexError failed every sequence in the batch.)"""
+    from node_agent.engines.base import InvalidInput
+
+    alone = [await run(engine, p) for p in PROMPTS[:3]]
+
+    async def empty() -> None:
+        await asyncio.sleep(0.05)  # while the others decode
+        with pytest.raises(InvalidInput, match="no tokens") as caught:
+            await run(engine, "")
+        assert caught.value.param == "prompt"
+
+    results = await asyncio.gather(*(run(engine, p) for p in PROMPTS[:3]), empty())
+    assert [t for t, _ in results[:3]] == [t for t, _ in alone]  # type: ignore[misc]
+
+
 async def test_max_tokens_and_finish_reasons(engine: LlamaCppEngine) -> None:
     text, finished = await run(engine, "Once upon a time", SamplingOptions(max_tokens=7, temperature=0))
     assert (finished.reason, finished.completion_tokens) == ("length", 7)

@@ -264,11 +264,19 @@ def test_bad_grpc_input_names_the_field(mesh: Mesh) -> None:
         (chat(mesh.model, top_logprobs=2), "top_logprobs"),
         (inference_pb2.GenerateRequest(model=mesh.model), "messages"),
         (inference_pb2.GenerateRequest(model=mesh.model, chat=inference_pb2.ChatConversation()), "messages"),
+        (inference_pb2.GenerateRequest(model=mesh.model, prompt=""), "prompt"),
     ]
     for request, param in cases:
         error = grpc_generate(mesh.grpc, request)
         assert error.code == "INVALID_REQUEST" and error.param == param, (request, error)
         assert error.grpc_code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_an_empty_prompt_is_refused_by_the_node_too(mesh: Mesh) -> None:
+    """A gRPC client may call a node directly: it checks what the edge checks (an empty prompt once failed
+    the engine's whole decode step, and every request in it, with an IndexError)."""
+    error = grpc_generate(mesh.node_address, inference_pb2.GenerateRequest(model=mesh.model, prompt=""))
+    assert (error.code, error.param, error.grpc_code) == ("INVALID_REQUEST", "prompt", grpc.StatusCode.INVALID_ARGUMENT)
 
 
 def test_unknown_route_and_method_keep_the_openai_shape(mesh: Mesh) -> None:

@@ -337,6 +337,12 @@ class LlamaCppEngine:
                 f"n is {options.n}; this model's replicas decode at most {self.config.slots} sequences at once", "n"
             )
         tokens = await self.tokenize(prompt)
+        if not tokens:
+            # The decode loop needs a token to sample after (one request's empty batch would fail the step,
+            # and with it every sequence in it): a model that adds no BOS gives none for an empty text.
+            raise InvalidInput(
+                "the prompt has no tokens: send some text", "prompt" if isinstance(prompt, str) else "messages"
+            )
         context = self.config.context_size
         if len(tokens) >= context:
             raise ContextLengthExceeded(
