@@ -14,8 +14,10 @@ import logging
 
 log = logging.getLogger("llama.cpp")
 
-# ggml_log_level: NONE 0, INFO 1, WARN 2, ERROR 3, DEBUG 4, CONT 5 (continues the previous message)
-_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+# ggml_log_level (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous message).
+# (llama-cpp-python's own _logger.py still lists an older order, INFO 1 ... DEBUG 4, under which llama.cpp's
+# info chatter came out as warnings and its errors as debug.)
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 _CONTINUE = 5
 
 
