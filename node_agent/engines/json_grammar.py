@@ -190,11 +190,23 @@ def _visit(converter: Any, schema_text: str, name: str, url: str, refused: str, 
         _check(schema, "", 0)
         if name:
             schema = _prefixed_definitions(schema, name)
-        return str(converter.visit(converter.resolve_refs(schema, url), name))
+        return str(converter.visit(_resolve_refs(converter, schema, url), name))
     except _Refused as exc:
         raise InvalidInput(f"{refused}: {exc}", param) from exc
     except (ValueError, AssertionError, KeyError, TypeError, RecursionError, IndexError) as exc:
         raise InvalidInput(f"{refused}: the grammar converter failed: {exc}"[:500], param) from exc
+
+
+def _resolve_refs(converter: Any, schema: Any, url: str) -> Any:
+    """`converter.resolve_refs`, which does not look inside an object that has a `$ref` (llama.cpp's own
+    converter has the same walk): the `$defs` beside a root `$ref` kept their refs unresolved, and the
+    converter failed on them. That is Pydantic's schema of a recursive model, `{"$defs": {"Node": {...
+    "$ref": "#/$defs/Node" ...}}, "$ref": "#/$defs/Node"}`. So the root's siblings are resolved first."""
+    if isinstance(schema, dict) and "$ref" in schema:
+        ref = schema.pop("$ref")
+        converter.resolve_refs(schema, url)  # refs point into `schema`, the root, which keeps its $defs
+        schema["$ref"] = ref
+    return converter.resolve_refs(schema, url)
 
 
 def _prefixed_definitions(schema: Any, prefix: str) -> Any:
