@@ -277,3 +277,39 @@ def grammar_allows(engine: LlamaCppEngine, schema: dict[str, Any], text: str) ->
 def test_a_date_is_a_date_of_the_calendar(engine: LlamaCppEngine, text: str, allowed: bool) -> None:
     assert grammar_allows(engine, {"type": "string", "format": "date"}, text) is allowed
     assert grammar_allows(engine, {"type": "string", "format": "date-time"}, text[:-1] + 'T10:00:00Z"') is allowed
+
+
+TREE_BY_ROOT_REF = {  # OpenAI's own form of a recursive schema: "#" is the whole schema
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "children": {"type": "array", "items": {"$ref": "#"}}},
+    "required": ["name", "children"],
+    "additionalProperties": False,
+}
+TREE_BY_DEFINITION = {  # Pydantic's: the root is a $ref to a definition that refers to itself
+    "$defs": {
+        "Tree": {
+            **TREE_BY_ROOT_REF,
+            "properties": {
+                "name": {"type": "string"},
+                "children": {"type": "array", "items": {"$ref": "#/$defs/Tree"}},
+            },
+        }
+    },
+    "$ref": "#/$defs/Tree",
+}
+
+
+@pytest.mark.parametrize("schema", [TREE_BY_ROOT_REF, TREE_BY_DEFINITION], ids=["ref-#", "root-ref-to-defs"])
+@pytest.mark.parametrize(
+    ("text", "allowed"),
+    [
+        ('{"name": "a", "children": []}', True),
+        ('{"name": "a", "children": [{"name": "b", "children": [{"name": "c", "children": []}]}]}', True),
+        ('{"name": "a", "children": [{"name": "b"}]}', False),  # a child is a tree too: "children" required
+        ('{"name": "a", "children": [{"name": "b", "children": [1]}]}', False),
+    ],
+)
+def test_a_recursive_schema_is_enforced_at_every_depth(
+    engine: LlamaCppEngine, schema: dict[str, Any], text: str, allowed: bool
+) -> None:
+    assert grammar_allows(engine, schema, text) is allowed

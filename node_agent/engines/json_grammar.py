@@ -120,8 +120,8 @@ def _check(node: Any, where: str, depth: int) -> None:
     elif kind is not None and kind not in _TYPES:
         raise _Refused(where, f"'type' must be one of {sorted(_TYPES)}; got {json.dumps(kind)[:80]}")
     ref = node.get("$ref")
-    if ref is not None and (not isinstance(ref, str) or not ref.startswith("#/")):
-        raise _Refused(where, "only local references ('#/...') are supported in '$ref'")
+    if ref is not None and (not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/"))):
+        raise _Refused(where, "only local references ('#' or '#/...') are supported in '$ref'")
     if "enum" in node and (not isinstance(node["enum"], list) or not node["enum"]):
         raise _Refused(where, "'enum' must be a non-empty list")
     if "anyOf" in node and (not isinstance(node["anyOf"], list) or not node["anyOf"]):
@@ -188,6 +188,7 @@ def _visit(converter: Any, schema_text: str, name: str, url: str, refused: str, 
     try:
         schema = json.loads(schema_text)
         _check(schema, "", 0)
+        schema = _root_as_definition(schema)
         if name:
             schema = _prefixed_definitions(schema, name)
         return str(converter.visit(_resolve_refs(converter, schema, url), name))
@@ -195,6 +196,36 @@ def _visit(converter: Any, schema_text: str, name: str, url: str, refused: str, 
         raise InvalidInput(f"{refused}: {exc}", param) from exc
     except (ValueError, AssertionError, KeyError, TypeError, RecursionError, IndexError) as exc:
         raise InvalidInput(f"{refused}: the grammar converter failed: {exc}"[:500], param) from exc
+
+
+ROOT_DEFINITION = "recursive-root"
+
+
+def _root_as_definition(schema: Any) -> Any:
+    """A schema that refers to itself as a whole (`"$ref": "#"`, OpenAI's example of a recursive schema) as one
+    whose root is a definition: the converter follows only `#/...` paths. Unchanged when nothing refers to `#`."""
+
+    def refers_to_root(node: Any) -> bool:
+        if isinstance(node, list):
+            return any(refers_to_root(item) for item in node)
+        return isinstance(node, dict) and (node.get("$ref") == "#" or any(map(refers_to_root, node.values())))
+
+    def renamed(node: Any) -> Any:
+        if isinstance(node, list):
+            return [renamed(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out = {key: renamed(value) for key, value in node.items()}
+        if out.get("$ref") == "#":
+            out["$ref"] = f"#/$defs/{ROOT_DEFINITION}"
+        return out
+
+    if not isinstance(schema, dict) or not refers_to_root(schema):
+        return schema
+    body = renamed({key: value for key, value in schema.items() if key not in ("$defs", "definitions")})
+    definitions = {key: renamed(schema[key]) for key in ("$defs", "definitions") if key in schema}
+    definitions["$defs"] = {**definitions.get("$defs", {}), ROOT_DEFINITION: body}
+    return {**definitions, "$ref": f"#/$defs/{ROOT_DEFINITION}"}
 
 
 def _resolve_refs(converter: Any, schema: Any, url: str) -> Any:
