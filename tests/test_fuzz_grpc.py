@@ -220,6 +220,10 @@ def _run(strategy: st.SearchStrategy[Any], examples: int, body: Callable[[Any], 
 
 def _still_serving(server: Server) -> None:
     assert server.proc.popen.poll() is None, f"{server.name} exited:\n{server.proc.log_text()}"
+    # An exception nobody classified may also be answered with a classified status (an engine failure is
+    # UNAVAILABLE): none may have been logged with its traceback either.
+    log = server.proc.log_path.read_text(errors="replace")
+    assert "Traceback" not in log, f"{server.name} logged an exception:\n{log[log.index('Traceback') - 300 :][:3000]}"
     with grpc.insecure_channel(server.address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
