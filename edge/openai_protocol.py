@@ -375,7 +375,7 @@ class ChatCompletionRequest(_Request, TextOnlyMessages):
     def to_proto(self, request_id: str) -> inference_pb2.GenerateRequest:
         self.check_supported()
         sampling = self.sampling()
-        if self.max_completion_tokens is not None and self.max_tokens is None:
+        if self.max_completion_tokens is not None:  # OpenAI's current name; max_tokens is its deprecated alias
             sampling.max_tokens = self.max_completion_tokens
         sampling.logprobs = bool(self.logprobs)
         sampling.top_logprobs = self.top_logprobs or 0

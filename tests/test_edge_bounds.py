@@ -125,6 +125,18 @@ IN_RANGE = [
 ]
 
 
+def test_max_completion_tokens_wins_over_its_deprecated_alias() -> None:
+    """OpenAI deprecated max_tokens for max_completion_tokens; a client sending both means the new one."""
+    for body, limit in (
+        ({"max_completion_tokens": 3}, 3),
+        ({"max_tokens": 5}, 5),
+        ({"max_completion_tokens": 3, "max_tokens": 5}, 3),
+        ({"max_tokens": 5, "max_completion_tokens": 3}, 3),
+    ):
+        parsed = parse_body(json.dumps({"model": "m", "messages": HELLO, **body}).encode(), ChatCompletionRequest)
+        assert parsed.to_proto("chatcmpl-test").sampling.max_tokens == limit, body
+
+
 @pytest.mark.parametrize(("name", "value"), IN_RANGE)
 def test_values_in_range_are_taken_over_both(name: str, value: float) -> None:
     extra = {"logprobs": True} if name == "top_logprobs" else {}
