@@ -539,11 +539,12 @@ class Gateway:
     # --- calls ------------------------------------------------------------------------------------------
 
     def generate(
-        self, request: inference_pb2.GenerateRequest, client_timeout: float | None = None
+        self, request: inference_pb2.GenerateRequest, client_timeout: float | None = None, first_choice: int = 0
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         """The node's Generate stream: deltas, then one result, continued on another replica when the node
-        dies mid-stream and the deployment opts in (`edge.generation`). Closing it cancels the call."""
-        return self._generation.generate(request, client_timeout)
+        dies mid-stream and the deployment opts in (`edge.generation`). Closing it cancels the call.
+        `first_choice`: the number of its first choice among its client request's (one prompt of several)."""
+        return self._generation.generate(request, client_timeout, first_choice)
 
     async def unary(
         self,

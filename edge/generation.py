@@ -45,14 +45,15 @@ class Generation:
         self._gateway = gateway
 
     async def generate(
-        self, request: inference_pb2.GenerateRequest, client_timeout: float | None = None
+        self, request: inference_pb2.GenerateRequest, client_timeout: float | None = None, first_choice: int = 0
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         """The node's Generate stream: deltas, then one result. A replica that refuses before the first
         event (full, unloading, unreachable) is replaced by the next one; after it, a failure ends the
         stream with that error, and so does a stream that breaks the contract (an empty event, no result),
         unless the model's deployment sets continue_on_failure and the node went away: then the request
         goes on on another replica from the text sent so far (`_continue`). Closing this iterator cancels
-        the call on the node."""
+        the call on the node. `first_choice` numbers its choices among its client request's for the metrics'
+        gaps between tokens (one prompt of several, edge.prompt_batch); the events keep their own."""
         validate_generate(request)
         if not request.request_id:
             request.request_id = new_request_id()
@@ -98,9 +99,9 @@ class Generation:
                         if metrics is not None and counted is not None:
                             kind = event.WhichOneof("event")
                             if kind == "delta":
-                                metrics.text(counted, streamed, event.delta.index)
+                                metrics.text(counted, streamed, first_choice + event.delta.index)
                             elif kind == "tool_call":
-                                metrics.text(counted, streamed)
+                                metrics.text(counted, streamed, first_choice)
                         yield event
                         response = await self._next_event(stream.call, stream.target, timeout)
                 except FleetError as error:

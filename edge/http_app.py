@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge import access_log, auth
+from edge import access_log, auth, prompt_batch
 from edge.gateway import WAIT_NOTES, Gateway
 from edge.http_limits import HttpLimits, RequestLimits, RequestRefused
 from edge.openai_protocol import (
@@ -47,7 +48,7 @@ from edge.tokenize_protocol import DetokenizeBody, TokenizeBody, detokenize_json
 from fleetlm.inference.v1 import inference_pb2
 from mesh import request_context
 from mesh.errors import ErrorCode, FleetError
-from mesh.inference_requests import require_model
+from mesh.inference_requests import require_model, validate_generate
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -231,10 +232,16 @@ class GenerationRoutes:
         body: ChatCompletionRequest | CompletionRequest = (
             parse_body(bytes(raw), ChatCompletionRequest) if chat else parse_body(bytes(raw), CompletionRequest)
         )
-        proto = body.to_proto(request_id)  # the same id reaches the node (GenerateRequest.request_id)
-        if not body.stream:
-            # The reply goes out whole: the node need not send the text a token at a time (node_agent.text_delivery).
-            proto.delivery = inference_pb2.TEXT_DELIVERY_WHOLE
+        # The same id reaches the node (GenerateRequest.request_id); several prompts are a request each.
+        protos = body.to_protos(request_id) if isinstance(body, CompletionRequest) else [body.to_proto(request_id)]
+        proto = protos[0]
+        for one in protos:
+            if not body.stream:
+                # The reply goes out whole: the node need not send the text a token at a time
+                # (node_agent.text_delivery).
+                one.delivery = inference_pb2.TEXT_DELIVERY_WHOLE
+            if len(protos) > 1:
+                validate_generate(one)  # every prompt before any starts: a bad one is a plain 400, not a cut stream
         access = access_log.current()
         if access is not None:
             access.model = proto.model
@@ -242,10 +249,17 @@ class GenerationRoutes:
         self._gateway.counting(proto.model)  # a key's 429 below is counted under the model (edge.metrics)
         await auth.admit_model(proto.model)  # the key's model and limits (edge.auth); no-op with keys off
         shape = CompletionShape(chat, proto.model, new_id("chatcmpl" if chat else "cmpl"), body.wants_logprobs)
-        stream = self._gateway.generate(proto)
+        if len(protos) == 1:
+            stream = self._gateway.generate(proto)
+        else:
+            opens = [
+                functools.partial(self._gateway.generate, one, first_choice=i * body.choices)
+                for i, one in enumerate(protos)
+            ]
+            stream = prompt_batch.merged(opens, body.choices)
         try:
             if body.stream:
-                streamed = self._stream(send, stream, shape, body.include_usage, body.choices)
+                streamed = self._stream(send, stream, shape, body.include_usage, body.choices * len(protos))
                 await until_disconnect(receive, streamed)
             else:
                 choices, result = await until_disconnect(receive, _collect(stream))

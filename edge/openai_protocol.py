@@ -385,6 +385,10 @@ class ChatCompletionRequest(_Request, TextOnlyMessages):
         )
 
 
+# Prompts in one completions request (OpenAI's limit is 2048; each is a generation of its own here).
+MAX_PROMPTS = 64
+
+
 class CompletionRequest(_Request):
     BOUNDED: ClassVar[dict[str, str]] = {**_Request.BOUNDED, "logprobs": "top_logprobs"}
 
@@ -402,19 +406,33 @@ class CompletionRequest(_Request):
     @field_validator("prompt", mode="wrap")
     @classmethod
     def _one_text_prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        """One prompt, as text: OpenAI's other forms (token ids, several prompts) are refused by name."""
+        """Text: one prompt, or up to MAX_PROMPTS of them; OpenAI's token-id forms are refused by name."""
         if isinstance(value, list):
             if _token_ids(value):
                 raise invalid("prompt", "a prompt of token ids is not supported: send the prompt as text")
             if not value:
                 raise invalid("prompt", "'prompt' must not be empty")
-            if len(value) > 1:
-                raise invalid(
-                    "prompt",
-                    f"{len(value)} prompts in one request are not supported: send one request per prompt"
-                    " ('n' asks for several choices of one prompt)",
-                )
+            if len(value) > MAX_PROMPTS:
+                raise invalid("prompt", f"at most {MAX_PROMPTS} prompts per request; got {len(value)}")
         return _named("prompt", value, handler)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def to_protos(self, request_id: str) -> list[inference_pb2.GenerateRequest]:
+        """One GenerateRequest per prompt (edge.prompt_batch merges their streams), all with this request's
+        id and sampling."""
+        first = self.to_proto(request_id)
+        protos = [first]
+        for prompt in self.prompts[1:]:
+            if not prompt:
+                raise invalid("prompt", "'prompt' must not contain empty strings")
+            proto = inference_pb2.GenerateRequest()
+            proto.CopyFrom(first)
+            proto.prompt = prompt
+            protos.append(proto)
+        return protos
 
     def to_proto(self, request_id: str) -> inference_pb2.GenerateRequest:
         self.check_supported()
@@ -424,9 +442,10 @@ class CompletionRequest(_Request):
             raise invalid("suffix", "suffix is not supported")
         if self.best_of is not None and self.best_of != self.choices:
             raise invalid("best_of", "best_of is not supported (n choices are all returned; leave best_of unset)")
-        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        prompt = self.prompts[0]
         if not prompt:
-            raise invalid("prompt", "'prompt' must not be empty")
+            raise invalid("prompt", "'prompt' must not contain empty strings" if len(self.prompts) > 1 else
+                          "'prompt' must not be empty")  # fmt: skip
         sampling = self.sampling()
         if self.logprobs is not None:
             sampling.logprobs = True

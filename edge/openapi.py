@@ -18,6 +18,7 @@ from fastapi.openapi.utils import get_openapi
 
 from edge.auth import needs_key
 from edge.http_limits import HttpLimits
+from edge.openai_protocol import MAX_PROMPTS
 from mesh.inference_requests import (
     FUNCTION_NAME,
     MAX_CHOICES,
@@ -241,7 +242,9 @@ def _request_schemas() -> dict[str, Schema]:
         "required": ["model", "prompt"],
         "properties": {
             **_sampling_properties(),
-            "prompt": {"anyOf": [one_prompt, {"type": "array", "minItems": 1, "maxItems": 1, "items": one_prompt}]},
+            "prompt": {
+                "anyOf": [one_prompt, {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": one_prompt}]
+            },
             "max_tokens": {**_bounded("max_tokens", "integer"), "default": 16},
             "echo": {"type": "boolean", "enum": [False], "default": False, "description": "not supported"},
             "logprobs": _bounded("top_logprobs", "integer"),

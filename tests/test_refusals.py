@@ -41,10 +41,10 @@ COMPLETION_REFUSED: list[tuple[dict[str, Any], str, str]] = [
     ({"prompt": "Hello", "suffix": "world"}, "suffix", "suffix"),
     ({"prompt": "Hello", "best_of": 3}, "best_of", "best_of"),
     ({"prompt": "Hello", "logit_bias": {"50256": -100}}, "logit_bias", "logit_bias"),
-    # OpenAI's other forms of `prompt`: token ids (one prompt or several), several prompts at once
+    # OpenAI's token-id forms of `prompt` (one prompt or several), more prompts than a request may hold
     ({"prompt": [15496, 11, 995]}, "prompt", "token ids"),
     ({"prompt": [[15496, 11], [995]]}, "prompt", "token ids"),
-    ({"prompt": ["Hello", "Goodbye"]}, "prompt", "2 prompts"),
+    ({"prompt": ["Hello"] * 65}, "prompt", "at most 64 prompts"),
     ({"prompt": []}, "prompt", "empty"),
 ]
 
