@@ -341,6 +341,14 @@ async def admit_model(model: str) -> None:
     call.headers.update(call.admission.headers)
 
 
+def concurrency_limit() -> int:
+    """The current HTTP request's key's limit on requests at once; 0 when it has none or keys are off. A
+    request of several prompts (edge.prompt_batch) runs at most that many of them at a time: it is one
+    request to the limit, but it must not hold more of the fleet at once than the key's requests may."""
+    call = _http_call.get()
+    return 0 if call is None or call.key is None else int(call.key.limits.max_concurrent_requests)
+
+
 def charge(tokens: int) -> None:
     """The tokens an HTTP request used (its usage), charged to its key when the request ends."""
     call = _http_call.get()

@@ -256,7 +256,8 @@ class GenerationRoutes:
                 functools.partial(self._gateway.generate, one, first_choice=i * body.choices)
                 for i, one in enumerate(protos)
             ]
-            stream = prompt_batch.merged(opens, body.choices)
+            limit = auth.concurrency_limit()  # a key's requests at once bound its prompts at once
+            stream = prompt_batch.merged(opens, body.choices, min(prompt_batch.WINDOW, limit or prompt_batch.WINDOW))
         try:
             if body.stream:
                 streamed = self._stream(send, stream, shape, body.include_usage, body.choices * len(protos))

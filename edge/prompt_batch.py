@@ -1,11 +1,12 @@
 """Several prompts in one completions request (OpenAI's `prompt` as a list of strings).
 
 Each prompt is a Generate request of its own through the gateway (routed, retried and continued as any
-other), at most WINDOW of them at a time, and their streams are merged into one, numbered as OpenAI numbers
-the choices: prompt i's choice j is choice i * n + j. Every choice ends with a ChoiceEnd and the merged
-stream with one GenerateResult whose usage is the sum of the prompts', so the HTTP layer serves it as one
-request with that many choices. An error in any prompt ends the whole request (the others are cancelled):
-before the first event it is the request's error, after it an error event of the stream, as for one prompt.
+other), at most WINDOW of them at a time (fewer for an API key with a lower limit on requests at once),
+and their streams are merged into one, numbered as OpenAI numbers the choices: prompt i's choice j is
+choice i * n + j. Every choice ends with a ChoiceEnd and the merged stream with one GenerateResult whose
+usage is the sum of the prompts', so the HTTP layer serves it as one request with that many choices. An
+error in any prompt ends the whole request (the others are cancelled): before the first event it is the
+request's error, after it an error event of the stream, as for one prompt.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ WINDOW = 8
 Stream = AsyncGenerator[inference_pb2.GenerateResponse, None]
 
 
-async def merged(opens: Sequence[Callable[[], Stream]], n: int) -> Stream:
+async def merged(opens: Sequence[Callable[[], Stream]], n: int, at_once: int = WINDOW) -> Stream:
     """The merged stream of the prompts whose Generate streams `opens` opens (prompt i: `opens[i]()`), each
-    asking for `n` choices. Closing it cancels every prompt still generating."""
+    asking for `n` choices, at most `at_once` generating at a time. Closing it cancels every prompt still
+    generating."""
     queue: asyncio.Queue[tuple[int, inference_pb2.GenerateResponse | BaseException | None]] = asyncio.Queue()
-    window = asyncio.Semaphore(WINDOW)
+    window = asyncio.Semaphore(max(1, at_once))
 
     async def pump(prompt: int) -> None:
         async with window:

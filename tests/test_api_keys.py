@@ -5,6 +5,7 @@ FLEETLM_CP_ADMIN_TOKEN_FILE, FLEETLM_EDGE_REQUIRE_API_KEY, FLEETLM_EDGE_AUTH_SEC
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import time
@@ -226,6 +227,27 @@ def test_concurrent_requests_429(fleet: Fleet) -> None:
     assert refused.value.code == "rate_limit_exceeded"
     stream.close()
     wait_for(lambda: _complete(client), 30, "the slot to be free again")
+
+
+def test_a_keys_limit_on_requests_at_once_bounds_its_prompts_at_once(fleet: Fleet) -> None:
+    """Several prompts are one request to the limit, but run no more at once than the key's requests may:
+    with a limit of 1 the node never holds two of them (its running gauge, sampled while they run)."""
+    _, secret = fleet.create("one-prompt-at-a-time", max_concurrent_requests=1)
+    metrics = fleet.cluster.metrics["node-a"]
+    prompts = ["Count: 1, 2, 3,", "The alphabet: a, b, c,", "Colors: red, blue,"]
+    peak = 0
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(
+            fleet.client(secret).completions.create, model=MODEL, prompt=prompts, max_tokens=40, temperature=0
+        )
+        while not reply.done():
+            text = httpx.get(metrics, timeout=5).text
+            running = [line for line in text.splitlines() if line.startswith("fleetlm_node_requests_running{")]
+            peak = max([peak, *(int(float(line.rsplit(" ", 1)[1])) for line in running)])
+            time.sleep(0.02)
+        choices = reply.result().choices
+    assert [c.index for c in choices] == [0, 1, 2] and all(c.text for c in choices)
+    assert peak == 1, peak
 
 
 def test_the_secret_is_nowhere_but_in_the_create_reply(fleet: Fleet) -> None:
