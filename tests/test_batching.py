@@ -379,8 +379,8 @@ async def test_concurrent_embeddings_are_micro_batched_and_cached(engine: LlamaC
 async def test_embedding_limits_are_clear_errors(engine: LlamaCppEngine) -> None:
     from node_agent.engines.base import InvalidInput
 
-    with pytest.raises(InvalidInput, match="at most 256 inputs"):
-        await engine.embed(["x"] * 257)
+    with pytest.raises(InvalidInput, match="at most 2048 inputs"):
+        await engine.embed(["x"] * 2049)
     with pytest.raises(InvalidInput, match="characters; the limit is 32768"):
         await engine.embed(["y" * 40_000])
 

@@ -78,7 +78,10 @@ class LlamaCppConfig:
     embed_window_seconds: float = 0.005  # how long concurrent embedding inputs are gathered
     embed_max_batch: int = 64  # inputs per embedding call
     embed_cache_size: int = 4096  # inputs remembered (LRU)
-    embed_max_inputs: int = 256  # per request; more is a 400
+    # Per request; more is a 400. OpenAI's own limit: clients send that many at once (LangChain's
+    # OpenAIEmbeddings, 1,000 a request by default). The work is bounded by the edge's 1,000,000 characters
+    # of input a request (mesh.inference_requests), not by the count.
+    embed_max_inputs: int = 2048
     embed_max_chars: int = 32_768  # per input; longer is a 400
 
 
