@@ -423,11 +423,9 @@ class CompletionRequest(_Request):
     def to_protos(self, request_id: str) -> list[inference_pb2.GenerateRequest]:
         """One GenerateRequest per prompt (edge.prompt_batch merges their streams), all with this request's
         id and sampling."""
-        first = self.to_proto(request_id)
+        first = self.to_proto(request_id)  # checks every prompt
         protos = [first]
         for prompt in self.prompts[1:]:
-            if not prompt:
-                raise invalid("prompt", "'prompt' must not contain empty strings")
             proto = inference_pb2.GenerateRequest()
             proto.CopyFrom(first)
             proto.prompt = prompt
@@ -442,10 +440,11 @@ class CompletionRequest(_Request):
             raise invalid("suffix", "suffix is not supported")
         if self.best_of is not None and self.best_of != self.choices:
             raise invalid("best_of", "best_of is not supported (n choices are all returned; leave best_of unset)")
-        prompt = self.prompts[0]
-        if not prompt:
-            raise invalid("prompt", "'prompt' must not contain empty strings" if len(self.prompts) > 1 else
+        prompts = self.prompts
+        if not all(prompts):
+            raise invalid("prompt", "'prompt' must not contain empty strings" if len(prompts) > 1 else
                           "'prompt' must not be empty")  # fmt: skip
+        prompt = prompts[0]
         sampling = self.sampling()
         if self.logprobs is not None:
             sampling.logprobs = True
