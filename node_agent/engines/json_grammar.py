@@ -205,25 +205,26 @@ def _root_as_definition(schema: Any) -> Any:
     """A schema that refers to itself as a whole (`"$ref": "#"`, OpenAI's example of a recursive schema) as one
     whose root is a definition: the converter follows only `#/...` paths. Unchanged when nothing refers to `#`."""
 
-    def refers_to_root(node: Any) -> bool:
-        if isinstance(node, list):
-            return any(refers_to_root(item) for item in node)
-        return isinstance(node, dict) and (node.get("$ref") == "#" or any(map(refers_to_root, node.values())))
+    found = False
 
     def renamed(node: Any) -> Any:
+        nonlocal found
         if isinstance(node, list):
             return [renamed(item) for item in node]
         if not isinstance(node, dict):
             return node
         out = {key: renamed(value) for key, value in node.items()}
         if out.get("$ref") == "#":
+            found = True
             out["$ref"] = f"#/$defs/{ROOT_DEFINITION}"
         return out
 
-    if not isinstance(schema, dict) or not refers_to_root(schema):
+    if not isinstance(schema, dict):
         return schema
     body = renamed({key: value for key, value in schema.items() if key not in ("$defs", "definitions")})
     definitions = {key: renamed(schema[key]) for key in ("$defs", "definitions") if key in schema}
+    if not found:
+        return schema
     definitions["$defs"] = {**definitions.get("$defs", {}), ROOT_DEFINITION: body}
     return {**definitions, "$ref": f"#/$defs/{ROOT_DEFINITION}"}
 
