@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.inference_bench [--tokens 128] [--threads 2] [--rounds 3] [--replicas 1]
                                               [--llama-server PATH]
-                                              [--ttft-only [--asyncio-edge] [--sessions-apart]]
+                                              [--ttft-only [--gap-ms MS] [--asyncio-edge] [--sessions-apart]]
 
 Same model (SmolLM2-135M-Instruct Q4_1), same thread count, same greedy prompt, in one run. Every
 server is started first and stays up (idle, it costs nothing); then each round measures every row in
@@ -335,17 +335,22 @@ def start_asyncio_edge(cluster: Cluster) -> tuple[Proc, str, str]:
 
 
 async def ttft_round(
-    rows: dict[str, Stream], edge_of: Callable[[str], Proc], n: int = 40
+    rows: dict[str, Stream], edge_of: Callable[[str], Proc], n: int = 40, gap: float = 0.0
 ) -> dict[str, dict[str, float]]:
-    """One round of the --ttft-only mode: per row in turn, `n` short requests one at a time; the median time
-    to first token and the CPU time the row's edge spent per request. A row's requests follow each other,
-    not other rows': an engine's OpenMP threads spin for a few milliseconds after a request, so a request
-    that follows another engine's would share the cores with that engine's spin."""
+    """One round of the --ttft-only mode: per row in turn, `n` short requests one at a time, each `gap`
+    seconds after the last ended; the median time to first token and the CPU time the row's edge spent per
+    request. A row's requests follow each other, not other rows': an engine's OpenMP threads spin for a few
+    milliseconds after a request, so a request that follows another engine's would share the cores with
+    that engine's spin."""
     figures = {}
     for name, stream in rows.items():  # in the order given: the caller rotates it from round to round
         edge = edge_of(name)
         before = edge.cpu_seconds()
-        firsts = [(await stream(4)).ttft for _ in range(n)]
+        firsts = []
+        for _ in range(n):
+            if gap:
+                await asyncio.sleep(gap)
+            firsts.append((await stream(4)).ttft)
         cpu = edge.cpu_seconds() - before
         figures[name] = {"ttft_1": statistics.median(firsts) * 1000, "edge_cpu": cpu * 1000 / n}
     return figures
@@ -357,8 +362,9 @@ def report_ttft(results: dict[str, list[dict[str, float]]], args: argparse.Names
     so the edge's CPU during a request is time its prefill waits)."""
     table = {name: statistics.median(r["ttft_1"] for r in runs) for name, runs in results.items()}
     cpu = {name: statistics.median(r["edge_cpu"] for r in runs) for name, runs in results.items()}
+    pause = f", each {args.gap_ms:g} ms after the last" if args.gap_ms else ", back to back"
     print(f"\ntime to first token, 1 stream, {args.threads} threads, fleetlm with {args.replicas} replica(s), "
-          f"median of {args.rounds} rounds of 40 requests\n")  # fmt: skip
+          f"median of {args.rounds} rounds of 40 requests{pause}\n")  # fmt: skip
     for name, ttft in table.items():
         print(f"{name:<46} {ttft:8.1f} ms   {ttft - table[DIRECT]:+6.1f} ms against direct   "
               f"{ttft - table[NODE_GRPC]:+6.1f} ms against the node   edge CPU {cpu[name]:5.2f} ms/req")  # fmt: skip
@@ -379,6 +385,13 @@ async def main() -> None:
         "--ttft-only",
         action="store_true",
         help="measure only the time to first token of single requests (quick; several replicas)",
+    )
+    parser.add_argument(
+        "--gap-ms",
+        type=float,
+        default=0.0,
+        help="with --ttft-only: idle milliseconds before each request (0: back to back), as a client with think "
+        "time sends them: the processes and the engine's threads are asleep when it comes",
     )
     parser.add_argument("--llama-server", help="path of llama.cpp's llama-server binary, for another row")
     parser.add_argument(
@@ -433,7 +446,9 @@ async def main() -> None:
             for round_ in range(args.rounds):
                 if args.ttft_only:
                     turn = {name: rows[name] for name in rotated(list(rows), round_)}
-                    for name, figures in (await ttft_round(turn, lambda name: edge_of.get(name, first_edge))).items():
+                    for name, figures in (
+                        await ttft_round(turn, lambda name: edge_of.get(name, first_edge), gap=args.gap_ms / 1000)
+                    ).items():
                         results[name].append(figures)
                 else:
                     for name, stream in rows.items():
