@@ -237,10 +237,15 @@ async def test_every_sampler_is_freed_with_its_sequence(engine: LlamaCppEngine) 
 def grammar_allows(engine: LlamaCppEngine, schema: dict[str, Any], text: str) -> bool:
     """Whether llama.cpp's grammar sampler, with the grammar the engine makes of `schema`, lets the model write
     exactly `text` (each of its tokens allowed in turn, then the end of generation)."""
+    return gbnf_allows(engine, schema_grammar(json.dumps(schema)), text)
+
+
+def gbnf_allows(engine: LlamaCppEngine, grammar: str, text: str) -> bool:
+    """Whether llama.cpp's grammar sampler with `grammar` (root `root`) lets the engine's model write exactly
+    `text` (each of its tokens allowed in turn, then the end of generation)."""
     import llama_cpp
 
     llm = engine._llm
-    grammar = schema_grammar(json.dumps(schema))
     sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode(), b"root")
     assert sampler, grammar
     try:

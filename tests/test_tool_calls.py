@@ -1,8 +1,8 @@
 """Tool calling through the edge, with the official openai client and over gRPC, answered by SmolLM2 on the
 llama.cpp engine (generic format, calls constrained by grammar): tool_choice required, a named function,
 auto and none behave as OpenAI documents them; sampled calls always validate against their schemas;
-streamed deltas reassemble to the same calls; what is malformed or cannot be enforced is a 400
-(INVALID_ARGUMENT) naming the field."""
+streamed deltas reassemble to the same calls; tools beside a response_format give calls or an answer in
+its schema; what is malformed or cannot be enforced is a 400 (INVALID_ARGUMENT) naming the field."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import grpc
 import httpx
 import jsonschema_rs
 import openai
+import pydantic
 import pytest
 from google.protobuf import duration_pb2  # noqa: F401 - registers well-known types for ErrorInfo
 
@@ -133,6 +134,66 @@ def test_auto_answers_in_text_or_calls(client: openai.OpenAI, mesh: Mesh) -> Non
     for choice in called:
         if choice.finish_reason == "tool_calls":
             validate(choice.message.tool_calls)
+
+
+class Answer(pydantic.BaseModel):
+    """The final answer's shape, as an agent framework gives it (OpenAI Agents SDK's output_type)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    answer: str = pydantic.Field(max_length=60)
+
+
+def test_tools_beside_a_response_format_give_calls_or_an_answer_in_its_schema(
+    client: openai.OpenAI, mesh: Mesh
+) -> None:
+    """An agent sends the tools and the schema of its final answer in one request (the SDK's parse helper): each
+    reply is either valid calls or content that parses as the schema, streamed or not."""
+
+    # The parse helper takes strict functions only (strict: additionalProperties false, every property required).
+    strict = [{"type": "function", "function": {**TOOLS[0]["function"], "strict": True}}]
+
+    def ask(seed: int, messages: list[Any]) -> Any:
+        return client.beta.chat.completions.parse(
+            model=mesh.model, messages=messages, tools=strict, response_format=Answer, parallel_tool_calls=False,
+            temperature=0.8, seed=seed, max_tokens=200,
+        ).choices[0]  # fmt: skip
+
+    kinds = []
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for choice in pool.map(ask, range(8), [REPEAT] * 4 + [ASK] * 4):
+            if choice.finish_reason == "length":  # cut by max_tokens: neither whole
+                kinds.append("cut")
+            elif choice.message.tool_calls:
+                assert choice.finish_reason == "tool_calls" and not choice.message.content, choice
+                validate(choice.message.tool_calls)
+                kinds.append("calls")
+            else:
+                assert choice.finish_reason == "stop", choice
+                assert isinstance(choice.message.parsed, Answer), choice  # the SDK parsed the content
+                kinds.append("answer")
+    assert "answer" in kinds, kinds
+
+    stream = client.chat.completions.create(
+        model=mesh.model, messages=[{"role": "user", "content": "Hi! How are you?"}], tools=TOOLS,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": Answer.model_json_schema(),
+                                                                 "strict": True}},
+        temperature=0, max_tokens=120, stream=True,
+    )  # fmt: skip
+    text, calls, reasons = "", [], []
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        text += delta.content or ""
+        calls += delta.tool_calls or []
+        reasons += [chunk.choices[0].finish_reason] if chunk.choices[0].finish_reason else []
+    if not calls:
+        assert reasons == ["stop"] and Answer.model_validate_json(text)
+    # A reply that must call has no content: the schema is no reason to refuse it.
+    forced = client.chat.completions.create(
+        model=mesh.model, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+        response_format={"type": "json_object"}, temperature=0, max_tokens=120,
+    ).choices[0]  # fmt: skip
+    assert forced.finish_reason == "tool_calls" and forced.message.tool_calls
+    validate(forced.message.tool_calls)
 
 
 def test_none_renders_no_tools_and_calls_nothing(client: openai.OpenAI, mesh: Mesh) -> None:

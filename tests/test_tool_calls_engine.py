@@ -1,8 +1,9 @@
 """Tool calls in the llama.cpp engine, with the real model (SmolLM2-135M, whose template has no tool format:
 the generic one is injected): the grammar keeps every call to its function's schema whatever the
 tool_choice, "auto" still answers in text and calls when the model writes the trigger, "none" renders no
-tools, a constrained request leaves the others of its batch alone, and a lazy grammar's trigger never
-replays text its grammar refuses (llama.cpp would abort the process)."""
+tools, a constrained request leaves the others of its batch alone, a lazy grammar's trigger never
+replays text its grammar refuses (llama.cpp would abort the process), and tools beside a response_format
+give calls or content in its schema."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from node_agent.engines.base import (
     Finished,
     Function,
     GenerationEvent,
+    InvalidInput,
     Message,
+    ResponseFormat,
     SamplingOptions,
     TextChunk,
     ToolCall,
@@ -28,7 +31,9 @@ from node_agent.engines.base import (
 )
 from node_agent.engines.llamacpp import LlamaCppEngine
 from node_agent.engines.llamacpp_batch import BatchRequest, Trigger
+from node_agent.engines.tool_calls import tool_grammar
 from tests.model_engine import default_model_engine
+from tests.test_structured_outputs_engine import gbnf_allows
 
 pytestmark = [pytest.mark.model]
 
@@ -222,3 +227,76 @@ async def test_a_token_that_would_start_a_lazy_grammar_with_text_it_refuses_is_n
     text = await lazy(engine, "The capital of France is", 'root ::= " ParX" [a-z]*', Trigger(" Par", ("X",)))
     assert not text.startswith(" Paris"), text
     assert stats.trigger_resamples > before
+
+
+ANSWER = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "maxLength": 60}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+ANSWER_FORMAT = ResponseFormat("json_schema", json.dumps(ANSWER), "answer")
+
+
+def calls_or_answer(events: list[GenerationEvent]) -> str:
+    """Which a reply under tools and ANSWER_FORMAT is, "calls" or "answer", after checking it is one of them
+    whole: valid calls and no content, or content valid against ANSWER and no calls ("cut" when max_tokens
+    ended it first)."""
+    end = finished(events)
+    if end.reason == "length":
+        assert not (end.tool_calls and content(events)), events
+        return "cut"
+    if end.tool_calls:
+        assert end.reason == "tool_calls" and content(events) == "", events
+        check_calls(events)
+        return "calls"
+    assert end.reason == "stop", events
+    jsonschema_rs.validator_for(ANSWER).validate(json.loads(content(events)))
+    return "answer"
+
+
+async def test_tools_beside_a_response_format_give_calls_or_content_in_its_schema(engine: LlamaCppEngine) -> None:
+    """OpenAI's agents send both: the tools the model may call and the schema of its final answer. Under
+    "auto" the grammar allows calls or content in the schema from the first token, and nothing else."""
+    auto = Chat(REPEAT, tools=TOOLS, tool_choice=ToolChoice("auto"), parallel_tool_calls=False)
+    grammar, trigger = tool_grammar(auto, content=ANSWER_FORMAT.schema)
+    assert trigger is None  # not lazy: there is no free text for a call to follow
+    assert gbnf_allows(engine, grammar, CALL)
+    assert gbnf_allows(engine, grammar, '{"answer": "It is sunny in Paris."}')
+    assert not gbnf_allows(engine, grammar, "It is sunny in Paris.")  # free text
+    assert not gbnf_allows(engine, grammar, '{"answer": "sunny", "city": "Paris"}')  # not the schema
+    assert not gbnf_allows(engine, grammar, "Sure! " + CALL)  # text before a call is content, not JSON
+
+    kinds = []
+    for chat in (auto, Chat(ASK, tools=TOOLS, tool_choice=ToolChoice("auto"))):
+        options = [
+            SamplingOptions(max_tokens=200, temperature=0.8, seed=s, response_format=ANSWER_FORMAT) for s in range(4)
+        ]
+        kinds += [calls_or_answer(events) for events in await asyncio.gather(*(run(engine, chat, o) for o in options))]
+    greedy = SamplingOptions(max_tokens=120, temperature=0, response_format=ANSWER_FORMAT)
+    kinds.append(calls_or_answer(await run(engine, Chat((Message("user", "Hi! How are you?"),), tools=TOOLS), greedy)))
+    assert "answer" in kinds, kinds
+
+    # A reply that must call has no content: the schema changes nothing, and the call is made.
+    required = Chat(ASK, tools=TOOLS, tool_choice=ToolChoice("required"), parallel_tool_calls=False)
+    events = await run(engine, required, SamplingOptions(max_tokens=200, temperature=0, response_format=ANSWER_FORMAT))
+    assert calls_or_answer(events) == "calls"
+    # A response_format the grammar cannot enforce is refused beside tools as alone, naming it.
+    unenforceable = ResponseFormat("json_schema", json.dumps({"type": "integer", "minimum": 3}), "x")
+    with pytest.raises(InvalidInput) as refused:
+        await run(engine, auto, SamplingOptions(max_tokens=20, response_format=unenforceable))
+    assert refused.value.param == "response_format"
+
+
+async def test_tools_beside_json_object_give_calls_or_an_object(engine: LlamaCppEngine) -> None:
+    chat = Chat((Message("user", "Hi! How are you?"),), tools=TOOLS)
+    grammar, _ = tool_grammar(chat, content='{"type": "object"}')
+    assert gbnf_allows(engine, grammar, '{"mood": "good", "n": [1, 2]}')
+    assert gbnf_allows(engine, grammar, CALL)
+    assert not gbnf_allows(engine, grammar, '"just a string"')
+    events = await run(
+        engine, chat, SamplingOptions(max_tokens=80, temperature=0, response_format=ResponseFormat("json_object"))
+    )
+    end = finished(events)
+    if not end.tool_calls:
+        assert end.reason == "stop" and isinstance(json.loads(content(events)), dict), events

@@ -292,18 +292,33 @@ def schema_grammar(schema_text: str) -> str:
 NO_PARAMETERS = '{"type": "object", "properties": {}, "additionalProperties": false}'
 
 
+# response_format json_object as a schema: any object (the converter's rules, so that they sit beside others).
+ANY_OBJECT = '{"type": "object"}'
+CONTENT_RULE = "content"
+
+
 @functools.lru_cache(maxsize=128)
-def arguments_grammar(parameters: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+def arguments_grammar(parameters: tuple[str, ...], content: str = "") -> tuple[str, tuple[str, ...]]:
     """The GBNF rules (no root) of several functions' arguments, from their parameters schemas' texts ("":
     no parameters), and the rule of each. Raises InvalidInput naming `tools[i].function.parameters` when
-    the grammar cannot enforce one."""
+    the grammar cannot enforce one. With `content`, a JSON schema's text (a response_format beside the
+    tools), its rules are added too, under CONTENT_RULE, or InvalidInput names `response_format`."""
     converter = _converter()
     names = []
     for i, text in enumerate(parameters):
         param = f"tools[{i}].function.parameters"
         refused = f"'{param}' cannot be enforced by the llama.cpp engine"
         names.append(_visit(converter, text or NO_PARAMETERS, f"tool{i}-arguments", f"tools/{i}", refused, param))
+    if content:
+        refused = "'response_format.json_schema.schema' cannot be enforced by the llama.cpp engine"
+        rule = _visit(converter, content, CONTENT_RULE, "request", refused, "response_format")
+        assert rule == CONTENT_RULE  # the converter names a rule as asked unless the name is taken
     return _finished(converter.format_grammar(), "the tools' parameters cannot be enforced", "tools"), tuple(names)
+
+
+def content_schema(response_format: ResponseFormat) -> str:
+    """The JSON schema's text a response_format asks the content to follow (any object for json_object)."""
+    return ANY_OBJECT if response_format.kind == "json_object" else response_format.schema
 
 
 def grammar_for(response_format: ResponseFormat) -> str:

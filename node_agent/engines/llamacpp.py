@@ -7,7 +7,8 @@ at the next step. Embeddings run on a second, embedding-mode context on their ow
 
 A request's output can be constrained by a grammar: a response_format's (json_grammar), or its tools'
 (tool_calls: the tools in the prompt, the model's template's own format or the generic one, and the
-grammar of the calls, lazy under tool_choice "auto"); a reply with tools is parsed into content and calls
+grammar of the calls, lazy under tool_choice "auto"; with a response_format beside the tools, "auto" allows
+calls or content in its schema from the first token); a reply with tools is parsed into content and calls
 as it streams (tool_call_stream).
 """
 
@@ -42,7 +43,7 @@ from node_agent.engines.base import (
     TokenLogprob,
 )
 from node_agent.engines.embedding_batch import EmbeddingBatcher
-from node_agent.engines.json_grammar import grammar_for
+from node_agent.engines.json_grammar import content_schema, grammar_for
 from node_agent.engines.llamacpp_batch import BatchRequest, BatchStats, DecodeLoop, lower_thread_priority
 from node_agent.engines.tool_call_stream import CLOSE, OPEN, ToolCallStream
 from node_agent.engines.tool_calls import renders_tools, template_input, tool_grammar
@@ -378,11 +379,8 @@ class LlamaCppEngine:
             if options.response_format is not None:
                 request.grammar = await asyncio.to_thread(grammar_for, options.response_format)
             return False
-        if options.response_format is not None:
-            raise InvalidInput(
-                "response_format cannot be combined with tools on the llama.cpp engine", "response_format"
-            )
-        request.grammar, request.trigger = await asyncio.to_thread(tool_grammar, prompt, self._tool_tokens[:1])
+        content = content_schema(options.response_format) if options.response_format is not None else ""
+        request.grammar, request.trigger = await asyncio.to_thread(tool_grammar, prompt, self._tool_tokens[:1], content)
         request.grammar_of = "tools"
         return True
 

@@ -31,7 +31,7 @@ import json
 from typing import Any
 
 from node_agent.engines.base import Chat, Function, Message
-from node_agent.engines.json_grammar import arguments_grammar
+from node_agent.engines.json_grammar import CONTENT_RULE, arguments_grammar
 from node_agent.engines.llamacpp_batch import Trigger
 from node_agent.engines.tool_call_stream import CLOSE, OPEN
 
@@ -163,12 +163,19 @@ def _literal(text: str) -> str:
     return f'"{escaped}"'
 
 
-def tool_grammar(chat: Chat, trigger_tokens: tuple[int, ...] = ()) -> tuple[str, Trigger | None]:
+def tool_grammar(chat: Chat, trigger_tokens: tuple[int, ...] = (), content: str = "") -> tuple[str, Trigger | None]:
     """The GBNF of the reply's calls (root `root`), and the trigger that starts it when tool_choice is
     "auto" (None: it applies from the first token). Raises InvalidInput naming the parameters of a tool
-    whose schema the grammar cannot enforce."""
-    rules, names = arguments_grammar(tuple(f.parameters for f in chat.tools))
+    whose schema the grammar cannot enforce.
+
+    `content` is the JSON schema's text of a response_format beside the tools. Under "auto" the reply is
+    then either calls or content that follows the schema, from the first token (no trigger: there is no
+    free text for a call to follow). A reply that must call ("required", a named function) has no content,
+    so the schema changes nothing there; it is still checked, so that what cannot be enforced is refused
+    whatever the tool_choice."""
     choice = chat.tool_choice
+    either = bool(content) and choice.mode == "auto"
+    rules, names = arguments_grammar(tuple(f.parameters for f in chat.tools), content)
     callable_ = [
         (function, rule)
         for function, rule in zip(chat.tools, names, strict=True)
@@ -178,6 +185,8 @@ def tool_grammar(chat: Chat, trigger_tokens: tuple[int, ...] = ()) -> tuple[str,
     calls = " | ".join(f"{_literal(head)} {rule}" for head, (_, rule) in zip(heads, callable_, strict=True))
     parallel = chat.parallel_tool_calls and choice.mode != "function"
     root = 'tool-call ("\\n" tool-call)*' if parallel else "tool-call"
+    if either:
+        root = f"( {root} ) | {CONTENT_RULE}"
     grammar = f'{rules}\nroot ::= {root}\ntool-call ::= {_literal(OPEN)} ( {calls} ) "}}" "\\n" {_literal(CLOSE)}\n'
-    trigger = Trigger(OPEN, tuple(heads), trigger_tokens) if choice.mode == "auto" else None
+    trigger = Trigger(OPEN, tuple(heads), trigger_tokens) if choice.mode == "auto" and not either else None
     return grammar, trigger
