@@ -317,6 +317,18 @@ class TextOnlyMessages(BaseModel):
             refuse_content_parts(data.get("messages"))
         return data
 
+    @model_validator(mode="after")
+    def _content_given(self) -> Self:
+        # As OpenAI's API: only an assistant turn may come without content (its calls, or a refusal, are what
+        # it said); any other message without it is a mistake, not an empty message ("" is one).
+        for i, message in enumerate(getattr(self, "messages", None) or ()):
+            if message.role != "assistant" and (message.content is None or message.content == []):
+                given = "is missing" if message.content is None else "is an empty list of parts"
+                raise invalid(
+                    f"messages[{i}].content", f"messages[{i}].content {given}: a {message.role} message needs content"
+                )
+        return self
+
 
 class ChatCompletionRequest(_Request, TextOnlyMessages):
     BOUNDED: ClassVar[dict[str, str]] = {

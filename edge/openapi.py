@@ -205,7 +205,12 @@ def _request_schemas() -> dict[str, Schema]:
         "required": ["role"],
         "properties": {
             "role": {"type": "string", "enum": list(ROLES)},
-            "content": _nullable({"anyOf": [_TEXT, {"type": "array", "items": _ref("ContentPart")}]}),
+            "content": _nullable(
+                {
+                    "anyOf": [_TEXT, {"type": "array", "items": _ref("ContentPart")}],
+                    "description": "required, and not an empty list, except in an assistant message",
+                }
+            ),
             "tool_calls": _nullable(
                 {"type": "array", "items": _ref("ToolCall"), "description": "an assistant message's tool calls"}
             ),

@@ -201,6 +201,9 @@ def test_backend_timeout(mesh: Mesh, impatient_edge: tuple[str, str]) -> None:
         ({"model": "smollm2-135m", "messages": []}, "messages"),
         ({"model": "smollm2-135m", "messages": [{"role": "user", "content": 7}]}, "messages[0].content"),
         ({"model": "smollm2-135m", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"model": "smollm2-135m", "messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"model": "smollm2-135m", "messages": [{"role": "system", "content": None}, *HELLO]}, "messages[0].content"),
+        ({"model": "smollm2-135m", "messages": [{"role": "user", "content": []}]}, "messages[0].content"),
         ({"model": "smollm2-135m", "messages": HELLO, "temperature": 3}, "temperature"),
         ({"model": "smollm2-135m", "messages": HELLO, "temperature": "hot"}, "temperature"),
         ({"model": "smollm2-135m", "messages": HELLO, "max_tokens": 0}, "max_tokens"),
@@ -220,6 +223,14 @@ def test_bad_chat_input_is_a_400_naming_the_param(mesh: Mesh, body: Any, param: 
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert error["code"] in ("INVALID_REQUEST", "CONTEXT_LENGTH_EXCEEDED")
+
+
+def test_an_assistant_turn_without_content_and_an_empty_message_are_accepted(mesh: Mesh) -> None:
+    """As OpenAI's API: an assistant turn may come back without content (a refusal echoed in the history), and
+    "" is a message, if an empty one; only a missing content of any other role is refused."""
+    history = [*HELLO, {"role": "assistant", "content": None, "refusal": "I can't."}, {"role": "user", "content": ""}]
+    response = post(mesh, "/v1/chat/completions", {"model": mesh.model, "messages": history, "max_tokens": 3})
+    assert response.status_code == 200, response.text
 
 
 def test_bad_completion_and_embedding_input(mesh: Mesh) -> None:

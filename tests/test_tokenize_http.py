@@ -88,6 +88,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("/tokenize", {"model": "M", "prompt": 12}, "prompt"),
     ("/tokenize", {"model": "M", "messages": []}, "messages"),
     ("/tokenize", {"model": "M", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ("/tokenize", {"model": "M", "messages": [{"role": "user"}]}, "messages[0].content"),
     (
         "/tokenize",
         {"model": "M", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
