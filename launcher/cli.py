@@ -21,6 +21,40 @@ def _settings(cls: type, values: dict[str, Any]) -> Any:
         raise SystemExit(f"fleetlm: invalid settings:\n{exc}") from None
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port."""
+    port = _whole(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (1-65535)")
+    return port
+
+
+def _count(text: str) -> int:
+    """argparse type: a limit of a key, 0 (none) up to what the API's uint32 holds."""
+    count = _whole(text)
+    if not 0 <= count <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"{text} must be from 0 (no limit) to {0xFFFFFFFF}")
+    return count
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a duration in seconds, not negative."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a number of seconds, 0 or more")
+    return seconds
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
 def _controlplane(args: argparse.Namespace) -> None:
     from controlplane.server import main
     from controlplane.settings import ControlPlaneSettings
@@ -249,9 +283,12 @@ def _keys(args: argparse.Namespace) -> None:
     ):  # a control plane serving mutual TLS: the operator's certificate (fleetlm ca issue --identity admin)
         if not (args.tls_cert and args.tls_key):
             raise SystemExit("fleetlm keys: --tls-ca needs --tls-cert and --tls-key (an admin certificate)")
-        credentials = grpc.ssl_channel_credentials(
-            Path(args.tls_ca).read_bytes(), Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes()
-        )
+        try:
+            credentials = grpc.ssl_channel_credentials(
+                Path(args.tls_ca).read_bytes(), Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes()
+            )
+        except OSError as exc:
+            raise SystemExit(f"fleetlm keys: cannot read a TLS file: {exc}") from None
 
     def open_channel() -> grpc.aio.Channel:
         if args.tls_ca:
@@ -357,15 +394,15 @@ def parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run etcd, control plane, one node agent and the edge on this machine")
     up.add_argument("--host", default="127.0.0.1", help="address every component binds (default 127.0.0.1)")
-    up.add_argument("--http-port", type=int, default=8080, help="edge OpenAI HTTP port (8080)")
-    up.add_argument("--grpc-port", type=int, default=50050, help="edge gRPC port (50050)")
-    up.add_argument("--controlplane-port", type=int, default=50051, help="control plane port (50051)")
-    up.add_argument("--node-port", type=int, default=50061, help="node agent port (50061)")
-    up.add_argument("--etcd-port", type=int, default=2379, help="embedded etcd client port; peer is +1 (2379)")
+    up.add_argument("--http-port", type=_port, default=8080, help="edge OpenAI HTTP port (8080)")
+    up.add_argument("--grpc-port", type=_port, default=50050, help="edge gRPC port (50050)")
+    up.add_argument("--controlplane-port", type=_port, default=50051, help="control plane port (50051)")
+    up.add_argument("--node-port", type=_port, default=50061, help="node agent port (50061)")
+    up.add_argument("--etcd-port", type=_port, default=2379, help="embedded etcd client port; peer is +1 (2379)")
     up.add_argument(
-        "--controlplane-metrics-port", type=int, default=9400, help="control plane Prometheus /metrics port (9400)"
+        "--controlplane-metrics-port", type=_port, default=9400, help="control plane Prometheus /metrics port (9400)"
     )
-    up.add_argument("--node-metrics-port", type=int, default=9401, help="node agent Prometheus /metrics port (9401)")
+    up.add_argument("--node-metrics-port", type=_port, default=9401, help="node agent Prometheus /metrics port (9401)")
     up.add_argument("--etcd", help="URL of an existing etcd to use instead of the embedded one")
     up.add_argument(
         "--catalog", help="deployments to run, models.yaml (default: SmolLM2-135M-Instruct as smollm2-135m)"
@@ -498,10 +535,10 @@ def parser() -> argparse.ArgumentParser:
         "--admin-token-file", help="file holding the admin token (or FLEETLM_ADMIN_TOKEN in the environment)"
     )
     keys.add_argument("--model", action="append", default=[], help="create: a model it may use (repeatable; all)")
-    keys.add_argument("--rpm", type=int, default=0, help="create: requests per minute, fleet-wide (0: no limit)")
-    keys.add_argument("--tpm", type=int, default=0, help="create: tokens per minute, fleet-wide (0: no limit)")
-    keys.add_argument("--concurrency", type=int, default=0, help="create: requests at once (0: no limit)")
-    keys.add_argument("--expires-in", type=float, default=0, help="create: seconds until it expires (never)")
+    keys.add_argument("--rpm", type=_count, default=0, help="create: requests per minute, fleet-wide (0: no limit)")
+    keys.add_argument("--tpm", type=_count, default=0, help="create: tokens per minute, fleet-wide (0: no limit)")
+    keys.add_argument("--concurrency", type=_count, default=0, help="create: requests at once (0: no limit)")
+    keys.add_argument("--expires-in", type=_seconds, default=0, help="create: seconds until it expires (never)")
     keys.add_argument("--tls-ca", help="the fleet CA (PEM), when the control plane serves TLS")
     keys.add_argument("--tls-cert", help="an admin certificate (PEM): fleetlm ca issue --identity admin")
     keys.add_argument("--tls-key", help="its private key (PEM)")
