@@ -43,3 +43,11 @@ def test_stop_inside_one_token_and_earliest_of_several() -> None:
 
 def test_unfinished_prefix_is_flushed_at_the_end() -> None:
     assert run([b"abc", b"E"], ["END"]) == (["abc", "E"], False)
+
+
+def test_with_stops_off_what_was_held_back_goes_on_and_no_stop_applies() -> None:
+    stream = TextStream(['"}'])
+    assert stream.feed(b'{"a": "x"') == '{"a": "x'  # the last '"' could start the stop string
+    stream.stops_off()
+    assert stream.feed(b"}") == '"}'
+    assert stream.feed(b' "}') == ' "}' and not stream.stopped

@@ -300,3 +300,36 @@ async def test_tools_beside_json_object_give_calls_or_an_object(engine: LlamaCpp
     end = finished(events)
     if not end.tool_calls:
         assert end.reason == "stop" and isinstance(json.loads(content(events)), dict), events
+
+
+async def test_a_stop_string_ends_free_text_but_never_cuts_a_call(engine: LlamaCppEngine) -> None:
+    """`stop` is about the content. A call's text is the grammar's: a stop string in it ended the reply with
+    arguments that did not parse (`{ "city": "Paris" `, finish_reason "stop")."""
+    required = Chat(ASK, tools=TOOLS, tool_choice=ToolChoice("required"), parallel_tool_calls=False)
+    for stops in (("}",), ('"',), ("Paris", ":")):
+        events = await run(engine, required, SamplingOptions(max_tokens=200, temperature=0, stops=stops))
+        assert finished(events).reason == "tool_calls" and len(finished(events).tool_calls) == 1, (stops, events)
+        check_calls(events)
+    # Under "auto" a stop string still ends the free text before any call.
+    greeting = Chat((Message("user", "Hi! How are you?"),), tools=TOOLS)
+    free = content(await run(engine, greeting, SamplingOptions(max_tokens=60, temperature=0)))
+    word = free.split()[2]
+    cut = await run(engine, greeting, SamplingOptions(max_tokens=60, temperature=0, stops=(word,)))
+    assert finished(cut).reason == "stop" and content(cut) == free[: free.index(word)], (free, word)
+    # And once the model writes the tag, the call is whole.
+    auto = Chat(REPEAT, tools=TOOLS, tool_choice=ToolChoice("auto"), parallel_tool_calls=False)
+    called: list[list[GenerationEvent]] = []
+    for attempt in range(2):  # bounded: sampled, about half of the replies call
+        options = [
+            SamplingOptions(max_tokens=120, temperature=0.7, seed=8 * attempt + s, stops=("}", "Paris"))
+            for s in range(8)
+        ]
+        replies = await asyncio.gather(*(run(engine, auto, o) for o in options))
+        called += [events for events in replies if finished(events).tool_calls]
+        if called:
+            break
+    assert called, "no reply called the tool in 16 tries"
+    for events in called:
+        assert finished(events).reason in ("tool_calls", "length"), events
+        if finished(events).reason == "tool_calls":
+            check_calls(events)

@@ -56,7 +56,9 @@ refuses it (a C++ exception through ctypes). So while a grammar waits, each toke
 trigger is checked first against what the grammar allows after the word (`Trigger.continuations`); one it
 would refuse is set aside and the token sampled again without it, as a grammar would. Tokens in
 `BatchRequest.shown` (a model's special token for the trigger) are rendered as their text, so that the
-tool-call parser sees them.
+tool-call parser sees them. Stop strings end free text only: once the grammar of calls applies (from the
+first token when a call is required or the reply is calls or a response_format's document, else from the
+trigger on), none applies, so no stop string cuts a call's arguments.
 
 Prefix reuse: a slot keeps the KV cache of its last request. A new request goes to the free slot whose
 cached tokens share the longest prefix with its prompt, or copies that prefix from any other sequence
@@ -652,6 +654,10 @@ class DecodeLoop:
                 self._emit(seq.request, exc)
                 self._finish(seq, keep_cache=False)
                 return
+            if seq.awaiting is None and seq.request.grammar_of == "tools":
+                # Stop strings are about the content: the text of calls is the grammar's, and a stop string
+                # in it would end the reply with arguments that do not parse (see the module's docstring).
+                seq.stream.stops_off()
         request = seq.request
         if self._ll.llama_vocab_is_eog(self._vocab, token):
             self._complete(seq, "stop")

@@ -46,6 +46,10 @@ class TextStream:
             return self._release(self._sent + min(hits))
         return self._release(len(self._text) - self._held_back(unsent))
 
+    def stops_off(self) -> None:
+        """From now on no stop string applies (text held back for one is released with the next feed)."""
+        self._stops = []
+
     def flush(self) -> str:
         """At the end of generation: release what was held back (it did not become a stop string)."""
         if self.stopped:
