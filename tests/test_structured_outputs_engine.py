@@ -85,6 +85,21 @@ async def test_json_object_mode_gives_an_object(engine: LlamaCppEngine) -> None:
         assert isinstance(json.loads(text), dict)
 
 
+async def test_a_stop_string_does_not_cut_a_document(engine: LlamaCppEngine) -> None:
+    """The grammar ends the document; a stop string inside it ended the reply with JSON that did not parse
+    (`{ "name": "Ann"` at stop '",'), as finish_reason "stop". It still ends free text."""
+    validator = jsonschema_rs.validator_for(PERSON)
+    for stops in (("}",), ('",', ":"), ("name",)):
+        options = SamplingOptions(max_tokens=300, temperature=0, response_format=AS_PERSON, stops=stops)
+        text, finished = await run(engine, ASK, options)
+        assert finished.reason == "stop", (stops, text)
+        validator.validate(json.loads(text))
+    free, _ = await run(engine, FREE_PROMPTS[0], SamplingOptions(max_tokens=16, temperature=0))
+    word = free.split()[1]
+    cut, finished = await run(engine, FREE_PROMPTS[0], SamplingOptions(max_tokens=16, temperature=0, stops=(word,)))
+    assert finished.reason == "stop" and cut == free[: free.index(word)], (free, word)
+
+
 async def test_max_tokens_cuts_a_document_with_length(engine: LlamaCppEngine) -> None:
     text, finished = await run(engine, ASK, SamplingOptions(max_tokens=4, temperature=0, response_format=AS_PERSON))
     assert finished.reason == "length" and finished.completion_tokens == 4

@@ -38,7 +38,7 @@ applied to the whole vocabulary (about 4 ms a token for this model's 49,152 toke
 token sampled again from what it allows. Greedy decoding picks the same token either way, and sampling
 draws from the same distribution as masking first. Once the document is complete the grammar allows
 only end-of-generation tokens, so the sequence ends with "stop"; max_tokens can still cut it first
-("length").
+("length"). Stop strings do not apply to a constrained document: they end free text only.
 
 Several choices (`n` > 1): a request takes n slots at once, or waits at the head of the queue until n are
 free. Its prompt is computed once, in the first choice's slot; when that prefill ends, the KV cache is
@@ -654,9 +654,10 @@ class DecodeLoop:
                 self._emit(seq.request, exc)
                 self._finish(seq, keep_cache=False)
                 return
-            if seq.awaiting is None and seq.request.grammar_of == "tools":
-                # Stop strings are about the content: the text of calls is the grammar's, and a stop string
-                # in it would end the reply with arguments that do not parse (see the module's docstring).
+            if seq.awaiting is None:
+                # Stop strings end free text only: what a grammar constrains ends where the grammar completes
+                # it, or a stop string in it would end the reply with a document or arguments that do not
+                # parse (see the module's docstring).
                 seq.stream.stops_off()
         request = seq.request
         if self._ll.llama_vocab_is_eog(self._vocab, token):
