@@ -61,15 +61,19 @@ async def serve(port: int, tokens: int) -> None:
             for i in range(tokens):
                 await context.write(call_id + (END if i == tokens - 1 else MORE) + PAYLOAD)
 
-    handler = grpc.method_handlers_generic_handler(
-        SERVICE,
+    await _serve(
+        port,
         {
             "Generate": grpc.unary_stream_rpc_method_handler(generate),
             "Multiplexed": grpc.stream_stream_rpc_method_handler(multiplexed),
         },
     )
+
+
+async def _serve(port: int, methods: dict[str, grpc.RpcMethodHandler]) -> None:
+    """A grpc.aio server of SERVICE's `methods` on loopback `port`, until the process is killed."""
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
@@ -113,19 +117,14 @@ async def proxy(port: int, upstream: int) -> None:
         finally:
             del waiting[call_id]
 
-    handler = grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
-            "Generate": grpc.unary_stream_rpc_method_handler(generate),
-            "Multiplexed": grpc.unary_stream_rpc_method_handler(multiplexed),
-        },
-    )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
     try:
-        await server.wait_for_termination()
+        await _serve(
+            port,
+            {
+                "Generate": grpc.unary_stream_rpc_method_handler(generate),
+                "Multiplexed": grpc.unary_stream_rpc_method_handler(multiplexed),
+            },
+        )
     finally:
         dispatcher.cancel()
 
