@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,9 +59,23 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, child: Child | None = None) -> None:
+class Interrupted(Exception):
+    """The operator asked to stop (Ctrl-C, SIGTERM) while a wait was under way."""
+
+
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    child: Child | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Until `check()` holds; TimeoutError after `timeout`, RuntimeError if `child` exits first, and
+    Interrupted as soon as `stop` is set."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            raise Interrupted(f"stopped while waiting for {what}")
         if child is not None and not child.alive():
             raise RuntimeError(f"{child.name} exited with code {child.proc.returncode} before {what}")
         try:

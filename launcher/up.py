@@ -1,8 +1,9 @@
 """`fleetlm up`: the whole mesh on one machine, as one process tree.
 
 Starts, in order and each only once the previous is ready: embedded etcd, the control plane, one node
-agent serving the default model, the edge. Stops in the reverse order on Ctrl-C / SIGTERM, or when any
-child dies, and leaves no process and no bound port behind.
+agent serving the default model, the edge. Stops in the reverse order on Ctrl-C / SIGTERM (at once, even
+while it still waits for the models to load), or when any child dies, and leaves no process and no bound
+port behind. A catalog whose llama.cpp weights are not on this machine is refused before anything starts.
 
 On loopback (the default) everything is plaintext, as llama-server and Ollama are on localhost. Bound
 to any other address (or with --tls) it makes a fleet CA in the state directory, issues a certificate to
@@ -31,7 +32,7 @@ from pathlib import Path
 import psutil
 
 from launcher.default_model import write_default_catalog
-from launcher.processes import Child, etcd_argv, port_free, tcp_open, wait_until
+from launcher.processes import Child, Interrupted, etcd_argv, port_free, tcp_open, wait_until
 from launcher.status import StatusError, fetch, find_target, write_operator_file
 from mesh.catalog import CatalogError, load_catalog
 from mesh.tls import is_loopback
@@ -139,6 +140,13 @@ def run(args: argparse.Namespace) -> int:
     except CatalogError as exc:
         print(f"fleetlm up: {exc}", file=sys.stderr)
         return 2
+    # The one node is this machine: weights that are not here would never load, and `up` would wait for them.
+    missing = [e for e in entries if e.engine == "llamacpp" and not Path(e.path).is_file()]
+    if missing:
+        where = "; ".join(f"'{e.name}': no file at {e.path}" for e in missing)
+        print(f"fleetlm up: the model catalog {catalog} names weights this machine does not have ({where})",
+              file=sys.stderr)  # fmt: skip
+        return 2
     # The one node may be assigned any deployment: it looks for weights where the catalog says they are.
     models_dirs = [arg for d in sorted({str(Path(e.path).parent) for e in entries}) for arg in ("--models-dir", d)]
 
@@ -181,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
             log = open(state / "etcd.log", "ab")  # noqa: SIM115 - lives as long as etcd
             etcd = Child("etcd", etcd_argv(state / "etcd", "127.0.0.1", args.etcd_port, args.etcd_port + 1), log)
             children.append(etcd)
-            wait_until(lambda: tcp_open("127.0.0.1", args.etcd_port), 30, "etcd to listen", etcd)
+            wait_until(lambda: tcp_open("127.0.0.1", args.etcd_port), 30, "etcd to listen", etcd, stop)
         controlplane = Child(
             "controlplane",
             _fleetlm(
@@ -201,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
             ),
         )
         children.append(controlplane)
-        wait_until(lambda: tcp_open(local, args.controlplane_port), 60, "the control plane", controlplane)
+        wait_until(lambda: tcp_open(local, args.controlplane_port), 60, "the control plane", controlplane, stop)
         node = Child(
             "node",
             _fleetlm(
@@ -236,10 +244,12 @@ def run(args: argparse.Namespace) -> int:
             ),
         )
         children.append(edge)
-        wait_until(lambda: tcp_open(local, args.http_port), 60, "the edge", edge)
+        wait_until(lambda: tcp_open(local, args.http_port), 60, "the edge", edge, stop)
         names = [e.name for e in entries] if require_auth else None
         progress = LoadProgress(state)
-        wait_until(lambda: progress.show() or _models_ready(http, context, names), 300, "the models to load", node)
+        wait_until(
+            lambda: progress.show() or _models_ready(http, context, names), 300, "the models to load", node, stop
+        )
         progress.show(now=True)  # the models' final states, which the last check may not have fetched
         model = ", ".join(e.name for e in entries)
         etcd_note = "" if args.etcd else f"   (data in {state / 'etcd'})"
@@ -286,6 +296,9 @@ Press Ctrl-C to stop.
                 )
                 code = 1
                 break
+    except Interrupted as exc:  # Ctrl-C or SIGTERM before everything was up: stop now, not after the wait
+        print(f"fleetlm up: {exc}; stopping", file=sys.stderr)
+        code = 130
     except (RuntimeError, TimeoutError) as exc:
         print(f"fleetlm up: {exc}; stopping", file=sys.stderr)
         code = 1

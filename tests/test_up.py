@@ -198,3 +198,54 @@ def test_up_with_require_auth_on_loopback_asks_for_a_key_and_the_admin_token(tmp
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(60)
+
+
+def up_argv(tmp_path: Path, *flags: str) -> list[str]:
+    """`fleetlm up` with `flags` on free ports, its state in tmp_path/state."""
+    etcd_port = free_port()
+    while not port_free("127.0.0.1", etcd_port + 1):
+        etcd_port = free_port()
+    return [
+        str(Path(sys.executable).parent / "fleetlm"), "up", *flags, "--state-dir", str(tmp_path / "state"),
+        "--http-port", str(free_port()), "--grpc-port", str(free_port()), "--controlplane-port", str(free_port()),
+        "--node-port", str(free_port()), "--controlplane-metrics-port", str(free_port()),
+        "--node-metrics-port", str(free_port()), "--etcd-port", str(etcd_port), "--threads", "2",
+    ]  # fmt: skip
+
+
+def test_up_refuses_a_catalog_whose_weights_are_not_here(tmp_path: Path) -> None:
+    """Before, it started everything and waited 300 s for a replica that could be placed nowhere."""
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text("models:\n  - name: typo\n    path: weights/SmolLM2.gguf\n    format: gguf\n")
+    result = subprocess.run(up_argv(tmp_path, "--catalog", str(catalog)), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"'typo': no file at {tmp_path / 'weights' / 'SmolLM2.gguf'}" in result.stderr
+    assert "fleetlm is up" not in result.stdout and not (tmp_path / "state" / "etcd").exists()
+
+
+def test_ctrl_c_while_up_waits_for_its_models_stops_at_once(tmp_path: Path) -> None:
+    """A model that fits on no node here (a GPU model on a machine without one) keeps `up` waiting for it.
+    Ctrl-C then used to be ignored until the 300 s wait ran out; now it stops everything at once."""
+    from launcher.default_model import default_model_path
+
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text(f"models:\n  - name: gpu-only\n    path: {default_model_path()}\n    device: gpu\n")
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        up = subprocess.Popen(up_argv(tmp_path, "--catalog", str(catalog)), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "edge serving" not in log.read_text():  # up now waits for the model
+            assert up.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        time.sleep(1)
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 130, log.read_text()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    text = log.read_text()
+    assert "stopped while waiting for the models to load" in text and "fleetlm stopped." in text
+    assert "fleetlm is up" not in text
