@@ -278,14 +278,17 @@ def _finished(grammar: str, refused: str, param: str) -> str:
     )
 
 
+# How a response_format's schema the grammar cannot enforce is refused, alone or beside tools.
+RESPONSE_FORMAT_REFUSED = "'response_format.json_schema.schema' cannot be enforced by the llama.cpp engine"
+
+
 @functools.lru_cache(maxsize=128)
 def schema_grammar(schema_text: str) -> str:
     """The GBNF of a JSON schema's text; raises InvalidInput naming `response_format` when the grammar
     cannot enforce it. Exceptions are not cached: a refused schema is checked again (it is cheap)."""
-    refused = "'response_format.json_schema.schema' cannot be enforced by the llama.cpp engine"
     converter = _converter()
-    _visit(converter, schema_text, "", "request", refused, "response_format")
-    return _finished(converter.format_grammar(), refused, "response_format")
+    _visit(converter, schema_text, "", "request", RESPONSE_FORMAT_REFUSED, "response_format")
+    return _finished(converter.format_grammar(), RESPONSE_FORMAT_REFUSED, "response_format")
 
 
 # A function without parameters takes the empty object only.
@@ -310,8 +313,7 @@ def arguments_grammar(parameters: tuple[str, ...], content: str = "") -> tuple[s
         refused = f"'{param}' cannot be enforced by the llama.cpp engine"
         names.append(_visit(converter, text or NO_PARAMETERS, f"tool{i}-arguments", f"tools/{i}", refused, param))
     if content:
-        refused = "'response_format.json_schema.schema' cannot be enforced by the llama.cpp engine"
-        rule = _visit(converter, content, CONTENT_RULE, "request", refused, "response_format")
+        rule = _visit(converter, content, CONTENT_RULE, "request", RESPONSE_FORMAT_REFUSED, "response_format")
         assert rule == CONTENT_RULE  # the converter names a rule as asked unless the name is taken
     return _finished(converter.format_grammar(), "the tools' parameters cannot be enforced", "tools"), tuple(names)
 
