@@ -20,9 +20,8 @@ from tests.cluster import free_port
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
 
-def start_up(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
-    """`fleetlm up` with `flags` on free ports, its state in tmp_path/state, once its banner is out (120 s at
-    most; it is killed if it does not get there). Returns the process, its ports and its log."""
+def up_argv(tmp_path: Path, *flags: str) -> tuple[list[str], dict[str, int]]:
+    """The command line of `fleetlm up` with `flags` on free ports, its state in tmp_path/state, and its ports."""
     ports = {name: free_port() for name in ("http", "grpc", "cp", "node", "cp_metrics", "node_metrics")}
     etcd_port = free_port()
     while not port_free("127.0.0.1", etcd_port + 1):
@@ -40,6 +39,13 @@ def start_up(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], dict
         "--threads", "2",
     ]  # fmt: skip
     ports["etcd"] = etcd_port  # and its peer port, one above
+    return argv, ports
+
+
+def start_up(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
+    """`fleetlm up` with `flags` on free ports, its state in tmp_path/state, once its banner is out (120 s at
+    most; it is killed if it does not get there). Returns the process, its ports and its log."""
+    argv, ports = up_argv(tmp_path, *flags)
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
         up = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
@@ -200,24 +206,11 @@ def test_up_with_require_auth_on_loopback_asks_for_a_key_and_the_admin_token(tmp
         up.wait(60)
 
 
-def up_argv(tmp_path: Path, *flags: str) -> list[str]:
-    """`fleetlm up` with `flags` on free ports, its state in tmp_path/state."""
-    etcd_port = free_port()
-    while not port_free("127.0.0.1", etcd_port + 1):
-        etcd_port = free_port()
-    return [
-        str(Path(sys.executable).parent / "fleetlm"), "up", *flags, "--state-dir", str(tmp_path / "state"),
-        "--http-port", str(free_port()), "--grpc-port", str(free_port()), "--controlplane-port", str(free_port()),
-        "--node-port", str(free_port()), "--controlplane-metrics-port", str(free_port()),
-        "--node-metrics-port", str(free_port()), "--etcd-port", str(etcd_port), "--threads", "2",
-    ]  # fmt: skip
-
-
 def test_up_refuses_a_catalog_whose_weights_are_not_here(tmp_path: Path) -> None:
     """Before, it started everything and waited 300 s for a replica that could be placed nowhere."""
     catalog = tmp_path / "models.yaml"
     catalog.write_text("models:\n  - name: typo\n    path: weights/SmolLM2.gguf\n    format: gguf\n")
-    result = subprocess.run(up_argv(tmp_path, "--catalog", str(catalog)), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(up_argv(tmp_path, "--catalog", str(catalog))[0], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert f"'typo': no file at {tmp_path / 'weights' / 'SmolLM2.gguf'}" in result.stderr
     assert "fleetlm is up" not in result.stdout and not (tmp_path / "state" / "etcd").exists()
@@ -232,7 +225,7 @@ def test_ctrl_c_while_up_waits_for_its_models_stops_at_once(tmp_path: Path) -> N
     catalog.write_text(f"models:\n  - name: gpu-only\n    path: {default_model_path()}\n    device: gpu\n")
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
-        up = subprocess.Popen(up_argv(tmp_path, "--catalog", str(catalog)), stdout=out, stderr=subprocess.STDOUT)
+        up = subprocess.Popen(up_argv(tmp_path, "--catalog", str(catalog))[0], stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while "edge serving" not in log.read_text():  # up now waits for the model
