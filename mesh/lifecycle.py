@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -76,11 +77,44 @@ def _exit_unfinished(reason: str) -> None:
     os._exit(1)
 
 
+# Ports free_port hands out lie below the kernel's ephemeral range (ip_local_port_range), which the OS gives
+# to outgoing connections: a port picked by binding to 0 is one of those, and any connect() made before the
+# child server binds it may take it as its local port. The fresh-clone suite was seen failing that way (an
+# edge's "address already in use" on a port a moment earlier free). This many ports below the range's start.
+FREE_PORT_SPAN = 10_000
+_handed_out: set[tuple[str, int]] = set()
+_ports = random.Random()
+
+
+def _ephemeral_start() -> int | None:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            return int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on now, for a child server the caller starts next."""
-    with socket.socket() as sock:
+    """A port nobody listens on now, for a child server the caller starts next: outside the range the OS takes
+    outgoing connections' ports from, and never the same one twice in this process."""
+    start = _ephemeral_start()
+    if start is not None and start - FREE_PORT_SPAN >= 1024:
+        for _ in range(200):
+            port = _ports.randrange(start - FREE_PORT_SPAN, start)
+            if (host, port) in _handed_out:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add((host, port))
+            return port
+    with socket.socket() as sock:  # no such range here (or all of it busy): any port the OS gives
         sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+        port = int(sock.getsockname()[1])
+    _handed_out.add((host, port))
+    return port
 
 
 def bound_address(address: str, port: int) -> str:
