@@ -42,13 +42,19 @@ R = TypeVar("R", bound=Message)
 
 FORWARDED = "x-fleetlm-forwarded-by"  # metadata on a write one control plane sends to the leader
 FORWARD_TIMEOUT_SECONDS = 30.0  # a DeployModel runs a reconcile pass on the leader: seconds, not minutes
+# A deployment's name is the model id clients send. Ids such as "Qwen/Qwen2.5-7B-Instruct" (Hugging Face, what
+# vLLM and SGLang serve by default) or "llama3.1:8b" are taken as they are; the store keeps them as opaque keys.
+MAX_MODEL_NAME = 256
 
 
 def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
     """A normalised copy, or a 400 naming the field."""
     spec = deployment.spec
-    if not spec.name or "/" in spec.name:
-        raise invalid("deployment.spec.name", "a deployment needs a name without '/'")
+    if not 0 < len(spec.name) <= MAX_MODEL_NAME or any(c.isspace() or not c.isprintable() for c in spec.name):
+        raise invalid(
+            "deployment.spec.name",
+            f"a deployment needs a name of 1 to {MAX_MODEL_NAME} characters without spaces or control characters",
+        )
     if not spec.path:
         raise invalid("deployment.spec.path", "a deployment needs the path of its weights on the nodes")
     if spec.format not in placement.ENGINE_FOR_FORMAT:

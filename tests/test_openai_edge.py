@@ -8,7 +8,11 @@ import grpc
 import openai
 import pytest
 
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from launcher.default_model import default_model_path
+from mesh.errors import FleetError
+from tests.cluster import wait_for
 from tests.conftest import Mesh
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
@@ -207,3 +211,47 @@ def test_grpc_generate_whole_delivery_is_the_same_reply_in_two_deltas(mesh: Mesh
     assert scored(whole_deltas) == scored(streamed_deltas)
     assert whole[-1].result.usage == streamed[-1].result.usage
     assert whole[-1].result.finish_reason == streamed[-1].result.finish_reason
+
+
+HF_STYLE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct:q8"  # as vLLM and SGLang name a model: org/name, a tag
+
+
+def test_a_model_id_with_a_slash_and_a_colon_is_deployed_and_served(client: openai.OpenAI, mesh: Mesh) -> None:
+    spec = node_pb2.ModelSpec(name=HF_STYLE_ID, path=str(default_model_path()), format="gguf", context_size=2048)
+    with grpc.insecure_channel(mesh.controlplane) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        deployment = node_pb2.Deployment(spec=spec, min_replicas=1, max_replicas=1)
+        admin.DeployModel(admin_pb2.DeployModelRequest(deployment=deployment), timeout=30)
+        try:
+            mesh.cluster.wait_model_state(mesh.http, HF_STYLE_ID, "ready", timeout=120)
+            assert HF_STYLE_ID in [m.id for m in client.models.list().data]
+            assert client.models.retrieve(HF_STYLE_ID).id == HF_STYLE_ID
+            reply = client.chat.completions.create(model=HF_STYLE_ID, messages=QUESTION, max_tokens=8, temperature=0)
+            assert reply.model == HF_STYLE_ID and reply.choices[0].message.content
+            with grpc.insecure_channel(mesh.grpc) as edge:
+                request = inference_pb2.GenerateRequest(
+                    model=HF_STYLE_ID, prompt="Hello", sampling=inference_pb2.SamplingParams(max_tokens=4)
+                )
+                results = [r.result for r in inference_pb2_grpc.InferenceServiceStub(edge).Generate(request, timeout=60)
+                           if r.HasField("result")]  # fmt: skip
+            assert len(results) == 1 and results[0].usage.completion_tokens == 4
+            listed = admin.ListDeployments(admin_pb2.ListDeploymentsRequest(), timeout=10).deployments
+            assert HF_STYLE_ID in [d.deployment.spec.name for d in listed]
+        finally:
+            admin.UndeployModel(admin_pb2.UndeployModelRequest(name=HF_STYLE_ID), timeout=30)
+    wait_for(lambda: HF_STYLE_ID not in [m.id for m in client.models.list().data], 60, "the model to go")
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(HF_STYLE_ID)
+
+
+@pytest.mark.parametrize("name", ["", "two words", "line\nbreak", "tab\there", "x" * 257])
+def test_a_deployment_name_the_api_cannot_carry_is_refused_naming_the_field(mesh: Mesh, name: str) -> None:
+    spec = node_pb2.ModelSpec(name=name, path=str(default_model_path()), format="gguf")
+    with grpc.insecure_channel(mesh.controlplane) as channel, pytest.raises(grpc.RpcError) as refused:
+        admin_pb2_grpc.AdminServiceStub(channel).DeployModel(
+            admin_pb2.DeployModelRequest(deployment=node_pb2.Deployment(spec=spec, min_replicas=1)), timeout=10
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = FleetError.from_rpc_error(refused.value)
+    assert error.param == "deployment.spec.name"
+    assert "1 to 256 characters without spaces or control characters" in error.message
