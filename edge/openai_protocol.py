@@ -3,7 +3,7 @@
 Requests are validated by pydantic (types) and by mesh.inference_requests' table of bounds (ranges, the
 same as over gRPC); a field of the wrong type or out of range becomes a 400 naming the field. Fields
 OpenAI defines that fleetlm does not implement are refused when they would change the result (echo,
-suffix, best_of, logit_bias, audio, image/audio/file content, the deprecated functions/function_call), and
+suffix, best_of, audio, image/audio/file content, the deprecated functions/function_call), and
 ignored when they would not (metadata, store). `response_format` (structured outputs) is taken by chat
 and, as vLLM and llama-server take it, by completions. `n` choices come back as `choices[i]` with their
 `index`, streamed or not. Chat takes tools (`tools`, `tool_choice`, `parallel_tool_calls`, assistant
@@ -34,7 +34,7 @@ from pydantic import (
 
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import invalid
-from mesh.inference_requests import SAMPLING_BOUNDS
+from mesh.inference_requests import INT32_MAX, SAMPLING_BOUNDS, check_logit_bias
 
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_STOP: "stop",
@@ -132,7 +132,24 @@ class _Request(BaseModel):
             value = getattr(self, field)
             if value is not None:
                 SAMPLING_BOUNDS[bound].check(field, value)
+        self.token_bias()
         return self
+
+    def token_bias(self) -> dict[int, float]:
+        """`logit_bias` as SamplingParams takes it (token id -> bias), or a 400 naming it: OpenAI's keys are
+        token ids written as strings, its values numbers from -100 to 100."""
+        bias: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise invalid("logit_bias", f"logit_bias keys are token ids, as strings of digits; got {key[:40]!r}")
+            token = int(key)
+            if token > INT32_MAX:
+                raise invalid("logit_bias", f"logit_bias: no model has token id {key[:40]}")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise invalid("logit_bias", f"logit_bias values must be numbers from -100 to 100; got {value!r:.40}")
+            bias[token] = float(value)
+        check_logit_bias(bias)
+        return bias
 
     def sampling(self) -> inference_pb2.SamplingParams:
         params = inference_pb2.SamplingParams()
@@ -155,11 +172,8 @@ class _Request(BaseModel):
             params.stops.extend([self.stop] if isinstance(self.stop, str) else self.stop)
         if self.response_format is not None:
             params.response_format.CopyFrom(self.response_format.to_proto())
+        params.logit_bias.update(self.token_bias())
         return params
-
-    def check_supported(self) -> None:
-        if self.logit_bias:
-            raise invalid("logit_bias", "logit_bias is not supported")
 
     @property
     def choices(self) -> int:
@@ -361,7 +375,6 @@ class ChatCompletionRequest(_Request, TextOnlyMessages):
         return bool(self.logprobs)
 
     def check_supported(self) -> None:
-        super().check_supported()
         if self.audio is not None:
             raise invalid("audio", "audio output is not supported: fleetlm's models answer in text")
         if self.modalities is not None and set(self.modalities) - {"text"}:
@@ -445,7 +458,6 @@ class CompletionRequest(_Request):
         return protos
 
     def to_proto(self, request_id: str) -> inference_pb2.GenerateRequest:
-        self.check_supported()
         if self.echo:
             raise invalid("echo", "echo is not supported")
         if self.suffix:

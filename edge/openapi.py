@@ -22,6 +22,7 @@ from edge.openai_protocol import MAX_PROMPTS
 from mesh.inference_requests import (
     FUNCTION_NAME,
     MAX_CHOICES,
+    MAX_LOGIT_BIAS,
     MAX_MESSAGES,
     MAX_PROMPT_CHARS,
     MAX_SCHEMA_CHARS,
@@ -90,7 +91,16 @@ def _sampling_properties() -> Schema:
         },
         "user": _nullable({"type": "string"}),
         "response_format": _nullable(_ref("ResponseFormat")),
-        "logit_bias": _nullable({"type": "object", "maxProperties": 0, "description": "not supported"}),
+        "logit_bias": _nullable(
+            {
+                "type": "object",
+                "maxProperties": MAX_LOGIT_BIAS,
+                "propertyNames": {"pattern": "^[0-9]{1,10}$"},
+                "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                "description": "token id (as a string) -> a bias added to its logit before sampling, -100 (bans"
+                " it) to 100; an id the model does not have is a 400 naming logit_bias",
+            }
+        ),
     }
 
 

@@ -21,6 +21,7 @@ MAX_TOP_LOGPROBS = 20
 # OpenAI's own bound on `n`. A replica runs at most its max_running_requests sequences at once: a request
 # for more choices than that is refused by the node (also a 400 naming n).
 MAX_CHOICES = 128
+MAX_LOGIT_BIAS = 1024  # logit_bias entries: far more than any use of it (OpenAI's own limit is 300)
 # Limits against abuse, checked before anything is tokenized (tokenizing is linear in the text, and a
 # chat template renders every message): more than any context the fleet serves (1,000,000 characters is
 # ~250k tokens; OpenAI's API takes 2,048 messages at most), far less than what would tie up an engine.
@@ -36,6 +37,7 @@ SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 MAX_TOOLS = 128
 FUNCTION_NAME = SCHEMA_NAME
 UINT32_MAX = 2**32 - 1
+INT32_MAX = 2**31 - 1
 UINT64_MAX = 2**64 - 1
 
 
@@ -99,10 +101,25 @@ def validate_sampling(params: inference_pb2.SamplingParams) -> None:
         raise invalid("stop", f"at most {MAX_STOPS} stop sequences are allowed; got {len(params.stops)}")
     if any(not s for s in params.stops):
         raise invalid("stop", "stop sequences must not be empty strings")
+    check_logit_bias(params.logit_bias)
     if params.top_logprobs and not params.logprobs:
         raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs' set to true")
     if params.HasField("response_format"):
         validate_response_format(params.response_format)
+
+
+def check_logit_bias(bias: Mapping[int, float]) -> None:
+    """OpenAI's logit_bias over both APIs: token ids (not negative) -> a bias of -100 to 100, at most
+    MAX_LOGIT_BIAS of them. Whether the model has each id is its engine's to say."""
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise invalid("logit_bias", f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens; got {len(bias)}")
+    for token, value in bias.items():
+        if token < 0:
+            raise invalid("logit_bias", f"logit_bias keys are token ids, 0 or more; got {token}")
+        if not (math.isfinite(value) and -100 <= value <= 100):
+            raise invalid(
+                "logit_bias", f"logit_bias values must be between -100 and 100; got {_number(value)} for token {token}"
+            )
 
 
 def validate_response_format(response_format: inference_pb2.ResponseFormat) -> None:

@@ -68,6 +68,7 @@ def sampling_options(params: inference_pb2.SamplingParams) -> SamplingOptions:
         top_logprobs=params.top_logprobs,
         response_format=response_format(params),
         n=params.n if params.HasField("n") else 1,
+        logit_bias=tuple(sorted(params.logit_bias.items())),
     )
 
 

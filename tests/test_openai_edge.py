@@ -255,3 +255,67 @@ def test_a_deployment_name_the_api_cannot_carry_is_refused_naming_the_field(mesh
     error = FleetError.from_rpc_error(refused.value)
     assert error.param == "deployment.spec.name"
     assert "1 to 256 characters without spaces or control characters" in error.message
+
+
+def token_ids(mesh: Mesh, text: str) -> list[int]:
+    with grpc.insecure_channel(mesh.grpc) as channel:
+        reply = inference_pb2_grpc.InferenceServiceStub(channel).Tokenize(
+            inference_pb2.TokenizeRequest(model=mesh.model, text=text), timeout=10
+        )
+    return list(reply.token_ids)
+
+
+def piece_of(mesh: Mesh, ids: list[int]) -> str:
+    with grpc.insecure_channel(mesh.grpc) as channel:
+        return str(
+            inference_pb2_grpc.InferenceServiceStub(channel)
+            .Detokenize(inference_pb2.DetokenizeRequest(model=mesh.model, token_ids=ids), timeout=10)
+            .text
+        )
+
+
+def test_logit_bias_forces_a_token_and_bans_another(client: openai.OpenAI, mesh: Mesh) -> None:
+    (banana,) = token_ids(mesh, " banana")
+    forced = client.chat.completions.create(
+        model=mesh.model, messages=QUESTION, max_tokens=5, temperature=0, logit_bias={str(banana): 100}
+    )
+    assert forced.choices[0].message.content == piece_of(mesh, [banana] * 5)
+    completion = client.completions.create(
+        model=mesh.model, prompt="Hello", max_tokens=3, temperature=0.8, seed=3, logit_bias={str(banana): 100}
+    )
+    assert completion.choices[0].text == piece_of(mesh, [banana] * 3)
+
+    def first_token(**extra: Any) -> tuple[bytes, str]:
+        reply = client.chat.completions.create(
+            model=mesh.model, messages=QUESTION, max_tokens=6, temperature=0, logprobs=True, **extra
+        )
+        assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content
+        return bytes(reply.choices[0].logprobs.content[0].bytes or []), reply.choices[0].message.content or ""
+
+    first, text = first_token()
+    (banned,) = token_ids(mesh, first.decode())
+    again, other = first_token(logit_bias={str(banned): -100})
+    assert again != first and other != text
+    assert first_token(logit_bias={str(banned): -0.0001})[1] == text  # a bias too small to matter changes nothing
+    streamed = client.chat.completions.create(
+        model=mesh.model, messages=QUESTION, max_tokens=6, temperature=0, stream=True, logit_bias={str(banned): -100}
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == other
+
+    with grpc.insecure_channel(mesh.grpc) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        request = inference_pb2.GenerateRequest(
+            model=mesh.model,
+            prompt="Hello",
+            sampling=inference_pb2.SamplingParams(max_tokens=4, temperature=0, logit_bias={banana: 100}),
+        )
+        assert "".join(r.delta.text for r in stub.Generate(request, timeout=60)) == piece_of(mesh, [banana] * 4)
+        for bias, says in (({-1: 5.0}, "token ids, 0 or more"), ({5: 200.0}, "between -100 and 100"),
+                           ({10**9: 1.0}, "token ids are 0 to")):  # fmt: skip
+            request.sampling.logit_bias.clear()
+            request.sampling.logit_bias.update(bias)
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Generate(request, timeout=60))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            error = FleetError.from_rpc_error(refused.value)
+            assert error.param == "logit_bias" and says in error.message, error

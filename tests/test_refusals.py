@@ -34,13 +34,19 @@ CHAT_REFUSED: list[tuple[dict[str, Any], str, str]] = [
     ({"messages": parts({"type": "file", "file": {"file_id": "file-1"}})}, "messages[0].content[1]", "file"),
     ({"messages": [USER], "audio": {"voice": "alloy", "format": "wav"}}, "audio", "audio"),
     ({"messages": [USER], "modalities": ["text", "audio"]}, "modalities", "text"),
-    ({"messages": [USER], "logit_bias": {"1234": 5}}, "logit_bias", "logit_bias"),
+    ({"messages": [USER], "logit_bias": {"hello": 5}}, "logit_bias", "token ids"),
+    ({"messages": [USER], "logit_bias": {"-3": 5}}, "logit_bias", "token ids"),
+    ({"messages": [USER], "logit_bias": {"3": "high"}}, "logit_bias", "numbers"),
+    ({"messages": [USER], "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias", "at most 1024"),
+    ({"messages": [USER], "logit_bias": {"49152": 5}}, "logit_bias", "token ids are 0 to 49151"),
 ]
 COMPLETION_REFUSED: list[tuple[dict[str, Any], str, str]] = [
     ({"prompt": "Hello", "echo": True}, "echo", "echo"),
     ({"prompt": "Hello", "suffix": "world"}, "suffix", "suffix"),
     ({"prompt": "Hello", "best_of": 3}, "best_of", "best_of"),
-    ({"prompt": "Hello", "logit_bias": {"50256": -100}}, "logit_bias", "logit_bias"),
+    ({"prompt": "Hello", "logit_bias": {"50256": -101}}, "logit_bias", "between -100 and 100"),
+    ({"prompt": "Hello", "logit_bias": {"99999999999": 1}}, "logit_bias", "token ids"),
+    ({"prompt": "Hello", "logit_bias": {"2147483648": 1}}, "logit_bias", "no model has token id"),
     # OpenAI's token-id forms of `prompt` (one prompt or several), more prompts than a request may hold
     ({"prompt": [15496, 11, 995]}, "prompt", "token ids"),
     ({"prompt": [[15496, 11], [995]]}, "prompt", "token ids"),

@@ -96,6 +96,7 @@ class SamplingOptions:
     top_logprobs: int = 0  # and this many alternatives at each position
     response_format: ResponseFormat | None = None  # None: free text
     n: int = 1  # choices: sequences sampled from the one prompt (choice i seeded with seed + i)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), ids in order
 
 
 @dataclass(frozen=True)

@@ -340,6 +340,12 @@ class LlamaCppEngine:
             raise InvalidInput(
                 f"n is {options.n}; this model's replicas decode at most {self.config.slots} sequences at once", "n"
             )
+        size = self._llm.n_vocab()
+        unknown = next((token for token, _ in options.logit_bias if token >= size), None)
+        if unknown is not None:
+            raise InvalidInput(
+                f"logit_bias names token {unknown}; this model's token ids are 0 to {size - 1}", "logit_bias"
+            )
         tokens = await self.tokenize(prompt)
         if not tokens:
             # The decode loop needs a token to sample after (one request's empty batch would fail the step,

@@ -458,6 +458,11 @@ class DecodeLoop:
         """The sampler chain of choice `index`: seeded with seed + index, or at random without a seed."""
         ll = self._ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if options.logit_bias:  # first, as llama.cpp's own server orders its samplers
+            biases = (ll.llama_logit_bias * len(options.logit_bias))(*options.logit_bias)
+            ll.llama_sampler_chain_add(
+                chain, ll.llama_sampler_init_logit_bias(self._n_vocab, len(options.logit_bias), biases)
+            )
         if options.repetition_penalty != 1.0 or options.frequency_penalty or options.presence_penalty:
             ll.llama_sampler_chain_add(
                 chain,

@@ -113,6 +113,8 @@ def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[
         body["top_k"] = options.top_k
     if options.min_p > 0:
         body["min_p"] = options.min_p
+    if options.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in options.logit_bias}
     if options.response_format is not None:
         # On both endpoints: vLLM, SGLang and llama-server take it on completions too.
         body["response_format"] = response_format_json(options.response_format)
