@@ -19,13 +19,14 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge import access_log, auth, prompt_batch
@@ -346,9 +347,19 @@ class GenerationRoutes:
         await send({"type": "http.response.body", "body": sse("[DONE]"), "more_body": False})
 
 
-def create_app(gateway: Gateway, limits: HttpLimits | None = None) -> ASGIApp:
+# What a web page may read of a cross-origin response: the request id and the rate limits (edge.auth).
+EXPOSED_HEADERS = [
+    "x-request-id",
+    "retry-after",
+    *(f"x-ratelimit-{what}-{unit}" for what in ("limit", "remaining", "reset") for unit in ("requests", "tokens")),
+]
+
+
+def create_app(gateway: Gateway, limits: HttpLimits | None = None, cors_origins: Sequence[str] = ()) -> ASGIApp:
     """The edge's HTTP API: the generation routes (GenerationRoutes) in front of a FastAPI app, every
-    request's body bounded in size and time (edge.http_limits)."""
+    request's body bounded in size and time (edge.http_limits). With `cors_origins`, Starlette's CORS
+    middleware in front of everything: a preflight is answered before any key is asked for, and every
+    answer to a page of those origins, errors included, carries the headers that let it read it."""
     app = FastAPI(title="fleetlm edge", version="1", docs_url="/docs", redoc_url=None)
     # the generation routes, which FastAPI does not serve, in /openapi.json and /docs (and whether keys are needed)
     describe(app, auth.for_gateway(gateway) is not None)
@@ -446,7 +457,17 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None) -> ASGIApp:
         }
 
     keys = auth.ApiKeyMiddleware(GenerationRoutes(gateway, app), auth.for_gateway(gateway))
-    return RequestIds(RequestLimits(keys, limits or HttpLimits()))
+    served: ASGIApp = RequestIds(RequestLimits(keys, limits or HttpLimits()))
+    if not cors_origins:
+        return served
+    return CORSMiddleware(
+        served,
+        allow_origins=list(cors_origins),
+        allow_methods=["GET", "POST"],
+        allow_headers=["*"],  # authorization, content-type, and what the SDKs add (x-stainless-*, openai-*)
+        expose_headers=EXPOSED_HEADERS,
+        max_age=600,
+    )
 
 
 QUIET_PATHS = frozenset({"/health", "/metrics"})  # polled by probes and scrapers: access lines at DEBUG, no span

@@ -20,7 +20,7 @@ from edge.grpc_service import EdgeInference
 from edge.http_app import create_app
 from edge.http_limits import HttpLimits, uvicorn_options
 from edge.metrics import EdgeMetrics
-from edge.settings import EdgeSettings
+from edge.settings import EdgeSettings, cors_origins
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh import logs, tracing
 from mesh.grpc_server import GrpcServer
@@ -93,7 +93,7 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
         header_timeout_seconds=settings.header_timeout_seconds,
         keep_alive_seconds=settings.keep_alive_seconds,
     )
-    app = create_app(gateway, limits)
+    app = create_app(gateway, limits, cors_origins(settings.cors_origins))
     config = uvicorn.Config(
         metrics.asgi(app) if metrics else app,
         **uvicorn_options(limits),

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# A web origin as browsers send it in the Origin header: scheme, host, and a port only if not the default.
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(\[[0-9a-fA-F:.]+\]|[^/\s:\[\]]+)(:[0-9]{1,5})?")
 
 
 class EdgeSettings(BaseSettings):
@@ -64,7 +68,29 @@ class EdgeSettings(BaseSettings):
         description="serve Prometheus metrics at /metrics on the HTTP port and count every request for them"
         " (false: neither, and no work per request)",
     )
+    cors_origins: str = Field(
+        "",
+        description="origins web pages may call the HTTP API from (CORS), comma-separated, such as"
+        " https://app.example.com, or * for any; empty: no CORS headers, so browsers refuse cross-origin calls",
+    )
     log_level: str = Field("INFO", description="log level")
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as text, or one JSON object per line (json), on stderr"
     )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        cors_origins(value)
+        return value
+
+
+def cors_origins(value: str) -> list[str]:
+    """The origins of the setting, in order; ValueError naming the first that is not one."""
+    origins = [origin.strip() for origin in value.split(",") if origin.strip()]
+    for origin in origins:
+        if origin != "*" and not ORIGIN.fullmatch(origin):
+            raise ValueError(
+                f"{origin!r} is not an origin: scheme://host or scheme://host:port, no path (or * for any)"
+            )
+    return origins

@@ -29,6 +29,17 @@ def _port(text: str) -> int:
     return port
 
 
+def _origins(text: str) -> str:
+    """argparse type: --cors-origins, checked as the edge's settings check it."""
+    from edge.settings import cors_origins
+
+    try:
+        cors_origins(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _count(text: str) -> int:
     """argparse type: a limit of a key, 0 (none) up to what the API's uint32 holds."""
     count = _whole(text)
@@ -124,7 +135,7 @@ def _edge(args: argparse.Namespace) -> None:
     from edge.server import EdgeTlsSettings, main
     from edge.settings import EdgeSettings
 
-    values = _given(args, "http_listen", "grpc_listen", "controlplane", "log_level", "log_format")
+    values = _given(args, "http_listen", "grpc_listen", "controlplane", "log_level", "log_format", "cors_origins")
     if args.request_timeout is not None:
         values["request_timeout_seconds"] = args.request_timeout
     if args.scale_from_zero_timeout is not None:
@@ -410,6 +421,11 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: all cores)")
     up.add_argument("--lease-ttl", type=int, default=10, help="node lease TTL in seconds (10)")
     up.add_argument(
+        "--cors-origins",
+        type=_origins,
+        help="web origins whose pages may call the edge's HTTP API (CORS), comma-separated, or * for any (none)",
+    )
+    up.add_argument(
         "--require-auth",
         action="store_true",
         help="API keys on the edge and the admin token on AdminService, made in the state directory"
@@ -520,6 +536,11 @@ def parser() -> argparse.ArgumentParser:
     edge.add_argument("--body-timeout", type=float, help="seconds a request body has to arrive; then 408 (30)")
     edge.add_argument("--header-timeout", type=float, help="seconds request headers have to arrive; then 408 (10)")
     edge.add_argument("--keep-alive", type=int, help="seconds an idle HTTP connection is kept (5)")
+    edge.add_argument(
+        "--cors-origins",
+        type=_origins,
+        help="web origins whose pages may call the HTTP API (CORS), comma-separated, or * for any (none)",
+    )
     edge.add_argument("--auth-secret-file", help="the fleet secret the control plane was given")
     edge.add_argument(
         "--no-metrics", action="store_true", help="no Prometheus /metrics on the HTTP port, and no counting for it"

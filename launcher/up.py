@@ -239,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{host}:{args.grpc_port}",
                 "--controlplane",
                 f"{local}:{args.controlplane_port}",
+                *(["--cors-origins", args.cors_origins] if args.cors_origins else []),
                 *tls["edge"],
                 *auth["edge"],
             ),

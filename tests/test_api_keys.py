@@ -395,3 +395,29 @@ def test_without_a_control_plane_each_edge_keeps_its_keys_and_admits_its_share(f
     assert all(limit // 2 <= n <= limit // 2 + 1 for n in admitted), admitted
     with pytest.raises(openai.AuthenticationError):  # a wrong key is still refused without the control plane
         fleet.client("flk-" + "B" * 43).models.list()
+
+
+def test_a_web_page_allowed_by_cors_is_asked_for_its_key_but_not_at_preflight(fleet: Fleet) -> None:
+    page = "https://app.example"
+    proc, http, _ = fleet.cluster.start_edge("--cors-origins", page)
+    try:
+        preflight = httpx.options(
+            f"{http}/v1/chat/completions",
+            headers={"origin": page, "access-control-request-method": "POST",
+                     "access-control-request-headers": "authorization, content-type"},
+            timeout=10,
+        )  # fmt: skip
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == page
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        bare = httpx.post(f"{http}/v1/chat/completions", json=body, headers={"origin": page}, timeout=30)
+        assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+        assert bare.headers["access-control-allow-origin"] == page  # the page can read why
+        _, secret = fleet.create("web-page")
+        wait_for(lambda: serves_to_key(http, secret), 30, "the new edge to know the key")
+        keyed = httpx.post(f"{http}/v1/chat/completions", json=body, timeout=60,
+                           headers={"origin": page, "authorization": f"Bearer {secret}"})  # fmt: skip
+        assert keyed.status_code == 200, keyed.text
+        assert keyed.headers["access-control-allow-origin"] == page
+        assert "x-ratelimit-remaining-requests" in keyed.headers["access-control-expose-headers"]
+    finally:
+        proc.stop()
