@@ -372,31 +372,6 @@ def test_schemathesis_finds_no_openai_route_that_ignores_the_key(fleet: Fleet) -
     assert httpx.get(f"{http}/openapi.json", timeout=10).status_code == 200  # the document stays open
 
 
-def test_without_a_control_plane_each_edge_keeps_its_keys_and_admits_its_share(fleet: Fleet) -> None:
-    """Last in this module: it stops the control plane. Each edge then checks keys on the table it has and
-    limits a key on its own to limit / N, N being the edges that shared the key at the last lease."""
-    limit = 8
-    _, secret = fleet.create("fallback", requests_per_minute=limit)
-    for i in range(4):  # both edges use the key, so that the leader tells each that two share it
-        _complete(fleet.client(secret, i % 2))
-    time.sleep(1)  # the background refills of the last two requests have come back
-    controlplane = next(p for p in fleet.cluster.procs if p.name == "controlplane")
-    controlplane.stop()
-    admitted = [0, 0]
-    for i in range(2):
-        for _ in range(2 * limit):  # bounded
-            try:
-                _complete(fleet.client(secret, i))
-                admitted[i] += 1
-            except openai.RateLimitError as exc:
-                assert exc.code == "rate_limit_exceeded"
-    # limit / 2 each in a local window of its own (plus what the edge still held of its last grant: at most
-    # one chunk, 1 request here)
-    assert all(limit // 2 <= n <= limit // 2 + 1 for n in admitted), admitted
-    with pytest.raises(openai.AuthenticationError):  # a wrong key is still refused without the control plane
-        fleet.client("flk-" + "B" * 43).models.list()
-
-
 def test_a_web_page_allowed_by_cors_is_asked_for_its_key_but_not_at_preflight(fleet: Fleet) -> None:
     page = "https://app.example"
     proc, http, _ = fleet.cluster.start_edge("--cors-origins", page)
@@ -421,3 +396,28 @@ def test_a_web_page_allowed_by_cors_is_asked_for_its_key_but_not_at_preflight(fl
         assert "x-ratelimit-remaining-requests" in keyed.headers["access-control-expose-headers"]
     finally:
         proc.stop()
+
+
+def test_without_a_control_plane_each_edge_keeps_its_keys_and_admits_its_share(fleet: Fleet) -> None:
+    """Last in this module: it stops the control plane. Each edge then checks keys on the table it has and
+    limits a key on its own to limit / N, N being the edges that shared the key at the last lease."""
+    limit = 8
+    _, secret = fleet.create("fallback", requests_per_minute=limit)
+    for i in range(4):  # both edges use the key, so that the leader tells each that two share it
+        _complete(fleet.client(secret, i % 2))
+    time.sleep(1)  # the background refills of the last two requests have come back
+    controlplane = next(p for p in fleet.cluster.procs if p.name == "controlplane")
+    controlplane.stop()
+    admitted = [0, 0]
+    for i in range(2):
+        for _ in range(2 * limit):  # bounded
+            try:
+                _complete(fleet.client(secret, i))
+                admitted[i] += 1
+            except openai.RateLimitError as exc:
+                assert exc.code == "rate_limit_exceeded"
+    # limit / 2 each in a local window of its own (plus what the edge still held of its last grant: at most
+    # one chunk, 1 request here)
+    assert all(limit // 2 <= n <= limit // 2 + 1 for n in admitted), admitted
+    with pytest.raises(openai.AuthenticationError):  # a wrong key is still refused without the control plane
+        fleet.client("flk-" + "B" * 43).models.list()

@@ -204,6 +204,18 @@ def test_logprobs_pass_through_from_the_engines_server(fleet: Fleet) -> None:
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
 
 
+def test_logit_bias_passes_through_to_the_engines_server(fleet: Fleet) -> None:
+    prompt = "The capital of France is"
+    direct = f"http://127.0.0.1:{fleet.attached_port}"
+    (banana,) = httpx.post(f"{direct}/extras/tokenize", json={"input": " banana"}, timeout=30).json()["tokens"]
+    biased = fleet.client.completions.create(model="smol-attached", prompt=prompt, max_tokens=3, temperature=0,
+                                             logit_bias={str(banana): 100})  # fmt: skip
+    itself = httpx.post(f"{direct}/v1/completions", timeout=60,
+                        json={"prompt": prompt, "max_tokens": 3, "temperature": 0, "repeat_penalty": 1.0,
+                              "logit_bias": {str(banana): 100}}).json()["choices"][0]["text"]  # fmt: skip
+    assert biased.choices[0].text == itself == " banana banana banana"
+
+
 def test_a_server_without_pooled_embeddings_is_a_clear_400(fleet: Fleet) -> None:
     # llama_cpp.server answers /v1/embeddings of a generative model with one vector per token: no
     # sentence embedding to give, and fleetlm says so instead of inventing one.
@@ -319,15 +331,3 @@ def test_an_agent_killed_leaves_no_engine_process(fleet: Fleet) -> None:
     os.kill(fleet.node.popen.pid, signal.SIGKILL)
     _, alive = psutil.wait_procs(engines, timeout=30)  # each gets SIGTERM from the kernel; 30 s is generous
     assert not alive, [p.cmdline() for p in alive]
-
-
-def test_logit_bias_passes_through_to_the_engines_server(fleet: Fleet) -> None:
-    prompt = "The capital of France is"
-    direct = f"http://127.0.0.1:{fleet.attached_port}"
-    (banana,) = httpx.post(f"{direct}/extras/tokenize", json={"input": " banana"}, timeout=30).json()["tokens"]
-    biased = fleet.client.completions.create(model="smol-attached", prompt=prompt, max_tokens=3, temperature=0,
-                                             logit_bias={str(banana): 100})  # fmt: skip
-    itself = httpx.post(f"{direct}/v1/completions", timeout=60,
-                        json={"prompt": prompt, "max_tokens": 3, "temperature": 0, "repeat_penalty": 1.0,
-                              "logit_bias": {str(banana): 100}}).json()["choices"][0]["text"]  # fmt: skip
-    assert biased.choices[0].text == itself == " banana banana banana"
