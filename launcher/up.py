@@ -33,7 +33,7 @@ import psutil
 
 from launcher.default_model import write_default_catalog
 from launcher.processes import Child, Interrupted, etcd_argv, port_free, tcp_open, wait_until
-from launcher.status import StatusError, fetch, find_target, write_operator_file
+from launcher.status import StatusError, fetch, find_target, unplaceable, write_operator_file
 from mesh.catalog import CatalogError, load_catalog
 from mesh.tls import is_loopback
 
@@ -57,15 +57,19 @@ class LoadProgress:
     """Prints how the models' load goes while `fleetlm up` waits for them: a line when a replica's state or
     load progress moves (in llama.cpp's 5% steps), or every 10 s for an engine that cannot tell."""
 
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, models: list[str]) -> None:
+        self._models = models  # the catalog's
         self._target = find_target(argparse.Namespace(controlplane=None, state_dir=str(state), tls_ca=None,
                                                       tls_cert=None, tls_key=None, admin_token_file=None))  # fmt: skip
         self._shown: dict[tuple[str, str], str] = {}
         self._next_check = 0.0
+        self._next_placement_check = 0.0
 
     def show(self, now: bool = False) -> bool:
-        """Print what changed (at most every 0.5 s unless `now`); never raises (the control plane may not
-        answer yet). Always False, so that it can lead a readiness check."""
+        """Print what changed (at most every 0.5 s unless `now`); a control plane that does not answer yet
+        is not an error. RuntimeError for a catalog model that fits on no node (checked every 2 s): here it
+        never will, and waiting out the timeout would only hide why. Always False, so that it can lead a
+        readiness check."""
         if not now and time.monotonic() < self._next_check:
             return False
         self._next_check = time.monotonic() + 0.5
@@ -73,6 +77,16 @@ class LoadProgress:
             snap = asyncio.run(fetch(self._target))
         except StatusError:
             return False
+        if time.monotonic() >= self._next_placement_check:
+            # The node here is the fleet, and the catalog all it runs: a model that fits on it now never will.
+            self._next_placement_check = time.monotonic() + 2
+            try:
+                nowhere = asyncio.run(unplaceable(self._target))
+            except StatusError:
+                nowhere = {}
+            for name in self._models:
+                if name in nowhere:
+                    raise RuntimeError(f"model '{name}' fits on no node ({nowhere[name]})")
         for replica in snap["replicas"]:
             key = (replica["node"], replica["model"])
             if replica["state"] != "loading":
@@ -247,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         children.append(edge)
         wait_until(lambda: tcp_open(local, args.http_port), 60, "the edge", edge, stop)
         names = [e.name for e in entries] if require_auth else None
-        progress = LoadProgress(state)
+        progress = LoadProgress(state, [e.name for e in entries])
         wait_until(
             lambda: progress.show() or _models_ready(http, context, names), 300, "the models to load", node, stop
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from launcher.processes import port_free
 from tests.cluster import free_port
@@ -217,12 +218,14 @@ def test_up_refuses_a_catalog_whose_weights_are_not_here(tmp_path: Path) -> None
 
 
 def test_ctrl_c_while_up_waits_for_its_models_stops_at_once(tmp_path: Path) -> None:
-    """A model that fits on no node here (a GPU model on a machine without one) keeps `up` waiting for it.
+    """A model whose server takes its time to start (here one that never answers) keeps `up` waiting for it.
     Ctrl-C then used to be ignored until the 300 s wait ran out; now it stops everything at once."""
     from launcher.default_model import default_model_path
 
     catalog = tmp_path / "models.yaml"
-    catalog.write_text(f"models:\n  - name: gpu-only\n    path: {default_model_path()}\n    device: gpu\n")
+    slow = {"name": "slow-server", "path": str(default_model_path()), "format": "gguf", "engine": "openai",
+            "command": ["sh", "-c", "echo 'loading shard 1 of 4'; sleep 300"], "startup_timeout": 600}  # fmt: skip
+    catalog.write_text(yaml.safe_dump({"models": [slow]}))
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
         up = subprocess.Popen(up_argv(tmp_path, "--catalog", str(catalog))[0], stdout=out, stderr=subprocess.STDOUT)
@@ -242,3 +245,23 @@ def test_ctrl_c_while_up_waits_for_its_models_stops_at_once(tmp_path: Path) -> N
     text = log.read_text()
     assert "stopped while waiting for the models to load" in text and "fleetlm stopped." in text
     assert "fleetlm is up" not in text
+
+
+def test_up_ends_its_wait_for_a_model_that_fits_on_no_node_with_the_reason(tmp_path: Path) -> None:
+    """A GPU model on a machine without one: the node here is the whole fleet, so it will never fit. `up`
+    used to wait the 300 s out; now it stops as soon as the control plane says so, with its reason."""
+    from launcher.default_model import default_model_path
+
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text(f"models:\n  - name: gpu-only\n    path: {default_model_path()}\n    device: gpu\n")
+    started = time.monotonic()
+    try:
+        result = subprocess.run(up_argv(tmp_path, "--catalog", str(catalog))[0], capture_output=True, text=True,
+                                timeout=120)  # fmt: skip
+    except subprocess.TimeoutExpired as waited:
+        raise AssertionError(f"up still waits for a model that fits nowhere: {waited.stdout!r}") from None
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "model 'gpu-only' fits on no node (" in result.stderr, result.stderr
+    assert "gpu" in result.stderr.split("fits on no node", 1)[1].lower()
+    assert "fleetlm is up" not in result.stdout and "fleetlm stopped." in result.stdout
+    assert time.monotonic() - started < 100
