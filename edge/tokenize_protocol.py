@@ -86,8 +86,10 @@ class DetokenizeBody(BaseModel):
 
     def to_proto(self) -> inference_pb2.DetokenizeRequest:
         for i, token in enumerate(self.tokens):
-            if token >= 2**31:  # beyond the proto's int32 (a negative id is validate_detokenize's)
+            if token >= 2**31:  # beyond the proto's int32 (a negative id within it is validate_detokenize's)
                 raise invalid("tokens", f"token {i} is {token}; larger than any token id")
+            if token < -(2**31):
+                raise invalid("tokens", f"token {i} is {token}; token ids are 0 or more")
         request = inference_pb2.DetokenizeRequest(model=self.model or "", token_ids=self.tokens)
         try:
             validate_detokenize(request)
