@@ -25,6 +25,7 @@ log = logging.getLogger("fleetlm.access")
 OPERATIONS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "text_completion",
+    "/v1/responses": "chat",  # OpenAI's Responses API: a chat (GenAI's semantic conventions have no other name)
     "/v1/embeddings": "embeddings",
     "Generate": "chat",  # text_completion for a prompt: the servicer says (`Access.operation`)
     "Embed": "embeddings",

@@ -45,6 +45,7 @@ from edge.openai_protocol import (
     sse,
 )
 from edge.openapi import describe
+from edge.responses_protocol import ResponseEvents, ResponseShape, ResponsesRequest
 from edge.tokenize_protocol import DetokenizeBody, TokenizeBody, detokenize_json, renamed, tokenize_json
 from fleetlm.inference.v1 import inference_pb2
 from mesh import request_context
@@ -90,6 +91,18 @@ def parse_body(raw: bytes, model: type[M]) -> M:
         first = exc.errors()[0]
         param = _param(tuple(first["loc"]))
         raise FleetError(ErrorCode.INVALID_REQUEST, f"invalid '{param}': {first['msg']}", param=param) from exc
+
+
+async def _body(receive: Receive) -> bytes | None:
+    """The request's whole body, or None if the client went away first."""
+    raw = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        raw += message.get("body", b"")
+        if not message.get("more_body", False):
+            return bytes(raw)
 
 
 async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
@@ -171,7 +184,7 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-GENERATION_ROUTES = {"/v1/chat/completions": True, "/v1/completions": False}  # path -> chat?
+GENERATION_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses"}
 
 
 class GenerationRoutes:
@@ -186,8 +199,8 @@ class GenerationRoutes:
         self._app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        chat = GENERATION_ROUTES.get(scope["path"]) if scope["type"] == "http" else None
-        if chat is None:
+        kind = GENERATION_ROUTES.get(scope["path"]) if scope["type"] == "http" else None
+        if kind is None:
             await self._app(scope, receive, send)
             return
         if scope["method"] != "POST":
@@ -204,7 +217,10 @@ class GenerationRoutes:
 
         request_id = request_context.REQUEST_ID.get()
         try:
-            await self._generate(receive, send_started, chat, request_id)
+            if kind == "responses":
+                await self._respond(receive, send_started, request_id)
+            else:
+                await self._generate(receive, send_started, kind == "chat", request_id)
         except FleetError as error:
             _note_error(error)
             if not started:
@@ -221,17 +237,89 @@ class GenerationRoutes:
                 for message in _json_message(500, _internal_error(request_id).openai_body()):
                     await send(message)
 
+    async def _respond(self, receive: Receive, send: Send, request_id: str) -> None:
+        """OpenAI's Responses API (edge.responses_protocol): a chat underneath, its reply as output items."""
+        raw = await _body(receive)
+        if raw is None:
+            return
+        body = parse_body(raw, ResponsesRequest)
+        proto = body.to_proto(request_id)
+        if not body.stream:
+            proto.delivery = inference_pb2.TEXT_DELIVERY_WHOLE
+        access = access_log.current()
+        if access is not None:
+            access.model = proto.model
+            access.operation = "chat"
+        self._gateway.counting(proto.model)
+        await auth.admit_model(proto.model)
+        shape = ResponseShape(body, proto.model)
+        stream = self._gateway.generate(proto)
+        try:
+            if body.stream:
+                await until_disconnect(receive, self._stream_response(send, stream, ResponseEvents(shape)))
+            else:
+                choices, result = await until_disconnect(receive, _collect(stream))
+                auth.charge(result.usage.total_tokens)
+                for message in _json_message(200, shape.full("".join(choices.texts.get(0, ())), result)):
+                    await send(message)
+        finally:
+            await stream.aclose()  # cancels the node's work if the client went away
+
+    async def _stream_response(
+        self, send: Send, stream: AsyncIterator[inference_pb2.GenerateResponse], events: ResponseEvents
+    ) -> None:
+        """The Responses API's typed events. As with chat, an error before the first output is a plain HTTP
+        error; after it, an `error` event ends the stream."""
+        started = False
+
+        async def emit(data: list[bytes]) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.body", "body": b"".join(data), "more_body": True})
+
+        access = access_log.current()
+        try:
+            first = await anext(stream, None)
+            if first is None:
+                raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream at once")
+            if access is not None and not first.HasField("result"):
+                access.token()
+            await emit(events.start())
+            response: inference_pb2.GenerateResponse | None = first
+            while response is not None:
+                if response.HasField("delta"):
+                    if response.delta.text:
+                        await emit(events.text(response.delta.text))
+                elif response.HasField("tool_call"):
+                    await emit(events.tool_call(response.tool_call))
+                elif response.HasField("result"):
+                    if access is not None:
+                        _note_result(access, response.result)
+                    auth.charge(response.result.usage.total_tokens)
+                    await emit(events.finish(response.result))
+                response = await anext(stream, None)
+        except FleetError as error:
+            if not started:
+                raise
+            _note_error(error)
+            await emit([events.error(error.openai_body())])
+        except Exception:
+            if not started:
+                raise
+            request_id = request_context.REQUEST_ID.get()
+            log.exception("request %s: unhandled error in the stream", request_id)
+            access_log.note_error(ErrorCode.INTERNAL)
+            await emit([events.error(_internal_error(request_id).openai_body())])
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
     async def _generate(self, receive: Receive, send: Send, chat: bool, request_id: str) -> None:
-        raw = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            raw += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        raw = await _body(receive)
+        if raw is None:
+            return
         body: ChatCompletionRequest | CompletionRequest = (
-            parse_body(bytes(raw), ChatCompletionRequest) if chat else parse_body(bytes(raw), CompletionRequest)
+            parse_body(raw, ChatCompletionRequest) if chat else parse_body(raw, CompletionRequest)
         )
         # The same id reaches the node (GenerateRequest.request_id); several prompts are a request each.
         protos = body.to_protos(request_id) if isinstance(body, CompletionRequest) else [body.to_proto(request_id)]

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 P = f"{PREFIX}_edge_"
 # The HTTP routes counted, by path; any other /v1 path is "other" (a client must not grow the series).
-HTTP_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"})
+HTTP_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/models"})
 MAX_ERROR_BODY = 64 * 1024  # an error body is read for its code up to this size
 
 

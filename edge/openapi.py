@@ -508,6 +508,72 @@ def _response_schemas() -> dict[str, Schema]:
     }
 
 
+def _responses_schemas() -> dict[str, Schema]:
+    """OpenAI's Responses API as fleetlm serves it (edge.responses_protocol): the request's fields that
+    change the answer, and the response's envelope; the items are described in words, as they follow
+    OpenAI's."""
+    text = _nullable({"type": "string"})
+    request = {
+        "type": "object",
+        "required": ["model", "input"],
+        "properties": {
+            "model": {"type": "string", "minLength": 1},
+            "input": {
+                "anyOf": [_TEXT, {"type": "array", "items": {"type": "object"}}],
+                "description": "text, or items: messages (roles user, system, developer, assistant; text"
+                " content), function_call and function_call_output; other items and non-text content are a"
+                " 400 naming them",
+            },
+            "instructions": text,
+            "max_output_tokens": _bounded("max_tokens", "integer"),
+            "temperature": _bounded("temperature", "number"),
+            "top_p": _bounded("top_p", "number"),
+            "tools": _nullable({"type": "array", "items": {"type": "object"}, "description": "function tools only"}),
+            "tool_choice": _nullable(
+                {"anyOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {"type": "object"}]}
+            ),
+            "parallel_tool_calls": _nullable({"type": "boolean"}),
+            "text": _nullable({"type": "object", "description": "format: text, json_object or json_schema"}),
+            "stream": {"type": "boolean", "default": False},
+            "user": text,
+            "metadata": _nullable({"type": "object"}),
+            "store": _nullable({"type": "boolean", "description": "accepted; fleetlm keeps no responses"}),
+            "previous_response_id": _nullable(
+                {
+                    "type": "string",
+                    "description": "refused: fleetlm keeps no responses; send the whole conversation in input",
+                }
+            ),
+            "include": _nullable({"type": "array", "items": {"type": "string"}}),
+        },
+    }
+    response = {
+        "type": "object",
+        "required": ["id", "object", "created_at", "status", "model", "output"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string", "enum": ["response"]},
+            "created_at": {"type": "integer"},
+            "status": {"type": "string", "enum": ["completed", "incomplete", "in_progress"]},
+            "model": {"type": "string"},
+            "output": {
+                "type": "array",
+                "items": {"type": "object"},
+                "description": "a message with the text, then each function_call",
+            },
+            "usage": _nullable({"type": "object"}),
+        },
+    }
+    event = {
+        "type": "object",
+        "required": ["type", "sequence_number"],
+        "properties": {"type": {"type": "string"}, "sequence_number": {"type": "integer", "minimum": 0}},
+        "description": "response.created, response.in_progress, response.output_item.added, ... then"
+        " response.completed or response.incomplete; an error after the first event is an `error` event",
+    }
+    return {"ResponsesRequest": request, "Response": response, "ResponseStreamEvent": event}
+
+
 def _sse_event(chunk: str) -> Schema:
     """One server-sent event of a stream (OpenAPI 3.1: the schema of an event-stream describes each event):
     its data is a chunk or an error as JSON, or the closing `[DONE]`."""
@@ -599,6 +665,7 @@ def describe(app: FastAPI, requires_key: bool = False) -> None:
         schemas = document.setdefault("components", {}).setdefault("schemas", {})
         schemas.update(_request_schemas())
         schemas.update(_response_schemas())
+        schemas.update(_responses_schemas())
         paths = document.setdefault("paths", {})
         paths["/v1/chat/completions"] = {
             "post": _operation(
@@ -608,6 +675,13 @@ def describe(app: FastAPI, requires_key: bool = False) -> None:
         paths["/v1/completions"] = {
             "post": _operation("Create a completion", "CompletionRequest", "Completion", "CompletionChunk")
         }
+        responses = _operation("Create a response (OpenAI's Responses API)", "ResponsesRequest", "Response")
+        responses["responses"]["200"]["description"] = "the Response; with stream, its typed server-sent events"
+        responses["responses"]["200"]["content"]["text/event-stream"] = {
+            "schema": {"type": "object", "properties": {"event": {"type": "string"}, "data": {
+                "type": "string", "contentMediaType": JSON, "contentSchema": _ref("ResponseStreamEvent")}}}
+        }  # fmt: skip
+        paths["/v1/responses"] = {"post": responses}
         embeddings = paths.get("/v1/embeddings", {}).get("post")
         if embeddings is not None:
             embeddings.update(_operation("Create embeddings", "EmbeddingRequest", "embeddings"))

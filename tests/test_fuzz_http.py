@@ -50,12 +50,13 @@ def _cheap(body: dict[str, Any], model: str) -> None:
     """The served model and a few tokens, without making an invalid case valid (see the docstring)."""
     if isinstance(body.get("model"), str) and body["model"].strip():
         body["model"] = model
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(field)
-        if type(value) is int and 4 < value <= UINT32_MAX:
+        if (field in body and value is None) or (type(value) is int and 4 < value <= UINT32_MAX):
+            body[field] = 4  # null is valid too, and means the rest of the context
+    for field in ("max_tokens", "max_output_tokens"):  # each route ignores the other's (/v1/responses: the second)
+        if field not in body:
             body[field] = 4
-    if "max_tokens" not in body:
-        body["max_tokens"] = 4
 
 
 def run_operation(
