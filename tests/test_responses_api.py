@@ -95,9 +95,9 @@ def test_the_stream_helper_builds_the_same_response_from_the_events(client: open
 
 
 def test_a_function_call_and_its_output_go_round_trip(client: openai.OpenAI, mesh: Mesh) -> None:
-    asked = [{"role": "user", "content": "What is the weather in Paris?"}]
-    called = client.responses.create(model=mesh.model, input=asked, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,  # type: ignore[arg-type, list-item]
-                                     max_output_tokens=60, temperature=0)  # fmt: skip
+    asked: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+    one_call: Any = {"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False}
+    called = client.responses.create(model=mesh.model, input=asked, max_output_tokens=60, temperature=0, **one_call)
     calls = [item for item in called.output if item.type == "function_call"]
     assert calls and called.status == "completed", called.output
     call = calls[0]
@@ -110,8 +110,8 @@ def test_a_function_call_and_its_output_go_round_trip(client: openai.OpenAI, mes
     assert answered.output_text and all(item.type == "message" for item in answered.output)
     # The same call, streamed: the helper puts the arguments together from their deltas
     pieces = []
-    with client.responses.stream(model=mesh.model, input=asked, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,  # type: ignore[arg-type, list-item]
-                                 max_output_tokens=60, temperature=0) as stream:  # fmt: skip
+    with client.responses.stream(model=mesh.model, input=asked, max_output_tokens=60, temperature=0,
+                                 **one_call) as stream:  # fmt: skip
         for event in stream:
             if event.type == "response.function_call_arguments.delta":
                 pieces.append(event.delta)
