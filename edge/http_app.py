@@ -159,6 +159,19 @@ def _note_error(error: FleetError) -> None:
         access.error = str(error.code)
 
 
+def _stream_error(exc: Exception) -> dict[str, Any]:
+    """The error body of a stream that has started (its status stays 200: the error is an event of it). One
+    not of ours (a bug, a failure nobody classified) is logged, and the client still gets an error in OpenAI's
+    shape and the end of the stream, never a stream that just stops. Called from the `except` block."""
+    if isinstance(exc, FleetError):
+        _note_error(exc)
+        return exc.openai_body()
+    request_id = request_context.REQUEST_ID.get()
+    log.exception("request %s: unhandled error in the stream", request_id)
+    access_log.note_error(ErrorCode.INTERNAL)
+    return _internal_error(request_id).openai_body()
+
+
 def _plain_error_body(message: str) -> dict[str, Any]:
     """OpenAI's error shape for an HTTP-level refusal (unknown route, wrong method)."""
     return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
@@ -300,18 +313,10 @@ class GenerationRoutes:
                     auth.charge(response.result.usage.total_tokens)
                     await emit(events.finish(response.result))
                 response = await anext(stream, None)
-        except FleetError as error:
+        except Exception as exc:
             if not started:
-                raise
-            _note_error(error)
-            await emit([events.error(error.openai_body())])
-        except Exception:
-            if not started:
-                raise
-            request_id = request_context.REQUEST_ID.get()
-            log.exception("request %s: unhandled error in the stream", request_id)
-            access_log.note_error(ErrorCode.INTERNAL)
-            await emit([events.error(_internal_error(request_id).openai_body())])
+                raise  # a plain HTTP error
+            await emit([events.error(_stream_error(exc))])
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _generate(self, receive: Receive, send: Send, chat: bool, request_id: str) -> None:
@@ -418,20 +423,10 @@ class GenerationRoutes:
                     if include_usage:
                         await event(sse(shape.usage_chunk(response.result.usage)))
                 response = await anext(stream, None)
-        except FleetError as error:
+        except Exception as exc:
             if not started:
                 raise  # a plain HTTP error
-            _note_error(error)  # the status stays 200: the error is an event of the stream
-            await event(sse(error.openai_body()))
-        except Exception:
-            if not started:
-                raise
-            # Not one of ours (a bug, a failure nobody classified): the client still gets an error in
-            # OpenAI's shape and the end of the stream, never a stream that just stops.
-            request_id = request_context.REQUEST_ID.get()
-            log.exception("request %s: unhandled error in the stream", request_id)
-            access_log.note_error(ErrorCode.INTERNAL)
-            await event(sse(_internal_error(request_id).openai_body()))
+            await event(sse(_stream_error(exc)))
         await send({"type": "http.response.body", "body": sse("[DONE]"), "more_body": False})
 
 
