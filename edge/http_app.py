@@ -250,6 +250,16 @@ class GenerationRoutes:
                 for message in _json_message(500, _internal_error(request_id).openai_body()):
                     await send(message)
 
+    async def _admit(self, model: str, operation: str) -> None:
+        """What every generation route does before it generates: the access line's model and operation,
+        and the API key's admission."""
+        access = access_log.current()
+        if access is not None:
+            access.model = model
+            access.operation = operation
+        self._gateway.counting(model)  # a key's 429 below is counted under the model (edge.metrics)
+        await auth.admit_model(model)  # the key's model and limits (edge.auth); no-op with keys off
+
     async def _respond(self, receive: Receive, send: Send, request_id: str) -> None:
         """OpenAI's Responses API (edge.responses_protocol): a chat underneath, its reply as output items."""
         raw = await _body(receive)
@@ -259,12 +269,7 @@ class GenerationRoutes:
         proto = body.to_proto(request_id)
         if not body.stream:
             proto.delivery = inference_pb2.TEXT_DELIVERY_WHOLE
-        access = access_log.current()
-        if access is not None:
-            access.model = proto.model
-            access.operation = "chat"
-        self._gateway.counting(proto.model)
-        await auth.admit_model(proto.model)
+        await self._admit(proto.model, "chat")
         shape = ResponseShape(body, proto.model)
         stream = self._gateway.generate(proto)
         try:
@@ -336,12 +341,7 @@ class GenerationRoutes:
                 one.delivery = inference_pb2.TEXT_DELIVERY_WHOLE
             if len(protos) > 1:
                 validate_generate(one)  # every prompt before any starts: a bad one is a plain 400, not a cut stream
-        access = access_log.current()
-        if access is not None:
-            access.model = proto.model
-            access.operation = "chat" if chat else "text_completion"
-        self._gateway.counting(proto.model)  # a key's 429 below is counted under the model (edge.metrics)
-        await auth.admit_model(proto.model)  # the key's model and limits (edge.auth); no-op with keys off
+        await self._admit(proto.model, "chat" if chat else "text_completion")
         shape = CompletionShape(chat, proto.model, new_id("chatcmpl" if chat else "cmpl"), body.wants_logprobs)
         if len(protos) == 1:
             stream = self._gateway.generate(proto)

@@ -26,6 +26,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
@@ -118,6 +119,7 @@ class _Request(BaseModel):
     user: str | None = None
     response_format: ResponseFormatIn | None = None
     logit_bias: dict[str, Any] | None = None
+    _token_bias: dict[int, float] = PrivateAttr(default_factory=dict)  # logit_bias as SamplingParams takes it
 
     @field_validator("response_format", mode="wrap")
     @classmethod
@@ -132,7 +134,7 @@ class _Request(BaseModel):
             value = getattr(self, field)
             if value is not None:
                 SAMPLING_BOUNDS[bound].check(field, value)
-        self.token_bias()
+        self._token_bias = self.token_bias()  # checked here, so that a bad one is refused with the rest
         return self
 
     def token_bias(self) -> dict[int, float]:
@@ -172,7 +174,7 @@ class _Request(BaseModel):
             params.stops.extend([self.stop] if isinstance(self.stop, str) else self.stop)
         if self.response_format is not None:
             params.response_format.CopyFrom(self.response_format.to_proto())
-        params.logit_bias.update(self.token_bias())
+        params.logit_bias.update(self._token_bias)
         return params
 
     @property
@@ -508,8 +510,10 @@ class EmbeddingRequest(BaseModel):
 # --- responses ---------------------------------------------------------------------------------------
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, separator: str = "-") -> str:
+    """A fresh object id: `chatcmpl-...` as chat completions write them, `resp_...` (separator "_") as the
+    Responses API does."""
+    return f"{prefix}{separator}{uuid.uuid4().hex}"
 
 
 def usage_json(usage: inference_pb2.Usage) -> dict[str, int]:

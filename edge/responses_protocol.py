@@ -14,22 +14,17 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from edge.openai_protocol import TOOL_CHOICE_MODES
+from edge.openai_protocol import TOOL_CHOICE_MODES, new_id
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import invalid
 from mesh.inference_requests import SAMPLING_BOUNDS
 
 INPUT_TEXT = ("input_text", "output_text", "text")  # content parts that are text
 ROLES = ("user", "system", "developer", "assistant")
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -226,6 +221,11 @@ class ResponsesRequest(BaseModel):
         )
 
 
+def status_of(result: inference_pb2.GenerateResult) -> str:
+    """A finished response's status: `incomplete` when max_output_tokens cut it."""
+    return "incomplete" if result.finish_reason == inference_pb2.FINISH_REASON_LENGTH else "completed"
+
+
 def usage_json(usage: inference_pb2.Usage) -> dict[str, Any]:
     return {
         "input_tokens": usage.prompt_tokens,
@@ -240,7 +240,7 @@ class ResponseShape:
     """One response's envelope (what the request asked for, echoed as OpenAI does) and its output items."""
 
     def __init__(self, request: ResponsesRequest, model: str) -> None:
-        self.id = new_id("resp")
+        self.id = new_id("resp", "_")
         self.created_at = int(time.time())
         self.request = request
         self.model = model
@@ -285,21 +285,20 @@ class ResponseShape:
                 "status": status}  # fmt: skip
 
     def finished(self, output: list[dict[str, Any]], result: inference_pb2.GenerateResult) -> dict[str, Any]:
-        cut = result.finish_reason == inference_pb2.FINISH_REASON_LENGTH
-        body = self.envelope("incomplete" if cut else "completed", output, usage=usage_json(result.usage))
-        if cut:
+        body = self.envelope(status_of(result), output, usage=usage_json(result.usage))
+        if body["status"] == "incomplete":
             body["incomplete_details"] = {"reason": "max_output_tokens"}
         body["model"] = result.model or self.model
         return body
 
     def full(self, text: str, result: inference_pb2.GenerateResult) -> dict[str, Any]:
         """The whole response: the text as a message (when there is any, or no call), then each call."""
-        status = "incomplete" if result.finish_reason == inference_pb2.FINISH_REASON_LENGTH else "completed"
+        status = status_of(result)
         output = []
         if text or not result.tool_calls:
-            output.append(self.message(new_id("msg"), text, status))
+            output.append(self.message(new_id("msg", "_"), text, status))
         for call in result.tool_calls:
-            output.append(self.function_call(new_id("fc"), call.id, call.function.name, call.function.arguments,
+            output.append(self.function_call(new_id("fc", "_"), call.id, call.function.name, call.function.arguments,
                                              "completed"))  # fmt: skip
         return self.finished(output, result)
 
@@ -331,7 +330,7 @@ class ResponseEvents:
         events = []
         if self._open is None or self._open["type"] != "message":
             events += self._close()
-            item = self.shape.message(new_id("msg"), "", "in_progress")
+            item = self.shape.message(new_id("msg", "_"), "", "in_progress")
             self._open = item
             events.append(
                 self.event("response.output_item.added", output_index=len(self.output), item={**item, "content": []})
@@ -348,7 +347,7 @@ class ResponseEvents:
         events = []
         if self._open is None or self._open["type"] != "function_call" or delta.index != self._call_index:
             events += self._close()
-            item = self.shape.function_call(new_id("fc"), delta.id, delta.name, "", "in_progress")
+            item = self.shape.function_call(new_id("fc", "_"), delta.id, delta.name, "", "in_progress")
             self._open, self._call_index = item, delta.index
             events.append(self.event("response.output_item.added", output_index=len(self.output), item=dict(item)))
         item = self._open
@@ -379,10 +378,10 @@ class ResponseEvents:
         return events
 
     def finish(self, result: inference_pb2.GenerateResult) -> list[bytes]:
-        cut = result.finish_reason == inference_pb2.FINISH_REASON_LENGTH
-        events = self._close("incomplete" if cut else "completed")
+        status = status_of(result)
+        events = self._close(status)
         response = self.shape.finished(self.output, result)
-        return [*events, self.event("response.incomplete" if cut else "response.completed", response=response)]
+        return [*events, self.event(f"response.{status}", response=response)]
 
     def error(self, body: dict[str, Any]) -> bytes:
         error = body.get("error", {})
