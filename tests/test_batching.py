@@ -59,6 +59,22 @@ async def test_batch_of_eight_equals_each_alone(engine: LlamaCppEngine) -> None:
     assert steps < sum(f.completion_tokens for _, f in alone) / 2
 
 
+async def test_greedy_by_argmax_equals_llama_cpps_greedy_sampler(engine: LlamaCppEngine) -> None:
+    # A bias of 0 changes no logit but puts llama.cpp's logit-bias sampler before its greedy one, so those
+    # requests go through llama_sampler_sample; plain greedy ones take the argmax themselves.
+    through_chain = SamplingOptions(max_tokens=32, temperature=0, logit_bias=((0, 0.0),))
+    stats = engine.stats
+    assert stats is not None
+    before = stats.argmax_tokens
+    by_chain = await asyncio.gather(*(run(engine, p, through_chain) for p in PROMPTS))
+    assert stats.argmax_tokens == before
+    by_argmax = await asyncio.gather(*(run(engine, p) for p in PROMPTS))
+    assert [t for t, _ in by_argmax] == [t for t, _ in by_chain]
+    assert [f.completion_tokens for _, f in by_argmax] == [f.completion_tokens for _, f in by_chain]
+    generated = sum(f.completion_tokens for _, f in by_argmax)
+    assert generated <= stats.argmax_tokens - before <= generated + len(PROMPTS)  # + an end-of-text token each
+
+
 async def test_cancelling_one_stream_leaves_the_others_unchanged(engine: LlamaCppEngine) -> None:
     alone = [await run(engine, p) for p in PROMPTS[:4]]
 
