@@ -139,19 +139,15 @@ async def _fetch_one(target: Target) -> dict[str, Any]:
     return snapshot(target.address, nodes, deployments, leader, time.time())
 
 
-async def unplaceable(target: Target) -> dict[str, str]:
-    """Deployments that want replicas, have none assigned, and fit on none of the live nodes (there is at
-    least one): name -> every node's reason, from the control plane's ExplainPlacement."""
+async def unplaceable(target: Target, names: list[str]) -> dict[str, str]:
+    """Those of the deployments named that fit on none of the live nodes (there is at least one): name ->
+    every node's reason, from the control plane's ExplainPlacement."""
     out: dict[str, str] = {}
     try:
         async with _channel(target) as channel:
             stub = admin_pb2_grpc.AdminServiceStub(channel)
             call = {"metadata": _metadata(target), "timeout": CALL_TIMEOUT_SECONDS}
-            listed = await stub.ListDeployments(admin_pb2.ListDeploymentsRequest(), **call)
-            for status in listed.deployments:
-                if status.assignments or not status.deployment.replicas:
-                    continue
-                name = status.deployment.spec.name
+            for name in names:
                 verdicts = (await stub.ExplainPlacement(admin_pb2.ExplainPlacementRequest(name=name), **call)).verdicts
                 if verdicts and not any(v.fits for v in verdicts):
                     out[name] = "; ".join(f"{v.node_id}: {v.reason}" for v in verdicts)
@@ -248,6 +244,7 @@ def snapshot(
                 "max_replicas": d.deployment.max_replicas,
                 "ready": sum(r.state == ready for r in d.replicas),
                 "nodes": [r.node_id for r in d.replicas],
+                "assigned": len(d.assignments),  # replicas placed on nodes, ready or not
             }
             for d in deployments.deployments
         ],

@@ -77,14 +77,18 @@ class LoadProgress:
             snap = asyncio.run(fetch(self._target))
         except StatusError:
             return False
-        if time.monotonic() >= self._next_placement_check:
-            # The node here is the fleet, and the catalog all it runs: a model that fits on it now never will.
+        # Catalog models that want a replica and have none placed: the node here is the fleet, and the
+        # catalog all it runs, so a model that fits on it now never will.
+        unplaced = [
+            d["name"] for d in snap["deployments"] if d["name"] in self._models and d["replicas"] and not d["assigned"]
+        ]
+        if unplaced and time.monotonic() >= self._next_placement_check:
             self._next_placement_check = time.monotonic() + 2
             try:
-                nowhere = asyncio.run(unplaceable(self._target))
+                nowhere = asyncio.run(unplaceable(self._target, unplaced))
             except StatusError:
                 nowhere = {}
-            for name in self._models:
+            for name in unplaced:
                 if name in nowhere:
                     raise RuntimeError(f"model '{name}' fits on no node ({nowhere[name]})")
         for replica in snap["replicas"]:

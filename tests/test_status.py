@@ -282,6 +282,13 @@ def test_status_finds_what_fleetlm_up_made_and_up_serves_metrics(tmp_path: Path)
         snap = json.loads(done.stdout)
         assert snap["controlplane"] == f"127.0.0.1:{ports['cp']}"
         assert [(r["model"], r["state"]) for r in snap["replicas"]] == [("smollm2-135m", "ready")]
+        [deployed] = snap["deployments"]
+        assert (deployed["name"], deployed["replicas"], deployed["assigned"], deployed["ready"]) == (
+            "smollm2-135m",
+            1,
+            1,
+            1,
+        )
         # The metrics ports it gave the control plane and the node, in its banner, over HTTPS with the CA.
         trust = ssl.create_default_context(cafile=str(state / "ca" / "ca.crt"))
         for port, prefix in ((ports["cp_metrics"], "fleetlm_controlplane_"), (ports["node_metrics"], "fleetlm_node_")):
