@@ -19,7 +19,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -46,6 +46,7 @@ from edge.openai_protocol import (
 )
 from edge.openapi import describe
 from edge.responses_protocol import ResponseEvents, ResponseShape, ResponsesRequest
+from edge.responses_protocol import renamed as responses_renamed
 from edge.tokenize_protocol import DetokenizeBody, TokenizeBody, detokenize_json, renamed, tokenize_json
 from fleetlm.inference.v1 import inference_pb2
 from mesh import request_context
@@ -144,6 +145,31 @@ async def _collect(stream: AsyncIterator[inference_pb2.GenerateResponse]) -> tup
     if access is not None:
         _note_result(access, result)
     return choices, result
+
+
+def _wait_note(line: str) -> bytes:
+    """A line of news while a request waits for its model (edge.gateway.WAIT_NOTES), as an SSE comment:
+    clients, OpenAI's SDKs among them, skip comments."""
+    return b": fleetlm: " + " ".join(line.split()).encode() + b"\n\n"
+
+
+async def _first_message(
+    stream: AsyncIterator[inference_pb2.GenerateResponse], note: Callable[[str], Awaitable[None]]
+) -> inference_pb2.GenerateResponse:
+    """A streamed reply's first message. A stream starts with it, so that an error before any output is a
+    plain HTTP error. One exception: a request that waits for its model to scale from zero hears how the load
+    goes through `note` meanwhile, and its response starts with the first such line."""
+    waiting = WAIT_NOTES.set(note)
+    try:
+        first = await anext(stream, None)
+    finally:
+        WAIT_NOTES.reset(waiting)
+    if first is None:
+        raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream at once")
+    access = access_log.current()
+    if access is not None and not first.HasField("result"):  # text or a tool call: the first token
+        access.token()
+    return first
 
 
 def _note_result(access: access_log.Access, result: inference_pb2.GenerateResult) -> None:
@@ -280,6 +306,8 @@ class GenerationRoutes:
                 auth.charge(result.usage.total_tokens)
                 for message in _json_message(200, shape.full("".join(choices.texts.get(0, ())), result)):
                     await send(message)
+        except FleetError as error:  # before any output: a plain HTTP error, naming this API's fields
+            raise responses_renamed(error) from None
         finally:
             await stream.aclose()  # cancels the node's work if the client went away
 
@@ -297,13 +325,12 @@ class GenerationRoutes:
                 await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             await send({"type": "http.response.body", "body": b"".join(data), "more_body": True})
 
+        async def note(line: str) -> None:
+            await emit([_wait_note(line)])
+
         access = access_log.current()
         try:
-            first = await anext(stream, None)
-            if first is None:
-                raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream at once")
-            if access is not None and not first.HasField("result"):
-                access.token()
+            first = await _first_message(stream, note)
             await emit(events.start())
             response: inference_pb2.GenerateResponse | None = first
             while response is not None:
@@ -373,9 +400,7 @@ class GenerationRoutes:
         choices: int,
     ) -> None:
         # The first event comes before the response starts, so that errors before any output are plain
-        # HTTP errors; after that an error is one `data:` event, then `data: [DONE]`. One exception: a
-        # request that waits for its model to scale from zero hears how the load goes (SSE comments, which
-        # clients skip), so its response starts with the first of them.
+        # HTTP errors; after that an error is one `data:` event, then `data: [DONE]` (but see _first_message).
         started = False
 
         async def event(data: bytes) -> None:
@@ -386,19 +411,11 @@ class GenerationRoutes:
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
         async def note(line: str) -> None:
-            await event(b": fleetlm: " + " ".join(line.split()).encode() + b"\n\n")
+            await event(_wait_note(line))
 
         access = access_log.current()
         try:
-            waiting = WAIT_NOTES.set(note)
-            try:
-                first = await anext(stream, None)
-            finally:
-                WAIT_NOTES.reset(waiting)
-            if first is None:
-                raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream at once")
-            if access is not None and not first.HasField("result"):  # text or a tool call
-                access.token()
+            first = await _first_message(stream, note)
             if shape.chat:
                 for index in range(choices):  # each choice starts with its role, as OpenAI's streams do
                     await event(sse(shape.chunk(None, first=True, index=index)))

@@ -12,6 +12,7 @@ OpenAI's built-in tools (web search, file search, computer use...) and non-text 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any, Literal
@@ -20,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from edge.openai_protocol import TOOL_CHOICE_MODES, new_id
 from fleetlm.inference.v1 import inference_pb2
-from mesh.errors import invalid
-from mesh.inference_requests import SAMPLING_BOUNDS
+from mesh.errors import FleetError, invalid
+from mesh.inference_requests import MAX_MESSAGES, SAMPLING_BOUNDS
 
 INPUT_TEXT = ("input_text", "output_text", "text")  # content parts that are text
 ROLES = ("user", "system", "developer", "assistant")
@@ -49,10 +50,10 @@ def _text_of(content: Any, where: str) -> str:
     return "".join(texts)
 
 
-def _string(item: dict[str, Any], key: str, where: str) -> str:
+def _string(item: dict[str, Any], key: str, where: str, empty: bool = True) -> str:
     value = item.get(key)
-    if not isinstance(value, str):
-        raise invalid(f"{where}.{key}", f"'{where}.{key}' must be a string")
+    if not isinstance(value, str) or (not empty and not value):
+        raise invalid(f"{where}.{key}", f"'{where}.{key}' must be a {'' if empty else 'non-empty '}string")
     return value
 
 
@@ -64,6 +65,9 @@ def conversation(instructions: str | None, given: str | list[Any]) -> list[infer
         return [*messages, inference_pb2.ChatMessage(role="user", content=given)]
     if not given:
         raise invalid("input", "'input' must not be empty")
+    if len(given) > MAX_MESSAGES:
+        raise invalid("input", f"at most {MAX_MESSAGES} input items are allowed; got {len(given)}")
+    call_ids: set[str] = set()  # of the function calls so far: an output answers one of them
     for i, item in enumerate(given):
         where = f"input[{i}]"
         if not isinstance(item, dict):
@@ -78,28 +82,52 @@ def conversation(instructions: str | None, given: str | list[Any]) -> list[infer
             messages.append(inference_pb2.ChatMessage(role=role, content=_text_of(item["content"], f"{where}.content")))
         elif kind == "function_call":
             call = inference_pb2.ToolCall(
-                id=_string(item, "call_id", where),
+                id=_string(item, "call_id", where, empty=False),
                 function=inference_pb2.FunctionCall(
-                    name=_string(item, "name", where), arguments=_string(item, "arguments", where)
+                    name=_string(item, "name", where, empty=False), arguments=_string(item, "arguments", where)
                 ),
             )
+            call_ids.add(call.id)
             if not messages or messages[-1].role != "assistant":
                 messages.append(inference_pb2.ChatMessage(role="assistant"))
             messages[-1].tool_calls.append(call)
         elif kind == "function_call_output":
-            output = item.get("output")
-            messages.append(
-                inference_pb2.ChatMessage(
-                    role="tool",
-                    content=_text_of(output, f"{where}.output"),
-                    tool_call_id=_string(item, "call_id", where),
+            call_id = _string(item, "call_id", where, empty=False)
+            if call_id not in call_ids:
+                raise invalid(
+                    f"{where}.call_id", f"'{where}.call_id' '{call_id[:80]}' answers no function_call before it"
                 )
-            )
+            content = _text_of(item.get("output"), f"{where}.output")
+            messages.append(inference_pb2.ChatMessage(role="tool", content=content, tool_call_id=call_id))
         elif kind == "reasoning":
             continue  # a reasoning model's thoughts, handed back: fleetlm's models have none to read
         else:
             raise invalid(f"{where}.type", f"input items of type '{kind}' are not supported here")
     return messages
+
+
+# The chat's fields that a refusal from further on (the gateway's checks, a node's) may name, as the
+# Responses API names them: (chat's, the Responses API's), the longer first.
+_CHAT_NAMES = (
+    ("'messages'", "'input'"),
+    ("max_tokens", "max_output_tokens"),
+    ("response_format.json_schema.", "text.format."),
+    ("response_format", "text.format"),
+)
+
+
+def renamed(error: FleetError) -> FleetError:
+    """A refusal about the chat underneath a response, naming the Responses API's fields instead: `input`
+    for the messages (the input items' own checks in `conversation` come first, naming the item),
+    `max_output_tokens`, `text.format`."""
+    param = error.param or ""
+    if param == "messages" or param.startswith("messages["):
+        param = "input"
+    message = error.message
+    for chat, responses in _CHAT_NAMES:
+        param = param.replace(chat.strip("'"), responses.strip("'"))
+        message = message.replace(chat, responses)
+    return dataclasses.replace(error, param=param or error.param, message=message)
 
 
 def _tool(tool: Any, where: str) -> inference_pb2.Tool:

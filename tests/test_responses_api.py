@@ -150,6 +150,14 @@ def test_text_format_json_schema_gives_a_parsed_answer(client: openai.OpenAI, me
         ({"input": "hi", "text": {"format": {"type": "yaml"}}}, "text.format.type", "json_schema"),
         ({"input": "hi", "include": ["message.output_text.logprobs"]}, "include", "not supported"),
         ({"input": "hi", "tool_choice": {"type": "web_search"}}, "tool_choice", "function"),
+        ({"input": [{"type": "function_call_output", "call_id": "call_9", "output": "sunny"}]}, "input[0].call_id",
+         "answers no function_call before it"),
+        ({"input": [{"type": "function_call", "call_id": "", "name": "get_weather", "arguments": "{}"}]},
+         "input[0].call_id", "non-empty string"),
+        # Refused further on, by the chat's checks and the node's: named as this API names them.
+        ({"input": "word " * 4000}, "input", "context"),
+        ({"input": "hi", "max_output_tokens": 100_000}, "max_output_tokens", "max_output_tokens (100000) exceeds"),
+        ({"input": [{"role": "user", "content": "x" * 600_000}] * 2}, "input", "'input' has more than"),
     ],
 )  # fmt: skip
 def test_what_fleetlm_cannot_do_is_a_400_naming_the_field(mesh: Mesh, body: dict[str, Any], param: str,
@@ -158,6 +166,9 @@ def test_what_fleetlm_cannot_do_is_a_400_naming_the_field(mesh: Mesh, body: dict
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["param"] == param and says in error["message"], error
+    assert not any(chat in error["message"] for chat in ("messages", "max_tokens", "response_format")), error
+    streamed = httpx.post(f"{mesh.http}/v1/responses", json={"model": mesh.model, **body, "stream": True}, timeout=60)
+    assert (streamed.status_code, streamed.json()["error"]) == (400, error)
 
 
 def test_a_missing_model_and_an_unknown_one_are_refused_as_for_chat(mesh: Mesh) -> None:

@@ -268,8 +268,24 @@ def test_a_streamed_request_that_waits_for_scale_from_zero_hears_how_the_load_go
     stream = fleet.client().completions.create(model="lazy-sdk", prompt="Hello", max_tokens=4, stream=True)
     finish = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
     assert finish == ["length"]
+    # The Responses API's stream hears the same news before its first typed event.
+    fleet.deploy("lazy-responses", device="cpu", min_replicas=0, max_replicas=1, engine="openai",
+                 command=["sh", "-c", f"sleep 2; exec {server}"], startup_timeout={"seconds": 120})  # fmt: skip
+    wait_for(lambda: any(m["id"] == "lazy-responses" for m in httpx.get(f"{fleet.http}/v1/models", timeout=10)
+                         .json()["data"]), 30, "the edge's routing table to know lazy-responses")  # fmt: skip
+    body = {"model": "lazy-responses", "input": "Hello", "max_output_tokens": 16, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{fleet.http}/v1/responses", json=body, timeout=CLIENT_TIMEOUT) as reply:
+        assert reply.status_code == 200
+        lines = [line for line in reply.iter_lines() if line]
+    first_event = next(i for i, line in enumerate(lines) if not line.startswith(":"))
+    notes = lines[:first_event]
+    assert notes and all(n.startswith(": fleetlm: ") and "lazy-responses" in n for n in notes), lines[:first_event]
+    assert lines[first_event] == "event: response.created"
+    assert all(not line.startswith(":") for line in lines[first_event:])
+    assert lines[-2] in ("event: response.completed", "event: response.incomplete"), lines[-2:]
     fleet.undeploy("lazy-notes")
     fleet.undeploy("lazy-sdk")
+    fleet.undeploy("lazy-responses")
 
 
 def test_a_streamed_request_for_a_deployment_that_fits_nowhere_is_still_a_plain_http_error(fleet: Fleet) -> None:
