@@ -111,6 +111,7 @@ def _node(args: argparse.Namespace) -> None:
         "controlplane",
         "catalog",
         "threads",
+        "engine_idle",
         "engine_nice",
         "sglang_python",
         "engine_health_seconds",
@@ -496,7 +497,12 @@ def parser() -> argparse.ArgumentParser:
         "--unified-kv", action="store_true", help="share prefixes across slots; batched output may differ from alone"
     )
     node.add_argument("--threads", type=int, help="CPU threads per llama.cpp context (all cores)")
-    node.add_argument("--engine-nice", type=int, help="nice value of llama.cpp's compute threads, 0-19 (10)")
+    node.add_argument(
+        "--engine-idle",
+        action=argparse.BooleanOptionalAction,
+        help="llama.cpp's compute threads in the SCHED_IDLE class: any other thread takes a core at once (on)",
+    )
+    node.add_argument("--engine-nice", type=int, help="with --no-engine-idle, nice of llama.cpp's threads, 0-19 (10)")
     node.add_argument("--sglang-python", help="Python that runs sglang.launch_server (the agent's own)")
     node.add_argument("--engine-health-seconds", type=float, help="health-check period of engine servers (5)")
     node.add_argument("--log-level")

@@ -69,6 +69,7 @@ class EngineFactory:
             slots=running_limit(spec),
             unified_kv=self._settings.unified_kv,
             nice=self._settings.engine_nice,
+            idle_priority=self._settings.engine_idle,
         )
         return BuiltEngine(LlamaCppEngine(config), "gpu" if use_gpu else "cpu")
 

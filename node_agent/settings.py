@@ -46,12 +46,18 @@ class NodeSettings(BaseSettings):
         description="one KV buffer shared by a llama.cpp replica's sequences: a prompt can reuse a prefix that"
         " any slot holds, even a running one; but a batched output may differ from the same request alone",
     )
+    engine_idle: bool = Field(
+        True,
+        description="run llama.cpp's compute threads in Linux's SCHED_IDLE class: the threads that move tokens"
+        " (gRPC, HTTP) and everything else on the box take a core from them at once; off: engine_nice",
+    )
     engine_nice: int = Field(
         10,
         ge=0,
         le=19,
-        description="nice value of the threads that run llama.cpp's compute; above 0 lets the threads that"
-        " move tokens (gRPC, HTTP) run first when the engine keeps every core busy; 0 leaves them equal",
+        description="with engine_idle off, nice value of the threads that run llama.cpp's compute; above 0"
+        " lets the threads that move tokens (gRPC, HTTP) run first when the engine keeps every core busy;"
+        " 0 leaves them equal",
     )
     sglang_python: str = Field(
         default_factory=lambda: sys.executable,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -362,6 +363,31 @@ async def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_go_on_gener
         assert text == (await run(built, prompt, SamplingOptions(max_tokens=8, temperature=0)))[0]  # as alone
     finally:
         await built.close()
+
+
+def _threads() -> set[int]:
+    return {int(tid) for tid in os.listdir("/proc/self/task")}
+
+
+async def test_idle_priority_puts_the_decode_thread_and_llamas_workers_in_sched_idle(engine: LlamaCppEngine) -> None:
+    # The module's engine keeps the default: ordinary threads.
+    assert engine._loop is not None
+    assert os.sched_getscheduler(engine._loop._thread.native_id) == os.SCHED_OTHER
+    before = _threads()
+    config = LlamaCppConfig(str(default_model_path()), context_size=512, threads=2, slots=2, idle_priority=True)
+    idle = LlamaCppEngine(config)
+    await idle.start()
+    try:
+        assert (await run(idle, "The capital of France is"))[0]
+        assert idle._loop is not None
+        decode = idle._loop._thread.native_id
+        assert decode is not None and os.sched_getscheduler(decode) == os.SCHED_IDLE
+        # llama.cpp's compute workers (OpenMP's, made by the decode thread at its first decode) inherit it.
+        made = {tid: os.sched_getscheduler(tid) for tid in _threads() - before}
+        assert sum(policy == os.SCHED_IDLE for policy in made.values()) >= config.threads, made
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # nobody else's
+    finally:
+        await idle.close()
 
 
 async def test_requests_beyond_the_slots_wait_in_the_queue(engine: LlamaCppEngine) -> None:

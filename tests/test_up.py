@@ -95,6 +95,11 @@ def test_up_serves_curl_and_stops_cleanly(tmp_path: Path) -> None:
         answer = json.loads(reply.stdout)
         assert answer["choices"][0]["message"]["content"].strip()
         assert answer["usage"]["completion_tokens"] > 0
+        # The node's llama.cpp compute threads (its decode thread and OpenMP's workers) are in the SCHED_IDLE
+        # class, so its gRPC and every other process here take a core from them at once; the rest are not.
+        [node] = [p for p in descendants if p.cmdline()[1:4] == ["-m", "launcher", "node"]]
+        policies = [os.sched_getscheduler(thread.id) for thread in node.threads()]
+        assert policies.count(os.SCHED_IDLE) >= 2 and os.sched_getscheduler(node.pid) == os.SCHED_OTHER, policies
 
         up.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal does
         assert up.wait(60) == 0, log.read_text()

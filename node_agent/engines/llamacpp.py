@@ -76,6 +76,9 @@ class LlamaCppConfig:
     # here (2 cores, 8 streams through the edge): 6.2 s at nice 0, 4.8 s at nice 10, as fast as
     # calling the node directly; time to first token through the edge fell by 2-3 ms.
     nice: int = 0
+    # The compute threads in Linux's SCHED_IDLE class instead (llamacpp_batch.lower_thread_priority): they
+    # run only when no other thread wants the core. The node's default.
+    idle_priority: bool = False
     embed_window_seconds: float = 0.005  # how long concurrent embedding inputs are gathered
     embed_max_batch: int = 64  # inputs per embedding call
     embed_cache_size: int = 4096  # inputs remembered (LRU)
@@ -129,7 +132,10 @@ class LlamaCppEngine:
         self._tool_tokens: tuple[int, ...] = ()  # the tool-call tags, where the vocabulary has them as tokens
         self._setup_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama-setup")
         self._embed_thread = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="llama-emb", initializer=lower_thread_priority, initargs=(config.nice,)
+            1,
+            thread_name_prefix="llama-emb",
+            initializer=lower_thread_priority,
+            initargs=(config.nice, config.idle_priority),
         )
         self._embedder_lock = asyncio.Lock()
         self._event_loop: asyncio.AbstractEventLoop | None = None
@@ -214,6 +220,7 @@ class LlamaCppEngine:
             self.config.unified_kv,
             loop.call_soon_threadsafe,
             self.config.nice,
+            self.config.idle_priority,
         )
 
     async def _on(self, pool: concurrent.futures.Executor, fn: Callable[..., Any], *args: Any) -> Any:

@@ -204,9 +204,22 @@ def _runs(slots: list[int]) -> int:
     return sum(1 for i, slot in enumerate(ordered) if i == 0 or slot != ordered[i - 1] + 1)
 
 
-def lower_thread_priority(nice: int) -> None:
-    """Give the calling thread (and the threads it creates from now on) this nice value (Linux: per
-    thread). Raising it needs no privilege; failing to is not worth failing a load for."""
+def lower_thread_priority(nice: int, idle: bool = False) -> None:
+    """Lower the calling thread's priority (and that of the threads it creates from now on; Linux: per
+    thread): to the SCHED_IDLE class when `idle`, else this nice value. Neither needs a privilege; failing
+    is not worth failing a load for.
+
+    SCHED_IDLE runs the thread only when no ordinary thread wants the core, and a waking ordinary thread
+    takes the core at once. A nice value only weighs the shares: the kernel's scheduler (EEVDF) lets a
+    thread that has just woken from a pause run on for about a time slice before a waking thread preempts
+    it, so after an idle pause llama.cpp's freshly woken threads kept the node's first token from the
+    network for 2-3 ms (bench.inference_bench --ttft-only --gap-ms 50)."""
+    if idle:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
+            return
+        except OSError as exc:
+            log.warning("could not put the compute threads in the SCHED_IDLE class (%s); nice %d instead", exc, nice)
     if nice > 0:
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
@@ -240,6 +253,7 @@ class DecodeLoop:
         shared_kv: bool,
         post: Post,
         nice: int = 0,
+        idle: bool = False,
     ) -> None:
         self._ll = llama_cpp
         self._vocab = vocab
@@ -256,6 +270,7 @@ class DecodeLoop:
         self._last_used: dict[int, float] = dict.fromkeys(range(slots), 0.0)
         self._post = post
         self._nice = nice
+        self._idle = idle
         self._outbox: list[tuple[BatchRequest, Item]] = []  # this step's events, posted at its end
         self._wake = threading.Condition()
         self._closing = False
@@ -301,7 +316,7 @@ class DecodeLoop:
 
     def _run(self) -> None:
         # Before the first decode: llama.cpp's worker threads are created by this thread and inherit it.
-        lower_thread_priority(self._nice)
+        lower_thread_priority(self._nice, self._idle)
         while True:
             with self._wake:
                 while not self._closing and not self._queue and not self._active:
