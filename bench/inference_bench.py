@@ -17,9 +17,11 @@ minutes (this one does, by +-15%) favours no row. The rows:
   llama-server  llama.cpp's own C++ server with 8 slots, when --llama-server is given
   asyncio edge  with --ttft-only --asyncio-edge: HTTP and gRPC through a second edge on the standard
                 library's event loop (FLEETLM_EVENT_LOOP=asyncio), beside the first on uvloop
+  nice fleet    with --ttft-only --nice-fleet: a second fleet whose node runs llama.cpp's compute threads at
+                nice 10 (FLEETLM_NODE_ENGINE_IDLE=false), as before 2026-12-06, not in the SCHED_IDLE class
   sessions apart  with --ttft-only --sessions-apart: a second fleet whose processes each run in a session of
                 their own, as they did before 2026-12-05; with Linux's autogroup scheduling each session is a
-                CPU group of its own, so the engine's nice 10 threads no longer yield to the edge
+                CPU group of its own, so the engine's low-priority threads no longer yield to the edge
 For 1 stream: TTFT p50 and decode tokens/s. For 8 concurrent streams: aggregate tokens/s, TTFT p50/p99.
 """
 
@@ -297,6 +299,9 @@ APART_HTTP = "sessions apart: HTTP (SSE) through the edge"
 APART_LEAN = "sessions apart: HTTP (SSE), minimal client"
 APART_GRPC = "sessions apart: gRPC through the edge"
 APART_NODE = "sessions apart: node agent, gRPC, no edge"
+NICE_LEAN = "engine at nice 10: HTTP (SSE), minimal client"
+NICE_GRPC = "engine at nice 10: gRPC through the edge"
+NICE_NODE = "engine at nice 10: node agent, gRPC, no edge"
 
 
 def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
@@ -366,8 +371,9 @@ def report_ttft(results: dict[str, list[dict[str, float]]], args: argparse.Names
     print(f"\ntime to first token, 1 stream, {args.threads} threads, fleetlm with {args.replicas} replica(s), "
           f"median of {args.rounds} rounds of 40 requests{pause}\n")  # fmt: skip
     for name, ttft in table.items():
+        node = table[NICE_NODE if name in (NICE_LEAN, NICE_GRPC, NICE_NODE) else NODE_GRPC]  # its own fleet's
         print(f"{name:<46} {ttft:8.1f} ms   {ttft - table[DIRECT]:+6.1f} ms against direct   "
-              f"{ttft - table[NODE_GRPC]:+6.1f} ms against the node   edge CPU {cpu[name]:5.2f} ms/req")  # fmt: skip
+              f"{ttft - node:+6.1f} ms against the node   edge CPU {cpu[name]:5.2f} ms/req")  # fmt: skip
 
 
 async def main() -> None:
@@ -399,6 +405,12 @@ async def main() -> None:
         action="store_true",
         help="with --ttft-only: four more rows from a second fleet whose processes each run in a session of "
         "their own, as before 2026-12-05 (each its own CPU group under Linux's autogroup scheduling)",
+    )
+    parser.add_argument(
+        "--nice-fleet",
+        action="store_true",
+        help="with --ttft-only: three more rows from a second fleet whose engine threads run at nice 10, not in"
+        " the SCHED_IDLE class (--no-engine-idle), as before 2026-12-06",
     )
     parser.add_argument(
         "--asyncio-edge",
@@ -440,6 +452,15 @@ async def main() -> None:
                 rows[APART_GRPC], rows[APART_NODE] = grpc_stream(apart_grpc), grpc_stream(apart_node)
                 apart_edge = next(p for p in apart.procs if p.name.startswith("edge"))
                 edge_of.update(dict.fromkeys((APART_HTTP, APART_LEAN, APART_GRPC, APART_NODE), apart_edge))
+            if args.nice_fleet:
+                nice = Cluster(Path(tmp) / "nice", env={"FLEETLM_NODE_ENGINE_IDLE": "false"})
+                others.append(nice)
+                nice.dir.mkdir()
+                nice_http, nice_grpc, nice_node = start_fleetlm(nice, model_path, args.threads, args.replicas)
+                rows[NICE_LEAN], rows[NICE_GRPC] = lean_sse_stream(nice_http, MODEL), grpc_stream(nice_grpc)
+                rows[NICE_NODE] = grpc_stream(nice_node)
+                nice_edge = next(p for p in nice.procs if p.name.startswith("edge"))
+                edge_of.update(dict.fromkeys((NICE_LEAN, NICE_GRPC, NICE_NODE), nice_edge))
             for stream in rows.values():
                 await stream(8)  # warm-up
             results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}

@@ -20,8 +20,9 @@ class Child:
         self.argv = list(argv)
         # Own process group: a Ctrl-C in the terminal reaches only `fleetlm up`, which stops children in
         # order. The same session, though: Linux's autogroup scheduling gives each session an equal share
-        # of the CPU, so children in sessions of their own would make the node's llama.cpp threads (nice
-        # 10) compete with the edge as equals, and every token the edge forwards would wait for a core.
+        # of the CPU, and a thread's class or nice value ranks it only inside its group, so children in
+        # sessions of their own would make the node's llama.cpp threads (SCHED_IDLE) compete with the
+        # edge as equals, and every token the edge forwards would wait for a core.
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,

@@ -75,7 +75,7 @@ def test_up_serves_curl_and_stops_cleanly(tmp_path: Path) -> None:
         for child in psutil.Process(up.pid).children():
             # A process group of its own, so a terminal's Ctrl-C reaches `fleetlm up` alone, which stops the
             # children in order; but up's session, so that under Linux's autogroup scheduling they share one
-            # CPU group and the engine's nice 10 threads yield to the edge (its first token: bench.inference_bench
+            # CPU group and the engine's SCHED_IDLE threads yield to the edge (its first token: bench.inference_bench
             # --ttft-only --sessions-apart).
             assert os.getpgid(child.pid) == child.pid, child
             assert os.getsid(child.pid) == os.getsid(up.pid), child
