@@ -216,7 +216,10 @@ def lower_thread_priority(nice: int, idle: bool = False) -> None:
     network for 2-3 ms (bench.inference_bench --ttft-only --gap-ms 50)."""
     if idle:
         try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
+            policy = getattr(os, "SCHED_IDLE", None)  # Linux's
+            if policy is None:
+                raise OSError("this system has no SCHED_IDLE class")
+            os.sched_setscheduler(0, policy, os.sched_param(0))  # 0: the calling thread
             return
         except OSError as exc:
             log.warning("could not put the compute threads in the SCHED_IDLE class (%s); nice %d instead", exc, nice)
