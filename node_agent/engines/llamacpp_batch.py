@@ -182,7 +182,7 @@ class BatchStats:
     computed_prompt_tokens: int = 0  # prompt tokens llama_decode computed (in batches)
     forked_prompt_tokens: int = 0  # prompt tokens of a choice (n > 1) whose KV was copied from the first
     generated_tokens: int = 0
-    argmax_tokens: int = 0  # of those, greedy tokens taken as the logits' argmax (_Sequence.argmax)
+    argmax_tokens: int = 0  # greedy tokens taken as the logits' argmax (_Sequence.argmax), end-of-text included
     grammars: int = 0  # sequences that ran with a grammar
     grammar_checks: int = 0  # tokens sampled under a grammar
     grammar_resamples: int = 0  # of those, tokens the grammar forbade, sampled again with it applied
@@ -192,10 +192,14 @@ class BatchStats:
     step_sequences: Distribution = field(default_factory=lambda: Distribution(BATCH_BUCKETS))
 
 
+def _penalised(options: SamplingOptions) -> bool:
+    """Whether the options ask for a repetition, frequency or presence penalty (a sampler in the chain)."""
+    return bool(options.repetition_penalty != 1.0 or options.frequency_penalty or options.presence_penalty)
+
+
 def _plain_greedy(options: SamplingOptions) -> bool:
     """Whether the sampler chain `DecodeLoop._sampler` makes for these options is the greedy sampler alone."""
-    penalised = options.repetition_penalty != 1.0 or options.frequency_penalty or options.presence_penalty
-    return options.temperature <= 0 and not options.logit_bias and not penalised
+    return options.temperature <= 0 and not options.logit_bias and not _penalised(options)
 
 
 def _runs(slots: list[int]) -> int:
@@ -494,7 +498,7 @@ class DecodeLoop:
             ll.llama_sampler_chain_add(
                 chain, ll.llama_sampler_init_logit_bias(self._n_vocab, len(options.logit_bias), biases)
             )
-        if options.repetition_penalty != 1.0 or options.frequency_penalty or options.presence_penalty:
+        if _penalised(options):
             ll.llama_sampler_chain_add(
                 chain,
                 # The binding declares (n_vocab, last_n, ...) but llama.h takes (last_n, ...): the first int
