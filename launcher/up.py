@@ -86,6 +86,14 @@ class LoadProgress:
             self._next_placement_check = time.monotonic() + 2
             try:
                 nowhere = asyncio.run(unplaceable(self._target, unplaced))
+                if nowhere:
+                    # The reconciler may have placed it between the snapshot and the verdicts (which then
+                    # say the node "already runs a replica"): only a model still unassigned now is stuck.
+                    snap = asyncio.run(fetch(self._target))
+                    nowhere = {
+                        name: why for name, why in nowhere.items()
+                        if any(d["name"] == name and not d["assigned"] for d in snap["deployments"])
+                    }  # fmt: skip
             except StatusError:
                 nowhere = {}
             for name in unplaced:

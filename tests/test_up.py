@@ -63,7 +63,7 @@ def start_up(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], dict
     return up, ports, log
 
 
-def test_up_serves_curl_and_stops_cleanly(tmp_path: Path) -> None:
+def test_up_serves_curl_and_stops_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     up, ports, log = start_up(tmp_path)
     try:
         banner = log.read_text()
@@ -100,6 +100,24 @@ def test_up_serves_curl_and_stops_cleanly(tmp_path: Path) -> None:
         [node] = [p for p in descendants if p.cmdline()[1:4] == ["-m", "launcher", "node"]]
         policies = [os.sched_getscheduler(thread.id) for thread in node.threads()]
         assert policies.count(os.SCHED_IDLE) >= 2 and os.sched_getscheduler(node.pid) == os.SCHED_OTHER, policies
+
+        # up's wait asks where an unplaced model fits; the reconciler may place it between up's snapshot and
+        # that question, whose answer is then "vm: already runs a replica". That is not a model that fits
+        # nowhere (a fresh-clone run stopped `up` on it): replay the race with a snapshot from before.
+        from launcher import up as up_module
+
+        real_fetch, calls = up_module.fetch, []
+
+        async def fetch_from_before_placement(target: object) -> dict[str, object]:
+            snap = await real_fetch(target)  # type: ignore[arg-type]
+            calls.append(snap)
+            if len(calls) == 1:
+                snap["deployments"] = [{**d, "assigned": 0} for d in snap["deployments"]]
+            return snap
+
+        monkeypatch.setattr(up_module, "fetch", fetch_from_before_placement)
+        assert up_module.LoadProgress(tmp_path / "state", ["smollm2-135m"]).show(now=True) is False
+        assert len(calls) == 2  # the verdicts were asked for, and checked against a fresh snapshot
 
         up.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal does
         assert up.wait(60) == 0, log.read_text()
