@@ -44,7 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mesh.errors import FleetError
+from mesh.errors import FleetError, vocabulary_code
 from mesh.metrics import E2E_BUCKETS, ITL_BUCKETS, PREFIX, TTFT_BUCKETS, new_registry
 
 if TYPE_CHECKING:
@@ -279,7 +279,7 @@ def _error_code(body: bytes) -> str:
         code = error.get("code") if isinstance(error, dict) else None
     except (ValueError, AttributeError):
         return ""
-    return code if isinstance(code, str) else ""
+    return vocabulary_code(code) if isinstance(code, str) else ""  # as a gRPC call's is counted
 
 
 class _MetricsAsgi:

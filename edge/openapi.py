@@ -607,7 +607,7 @@ def _errors() -> dict[str, Any]:
     limits = HttpLimits()
     reasons = {
         "400": "invalid request: the body is not JSON, or a field has the wrong type or is out of range (`param`)",
-        "404": "the model does not exist (MODEL_NOT_FOUND)",
+        "404": "the model does not exist (model_not_found)",
         "405": "the route takes POST",
         "408": f"the body did not arrive within {limits.body_timeout_seconds:g} s (REQUEST_TIMEOUT)",
         "413": f"the body is larger than {limits.max_body_bytes} bytes (REQUEST_TOO_LARGE)",

@@ -99,6 +99,21 @@ _FROM_GRPC: Mapping[grpc.StatusCode, ErrorCode] = {
 
 _REASONS = {code.value for code in ErrorCode}
 
+# OpenAI's own spelling of a code, where its API has one, for the `code` of an HTTP error body:
+# applications and frameworks on OpenAI's SDKs test for these (`error.code == "context_length_exceeded"`,
+# or the code in the body's text, is how many of them trim a conversation and retry). gRPC's
+# ErrorInfo.reason, the access log and the metrics keep the vocabulary's spelling (`vocabulary_code`).
+_OPENAI_CODES: Mapping[ErrorCode, str] = {
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: "context_length_exceeded",
+    ErrorCode.MODEL_NOT_FOUND: "model_not_found",
+}
+_FROM_OPENAI = {spelled: code.value for code, spelled in _OPENAI_CODES.items()}
+
+
+def vocabulary_code(openai_code: str) -> str:
+    """The vocabulary's code for the `code` of an OpenAI-shaped error body (the same string for most)."""
+    return _FROM_OPENAI.get(openai_code, openai_code)
+
 
 @dataclass
 class FleetError(Exception):
@@ -131,7 +146,7 @@ class FleetError(Exception):
                 "message": self.message,
                 "type": _TABLE[self.code].openai_type,
                 "param": self.param,
-                "code": self.code.value,
+                "code": _OPENAI_CODES.get(self.code, self.code.value),
             }
         }
 

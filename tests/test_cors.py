@@ -64,7 +64,7 @@ def test_a_page_of_an_allowed_origin_may_call_the_api(cors_edge: str, mesh: Mesh
     assert (chat(cors_edge, APP, mesh.model, True).text.rstrip()).endswith("data: [DONE]")
     # An error is readable by the page too: OpenAI's error body, with the permission.
     missing = chat(cors_edge, APP, "no-such-model")
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "MODEL_NOT_FOUND"
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     assert missing.headers["access-control-allow-origin"] == APP
     models = httpx.get(f"{cors_edge}/v1/models", headers={"origin": APP}, timeout=10)
     assert models.status_code == 200 and models.headers["access-control-allow-origin"] == APP

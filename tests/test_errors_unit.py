@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from mesh.errors import ErrorCode, FleetError
+from mesh.errors import ErrorCode, FleetError, vocabulary_code
 
 EXPECTED = {
     "MODEL_REQUIRED": (400, grpc.StatusCode.INVALID_ARGUMENT),
@@ -30,7 +30,12 @@ def test_every_code_has_a_mapping() -> None:
     for code in ErrorCode:
         error = FleetError(code, "x")
         assert error.http_status >= 400
-        assert error.openai_body()["error"]["code"] == code.value
+        assert error.openai_body()["error"]["code"] == OPENAI_SPELLING.get(code.value, code.value)
+        assert vocabulary_code(error.openai_body()["error"]["code"]) == code.value
+
+
+# OpenAI's API has its own codes for these; applications look for them in the HTTP body's `code`.
+OPENAI_SPELLING = {"CONTEXT_LENGTH_EXCEEDED": "context_length_exceeded", "MODEL_NOT_FOUND": "model_not_found"}
 
 
 class _Received(grpc.RpcError):

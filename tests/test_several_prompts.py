@@ -85,7 +85,8 @@ def test_a_prompt_the_node_refuses_fails_the_request_and_cancels_the_others(clie
     with pytest.raises(openai.BadRequestError) as caught:
         # the two others could run for 1,500 tokens (~20 s here) were they not cancelled
         client.completions.create(model=mesh.model, prompt=[PROMPTS[0], too_long, PROMPTS[1]], max_tokens=1500)
-    assert caught.value.code == "CONTEXT_LENGTH_EXCEEDED", caught.value
+    assert caught.value.code == "context_length_exceeded", caught.value
+    assert "maximum context length" in str(caught.value)  # OpenAI's words, which error mappers look for
     metrics = mesh.cluster.metrics[next(iter(k for k in mesh.cluster.metrics if k != "controlplane"))]
 
     def idle() -> bool:

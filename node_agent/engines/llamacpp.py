@@ -363,13 +363,13 @@ class LlamaCppEngine:
         context = self.config.context_size
         if len(tokens) >= context:
             raise ContextLengthExceeded(
-                f"the prompt is {len(tokens)} tokens; this model's context is {context} tokens",
+                f"the prompt is {len(tokens)} tokens; this model's maximum context length is {context} tokens",
                 param="messages",
             )
         if options.max_tokens is not None and len(tokens) + options.max_tokens > context:
             raise ContextLengthExceeded(
                 f"the prompt ({len(tokens)} tokens) plus max_tokens ({options.max_tokens}) exceeds this"
-                f" model's context of {context} tokens",
+                f" model's maximum context length of {context} tokens",
                 param="max_tokens",
             )
         limit = context - len(tokens) if options.max_tokens is None else options.max_tokens
@@ -428,7 +428,8 @@ class LlamaCppEngine:
         if too_long:
             i = too_long[0]
             raise ContextLengthExceeded(
-                f"input[{i}] is {counts[i]} tokens; this model's context is {config.context_size}",
+                f"input[{i}] is {counts[i]} tokens;"
+                f" this model's maximum context length is {config.context_size} tokens",
                 param="input",
             )
         vectors = await self.embedder.embed(list(texts))
