@@ -18,16 +18,25 @@ class Child:
     def __init__(self, name: str, argv: Sequence[str], log: IO[bytes] | None = None) -> None:
         self.name = name
         self.argv = list(argv)
+        self._log = log
+        self.proc = self._spawn()
+
+    def start_again(self) -> None:
+        """The same command again, after the child exited (its ports and its log are the same)."""
+        assert not self.alive()
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
         # Own process group: a Ctrl-C in the terminal reaches only `fleetlm up`, which stops children in
         # order. The same session, though: Linux's autogroup scheduling gives each session an equal share
         # of the CPU, and a thread's class or nice value ranks it only inside its group, so children in
         # sessions of their own would make the node's llama.cpp threads (SCHED_IDLE) compete with the
         # edge as equals, and every token the edge forwards would wait for a core.
-        self.proc = subprocess.Popen(
+        return subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT if log is not None else None,
+            stdout=self._log,
+            stderr=subprocess.STDOUT if self._log is not None else None,
             process_group=0,
             preexec_fn=die_with_parent,
         )
@@ -58,6 +67,33 @@ def port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+class RestartBudget:
+    """How `fleetlm up` starts a component again after it died: after 1 s the first time, then 2, 4, 8 and
+    16 s while it keeps dying, and not at all once it has died `limit` times within `window_seconds` (a
+    component that keeps dying has a reason to, and starting it again for ever would hide it)."""
+
+    def __init__(
+        self, limit: int = 5, window_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limit = limit
+        self.window_seconds = window_seconds
+        self._clock = clock
+        self._deaths: list[float] = []
+
+    def died(self) -> float | None:
+        """Note a death now: the seconds to wait before starting the component again, or None to give up."""
+        now = self._clock()
+        self._deaths = [t for t in self._deaths if now - t < self.window_seconds] + [now]
+        if len(self._deaths) >= self.limit:
+            return None
+        return float(2 ** (len(self._deaths) - 1))
+
+    @property
+    def deaths(self) -> int:
+        """Deaths within the window, as of the last one."""
+        return len(self._deaths)
 
 
 class Interrupted(Exception):

@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 
 from launcher.default_model import write_default_catalog
-from launcher.processes import Child, Interrupted, etcd_argv, port_free, tcp_open, wait_until
+from launcher.processes import Child, Interrupted, RestartBudget, etcd_argv, port_free, tcp_open, wait_until
 from launcher.status import StatusError, fetch, find_target, unplaceable, write_operator_file
 from mesh.catalog import CatalogError, load_catalog
 from mesh.tls import is_loopback
@@ -111,6 +111,34 @@ class LoadProgress:
                 self._shown[key] = line
                 print(f"  {replica['model']} on {replica['node']}: {line}", flush=True)
         return False
+
+
+def _supervise(children: list[Child], stop: threading.Event) -> int:
+    """Until `stop`: a component that exits is started again (`RestartBudget`: after 1 s, then longer);
+    the others reconnect to it on their own, as they would to one restarted by an operator. Returns 0, or
+    1 once a component has died too often to go on."""
+    budgets = {child.name: RestartBudget() for child in children}
+    due: dict[str, float] = {}  # dead children and when they start again
+    while not stop.wait(0.2):
+        for child in children:
+            if child.name in due:
+                if time.monotonic() >= due[child.name]:
+                    del due[child.name]
+                    child.start_again()
+                    print(f"fleetlm up: {child.name} started again", file=sys.stderr, flush=True)
+                continue
+            if child.alive():
+                continue
+            budget = budgets[child.name]
+            delay = budget.died()
+            exited = f"{child.name} exited with code {child.proc.returncode}"
+            if delay is None:
+                print(f"fleetlm up: {exited}, {budget.deaths} times within {budget.window_seconds:g}s; stopping",
+                      file=sys.stderr)  # fmt: skip
+                return 1
+            print(f"fleetlm up: {exited}; starting it again in {delay:g}s", file=sys.stderr, flush=True)
+            due[child.name] = time.monotonic() + delay
+    return 0
 
 
 def _issue_certificates(state: Path, host: str, node_id: str) -> dict[str, list[str]]:
@@ -314,15 +342,7 @@ Press Ctrl-C to stop.
 """,
             flush=True,
         )
-        while not stop.wait(0.5):
-            dead = [c for c in children if not c.alive()]
-            if dead:
-                print(
-                    f"fleetlm up: {dead[0].name} exited with code {dead[0].proc.returncode}; stopping",
-                    file=sys.stderr,
-                )
-                code = 1
-                break
+        code = _supervise(children, stop)
     except Interrupted as exc:  # Ctrl-C or SIGTERM before everything was up: stop now, not after the wait
         print(f"fleetlm up: {exc}; stopping", file=sys.stderr)
         code = 130

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 import yaml
@@ -288,3 +289,46 @@ def test_up_ends_its_wait_for_a_model_that_fits_on_no_node_with_the_reason(tmp_p
     assert "gpu" in result.stderr.split("fits on no node", 1)[1].lower()
     assert "fleetlm is up" not in result.stdout and "fleetlm stopped." in result.stdout
     assert time.monotonic() - started < 100
+
+
+def test_up_starts_a_component_that_died_again_and_serves_on(tmp_path: Path) -> None:
+    """A node or an edge that dies (killed, or the kernel's OOM killer) is started again: the model loads on
+    the new node, and `up` goes on serving; before, one death stopped the whole fleet."""
+    up, ports, log = start_up(tmp_path)
+    url = f"http://127.0.0.1:{ports['http']}/v1/chat/completions"
+    body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+
+    def served_within(seconds: float) -> int:
+        """Requests tried until one is answered (AssertionError after `seconds`)."""
+        deadline, tries = time.monotonic() + seconds, 0
+        while True:
+            tries += 1
+            try:
+                reply = httpx.post(url, json=body, timeout=30)
+                if reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] > 0:
+                    return tries
+            except httpx.HTTPError:
+                pass
+            assert up.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+
+    def child(argv_part: str) -> psutil.Process:
+        [found] = [p for p in psutil.Process(up.pid).children() if p.cmdline()[1:4] == ["-m", "launcher", argv_part]]
+        return found
+
+    try:
+        assert served_within(10) == 1
+        for name in ("node", "edge"):
+            before = child(name)
+            before.kill()
+            served_within(120)
+            text = log.read_text()
+            assert f"fleetlm up: {name} exited with code -9; starting it again in 1s" in text, text[-3000:]
+            assert f"fleetlm up: {name} started again" in text
+            assert child(name).pid != before.pid
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0, log.read_text()
+    finally:
+        if up.poll() is None:
+            up.kill()
