@@ -1,8 +1,8 @@
 """Per-node circuit breakers at the edge: a node that cannot be reached is skipped for the next requests at
 once, instead of being rediscovered by every request's connect timeout.
 
-closed --(`failures` failures in a row)--> open --(cooldown over)--> half-open: one request goes through
-as a probe; it succeeding closes the breaker, it failing opens it again for twice as long (up to
+closed --(`failures` failures in a row)--> open --(cooldown over, or the node's channel connected
+again)--> half-open: one request goes through as a probe; it succeeding closes the breaker, it failing opens it again for twice as long (up to
 `max_cooldown`). Only failures that say the node is unreachable count; a node that answers, even with
 an error, is reachable.
 """
@@ -36,12 +36,14 @@ class Breakers:
         self._clock = clock
         self._states: dict[str, _State] = {}
 
-    def allow(self, node: str) -> bool:
-        """Whether a request may go to `node` now. In half-open, the first caller gets the probe."""
+    def allow(self, node: str, connected: bool = False) -> bool:
+        """Whether a request may go to `node` now. In half-open, the first caller gets the probe; and so does
+        the first caller while the breaker is open but the node is `connected` again (its channel is READY:
+        the node answered a connection just now), without waiting out the cool-down."""
         state = self._states.get(node)
         if state is None or state.failures < self._threshold:
             return True
-        if state.probing or self._clock() < state.open_until:
+        if state.probing or (self._clock() < state.open_until and not connected):
             return False
         state.probing = True
         return True

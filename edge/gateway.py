@@ -232,13 +232,16 @@ class Gateway:
         probe: Replica | None = None
         for replica in replicas:
             channel = self._node_channels.get(replica.address)
-            failing = channel is not None and channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE
-            if failing and not self.breakers.is_open(replica.address):
+            state = channel.get_state() if channel is not None else None
+            if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE and not self.breakers.is_open(replica.address):
                 self.breakers.failed(replica.address)
             if not self.breakers.is_open(replica.address):
                 usable.append(replica)
-            elif probe is None and self.breakers.allow(replica.address):
-                probe = replica  # allow() took the half-open probe
+            elif probe is None and self.breakers.allow(replica.address, state == grpc.ChannelConnectivity.READY):
+                # allow() took the half-open probe: the cool-down is over, or gRPC, which keeps reconnecting
+                # to the node meanwhile, has connected (a node started again is probed at once, not seconds
+                # after it came back).
+                probe = replica
         return ([probe] if probe is not None else []) + usable, probe.address if probe is not None else ""
 
     async def _ask_controlplane(self, method: str, request: Any, timeout: float) -> Any:

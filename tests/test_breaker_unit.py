@@ -59,3 +59,16 @@ def test_nodes_are_independent() -> None:
     b.failed("a")
     assert not b.allow("a") and b.allow("b")
     assert b.open_nodes() == ["a"]
+
+
+def test_a_node_connected_again_is_probed_before_the_cooldown_is_over() -> None:
+    clock = Clock()
+    b = Breakers(failures=1, cooldown=30.0, clock=clock)
+    b.failed("n")
+    assert not b.allow("n") and not b.allow("n", connected=False)
+    assert b.allow("n", connected=True)  # its channel is READY again: one probe now
+    assert not b.allow("n", connected=True)  # still one at a time
+    b.failed("n")  # the probe failed all the same: open again, and no probe until it connects again
+    assert not b.allow("n")
+    b.released("n")
+    assert b.allow("n", connected=True)

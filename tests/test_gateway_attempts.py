@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -412,6 +413,37 @@ async def test_an_unreachable_replica_is_skipped_until_a_probe_finds_it_back(fle
                 break
             await asyncio.sleep(0.1)
         assert revived.calls, "the revived node was never tried again"
+        assert "unreachable_nodes" not in gateway.routing_status()
+
+
+async def test_a_lone_replica_started_again_is_probed_as_soon_as_its_channel_connects(fleet: Fleet) -> None:
+    # The only replica dies: requests are refused at once (503, retry shortly) while its breaker is open. When
+    # it comes back, gRPC, which keeps reconnecting, reports the channel READY, and the next request probes
+    # it then, not once the cool-down (30 s here) is over: `fleetlm up` starting a killed node again answered
+    # 1.4 s after the node was ready, while the breaker waited.
+    dead = unreachable("dead")
+    fleet.routing.table = table((dead, 0))
+    async with following(fleet.gateway(Breakers(failures=1, cooldown=30.0))) as gateway:
+        with pytest.raises(FleetError) as refused:
+            await generate(gateway, chat("m"))
+        assert refused.value.code == ErrorCode.BACKEND_UNAVAILABLE
+        assert gateway.routing_status()["unreachable_nodes"] == [dead.address]
+        revived = Node("dead")
+        server = GrpcServer([INFERENCE])
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(revived, server.server)
+        await server.start(dead.address)
+        fleet.servers.append(server)
+        outcomes: list[str] = []
+        deadline = time.monotonic() + 10  # a third of the cool-down
+        while time.monotonic() < deadline:
+            try:
+                outcomes.append((await generate(gateway, chat("m")))[-1].result.node_id)
+                break
+            except FleetError as error:
+                assert error.code == ErrorCode.BACKEND_UNAVAILABLE, error
+                outcomes.append("refused")
+            await asyncio.sleep(0.1)
+        assert outcomes[-1] == "dead", f"not served within 10 s of the node's return: {outcomes}"
         assert "unreachable_nodes" not in gateway.routing_status()
 
 
