@@ -2,9 +2,9 @@
 once, instead of being rediscovered by every request's connect timeout.
 
 closed --(`failures` failures in a row)--> open --(cooldown over, or the node's channel connected
-again)--> half-open: one request goes through as a probe; it succeeding closes the breaker, it failing opens it again for twice as long (up to
-`max_cooldown`). Only failures that say the node is unreachable count; a node that answers, even with
-an error, is reachable.
+again)--> half-open: one request goes through as a probe; it succeeding closes the breaker, it failing
+opens it again for twice as long (up to `max_cooldown`). Only failures that say the node is unreachable
+count; a node that answers, even with an error, is reachable.
 """
 
 from __future__ import annotations
