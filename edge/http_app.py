@@ -316,40 +316,29 @@ class GenerationRoutes:
     ) -> None:
         """The Responses API's typed events. As with chat, an error before the first output is a plain HTTP
         error; after it, an `error` event ends the stream."""
-        started = False
-
-        async def emit(data: list[bytes]) -> None:
-            nonlocal started
-            if not started:
-                started = True
-                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-            await send({"type": "http.response.body", "body": b"".join(data), "more_body": True})
-
-        async def note(line: str) -> None:
-            await emit([_wait_note(line)])
-
+        out = _EventStream(send)
         access = access_log.current()
         try:
-            first = await _first_message(stream, note)
-            await emit(events.start())
+            first = await _first_message(stream, out.note)
+            await out.event(*events.start())
             response: inference_pb2.GenerateResponse | None = first
             while response is not None:
                 if response.HasField("delta"):
                     if response.delta.text:
-                        await emit(events.text(response.delta.text))
+                        await out.event(*events.text(response.delta.text))
                 elif response.HasField("tool_call"):
-                    await emit(events.tool_call(response.tool_call))
+                    await out.event(*events.tool_call(response.tool_call))
                 elif response.HasField("result"):
                     if access is not None:
                         _note_result(access, response.result)
                     auth.charge(response.result.usage.total_tokens)
-                    await emit(events.finish(response.result))
+                    await out.event(*events.finish(response.result))
                 response = await anext(stream, None)
         except Exception as exc:
-            if not started:
+            if not out.started:
                 raise  # a plain HTTP error
-            await emit([events.error(_stream_error(exc))])
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await out.event(events.error(_stream_error(exc)))
+        await out.end()
 
     async def _generate(self, receive: Receive, send: Send, chat: bool, request_id: str) -> None:
         raw = await _body(receive)
@@ -401,21 +390,11 @@ class GenerationRoutes:
     ) -> None:
         # The first event comes before the response starts, so that errors before any output are plain
         # HTTP errors; after that an error is one `data:` event, then `data: [DONE]` (but see _first_message).
-        started = False
-
-        async def event(data: bytes) -> None:
-            nonlocal started
-            if not started:
-                started = True
-                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-
-        async def note(line: str) -> None:
-            await event(_wait_note(line))
-
+        out = _EventStream(send)
+        event = out.event
         access = access_log.current()
         try:
-            first = await _first_message(stream, note)
+            first = await _first_message(stream, out.note)
             if shape.chat:
                 for index in range(choices):  # each choice starts with its role, as OpenAI's streams do
                     await event(sse(shape.chunk(None, first=True, index=index)))
@@ -441,10 +420,33 @@ class GenerationRoutes:
                         await event(sse(shape.usage_chunk(response.result.usage)))
                 response = await anext(stream, None)
         except Exception as exc:
-            if not started:
+            if not out.started:
                 raise  # a plain HTTP error
             await event(sse(_stream_error(exc)))
-        await send({"type": "http.response.body", "body": sse("[DONE]"), "more_body": False})
+        await out.end(sse("[DONE]"))
+
+
+class _EventStream:
+    """A server-sent-events response whose 200 and headers go out with its first event, so that a failure
+    before any output is still a plain HTTP error (`started` says whether that moment has passed)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def event(self, *data: bytes) -> None:
+        """One write of `data` (one event, or several that belong together)."""
+        if not self.started:
+            self.started = True
+            await self._send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        await self._send({"type": "http.response.body", "body": b"".join(data), "more_body": True})
+
+    async def note(self, line: str) -> None:
+        """A wait note (an SSE comment) while the model scales from zero: see _first_message."""
+        await self.event(_wait_note(line))
+
+    async def end(self, data: bytes = b"") -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": False})
 
 
 # What a web page may read of a cross-origin response: the request id and the rate limits (edge.auth).
