@@ -575,7 +575,7 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--controlplane", help="control plane host:port (default: the one fleetlm up runs, else 127.0.0.1:50051)"
     )
-    status.add_argument("--once", action="store_true", help="print the view once and exit")
+    status.add_argument("--once", action="store_true", help="print the view once and exit (as when piped)")
     status.add_argument("--json", action="store_true", help="print the fleet once as JSON and exit")
     status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (2)")
     status.add_argument(

@@ -3,7 +3,7 @@
 It reads what an operator may read through AdminService (ListNodes, ListDeployments, GetLeader) and shows
 nodes (scheduling, heartbeat, CPU, RAM, GPUs and their memory), deployments, and every replica (state,
 load against its slots, refusals, load progress or error). `--once` prints one view, `--json` one JSON
-document for scripts.
+document for scripts; piped or redirected, it prints one view as with `--once`.
 
 Where to connect and with which credentials, like kubectl with its kubeconfig: flags first, then
 FLEETLM_ADMIN_TOKEN, then `<state>/operator.json`, which `fleetlm up` writes (its control plane, the fleet
@@ -336,7 +336,9 @@ async def _live(target: Target, interval: float) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         target = find_target(args)
-        if args.json or args.once:
+        # Piped or redirected (`fleetlm status | grep`, a log file): one view, as --once, not a screen redrawn
+        # for ever in terminal escapes that no one sees.
+        if args.json or args.once or not sys.stdout.isatty():
             snap = asyncio.run(fetch(target))
             if args.json:
                 print(json.dumps(snap, indent=2))

@@ -181,6 +181,15 @@ def test_status_json_describes_the_fleet(fleet: Fleet) -> None:
         assert replica["assigned"] is False
 
 
+def test_status_piped_prints_one_view_and_ends(fleet: Fleet) -> None:
+    # `fleetlm status | grep vm`: its output is a pipe, not a terminal. It used to draw the live view there
+    # for ever, in escape codes, and the pipe's reader never saw an end (the 60 s timeout here).
+    piped = status("--state-dir", str(fleet.state))
+    assert piped.returncode == 0, piped.stderr
+    assert "NODES (2)" in piped.stdout and "node-a" in piped.stdout and "node-b" in piped.stdout
+    assert "\x1b" not in piped.stdout and "Ctrl-C" not in piped.stdout
+
+
 def test_status_failures_are_one_line(fleet: Fleet, tmp_path: Path) -> None:
     # Nothing listening.
     down = status("--once", "--controlplane", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path))
