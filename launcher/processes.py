@@ -70,9 +70,10 @@ def port_free(host: str, port: int) -> bool:
 
 
 class RestartBudget:
-    """How `fleetlm up` starts a component again after it died: after 1 s the first time, then 2, 4, 8 and
-    16 s while it keeps dying, and not at all once it has died `limit` times within `window_seconds` (a
-    component that keeps dying has a reason to, and starting it again for ever would hide it)."""
+    """How `fleetlm up` starts a component again after it died: after 1 s the first time, then twice as long
+    each time while it keeps dying (2, 4, 8 s), and not at all once it has died `limit` times within
+    `window_seconds` (a component that keeps dying has a reason to, and starting it again for ever would
+    hide it)."""
 
     def __init__(
         self, limit: int = 5, window_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic
