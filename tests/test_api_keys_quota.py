@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from controlplane.quota import WINDOW_SECONDS, Quotas, chunk_size
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock
 
 
 def test_grants_to_many_edges_never_pass_the_limit_in_a_window() -> None:

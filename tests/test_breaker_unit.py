@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 from edge.breaker import Breakers
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock
 
 
 def test_open_after_failures_then_one_probe_after_the_cooldown() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     b = Breakers(failures=2, cooldown=1.0, clock=clock)
     assert b.allow("n")
     b.failed("n")
@@ -31,7 +24,7 @@ def test_open_after_failures_then_one_probe_after_the_cooldown() -> None:
 
 
 def test_a_failed_probe_doubles_the_cooldown_up_to_the_cap() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     b = Breakers(failures=1, cooldown=1.0, max_cooldown=3.0, clock=clock)
     b.failed("n")
     waits = []
@@ -45,7 +38,7 @@ def test_a_failed_probe_doubles_the_cooldown_up_to_the_cap() -> None:
 
 
 def test_a_probe_that_ends_without_a_verdict_lets_another_go() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     b = Breakers(failures=1, cooldown=1.0, clock=clock)
     b.failed("n")
     clock.now += 1.0
@@ -55,14 +48,14 @@ def test_a_probe_that_ends_without_a_verdict_lets_another_go() -> None:
 
 
 def test_nodes_are_independent() -> None:
-    b = Breakers(failures=1, clock=Clock())
+    b = Breakers(failures=1, clock=Clock(100.0))
     b.failed("a")
     assert not b.allow("a") and b.allow("b")
     assert b.open_nodes() == ["a"]
 
 
 def test_a_node_connected_again_is_probed_before_the_cooldown_is_over() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     b = Breakers(failures=1, cooldown=30.0, clock=clock)
     b.failed("n")
     assert not b.allow("n") and not b.allow("n", connected=False)

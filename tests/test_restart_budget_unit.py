@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from launcher.processes import RestartBudget
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock
 
 
 def test_a_component_is_started_again_after_a_longer_wait_each_time_then_given_up() -> None:
