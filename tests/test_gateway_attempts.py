@@ -142,10 +142,11 @@ class Fleet:
     routing_address: str
     servers: list[GrpcServer]
 
-    async def node(self, node: Node) -> Node:
+    async def node(self, node: Node, address: str = "127.0.0.1:0") -> Node:
+        """`node` served on a port of its own, or on `address` (a node that comes back where it was)."""
         server = GrpcServer([INFERENCE])
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(node, server.server)
-        node.address = f"127.0.0.1:{await server.start('127.0.0.1:0')}"
+        node.address = f"127.0.0.1:{await server.start(address)}"
         self.servers.append(server)
         return node
 
@@ -402,11 +403,7 @@ async def test_an_unreachable_replica_is_skipped_until_a_probe_finds_it_back(fle
         await generate(gateway, chat("m"))
         assert live.calls == ["m", "m"]
         # It comes back on the same address: after the cool-down one request probes it, and it serves again.
-        revived = Node("dead")
-        server = GrpcServer([INFERENCE])
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(revived, server.server)
-        await server.start(dead.address)
-        fleet.servers.append(server)
+        revived = await fleet.node(Node("dead"), dead.address)
         for _ in range(100):  # bounded: 10 s at most
             events = await generate(gateway, chat("m"))
             if events[-1].result.node_id == "dead":
@@ -428,11 +425,7 @@ async def test_a_lone_replica_started_again_is_probed_as_soon_as_its_channel_con
             await generate(gateway, chat("m"))
         assert refused.value.code == ErrorCode.BACKEND_UNAVAILABLE
         assert gateway.routing_status()["unreachable_nodes"] == [dead.address]
-        revived = Node("dead")
-        server = GrpcServer([INFERENCE])
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(revived, server.server)
-        await server.start(dead.address)
-        fleet.servers.append(server)
+        await fleet.node(Node("dead"), dead.address)
         outcomes: list[str] = []
         deadline = time.monotonic() + 10  # a third of the cool-down
         while time.monotonic() < deadline:
@@ -458,11 +451,7 @@ async def test_a_node_back_after_a_cut_is_probed_even_when_another_replica_looks
         assert (await generate(gateway, chat("m")))[-1].result.node_id == "live"
         assert gateway.routing_status()["unreachable_nodes"] == [dead.address]
         fleet.routing.updates.put_nowait(table((dead, 5), (live, 0)))  # now the other one looks best
-        revived = Node("dead")
-        server = GrpcServer([INFERENCE])
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(revived, server.server)
-        await server.start(dead.address)
-        fleet.servers.append(server)
+        revived = await fleet.node(Node("dead"), dead.address)
         served = []
         for _ in range(60):  # bounded: 6 s at most, 20 cool-downs
             served.append((await generate(gateway, chat("m")))[-1].result.node_id)
