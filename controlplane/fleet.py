@@ -3,7 +3,11 @@
 Placement and routing run on every request, so they read this view instead of etcd. The view is
 event-driven (a watch on the store's prefix) and also reloaded in full periodically and after any watch
 failure, so that an event the watch missed heals within one resync interval. Waiters (a request holding
-for a replica to become ready) are woken on every change.
+for a replica to become ready) are woken on every change. A resync's reads may predate a change whose
+watch event arrives while they are in flight: installing them after that event would roll the change back
+until the next resync (a deployment made in that moment was missing from the routing table for 30 s). So
+the two never interleave: a watch event waits for the resync in progress and is applied on top of what it
+installed (events come in revision order, so the view converges on the store's newest state).
 
 Load is not cluster state. What a node reports that changes with every request (its replicas' running,
 queued and refused counts, when each last had a request, free RAM, the time of the report) lives in the
@@ -186,6 +190,7 @@ class FleetView:
         # time.monotonic() by which they must have registered again, else they leave the view.
         self.lapsed: dict[str, float] = {}
         self._departing: set[str] = set()  # nodes that deregistered here: their record's deletion is a leave
+        self._writing = asyncio.Lock()  # a resync, or a watch event's change: one at a time (module docstring)
 
     @property
     def nodes(self) -> dict[str, node_pb2.Node]:
@@ -211,6 +216,10 @@ class FleetView:
         return [a for a in self.assignments.values() if a.node_id == node_id]
 
     async def resync(self) -> None:
+        async with self._writing:
+            await self._resync()
+
+    async def _resync(self) -> None:
         loaded = await asyncio.gather(*(self._store.list(kind) for kind in KINDS))
         records = {
             kind: {record_key(kind, m): m for m in messages} for kind, messages in zip(KINDS, loaded, strict=True)
@@ -238,6 +247,10 @@ class FleetView:
         return self.load.alive(node_id, self.load.max_age_seconds / 2)
 
     async def apply(self, event: StoreEvent) -> None:
+        async with self._writing:
+            await self._apply(event)
+
+    async def _apply(self, event: StoreEvent) -> None:
         table = self.records[event.kind]
         if event.kind == "node":
             if event.value is None and self._lapses(event.key):

@@ -409,3 +409,42 @@ async def test_a_node_that_left_is_not_kept_as_lapsed(etcd_url: str, how: str) -
             assert "n1" not in cp.fleet.lapsed
         finally:
             await stream.close()
+
+
+async def test_a_change_the_watch_brings_during_a_full_resync_is_not_rolled_back(etcd_url: str) -> None:
+    """A resync reads every record, then installs what it read. A deployment written while those reads were
+    in flight, whose watch event came before the install, was rolled back by it until the next resync, 30 s
+    later (the project's CI saw a deployment missing from the edges' routing table that long). The resync's
+    reads are held here, on a real etcd, while the deployment is written and its event delivered."""
+    store = EtcdStore(etcd_url, f"/router-test-{uuid.uuid4().hex[:8]}")
+    await store.connect()
+    fleet = FleetView(store, resync_interval_seconds=600)
+    following = asyncio.create_task(fleet.run())
+    try:
+        await asyncio.wait_for(fleet.synced.wait(), SETTLE)
+        read, release = asyncio.Event(), asyncio.Event()
+        listed = store.list
+
+        async def held(kind: str) -> list[Any]:
+            records = await listed(kind)  # read now: before the deployment is written
+            read.set()
+            await release.wait()
+            return records
+
+        store.list = held  # type: ignore[method-assign]
+        resync = asyncio.create_task(fleet.resync())
+        await asyncio.wait_for(read.wait(), SETTLE)
+        spec = node_pb2.ModelSpec(name=MODEL, path=PATH, format="gguf")
+        await store.put("deployment", node_pb2.Deployment(spec=spec, min_replicas=0, max_replicas=1))
+        await asyncio.sleep(0.5)  # its watch event arrives meanwhile (and, fixed, waits for the resync)
+        release.set()
+        await asyncio.wait_for(resync, SETTLE)
+        store.list = listed  # type: ignore[method-assign]
+        deadline = asyncio.get_running_loop().time() + 5
+        while MODEL not in fleet.deployments and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert MODEL in fleet.deployments, "the resync rolled back a deployment the watch had brought"
+    finally:
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
+        await store.close()
