@@ -191,6 +191,7 @@ class ResponsesRequest(BaseModel):
     stream: bool = False
     user: str | None = None
     metadata: dict[str, Any] | None = None
+    store: bool | None = None  # accepted (its type checked, as documented); nothing is stored
     # What needs responses kept on the server, which fleetlm does not do: refused, never ignored.
     previous_response_id: str | None = None
     conversation: Any = None

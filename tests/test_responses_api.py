@@ -146,6 +146,7 @@ def test_text_format_json_schema_gives_a_parsed_answer(client: openai.OpenAI, me
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type", "not supported"),
         ({"input": [{"role": "robot", "content": "hi"}]}, "input[0].role", "must be one of"),
         ({"input": "hi", "temperature": 3}, "temperature", "between 0 and 2"),
+        ({"input": "hi", "store": [[1]]}, "store", "bool"),  # accepted as a boolean, and only as one
         ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", "between 1 and"),
         ({"input": "hi", "text": {"format": {"type": "yaml"}}}, "text.format.type", "json_schema"),
         ({"input": "hi", "include": ["message.output_text.logprobs"]}, "include", "not supported"),
