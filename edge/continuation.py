@@ -60,6 +60,7 @@ class Progress:
     continued: int = 0
     failed_nodes: set[str] = field(default_factory=set)  # nodes whose stream of it failed: not tried again
     choices_ended: int = 0  # ChoiceEnd events (n > 1)
+    echoed: bool = False  # the prompt was echoed (GenerateRequest.echo): a continuation does not echo it again
 
     @property
     def sent(self) -> str:
@@ -73,6 +74,8 @@ class Progress:
             self.text.append(response.delta.text)
         elif response.HasField("choice_end"):
             self.choices_ended += 1
+        elif response.HasField("prompt"):
+            self.echoed = True
         elif response.HasField("result") and self.prompt_tokens is not None:
             usage = response.result.usage
             usage.prompt_tokens = self.prompt_tokens
@@ -91,8 +94,9 @@ class Progress:
             )
 
     def again(self) -> inference_pb2.GenerateRequest:
-        """The request to send again when the client was sent no text yet: as it is."""
-        assert not self.sent
+        """The request to send again when the client was sent nothing yet (no text, no echoed prompt): as
+        it is."""
+        assert not self.sent and not self.echoed
         self.continued += 1
         again = inference_pb2.GenerateRequest()
         again.CopyFrom(self.request)
@@ -125,6 +129,7 @@ class Progress:
             continued.chat.CopyFrom(self._continued_chat())
         else:
             continued.prompt = self.request.prompt + self.sent
+            continued.echo = False  # the prompt was echoed with the text before the cut
         if self.request.sampling.HasField("max_tokens"):
             left = self.request.sampling.max_tokens - self.tokens_before
             if left <= 0:

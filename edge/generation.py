@@ -156,7 +156,7 @@ class Generation:
         try:
             if left <= 0:
                 raise FleetError(ErrorCode.BACKEND_TIMEOUT, "the request's timeout is spent")
-            if progress.sent:
+            if progress.sent or progress.echoed:
                 original, continuing = progress.tokenize_requests(cut.model)
                 counts = await asyncio.gather(
                     self._gateway.unary("Tokenize", original, left, request_id, avoid),

@@ -127,8 +127,9 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def _collect(stream: AsyncIterator[inference_pb2.GenerateResponse]) -> tuple[Choices, Any]:
-    choices = Choices()
+async def _collect(stream: AsyncIterator[inference_pb2.GenerateResponse], n: int = 1) -> tuple[Choices, Any]:
+    """A whole reply's choices (`n` per prompt) and its result."""
+    choices = Choices(n)
     result = None
     access = access_log.current()
     first = True
@@ -136,9 +137,9 @@ async def _collect(stream: AsyncIterator[inference_pb2.GenerateResponse]) -> tup
         if event.HasField("result"):
             result = event.result  # its tool_calls are the reply's, whole (the deltas streamed them)
             continue
-        if access is not None and first:
-            access.token()  # the first output of either kind: text or a tool call
-        first = False
+        if access is not None and first and not event.HasField("prompt"):
+            access.token()  # the first output of either kind: text or a tool call (not an echoed prompt)
+            first = False
         choices.add(event)
     if result is None:
         raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream without a result")
@@ -370,10 +371,10 @@ class GenerationRoutes:
             stream = prompt_batch.merged(opens, body.choices, min(prompt_batch.WINDOW, limit or prompt_batch.WINDOW))
         try:
             if body.stream:
-                streamed = self._stream(send, stream, shape, body.include_usage, body.choices * len(protos))
+                streamed = self._stream(send, stream, shape, body.include_usage, body.choices, len(protos))
                 await until_disconnect(receive, streamed)
             else:
-                choices, result = await until_disconnect(receive, _collect(stream))
+                choices, result = await until_disconnect(receive, _collect(stream, body.choices))
                 auth.charge(result.usage.total_tokens)
                 for message in _json_message(200, shape.full(choices, result)):
                     await send(message)
@@ -386,13 +387,16 @@ class GenerationRoutes:
         stream: AsyncIterator[inference_pb2.GenerateResponse],
         shape: CompletionShape,
         include_usage: bool,
-        choices: int,
+        n: int,
+        prompts: int = 1,
     ) -> None:
+        """A chat or text completion's SSE stream: `n` choices for each of `prompts` prompts."""
         # The first event comes before the response starts, so that errors before any output are plain
         # HTTP errors; after that an error is one `data:` event, then `data: [DONE]` (but see _first_message).
         out = _EventStream(send)
         event = out.event
         access = access_log.current()
+        choices = n * prompts
         try:
             first = await _first_message(stream, out.note)
             if shape.chat:
@@ -409,6 +413,8 @@ class GenerationRoutes:
                     await event(sse(shape.chunk(None if shape.chat else "", finish=reason, index=end.index)))
                 elif response.HasField("tool_call"):
                     await event(sse(shape.tool_call_chunk(response.tool_call)))
+                elif response.HasField("prompt"):  # echo: each of the prompt's choices begins with it
+                    await event(*shape.prompt_chunks(response.prompt, n))
                 else:
                     reason = FINISH_REASONS.get(response.result.finish_reason, "stop")
                     if access is not None:

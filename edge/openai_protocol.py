@@ -2,9 +2,10 @@
 
 Requests are validated by pydantic (types) and by mesh.inference_requests' table of bounds (ranges, the
 same as over gRPC); a field of the wrong type or out of range becomes a 400 naming the field. Fields
-OpenAI defines that fleetlm does not implement are refused when they would change the result (echo,
-suffix, best_of, audio, image/audio/file content, the deprecated functions/function_call), and
-ignored when they would not (metadata, store). `response_format` (structured outputs) is taken by chat
+OpenAI defines that fleetlm does not implement are refused when they would change the result (suffix,
+best_of, audio, image/audio/file content, the deprecated functions/function_call), and ignored when they
+would not (metadata, store). A completion's `echo` begins each choice with its prompt (PromptEcho), with
+the prompt's logprobs when asked for. `response_format` (structured outputs) is taken by chat
 and, as vLLM and llama-server take it, by completions. `n` choices come back as `choices[i]` with their
 `index`, streamed or not. Chat takes tools (`tools`, `tool_choice`, `parallel_tool_calls`, assistant
 `tool_calls` and `tool` messages in the history); a reply's calls come back as `message.tool_calls`,
@@ -16,6 +17,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 import struct
 import time
 import uuid
@@ -35,7 +37,7 @@ from pydantic import (
 
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import invalid
-from mesh.inference_requests import INT32_MAX, SAMPLING_BOUNDS, check_logit_bias
+from mesh.inference_requests import INT32_MAX, SAMPLING_BOUNDS, check_logit_bias, sampling_bound
 
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_STOP: "stop",
@@ -133,9 +135,14 @@ class _Request(BaseModel):
         for field, bound in self.BOUNDED.items():
             value = getattr(self, field)
             if value is not None:
-                SAMPLING_BOUNDS[bound].check(field, value)
+                sampling_bound(bound, self.echoes).check(field, value)
         self._token_bias = self.token_bias()  # checked here, so that a bad one is refused with the rest
         return self
+
+    @property
+    def echoes(self) -> bool:
+        """Whether the prompt is echoed (a completion's `echo`): then max_tokens may be 0."""
+        return False
 
     def token_bias(self) -> dict[int, float]:
         """`logit_bias` as SamplingParams takes it (token id -> bias), or a 400 naming it: OpenAI's keys are
@@ -430,6 +437,10 @@ class CompletionRequest(_Request):
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None
 
+    @property
+    def echoes(self) -> bool:
+        return self.echo
+
     @field_validator("prompt", mode="wrap")
     @classmethod
     def _one_text_prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
@@ -460,8 +471,6 @@ class CompletionRequest(_Request):
         return protos
 
     def to_proto(self, request_id: str) -> inference_pb2.GenerateRequest:
-        if self.echo:
-            raise invalid("echo", "echo is not supported")
         if self.suffix:
             raise invalid("suffix", "suffix is not supported")
         if self.best_of is not None and self.best_of != self.choices:
@@ -481,6 +490,7 @@ class CompletionRequest(_Request):
             sampling=sampling,
             user=self.user or "",
             request_id=request_id,
+            echo=self.echo,
         )
 
 
@@ -539,20 +549,34 @@ def _chat_logprob(entry: inference_pb2.TokenLogprob | inference_pb2.TopLogprob) 
 @dataclasses.dataclass
 class Choices:
     """A generation's choices as its events arrive, by index: each one's text, logprobs and, with n > 1,
-    finish reason (its ChoiceEnd)."""
+    finish reason (its ChoiceEnd). An echoed prompt (PromptEcho) begins the text and logprobs of the `n`
+    choices it begins; the generated tokens' text offsets then count from the prompt's start."""
 
+    n: int = 1  # choices per prompt
     texts: dict[int, list[str]] = dataclasses.field(default_factory=dict)
     logprobs: dict[int, list[inference_pb2.TokenLogprob]] = dataclasses.field(default_factory=dict)
     finishes: dict[int, inference_pb2.FinishReason] = dataclasses.field(default_factory=dict)
+    shifts: dict[int, int] = dataclasses.field(default_factory=dict)  # per choice: its echoed prompt's length
 
     def add(self, event: inference_pb2.GenerateResponse) -> None:
         if event.HasField("delta"):
             delta = event.delta
             self.texts.setdefault(delta.index, []).append(delta.text)
             if delta.logprobs:
-                self.logprobs.setdefault(delta.index, []).extend(delta.logprobs)
+                entries = self.logprobs.setdefault(delta.index, [])
+                shift = self.shifts.get(delta.index, 0)
+                for entry in delta.logprobs:
+                    entry.text_offset += shift
+                    entries.append(entry)
         elif event.HasField("choice_end"):
             self.finishes[event.choice_end.index] = event.choice_end.finish_reason
+        elif event.HasField("prompt"):
+            echo = event.prompt
+            for index in range(echo.index, echo.index + self.n):
+                self.texts.setdefault(index, []).append(echo.text)
+                self.shifts[index] = self.shifts.get(index, 0) + len(echo.text)
+                if echo.logprobs:
+                    self.logprobs.setdefault(index, []).extend(echo.logprobs)
 
 
 class CompletionShape:
@@ -567,6 +591,7 @@ class CompletionShape:
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self._text_events: dict[int, tuple[bytes, bytes]] = {}  # per choice index
+        self.shifts: dict[int, int] = {}  # per choice index: its echoed prompt's length (prompt_chunks)
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
@@ -578,9 +603,10 @@ class CompletionShape:
             **extra,
         }
 
-    def logprobs_json(self, entries: Logprobs, streamed: bool = False) -> dict[str, Any] | None:
+    def logprobs_json(self, entries: Logprobs, streamed: bool = False, shift: int = 0) -> dict[str, Any] | None:
         """OpenAI's `logprobs` of a choice: chat's `content` list, or the completions API's parallel
-        lists. None when not asked for, and on a streamed chunk that carries no tokens."""
+        lists, the text offsets moved by `shift` (an echoed prompt's length). None when not asked for, and
+        on a streamed chunk that carries no tokens."""
         if not self.logprobs or (streamed and not entries):
             return None
         if self.chat:
@@ -589,11 +615,14 @@ class CompletionShape:
                     {**_chat_logprob(e), "top_logprobs": [_chat_logprob(t) for t in e.top_logprobs]} for e in entries
                 ]
             }
+        # An echoed prompt's first token has no logprob (NaN: nothing before it): null, as OpenAI shows it.
         return {
             "tokens": [e.token for e in entries],
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries],
-            "text_offset": [e.text_offset for e in entries],
+            "token_logprobs": [None if math.isnan(e.logprob) else e.logprob for e in entries],
+            "top_logprobs": [
+                None if math.isnan(e.logprob) else {t.token: t.logprob for t in e.top_logprobs} for e in entries
+            ],
+            "text_offset": [e.text_offset + shift for e in entries],
         }
 
     def full(self, choices: Choices, result: inference_pb2.GenerateResult) -> dict[str, Any]:
@@ -623,8 +652,12 @@ class CompletionShape:
         first: bool = False,
         logprobs: Logprobs = (),
         index: int = 0,
+        prompt: bool = False,
     ) -> dict[str, Any]:
-        scores = self.logprobs_json(logprobs, streamed=True)
+        """One chunk of choice `index`: its text, or `first` (chat's role), or its finish reason. Its logprobs'
+        offsets count from the choice's echoed prompt's start, except in the chunks of the `prompt` itself."""
+        shift = 0 if prompt else self.shifts.get(index, 0)
+        scores = self.logprobs_json(logprobs, streamed=True, shift=shift)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text is not None:
@@ -647,6 +680,15 @@ class CompletionShape:
             event = self._text_events[index] = (f"data: {head}".encode(), f"{tail}\n\n".encode())
         before, after = event
         return before + json.dumps(text).encode() + after
+
+    def prompt_chunks(self, echo: inference_pb2.PromptEcho, n: int) -> list[bytes]:
+        """The SSE events of an echoed prompt (one PromptEcho event), one for each of the `n` choices it
+        begins; their generated tokens' text offsets count from the prompt's start from now on."""
+        events = []
+        for index in range(echo.index, echo.index + n):
+            events.append(sse(self.chunk(echo.text, logprobs=echo.logprobs, index=index, prompt=True)))
+            self.shifts[index] = self.shifts.get(index, 0) + len(echo.text)
+        return events
 
     def tool_call_chunk(self, delta: inference_pb2.ToolCallDelta) -> dict[str, Any]:
         """A chunk with part of a tool call, as OpenAI streams them: the call's first has its index, id, type

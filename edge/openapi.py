@@ -260,8 +260,17 @@ def _request_schemas() -> dict[str, Schema]:
             "prompt": {
                 "anyOf": [one_prompt, {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": one_prompt}]
             },
-            "max_tokens": {**_bounded("max_tokens", "integer"), "default": 16},
-            "echo": {"type": "boolean", "enum": [False], "default": False, "description": "not supported"},
+            "max_tokens": {
+                **_nullable({"type": "integer", "minimum": 0, "maximum": SAMPLING_BOUNDS["max_tokens"].high}),
+                "default": 16,
+                "description": "at least 1; 0 only with echo (the prompt scored, nothing generated)",
+            },
+            "echo": {
+                "type": "boolean",
+                "default": False,
+                "description": "each choice's text begins with its prompt; with logprobs, every prompt token's"
+                " (the first's null) before the generated ones'. llama.cpp models only.",
+            },
             "logprobs": _bounded("top_logprobs", "integer"),
             "suffix": _nullable({"type": "string", "maxLength": 0, "description": "not supported"}),
             "best_of": {**_bounded("n", "integer"), "description": "only equal to n (every choice is returned)"},

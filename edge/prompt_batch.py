@@ -63,6 +63,9 @@ async def merged(opens: Sequence[Callable[[], Stream]], n: int, at_once: int = W
             elif kind == "choice_end":
                 item.choice_end.index += offset
                 yield item
+            elif kind == "prompt":  # an echoed prompt begins its own choices
+                item.prompt.index += offset
+                yield item
             elif kind == "result":
                 result = item.result
                 if n == 1:  # its end was the result; here it is one choice among the others

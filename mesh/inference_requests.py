@@ -92,11 +92,21 @@ def require_model(model: object) -> None:
         raise FleetError(ErrorCode.MODEL_REQUIRED, "the 'model' field is required", param="model")
 
 
-def validate_sampling(params: inference_pb2.SamplingParams) -> None:
-    for name, bound in SAMPLING_BOUNDS.items():
+# max_tokens of a completion that echoes its prompt: 0 scores the prompt and generates nothing (how
+# evaluation harnesses ask for a text's log probabilities).
+ECHO_MAX_TOKENS = Bound(0, UINT32_MAX)
+
+
+def sampling_bound(name: str, echo: bool = False) -> Bound:
+    """The bound of SamplingParams field `name` (max_tokens may be 0 when the prompt is echoed)."""
+    return ECHO_MAX_TOKENS if echo and name == "max_tokens" else SAMPLING_BOUNDS[name]
+
+
+def validate_sampling(params: inference_pb2.SamplingParams, echo: bool = False) -> None:
+    for name in SAMPLING_BOUNDS:
         field = params.DESCRIPTOR.fields_by_name[name]
         if not field.has_presence or params.HasField(name):
-            bound.check(name, getattr(params, name))
+            sampling_bound(name, echo).check(name, getattr(params, name))
     if len(params.stops) > MAX_STOPS:
         raise invalid("stop", f"at most {MAX_STOPS} stop sequences are allowed; got {len(params.stops)}")
     if any(not s for s in params.stops):
@@ -277,11 +287,13 @@ def validate_generate(request: inference_pb2.GenerateRequest) -> None:
         raise invalid("messages", "a request needs 'messages' (chat) or 'prompt' (completion)")
     if which == "chat":
         validate_chat(request.chat)
+        if request.echo:
+            raise invalid("echo", "'echo' is for a completion's prompt; a chat has none to echo")
     else:
         if not request.prompt:
             raise invalid("prompt", "'prompt' must not be empty")
         check_prompt_chars("prompt", (request.prompt,))
-    validate_sampling(request.sampling)
+    validate_sampling(request.sampling, request.echo)
     if which == "chat" and request.sampling.n > 1 and _may_call_tools(request.chat):
         raise invalid(
             "n",

@@ -5,7 +5,7 @@ model, replica, outcome and tokens, and traced when tracing is on (node_agent.re
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 import grpc
 
@@ -22,9 +22,11 @@ from node_agent.engines.base import (
     InvalidInput,
     Message,
     Prompt,
+    PromptEcho,
     ResponseFormat,
     SamplingOptions,
     TextChunk,
+    TokenLogprob,
     ToolCall,
     ToolCallChunk,
     ToolChoice,
@@ -47,8 +49,8 @@ _TOOL_CHOICES = {
 }
 
 
-def sampling_options(params: inference_pb2.SamplingParams) -> SamplingOptions:
-    """Proto -> engine options; unset fields take OpenAI's defaults."""
+def sampling_options(params: inference_pb2.SamplingParams, echo: bool = False) -> SamplingOptions:
+    """Proto -> engine options; unset fields take OpenAI's defaults. `echo`: GenerateRequest.echo."""
 
     def opt(name: str, default: float) -> float:
         return getattr(params, name) if params.HasField(name) else default  # type: ignore[arg-type]
@@ -69,6 +71,7 @@ def sampling_options(params: inference_pb2.SamplingParams) -> SamplingOptions:
         response_format=response_format(params),
         n=params.n if params.HasField("n") else 1,
         logit_bias=tuple(sorted(params.logit_bias.items())),
+        echo=echo,
     )
 
 
@@ -83,22 +86,43 @@ def response_format(params: inference_pb2.SamplingParams) -> ResponseFormat | No
     return None
 
 
+def _token_logprob(entry: TokenLogprob) -> inference_pb2.TokenLogprob:
+    return inference_pb2.TokenLogprob(
+        token=entry.token,
+        token_bytes=entry.token_bytes,
+        logprob=entry.logprob,
+        top_logprobs=[
+            inference_pb2.TopLogprob(token=t.token, token_bytes=t.token_bytes, logprob=t.logprob) for t in entry.top
+        ],
+        text_offset=entry.text_offset,
+    )
+
+
 def text_delta(chunk: TextChunk) -> inference_pb2.GenerateResponse:
     delta = inference_pb2.TextDelta(text=chunk.text, index=chunk.index)
-    for entry in chunk.logprobs:
-        delta.logprobs.append(
-            inference_pb2.TokenLogprob(
-                token=entry.token,
-                token_bytes=entry.token_bytes,
-                logprob=entry.logprob,
-                top_logprobs=[
-                    inference_pb2.TopLogprob(token=t.token, token_bytes=t.token_bytes, logprob=t.logprob)
-                    for t in entry.top
-                ],
-                text_offset=entry.text_offset,
-            )
-        )
+    delta.logprobs.extend(_token_logprob(entry) for entry in chunk.logprobs)
     return inference_pb2.GenerateResponse(delta=delta)
+
+
+# A PromptEcho event's logprobs stop growing past this size (a token with 20 alternatives is about 400
+# bytes): a long prompt's come in several events, each far below the 4 MiB a gRPC client takes by default.
+MAX_ECHO_BYTES = 1024 * 1024
+
+
+def prompt_echo(echo: PromptEcho, prompt: str) -> Iterator[inference_pb2.GenerateResponse]:
+    """The PromptEcho events of an echoed prompt: the text in the first, its logprobs in as many as they
+    need (see MAX_ECHO_BYTES)."""
+    event = inference_pb2.PromptEcho(text=prompt)
+    size = 0
+    for entry in echo.logprobs:
+        message = _token_logprob(entry)
+        grows = message.ByteSize() + 6  # with its tag and length in the repeated field
+        if size and size + grows > MAX_ECHO_BYTES:
+            yield inference_pb2.GenerateResponse(prompt=event)
+            event, size = inference_pb2.PromptEcho(), 0
+        event.logprobs.append(message)
+        size += grows
+    yield inference_pb2.GenerateResponse(prompt=event)
 
 
 def tool_call_delta(chunk: ToolCallChunk) -> inference_pb2.GenerateResponse:
@@ -193,7 +217,7 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         input_param = "prompt" if request.WhichOneof("input") == "prompt" else "messages"
         prompt = _prompt(request)
-        options = sampling_options(request.sampling)
+        options = sampling_options(request.sampling, request.echo)
         async with self._host.serving(request.model, options.n) as (hosted, engine):
             record.replica(hosted.spec.engine, hosted.device)
             try:
@@ -202,6 +226,9 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
                         yield text_delta(event)
                     elif isinstance(event, ToolCallChunk):
                         yield tool_call_delta(event)
+                    elif isinstance(event, PromptEcho):
+                        for response in prompt_echo(event, request.prompt):
+                            yield response
                     elif isinstance(event, ChoiceEnd):
                         end = inference_pb2.ChoiceEnd(index=event.index, finish_reason=_FINISH[event.reason])
                         yield inference_pb2.GenerateResponse(choice_end=end)

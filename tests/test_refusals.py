@@ -41,7 +41,6 @@ CHAT_REFUSED: list[tuple[dict[str, Any], str, str]] = [
     ({"messages": [USER], "logit_bias": {"49152": 5}}, "logit_bias", "token ids are 0 to 49151"),
 ]
 COMPLETION_REFUSED: list[tuple[dict[str, Any], str, str]] = [
-    ({"prompt": "Hello", "echo": True}, "echo", "echo"),
     ({"prompt": "Hello", "suffix": "world"}, "suffix", "suffix"),
     ({"prompt": "Hello", "best_of": 3}, "best_of", "best_of"),
     ({"prompt": "Hello", "logit_bias": {"50256": -101}}, "logit_bias", "between -100 and 100"),

@@ -97,6 +97,9 @@ class SamplingOptions:
     response_format: ResponseFormat | None = None  # None: free text
     n: int = 1  # choices: sequences sampled from the one prompt (choice i seeded with seed + i)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), ids in order
+    # A raw prompt echoed (OpenAI's completions `echo`): the stream begins with a PromptEcho, and
+    # max_tokens may be 0 (the prompt scored, nothing generated). Engines that cannot raise InvalidInput.
+    echo: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,16 @@ class TextChunk:
     # With SamplingOptions.logprobs: the tokens whose text starts in this chunk.
     logprobs: tuple[TokenLogprob, ...] = ()
     index: int = 0  # the choice (SamplingOptions.n)
+
+
+@dataclass(frozen=True)
+class PromptEcho:
+    """With SamplingOptions.echo, the stream's first event. With SamplingOptions.logprobs: every token of the
+    prompt as the model reads it (a beginning-of-text token included), each with its log probability given
+    the tokens before it and top_logprobs alternatives, text_offset in the prompt's text; the first has no
+    tokens before it, so its logprob is NaN and it has no alternatives. Empty without logprobs."""
+
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -156,7 +169,7 @@ class Finished:
     tool_calls: tuple[ToolCall, ...] = ()  # every call of the reply, complete (as streamed)
 
 
-GenerationEvent = TextChunk | ToolCallChunk | ChoiceEnd | Finished
+GenerationEvent = PromptEcho | TextChunk | ToolCallChunk | ChoiceEnd | Finished
 # What to complete: a raw prompt, or a conversation the engine formats with the model's chat template.
 Prompt = str | Chat
 
@@ -241,9 +254,9 @@ class Engine(Protocol):
         ...
 
     def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
-        """Stream text chunks, then one Finished. With options.n > 1: the chunks of every choice, each
-        with its index, interleaved, one ChoiceEnd per choice as it ends, then one Finished. Closing the
-        iterator early stops the generation (of every choice)."""
+        """Stream text chunks, then one Finished (with options.echo, a PromptEcho first). With options.n > 1:
+        the chunks of every choice, each with its index, interleaved, one ChoiceEnd per choice as it ends,
+        then one Finished. Closing the iterator early stops the generation (of every choice)."""
         ...
 
     async def embed(self, texts: Sequence[str]) -> Embeddings: ...

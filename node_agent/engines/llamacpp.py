@@ -27,6 +27,7 @@ from typing import Any
 
 from node_agent.engines.base import (
     Chat,
+    ChoiceEnd,
     ContextLengthExceeded,
     Embeddings,
     EngineError,
@@ -38,6 +39,7 @@ from node_agent.engines.base import (
     InvalidInput,
     PermanentEngineError,
     Prompt,
+    PromptEcho,
     SamplingOptions,
     TextChunk,
     TokenLogprob,
@@ -373,8 +375,20 @@ class LlamaCppEngine:
                 param="max_tokens",
             )
         limit = context - len(tokens) if options.max_tokens is None else options.max_tokens
+        if options.echo and not options.logprobs:
+            yield PromptEcho()  # the prompt's text is the caller's; only its scores come from the model
+            if limit == 0:  # nothing to compute
+                for index in range(options.n) if options.n > 1 else ():
+                    yield ChoiceEnd(index, "length")
+                yield Finished("length", len(tokens), 0)
+                return
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
         request = BatchRequest(tokens, options, limit, events.put_nowait, shown=frozenset(self._tool_tokens))
+        if options.echo and options.logprobs:
+            request.score_prompt = True
+            bos = self._llm.token_bos()
+            added = tokens[0] == bos and not str(prompt).startswith(self._llm._model.token_get_text(bos))
+            request.unwritten = int(added)  # a beginning-of-text token the tokenizer added is not in the text
         tools = await self._constrain(request, prompt, options)
         self._loop.submit(request)
         try:

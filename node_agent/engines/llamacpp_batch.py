@@ -60,6 +60,14 @@ tool-call parser sees them. Stop strings end free text only: once the grammar of
 first token when a call is required or the reply is calls or a response_format's document, else from the
 trigger on), none applies, so no stop string cuts a call's arguments.
 
+A prompt echoed with logprobs (the completions API's `echo`, how evaluation harnesses score a text): its
+prefill asks llama.cpp for the logits at every prompt position, not only the last, and each prompt token
+gets its log probability under the logits before it (`_score`), at most SCORE_CHUNK positions a step over
+all the prompts being scored (each position's logits are a row of the vocabulary's size in llama.cpp's
+output buffer, and numpy's work on them grows with them: `bench/echo_bench.py`). No cached
+prefix is reused for it: a reused position has no logits. Once the prompt is scored the request's
+PromptEcho goes out, before its first token; with max_tokens 0 the request ends there ("length").
+
 Prefix reuse: a slot keeps the KV cache of its last request. A new request goes to the free slot whose
 cached tokens share the longest prefix with its prompt, or copies that prefix from any other sequence
 (`llama_memory_seq_cp`; with a unified KV cache the cells are shared, not copied), and only the rest of
@@ -88,6 +96,7 @@ from node_agent.engines.base import (
     Finished,
     GenerationEvent,
     InvalidInput,
+    PromptEcho,
     SamplingOptions,
     TextChunk,
     TokenLogprob,
@@ -109,6 +118,8 @@ LONG_PREFIX = 64
 # Tokens set aside in one step because they would fire a lazy grammar's trigger with text it refuses; past
 # this the request fails (each is one more pass of the chain over the vocabulary).
 MAX_TRIGGER_RESAMPLES = 16
+# Prompt tokens of a request that scores its prompt, decoded in one step: each keeps a row of logits.
+SCORE_CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -141,6 +152,10 @@ class BatchRequest:
     grammar_of: str = "response_format"  # the request field the grammar comes from (named in its errors)
     trigger: Trigger | None = None  # with a grammar: lazy, it starts at this trigger
     shown: frozenset[int] = frozenset()  # special tokens rendered as their text (not as nothing)
+    # Echo with logprobs: every prompt token's logprob, in a PromptEcho before the first token. `unwritten`
+    # leading tokens are not in the prompt's text (a beginning-of-text token the tokenizer added).
+    score_prompt: bool = False
+    unwritten: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Kept by the decode thread, for n > 1: the choices that ended, their tokens and the first one's reason.
     ended: int = 0
@@ -172,6 +187,9 @@ class _Sequence:
     logits_at: int = -1  # index of this sequence's logits in the current batch, or -1
     # With logprobs: sampled tokens whose text has not been released yet (text_offset = where it starts).
     pending: list[TokenLogprob] = field(default_factory=list)
+    # Scoring its prompt (BatchRequest.score_prompt): the prompt tokens scored so far, and their text.
+    scores: list[TokenLogprob] | None = None
+    scored_text: TextStream | None = None
 
 
 @dataclass
@@ -411,6 +429,8 @@ class DecodeLoop:
                 n = _common_prefix(self._kv_tokens(other), request.prompt)
                 if n > source_len:
                     source, source_len = other, n
+        if request.score_prompt:  # every position's logits are needed: none may come from a cache
+            source, source_len = slot, 0
         # At least one prompt token must be decoded, to produce the logits of the first sample.
         source_len = min(source_len, len(request.prompt) - 1)
         if source != slot:
@@ -434,6 +454,19 @@ class DecodeLoop:
         )
         self._active[slot] = first
         self._reserve_forks(first, others)
+        if request.score_prompt:
+            self._start_scores(first)
+
+    def _start_scores(self, seq: _Sequence) -> None:
+        """The first prompt token's entry (nothing before it predicts it); a one-token prompt is scored."""
+        seq.scores, seq.scored_text = [], TextStream()
+        token = seq.tokens[0]
+        raw = self._piece_of(token, special=True)
+        seq.scores.append(TokenLogprob(raw.decode(errors="replace"), raw, math.nan, (), 0))
+        seq.scored_text.feed(b"" if seq.request.unwritten > 0 else raw)
+        if len(seq.request.prompt) == 1:
+            self._emit(seq.request, PromptEcho(tuple(seq.scores)))
+            seq.scores, seq.scored_text = None, None
 
     def _reserve_forks(self, first: _Sequence, samplers: list[tuple[Any, Any]]) -> None:
         """Take a slot for each other choice of `first`'s request now (admission counted them): it waits
@@ -541,26 +574,37 @@ class DecodeLoop:
 
     def _decode(self, plan: list[tuple[_Sequence, int]], budget: int) -> None:
         """One llama_decode: `plan`'s (sequence, tokens) and prompt chunks within `budget`; then sampling."""
+        scored = SCORE_CHUNK  # prompt positions whose logits this decode keeps, for all that score a prompt
         for seq in self._active.values():
             remaining = len(seq.tokens) - seq.n_past
             if remaining > 1 and budget > 0:
                 take = min(budget, remaining)
-                plan.append((seq, take))
-                budget -= take
+                if seq.scores is not None:
+                    take = min(take, scored)
+                    scored -= take
+                if take:
+                    plan.append((seq, take))
+                    budget -= take
         if not plan:
             return  # llama_decode must never get an empty batch
         started = time.perf_counter()
         batch, n = self._batch, 0
+        scoring: list[tuple[_Sequence, int, int]] = []  # (sequence, prompt position, its logits' index)
 
         def add(seq: _Sequence, start: int, end: int) -> None:
             nonlocal n
-            self.stats.computed_prompt_tokens += max(0, min(end, len(seq.request.prompt)) - start)
+            prompt = len(seq.request.prompt)
+            self.stats.computed_prompt_tokens += max(0, min(end, prompt) - start)
+            scores = seq.scores is not None
             for pos in range(start, end):
                 batch.token[n] = seq.tokens[pos]
                 batch.pos[n] = pos
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = seq.slot
                 batch.logits[n] = 0
+                if scores and pos < prompt - 1:  # its logits score the next prompt token
+                    batch.logits[n] = 1
+                    scoring.append((seq, pos, n))
                 n += 1
             if end == len(seq.tokens):  # the sequence's last token is in: sample after this step
                 batch.logits[n - 1] = 1
@@ -575,12 +619,50 @@ class DecodeLoop:
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         self.stats.steps += 1
+        if scoring:
+            self._score(scoring)
         for seq in list(self._active.values()):
             if seq.logits_at >= 0:
                 index, seq.logits_at = seq.logits_at, -1
                 self._sample(seq, index)
         self.stats.step_seconds.observe(time.perf_counter() - started)
         self.stats.step_sequences.observe(len(plan))
+
+    def _score(self, scoring: list[tuple[_Sequence, int, int]]) -> None:
+        """For each (sequence, prompt position, logits' index) of this step: the prompt token after that
+        position scored as `_logprob` scores a generated one, for all positions at once (one log-softmax
+        over a block of rows, not a pass of numpy calls per position); a sequence's PromptEcho once its
+        prompt is all scored."""
+        ll, ctx, size = self._ll, self._ctx, self._n_vocab
+        rows = np.stack([np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, i), shape=(size,)) for _, _, i in scoring])
+        rows -= rows.max(axis=1, keepdims=True)
+        norms = np.log(np.exp(rows).sum(axis=1, dtype=np.float64))
+        targets = [seq.tokens[pos + 1] for seq, pos, _ in scoring]
+        chosen = rows[np.arange(len(scoring)), targets] - norms  # before the ranking below takes tokens out
+        # The most likely tokens of each row, most likely first (the first of equal ones first): one argmax a
+        # rank, each taken out of its row after it (20 argmaxes cost a third of one argpartition here).
+        top_n = max(seq.request.options.top_logprobs for seq, _, _ in scoring)
+        everyone = np.arange(len(scoring))
+        best = np.empty((len(scoring), top_n), dtype=np.int64)
+        ranked = np.empty((len(scoring), top_n), dtype=np.float64)  # their logprobs
+        for rank in range(top_n):
+            ids = best[:, rank] = rows.argmax(axis=1)
+            ranked[:, rank] = rows[everyone, ids] - norms
+            rows[everyone, ids] = -np.inf
+        for row, (seq, pos, _) in enumerate(scoring):
+            assert seq.scores is not None and seq.scored_text is not None
+            request = seq.request
+            top: list[TopLogprob] = []
+            for rank in range(request.options.top_logprobs):
+                raw = self._piece_of(int(best[row, rank]), special=True)
+                top.append(TopLogprob(raw.decode(errors="replace"), raw, float(ranked[row, rank])))
+            raw = self._piece_of(targets[row], special=True)
+            offset = seq.scored_text.decoded
+            seq.scores.append(TokenLogprob(raw.decode(errors="replace"), raw, float(chosen[row]), tuple(top), offset))
+            seq.scored_text.feed(b"" if pos + 1 < request.unwritten else raw)
+            if pos + 2 == len(request.prompt):
+                self._emit(request, PromptEcho(tuple(seq.scores)))
+                seq.scores, seq.scored_text = None, None
 
     def _piece_of(self, token: int, special: bool = False) -> bytes:
         size = self._ll.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, special)
@@ -683,6 +765,11 @@ class DecodeLoop:
                 raise RuntimeError("the grammar allows no token here")
 
     def _sample(self, seq: _Sequence, index: int) -> None:
+        if seq.request.limit == 0:  # max_tokens 0 (an echoed prompt, scored): every choice ends here
+            forks, seq.forks = seq.forks, []
+            for choice in (*forks, seq):
+                self._complete(choice, "length")
+            return
         if seq.forks:
             self._fork(seq, index)
         if seq.argmax:

@@ -371,6 +371,9 @@ class OpenAIServerEngine:
         `index` (each with its own text offsets for logprobs), and each choice's finish_reason is a ChoiceEnd
         as it comes; the request's Finished carries the first choice's reason, the server's usage and the
         reply's tool calls (n = 1: the edge refuses tools with several choices)."""
+        if options.echo:
+            # Its stream would carry the prompt inside the first choice's text, in each server's own way.
+            raise InvalidInput("echo is not supported by this model's engine (an OpenAI-compatible server)", "echo")
         if options.n > self.config.slots:  # it would wait in line for ever, and hold up those behind it
             raise InvalidInput(f"n is {options.n}; this engine runs at most {self.config.slots} sequences at once", "n")
         path, body = request_body(prompt, options, self._model)
