@@ -137,6 +137,8 @@ class _Request(BaseModel):
             if value is not None:
                 sampling_bound(bound, self.echoes).check(field, value)
         self._token_bias = self.token_bias()  # checked here, so that a bad one is refused with the rest
+        if self.stream_options is not None and not self.stream:  # as OpenAI answers it
+            raise invalid("stream_options", "'stream_options' is only allowed when 'stream' is true")
         return self
 
     @property

@@ -81,7 +81,11 @@ def _sampling_properties() -> Schema:
         "repetition_penalty": _bounded("repetition_penalty", "number"),
         "stream": {"type": "boolean", "default": False, "description": "answer as server-sent events"},
         "stream_options": _nullable(
-            {"type": "object", "properties": {"include_usage": {"type": "boolean", "default": False}}}
+            {
+                "type": "object",
+                "properties": {"include_usage": {"type": "boolean", "default": False}},
+                "description": "only with stream: true (else a 400 naming it, as OpenAI answers)",
+            }
         ),
         "n": {
             **_bounded("n", "integer"),

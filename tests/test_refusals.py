@@ -73,6 +73,16 @@ def test_what_is_not_supported_is_a_400_naming_it(
     assert word in error["message"], error
 
 
+def test_stream_options_without_stream_is_a_400_as_openai_answers(mesh: Mesh) -> None:
+    for path, body in (("/v1/chat/completions", {"messages": [USER]}), ("/v1/completions", {"prompt": "Hello"})):
+        for stream in ({}, {"stream": False}):
+            sent = {"model": mesh.model, "max_tokens": 4, "stream_options": {"include_usage": True}, **body, **stream}
+            response = httpx.post(f"{mesh.http}{path}", json=sent, timeout=30)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == "stream_options" and "'stream' is true" in error["message"], error
+
+
 def test_what_changes_nothing_is_accepted(mesh: Mesh) -> None:
     """Text-only modalities, best_of equal to n, an empty logit_bias, and fields that do not change the answer."""
     for path, body in (
