@@ -216,6 +216,16 @@ def test_logit_bias_passes_through_to_the_engines_server(fleet: Fleet) -> None:
     assert biased.choices[0].text == itself == " banana banana banana"
 
 
+def test_echo_on_an_openai_compatible_engine_is_a_400_naming_it(fleet: Fleet) -> None:
+    # Each server carries an echoed prompt in its own way (llama_cpp.server, vLLM, SGLang): refused, not
+    # passed on into the choice's text.
+    for max_tokens in (0, 4):
+        with pytest.raises(openai.BadRequestError) as caught:
+            fleet.client.completions.create(model="smol-attached", prompt="Hello", echo=True, max_tokens=max_tokens)
+        body = caught.value.body
+        assert isinstance(body, dict) and body["param"] == "echo" and "echo" in body["message"], body
+
+
 def test_a_server_without_pooled_embeddings_is_a_clear_400(fleet: Fleet) -> None:
     # llama_cpp.server answers /v1/embeddings of a generative model with one vector per token: no
     # sentence embedding to give, and fleetlm says so instead of inventing one.
