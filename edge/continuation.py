@@ -41,6 +41,9 @@ def why_not(request: inference_pb2.GenerateRequest, error: FleetError, opted_in:
         # Calls already streamed have ids and parsed arguments the next replica knows nothing of, and a call
         # cut mid-way would restart under a grammar that begins at `<tool_call>`.
         return "a reply with tools (tool calls) cannot be resumed mid-way"
+    if request.WhichOneof("input") == "prompt_token_ids":
+        # Going on needs the ids of the text sent so far, as the model would read them after the prompt's.
+        return "a prompt of token ids is not continued"
     if error.code not in CONTINUABLE:
         return f"{error.code.value} is not a node failure"
     if continued >= MAX_CONTINUATIONS:

@@ -68,8 +68,15 @@ T = TypeVar("T")
 
 
 def prefix_hash(request: inference_pb2.GenerateRequest) -> str:
-    """A hash of the prompt's first PREFIX_CHARS characters, or "" for a short prompt."""
-    if request.WhichOneof("input") == "chat":
+    """A hash of the prompt's first PREFIX_CHARS characters (of a prompt of token ids, its first
+    PREFIX_CHARS // 4 ids: about as many tokens), or "" for a short prompt."""
+    which = request.WhichOneof("input")
+    if which == "prompt_token_ids":
+        ids = request.prompt_token_ids.ids
+        if len(ids) < PREFIX_CHARS // 4:
+            return ""
+        return hashlib.blake2b(str(list(ids[: PREFIX_CHARS // 4])).encode(), digest_size=8).hexdigest()
+    if which == "chat":
         text = "".join(f"{m.role}:{m.content}\n" for m in request.chat.messages)
     else:
         text = request.prompt

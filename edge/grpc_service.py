@@ -125,7 +125,7 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
                 await call.sent()
             request.request_id = access.request_id
             access.model = request.model
-            if request.WhichOneof("input") == "prompt":
+            if request.WhichOneof("input") in ("prompt", "prompt_token_ids"):
                 access.operation = "text_completion"
             admission = await auth.admit_grpc(self._auth, context, request.model)
             tokens = 0

@@ -37,7 +37,7 @@ from pydantic import (
 
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import invalid
-from mesh.inference_requests import INT32_MAX, SAMPLING_BOUNDS, check_logit_bias, sampling_bound
+from mesh.inference_requests import INT32_MAX, SAMPLING_BOUNDS, check_logit_bias, check_prompt_ids, sampling_bound
 
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_STOP: "stop",
@@ -428,7 +428,7 @@ MAX_PROMPTS = 64
 class CompletionRequest(_Request):
     BOUNDED: ClassVar[dict[str, str]] = {**_Request.BOUNDED, "logprobs": "top_logprobs"}
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # OpenAI's four forms: text or token ids, one or several
     max_tokens: int | None = 16  # OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = None  # the completions API's top_logprobs
@@ -445,20 +445,24 @@ class CompletionRequest(_Request):
 
     @field_validator("prompt", mode="wrap")
     @classmethod
-    def _one_text_prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        """Text: one prompt, or up to MAX_PROMPTS of them; OpenAI's token-id forms are refused by name."""
+    def _prompt_forms(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """One prompt (text, or a list of token ids), or up to MAX_PROMPTS of them (a list of texts or of lists
+        of ids)."""
         if isinstance(value, list):
-            if _token_ids(value):
-                raise invalid("prompt", "a prompt of token ids is not supported: send the prompt as text")
             if not value:
                 raise invalid("prompt", "'prompt' must not be empty")
-            if len(value) > MAX_PROMPTS:
+            one = _token_ids(value) and not isinstance(value[0], list)  # a list of ids is one prompt
+            if not one and len(value) > MAX_PROMPTS:
                 raise invalid("prompt", f"at most {MAX_PROMPTS} prompts per request; got {len(value)}")
         return _named("prompt", value, handler)
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text, or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)
 
     def to_protos(self, request_id: str) -> list[inference_pb2.GenerateRequest]:
         """One GenerateRequest per prompt (edge.prompt_batch merges their streams), all with this request's
@@ -468,7 +472,7 @@ class CompletionRequest(_Request):
         for prompt in self.prompts[1:]:
             proto = inference_pb2.GenerateRequest()
             proto.CopyFrom(first)
-            proto.prompt = prompt
+            _put_prompt(proto, prompt)
             protos.append(proto)
         return protos
 
@@ -479,21 +483,27 @@ class CompletionRequest(_Request):
             raise invalid("best_of", "best_of is not supported (n choices are all returned; leave best_of unset)")
         prompts = self.prompts
         if not all(prompts):
-            raise invalid("prompt", "'prompt' must not contain empty strings" if len(prompts) > 1 else
+            raise invalid("prompt", "'prompt' must not contain empty prompts" if len(prompts) > 1 else
                           "'prompt' must not be empty")  # fmt: skip
-        prompt = prompts[0]
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                check_prompt_ids(prompt)
         sampling = self.sampling()
         if self.logprobs is not None:
             sampling.logprobs = True
             sampling.top_logprobs = self.logprobs
-        return inference_pb2.GenerateRequest(
-            model=self.model or "",
-            prompt=prompt,
-            sampling=sampling,
-            user=self.user or "",
-            request_id=request_id,
-            echo=self.echo,
+        proto = inference_pb2.GenerateRequest(
+            model=self.model or "", sampling=sampling, user=self.user or "", request_id=request_id, echo=self.echo
         )
+        _put_prompt(proto, prompts[0])
+        return proto
+
+
+def _put_prompt(proto: inference_pb2.GenerateRequest, prompt: str | list[int]) -> None:
+    if isinstance(prompt, str):
+        proto.prompt = prompt
+    else:
+        proto.prompt_token_ids.CopyFrom(inference_pb2.TokenIds(ids=prompt))
 
 
 class EmbeddingRequest(BaseModel):

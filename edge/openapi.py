@@ -21,6 +21,7 @@ from edge.http_limits import HttpLimits
 from edge.openai_protocol import MAX_PROMPTS
 from mesh.inference_requests import (
     FUNCTION_NAME,
+    INT32_MAX,
     MAX_CHOICES,
     MAX_LOGIT_BIAS,
     MAX_MESSAGES,
@@ -256,13 +257,26 @@ def _request_schemas() -> dict[str, Schema]:
         },
     }
     one_prompt = {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS}
+    one_prompt_ids = {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": MAX_TOKEN_IDS,
+        "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX},
+    }
     completion = {
         "type": "object",
         "required": ["model", "prompt"],
         "properties": {
             **_sampling_properties(),
             "prompt": {
-                "anyOf": [one_prompt, {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": one_prompt}]
+                "anyOf": [
+                    one_prompt,
+                    {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": one_prompt},
+                    one_prompt_ids,
+                    {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": one_prompt_ids},
+                ],
+                "description": "text or token ids (of the model's vocabulary, passed as they are), one prompt or"
+                f" up to {MAX_PROMPTS}",
             },
             "max_tokens": {
                 **_nullable({"type": "integer", "minimum": 0, "maximum": SAMPLING_BOUNDS["max_tokens"].high}),

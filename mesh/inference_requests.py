@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from fleetlm.inference.v1 import inference_pb2
@@ -289,6 +289,8 @@ def validate_generate(request: inference_pb2.GenerateRequest) -> None:
         validate_chat(request.chat)
         if request.echo:
             raise invalid("echo", "'echo' is for a completion's prompt; a chat has none to echo")
+    elif which == "prompt_token_ids":
+        check_prompt_ids(request.prompt_token_ids.ids)
     else:
         if not request.prompt:
             raise invalid("prompt", "'prompt' must not be empty")
@@ -335,6 +337,20 @@ def validate_tokenize(request: inference_pb2.TokenizeRequest) -> None:
         check_prompt_chars("text", (request.text,))
         if request.HasField("add_generation_prompt"):
             raise invalid("add_generation_prompt", "'add_generation_prompt' applies to a conversation, not to a text")
+
+
+def check_prompt_ids(ids: Sequence[int], param: str = "prompt") -> None:
+    """A prompt of token ids: at least one, at most MAX_TOKEN_IDS, none negative. Whether the model has each
+    is its engine's to say."""
+    if not ids:
+        raise invalid(param, f"'{param}' must not be empty")
+    if len(ids) > MAX_TOKEN_IDS:
+        raise invalid(param, f"at most {MAX_TOKEN_IDS} token ids in '{param}'; got {len(ids)}")
+    for i, token in enumerate(ids):
+        if token < 0:
+            raise invalid(param, f"{param}[{i}] is {token}; token ids are not negative")
+        if token > INT32_MAX:
+            raise invalid(param, f"{param}[{i}] is {token}; no model has a token id that large")
 
 
 def validate_detokenize(request: inference_pb2.DetokenizeRequest) -> None:

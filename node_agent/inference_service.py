@@ -27,6 +27,7 @@ from node_agent.engines.base import (
     SamplingOptions,
     TextChunk,
     TokenLogprob,
+    TokenPrompt,
     ToolCall,
     ToolCallChunk,
     ToolChoice,
@@ -182,7 +183,10 @@ def _finished(event: Finished, model: str, node_id: str) -> inference_pb2.Genera
 
 
 def _prompt(request: inference_pb2.GenerateRequest) -> Prompt:
-    return request.prompt if request.WhichOneof("input") == "prompt" else _chat(request.chat)
+    which = request.WhichOneof("input")
+    if which == "prompt_token_ids":
+        return TokenPrompt(tuple(request.prompt_token_ids.ids))
+    return request.prompt if which == "prompt" else _chat(request.chat)
 
 
 def _engine_error(exc: EngineError, input_param: str = "messages") -> FleetError:
@@ -205,7 +209,7 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        operation = "text_completion" if request.WhichOneof("input") == "prompt" else "chat"
+        operation = "chat" if request.WhichOneof("input") == "chat" else "text_completion"
         metadata = context.invocation_metadata()
         with served("Generate", request.model, operation, metadata, self._node_id, request.request_id) as record:
             validate_generate(request)
@@ -215,7 +219,7 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def _generate(
         self, request: inference_pb2.GenerateRequest, record: Served
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
-        input_param = "prompt" if request.WhichOneof("input") == "prompt" else "messages"
+        input_param = "messages" if request.WhichOneof("input") == "chat" else "prompt"
         prompt = _prompt(request)
         options = sampling_options(request.sampling, request.echo)
         async with self._host.serving(request.model, options.n) as (hosted, engine):
@@ -227,7 +231,10 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
                     elif isinstance(event, ToolCallChunk):
                         yield tool_call_delta(event)
                     elif isinstance(event, PromptEcho):
-                        for response in prompt_echo(event, request.prompt):
+                        text = request.prompt
+                        if isinstance(prompt, TokenPrompt):  # the ids' text, as Detokenize writes it
+                            text = await engine.detokenize(prompt.ids)
+                        for response in prompt_echo(event, text):
                             yield response
                     elif isinstance(event, ChoiceEnd):
                         end = inference_pb2.ChoiceEnd(index=event.index, finish_reason=_FINISH[event.reason])

@@ -1,8 +1,9 @@
-"""The completions API's `echo`, as evaluation harnesses use it (lm-evaluation-harness scores a text with
-echo, logprobs and max_tokens 0 or 1), with the official openai client and gRPC through a real edge and
-node running llama.cpp: the prompt's own tokens scored (the first with null), the scores agreeing with what
-greedy generation chose, the same scores again when the prompt is cached, the prompt before the generated
-text streamed or not, with several choices and several prompts; and what is refused, in the API's shape."""
+"""The completions API's `echo` and prompts of token ids, as evaluation harnesses use them
+(lm-evaluation-harness scores a continuation with its own token ids, echo, logprobs and max_tokens 0 or 1),
+with the official openai client and gRPC through a real edge and node running llama.cpp: the prompt's own
+tokens scored (the first with null), the scores agreeing with what greedy generation chose, the same scores
+again when the prompt is cached, the prompt before the generated text streamed or not, with several choices
+and several prompts, token ids answered as their text; and what is refused, in the API's shape."""
 
 from __future__ import annotations
 
@@ -183,6 +184,14 @@ def test_echo_with_several_choices_and_prompts(client: openai.OpenAI, mesh: Mesh
         for c in chunk.choices:
             counted[c.index] = counted.get(c.index, "") + c.text
     assert counted == {0: prompts[0], 1: prompts[0], 2: prompts[1], 3: prompts[1]}
+    # Scored with two choices each: the prompt computed once, every choice ends at it.
+    reply = client.completions.create(model=mesh.model, prompt=prompts, n=2, max_tokens=0, echo=True, logprobs=1)
+    assert [(c.index, c.text, c.finish_reason) for c in sorted(reply.choices, key=lambda c: c.index)] == [
+        (0, prompts[0], "length"), (1, prompts[0], "length"), (2, prompts[1], "length"), (3, prompts[1], "length")
+    ]  # fmt: skip
+    firsts = [c.logprobs.token_logprobs for c in reply.choices if c.logprobs is not None]
+    assert len(firsts) == 4 and firsts[0] == firsts[1] and firsts[2] == firsts[3]
+    assert reply.usage is not None and reply.usage.completion_tokens == 0
 
 
 @pytest.mark.model
@@ -234,6 +243,55 @@ def test_grpc_echo_of_a_chat_is_refused_naming_echo(mesh: Mesh) -> None:
         list(inference_pb2_grpc.InferenceServiceStub(channel).Generate(request, timeout=30))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "echo" in (refused.value.details() or "")
+
+
+@pytest.mark.model
+@pytest.mark.cluster
+def test_a_prompt_of_token_ids_is_the_prompt_of_their_text(client: openai.OpenAI, mesh: Mesh) -> None:
+    """OpenAI's token-id forms of `prompt` (lm-evaluation-harness sends its own tokenization): one prompt,
+    several, streamed, and scored with echo, each the same as the text they are the tokens of."""
+    other = "Water boils at"
+    ids, other_ids = token_ids(mesh, PROMPT), token_ids(mesh, other)
+    args = {"model": mesh.model, "max_tokens": 8, "temperature": 0}
+    as_text = client.completions.create(prompt=PROMPT, **args)
+    as_ids = client.completions.create(prompt=ids, **args)
+    assert as_ids.choices[0].text == as_text.choices[0].text
+    assert as_ids.usage is not None and as_ids.usage.prompt_tokens == len(ids)
+    several = client.completions.create(prompt=[ids, other_ids], **args)
+    alone = client.completions.create(prompt=other, **args).choices[0].text
+    assert [c.text for c in sorted(several.choices, key=lambda c: c.index)] == [as_text.choices[0].text, alone]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(prompt=ids, stream=True, **args))
+    assert streamed == as_text.choices[0].text
+    # Scored as lm-evaluation-harness scores a continuation: context and continuation ids, echo, max_tokens 1.
+    reply = client.completions.create(model=mesh.model, prompt=ids, echo=True, max_tokens=1, logprobs=1, temperature=0)
+    scores = reply.choices[0].logprobs
+    by_text = scored(client, mesh, PROMPT).choices[0].logprobs
+    assert scores is not None and by_text is not None and scores.token_logprobs and by_text.token_logprobs
+    assert reply.choices[0].text.startswith(PROMPT)  # the ids' text
+    assert len(scores.token_logprobs) == len(ids) + 1
+    assert scores.token_logprobs[: len(ids)] == pytest.approx(by_text.token_logprobs)
+
+
+@pytest.mark.model
+@pytest.mark.cluster
+def test_grpc_takes_a_prompt_of_token_ids(mesh: Mesh) -> None:
+    ids = token_ids(mesh, PROMPT)
+    request = inference_pb2.GenerateRequest(
+        model=mesh.model,
+        prompt_token_ids=inference_pb2.TokenIds(ids=ids),
+        echo=True,
+        sampling=inference_pb2.SamplingParams(max_tokens=4, temperature=0),
+    )
+    with grpc.insecure_channel(mesh.grpc) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        events = list(stub.Generate(request, timeout=60))
+        assert events[0].prompt.text == PROMPT
+        assert events[-1].result.usage.prompt_tokens == len(ids)
+        request.prompt_token_ids.ids.append(10**6)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(request, timeout=60))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"prompt[{len(ids)}] is 1000000" in (refused.value.details() or "")
 
 
 def test_a_long_prompts_scores_come_in_several_events_below_grpcs_limit() -> None:

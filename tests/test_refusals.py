@@ -46,9 +46,13 @@ COMPLETION_REFUSED: list[tuple[dict[str, Any], str, str]] = [
     ({"prompt": "Hello", "logit_bias": {"50256": -101}}, "logit_bias", "between -100 and 100"),
     ({"prompt": "Hello", "logit_bias": {"99999999999": 1}}, "logit_bias", "token ids"),
     ({"prompt": "Hello", "logit_bias": {"2147483648": 1}}, "logit_bias", "no model has token id"),
-    # OpenAI's token-id forms of `prompt` (one prompt or several), more prompts than a request may hold
-    ({"prompt": [15496, 11, 995]}, "prompt", "token ids"),
-    ({"prompt": [[15496, 11], [995]]}, "prompt", "token ids"),
+    # Token ids (OpenAI's forms of `prompt`) the model does not have, or that are no ids; more prompts
+    # than a request may hold
+    ({"prompt": [15496, 11, 49152]}, "prompt", "token ids are 0 to 49151"),
+    ({"prompt": [[15496, 11], [-3]]}, "prompt", "not negative"),
+    ({"prompt": [15496, 2**31]}, "prompt", "no model has a token id that large"),
+    ({"prompt": [15496, "Hello"]}, "prompt", "prompt"),
+    ({"prompt": [[15496], []]}, "prompt", "empty"),
     ({"prompt": ["Hello"] * 65}, "prompt", "at most 64 prompts"),
     ({"prompt": []}, "prompt", "empty"),
 ]

@@ -169,9 +169,18 @@ class Finished:
     tool_calls: tuple[ToolCall, ...] = ()  # every call of the reply, complete (as streamed)
 
 
+@dataclass(frozen=True)
+class TokenPrompt:
+    """A raw prompt as token ids of the model's vocabulary, passed as they are (nothing added). An engine
+    raises InvalidInput naming `prompt` for an id the model does not have."""
+
+    ids: tuple[int, ...]
+
+
 GenerationEvent = PromptEcho | TextChunk | ToolCallChunk | ChoiceEnd | Finished
-# What to complete: a raw prompt, or a conversation the engine formats with the model's chat template.
-Prompt = str | Chat
+# What to complete: a raw prompt (text or token ids), or a conversation the engine formats with the model's
+# chat template.
+Prompt = str | TokenPrompt | Chat
 
 
 @dataclass

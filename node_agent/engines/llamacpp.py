@@ -43,6 +43,7 @@ from node_agent.engines.base import (
     SamplingOptions,
     TextChunk,
     TokenLogprob,
+    TokenPrompt,
 )
 from node_agent.engines.embedding_batch import EmbeddingBatcher
 from node_agent.engines.json_grammar import content_schema, grammar_for
@@ -313,6 +314,13 @@ class LlamaCppEngine:
         return list(llm.tokenize(text.encode(), add_bos=add_bos, special=True))
 
     async def tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, TokenPrompt):
+            size = self._llm.n_vocab()
+            unknown = next(((i, t) for i, t in enumerate(prompt.ids) if not 0 <= t < size), None)
+            if unknown is not None:
+                i, token = unknown
+                raise InvalidInput(f"prompt[{i}] is {token}; this model's token ids are 0 to {size - 1}", "prompt")
+            return list(prompt.ids)
         text = prompt if isinstance(prompt, str) else self._render_chat(prompt)
         # The tokenizer reads only the vocabulary, never a context: safe beside generation.
         return await asyncio.to_thread(self._tokenize, text)
@@ -360,7 +368,7 @@ class LlamaCppEngine:
             # The decode loop needs a token to sample after (one request's empty batch would fail the step,
             # and with it every sequence in it): a model that adds no BOS gives none for an empty text.
             raise InvalidInput(
-                "the prompt has no tokens: send some text", "prompt" if isinstance(prompt, str) else "messages"
+                "the prompt has no tokens: send some text", "messages" if isinstance(prompt, Chat) else "prompt"
             )
         context = self.config.context_size
         if len(tokens) >= context:
@@ -387,7 +395,11 @@ class LlamaCppEngine:
         if options.echo and options.logprobs:
             request.score_prompt = True
             bos = self._llm.token_bos()
-            added = tokens[0] == bos and not str(prompt).startswith(self._llm._model.token_get_text(bos))
+            added = (
+                isinstance(prompt, str)
+                and tokens[0] == bos
+                and not prompt.startswith(self._llm._model.token_get_text(bos))
+            )
             request.unwritten = int(added)  # a beginning-of-text token the tokenizer added is not in the text
         tools = await self._constrain(request, prompt, options)
         self._loop.submit(request)

@@ -97,7 +97,7 @@ def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[
     }
     if options.max_tokens is not None:
         body["max_tokens"] = options.max_tokens
-    elif isinstance(prompt, str):
+    elif not isinstance(prompt, Chat):
         body["max_tokens"] = None  # completions default to 16 tokens; fleetlm's default is the context
     if options.seed is not None:
         body["seed"] = options.seed
@@ -118,8 +118,8 @@ def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[
     if options.response_format is not None:
         # On both endpoints: vLLM, SGLang and llama-server take it on completions too.
         body["response_format"] = response_format_json(options.response_format)
-    if isinstance(prompt, str):
-        body["prompt"] = prompt
+    if not isinstance(prompt, Chat):
+        body["prompt"] = prompt if isinstance(prompt, str) else list(prompt.ids)  # ids: OpenAI's own form
         if options.logprobs:
             body["logprobs"] = options.top_logprobs  # the completions API's form: how many alternatives
         return "/completions", body
@@ -377,7 +377,7 @@ class OpenAIServerEngine:
         if options.n > self.config.slots:  # it would wait in line for ever, and hold up those behind it
             raise InvalidInput(f"n is {options.n}; this engine runs at most {self.config.slots} sequences at once", "n")
         path, body = request_body(prompt, options, self._model)
-        input_param = "prompt" if isinstance(prompt, str) else "messages"
+        input_param = "messages" if isinstance(prompt, Chat) else "prompt"
         with_tools = "tools" in body
         chunks, usage = 0, None
         offsets: dict[int, int] = {}  # per choice: characters received so far

@@ -189,10 +189,11 @@ class JsonSchemaFormat(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., schema: _Optional[str] = ..., strict: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "chat", "prompt", "sampling", "user", "request_id", "delivery", "echo")
+    __slots__ = ("model", "chat", "prompt", "prompt_token_ids", "sampling", "user", "request_id", "delivery", "echo")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -201,12 +202,19 @@ class GenerateRequest(_message.Message):
     model: str
     chat: ChatConversation
     prompt: str
+    prompt_token_ids: TokenIds
     sampling: SamplingParams
     user: str
     request_id: str
     delivery: TextDelivery
     echo: bool
-    def __init__(self, model: _Optional[str] = ..., chat: _Optional[_Union[ChatConversation, _Mapping]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., user: _Optional[str] = ..., request_id: _Optional[str] = ..., delivery: _Optional[_Union[TextDelivery, str]] = ..., echo: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., chat: _Optional[_Union[ChatConversation, _Mapping]] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., user: _Optional[str] = ..., request_id: _Optional[str] = ..., delivery: _Optional[_Union[TextDelivery, str]] = ..., echo: _Optional[bool] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "result", "choice_end", "tool_call", "prompt")
