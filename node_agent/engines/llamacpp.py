@@ -313,14 +313,18 @@ class LlamaCppEngine:
         add_bos = not (bos_text and text.startswith(bos_text))
         return list(llm.tokenize(text.encode(), add_bos=add_bos, special=True))
 
+    def _known_ids(self, ids: Sequence[int]) -> list[int]:
+        """A prompt of token ids as it is, or InvalidInput naming `prompt` for the first the model lacks."""
+        size = self._llm.n_vocab()
+        unknown = next(((i, t) for i, t in enumerate(ids) if not 0 <= t < size), None)
+        if unknown is not None:
+            i, token = unknown
+            raise InvalidInput(f"prompt[{i}] is {token}; this model's token ids are 0 to {size - 1}", "prompt")
+        return list(ids)
+
     async def tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, TokenPrompt):
-            size = self._llm.n_vocab()
-            unknown = next(((i, t) for i, t in enumerate(prompt.ids) if not 0 <= t < size), None)
-            if unknown is not None:
-                i, token = unknown
-                raise InvalidInput(f"prompt[{i}] is {token}; this model's token ids are 0 to {size - 1}", "prompt")
-            return list(prompt.ids)
+            return await asyncio.to_thread(self._known_ids, prompt.ids)  # up to a million: off the event loop
         text = prompt if isinstance(prompt, str) else self._render_chat(prompt)
         # The tokenizer reads only the vocabulary, never a context: safe beside generation.
         return await asyncio.to_thread(self._tokenize, text)
