@@ -223,16 +223,27 @@ def upstream_error(status: int, message: str, input_param: str, tools: bool = Fa
     return EngineUnavailable(text)
 
 
+# How long an idle connection to the engine's server is kept for the next request (see OpenAIServerEngine).
+KEEPALIVE_SECONDS = 2.0
+
+
 class OpenAIServerEngine:
     def __init__(self, config: OpenAIServerConfig) -> None:
         self.config = config
         self._root = api_root(config.base_url)
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        # No read timeout on streams: the edge's deadline bounds a request, and cancels it here.
+        # No read timeout on streams: the edge's deadline bounds a request, and cancels it here. An idle
+        # connection is kept KEEPALIVE_SECONDS, well inside the 5 s after which uvicorn (vLLM, SGLang,
+        # llama_cpp.server) and llama-server close one: with httpx's own 5 s, a request sent 5 s after the
+        # last (the health check's interval) could go out on a connection the server was closing, and fail.
         self._client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(None, connect=config.connect_timeout),
-            limits=httpx.Limits(max_connections=config.slots + 4, max_keepalive_connections=config.slots),
+            limits=httpx.Limits(
+                max_connections=config.slots + 4,
+                max_keepalive_connections=config.slots,
+                keepalive_expiry=KEEPALIVE_SECONDS,
+            ),
         )
         self._model = config.upstream_model or config.name
         self._context_size = config.context_size
