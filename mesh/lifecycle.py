@@ -117,6 +117,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     return port
 
 
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A port that is free with the one above it (etcd's client and peer ports, as `fleetlm up` lays them
+    out), both handed out here, so that no later free_port gives the upper one to another server."""
+    for _ in range(200):
+        port = free_port(host)
+        upper = (host, port + 1)
+        if upper in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(upper)
+            except OSError:
+                continue
+        _handed_out.add(upper)
+        return port
+    raise OSError(f"no two free ports in a row on {host}")
+
+
 def bound_address(address: str, port: int) -> str:
     """`host:0` with the port the OS actually gave."""
     return f"{address.rsplit(':', 1)[0]}:{port}"

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from mesh.lifecycle import FREE_PORT_SPAN, free_port
+from mesh.lifecycle import FREE_PORT_SPAN, free_port, free_port_pair
 
 
 def ephemeral_range() -> tuple[int, int]:
@@ -57,3 +57,18 @@ def test_a_port_someone_listens_on_is_never_handed_out() -> None:
     finally:
         for sock in listeners:
             sock.close()
+
+
+def test_a_port_pair_is_two_free_ports_in_a_row_and_neither_is_handed_out_again() -> None:
+    """etcd's client port and its peer port, one above (as `fleetlm up` lays them out): a free_port after
+    the pair never gives the upper one to another server (the project's CI once saw the edge fail to bind
+    the embedded etcd's peer port)."""
+    pairs = [free_port_pair() for _ in range(20)]
+    taken = {p for port in pairs for p in (port, port + 1)}
+    assert len(taken) == 40
+    later = {free_port() for _ in range(300)}
+    assert not later & taken
+    for port in pairs:
+        for each in (port, port + 1):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", each))  # free now: a child server may bind it

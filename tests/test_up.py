@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from launcher.processes import port_free
+from mesh.lifecycle import free_port_pair
 from tests.cluster import free_port
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
@@ -25,9 +26,8 @@ pytestmark = [pytest.mark.model, pytest.mark.cluster]
 def up_argv(tmp_path: Path, *flags: str) -> tuple[list[str], dict[str, int]]:
     """The command line of `fleetlm up` with `flags` on free ports, its state in tmp_path/state, and its ports."""
     ports = {name: free_port() for name in ("http", "grpc", "cp", "node", "cp_metrics", "node_metrics")}
-    etcd_port = free_port()
-    while not port_free("127.0.0.1", etcd_port + 1):
-        etcd_port = free_port()
+    # Its peer port, one above, is handed out too: the project's CI once gave it to the edge as well.
+    etcd_port = free_port_pair()
     argv = [
         str(Path(sys.executable).parent / "fleetlm"), "up", *flags,
         "--state-dir", str(tmp_path / "state"),
