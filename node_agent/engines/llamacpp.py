@@ -307,11 +307,13 @@ class LlamaCppEngine:
         except Exception as exc:
             raise InvalidInput(f"the model's chat template rejected the messages: {exc}", "messages") from exc
 
+    def _begins_with_bos(self, text: str) -> bool:
+        """Whether the text itself begins with the beginning-of-text token (then the tokenizer adds none)."""
+        bos_text = self._llm._model.token_get_text(self._llm.token_bos())
+        return bool(bos_text) and text.startswith(bos_text)
+
     def _tokenize(self, text: str) -> list[int]:
-        llm = self._llm
-        bos_text = llm._model.token_get_text(llm.token_bos())
-        add_bos = not (bos_text and text.startswith(bos_text))
-        return list(llm.tokenize(text.encode(), add_bos=add_bos, special=True))
+        return list(self._llm.tokenize(text.encode(), add_bos=not self._begins_with_bos(text), special=True))
 
     def _known_ids(self, ids: Sequence[int]) -> list[int]:
         """A prompt of token ids as it is, or InvalidInput naming `prompt` for the first the model lacks."""
@@ -398,13 +400,9 @@ class LlamaCppEngine:
         request = BatchRequest(tokens, options, limit, events.put_nowait, shown=frozenset(self._tool_tokens))
         if options.echo and options.logprobs:
             request.score_prompt = True
-            bos = self._llm.token_bos()
-            added = (
-                isinstance(prompt, str)
-                and tokens[0] == bos
-                and not prompt.startswith(self._llm._model.token_get_text(bos))
-            )
-            request.unwritten = int(added)  # a beginning-of-text token the tokenizer added is not in the text
+            # A beginning-of-text token the tokenizer added is not in the prompt's text.
+            added = isinstance(prompt, str) and tokens[0] == self._llm.token_bos() and not self._begins_with_bos(prompt)
+            request.unwritten = int(added)
         tools = await self._constrain(request, prompt, options)
         self._loop.submit(request)
         try:

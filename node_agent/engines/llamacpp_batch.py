@@ -252,6 +252,24 @@ def lower_thread_priority(nice: int, idle: bool = False) -> None:
             log.warning("could not set the compute threads' nice value to %d: %s", nice, exc)
 
 
+def _ranked(rows: np.ndarray, targets: list[int], top_n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each row of raw logits (a scratch block this overwrites): the log probability of its target token
+    under the row's log-softmax, and the row's `top_n` most likely tokens with theirs, most likely first (the
+    first of equal ones first). One argmax a rank, each token taken out of its row after it: 20 of them cost
+    a fraction of one argpartition over the vocabulary (0.7 ms a row here)."""
+    peaks = rows.max(axis=1, keepdims=True)
+    norms = peaks[:, 0] + np.log(np.exp(rows - peaks, dtype=np.float64).sum(axis=1))
+    everyone = np.arange(len(rows))
+    chosen = rows[everyone, targets] - norms
+    best = np.empty((len(rows), top_n), dtype=np.int64)
+    ranked = np.empty((len(rows), top_n), dtype=np.float64)
+    for rank in range(top_n):
+        ids = best[:, rank] = rows.argmax(axis=1)
+        ranked[:, rank] = rows[everyone, ids] - norms
+        rows[everyone, ids] = -np.inf
+    return chosen, best, ranked
+
+
 def _dispatch(events: list[tuple[BatchRequest, Item]]) -> None:
     for request, item in events:
         request.sink(item)
@@ -460,10 +478,9 @@ class DecodeLoop:
     def _start_scores(self, seq: _Sequence) -> None:
         """The first prompt token's entry (nothing before it predicts it); a one-token prompt is scored."""
         seq.scores, seq.scored_text = [], TextStream()
-        token = seq.tokens[0]
-        raw = self._piece_of(token, special=True)
-        seq.scores.append(TokenLogprob(raw.decode(errors="replace"), raw, math.nan, (), 0))
-        seq.scored_text.feed(b"" if seq.request.unwritten > 0 else raw)
+        first = TokenLogprob(*self._named(seq.tokens[0]), math.nan, (), 0)
+        seq.scores.append(first)
+        seq.scored_text.feed(b"" if seq.request.unwritten > 0 else first.token_bytes)
         if len(seq.request.prompt) == 1:
             self._emit(seq.request, PromptEcho(tuple(seq.scores)))
             seq.scores, seq.scored_text = None, None
@@ -633,36 +650,36 @@ class DecodeLoop:
         position scored as `_logprob` scores a generated one, for all positions at once (one log-softmax
         over a block of rows, not a pass of numpy calls per position); a sequence's PromptEcho once its
         prompt is all scored."""
-        ll, ctx, size = self._ll, self._ctx, self._n_vocab
-        rows = np.stack([np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, i), shape=(size,)) for _, _, i in scoring])
-        rows -= rows.max(axis=1, keepdims=True)
-        norms = np.log(np.exp(rows).sum(axis=1, dtype=np.float64))
+        rows = np.stack([self._logits(i) for _, _, i in scoring])
         targets = [seq.tokens[pos + 1] for seq, pos, _ in scoring]
-        chosen = rows[np.arange(len(scoring)), targets] - norms  # before the ranking below takes tokens out
-        # The most likely tokens of each row, most likely first (the first of equal ones first): one argmax a
-        # rank, each taken out of its row after it (20 argmaxes cost a third of one argpartition here).
         top_n = max(seq.request.options.top_logprobs for seq, _, _ in scoring)
-        everyone = np.arange(len(scoring))
-        best = np.empty((len(scoring), top_n), dtype=np.int64)
-        ranked = np.empty((len(scoring), top_n), dtype=np.float64)  # their logprobs
-        for rank in range(top_n):
-            ids = best[:, rank] = rows.argmax(axis=1)
-            ranked[:, rank] = rows[everyone, ids] - norms
-            rows[everyone, ids] = -np.inf
+        chosen, best, ranked = _ranked(rows, targets, top_n)
         for row, (seq, pos, _) in enumerate(scoring):
             assert seq.scores is not None and seq.scored_text is not None
             request = seq.request
-            top: list[TopLogprob] = []
-            for rank in range(request.options.top_logprobs):
-                raw = self._piece_of(int(best[row, rank]), special=True)
-                top.append(TopLogprob(raw.decode(errors="replace"), raw, float(ranked[row, rank])))
-            raw = self._piece_of(targets[row], special=True)
-            offset = seq.scored_text.decoded
-            seq.scores.append(TokenLogprob(raw.decode(errors="replace"), raw, float(chosen[row]), tuple(top), offset))
-            seq.scored_text.feed(b"" if pos + 1 < request.unwritten else raw)
+            wanted = request.options.top_logprobs
+            entry = self._entry(
+                targets[row], chosen[row], best[row, :wanted], ranked[row, :wanted], seq.scored_text.decoded
+            )
+            seq.scores.append(entry)
+            seq.scored_text.feed(b"" if pos + 1 < request.unwritten else entry.token_bytes)
             if pos + 2 == len(request.prompt):
                 self._emit(request, PromptEcho(tuple(seq.scores)))
                 seq.scores, seq.scored_text = None, None
+
+    def _logits(self, index: int) -> np.ndarray:
+        """The raw logits at `index` of the last batch: a view of llama.cpp's buffer, valid until the next decode."""
+        return np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
+
+    def _named(self, token: int) -> tuple[str, bytes]:
+        """A token's text (invalid UTF-8 replaced) and exact bytes, special tokens named."""
+        raw = self._piece_of(token, special=True)
+        return raw.decode(errors="replace"), raw
+
+    def _entry(self, token: int, logprob: float, best: np.ndarray, ranked: np.ndarray, offset: int) -> TokenLogprob:
+        """A token's logprob entry with its alternatives (`best` ids, `ranked` their logprobs), named."""
+        top = tuple(TopLogprob(*self._named(int(t)), float(lp)) for t, lp in zip(best, ranked, strict=True))
+        return TokenLogprob(*self._named(token), float(logprob), top, offset)
 
     def _piece_of(self, token: int, special: bool = False) -> bytes:
         size = self._ll.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, special)
@@ -672,22 +689,9 @@ class DecodeLoop:
         """The token's log probability under the raw logits at `index` (before temperature, penalties and
         truncation, as OpenAI reports them), and the `top_n` most likely tokens there. Special tokens are
         named (an end-of-text alternative shows as such, not as nothing)."""
-        pointer = self._ll.llama_get_logits_ith(self._ctx, index)
-        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
-        peak = float(logits.max())
-        norm = peak + math.log(float(np.exp(logits - peak, dtype=np.float64).sum()))
-        top: list[TopLogprob] = []
-        if top_n > 0:
-            # Most likely first (the first of equal ones first), by repeated argmax over a copy (another choice
-            # may sample from these logits yet): 20 of them cost a fraction of one argpartition (0.7 ms here).
-            scratch = logits.copy()
-            for _ in range(top_n):
-                t = int(scratch.argmax())
-                scratch[t] = -np.inf
-                raw = self._piece_of(t, special=True)
-                top.append(TopLogprob(raw.decode(errors="replace"), raw, float(logits[t]) - norm))
-        raw = self._piece_of(token, special=True)
-        return TokenLogprob(raw.decode(errors="replace"), raw, float(logits[token]) - norm, tuple(top), offset)
+        # A copy: another choice may still sample from these logits (n > 1), and _ranked overwrites its rows.
+        chosen, best, ranked = _ranked(self._logits(index)[None, :].copy(), [token], top_n)
+        return self._entry(token, chosen[0], best[0], ranked[0], offset)
 
     def _released(self, seq: _Sequence, everything: bool = False) -> tuple[TokenLogprob, ...]:
         """The pending token logprobs whose text has been released (all of them at the natural end)."""
@@ -705,7 +709,7 @@ class DecodeLoop:
         ll = self._ll
         candidates = self._candidates
         candidates["id"] = self._token_ids  # the samplers reorder them
-        candidates["logit"] = np.ctypeslib.as_array(ll.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
+        candidates["logit"] = self._logits(index)
         candidates["p"] = 0.0
         if banned:
             candidates["logit"][banned] = -math.inf
@@ -777,8 +781,7 @@ class DecodeLoop:
         if seq.forks:
             self._fork(seq, index)
         if seq.argmax:
-            logits = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, index), (self._n_vocab,))
-            token = int(logits.argmax())
+            token = int(self._logits(index).argmax())
             self.stats.argmax_tokens += 1
         elif seq.grammar is None:
             token = self._ll.llama_sampler_sample(seq.sampler, self._ctx, index)
