@@ -35,6 +35,7 @@ import grpc
 from edge.access_log import served_by
 from edge.breaker import Breakers
 from edge.metrics import CURRENT, EdgeMetrics
+from edge.node_multiplex import NodeLink
 from edge.route_feed import RouteFeed
 from edge.route_table import Replica
 from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
@@ -174,6 +175,7 @@ class Gateway:
         breakers: Breakers | None = None,
         failover_seconds: float = 3.0,
         tls: TlsFiles | None = None,
+        node_streams: bool = True,
     ) -> None:
         addresses = [controlplanes] if isinstance(controlplanes, str) else list(controlplanes)
         self._controlplanes = [a.strip() for a in addresses if a.strip()]
@@ -185,6 +187,8 @@ class Gateway:
         self.breakers = breakers or Breakers()
         self._node_channels: dict[str, grpc.aio.Channel] = {}
         self._node_stubs: dict[str, inference_pb2_grpc.InferenceServiceStub] = {}  # one per channel
+        self._node_links: dict[str, NodeLink] = {}  # Generate calls, over one stream per node
+        self._node_streams = node_streams  # else a gRPC call per Generate request
         self.request_timeout = request_timeout_seconds
         self._placement_timeout = placement_timeout_seconds
         self._scale_from_zero_timeout = scale_from_zero_timeout_seconds
@@ -205,6 +209,8 @@ class Gateway:
         await self.feed.run()
 
     async def close(self) -> None:
+        for link in self._node_links.values():
+            await link.close()
         for channel in self._node_channels.values():
             await channel.close()
         for channel in self._cp_channels:
@@ -225,6 +231,24 @@ class Gateway:
         if stub is None:  # a stub makes a callable per method: once per channel, not per request
             stub = self._node_stubs[address] = inference_pb2_grpc.InferenceServiceStub(self._channel(node_id, address))
         return Target(node_id, address, stub, replica)
+
+    def open_generate(
+        self,
+        target: Target,
+        request: inference_pb2.GenerateRequest,
+        timeout: float,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> Any:
+        """A Generate call to `target`'s node, carried on the edge's stream to it (edge.node_multiplex); it
+        reads as a grpc.aio call. Without node streams, a gRPC call of its own."""
+        if not self._node_streams:
+            return target.stub.Generate(request, timeout=timeout, metadata=metadata)
+        link = self._node_links.get(target.address)
+        if link is None:
+            channel = self._channel(target.node_id, target.address)
+            name = f"node {target.node_id} at {target.address}"
+            link = self._node_links[target.address] = NodeLink(channel, target.stub, name)
+        return link.generate(request, timeout, metadata)
 
     def _usable(self, replicas: list[Replica]) -> tuple[list[Replica], str]:
         """The replicas a request may go to now, and the address it probes ('' if none).

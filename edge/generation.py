@@ -65,7 +65,7 @@ class Generation:
 
         async def open_stream(attempt: inference_pb2.GenerateRequest, target: Target) -> Stream:
             left = max(0.001, deadline - loop.time())
-            call = target.stub.Generate(attempt, timeout=left, metadata=metadata)
+            call = self._gateway.open_generate(target, attempt, left, metadata)
             try:
                 first = await self._next_event(call, target, left)
             except BaseException:

@@ -76,6 +76,7 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
         "breakers": Breakers(settings.breaker_failures, settings.breaker_cooldown_seconds),
         "failover_seconds": settings.failover_seconds,
         "tls": tls,
+        "node_streams": settings.node_streams,
     }
     gateway = Gateway(*args, **options)
     metrics = EdgeMetrics(gateway) if settings.metrics else None

@@ -73,6 +73,11 @@ class EdgeSettings(BaseSettings):
         description="origins web pages may call the HTTP API from (CORS), comma-separated, such as"
         " https://app.example.com, or * for any; empty: no CORS headers, so browsers refuse cross-origin calls",
     )
+    node_streams: bool = Field(
+        True,
+        description="carry every Generate call to a node on one long-lived stream per node (MultiplexService),"
+        " which saves each request grpc's per-call work; false: a gRPC call per request",
+    )
     log_level: str = Field("INFO", description="log level")
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as text, or one JSON object per line (json), on stderr"

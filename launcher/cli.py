@@ -147,6 +147,8 @@ def _edge(args: argparse.Namespace) -> None:
         values["failover_seconds"] = args.failover_seconds
     if args.no_metrics:
         values["metrics"] = False
+    if args.no_node_streams:
+        values["node_streams"] = False
     http_limits = {
         "max_body_bytes": "max_body_bytes",
         "body_timeout": "body_timeout_seconds",
@@ -550,6 +552,11 @@ def parser() -> argparse.ArgumentParser:
     edge.add_argument("--auth-secret-file", help="the fleet secret the control plane was given")
     edge.add_argument(
         "--no-metrics", action="store_true", help="no Prometheus /metrics on the HTTP port, and no counting for it"
+    )
+    edge.add_argument(
+        "--no-node-streams",
+        action="store_true",
+        help="a gRPC call to the node per Generate request, not one stream per node carrying them all",
     )
     _tls_flags(edge, "the edge")
     edge.set_defaults(run=_edge)

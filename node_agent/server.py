@@ -11,7 +11,7 @@ from collections.abc import Awaitable
 from importlib.metadata import PackageNotFoundError, version
 
 from fleetlm.controlplane.v1 import node_pb2
-from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc, multiplex_pb2, multiplex_pb2_grpc
 from mesh import logs, tracing
 from mesh import metrics as metrics_port
 from mesh.catalog import CatalogError, load_catalog
@@ -32,12 +32,14 @@ from node_agent.identity import JoinError, keep_renewed, node_identity, renews
 from node_agent.inference_service import NodeInference
 from node_agent.load_reports import ChangeFeed, report_load
 from node_agent.metrics import NodeMetrics
+from node_agent.multiplex_service import NodeMultiplex
 from node_agent.registration import Registration
 from node_agent.settings import NodeSettings
 
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+MULTIPLEX_SERVICE = multiplex_pb2.DESCRIPTOR.services_by_name["MultiplexService"].full_name
 
 
 def _agent_version() -> str:
@@ -152,11 +154,13 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     metrics = NodeMetrics(host) if settings.metrics_listen else None
     # Beyond loopback the metrics port speaks HTTPS with the node's certificate (Prometheus given the fleet CA).
     scraped = metrics_port.start("node", settings.metrics_listen, tls, metrics.registry) if metrics else None
-    server = GrpcServer([INFERENCE_SERVICE])
+    server = GrpcServer([INFERENCE_SERVICE, MULTIPLEX_SERVICE])
     servicer = NodeInference(host, settings.node_id)
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-        metrics.counted_servicer(servicer) if metrics else servicer, server.server
-    )
+    counted = metrics.counted_servicer(servicer) if metrics else servicer
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(counted, server.server)
+    # The edge's Generate calls come over one stream each (node_agent.multiplex_service), counted alike.
+    multiplex = NodeMultiplex(counted)
+    multiplex_pb2_grpc.add_MultiplexServiceServicer_to_server(multiplex, server.server)
     # With TLS, only fleet components (the edge) with a certificate from the fleet CA may call this node.
     port = await server.start(settings.listen, server_credentials(tls, True) if tls else None)
     address = _advertised(settings, port)
@@ -198,6 +202,7 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
                     task.cancel()
                 await asyncio.gather(*background, return_exceptions=True)
                 await _step("deregistering", registration.deregister())
+                multiplex.close()  # its streams take no new call; each ends once its calls have
                 await _step("stopping the gRPC server", server.stop(settings.shutdown_grace_seconds))
     finally:
         await host.close()
