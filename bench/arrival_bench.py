@@ -210,10 +210,13 @@ HTTP_STREAMED = "fleetlm HTTP (SSE) through the edge"
 HTTP_WHOLE = "fleetlm HTTP non-streamed through the edge"
 GRPC = "fleetlm gRPC through the edge"
 NODE = "fleetlm node agent gRPC, no edge"
+PLAIN_HTTP = "plain calls: HTTP (SSE) through the edge"
+PLAIN_GRPC = "plain calls: gRPC through the edge"
 SERVER_STREAMED = "llama-server streamed (C++, 8 slots)"
 SERVER_WHOLE = "llama-server non-streamed"
 # Each row's reference: llama-server answering the same way.
-AGAINST = {HTTP_STREAMED: SERVER_STREAMED, HTTP_WHOLE: SERVER_WHOLE, GRPC: SERVER_STREAMED, NODE: SERVER_STREAMED}
+AGAINST = {HTTP_STREAMED: SERVER_STREAMED, HTTP_WHOLE: SERVER_WHOLE, GRPC: SERVER_STREAMED, NODE: SERVER_STREAMED,
+           PLAIN_HTTP: SERVER_STREAMED, PLAIN_GRPC: SERVER_STREAMED}  # fmt: skip
 PROBED = [HTTP_STREAMED, GRPC, NODE, SERVER_STREAMED]  # rows whose first token under load is measured
 
 
@@ -242,7 +245,7 @@ def report(loops: dict[tuple[int, str], list[dict[str, float]]], firsts: dict[st
         "median of the rounds"
     )
     reference = statistics.median(firsts[SERVER_STREAMED])
-    for name in PROBED:
+    for name in firsts:
         value = statistics.median(firsts[name])
         print(f"{name:<52} {value:8.1f} ms   {value - reference:+6.1f} ms against llama-server")
 
@@ -256,6 +259,12 @@ async def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every engine (2)")
     parser.add_argument("--seed", type=int, default=15, help="seed of the requests (15)")
     parser.add_argument("--probes", type=int, default=12, help="short prompts per row and round under load (12)")
+    parser.add_argument(
+        "--plain-edge",
+        action="store_true",
+        help="two more rows (HTTP streamed, gRPC) through a second edge that makes a gRPC call to the node per"
+        " request (--no-node-streams), as before 2026-12-06; the first carries them on one stream per node",
+    )
     args = parser.parse_args()
     model_path = str(default_model_path())
     jobs = workload(args.seed, args.requests)
@@ -275,15 +284,21 @@ async def main() -> None:
                 SERVER_STREAMED: http_call(url, streamed=True),
                 SERVER_WHOLE: http_call(url, streamed=False),
             }
+            probed = list(PROBED)
+            if args.plain_edge:
+                with cluster.env_added({"FLEETLM_EDGE_NODE_STREAMS": "false"}):
+                    _, plain_http, plain_grpc = cluster.start_edge("--log-level", "WARNING")
+                rows[PLAIN_HTTP], rows[PLAIN_GRPC] = http_call(plain_http, streamed=True), grpc_call(plain_grpc)
+                probed += [PLAIN_GRPC]
             for call in rows.values():
                 await call(Job(story(random.Random(0), 2), 8))  # warm-up
             loops: dict[tuple[int, str], list[dict[str, float]]] = {(k, n): [] for k in args.clients for n in rows}
-            firsts: dict[str, list[float]] = {name: [] for name in PROBED}
+            firsts: dict[str, list[float]] = {name: [] for name in probed}
             for round_ in range(args.rounds):
                 for clients in args.clients:
                     for name, call in rows.items():
                         loops[clients, name].append(await closed_loop(call, jobs, clients))
-                for name in PROBED:
+                for name in probed:
                     firsts[name].append(await busy_first_token(rows[name], args.probes, args.seed + round_))
                 print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
         finally:

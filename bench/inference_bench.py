@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench.inference_bench [--tokens 128] [--threads 2] [--rounds 3] [--replicas 1]
                                               [--llama-server PATH]
-                                              [--ttft-only [--gap-ms MS] [--asyncio-edge] [--sessions-apart]]
+                                              [--ttft-only [--gap-ms MS] [--asyncio-edge] [--plain-edge]
+                                               [--sessions-apart]]
 
 Same model (SmolLM2-135M-Instruct Q4_1), same thread count, same greedy prompt, in one run. Every
 server is started first and stays up (idle, it costs nothing); then each round measures every row in
@@ -17,6 +18,9 @@ minutes (this one does, by +-15%) favours no row. The rows:
   llama-server  llama.cpp's own C++ server with 8 slots, when --llama-server is given
   asyncio edge  with --ttft-only --asyncio-edge: HTTP and gRPC through a second edge on the standard
                 library's event loop (FLEETLM_EVENT_LOOP=asyncio), beside the first on uvloop
+  plain calls   with --ttft-only --plain-edge: HTTP (minimal client) and gRPC through a second edge that
+                makes a gRPC call to the node per request (--no-node-streams), as before 2026-12-06, beside
+                the first, which carries them all on one stream per node (MultiplexService)
   nice fleet    with --ttft-only --nice-fleet: a second fleet whose node runs llama.cpp's compute threads at
                 nice 10 (FLEETLM_NODE_ENGINE_IDLE=false), as before 2026-12-06, not in the SCHED_IDLE class
   sessions apart  with --ttft-only --sessions-apart: a second fleet whose processes each run in a session of
@@ -299,6 +303,8 @@ APART_HTTP = "sessions apart: HTTP (SSE) through the edge"
 APART_LEAN = "sessions apart: HTTP (SSE), minimal client"
 APART_GRPC = "sessions apart: gRPC through the edge"
 APART_NODE = "sessions apart: node agent, gRPC, no edge"
+PLAIN_LEAN = "plain calls: HTTP (SSE), minimal client"
+PLAIN_GRPC = "plain calls: gRPC through the edge"
 NICE_LEAN = "engine at nice 10: HTTP (SSE), minimal client"
 NICE_GRPC = "engine at nice 10: gRPC through the edge"
 NICE_NODE = "engine at nice 10: node agent, gRPC, no edge"
@@ -330,6 +336,13 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
     print(
         f"\nthe edge's own share of TTFT (against the node called directly): HTTP {http:+.1f} ms, gRPC {grpc_:+.1f} ms"
     )
+
+
+def start_plain_edge(cluster: Cluster) -> tuple[Proc, str, str]:
+    """A second edge in front of the same fleet that makes a gRPC call to the node per Generate request
+    (FLEETLM_EDGE_NODE_STREAMS=false), where the first carries them on one stream."""
+    with cluster.env_added({"FLEETLM_EDGE_NODE_STREAMS": "false"}):
+        return cluster.start_edge("--log-level", "WARNING")
 
 
 def start_asyncio_edge(cluster: Cluster) -> tuple[Proc, str, str]:
@@ -413,6 +426,11 @@ async def main() -> None:
         " the SCHED_IDLE class (--no-engine-idle), as before 2026-12-06",
     )
     parser.add_argument(
+        "--plain-edge",
+        action="store_true",
+        help="with --ttft-only: two more rows through a second edge that makes a gRPC call to the node per request",
+    )
+    parser.add_argument(
         "--asyncio-edge",
         action="store_true",
         help="with --ttft-only: two more rows through a second edge on the standard asyncio event loop",
@@ -443,6 +461,10 @@ async def main() -> None:
                 other_edge, other_http, other_grpc = start_asyncio_edge(cluster)
                 rows[ASYNCIO_HTTP], rows[ASYNCIO_GRPC] = sse_stream(other_http, MODEL), grpc_stream(other_grpc)
                 edge_of.update({ASYNCIO_HTTP: other_edge, ASYNCIO_GRPC: other_edge})
+            if args.plain_edge:
+                plain_edge, plain_http, plain_grpc = start_plain_edge(cluster)
+                rows[PLAIN_LEAN], rows[PLAIN_GRPC] = lean_sse_stream(plain_http, MODEL), grpc_stream(plain_grpc)
+                edge_of.update({PLAIN_LEAN: plain_edge, PLAIN_GRPC: plain_edge})
             if args.sessions_apart:
                 apart = Cluster(Path(tmp) / "apart", sessions_apart=True)
                 others.append(apart)
