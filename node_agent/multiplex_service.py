@@ -116,8 +116,6 @@ class _Stream:
                 break
             count += 1
         taken, self.outbox = self.outbox[:count], self.outbox[count:]
-        if not self.outbox:
-            self.ready.clear()
         return multiplex_pb2.MultiplexResponse(events=taken)
 
     async def cancel_all(self) -> None:
@@ -137,6 +135,12 @@ class NodeMultiplex(multiplex_pb2_grpc.MultiplexServiceServicer):
         self._generate = inference.Generate
         self._closing = asyncio.Event()
         self._streams: set[_Stream] = set()
+        self.calls = 0  # calls opened on the streams, for the metrics
+
+    @property
+    def streams(self) -> int:
+        """Streams open now (one per edge)."""
+        return len(self._streams)
 
     def close(self) -> None:
         """Take no new calls; each stream ends once its running calls have."""
@@ -155,6 +159,7 @@ class NodeMultiplex(multiplex_pb2_grpc.MultiplexServiceServicer):
             try:
                 async for request in requests:
                     for frame in request.frames:
+                        self.calls += frame.HasField("open")
                         stream.apply(frame)
             finally:
                 done.set()
@@ -167,6 +172,8 @@ class NodeMultiplex(multiplex_pb2_grpc.MultiplexServiceServicer):
                 if stream.outbox:
                     yield stream.take()
                     continue
+                # Cleared only here, right before the checks: a call that ended while the last message was
+                # sent set it, and is seen now.
                 stream.ready.clear()
                 if receiving.done() and receiving.exception() is not None:
                     raise receiving.exception()  # type: ignore[misc]

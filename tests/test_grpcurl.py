@@ -100,3 +100,27 @@ def test_grpc_errors_carry_the_reason(mesh: Mesh) -> None:
     )
     assert result.returncode != 0
     assert "NotFound" in result.stderr and '"reason":"MODEL_NOT_FOUND"' in result.stderr.replace(" ", "")
+
+
+def test_the_nodes_multiplex_stream_answers_grpcurl(mesh: Mesh) -> None:
+    """The stream the edge carries its Generate calls on is there for an operator to try: two calls opened
+    in one message come back as events tagged with their ids, each ending OK, and the stream ends after."""
+    services = grpcurl(mesh.node_address, "list").stdout.split()
+    assert "fleetlm.inference.v1.MultiplexService" in services
+    frames = [
+        {
+            "open": {
+                "id": str(i),
+                "request": {"model": mesh.model, "prompt": prompt, "sampling": {"max_tokens": 6, "temperature": 0}},
+            }
+        }
+        for i, prompt in ((1, "The capital of France is"), (2, "Blue, yellow,"))
+    ]
+    out = grpcurl(
+        "-d", json.dumps({"frames": frames}), mesh.node_address, "fleetlm.inference.v1.MultiplexService/Multiplex"
+    ).stdout
+    events = [e for m in out.replace("}\n{", "}\x00{").split("\x00") for e in json.loads(m)["events"]]
+    for call in ("1", "2"):
+        mine = [e for e in events if e["id"] == call]
+        assert any("delta" in e.get("response", {}) for e in mine), mine
+        assert "result" in mine[-2]["response"] and mine[-1]["end"] == {}, mine  # OK: code 0, the default
