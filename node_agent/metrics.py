@@ -3,7 +3,8 @@
 Two kinds. Counters of requests and tokens are counted as requests end, by a wrapper around the node's
 InferenceService (`counted_servicer`): requests_total{model,outcome} (outcome: ok, cancelled, or the fleet
 error code the request failed with: NO_CAPACITY when the replica was full, MODEL_UNAVAILABLE, ...),
-prompt_tokens_total and generation_tokens_total{model} (the usage the node reported). Everything about the
+prompt_tokens_total and generation_tokens_total{model} (the usage the node reported); of MultiplexService
+(`count_multiplex`): multiplex_streams (open, one per edge) and multiplexed_calls_total. Everything about the
 replicas is read from the host when Prometheus scrapes (`_ReplicaCollector`), so it costs the hot path
 nothing and a replica that is unloaded leaves no stale series:
   replica_state{model,state}        1 for the replica's state (pending, loading, ready, failed, unloading)
@@ -189,6 +190,21 @@ class _GpuCollector(Collector):
         yield from (used, total, busy)
 
 
+class _MultiplexCollector(Collector):
+    def __init__(self, multiplex: Any) -> None:
+        self._multiplex = multiplex
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            P + "multiplex_streams", "MultiplexService streams open (one per edge)", value=self._multiplex.streams
+        )
+        yield CounterMetricFamily(
+            P + "multiplexed_calls",
+            "Generate calls that came over a MultiplexService stream (counted in requests_total too)",
+            value=self._multiplex.calls,
+        )
+
+
 class NodeMetrics:
     def __init__(self, host: ModelHost, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry or new_registry()
@@ -218,6 +234,10 @@ class NodeMetrics:
         # The model label comes from the request: only names this node hosts are kept, so a caller cannot
         # grow the series by inventing names.
         self.requests.labels(model if model in self._host.models else "", outcome).inc()
+
+    def count_multiplex(self, multiplex: Any) -> None:
+        """Series of the node's MultiplexService (node_agent.multiplex_service), read when Prometheus scrapes."""
+        self.registry.register(_MultiplexCollector(multiplex))
 
     def counted_servicer(self, servicer: Any) -> Any:
         """The node's InferenceService with every Generate and Embed counted."""

@@ -160,6 +160,8 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(counted, server.server)
     # The edge's Generate calls come over one stream each (node_agent.multiplex_service), counted alike.
     multiplex = NodeMultiplex(counted)
+    if metrics:
+        metrics.count_multiplex(multiplex)
     multiplex_pb2_grpc.add_MultiplexServiceServicer_to_server(multiplex, server.server)
     # With TLS, only fleet components (the edge) with a certificate from the fleet CA may call this node.
     port = await server.start(settings.listen, server_credentials(tls, True) if tls else None)

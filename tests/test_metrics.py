@@ -303,6 +303,9 @@ def test_node_metrics_show_replicas_and_count_requests_and_tokens(fleet: Fleet) 
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert delta("fleetlm_node_requests_total", model=MODEL, outcome="ok") == 4
+    # The edge carried both Generate calls on its stream to the node (edge.node_multiplex), not a call each.
+    assert delta("fleetlm_node_multiplexed_calls_total") == 2
+    assert value(after, "fleetlm_node_multiplex_streams") >= 1
     assert delta("fleetlm_node_prompt_tokens_total", model=MODEL) == prompt_tokens
     assert delta("fleetlm_node_generation_tokens_total", model=MODEL) == completion_tokens
     assert delta("fleetlm_node_prefix_cache_queries_total", model=MODEL) == generation_prompt_tokens
