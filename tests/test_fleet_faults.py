@@ -200,6 +200,17 @@ def test_a_node_killed_loses_no_request_that_had_not_started(ha: HaFleet) -> Non
     assert_served_through(outcomes, allow_mid_stream=True)
 
 
+def test_a_node_stopped_in_order_loses_no_request(ha: HaFleet) -> None:
+    """SIGTERM: the node leaves the fleet, refuses new calls on the edge's stream (the edge tries the other
+    replica), lets the streams it is serving finish, then stops; no client sees an error."""
+    node = ha.nodes["ha-1"]
+    outcomes, _ = run_fault(ha, lambda: node.signal(signal.SIGTERM))
+    assert_served_through(outcomes)
+    assert node.popen.wait(30) == 0
+    log = node.log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]
+
+
 def test_the_control_plane_killed_and_restarted_stops_no_traffic(ha: HaFleet) -> None:
     controlplane = ha.proc("controlplane")
 
