@@ -20,7 +20,11 @@ minutes (this one does, by +-15%) favours no row. The rows:
                 library's event loop (FLEETLM_EVENT_LOOP=asyncio), beside the first on uvloop
   plain calls   with --ttft-only --plain-edge: HTTP (minimal client) and gRPC through a second edge that
                 makes a gRPC call to the node per request (--no-node-streams), as before 2026-12-06, beside
-                the first, which carries them all on one stream per node (MultiplexService)
+                the first, which carries them all on one stream per node (MultiplexService). Then, paired:
+                `--pairs` requests to each of the two edges (gRPC and HTTP) and the node, interleaved in a
+                shuffled order (they share one engine), and the median of each request's difference from
+                the node's request of its set, with a 95% interval: what the stream saves, resolved below
+                the rounds' noise
   nice fleet    with --ttft-only --nice-fleet: a second fleet whose node runs llama.cpp's compute threads at
                 nice 10 (FLEETLM_NODE_ENGINE_IDLE=false), as before 2026-12-06, not in the SCHED_IDLE class
   sessions apart  with --ttft-only --sessions-apart: a second fleet whose processes each run in a session of
@@ -35,6 +39,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -352,6 +357,36 @@ def start_asyncio_edge(cluster: Cluster) -> tuple[Proc, str, str]:
         return cluster.start_edge("--log-level", "WARNING")
 
 
+def interval(diffs: list[float], draws: int = 2000) -> tuple[float, float]:
+    """A 95% bootstrap interval of the median of `diffs` (seeded: the same figures print the same)."""
+    rng = random.Random(7)
+    medians = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws)]
+
+
+async def paired_streams(rows: dict[str, Stream], pairs: int, gap: float) -> None:
+    """`pairs` sets of one short request per row (rows that share one engine), in a shuffled order; prints
+    each row's median difference from NODE_GRPC's request of the same set, and the multiplexing edge's from
+    the plain one's, with 95% intervals."""
+    rng = random.Random(11)
+    firsts: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(pairs):
+        order = list(rows)
+        rng.shuffle(order)
+        for name in order:
+            if gap:
+                await asyncio.sleep(gap)
+            firsts[name].append((await rows[name](4)).ttft * 1000)
+    pause = f"{gap * 1000:g} ms idle before each request" if gap else "back to back"
+    print(f"\npaired, {pairs} sets of one request per row, {pause} (ms, median of the differences, 95% interval):")
+    comparisons = [(name, NODE_GRPC) for name in rows if name != NODE_GRPC]
+    comparisons += [(FLEETLM_GRPC, PLAIN_GRPC), (LEAN_HTTP, PLAIN_LEAN)]
+    for name, against in comparisons:
+        diffs = [a - b for a, b in zip(firsts[name], firsts[against], strict=True)]
+        low, high = interval(diffs)
+        print(f"  {name:<46} {statistics.median(diffs):+6.2f} [{low:+.2f}, {high:+.2f}] against {against}")
+
+
 async def ttft_round(
     rows: dict[str, Stream], edge_of: Callable[[str], Proc], n: int = 40, gap: float = 0.0
 ) -> dict[str, dict[str, float]]:
@@ -431,6 +466,9 @@ async def main() -> None:
         help="with --ttft-only: two more rows through a second edge that makes a gRPC call to the node per request",
     )
     parser.add_argument(
+        "--pairs", type=int, default=150, help="with --plain-edge: sets of paired requests after the rounds (150)"
+    )
+    parser.add_argument(
         "--asyncio-edge",
         action="store_true",
         help="with --ttft-only: two more rows through a second edge on the standard asyncio event loop",
@@ -497,6 +535,9 @@ async def main() -> None:
                     for name, stream in rows.items():
                         results[name].append(await measure(stream, args.tokens))
                 print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
+            if args.ttft_only and args.plain_edge and args.pairs:
+                shared = (FLEETLM_GRPC, PLAIN_GRPC, LEAN_HTTP, PLAIN_LEAN, NODE_GRPC)
+                await paired_streams({name: rows[name] for name in shared}, args.pairs, args.gap_ms / 1000)
         finally:
             for fleet in (cluster, *others):
                 fleet.close()
