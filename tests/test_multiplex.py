@@ -150,3 +150,28 @@ async def test_a_server_without_the_stream_gets_plain_calls(mesh: Mesh) -> None:
         third.cancel()
     assert first[0] and first[0] == second[0]
     assert first[1] is not None and second[1] is not None
+
+
+async def test_the_node_keeps_a_carried_calls_deadline(mesh: Mesh) -> None:
+    """A call opened with a timeout ends on the node with DEADLINE_EXCEEDED when it runs past it, whether
+    or not the caller keeps time, and its generation stops there."""
+    async with grpc.aio.insecure_channel(mesh.node_address) as channel:
+        call = multiplex_pb2_grpc.MultiplexServiceStub(channel).Multiplex()
+        opened = multiplex_pb2.OpenCall(id=1, request=_request(mesh.model, PROMPTS[0], 1800))
+        opened.timeout.FromMilliseconds(800)
+        start = time.monotonic()
+        await call.write(multiplex_pb2.MultiplexRequest(frames=[multiplex_pb2.MultiplexFrame(open=opened)]))
+        end = None
+        while end is None:
+            message = await asyncio.wait_for(call.read(), 30)
+            assert message is not grpc.aio.EOF
+            end = next((e.end for e in message.events if e.HasField("end")), None)
+        took = time.monotonic() - start
+        call.cancel()
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        waited = time.monotonic()
+        assert await _plain_text(stub, _request(mesh.model, PROMPTS[1], 4))
+        waited = time.monotonic() - waited
+    assert end.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], end
+    assert 0.7 < took < 10, took
+    assert waited < 8, f"the next call waited {waited:.1f}s: the expired generation went on"
