@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # A response message's events, at most, unless one event alone is larger (an echoed prompt's event may be up
 # to 1 MiB): well under the 4 MiB a gRPC client receives by default.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+MAX_DURATION_SECONDS = 315_576_000_000  # google.protobuf.Duration's range: about 10,000 years
 
 
 class _CallContext:
@@ -44,6 +45,21 @@ class _CallContext:
 def _status(error: FleetError) -> multiplex_pb2.CallStatus:
     details = b"".join(value for _, value in error.grpc_trailing_metadata())
     return multiplex_pb2.CallStatus(code=error.grpc_code.value[0], message=error.message, details=details)
+
+
+def _timeout(call: multiplex_pb2.OpenCall) -> float | None:
+    """The call's timeout in seconds (None: no deadline); INVALID_REQUEST naming `timeout` for a Duration
+    that is negative or out of protobuf's range."""
+    if not call.HasField("timeout"):
+        return None
+    seconds, nanos = call.timeout.seconds, call.timeout.nanos
+    if not (0 <= seconds <= MAX_DURATION_SECONDS and 0 <= nanos <= 999_999_999):
+        raise FleetError(
+            ErrorCode.INVALID_REQUEST,
+            f"timeout must be a duration from 0 to {MAX_DURATION_SECONDS} s; got {seconds} s and {nanos} ns",
+            param="timeout",
+        )
+    return seconds + nanos / 1e9
 
 
 class _Stream:
@@ -77,7 +93,11 @@ class _Stream:
             error = FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node is shutting down", retry_after_seconds=1)
             self.post(multiplex_pb2.CallEvent(id=call.id, end=_status(error)))
             return
-        timeout = call.timeout.ToTimedelta().total_seconds() if call.HasField("timeout") else None
+        try:
+            timeout = _timeout(call)
+        except FleetError as error:
+            self.post(multiplex_pb2.CallEvent(id=call.id, end=_status(error)))
+            return
         task = asyncio.ensure_future(self._run(call, timeout))
         self.calls[call.id] = task
 

@@ -175,3 +175,27 @@ async def test_the_node_keeps_a_carried_calls_deadline(mesh: Mesh) -> None:
     assert end.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], end
     assert 0.7 < took < 10, took
     assert waited < 8, f"the next call waited {waited:.1f}s: the expired generation went on"
+
+
+async def test_a_timeout_out_of_range_is_refused_and_the_stream_goes_on(mesh: Mesh) -> None:
+    """A negative or out-of-range timeout (the gRPC fuzzer sent one: it was an OverflowError and INTERNAL)
+    ends that call with INVALID_ARGUMENT naming `timeout`; the next call on the stream is served."""
+    async with grpc.aio.insecure_channel(mesh.node_address) as channel:
+        call = multiplex_pb2_grpc.MultiplexServiceStub(channel).Multiplex()
+        frames = []
+        for id_, seconds, nanos in ((1, 2**62, 0), (2, -5, 0), (3, 1, 2_000_000_000)):
+            opened = multiplex_pb2.OpenCall(id=id_, request=_request(mesh.model, PROMPTS[1], 4))
+            opened.timeout.seconds, opened.timeout.nanos = seconds, nanos
+            frames.append(multiplex_pb2.MultiplexFrame(open=opened))
+        good = multiplex_pb2.OpenCall(id=4, request=_request(mesh.model, PROMPTS[1], 4))
+        good.timeout.seconds = 60
+        frames.append(multiplex_pb2.MultiplexFrame(open=good))
+        await call.write(multiplex_pb2.MultiplexRequest(frames=frames))
+        await call.done_writing()
+        ends: dict[int, multiplex_pb2.CallStatus] = {}
+        while (message := await asyncio.wait_for(call.read(), 30)) is not grpc.aio.EOF:
+            ends.update({e.id: e.end for e in message.events if e.HasField("end")})
+    refused = [ends[i] for i in (1, 2, 3)]
+    assert all(end.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for end in refused), refused
+    assert all("timeout" in end.message for end in refused), refused
+    assert ends[4].code == 0, ends[4]
