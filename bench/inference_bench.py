@@ -53,6 +53,7 @@ import grpc
 import httpx
 import yaml
 
+from bench.transport_floor_bench import interval
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from launcher.default_model import default_model_path
 from tests.cluster import Cluster, Proc, free_port, wait_for
@@ -355,13 +356,6 @@ def start_asyncio_edge(cluster: Cluster) -> tuple[Proc, str, str]:
     asyncio) where the first runs the default (uvloop): its process and its HTTP and gRPC addresses."""
     with cluster.env_added({"FLEETLM_EVENT_LOOP": "asyncio"}):
         return cluster.start_edge("--log-level", "WARNING")
-
-
-def interval(diffs: list[float], draws: int = 2000) -> tuple[float, float]:
-    """A 95% bootstrap interval of the median of `diffs` (seeded: the same figures print the same)."""
-    rng = random.Random(7)
-    medians = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(draws))
-    return medians[int(0.025 * draws)], medians[int(0.975 * draws)]
 
 
 async def paired_streams(rows: dict[str, Stream], pairs: int, gap: float) -> None:

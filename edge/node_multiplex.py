@@ -29,16 +29,16 @@ from typing import Any
 import grpc
 
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc, multiplex_pb2, multiplex_pb2_grpc
+from mesh.errors import DETAILS_KEY
 
 log = logging.getLogger(__name__)
 
 RETRY_UNSUPPORTED_SECONDS = 60.0
-_DETAILS_KEY = "grpc-status-details-bin"
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _error(code: grpc.StatusCode, message: str, details: bytes = b"") -> grpc.aio.AioRpcError:
-    trailing = grpc.aio.Metadata((_DETAILS_KEY, details)) if details else grpc.aio.Metadata()
+    trailing = grpc.aio.Metadata((DETAILS_KEY, details)) if details else grpc.aio.Metadata()
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=message)
 
 

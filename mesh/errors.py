@@ -22,7 +22,7 @@ DOMAIN = "fleetlm"
 # A 429 always says when to come back (OpenAI's clients and the old system's read it); a refusal that
 # names no time of its own gets this one.
 DEFAULT_RETRY_AFTER_SECONDS = 1
-_DETAILS_KEY = "grpc-status-details-bin"
+DETAILS_KEY = "grpc-status-details-bin"
 
 
 class ErrorCode(enum.StrEnum):
@@ -171,7 +171,7 @@ class FleetError(Exception):
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.ErrorInfo(reason=self.code.value, domain=DOMAIN, metadata=info_metadata))
         status = status_pb2.Status(code=getattr(code_pb2, self.grpc_code.name), message=self.message, details=[detail])
-        return ((_DETAILS_KEY, status.SerializeToString()),)
+        return ((DETAILS_KEY, status.SerializeToString()),)
 
     @classmethod
     def sent_by_peer(cls, error: grpc.RpcError) -> FleetError | None:
@@ -179,7 +179,7 @@ class FleetError(Exception):
         status carries none (the transport failed, or the peer is not fleetlm)."""
         trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
         for key, value in trailing or ():
-            if key != _DETAILS_KEY:
+            if key != DETAILS_KEY:
                 continue
             try:
                 status = status_pb2.Status.FromString(value)
