@@ -14,7 +14,10 @@ too) and its own cancellation (a frame to the node, which stops the generation).
 connection do, and the next call opens a new stream.
 
 A node that does not serve MultiplexService (an older version) answers UNIMPLEMENTED: its calls are made
-as plain Generate calls, and the node's stream is not tried again for RETRY_UNSUPPORTED_SECONDS.
+as plain Generate calls, and the node's stream is not tried again for RETRY_UNSUPPORTED_SECONDS. Nothing is
+written on a new stream before the node's headers (which it sends at once) or that answer arrive: a write
+racing the answer would fail and grpc would replace UNIMPLEMENTED with a local INTERNAL. So the first call
+on a new stream waits one round trip; every later one does not.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ class CarriedCall:
     async def read(self) -> Any:
         if self._plain is not None:
             return await self._plain.read()
-        if self._opening is not None and self._session is not None:
+        if self._opening is not None and self._session is not None and not self._ended:
             # Written here rather than by a task of its own: a loop turn sooner on the way to the first token.
             frame, self._opening = self._opening, None
             await self._session.write(frame)
@@ -175,6 +178,10 @@ class _Session:
         self._lock = asyncio.Lock()
         self._sends: set[asyncio.Task[None]] = set()
         self.broken: grpc.aio.AioRpcError | None = None
+        # Set when the node has answered the stream's headers (or the stream failed): nothing is written
+        # before. A server without the service ends the call at once with UNIMPLEMENTED, and a write racing
+        # that end would fail and replace its status with grpc's local INTERNAL, hiding that it is missing.
+        self._accepted = asyncio.Event()
         self._reader = asyncio.ensure_future(self._read())
 
     def open(self, call: CarriedCall) -> None:
@@ -197,6 +204,8 @@ class _Session:
     async def write(self, frame: multiplex_pb2.MultiplexFrame) -> None:
         """Send `frame`; a failure is not raised: the stream's reader has its status and fails its calls."""
         async with self._lock:
+            if not self._accepted.is_set():
+                await self._accepted.wait()
             if self.broken is not None:
                 return
             try:
@@ -207,6 +216,10 @@ class _Session:
     async def _read(self) -> None:
         error: grpc.aio.AioRpcError
         try:
+            # The node sends its headers at once; a server without the service ends the call here instead.
+            await self._call.initial_metadata()
+            if not self._call.done():
+                self._accepted.set()
             while True:
                 message = await self._call.read()
                 if message is grpc.aio.EOF:
@@ -235,6 +248,7 @@ class _Session:
 
     def _fail(self, error: grpc.aio.AioRpcError) -> None:
         self.broken = error
+        self._accepted.set()  # the writers waiting see it broken
         calls, self._calls = self._calls, {}
         for call in calls.values():
             call.failed(error)

@@ -171,6 +171,9 @@ class NodeMultiplex(multiplex_pb2_grpc.MultiplexServiceServicer):
     async def Multiplex(
         self, requests: AsyncIterator[multiplex_pb2.MultiplexRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[multiplex_pb2.MultiplexResponse]:
+        # Headers at once: the edge writes nothing until it has them (edge.node_multiplex._Session), so that
+        # a server without this service is told apart by its UNIMPLEMENTED rather than a failed write.
+        await context.send_initial_metadata(())
         stream = _Stream(self._generate, self._closing)
         self._streams.add(stream)
         done = asyncio.Event()  # the caller closed its side
