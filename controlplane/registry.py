@@ -33,6 +33,7 @@ from controlplane.fleet import FleetView, durable_key
 from controlplane.join import NodeIdentities
 from controlplane.store import ClusterStore, LeaseNotFound, StoreEvent
 from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
+from mesh import durations
 from mesh.errors import ErrorCode, FleetError, invalid
 from mesh.fleet_ca import identity_uri
 from mesh.redaction import redact_message
@@ -51,7 +52,6 @@ VIEW_LAG_SECONDS = 5.0
 _TIMESTAMP = timestamp_pb2.Timestamp.DESCRIPTOR.full_name
 _DURATION = duration_pb2.Duration.DESCRIPTOR.full_name
 _TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)  # 0001-01-01 to 9999-12-31, a Timestamp's range
-_DURATION_SECONDS = 315_576_000_000  # 10,000 years, a Duration's range
 
 
 def _time_out_of_range(message: Message, path: str) -> str:
@@ -69,8 +69,7 @@ def _time_out_of_range(message: Message, path: str) -> str:
                 if not (_TIMESTAMP_SECONDS[0] <= item.seconds <= _TIMESTAMP_SECONDS[1] and 0 <= item.nanos < 10**9):
                     return where
             elif kind == _DURATION:
-                signs_agree = item.seconds * item.nanos >= 0
-                if not (abs(item.seconds) <= _DURATION_SECONDS and abs(item.nanos) < 10**9 and signs_agree):
+                if not durations.in_range(item):
                     return where
             elif bad := _time_out_of_range(item, where):
                 return bad

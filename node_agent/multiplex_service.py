@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from fleetlm.inference.v1 import multiplex_pb2, multiplex_pb2_grpc
+from mesh import durations
 from mesh.errors import ErrorCode, FleetError
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 # A response message's events, at most, unless one event alone is larger (an echoed prompt's event may be up
 # to 1 MiB): well under the 4 MiB a gRPC client receives by default.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
-MAX_DURATION_SECONDS = 315_576_000_000  # google.protobuf.Duration's range: about 10,000 years
 
 
 class _CallContext:
@@ -53,10 +53,10 @@ def _timeout(call: multiplex_pb2.OpenCall) -> float | None:
     if not call.HasField("timeout"):
         return None
     seconds, nanos = call.timeout.seconds, call.timeout.nanos
-    if not (0 <= seconds <= MAX_DURATION_SECONDS and 0 <= nanos <= 999_999_999):
+    if not (durations.in_range(call.timeout) and seconds >= 0 and nanos >= 0):
         raise FleetError(
             ErrorCode.INVALID_REQUEST,
-            f"timeout must be a duration from 0 to {MAX_DURATION_SECONDS} s; got {seconds} s and {nanos} ns",
+            f"timeout must be a duration from 0 to {durations.MAX_SECONDS} s; got {seconds} s and {nanos} ns",
             param="timeout",
         )
     return seconds + nanos / 1e9
