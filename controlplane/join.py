@@ -31,6 +31,7 @@ from google.protobuf import timestamp_pb2
 
 from controlplane.etcd_store import EtcdStore
 from fleetlm.controlplane.v1 import admin_pb2, identity_pb2, identity_pb2_grpc
+from mesh import durations
 from mesh.fleet_ca import LEAF_DAYS, FleetCA, identity_uri, node_dns_name
 from mesh.tls import peer_identities
 
@@ -301,6 +302,8 @@ class JoinTokenAdmin:
         self, request: admin_pb2.CreateJoinTokenRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CreateJoinTokenResponse:
         tokens = await self._tokens(context)
+        if request.HasField("ttl") and not durations.in_range(request.ttl):  # ToTimedelta would overflow
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ttl must be at most {durations.MAX_SECONDS} s")
         ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else 3600.0
         if ttl <= 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl must be positive")

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from google.protobuf import duration_pb2
 
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
 from mesh.fleet_ca import fingerprint, uri_identities
@@ -211,6 +212,17 @@ def test_join_tokens_through_admin_service_with_real_grpcurl(fleet: Cluster) -> 
     assert field(revoked, "join_token")["state"] == "JOIN_TOKEN_STATE_REVOKED"  # type: ignore[index]
     assert "UNAUTHENTICATED" in refused(joining_node(fleet, "grpcurl-late", token, pin))
     proc.stop()
+    # A ttl outside Duration's range (grpcurl's JSON refuses one; another client may send it) is
+    # INVALID_ARGUMENT naming ttl, not an internal error.
+    admin = grpc.ssl_channel_credentials(
+        (fleet.ca_dir / "ca.crt").read_bytes(), (fleet.dir / "admin.key").read_bytes(),
+        (fleet.dir / "admin.crt").read_bytes(),
+    )  # fmt: skip
+    with grpc.secure_channel(fleet.controlplane, admin) as channel, pytest.raises(grpc.RpcError) as huge:
+        admin_pb2_grpc.AdminServiceStub(channel).CreateJoinToken(
+            admin_pb2.CreateJoinTokenRequest(ttl=duration_pb2.Duration(seconds=2**62)), timeout=10
+        )
+    assert huge.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ttl" in str(huge.value.details())
     # Plaintext, or TLS without the admin's certificate, does not reach AdminService.
     with grpc.insecure_channel(fleet.controlplane) as channel, pytest.raises(grpc.RpcError) as plain:
         admin_pb2_grpc.AdminServiceStub(channel).CreateJoinToken(admin_pb2.CreateJoinTokenRequest(), timeout=10)
