@@ -32,6 +32,7 @@ from controlplane.quota import Quotas
 from controlplane.reconciler import Reconciler
 from controlplane.store import ClusterStore, FencedOut
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
+from mesh import durations
 from mesh.auth import AdminGuard, read_secret_file
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError, invalid
@@ -71,6 +72,9 @@ def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
     reason = placement.check_format(spec)
     if reason:
         raise FleetError(ErrorCode.FORMAT_NOT_SUPPORTED, f"model '{spec.name}': {reason}", param="deployment.spec")
+    for field, duration in (("idle_timeout", deployment.idle_timeout), ("spec.startup_timeout", spec.startup_timeout)):
+        if not durations.in_range(duration) or duration.seconds < 0 or duration.nanos < 0:
+            raise invalid(f"deployment.{field}", f"{field} must be a duration from 0 to {durations.MAX_SECONDS} s")
     if deployment.max_replicas and deployment.max_replicas < deployment.min_replicas:
         raise invalid("deployment.max_replicas", "max_replicas must be at least min_replicas")
     out = node_pb2.Deployment()

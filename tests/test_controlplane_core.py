@@ -100,6 +100,24 @@ class ControlPlane:
         return {r.node_id: r.own for r in self.router.replicas(MODEL)}
 
 
+def test_a_deployments_durations_out_of_range_are_refused() -> None:
+    """A negative or out-of-range idle_timeout or startup_timeout is a 400 naming the field: the reconciler
+    and the node read them with ToTimedelta, which overflows past Duration's range."""
+    for seconds in (-1, 2**62):
+        spec = node_pb2.ModelSpec(name=MODEL, path=PATH, format="gguf")
+        idle = node_pb2.Deployment(spec=spec)
+        idle.idle_timeout.seconds = seconds
+        startup = node_pb2.Deployment(spec=spec)
+        startup.spec.startup_timeout.seconds = seconds
+        for deployment, field in ((idle, "deployment.idle_timeout"), (startup, "deployment.spec.startup_timeout")):
+            with pytest.raises(FleetError) as refused:
+                validate_deployment(deployment)
+            assert refused.value.code == ErrorCode.INVALID_REQUEST and refused.value.param == field
+    fine = node_pb2.Deployment(spec=node_pb2.ModelSpec(name=MODEL, path=PATH, format="gguf"))
+    fine.idle_timeout.seconds = 600
+    assert validate_deployment(fine).idle_timeout.seconds == 600
+
+
 @contextlib.asynccontextmanager
 async def control_plane(etcd_url: str, lease_ttl: int = 60) -> AsyncIterator[ControlPlane]:
     store = EtcdStore(etcd_url, f"/router-test-{uuid.uuid4().hex[:8]}")  # a fresh cluster state per test
