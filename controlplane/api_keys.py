@@ -31,6 +31,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from controlplane.etcd_store import EtcdStore
 from controlplane.store import Fence, FencedOut
 from fleetlm.controlplane.v1 import admin_pb2
+from mesh import durations
 from mesh.auth import read_secret_file
 from mesh.errors import ErrorCode, FleetError, invalid
 
@@ -40,7 +41,6 @@ SECRET_PREFIX = "flk-"
 DIRECTORY = "api-keys"
 FOLLOW_INTERVAL_SECONDS = 1.0
 MAX_NAME = 128
-MAX_TIMESTAMP_SECONDS = 253402300799  # 9999-12-31T23:59:59Z, the last time a Timestamp may hold
 
 
 class AuthSettings(BaseSettings):
@@ -80,7 +80,7 @@ def _validate(request: admin_pb2.CreateApiKeyRequest) -> None:
     if request.HasField("expires_at"):
         # Read as plain fields: Timestamp's own conversions raise on values outside years 1-9999.
         seconds, nanos = request.expires_at.seconds, request.expires_at.nanos
-        if not 0 <= nanos < 1_000_000_000 or seconds > MAX_TIMESTAMP_SECONDS:
+        if not 0 <= nanos < 1_000_000_000 or seconds > durations.LAST_TIMESTAMP_SECONDS:
             raise invalid("expires_at", "expires_at must be a valid time before the year 10000")
         if seconds <= time.time():
             raise invalid("expires_at", "expires_at must be in the future")

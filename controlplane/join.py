@@ -78,10 +78,12 @@ class JoinTokens:
         self._store = store
 
     async def create(self, ttl_seconds: float, description: str = "") -> tuple[str, JoinToken]:
-        if ttl_seconds <= 0:
-            raise ValueError("a join token's ttl must be positive")
-        token_id, secret = secrets.token_hex(4), secrets.token_urlsafe(32)
         now = time.time()
+        if not ttl_seconds > 0:  # NaN too
+            raise ValueError("ttl must be a positive number of seconds")
+        if not now + ttl_seconds <= durations.LAST_TIMESTAMP_SECONDS:  # its expiry could not be a Timestamp
+            raise ValueError("ttl must end before the year 10000")
+        token_id, secret = secrets.token_hex(4), secrets.token_urlsafe(32)
         record = JoinToken(token_id, _digest(secret), now, now + ttl_seconds, False, description)
         await self._store.put_value(f"{DIRECTORY}/{token_id}", json.dumps(asdict(record)).encode())
         return f"{TOKEN_PREFIX}{token_id}.{secret}", record
@@ -278,7 +280,8 @@ _STATES = {
 def _described(token: JoinToken) -> admin_pb2.JoinToken:
     described = admin_pb2.JoinToken(id=token.id, state=_STATES[token.state(time.time())], description=token.description)
     described.created_at.FromNanoseconds(int(token.created_at * 1e9))
-    described.expires_at.FromNanoseconds(int(token.expires_at * 1e9))
+    # A token stored before CreateJoinToken refused a ttl past the year 9999 still lists.
+    described.expires_at.FromNanoseconds(int(min(token.expires_at, durations.LAST_TIMESTAMP_SECONDS) * 1e9))
     return described
 
 
@@ -305,9 +308,10 @@ class JoinTokenAdmin:
         if request.HasField("ttl") and not durations.in_range(request.ttl):  # ToTimedelta would overflow
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ttl must be at most {durations.MAX_SECONDS} s")
         ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else 3600.0
-        if ttl <= 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl must be positive")
-        token, record = await tokens.create(ttl, request.description)
+        try:
+            token, record = await tokens.create(ttl, request.description)
+        except ValueError as exc:  # the ttl, checked before anything is stored
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         log.info("join token %s created (expires %s)", record.id, utc(record.expires_at))
         return admin_pb2.CreateJoinTokenResponse(
             token=token, join_token=_described(record), ca_fingerprint=self.ca_fingerprint

@@ -137,6 +137,23 @@ def test_a_wrong_pin_an_expired_a_revoked_or_an_unknown_token_is_refused(fleet: 
     assert not node_ids(fleet) & {"bad-pin", "bad-expired", "bad-revoked", "bad-unknown"}
 
 
+def test_join_token_create_refuses_a_ttl_it_cannot_keep(fleet: Cluster) -> None:
+    """`fleetlm join-token create` with a ttl that is not a positive number, or ends after the year 9999,
+    says so and stores nothing (NaN compared as never expired; a far expiry could not be listed)."""
+
+    def listed() -> str:
+        argv = fleetlm("join-token", "list", "--etcd", fleet.etcd_url)
+        return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout
+
+    before = listed()
+    for ttl, message in [("nan", "positive"), ("-5", "positive"), ("0", "positive"), ("1e12", "year 10000")]:
+        argv = fleetlm("join-token", "create", "--etcd", fleet.etcd_url, "--ca-dir", str(fleet.ca_dir), "--ttl", ttl)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, (ttl, done)
+        assert "join token" not in done.stdout
+    assert listed() == before
+
+
 def test_joining_is_refused_over_plaintext_and_the_join_port_serves_nothing_else(fleet: Cluster) -> None:
     with grpc.insecure_channel(fleet.join_address) as channel, pytest.raises(grpc.RpcError) as plaintext:
         admin_pb2_grpc.AdminServiceStub(channel).ListNodes(admin_pb2.ListNodesRequest(), timeout=10)
@@ -223,6 +240,14 @@ def test_join_tokens_through_admin_service_with_real_grpcurl(fleet: Cluster) -> 
             admin_pb2.CreateJoinTokenRequest(ttl=duration_pb2.Duration(seconds=2**62)), timeout=10
         )
     assert huge.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ttl" in str(huge.value.details())
+    # A ttl inside Duration's range that ends after the year 9999 (the last time a Timestamp holds) is
+    # refused the same way, before a token is stored: one stored would break every ListJoinTokens after it.
+    with grpc.secure_channel(fleet.controlplane, admin) as channel, pytest.raises(grpc.RpcError) as late:
+        admin_pb2_grpc.AdminServiceStub(channel).CreateJoinToken(
+            admin_pb2.CreateJoinTokenRequest(ttl=duration_pb2.Duration(seconds=300_000_000_000)), timeout=10
+        )
+    assert late.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ttl" in str(late.value.details())
+    assert len(field(grpcurl("ListJoinTokens"), "join_tokens")) == len(listed)  # type: ignore[arg-type]
     # Plaintext, or TLS without the admin's certificate, does not reach AdminService.
     with grpc.insecure_channel(fleet.controlplane) as channel, pytest.raises(grpc.RpcError) as plain:
         admin_pb2_grpc.AdminServiceStub(channel).CreateJoinToken(admin_pb2.CreateJoinTokenRequest(), timeout=10)
