@@ -72,8 +72,9 @@ class ControlPlaneSettings(BaseSettings):
     node_cert_lifetime_seconds: float = Field(
         30 * 86400,
         ge=10,
-        description="lifetime of the node certificates Join and Renew sign; a node renews its own at two thirds"
-        " of it while it runs",
+        le=3650 * 86400,  # the fleet CA's own lifetime (fleetlm ca init)
+        description="lifetime of the node certificates Join and Renew sign (at most 10 years); a node renews its"
+        " own at two thirds of it while it runs",
     )
     join_listen: str | None = Field(
         None,

@@ -160,8 +160,16 @@ class FleetCA:
         """A leaf certificate for `identity` (usable as server and as client: every fleet component is both).
         It starts a little before now, for clocks behind the CA's: 5 minutes, or a tenth of a short lifetime
         (a node certificate of minutes, for a renewal test), which must not start out mostly spent."""
+        if not 0 < days < float("inf"):  # NaN too
+            raise ValueError(f"a certificate's lifetime must be a positive number of days; got {days}")
+        try:
+            lifetime = datetime.timedelta(days=days)
+        except OverflowError:
+            raise ValueError(f"a certificate's lifetime of {days} days is beyond any date") from None
         now = datetime.datetime.now(datetime.UTC)
-        start = not_before or now - min(datetime.timedelta(minutes=5), datetime.timedelta(days=days) / 10)
+        start = not_before or now - min(datetime.timedelta(minutes=5), lifetime / 10)
+        if start + lifetime > datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC):
+            raise ValueError(f"a certificate's lifetime of {days} days ends after the year 9999")
         return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity)]))
@@ -169,7 +177,7 @@ class FleetCA:
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
-            .not_valid_after(start + datetime.timedelta(days=days))
+            .not_valid_after(start + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
             .add_extension(
@@ -193,6 +201,12 @@ class FleetCA:
             dns_names = [*(dns_names or []), CONTROLPLANE_DNS_NAME]
         key = new_key()
         cert = self.sign(key.public_key(), identity, dns_names, ips, days)
+        ca_end = self.cert.not_valid_after_utc
+        if cert.not_valid_after_utc > ca_end:  # TLS would refuse it from then on: say so now
+            raise ValueError(
+                f"a certificate of {days:g} days would outlive the fleet CA, which expires {ca_end:%Y-%m-%d}"
+                f" (at most {(ca_end - datetime.datetime.now(datetime.UTC)).days} days)"
+            )
         return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
 
     def sign_csr(self, csr_pem: bytes, identity: str, dns_names: list[str], days: float = LEAF_DAYS) -> bytes:

@@ -8,6 +8,7 @@ import datetime
 import socket
 import ssl
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from mesh.channels import CHANNEL_OPTIONS
 from mesh.fleet_ca import FleetCA, fingerprint, identity_uri, node_dns_name, uri_identities, write_private, write_public
 from mesh.grpc_server import GrpcServer
 from mesh.tls import TlsFiles, secure_channel, server_credentials
-from tests.cluster import Cluster
+from tests.cluster import Cluster, fleetlm
 
 pytestmark = [pytest.mark.cluster]
 
@@ -59,6 +60,26 @@ def test_fleet_ca_signs_identities_and_keeps_keys_private(tmp_path: Path) -> Non
     der = ssl.PEM_cert_to_DER_cert(ca.cert_pem.decode())
     assert fingerprint(ca.cert_pem) == "sha256:" + __import__("hashlib").sha256(der).hexdigest()
     assert FleetCA.load(tmp_path / "ca").fingerprint == ca.fingerprint
+
+
+def test_ca_issue_refuses_a_lifetime_it_cannot_give(tmp_path: Path) -> None:
+    """`fleetlm ca issue --days` that is not a positive number, is beyond any date or outlives the fleet CA
+    is an error line naming the lifetime, and writes nothing; a lifetime the CA covers is issued."""
+    ca_dir = tmp_path / "ca"
+    subprocess.run(fleetlm("ca", "init", "--dir", str(ca_dir)), check=True, capture_output=True, timeout=60)
+    for days, message in [("nan", "positive"), ("inf", "positive"), ("0", "positive"), ("-1", "positive"),
+                          ("1e9", "beyond any date"), ("4000", "would outlive the fleet CA")]:  # fmt: skip
+        out = tmp_path / f"e{days}"
+        argv = fleetlm("ca", "issue", "--dir", str(ca_dir), "--identity", "edge/e1", "--days", days, "--out", str(out))
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, (days, done)
+        assert not out.with_suffix(".crt").exists() and not out.with_suffix(".key").exists()
+    argv = fleetlm(
+        "ca", "issue", "--dir", str(ca_dir), "--identity", "edge/e1", "--days", "365", "--out", str(tmp_path / "ok")
+    )
+    subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    cert = x509.load_pem_x509_certificate((tmp_path / "ok.crt").read_bytes())
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == datetime.timedelta(days=365)
 
 
 def _server_hello(address: str) -> bytes:
