@@ -12,7 +12,7 @@ from controlplane.etcd_store import EtcdAccess
 
 
 class ControlPlaneSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLEETLM_CP_")
+    model_config = SettingsConfigDict(env_prefix="FLEETLM_CP_", allow_inf_nan=False)
 
     listen: str = Field("127.0.0.1:50051", description="host:port the control plane's gRPC server binds")
     advertise: str | None = Field(

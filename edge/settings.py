@@ -14,7 +14,7 @@ ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(\[[0-9a-fA-F:.]+\]|[^/\s:\[\]]+)(:[0-
 
 
 class EdgeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLEETLM_EDGE_")
+    model_config = SettingsConfigDict(env_prefix="FLEETLM_EDGE_", allow_inf_nan=False)
 
     http_listen: str = Field("127.0.0.1:8080", description="host:port of the OpenAI-compatible HTTP API")
     grpc_listen: str = Field("127.0.0.1:50050", description="host:port of the gRPC InferenceService")

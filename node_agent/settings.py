@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class NodeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLEETLM_NODE_")
+    model_config = SettingsConfigDict(env_prefix="FLEETLM_NODE_", allow_inf_nan=False)
 
     node_id: str = Field(default_factory=socket.gethostname, description="stable id of this node in the fleet")
     listen: str = Field("127.0.0.1:50061", description="host:port the node's InferenceService binds")

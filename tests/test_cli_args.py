@@ -1,5 +1,6 @@
 """The `fleetlm` command line refuses what it cannot use with one line naming the flag, never a traceback:
-ports outside 1-65535, a key's limits outside what the API holds, negative durations, unreadable TLS files."""
+ports outside 1-65535, a key's limits outside what the API holds, negative durations, unreadable TLS files;
+a service's settings that are not finite numbers are refused naming the setting."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ FLEETLM = str(Path(sys.executable).parent / "fleetlm")
         (["keys", "create", "k", "--tpm", "99999999999"], "argument --tpm: 99999999999 must be from 0"),
         (["keys", "create", "k", "--concurrency", "1.5"], "argument --concurrency: '1.5' is not a whole number"),
         (["keys", "create", "k", "--expires-in", "-10"], "argument --expires-in: -10 must be a number of seconds"),
+        # A service's settings are finite: an edge started with --request-timeout inf failed every request.
+        (["edge", "--request-timeout", "inf"], "request_timeout_seconds\n  Input should be a finite number"),
+        (["controlplane", "--startup-grace", "nan"], "startup_grace_seconds\n  Input should be a finite number"),
+        (["node", "--engine-health-seconds", "inf"], "engine_health_seconds\n  Input should be a finite number"),
         (
             ["keys", "create", "k", "--tls-ca", "/nonexistent/ca.crt", "--tls-cert", "a", "--tls-key", "b"],
             "fleetlm keys: cannot read a TLS file: [Errno 2] No such file or directory: '/nonexistent/ca.crt'",
