@@ -59,6 +59,14 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _period(text: str) -> float:
+    """argparse type: a period in seconds, more than 0."""
+    seconds = _seconds(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a number of seconds more than 0")
+    return seconds
+
+
 def _whole(text: str) -> int:
     try:
         return int(text)
@@ -584,7 +592,7 @@ def parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--once", action="store_true", help="print the view once and exit (as when piped)")
     status.add_argument("--json", action="store_true", help="print the fleet once as JSON and exit")
-    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (2)")
+    status.add_argument("--interval", type=_period, default=2.0, help="seconds between refreshes (2)")
     status.add_argument(
         "--admin-token-file", help="file holding the admin token (or FLEETLM_ADMIN_TOKEN; default: fleetlm up's)"
     )

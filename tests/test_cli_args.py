@@ -23,6 +23,8 @@ FLEETLM = str(Path(sys.executable).parent / "fleetlm")
         (["keys", "create", "k", "--tpm", "99999999999"], "argument --tpm: 99999999999 must be from 0"),
         (["keys", "create", "k", "--concurrency", "1.5"], "argument --concurrency: '1.5' is not a whole number"),
         (["keys", "create", "k", "--expires-in", "-10"], "argument --expires-in: -10 must be a number of seconds"),
+        (["status", "--interval", "0"], "argument --interval: 0 must be a number of seconds more than 0"),
+        (["status", "--interval", "nan"], "argument --interval: nan must be a number of seconds, 0 or more"),
         # A service's settings are finite: an edge started with --request-timeout inf failed every request.
         (["edge", "--request-timeout", "inf"], "request_timeout_seconds\n  Input should be a finite number"),
         (["controlplane", "--startup-grace", "nan"], "startup_grace_seconds\n  Input should be a finite number"),
