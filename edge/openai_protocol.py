@@ -3,8 +3,8 @@
 Requests are validated by pydantic (types) and by mesh.inference_requests' table of bounds (ranges, the
 same as over gRPC); a field of the wrong type or out of range becomes a 400 naming the field. Fields
 OpenAI defines that fleetlm does not implement are refused when they would change the result (suffix,
-best_of, audio, image/audio/file content, the deprecated functions/function_call), and ignored when they
-would not (metadata, store). A completion's `echo` begins each choice with its prompt (PromptEcho), with
+best_of, audio, web search, image/audio/file content, the deprecated functions/function_call), and ignored
+when they would not (metadata, store). A completion's `echo` begins each choice with its prompt (PromptEcho), with
 the prompt's logprobs when asked for. `response_format` (structured outputs) is taken by chat
 and, as vLLM and llama-server take it, by completions. `n` choices come back as `choices[i]` with their
 `index`, streamed or not. Chat takes tools (`tools`, `tool_choice`, `parallel_tool_calls`, assistant
@@ -374,6 +374,7 @@ class ChatCompletionRequest(_Request, TextOnlyMessages):
     function_call: Any = None
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
+    web_search_options: Any = None
 
     @field_validator("tool_choice", mode="wrap")
     @classmethod
@@ -390,6 +391,11 @@ class ChatCompletionRequest(_Request, TextOnlyMessages):
             raise invalid("audio", "audio output is not supported: fleetlm's models answer in text")
         if self.modalities is not None and set(self.modalities) - {"text"}:
             raise invalid("modalities", "only the 'text' modality is supported")
+        if self.web_search_options is not None:  # as the Responses API's web search tools are refused
+            raise invalid(
+                "web_search_options",
+                "web search is built into OpenAI's own service; fleetlm's models read only the messages",
+            )
         for legacy in ("functions", "function_call"):
             if getattr(self, legacy) is not None:
                 raise invalid(

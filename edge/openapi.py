@@ -254,6 +254,7 @@ def _request_schemas() -> dict[str, Schema]:
             "function_call": {"type": "null", "description": "deprecated by OpenAI, not supported: use tool_choice"},
             "audio": {"type": "null", "description": "audio output is not supported"},
             "modalities": _nullable({"type": "array", "items": {"type": "string", "enum": ["text"]}}),
+            "web_search_options": {"type": "null", "description": "web search is not supported"},
         },
     }
     one_prompt = {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS}

@@ -34,6 +34,7 @@ CHAT_REFUSED: list[tuple[dict[str, Any], str, str]] = [
     ({"messages": parts({"type": "file", "file": {"file_id": "file-1"}})}, "messages[0].content[1]", "file"),
     ({"messages": [USER], "audio": {"voice": "alloy", "format": "wav"}}, "audio", "audio"),
     ({"messages": [USER], "modalities": ["text", "audio"]}, "modalities", "text"),
+    ({"messages": [USER], "web_search_options": {}}, "web_search_options", "web search"),
     ({"messages": [USER], "logit_bias": {"hello": 5}}, "logit_bias", "token ids"),
     ({"messages": [USER], "logit_bias": {"-3": 5}}, "logit_bias", "token ids"),
     ({"messages": [USER], "logit_bias": {"3": "high"}}, "logit_bias", "numbers"),
