@@ -22,6 +22,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import grpc
@@ -121,6 +122,9 @@ class JoinTokens:
         return token_id
 
 
+READMITTED = "readmitted"  # the serial of a readmitted node's record: no certificate has it
+
+
 class NodeIdentities:
     """Which node certificates stand: Join records the serial it signed for a node (the last one wins, so a
     node that joins again invalidates its older certificates), and an operator may revoke a node. A renewal
@@ -155,6 +159,22 @@ class NodeIdentities:
         value["revoked"] = True
         await self._store.put_value(f"{IDENTITIES}/{node_id}", json.dumps(value).encode())
         return raw is not None
+
+    async def revoked(self, node_id: str) -> bool:
+        """Whether an operator has revoked the node (read from etcd: Join asks before it signs)."""
+        raw = await self._store.get_value(f"{IDENTITIES}/{node_id}")
+        return raw is not None and bool(json.loads(raw).get("revoked"))
+
+    async def readmit(self, node_id: str) -> bool:
+        """Lift a revocation: the node may join again with a token. No certificate it held before stands
+        again (the record names no serial), so a stolen one stays refused. False if it was not revoked."""
+        raw = await self._store.get_value(f"{IDENTITIES}/{node_id}")
+        if raw is None or not json.loads(raw).get("revoked"):
+            return False
+        value = {"node_id": node_id, "serial": READMITTED, "token_id": "", "revoked": False}
+        await self._store.put_value(f"{IDENTITIES}/{node_id}", json.dumps(value).encode())
+        self._cache[node_id] = value
+        return True
 
     async def refusal(self, node_id: str, serial: int) -> str:
         """Why this node's certificate is refused now, or "" when it stands. A node with no record (its
@@ -200,12 +220,20 @@ def _not_after(cert_pem: bytes) -> timestamp_pb2.Timestamp:
 
 class JoinService(identity_pb2_grpc.JoinServiceServicer):
     def __init__(
-        self, tokens: JoinTokens, ca: FleetCA, identities: NodeIdentities, cert_days: float = LEAF_DAYS
+        self,
+        tokens: JoinTokens,
+        ca: FleetCA,
+        identities: NodeIdentities,
+        cert_days: float = LEAF_DAYS,
+        registered: Callable[[str], str | None] = lambda node_id: None,
     ) -> None:
+        """`registered(node_id)`: the inference address of a node registered under that id now (its record
+        is under a live lease), else None."""
         self._tokens = tokens
         self._identities = identities
         self._ca = ca
         self._days = cert_days
+        self._registered = registered
 
     async def _sign(
         self, csr_pem: bytes, node_id: str, context: grpc.aio.ServicerContext, token_id: str, renewing: int = 0
@@ -236,6 +264,22 @@ class JoinService(identity_pb2_grpc.JoinServiceServicer):
         except PermissionError as exc:
             log.warning("join refused for node %s: %s", node_id, exc)  # the token's id at most, never its secret
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid, expired or revoked join token")
+        # A token admits a new node, not one the operator has shut out, nor a second node under the id of one
+        # that is running (two hosts of one name): its new certificate would lock the running node out.
+        if await self._identities.revoked(node_id):
+            log.warning("join refused for node %s: it is revoked", node_id)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"node {node_id} is revoked; an operator can let it join again: fleetlm ca readmit --node {node_id}",
+            )
+        address = self._registered(node_id)
+        if address is not None:
+            log.warning("join refused for node %s: a node registered under that id is running (%s)", node_id, address)
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"a node registered as {node_id} is running ({address}); give this one another --node-id, or stop"
+                " that one (its registration lapses with its lease)",
+            )
         reply = await self._sign(request.csr_pem, node_id, context, token_id)
         log.info("node %s joined with join token %s", node_id, token_id)
         return reply

@@ -71,6 +71,12 @@ async def _load_deployments(path: str, fleet: FleetView, reconciler: Reconciler)
         log.info("deployment %s loaded from %s", entry.name, path)
 
 
+def _registered(fleet: FleetView, node_id: str) -> str | None:
+    """The address of the node registered as `node_id` now (node records live under their leases)."""
+    node = fleet.nodes.get(node_id)
+    return (node.inference_address or "an unknown address") if node is not None else None
+
+
 def _advertised(settings: ControlPlaneSettings, port: int) -> str:
     if settings.advertise:
         return settings.advertise
@@ -115,7 +121,11 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     ca = FleetCA.load(settings.ca_dir) if settings.ca_dir else None
     identities = NodeIdentities(store)
     lifetime_days = settings.node_cert_lifetime_seconds / 86400
-    join = JoinService(JoinTokens(store), ca, identities, lifetime_days) if ca is not None else None
+    join = (
+        JoinService(JoinTokens(store), ca, identities, lifetime_days, lambda node_id: _registered(fleet, node_id))
+        if ca is not None
+        else None
+    )
     if ca is not None:
         admin.join_tokens, admin.ca_fingerprint = JoinTokens(store), ca.fingerprint
     server = GrpcServer(SERVICE_NAMES + ([JOIN_SERVICE] if join else []))

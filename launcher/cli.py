@@ -216,7 +216,7 @@ def _ca(args: argparse.Namespace) -> None:
     from mesh.fleet_ca import FleetCA, identity_uri, write_private, write_public
 
     directory = Path(args.dir).expanduser()
-    if args.action == "revoke":
+    if args.action in ("revoke", "readmit"):
         _revoke_node(args)
         return
     try:
@@ -247,21 +247,27 @@ def _revoke_node(args: argparse.Namespace) -> None:
     from controlplane.settings import ControlPlaneSettings
 
     if not args.node:
-        raise SystemExit("fleetlm ca revoke: --node ID is required")
+        raise SystemExit(f"fleetlm ca {args.action}: --node ID is required")
     etcd = _settings(ControlPlaneSettings, {"etcd": args.etcd, **_given(args, *ETCD_FLAGS)})
 
     async def run() -> bool:
         store = EtcdStore(etcd.etcd, args.etcd_prefix, access=etcd.etcd_access())
         await store.connect()
         try:
-            return await NodeIdentities(store).revoke(args.node)
+            identities = NodeIdentities(store)
+            return await (identities.revoke if args.action == "revoke" else identities.readmit)(args.node)
         finally:
             await store.close()
 
     try:
         known = asyncio.run(run())
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"fleetlm ca revoke: {exc}") from None
+        raise SystemExit(f"fleetlm ca {args.action}: {exc}") from None
+    if args.action == "readmit":
+        if not known:
+            raise SystemExit(f"fleetlm ca readmit: node {args.node} is not revoked")
+        print(f"node {args.node} may join again with a join token (none of its old certificates is accepted)")
+        return
     print(f"node {args.node} revoked" + ("" if known else " (it had not joined with a token yet)"))
 
 
@@ -606,16 +612,20 @@ def parser() -> argparse.ArgumentParser:
 
     default_ca = os.path.join(default_state, "ca")
     ca = sub.add_parser("ca", help="the fleet certificate authority")
-    ca.add_argument("action", choices=["init", "issue", "fingerprint", "revoke"])
+    ca.add_argument("action", choices=["init", "issue", "fingerprint", "revoke", "readmit"])
     ca.add_argument("--dir", default=default_ca, help=f"the CA's directory ({default_ca})")
     ca.add_argument("--identity", help="issue: controlplane/<id>, edge/<id>, node/<id> or admin (spiffe://fleetlm/...)")
     ca.add_argument("--dns", action="append", default=[], help="issue: a DNS name in the certificate (repeatable)")
     ca.add_argument("--ip", action="append", default=[], help="issue: an IP address in the certificate (repeatable)")
     ca.add_argument("--days", type=float, default=30, help="issue: validity in days (30)")
     ca.add_argument("--out", help="issue: write OUT.crt and OUT.key (0600)")
-    ca.add_argument("--node", help="revoke: the node whose certificates the control plane refuses from now on")
-    ca.add_argument("--etcd", default="http://127.0.0.1:2379", help="revoke: etcd URL (http://127.0.0.1:2379)")
-    ca.add_argument("--etcd-prefix", default="/fleetlm", help="revoke: etcd key prefix (/fleetlm)")
+    ca.add_argument(
+        "--node",
+        help="revoke: the node whose certificates the control plane refuses from now on, and that no join token"
+        " admits; readmit: the revoked node that may join again with a token",
+    )
+    ca.add_argument("--etcd", default="http://127.0.0.1:2379", help="revoke, readmit: etcd URL (http://127.0.0.1:2379)")
+    ca.add_argument("--etcd-prefix", default="/fleetlm", help="revoke, readmit: etcd key prefix (/fleetlm)")
     _etcd_flags(ca)
     ca.set_defaults(run=_ca)
 

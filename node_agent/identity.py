@@ -4,9 +4,9 @@ Either the operator gives the three files (--tls-cert/--tls-key/--tls-ca), or th
 token: it makes its own key (which never leaves the node), learns the fleet CA from the control plane's
 join address and keeps it only if its SHA-256 fingerprint is the one pinned with --ca-fingerprint, then
 sends its token and a CSR over TLS verified against that CA, and keeps what comes back in its state
-directory. On later starts the kept certificate is used as it is, or renewed (over mutual TLS, with the
-certificate itself as the credential) once less than a third of its lifetime is left; a certificate that
-has expired needs a join token again.
+directory. On later starts (with the token or without it) the kept certificate is used as it is, or renewed
+(over mutual TLS, with the certificate itself as the credential) once less than a third of its lifetime is
+left; a certificate that has expired needs a join token again.
 
 While the node runs, `keep_renewed` renews the certificate at two thirds of its life (as Kubernetes' kubelet
 does), so the control plane may sign short-lived certificates: a new key each time, the key and the
@@ -174,8 +174,10 @@ async def keep_renewed(settings: NodeSettings, files: TlsFiles, target: str, ser
 
 
 def renews(settings: NodeSettings) -> bool:
-    """Whether this node's identity is its own to renew: it joined with a token (operator files are not)."""
-    return TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca) is None and settings.join_token is not None
+    """Whether this node's identity is its own to renew: it joined with a token, now or on an earlier start
+    (operator files are not)."""
+    given = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    return given is None and _files(settings.state_dir / "identity").cert.is_file()
 
 
 async def node_identity(
@@ -185,10 +187,18 @@ async def node_identity(
     given = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca)
     if given is not None:
         return given
-    if settings.join_token is None:
-        return None
     files = _files(settings.state_dir / "identity")
     usable, renew = _usable(files, settings.node_id)
+    if settings.join_token is None:
+        # A node that joined on an earlier start keeps its identity without the token: a token is for joining.
+        if not files.cert.is_file():
+            return None
+        if not usable:
+            raise JoinError(
+                f"the node certificate kept in {files.cert.parent} has expired or is not node {settings.node_id}'s:"
+                " join again with a join token (FLEETLM_NODE_JOIN_TOKEN or --join-token)"
+            )
+        log.info("node %s uses the certificate it was given when it joined (%s)", settings.node_id, files.cert)
     if not usable:
         await _join(settings, files)
     elif renew:

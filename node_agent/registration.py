@@ -24,6 +24,9 @@ from node_agent.load_reports import MIN_REPORT_SECONDS, ChangeFeed, durable_sign
 
 log = logging.getLogger(__name__)
 
+# A control plane that refuses the node's certificate is asked again this often (an operator must act first).
+REFUSED_RETRY_SECONDS = 30.0
+
 
 class Registration:
     def __init__(
@@ -147,6 +150,19 @@ class Registration:
                 raise
             except grpc.aio.AioRpcError as exc:
                 error = FleetError.from_rpc_error(exc)
+                if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    # The control plane refuses this node's certificate (revoked, or another node joined under
+                    # its id since): no retry soon changes that, only an operator.
+                    self.registered.clear()
+                    sent = None
+                    log.error(
+                        "the control plane refuses this node: %s. An operator must act (fleetlm ca readmit, or"
+                        " another --node-id and a new join); asking again in %.0fs",
+                        exc.details(),
+                        REFUSED_RETRY_SECONDS,
+                    )
+                    await asyncio.sleep(REFUSED_RETRY_SECONDS * random.uniform(0.8, 1.2))
+                    continue
                 if error.code == ErrorCode.LEASE_EXPIRED:
                     log.warning("lease expired; registering again")
                     sent = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def node_ids(fleet: Cluster) -> set[str]:
     return {n.node_id for n in nodes}
 
 
-def joining_node(fleet: Cluster, node_id: str, token: str, pin: str) -> Proc:
+def joining_node(fleet: Cluster, node_id: str, token: str | None, pin: str, state: str = "") -> Proc:
+    """A node that joins with `token` (None: it starts with what its state directory kept, no token)."""
     argv = fleetlm(
         "node",
         "--node-id",
@@ -73,14 +75,15 @@ def joining_node(fleet: Cluster, node_id: str, token: str, pin: str) -> Proc:
         "--threads",
         "1",
         "--state-dir",
-        str(fleet.dir / f"state-{node_id}"),
+        str(fleet.dir / (state or f"state-{node_id}")),
         "--join-address",
         fleet.join_address,
         "--ca-fingerprint",
         pin,
     )
     # The token through the environment, as an operator should pass it (not in `ps`).
-    proc = Proc(f"node-{node_id}", argv, fleet.dir, env={"FLEETLM_NODE_JOIN_TOKEN": token})
+    env = {"FLEETLM_NODE_JOIN_TOKEN": token} if token is not None else {}
+    proc = Proc(f"node-{node_id}-{len(fleet.procs)}", argv, fleet.dir, env=env)
     fleet.procs.append(proc)
     return proc
 
@@ -179,6 +182,58 @@ def test_a_revoked_node_is_refused_and_leaves_the_fleet(fleet: Cluster) -> None:
     time.sleep(5)  # it keeps trying to register again: every attempt is refused
     assert "revoked-1" not in node_ids(fleet)
     proc.stop()
+    assert "the control plane refuses this node: node revoked-1 is revoked" in proc.log_text()
+    # A join token does not let it back in, even with a new key (its state directory wiped): a revocation stands
+    # until an operator lifts it.
+    shutil.copytree(fleet.dir / "state-revoked-1", fleet.dir / "state-revoked-1-old")
+    shutil.rmtree(fleet.dir / "state-revoked-1")
+    log = refused(joining_node(fleet, "revoked-1", token, pin))
+    assert "PERMISSION_DENIED" in log and "fleetlm ca readmit --node revoked-1" in log, log
+    assert "revoked-1" not in node_ids(fleet)
+    subprocess.run(fleetlm("ca", "readmit", "--node", "revoked-1", "--etcd", fleet.etcd_url), check=True, timeout=60)
+    # Readmitted, it joins again with a token; the certificate it held before the revocation stays refused.
+    stolen = joining_node(fleet, "revoked-1", None, pin, state="state-revoked-1-old")
+    wait_for(lambda: "the control plane refuses this node" in stolen.log_text(), 30, "the old certificate refused")
+    assert "revoked-1" not in node_ids(fleet)
+    stolen.stop()
+    again = joining_node(fleet, "revoked-1", token, pin)
+    wait_for(lambda: "revoked-1" in node_ids(fleet), START_TIMEOUT, "the readmitted node to register", again)
+    again.stop()
+    # Not revoked any more: readmitting it again says so.
+    twice = subprocess.run(fleetlm("ca", "readmit", "--node", "revoked-1", "--etcd", fleet.etcd_url),
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert twice.returncode != 0 and "is not revoked" in twice.stderr
+
+
+def test_a_second_node_cannot_join_under_the_id_of_a_running_one(fleet: Cluster) -> None:
+    """Two hosts of one name (the default node id) or a token holder: a join under a running node's id would
+    lock that node out (its certificate superseded). It is refused, and the running node serves on."""
+    token, pin, _ = join_token(fleet, "--ttl", "600")
+    first = joining_node(fleet, "twin-1", token, pin)
+    wait_for(lambda: "twin-1" in node_ids(fleet), START_TIMEOUT, "the first node to register", first)
+    log = refused(joining_node(fleet, "twin-1", token, pin, state="state-twin-1-b"))
+    assert "ALREADY_EXISTS" in log and "another --node-id" in log, log
+    time.sleep(3)  # the first one's heartbeats go on being accepted
+    assert "twin-1" in node_ids(fleet) and "refuses this node" not in first.log_text()
+    first.stop()
+
+
+def test_a_node_that_joined_starts_again_without_its_token(fleet: Cluster) -> None:
+    """The token is for joining: a node started again without it uses the certificate its state directory
+    kept (and renews it); one whose kept certificate is not its own says so and does not start."""
+    token, pin, _ = join_token(fleet, "--ttl", "600")
+    proc = joining_node(fleet, "kept-1", token, pin)
+    wait_for(lambda: "kept-1" in node_ids(fleet), START_TIMEOUT, "the joined node to register", proc)
+    proc.stop()  # a clean stop deregisters at once
+    wait_for(lambda: "kept-1" not in node_ids(fleet), 30, "the node to deregister")
+    again = joining_node(fleet, "kept-1", None, pin)
+    wait_for(
+        lambda: "kept-1" in node_ids(fleet), START_TIMEOUT, "the node to register with its kept certificate", again
+    )
+    assert "uses the certificate it was given when it joined" in again.log_text()
+    again.stop()
+    log = refused(joining_node(fleet, "kept-2", None, pin, state="state-kept-1"))
+    assert "is not node kept-2's" in log and "join again with a join token" in log, log
 
 
 def test_join_tokens_through_admin_service_with_real_grpcurl(fleet: Cluster) -> None:
