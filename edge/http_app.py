@@ -77,17 +77,48 @@ def _param(loc: tuple[Any, ...]) -> str:
     return out
 
 
+def _lone_surrogate(value: Any, loc: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+    """Where `value` holds a string with a lone UTF-16 surrogate (JSON's escape "\\ud800" with no partner),
+    which is no text: UTF-8, and so protobuf and every engine, cannot carry it. None if nowhere."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return loc
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(key, loc) if isinstance(key, str) else None
+        found = found if found is not None else _lone_surrogate(item, (*loc, key))
+        if found is not None:
+            return found
+    return None
+
+
 def parse_body(raw: bytes, model: type[M]) -> M:
     """A JSON request body as `model`, or a 400 naming the offending field."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FleetError(ErrorCode.INVALID_REQUEST, f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise FleetError(ErrorCode.INVALID_REQUEST, "the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise FleetError(ErrorCode.INVALID_REQUEST, "the request body must be a JSON object")
     require_model(data.get("model"))  # first, as over gRPC: a request without a model is MODEL_REQUIRED
     try:
+        # A surrogate can only come escaped (the body decoded as UTF-8): look only when an escape of one is there.
+        if (b"\\ud" in raw or b"\\uD" in raw) and (where := _lone_surrogate(data)) is not None:
+            param = _param(where)
+            raise FleetError(
+                ErrorCode.INVALID_REQUEST,
+                f"{repr(param) if param else 'a key'} holds a lone UTF-16 surrogate (an escape such as \\ud800"
+                " without its pair), which is not text",
+                param=param or None,
+            )
         return model.model_validate(data)
+    except RecursionError:
+        raise FleetError(ErrorCode.INVALID_REQUEST, "the request body is nested too deeply") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         param = _param(tuple(first["loc"]))

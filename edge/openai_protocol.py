@@ -96,11 +96,46 @@ class ResponseFormatIn(BaseModel):
         )
 
 
+# Fields other servers take that would change the answer and that fleetlm does not implement: a 400 naming
+# the field when one is given a value that asks for something (not null, false, 0 or empty), never ignored.
+VLLM_REFUSED = {
+    "guided_json": "vLLM's guided_json is not supported: send response_format {'type': 'json_schema', ...}",
+    "guided_regex": "vLLM's guided_regex is not supported: response_format takes a JSON schema (a 'pattern' in it)",
+    "guided_choice": "vLLM's guided_choice is not supported: response_format takes a JSON schema (an 'enum' in it)",
+    "guided_grammar": "vLLM's guided_grammar is not supported: response_format takes a JSON schema",
+    "structured_outputs": "vLLM's structured_outputs is not supported: send response_format",
+    "min_tokens": "min_tokens is not supported",
+    "ignore_eos": "ignore_eos is not supported",
+    "stop_token_ids": "stop_token_ids is not supported: send stop strings",
+    "include_stop_str_in_output": "include_stop_str_in_output is not supported: a stop string is never in the text",
+    "prompt_logprobs": "prompt_logprobs is not supported: a completion's echo with logprobs scores the prompt",
+    "use_beam_search": "beam search is not supported",
+}
+
+
+def _refuse_given(data: Any, refused: dict[str, str]) -> None:
+    """A 400 naming the first field of `refused` that `data` (a request body) gives a value that asks for
+    something."""
+    if isinstance(data, dict):
+        for field, message in refused.items():
+            value = data.get(field)
+            if value is not None and value is not False and value != 0 and value != [] and value != {}:
+                raise invalid(field, message)
+
+
 class _Request(BaseModel):
     """pydantic checks the types; the ranges come from mesh.inference_requests.SAMPLING_BOUNDS, the table
     gRPC requests are checked against, so that both give the same param and message."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
+    REFUSED: ClassVar[dict[str, str]] = VLLM_REFUSED
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refused_fields(cls, data: Any) -> Any:
+        _refuse_given(data, cls.REFUSED)
+        return data
+
     # Each bounded field -> the SamplingParams field whose bound it obeys.
     BOUNDED: ClassVar[dict[str, str]] = {name: name for name in SAMPLING_BOUNDS if name != "top_logprobs"}
 
@@ -356,6 +391,12 @@ class TextOnlyMessages(BaseModel):
 
 
 class ChatCompletionRequest(_Request, TextOnlyMessages):
+    REFUSED: ClassVar[dict[str, str]] = {
+        **VLLM_REFUSED,
+        "echo": "echo is the completions API's (its prompt before the answer); a chat has no prompt text to echo",
+        "suffix": "suffix is the completions API's, and not supported",
+        "best_of": "best_of is not supported (n choices are all returned)",
+    }
     BOUNDED: ClassVar[dict[str, str]] = {
         **_Request.BOUNDED,
         "max_completion_tokens": "max_tokens",
@@ -375,6 +416,9 @@ class ChatCompletionRequest(_Request, TextOnlyMessages):
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
     web_search_options: Any = None
+    # vLLM's and SGLang's: the last message, the assistant's, is continued rather than answered.
+    continue_final_message: bool = False
+    add_generation_prompt: bool | None = None
 
     @field_validator("tool_choice", mode="wrap")
     @classmethod
@@ -391,6 +435,12 @@ class ChatCompletionRequest(_Request, TextOnlyMessages):
             raise invalid("audio", "audio output is not supported: fleetlm's models answer in text")
         if self.modalities is not None and set(self.modalities) - {"text"}:
             raise invalid("modalities", "only the 'text' modality is supported")
+        if self.add_generation_prompt is not None and self.add_generation_prompt == self.continue_final_message:
+            raise invalid(
+                "add_generation_prompt",
+                "a chat either starts the assistant's turn (add_generation_prompt) or continues the final message"
+                " (continue_final_message: true, add_generation_prompt false or unset)",
+            )
         if self.web_search_options is not None:  # as the Responses API's web search tools are refused
             raise invalid(
                 "web_search_options",
@@ -412,6 +462,7 @@ class ChatCompletionRequest(_Request, TextOnlyMessages):
             chat.tool_choice.function_name = self.tool_choice.function.name
         if self.parallel_tool_calls is not None:
             chat.parallel_tool_calls = self.parallel_tool_calls
+        chat.continue_final_message = self.continue_final_message
         return chat
 
     def to_proto(self, request_id: str) -> inference_pb2.GenerateRequest:
@@ -440,6 +491,11 @@ class CompletionRequest(_Request):
     logprobs: int | None = None  # the completions API's top_logprobs
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _default_max_tokens(cls, value: Any) -> Any:
+        return 16 if value is None else value  # null is OpenAI's default too, not "to the end of the context"
 
     @property
     def wants_logprobs(self) -> bool:

@@ -18,7 +18,7 @@ from fastapi.openapi.utils import get_openapi
 
 from edge.auth import needs_key
 from edge.http_limits import HttpLimits
-from edge.openai_protocol import MAX_PROMPTS
+from edge.openai_protocol import MAX_PROMPTS, VLLM_REFUSED
 from mesh.inference_requests import (
     FUNCTION_NAME,
     INT32_MAX,
@@ -59,8 +59,14 @@ def _bounded(name: str, kind: str) -> Schema:
 _TEXT = {"type": "string", "maxLength": MAX_PROMPT_CHARS}
 
 
+def _refused(message: str) -> Schema:
+    """A field other servers take that fleetlm refuses (a 400 naming it) unless it asks for nothing."""
+    return {"enum": [None, False, 0, [], {}], "description": f"refused unless null, false, 0 or empty: {message}"}
+
+
 def _sampling_properties() -> Schema:
     return {
+        **{field: _refused(message) for field, message in VLLM_REFUSED.items()},
         # Required, and not blank: a request without one is MODEL_REQUIRED.
         "model": {"type": "string", "pattern": r"\S", "description": "a model the fleet serves (GET /v1/models)"},
         "max_tokens": _bounded("max_tokens", "integer"),
@@ -255,6 +261,17 @@ def _request_schemas() -> dict[str, Schema]:
             "audio": {"type": "null", "description": "audio output is not supported"},
             "modalities": _nullable({"type": "array", "items": {"type": "string", "enum": ["text"]}}),
             "web_search_options": {"type": "null", "description": "web search is not supported"},
+            "echo": _refused("echo is the completions API's"),
+            "suffix": _refused("suffix is the completions API's, and not supported"),
+            "best_of": _refused("best_of is not supported"),
+            "continue_final_message": {
+                "type": "boolean",
+                "default": False,
+                "description": "the last message, the assistant's, is continued rather than answered (vLLM's)",
+            },
+            "add_generation_prompt": _nullable(
+                {"type": "boolean", "description": "false only with continue_final_message, true only without it"}
+            ),
         },
     }
     one_prompt = {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS}
@@ -282,7 +299,7 @@ def _request_schemas() -> dict[str, Schema]:
             "max_tokens": {
                 **_nullable({"type": "integer", "minimum": 0, "maximum": SAMPLING_BOUNDS["max_tokens"].high}),
                 "default": 16,
-                "description": "at least 1; 0 only with echo (the prompt scored, nothing generated)",
+                "description": "at least 1 (null: 16); 0 only with echo (the prompt scored, nothing generated)",
             },
             "echo": {
                 "type": "boolean",
@@ -573,6 +590,10 @@ def _responses_schemas() -> dict[str, Schema]:
                 }
             ),
             "include": _nullable({"type": "array", "items": {"type": "string"}}),
+            "top_logprobs": {"enum": [None, 0], "description": "refused unless null or 0: use chat completions"},
+            "truncation": _nullable(
+                {"type": "string", "enum": ["disabled"], "description": "'auto' is refused: nothing is dropped"}
+            ),
         },
     }
     response = {

@@ -198,6 +198,9 @@ class ResponsesRequest(BaseModel):
     background: bool | None = None
     prompt: Any = None  # a prompt template stored in OpenAI's dashboard
     include: list[str] | None = None
+    # What would change the answer and is not implemented here: refused, never ignored.
+    top_logprobs: int | None = None
+    truncation: Literal["auto", "disabled"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ResponsesRequest:
@@ -215,6 +218,16 @@ class ResponsesRequest(BaseModel):
             raise invalid("prompt", "stored prompt templates are not supported: send 'instructions' and 'input'")
         if self.background:
             raise invalid("background", "'background' responses are not supported: fleetlm keeps no responses")
+        if self.top_logprobs:
+            raise invalid(
+                "top_logprobs", "logprobs are not given by the Responses API here: chat completions give them"
+            )
+        if self.truncation == "auto":
+            raise invalid(
+                "truncation",
+                "'truncation: auto' is not supported: fleetlm drops nothing from a conversation; an input beyond the"
+                " model's context is a 400",
+            )
         for entry in self.include or ():
             if entry != "reasoning.encrypted_content":  # fleetlm's models give no reasoning items to encrypt
                 raise invalid("include", f"'include' of '{entry}' is not supported")

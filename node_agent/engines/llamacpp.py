@@ -132,6 +132,7 @@ class LlamaCppEngine:
         self._template: Any = None
         self._continuing: Any = None  # the template without the generation prompt (continue_final_message)
         self._native_tools = False  # the template has Hermes' tool format (node_agent.engines.tool_calls)
+        self._developer_role = False  # the template has a "developer" role of its own
         self._tool_tokens: tuple[int, ...] = ()  # the tool-call tags, where the vocabulary has them as tokens
         self._setup_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama-setup")
         self._embed_thread = concurrent.futures.ThreadPoolExecutor(
@@ -243,6 +244,9 @@ class LlamaCppEngine:
             # For a conversation whose final assistant message the model continues: no new turn after it.
             self._continuing = Jinja2ChatFormatter(template=template, add_generation_prompt=False, **tokens)
             self._native_tools = renders_tools(template, self._template)
+            # OpenAI's developer messages are its system messages for newer models; a template that has no
+            # such role (most) would write one as a turn of a role the model never saw.
+            self._developer_role = "developer" in template
         self._tool_tokens = self._special_tokens(OPEN, CLOSE)
         log.info("%s: tool calls in %s format", self.config.path,
                  "the chat template's" if self._native_tools else "the generic")  # fmt: skip
@@ -284,6 +288,10 @@ class LlamaCppEngine:
         if self._template is None or self._continuing is None:
             raise InvalidInput("this model has no chat template; use the completions API", "messages")
         messages, tools = template_input(chat, self._native_tools)
+        if not self._developer_role:
+            for message in messages:
+                if message["role"] == "developer":
+                    message["role"] = "system"
         if not chat.continue_final_message:
             return self._render(self._template if chat.add_generation_prompt else self._continuing, messages, tools)
         # vLLM finds the final message's text in the rendered conversation (its last occurrence) and cuts
