@@ -90,7 +90,10 @@ class KeyFeed:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
-                if self.connected or backoff <= 0.1:
+                if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                    # A refusal an operator must fix (the fleet secret, the edge's certificate): said each time.
+                    log.error("the control plane refuses this edge the API-key table: %s", exc.details())
+                elif self.connected or backoff <= 0.1:
                     log.warning("API-key stream lost (%s); checking keys on the last table", exc.code().name)
             finally:
                 self.connected = False

@@ -31,6 +31,7 @@ ADMIN_SERVICE = "/fleetlm.controlplane.v1.AdminService/"
 # AdminService RPCs an edge calls with its edge credential (the key table and the quota leases).
 EDGE_METHODS = frozenset({ADMIN_SERVICE + "WatchApiKeys", ADMIN_SERVICE + "AcquireQuota"})
 _EDGE_LABEL = b"fleetlm edge credential v1"
+_EDGE_PREFIX = "fle-"
 
 
 def create_secret_file(path: Path) -> None:
@@ -53,7 +54,7 @@ def read_secret_file(path: Path | str, what: str = "secret") -> bytes:
 def edge_credential(fleet_secret: bytes) -> str:
     """The bearer credential an edge presents to the control plane: derived from the fleet secret, so it
     cannot be used to recover the secret or to forge API keys."""
-    return "fle-" + hmac.new(fleet_secret, _EDGE_LABEL, hashlib.sha256).hexdigest()
+    return _EDGE_PREFIX + hmac.new(fleet_secret, _EDGE_LABEL, hashlib.sha256).hexdigest()
 
 
 def bearer(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
@@ -88,6 +89,10 @@ def identity_kinds(identities: Iterable[str]) -> set[str]:
     return {i.removeprefix(prefix).split("/", 1)[0] for i in identities if i.startswith(prefix)}
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
 class AdminGuard:
     """Who may call which AdminService RPC.
 
@@ -108,13 +113,29 @@ class AdminGuard:
 
     def check(self, method: str, metadata: Iterable[tuple[str, Any]] | None, identities: Iterable[str] = ()) -> None:
         """Raises UNAUTHENTICATED unless the call carries a credential good for `method` (PERMISSION_DENIED
-        for a fleet certificate of a kind that may not call it)."""
-        if not self.enabled:
-            return
+        for a fleet certificate of a kind that may not call it, and for an edge whose fleet secret is not
+        this control plane's)."""
         presented = bearer(metadata)
         if self._admin is not None and self._admin.matches(presented):
             return
         edge_method = method in EDGE_METHODS
+        # An edge credential derived from another secret: the edge would refuse every API key (its hashes of
+        # presented keys would match none), whatever else lets it call. Said to it, and refused.
+        edge_credential_of_another_secret = (
+            edge_method
+            and self._edge is not None
+            and presented is not None
+            and presented.startswith(_EDGE_PREFIX)
+            and not self._edge.matches(presented)
+        )
+        if edge_credential_of_another_secret:
+            raise FleetError(
+                ErrorCode.PERMISSION_DENIED,
+                "this edge's fleet secret (--auth-secret-file) is not the control plane's: it would refuse"
+                " every API key; give both the same file",
+            )
+        if not self.enabled:
+            return
         if edge_method and self._edge is not None and self._edge.matches(presented):
             return
         kinds = identity_kinds(identities) if self._tls else set()
@@ -125,7 +146,7 @@ class AdminGuard:
             raise FleetError(
                 ErrorCode.PERMISSION_DENIED,
                 f"{name} needs an operator's credential: the admin token or an admin certificate; the"
-                f" client certificate is a {' or '.join(sorted(kinds))}'s",
+                f" client certificate is {' or '.join(_a(k) for k in sorted(kinds))}'s",
             )
         why = "no credential was sent" if presented is None else "the credential sent is not valid"
         wanted = "'authorization: Bearer <admin token>' metadata"

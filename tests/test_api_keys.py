@@ -114,6 +114,26 @@ def test_no_key_and_a_wrong_key_get_401_invalid_api_key(fleet: Fleet) -> None:
     assert httpx.get(f"{http}/health", timeout=5).status_code == 200  # health stays open
 
 
+def test_an_edge_with_another_fleet_secret_is_told_so(fleet: Fleet, tmp_path: Path) -> None:
+    """An edge given another fleet secret than the control plane's would refuse every key (its HMACs of the
+    presented keys match none in the table) with nothing in any log to say why. The control plane refuses it
+    the key table, naming the secret, and the edge logs that as an error."""
+    other = tmp_path / "other.secret"
+    create_secret_file(other)
+    _, key = fleet.create("checked")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLEETLM_EDGE_AUTH_SECRET_FILE", str(other))
+        proc, http, _ = fleet.cluster.start_edge()
+    said = "the control plane refuses this edge the API-key table: this edge's fleet secret (--auth-secret-file)"
+    wait_for(lambda: said in proc.log_text(), 60, "the edge to log the refusal", proc)
+    refused = httpx.post(f"{http}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1},
+                         headers={"authorization": f"Bearer {key}"}, timeout=30)  # fmt: skip
+    assert refused.status_code == 401
+    for secret in (other.read_text().strip(), key):
+        assert secret not in proc.log_text() and secret not in fleet.cluster.procs[1].log_text()
+    proc.stop()
+
+
 def test_a_key_for_another_model_gets_403_and_does_not_see_the_model(fleet: Fleet) -> None:
     _, secret = fleet.create("other", models=["some-other-model"])  # type: ignore[arg-type]
     client = fleet.client(secret)
