@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 
 from controlplane.quota import WINDOW_SECONDS, chunk_size
+from edge import access_log
 from edge.key_table import KeyFeed, KeyTable
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
 from mesh.auth import bearer, edge_credential
@@ -388,6 +389,7 @@ class ApiKeyMiddleware:
         try:
             key = auth.authenticate(authorization_header(scope), None)
         except FleetError as error:
+            access_log.note_error(error.code)
             body = json.dumps(error.openai_body()).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
             headers.append((b"www-authenticate", b"Bearer"))

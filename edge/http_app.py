@@ -211,18 +211,12 @@ def _note_result(access: access_log.Access, result: inference_pb2.GenerateResult
     access.node = result.node_id or access.node
 
 
-def _note_error(error: FleetError) -> None:
-    access = access_log.current()
-    if access is not None:
-        access.error = str(error.code)
-
-
 def _stream_error(exc: Exception) -> dict[str, Any]:
     """The error body of a stream that has started (its status stays 200: the error is an event of it). One
     not of ours (a bug, a failure nobody classified) is logged, and the client still gets an error in OpenAI's
     shape and the end of the stream, never a stream that just stops. Called from the `except` block."""
     if isinstance(exc, FleetError):
-        _note_error(exc)
+        access_log.note_error(exc.code)
         return exc.openai_body()
     request_id = request_context.REQUEST_ID.get()
     log.exception("request %s: unhandled error in the stream", request_id)
@@ -293,7 +287,7 @@ class GenerationRoutes:
             else:
                 await self._generate(receive, send_started, kind == "chat", request_id)
         except FleetError as error:
-            _note_error(error)
+            access_log.note_error(error.code)
             if not started:
                 for message in _json_message(error.http_status, error.openai_body(), error.http_headers()):
                     await send(message)
@@ -506,7 +500,7 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None, cors_origins:
 
     @app.exception_handler(FleetError)
     async def fleet_error(request: Request, error: FleetError) -> JSONResponse:
-        _note_error(error)
+        access_log.note_error(error.code)
         return JSONResponse(error.openai_body(), status_code=error.http_status, headers=error.http_headers())
 
     @app.exception_handler(RequestRefused)

@@ -112,6 +112,10 @@ def test_no_key_and_a_wrong_key_get_401_invalid_api_key(fleet: Fleet) -> None:
         assert refused.value.status_code == 401
         assert refused.value.code == "invalid_api_key"
     assert httpx.get(f"{http}/health", timeout=5).status_code == 200  # health stays open
+    # The access log says why, as for every other refusal.
+    logs = "".join(p.log_text() for p in fleet.cluster.procs if p.name.startswith("edge"))
+    refusals = [line for line in logs.splitlines() if "http /v1/completions 401" in line]
+    assert refusals and all("error=invalid_api_key" in line for line in refusals), refusals
 
 
 def test_an_edge_with_another_fleet_secret_is_told_so(fleet: Fleet, tmp_path: Path) -> None:
