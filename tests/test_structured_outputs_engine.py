@@ -299,6 +299,30 @@ def test_a_date_is_a_date_of_the_calendar(engine: LlamaCppEngine, text: str, all
     assert grammar_allows(engine, {"type": "string", "format": "date-time"}, text[:-1] + 'T10:00:00Z"') is allowed
 
 
+@pytest.mark.parametrize(
+    ("pattern", "text", "allowed"),
+    [
+        # JSON Schema's patterns match anywhere; the grammar takes the whole string to match (which satisfies
+        # them too), with or without the anchors, as Pydantic writes them.
+        (r"\d{3}-\d{4}", "555-1234", True),
+        (r"\d{3}-\d{4}", "55-1234", False),
+        (r"\d{3}-\d{4}", "555-12345", False),
+        (r"^[A-Z]{2}\d{2}$", "AB12", True),
+        (r"^[A-Z]{2}\d{2}$", "ab12", False),
+        (r"[a-z]+\.com", "abc.com", True),
+        (r"[a-z]+\.com", "abcxcom", False),
+        (r"\w+@\w+", "a_b@c1", True),
+        (r"\w+@\w+", "a b@c", False),
+        (r"[\d-]+", "12-3", True),
+        (r"[\d-]+", "12a", False),
+    ],
+)
+def test_a_pattern_is_enforced_as_a_whole_string(
+    engine: LlamaCppEngine, pattern: str, text: str, allowed: bool
+) -> None:
+    assert grammar_allows(engine, {"type": "string", "pattern": pattern}, json.dumps(text)) is allowed
+
+
 TREE_BY_ROOT_REF = {  # OpenAI's own form of a recursive schema: "#" is the whole schema
     "type": "object",
     "properties": {"name": {"type": "string"}, "children": {"type": "array", "items": {"$ref": "#"}}},

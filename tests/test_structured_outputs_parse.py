@@ -79,11 +79,18 @@ class Company(BaseModel):
     offices: list[Address] = Field(max_length=2)
 
 
+class Contact(BaseModel):
+    # Patterns as Pydantic writes them: without anchors (JSON Schema's match anywhere), and with them.
+    phone: str = Field(pattern=r"\d{3}-\d{4}")
+    code: str = Field(pattern=r"^[A-Z]{2}[0-9]{2}$")
+
+
 CASES: list[tuple[type[BaseModel], str]] = [
     (Household, "Describe a household with its city, members and pets, as JSON."),
     (Recipe, "Give a pancake recipe with its difficulty, ingredients and steps, as JSON."),
     (Event, "Describe a conference with its day, location and attendees, as JSON."),
     (Company, "Describe a car maker with its headquarters and offices, as JSON."),
+    (Contact, "Give a contact's phone number and office code, as JSON."),
 ]
 
 

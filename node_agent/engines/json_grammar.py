@@ -138,8 +138,10 @@ def _check(node: Any, where: str, depth: int) -> None:
         raise _Refused(
             where, f"format {json.dumps(node['format'])[:80]} is not supported; supported: {sorted(_FORMATS)}"
         )
-    if "pattern" in node and not isinstance(node["pattern"], str):
-        raise _Refused(where, "'pattern' must be a string")
+    if "pattern" in node:
+        if not isinstance(node["pattern"], str):
+            raise _Refused(where, "'pattern' must be a string")
+        node["pattern"] = _full_match(_plain_escapes(node["pattern"], where))
     for low, high in (("minItems", "maxItems"), ("minLength", "maxLength")):
         lo, hi = _count(node, low, where), _count(node, high, where)
         if lo is not None and hi is not None and lo > hi:
@@ -174,6 +176,52 @@ def _check(node: Any, where: str, depth: int) -> None:
             raise _Refused(where, f"'{key}' must be an object")
         for name, sub in defs.items():
             _check(sub, f"{where}/{key}/{name}", depth + 1)
+
+
+# The converter reads `\d`, `\w`, `\.` as literal text (and repeats the wrong thing after them): written as the
+# character classes they stand for, which it does read. `\s` as a space only: a narrower set, whose strings
+# still match, since a raw tab or newline is no JSON string character.
+_CLASSES = {"d": "0-9", "w": "a-zA-Z0-9_", "s": " "}
+
+
+def _plain_escapes(pattern: str, where: str) -> str:
+    out: list[str] = []
+    in_class = False
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        i += 1
+        if c != "\\" or i == len(pattern):
+            if c == "[" and not in_class:
+                in_class = True
+            elif c == "]" and in_class and out and out[-1] not in ("[", "[^"):
+                in_class = False
+            out.append(c)
+            continue
+        e = pattern[i]
+        i += 1
+        if e in _CLASSES:
+            out.append(_CLASSES[e] if in_class else f"[{_CLASSES[e]}]")
+        elif e in "DWS":
+            raise _Refused(where, f"'\\{e}' in a pattern is not supported; write the class, such as [^0-9]")
+        elif e.isalnum() or e in "[]\\^-":
+            out.append("\\" + e)  # \n, \t, \uXXXX, and what a class must keep escaped
+        else:  # an escaped punctuation mark: itself, as a class of one outside a class
+            out.append(e if in_class else f"[{e}]")
+    return "".join(out)
+
+
+def _full_match(pattern: str) -> str:
+    """A JSON Schema `pattern` (which matches anywhere in the string) as the anchored one the converter takes:
+    the whole string matches it, which also satisfies the pattern, as constrained decoders (xgrammar, Outlines)
+    read it. Pydantic writes `Field(pattern=...)` as given, usually without anchors."""
+    starts = pattern.startswith("^")
+    backslashes = len(pattern[:-1]) - len(pattern[:-1].rstrip("\\"))
+    ends = pattern.endswith("$") and backslashes % 2 == 0  # not an escaped "\\$"
+    if starts and ends:
+        return pattern
+    body = pattern[1 if starts else 0 : len(pattern) - 1 if ends else len(pattern)]
+    return f"^({body})$"
 
 
 def _converter() -> Any:
