@@ -355,11 +355,15 @@ def _tokenizer_schemas() -> dict[str, Schema]:
     chat = {
         "type": "object",
         "required": ["model", "messages"],
-        "description": "rendered with the model's chat template as a chat completion renders it; add_generation_"
-        "prompt and continue_final_message are not both true",
+        "description": "taken and rendered with the model's chat template as a chat completion's messages and"
+        " tools are (count is its usage.prompt_tokens); add_generation_prompt and continue_final_message are not"
+        " both true",
         "properties": {
             "model": model,
             "messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "items": _ref("ChatMessage")},
+            "tools": _nullable({"type": "array", "maxItems": MAX_TOOLS, "items": _ref("Tool")}),
+            "tool_choice": _nullable(_ref("ToolChoice")),
+            "parallel_tool_calls": _nullable({"type": "boolean", "description": "false: at most one call"}),
             "add_generation_prompt": _nullable({"type": "boolean", "default": True}),
             "continue_final_message": {"type": "boolean", "default": False},
             "add_special_tokens": _nullable({"type": "boolean", "enum": [False], "description": "only its default"}),

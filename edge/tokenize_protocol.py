@@ -1,12 +1,16 @@
 """The HTTP shapes of `POST /tokenize` and `POST /detokenize`, as vLLM and SGLang serve them beside the
 OpenAI API, and their translation to the InferenceService's Tokenize and Detokenize.
 
-    /tokenize    {"model", "prompt"} or {"model", "messages", "add_generation_prompt", "continue_final_message"}
+    /tokenize    {"model", "prompt"}
+                 or {"model", "messages", "tools", "tool_choice", "parallel_tool_calls", "add_generation_prompt",
+                     "continue_final_message"}
                  -> {"count", "max_model_len", "tokens", "token_strs": null}
     /detokenize  {"model", "tokens"} -> {"prompt"}
 
-A conversation is rendered with the model's chat template exactly as a chat completion renders it, so
-`count` is the `usage.prompt_tokens` the same messages get from /v1/chat/completions. Options vLLM has
+A conversation (its messages with their tool calls and tool results, and the tools offered) is taken,
+checked and rendered with the model's chat template exactly as a chat completion's (ChatCompletionRequest
+reads it), so `count` is the `usage.prompt_tokens` the same messages and tools get from
+/v1/chat/completions, and what gRPC's Tokenize counts for the same ChatConversation. Options vLLM has
 that fleetlm does not implement are refused by name when they would change the answer
 (`add_special_tokens` other than its default, `return_token_strs`), never ignored.
 """
@@ -16,9 +20,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ModelWrapValidatorHandler, PrivateAttr, model_validator
 
-from edge.openai_protocol import ChatMessageIn, TextOnlyMessages
+from edge.openai_protocol import ChatCompletionRequest
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import FleetError, invalid
 from mesh.inference_requests import check_prompt_chars, validate_detokenize
@@ -33,18 +37,25 @@ def renamed(error: FleetError) -> FleetError:
     return error if param is None else dataclasses.replace(error, param=param)
 
 
-class TokenizeBody(TextOnlyMessages):
-    """vLLM's TokenizeCompletionRequest (`prompt`) or TokenizeChatRequest (`messages`), in one model."""
+# A conversation's fields: a chat completion's, read, checked and converted to the proto's ChatConversation by
+# ChatCompletionRequest, so that a conversation is rendered as a chat completion renders it. A `prompt` refuses
+# them by name (continue_final_message at its default, false, asks nothing).
+CHAT_FIELDS = ("messages", "tools", "tool_choice", "parallel_tool_calls", "continue_final_message")
+
+
+class TokenizeBody(BaseModel):
+    """vLLM's TokenizeCompletionRequest (`prompt`) or TokenizeChatRequest (`messages`, and `tools` beside them),
+    in one model."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessageIn] | None = None
-    add_generation_prompt: bool | None = None
-    continue_final_message: bool = False
+    messages: list[Any] | None = None  # each one a chat completion's (CHAT_FIELDS)
+    add_generation_prompt: bool | None = None  # the TokenizeRequest's, not the conversation's
     add_special_tokens: bool | None = None
     return_token_strs: bool | None = None
+    _chat: ChatCompletionRequest | None = PrivateAttr(default=None)  # CHAT_FIELDS, with `messages`
 
     @model_validator(mode="after")
     def _one_input(self) -> Self:
@@ -55,24 +66,33 @@ class TokenizeBody(TextOnlyMessages):
         # vLLM's defaults: special tokens (BOS) added to a prompt; a chat template writes its own.
         if self.add_special_tokens is not None and self.add_special_tokens != (self.prompt is not None):
             raise invalid("add_special_tokens", "add_special_tokens can only be left at its default here")
-        if self.prompt is not None and (self.add_generation_prompt is not None or self.continue_final_message):
-            param = "continue_final_message" if self.continue_final_message else "add_generation_prompt"
-            raise invalid(param, f"'{param}' applies to 'messages', not to a 'prompt'")
         return self
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _conversation(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        """A conversation read as a chat completion's (its errors name the same fields), after this model's own
+        checks (which of `prompt` and `messages`)."""
+        body = handler(data)
+        if not isinstance(data, dict):
+            return body
+        if body.prompt is not None:
+            for param in ("add_generation_prompt", *CHAT_FIELDS):
+                value = data.get(param)
+                if value is not None and not (param == "continue_final_message" and value is False):
+                    raise invalid(param, f"'{param}' applies to 'messages', not to a 'prompt'")
+            return body
+        body._chat = ChatCompletionRequest.model_validate({k: data[k] for k in CHAT_FIELDS if k in data})
+        return body
 
     def to_proto(self) -> inference_pb2.TokenizeRequest:
         request = inference_pb2.TokenizeRequest(model=self.model or "")
-        if self.prompt is not None:
+        if self._chat is None:
+            assert self.prompt is not None  # _one_input
             check_prompt_chars("prompt", (self.prompt,))
             request.text = self.prompt
             return request
-        assert self.messages is not None  # _one_input
-        request.chat.CopyFrom(
-            inference_pb2.ChatConversation(
-                messages=[inference_pb2.ChatMessage(role=m.role, content=m.text()) for m in self.messages],
-                continue_final_message=self.continue_final_message,
-            )
-        )
+        request.chat.CopyFrom(self._chat.chat())
         if self.add_generation_prompt is not None:
             request.add_generation_prompt = self.add_generation_prompt
         return request

@@ -1,9 +1,11 @@
 """`POST /tokenize` and `POST /detokenize` in vLLM's shape, and gRPC's Detokenize, through the edge with the real
 model: a text and a conversation round-trip, a conversation's count is the `usage.prompt_tokens` a chat
-completion with the same messages reports, and bad input is a 400 naming the field."""
+completion with the same messages (and tools, and tool history) reports, and gRPC's Tokenize count, and bad
+input is a 400 naming the field."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -21,6 +23,28 @@ pytestmark = [pytest.mark.model, pytest.mark.cluster]
 CHAT = [
     {"role": "system", "content": "You are a terse assistant."},
     {"role": "user", "content": "Name three colors of the rainbow, and one that is not: café au lait."},
+]
+WEATHER: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+ARGUMENTS = '{"city": "Paris"}'
+# A call the assistant made and its result (content parts, as a client may send them), then the user again.
+CALLED: list[dict[str, Any]] = [
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ARGUMENTS}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "18 °C and sunny"}]},
+    {"role": "user", "content": "And should I take an umbrella?"},
 ]
 
 
@@ -81,6 +105,81 @@ def test_grpc_detokenize_and_tokenize_without_the_generation_prompt(mesh: Mesh) 
     assert error.grpc_code == grpc.StatusCode.INVALID_ARGUMENT and error.param == "token_ids", error
 
 
+def grpc_chat(messages: list[dict[str, Any]], tools: bool = False, **options: Any) -> inference_pb2.ChatConversation:
+    """The conversation of an HTTP body's messages (those above), written out as gRPC takes it."""
+    out = []
+    for m in messages:
+        content = m["content"] if isinstance(m["content"], str | None) else "".join(p["text"] for p in m["content"])
+        calls = [
+            inference_pb2.ToolCall(id=c["id"], function=inference_pb2.FunctionCall(**c["function"]))
+            for c in m.get("tool_calls", ())
+        ]
+        out.append(
+            inference_pb2.ChatMessage(
+                role=m["role"], content=content, tool_calls=calls, tool_call_id=m.get("tool_call_id", "")
+            )
+        )
+    function = WEATHER["function"]
+    tool = inference_pb2.Tool(
+        function=inference_pb2.FunctionDefinition(
+            name=function["name"], description=function["description"], parameters=json.dumps(function["parameters"])
+        )
+    )
+    return inference_pb2.ChatConversation(messages=out, tools=[tool] if tools else [], **options)
+
+
+NONE = inference_pb2.ToolChoice(mode=inference_pb2.TOOL_CHOICE_MODE_NONE)
+# (HTTP body beside model, the same over gRPC): tools, and what changes how they are rendered; a tool history.
+TOOL_CHATS: list[tuple[str, dict[str, Any], inference_pb2.ChatConversation]] = [
+    ("no tools", {"messages": CHAT}, grpc_chat(CHAT)),
+    ("tools", {"messages": CHAT, "tools": [WEATHER]}, grpc_chat(CHAT, tools=True)),
+    (
+        "tools, one call at most",
+        {"messages": CHAT, "tools": [WEATHER], "parallel_tool_calls": False},
+        grpc_chat(CHAT, tools=True, parallel_tool_calls=False),
+    ),
+    (
+        "tools, none",
+        {"messages": CHAT, "tools": [WEATHER], "tool_choice": "none"},
+        grpc_chat(CHAT, True, tool_choice=NONE),
+    ),
+    ("a call", {"messages": CALLED[:2]}, grpc_chat(CALLED[:2])),
+    ("a call and its result", {"messages": CALLED}, grpc_chat(CALLED)),
+    ("a call and its result, with tools", {"messages": CALLED, "tools": [WEATHER]}, grpc_chat(CALLED, tools=True)),
+]
+
+
+def tokenize_count(mesh: Mesh, body: dict[str, Any]) -> int:
+    return ok(mesh, "/tokenize", {"model": mesh.model, **body})["count"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("body", "chat"), [case[1:] for case in TOOL_CHATS], ids=[case[0] for case in TOOL_CHATS])
+def test_tools_and_a_tool_history_count_what_a_chat_completion_and_grpc_report(
+    mesh: Mesh, body: dict[str, Any], chat: inference_pb2.ChatConversation
+) -> None:
+    reply = ok(mesh, "/v1/chat/completions", {"model": mesh.model, "max_tokens": 1, "temperature": 0, **body})
+    tokens = ok(mesh, "/tokenize", {"model": mesh.model, **body})
+    with grpc.insecure_channel(mesh.grpc) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        over_grpc = stub.Tokenize(inference_pb2.TokenizeRequest(model=mesh.model, chat=chat), timeout=30)
+    assert tokens["count"] == reply["usage"]["prompt_tokens"] == len(over_grpc.token_ids), (
+        tokens["count"],
+        reply["usage"]["prompt_tokens"],
+        len(over_grpc.token_ids),
+    )
+    assert tokens["tokens"] == list(over_grpc.token_ids)
+
+
+def test_the_tools_and_the_calls_are_rendered(mesh: Mesh) -> None:
+    counts = {name: tokenize_count(mesh, body) for name, body, _ in TOOL_CHATS}
+    assert counts["tools"] > counts["no tools"] == counts["tools, none"]  # tool_choice none renders no tools
+    assert counts["tools, one call at most"] != counts["tools"]  # the section says so
+    assert counts["a call and its result, with tools"] > counts["a call and its result"]
+    tokens = ok(mesh, "/tokenize", {"model": mesh.model, "messages": CALLED})["tokens"]
+    rendered = ok(mesh, "/detokenize", {"model": mesh.model, "tokens": tokens})["prompt"]
+    assert ARGUMENTS in rendered and "18 °C and sunny" in rendered and "umbrella" in rendered
+
+
 BAD: list[tuple[str, dict[str, Any], str]] = [
     ("/tokenize", {}, "model"),
     ("/tokenize", {"model": "M"}, "prompt"),
@@ -108,6 +207,33 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("/tokenize", {"model": "M", "prompt": "a", "add_special_tokens": False}, "add_special_tokens"),
     ("/tokenize", {"model": "M", "prompt": "a", "return_token_strs": True}, "return_token_strs"),
     ("/tokenize", {"model": "M", "prompt": "x" * 1_000_001}, "prompt"),
+    ("/tokenize", {"model": "M", "prompt": "a", "tools": [WEATHER]}, "tools"),
+    ("/tokenize", {"model": "M", "prompt": "a", "tool_choice": "none"}, "tool_choice"),
+    ("/tokenize", {"model": "M", "prompt": "a", "continue_final_message": True}, "continue_final_message"),
+    ("/tokenize", {"model": "M", "messages": CHAT, "tools": [{"type": "function"}]}, "tools[0].function"),
+    (
+        "/tokenize",
+        {"model": "M", "messages": CHAT, "tools": [{**WEATHER, "function": {"name": "a b"}}]},
+        "tools[0].function.name",
+    ),
+    ("/tokenize", {"model": "M", "messages": CHAT, "tool_choice": "always"}, "tool_choice"),
+    ("/tokenize", {"model": "M", "messages": CHAT, "tool_choice": "required"}, "tool_choice"),
+    ("/tokenize", {"model": "M", "messages": CHAT, "parallel_tool_calls": "no"}, "parallel_tool_calls"),
+    (
+        "/tokenize",
+        {"model": "M", "messages": [CALLED[0], {**CALLED[2], "tool_call_id": "call_9"}]},
+        "messages[1].tool_call_id",
+    ),
+    (
+        "/tokenize",
+        {"model": "M", "messages": [*CALLED[:2], {**CALLED[2], "tool_call_id": None}]},
+        "messages[2].tool_call_id",
+    ),
+    (
+        "/tokenize",
+        {"model": "M", "messages": [{**CALLED[1], "role": "user", "content": "x"}]},
+        "messages[0].tool_calls",
+    ),
     ("/detokenize", {"model": "M"}, "tokens"),
     ("/detokenize", {"model": "M", "tokens": "1 2 3"}, "tokens"),
     ("/detokenize", {"model": "M", "tokens": [1, "2"]}, "tokens[1]"),
