@@ -151,7 +151,7 @@ def test_with_tls_only_an_operator_certificate_may_call_admin_service(fleet: Fle
                 with pytest.raises(grpc.RpcError) as refused:
                     method(request, timeout=30)
                 assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, refused.value
-                assert f"a {kind}'s" in (refused.value.details() or "")
+                assert f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}'s" in (refused.value.details() or "")
     with cluster.channel(cluster.controlplane, "some-edge") as channel:
         # the edge's own RPC is not refused for who it is (it follows the key table: the first reply arrives)
         watch = admin_pb2_grpc.AdminServiceStub(channel).WatchApiKeys(admin_pb2.WatchApiKeysRequest(), timeout=10)
