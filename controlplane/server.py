@@ -16,6 +16,7 @@ import aetcd
 
 from controlplane import metrics
 from controlplane.admin import Admin, validate_deployment
+from controlplane.api_keys import AuthSettings
 from controlplane.etcd_store import EtcdStore
 from controlplane.fleet import FleetView
 from controlplane.join import JoinService, JoinTokenAdmin, JoinTokens, NodeIdentities
@@ -40,6 +41,7 @@ from fleetlm.controlplane.v1 import (
 )
 from mesh import logs, tracing
 from mesh import metrics as metrics_port
+from mesh.auth import read_secret_file
 from mesh.catalog import CatalogError, load_catalog
 from mesh.errors import FleetError
 from mesh.fleet_ca import FleetCA
@@ -188,6 +190,11 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             publishing.cancel()
             follower.cancel()
     finally:
+        # Stopped already, unless a later step failed (the join port's bind, say): then the server that did
+        # start is stopped here, while its event loop runs.
+        for started in (server, join_server):
+            if started is not None:
+                await started.stop(0)
         if scraped is not None:
             scraped.close()
         await admin.close()
@@ -197,6 +204,8 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
 
 def _check_tls(settings: ControlPlaneSettings) -> None:
     tls = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    if tls is not None:
+        tls.read()  # PEM files, and a key that is the certificate's
     metrics_port.check_listen(settings.metrics_listen)
     exposed = [settings.listen, *([settings.metrics_listen] if settings.metrics_listen else [])]
     refuse_exposed_plaintext("the control plane", exposed, tls is not None, settings.insecure_plaintext)
@@ -207,10 +216,21 @@ def _check_tls(settings: ControlPlaneSettings) -> None:
     EtcdStore(settings.etcd, settings.etcd_prefix, access=settings.etcd_access())  # bad etcd options fail here
 
 
+def _check_credentials() -> None:
+    """The fleet secret and the admin token files, where AdminService reads them (FLEETLM_CP_*, set by the
+    flags): readable and long enough, before anything starts. Their content is never shown."""
+    auth = AuthSettings(**{})  # from the environment alone
+    if auth.auth_secret_file is not None:
+        read_secret_file(auth.auth_secret_file, "auth secret")
+    if auth.admin_token_file is not None:
+        read_secret_file(auth.admin_token_file, "admin token")
+
+
 def main(settings: ControlPlaneSettings) -> None:
     logs.setup("controlplane", settings.log_level, settings.log_format)
     try:
         _check_tls(settings)
+        _check_credentials()
         traces = tracing.setup("controlplane")
     except (OSError, ValueError) as exc:
         raise SystemExit(f"fleetlm controlplane: {exc}") from None

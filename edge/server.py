@@ -23,6 +23,7 @@ from edge.metrics import EdgeMetrics
 from edge.settings import EdgeSettings, cors_origins
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh import logs, tracing
+from mesh.auth import read_secret_file
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
 from mesh.tls import (
@@ -146,11 +147,17 @@ def main(settings: EdgeSettings, tls_settings: EdgeTlsSettings | None = None) ->
     t = tls_settings or EdgeTlsSettings(**{})  # from the environment alone
     try:
         tls = TlsFiles.of(t.tls_cert, t.tls_key, t.tls_ca)
+        if tls is not None:
+            tls.read()  # PEM files, and a key that is the certificate's
         refuse_exposed_plaintext(
             "the edge", [settings.http_listen, settings.grpc_listen], tls is not None, t.insecure_plaintext
         )
+        if settings.require_api_key and settings.auth_secret_file is None:
+            raise ValueError("--require-api-key needs --auth-secret-file")
+        if settings.auth_secret_file is not None:  # readable and long enough; its content is never shown
+            read_secret_file(settings.auth_secret_file, "auth secret")
         traces = tracing.setup("edge")
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         raise SystemExit(f"fleetlm edge: {exc}") from None
     try:
         run_until_signalled(lambda stop: serve(settings, stop, t), settings.shutdown_grace_seconds)

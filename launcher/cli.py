@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from controlplane.etcd_store import EtcdStore
 
 
 def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
@@ -242,22 +247,15 @@ def _ca(args: argparse.Namespace) -> None:
 def _revoke_node(args: argparse.Namespace) -> None:
     import asyncio
 
-    from controlplane.etcd_store import EtcdStore
     from controlplane.join import NodeIdentities
-    from controlplane.settings import ControlPlaneSettings
 
     if not args.node:
         raise SystemExit(f"fleetlm ca {args.action}: --node ID is required")
-    etcd = _settings(ControlPlaneSettings, {"etcd": args.etcd, **_given(args, *ETCD_FLAGS)})
 
     async def run() -> bool:
-        store = EtcdStore(etcd.etcd, args.etcd_prefix, access=etcd.etcd_access())
-        await store.connect()
-        try:
+        async with _etcd(args, f"ca {args.action}") as store:
             identities = NodeIdentities(store)
             return await (identities.revoke if args.action == "revoke" else identities.readmit)(args.node)
-        finally:
-            await store.close()
 
     try:
         known = asyncio.run(run())
@@ -269,6 +267,31 @@ def _revoke_node(args: argparse.Namespace) -> None:
         print(f"node {args.node} may join again with a join token (none of its old certificates is accepted)")
         return
     print(f"node {args.node} revoked" + ("" if known else " (it had not joined with a token yet)"))
+
+
+@contextlib.asynccontextmanager
+async def _etcd(args: argparse.Namespace, command: str) -> AsyncIterator[EtcdStore]:
+    """The etcd of --etcd and the etcd flags, connected, for one command. An etcd it cannot use (down, a name
+    that does not resolve, refused credentials, one that stops answering) ends the command with one line
+    naming it, as the control plane's start-up does."""
+    import aetcd
+
+    from controlplane.etcd_store import EtcdStore
+    from controlplane.settings import ControlPlaneSettings
+
+    etcd = _settings(ControlPlaneSettings, {"etcd": args.etcd, **_given(args, *ETCD_FLAGS)})
+    store = EtcdStore(etcd.etcd, args.etcd_prefix, access=etcd.etcd_access())
+    unusable = f"fleetlm {command}: cannot use etcd at {etcd.etcd}"
+    try:
+        try:
+            await store.connect()
+        except aetcd.exceptions.ClientError as exc:
+            raise SystemExit(f"{unusable}: {exc}") from None
+        yield store
+    except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError) as exc:
+        raise SystemExit(f"{unusable}: {exc}") from None  # connected, then it went away
+    finally:
+        await store.close()
 
 
 def _keys(args: argparse.Namespace) -> None:
@@ -361,7 +384,6 @@ def _join_token(args: argparse.Namespace) -> None:
     import time
     from pathlib import Path
 
-    from controlplane.etcd_store import EtcdStore
     from controlplane.join import JoinTokens, utc
     from mesh.fleet_ca import FleetCA
 
@@ -370,19 +392,17 @@ def _join_token(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as exc:
         raise SystemExit(f"fleetlm join-token: no fleet CA in {args.ca_dir}: {exc}") from None
 
-    from controlplane.settings import ControlPlaneSettings
-
-    etcd = _settings(ControlPlaneSettings, {"etcd": args.etcd, **_given(args, *ETCD_FLAGS)})
-
     async def run() -> None:
-        store = EtcdStore(etcd.etcd, args.etcd_prefix, access=etcd.etcd_access())
-        await store.connect()
-        try:
+        async with _etcd(args, f"join-token {args.action}") as store:
             tokens = JoinTokens(store)
             if args.action == "create":
                 token, record = await tokens.create(args.ttl, args.description)
                 print(f"join token (shown once): {token}\nexpires: {utc(record.expires_at)}")
-                print(f"fleetlm node --join-token {token} --ca-fingerprint {fingerprint} --join-address CP:PORT")
+                # As README's "A fleet of machines" starts a node: the token in the environment, not in `ps`.
+                print(
+                    f"FLEETLM_NODE_JOIN_TOKEN={token} fleetlm node --controlplane CP:PORT"
+                    f" --join-address CP:JOINPORT --ca-fingerprint {fingerprint}"
+                )
             elif args.action == "list":
                 now = time.time()
                 for t in await tokens.list():
@@ -392,8 +412,6 @@ def _join_token(args: argparse.Namespace) -> None:
                 if not token_id or not await tokens.revoke(token_id):
                     raise SystemExit(f"fleetlm join-token revoke: no token {token_id!r}")
                 print(f"join token {token_id} revoked")
-        finally:
-            await store.close()
 
     try:
         asyncio.run(run())
@@ -644,4 +662,27 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except Exception as exc:
+        error = _operator_error(exc)
+        if error is None:
+            raise  # anything else is a bug: its traceback is wanted
+        raise SystemExit(f"fleetlm {args.command}: {error}") from None
+
+
+def _operator_error(exc: Exception) -> Exception | None:
+    """The error of the operator's making that `exc` is (or that a task group's error is made of alone), for
+    those that can only surface once a service runs, not in its checks before it starts: an address it cannot
+    listen on. None for any other error."""
+    from mesh.grpc_server import BindError
+
+    if isinstance(exc, ExceptionGroup):
+        bound, rest = exc.split(BindError)
+        if bound is None or rest is not None:
+            return None
+        first: Exception = bound
+        while isinstance(first, ExceptionGroup):  # task groups within task groups
+            first = first.exceptions[0]
+        return first
+    return exc if isinstance(exc, BindError) else None

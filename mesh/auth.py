@@ -44,8 +44,12 @@ def create_secret_file(path: Path) -> None:
 
 def read_secret_file(path: Path | str, what: str = "secret") -> bytes:
     """The secret in a file (surrounding whitespace dropped). ValueError, naming the file but never its
-    content, when it is shorter than 32 bytes."""
-    value = Path(path).read_bytes().strip()
+    content, when it is shorter than 32 bytes; an OSError of the same type, naming what the file is, when
+    it cannot be read."""
+    try:
+        value = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise type(exc)(f"cannot read the {what} file {path}: {exc.strerror or exc}") from None
     if len(value) < MIN_SECRET_BYTES:
         raise ValueError(f"{what} file {path} holds {len(value)} bytes; it needs at least {MIN_SECRET_BYTES}")
     return value

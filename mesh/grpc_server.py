@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
@@ -188,6 +189,38 @@ def _wrap_stream(
 MAX_CONCURRENT_STREAMS = 1024
 
 
+class BindError(OSError):
+    """A server cannot listen on its address (in use, or not an address of this machine): the operator's to
+    fix, said in one line by the command line (launcher.cli), not a traceback."""
+
+
+def _unbindable(address: str) -> str:
+    """Why a server cannot listen on host:port, as the operating system says it (grpc's core logs the reason
+    and raises only "Failed to bind"), found by binding plain sockets there as grpc does (SO_REUSEADDR).
+    "" when one of the addresses it resolves to binds (grpc listens on those that do; a wildcard, on IPv6 or
+    else IPv4, so either will do), or when the address is not host:port with a port of its own (:0)."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return ""
+    name = host.strip("[]")
+    try:
+        found = socket.getaddrinfo(
+            None if name in ("", "0.0.0.0", "::") else name, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    why = ""
+    for family, kind, proto, _, sockaddr in found:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+            return ""
+        except OSError as exc:
+            why = why or exc.strerror or str(exc)
+    return why
+
+
 class GrpcServer:
     """A grpc.aio server with health and reflection always on."""
 
@@ -212,12 +245,25 @@ class GrpcServer:
         self.port = 0
 
     async def start(self, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
-        """Bind and start (TLS with `credentials`); returns the bound port (address may end in :0)."""
-        self.port = (
-            self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
-        )
+        """Bind and start (TLS with `credentials`); returns the bound port (address may end in :0). BindError
+        when the address cannot be bound, with the operating system's reason: found before grpc tries, so that
+        the operator reads one line, not also the error line grpc's core logs."""
+        why = _unbindable(address)
+        if why:
+            raise BindError(f"cannot serve gRPC on {address}: {why}")
+        try:
+            self.port = (
+                self.server.add_secure_port(address, credentials)
+                if credentials
+                else self.server.add_insecure_port(address)
+            )
+        except RuntimeError as exc:  # grpc's "Failed to bind to address" (older grpc: port 0)
+            if "Failed to bind" not in str(exc):
+                raise
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind gRPC server to {address}")
+            why = _unbindable(address) or "in use, or not an address of this machine"  # taken meanwhile
+            raise BindError(f"cannot serve gRPC on {address}: {why}")
         await self.server.start()
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

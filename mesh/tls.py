@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from mesh.fleet_ca import uri_identities
@@ -65,8 +66,14 @@ class TlsFiles:
         as it does while a renewal is replacing the files one after the other, so no reader ever takes a key
         and a certificate of two different generations."""
         key, cert, ca = self.key.read_bytes(), self.cert.read_bytes(), self.ca.read_bytes()
-        private = serialization.load_pem_private_key(key, password=None)
-        certificate = x509.load_pem_x509_certificate(cert)
+        try:
+            private = serialization.load_pem_private_key(key, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # cryptography's words hold no key material
+            raise ValueError(f"the TLS key {self.key} is not a PEM private key without a password: {exc}") from None
+        try:
+            certificate = x509.load_pem_x509_certificate(cert)
+        except ValueError as exc:
+            raise ValueError(f"the TLS certificate {self.cert} is not a PEM certificate: {exc}") from None
         spki = serialization.PublicFormat.SubjectPublicKeyInfo
         if private.public_key().public_bytes(serialization.Encoding.DER, spki) != certificate.public_key().public_bytes(
             serialization.Encoding.DER, spki

@@ -235,7 +235,11 @@ def main(settings: NodeSettings) -> None:
             inventory.apply_override(node_pb2.Inventory(), settings.inventory_override)
         controlplane_target(settings.controlplane)  # a bad address list fails here, not in the background
         # A node that will join has TLS once it has joined.
-        tls = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca) is not None or bool(settings.join_token)
+        given = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca)
+        if given is not None:
+            given.read()  # PEM files, and a key that is the certificate's
+        # (or one that joined on an earlier start: it uses the certificate its state directory kept).
+        tls = given is not None or bool(settings.join_token) or renews(settings)
         metrics_port.check_listen(settings.metrics_listen)
         exposed = [settings.listen, *([settings.metrics_listen] if settings.metrics_listen else [])]
         refuse_exposed_plaintext("the node", exposed, tls, settings.insecure_plaintext)
