@@ -77,6 +77,8 @@ def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
             raise invalid(f"deployment.{field}", f"{field} must be a duration from 0 to {durations.MAX_SECONDS} s")
     if deployment.max_replicas and deployment.max_replicas < deployment.min_replicas:
         raise invalid("deployment.max_replicas", "max_replicas must be at least min_replicas")
+    if deployment.cpu_offload_model == spec.name:  # another deployment, which may be made after this one
+        raise invalid("deployment.cpu_offload_model", "cpu_offload_model names another deployment, not this one")
     out = node_pb2.Deployment()
     out.CopyFrom(deployment)
     out.spec.engine = placement.engine_of(spec)

@@ -79,6 +79,10 @@ class TlsFiles:
             serialization.Encoding.DER, spki
         ):
             raise ValueError(f"the key {self.key} is not the key of {self.cert}")
+        try:
+            x509.load_pem_x509_certificates(ca)  # peers are verified with it: a key or garbage there fails later
+        except ValueError as exc:
+            raise ValueError(f"the TLS CA {self.ca} is not a PEM certificate: {exc}") from None
         return key, cert, ca
 
 

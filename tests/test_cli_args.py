@@ -133,6 +133,10 @@ CP_TLS = ["--tls-cert", "cp1.crt", "--tls-key", "cp1.key", *CA_FLAG]
             [*NODE, "--tls-cert", "n1.crt", "--tls-key", "edge1.key", *CA_FLAG],
             "fleetlm node: the key edge1.key is not the key of n1.crt",
         ),
+        (
+            [*EDGE, "--tls-cert", "edge1.crt", "--tls-key", "edge1.key", "--tls-ca", "edge1.key"],
+            "fleetlm edge: the TLS CA edge1.key is not a PEM certificate",
+        ),
         # A gRPC address in use ({busy}: a socket the test listens on).
         (
             [*CP_ON_ETCD, "--listen", "127.0.0.1:{busy}"],

@@ -118,6 +118,15 @@ def test_a_deployments_durations_out_of_range_are_refused() -> None:
     assert validate_deployment(fine).idle_timeout.seconds == 600
 
 
+def test_a_deployment_cannot_offload_to_itself() -> None:
+    spec = node_pb2.ModelSpec(name=MODEL, path=PATH, format="gguf")
+    with pytest.raises(FleetError) as refused:
+        validate_deployment(node_pb2.Deployment(spec=spec, cpu_offload_model=MODEL))
+    assert refused.value.param == "deployment.cpu_offload_model"
+    # Another deployment's name is taken, even one not made yet (deployments come in any order).
+    assert validate_deployment(node_pb2.Deployment(spec=spec, cpu_offload_model="later-cpu")).cpu_offload_model
+
+
 @contextlib.asynccontextmanager
 async def control_plane(etcd_url: str, lease_ttl: int = 60) -> AsyncIterator[ControlPlane]:
     store = EtcdStore(etcd_url, f"/router-test-{uuid.uuid4().hex[:8]}")  # a fresh cluster state per test
