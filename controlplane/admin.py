@@ -73,7 +73,7 @@ def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
     if reason:
         raise FleetError(ErrorCode.FORMAT_NOT_SUPPORTED, f"model '{spec.name}': {reason}", param="deployment.spec")
     for field, duration in (("idle_timeout", deployment.idle_timeout), ("spec.startup_timeout", spec.startup_timeout)):
-        if not durations.in_range(duration) or duration.seconds < 0 or duration.nanos < 0:
+        if not durations.non_negative(duration):
             raise invalid(f"deployment.{field}", f"{field} must be a duration from 0 to {durations.MAX_SECONDS} s")
     if deployment.max_replicas and deployment.max_replicas < deployment.min_replicas:
         raise invalid("deployment.max_replicas", "max_replicas must be at least min_replicas")

@@ -24,6 +24,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -140,40 +141,43 @@ class NodeIdentities:
         self._read_at = -1e9
         self._lock = asyncio.Lock()
 
-    async def record(self, node_id: str, serial: int, token_id: str, previous: int | None = None) -> None:
-        value: dict[str, object] = {"node_id": node_id, "serial": str(serial), "token_id": token_id, "revoked": False}
-        if previous is not None:
-            value["previous"] = str(previous)
+    async def _stored(self, node_id: str) -> dict[str, Any] | None:
+        """The node's record as etcd holds it now, or None."""
+        raw = await self._store.get_value(f"{IDENTITIES}/{node_id}")
+        return json.loads(raw) if raw is not None else None
+
+    async def _store_record(self, node_id: str, value: dict[str, Any]) -> None:
         await self._store.put_value(f"{IDENTITIES}/{node_id}", json.dumps(value).encode())
         self._cache[node_id] = value
 
+    async def record(self, node_id: str, serial: int, token_id: str, previous: int | None = None) -> None:
+        value: dict[str, Any] = {"node_id": node_id, "serial": str(serial), "token_id": token_id, "revoked": False}
+        if previous is not None:
+            value["previous"] = str(previous)
+        await self._store_record(node_id, value)
+
     async def renewed(self, node_id: str, serial: int, previous: int) -> None:
         """The node's certificate `previous` was renewed as `serial` (the join token it came with is kept)."""
-        raw = await self._store.get_value(f"{IDENTITIES}/{node_id}")
-        token_id = str(json.loads(raw).get("token_id", "")) if raw else ""
-        await self.record(node_id, serial, token_id, previous)
+        stored = await self._stored(node_id)
+        await self.record(node_id, serial, str(stored.get("token_id", "")) if stored else "", previous)
 
     async def revoke(self, node_id: str) -> bool:
-        raw = await self._store.get_value(f"{IDENTITIES}/{node_id}")
-        value = json.loads(raw) if raw else {"node_id": node_id, "serial": "", "token_id": ""}
-        value["revoked"] = True
-        await self._store.put_value(f"{IDENTITIES}/{node_id}", json.dumps(value).encode())
-        return raw is not None
+        stored = await self._stored(node_id)
+        await self._store_record(node_id, {**(stored or {"node_id": node_id, "serial": "", "token_id": ""}),
+                                           "revoked": True})  # fmt: skip
+        return stored is not None
 
     async def revoked(self, node_id: str) -> bool:
         """Whether an operator has revoked the node (read from etcd: Join asks before it signs)."""
-        raw = await self._store.get_value(f"{IDENTITIES}/{node_id}")
-        return raw is not None and bool(json.loads(raw).get("revoked"))
+        stored = await self._stored(node_id)
+        return stored is not None and bool(stored.get("revoked"))
 
     async def readmit(self, node_id: str) -> bool:
         """Lift a revocation: the node may join again with a token. No certificate it held before stands
         again (the record names no serial), so a stolen one stays refused. False if it was not revoked."""
-        raw = await self._store.get_value(f"{IDENTITIES}/{node_id}")
-        if raw is None or not json.loads(raw).get("revoked"):
+        if not await self.revoked(node_id):
             return False
-        value = {"node_id": node_id, "serial": READMITTED, "token_id": "", "revoked": False}
-        await self._store.put_value(f"{IDENTITIES}/{node_id}", json.dumps(value).encode())
-        self._cache[node_id] = value
+        await self._store_record(node_id, {"node_id": node_id, "serial": READMITTED, "token_id": "", "revoked": False})
         return True
 
     async def refusal(self, node_id: str, serial: int) -> str:
@@ -186,9 +190,8 @@ class NodeIdentities:
                 self._read_at = time.monotonic()
         reason = self._judge(node_id, serial)
         if reason and not reason.endswith("is revoked"):  # superseded, as the cache has it: ask etcd itself
-            raw = await self._store.get_value(f"{IDENTITIES}/{node_id}")
-            if raw is not None:
-                self._cache[node_id] = json.loads(raw)
+            if (stored := await self._stored(node_id)) is not None:
+                self._cache[node_id] = stored
             reason = self._judge(node_id, serial)
         return reason
 

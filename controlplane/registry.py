@@ -51,7 +51,6 @@ VIEW_LAG_SECONDS = 5.0
 
 _TIMESTAMP = timestamp_pb2.Timestamp.DESCRIPTOR.full_name
 _DURATION = duration_pb2.Duration.DESCRIPTOR.full_name
-_TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)  # 0001-01-01 to 9999-12-31, a Timestamp's range
 
 
 def _time_out_of_range(message: Message, path: str) -> str:
@@ -66,7 +65,7 @@ def _time_out_of_range(message: Message, path: str) -> str:
             where = f"{path}.{field.name}" + (f"[{i}]" if repeated else "")
             kind = field.message_type.full_name
             if kind == _TIMESTAMP:
-                if not (_TIMESTAMP_SECONDS[0] <= item.seconds <= _TIMESTAMP_SECONDS[1] and 0 <= item.nanos < 10**9):
+                if not durations.timestamp_in_range(item.seconds, item.nanos):
                     return where
             elif kind == _DURATION:
                 if not durations.in_range(item):

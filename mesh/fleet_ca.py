@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mesh import durations
+
 TRUST_DOMAIN = "fleetlm"
 KINDS = ("node", "controlplane", "edge", "admin")
 CA_CERT = "ca.crt"
@@ -168,7 +170,7 @@ class FleetCA:
             raise ValueError(f"a certificate's lifetime of {days} days is beyond any date") from None
         now = datetime.datetime.now(datetime.UTC)
         start = not_before or now - min(datetime.timedelta(minutes=5), lifetime / 10)
-        if start + lifetime > datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC):
+        if start + lifetime > datetime.datetime.fromtimestamp(durations.LAST_TIMESTAMP_SECONDS, datetime.UTC):
             raise ValueError(f"a certificate's lifetime of {days} days ends after the year 9999")
         return (
             x509.CertificateBuilder()

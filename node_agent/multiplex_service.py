@@ -53,7 +53,7 @@ def _timeout(call: multiplex_pb2.OpenCall) -> float | None:
     if not call.HasField("timeout"):
         return None
     seconds, nanos = call.timeout.seconds, call.timeout.nanos
-    if not (durations.in_range(call.timeout) and seconds >= 0 and nanos >= 0):
+    if not durations.non_negative(call.timeout):
         raise FleetError(
             ErrorCode.INVALID_REQUEST,
             f"timeout must be a duration from 0 to {durations.MAX_SECONDS} s; got {seconds} s and {nanos} ns",
