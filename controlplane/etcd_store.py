@@ -96,6 +96,7 @@ class EtcdStore:
         credentials = access.credentials()
         self._client = aetcd.Client(**options) if credentials is None else _TlsClient(credentials, **options)
         self._prefix = prefix.rstrip("/")
+        self.url = url
 
     def _dir(self, kind: str) -> str:
         return f"{self._prefix}/{PREFIXES[kind]}/"
@@ -106,6 +107,14 @@ class EtcdStore:
     async def connect(self) -> None:
         await self._client.connect()
         await self._client.status()  # fail at start-up, not on the first request, if etcd is down
+
+    async def connect_for(self, command: str) -> None:
+        """connect, or end `fleetlm <command>` with one line naming this etcd (down, a name that does not
+        resolve, refused credentials, a TLS mismatch), not a traceback."""
+        try:
+            await self.connect()
+        except aetcd.exceptions.ClientError as exc:
+            raise SystemExit(f"fleetlm {command}: cannot use etcd at {self.url}: {exc}") from None
 
     async def close(self) -> None:
         await self._client.close()

@@ -12,8 +12,6 @@ import logging
 import socket
 from pathlib import Path
 
-import aetcd
-
 from controlplane import metrics
 from controlplane.admin import Admin, validate_deployment
 from controlplane.api_keys import AuthSettings
@@ -104,10 +102,7 @@ async def _load_deployments_when_leading(
 
 async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     store = EtcdStore(settings.etcd, settings.etcd_prefix, access=settings.etcd_access())
-    try:
-        await store.connect()
-    except aetcd.exceptions.ClientError as exc:  # refused credentials, a TLS mismatch: say so, no traceback
-        raise SystemExit(f"fleetlm controlplane: cannot use etcd at {settings.etcd}: {exc}") from None
+    await store.connect_for("controlplane")
     fleet = FleetView(store, settings.resync_interval_seconds)
     policy = PlacementPolicy(
         strategy=settings.placement_strategy,

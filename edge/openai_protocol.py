@@ -113,6 +113,15 @@ VLLM_REFUSED = {
 }
 
 
+# On a chat, the completions API's own fields too.
+CHAT_REFUSED = {
+    **VLLM_REFUSED,
+    "echo": "echo is the completions API's (its prompt before the answer); a chat has no prompt text to echo",
+    "suffix": "suffix is the completions API's, and not supported",
+    "best_of": "best_of is not supported (n choices are all returned)",
+}
+
+
 def _refuse_given(data: Any, refused: dict[str, str]) -> None:
     """A 400 naming the first field of `refused` that `data` (a request body) gives a value that asks for
     something."""
@@ -391,12 +400,7 @@ class TextOnlyMessages(BaseModel):
 
 
 class ChatCompletionRequest(_Request, TextOnlyMessages):
-    REFUSED: ClassVar[dict[str, str]] = {
-        **VLLM_REFUSED,
-        "echo": "echo is the completions API's (its prompt before the answer); a chat has no prompt text to echo",
-        "suffix": "suffix is the completions API's, and not supported",
-        "best_of": "best_of is not supported (n choices are all returned)",
-    }
+    REFUSED: ClassVar[dict[str, str]] = CHAT_REFUSED
     BOUNDED: ClassVar[dict[str, str]] = {
         **_Request.BOUNDED,
         "max_completion_tokens": "max_tokens",

@@ -18,7 +18,7 @@ from fastapi.openapi.utils import get_openapi
 
 from edge.auth import needs_key
 from edge.http_limits import HttpLimits
-from edge.openai_protocol import MAX_PROMPTS, VLLM_REFUSED
+from edge.openai_protocol import CHAT_REFUSED, MAX_PROMPTS, VLLM_REFUSED
 from mesh.inference_requests import (
     FUNCTION_NAME,
     INT32_MAX,
@@ -261,9 +261,7 @@ def _request_schemas() -> dict[str, Schema]:
             "audio": {"type": "null", "description": "audio output is not supported"},
             "modalities": _nullable({"type": "array", "items": {"type": "string", "enum": ["text"]}}),
             "web_search_options": {"type": "null", "description": "web search is not supported"},
-            "echo": _refused("echo is the completions API's"),
-            "suffix": _refused("suffix is the completions API's, and not supported"),
-            "best_of": _refused("best_of is not supported"),
+            **{field: _refused(message) for field, message in CHAT_REFUSED.items() if field not in VLLM_REFUSED},
             "continue_final_message": {
                 "type": "boolean",
                 "default": False,

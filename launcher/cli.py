@@ -281,15 +281,11 @@ async def _etcd(args: argparse.Namespace, command: str) -> AsyncIterator[EtcdSto
 
     etcd = _settings(ControlPlaneSettings, {"etcd": args.etcd, **_given(args, *ETCD_FLAGS)})
     store = EtcdStore(etcd.etcd, args.etcd_prefix, access=etcd.etcd_access())
-    unusable = f"fleetlm {command}: cannot use etcd at {etcd.etcd}"
     try:
-        try:
-            await store.connect()
-        except aetcd.exceptions.ClientError as exc:
-            raise SystemExit(f"{unusable}: {exc}") from None
+        await store.connect_for(command)
         yield store
     except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError) as exc:
-        raise SystemExit(f"{unusable}: {exc}") from None  # connected, then it went away
+        raise SystemExit(f"fleetlm {command}: cannot use etcd at {store.url}: {exc}") from None  # went away since
     finally:
         await store.close()
 
