@@ -33,7 +33,7 @@ from controlplane.reconciler import Reconciler
 from controlplane.store import ClusterStore, FencedOut
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from mesh import durations
-from mesh.auth import AdminGuard, read_secret_file
+from mesh.auth import AdminGuard, read_admin_token, read_secret_file
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError, invalid
 from mesh.redaction import REDACTED, redact_message, redacted_fields, secret_values
@@ -118,10 +118,10 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             # Interim, until the server passes them: from FLEETLM_CP_AUTH_SECRET_FILE / _ADMIN_TOKEN_FILE.
             settings = AuthSettings(**{})  # from the environment alone
             secret = read_secret_file(settings.auth_secret_file, "auth secret") if settings.auth_secret_file else None
-            token = read_secret_file(settings.admin_token_file, "admin token") if settings.admin_token_file else None
+            token = read_admin_token(settings.admin_token_file) if settings.admin_token_file else None
             keys = keys or (ApiKeys(store, secret) if isinstance(store, EtcdStore) else None)
-            guard = guard or AdminGuard(token.decode() if token else None, secret, tls=tls is not None)
-            self._own_credential = token.decode() if token else ""
+            guard = guard or AdminGuard(token, secret, tls=tls is not None)
+            self._own_credential = token or ""
         self._keys = keys
         self._guard = guard
         if keys is not None:

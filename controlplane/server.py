@@ -39,7 +39,7 @@ from fleetlm.controlplane.v1 import (
 )
 from mesh import logs, tracing
 from mesh import metrics as metrics_port
-from mesh.auth import read_secret_file
+from mesh.auth import read_admin_token, read_secret_file
 from mesh.catalog import CatalogError, load_catalog
 from mesh.errors import FleetError
 from mesh.fleet_ca import FleetCA
@@ -218,7 +218,7 @@ def _check_credentials() -> None:
     if auth.auth_secret_file is not None:
         read_secret_file(auth.auth_secret_file, "auth secret")
     if auth.admin_token_file is not None:
-        read_secret_file(auth.admin_token_file, "admin token")
+        read_admin_token(auth.admin_token_file)
 
 
 def main(settings: ControlPlaneSettings) -> None:

@@ -308,71 +308,58 @@ def _keys(args: argparse.Namespace) -> None:
     import asyncio
     import json
     import time
+    from dataclasses import replace
 
     import grpc
     from google.protobuf import json_format
 
     from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
-    from mesh.auth import read_secret_file
-    from mesh.errors import FleetError
+    from launcher import admin_access
 
-    token = os.environ.get("FLEETLM_ADMIN_TOKEN", "")
-    try:
-        if args.admin_token_file:
-            token = read_secret_file(Path(args.admin_token_file).expanduser(), "admin token").decode()
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"fleetlm keys: {exc}") from None
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    if args.action == "create" and not args.name:
+        raise SystemExit("fleetlm keys create NAME: the key needs a name")
+    if args.action == "revoke" and not args.name:
+        raise SystemExit("fleetlm keys revoke ID: name the key's id")
 
-    target = args.controlplane.split(",")[0]
-    if (
-        args.tls_ca
-    ):  # a control plane serving mutual TLS: the operator's certificate (fleetlm ca issue --identity admin)
-        if not (args.tls_cert and args.tls_key):
-            raise SystemExit("fleetlm keys: --tls-ca needs --tls-cert and --tls-key (an admin certificate)")
-        try:
-            credentials = grpc.ssl_channel_credentials(
-                Path(args.tls_ca).read_bytes(), Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes()
-            )
-        except OSError as exc:
-            raise SystemExit(f"fleetlm keys: cannot read a TLS file: {exc}") from None
-
-    def open_channel() -> grpc.aio.Channel:
-        if args.tls_ca:
-            return grpc.aio.secure_channel(target, credentials)
-        return grpc.aio.insecure_channel(target)
-
-    async def run() -> None:
-        async with open_channel() as channel:
+    async def run_at(target: admin_access.Target) -> None:
+        metadata = admin_access.metadata(target)
+        call = {"metadata": metadata, "timeout": 30}
+        async with admin_access.channel(target) as channel:
             stub = admin_pb2_grpc.AdminServiceStub(channel)
             if args.action == "create":
-                if not args.name:
-                    raise SystemExit("fleetlm keys create NAME: the key needs a name")
                 request = admin_pb2.CreateApiKeyRequest(name=args.name, models=args.model)
                 request.limits.requests_per_minute = args.rpm
                 request.limits.tokens_per_minute = args.tpm
                 request.limits.max_concurrent_requests = args.concurrency
                 if args.expires_in:
                     request.expires_at.FromSeconds(int(time.time() + args.expires_in))
-                created = await stub.CreateApiKey(request, metadata=metadata, timeout=30)
+                created = await stub.CreateApiKey(request, **call)
                 print(f"id: {created.key.id}")
                 print(f"secret (shown once; keep it now): {created.secret}")
             elif args.action == "list":
-                listed = await stub.ListApiKeys(admin_pb2.ListApiKeysRequest(), metadata=metadata, timeout=30)
+                listed = await stub.ListApiKeys(admin_pb2.ListApiKeysRequest(), **call)
                 for key in listed.keys:
                     print(json.dumps(json_format.MessageToDict(key)))
             else:
-                if not args.name:
-                    raise SystemExit("fleetlm keys revoke ID: name the key's id")
-                request_r = admin_pb2.RevokeApiKeyRequest(id=args.name)
-                revoked = await stub.RevokeApiKey(request_r, metadata=metadata, timeout=30)
+                revoked = await stub.RevokeApiKey(admin_pb2.RevokeApiKeyRequest(id=args.name), **call)
                 print(f"revoked {revoked.key.id} ({revoked.key.name})")
 
+    async def run(target: admin_access.Target) -> None:
+        # Any control plane serves these (a follower forwards writes to the leader): the first that answers.
+        # One that cannot be reached has had nothing written through it, so the next is asked.
+        *others, last = target.addresses
+        for address in [*others, last]:
+            at = replace(target, address=address)
+            try:
+                return await run_at(at)
+            except grpc.aio.AioRpcError as exc:
+                if address == last or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise admin_access.AccessError(admin_access.explain(at, exc)) from None
+
     try:
-        asyncio.run(run())
-    except grpc.aio.AioRpcError as exc:
-        error = FleetError.from_rpc_error(exc)
-        raise SystemExit(f"fleetlm keys {args.action}: {error.message}") from None
+        asyncio.run(run(admin_access.find_target(args)))
+    except admin_access.AccessError as exc:
+        raise SystemExit(f"fleetlm keys {args.action}: {exc}") from None
 
 
 def _join_token(args: argparse.Namespace) -> None:
@@ -592,9 +579,16 @@ def parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="create, list or revoke API keys (AdminService, with the admin token)")
     keys.add_argument("action", choices=["create", "list", "revoke", "new-secret"])
     keys.add_argument("name", nargs="?", help="create: the key's name; revoke: its id; new-secret: the file")
-    keys.add_argument("--controlplane", default="127.0.0.1:50051", help="control plane host:port")
     keys.add_argument(
-        "--admin-token-file", help="file holding the admin token (or FLEETLM_ADMIN_TOKEN in the environment)"
+        "--controlplane",
+        help="control plane host:port, or several comma-separated (default: the one fleetlm up runs, else"
+        " 127.0.0.1:50051)",
+    )
+    keys.add_argument(
+        "--admin-token-file", help="file holding the admin token (or FLEETLM_ADMIN_TOKEN; default: fleetlm up's)"
+    )
+    keys.add_argument(
+        "--state-dir", default=default_state, help=f"where fleetlm up left operator.json ({default_state})"
     )
     keys.add_argument("--model", action="append", default=[], help="create: a model it may use (repeatable; all)")
     keys.add_argument("--rpm", type=_count, default=0, help="create: requests per minute, fleet-wide (0: no limit)")
@@ -657,6 +651,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # grpc's C core prints its INFO lines (a failed TLS handshake, say) to stderr by default, outside the
+    # services' log format and beside a command's one-line error; errors it still prints. Before grpc loads.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     args = parser().parse_args(argv)
     try:
         args.run(args)

@@ -5,11 +5,8 @@ nodes (scheduling, heartbeat, CPU, RAM, GPUs and their memory), deployments, and
 load against its slots, refusals, load progress or error). `--once` prints one view, `--json` one JSON
 document for scripts; piped or redirected, it prints one view as with `--once`.
 
-Where to connect and with which credentials, like kubectl with its kubeconfig: flags first, then
-FLEETLM_ADMIN_TOKEN, then `<state>/operator.json`, which `fleetlm up` writes (its control plane, the fleet
-CA, the operator certificate and the admin token file it made), so on the machine that runs `fleetlm up`
-the command needs nothing else. That file's credentials are used only for its own control plane: a
---controlplane elsewhere gets only the credentials given with it.
+Where it connects and with which credentials: launcher/admin_access.py (flags, FLEETLM_ADMIN_TOKEN, then
+the operator file `fleetlm up` writes).
 
 Every failure (nothing listening, TLS refused, a wrong admin token, an unreadable file) is one line on
 stderr and exit code 1; in the live view it is shown in place and tried again at the next refresh.
@@ -20,122 +17,45 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import grpc
 
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
+from launcher import admin_access
+from launcher.admin_access import CALL_TIMEOUT_SECONDS, AccessError, Target
 from mesh.catalog import queue_limit, running_limit
 
-OPERATOR_FILE = "operator.json"
-DEFAULT_CONTROLPLANE = "127.0.0.1:50051"
-CALL_TIMEOUT_SECONDS = 10.0
 GIB = 1024**3
-
-
-class StatusError(Exception):
-    """A failure to show: one line, no traceback."""
-
-
-@dataclass(frozen=True)
-class Target:
-    address: str  # host:port, or several separated by commas
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    admin_token_file: str = ""
-    admin_token: str = ""  # from FLEETLM_ADMIN_TOKEN
-
-
-def write_operator_file(state: Path, controlplane: str, tls: dict[str, str], admin_token_file: str) -> Path:
-    """What `fleetlm status` (and an operator) needs to reach the fleet `fleetlm up` runs. No secret in it:
-    paths only, to files that are 0600 themselves."""
-    path = state / OPERATOR_FILE
-    record = {"controlplane": controlplane, **tls, "admin_token_file": admin_token_file}
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return path
-
-
-def find_target(args: argparse.Namespace) -> Target:
-    """Flags, then the environment, then `fleetlm up`'s operator file in the state directory."""
-    saved: dict[str, str] = {}
-    operator = Path(args.state_dir).expanduser() / OPERATOR_FILE
-    if operator.is_file():
-        try:
-            saved = {k: str(v) for k, v in json.loads(operator.read_text()).items()}
-        except (OSError, ValueError) as exc:
-            raise StatusError(f"cannot read {operator}: {exc}") from None
-    address = args.controlplane or saved.get("controlplane") or DEFAULT_CONTROLPLANE
-    if saved.get("controlplane") != address:
-        saved = {}  # that file describes another control plane: none of its credentials apply here
-    env_token = os.environ.get("FLEETLM_ADMIN_TOKEN", "")
-    return Target(
-        address=address,
-        tls_ca=args.tls_ca or saved.get("tls_ca", ""),
-        tls_cert=args.tls_cert or saved.get("tls_cert", ""),
-        tls_key=args.tls_key or saved.get("tls_key", ""),
-        admin_token_file=args.admin_token_file or ("" if env_token else saved.get("admin_token_file", "")),
-        admin_token=env_token,
-    )
-
-
-def _channel(target: Target) -> grpc.aio.Channel:
-    if not target.tls_ca:
-        return grpc.aio.insecure_channel(target.address)
-    if not (target.tls_cert and target.tls_key):
-        raise StatusError(
-            "--tls-ca needs --tls-cert and --tls-key (an admin certificate: fleetlm ca issue --identity admin)"
-        )
-    try:
-        credentials = grpc.ssl_channel_credentials(
-            Path(target.tls_ca).read_bytes(), Path(target.tls_key).read_bytes(), Path(target.tls_cert).read_bytes()
-        )
-    except OSError as exc:
-        raise StatusError(f"cannot read a TLS file: {exc}") from None
-    return grpc.aio.secure_channel(target.address, credentials)
-
-
-def _metadata(target: Target) -> tuple[tuple[str, str], ...]:
-    from mesh.auth import read_secret_file
-
-    token = target.admin_token
-    if target.admin_token_file:
-        try:
-            token = read_secret_file(Path(target.admin_token_file).expanduser(), "admin token").decode()
-        except (OSError, ValueError) as exc:
-            raise StatusError(str(exc)) from None
-    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 async def fetch(target: Target) -> dict[str, Any]:
     """One snapshot of the fleet from the first of the control planes (--controlplane a,b,c) that answers:
     every one of them serves admin reads."""
-    addresses = target.address.split(",")
+    addresses = target.addresses
     for address in addresses[:-1]:
         try:
             return await _fetch_one(replace(target, address=address))
-        except StatusError:
+        except AccessError:
             continue
     return await _fetch_one(replace(target, address=addresses[-1]))
 
 
 async def _fetch_one(target: Target) -> dict[str, Any]:
-    metadata = _metadata(target)
+    metadata = admin_access.metadata(target)
     try:
-        async with _channel(target) as channel:
+        async with admin_access.channel(target) as channel:
             stub = admin_pb2_grpc.AdminServiceStub(channel)
             call = {"metadata": metadata, "timeout": CALL_TIMEOUT_SECONDS}
             nodes = await stub.ListNodes(admin_pb2.ListNodesRequest(), **call)
             deployments = await stub.ListDeployments(admin_pb2.ListDeploymentsRequest(), **call)
             leader = await stub.GetLeader(admin_pb2.GetLeaderRequest(), **call)
     except grpc.aio.AioRpcError as exc:
-        raise StatusError(_explain(target, exc)) from None
+        raise AccessError(admin_access.explain(target, exc)) from None
     return snapshot(target.address, nodes, deployments, leader, time.time())
 
 
@@ -144,33 +64,16 @@ async def unplaceable(target: Target, names: list[str]) -> dict[str, str]:
     every node's reason, from the control plane's ExplainPlacement."""
     out: dict[str, str] = {}
     try:
-        async with _channel(target) as channel:
+        async with admin_access.channel(target) as channel:
             stub = admin_pb2_grpc.AdminServiceStub(channel)
-            call = {"metadata": _metadata(target), "timeout": CALL_TIMEOUT_SECONDS}
+            call = {"metadata": admin_access.metadata(target), "timeout": CALL_TIMEOUT_SECONDS}
             for name in names:
                 verdicts = (await stub.ExplainPlacement(admin_pb2.ExplainPlacementRequest(name=name), **call)).verdicts
                 if verdicts and not any(v.fits for v in verdicts):
                     out[name] = "; ".join(f"{v.node_id}: {v.reason}" for v in verdicts)
     except grpc.aio.AioRpcError as exc:
-        raise StatusError(_explain(target, exc)) from None
+        raise AccessError(admin_access.explain(target, exc)) from None
     return out
-
-
-def _explain(target: Target, exc: grpc.aio.AioRpcError) -> str:
-    from mesh.errors import FleetError
-
-    code = exc.code()
-    if code == grpc.StatusCode.UNAVAILABLE:
-        how = "over TLS" if target.tls_ca else "in plaintext"
-        return (f"the control plane at {target.address} does not answer {how} ({exc.details()}); is it running?"
-                " (fleetlm up, or --controlplane HOST:PORT)")  # fmt: skip
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return f"the control plane at {target.address} did not answer within {CALL_TIMEOUT_SECONDS:g}s"
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        refused = FleetError.from_rpc_error(exc).message
-        return (f"the control plane at {target.address} refused the credentials: {refused}"
-                " (--admin-token-file, FLEETLM_ADMIN_TOKEN, --tls-cert/--tls-key)")  # fmt: skip
-    return f"the control plane at {target.address} answered {code.name}: {FleetError.from_rpc_error(exc).message}"
 
 
 # --- the snapshot (what --json prints) -------------------------------------------------------------------
@@ -322,7 +225,7 @@ async def _live(target: Target, interval: float) -> None:
             size = shutil.get_terminal_size()
             try:
                 lines = render(await fetch(target), size.columns)
-            except StatusError as exc:
+            except AccessError as exc:
                 lines = [f"fleetlm status: {exc}"[: size.columns], f"(trying again every {interval:g}s)"]
             lines.append(f"every {interval:g}s; Ctrl-C to stop")
             out.write("\x1b[H" + "".join(line + "\x1b[K\n" for line in lines[: size.lines - 1]) + "\x1b[J")
@@ -335,7 +238,7 @@ async def _live(target: Target, interval: float) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        target = find_target(args)
+        target = admin_access.find_target(args)
         # Piped or redirected (`fleetlm status | grep`, a log file): one view, as --once, not a screen redrawn
         # for ever in terminal escapes that no one sees.
         if args.json or args.once or not sys.stdout.isatty():
@@ -347,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
                 print("\n".join(render(snap, width)))
             return 0
         asyncio.run(_live(target, args.interval))
-    except StatusError as exc:
+    except AccessError as exc:
         print(f"fleetlm status: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -31,9 +31,10 @@ from pathlib import Path
 
 import psutil
 
+from launcher.admin_access import AccessError, find_target, write_operator_file
 from launcher.default_model import write_default_catalog
 from launcher.processes import Child, Interrupted, RestartBudget, etcd_argv, port_free, tcp_open, wait_until
-from launcher.status import StatusError, fetch, find_target, unplaceable, write_operator_file
+from launcher.status import fetch, unplaceable
 from mesh.catalog import CatalogError, load_catalog
 from mesh.tls import is_loopback
 
@@ -75,7 +76,7 @@ class LoadProgress:
         self._next_check = time.monotonic() + 0.5
         try:
             snap = asyncio.run(fetch(self._target))
-        except StatusError:
+        except AccessError:
             return False
         # Catalog models that want a replica and have none placed: the node here is the fleet, and the
         # catalog all it runs, so a model that fits on it now never will.
@@ -94,7 +95,7 @@ class LoadProgress:
                         name: why for name, why in nowhere.items()
                         if any(d["name"] == name and not d["assigned"] for d in snap["deployments"])
                     }  # fmt: skip
-            except StatusError:
+            except AccessError:
                 nowhere = {}
             for name in unplaced:
                 if name in nowhere:
@@ -313,19 +314,18 @@ def run(args: argparse.Namespace) -> int:
             curl, grpcurl = f"curl --cacert {ca_file}", f"grpcurl -cacert {ca_file}"
             admin_grpcurl = f"{grpcurl} -cert {admin}.crt -key {admin}.key"
             tls_note = f"\n  TLS               every link; clients trust {ca_file}; operators use {admin}.crt/.key"
-            keys_tls = f" --tls-ca {ca_file} --tls-cert {admin}.crt --tls-key {admin}.key"
         else:
             curl, grpcurl = "curl", "grpcurl -plaintext"
-            admin_grpcurl, tls_note, keys_tls = grpcurl, "", ""
+            admin_grpcurl, tls_note = grpcurl, ""
         if require_auth:
             token_file = state / "auth" / "admin.token"
             admin_grpcurl += f' -H "authorization: Bearer $(cat {token_file})"'
-            tls_note += (f"\n  API keys          required; make one: fleetlm keys create NAME --controlplane {local}:"
-                         f"{args.controlplane_port} --admin-token-file {token_file}{keys_tls}")  # fmt: skip
-        cp_local = f"{local}:{args.controlplane_port}"
-        metrics = f"{scheme}://{local}"
         default_state = Path(os.environ.get("XDG_STATE_HOME", "~/.local/state"), "fleetlm").expanduser()
         status_dir = "" if state == default_state else f" --state-dir {state}"
+        if require_auth:  # fleetlm keys finds the control plane and the credentials in the operator file
+            tls_note += f"\n  API keys          required; make one: fleetlm keys create NAME{status_dir}"
+        cp_local = f"{local}:{args.controlplane_port}"
+        metrics = f"{scheme}://{local}"
         print(
             f"""
 fleetlm is up.

@@ -55,6 +55,19 @@ def read_secret_file(path: Path | str, what: str = "secret") -> bytes:
     return value
 
 
+def read_admin_token(path: Path | str) -> str:
+    """The admin token in a file, as read_secret_file reads it. It travels as gRPC metadata
+    (`authorization: Bearer <token>`), so it must be printable ASCII with no spaces: ValueError naming the
+    file (never its content) otherwise, as for a file of random bytes."""
+    value = read_secret_file(path, "admin token")
+    if not all(0x21 <= byte <= 0x7E for byte in value):
+        raise ValueError(
+            f"admin token file {path} is not printable ASCII text without spaces (it is sent as gRPC metadata);"
+            " make one with: fleetlm keys new-secret FILE"
+        )
+    return value.decode("ascii")
+
+
 def edge_credential(fleet_secret: bytes) -> str:
     """The bearer credential an edge presents to the control plane: derived from the fleet secret, so it
     cannot be used to recover the secret or to forge API keys."""

@@ -41,7 +41,7 @@ FLEETLM = str(Path(sys.executable).parent / "fleetlm")
         (["node", "--engine-health-seconds", "inf"], "engine_health_seconds\n  Input should be a finite number"),
         (
             ["keys", "create", "k", "--tls-ca", "/nonexistent/ca.crt", "--tls-cert", "a", "--tls-key", "b"],
-            "fleetlm keys: cannot read a TLS file: [Errno 2] No such file or directory: '/nonexistent/ca.crt'",
+            "fleetlm keys create: cannot read a TLS file: [Errno 2] No such file or directory: '/nonexistent/ca.crt'",
         ),
     ],
 )
@@ -64,6 +64,7 @@ def operator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     for name, identity in (("cp1", "controlplane/cp1"), ("edge1", "edge/edge1"), ("n1", "node/n1")):
         cluster.issue(name, identity)
     (cluster.dir / "short.secret").write_text("hello\n")
+    (cluster.dir / "binary.token").write_bytes(bytes(range(128, 176)))  # `head -c 48 /dev/urandom > F`
     try:
         yield cluster
     finally:
@@ -95,6 +96,10 @@ CP_TLS = ["--tls-cert", "cp1.crt", "--tls-key", "cp1.key", *CA_FLAG]
         (
             [*CP, "--admin-token-file", "/dev/null"],
             "fleetlm controlplane: admin token file /dev/null holds 0 bytes; it needs at least 32",
+        ),
+        (
+            [*CP, "--admin-token-file", "binary.token"],
+            "fleetlm controlplane: admin token file binary.token is not printable ASCII text without spaces",
         ),
         (
             [*EDGE, "--require-api-key", "--auth-secret-file", "short.secret"],

@@ -23,8 +23,9 @@ import httpx
 import pytest
 
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
+from launcher.admin_access import write_operator_file
 from launcher.default_model import default_model_path
-from launcher.status import render, write_operator_file
+from launcher.status import render
 from mesh.auth import create_secret_file
 from mesh.lifecycle import free_port
 from node_agent.host import ModelHost

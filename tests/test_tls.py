@@ -219,3 +219,35 @@ async def test_the_edge_dials_a_node_by_its_identity(tmp_path: Path) -> None:
     finally:
         await server.stop(0)
     assert outcomes == {"node-a": grpc.StatusCode.UNAVAILABLE, "node-b": grpc.StatusCode.OK}
+
+
+def test_fleetlm_keys_names_what_is_wrong_with_its_tls(fleet: Cluster, tmp_path: Path) -> None:
+    # An operator's mistakes against a control plane serving mutual TLS: each is one line saying what to fix,
+    # not "UNAVAILABLE: Socket closed".
+    other = FleetCA.create(tmp_path / "other-ca")
+    cert, key = other.issue(identity_uri("admin", ""), [], ["127.0.0.1"], 30)
+    write_public(tmp_path / "stranger.crt", cert)
+    write_private(tmp_path / "stranger.key", key)
+    fleet.issue("edge-x", "edge/x")
+    (tmp_path / "binary.token").write_bytes(bytes(range(128, 176)))
+    ca = str(fleet.ca_dir / "ca.crt")
+
+    def keys(*flags: str) -> str:
+        argv = fleetlm("keys", "list", "--controlplane", fleet.controlplane, "--state-dir", str(tmp_path), *flags)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result
+        assert result.stderr.count("\n") == 1, result.stderr
+        return result.stderr
+
+    plaintext = keys()
+    assert "closed the plaintext connection" in plaintext and "--tls-ca" in plaintext, plaintext
+    stranger = keys(
+        "--tls-ca", ca, "--tls-cert", str(tmp_path / "stranger.crt"), "--tls-key", str(tmp_path / "stranger.key")
+    )
+    assert "refused the client certificate" in stranger, stranger
+    wrong_ca = keys("--tls-ca", str(tmp_path / "other-ca" / "ca.crt"), *fleet.tls_flags("admin")[:4])
+    assert "TLS failed" in wrong_ca and "--tls-ca" in wrong_ca, wrong_ca
+    edge = keys(*fleet.tls_flags("edge-x"))
+    assert "refused the credentials" in edge and "an edge's" in edge, edge
+    binary = keys(*fleet.tls_flags("admin"), "--admin-token-file", str(tmp_path / "binary.token"))
+    assert "is not printable ASCII" in binary and "fleetlm keys new-secret" in binary, binary

@@ -147,14 +147,12 @@ def test_up_refuses_busy_ports(tmp_path: Path) -> None:
     assert f"127.0.0.1:{port}" in result.stderr and "in use" in result.stderr
 
 
-def make_key(state: Path, cp_port: int, tls: bool) -> str:
-    """`fleetlm keys create` as the banner says, with the admin token (and certificate) up made."""
+def make_key(state: Path, log: Path) -> str:
+    """`fleetlm keys create` as the banner says: it finds the control plane, the admin token (and the operator
+    certificate) up made in the state directory."""
     fleetlm = str(Path(sys.executable).parent / "fleetlm")
-    argv = [fleetlm, "keys", "create", "tester", "--controlplane", f"127.0.0.1:{cp_port}",
-            "--admin-token-file", str(state / "auth" / "admin.token")]  # fmt: skip
-    if tls:
-        admin = state / "tls" / "admin"
-        argv += ["--tls-ca", str(state / "ca" / "ca.crt"), "--tls-cert", f"{admin}.crt", "--tls-key", f"{admin}.key"]
+    argv = [fleetlm, "keys", "create", "tester", "--state-dir", str(state)]
+    assert f"fleetlm keys create NAME --state-dir {state}" in log.read_text()
     made = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made
     secret = next(word for word in made.stdout.split() if word.startswith("flk-"))
@@ -178,7 +176,7 @@ def test_up_with_tls_serves_https_with_its_own_ca_and_asks_for_credentials(tmp_p
         anonymous = subprocess.run([curl, "-sS", "--cacert", str(ca), url, "-H", "content-type: application/json",
                                     "-d", body], capture_output=True, text=True, timeout=60)  # fmt: skip
         assert json.loads(anonymous.stdout)["error"]["code"] == "invalid_api_key", anonymous
-        key = make_key(state, ports["cp"], tls=True)
+        key = make_key(state, log)
         reply = subprocess.run([curl, "-sS", "--cacert", str(ca), url, "-H", "content-type: application/json",
                                 "-H", f"authorization: Bearer {key}", "-d", body], capture_output=True, text=True,
                                timeout=60)  # fmt: skip
@@ -217,7 +215,7 @@ def test_up_with_require_auth_on_loopback_asks_for_a_key_and_the_admin_token(tmp
         url = f"http://127.0.0.1:{ports['http']}/v1/models"
         refused = subprocess.run([curl, "-sS", "-w", "%{http_code}", url], capture_output=True, text=True, timeout=30)
         assert refused.stdout.endswith("401"), refused
-        key = make_key(state, ports["cp"], tls=False)
+        key = make_key(state, log)
         ok = subprocess.run([curl, "-sS", url, "-H", f"authorization: Bearer {key}"], capture_output=True, text=True,
                             timeout=30)  # fmt: skip
         assert json.loads(ok.stdout)["data"][0]["id"] == "smollm2-135m", ok
