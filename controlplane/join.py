@@ -34,7 +34,7 @@ from google.protobuf import timestamp_pb2
 from controlplane.etcd_store import EtcdStore
 from fleetlm.controlplane.v1 import admin_pb2, identity_pb2, identity_pb2_grpc
 from mesh import durations
-from mesh.fleet_ca import LEAF_DAYS, FleetCA, identity_uri, node_dns_name
+from mesh.fleet_ca import LEAF_DAYS, FleetCA, check_identity_name, identity_uri, node_dns_name
 from mesh.tls import peer_identities
 
 log = logging.getLogger(__name__)
@@ -260,8 +260,10 @@ class JoinService(identity_pb2_grpc.JoinServiceServicer):
         self, request: identity_pb2.JoinRequest, context: grpc.aio.ServicerContext
     ) -> identity_pb2.JoinResponse:
         node_id = request.node_id
-        if not node_id or "/" in node_id or not all(c.isalnum() or c in "-_." for c in node_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id is required: letters, digits, '-_.'")
+        try:
+            check_identity_name("node", node_id)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node_id: {exc}")
         try:
             token_id = await self._tokens.check(request.token)
         except PermissionError as exc:

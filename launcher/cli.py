@@ -218,7 +218,7 @@ def _tls_flags(command: argparse.ArgumentParser, role: str) -> None:
 def _ca(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from mesh.fleet_ca import FleetCA, identity_uri, write_private, write_public
+    from mesh.fleet_ca import CA_CERT, FleetCA, check_identity_name, identity_uri, write_private, write_public
 
     directory = Path(args.dir).expanduser()
     if args.action in ("revoke", "readmit"):
@@ -229,6 +229,8 @@ def _ca(args: argparse.Namespace) -> None:
             ca = FleetCA.create(directory)
             print(f"fleet CA created in {directory}\nfingerprint: {ca.fingerprint}")
             return
+        if not (directory / CA_CERT).exists():
+            raise ValueError(f"no fleet CA in {directory}; make one with: fleetlm ca init --dir {directory}")
         ca = FleetCA.load(directory)
         if args.action == "fingerprint":
             print(ca.fingerprint)
@@ -236,6 +238,8 @@ def _ca(args: argparse.Namespace) -> None:
         if not args.identity or not args.out:
             raise ValueError("issue needs --identity and --out")
         kind, _, name = args.identity.partition("/")
+        if name:
+            check_identity_name(kind, name)
         cert, key = ca.issue(identity_uri(kind, name), args.dns, args.ip, args.days)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"fleetlm ca {args.action}: {exc}") from None

@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,35 @@ def identity_uri(kind: str, name: str = "") -> str:
     if kind != "admin" and (not name or "/" in name):
         raise ValueError(f"a {kind} identity needs a name without '/'")
     return f"spiffe://{TRUST_DOMAIN}/{kind}" + (f"/{name}" if name else "")
+
+
+_DNS_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def check_dns_name(name: str) -> str:
+    """`name` when it is a DNS name a certificate can carry (labels of ASCII letters, digits, '-' and '_', at
+    most 63 characters each, 253 in all; a leading '*.' for a wildcard), else ValueError naming it."""
+    labels = name.removeprefix("*.").split(".")
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(
+            f"{name!r} is not a DNS name: labels of ASCII letters, digits and '-' (not first or last), at most"
+            " 63 characters each, separated by dots; '*.' may lead"
+        )
+    return name
+
+
+def check_identity_name(kind: str, name: str) -> str:
+    """`name` when it can name a `kind` in the fleet: one or more DNS labels (a node's certificate carries it
+    as `<name>.node.fleetlm`), else ValueError naming it."""
+    try:
+        if name.startswith("*"):
+            raise ValueError("a wildcard")
+        check_dns_name(name)
+    except ValueError:
+        raise ValueError(
+            f"the {kind} id {name!r} must be ASCII letters, digits, '-', '_' and '.', as a host name is"
+        ) from None
+    return name
 
 
 def node_dns_name(node_id: str) -> str:
@@ -196,6 +226,8 @@ class FleetCA:
     ) -> tuple[bytes, bytes]:
         """A new key and its certificate, as (certificate PEM, key PEM). A node's carries its DNS name too, and
         a control plane's CONTROLPLANE_DNS_NAME."""
+        for name in dns_names or []:
+            check_dns_name(name)
         node_prefix = identity_uri("node", "-")[:-1]
         if identity.startswith(node_prefix):
             dns_names = [*(dns_names or []), node_dns_name(identity.removeprefix(node_prefix))]

@@ -128,8 +128,11 @@ def test_a_wrong_pin_an_expired_a_revoked_or_an_unknown_token_is_refused(fleet: 
         "expired": joining_node(fleet, "bad-expired", expired, pin),
         "revoked": joining_node(fleet, "bad-revoked", revoked, pin),
         "unknown": joining_node(fleet, "bad-unknown", unknown, pin),
+        # An id its certificate could not carry as a DNS name (the edge dials a node by it).
+        "bad id": joining_node(fleet, "bad id!", good, pin),
     }
     logs = {case: refused(proc) for case, proc in cases.items()}
+    assert "the node id 'bad id!' must be ASCII letters" in logs["bad id"], logs["bad id"]
     assert "does not present the pinned CA" in logs["wrong pin"]
     for case in ("expired", "revoked", "unknown"):
         assert "UNAUTHENTICATED" in logs[case], logs[case]

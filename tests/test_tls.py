@@ -82,6 +82,42 @@ def test_ca_issue_refuses_a_lifetime_it_cannot_give(tmp_path: Path) -> None:
     assert cert.not_valid_after_utc - cert.not_valid_before_utc == datetime.timedelta(days=365)
 
 
+def test_ca_issue_refuses_names_a_certificate_cannot_carry(tmp_path: Path) -> None:
+    """A --dns that is not a DNS name and an identity id that is not a host name are an error line naming
+    them, and nothing is written; a CA directory with no CA says how to make one."""
+    ca_dir = tmp_path / "ca"
+    out = tmp_path / "x"
+
+    def issue(*flags: str) -> subprocess.CompletedProcess[str]:
+        argv = fleetlm("ca", "issue", "--dir", str(ca_dir), "--out", str(out), *flags)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    none = issue("--identity", "edge/e1")
+    assert none.returncode != 0 and f"fleetlm ca init --dir {ca_dir}" in none.stderr, none
+    subprocess.run(fleetlm("ca", "init", "--dir", str(ca_dir)), check=True, capture_output=True, timeout=60)
+    for flags, named in [
+        (["--identity", "edge/e1", "--dns", "bad host!"], "'bad host!' is not a DNS name"),
+        (["--identity", "edge/e1", "--dns", "a..b"], "'a..b' is not a DNS name"),
+        (["--identity", "edge/e1", "--dns", "x" * 64 + ".com"], "is not a DNS name"),
+        (["--identity", "edge/my edge"], "the edge id 'my edge' must be"),
+        (["--identity", "node/*.n"], "the node id '*.n' must be"),
+    ]:
+        done = issue(*flags)
+        assert done.returncode != 0 and named in done.stderr and "Traceback" not in done.stderr, (flags, done)
+        assert not out.with_suffix(".crt").exists() and not out.with_suffix(".key").exists()
+    assert (
+        issue("--identity", "node/gpu-1.rack_2", "--dns", "*.example.com", "--dns", "cp-1.example.com").returncode == 0
+    )
+    names = x509.load_pem_x509_certificate(out.with_suffix(".crt").read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert set(names.value.get_values_for_type(x509.DNSName)) == {
+        "*.example.com",
+        "cp-1.example.com",
+        node_dns_name("gpu-1.rack_2"),
+    }
+
+
 def _server_hello(address: str) -> bytes:
     """The first bytes the server answers a real TLS ClientHello with, read off the socket."""
     context = ssl.create_default_context()
