@@ -54,9 +54,18 @@ async def _fetch_one(target: Target) -> dict[str, Any]:
             nodes = await stub.ListNodes(admin_pb2.ListNodesRequest(), **call)
             deployments = await stub.ListDeployments(admin_pb2.ListDeploymentsRequest(), **call)
             leader = await stub.GetLeader(admin_pb2.GetLeaderRequest(), **call)
+            # A deployment with replicas wanted but not placed: why, when no node would take the next one (a
+            # scale beyond what the nodes hold is accepted, and waits for room).
+            unplaced: dict[str, str] = {}
+            for d in deployments.deployments:
+                if len(d.assignments) < d.deployment.replicas:
+                    name = d.deployment.spec.name
+                    why = await stub.ExplainPlacement(admin_pb2.ExplainPlacementRequest(name=name), **call)
+                    if not why.chosen_node_id:
+                        unplaced[name] = "; ".join(f"{v.node_id}: {v.reason}" for v in why.verdicts) or "no live node"
     except grpc.aio.AioRpcError as exc:
         raise AccessError(admin_access.explain(target, exc)) from None
-    return snapshot(target.address, nodes, deployments, leader, time.time())
+    return snapshot(target.address, nodes, deployments, leader, time.time(), unplaced)
 
 
 async def unplaceable(target: Target, names: list[str]) -> dict[str, str]:
@@ -131,7 +140,9 @@ def snapshot(
     deployments: admin_pb2.ListDeploymentsResponse,
     leader: admin_pb2.GetLeaderResponse,
     now: float,
+    unplaced: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """`unplaced`: deployment name -> why no node takes the replicas it wants beyond those placed."""
     ready = node_pb2.REPLICA_STATE_READY
     return {
         "controlplane": address,
@@ -148,6 +159,7 @@ def snapshot(
                 "ready": sum(r.state == ready for r in d.replicas),
                 "nodes": [r.node_id for r in d.replicas],
                 "assigned": len(d.assignments),  # replicas placed on nodes, ready or not
+                "unplaced_reason": (unplaced or {}).get(d.deployment.spec.name),
             }
             for d in deployments.deployments
         ],
@@ -201,6 +213,10 @@ def render(snap: dict[str, Any], width: int) -> list[str]:
     rows = [[d["name"], d["engine"], f"{d['ready']}/{d['replicas']}", f"{d['min_replicas']}-{d['max_replicas']}",
              ",".join(d["nodes"]) or "-"] for d in deployments]  # fmt: skip
     lines += _table(["NAME", "ENGINE", "READY", "MIN-MAX", "NODES"], rows) if rows else ["  none"]
+    for d in deployments:
+        if d["unplaced_reason"]:
+            short = d["replicas"] - d["assigned"]
+            lines.append(f"  {d['name']}: {short} of {d['replicas']} replicas fit on no node: {d['unplaced_reason']}")
     replicas = snap["replicas"]
     lines += ["", f"REPLICAS ({len(replicas)})"]
     rows = [[r["node"], r["model"], r["state"], r["device"] or "-", f"{r['running']}/{r['slots']}",

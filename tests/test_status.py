@@ -191,6 +191,34 @@ def test_status_piped_prints_one_view_and_ends(fleet: Fleet) -> None:
     assert "\x1b" not in piped.stdout and "Ctrl-C" not in piped.stdout
 
 
+def test_status_says_why_replicas_wanted_are_not_placed(fleet: Fleet) -> None:
+    # A scale beyond what the nodes hold is accepted and waits for room (one replica of a model per node,
+    # two nodes); the view says why the third is not placed, with each node's reason.
+    name = "smol-three"
+    spec = node_pb2.ModelSpec(name=name, path=str(default_model_path()), format="gguf", engine="llamacpp",
+                              context_size=512)  # fmt: skip
+    deployment = node_pb2.Deployment(spec=spec, min_replicas=1, max_replicas=3, replicas=1)
+    admin, metadata = fleet.admin(), fleet.metadata
+    admin.DeployModel(admin_pb2.DeployModelRequest(deployment=deployment), metadata=metadata, timeout=30)
+    try:
+        admin.ScaleDeployment(admin_pb2.ScaleDeploymentRequest(name=name, replicas=3), metadata=metadata, timeout=30)
+
+        def explained() -> dict[str, object] | None:
+            done = status("--json", "--state-dir", str(fleet.state))
+            ours = (
+                [d for d in json.loads(done.stdout)["deployments"] if d["name"] == name] if done.returncode == 0 else []
+            )
+            return ours[0] if ours and ours[0]["assigned"] == 2 and ours[0]["unplaced_reason"] else None
+
+        shown = wait_for(explained, 60, "two replicas placed and the third explained")
+        assert "already runs a replica of this model" in str(shown["unplaced_reason"]), shown
+        view = status("--once", "--state-dir", str(fleet.state)).stdout
+        line = next(x for x in view.splitlines() if x.strip().startswith(f"{name}: "))
+        assert "1 of 3 replicas fit on no node: node-" in line and "already runs a replica" in line, view
+    finally:
+        admin.UndeployModel(admin_pb2.UndeployModelRequest(name=name), metadata=metadata, timeout=30)
+
+
 def test_status_failures_are_one_line(fleet: Fleet, tmp_path: Path) -> None:
     # Nothing listening.
     down = status("--once", "--controlplane", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path))
