@@ -119,6 +119,7 @@ CHAT_REFUSED = {
     "echo": "echo is the completions API's (its prompt before the answer); a chat has no prompt text to echo",
     "suffix": "suffix is the completions API's, and not supported",
     "best_of": "best_of is not supported (n choices are all returned)",
+    "reasoning_effort": "reasoning_effort is not supported: fleetlm's engines have no reasoning budget to set",
 }
 
 

@@ -201,6 +201,7 @@ class ResponsesRequest(BaseModel):
     # What would change the answer and is not implemented here: refused, never ignored.
     top_logprobs: int | None = None
     truncation: Literal["auto", "disabled"] | None = None
+    reasoning: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ResponsesRequest:
@@ -222,6 +223,10 @@ class ResponsesRequest(BaseModel):
             raise invalid(
                 "top_logprobs", "logprobs are not given by the Responses API here: chat completions give them"
             )
+        asked = {k: v for k, v in (self.reasoning or {}).items() if v is not None}
+        if asked:
+            field = f"reasoning.{next(iter(asked))}"
+            raise invalid(field, f"'{field}' is not supported: fleetlm's engines have no reasoning budget or summary")
         if self.truncation == "auto":
             raise invalid(
                 "truncation",

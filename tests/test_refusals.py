@@ -39,6 +39,7 @@ CHAT_REFUSED: list[tuple[dict[str, Any], str, str]] = [
     ({"messages": [USER], "echo": True}, "echo", "completions API"),
     ({"messages": [USER], "suffix": "world"}, "suffix", "suffix"),
     ({"messages": [USER], "best_of": 2}, "best_of", "best_of"),
+    ({"messages": [USER], "reasoning_effort": "low"}, "reasoning_effort", "no reasoning budget"),
     ({"messages": [USER], "guided_json": {"type": "object"}}, "guided_json", "response_format"),
     ({"messages": [USER], "guided_choice": ["a", "b"]}, "guided_choice", "enum"),
     ({"messages": [USER], "min_tokens": 5}, "min_tokens", "min_tokens"),
@@ -114,7 +115,7 @@ def test_what_changes_nothing_is_accepted(mesh: Mesh) -> None:
     """Text-only modalities, best_of equal to n, an empty logit_bias, and fields that do not change the answer."""
     for path, body in (
         ("/v1/chat/completions", {"messages": [USER], "modalities": ["text"], "logit_bias": {}, "store": False,
-                                  "metadata": {"team": "a"}}),
+                                  "metadata": {"team": "a"}, "reasoning_effort": None}),
         ("/v1/completions", {"prompt": "Hello", "best_of": 2, "n": 2, "echo": False, "suffix": None}),
     ):  # fmt: skip
         response = httpx.post(f"{mesh.http}{path}", json={"model": mesh.model, "max_tokens": 4, **body}, timeout=60)

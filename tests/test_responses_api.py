@@ -152,6 +152,8 @@ def test_text_format_json_schema_gives_a_parsed_answer(client: openai.OpenAI, me
         ({"input": "hi", "include": ["message.output_text.logprobs"]}, "include", "not supported"),
         ({"input": "hi", "top_logprobs": 3}, "top_logprobs", "chat completions"),
         ({"input": "hi", "truncation": "auto"}, "truncation", "drops nothing"),
+        ({"input": "hi", "reasoning": {"effort": "high"}}, "reasoning.effort", "no reasoning budget"),
+        ({"input": "hi", "reasoning": {"effort": None, "summary": "auto"}}, "reasoning.summary", "or summary"),
         ({"input": "hi", "tool_choice": {"type": "web_search"}}, "tool_choice", "function"),
         ({"input": [{"type": "function_call_output", "call_id": "call_9", "output": "sunny"}]}, "input[0].call_id",
          "answers no function_call before it"),
