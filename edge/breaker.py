@@ -3,7 +3,9 @@ once, instead of being rediscovered by every request's connect timeout.
 
 closed --(`failures` failures in a row)--> open --(cooldown over, or the node's channel connected
 again)--> half-open: one request goes through as a probe; it succeeding closes the breaker, it failing
-opens it again for twice as long (up to `max_cooldown`). Only failures that say the node is unreachable
+opens it again for twice as long (up to `max_cooldown`). Whoever owns the connection to the node may
+also close it (`succeeded`) when the connection comes back: the edge watches each open node's channel.
+Only failures that say the node is unreachable
 count; a node that answers, even with an error, is reachable.
 """
 
@@ -35,6 +37,9 @@ class Breakers:
         self._max_cooldown = max_cooldown
         self._clock = clock
         self._states: dict[str, _State] = {}
+        # Called with a node's address when its breaker opens (closed -> open), for whoever watches the node
+        # come back (the edge watches its channel: edge.gateway).
+        self.on_open: Callable[[str], None] | None = None
 
     def allow(self, node: str, connected: bool = False) -> bool:
         """Whether a request may go to `node` now. In half-open, the first caller gets the probe; and so does
@@ -63,6 +68,12 @@ class Breakers:
         if state.failures >= self._threshold:
             state.cooldown = min(self._max_cooldown, state.cooldown * 2) if state.cooldown else self._cooldown
             state.open_until = self._clock() + state.cooldown
+            if state.failures == self._threshold and self.on_open is not None:
+                self.on_open(node)
+
+    def forget(self, node: str) -> None:
+        """A node that is gone (no longer in the routing table): nothing to skip or to report."""
+        self._states.pop(node, None)
 
     def released(self, node: str) -> None:
         """A probe that ended with neither verdict (the client went away): let another probe go."""

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 OVERLOADED = {ErrorCode.GPU_OVERLOADED, ErrorCode.NO_CAPACITY}
 HEALING = {ErrorCode.BACKEND_UNAVAILABLE, ErrorCode.MODEL_UNAVAILABLE, ErrorCode.MODEL_NOT_FOUND}
 RETRYABLE = OVERLOADED | HEALING
+# How often an unreachable node's watcher looks at the routing table between its channel's state changes.
+NODE_WATCH_SECONDS = 2.0
 PREFIX_CHARS = 256  # about 64 tokens: shorter shared prefixes are not worth routing for
 # Set by a transport that can show a waiting client how the wait goes (a streamed HTTP request: SSE comments):
 # while a request waits for its model to scale from zero, it is called with a line saying where the load is
@@ -185,6 +187,8 @@ class Gateway:
         self._cp_turn = 0  # the control plane that answered last is asked first
         self.feed = RouteFeed(self._cp_channels, edge_id)
         self.breakers = breakers or Breakers()
+        self.breakers.on_open = self._watch_node
+        self._watchers: dict[str, asyncio.Task[None]] = {}  # address -> the task watching it come back
         self._node_channels: dict[str, grpc.aio.Channel] = {}
         self._node_stubs: dict[str, inference_pb2_grpc.InferenceServiceStub] = {}  # one per channel
         self._node_links: dict[str, NodeLink] = {}  # Generate calls, over one stream per node
@@ -209,6 +213,8 @@ class Gateway:
         await self.feed.run()
 
     async def close(self) -> None:
+        for watcher in self._watchers.values():
+            watcher.cancel()
         for link in self._node_links.values():
             await link.close()
         for channel in self._node_channels.values():
@@ -249,6 +255,42 @@ class Gateway:
             name = f"node {target.node_id} at {target.address}"
             link = self._node_links[target.address] = NodeLink(channel, target.stub, name)
         return link.generate(request, timeout, metadata)
+
+    def _watch_node(self, address: str) -> None:
+        """A node's breaker opened: watch its channel, so that it is used again as soon as it answers, with
+        or without traffic to probe it (and /health and nodes_unreachable say so at once)."""
+        if address in self._watchers or address not in self._node_channels:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._await_node(address))
+        except RuntimeError:  # no loop (a unit test of the breaker alone): the probes find it back
+            return
+        self._watchers[address] = task
+        task.add_done_callback(lambda _: self._watchers.pop(address, None))
+
+    async def _await_node(self, address: str) -> None:
+        """Until the node's breaker closes: its channel connecting again (grpc reconnects within its backoff,
+        at most 2 s apart) after it has been seen down closes the breaker. A channel that stayed connected
+        while calls failed is left to the half-open probe, so a node that takes connections but fails calls
+        is not let back in by its connection alone. A node that leaves the routing table is forgotten."""
+        channel = self._node_channels[address]
+        seen_down = False
+        while self.breakers.is_open(address):
+            if self.feed.synced.is_set() and not self.feed.table.has_address(address):
+                self.breakers.forget(address)
+                return
+            state = channel.get_state(try_to_connect=True)
+            if state == grpc.ChannelConnectivity.SHUTDOWN:
+                return
+            if state == grpc.ChannelConnectivity.READY and seen_down:
+                self.breakers.succeeded(address)
+                log.info("node at %s answers again: it takes requests", address)
+                return
+            seen_down = seen_down or state != grpc.ChannelConnectivity.READY
+            try:
+                await asyncio.wait_for(channel.wait_for_state_change(state), NODE_WATCH_SECONDS)
+            except TimeoutError:
+                pass
 
     def _usable(self, replicas: list[Replica]) -> tuple[list[Replica], str]:
         """The replicas a request may go to now, and the address it probes ('' if none).
@@ -338,8 +380,6 @@ class Gateway:
             replicas, reasons = feed.table.pick(model, user, prefix)
             known = feed.models.get(model)
             if replicas:
-                if self.metrics is not None:
-                    self.metrics.routed(model, feed.table.decided)
                 reachable, probe = self._usable(replicas)
                 if not reachable:
                     names = ", ".join(r.node_id for r in replicas)
@@ -348,6 +388,8 @@ class Gateway:
                         f"every replica of '{model}' is unreachable ({names}); retrying them shortly",
                         retry_after_seconds=1,
                     )
+                if self.metrics is not None:  # a decision that sends the request somewhere
+                    self.metrics.routed(model, feed.table.decided)
                 return Route(
                     targets=[self._target(r.node_id, r.address, r) for r in reachable],
                     cpu_offload_model=known.cpu_offload_model if known is not None else "",

@@ -106,6 +106,10 @@ class RouteTable:
     def models(self) -> set[str]:
         return set(self._models)
 
+    def has_address(self, address: str) -> bool:
+        """Whether any replica in the table is served at `address`."""
+        return any(r.address == address for table in self._models.values() for r in table.by_node.values())
+
     def pick(
         self, model: str, user: str = "", prefix_hash: str = "", count: int = 4, slack: int = 2
     ) -> tuple[list[Replica], list[str]]:

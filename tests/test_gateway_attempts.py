@@ -448,6 +448,9 @@ async def test_a_node_back_after_a_cut_is_probed_even_when_another_replica_looks
     dead = unreachable("dead")
     fleet.routing.table = table((dead, 0), (live, 5))  # the dead one looks best: it is tried, its breaker opens
     async with following(fleet.gateway(Breakers(failures=1, cooldown=0.3))) as gateway:
+        # The probe path alone: without the watch of the node's channel, which closes the breaker on its own
+        # once the node connects again (the next tests), only a probe brings the node back.
+        gateway.breakers.on_open = None
         assert (await generate(gateway, chat("m")))[-1].result.node_id == "live"
         assert gateway.routing_status()["unreachable_nodes"] == [dead.address]
         fleet.routing.updates.put_nowait(table((dead, 5), (live, 0)))  # now the other one looks best
@@ -461,6 +464,41 @@ async def test_a_node_back_after_a_cut_is_probed_even_when_another_replica_looks
         assert revived.calls == ["m"], f"the revived node was probed {len(revived.calls)} times; served: {served}"
         assert "unreachable_nodes" not in gateway.routing_status()
         assert served[-1] == "dead"  # the probe was this request, and it served it
+
+
+async def test_a_lone_replica_started_again_takes_a_burst_with_no_request_to_probe_it_first(fleet: Fleet) -> None:
+    # The edge watches an unreachable node's channel: once the node answers connections again its breaker
+    # closes with no traffic (health and metrics say so at once), and a burst that comes later is served,
+    # every request of it. Before, only one request of a burst probed and the others were refused at once:
+    # 29 of 30 got 503 from an edge whose only node had been ready again for 16 s.
+    dead = unreachable("dead")
+    fleet.routing.table = table((dead, 0))
+    async with following(fleet.gateway(Breakers(failures=1, cooldown=30.0))) as gateway:
+        with pytest.raises(FleetError):
+            await generate(gateway, chat("m"))
+        assert gateway.routing_status()["unreachable_nodes"] == [dead.address]
+        revived = await fleet.node(Node("dead"), dead.address)
+        deadline = time.monotonic() + 10  # grpc reconnects at most 2 s apart; a third of the cool-down
+        while "unreachable_nodes" in gateway.routing_status() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert "unreachable_nodes" not in gateway.routing_status(), "the node's return was not seen without traffic"
+        assert revived.calls == []  # no request had to find out
+        outcomes = await asyncio.gather(*(generate(gateway, chat("m")) for _ in range(8)), return_exceptions=True)
+        assert [o[-1].result.node_id if isinstance(o, list) else repr(o) for o in outcomes] == ["dead"] * 8
+
+
+async def test_an_unreachable_node_that_leaves_the_table_is_no_longer_reported(fleet: Fleet) -> None:
+    live = await fleet.node(Node("live"))
+    dead = unreachable("dead")
+    fleet.routing.table = table((dead, 0), (live, 5))
+    async with following(fleet.gateway(Breakers(failures=1, cooldown=30.0))) as gateway:
+        assert (await generate(gateway, chat("m")))[-1].result.node_id == "live"
+        assert gateway.routing_status()["unreachable_nodes"] == [dead.address]
+        fleet.routing.updates.put_nowait(table((live, 0)))  # its lease expired: the table drops it
+        deadline = time.monotonic() + 10
+        while "unreachable_nodes" in gateway.routing_status() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert "unreachable_nodes" not in gateway.routing_status()
 
 
 async def test_the_edge_routes_on_its_last_table_when_the_control_plane_is_gone(fleet: Fleet) -> None:
