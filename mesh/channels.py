@@ -12,7 +12,13 @@ from __future__ import annotations
 KEEPALIVE_TIME_MS = 5_000
 KEEPALIVE_TIMEOUT_MS = 5_000
 
+# The largest message a fleetlm server or channel sends or takes. gRPC's default is 4 MiB to receive, which
+# one Embed reply of 2,048 inputs (the most a request may hold) passes with a model of 576 dimensions.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
 CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # gRPC backs off reconnecting to a peer that went away up to 120 s by default, failing calls at once
     # meanwhile: a node or control plane that comes back would stay unreachable that long.
     ("grpc.initial_reconnect_backoff_ms", 200),

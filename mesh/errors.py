@@ -208,6 +208,13 @@ class FleetError(Exception):
             return sent
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = (error.details() if hasattr(error, "details") else None) or ""
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+            # gRPC's own message size limit, not a peer that is full: asking again gets the same answer.
+            return cls(
+                ErrorCode.INVALID_REQUEST,
+                f"the reply is larger than a gRPC message may be here ({details.rsplit('(', 1)[-1].rstrip(')')}"
+                " bytes): ask for less in one request",
+            )
         mapped = _FROM_GRPC.get(code, ErrorCode.BACKEND_UNAVAILABLE)
         return cls(mapped, f"backend call failed: {code.name}: {details}".rstrip(": "))
 

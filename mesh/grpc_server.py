@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mesh.channels import SERVER_KEEPALIVE_OPTIONS
+from mesh.channels import MAX_MESSAGE_BYTES, SERVER_KEEPALIVE_OPTIONS
 from mesh.errors import ErrorCode, FleetError
 
 log = logging.getLogger(__name__)
@@ -229,8 +229,8 @@ class GrpcServer:
         self.server = grpc.aio.server(
             interceptors=[ErrorInterceptor()],
             options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_concurrent_streams", max_concurrent_streams),
                 # the keepalive pings of fleetlm's own channels (mesh.channels) are welcome

@@ -330,6 +330,23 @@ def test_embedding_limits_over_http(mesh: Mesh) -> None:
     assert long.status_code == 400 and error_of(long)["param"] == "input"
 
 
+def test_the_most_inputs_an_embedding_request_may_hold_are_answered(mesh: Mesh) -> None:
+    """2,048 inputs: a reply of 2,048 vectors (4.7 MB with this model's 576 dimensions) is more than gRPC's
+    default 4 MiB message. The edge's channel to the node took no more, and the request was refused as if
+    every replica were busy (429, retry after 1 s: a retry got the same). One text, so the node computes it
+    once (its cache is keyed by the text)."""
+    client = openai.OpenAI(base_url=f"{mesh.http}/v1", api_key="unused", max_retries=0, timeout=300)
+    reply = client.embeddings.create(model=mesh.model, input=["a b"] * 2048)
+    assert len(reply.data) == 2048 and len(reply.data[-1].embedding) == len(reply.data[0].embedding) > 0
+    # Over gRPC as well, to a client that takes messages that large (gRPC's default would refuse it itself).
+    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    with grpc.insecure_channel(mesh.grpc, options=options) as channel:
+        embedded = inference_pb2_grpc.InferenceServiceStub(channel).Embed(
+            inference_pb2.EmbedRequest(model=mesh.model, inputs=["a b"] * 2048), timeout=300
+        )
+    assert len(embedded.embeddings) == 2048
+
+
 def test_more_than_256_inputs_are_embedded_in_one_request(mesh: Mesh) -> None:
     """Up to OpenAI's 2,048, as clients send them (LangChain's OpenAIEmbeddings: 1,000 a request by default;
     the node once refused more than 256), each in its place: input i's vector is the one the same text gets
