@@ -339,8 +339,10 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         deployment = validate_deployment(request.deployment)
         if (forwarded := await self._forward("DeployModel", request, context)) is not None:
             return forwarded  # type: ignore[no-any-return]
-        # Dry run first: a deployment that fits nowhere is refused with every node's reason.
-        placement.place(deployment.spec, self._reconciler.snapshots(), self._reconciler.policy)
+        # Dry run first: a deployment that fits nowhere is refused with every node's reason. A change to a
+        # deployment is judged without its own replicas, which the new ones replace.
+        name = deployment.spec.name
+        placement.place(deployment.spec, self._reconciler.snapshots(without=name), self._reconciler.policy)
         async with self._leading():
             await self._reconciler.save_deployment(deployment)
             await self._reconciler.reconcile()

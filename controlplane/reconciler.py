@@ -85,15 +85,23 @@ class Reconciler:
             except FencedOut as exc:
                 if self.leadership is not None:
                     self.leadership.step_down(f"a fenced write was refused ({exc})")
+            except StoreUnavailable:
+                pass  # said once by the store; the next pass after etcd is back does what this one could not
             except Exception:
                 log.exception("reconcile pass failed")
 
     # --- snapshot helpers -----------------------------------------------------------------------------
 
-    def snapshots(self) -> list[placement.NodeSnapshot]:
+    def snapshots(self, without: str = "") -> list[placement.NodeSnapshot]:
+        """The nodes as placement sees them; `without`: as if that model's replicas were gone (a deployment
+        being changed, whose replicas the new ones replace)."""
         fleet = self._fleet
         return [
-            placement.NodeSnapshot(n, fleet.scheduling(n.node_id), tuple(fleet.node_assignments(n.node_id)))
+            placement.NodeSnapshot(
+                n,
+                fleet.scheduling(n.node_id),
+                tuple(a for a in fleet.node_assignments(n.node_id) if not without or a.model.name != without),
+            )
             for n in fleet.nodes.values()
         ]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -62,11 +63,25 @@ class FleetAdmin(JoinTokenAdmin, Admin):
 
 
 async def _load_deployments(path: str, fleet: FleetView, reconciler: Reconciler) -> None:
+    """The file's deployments, where they are newer than what etcd holds. A deployment an operator changed
+    (DeployModel) after the file was last written keeps the operator's spec: the file is applied by whichever
+    control plane leads first, and a control plane that comes to lead later, with the same old file, must not
+    undo a change made since (it did, and moved every replica for it). A file edited since is applied."""
+    written_at = await asyncio.to_thread(os.path.getmtime, path)
     for entry in load_catalog(Path(path)):
         deployment = validate_deployment(entry.deployment())
         existing = fleet.deployments.get(entry.name)
         if existing is not None and existing.spec == deployment.spec:
             continue  # keep the replica count it has now
+        if existing is not None and existing.created_at.ToNanoseconds() / 1e9 > written_at:
+            # created_at is when the deployment was last written by DeployModel or a file (a scale keeps it).
+            log.warning(
+                "deployment %s differs from %s, which is older than its last change: keeping the deployment as"
+                " it is (edit the file, or use DeployModel, to change it)",
+                entry.name,
+                path,
+            )
+            continue
         await reconciler.save_deployment(deployment)
         log.info("deployment %s loaded from %s", entry.name, path)
 

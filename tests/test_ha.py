@@ -130,6 +130,31 @@ def test_one_leader_among_three_and_another_leads_within_seconds_after_a_kill(fl
     assert "placed smol-ha-2" not in proc_at(fleet, follower).log_path.read_text()
 
 
+def test_a_new_leader_does_not_undo_a_change_made_since_its_deployments_file(fleet: Fleet) -> None:
+    # Every control plane was given the same deployments file. An operator changes the deployment through
+    # AdminService; the leader dies; the next leader applies its file on leading: it must keep the change (it
+    # wrote the file's older spec back and moved every replica for it).
+    addresses = [a for _, a in fleet.controlplanes]
+    leader = one_leader(fleet, addresses)
+    changed = deployment(MODEL)
+    changed.spec.context_size = 1024
+    fleet.admin(leader).DeployModel(admin_pb2.DeployModelRequest(deployment=changed), timeout=30)
+
+    def context_sizes(address: str) -> list[int]:
+        listed = fleet.admin(address).ListDeployments(admin_pb2.ListDeploymentsRequest(), timeout=5).deployments
+        return [d.deployment.spec.context_size for d in listed if d.deployment.spec.name == MODEL]
+
+    survivors = [a for a in addresses if a != leader]
+    wait_for(lambda: all(context_sizes(a) == [1024] for a in survivors), 30, "every control plane to see the change")
+    proc_at(fleet, leader).signal(signal.SIGKILL)
+    new_leader = wait_for(lambda: next(iter(fleet.leaders(survivors)), None), FAILOVER_BOUND, "a new leader")
+    read = ("differs from", "loaded from")  # kept, or (before the fix) written back
+    log = proc_at(fleet, new_leader).log_path
+    wait_for(lambda: any(word in log.read_text() for word in read), 30, "the new leader to read its file")
+    assert context_sizes(new_leader) == [1024]
+    wait_for(lambda: fleet.ready_on(new_leader, MODEL) == [NODE], READY_BOUND, "the changed replica ready")
+
+
 def test_writes_sent_to_a_follower_are_forwarded_to_the_leader(fleet: Fleet) -> None:
     addresses = [a for _, a in fleet.controlplanes]
     leader = one_leader(fleet, addresses)

@@ -201,6 +201,24 @@ def test_spread_puts_replicas_on_different_nodes(fleet: Fleet) -> None:
     wait_for(lambda: fleet.status("spread-me") is None, 10, "undeploy")
 
 
+def test_a_deployment_on_every_node_it_fits_can_be_changed(fleet: Fleet) -> None:
+    # Its replicas hold every node with the weights; the change's dry run counted them against it ("already
+    # runs a replica of this model" on each) and refused every change: only undeploy and deploy again did.
+    fleet.deploy("change-me", device="cpu", min_replicas=3, max_replicas=3)
+    wait_for(lambda: len(fleet.ready_nodes("change-me")) == 3, 60, "3 replicas ready")
+    changed = fleet.deploy("change-me", device="cpu", min_replicas=3, max_replicas=3, context_size=512)
+    assert changed.deployment.spec.context_size == 512
+
+    def replaced() -> bool:
+        status = fleet.status("change-me")
+        return status is not None and sorted(a.model.context_size for a in status.assignments) == [512] * 3
+
+    wait_for(replaced, 60, "the replicas replaced by ones with the new spec")
+    wait_for(lambda: len(fleet.ready_nodes("change-me")) == 3, 60, "3 new replicas ready")
+    fleet.undeploy("change-me")
+    wait_for(lambda: fleet.status("change-me") is None, 10, "undeploy")
+
+
 def test_scale_from_zero_then_idle_unload(fleet: Fleet) -> None:
     fleet.deploy("lazy", device="cpu", min_replicas=0, max_replicas=1, idle_timeout={"seconds": 4})
     status = fleet.status("lazy")
