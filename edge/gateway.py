@@ -356,6 +356,13 @@ class Gateway:
             self.breakers.succeeded(target.address)
             return sent
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if timeout < self.request_timeout:
+                # The client's own deadline, shorter than the edge's: the caller gave up, as when it cancels.
+                # Not a slow node, and nothing for an operator's BACKEND_TIMEOUT alerts.
+                return FleetError(
+                    ErrorCode.CANCELLED,
+                    f"the client's deadline ({timeout:.3g}s) passed before node {target.node_id} finished",
+                )
             return FleetError(
                 ErrorCode.BACKEND_TIMEOUT,
                 f"node {target.node_id} did not finish within the request timeout of {timeout:g}s",
