@@ -27,6 +27,7 @@ The old system's keys are accepted too (model_path, backend, execution_mode), so
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -142,10 +143,12 @@ def load_catalog(path: Path) -> list[ModelEntry]:
     names = [m.name for m in catalog.models]
     if len(set(names)) != len(names):
         raise CatalogError(f"model catalog {path} declares a name twice: {names}")
-    base = path.resolve().parent
-    # Paths are files, relative to the catalog, except an attached server's URL.
+    base = path.absolute().parent
+    # Paths are files, relative to the catalog, except an attached server's URL. Made absolute, with no symlink
+    # followed: a node reports the files of its models directory by the names they have there, and a
+    # deployment of a model linked into it must name it the same way to be placed.
     return [
-        m.model_copy(update={"path": str((base / m.path).resolve())})
+        m.model_copy(update={"path": os.path.normpath(base / m.path)})
         if m.path and (m.engine != "openai" or m.command)
         else m
         for m in catalog.models

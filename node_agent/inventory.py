@@ -96,6 +96,7 @@ def model_files(paths: Iterable[str], models_dirs: Iterable[Path]) -> list[node_
     """The catalog's files that exist, plus model files and HF model folders in the models directories."""
     candidates = {Path(p) for p in paths}
     for directory in models_dirs:
+        directory = directory.absolute()  # named as deployments name them: absolute, links not followed
         if directory.is_dir():
             for p in directory.iterdir():
                 if p.suffix in MODEL_SUFFIXES or (p / "config.json").is_file():

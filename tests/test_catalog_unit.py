@@ -45,3 +45,32 @@ def test_bad_catalogs_are_refused_with_the_reason(tmp_path: Path, text: str, nee
     (tmp_path / "m.yaml").write_text(text)
     with pytest.raises(CatalogError, match=needle):
         load_catalog(tmp_path / "m.yaml")
+
+
+def test_a_model_linked_into_the_models_directory_is_named_as_the_node_reports_it(tmp_path: Path) -> None:
+    """A deployments file naming a weights file through a symlink (a model linked into --models-dir), and the
+    node's inventory of that directory, give the same path: placement matches paths as they are. The file's
+    path was resolved to the link's target, which no node reported, and the deployment was never placed."""
+    from node_agent.inventory import model_files
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "weights-v3.gguf").write_bytes(b"GGUF" + bytes(60))
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "smol.gguf").symlink_to(store / "weights-v3.gguf")
+    catalog = tmp_path / "deployments.yaml"
+    catalog.write_text("models:\n  - {name: smol, path: models/smol.gguf, format: gguf}\n")
+    [entry] = load_catalog(catalog)
+    assert entry.path == str(models / "smol.gguf")
+    reported = [f.path for f in model_files([], [models])]
+    assert reported == [entry.path]
+    # A models directory given as a relative path is reported absolute, as deployments name files.
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert [f.path for f in model_files([], [Path("models")])] == [entry.path]
+    finally:
+        os.chdir(cwd)
