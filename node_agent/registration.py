@@ -5,6 +5,12 @@ changes state (loading -> ready), so a model becomes routable as soon as it is l
 alone goes to every control plane over the load streams (load_reports.py), not in a heartbeat, unless the
 control plane this node heartbeats to does not hear those streams (an older version, or a stream being
 opened again: HeartbeatResponse.load_streamed says): then heartbeats carry the load promptly, as before.
+
+Given several control planes, the agent heartbeats to one at a time (controlplanes.py). A heartbeat's deadline
+is half of what is left of the lease at the least (heartbeat_deadline), and one that gets no answer in time
+moves the agent to the next control plane at once: a control plane that froze is given up while the lease
+still has time for another to renew it. A control plane's answer about the request itself is not retried
+elsewhere: a registration refused as invalid (INVALID_ARGUMENT) at start stops the agent with the reason.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import grpc
 from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
 from mesh.errors import ErrorCode, FleetError
 from node_agent import inventory
+from node_agent.controlplanes import ControlPlanes, answered
 from node_agent.host import ModelHost
 from node_agent.load_reports import MIN_REPORT_SECONDS, ChangeFeed, durable_signature
 
@@ -26,12 +33,32 @@ log = logging.getLogger(__name__)
 
 # A control plane that refuses the node's certificate is asked again this often (an operator must act first).
 REFUSED_RETRY_SECONDS = 30.0
+# After a call that got no answer, the next control plane is asked after about this long (jittered, so that
+# the nodes of a control plane that froze do not all arrive in the same instant); once every one has failed
+# in a row, with backoff.
+MOVE_SECONDS = 0.1
+# A heartbeat is given at least this long: a busy control plane that answers slowly is not given up at once.
+MIN_DEADLINE_SECONDS = 1.0
+
+
+class RegistrationRefused(Exception):
+    """The control plane refused the node's first registration as invalid: no retry changes that."""
+
+
+def heartbeat_deadline(left: float, ttl: float, timeout: float, several: bool) -> float:
+    """How long a heartbeat may wait for its answer when the lease cannot lapse for `left` seconds yet. With
+    other control planes to move to, half of that: one that froze is given up while the other half is left
+    for the next one to renew the lease. With none, all of it: asking the same one again is no better than
+    waiting. Never more than half the TTL or `timeout` (--rpc-timeout-seconds), nor less than
+    MIN_DEADLINE_SECONDS (within `timeout`)."""
+    share = left / 2 if several else left
+    return min(timeout, max(MIN_DEADLINE_SECONDS, min(ttl / 2, share)))
 
 
 class Registration:
     def __init__(
         self,
-        channel: grpc.aio.Channel,
+        controlplanes: ControlPlanes,
         node_id: str,
         address: str,
         host: ModelHost,
@@ -40,7 +67,9 @@ class Registration:
         timeout: float,
         version: str,
     ) -> None:
-        self._stub = registry_pb2_grpc.NodeRegistryServiceStub(channel)
+        self._controlplanes = controlplanes
+        self._stubs: dict[int, registry_pb2_grpc.NodeRegistryServiceStub] = {}
+        self._turn = 0  # the control planes' turn of the last call made (whose failure moves to the next)
         self.node_id = node_id
         self._address = address
         self._host = host
@@ -56,10 +85,26 @@ class Registration:
         self._check = False  # a load stream was refused: heartbeat now, to learn whether the lease is gone
         self._ttl = 2 * timeout  # the lease's time-to-live, as the control plane says when registering
         self._sent = b""  # the durable signature of the replicas the last registration or heartbeat carried
+        # The event loop's time before which the lease cannot have lapsed, as far as the agent knows.
+        self._lease_until = 0.0
+        self._ever_registered = False
+        self._backoff = 0.25
+        self._failures = 0  # calls in a row that got no answer
         # The RegisterNode call in flight, if any. Stopping the agent must not cancel it half-way: the
         # control plane may already have written the record under a new lease, and only the reply says
         # which lease to revoke, so deregister waits for it.
         self._registering: asyncio.Future[registry_pb2.RegisterNodeResponse] | None = None
+
+    def _stub(self) -> registry_pb2_grpc.NodeRegistryServiceStub:
+        """The stub of the control plane in use; remembers its turn for a failure to name."""
+        self._turn, channel = self._controlplanes.current()
+        index = self._turn % len(self._controlplanes.addresses)
+        if index not in self._stubs:
+            self._stubs[index] = registry_pb2_grpc.NodeRegistryServiceStub(channel)
+        return self._stubs[index]
+
+    def _answered(self) -> None:
+        self._backoff, self._failures = 0.25, 0
 
     def check_now(self) -> None:
         """Heartbeat at once (a control plane refused a load report: the lease may be gone)."""
@@ -70,8 +115,9 @@ class Registration:
         """Register under a new lease; returns the durable signature of the replicas it carried."""
         inv = await asyncio.to_thread(self._collect_inventory)
         replicas = self._host.replicas()
+        sent_at = asyncio.get_running_loop().time()
         self._registering = asyncio.ensure_future(
-            self._stub.RegisterNode(
+            self._stub().RegisterNode(
                 registry_pb2.RegisterNodeRequest(
                     node_id=self.node_id,
                     inference_address=self._address,
@@ -86,6 +132,9 @@ class Registration:
         self.lease_id = reply.lease_id
         self.interval = max(0.2, reply.heartbeat_interval.ToTimedelta().total_seconds())
         self._ttl = reply.lease_ttl.ToTimedelta().total_seconds() or self._timeout * 2
+        self._lease_until = sent_at + self._ttl  # granted after the request was sent
+        self._ever_registered = True
+        self._answered()
         self.load_streamed = False  # its streams send the new lease from now on; the next heartbeat says
         self.registered.set()
         log.info("registered with the control plane (lease %x, ttl %ss)", reply.lease_id, reply.lease_ttl.seconds)
@@ -97,15 +146,16 @@ class Registration:
         change (that only a heartbeat writes), or any change while the control plane hears no load stream."""
         return self._check or not self.load_streamed or durable_signature(self._host.replicas()) != sent
 
-    async def _heartbeats(self, sent: bytes) -> None:
-        """Heartbeat every interval, and within MIN_REPORT_SECONDS of a change that is due, until a call fails."""
+    async def _heartbeats(self, sent: bytes, at_once: bool = False) -> None:
+        """Heartbeat every interval, and within MIN_REPORT_SECONDS of a change that is due, until a call fails;
+        the first one `at_once` (the last one failed: the lease is waiting for it)."""
         loop = asyncio.get_running_loop()
         while True:
             try:
                 # A fixed deadline, not one that starts over at every change of load. asyncio.timeout, not
                 # wait_for: on Python 3.11 wait_for swallows a cancellation that arrives with a change, and
                 # the agent's shutdown would wait on this loop.
-                async with asyncio.timeout_at(loop.time() + self.interval):
+                async with asyncio.timeout_at(loop.time() + (0 if at_once else self.interval)):
                     while not (self._changed.is_set() and self._due(sent)):
                         self._changed.clear()
                         await self._changed.wait()
@@ -113,20 +163,30 @@ class Registration:
                     await asyncio.sleep(MIN_REPORT_SECONDS)
             except TimeoutError:
                 pass
+            at_once = False
             self._changed.clear()
             self._check = False
             replicas = self._host.replicas()
-            reply = await self._stub.Heartbeat(
+            sent_at = loop.time()
+            deadline = heartbeat_deadline(
+                self._lease_until - sent_at, self._ttl, self._timeout, self._controlplanes.several
+            )
+            reply = await self._stub().Heartbeat(
                 registry_pb2.HeartbeatRequest(
                     node_id=self.node_id,
                     lease_id=self.lease_id,
                     replicas=replicas,
                     ram_free_bytes=inventory.ram_free_bytes(),
                 ),
-                # At most half the lease: a heartbeat stuck on a connection that died silently is given up
-                # while the lease still has time for another try, not after it has lapsed.
-                timeout=min(self._timeout, max(0.5, self._ttl / 2)),
+                # A share of what is left of the lease: a heartbeat stuck on a control plane that froze, or
+                # on a connection that died silently, is given up while the lease still has time for
+                # another try (on another control plane), not after it has lapsed.
+                timeout=deadline,
             )
+            # The control plane renews the lease at most every TTL/4: it was renewed TTL/4 before this
+            # heartbeat was sent at the earliest.
+            self._lease_until = sent_at + self._ttl * 3 / 4
+            self._answered()
             self.load_streamed = reply.load_streamed
             self._sent = sent = durable_signature(replicas)
 
@@ -134,23 +194,25 @@ class Registration:
         """Stay registered until cancelled.
 
         A heartbeat that fails for want of an answer (the control plane or the network away) is tried
-        again under the same lease: the lease may well be alive (another control plane can renew it), and
-        only the control plane can tell that it is not (LEASE_EXPIRED), which is the one reason to register
-        again. Registering again after any failure put the record under a new lease each time, and a
-        registration whose reply was lost left a lease the agent did not know of holding its record."""
-        backoff = 0.25
+        again at once under the same lease, on the next control plane when there are several: the lease may
+        well be alive (another control plane can renew it), and only a control plane can tell that it is not
+        (LEASE_EXPIRED), which is the one reason to register again. Registering again after any failure put
+        the record under a new lease each time, and a registration whose reply was lost left a lease the
+        agent did not know of holding its record."""
         sent: bytes | None = None  # None: not registered (or the lease is gone)
+        retry = False  # the last heartbeat failed: the next goes at once
         while True:
             try:
                 if sent is None:
                     sent = await self._register()
-                backoff = 0.25
-                await self._heartbeats(sent)
+                await self._heartbeats(sent, at_once=retry)
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
+                retry = False
                 error = FleetError.from_rpc_error(exc)
-                if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                what = "registration" if sent is None else "heartbeat"
+                if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
                     # The control plane refuses this node's certificate (revoked, or another node joined under
                     # its id since): no retry soon changes that, only an operator.
                     self.registered.clear()
@@ -170,15 +232,49 @@ class Registration:
                     continue
                 if sent is None:
                     self.registered.clear()
-                    log.warning("control plane unreachable (%s); registering again in %.1fs", error.message, backoff)
                 else:
                     sent = self._sent
-                    log.warning("heartbeat failed (%s); trying again in %.1fs", error.message, backoff)
-            # Short and jittered: a control plane that comes back waits for its nodes before it moves
-            # anything (its start-up grace), so they should be back within a couple of seconds, and not all
-            # in the same instant.
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-            backoff = min(backoff * 2, 2.0)
+                retry = sent is not None
+                if not answered(exc):
+                    await asyncio.sleep(self._after_no_answer(what, error.message))
+                    continue
+                # An answer about the request itself: every control plane would give the same one.
+                code = exc.code().name
+                if sent is None and not self._ever_registered and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise RegistrationRefused(
+                        f"the control plane refused to register this node ({code}): {error.message}"
+                    ) from None
+                # A heartbeat's lease is at stake: it is asked again after the backoff; a registration,
+                # which no retry soon changes, after REFUSED_RETRY_SECONDS.
+                delay = self._backoff if sent is not None else REFUSED_RETRY_SECONDS
+                self._backoff = min(self._backoff * 2, 2.0)
+                log.error("the control plane refused the node's %s (%s: %s); asking again in %.1fs", what, code,
+                          error.message, delay)  # fmt: skip
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+
+    def _after_no_answer(self, what: str, why: str) -> float:
+        """A call got no answer (or the control plane failed to serve it): move to the next control plane,
+        and return how long to wait before the next call. Each is asked at once in turn; once all have
+        failed in a row, with backoff (short and jittered: a control plane that comes back waits for its
+        nodes before it moves anything, its start-up grace, so they should be back within a couple of
+        seconds, and not all in the same instant)."""
+        controlplanes, failed = self._controlplanes, self._turn
+        self._failures += 1
+        moved = controlplanes.move_on(failed) or controlplanes.turn != failed  # or moved already
+        if moved and self._failures < len(controlplanes.addresses):
+            log.warning(
+                "%s failed at control plane %s (%s); trying %s",
+                what,
+                controlplanes.address(failed),
+                why,
+                controlplanes.address(controlplanes.turn),
+            )
+            return MOVE_SECONDS * random.uniform(0.5, 1.5)
+        self._failures = 0
+        delay, self._backoff = self._backoff, min(self._backoff * 2, 2.0)
+        where = f" (next: {controlplanes.address(controlplanes.turn)})" if moved else ""
+        log.warning("%s failed (%s); trying again in %.1fs%s", what, why, delay, where)
+        return delay * random.uniform(0.5, 1.5)
 
     async def deregister(self) -> None:
         registering = self._registering
@@ -190,7 +286,7 @@ class Registration:
         if not self.lease_id:
             return
         try:
-            await self._stub.DeregisterNode(
+            await self._stub().DeregisterNode(
                 registry_pb2.DeregisterNodeRequest(node_id=self.node_id, lease_id=self.lease_id),
                 timeout=self._timeout,
             )

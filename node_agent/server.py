@@ -15,25 +15,19 @@ from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc, multiplex_pb
 from mesh import logs, tracing
 from mesh import metrics as metrics_port
 from mesh.catalog import CatalogError, load_catalog
-from mesh.channels import CHANNEL_OPTIONS
-from mesh.fleet_ca import CONTROLPLANE_DNS_NAME
+from mesh.fleet_ca import CONTROLPLANE_DNS_NAME, check_identity_name
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
-from mesh.tls import (
-    TlsFiles,
-    keep_ssl_context_current,
-    refuse_exposed_plaintext,
-    secure_channel,
-    server_credentials,
-)
+from mesh.tls import TlsFiles, keep_ssl_context_current, refuse_exposed_plaintext, server_credentials
 from node_agent import assignments, inventory, llama_logs
+from node_agent.controlplanes import ControlPlanes
 from node_agent.host import ModelHost
 from node_agent.identity import JoinError, keep_renewed, node_identity, renews
 from node_agent.inference_service import NodeInference
 from node_agent.load_reports import ChangeFeed, report_load
 from node_agent.metrics import NodeMetrics
 from node_agent.multiplex_service import NodeMultiplex
-from node_agent.registration import Registration
+from node_agent.registration import Registration, RegistrationRefused
 from node_agent.settings import NodeSettings
 
 log = logging.getLogger(__name__)
@@ -85,9 +79,10 @@ def _entries(addresses: str) -> list[str]:
 def controlplane_target(addresses: str) -> str:
     """The gRPC target for one or several control planes. One address is used as it is (a DNS name that
     resolves to several records already gives the channel several addresses). Several become one
-    `ipv4:`/`ipv6:` target, host names resolved now: the channel's pick_first policy uses the first that
-    answers and, when its connection breaks, tries them in order again, so the agent moves to another
-    control plane by itself; the registration and the assignment stream then go on there."""
+    `ipv4:`/`ipv6:` target, host names resolved now (joining and renewing the certificate use it: its
+    pick_first policy uses the first that answers). The registration and the assignment stream use the
+    addresses one at a time instead (node_agent.controlplanes), which moves on from one that stops
+    answering without waiting for its connection to break."""
     entries = _entries(addresses)
     if len(entries) == 1:
         return entries[0]
@@ -119,6 +114,9 @@ async def _first_failure(stop: asyncio.Event, background: list[asyncio.Task[None
     for task in background:
         if task in done:
             error = task.exception() if not task.cancelled() else None
+            if isinstance(error, RegistrationRefused):  # the reason is all there is to say: no traceback
+                log.error("%s; shutting down", error)
+                return str(error)
             log.error("the agent's %s task ended: %r; shutting down", task.get_name(), error, exc_info=error)
             return f"the agent's {task.get_name()} task failed: {error!r}"
     return ""
@@ -170,17 +168,19 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     failure = ""
     try:
         controlplanes = await asyncio.to_thread(controlplane_addresses, settings.controlplane)
-        async with secure_channel(target, tls, CHANNEL_OPTIONS, by_fleet_name) as channel:
+        # Several given: one at a time, each by its address; one (a DNS name perhaps): as it is.
+        in_turn = controlplanes if by_fleet_name else [target]
+        async with ControlPlanes(in_turn, tls, by_fleet_name) as using:
             feed = ChangeFeed(host)
             registration = Registration(
-                channel, settings.node_id, address, host, feed, collect, settings.rpc_timeout_seconds, _agent_version()
+                using, settings.node_id, address, host, feed, collect, settings.rpc_timeout_seconds, _agent_version()
             )
             host.start()
             background = [
                 asyncio.create_task(feed.run(), name="change feed"),
                 asyncio.create_task(registration.run(), name="registration"),
                 asyncio.create_task(
-                    assignments.follow(channel, settings.node_id, host, registration.registered), name="assignments"
+                    assignments.follow(using, settings.node_id, host, registration.registered), name="assignments"
                 ),
             ]
             # The load streams dial each control plane by its resolved address (load_reports.py).
@@ -234,6 +234,10 @@ def main(settings: NodeSettings) -> None:
         if settings.inventory_override:
             inventory.apply_override(node_pb2.Inventory(), settings.inventory_override)
         controlplane_target(settings.controlplane)  # a bad address list fails here, not in the background
+        if settings.join_token is not None:
+            # Joining gets a certificate naming the node (<id>.node.fleetlm): Join refuses an id that cannot
+            # be a DNS name.
+            check_identity_name("node", settings.node_id)
         # A node that will join has TLS once it has joined.
         given = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca)
         if given is not None:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -104,3 +104,12 @@ class NodeSettings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as text, or one JSON object per line (json), on stderr"
     )
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str) -> str:
+        # The control plane's rule (RegisterNode refuses any other id): refused here at start, with the reason,
+        # rather than by every control plane at every attempt.
+        if not value or "/" in value:
+            raise ValueError(f"the node id {value!r} must not be empty nor contain '/'")
+        return value

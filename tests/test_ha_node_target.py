@@ -1,13 +1,17 @@
-"""The node agent's list of control-plane addresses becomes one gRPC target (decision logic only; the move
-between control planes with real processes is in tests/test_ha.py)."""
+"""The node agent's list of control-plane addresses becomes one gRPC target, and the control planes it uses one
+at a time (decision logic only; the move between control planes with real processes is in tests/test_ha.py
+and tests/test_ha_frozen_controlplane.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
 import pytest
 
+from node_agent.controlplanes import ControlPlanes
+from node_agent.registration import MIN_DEADLINE_SECONDS, heartbeat_deadline
 from node_agent.server import controlplane_addresses, controlplane_target
 
 
@@ -47,3 +51,46 @@ def test_the_agent_refuses_a_bad_list_at_start_up() -> None:
     assert result.returncode != 0
     assert "fleetlm node: control-plane address 'nowhere' is not host:port" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_heartbeat_waits_for_half_of_what_is_left_of_the_lease_when_it_can_move_on() -> None:
+    # Lease TTL 10 s, --rpc-timeout-seconds 5: 5.5 s left at a heartbeat leaves 2.75 s for the next control plane.
+    assert heartbeat_deadline(5.5, 10, 5, several=True) == 2.75
+    assert heartbeat_deadline(2.6, 10, 5, several=True) == 1.3
+    # Never less than the floor (within the timeout), never more than half the TTL or the timeout.
+    assert heartbeat_deadline(0.4, 10, 5, several=True) == MIN_DEADLINE_SECONDS
+    assert heartbeat_deadline(-3, 10, 0.5, several=True) == 0.5
+    assert heartbeat_deadline(20, 10, 5, several=True) == 5
+    assert heartbeat_deadline(20, 3, 5, several=True) == 1.5
+    # With no other control plane to move to, all that is left: asking the same one again is no better.
+    assert heartbeat_deadline(4.0, 10, 5, several=False) == 4.0
+
+
+def test_the_agent_moves_on_once_from_the_control_plane_that_failed() -> None:
+    async def moves() -> None:
+        async with ControlPlanes(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]) as using:
+            turn, _ = using.current()
+            waiting = asyncio.ensure_future(using.moved_from(turn))
+            assert using.move_on(turn) and using.address(using.turn) == "127.0.0.1:2"
+            await asyncio.wait_for(waiting, 1)
+            # The heartbeat and the assignment stream found the same one gone: one move, not two.
+            assert not using.move_on(turn) and using.address(using.turn) == "127.0.0.1:2"
+            assert using.move_on(using.turn) and using.move_on(using.turn)
+            assert using.address(using.turn) == "127.0.0.1:1"  # round again, in the order given
+        async with ControlPlanes(["cp.example:50051"]) as alone:
+            assert not alone.several and not alone.move_on(alone.turn)  # one channel: pick_first over its records
+
+    asyncio.run(moves())
+
+
+@pytest.mark.parametrize("node_id", ["bad/id", ""])
+def test_the_agent_refuses_a_node_id_the_control_plane_would_refuse_at_start_up(node_id: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher", "node", "--node-id", node_id, "--controlplane", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert f"the node id {node_id!r} must not be empty nor contain '/'" in result.stderr
+    assert "unreachable" not in result.stderr and "Traceback" not in result.stderr
