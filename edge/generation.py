@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from edge import access_log
 from edge.continuation import Progress, why_not
 from edge.gateway import Attempt, Gateway, Target, log_failure, new_request_id, prefix_hash
 from edge.metrics import CURRENT
@@ -90,6 +91,7 @@ class Generation:
             metrics.serving(counted, request.model)  # a replica took it: a model of the fleet
         progress = Progress(request)
         streamed = request.delivery != inference_pb2.TEXT_DELIVERY_WHOLE  # else no gaps between tokens to time
+        outputs = 0  # output events streamed on: what a client that leaves mid-stream was sent
         try:
             response = stream.first
             while True:
@@ -100,8 +102,10 @@ class Generation:
                             kind = event.WhichOneof("event")
                             if kind == "delta":
                                 metrics.text(counted, streamed, first_choice + event.delta.index)
+                                outputs += streamed
                             elif kind == "tool_call":
                                 metrics.text(counted, streamed, first_choice)
+                                outputs += streamed
                         yield event
                         response = await self._next_event(stream.call, stream.target, timeout)
                 except FleetError as error:
@@ -112,6 +116,7 @@ class Generation:
                 event = progress.forward(response)
                 if metrics is not None and counted is not None:
                     metrics.result(counted, event.result.usage.prompt_tokens, event.result.usage.completion_tokens)
+                    outputs = 0  # its usage counts them
                 yield event
                 if not stream.ended:
                     await stream.call.code()  # its status follows at once: the call ends on the node
@@ -122,6 +127,12 @@ class Generation:
             raise
         finally:
             self._end(stream)  # cancels a call still running: the node stops the work
+            if outputs:  # ended before its result (its client left, say): counted if the request was cancelled
+                if metrics is not None and counted is not None:
+                    metrics.cut(counted, outputs)
+                access = access_log.current()
+                if access is not None:
+                    access.completion_tokens += outputs
 
     def _end(self, stream: Stream) -> None:
         if not stream.ended:

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from edge import access_log, auth, prompt_batch
 from edge.gateway import WAIT_NOTES, Gateway
 from edge.http_limits import HttpLimits, RequestLimits, RequestRefused
+from edge.metrics import client_gone
 from edge.openai_protocol import (
     FINISH_REASONS,
     ChatCompletionRequest,
@@ -154,6 +155,7 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task  # its clean-up (closing the node's stream) runs before we answer
+        client_gone()  # counted as CANCELLED also when its stream had started (a 200 already sent)
         raise FleetError(ErrorCode.CANCELLED, "client disconnected")
     return task.result()
 
@@ -574,6 +576,15 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None, cors_origins:
             param="model",
         )
 
+    if gateway.metrics is not None:
+        metrics = gateway.metrics
+
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics_page() -> Response:
+            """Prometheus' page (edge.metrics). Open like /health even when API keys are required: it holds
+            counts and latencies by model, no secret, no key and no user."""
+            return Response(metrics.page(), media_type=METRICS_CONTENT_TYPE)
+
     @app.get("/health")
     async def health() -> Any:
         """200 while the edge can route: it has a routing table, fresh or not ("routing_table": "stale" and
@@ -603,6 +614,7 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None, cors_origins:
     )
 
 
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format, as generate_latest writes
 QUIET_PATHS = frozenset({"/health", "/metrics"})  # polled by probes and scrapers: access lines at DEBUG, no span
 
 

@@ -6,15 +6,24 @@ Generate stream fill in what only they know (the model once it is routable, the 
 retries, failovers, offloads and routing decisions) on the `Call` of the running request (`CURRENT`).
 
 What is counted:
-  requests_total{model,route,status,code}  every OpenAI HTTP request (route: the path) and every gRPC call
-                                           (route: grpc:<Method>); status is the HTTP status or the gRPC
-                                           code's name, code the fleet's error code ("" on success).
+  requests_total{model,route,status,code}  every OpenAI HTTP request and vLLM's /tokenize and /detokenize
+                                           (route: the path) and every gRPC call (route: grpc:<Method>);
+                                           status is the HTTP status sent or the gRPC code's name, code the
+                                           fleet's error code ("" on success). A request whose client went
+                                           away has code CANCELLED on both transports: over gRPC status
+                                           CANCELLED, over HTTP the status already sent (200 once a stream
+                                           has started, as for any error after it) or 499, nginx's "client
+                                           closed request", when none was.
   time_to_first_token_seconds{model}       from the request's arrival to its first text, for every
                                            generation that produced text (streamed or not, as vLLM counts).
   inter_token_latency_seconds{model}       the gap between consecutive text events of a streamed generation
                                            (a whole reply's text comes in one or two, TEXT_DELIVERY_WHOLE).
-  e2e_request_latency_seconds{model}       arrival to the result, for every generation that finished.
-  prompt_tokens_total, generation_tokens_total{model}  the usage the client was sent (embeddings' prompts too).
+  e2e_request_latency_seconds{model}       arrival to the result, once for every generation request that
+                                           finished (a completion of several prompts: to its last prompt's).
+  prompt_tokens_total, generation_tokens_total{model}  the usage the client was sent (embeddings' prompts too);
+                                           a request its client left mid-stream adds the output events it was
+                                           sent (about a token each as a stream sends them) to generation
+                                           tokens: it was sent no usage, and its prompt is the node's to count.
   retries_total, failovers_total, offloads_total{model}  see `Gateway` and `edge.generation`.
   rate_limited_total{model,code}           answers of 429 / RESOURCE_EXHAUSTED (API-key limits, full replicas).
   routing_decisions_total{model,reason}    each routing of a request: prefix_affinity, user_affinity,
@@ -44,22 +53,26 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mesh.errors import FleetError, vocabulary_code
+from mesh.errors import ErrorCode, FleetError, vocabulary_code
 from mesh.metrics import E2E_BUCKETS, ITL_BUCKETS, PREFIX, TTFT_BUCKETS, new_registry
 
 if TYPE_CHECKING:
     from edge.gateway import Gateway
 
 P = f"{PREFIX}_edge_"
+# vLLM's routes beside the OpenAI API, counted as its routes are.
+VLLM_ROUTES = frozenset({"/tokenize", "/detokenize"})
 # The HTTP routes counted, by path; any other /v1 path is "other" (a client must not grow the series).
-HTTP_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/models"})
+HTTP_ROUTES = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/models", *VLLM_ROUTES}
+)
 MAX_ERROR_BODY = 64 * 1024  # an error body is read for its code up to this size
 
 
 class Call:
     """One request as the metrics see it; the transports open it, the gateway fills it in."""
 
-    __slots__ = ("code", "last_output_at", "model", "route", "series", "started", "status")
+    __slots__ = ("code", "cut", "last_output_at", "model", "result_at", "route", "series", "started", "status")
 
     def __init__(self, route: str) -> None:
         self.route = route
@@ -70,6 +83,16 @@ class Call:
         self.code = ""
         # perf_counter of the last output event (text or a tool call) of each choice; empty before the first
         self.last_output_at: dict[int, float] = {}
+        self.result_at: float | None = None  # perf_counter of its (last prompt's) result
+        self.cut = 0  # output events streamed by generations that ended before their result
+
+
+def client_gone() -> None:
+    """The running request's client went away: it is counted with code CANCELLED, whatever status its
+    answer had started with (edge.http_app.until_disconnect; over gRPC the servicer's cancellation says)."""
+    call = CURRENT.get()
+    if call is not None:
+        call.code = ErrorCode.CANCELLED.value
 
 
 CURRENT: ContextVar[Call | None] = ContextVar("fleetlm_edge_call", default=None)
@@ -228,12 +251,18 @@ class EdgeMetrics:
         call.last_output_at[index] = now
 
     def result(self, call: Call, prompt_tokens: int, completion_tokens: int) -> None:
-        """A generation's result (its usage as the client sees it) is on its way to the client."""
+        """A generation's result (its usage as the client sees it) is on its way to the client. A request
+        of several prompts has one per prompt: their usage adds up, and the request's end-to-end latency is
+        observed once, to the last of them, when it ends (`finish`)."""
+        call.result_at = time.perf_counter()
         series = call.series
         if series is not None:
-            series.e2e.observe(time.perf_counter() - call.started)
             series.prompt.inc(prompt_tokens)
             series.generated.inc(completion_tokens)
+
+    def cut(self, call: Call, events: int) -> None:
+        """A generation ended before its result, after `events` output events were streamed on."""
+        call.cut += events
 
     def embedded(self, call: Call, prompt_tokens: int) -> None:
         if call.series is not None:
@@ -247,6 +276,10 @@ class EdgeMetrics:
 
     # --- the end of a request ----------------------------------------------------------------------------
 
+    def page(self) -> bytes:
+        """The /metrics page."""
+        return generate_latest(self.registry)
+
     def finish(self, call: Call) -> None:
         key = (call.model, call.route, call.status, call.code)
         child = self._requests.get(key)
@@ -255,13 +288,20 @@ class EdgeMetrics:
         child.inc()
         if call.status in ("429", "RESOURCE_EXHAUSTED"):
             self.rate_limited.labels(call.model, call.code).inc()
-        if call.series is not None:
-            call.series.in_flight.dec()
+        series = call.series
+        if series is not None:
+            if call.result_at is not None and not call.code:
+                series.e2e.observe(call.result_at - call.started)
+            if call.code == ErrorCode.CANCELLED.value and call.cut:
+                # It was sent no usage: the tokens it was streamed count (about one an event, as streamed).
+                series.generated.inc(call.cut)
+            series.in_flight.dec()
 
     # --- the transports ----------------------------------------------------------------------------------
 
     def asgi(self, app: Any) -> Callable[..., Any]:
-        """The HTTP app with /metrics served and every /v1 request counted."""
+        """The HTTP app with every /v1 request (and /tokenize, /detokenize) counted; the page itself is a
+        route of the app (edge.http_app), so it carries a request id as every answer does."""
         return _MetricsAsgi(app, self)
 
     def grpc_servicer(self, servicer: Any) -> Any:
@@ -289,15 +329,7 @@ class _MetricsAsgi:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        if path == "/metrics":
-            # Open like /health even when API keys are required: it holds counts and latencies by model,
-            # no secret, no key and no user.
-            body = generate_latest(self._metrics.registry)
-            headers = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return
-        if not path.startswith("/v1/"):
+        if not path.startswith("/v1/") and path not in VLLM_ROUTES:
             await self._app(scope, receive, send)
             return
         route = path if path in HTTP_ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
@@ -350,7 +382,8 @@ class _CountedServicer:
         elif error is None:
             call.status = grpc.StatusCode.OK.name
         elif isinstance(error, (GeneratorExit, asyncio.CancelledError)):
-            call.status = grpc.StatusCode.CANCELLED.name
+            # the client cancelled (or went away): counted as over HTTP, with the code CANCELLED
+            call.status, call.code = grpc.StatusCode.CANCELLED.name, ErrorCode.CANCELLED.value
         else:
             call.status = grpc.StatusCode.INTERNAL.name
         self._metrics.finish(call)

@@ -15,6 +15,8 @@ FORMATS = ("text", "json")
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and goes into the JSON object.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id", "component"}
+# Extras left out of the JSON object: uvicorn's `color_message`, its message again with ANSI colour codes.
+_LEFT_OUT = {"color_message"}
 
 
 class _RequestIdFilter(logging.Filter):
@@ -57,7 +59,7 @@ class JsonFormatter(logging.Formatter):
         if request_id:
             entry["request_id"] = request_id
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key not in _STANDARD and key not in _LEFT_OUT and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

@@ -20,6 +20,7 @@ from prometheus_client import (
     GCCollector,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     start_http_server,
 )
 
@@ -29,14 +30,17 @@ log = logging.getLogger(__name__)
 
 PREFIX = "fleetlm"
 
-# Seconds. Time to first token: OpenTelemetry GenAI's advice, from 1 ms to 10 s, then vLLM's long tail.
+# Seconds. Time to first token: OpenTelemetry GenAI's advice, from 1 ms to 10 s, then vLLM's long tail
+# (vllm/v1/metrics/loggers.py) to 2560 s: a scale from zero waits up to minutes, a request up to its timeout.
 TTFT_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-    20.0, 40.0, 80.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
 )  # fmt: skip
-# Time per output token (inter-token latency): OpenTelemetry GenAI's, with 1 ms and 5 ms below it.
+# Time per output token (inter-token latency): OpenTelemetry GenAI's, with 1 ms and 5 ms below it, then
+# vLLM's tail to 80 s (a stream that stalls, on a replica's failover say).
 ITL_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+    5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )  # fmt: skip
 # End-to-end request latency: vLLM's.
 E2E_BUCKETS = (
@@ -71,6 +75,10 @@ class Distribution:
 def new_registry() -> CollectorRegistry:
     """A component's own registry (several components, or test fleets, may share a process), with the process
     metrics every Prometheus client exports (CPU, memory, file descriptors, GC, Python version)."""
+    # No `<name>_created` series beside each counter and histogram (prometheus_client's default): a time
+    # series of its own per labelled child, which Prometheus' text format does not need (it sees resets).
+    # A switch of the process, read when a registry is scraped, so every component's registries drop them.
+    disable_created_metrics()
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

@@ -4,8 +4,9 @@ model, replica, outcome and tokens, and traced when tracing is on (node_agent.re
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 
 import grpc
 
@@ -25,6 +26,7 @@ from node_agent.engines.base import (
     PromptEcho,
     ResponseFormat,
     SamplingOptions,
+    Tally,
     TextChunk,
     TokenLogprob,
     TokenPrompt,
@@ -202,19 +204,30 @@ def _engine_error(exc: EngineError, input_param: str = "messages") -> FleetError
 
 
 class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, host: ModelHost, node_id: str) -> None:
+    """`counted` is given every request's record as it ends (node_agent.metrics: NodeMetrics.served)."""
+
+    def __init__(self, host: ModelHost, node_id: str, counted: Callable[[Served], None] | None = None) -> None:
         self._host = host
         self._node_id = node_id
+        self._counted = counted
+
+    def _served(
+        self, method: str, model: str, operation: str, context: grpc.aio.ServicerContext, field_id: str = ""
+    ) -> contextlib.AbstractContextManager[Served]:
+        metadata = context.invocation_metadata()
+        return served(method, model, operation, metadata, self._node_id, field_id, self._counted)
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         operation = "chat" if request.WhichOneof("input") == "chat" else "text_completion"
-        metadata = context.invocation_metadata()
-        with served("Generate", request.model, operation, metadata, self._node_id, request.request_id) as record:
+        with self._served("Generate", request.model, operation, context, request.request_id) as record:
             validate_generate(request)
-            async for response in delivered(self._generate(request, record), request.delivery):
-                yield response
+            # Closed here however the call ends, so that a cancelled request's tokens are in its record
+            # before it is logged and counted.
+            async with contextlib.aclosing(delivered(self._generate(request, record), request.delivery)) as stream:
+                async for response in stream:
+                    yield response
 
     async def _generate(
         self, request: inference_pb2.GenerateRequest, record: Served
@@ -222,10 +235,11 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
         input_param = "messages" if request.WhichOneof("input") == "chat" else "prompt"
         prompt = _prompt(request)
         options = sampling_options(request.sampling, request.echo)
+        tally: Tally | None = Tally()  # the engine keeps it current: a request cut short counts what it spent
         async with self._host.serving(request.model, options.n) as (hosted, engine):
             record.replica(hosted.spec.engine, hosted.device)
             try:
-                async for event in engine.generate(prompt, options):
+                async for event in engine.generate(prompt, options, tally):
                     if isinstance(event, TextChunk):
                         yield text_delta(event)
                     elif isinstance(event, ToolCallChunk):
@@ -241,15 +255,18 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
                         yield inference_pb2.GenerateResponse(choice_end=end)
                     else:
                         record.usage(event.prompt_tokens, event.completion_tokens)
+                        tally = None  # its Finished counted it
                         yield _finished(event, request.model, self._node_id)
             except EngineError as exc:
                 raise _engine_error(exc, input_param) from exc
+            finally:
+                if tally is not None:  # ended before its Finished: cancelled, or failed
+                    record.usage(tally.prompt_tokens, tally.completion_tokens)
 
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
-        metadata = context.invocation_metadata()
-        with served("Embed", request.model, "embeddings", metadata, self._node_id) as record:
+        with self._served("Embed", request.model, "embeddings", context) as record:
             validate_embed(request)
             async with self._host.serving(request.model) as (hosted, engine):
                 record.replica(hosted.spec.engine, hosted.device)
@@ -267,7 +284,7 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.TokenizeResponse:
-        with served("Tokenize", request.model, "tokenize", context.invocation_metadata(), self._node_id) as record:
+        with self._served("Tokenize", request.model, "tokenize", context) as record:
             validate_tokenize(request)
             hosted, engine = self._host.engine_for(request.model)
             record.replica(hosted.spec.engine, hosted.device)
@@ -283,8 +300,7 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Detokenize(
         self, request: inference_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.DetokenizeResponse:
-        metadata = context.invocation_metadata()
-        with served("Detokenize", request.model, "detokenize", metadata, self._node_id) as record:
+        with self._served("Detokenize", request.model, "detokenize", context) as record:
             validate_detokenize(request)
             hosted, engine = self._host.engine_for(request.model)
             record.replica(hosted.spec.engine, hosted.device)

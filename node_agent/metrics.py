@@ -1,9 +1,11 @@
 """The node agent's Prometheus metrics, served on its metrics port (`--metrics-listen`, mesh.metrics.serve).
 
-Two kinds. Counters of requests and tokens are counted as requests end, by a wrapper around the node's
-InferenceService (`counted_servicer`): requests_total{model,outcome} (outcome: ok, cancelled, or the fleet
-error code the request failed with: NO_CAPACITY when the replica was full, MODEL_UNAVAILABLE, ...),
-prompt_tokens_total and generation_tokens_total{model} (the usage the node reported); of MultiplexService
+Two kinds. Counters of requests and tokens are counted as requests end, from the record the node's
+InferenceService logs (`served`, given to NodeInference; node_agent.request_log): requests_total{model,method,
+outcome} (method: Generate, Embed, Tokenize, Detokenize; outcome: ok, cancelled, or the fleet error code the
+request failed with: NO_CAPACITY when the replica was full, MODEL_UNAVAILABLE, ...), prompt_tokens_total and
+generation_tokens_total{model} (the usage the node reported; for a request that ended before its result, a
+cancelled one, what the engine had spent on it: its prompt once computed, the tokens generated); of MultiplexService
 (`count_multiplex`): multiplex_streams (open, one per edge) and multiplexed_calls_total. Everything about the
 replicas is read from the host when Prometheus scrapes (`_ReplicaCollector`), so it costs the hot path
 nothing and a replica that is unloaded leaves no stale series:
@@ -25,25 +27,24 @@ Labels are the model (a node hosts one replica of a model) and, for GPUs, the in
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fleetlm.controlplane.v1 import node_pb2
 from mesh.catalog import queue_limit, running_limit
-from mesh.errors import FleetError
+from mesh.errors import ErrorCode
 from mesh.metrics import PREFIX, Distribution, new_registry
 
 if TYPE_CHECKING:
     from node_agent.host import HostedModel, ModelHost
+    from node_agent.request_log import Served
 
 log = logging.getLogger(__name__)
 P = f"{PREFIX}_node_"
@@ -211,76 +212,36 @@ class NodeMetrics:
         self._host = host
         self.requests = Counter(
             P + "requests",
-            "requests served by the node (Generate and Embed), by outcome: ok, cancelled or the fleet error code",
-            ["model", "outcome"],
+            "requests served by the node, by method (Generate, Embed, Tokenize, Detokenize) and outcome: ok,"
+            " cancelled or the fleet error code",
+            ["model", "method", "outcome"],
             registry=r,
         )
-        self.prompt_tokens = Counter(P + "prompt_tokens", "prompt tokens of finished requests", ["model"], registry=r)
+        self.prompt_tokens = Counter(
+            P + "prompt_tokens", "prompt tokens of requests (a cancelled one's once computed)", ["model"], registry=r
+        )
         self.generation_tokens = Counter(
-            P + "generation_tokens", "generated tokens of finished requests", ["model"], registry=r
+            P + "generation_tokens", "tokens generated for requests (a cancelled one's too)", ["model"], registry=r
         )
         r.register(_ReplicaCollector(host))
         r.register(_GpuCollector())
 
-    def finished(self, model: str, error: BaseException | None) -> None:
-        if error is None:
-            outcome = "ok"
-        elif isinstance(error, FleetError):
-            outcome = error.code.value
-        elif isinstance(error, (GeneratorExit, asyncio.CancelledError)):
-            outcome = "cancelled"
-        else:
-            outcome = "INTERNAL"
+    def served(self, record: Served) -> None:
+        """A request has ended (NodeInference gives every request's record, as it logs it)."""
+        outcome = _OUTCOMES.get(record.outcome, record.outcome)
         # The model label comes from the request: only names this node hosts are kept, so a caller cannot
         # grow the series by inventing names.
-        self.requests.labels(model if model in self._host.models else "", outcome).inc()
+        model = record.model if record.model in self._host.models else ""
+        self.requests.labels(model, record.method, outcome).inc()
+        if record.prompt_tokens:
+            self.prompt_tokens.labels(model).inc(record.prompt_tokens)
+        if record.completion_tokens:
+            self.generation_tokens.labels(model).inc(record.completion_tokens)
 
     def count_multiplex(self, multiplex: Any) -> None:
         """Series of the node's MultiplexService (node_agent.multiplex_service), read when Prometheus scrapes."""
         self.registry.register(_MultiplexCollector(multiplex))
 
-    def counted_servicer(self, servicer: Any) -> Any:
-        """The node's InferenceService with every Generate and Embed counted."""
-        return _CountedServicer(servicer, self)
 
-
-class _CountedServicer:
-    def __init__(self, servicer: Any, metrics: NodeMetrics) -> None:
-        self._servicer = servicer
-        self._metrics = metrics
-
-    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        error: BaseException | None = None
-        try:
-            async for response in self._servicer.Generate(request, context):
-                if response.HasField("result"):
-                    usage = response.result.usage
-                    self._metrics.prompt_tokens.labels(request.model).inc(usage.prompt_tokens)
-                    self._metrics.generation_tokens.labels(request.model).inc(usage.completion_tokens)
-                yield response
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self._metrics.finished(request.model, error)
-
-    async def Embed(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        error: BaseException | None = None
-        try:
-            response = await self._servicer.Embed(request, context)
-            self._metrics.prompt_tokens.labels(request.model).inc(response.usage.prompt_tokens)
-            return response
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self._metrics.finished(request.model, error)
-
-    async def Tokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._servicer.Tokenize(request, context)
-
-    async def Detokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._servicer.Detokenize(request, context)
-
-    async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._servicer.ListModels(request, context)
+# The request log's outcomes as this counter has always labelled them.
+_OUTCOMES = {"ok": "ok", str(ErrorCode.CANCELLED): "cancelled"}

@@ -1,6 +1,7 @@
 """One request as the node serves it: its id bound (every log line about it carries the id), its span
 when tracing is on (a child of the edge's, from the call's `traceparent` metadata), and ONE log line when
-it ends: model, replica, outcome, tokens, duration.
+it ends: model, replica, outcome, tokens, duration; and the same record to the node's metrics
+(node_agent.metrics), so that the log and the counters cannot disagree.
 
 The id is the edge's `x-request-id` metadata, else the request's own `request_id` field (Generate), else
 a fresh one (a caller that is not an edge)."""
@@ -11,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from mesh import request_context, tracing
@@ -53,8 +54,9 @@ def _request_id(metadata: Iterable[tuple[str, str | bytes]], field_id: str) -> s
 @contextlib.contextmanager
 def served(
     method: str, model: str, operation: str, metadata: Iterable[tuple[str, str | bytes]] | None, node_id: str,
-    field_id: str = "",
+    field_id: str = "", counted: Callable[[Served], None] | None = None,
 ) -> Iterator[Served]:  # fmt: skip
+    """The record of one request, current inside the block; logged (and given to `counted`) when it ends."""
     pairs = tuple(metadata or ())
     record = Served(_request_id(pairs, field_id), method, model, operation)
     with request_context.bound(record.request_id):
@@ -66,7 +68,9 @@ def served(
                     "gen_ai.operation.name": operation,
                     "gen_ai.request.model": model,
                 }
-                record.span = tracing.ServerSpan(f"{operation} {model}", tracing.carrier_from(pairs), attributes)
+                # Named for the model once a replica of it takes the request (`_finish`): a name a caller
+                # invents must not become a span name (it stays in gen_ai.request.model).
+                record.span = tracing.ServerSpan(operation, tracing.carrier_from(pairs), attributes)
             if record.span is None:
                 yield record
             else:
@@ -75,7 +79,7 @@ def served(
         except FleetError as error:
             record.outcome, record.message = str(error.code), error.message
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             record.outcome = str(ErrorCode.CANCELLED)  # the edge cancelled the call (its client went away)
             raise
         except Exception as exc:
@@ -83,6 +87,8 @@ def served(
             raise
         finally:
             _finish(record, node_id)
+            if counted is not None:
+                counted(record)
 
 
 def _finish(record: Served, node_id: str) -> None:
@@ -125,4 +131,6 @@ def _finish(record: Served, node_id: str) -> None:
                 "fleetlm.outcome": record.outcome,
             }
         )
-        record.span.end(error=(record.outcome, record.message or record.outcome) if failed else None)
+        hosted = record.engine or record.device  # a replica here took it (`Served.replica`): a model of the node
+        name = f"{record.operation} {record.model}" if hosted else record.operation
+        record.span.end(name, (record.outcome, record.message or record.outcome) if failed else None)

@@ -153,11 +153,10 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     # Beyond loopback the metrics port speaks HTTPS with the node's certificate (Prometheus given the fleet CA).
     scraped = metrics_port.start("node", settings.metrics_listen, tls, metrics.registry) if metrics else None
     server = GrpcServer([INFERENCE_SERVICE, MULTIPLEX_SERVICE])
-    servicer = NodeInference(host, settings.node_id)
-    counted = metrics.counted_servicer(servicer) if metrics else servicer
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(counted, server.server)
+    servicer = NodeInference(host, settings.node_id, metrics.served if metrics else None)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server.server)
     # The edge's Generate calls come over one stream each (node_agent.multiplex_service), counted alike.
-    multiplex = NodeMultiplex(counted)
+    multiplex = NodeMultiplex(servicer)
     if metrics:
         metrics.count_multiplex(multiplex)
     multiplex_pb2_grpc.add_MultiplexServiceServicer_to_server(multiplex, server.server)

@@ -55,7 +55,7 @@ class _Held:
 
 async def delivered(
     responses: AsyncGenerator[inference_pb2.GenerateResponse, None], delivery: inference_pb2.TextDelivery
-) -> AsyncIterator[inference_pb2.GenerateResponse]:
+) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
     """`responses` as `delivery` carries them. Closing this closes `responses` (the engine stops at once)."""
     async with contextlib.aclosing(responses):
         if delivery == inference_pb2.TEXT_DELIVERY_WHOLE:

@@ -94,6 +94,15 @@ def test_every_line_of_every_component_is_json_through_requests_and_stop(fleet: 
         assert any("stopped" in e["message"] for e in lines), proc.name
 
 
+def test_uvicorns_lines_carry_no_colour_codes(fleet: Fleet) -> None:
+    edge = next(p for p in fleet.components if p.name.startswith("edge"))
+    uvicorn = [e for e in entries(edge) if e["logger"].startswith("uvicorn")]
+    assert any("Uvicorn running on" in e["message"] for e in uvicorn), uvicorn  # its start-up line, at least
+    for entry in uvicorn:
+        assert "color_message" not in entry, entry  # the same message again, with ANSI escapes
+        assert not any("\x1b" in str(value) for value in entry.values()), entry
+
+
 def test_fleetlm_up_passes_log_format_json_to_every_component(tmp_path: Path) -> None:
     """`fleetlm up --log-format json`: the lines of all three components in its output are JSON (its own
     banner stays text), and none is in the text format."""

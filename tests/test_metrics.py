@@ -6,6 +6,8 @@ prometheus_client's parser, and the counts are compared with what the clients sa
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import ssl
 import subprocess
@@ -23,7 +25,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh.auth import create_secret_file
-from tests.cluster import MODEL, Cluster, fleetlm, free_port, serves_to_key, smollm_entry, streamed_chat, wait_for
+from tests.cluster import (
+    MODEL,
+    Cluster,
+    Proc,
+    fleetlm,
+    free_port,
+    serves_to_key,
+    smollm_entry,
+    streamed_chat,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -77,6 +89,36 @@ class Fleet:
 
     def edge(self) -> Samples:
         return scrape(f"{self.http}/metrics")
+
+    def node(self) -> Samples:
+        return scrape(self.cluster.metrics["node-a"])
+
+    def log(self, prefix: str) -> Proc:
+        """The first process whose name starts with `prefix` ("edge", "node-node-a")."""
+        return next(p for p in self.cluster.procs if p.name.startswith(prefix))
+
+
+def changes(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def log_line(proc: Proc, *texts: str) -> str:
+    """The one line of `proc`'s log with every one of `texts` (written as the request ends: waited for)."""
+    lines = wait_for(
+        lambda: [
+            line for line in proc.log_path.read_text(errors="replace").splitlines() if all(t in line for t in texts)
+        ],
+        15,
+        f"{texts} in {proc.name}'s log",
+    )
+    assert len(lines) == 1, lines
+    return str(lines[0])
+
+
+def tokens_logged(line: str) -> tuple[int, int]:
+    found = re.search(r"prompt_tokens=(\d+) completion_tokens=(\d+)", line)
+    assert found, line
+    return int(found[1]), int(found[2])
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +283,160 @@ def test_edge_counts_429s_and_errors_with_their_codes(fleet: Fleet) -> None:
                    for name, labels in after)  # fmt: skip
 
 
+LONG = [{"role": "user", "content": "Count from 1 to 300, one number a line."}]
+
+
+def test_a_client_that_leaves_mid_stream_is_cancelled_and_its_tokens_are_counted(fleet: Fleet) -> None:
+    key = fleet.key("leaves")
+    headers = {"Authorization": f"Bearer {key}"}
+    whole = fleet.client(key).chat.completions.create(model=MODEL, messages=LONG, max_tokens=1, temperature=0)
+    assert whole.usage is not None
+    prompt_tokens = whole.usage.prompt_tokens  # the same prompt's, as the node counts it
+    before_edge, before_node = fleet.edge(), fleet.node()
+    body = {"model": MODEL, "messages": LONG, "max_tokens": 400, "temperature": 0, "stream": True}
+    received = 0
+    with httpx.stream("POST", f"{fleet.http}/v1/chat/completions", json=body, timeout=120,
+                      headers={**headers, "X-Request-Id": "leaves-mid-stream"}) as reply:  # fmt: skip
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if line.startswith("data: {"):
+                received += bool(json.loads(line[6:])["choices"][0]["delta"].get("content"))
+            if received == 10:
+                break  # and the connection closes: the client is gone, 390 tokens before the end
+    wait_for(lambda: value(fleet.edge(), "fleetlm_edge_requests_in_flight", model=MODEL) == 0, 30, "the edge")
+    edge = fleet.edge()
+    route = {"model": MODEL, "route": "/v1/chat/completions"}
+    # One rule on both transports: code CANCELLED; over HTTP the status it was sent, 200 (not a success).
+    assert changes(before_edge, edge, "fleetlm_edge_requests_total", **route, status="200", code="CANCELLED") == 1
+    assert changes(before_edge, edge, "fleetlm_edge_requests_total", **route, status="200", code="") == 0
+    # The edge counts what the client was streamed (no usage was sent: no prompt tokens)...
+    streamed = changes(before_edge, edge, "fleetlm_edge_generation_tokens_total", model=MODEL)
+    assert received <= streamed < 400
+    assert changes(before_edge, edge, "fleetlm_edge_prompt_tokens_total", model=MODEL) == 0
+    assert changes(before_edge, edge, "fleetlm_edge_e2e_request_latency_seconds_count", model=MODEL) == 0
+    cancelled = {"model": MODEL, "method": "Generate", "outcome": "cancelled"}
+    wait_for(lambda: changes(before_node, fleet.node(), "fleetlm_node_requests_total", **cancelled) == 1, 60,
+             "the node to count the cancelled request")  # fmt: skip
+    node = fleet.node()
+    # ...the node what its engine spent: the prompt, and every token generated before it stopped.
+    generated = changes(before_node, node, "fleetlm_node_generation_tokens_total", model=MODEL)
+    assert streamed <= generated < 400
+    assert changes(before_node, node, "fleetlm_node_prompt_tokens_total", model=MODEL) == prompt_tokens
+    # And both log lines say so.
+    served = log_line(fleet.log("node-node-a"), "fleetlm.node.requests", "request_id=leaves-mid-stream]")
+    assert " CANCELLED " in served and tokens_logged(served) == (prompt_tokens, generated)
+    access = log_line(fleet.log("edge"), "fleetlm.access", "request_id=leaves-mid-stream]")
+    assert "error=CANCELLED" in access and tokens_logged(access) == (0, streamed)
+
+
+def test_a_cancelled_request_has_code_cancelled_on_every_transport(fleet: Fleet) -> None:
+    key = fleet.key("cancels")
+    before_edge, before_node = fleet.edge(), fleet.node()
+    # gRPC: the client cancels the call after 10 deltas.
+    stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(fleet.grpc))
+    request = inference_pb2.GenerateRequest(model=MODEL, prompt="Once upon a time")
+    request.sampling.max_tokens = 400
+    request.sampling.temperature = 0
+    call = stub.Generate(request, metadata=(("authorization", f"Bearer {key}"),), timeout=120)
+    deltas = 0
+    for event in call:
+        deltas += event.HasField("delta")
+        if deltas == 10:
+            call.cancel()
+            break
+    # HTTP: the client gives up before the (whole, not streamed) reply starts.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{fleet.http}/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                   json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0},
+                   timeout=httpx.Timeout(30, read=0.5))  # fmt: skip
+    wait_for(lambda: value(fleet.edge(), "fleetlm_edge_requests_in_flight", model=MODEL) == 0, 30, "the edge")
+    edge = fleet.edge()
+    cut = {"model": MODEL, "code": "CANCELLED"}
+    assert (
+        changes(before_edge, edge, "fleetlm_edge_requests_total", route="grpc:Generate", status="CANCELLED", **cut) == 1
+    )
+    assert changes(before_edge, edge, "fleetlm_edge_requests_total", route="/v1/completions", status="499", **cut) == 1
+    cancelled_requests = sum(
+        v - value(before_edge, n, **dict(ls))
+        for (n, ls), v in edge.items()
+        if n == "fleetlm_edge_requests_total" and ("code", "CANCELLED") in ls
+    )
+    assert cancelled_requests == 2  # each counted once, under code CANCELLED
+    # The gRPC client was streamed its deltas; the HTTP client, waiting for the whole reply, was sent nothing.
+    streamed = changes(before_edge, edge, "fleetlm_edge_generation_tokens_total", model=MODEL)
+    assert deltas <= streamed < 400
+    cancelled = {"model": MODEL, "method": "Generate", "outcome": "cancelled"}
+    wait_for(lambda: changes(before_node, fleet.node(), "fleetlm_node_requests_total", **cancelled) == 2, 60,
+             "the node to count both cancelled requests")  # fmt: skip
+
+
+def test_tokenize_and_detokenize_are_counted_at_the_edge_and_the_node(fleet: Fleet) -> None:
+    headers = {"Authorization": f"Bearer {fleet.key('tokens')}"}
+    before_edge, before_node = fleet.edge(), fleet.node()
+    tokens = httpx.post(f"{fleet.http}/tokenize", json={"model": MODEL, "prompt": "Hello there"},
+                        headers=headers, timeout=30)  # fmt: skip
+    assert tokens.status_code == 200, tokens.text
+    text = httpx.post(f"{fleet.http}/detokenize", json={"model": MODEL, "tokens": tokens.json()["tokens"]},
+                      headers=headers, timeout=30)  # fmt: skip
+    assert text.status_code == 200 and "Hello there" in text.json()["prompt"]
+    unknown = httpx.post(f"{fleet.http}/tokenize", json={"model": "no-such-model", "prompt": "Hi"}, headers=headers,
+                         timeout=30)  # fmt: skip
+    assert unknown.status_code == 404
+    stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(fleet.grpc))
+    stub.Tokenize(inference_pb2.TokenizeRequest(model=MODEL, text="Hi"),
+                  metadata=(("authorization", headers["Authorization"]),), timeout=30)  # fmt: skip
+    wait_for(lambda: changes(before_node, fleet.node(), "fleetlm_node_requests_total", model=MODEL,
+                             method="Tokenize", outcome="ok") == 2, 15, "the node's count")  # fmt: skip
+    edge, node = fleet.edge(), fleet.node()
+    ok = {"model": MODEL, "status": "200", "code": ""}
+    assert changes(before_edge, edge, "fleetlm_edge_requests_total", route="/tokenize", **ok) == 1
+    assert changes(before_edge, edge, "fleetlm_edge_requests_total", route="/detokenize", **ok) == 1
+    assert changes(before_edge, edge, "fleetlm_edge_requests_total", route="grpc:Tokenize", status="OK", code="",
+                   model=MODEL) == 1  # fmt: skip
+    missing = {"model": "", "route": "/tokenize", "status": "404", "code": "MODEL_NOT_FOUND"}
+    assert changes(before_edge, edge, "fleetlm_edge_requests_total", **missing) == 1
+    assert changes(before_node, node, "fleetlm_node_requests_total", model=MODEL, method="Detokenize",
+                   outcome="ok") == 1  # fmt: skip
+    # They generate nothing and are no prompt: no tokens counted.
+    assert changes(before_node, node, "fleetlm_node_prompt_tokens_total", model=MODEL) == 0
+    assert changes(before_edge, edge, "fleetlm_edge_prompt_tokens_total", model=MODEL) == 0
+
+
+def test_a_completion_of_several_prompts_is_one_request_end_to_end(fleet: Fleet) -> None:
+    client = fleet.client(fleet.key("prompts"))
+    before = fleet.edge()
+    reply = client.completions.create(model=MODEL, prompt=["a b", "c d e"], max_tokens=5, temperature=0)
+    assert len(reply.choices) == 2 and reply.usage is not None
+    after = fleet.edge()
+    for name in ("e2e_request_latency_seconds_count", "time_to_first_token_seconds_count"):
+        assert changes(before, after, f"fleetlm_edge_{name}", model=MODEL) == 1, name
+    ok = {"model": MODEL, "route": "/v1/completions", "status": "200", "code": ""}
+    assert changes(before, after, "fleetlm_edge_requests_total", **ok) == 1
+    assert changes(before, after, "fleetlm_edge_generation_tokens_total", model=MODEL) == reply.usage.completion_tokens
+
+
+def test_metrics_pages_have_no_created_series_and_vllms_long_buckets(fleet: Fleet) -> None:
+    for url in (f"{fleet.http}/metrics", fleet.cluster.metrics["node-a"], fleet.cluster.metrics["controlplane"]):
+        page = httpx.get(url, timeout=10).text
+        assert "fleetlm_" in page and "_created" not in page, url
+    samples = fleet.edge()
+    ttft = {le for (n, ls), _ in samples.items() if n == "fleetlm_edge_time_to_first_token_seconds_bucket"
+            for k, le in ls if k == "le"}  # fmt: skip
+    itl = {le for (n, ls), _ in samples.items() if n == "fleetlm_edge_inter_token_latency_seconds_bucket"
+           for k, le in ls if k == "le"}  # fmt: skip
+    assert {"160.0", "640.0", "2560.0"} <= ttft  # a scale from zero (up to 120 s), a request's 600 s timeout
+    assert {"5.0", "10.0", "80.0"} <= itl
+
+
+def test_the_metrics_page_carries_a_request_id(fleet: Fleet) -> None:
+    given = httpx.get(f"{fleet.http}/metrics", headers={"X-Request-Id": "scrape-1"}, timeout=10)
+    assert given.status_code == 200 and given.headers["x-request-id"] == "scrape-1"
+    assert given.headers["content-type"].startswith("text/plain; version=0.0.4")
+    made = httpx.get(f"{fleet.http}/metrics", timeout=10)
+    assert re.fullmatch(r"req_[0-9a-f]{32}", made.headers["x-request-id"])
+    assert httpx.get(f"{fleet.http}/metrics", headers={"X-Request-Id": "bad id"}, timeout=10).status_code == 400
+
+
 def test_edge_counts_requests_in_flight(fleet: Fleet) -> None:
     client = fleet.client(fleet.key("long"))
     done = threading.Event()
@@ -302,7 +498,8 @@ def test_node_metrics_show_replicas_and_count_requests_and_tokens(fleet: Fleet) 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert delta("fleetlm_node_requests_total", model=MODEL, outcome="ok") == 4
+    assert delta("fleetlm_node_requests_total", model=MODEL, method="Generate", outcome="ok") == 2
+    assert delta("fleetlm_node_requests_total", model=MODEL, method="Embed", outcome="ok") == 2
     # The edge carried both Generate calls on its stream to the node (edge.node_multiplex), not a call each.
     assert delta("fleetlm_node_multiplexed_calls_total") == 2
     assert value(after, "fleetlm_node_multiplex_streams") >= 1
@@ -329,7 +526,10 @@ def test_node_counts_a_refused_request_with_its_code(fleet: Fleet) -> None:
         list(stub.Generate(inference_pb2.GenerateRequest(model=MISSING, prompt="Hi"), timeout=30))
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     after = scrape(node)
-    name, outcome = "fleetlm_node_requests_total", {"model": MISSING, "outcome": "MODEL_UNAVAILABLE"}
+    name, outcome = (
+        "fleetlm_node_requests_total",
+        {"model": MISSING, "method": "Generate", "outcome": "MODEL_UNAVAILABLE"},
+    )
     assert value(after, name, **outcome) - value(before, name, **outcome) == 1
 
 

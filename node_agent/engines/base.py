@@ -169,6 +169,17 @@ class Finished:
     tool_calls: tuple[ToolCall, ...] = ()  # every call of the reply, complete (as streamed)
 
 
+@dataclass
+class Tally:
+    """The tokens an engine has spent on one request so far, kept current as it works (from another thread,
+    maybe: a reader may be a token behind): the prompt's once the engine takes the request on (those its
+    prefix cache held included, as a Finished counts them), and the tokens every choice has generated. A
+    request that ends before its Finished (its caller went away) is counted from it."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 @dataclass(frozen=True)
 class TokenPrompt:
     """A raw prompt as token ids of the model's vocabulary, passed as they are (nothing added). An engine
@@ -262,10 +273,13 @@ class Engine(Protocol):
         outside the vocabulary."""
         ...
 
-    def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+    def generate(
+        self, prompt: Prompt, options: SamplingOptions, tally: Tally | None = None
+    ) -> AsyncIterator[GenerationEvent]:
         """Stream text chunks, then one Finished (with options.echo, a PromptEcho first). With options.n > 1:
         the chunks of every choice, each with its index, interleaved, one ChoiceEnd per choice as it ends,
-        then one Finished. Closing the iterator early stops the generation (of every choice)."""
+        then one Finished. Closing the iterator early stops the generation (of every choice). `tally`, when
+        given, is kept current with the tokens spent so far (as exactly as the engine knows them)."""
         ...
 
     async def embed(self, texts: Sequence[str]) -> Embeddings: ...

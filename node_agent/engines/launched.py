@@ -20,7 +20,15 @@ import httpx
 
 from fleetlm.controlplane.v1 import node_pb2
 from mesh.redaction import REDACTED, redact_argv
-from node_agent.engines.base import Embeddings, EngineInfo, EngineLoad, GenerationEvent, Prompt, SamplingOptions
+from node_agent.engines.base import (
+    Embeddings,
+    EngineInfo,
+    EngineLoad,
+    GenerationEvent,
+    Prompt,
+    SamplingOptions,
+    Tally,
+)
 from node_agent.engines.openai_server import OpenAIServerConfig, OpenAIServerEngine
 from node_agent.engines.supervisor import EngineProcess
 
@@ -103,8 +111,10 @@ class LaunchedServerEngine:
     async def detokenize(self, tokens: Sequence[int]) -> str:
         return await self.client.detokenize(tokens)
 
-    def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
-        return self.client.generate(prompt, options)
+    def generate(
+        self, prompt: Prompt, options: SamplingOptions, tally: Tally | None = None
+    ) -> AsyncIterator[GenerationEvent]:
+        return self.client.generate(prompt, options, tally)
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
         return await self.client.embed(texts)

@@ -41,6 +41,7 @@ from node_agent.engines.base import (
     Prompt,
     PromptEcho,
     SamplingOptions,
+    Tally,
     TextChunk,
     TokenLogprob,
     TokenPrompt,
@@ -365,7 +366,9 @@ class LlamaCppEngine:
         await asyncio.Event().wait()  # in-process: a failure surfaces in the request that meets it
         return ""
 
-    async def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+    async def generate(
+        self, prompt: Prompt, options: SamplingOptions, tally: Tally | None = None
+    ) -> AsyncIterator[GenerationEvent]:
         assert self._loop is not None, "engine not started"
         if options.n > self.config.slots:
             raise InvalidInput(
@@ -406,6 +409,8 @@ class LlamaCppEngine:
                 return
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
         request = BatchRequest(tokens, options, limit, events.put_nowait, shown=frozenset(self._tool_tokens))
+        if tally is not None:
+            request.tally = tally  # the decode thread keeps it current
         if options.echo and options.logprobs:
             request.score_prompt = True
             # A beginning-of-text token the tokenizer added is not in the prompt's text.

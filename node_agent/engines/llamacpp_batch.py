@@ -98,6 +98,7 @@ from node_agent.engines.base import (
     InvalidInput,
     PromptEcho,
     SamplingOptions,
+    Tally,
     TextChunk,
     TokenLogprob,
     TopLogprob,
@@ -157,6 +158,8 @@ class BatchRequest:
     score_prompt: bool = False
     unwritten: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Kept by the decode thread: the prompt's tokens once it takes a slot, and every choice's tokens so far.
+    tally: Tally = field(default_factory=Tally)
     # Kept by the decode thread, for n > 1: the choices that ended, their tokens and the first one's reason.
     ended: int = 0
     generated: int = 0
@@ -458,6 +461,7 @@ class DecodeLoop:
             self._ll.llama_memory_seq_rm(self._mem, slot, source_len, -1)
         self._cached[slot] = request.prompt[:source_len]
         self.stats.prompt_tokens += len(request.prompt)
+        request.tally.prompt_tokens = len(request.prompt)
         self.stats.reused_prompt_tokens += source_len
         first = _Sequence(
             slot=slot,
@@ -804,6 +808,7 @@ class DecodeLoop:
         seq.tokens.append(token)
         seq.generated += 1
         self.stats.generated_tokens += 1
+        request.tally.completion_tokens += 1
         options = request.options
         if options.logprobs:
             seq.pending.append(self._logprob(index, token, options.top_logprobs, seq.stream.decoded))

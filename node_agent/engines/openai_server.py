@@ -43,6 +43,7 @@ from node_agent.engines.base import (
     Prompt,
     ResponseFormat,
     SamplingOptions,
+    Tally,
     TextChunk,
     TokenLogprob,
     TopLogprob,
@@ -371,13 +372,15 @@ class OpenAIServerEngine:
                 self._running += sequences
                 granted.set_result(None)
 
-    def generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
-        events = self._generate(prompt, options)
+    def generate(
+        self, prompt: Prompt, options: SamplingOptions, tally: Tally | None = None
+    ) -> AsyncIterator[GenerationEvent]:
+        events = self._generate(prompt, options, tally or Tally())
         if isinstance(prompt, Chat) and prompt.tools and prompt.tool_choice.mode in ("required", "function"):
             return demanded_calls(events)  # a server that ignores tool_choice is found out, not passed on
         return events
 
-    async def _generate(self, prompt: Prompt, options: SamplingOptions) -> AsyncIterator[GenerationEvent]:
+    async def _generate(self, prompt: Prompt, options: SamplingOptions, tally: Tally) -> AsyncIterator[GenerationEvent]:
         """The server's stream as the engine's events. With n > 1 its choices are told apart by their
         `index` (each with its own text offsets for logprobs), and each choice's finish_reason is a ChoiceEnd
         as it comes; the request's Finished carries the first choice's reason, the server's usage and the
@@ -413,6 +416,8 @@ class OpenAIServerEngine:
                         if "error" in event:
                             raise EngineUnavailable(f"the engine's server failed mid-stream: {event['error']}")
                         usage = event.get("usage") or usage
+                        if usage:
+                            tally.prompt_tokens = int(usage.get("prompt_tokens", 0))
                         for choice in event.get("choices") or ():
                             index = _choice_index(choice, options.n)
                             text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
@@ -420,10 +425,12 @@ class OpenAIServerEngine:
                             logprobs = parse_logprobs(choice.get("logprobs"), offset) if options.logprobs else ()
                             if text or logprobs:
                                 chunks += 1
+                                tally.completion_tokens = chunks  # about a token a chunk (its usage comes last)
                                 offsets[index] = offset + len(text)
                                 yield TextChunk(text, logprobs, index)
                             for call in calls.feed((choice.get("delta") or {}).get("tool_calls")):
                                 chunks += 1 if call.arguments else 0
+                                tally.completion_tokens = chunks
                                 yield call
                             if choice.get("finish_reason") and index not in finishes:
                                 finishes[index] = _finish_reason(choice["finish_reason"])
