@@ -112,10 +112,19 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
     config.load()  # builds the SSLContext now, so that it can be kept current below
     http = _Uvicorn(config)
     # The public front doors: TLS with the edge's certificate, no client certificate asked for.
-    grpc_port = await grpc_server.start(settings.grpc_listen, server_credentials(tls, False) if tls else None)
+    # InferenceService is NOT_SERVING in grpc.health.v1 until the edge has a routing table (then it routes,
+    # from a stale table too, while the control plane is away), as /health is 503 with no table to route on.
+    credentials = server_credentials(tls, False) if tls else None
+    grpc_port = await grpc_server.start(settings.grpc_listen, credentials, not_yet=[INFERENCE_SERVICE])
+
+    async def serving_once_routed() -> None:
+        await gateway.feed.synced.wait()
+        await grpc_server.serving(INFERENCE_SERVICE)
+
     try:
         async with asyncio.TaskGroup() as tasks:
             routing = tasks.create_task(gateway.run())
+            said = tasks.create_task(serving_once_routed())
             rotating = tasks.create_task(keep_ssl_context_current(config.ssl, tls)) if tls and config.ssl else None
             http_task = tasks.create_task(http.serve())
             while not http.started and not http_task.done():
@@ -135,6 +144,7 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
             http.should_exit = True
             await grpc_server.stop(settings.shutdown_grace_seconds)
             routing.cancel()
+            said.cancel()
             if rotating is not None:
                 rotating.cancel()
     finally:

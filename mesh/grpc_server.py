@@ -244,10 +244,13 @@ class GrpcServer:
         )
         self.port = 0
 
-    async def start(self, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    async def start(
+        self, address: str, credentials: grpc.ServerCredentials | None = None, not_yet: Iterable[str] = ()
+    ) -> int:
         """Bind and start (TLS with `credentials`); returns the bound port (address may end in :0). BindError
         when the address cannot be bound, with the operating system's reason: found before grpc tries, so that
-        the operator reads one line, not also the error line grpc's core logs."""
+        the operator reads one line, not also the error line grpc's core logs. Health: "" (the process) and
+        every service SERVING, but those `not_yet` NOT_SERVING until `serving(name)`."""
         why = _unbindable(address)
         if why:
             raise BindError(f"cannot serve gRPC on {address}: {why}")
@@ -265,9 +268,20 @@ class GrpcServer:
             why = _unbindable(address) or "in use, or not an address of this machine"  # taken meanwhile
             raise BindError(f"cannot serve gRPC on {address}: {why}")
         await self.server.start()
+        waiting = set(not_yet)
         for name in ["", *self.service_names]:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            status = (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+                if name in waiting
+                else health_pb2.HealthCheckResponse.SERVING
+            )
+            await self.health.set(name, status)
         return self.port
+
+    async def serving(self, name: str, serving: bool = True) -> None:
+        """Say in grpc.health.v1 whether service `name` serves now."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()

@@ -48,6 +48,30 @@ def test_health_is_serving(mesh: Mesh, service: str) -> None:
     assert json.loads(reply.stdout)["status"] == "SERVING"
 
 
+def test_an_edge_with_no_routing_table_says_its_inference_service_is_not_serving(mesh: Mesh, tmp_path: Path) -> None:
+    # grpc.health.v1 as a readiness probe: the process lives ("" SERVING), but until it has a routing table the
+    # edge cannot route (its /health is 503), so InferenceService is NOT_SERVING; it was SERVING from start.
+    from mesh.lifecycle import free_port
+    from tests.cluster import Proc, fleetlm, wait_for
+
+    grpc_port, nowhere = free_port(), free_port()
+    argv = fleetlm("edge", "--http-listen", f"127.0.0.1:{free_port()}", "--grpc-listen", f"127.0.0.1:{grpc_port}",
+                   "--controlplane", f"127.0.0.1:{nowhere}", "--no-metrics")  # fmt: skip
+    edge = Proc("lonely-edge", argv, tmp_path)
+    address = f"127.0.0.1:{grpc_port}"
+
+    def status(service: str) -> str | None:
+        reply = grpcurl("-d", json.dumps({"service": service}), address, "grpc.health.v1.Health/Check", check=False)
+        return json.loads(reply.stdout)["status"] if reply.returncode == 0 else None
+
+    try:
+        assert wait_for(lambda: status(""), 60, "the lonely edge's gRPC server", edge) == "SERVING"
+        assert status("fleetlm.inference.v1.InferenceService") == "NOT_SERVING"
+    finally:
+        edge.stop()
+    # The fleet's edge has its table: SERVING (test_health_is_serving).
+
+
 def test_admin_lists_and_gets_the_node(mesh: Mesh) -> None:
     nodes = json.loads(grpcurl(mesh.controlplane, "fleetlm.controlplane.v1.AdminService/ListNodes").stdout)["nodes"]
     node = next(n for n in nodes if n["node_id"] == "node-a")
