@@ -29,7 +29,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from controlplane.etcd_store import EtcdStore
-from controlplane.store import Fence, FencedOut
+from controlplane.store import Fence, FencedOut, StoreUnavailable
 from fleetlm.controlplane.v1 import admin_pb2
 from mesh import durations
 from mesh.auth import read_secret_file
@@ -125,7 +125,9 @@ class ApiKeys:
         while True:
             try:
                 await self.load()
-            except Exception as exc:  # etcd away: keep the table we have, try again
+            except StoreUnavailable:
+                pass  # etcd away (said once by the store): keep the table we have, try again
+            except Exception as exc:
                 log.warning("cannot read the API keys from etcd (%s); keeping the last table", type(exc).__name__)
             await asyncio.sleep(FOLLOW_INTERVAL_SECONDS)
 

@@ -1,10 +1,18 @@
 """ClusterStore on etcd v3 through aetcd. Records are protobuf messages stored as JSON, so that
-`etcdctl get --prefix /fleetlm` is readable by an operator."""
+`etcdctl get --prefix /fleetlm` is readable by an operator.
+
+Every call goes through `_call`: timed and counted (controlplane.metrics), and an etcd that cannot be reached
+(aetcd's connection errors) raised as StoreUnavailable, so that whatever RPC needed etcd answers UNAVAILABLE
+saying so instead of INTERNAL with a traceback. The outage is logged here once, as a warning, and its end
+once; not once per call that meets it."""
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +26,29 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from controlplane.metrics import etcd_call
-from controlplane.store import KINDS, PREFIXES, Fence, FencedOut, Holder, LeaseNotFound, StoreEvent, record_key
+from controlplane.store import (
+    KINDS,
+    PREFIXES,
+    Fence,
+    FencedOut,
+    Holder,
+    LeaseNotFound,
+    StoreEvent,
+    StoreUnavailable,
+    record_key,
+)
+
+log = logging.getLogger(__name__)
+
+# What aetcd raises when etcd cannot be reached: UNAVAILABLE (ConnectionFailedError), DEADLINE_EXCEEDED (a
+# frozen or overloaded etcd: ConnectionTimeoutError), a watch that could not be created in time, and a
+# connection that another call was still making when this one gave up waiting for it (TimeoutError).
+_LOST = (
+    aetcd.exceptions.ConnectionFailedError,
+    aetcd.exceptions.ConnectionTimeoutError,
+    aetcd.exceptions.WatchTimeoutError,
+    TimeoutError,
+)
 
 
 @dataclass(frozen=True)
@@ -97,6 +127,28 @@ class EtcdStore:
         self._client = aetcd.Client(**options) if credentials is None else _TlsClient(credentials, **options)
         self._prefix = prefix.rstrip("/")
         self.url = url
+        self._unreachable_since: float | None = None  # time.monotonic() of the first failure of an outage
+
+    @contextlib.contextmanager
+    def _call(self, op: str) -> Iterator[None]:
+        """One etcd call: timed and counted by `op`; a lost connection raised as StoreUnavailable."""
+        with etcd_call(op):
+            try:
+                yield
+            except _LOST as exc:
+                raise self._unreachable(exc) from None
+        if self._unreachable_since is not None:
+            log.info("etcd at %s answers again (after %.1fs)", self.url, time.monotonic() - self._unreachable_since)
+            self._unreachable_since = None
+
+    def _unreachable(self, exc: BaseException) -> StoreUnavailable:
+        why = str(exc) or type(exc).__name__
+        if self._unreachable_since is None:
+            self._unreachable_since = time.monotonic()
+            log.warning(
+                "etcd at %s is unreachable (%s); what needs it answers UNAVAILABLE until it is back", self.url, why
+            )
+        return StoreUnavailable(f"etcd at {self.url} is unreachable ({why}); try again shortly")
 
     def _dir(self, kind: str) -> str:
         return f"{self._prefix}/{PREFIXES[kind]}/"
@@ -120,28 +172,28 @@ class EtcdStore:
         await self._client.close()
 
     async def grant_lease(self, ttl_seconds: int) -> int:
-        with etcd_call("lease_grant"):
+        with self._call("lease_grant"):
             lease = await self._client.lease(ttl_seconds)
         return int(lease.id)
 
     async def refresh_lease(self, lease_id: int) -> bool:
-        with etcd_call("lease_refresh"):
+        with self._call("lease_refresh"):
             reply = await self._client.refresh_lease(lease_id)
         return reply is not None and reply.TTL > 0
 
     async def revoke_lease(self, lease_id: int) -> None:
         try:
-            with etcd_call("lease_revoke"):
+            with self._call("lease_revoke"):
                 await self._client.revoke_lease(lease_id)
         except aetcd.exceptions.ClientError:
-            pass  # already expired: the goal is reached
+            pass  # already expired: the goal is reached (an etcd that cannot be reached is StoreUnavailable)
 
     async def put(self, kind: str, message: Message, lease_id: int = 0, fence: Fence | None = None) -> None:
         key = f"{self._dir(kind)}{record_key(kind, message)}".encode()
         value = json_format.MessageToJson(message, indent=None).encode()
         if fence is None:
             try:
-                with etcd_call("put"):
+                with self._call("put"):
                     await self._client.put(key, value, lease=lease_id or None)
             except aetcd.exceptions.ClientError as exc:
                 if lease_id and "lease not found" in str(exc):
@@ -153,7 +205,7 @@ class EtcdStore:
     async def delete(self, kind: str, key: str, fence: Fence | None = None) -> bool:
         full = f"{self._dir(kind)}{key}".encode()
         if fence is None:
-            with etcd_call("delete"):
+            with self._call("delete"):
                 result = await self._client.delete(full)
             return bool(result and result.deleted)
         responses = await self._fenced(fence, self._client.transactions.delete(full))
@@ -163,7 +215,7 @@ class EtcdStore:
         """One transaction: the operation, only if the election key still has the fence's create revision
         (a vacated key has 0; a key won again by anyone has a newer one)."""
         tx = self._client.transactions
-        with etcd_call("txn"):
+        with self._call("txn"):
             succeeded, responses = await self._client.transaction(
                 compare=[tx.create(fence.key.encode()) == fence.revision], success=[operation], failure=[]
             )
@@ -179,7 +231,7 @@ class EtcdStore:
     async def campaign(self, election: str, value: str, lease_id: int) -> Fence | None:
         key = self.election_key(election)
         tx = self._client.transactions
-        with etcd_call("campaign"):
+        with self._call("campaign"):
             succeeded, responses = await self._client.transaction(
                 compare=[tx.create(key.encode()) == 0],  # vacant
                 success=[tx.put(key.encode(), value.encode(), lease=lease_id), tx.get(key.encode())],
@@ -191,12 +243,12 @@ class EtcdStore:
         return Fence(key, int(kv.create_revision))
 
     async def holder(self, election: str) -> Holder | None:
-        with etcd_call("get"):
+        with self._call("get"):
             found = await self._client.get(self.election_key(election).encode())
         return None if found is None else Holder(found.value.decode(), int(found.create_revision))
 
     async def watch_election(self, election: str) -> AsyncIterator[Holder | None]:
-        with etcd_call("watch"):
+        with self._call("watch"):
             watch = await self._client.watch(self.election_key(election).encode())
 
         async def events() -> AsyncIterator[Holder | None]:
@@ -212,17 +264,17 @@ class EtcdStore:
         return events()
 
     async def get(self, kind: str, key: str) -> Any:
-        with etcd_call("get"):
+        with self._call("get"):
             found = await self._client.get(f"{self._dir(kind)}{key}".encode())
         return None if found is None else self._decode(kind, found.value)
 
     async def list(self, kind: str) -> list[Any]:
-        with etcd_call("list"):
+        with self._call("list"):
             found = await self._client.get_prefix(self._dir(kind).encode())
         return [self._decode(kind, kv.value) for kv in found]
 
     async def watch(self) -> AsyncIterator[StoreEvent]:
-        with etcd_call("watch"):
+        with self._call("watch"):
             watch = await self._client.watch_prefix(f"{self._prefix}/".encode())
 
         async def events() -> AsyncIterator[StoreEvent]:
@@ -239,16 +291,16 @@ class EtcdStore:
     # --- plain values outside the record kinds (join tokens, node identities) ------------------------------
 
     async def put_value(self, key: str, value: bytes) -> None:
-        with etcd_call("put"):
+        with self._call("put"):
             await self._client.put(f"{self._prefix}/{key}".encode(), value)
 
     async def get_value(self, key: str) -> bytes | None:
-        with etcd_call("get"):
+        with self._call("get"):
             found = await self._client.get(f"{self._prefix}/{key}".encode())
         return None if found is None else bytes(found.value)
 
     async def list_values(self, directory: str) -> builtins.list[bytes]:
-        with etcd_call("list"):
+        with self._call("list"):
             found = await self._client.get_prefix(f"{self._prefix}/{directory.rstrip('/')}/".encode())
         return [bytes(kv.value) for kv in found]
 

@@ -23,11 +23,27 @@ import asyncio
 import contextlib
 import logging
 
-from controlplane.store import ClusterStore, Fence, FencedOut
+from controlplane.store import ClusterStore, Fence, FencedOut, StoreUnavailable
+from mesh.errors import FleetError
 
 log = logging.getLogger(__name__)
 
 ELECTION = "controlplane"
+
+
+def _first(exc: BaseException) -> BaseException:
+    """The first failure inside a task group's (the election's watch pump and its campaign run in one)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, for a log line; the kind of an error that has no message (a timeout)."""
+    first = _first(exc)
+    if isinstance(first, FleetError):
+        return first.message
+    return str(first) or type(first).__name__
 
 
 class Leadership:
@@ -72,8 +88,11 @@ class Leadership:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # etcd unreachable: whatever we held is in doubt
-                self.step_down(f"etcd failed: {exc}")
-                log.warning("election failed (%s); trying again in %.1fs", exc, backoff)
+                why = _reason(exc)
+                self.step_down(f"etcd failed: {why}")
+                # An etcd that cannot be reached is said once by the store, not at every try here.
+                level = logging.DEBUG if isinstance(_first(exc), StoreUnavailable) else logging.WARNING
+                log.log(level, "election failed (%s); trying again in %.1fs", why, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -144,7 +163,7 @@ class Leadership:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    log.warning("renewing the leader lease failed: %s", exc)
+                    log.warning("renewing the leader lease failed: %s", _reason(exc))
                     continue
                 if not alive:
                     self.step_down("the leader lease expired")

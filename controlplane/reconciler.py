@@ -24,7 +24,7 @@ from google.protobuf import timestamp_pb2
 from controlplane import metrics, placement
 from controlplane.fleet import FleetView
 from controlplane.leader import Leadership
-from controlplane.store import ClusterStore, Fence, FencedOut, record_key
+from controlplane.store import ClusterStore, Fence, FencedOut, StoreUnavailable, record_key
 from fleetlm.controlplane.v1 import node_pb2
 from mesh.errors import FleetError
 
@@ -211,6 +211,8 @@ class Reconciler:
             for _ in range(max(0, missing)):
                 active.append(await self._assign(deployment))
             self.last_errors.pop(name, None)
+        except StoreUnavailable:
+            raise  # etcd away: not a reason this deployment fits nowhere
         except FleetError as error:
             if self.last_errors.get(name) != error.message:
                 log.warning("cannot place %s: %s", name, error.message)

@@ -92,6 +92,10 @@ class Router:
         specs.update({name: d.spec for name, d in self._fleet.deployments.items()})
         return specs
 
+    def knows(self, model: str) -> bool:
+        """Whether the fleet knows `model`: a deployment, a model a node declared, or a replica of it."""
+        return model in routing.known_models(self._fleet.nodes, self.known_specs())
+
     def served_models(self) -> list[inference_pb2.ModelInfo]:
         """Every model the fleet knows, with its state across live nodes."""
         return routing.model_infos(self._fleet.nodes, self.known_specs())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -19,10 +19,12 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _picking(model: str, metadata: Any) -> Iterator[dict[str, Any]]:
+def _picking(model: str, metadata: Any, knows: Callable[[str], bool]) -> Iterator[dict[str, Any]]:
     """One PickReplica as the control plane serves it: the request's id bound (the edge sends it, so every
     line logged meanwhile, a placement included, carries it) and, with tracing on, a span that is a child of
-    the edge's request span. Yields the span's attributes, for the caller to add the outcome to."""
+    the edge's request span. Yields the span's attributes, for the caller to add the outcome to. The span is
+    `PickReplica {model}` only for a model the fleet knows (`knows`): a name a client invents must not become
+    a span name (it stays in gen_ai.request.model)."""
     pairs = tuple(metadata or ())
     request_id = request_context.from_metadata(pairs)
     attributes: dict[str, Any] = {"gen_ai.request.model": model}
@@ -32,7 +34,7 @@ def _picking(model: str, metadata: Any) -> Iterator[dict[str, Any]]:
             return
         if request_id:
             attributes["fleetlm.request_id"] = request_id
-        span = tracing.ServerSpan(f"PickReplica {model}", tracing.carrier_from(pairs), attributes)
+        span = tracing.ServerSpan("PickReplica", tracing.carrier_from(pairs), attributes)
         error: tuple[str, str] | None = None
         try:
             with tracing.current(span):
@@ -41,7 +43,7 @@ def _picking(model: str, metadata: Any) -> Iterator[dict[str, Any]]:
             error = (str(failed.code), failed.message)
             raise
         finally:
-            span.end(error=error)
+            span.end(f"PickReplica {model}" if model and knows(model) else "PickReplica", error=error)
 
 
 class RoutingService(routing_pb2_grpc.RoutingServiceServicer):
@@ -64,7 +66,7 @@ class RoutingService(routing_pb2_grpc.RoutingServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             wait = min(wait, remaining)
-        with _picking(request.model, context.invocation_metadata()) as attributes:
+        with _picking(request.model, context.invocation_metadata(), self._router.knows) as attributes:
             route: Route = await self._router.route(request.model, request.user, request.prefix_hash, wait)
             attributes["fleetlm.node.id"] = route.replicas[0].node_id
         best, *others = route.replicas

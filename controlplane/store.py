@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from google.protobuf.message import Message
 
 from fleetlm.controlplane.v1 import node_pb2
+from mesh.errors import ErrorCode, FleetError
 
 KINDS: dict[str, type[Message]] = {
     "node": node_pb2.Node,
@@ -69,6 +70,15 @@ class LeaseNotFound(Exception):
     """A write under a lease that no longer exists (it expired or was revoked). Nothing was written."""
 
 
+class StoreUnavailable(FleetError):
+    """The store cannot be reached (its connection failed or timed out). A FleetError, BACKEND_UNAVAILABLE
+    with a retry hint, so that an RPC that needed the store answers UNAVAILABLE saying so, wherever the call
+    was made; a background loop that sees it knows the store is away, not that its own work failed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.BACKEND_UNAVAILABLE, message, retry_after_seconds=1)
+
+
 @dataclass(frozen=True)
 class Holder:
     """Who holds an election key: the value the winner wrote (its address) and the key's create revision."""
@@ -87,6 +97,8 @@ class StoreEvent:
 
 
 class ClusterStore(Protocol):
+    """Every call raises StoreUnavailable when the backend cannot be reached."""
+
     async def grant_lease(self, ttl_seconds: int) -> int:
         """A new lease; records put under it vanish when it is not refreshed within the TTL."""
         ...

@@ -5,6 +5,12 @@ The front doors (edge.http_app's RequestIds, edge.grpc_service) open the record 
 fill in the model, the tokens and the first token's time; the gateway says which node served
 (`served_by`). The record travels in a context variable, so the tasks a request spawns (the disconnect
 watch of edge.http_app) fill the same record.
+
+Span names are bounded, as the metrics' labels are (edge.metrics): a client must not be able to make a new
+name per request. A span is named for its GenAI operation, with the model only when the fleet serves it (a
+node answered, or the routing table holds it): `chat smollm2-135m`, but `chat` for a model no one serves,
+which stays in gen_ai.request.model. A route with no operation is named for its route (`/v1/models`,
+`/v1/models/{model_id}`), and a path the edge does not serve is `other`.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +40,10 @@ OPERATIONS = {
     "/tokenize": "tokenize",
     "/detokenize": "detokenize",
 }
+# The span name of the HTTP routes that have no GenAI operation; any other path's span is OTHER_ROUTE.
+ROUTE_SPANS = {"/v1/models": "/v1/models", "/docs": "/docs", "/openapi.json": "/openapi.json"}
+MODEL_ROUTE = "/v1/models/"  # GET /v1/models/{model_id}
+OTHER_ROUTE = "other"
 
 
 @dataclass
@@ -53,6 +63,8 @@ class Access:
     first_token: float | None = None  # perf_counter time the first token reached the edge
     span: tracing.ServerSpan | None = None  # the request's span when tracing is on
     quiet: bool = False  # a probe's or a scraper's request: its line at DEBUG
+    # Whether the fleet serves a model (the routing table's models): only such a model names the span.
+    serves: Callable[[str], bool] | None = field(default=None, repr=False)
 
     def token(self) -> None:
         """Note the first token (later calls keep the first time)."""
@@ -93,17 +105,16 @@ def request(
     trace_carrier: Mapping[str, str] | None = None,
     traced: bool = True,
     quiet: bool = False,
+    serves: Callable[[str], bool] | None = None,
 ) -> Iterator[Access]:
     """The record of one request, current inside the block (with REQUEST_ID bound, and its span current
     when tracing is on and `traced`); written to the access log (at DEBUG when `quiet`) and its span ended
-    at the end of the block."""
-    access = Access(request_id, route, protocol, OPERATIONS.get(route, ""), quiet=quiet)
+    at the end of the block. `serves`: whether the fleet serves a model (see the module's docstring)."""
+    access = Access(request_id, route, protocol, OPERATIONS.get(route, ""), quiet=quiet, serves=serves)
     token = CURRENT.set(access)
     try:
         if tracing.TRACER is not None and traced:
-            access.span = tracing.ServerSpan(
-                access.operation or route, trace_carrier, {"fleetlm.request_id": request_id}
-            )
+            access.span = tracing.ServerSpan(span_name(access), trace_carrier, {"fleetlm.request_id": request_id})
         with request_context.bound(request_id):
             if access.span is None:
                 yield access
@@ -151,12 +162,21 @@ def finish(access: Access) -> None:
         _end_span(access)
 
 
+def span_name(access: Access) -> str:
+    """The request's span name, from a bounded set (see the module's docstring)."""
+    if access.operation:
+        served = access.model and (access.node or (access.serves is not None and access.serves(access.model)))
+        return f"{access.operation} {access.model}" if served else access.operation
+    if access.protocol == "grpc":
+        return access.route  # a method of the service: grpc answers UNIMPLEMENTED for any other
+    if access.route.startswith(MODEL_ROUTE):
+        return MODEL_ROUTE + "{model_id}"
+    return ROUTE_SPANS.get(access.route, OTHER_ROUTE)
+
+
 def _end_span(access: Access) -> None:
     span = access.span
     assert span is not None
-    name = None
-    if access.model:
-        name = f"{access.operation} {access.model}" if access.operation else access.model
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": access.operation,
         "gen_ai.request.model": access.model,
@@ -170,4 +190,4 @@ def _end_span(access: Access) -> None:
     if access.first_token is not None:
         attributes["fleetlm.time_to_first_token_ms"] = round((access.first_token - access.started) * 1000, 3)
     span.attributes.update({k: v for k, v in attributes.items() if v not in ("", None)})
-    span.end(name, (access.error, access.error) if access.error else None)
+    span.end(span_name(access), (access.error, access.error) if access.error else None)

@@ -62,7 +62,7 @@ class _Call:
     for it cost every stream's first token a round trip through grpc's completion queue). `sent` waits
     for it, as everything else the call sends must."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, method: str, field_id: str) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext, method: str, field_id: str, gateway: Gateway) -> None:
         metadata = context.invocation_metadata() or ()
         given, where = "", ""
         for key, value in metadata:
@@ -73,7 +73,9 @@ class _Call:
         request_id = given if given and request_context.is_valid(given) else request_context.make()
         carrier = tracing.carrier_from(metadata) if tracing.TRACER is not None else None
         self.stack = contextlib.ExitStack()
-        self.access = self.stack.enter_context(access_log.request(request_id, method, "grpc", carrier))
+        self.access = self.stack.enter_context(
+            access_log.request(request_id, method, "grpc", carrier, serves=lambda model: model in gateway.feed.models)
+        )
         # An invalid caller-given id is answered with a 400 naming where it came from, sent with the fresh id.
         self.rejected = (given, where) if given and given != request_id else None
         self.sending = asyncio.ensure_future(
@@ -98,10 +100,12 @@ def _retrieved(sending: asyncio.Future[None]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _call(context: grpc.aio.ServicerContext, method: str, field_id: str = "") -> AsyncIterator[_Call]:
+async def _call(
+    context: grpc.aio.ServicerContext, gateway: Gateway, method: str, field_id: str = ""
+) -> AsyncIterator[_Call]:
     """One call (`_Call`) with its outcome noted in its access record (`_outcome`); however the block ends,
     the initial metadata has gone before the call's status does."""
-    call = _Call(context, method, field_id)
+    call = _Call(context, method, field_id, gateway)
     with call.stack, _outcome(call.access):
         try:
             yield call
@@ -119,7 +123,7 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        async with _call(context, "Generate", request.request_id) as call:
+        async with _call(context, self._gateway, "Generate", request.request_id) as call:
             access = call.access
             if call.rejected:
                 await call.sent()
@@ -153,7 +157,7 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
-        async with _call(context, "Embed") as call:
+        async with _call(context, self._gateway, "Embed") as call:
             await call.sent()
             access = call.access
             access.model = request.model
@@ -171,7 +175,7 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.TokenizeResponse:
-        async with _call(context, "Tokenize") as call:
+        async with _call(context, self._gateway, "Tokenize") as call:
             await call.sent()
             access = call.access
             access.model = request.model
@@ -187,7 +191,7 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Detokenize(
         self, request: inference_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.DetokenizeResponse:
-        async with _call(context, "Detokenize") as call:
+        async with _call(context, self._gateway, "Detokenize") as call:
             await call.sent()
             access = call.access
             access.model = request.model

@@ -601,7 +601,9 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None, cors_origins:
         }
 
     keys = auth.ApiKeyMiddleware(GenerationRoutes(gateway, app), auth.for_gateway(gateway))
-    served: ASGIApp = RequestIds(RequestLimits(keys, limits or HttpLimits()))
+    served: ASGIApp = RequestIds(
+        RequestLimits(keys, limits or HttpLimits()), lambda model: model in gateway.feed.models
+    )
     if not cors_origins:
         return served
     return CORSMiddleware(
@@ -624,8 +626,9 @@ class RequestIds:
     in front of it give, errors included; the request's access-log line and span (edge.access_log). An
     id that is not valid is a 400 naming the header, answered with a fresh id of the edge's own."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, serves: Callable[[str], bool] | None = None) -> None:
         self._app = app
+        self._serves = serves  # whether the fleet serves a model: only such a model names a span (edge.access_log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -642,7 +645,9 @@ class RequestIds:
         header = (b"x-request-id", request_id.encode())
         path = scope["path"]
         quiet = path in QUIET_PATHS
-        with access_log.request(request_id, path, "http", carrier, traced=not quiet, quiet=quiet) as access:
+        with access_log.request(
+            request_id, path, "http", carrier, traced=not quiet, quiet=quiet, serves=self._serves
+        ) as access:
 
             async def send_with_id(message: Message) -> None:
                 if message["type"] == "http.response.start":

@@ -278,18 +278,17 @@ async def _etcd(args: argparse.Namespace, command: str) -> AsyncIterator[EtcdSto
     """The etcd of --etcd and the etcd flags, connected, for one command. An etcd it cannot use (down, a name
     that does not resolve, refused credentials, one that stops answering) ends the command with one line
     naming it, as the control plane's start-up does."""
-    import aetcd
-
     from controlplane.etcd_store import EtcdStore
     from controlplane.settings import ControlPlaneSettings
+    from controlplane.store import StoreUnavailable
 
     etcd = _settings(ControlPlaneSettings, {"etcd": args.etcd, **_given(args, *ETCD_FLAGS)})
     store = EtcdStore(etcd.etcd, args.etcd_prefix, access=etcd.etcd_access())
     try:
         await store.connect_for(command)
         yield store
-    except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError) as exc:
-        raise SystemExit(f"fleetlm {command}: cannot use etcd at {store.url}: {exc}") from None  # went away since
+    except StoreUnavailable as exc:  # went away since
+        raise SystemExit(f"fleetlm {command}: cannot use etcd: {exc.message}") from None
     finally:
         await store.close()
 

@@ -9,7 +9,10 @@ Where it connects and with which credentials: launcher/admin_access.py (flags, F
 the operator file `fleetlm up` writes).
 
 Every failure (nothing listening, TLS refused, a wrong admin token, an unreadable file) is one line on
-stderr and exit code 1; in the live view it is shown in place and tried again at the next refresh.
+stderr and exit code 1; in the live view it is shown in place and tried again at the next refresh. A reader
+that stops reading (`fleetlm status | head -3`) ends it quietly, as it ends `ls`: exit code 141 (128 +
+SIGPIPE), no traceback. The live view gives the terminal its cursor back however it ends: Ctrl-C, or SIGTERM
+(exit code 143).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -233,8 +238,13 @@ def render(snap: dict[str, Any], width: int) -> list[str]:
 
 
 async def _live(target: Target, interval: float) -> None:
-    """Redraw in place: home the cursor, write each line over the old one, clear what is left below."""
+    """Redraw in place: home the cursor, write each line over the old one, clear what is left below. SIGTERM
+    cancels it as Ctrl-C does, so that the cursor it hid is shown again (the default action would end the
+    process with the terminal's cursor hidden)."""
     out = sys.stdout
+    main = asyncio.current_task()
+    assert main is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     out.write("\x1b[?25l\x1b[2J")  # hide the cursor, clear the screen once
     try:
         while True:
@@ -264,11 +274,25 @@ def run(args: argparse.Namespace) -> int:
             else:
                 width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 1 << 16  # piped: whole
                 print("\n".join(render(snap, width)))
+            sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
             return 0
         asyncio.run(_live(target, args.interval))
     except AccessError as exc:
         print(f"fleetlm status: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        return _reader_gone()
     except KeyboardInterrupt:
         print()
+    except asyncio.CancelledError:  # SIGTERM (see _live); the cursor is back
+        return 128 + signal.SIGTERM
     return 0
+
+
+def _reader_gone() -> int:
+    """The reader closed the pipe (`| head`): end as a command the shell's SIGPIPE ends, without a word. What
+    is still buffered for stdout goes nowhere (Python would report the failed flush at exit otherwise)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -363,3 +364,95 @@ def test_load_progress_is_load_not_cluster_state() -> None:
     assert board.overlay(node(0.2)).replicas[0].load_progress == pytest.approx(0.7)
     board.report("n1", node(None).replicas, 0, now)
     assert not board.overlay(node(0.2)).replicas[0].HasField("load_progress")
+
+
+@pytest.fixture
+def bare_controlplane(tmp_path: Path) -> Iterator[str]:
+    """etcd and a control plane with no node: enough for status to print a view."""
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_etcd()
+        yield cluster.start_controlplane(3)
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("flags", [["--once"], ["--json"], []])
+def test_status_into_a_pipe_its_reader_closed_ends_quietly(bare_controlplane: str, flags: list[str]) -> None:
+    # `fleetlm status | head -3`: the reader is gone before status writes. As `ls | head` does, it ends
+    # without a word (it printed a BrokenPipeError traceback, or "Exception ignored ... BrokenPipeError" at
+    # exit). The reader's end is closed before status starts, so every write meets a closed pipe.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "launcher", "status", *flags, "--controlplane", bare_controlplane],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == "", done.stderr
+    assert done.returncode in (0, 128 + signal.SIGPIPE), done.returncode
+    # The same, through a shell pipe into head, as an operator types it.
+    piped = subprocess.run(
+        f"{sys.executable} -m launcher status {' '.join(flags)} --controlplane {bare_controlplane} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert piped.returncode == 0 and piped.stdout.count("\n") == 1 and piped.stderr == "", piped
+
+
+def test_the_live_view_killed_by_sigterm_shows_the_cursor_again(tmp_path: Path) -> None:
+    # A real terminal (a pty) running the live view, with no control plane to answer: the view shows the
+    # failure in place and tries again. SIGTERM (a `kill`, a supervisor's stop) must give the terminal its
+    # cursor back, as Ctrl-C does: it was left hidden.
+    import pty
+    import select
+
+    hide, show = b"\x1b[?25l", b"\x1b[?25h"
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "status", "--interval", "0.5", "--controlplane",
+         f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path)],
+        stdin=terminal, stdout=terminal, stderr=terminal, env={**os.environ, "COLUMNS": "120", "LINES": "40"},
+    )  # fmt: skip
+    os.close(terminal)
+    seen = b""
+
+    def read_until(done: Any, seconds: float) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + seconds
+        while not done() and time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: the terminal's last holder has exited
+                    return
+                if not chunk:
+                    return
+                seen += chunk
+
+    try:
+        read_until(lambda: hide in seen and b"trying again" in seen, 60)
+        assert hide in seen and b"trying again" in seen, seen[-500:]
+        shown_before = seen.count(show)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        read_until(lambda: False, 2)  # what it wrote on its way out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(controller)
+    assert seen.count(show) == shown_before + 1, seen[-500:]
+    assert seen.rindex(show) > seen.rindex(hide)
+    assert b"Traceback" not in seen, seen[-2000:]

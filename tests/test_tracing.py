@@ -13,16 +13,19 @@ import os
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import httpx
 import openai
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from fleetlm.controlplane.v1 import routing_pb2, routing_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from launcher.default_model import default_model_path
 from mesh import tracing
@@ -269,6 +272,75 @@ def test_an_embedding_is_traced_too(fleet: Fleet) -> None:
     client(fleet).embeddings.create(model=MODEL, input=["hello"], extra_headers={"X-Request-Id": "traced-4"})
     edge, node = edge_and_node(fleet.spans("traced-4"))
     assert edge.span.name == f"embeddings {MODEL}" and node.span.parent_span_id == edge.span.span_id
+
+
+@pytest.mark.model
+@pytest.mark.cluster
+def test_span_names_are_bounded_whatever_the_client_sends(fleet: Fleet) -> None:
+    """A client's model names and paths never become span names (each new one would be a new name, without
+    bound, as a metric label would be a new series): a model no one serves leaves the name at the operation
+    and is kept in gen_ai.request.model; a path the edge does not serve is `other`."""
+    ids = {name: f"bounded-{name}-{uuid.uuid4().hex[:8]}" for name in
+           ("chat", "completion", "tokenize", "path", "model-route", "grpc", "node", "pick")}  # fmt: skip
+    c = client(fleet)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope-chat", messages=CHAT, extra_headers={"X-Request-Id": ids["chat"]})
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope-text", prompt="x", extra_headers={"X-Request-Id": ids["completion"]})
+    for path, body, request_id in (
+        ("/tokenize", {"model": "zzz", "prompt": "hi"}, ids["tokenize"]),
+        (f"/v1/nothing-{uuid.uuid4().hex[:6]}", None, ids["path"]),
+        (f"/v1/models/nope-{uuid.uuid4().hex[:6]}", None, ids["model-route"]),
+    ):
+        headers = {"X-Request-Id": request_id}
+        sent = (
+            httpx.post(f"{fleet.http}{path}", json=body, headers=headers, timeout=30)
+            if body
+            else httpx.get(f"{fleet.http}{path}", headers=headers, timeout=30)
+        )
+        assert sent.status_code == 404, (path, sent.text)
+    request = inference_pb2.GenerateRequest(model="nope-grpc")
+    request.chat.messages.add(role="user", content="Say hello.")
+    node_address = next(p.argv[p.argv.index("--listen") + 1] for p in fleet.cluster.procs if p.name == "node-node-a")
+    for address, request_id in ((fleet.grpc, ids["grpc"]), (node_address, ids["node"])):
+        with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as refused:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            list(stub.Generate(request, metadata=(("x-request-id", request_id),), timeout=30))
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND, refused.value
+    with grpc.insecure_channel(fleet.cluster.controlplane) as channel, pytest.raises(grpc.RpcError) as refused:
+        routing_pb2_grpc.RoutingServiceStub(channel).PickReplica(
+            routing_pb2.PickReplicaRequest(model="zzz-pick"), metadata=(("x-request-id", ids["pick"]),), timeout=30
+        )
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND, refused.value
+
+    def span_of(request_id: str, service: str) -> Span:
+        return wait_for(  # type: ignore[no-any-return]
+            lambda: next(
+                (s for s in fleet.receiver.with_attribute("fleetlm.request_id", request_id) if s.service == service),
+                None,
+            ),
+            30,
+            f"the {service} span of {request_id}",
+        )
+
+    expected = {
+        (ids["chat"], "fleetlm-edge"): "chat",
+        (ids["completion"], "fleetlm-edge"): "text_completion",
+        (ids["tokenize"], "fleetlm-edge"): "tokenize",
+        (ids["path"], "fleetlm-edge"): "other",
+        (ids["model-route"], "fleetlm-edge"): "/v1/models/{model_id}",
+        (ids["grpc"], "fleetlm-edge"): "chat",
+        (ids["node"], "fleetlm-node"): "chat",
+        (ids["pick"], "fleetlm-controlplane"): "PickReplica",
+        # The edge asks the control plane about a model its table does not know.
+        (ids["chat"], "fleetlm-controlplane"): "PickReplica",
+    }
+    named = {key: span_of(*key).span.name for key in expected}
+    assert named == expected
+    # The model asked for is still there, as an attribute.
+    assert span_of(ids["chat"], "fleetlm-edge").attributes["gen_ai.request.model"] == "nope-chat"
+    assert span_of(ids["node"], "fleetlm-node").attributes["gen_ai.request.model"] == "nope-grpc"
+    assert span_of(ids["pick"], "fleetlm-controlplane").attributes["gen_ai.request.model"] == "zzz-pick"
 
 
 # --- when tracing is on, and what it costs when off ------------------------------------------------------------
