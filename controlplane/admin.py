@@ -34,6 +34,7 @@ from controlplane.store import ClusterStore, FencedOut
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from mesh import durations
 from mesh.auth import AdminGuard, read_admin_token, read_secret_file
+from mesh.catalog import ENGINE_FORMATS
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError, invalid
 from mesh.redaction import REDACTED, redact_message, redacted_fields, secret_values
@@ -46,6 +47,7 @@ FORWARD_TIMEOUT_SECONDS = 30.0  # a DeployModel runs a reconcile pass on the lea
 # A deployment's name is the model id clients send. Ids such as "Qwen/Qwen2.5-7B-Instruct" (Hugging Face, what
 # vLLM and SGLang serve by default) or "llama3.1:8b" are taken as they are; the store keeps them as opaque keys.
 MAX_MODEL_NAME = 256
+MAX_GPU_COUNT = 64  # GPUs one replica may span: the catalog's bound (mesh.catalog.ModelEntry.gpu_count)
 
 
 def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
@@ -60,8 +62,23 @@ def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
         raise invalid("deployment.spec.path", "a deployment needs the path of its weights on the nodes")
     if spec.format not in placement.ENGINE_FOR_FORMAT:
         raise invalid("deployment.spec.format", "format must be one of gguf, hf, awq")
+    if spec.engine and spec.engine not in ENGINE_FORMATS:  # a value no engine has, not a format no node can run
+        known = ", ".join(ENGINE_FORMATS)
+        raise invalid("deployment.spec.engine", f"engine must be one of {known}; got {spec.engine!r}")
     if spec.device not in ("", "cpu", "gpu", "any"):
         raise invalid("deployment.spec.device", "device must be one of cpu, gpu, any")
+    # Fields with presence: set means set. A 0 the engine cannot honour is refused, never replaced by the default
+    # that only an unset field stands for.
+    if spec.HasField("max_running_requests") and spec.max_running_requests < 1:
+        raise invalid(
+            "deployment.spec.max_running_requests",
+            "max_running_requests must be at least 1 (leave it unset for the engine's default)",
+        )
+    if spec.HasField("gpu_count") and not 1 <= spec.gpu_count <= MAX_GPU_COUNT:
+        raise invalid(
+            "deployment.spec.gpu_count",
+            f"gpu_count must be between 1 and {MAX_GPU_COUNT} (leave it unset for 1); got {spec.gpu_count}",
+        )
     placeholders = redacted_fields(spec)
     if placeholders:
         raise invalid(
@@ -75,6 +92,11 @@ def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
     for field, duration in (("idle_timeout", deployment.idle_timeout), ("spec.startup_timeout", spec.startup_timeout)):
         if not durations.non_negative(duration):
             raise invalid(f"deployment.{field}", f"{field} must be a duration from 0 to {durations.MAX_SECONDS} s")
+    if spec.HasField("startup_timeout") and not (spec.startup_timeout.seconds or spec.startup_timeout.nanos):
+        raise invalid(
+            "deployment.spec.startup_timeout",
+            "startup_timeout must be greater than 0 (leave it unset for the engine's default)",
+        )
     if deployment.max_replicas and deployment.max_replicas < deployment.min_replicas:
         raise invalid("deployment.max_replicas", "max_replicas must be at least min_replicas")
     if deployment.cpu_offload_model == spec.name:  # another deployment, which may be made after this one
@@ -250,6 +272,8 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         return node
 
     def _deployment(self, name: str) -> node_pb2.Deployment:
+        if not name:
+            raise invalid("name", "name is required")
         deployment = self._fleet.deployments.get(name)
         if deployment is None:
             known = ", ".join(sorted(self._fleet.deployments)) or "none"
@@ -469,6 +493,8 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.AcquireQuotaRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.AcquireQuotaResponse:
         keys = self._api_keys()
+        if not request.key_id:
+            raise invalid("key_id", "key_id is required")
         # Forwarded first: the windows are the leader's, and a follower may not have read a new key yet.
         if (forwarded := await self._forward("AcquireQuota", request, context)) is not None:
             return forwarded  # type: ignore[no-any-return]

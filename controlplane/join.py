@@ -34,6 +34,7 @@ from google.protobuf import timestamp_pb2
 from controlplane.etcd_store import EtcdStore
 from fleetlm.controlplane.v1 import admin_pb2, identity_pb2, identity_pb2_grpc
 from mesh import durations
+from mesh.errors import ErrorCode, FleetError, invalid
 from mesh.fleet_ca import LEAF_DAYS, FleetCA, check_identity_name, identity_uri, node_dns_name
 from mesh.tls import peer_identities
 
@@ -246,7 +247,7 @@ class JoinService(identity_pb2_grpc.JoinServiceServicer):
                 self._ca.sign_csr, csr_pem, identity_uri("node", node_id), [node_dns_name(node_id)], self._days
             )
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"csr_pem: {exc}")
+            raise invalid("csr_pem", f"csr_pem: {exc}") from None
         serial = x509.load_pem_x509_certificate(cert).serial_number
         if renewing:
             await self._identities.renewed(node_id, serial, renewing)
@@ -263,18 +264,18 @@ class JoinService(identity_pb2_grpc.JoinServiceServicer):
         try:
             check_identity_name("node", node_id)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node_id: {exc}")
+            raise invalid("node_id", f"node_id: {exc}") from None
         try:
             token_id = await self._tokens.check(request.token)
         except PermissionError as exc:
             log.warning("join refused for node %s: %s", node_id, exc)  # the token's id at most, never its secret
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid, expired or revoked join token")
+            raise FleetError(ErrorCode.UNAUTHENTICATED, "invalid, expired or revoked join token") from None
         # A token admits a new node, not one the operator has shut out, nor a second node under the id of one
         # that is running (two hosts of one name): its new certificate would lock the running node out.
         if await self._identities.revoked(node_id):
             log.warning("join refused for node %s: it is revoked", node_id)
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
+            raise FleetError(
+                ErrorCode.PERMISSION_DENIED,
                 f"node {node_id} is revoked; an operator can let it join again: fleetlm ca readmit --node {node_id}",
             )
         address = self._registered(node_id)
@@ -294,21 +295,21 @@ class JoinService(identity_pb2_grpc.JoinServiceServicer):
     ) -> identity_pb2.RenewResponse:
         nodes = [i for i in peer_identities(context) if i.startswith(identity_uri("node", "x")[:-1])]
         if not nodes:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Renew needs the node's fleet certificate")
+            raise FleetError(ErrorCode.UNAUTHENTICATED, "Renew needs the node's fleet certificate")
         node_id = nodes[0].rsplit("/", 1)[1]
         pems = context.auth_context().get("x509_pem_cert") or []
         serial = x509.load_pem_x509_certificate(pems[0]).serial_number if pems else 0
         reason = await self._identities.refusal(node_id, serial)
         if reason:
             log.warning("renewal refused for node %s: %s", node_id, reason)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+            raise FleetError(ErrorCode.PERMISSION_DENIED, reason)
         asked = _csr_name(request.csr_pem)
         if asked is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "csr_pem: not a PEM certificate signing request")
+            raise invalid("csr_pem", "csr_pem: not a PEM certificate signing request")
         if asked != node_id:
             log.warning("renewal refused for node %s: its CSR names %r", node_id, asked)
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, f"this certificate is node {node_id}'s; the CSR asks for {asked!r}"
+            raise FleetError(
+                ErrorCode.PERMISSION_DENIED, f"this certificate is node {node_id}'s; the CSR asks for {asked!r}"
             )
         signed = await self._sign(request.csr_pem, node_id, context, "", renewing=serial)
         log.info("node %s renewed its certificate", node_id)
@@ -355,12 +356,12 @@ class JoinTokenAdmin:
     ) -> admin_pb2.CreateJoinTokenResponse:
         tokens = await self._tokens(context)
         if request.HasField("ttl") and not durations.in_range(request.ttl):  # ToTimedelta would overflow
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ttl must be at most {durations.MAX_SECONDS} s")
+            raise invalid("ttl", f"ttl must be at most {durations.MAX_SECONDS} s")
         ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else 3600.0
         try:
             token, record = await tokens.create(ttl, request.description)
         except ValueError as exc:  # the ttl, checked before anything is stored
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise invalid("ttl", str(exc)) from None
         log.info("join token %s created (expires %s)", record.id, utc(record.expires_at))
         return admin_pb2.CreateJoinTokenResponse(
             token=token, join_token=_described(record), ca_fingerprint=self.ca_fingerprint
@@ -375,6 +376,8 @@ class JoinTokenAdmin:
     async def RevokeJoinToken(
         self, request: admin_pb2.RevokeJoinTokenRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RevokeJoinTokenResponse:
+        if not request.id:
+            raise invalid("id", "id is required")
         tokens = await self._tokens(context)
         token_id = request.id.removeprefix(TOKEN_PREFIX).split(".")[0]
         if not token_id.isalnum() or not await tokens.revoke(token_id):

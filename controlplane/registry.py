@@ -116,7 +116,8 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         self._streams: Counter[str] = Counter()
 
     async def _as_node(self, context: grpc.aio.ServicerContext, node_id: str) -> None:
-        """Abort unless the caller's verified certificate is node `node_id`'s (when identities are required)."""
+        """Refuse (PERMISSION_DENIED / UNAUTHENTICATED, with their ErrorInfo) unless the caller's verified
+        certificate is node `node_id`'s (when identities are required)."""
         if not self._require_identity:
             return
         identities = peer_identities(context)
@@ -125,16 +126,14 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
             reason = await self._identities.refusal(node_id, cert.serial_number) if self._identities and cert else ""
             if reason:
                 log.warning("node %s refused: %s", node_id, reason)
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+                raise FleetError(ErrorCode.PERMISSION_DENIED, reason)
             return
         nodes = [i.rsplit("/", 1)[1] for i in identities if i.startswith(NODE_IDENTITY)]
         if not nodes:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "a node needs its fleet certificate (join with a join token)"
-            )
+            raise FleetError(ErrorCode.UNAUTHENTICATED, "a node needs its fleet certificate (join with a join token)")
         log.warning("node %s refused: its certificate is node %s's", node_id, nodes[0])
-        await context.abort(
-            grpc.StatusCode.PERMISSION_DENIED, f"this certificate is node {nodes[0]}'s; it cannot act as {node_id!r}"
+        raise FleetError(
+            ErrorCode.PERMISSION_DENIED, f"this certificate is node {nodes[0]}'s; it cannot act as {node_id!r}"
         )
 
     async def RegisterNode(

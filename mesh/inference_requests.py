@@ -296,6 +296,10 @@ def validate_generate(request: inference_pb2.GenerateRequest) -> None:
             raise invalid("prompt", "'prompt' must not be empty")
         check_prompt_chars("prompt", (request.prompt,))
     validate_sampling(request.sampling, request.echo)
+    # proto3 enums are open: a number the proto does not name arrives as it is, and is refused by name rather
+    # than read as the default (every enum field of a request is checked: this one and tool_choice.mode).
+    if request.delivery not in inference_pb2.TextDelivery.values():
+        raise invalid("delivery", f"'delivery' {request.delivery} is not a TextDelivery")
     if which == "chat" and request.sampling.n > 1 and _may_call_tools(request.chat):
         raise invalid(
             "n",

@@ -4,7 +4,9 @@ Each call opened on a stream runs the node's own Generate handler (`NodeInferenc
 node's metrics when they are on) in a task of its own, with the metadata and deadline the frame gave. Its
 responses and its end (OK after its result, or its error as the status a Generate call would end with)
 go to the stream's outbox; the stream sends what the outbox holds as one message each time it runs, so
-the tokens one decode step produced for several calls travel together.
+the tokens one decode step produced for several calls travel together. An open frame that reuses the id of a
+call still open on the stream ends the whole stream with INVALID_ARGUMENT (an `end` for that id would read as
+the live call's end).
 
 Shutdown (`close`): the node stops taking calls on its streams (each new one is refused with a retryable
 error, so the edge tries another replica), lets the running ones finish, and ends each stream once its
@@ -86,9 +88,15 @@ class _Stream:
 
     def _open(self, call: multiplex_pb2.OpenCall) -> None:
         if call.id in self.calls:
-            error = FleetError(ErrorCode.INVALID_REQUEST, f"call {call.id} is already open on this stream")
-            self.post(multiplex_pb2.CallEvent(id=call.id, end=_status(error)))
-            return
+            # Not an `end` for the id: that would read as the live call's end, and its events would go on after
+            # it. A caller that reuses a live id has lost track of its calls, so the whole stream ends with the
+            # error (INVALID_ARGUMENT), and every call on it with the stream.
+            raise FleetError(
+                ErrorCode.INVALID_REQUEST,
+                f"call {call.id} is already open on this stream: an id may be used again only after its call has"
+                " ended or been cancelled; the stream ends",
+                param="open.id",
+            )
         if self._closing.is_set():
             error = FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node is shutting down", retry_after_seconds=1)
             self.post(multiplex_pb2.CallEvent(id=call.id, end=_status(error)))
@@ -192,14 +200,16 @@ class NodeMultiplex(multiplex_pb2_grpc.MultiplexServiceServicer):
         try:
             while True:
                 await stream.ready.wait()
+                # A frame that breaks the protocol (a reused live id, an undecodable message) ends the stream at
+                # once, ahead of the events still waiting: the calls on it end with the stream's error.
+                if receiving.done() and receiving.exception() is not None:
+                    raise receiving.exception()  # type: ignore[misc]
                 if stream.outbox:
                     yield stream.take()
                     continue
                 # Cleared only here, right before the checks: a call that ended while the last message was
                 # sent set it, and is seen now.
                 stream.ready.clear()
-                if receiving.done() and receiving.exception() is not None:
-                    raise receiving.exception()  # type: ignore[misc]
                 if not stream.calls and (self._closing.is_set() or done.is_set()):
                     return
         finally:

@@ -19,7 +19,8 @@ import pytest
 from cryptography import x509
 from google.protobuf import duration_pb2
 
-from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, identity_pb2, identity_pb2_grpc
+from mesh.errors import ErrorCode, FleetError
 from mesh.fleet_ca import fingerprint, uri_identities
 from mesh.lifecycle import free_port
 from tests.cluster import START_TIMEOUT, Cluster, Proc, fleetlm, wait_for
@@ -310,3 +311,33 @@ def test_join_tokens_through_admin_service_with_real_grpcurl(fleet: Cluster) -> 
     with grpc.insecure_channel(fleet.controlplane) as channel, pytest.raises(grpc.RpcError) as plain:
         admin_pb2_grpc.AdminServiceStub(channel).CreateJoinToken(admin_pb2.CreateJoinTokenRequest(), timeout=10)
     assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_join_and_join_token_refusals_carry_the_vocabularys_error_info(fleet: Cluster) -> None:
+    """JoinService and the join-token RPCs refused with context.abort: the status code alone, with no
+    google.rpc.ErrorInfo. Each refusal now has the code it had and the ErrorInfo (reason, `param`)."""
+
+    def refused_by(method: object, request: object) -> tuple[grpc.StatusCode, FleetError | None]:
+        with pytest.raises(grpc.RpcError) as caught:
+            method(request, timeout=30)  # type: ignore[operator]
+        return caught.value.code(), FleetError.sent_by_peer(caught.value)
+
+    ca = (fleet.ca_dir / "ca.crt").read_bytes()
+    with grpc.secure_channel(fleet.join_address, grpc.ssl_channel_credentials(ca)) as channel:
+        join = identity_pb2_grpc.JoinServiceStub(channel).Join
+        code, error = refused_by(join, identity_pb2.JoinRequest(token="fljt_nope.nope", node_id="x-1", csr_pem=b"-"))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and error is not None
+        assert error.code == ErrorCode.UNAUTHENTICATED and "join token" in error.message
+        code, error = refused_by(join, identity_pb2.JoinRequest(token="fljt_nope.nope", node_id="not ok!"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and error is not None
+        assert (error.code, error.param) == (ErrorCode.INVALID_REQUEST, "node_id")
+    with fleet.channel(fleet.controlplane) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        code, error = refused_by(
+            admin.CreateJoinToken, admin_pb2.CreateJoinTokenRequest(ttl=duration_pb2.Duration(seconds=2**62))
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and error is not None
+        assert (error.code, error.param) == (ErrorCode.INVALID_REQUEST, "ttl")
+        code, error = refused_by(admin.RevokeJoinToken, admin_pb2.RevokeJoinTokenRequest())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and error is not None
+        assert (error.code, error.param) == (ErrorCode.INVALID_REQUEST, "id")

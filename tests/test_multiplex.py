@@ -211,3 +211,31 @@ async def test_a_timeout_out_of_range_is_refused_and_the_stream_goes_on(mesh: Me
     assert all(end.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for end in refused), refused
     assert all("timeout" in end.message for end in refused), refused
     assert ends[4].code == 0, ends[4]
+
+
+async def test_a_reused_live_id_ends_the_stream_not_the_live_call(mesh: Mesh) -> None:
+    """Opening a call under the id of one still running (the QA client did: an `end` for the id came, then
+    the live call's events and a second `end`) ends the whole stream with INVALID_ARGUMENT naming `open.id`;
+    no event for the id says the live call ended, and the live call's generation stops with the stream."""
+    async with grpc.aio.insecure_channel(mesh.node_address) as channel:
+        call = multiplex_pb2_grpc.MultiplexServiceStub(channel).Multiplex()
+        opened = multiplex_pb2.OpenCall(id=7, request=_request(mesh.model, PROMPTS[0], 1800))
+        await call.write(multiplex_pb2.MultiplexRequest(frames=[multiplex_pb2.MultiplexFrame(open=opened)]))
+        first = await asyncio.wait_for(call.read(), 60)  # call 7 is running
+        assert first is not grpc.aio.EOF and all(e.id == 7 and e.HasField("response") for e in first.events)
+        await call.write(multiplex_pb2.MultiplexRequest(frames=[multiplex_pb2.MultiplexFrame(open=opened)]))
+        events: list[multiplex_pb2.CallEvent] = []
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while (message := await asyncio.wait_for(call.read(), 30)) is not grpc.aio.EOF:
+                events.extend(message.events)
+        code = ended.value.code()
+        refused = FleetError.from_rpc_error(ended.value)
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        waited = time.monotonic()
+        assert await _plain_text(stub, _request(mesh.model, PROMPTS[1], 4))
+        waited = time.monotonic() - waited
+    assert not [e for e in events if e.HasField("end")], "an end was sent for the live call's id"
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.code, refused.param) == (ErrorCode.INVALID_REQUEST, "open.id"), refused
+    assert "call 7 is already open" in refused.message
+    assert waited < 8, f"the next call waited {waited:.1f}s: the live call's generation went on"

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
 from mesh.channels import CHANNEL_OPTIONS
+from mesh.errors import FleetError
 from mesh.fleet_ca import FleetCA, fingerprint, identity_uri, node_dns_name, uri_identities, write_private, write_public
 from mesh.grpc_server import GrpcServer
 from mesh.tls import TlsFiles, secure_channel, server_credentials
@@ -160,6 +161,8 @@ def test_the_control_plane_speaks_tls_and_refuses_plaintext(fleet: Cluster) -> N
 
 
 def _register(fleet: Cluster, credentials: grpc.ChannelCredentials, node_id: str) -> grpc.StatusCode:
+    """The call's status code; a refusal by the control plane must also carry the vocabulary's ErrorInfo with
+    the same code (the handshake's own failures, UNAVAILABLE, carry none)."""
     with grpc.secure_channel(fleet.controlplane, credentials) as channel:
         stub = registry_pb2_grpc.NodeRegistryServiceStub(channel)
         try:
@@ -170,6 +173,9 @@ def _register(fleet: Cluster, credentials: grpc.ChannelCredentials, node_id: str
                 timeout=10,
             )
         except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                sent = FleetError.sent_by_peer(exc)
+                assert sent is not None and sent.grpc_code == exc.code(), (exc.code(), exc.details())
             return exc.code()  # type: ignore[no-any-return]
         stub.DeregisterNode(registry_pb2.DeregisterNodeRequest(node_id=node_id, lease_id=reply.lease_id), timeout=10)
         return grpc.StatusCode.OK

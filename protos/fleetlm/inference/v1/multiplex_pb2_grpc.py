@@ -58,7 +58,8 @@ class MultiplexServiceServicer:
 
     def Multiplex(self, request_iterator, context):
         """Multiplex opens and cancels Generate calls (requests) and streams back their events (responses).
-        The stream ends after the server is asked to stop and its calls have ended.
+        The stream ends after the server is asked to stop and its calls have ended, or at once with
+        INVALID_ARGUMENT when a frame breaks the protocol (an id still open opened again: see OpenCall.id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
