@@ -453,7 +453,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
 
     def _api_keys(self) -> ApiKeys:
         if self._keys is None:
-            raise FleetError(ErrorCode.FORMAT_NOT_SUPPORTED, "API keys need the control plane's etcd store")
+            raise FleetError(ErrorCode.NOT_CONFIGURED, "API keys need the control plane's etcd store")
         return self._keys
 
     async def CreateApiKey(

@@ -104,7 +104,7 @@ class ApiKeys:
     def _need_secret(self) -> bytes:
         if self._secret is None:
             raise FleetError(
-                ErrorCode.FORMAT_NOT_SUPPORTED,
+                ErrorCode.NOT_CONFIGURED,
                 "API keys need the fleet secret: start the control plane with --auth-secret-file",
             )
         return self._secret

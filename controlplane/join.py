@@ -281,10 +281,11 @@ class JoinService(identity_pb2_grpc.JoinServiceServicer):
         address = self._registered(node_id)
         if address is not None:
             log.warning("join refused for node %s: a node registered under that id is running (%s)", node_id, address)
-            await context.abort(
-                grpc.StatusCode.ALREADY_EXISTS,
+            raise FleetError(
+                ErrorCode.NODE_ID_IN_USE,
                 f"a node registered as {node_id} is running ({address}); give this one another --node-id, or stop"
                 " that one (its registration lapses with its lease)",
+                param="node_id",
             )
         reply = await self._sign(request.csr_pem, node_id, context, token_id)
         log.info("node %s joined with join token %s", node_id, token_id)
@@ -345,9 +346,7 @@ class JoinTokenAdmin:
 
     async def _tokens(self, context: grpc.aio.ServicerContext) -> JoinTokens:
         if self.join_tokens is None or not self.ca_fingerprint:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, "this control plane has no fleet CA to join with (--ca-dir)"
-            )
+            raise FleetError(ErrorCode.NOT_CONFIGURED, "this control plane has no fleet CA to join with (--ca-dir)")
         assert self.join_tokens is not None
         return self.join_tokens
 
@@ -381,7 +380,7 @@ class JoinTokenAdmin:
         tokens = await self._tokens(context)
         token_id = request.id.removeprefix(TOKEN_PREFIX).split(".")[0]
         if not token_id.isalnum() or not await tokens.revoke(token_id):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no join token {token_id!r}")
+            raise FleetError(ErrorCode.JOIN_TOKEN_NOT_FOUND, f"no join token {token_id!r}", param="id")
         record = await tokens.get(token_id)
         assert record is not None
         log.info("join token %s revoked", token_id)

@@ -51,6 +51,11 @@ class ErrorCode(enum.StrEnum):
     # A fleet component that proved who it is but may not make this call (a node's certificate on AdminService).
     PERMISSION_DENIED = "PERMISSION_DENIED"
     API_KEY_NOT_FOUND = "API_KEY_NOT_FOUND"
+    JOIN_TOKEN_NOT_FOUND = "JOIN_TOKEN_NOT_FOUND"
+    # A node id a running node holds (Join): another host under it would lock that node out.
+    NODE_ID_IN_USE = "NODE_ID_IN_USE"
+    # The RPC needs something this control plane was not started with (the fleet CA, the fleet secret).
+    NOT_CONFIGURED = "NOT_CONFIGURED"
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,9 @@ _TABLE: Mapping[ErrorCode, _Mapping] = {
     ErrorCode.PERMISSION_DENIED: _Mapping(403, grpc.StatusCode.PERMISSION_DENIED, "invalid_request_error"),
     ErrorCode.RATE_LIMIT_EXCEEDED: _Mapping(429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit_error"),
     ErrorCode.API_KEY_NOT_FOUND: _Mapping(404, grpc.StatusCode.NOT_FOUND, "invalid_request_error"),
+    ErrorCode.JOIN_TOKEN_NOT_FOUND: _Mapping(404, grpc.StatusCode.NOT_FOUND, "invalid_request_error"),
+    ErrorCode.NODE_ID_IN_USE: _Mapping(409, grpc.StatusCode.ALREADY_EXISTS, "invalid_request_error"),
+    ErrorCode.NOT_CONFIGURED: _Mapping(400, grpc.StatusCode.FAILED_PRECONDITION, "invalid_request_error"),
 }
 
 # For a gRPC error that carries no ErrorInfo (a peer that is not fleetlm, or the transport itself).

@@ -108,3 +108,19 @@ def test_an_explicit_zero_an_optional_field_cannot_take_is_refused(admin: admin_
     # Past validation: refused only because no node holds the file (there is no node here at all).
     code, error = refusal(admin.DeployModel, admin_pb2.DeployModelRequest(deployment=deployment(max_queued_requests=0)))
     assert error.code != ErrorCode.INVALID_REQUEST, error
+
+
+def test_what_this_control_plane_was_not_started_with_is_failed_precondition_not_configured(
+    admin: admin_pb2_grpc.AdminServiceStub,
+) -> None:
+    """No fleet CA (--ca-dir) and no fleet secret (--auth-secret-file) here: the join-token RPCs had no
+    ErrorInfo at all, and CreateApiKey said FORMAT_NOT_SUPPORTED (a format no node can run)."""
+    for method, request in [
+        (admin.CreateJoinToken, admin_pb2.CreateJoinTokenRequest()),
+        (admin.ListJoinTokens, admin_pb2.ListJoinTokensRequest()),
+        (admin.RevokeJoinToken, admin_pb2.RevokeJoinTokenRequest(id="nope")),
+        (admin.CreateApiKey, admin_pb2.CreateApiKeyRequest(name="x")),
+    ]:
+        code, error = refusal(method, request)
+        assert (code, error.code) == (grpc.StatusCode.FAILED_PRECONDITION, ErrorCode.NOT_CONFIGURED), error
+        assert "--ca-dir" in error.message or "--auth-secret-file" in error.message
