@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -113,6 +114,8 @@ def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
         out.created_at.GetCurrentTime()
     return out
 
+
+log = logging.getLogger(__name__)
 
 _RPCS = list(admin_pb2.DESCRIPTOR.services_by_name["AdminService"].methods_by_name)
 
@@ -363,9 +366,20 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         deployment = validate_deployment(request.deployment)
         if (forwarded := await self._forward("DeployModel", request, context)) is not None:
             return forwarded  # type: ignore[no-any-return]
+        name = deployment.spec.name
+        # A node that pins a model of this name from its own catalog serves it as that name: with other
+        # weights, its replica would answer for the deployment (the edge routes by name).
+        path = deployment.spec.path
+        pinned = sorted(f"{n.node_id} ({r.model.path})" for n in self._fleet.nodes.values() for r in n.replicas
+                        if r.model.name == name and not r.assigned and r.model.path != path)  # fmt: skip
+        if pinned:
+            raise invalid(
+                "deployment.spec.name",
+                f"node {', '.join(pinned)} pins a model named '{name}' from its own catalog, other weights that"
+                " would answer for this deployment; choose another name, or remove it from that catalog",
+            )
         # Dry run first: a deployment that fits nowhere is refused with every node's reason. A change to a
         # deployment is judged without its own replicas, which the new ones replace.
-        name = deployment.spec.name
         placement.place(deployment.spec, self._reconciler.snapshots(without=name), self._reconciler.policy)
         async with self._leading():
             await self._reconciler.save_deployment(deployment)
@@ -376,6 +390,25 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def UndeployModel(
         self, request: admin_pb2.UndeployModelRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.UndeployModelResponse:
+        if request.name and request.name not in self._fleet.deployments and request.name in self._fleet.models:
+            # A model a node pinned from its own catalog (--catalog), known to the fleet after that node left
+            # (kept, so that its clients hear 'unavailable', not 'unknown', while the node is away): forgotten
+            # at the operator's word once no live node pins it.
+            pinned = sorted(n.node_id for n in self._fleet.nodes.values() for r in n.replicas
+                            if r.model.name == request.name and not r.assigned)  # fmt: skip
+            if pinned:
+                raise invalid(
+                    "name",
+                    f"'{request.name}' is pinned by the catalog of node {', '.join(pinned)} (--catalog), not a"
+                    " deployment: remove it from that catalog",
+                )
+            if (forwarded := await self._forward("UndeployModel", request, context)) is not None:
+                return forwarded  # type: ignore[no-any-return]
+            async with self._leading():
+                await self._store.delete("model", request.name, fence=self._reconciler.fence())
+                self._fleet.models.pop(request.name, None)
+            log.info("model %s, which no live node pins any more, forgotten", request.name)
+            return self._shown(admin_pb2.UndeployModelResponse())
         self._deployment(request.name)
         if (forwarded := await self._forward("UndeployModel", request, context)) is not None:
             return forwarded  # type: ignore[no-any-return]

@@ -97,6 +97,7 @@ Reject = tuple[str, str]  # (category, reason)
 _CORDONED: Reject = ("capacity", "node is cordoned")
 _DRAINING: Reject = ("capacity", "node is draining")
 _HOSTING: Reject = ("capacity", "already runs a replica of this model")
+_PINNED: Reject = ("capacity", "its own catalog pins a model of this name")
 _NO_GPU: Reject = ("format", "deployment needs a GPU; node has none")
 
 
@@ -150,6 +151,11 @@ def _not_hosting(need: _Need, snap: NodeSnapshot, file: node_pb2.ModelFile | Non
     for assignment in snap.assignments:
         if assignment.model.name == need.name:
             return _HOSTING
+    # A model of that name pinned by the node's own catalog (--catalog): the node serves one model per name,
+    # and its catalog's would stand in for the deployment's (other weights, another context).
+    for replica in snap.node.replicas:
+        if replica.model.name == need.name and not replica.assigned:
+            return _PINNED
     return None
 
 

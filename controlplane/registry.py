@@ -146,6 +146,24 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
             raise invalid("inference_address", "inference_address (host:port) is required")
         _check_times("replicas", request.replicas)
         _check_times("inventory", [request.inventory])
+        # Two agents under one id (cloned hosts share a host name, the default id) would take the record from
+        # each other at every registration, and each would look healthy. The id is the running node's: one at
+        # another address is refused, until that node's lease lapses (a node started again elsewhere).
+        running = await self._store.get("node", request.node_id)
+        if running is not None and running.inference_address != request.inference_address:
+            log.warning(
+                "registration refused for node %s at %s: a node registered under that id is running at %s",
+                request.node_id,
+                request.inference_address,
+                running.inference_address,
+            )
+            raise FleetError(
+                ErrorCode.NODE_ID_IN_USE,
+                f"a node registered as {request.node_id} is running at {running.inference_address}; give this one"
+                f" another --node-id, or stop that one (its registration lapses with its lease, {self._ttl} s)",
+                param="node_id",
+                retry_after_seconds=self._ttl,
+            )
         # The lease's TTL runs from the grant: when it was asked for, not when the record is written after
         # it (an etcd write can take a while on a busy machine), is the time its renewals count from.
         granted_at = time.monotonic()

@@ -245,8 +245,9 @@ class Registration:
                         f"the control plane refused to register this node ({code}): {error.message}"
                     ) from None
                 # A heartbeat's lease is at stake: it is asked again after the backoff; a registration,
-                # which no retry soon changes, after REFUSED_RETRY_SECONDS.
-                delay = self._backoff if sent is not None else REFUSED_RETRY_SECONDS
+                # which no retry soon changes, after the time the control plane names (its node id in use by
+                # a node whose lease may be lapsing: the lease's TTL), else REFUSED_RETRY_SECONDS.
+                delay = self._backoff if sent is not None else float(error.retry_after_seconds or REFUSED_RETRY_SECONDS)
                 self._backoff = min(self._backoff * 2, 2.0)
                 log.error("the control plane refused the node's %s (%s: %s); asking again in %.1fs", what, code,
                           error.message, delay)  # fmt: skip

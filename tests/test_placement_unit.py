@@ -128,6 +128,19 @@ def test_one_replica_per_node() -> None:
     assert verdict.fit is None and verdict.reason == "already runs a replica of this model"
 
 
+def test_a_node_whose_catalog_pins_the_name_takes_no_replica_of_it() -> None:
+    # The node serves one model per name: its catalog's (other weights) would stand in for the deployment's.
+    pinning = node("pinning")
+    pinning.replicas.append(node_pb2.Replica(model=spec(path="/models/other.gguf"), assigned=False))
+    verdicts = {v.node_id: v for v in placement.evaluate(spec(), [snap(pinning), snap(node("free"))], POLICY)}
+    assert verdicts["pinning"].fit is None and verdicts["pinning"].reason == "its own catalog pins a model of this name"
+    assert verdicts["free"].fit is not None
+    # Its own assigned replica of the deployment is the assignment's business (one per node), not a pin.
+    assigned = node("assigned")
+    assigned.replicas.append(node_pb2.Replica(model=spec(), assigned=True))
+    assert placement.evaluate(spec(), [snap(assigned)], POLICY)[0].fit is not None
+
+
 def test_thousand_nodes() -> None:
     nodes = [snap(node(f"n{i:04d}", ram_gib=8 + i % 5)) for i in range(1000)]
     verdicts = placement.evaluate(spec(), nodes, POLICY)

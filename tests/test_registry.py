@@ -76,6 +76,17 @@ def test_registration_stores_inventory_in_etcd(fleet: Cluster) -> None:
     )
     assert "/fleetlm/nodes/reg-1" in etcd_keys(fleet)
     assert "/fleetlm/models/smollm2-135m" in etcd_keys(fleet)
+    # Pinned by a live node's catalog: not the operator's to forget.
+    with pytest.raises(grpc.RpcError) as pinned:
+        admin(fleet).UndeployModel(admin_pb2.UndeployModelRequest(name="smollm2-135m"), timeout=5)
+    assert pinned.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "reg-1" in str(pinned.value.details())
+    # Nor can a deployment take that name with other weights: the node's replica would answer for it.
+    other = node_pb2.ModelSpec(name="smollm2-135m", path="/models/other.gguf", format="gguf")
+    with pytest.raises(grpc.RpcError) as taken:
+        admin(fleet).DeployModel(
+            admin_pb2.DeployModelRequest(deployment=node_pb2.Deployment(spec=other, min_replicas=1)), timeout=5
+        )
+    assert taken.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "reg-1" in str(taken.value.details())
     proc.stop()
 
 
@@ -90,9 +101,14 @@ def test_killed_agent_leaves_within_the_lease_ttl(fleet: Cluster) -> None:
     gone_after = time.monotonic() - killed
     print(f"node left {gone_after:.1f}s after SIGKILL (lease TTL {TTL}s)")
     assert "/fleetlm/nodes/reg-kill" not in etcd_keys(fleet)
-    # The model stays known to the fleet while no node serves it.
+    # The model stays known to the fleet while no node serves it, until the operator forgets it (there was no
+    # way to: UndeployModel said NOT_FOUND, and it stayed in /v1/models, 503 instead of 404, for good).
     models = admin(fleet).ListModels(admin_pb2.ListModelsRequest(), timeout=5).models
     assert "smollm2-135m" in [m.spec.name for m in models]
+    admin(fleet).UndeployModel(admin_pb2.UndeployModelRequest(name="smollm2-135m"), timeout=5)
+    models = admin(fleet).ListModels(admin_pb2.ListModelsRequest(), timeout=5).models
+    assert "smollm2-135m" not in [m.spec.name for m in models]
+    assert "/fleetlm/models/smollm2-135m" not in etcd_keys(fleet)
 
 
 def test_stopped_agent_deregisters_at_once(fleet: Cluster) -> None:
@@ -113,3 +129,38 @@ def test_agent_registers_again_after_control_plane_restart(fleet: Cluster) -> No
     restarted = fleet.restart(old)  # same address, so the running agent finds it
     wait_for(lambda: "reg-survivor" in node_ids(fleet), 2 * SETTLE, "re-registration", restarted)
     proc.stop()
+
+
+def test_a_second_agent_under_a_running_nodes_id_is_refused(fleet: Cluster) -> None:
+    # Cloned hosts share a host name, the default node id. The second agent's registration took the record,
+    # then the first's took it back, 29 times in 25 s, each looking healthy. Now the running node keeps its id
+    # and the second is refused (NODE_ID_IN_USE, naming where the first runs) until the first is gone.
+    from tests.cluster import Proc, fleetlm, free_port, grpc_serving
+
+    first, address = fleet.start_node("reg-twin")
+    wait_for(lambda: "reg-twin" in node_ids(fleet), SETTLE, "the first agent's registration")
+    second_address = f"127.0.0.1:{free_port()}"
+    argv = fleetlm("node", "--node-id", "reg-twin", "--listen", second_address, "--controlplane", fleet.controlplane,
+                   "--threads", "1", "--metrics-listen", "")  # fmt: skip
+    second = Proc("node-reg-twin-second", argv, fleet.dir)
+    fleet.procs.append(second)
+    wait_for(lambda: grpc_serving(second_address), SETTLE, "the second agent", second)
+
+    def refused() -> bool:
+        return "NODE_ID_IN_USE" in second.log_text() or "is running at" in second.log_text()
+
+    wait_for(refused, SETTLE, "the second agent to be refused", second)
+    assert address in second.log_text()  # it says where the running node is
+    for _ in range(10):  # the record stays the first's (several of the second's retries at the lease TTL)
+        node = admin(fleet).GetNode(admin_pb2.GetNodeRequest(node_id="reg-twin"), timeout=5).node
+        assert node.inference_address == address
+        time.sleep(0.5)
+    # The first stops (it deregisters): the id is free, and the second registers within its retry.
+    assert first.stop() == 0
+
+    def second_registered() -> bool:
+        node = admin(fleet).GetNode(admin_pb2.GetNodeRequest(node_id="reg-twin"), timeout=5).node
+        return node.inference_address == second_address
+
+    wait_for(second_registered, TTL * 2 + SETTLE, "the second agent's registration once the id is free", second)
+    second.stop()

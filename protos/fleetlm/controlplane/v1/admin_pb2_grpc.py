@@ -176,7 +176,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UndeployModel(self, request, context):
-        """UndeployModel removes a deployment; its replicas are unloaded.
+        """UndeployModel removes a deployment; its replicas are unloaded. Given the name of a model that a node
+        pinned from its own catalog and no live node pins now, it forgets that model; one a live node pins is
+        INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
