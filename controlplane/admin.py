@@ -68,6 +68,14 @@ def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
         raise invalid("deployment.spec.engine", f"engine must be one of {known}; got {spec.engine!r}")
     if spec.device not in ("", "cpu", "gpu", "any"):
         raise invalid("deployment.spec.device", "device must be one of cpu, gpu, any")
+    attached = placement.engine_of(spec) == "openai" and not spec.command  # its path is the server's URL
+    if not attached and not spec.path.startswith("/"):
+        # Nodes report their weights by absolute paths: a relative one matches none, and was NO_CAPACITY on
+        # every node ("model file not found") with a retry that could never succeed.
+        raise invalid(
+            "deployment.spec.path",
+            f"the weights' path must be absolute, as the nodes see it (e.g. /models/x.gguf); got {spec.path!r}",
+        )
     # Fields with presence: set means set. A 0 the engine cannot honour is refused, never replaced by the default
     # that only an unset field stands for.
     if spec.HasField("max_running_requests") and spec.max_running_requests < 1:

@@ -82,6 +82,8 @@ def test_a_bad_value_in_the_spec_is_invalid_argument_naming_the_field(
         ({"engine": "vllm"}, "deployment.spec.engine"),
         ({"format": "onnx"}, "deployment.spec.format"),
         ({"device": "tpu"}, "deployment.spec.device"),
+        # Nodes report weights by absolute paths: a relative one was NO_CAPACITY on every node, retried for ever.
+        ({"path": "models/m.gguf"}, "deployment.spec.path"),
     ]:
         code, error = refusal(admin.DeployModel, admin_pb2.DeployModelRequest(deployment=deployment(**spec)))
         assert (code, error.code, error.param) == (grpc.StatusCode.INVALID_ARGUMENT, ErrorCode.INVALID_REQUEST, param)
