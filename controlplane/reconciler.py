@@ -225,7 +225,11 @@ class Reconciler:
         ready_elsewhere = sum(1 for a in active if (r := self.replica_of(a)) is not None and r.state == READY)
         for assignment in draining:
             if ready_elsewhere >= min(1, want):  # scaled to zero: nothing to wait for
-                await self._unassign(assignment, "node is draining; replacement is ready")
+                # The replacement, when there was room for one, is among them; when there was none, the
+                # deployment runs short of its count until there is (fleetlm status says why).
+                await self._unassign(
+                    assignment, f"node is draining; {ready_elsewhere} replica(s) ready elsewhere, {len(active)} placed"
+                )
 
     def _removal_order(self, assignment: node_pb2.Assignment) -> tuple[int, int]:
         # Remove replicas that are not serving first, then the least busy.
