@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 OVERLOADED = {ErrorCode.GPU_OVERLOADED, ErrorCode.NO_CAPACITY}
 HEALING = {ErrorCode.BACKEND_UNAVAILABLE, ErrorCode.MODEL_UNAVAILABLE, ErrorCode.MODEL_NOT_FOUND}
 RETRYABLE = OVERLOADED | HEALING
+CLIENT_DEADLINE_MARGIN_SECONDS = 0.5
 # How often an unreachable node's watcher looks at the routing table between its channel's state changes.
 NODE_WATCH_SECONDS = 2.0
 PREFIX_CHARS = 256  # about 64 tokens: shorter shared prefixes are not worth routing for
@@ -615,9 +616,13 @@ class Gateway:
                   model, error)  # fmt: skip
 
     def bounded_timeout(self, client_timeout: float | None) -> float:
+        """The deadline of the work for a request: the edge's --request-timeout, or a gRPC client's own
+        deadline with CLIENT_DEADLINE_MARGIN_SECONDS beyond it. The client's deadline ends the call by itself
+        (grpc cancels the handler, and the node's call with it); the margin keeps the edge from racing it
+        with an answer of its own, so the client hears its DEADLINE_EXCEEDED and the edge counts a cancel."""
         if client_timeout is None:
             return self.request_timeout
-        return max(0.001, min(self.request_timeout, client_timeout))
+        return max(0.001, min(self.request_timeout, client_timeout + CLIENT_DEADLINE_MARGIN_SECONDS))
 
     # --- calls ------------------------------------------------------------------------------------------
 

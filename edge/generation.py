@@ -157,8 +157,10 @@ class Generation:
         reason = why_not(request, error, known is not None and known.continue_on_failure, progress.continued)
         node = cut.target.node_id
         if reason:
-            log.warning("request %s: stream from node %s failed after it started: %s (not continued: %s)",
-                        request_id, node, error, reason)  # fmt: skip
+            # The caller's own doing (its deadline passed) is no failure of the fleet's: quietly.
+            level = logging.INFO if error.code == ErrorCode.CANCELLED else logging.WARNING
+            log.log(level, "request %s: stream from node %s failed after it started: %s (not continued: %s)",
+                    request_id, node, error, reason)  # fmt: skip
             raise error
         self._end(cut)
         progress.failed_nodes.add(node)
