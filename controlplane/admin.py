@@ -282,6 +282,11 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             raise FleetError(ErrorCode.NODE_NOT_FOUND, f"node '{node_id}' is not registered", param="node_id")
         return node
 
+    def _pinned(self, name: str) -> list[tuple[str, str]]:
+        """(node id, weights path) of every live node whose own catalog (--catalog) pins a model `name`."""
+        return sorted((n.node_id, r.model.path) for n in self._fleet.nodes.values() for r in n.replicas
+                      if r.model.name == name and not r.assigned)  # fmt: skip
+
     def _deployment(self, name: str) -> node_pb2.Deployment:
         if not name:
             raise invalid("name", "name is required")
@@ -377,9 +382,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         name = deployment.spec.name
         # A node that pins a model of this name from its own catalog serves it as that name: with other
         # weights, its replica would answer for the deployment (the edge routes by name).
-        path = deployment.spec.path
-        pinned = sorted(f"{n.node_id} ({r.model.path})" for n in self._fleet.nodes.values() for r in n.replicas
-                        if r.model.name == name and not r.assigned and r.model.path != path)  # fmt: skip
+        pinned = [f"{node_id} ({path})" for node_id, path in self._pinned(name) if path != deployment.spec.path]
         if pinned:
             raise invalid(
                 "deployment.spec.name",
@@ -402,8 +405,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             # A model a node pinned from its own catalog (--catalog), known to the fleet after that node left
             # (kept, so that its clients hear 'unavailable', not 'unknown', while the node is away): forgotten
             # at the operator's word once no live node pins it.
-            pinned = sorted(n.node_id for n in self._fleet.nodes.values() for r in n.replicas
-                            if r.model.name == request.name and not r.assigned)  # fmt: skip
+            pinned = [node_id for node_id, _ in self._pinned(request.name)]
             if pinned:
                 raise invalid(
                     "name",
