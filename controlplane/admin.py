@@ -332,6 +332,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def CordonNode(
         self, request: admin_pb2.CordonNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CordonNodeResponse:
+        _required(request.node_id, "node_id")  # a bad request is refused whoever leads
         if (forwarded := await self._forward("CordonNode", request, context)) is not None:
             return forwarded  # type: ignore[no-any-return]
         await self._set_scheduling(request.node_id, node_pb2.SCHEDULING_CORDONED)
@@ -340,6 +341,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def UncordonNode(
         self, request: admin_pb2.UncordonNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.UncordonNodeResponse:
+        _required(request.node_id, "node_id")  # a bad request is refused whoever leads
         if (forwarded := await self._forward("UncordonNode", request, context)) is not None:
             return forwarded  # type: ignore[no-any-return]
         await self._set_scheduling(request.node_id, node_pb2.SCHEDULING_ACTIVE)
@@ -348,6 +350,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def DrainNode(
         self, request: admin_pb2.DrainNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.DrainNodeResponse:
+        _required(request.node_id, "node_id")  # a bad request is refused whoever leads
         if (forwarded := await self._forward("DrainNode", request, context)) is not None:
             return forwarded  # type: ignore[no-any-return]
         await self._set_scheduling(request.node_id, node_pb2.SCHEDULING_DRAINING)
@@ -520,6 +523,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RevokeApiKeyResponse:
         keys = self._api_keys()
+        _required(request.id, "id")
         if (forwarded := await self._forward("RevokeApiKey", request, context)) is not None:
             return forwarded  # type: ignore[no-any-return]
         async with self._leading():
@@ -572,3 +576,10 @@ def _no_leader(why: str) -> FleetError:
     return FleetError(
         ErrorCode.BACKEND_UNAVAILABLE, f"{why}; nothing was written, retry shortly", retry_after_seconds=1
     )
+
+
+def _required(value: str, field: str) -> None:
+    """Checked before a write is forwarded: an empty required field is the caller's error on any control
+    plane, whether or not one leads (it was BACKEND_UNAVAILABLE while an election was under way)."""
+    if not value:
+        raise invalid(field, f"{field} is required")
