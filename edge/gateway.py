@@ -179,12 +179,14 @@ class Gateway:
         failover_seconds: float = 3.0,
         tls: TlsFiles | None = None,
         node_streams: bool = True,
+        controlplane_name: str | None = None,
     ) -> None:
         addresses = [controlplanes] if isinstance(controlplanes, str) else list(controlplanes)
         self._controlplanes = [a.strip() for a in addresses if a.strip()]
-        # With `tls`, every channel is mutual TLS with the edge's certificate; plaintext without.
+        # With `tls`, every channel is mutual TLS with the edge's certificate; plaintext without. Control planes
+        # dialled by address (a DNS name's records) are verified by `controlplane_name`.
         self._tls = tls
-        self._cp_channels = [secure_channel(a, tls, CHANNEL_OPTIONS) for a in self._controlplanes]
+        self._cp_channels = [secure_channel(a, tls, CHANNEL_OPTIONS, controlplane_name) for a in self._controlplanes]
         self._cp_turn = 0  # the control plane that answered last is asked first
         self.feed = RouteFeed(self._cp_channels, edge_id)
         self.breakers = breakers or Breakers()

@@ -24,6 +24,8 @@ from edge.settings import EdgeSettings, cors_origins
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh import logs, tracing
 from mesh.auth import read_secret_file
+from mesh.controlplane_addresses import records
+from mesh.fleet_ca import CONTROLPLANE_DNS_NAME
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
 from mesh.tls import (
@@ -66,8 +68,14 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
     t = tls_settings or EdgeTlsSettings(**{})  # from the environment alone
     tls = TlsFiles.of(t.tls_cert, t.tls_key, t.tls_ca)
     edge_id = settings.edge_id or f"{socket.gethostname()}:{settings.grpc_listen.rsplit(':', 1)[-1]}"
+    # A DNS name with several records: each is a control plane of its own (the routing stream moves on from
+    # one that goes silent), verified by the name every control plane's certificate carries.
+    spread = await asyncio.to_thread(records, settings.controlplane)
+    if spread:
+        named = settings.controlplane.strip()
+        log.info("control plane %s has %d addresses, each used in turn: %s", named, len(spread) - 1, ", ".join(spread))
     args = (
-        settings.controlplane.split(","),
+        spread or settings.controlplane.split(","),
         settings.request_timeout_seconds,
         settings.placement_timeout_seconds,
         settings.scale_from_zero_timeout_seconds,
@@ -78,6 +86,7 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
         "failover_seconds": settings.failover_seconds,
         "tls": tls,
         "node_streams": settings.node_streams,
+        "controlplane_name": CONTROLPLANE_DNS_NAME if spread else None,
     }
     gateway = Gateway(*args, **options)
     metrics = EdgeMetrics(gateway) if settings.metrics else None

@@ -15,6 +15,7 @@ from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc, multiplex_pb
 from mesh import logs, tracing
 from mesh import metrics as metrics_port
 from mesh.catalog import CatalogError, load_catalog
+from mesh.controlplane_addresses import controlplane_addresses, controlplane_target, records
 from mesh.fleet_ca import CONTROLPLANE_DNS_NAME, check_identity_name
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
@@ -50,57 +51,6 @@ def _advertised(settings: NodeSettings, port: int) -> str:
     if host in ("0.0.0.0", "[::]", ""):
         host = socket.getfqdn()
     return f"{host}:{port}"
-
-
-def _resolved(entries: list[str]) -> list[str]:
-    """Every address the entries (host:port each) resolve to, in order and once each, of one address family
-    (IPv4 when there is any): a gRPC target holds one family."""
-    v4: list[str] = []
-    v6: list[str] = []
-    for entry in entries:
-        host, sep, port = entry.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"control-plane address {entry!r} is not host:port")
-        for family, *_, sockaddr in socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM):
-            if family == socket.AF_INET and f"{sockaddr[0]}:{port}" not in v4:
-                v4.append(f"{sockaddr[0]}:{port}")
-            elif family == socket.AF_INET6 and f"[{sockaddr[0]}]:{port}" not in v6:
-                v6.append(f"[{sockaddr[0]}]:{port}")
-    return v4 or v6
-
-
-def _entries(addresses: str) -> list[str]:
-    entries = [a.strip() for a in addresses.split(",") if a.strip()]
-    if not entries:
-        raise ValueError("no control-plane address given")
-    return entries
-
-
-def controlplane_target(addresses: str) -> str:
-    """The gRPC target for one or several control planes. One address is used as it is (a DNS name that
-    resolves to several records already gives the channel several addresses). Several become one
-    `ipv4:`/`ipv6:` target, host names resolved now (joining and renewing the certificate use it: its
-    pick_first policy uses the first that answers). The registration and the assignment stream use the
-    addresses one at a time instead (node_agent.controlplanes), which moves on from one that stops
-    answering without waiting for its connection to break."""
-    entries = _entries(addresses)
-    if len(entries) == 1:
-        return entries[0]
-    resolved = _resolved(entries)
-    return ("ipv4:" if ":" not in resolved[0].rsplit(":", 1)[0] else "ipv6:") + ",".join(resolved)
-
-
-def controlplane_addresses(addresses: str) -> list[str]:
-    """Each control plane once, as host:port: the load streams go to every one. Host names are resolved now
-    (a DNS name with several records is several control planes); one that does not resolve yet is kept as
-    it is, for its channel to resolve when it connects."""
-    entries = _entries(addresses)
-    try:
-        return _resolved([e.removeprefix("dns:///") for e in entries])
-    except (OSError, ValueError):
-        if len(entries) > 1:
-            raise  # the same list as a target is refused at start-up already
-        return entries
 
 
 async def _first_failure(stop: asyncio.Event, background: list[asyncio.Task[None]]) -> str:
@@ -140,9 +90,14 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
         return inventory.collect(models_dirs, [e.path for e in entries], settings.inventory_override)
 
     target = controlplane_target(settings.controlplane)
-    # Control planes dialled by address (several given) are verified by the name every control plane's
-    # certificate from the fleet CA carries; one given by name, by that name.
-    by_fleet_name = CONTROLPLANE_DNS_NAME if target.startswith(("ipv4:", "ipv6:")) else None
+    # A DNS name with several records: each is a control plane of its own, as if they had been listed.
+    spread = await asyncio.to_thread(records, settings.controlplane)
+    if spread:
+        named = settings.controlplane.strip()
+        log.info("control plane %s has %d addresses, each used in turn: %s", named, len(spread) - 1, ", ".join(spread))
+    # Control planes dialled by address (several given, or a name's records) are verified by the name every
+    # control plane's certificate from the fleet CA carries; one given by name, by that name.
+    by_fleet_name = CONTROLPLANE_DNS_NAME if target.startswith(("ipv4:", "ipv6:")) or spread else None
     try:
         tls = await node_identity(settings, target, by_fleet_name)
     except JoinError as exc:
@@ -167,8 +122,9 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     failure = ""
     try:
         controlplanes = await asyncio.to_thread(controlplane_addresses, settings.controlplane)
-        # Several given: one at a time, each by its address; one (a DNS name perhaps): as it is.
-        in_turn = controlplanes if by_fleet_name else [target]
+        # Several given: one at a time, each by its address; a name's several records, each, then the name
+        # (resolved again: a control plane that moved); one address: as it is.
+        in_turn = spread or (controlplanes if by_fleet_name else [target])
         async with ControlPlanes(in_turn, tls, by_fleet_name) as using:
             feed = ChangeFeed(host)
             registration = Registration(

@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,8 @@ class Cluster:
     ) -> None:
         self.dir = workdir
         self.env = env  # added to every component's environment (OTEL_*, FLEETLM_*), else theirs is pytest's
+        # Applied to the argv of every component started while it is set (a wrapper that runs it elsewhere).
+        self.wrap: Callable[[list[str]], list[str]] | None = None
         # Each component in a session of its own (and so, with Linux's autogroup scheduling, in a CPU group
         # of its own) instead of the tests' session: how fleetlm's processes ran before 2026-12-05.
         self.sessions_apart = sessions_apart
@@ -231,6 +233,7 @@ class Cluster:
             self.env = saved
 
     def _start(self, name: str, argv: list[str], ready: Any = None) -> Proc:
+        argv = self.wrap(argv) if self.wrap is not None else argv
         proc = Proc(name, argv, self.dir, ready, env=self.env, own_session=self.sessions_apart)
         self.procs.append(proc)
         return proc

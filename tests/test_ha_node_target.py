@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
+from mesh.controlplane_addresses import controlplane_addresses, controlplane_target, records
 from node_agent.controlplanes import ControlPlanes
 from node_agent.registration import MIN_DEADLINE_SECONDS, heartbeat_deadline
-from node_agent.server import controlplane_addresses, controlplane_target
 
 
 def test_one_address_is_used_as_it_is() -> None:
@@ -33,6 +33,15 @@ def test_the_load_streams_go_to_each_control_plane_once() -> None:
     assert controlplane_addresses("[::1]:5") == ["[::1]:5"]
     # One name that does not resolve yet stays as it is: its channel resolves it when it connects.
     assert controlplane_addresses("cp.invalid:50051") == ["cp.invalid:50051"]
+
+
+def test_only_a_single_name_with_several_records_is_spread_over_them() -> None:
+    """A name with several records is tested with processes (test_ha_dns_records); nothing else is spread:
+    a list is used as it is given, an address or a name with one record is one control plane."""
+    assert records("127.0.0.1:1") == []
+    assert records("localhost:7") == []  # one IPv4 record here (IPv6 ones are not mixed in)
+    assert records("127.0.0.1:1,127.0.0.2:2") == []
+    assert records("cp.invalid:50051") == []  # not resolved yet: its channel resolves it when it connects
 
 
 @pytest.mark.parametrize("bad", ["", " , ", "127.0.0.1:1,no-port", "127.0.0.1:1,host:port"])
