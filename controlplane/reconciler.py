@@ -9,6 +9,9 @@ What one pass does, per deployment:
   - unloads replicas idle longer than idle_timeout, down to min_replicas (lowering `replicas`);
   - places new replicas until `replicas` are assigned on schedulable nodes;
   - removes extra replicas when scaled down;
+  - for a changed deployment: starts replicas of the new spec beside the old ones where there is room,
+    else in an old one's place, no more than a quarter of them (at least one) loading at a time, and
+    removes an old replica only once a new one serves in its stead;
   - for a draining node: places the replacement first, and removes the draining replica only once
     another replica is ready, so no request fails during the move.
 """
@@ -27,6 +30,7 @@ from controlplane.leader import Leadership
 from controlplane.store import ClusterStore, Fence, FencedOut, StoreUnavailable, record_key
 from fleetlm.controlplane.v1 import node_pb2
 from mesh.errors import FleetError
+from mesh.redaction import redact_spec
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +96,19 @@ class Reconciler:
 
     # --- snapshot helpers -----------------------------------------------------------------------------
 
-    def snapshots(self, without: str = "") -> list[placement.NodeSnapshot]:
+    def snapshots(self, without: str = "", skip: node_pb2.Assignment | None = None) -> list[placement.NodeSnapshot]:
         """The nodes as placement sees them; `without`: as if that model's replicas were gone (a deployment
-        being changed, whose replicas the new ones replace)."""
+        being changed, whose replicas the new ones replace); `skip`: as if that one replica were gone."""
         fleet = self._fleet
         return [
             placement.NodeSnapshot(
                 n,
                 fleet.scheduling(n.node_id),
-                tuple(a for a in fleet.node_assignments(n.node_id) if not without or a.model.name != without),
+                tuple(
+                    a
+                    for a in fleet.node_assignments(n.node_id)
+                    if (not without or a.model.name != without) and a is not skip
+                ),
             )
             for n in fleet.nodes.values()
         ]
@@ -169,8 +177,7 @@ class Reconciler:
                 await self._unassign(assignment, "node is gone")
             elif deployment is None:
                 await self._unassign(assignment, "deployment removed")
-            elif deployment.spec != assignment.model:
-                await self._unassign(assignment, "deployment changed")
+            # A replica of a changed deployment is replaced by _reconcile_deployment, a few at a time.
         for deployment in list(fleet.deployments.values()):
             await self._reconcile_deployment(deployment)
 
@@ -206,10 +213,18 @@ class Reconciler:
                     break
 
         want = max(deployment.min_replicas, min(deployment.replicas, deployment.max_replicas))
-        missing = want - len(active)
+        # A changed deployment: replicas of an older spec serve until new ones are ready to take their place.
+        current = [a for a in active if a.model == deployment.spec]
+        outdated = [a for a in active if a.model != deployment.spec]
+        for assignment in [a for a in outdated if not self._serving(a)]:
+            await self._unassign(assignment, "deployment changed (it was not serving)")
+            outdated.remove(assignment)
         try:
-            for _ in range(max(0, missing)):
-                active.append(await self._assign(deployment))
+            for _ in range(max(0, want - len(current))):
+                if outdated and not self._fits(deployment.spec):
+                    break  # no room beside the old replicas: new ones take their places, a few at a time
+                current.append(await self._assign(deployment))
+            await self._replace_in_place(deployment, want, current, outdated)
             self.last_errors.pop(name, None)
         except StoreUnavailable:
             raise  # etcd away: not a reason this deployment fits nowhere
@@ -217,12 +232,18 @@ class Reconciler:
             if self.last_errors.get(name) != error.message:
                 log.warning("cannot place %s: %s", name, error.message)
             self.last_errors[name] = error.message
-        for extra in sorted(active, key=self._removal_order)[: max(0, len(active) - want)]:
+        for extra in sorted(current, key=self._removal_order)[: max(0, len(current) - want)]:
             await self._unassign(extra, f"scaled down to {want}")
-            active.remove(extra)
+            current.remove(extra)
+        # An old replica goes once a new one serves in its stead.
+        needed = max(0, want - sum(1 for a in current if self._serving(a)))
+        for old in sorted(outdated, key=self._removal_order)[: max(0, len(outdated) - needed)]:
+            await self._unassign(old, "deployment changed; a replica of the new spec serves in its stead")
+            outdated.remove(old)
+        active = current + outdated
 
         # A draining replica goes once a replica elsewhere is ready to take its requests.
-        ready_elsewhere = sum(1 for a in active if (r := self.replica_of(a)) is not None and r.state == READY)
+        ready_elsewhere = sum(1 for a in active if self._serving(a))
         for assignment in draining:
             if ready_elsewhere >= min(1, want):  # scaled to zero: nothing to wait for
                 # The replacement, when there was room for one, is among them; when there was none, the
@@ -230,6 +251,39 @@ class Reconciler:
                 await self._unassign(
                     assignment, f"node is draining; {ready_elsewhere} replica(s) ready elsewhere, {len(active)} placed"
                 )
+
+    def _fits(self, spec: node_pb2.ModelSpec, skip: node_pb2.Assignment | None = None) -> bool:
+        """Would one more replica fit somewhere (as if `skip` were gone)? Asked, not placed: not counted
+        as a placement failure."""
+        verdicts = placement.evaluate(spec, self.snapshots(skip=skip), self.policy)
+        return bool(verdicts) and verdicts[0].fit is not None
+
+    def _serving(self, assignment: node_pb2.Assignment) -> bool:
+        """Its node reports it ready with this very spec (a replica changed in place reports the old one
+        ready until its node has taken in the change)."""
+        replica = self.replica_of(assignment)
+        return replica is not None and replica.state == READY and replica.model == redact_spec(assignment.model)
+
+    async def _replace_in_place(
+        self,
+        deployment: node_pb2.Deployment,
+        want: int,
+        current: list[node_pb2.Assignment],
+        outdated: list[node_pb2.Assignment],
+    ) -> None:
+        """Where there was no room beside them: an old replica gives its place to a new one, while no more
+        than a quarter of `want` (at least one) new replicas are loading. Only an old replica whose removal
+        lets the new spec be placed goes; FleetError when none does."""
+        budget = max(1, want // 4)
+        while len(current) < want and outdated and sum(1 for a in current if not self._serving(a)) < budget:
+            spec = deployment.spec
+            old = next((o for o in sorted(outdated, key=self._removal_order) if self._fits(spec, skip=o)), None)
+            if old is None:  # the new spec fits in no old replica's place: the old ones go on serving
+                placement.place(spec, self.snapshots(without=spec.name), self.policy)  # raises the reasons
+                return
+            await self._unassign(old, "deployment changed; replaced by a replica of the new spec")
+            outdated.remove(old)
+            current.append(await self._assign(deployment))
 
     def _removal_order(self, assignment: node_pb2.Assignment) -> tuple[int, int]:
         # Remove replicas that are not serving first, then the least busy.

@@ -164,6 +164,8 @@ def snapshot(
                 "ready": sum(r.state == ready for r in d.replicas),
                 "nodes": [r.node_id for r in d.replicas],
                 "assigned": len(d.assignments),  # replicas placed on nodes, ready or not
+                # Replicas of an older spec, during a roll-out of a change (serving until replaced).
+                "outdated": sum(a.model != d.deployment.spec for a in d.assignments),
                 "unplaced_reason": (unplaced or {}).get(d.deployment.spec.name),
             }
             for d in deployments.deployments
@@ -219,6 +221,10 @@ def render(snap: dict[str, Any], width: int) -> list[str]:
              ",".join(d["nodes"]) or "-"] for d in deployments]  # fmt: skip
     lines += _table(["NAME", "ENGINE", "READY", "MIN-MAX", "NODES"], rows) if rows else ["  none"]
     for d in deployments:
+        if d["outdated"]:
+            new = d["assigned"] - d["outdated"]
+            lines.append(f"  {d['name']}: rolling out a change: {new} of {d['replicas']} replicas placed with the new"
+                         f" spec; {d['outdated']} with the old one serve until new ones are ready")  # fmt: skip
         if d["unplaced_reason"]:
             short = d["replicas"] - d["assigned"]
             lines.append(f"  {d['name']}: {short} of {d['replicas']} replicas fit on no node: {d['unplaced_reason']}")

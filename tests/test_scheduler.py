@@ -201,22 +201,63 @@ def test_spread_puts_replicas_on_different_nodes(fleet: Fleet) -> None:
     wait_for(lambda: fleet.status("spread-me") is None, 10, "undeploy")
 
 
-def test_a_deployment_on_every_node_it_fits_can_be_changed(fleet: Fleet) -> None:
-    # Its replicas hold every node with the weights; the change's dry run counted them against it ("already
-    # runs a replica of this model" on each) and refused every change: only undeploy and deploy again did.
+def _changed_under_load(fleet: Fleet, name: str, replicas: int, context_size: int, meanwhile: Any = None) -> None:
+    """Change the deployment's context size while a client sends requests in a loop; wait until `replicas`
+    replicas with the new spec are ready and none with the old one is left (`meanwhile` runs between);
+    assert that no request failed or hung, and that no fewer than `replicas` - 1 replicas served at any
+    sample (as their nodes report them: ready, with either spec). Every replica was unloaded at once: the
+    edge held requests until new ones had loaded (none failed, but the model served nothing meanwhile)."""
+    serving: list[int] = []
+    load = Load(fleet, name)
+    try:
+        wait_for(lambda: load.ok >= 3, 60, "requests served before the change")
+        fleet.deploy(name, device="cpu", min_replicas=replicas, max_replicas=replicas, context_size=context_size)
+        if meanwhile is not None:
+            meanwhile()
+
+        def rolled_out() -> bool:
+            ready = node_pb2.REPLICA_STATE_READY
+            reported = [r for n in fleet.nodes().values() for r in n.replicas if r.model.name == name]
+            serving.append(sum(1 for r in reported if r.state == ready))
+            status = fleet.status(name)
+            if status is None or len(status.assignments) != replicas:
+                return False
+            new_ready = sum(1 for r in reported if r.state == ready and r.model.context_size == context_size)
+            return all(a.model.context_size == context_size for a in status.assignments) and new_ready == replicas
+
+        wait_for(rolled_out, 120, f"{replicas} replicas of {name} with the new spec ready")
+        served = load.ok
+        wait_for(lambda: load.ok >= served + 3, 60, "requests served after the change")
+    finally:
+        load.stop()
+    print(f"{name} changed under load: {load.summary()}; replicas serving, sampled: {serving}")
+    assert load.failed == [] and load.hung == 0, load.summary()
+    assert len(serving) >= 10 and min(serving) >= replicas - 1, serving
+
+
+def test_a_deployment_on_every_node_it_fits_is_changed_one_replica_at_a_time(fleet: Fleet) -> None:
+    """Its replicas hold every node with the weights, so each new one can only take an old one's place: one
+    at a time, the next only once the last is ready, so the others serve meanwhile. Every replica was
+    dropped at once, and the model served nothing until the new ones had loaded (the change's dry run had
+    also refused it outright: "already runs a replica of this model" on each node)."""
     fleet.deploy("change-me", device="cpu", min_replicas=3, max_replicas=3)
     wait_for(lambda: len(fleet.ready_nodes("change-me")) == 3, 60, "3 replicas ready")
-    changed = fleet.deploy("change-me", device="cpu", min_replicas=3, max_replicas=3, context_size=512)
-    assert changed.deployment.spec.context_size == 512
+    _changed_under_load(fleet, "change-me", 3, 512)
 
-    def replaced() -> bool:
-        status = fleet.status("change-me")
-        return status is not None and sorted(a.model.context_size for a in status.assignments) == [512] * 3
 
-    wait_for(replaced, 60, "the replicas replaced by ones with the new spec")
-    wait_for(lambda: len(fleet.ready_nodes("change-me")) == 3, 60, "3 new replicas ready")
-    fleet.undeploy("change-me")
-    wait_for(lambda: fleet.status("change-me") is None, 10, "undeploy")
+def test_a_changed_deployment_starts_its_new_replicas_beside_the_old_where_there_is_room(fleet: Fleet) -> None:
+    """2 replicas on 3 nodes that fit: the new replicas load on the free node (and then in the places
+    of the old ones), and an old replica goes only once a new one is ready to take its requests."""
+    fleet.deploy("surge", device="cpu", min_replicas=2, max_replicas=2)
+    wait_for(lambda: len(fleet.ready_nodes("surge")) == 2, 60, "2 replicas ready")
+    before = set(fleet.ready_nodes("surge"))
+
+    def first_goes_beside() -> None:
+        status = fleet.status("surge")
+        first = [a.node_id for a in status.assignments if a.model.context_size == 768] if status else []
+        assert set(first) - before, f"new replicas {first} all took an old one's place; old ones on {before}"
+
+    _changed_under_load(fleet, "surge", 2, 768, meanwhile=first_goes_beside)
 
 
 def test_scale_from_zero_then_idle_unload(fleet: Fleet) -> None:

@@ -280,6 +280,30 @@ async def test_a_llama_replica_reports_its_load_progress() -> None:
     assert ready and not ready[-1].HasField("load_progress") and not ready[-1].HasField("loading_since")
 
 
+def test_the_view_says_a_deployment_is_rolling_out_a_change() -> None:
+    old = node_pb2.ModelSpec(name="m", engine="llamacpp", context_size=1024)
+    new = node_pb2.ModelSpec(name="m", engine="llamacpp", context_size=512)
+    status = admin_pb2.DeploymentStatus(
+        deployment=node_pb2.Deployment(spec=new, replicas=3, min_replicas=3, max_replicas=3),
+        assignments=[node_pb2.Assignment(node_id=n, model=spec) for n, spec in (("a", new), ("b", old), ("c", old))],
+    )
+    from launcher.status import snapshot
+
+    snap = snapshot("cp:1", admin_pb2.ListNodesResponse(), admin_pb2.ListDeploymentsResponse(deployments=[status]),
+                    admin_pb2.GetLeaderResponse(), time.time())  # fmt: skip
+    assert snap["deployments"][0]["outdated"] == 2
+    said = [line.strip() for line in render(snap, 200) if "rolling out" in line]
+    assert said == [
+        "m: rolling out a change: 1 of 3 replicas placed with the new spec; 2 with the old one serve until new ones"
+        " are ready"
+    ]
+    status.assignments[1].model.CopyFrom(new)
+    status.assignments[2].model.CopyFrom(new)
+    done = snapshot("cp:1", admin_pb2.ListNodesResponse(), admin_pb2.ListDeploymentsResponse(deployments=[status]),
+                    admin_pb2.GetLeaderResponse(), time.time())  # fmt: skip
+    assert not [line for line in render(done, 200) if "rolling out" in line]
+
+
 def test_the_view_shows_load_progress_and_errors() -> None:
     # Formatting only: a loading replica with and without a fraction, and a failed one.
     def replica(model: str, **fields: object) -> node_pb2.Replica:
