@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -35,6 +36,7 @@ from launcher.admin_access import AccessError, find_target, write_operator_file
 from launcher.default_model import write_default_catalog
 from launcher.processes import Child, Interrupted, RestartBudget, etcd_argv, port_free, tcp_open, wait_until
 from launcher.status import fetch, unplaceable
+from mesh import logs
 from mesh.catalog import CatalogError, load_catalog
 from mesh.tls import is_loopback
 
@@ -114,6 +116,13 @@ class LoadProgress:
         return False
 
 
+def _said(level: int, message: str) -> None:
+    """A line from the supervisor among its components' log lines, in their format (time, who, level; JSON
+    with --log-format json), so that a restart can be placed among what the components logged around it."""
+    log_format = os.environ.get("FLEETLM_NODE_LOG_FORMAT", "text")  # set for every component by --log-format
+    print(logs.formatted("up", level, "fleetlm up", message, log_format), file=sys.stderr, flush=True)
+
+
 def _supervise(children: list[Child], stop: threading.Event) -> int:
     """Until `stop`: a component that exits is started again (`RestartBudget`: after 1 s, then longer);
     the others reconnect to it on their own, as they would to one restarted by an operator. Returns 0, or
@@ -126,7 +135,7 @@ def _supervise(children: list[Child], stop: threading.Event) -> int:
                 if time.monotonic() >= due[child.name]:
                     del due[child.name]
                     child.start_again()
-                    print(f"fleetlm up: {child.name} started again", file=sys.stderr, flush=True)
+                    _said(logging.INFO, f"{child.name} started again")
                 continue
             if child.alive():
                 continue
@@ -134,10 +143,9 @@ def _supervise(children: list[Child], stop: threading.Event) -> int:
             delay = budget.died()
             exited = f"{child.name} exited with code {child.proc.returncode}"
             if delay is None:
-                print(f"fleetlm up: {exited}, {budget.deaths} times within {budget.window_seconds:g}s; stopping",
-                      file=sys.stderr)  # fmt: skip
+                _said(logging.ERROR, f"{exited}, {budget.deaths} times within {budget.window_seconds:g}s; stopping")
                 return 1
-            print(f"fleetlm up: {exited}; starting it again in {delay:g}s", file=sys.stderr, flush=True)
+            _said(logging.WARNING, f"{exited}; starting it again in {delay:g}s")
             due[child.name] = time.monotonic() + delay
     return 0
 

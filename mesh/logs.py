@@ -66,6 +66,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def formatted(component: str, level: int, logger: str, message: str, log_format: str = "text") -> str:
+    """One line as `setup`'s handler writes it, for a process that prints among its children's log lines
+    (`fleetlm up`'s supervisor) without logging itself."""
+    record = logging.LogRecord(logger, level, __file__, 0, message, None, None)
+    _RequestIdFilter(component).filter(record)
+    return (JsonFormatter() if log_format == "json" else _TextFormatter(component)).format(record)
+
+
 def setup(component: str, level: str = "INFO", log_format: str = "text") -> None:
     """Log to stderr with the component's name, so `fleetlm up`'s merged output stays readable."""
     if log_format not in FORMATS:
