@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ INSTALL = (
     " scripts/test_tools.sh),"
     " or put the prometheus binary of https://prometheus.io/download/ on the PATH"
 )
+DOCKER = Path(__file__).resolve().parent.parent / "docker"
+ALERTS = DOCKER / "alerts.yml"
 # Scrapes come every second; a query's answer may lag a couple of scrapes on two busy cores, and Prometheus
 # itself takes a few seconds to start: generous bounds, which only a broken scrape exceeds.
 SCRAPE_WAIT = 60
@@ -48,9 +51,11 @@ def prometheus_binary() -> str:
 
 
 def scrape_config(targets: dict[str, str]) -> dict[str, Any]:
-    """One job per service (job name: the service), scraped every second over plain HTTP."""
+    """One job per service (job name: the service), scraped every second over plain HTTP, with the alerting
+    rules the compose fleet's Prometheus loads (docker/alerts.yml)."""
     return {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERTS)],
         "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [t]}]} for job, t in targets.items()],
     }
 
@@ -191,10 +196,10 @@ def test_promql_counts_what_the_openai_client_saw(fleet: Fleet) -> None:
 
 # --- docker/: the compose fleet's Prometheus and the Grafana dashboard ---------------------------------------
 
-DOCKER = Path(__file__).resolve().parent.parent / "docker"
 DASHBOARD = DOCKER / "grafana" / "fleetlm-dashboard.json"
-# Series that exist only once something rare happened (a 429): the dashboard may query them before then.
-RARE_SERIES = {"fleetlm_edge_rate_limited_total"}
+# Series that exist only once something rare happened (a 429, a failed etcd call): the dashboard may query
+# them before then.
+RARE_SERIES = {"fleetlm_edge_rate_limited_total", "fleetlm_controlplane_etcd_errors_total"}
 
 
 def dashboard_series() -> set[str]:
@@ -211,6 +216,7 @@ def test_compose_runs_prometheus_beside_the_fleet_and_scrapes_every_service(tmp_
     services = compose["services"]
     prometheus = services["prometheus"]
     assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    assert "./alerts.yml:/etc/prometheus/alerts.yml:ro" in prometheus["volumes"]  # its rule_files, beside it
     assert "fleet:/fleet:ro" in prometheus["volumes"]  # the fleet CA it trusts
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
     grafana = services["grafana"]
@@ -237,8 +243,20 @@ def test_compose_runs_prometheus_beside_the_fleet_and_scrapes_every_service(tmp_
     ca.write_text("")  # promtool checks that the CA file is there, not what it holds
     local = tmp_path / "prometheus.yml"
     local.write_text((DOCKER / "prometheus.yml").read_text().replace("/fleet/ca/ca.crt", str(ca)))
+    shutil.copy(ALERTS, tmp_path / ALERTS.name)  # promtool checks the rule files the configuration names too
     checked = subprocess.run([promtool, "check", "config", str(local)], capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 9 rules found" in checked.stdout, checked.stdout
+
+
+def test_each_alert_fires_when_it_should_and_not_otherwise() -> None:
+    """promtool's unit tests of the rules (tests/alerts_test.yml): synthetic series, one case each that must
+    raise the alert and one that must not (a control plane whose view lags, client errors, a moment's
+    unreachable node)."""
+    promtool = shutil.which("promtool") or pytest.fail(f"promtool (of the Prometheus package) is missing: {INSTALL}")
+    tests = Path(__file__).resolve().parent / "alerts_test.yml"
+    done = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "SUCCESS" in done.stdout, done.stdout + done.stderr
 
 
 def test_every_series_the_dashboard_shows_is_scraped(fleet: Fleet) -> None:
@@ -256,6 +274,10 @@ def test_every_series_the_dashboard_shows_is_scraped(fleet: Fleet) -> None:
         "Replicas by state",
         "Nodes",
         "KV cache use",
+        "Unreachable nodes (edge)",
+        "Routing table age (edge)",
+        "Control planes: leaders and etcd errors",
+        "Alerts firing",
     ):
         assert wanted in titles  # fmt: skip
     # One generation of its own, so that the series counted per request exist whatever ran before.
@@ -272,3 +294,39 @@ def test_every_series_the_dashboard_shows_is_scraped(fleet: Fleet) -> None:
         wait_for(scraped, SCRAPE_WAIT, "every series of the dashboard")
     except TimeoutError:
         pytest.fail(f"the dashboard queries series Prometheus does not have: {missing}")
+    # And every query is PromQL this Prometheus takes, with Grafana's variables as a user would have them.
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$__rate_interval", "1m").replace("$model", ".*")
+            fleet.prometheus.query(expr)  # asserts a successful answer
+
+
+def test_the_alert_rules_evaluate_on_a_real_fleet_and_none_fires_while_it_is_healthy(fleet: Fleet) -> None:
+    """The rules of docker/alerts.yml loaded by the real Prometheus beside a real fleet: each evaluates
+    without error, every fleetlm series it names is scraped (a misspelt metric would never fire), and none
+    is pending or firing while every component is up and the deployment's replica serves."""
+    names = {name for name in re.findall(r"\bfleetlm_[a-z0-9_]+", ALERTS.read_text())}
+    rare = {"fleetlm_controlplane_etcd_errors_total"}  # a series of its own only once an etcd call failed
+    assert len(names) >= 7, names
+    rules: list[dict[str, Any]] = []
+
+    def evaluated() -> bool:
+        groups = httpx.get(f"{fleet.prometheus.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+        rules[:] = [r for g in groups for r in g["rules"]]
+        return len(rules) == 9 and all(r["health"] != "unknown" for r in rules)
+
+    wait_for(evaluated, SCRAPE_WAIT, "every alerting rule evaluated")
+    assert [(r["name"], r["health"], r.get("lastError", "")) for r in rules if r["health"] != "ok"] == []
+    missing: list[str] = []
+
+    def scraped() -> bool:
+        missing[:] = [n for n in sorted(names - rare) if not fleet.prometheus.query(f'count({{__name__="{n}"}})')]
+        return not missing
+
+    try:
+        wait_for(scraped, SCRAPE_WAIT, "every series the alerting rules name")
+    except TimeoutError:
+        pytest.fail(f"the alerting rules name series Prometheus does not have: {missing}")
+    time.sleep(3)  # a few evaluations (every second) over the scraped series
+    alerts = httpx.get(f"{fleet.prometheus.url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+    assert [(a["labels"]["alertname"], a["state"]) for a in alerts] == []
