@@ -241,10 +241,16 @@ class _Request(BaseModel):
 
 
 class ContentPart(BaseModel):
+    """A text part, or an assistant's refusal part (OpenAI's history carries the model's refusals so)."""
+
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    type: Literal["text"]
-    text: str
+    type: Literal["text", "refusal"]
+    text: str = ""
+    refusal: str = ""
+
+    def value(self) -> str:
+        return self.text if self.type == "text" else self.refusal
 
 
 # Content parts OpenAI defines that carry something other than text. fleetlm's engines get text only (the
@@ -257,15 +263,26 @@ NOT_TEXT = {
 
 
 def refuse_content_parts(messages: Any) -> None:
-    """A 400 naming the part (`messages[i].content[j]`) for content that is not text."""
+    """A 400 naming the part (`messages[i].content[j]`) for content that is not text, a part type fleetlm
+    does not know, a part without its text, or a refusal part outside an assistant's message."""
     if not isinstance(messages, list):
         return
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
         for j, part in enumerate(content if isinstance(content, list) else ()):
-            kind = part.get("type") if isinstance(part, dict) else None
+            where = f"messages[{i}].content[{j}]"
+            if not isinstance(part, dict):
+                raise invalid(where, f'\'{where}\' must be a content part object, such as {{"type": "text", ...}}')
+            kind = part.get("type")
             if isinstance(kind, str) and kind in NOT_TEXT:
-                raise invalid(f"messages[{i}].content[{j}]", f"'{kind}' content: {NOT_TEXT[kind]}")
+                raise invalid(where, f"'{kind}' content: {NOT_TEXT[kind]}")
+            if kind not in ("text", "refusal"):
+                said = "must be 'text' (or 'refusal' in an assistant's message)"
+                raise invalid(f"{where}.type", f"'{where}.type' {said}")
+            if kind == "refusal" and message.get("role") != "assistant":
+                raise invalid(f"{where}.type", f"'{where}': a refusal part is only allowed in an assistant's message")
+            if not isinstance(part.get(kind), str):
+                raise invalid(f"{where}.{kind}", f"'{where}.{kind}' must be a string")
 
 
 class FunctionCallIn(BaseModel):
@@ -296,13 +313,15 @@ class ChatMessageIn(BaseModel):
     content: str | list[ContentPart] | None = None
     tool_calls: list[ToolCallIn] | None = None  # an assistant message's calls
     tool_call_id: str | None = None  # a tool message: the call it answers
+    # A participant's name: taken (a string) and not passed on; no chat template here has a place for it.
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.value() for part in self.content)
 
     def to_proto(self) -> inference_pb2.ChatMessage:
         return inference_pb2.ChatMessage(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from typing import Any, Literal
 
@@ -68,11 +69,14 @@ def conversation(instructions: str | None, given: str | list[Any]) -> list[infer
     if len(given) > MAX_MESSAGES:
         raise invalid("input", f"at most {MAX_MESSAGES} input items are allowed; got {len(given)}")
     call_ids: set[str] = set()  # of the function calls so far: an output answers one of them
+    unanswered: dict[str, int] = {}  # call_id -> the item of a function call no output has answered yet
     for i, item in enumerate(given):
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise invalid(where, f"'{where}' must be an object")
         kind = item.get("type", "message")
+        if kind == "message" or (kind == "function_call" and messages and messages[-1].role == "tool"):
+            _answered(unanswered)  # the model's next turn: every call before it has its output
         if kind == "message":
             role = item.get("role")
             if role not in ROLES:
@@ -87,7 +91,10 @@ def conversation(instructions: str | None, given: str | list[Any]) -> list[infer
                     name=_string(item, "name", where, empty=False), arguments=_string(item, "arguments", where)
                 ),
             )
+            if call.id in unanswered:
+                raise invalid(f"{where}.call_id", f"'{where}.call_id' '{call.id[:80]}' is an earlier function_call's")
             call_ids.add(call.id)
+            unanswered[call.id] = i
             if not messages or messages[-1].role != "assistant":
                 messages.append(inference_pb2.ChatMessage(role="assistant"))
             messages[-1].tool_calls.append(call)
@@ -98,12 +105,25 @@ def conversation(instructions: str | None, given: str | list[Any]) -> list[infer
                     f"{where}.call_id", f"'{where}.call_id' '{call_id[:80]}' answers no function_call before it"
                 )
             content = _text_of(item.get("output"), f"{where}.output")
+            unanswered.pop(call_id, None)
             messages.append(inference_pb2.ChatMessage(role="tool", content=content, tool_call_id=call_id))
         elif kind == "reasoning":
             continue  # a reasoning model's thoughts, handed back: fleetlm's models have none to read
         else:
             raise invalid(f"{where}.type", f"input items of type '{kind}' are not supported here")
+    _answered(unanswered)
     return messages
+
+
+def _answered(unanswered: dict[str, int]) -> None:
+    """Every function call is answered by its function_call_output before the model's next turn (as
+    OpenAI requires: the model would go on from a call it never heard the result of)."""
+    for call_id, i in unanswered.items():
+        raise invalid(
+            f"input[{i}]",
+            f"'input[{i}]' is a function_call (call_id '{call_id[:80]}') that no function_call_output answers:"
+            " send its output after it",
+        )
 
 
 # The chat's fields that a refusal from further on (the gateway's checks, a node's) may name, as the
@@ -114,12 +134,14 @@ _CHAT_NAMES = (
     ("response_format.json_schema.", "text.format."),
     ("response_format", "text.format"),
 )
+# A chat's function tool holds its fields under `function`; a response's tool holds them itself.
+_FUNCTION = re.compile(r"((?:tools\[\d+\])|tool_choice)\.function\b")
 
 
 def renamed(error: FleetError) -> FleetError:
     """A refusal about the chat underneath a response, naming the Responses API's fields instead: `input`
     for the messages (the input items' own checks in `conversation` come first, naming the item),
-    `max_output_tokens`, `text.format`."""
+    `max_output_tokens`, `text.format`, `tools[i].name` for a chat's `tools[i].function.name`."""
     param = error.param or ""
     if param == "messages" or param.startswith("messages["):
         param = "input"
@@ -127,6 +149,7 @@ def renamed(error: FleetError) -> FleetError:
     for chat, responses in _CHAT_NAMES:
         param = param.replace(chat.strip("'"), responses.strip("'"))
         message = message.replace(chat, responses)
+    param, message = (_FUNCTION.sub(r"\1", text) for text in (param, message))
     return dataclasses.replace(error, param=param or error.param, message=message)
 
 
@@ -339,14 +362,18 @@ class ResponseShape:
         return body
 
     def full(self, text: str, result: inference_pb2.GenerateResult) -> dict[str, Any]:
-        """The whole response: the text as a message (when there is any, or no call), then each call."""
+        """The whole response: the text as a message (when there is any, or no call), then each call. The
+        last item is the one max_output_tokens cut, if it cut one: it has the response's status (a call's
+        arguments may then be half a JSON object), the others are completed, as the stream says."""
         status = status_of(result)
+        calls = list(result.tool_calls)
         output = []
-        if text or not result.tool_calls:
-            output.append(self.message(new_id("msg", "_"), text, status))
-        for call in result.tool_calls:
+        if text or not calls:
+            output.append(self.message(new_id("msg", "_"), text, "completed" if calls else status))
+        for i, call in enumerate(calls):
+            done = status if i == len(calls) - 1 else "completed"
             output.append(self.function_call(new_id("fc", "_"), call.id, call.function.name, call.function.arguments,
-                                             "completed"))  # fmt: skip
+                                             done))  # fmt: skip
         return self.finished(output, result)
 
 

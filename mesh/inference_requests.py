@@ -174,6 +174,7 @@ def validate_chat(chat: inference_pb2.ChatConversation) -> None:
         "messages", (t for m in chat.messages for t in (m.content, *(c.function.arguments for c in m.tool_calls)))
     )
     call_ids: set[str] = set()  # ids of the tool calls made so far in the conversation
+    unanswered: tuple[int, list[str]] = (-1, [])  # the last assistant turn's calls no tool turn has answered
     for i, message in enumerate(chat.messages):
         if message.role not in ROLES:
             raise invalid(
@@ -181,6 +182,12 @@ def validate_chat(chat: inference_pb2.ChatConversation) -> None:
                 f"messages[{i}].role must be one of {', '.join(ROLES)}; got '{message.role}'",
             )
         _validate_tool_history(i, message, call_ids)
+        if message.role == "tool":
+            unanswered[1][:] = [c for c in unanswered[1] if c != message.tool_call_id]
+            continue
+        _answered(*unanswered)
+        unanswered = (i, [call.id for call in message.tool_calls])
+    _answered(*unanswered)
     last = chat.messages[-1]
     if chat.continue_final_message and last.role != "assistant":
         raise invalid(
@@ -192,15 +199,31 @@ def validate_chat(chat: inference_pb2.ChatConversation) -> None:
     validate_tools(chat)
 
 
+def _answered(i: int, calls: list[str]) -> None:
+    """Every call of an assistant turn is answered by a tool turn right after it (as OpenAI requires: the
+    model would otherwise go on from a call it never heard the result of)."""
+    if calls:
+        missing = ", ".join(calls[:5]) + (", ..." if len(calls) > 5 else "")
+        raise invalid(
+            f"messages[{i}].tool_calls",
+            f"an assistant message with 'tool_calls' must be followed by tool messages answering each"
+            f" 'tool_call_id'; messages[{i}] has calls no tool message answers: {missing}",
+        )
+
+
 def _validate_tool_history(i: int, message: inference_pb2.ChatMessage, call_ids: set[str]) -> None:
     """Tool calls only on assistant turns, each with an id and a function name; a tool turn answers a call
     made before it, by id (as OpenAI requires)."""
     if message.tool_calls and message.role != "assistant":
         raise invalid(f"messages[{i}].tool_calls", f"messages[{i}].tool_calls is only allowed on role 'assistant'")
+    ids: set[str] = set()
     for j, call in enumerate(message.tool_calls):
         where = f"messages[{i}].tool_calls[{j}]"
         if not call.id:
             raise invalid(f"{where}.id", f"{where}.id must not be empty")
+        if call.id in ids:
+            raise invalid(f"{where}.id", f"{where}.id '{call.id[:80]}' is the id of an earlier call of this message")
+        ids.add(call.id)
         if not call.function.name:
             raise invalid(f"{where}.function.name", f"{where}.function.name must not be empty")
         call_ids.add(call.id)

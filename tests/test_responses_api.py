@@ -159,6 +159,17 @@ def test_text_format_json_schema_gives_a_parsed_answer(client: openai.OpenAI, me
          "answers no function_call before it"),
         ({"input": [{"type": "function_call", "call_id": "", "name": "get_weather", "arguments": "{}"}]},
          "input[0].call_id", "non-empty string"),
+        # A call with no output before the model's next turn (it was taken, and the model went on from it).
+        ({"input": [{"role": "user", "content": "Weather?"},
+                    {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+                    {"role": "user", "content": "go on"}]}, "input[1]", "no function_call_output answers"),
+        ({"input": [{"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}]},
+         "input[0]", "no function_call_output answers"),
+        # A tool's fields are named as this API holds them (they were named tools[0].function.parameters).
+        ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {
+            "type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}]},
+         "tools[0].parameters", "tools[0].parameters"),
+        ({"input": "hi", "tools": [{**WEATHER}, {**WEATHER}]}, "tools[1].name", "tools[1].name"),
         # Refused further on, by the chat's checks and the node's: named as this API names them.
         ({"input": "word " * 4000}, "input", "context"),
         ({"input": "hi", "max_output_tokens": 100_000}, "max_output_tokens", "max_output_tokens (100000) exceeds"),
@@ -207,3 +218,25 @@ def test_the_prompt_is_the_chat_conversation_the_items_make(mesh: Mesh, client: 
             inference_pb2.TokenizeRequest(model=mesh.model, chat=chat), timeout=10
         )
     assert response.usage is not None and response.usage.input_tokens == len(tokens.token_ids)
+
+
+def test_a_call_cut_by_max_output_tokens_is_incomplete_in_the_whole_response_as_in_the_stream() -> None:
+    """The item max_output_tokens cut (the last) has the response's status, its arguments perhaps half a
+    JSON object; the earlier ones are completed. Not streamed, every call said "completed" (the stream said
+    "incomplete" for the cut one): a client trusting it ran a tool with broken arguments."""
+    from edge.responses_protocol import ResponseShape, ResponsesRequest
+
+    shape = ResponseShape(ResponsesRequest.model_validate({"model": "m", "input": "hi"}), "m")
+    calls = [inference_pb2.ToolCall(id=f"call_{i}", function=inference_pb2.FunctionCall(name="f", arguments=a))
+             for i, a in enumerate(['{"city": "Oslo"}', '{"city'])]  # fmt: skip
+    cut = inference_pb2.GenerateResult(finish_reason=inference_pb2.FINISH_REASON_LENGTH, tool_calls=calls)
+    body = shape.full("", cut)
+    assert body["status"] == "incomplete"
+    assert [(item["type"], item["status"]) for item in body["output"]] == [
+        ("function_call", "completed"),
+        ("function_call", "incomplete"),
+    ]
+    told = shape.full("Let me look.", cut)  # text before the calls: complete, as the stream closes it
+    assert [item["status"] for item in told["output"]] == ["completed", "completed", "incomplete"]
+    ended = inference_pb2.GenerateResult(finish_reason=inference_pb2.FINISH_REASON_TOOL_CALLS, tool_calls=calls)
+    assert {item["status"] for item in shape.full("", ended)["output"]} == {"completed"}

@@ -235,6 +235,18 @@ def test_an_openai_request_with_tools_and_tool_history_becomes_the_proto() -> No
     assert not request(tools=TOOLS).chat.HasField("tool_choice")  # unset: auto with tools
 
 
+ASKED = {"role": "user", "content": "Weather in Oslo?"}
+
+
+def called(ids: list[str]) -> dict[str, Any]:
+    calls = [{"id": i, "type": "function", "function": {"name": "get_weather", "arguments": ARGS}} for i in ids]
+    return {"role": "assistant", "content": None, "tool_calls": calls}
+
+
+def answer(call_id: str) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": "3 C"}
+
+
 BAD_HTTP: list[tuple[dict[str, Any], str]] = [
     ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools[0].function.name"),
     ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools[0].type"),
@@ -255,6 +267,13 @@ BAD_HTTP: list[tuple[dict[str, Any], str]] = [
     ({"messages": [{"role": "assistant", "tool_calls": [
         {"id": "", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
      "messages[0].tool_calls[0].id"),
+    # A call must be answered by a tool message right after its assistant turn (OpenAI's rule): the model
+    # would go on from a call it never heard the result of. They were accepted.
+    ({"messages": [ASKED, called(["c1"]), {"role": "user", "content": "go on"}]}, "messages[1].tool_calls"),
+    ({"messages": [ASKED, called(["c1", "c2"]), answer("c1"), {"role": "user", "content": "go on"}]},
+     "messages[1].tool_calls"),
+    ({"messages": [ASKED, called(["c1"])]}, "messages[1].tool_calls"),
+    ({"messages": [ASKED, called(["c1", "c1"]), answer("c1")]}, "messages[1].tool_calls[1].id"),
 ]  # fmt: skip
 
 
@@ -292,3 +311,39 @@ def test_an_openai_compatible_server_gets_the_tools_and_history_and_its_deltas_b
     whole = ToolCallDeltas()
     first = whole.feed([{"index": 0, "function": {"name": "f", "arguments": "{}"}}])
     assert first[0].id.startswith("call_") and whole.calls[0].arguments == "{}"
+
+
+def test_a_call_answered_in_any_order_with_more_turns_after_is_taken() -> None:
+    validate_chat(request(messages=[ASKED, called(["c1", "c2"]), answer("c2"), answer("c1"),
+                                    {"role": "assistant", "content": "3 C in both."},
+                                    {"role": "user", "content": "Thanks"}]).chat)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("message", "param", "said"),
+    [
+        ({"role": "user", "content": "hi", "name": 5}, "messages[0].name", "valid string"),
+        ({"role": "user", "content": [{"type": "video", "video": "x"}]}, "messages[0].content[0].type", "'text'"),
+        ({"role": "user", "content": [{"type": "text"}]}, "messages[0].content[0].text", "must be a string"),
+        ({"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}, "messages[0].content[0].type",
+         "only allowed in an assistant's message"),
+        ({"role": "user", "content": ["hi"]}, "messages[0].content[0]", "content part object"),
+    ],
+)  # fmt: skip
+def test_a_message_field_of_the_wrong_kind_is_a_400_that_says_what_is_wrong(
+    message: dict[str, Any], param: str, said: str
+) -> None:
+    """It was "Input should be a valid string" for each part (pydantic's first union branch), and a `name` of
+    any type was dropped unread."""
+    with pytest.raises(FleetError) as refused:
+        request(messages=[message])
+    assert refused.value.param == param and said in refused.value.message, refused.value
+
+
+def test_a_participant_name_and_an_assistant_refusal_part_are_taken() -> None:
+    chat = request(messages=[
+        {"role": "user", "content": "Say no.", "name": "alice"},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Why?"}]},
+    ]).chat  # fmt: skip
+    assert [m.content for m in chat.messages] == ["Say no.", "I can't.", "Why?"]
