@@ -201,6 +201,9 @@ class Gateway:
         self._scale_from_zero_timeout = scale_from_zero_timeout_seconds
         self._failover_seconds = failover_seconds
         self.continued_streams = 0  # streams cut by a failed node and continued on another replica
+        # Set by the edge when its shutdown grace is nearly spent: requests still running end with a 503 (or,
+        # a stream that has started, an error event), instead of being cut by the server (edge.server).
+        self.stopping = asyncio.Event()
         self.metrics: EdgeMetrics | None = None  # set by the edge when metrics are on (edge.metrics)
         from edge.generation import Generation  # it builds on this module: imported once this one is loaded
 

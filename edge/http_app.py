@@ -138,8 +138,18 @@ async def _body(receive: Receive) -> bytes | None:
             return bytes(raw)
 
 
-async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the HTTP client goes away first."""
+def shutting_down() -> FleetError:
+    return FleetError(
+        ErrorCode.BACKEND_UNAVAILABLE,
+        "this edge is shutting down; send the request again (to another edge, or to this one once it is back)",
+        retry_after_seconds=1,
+    )
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[T], stopping: asyncio.Event | None = None) -> T:
+    """Await `work`, cancelling it if the HTTP client goes away first, or once `stopping` is set (the edge's
+    shutdown grace is nearly spent): then the work ends with `shutting_down()`, a stream that has started
+    with that error as its last event (see _stream), anything else as a plain 503."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -147,10 +157,26 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
             pass
 
     watcher = asyncio.ensure_future(disconnected())
+    stopper = asyncio.ensure_future(stopping.wait()) if stopping is not None else None
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher, *([stopper] if stopper else [])}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # Cancelled from outside (the server's own last resort): the work ends first, so that nothing else
+        # closes its node stream while it still reads it.
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise
     finally:
         watcher.cancel()
+        if stopper is not None:
+            stopper.cancel()
+    if not task.done() and stopper is not None and stopper.done():
+        task.cancel()
+        try:
+            return await task  # a stream that had started ends itself, with the error as its last event
+        except asyncio.CancelledError:
+            raise shutting_down() from None
     if not task.done():
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -326,11 +352,12 @@ class GenerationRoutes:
         await self._admit(proto.model, "chat")
         shape = ResponseShape(body, proto.model)
         stream = self._gateway.generate(proto)
+        stopping = self._gateway.stopping
         try:
             if body.stream:
-                await until_disconnect(receive, self._stream_response(send, stream, ResponseEvents(shape)))
+                await until_disconnect(receive, self._stream_response(send, stream, ResponseEvents(shape)), stopping)
             else:
-                choices, result = await until_disconnect(receive, _collect(stream))
+                choices, result = await until_disconnect(receive, _collect(stream), stopping)
                 auth.charge(result.usage.total_tokens)
                 for message in _json_message(200, shape.full("".join(choices.texts.get(0, ())), result)):
                     await send(message)
@@ -366,6 +393,12 @@ class GenerationRoutes:
             if not out.started:
                 raise  # a plain HTTP error
             await out.event(events.error(_stream_error(exc)))
+        except asyncio.CancelledError:
+            if not self._gateway.stopping.is_set():
+                raise  # its client went away (until_disconnect)
+            if not out.started:
+                raise shutting_down() from None
+            await out.event(events.error(_stream_error(shutting_down())))  # the edge stops: said, not a silent cut
         await out.end()
 
     async def _generate(self, receive: Receive, send: Send, chat: bool, request_id: str) -> None:
@@ -396,12 +429,13 @@ class GenerationRoutes:
             ]
             limit = auth.concurrency_limit()  # a key's requests at once bound its prompts at once
             stream = prompt_batch.merged(opens, body.choices, min(prompt_batch.WINDOW, limit or prompt_batch.WINDOW))
+        stopping = self._gateway.stopping
         try:
             if body.stream:
                 streamed = self._stream(send, stream, shape, body.include_usage, body.choices, len(protos))
-                await until_disconnect(receive, streamed)
+                await until_disconnect(receive, streamed, stopping)
             else:
-                choices, result = await until_disconnect(receive, _collect(stream, body.choices))
+                choices, result = await until_disconnect(receive, _collect(stream, body.choices), stopping)
                 auth.charge(result.usage.total_tokens)
                 for message in _json_message(200, shape.full(choices, result)):
                     await send(message)
@@ -456,6 +490,12 @@ class GenerationRoutes:
             if not out.started:
                 raise  # a plain HTTP error
             await event(sse(_stream_error(exc)))
+        except asyncio.CancelledError:
+            if not self._gateway.stopping.is_set():
+                raise  # its client went away (until_disconnect)
+            if not out.started:
+                raise shutting_down() from None
+            await event(sse(_stream_error(shutting_down())))  # the edge stops: said, not a silent cut
         await out.end(sse("[DONE]"))
 
 

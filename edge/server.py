@@ -130,6 +130,7 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
         await gateway.feed.synced.wait()
         await grpc_server.serving(INFERENCE_SERVICE)
 
+    ending: asyncio.Future[None] | None = None
     try:
         async with asyncio.TaskGroup() as tasks:
             routing = tasks.create_task(gateway.run())
@@ -149,16 +150,35 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
                 settings.controlplane,
             )
             await stop.wait()
-            # Order: stop both front doors (draining in-flight requests), then close node channels.
+            # Order: stop both front doors (draining in-flight requests), then close node channels. Requests
+            # still running when the grace is nearly spent are ended by the edge itself, each with a clear
+            # error (HTTP 503, or an error event on a stream that has started), before the servers cut them.
             http.should_exit = True
-            await grpc_server.stop(settings.shutdown_grace_seconds)
+            grace = settings.shutdown_grace_seconds
+            cut_at = max(0.0, grace - min(SHUTDOWN_CUT_MARGIN_SECONDS, grace / 2))
+            ending = asyncio.ensure_future(_end_requests_after(gateway, cut_at))  # not awaited by the group
+            await grpc_server.stop(grace)
             routing.cancel()
             said.cancel()
             if rotating is not None:
                 rotating.cancel()
     finally:
+        if ending is not None:
+            ending.cancel()
         await gateway.close()
     log.info("edge stopped")
+
+
+# Before the end of the shutdown grace: the time the edge leaves itself to write each running request's error.
+SHUTDOWN_CUT_MARGIN_SECONDS = 1.0
+
+
+async def _end_requests_after(gateway: Gateway, seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    if gateway.stopping.is_set():
+        return
+    gateway.stopping.set()
+    log.info("shutdown grace nearly spent: requests still running end with 'this edge is shutting down'")
 
 
 def main(settings: EdgeSettings, tls_settings: EdgeTlsSettings | None = None) -> None:
