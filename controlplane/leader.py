@@ -57,6 +57,7 @@ class Leadership:
         self.leader_revision = 0
         self.elected = asyncio.Event()  # set while this control plane leads
         self._lost = asyncio.Event()  # set when a term ends (lease lapsed, fenced write refused)
+        self.stopping = False  # set by a clean shutdown: the term it ends is handed over, not lost
 
     @property
     def is_leader(self) -> bool:
@@ -72,7 +73,10 @@ class Leadership:
         """End this term now (a fenced write was refused, the lease could not be renewed in time)."""
         if self._fence is None:
             return
-        log.warning("no longer the leader (fencing revision %d): %s", self._fence.revision, why)
+        if self.stopping:  # a clean stop hands the leadership over: nothing went wrong
+            log.info("handing over the leadership (fencing revision %d): shutting down", self._fence.revision)
+        else:
+            log.warning("no longer the leader (fencing revision %d): %s", self._fence.revision, why)
         self._fence = None
         self.leader_address, self.leader_revision = "", 0
         self.elected.clear()

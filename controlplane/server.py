@@ -186,17 +186,21 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
                 settings.etcd,
             )
             await stop.wait()
-            # Order: stop taking RPCs and drain them first, then stop deciding and give up the leadership
-            # (revoking its lease, so that another control plane leads at once), then stop following etcd.
+            # Order: stop deciding and give up the leadership at once (revoking its lease, so that another
+            # control plane leads now, not after this one's grace: writes sent here meanwhile are forwarded
+            # to it), then stop taking RPCs and drain them, then stop following etcd.
             publisher.close()  # routing streams never end by themselves: end them so edges move on now
             if join_server is not None:
                 await join_server.stop(0)
-            await server.stop(settings.shutdown_grace_seconds)
-            for task in (loading, settling, reconciling, rotating):
+            for task in (loading, settling, reconciling):
                 if task is not None:
                     task.cancel()
+            leadership.stopping = True
             electing.cancel()
             await asyncio.gather(electing, return_exceptions=True)  # its last step revokes the lease
+            await server.stop(settings.shutdown_grace_seconds)
+            if rotating is not None:
+                rotating.cancel()
             publishing.cancel()
             follower.cancel()
     finally:

@@ -272,3 +272,27 @@ def test_a_node_moves_to_another_control_plane_when_its_own_goes_away(fleet: Fle
     assert fleet.ready_on(others[0], MODEL) == [NODE]
     assert fleet.ready_on(others[1], MODEL) == [NODE]
     assert fleet.node.log_path.read_text().count(f"model {MODEL} ready") == 1
+
+
+def test_a_leader_stopped_cleanly_hands_over_at_once_not_after_its_grace(fleet: Fleet) -> None:
+    """SIGTERM to the leader: it stops deciding and revokes its lease first, then drains its RPCs. It gave
+    up the leadership only after draining, which took its whole shutdown grace (5 s) because the node's load
+    and assignment streams never end by themselves: writes meanwhile were refused as "the leader did not
+    answer", and GetLeader named a control plane that was going away."""
+    addresses = [a for _, a in fleet.controlplanes]
+    leader = one_leader(fleet, addresses)
+    survivors = [a for a in addresses if a != leader]
+    proc = proc_at(fleet, leader)
+    proc.signal(signal.SIGTERM)
+    started = time.monotonic()
+    new_leader = wait_for(lambda: next(iter(fleet.leaders(survivors)), None), FAILOVER_BOUND, "a new leader")
+    took = time.monotonic() - started
+    print(f"handover after SIGTERM to the leader: {took:.2f}s")
+    assert took < 3.0, f"{new_leader} led {took:.1f}s after the SIGTERM: the old leader waited for its grace"
+    assert proc.popen.wait(30) == 0
+    log = proc.log_path.read_text()
+    assert "handing over the leadership" in log and "no longer the leader" not in log, log[-2000:]
+    # A write sent to the other survivor is forwarded to the new leader and goes through.
+    follower = next(a for a in survivors if a != new_leader)
+    scaled = fleet.admin(follower).ScaleDeployment(admin_pb2.ScaleDeploymentRequest(name=MODEL, replicas=1), timeout=30)
+    assert scaled.deployment.replicas == 1
