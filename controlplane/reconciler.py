@@ -12,8 +12,9 @@ What one pass does, per deployment:
   - for a changed deployment: starts replicas of the new spec beside the old ones where there is room,
     else in an old one's place, no more than a quarter of them (at least one) loading at a time, and
     removes an old replica only once a new one serves in its stead;
-  - for a draining node: places the replacement first, and removes the draining replica only once
-    another replica is ready, so no request fails during the move.
+  - for a draining node: places the replacement first, and removes the draining replica only once the
+    replacement serves (or, with no room for one, another replica), so no request fails during the move
+    and the deployment keeps its count where it can.
 """
 
 from __future__ import annotations
@@ -242,12 +243,14 @@ class Reconciler:
             outdated.remove(old)
         active = current + outdated
 
-        # A draining replica goes once a replica elsewhere is ready to take its requests.
+        # A draining replica goes once the replicas placed elsewhere serve: its replacement too, when there
+        # was room for one (it was placed above), so the deployment keeps its count through the move; when
+        # there was none, once one other serves, and the deployment runs short until there is room
+        # (fleetlm status says why).
         ready_elsewhere = sum(1 for a in active if self._serving(a))
+        needed = max(min(1, want), min(want, len(active)))  # scaled to zero: nothing to wait for
         for assignment in draining:
-            if ready_elsewhere >= min(1, want):  # scaled to zero: nothing to wait for
-                # The replacement, when there was room for one, is among them; when there was none, the
-                # deployment runs short of its count until there is (fleetlm status says why).
+            if ready_elsewhere >= needed:
                 await self._unassign(
                     assignment, f"node is draining; {ready_elsewhere} replica(s) ready elsewhere, {len(active)} placed"
                 )

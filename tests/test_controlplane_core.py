@@ -57,6 +57,7 @@ class ControlPlane:
     router: Router
     registry: NodeRegistry
     leases: dict[str, int]
+    store: EtcdStore | None = None
 
     async def settle(self, predicate: Any, what: str) -> Any:
         found = await self.fleet.wait_for(predicate, SETTLE)
@@ -144,7 +145,7 @@ async def control_plane(etcd_url: str, lease_ttl: int = 60) -> AsyncIterator[Con
             ]
             await asyncio.wait_for(fleet.synced.wait(), SETTLE)
             try:
-                yield ControlPlane(fleet, reconciler, router, registry, {})
+                yield ControlPlane(fleet, reconciler, router, registry, {}, store)
             finally:
                 for task in running:
                     task.cancel()

@@ -138,3 +138,29 @@ async def test_an_old_replica_that_does_not_serve_is_replaced_at_once(etcd_url: 
         await deploy(cp, 2, 512)
         await cp.settle(lambda: assigned(cp).get("a") == 512, "the replica that did not serve replaced")
         assert assigned(cp)["b"] == 1024
+
+
+async def test_a_draining_replica_goes_once_its_replacement_serves(etcd_url: str) -> None:
+    """2 replicas on a and b, c free; a drains: its replacement is placed on c and a's replica stays until
+    c's serves, so two replicas serve throughout. (It went as soon as b's served: one replica served while
+    c loaded.)"""
+    async with control_plane(etcd_url) as cp:
+        await started(cp, ["a", "b", "c"], 2)
+        draining = sorted(assigned(cp))[0]
+        [free] = {"a", "b", "c"} - set(assigned(cp))
+        assert cp.store is not None
+        await cp.store.put("scheduling", node_pb2.Node(node_id=draining, scheduling=node_pb2.SCHEDULING_DRAINING))
+        await cp.settle(lambda: free in assigned(cp), "the replacement placed")
+        await asyncio.sleep(QUIET)
+        assert draining in assigned(cp), "the draining replica left before its replacement served"
+        await report(cp, free, 1024, READY)
+        await cp.settle(lambda: draining not in assigned(cp), "the draining replica removed")
+        assert len(serving(cp)) == 2
+
+
+async def test_a_draining_replica_with_no_room_for_a_replacement_goes_once_another_serves(etcd_url: str) -> None:
+    async with control_plane(etcd_url) as cp:
+        await started(cp, ["a", "b"], 2)
+        assert cp.store is not None
+        await cp.store.put("scheduling", node_pb2.Node(node_id="a", scheduling=node_pb2.SCHEDULING_DRAINING))
+        await cp.settle(lambda: set(assigned(cp)) == {"b"}, "the draining replica removed")
