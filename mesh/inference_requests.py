@@ -174,7 +174,6 @@ def validate_chat(chat: inference_pb2.ChatConversation) -> None:
         "messages", (t for m in chat.messages for t in (m.content, *(c.function.arguments for c in m.tool_calls)))
     )
     call_ids: set[str] = set()  # ids of the tool calls made so far in the conversation
-    unanswered: tuple[int, list[str]] = (-1, [])  # the last assistant turn's calls no tool turn has answered
     for i, message in enumerate(chat.messages):
         if message.role not in ROLES:
             raise invalid(
@@ -182,12 +181,6 @@ def validate_chat(chat: inference_pb2.ChatConversation) -> None:
                 f"messages[{i}].role must be one of {', '.join(ROLES)}; got '{message.role}'",
             )
         _validate_tool_history(i, message, call_ids)
-        if message.role == "tool":
-            unanswered[1][:] = [c for c in unanswered[1] if c != message.tool_call_id]
-            continue
-        _answered(*unanswered)
-        unanswered = (i, [call.id for call in message.tool_calls])
-    _answered(*unanswered)
     last = chat.messages[-1]
     if chat.continue_final_message and last.role != "assistant":
         raise invalid(
@@ -199,9 +192,21 @@ def validate_chat(chat: inference_pb2.ChatConversation) -> None:
     validate_tools(chat)
 
 
+def validate_calls_answered(chat: inference_pb2.ChatConversation) -> None:
+    """For a generation: every call of an assistant turn is answered by a tool turn right after it, as
+    OpenAI requires (the model would otherwise go on from a call it never heard the result of). Not asked
+    of a conversation only counted (Tokenize): one may be counted before its calls' results are in."""
+    unanswered: tuple[int, list[str]] = (-1, [])  # the last assistant turn's calls no tool turn has answered
+    for i, message in enumerate(chat.messages):
+        if message.role == "tool":
+            unanswered[1][:] = [c for c in unanswered[1] if c != message.tool_call_id]
+            continue
+        _answered(*unanswered)
+        unanswered = (i, [call.id for call in message.tool_calls])
+    _answered(*unanswered)
+
+
 def _answered(i: int, calls: list[str]) -> None:
-    """Every call of an assistant turn is answered by a tool turn right after it (as OpenAI requires: the
-    model would otherwise go on from a call it never heard the result of)."""
     if calls:
         missing = ", ".join(calls[:5]) + (", ..." if len(calls) > 5 else "")
         raise invalid(
@@ -310,6 +315,7 @@ def validate_generate(request: inference_pb2.GenerateRequest) -> None:
         raise invalid("messages", "a request needs 'messages' (chat) or 'prompt' (completion)")
     if which == "chat":
         validate_chat(request.chat)
+        validate_calls_answered(request.chat)
         if request.echo:
             raise invalid("echo", "'echo' is for a completion's prompt; a chat has none to echo")
     elif which == "prompt_token_ids":

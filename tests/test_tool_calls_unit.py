@@ -15,7 +15,7 @@ from edge.http_app import parse_body
 from edge.openai_protocol import ChatCompletionRequest
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import FleetError
-from mesh.inference_requests import validate_chat
+from mesh.inference_requests import validate_chat, validate_generate
 from node_agent.engines.base import Chat, Function, InvalidInput, Message, ToolCall, ToolCallChunk, ToolChoice
 from node_agent.engines.openai_tools import ToolCallDeltas, message_json, tools_json
 from node_agent.engines.tool_call_stream import ToolCallStream
@@ -280,7 +280,7 @@ BAD_HTTP: list[tuple[dict[str, Any], str]] = [
 @pytest.mark.parametrize(("body", "param"), BAD_HTTP)
 def test_a_malformed_tool_request_is_a_400_naming_the_field(body: dict[str, Any], param: str) -> None:
     with pytest.raises(FleetError) as refused:
-        validate_chat(request(**body).chat)
+        validate_generate(request(**body))
     assert refused.value.param == param, refused.value.message
     assert refused.value.http_status == 400
 
@@ -314,9 +314,11 @@ def test_an_openai_compatible_server_gets_the_tools_and_history_and_its_deltas_b
 
 
 def test_a_call_answered_in_any_order_with_more_turns_after_is_taken() -> None:
-    validate_chat(request(messages=[ASKED, called(["c1", "c2"]), answer("c2"), answer("c1"),
-                                    {"role": "assistant", "content": "3 C in both."},
-                                    {"role": "user", "content": "Thanks"}]).chat)  # fmt: skip
+    validate_generate(request(messages=[ASKED, called(["c1", "c2"]), answer("c2"), answer("c1"),
+                                        {"role": "assistant", "content": "3 C in both."},
+                                        {"role": "user", "content": "Thanks"}]))  # fmt: skip
+    # Counted (Tokenize's check), a conversation may end with calls whose results are not in yet.
+    validate_chat(request(messages=[ASKED, called(["c1"])]).chat)
 
 
 @pytest.mark.parametrize(
