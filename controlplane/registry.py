@@ -216,7 +216,11 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
                 self._forget_lease(request.node_id, request.lease_id)
                 raise expired
             self._renewed[request.node_id] = (request.lease_id, asked_at)
-        node = self._fleet.nodes.get(request.node_id) or await self._store.get("node", request.node_id)
+        node = self._fleet.nodes.get(request.node_id)
+        if node is None or node.lease_id != request.lease_id:
+            # The view may not have the record of a registration made a moment ago (the node's first
+            # heartbeat after it registered again): etcd's is the answer before one is refused.
+            node = await self._store.get("node", request.node_id)
         if node is None or node.lease_id != request.lease_id:
             self._forget_lease(request.node_id, request.lease_id)
             raise expired
