@@ -37,7 +37,7 @@ from mesh import durations
 from mesh.auth import AdminGuard, read_admin_token, read_secret_file
 from mesh.catalog import ENGINE_FORMATS
 from mesh.channels import CHANNEL_OPTIONS
-from mesh.errors import ErrorCode, FleetError, invalid
+from mesh.errors import ErrorCode, FleetError, invalid, required
 from mesh.redaction import REDACTED, redact_message, redacted_fields, secret_values
 from mesh.tls import TlsFiles, peer_identities, secure_channel
 
@@ -275,8 +275,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         return out
 
     def _live_node(self, node_id: str) -> node_pb2.Node:
-        if not node_id:
-            raise invalid("node_id", "node_id is required")
+        required(node_id, "node_id")
         node = self._fleet.nodes.get(node_id)
         if node is None:
             raise FleetError(ErrorCode.NODE_NOT_FOUND, f"node '{node_id}' is not registered", param="node_id")
@@ -288,8 +287,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
                       if r.model.name == name and not r.assigned)  # fmt: skip
 
     def _deployment(self, name: str) -> node_pb2.Deployment:
-        if not name:
-            raise invalid("name", "name is required")
+        required(name, "name")
         deployment = self._fleet.deployments.get(name)
         if deployment is None:
             known = ", ".join(sorted(self._fleet.deployments)) or "none"
@@ -310,8 +308,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def GetNode(
         self, request: admin_pb2.GetNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetNodeResponse:
-        if not request.node_id:
-            raise invalid("node_id", "node_id is required")
+        required(request.node_id, "node_id")
         node = await self._store.get("node", request.node_id)
         if node is None:
             raise FleetError(ErrorCode.NODE_NOT_FOUND, f"node '{request.node_id}' is not registered", param="node_id")
@@ -332,7 +329,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def CordonNode(
         self, request: admin_pb2.CordonNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CordonNodeResponse:
-        _required(request.node_id, "node_id")  # a bad request is refused whoever leads
+        required(request.node_id, "node_id")  # checked before forwarding: refused whoever leads
         if (forwarded := await self._forward("CordonNode", request, context)) is not None:
             return forwarded  # type: ignore[no-any-return]
         await self._set_scheduling(request.node_id, node_pb2.SCHEDULING_CORDONED)
@@ -341,7 +338,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def UncordonNode(
         self, request: admin_pb2.UncordonNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.UncordonNodeResponse:
-        _required(request.node_id, "node_id")  # a bad request is refused whoever leads
+        required(request.node_id, "node_id")  # checked before forwarding: refused whoever leads
         if (forwarded := await self._forward("UncordonNode", request, context)) is not None:
             return forwarded  # type: ignore[no-any-return]
         await self._set_scheduling(request.node_id, node_pb2.SCHEDULING_ACTIVE)
@@ -350,7 +347,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def DrainNode(
         self, request: admin_pb2.DrainNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.DrainNodeResponse:
-        _required(request.node_id, "node_id")  # a bad request is refused whoever leads
+        required(request.node_id, "node_id")  # checked before forwarding: refused whoever leads
         if (forwarded := await self._forward("DrainNode", request, context)) is not None:
             return forwarded  # type: ignore[no-any-return]
         await self._set_scheduling(request.node_id, node_pb2.SCHEDULING_DRAINING)
@@ -523,7 +520,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RevokeApiKeyResponse:
         keys = self._api_keys()
-        _required(request.id, "id")
+        required(request.id, "id")  # checked before forwarding: refused whoever leads
         if (forwarded := await self._forward("RevokeApiKey", request, context)) is not None:
             return forwarded  # type: ignore[no-any-return]
         async with self._leading():
@@ -540,8 +537,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.AcquireQuotaRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.AcquireQuotaResponse:
         keys = self._api_keys()
-        if not request.key_id:
-            raise invalid("key_id", "key_id is required")
+        required(request.key_id, "key_id")
         # Forwarded first: the windows are the leader's, and a follower may not have read a new key yet.
         if (forwarded := await self._forward("AcquireQuota", request, context)) is not None:
             return forwarded  # type: ignore[no-any-return]
@@ -576,10 +572,3 @@ def _no_leader(why: str) -> FleetError:
     return FleetError(
         ErrorCode.BACKEND_UNAVAILABLE, f"{why}; nothing was written, retry shortly", retry_after_seconds=1
     )
-
-
-def _required(value: str, field: str) -> None:
-    """Checked before a write is forwarded: an empty required field is the caller's error on any control
-    plane, whether or not one leads (it was BACKEND_UNAVAILABLE while an election was under way)."""
-    if not value:
-        raise invalid(field, f"{field} is required")

@@ -33,7 +33,7 @@ from controlplane.store import Fence, FencedOut, StoreUnavailable
 from fleetlm.controlplane.v1 import admin_pb2
 from mesh import durations
 from mesh.auth import read_secret_file
-from mesh.errors import ErrorCode, FleetError, invalid
+from mesh.errors import ErrorCode, FleetError, invalid, required
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,7 @@ class ApiKeys:
         return public(record), secret
 
     async def revoke(self, key_id: str, fence: Fence | None) -> admin_pb2.ApiKey:
-        if not key_id:
-            raise invalid("id", "id is required")
+        required(key_id, "id")
         raw = await self._store.get_value(f"{DIRECTORY}/{key_id}")
         if raw is None:
             raise FleetError(ErrorCode.API_KEY_NOT_FOUND, f"no API key has id '{key_id}'", param="id")

@@ -34,7 +34,7 @@ from google.protobuf import timestamp_pb2
 from controlplane.etcd_store import EtcdStore
 from fleetlm.controlplane.v1 import admin_pb2, identity_pb2, identity_pb2_grpc
 from mesh import durations
-from mesh.errors import ErrorCode, FleetError, invalid
+from mesh.errors import ErrorCode, FleetError, invalid, required
 from mesh.fleet_ca import LEAF_DAYS, FleetCA, check_identity_name, identity_uri, node_dns_name
 from mesh.tls import peer_identities
 
@@ -375,8 +375,7 @@ class JoinTokenAdmin:
     async def RevokeJoinToken(
         self, request: admin_pb2.RevokeJoinTokenRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RevokeJoinTokenResponse:
-        if not request.id:
-            raise invalid("id", "id is required")
+        required(request.id, "id")
         tokens = await self._tokens(context)
         token_id = request.id.removeprefix(TOKEN_PREFIX).split(".")[0]
         if not token_id.isalnum() or not await tokens.revoke(token_id):

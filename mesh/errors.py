@@ -230,3 +230,9 @@ class FleetError(Exception):
 def invalid(param: str, message: str) -> FleetError:
     """A 400 naming the offending request field."""
     return FleetError(ErrorCode.INVALID_REQUEST, message, param=param)
+
+
+def required(value: str, field: str) -> None:
+    """A required string field of a request: empty is a 400 naming it."""
+    if not value:
+        raise invalid(field, f"{field} is required")
