@@ -204,6 +204,7 @@ class Gateway:
         # Set by the edge when its shutdown grace is nearly spent: requests still running end with a 503 (or,
         # a stream that has started, an error event), instead of being cut by the server (edge.server).
         self.stopping = asyncio.Event()
+        self._stopped: asyncio.Future[Any] | None = None  # one waiter on `stopping` for every request
         self.metrics: EdgeMetrics | None = None  # set by the edge when metrics are on (edge.metrics)
         from edge.generation import Generation  # it builds on this module: imported once this one is loaded
 
@@ -218,7 +219,16 @@ class Gateway:
         """Follow the control plane's routing table until cancelled (owned by the edge's task group)."""
         await self.feed.run()
 
+    def stopped(self) -> asyncio.Future[Any]:
+        """Done once `stopping` is set: one future that every request's until_disconnect waits on (a task
+        each would cost every request one more task)."""
+        if self._stopped is None:
+            self._stopped = asyncio.ensure_future(self.stopping.wait())
+        return self._stopped
+
     async def close(self) -> None:
+        if self._stopped is not None:
+            self._stopped.cancel()
         for watcher in self._watchers.values():
             watcher.cancel()
         for link in self._node_links.values():

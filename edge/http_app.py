@@ -146,10 +146,11 @@ def shutting_down() -> FleetError:
     )
 
 
-async def until_disconnect(receive: Receive, work: Awaitable[T], stopping: asyncio.Event | None = None) -> T:
-    """Await `work`, cancelling it if the HTTP client goes away first, or once `stopping` is set (the edge's
-    shutdown grace is nearly spent): then the work ends with `shutting_down()`, a stream that has started
-    with that error as its last event (see _stream), anything else as a plain 503."""
+async def until_disconnect(receive: Receive, work: Awaitable[T], stopped: asyncio.Future[Any] | None = None) -> T:
+    """Await `work`, cancelling it if the HTTP client goes away first, or once `stopped` is done (the edge's
+    shutdown grace is nearly spent; Gateway.stopped, shared by every request, never cancelled here): then
+    the work ends with `shutting_down()`, a stream that has started with that error as its last event (see
+    _last_word), anything else as a plain 503."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -157,9 +158,8 @@ async def until_disconnect(receive: Receive, work: Awaitable[T], stopping: async
             pass
 
     watcher = asyncio.ensure_future(disconnected())
-    stopper = asyncio.ensure_future(stopping.wait()) if stopping is not None else None
     try:
-        await asyncio.wait({task, watcher, *([stopper] if stopper else [])}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher, *([stopped] if stopped else [])}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         # Cancelled from outside (the server's own last resort): the work ends first, so that nothing else
         # closes its node stream while it still reads it.
@@ -169,9 +169,7 @@ async def until_disconnect(receive: Receive, work: Awaitable[T], stopping: async
         raise
     finally:
         watcher.cancel()
-        if stopper is not None:
-            stopper.cancel()
-    if not task.done() and stopper is not None and stopper.done():
+    if not task.done() and stopped is not None and stopped.done():
         task.cancel()
         try:
             return await task  # a stream that had started ends itself, with the error as its last event
@@ -352,12 +350,12 @@ class GenerationRoutes:
         await self._admit(proto.model, "chat")
         shape = ResponseShape(body, proto.model)
         stream = self._gateway.generate(proto)
-        stopping = self._gateway.stopping
+        stopped = self._gateway.stopped()
         try:
             if body.stream:
-                await until_disconnect(receive, self._stream_response(send, stream, ResponseEvents(shape)), stopping)
+                await until_disconnect(receive, self._stream_response(send, stream, ResponseEvents(shape)), stopped)
             else:
-                choices, result = await until_disconnect(receive, _collect(stream), stopping)
+                choices, result = await until_disconnect(receive, _collect(stream), stopped)
                 auth.charge(result.usage.total_tokens)
                 for message in _json_message(200, shape.full("".join(choices.texts.get(0, ())), result)):
                     await send(message)
@@ -389,16 +387,8 @@ class GenerationRoutes:
                     auth.charge(response.result.usage.total_tokens)
                     await out.event(*events.finish(response.result))
                 response = await anext(stream, None)
-        except Exception as exc:
-            if not out.started:
-                raise  # a plain HTTP error
-            await out.event(events.error(_stream_error(exc)))
-        except asyncio.CancelledError:
-            if not self._gateway.stopping.is_set():
-                raise  # its client went away (until_disconnect)
-            if not out.started:
-                raise shutting_down() from None
-            await out.event(events.error(_stream_error(shutting_down())))  # the edge stops: said, not a silent cut
+        except (Exception, asyncio.CancelledError) as exc:
+            await out.event(events.error(_stream_error(self._last_word(exc, out.started))))
         await out.end()
 
     async def _generate(self, receive: Receive, send: Send, chat: bool, request_id: str) -> None:
@@ -429,13 +419,13 @@ class GenerationRoutes:
             ]
             limit = auth.concurrency_limit()  # a key's requests at once bound its prompts at once
             stream = prompt_batch.merged(opens, body.choices, min(prompt_batch.WINDOW, limit or prompt_batch.WINDOW))
-        stopping = self._gateway.stopping
+        stopped = self._gateway.stopped()
         try:
             if body.stream:
                 streamed = self._stream(send, stream, shape, body.include_usage, body.choices, len(protos))
-                await until_disconnect(receive, streamed, stopping)
+                await until_disconnect(receive, streamed, stopped)
             else:
-                choices, result = await until_disconnect(receive, _collect(stream, body.choices), stopping)
+                choices, result = await until_disconnect(receive, _collect(stream, body.choices), stopped)
                 auth.charge(result.usage.total_tokens)
                 for message in _json_message(200, shape.full(choices, result)):
                     await send(message)
@@ -486,17 +476,24 @@ class GenerationRoutes:
                     if include_usage:
                         await event(sse(shape.usage_chunk(response.result.usage)))
                 response = await anext(stream, None)
-        except Exception as exc:
-            if not out.started:
-                raise  # a plain HTTP error
-            await event(sse(_stream_error(exc)))
-        except asyncio.CancelledError:
-            if not self._gateway.stopping.is_set():
-                raise  # its client went away (until_disconnect)
-            if not out.started:
-                raise shutting_down() from None
-            await event(sse(_stream_error(shutting_down())))  # the edge stops: said, not a silent cut
+        except (Exception, asyncio.CancelledError) as exc:
+            await event(sse(_stream_error(self._last_word(exc, out.started))))
         await out.end(sse("[DONE]"))
+
+    def _last_word(self, exc: Exception | asyncio.CancelledError, started: bool) -> Exception:
+        """What a stream that has started says last when `exc` ends it: the error, or 'shutting down' when
+        the edge stopping cancelled it (until_disconnect). Raised instead when there is nothing to say: a
+        cancellation because its client went away, or any error before the first output (a plain HTTP
+        error, a 503 for the shutdown)."""
+        if isinstance(exc, asyncio.CancelledError):
+            if not self._gateway.stopping.is_set():
+                raise exc
+            if not started:
+                raise shutting_down() from None
+            return shutting_down()  # the edge stops: said, not a silent cut
+        if not started:
+            raise exc
+        return exc
 
 
 class _EventStream:
