@@ -24,7 +24,7 @@ from edge.settings import EdgeSettings, cors_origins
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh import logs, tracing
 from mesh.auth import read_secret_file
-from mesh.controlplane_addresses import records
+from mesh.controlplane_addresses import each_record
 from mesh.fleet_ca import CONTROLPLANE_DNS_NAME
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
@@ -70,10 +70,7 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
     edge_id = settings.edge_id or f"{socket.gethostname()}:{settings.grpc_listen.rsplit(':', 1)[-1]}"
     # A DNS name with several records: each is a control plane of its own (the routing stream moves on from
     # one that goes silent), verified by the name every control plane's certificate carries.
-    spread = await asyncio.to_thread(records, settings.controlplane)
-    if spread:
-        named = settings.controlplane.strip()
-        log.info("control plane %s has %d addresses, each used in turn: %s", named, len(spread) - 1, ", ".join(spread))
+    spread = await each_record(settings.controlplane)
     args = (
         spread or settings.controlplane.split(","),
         settings.request_timeout_seconds,

@@ -6,7 +6,11 @@ channel's pick_first would do only once the silent connection broke)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
+
+log = logging.getLogger(__name__)
 
 
 def resolved(entries: list[str]) -> list[str]:
@@ -72,3 +76,12 @@ def records(addresses: str) -> list[str]:
     except (OSError, ValueError):
         return []
     return [*found, entries[0]] if len(found) > 1 else []
+
+
+async def each_record(addresses: str) -> list[str]:
+    """`records`, resolved off the event loop, and said once in the log (the node's and the edge's start)."""
+    spread = await asyncio.to_thread(records, addresses)
+    if spread:
+        named = addresses.strip()
+        log.info("control plane %s has %d addresses, each used in turn: %s", named, len(spread) - 1, ", ".join(spread))
+    return spread

@@ -15,7 +15,7 @@ from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc, multiplex_pb
 from mesh import logs, tracing
 from mesh import metrics as metrics_port
 from mesh.catalog import CatalogError, load_catalog
-from mesh.controlplane_addresses import controlplane_addresses, controlplane_target, records
+from mesh.controlplane_addresses import controlplane_addresses, controlplane_target, each_record
 from mesh.fleet_ca import CONTROLPLANE_DNS_NAME, check_identity_name
 from mesh.grpc_server import GrpcServer
 from mesh.lifecycle import bound_address, run_until_signalled
@@ -91,10 +91,7 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
 
     target = controlplane_target(settings.controlplane)
     # A DNS name with several records: each is a control plane of its own, as if they had been listed.
-    spread = await asyncio.to_thread(records, settings.controlplane)
-    if spread:
-        named = settings.controlplane.strip()
-        log.info("control plane %s has %d addresses, each used in turn: %s", named, len(spread) - 1, ", ".join(spread))
+    spread = await each_record(settings.controlplane)
     # Control planes dialled by address (several given, or a name's records) are verified by the name every
     # control plane's certificate from the fleet CA carries; one given by name, by that name.
     by_fleet_name = CONTROLPLANE_DNS_NAME if target.startswith(("ipv4:", "ipv6:")) or spread else None
@@ -121,7 +118,8 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     log.info("node %s serving InferenceService on %s", settings.node_id, bound_address(settings.listen, port))
     failure = ""
     try:
-        controlplanes = await asyncio.to_thread(controlplane_addresses, settings.controlplane)
+        # Each control plane once, by address (a name's records were resolved above already).
+        controlplanes = spread[:-1] or await asyncio.to_thread(controlplane_addresses, settings.controlplane)
         # Several given: one at a time, each by its address; a name's several records, each, then the name
         # (resolved again: a control plane that moved); one address: as it is.
         in_turn = spread or (controlplanes if by_fleet_name else [target])
