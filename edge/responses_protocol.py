@@ -118,7 +118,8 @@ def conversation(instructions: str | None, given: str | list[Any]) -> list[infer
 def _answered(unanswered: dict[str, int]) -> None:
     """Every function call is answered by its function_call_output before the model's next turn (as
     OpenAI requires: the model would go on from a call it never heard the result of)."""
-    for call_id, i in unanswered.items():
+    if unanswered:
+        call_id, i = next(iter(unanswered.items()))  # the earliest
         raise invalid(
             f"input[{i}]",
             f"'input[{i}]' is a function_call (call_id '{call_id[:80]}') that no function_call_output answers:"

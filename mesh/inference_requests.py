@@ -196,14 +196,15 @@ def validate_calls_answered(chat: inference_pb2.ChatConversation) -> None:
     """For a generation: every call of an assistant turn is answered by a tool turn right after it, as
     OpenAI requires (the model would otherwise go on from a call it never heard the result of). Not asked
     of a conversation only counted (Tokenize): one may be counted before its calls' results are in."""
-    unanswered: tuple[int, list[str]] = (-1, [])  # the last assistant turn's calls no tool turn has answered
+    turn = -1  # the last assistant turn, and its calls no tool turn has answered yet
+    unanswered: list[str] = []
     for i, message in enumerate(chat.messages):
         if message.role == "tool":
-            unanswered[1][:] = [c for c in unanswered[1] if c != message.tool_call_id]
+            unanswered = [c for c in unanswered if c != message.tool_call_id]
             continue
-        _answered(*unanswered)
-        unanswered = (i, [call.id for call in message.tool_calls])
-    _answered(*unanswered)
+        _answered(turn, unanswered)
+        turn, unanswered = i, [call.id for call in message.tool_calls]
+    _answered(turn, unanswered)
 
 
 def _answered(i: int, calls: list[str]) -> None:
