@@ -9,6 +9,10 @@ start of the whole output, and the result's usage counts the original prompt and
 on every replica. The tokens generated before the cut are counted by tokenizing the original input and
 the continued one on a replica: the difference is the text sent.
 
+A reply the client waits for whole (a non-streamed OpenAI request) is held until its result, so a cut one
+is run again from the start on another replica when it may not be continued (`why_not_again`): a failed
+node loses no such request another replica can serve, whatever it asks for (tools, a grammar, n > 1).
+
 Only text the client was sent is resent. A node never sends part of a stop string (it holds such text
 back until it knows), so a stop string that straddles the cut was never sent in part: the next replica
 generates it again from the cut and stops on it, since it gets the same stop strings.
@@ -44,6 +48,12 @@ def why_not(request: inference_pb2.GenerateRequest, error: FleetError, opted_in:
     if request.WhichOneof("input") == "prompt_token_ids":
         # Going on needs the ids of the text sent so far, as the model would read them after the prompt's.
         return "a prompt of token ids is not continued"
+    return why_not_again(error, continued)
+
+
+def why_not_again(error: FleetError, continued: int) -> str:
+    """Why a reply its client waits for whole (`Progress.held`), cut by `error`, is not run again from the
+    start on another replica, or "" when it may be: the client was sent nothing, so any request may."""
     if error.code not in CONTINUABLE:
         return f"{error.code.value} is not a node failure"
     if continued >= MAX_CONTINUATIONS:
@@ -64,6 +74,9 @@ class Progress:
     failed_nodes: set[str] = field(default_factory=set)  # nodes whose stream of it failed: not tried again
     choices_ended: int = 0  # ChoiceEnd events (n > 1)
     echoed: bool = False  # the prompt was echoed (GenerateRequest.echo): a continuation does not echo it again
+    # A reply its client waits for whole (a non-streamed OpenAI request): its events, held until the result.
+    # None: each event goes on as it comes.
+    held: list[inference_pb2.GenerateResponse] | None = None
 
     @property
     def sent(self) -> str:
@@ -104,6 +117,17 @@ class Progress:
         again = inference_pb2.GenerateRequest()
         again.CopyFrom(self.request)
         return again
+
+    def restart(self) -> inference_pb2.GenerateRequest:
+        """The request to run again from the start, for a held reply cut mid-way: what was generated is
+        forgotten (its client was sent none of it), as it is."""
+        assert self.held is not None
+        self.held.clear()
+        self.text.clear()
+        self.chars_before = self.tokens_before = self.choices_ended = 0
+        self.prompt_tokens = None
+        self.echoed = False
+        return self.again()
 
     def tokenize_requests(self, model: str) -> tuple[inference_pb2.TokenizeRequest, inference_pb2.TokenizeRequest]:
         """What to count the generated tokens with: the original input and the continued one, as `cut` and

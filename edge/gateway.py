@@ -200,7 +200,7 @@ class Gateway:
         self._placement_timeout = placement_timeout_seconds
         self._scale_from_zero_timeout = scale_from_zero_timeout_seconds
         self._failover_seconds = failover_seconds
-        self.continued_streams = 0  # streams cut by a failed node and continued on another replica
+        self.continued_streams = 0  # streams cut by a failed node and continued (or run again) on another replica
         # Set by the edge when its shutdown grace is nearly spent: requests still running end with a 503 (or,
         # a stream that has started, an error event), instead of being cut by the server (edge.server).
         self.stopping = asyncio.Event()
@@ -642,12 +642,18 @@ class Gateway:
     # --- calls ------------------------------------------------------------------------------------------
 
     def generate(
-        self, request: inference_pb2.GenerateRequest, client_timeout: float | None = None, first_choice: int = 0
+        self,
+        request: inference_pb2.GenerateRequest,
+        client_timeout: float | None = None,
+        first_choice: int = 0,
+        whole: bool = False,
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         """The node's Generate stream: deltas, then one result, continued on another replica when the node
         dies mid-stream and the deployment opts in (`edge.generation`). Closing it cancels the call.
-        `first_choice`: the number of its first choice among its client request's (one prompt of several)."""
-        return self._generation.generate(request, client_timeout, first_choice)
+        `first_choice`: the number of its first choice among its client request's (one prompt of several).
+        `whole`: its client waits for the whole reply: held until the result, and run again elsewhere when
+        the node fails before it."""
+        return self._generation.generate(request, client_timeout, first_choice, whole)
 
     async def unary(
         self,

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from edge import access_log
-from edge.continuation import Progress, why_not
+from edge.continuation import Progress, why_not, why_not_again
 from edge.gateway import Attempt, Gateway, Target, log_failure, new_request_id, prefix_hash
 from edge.metrics import CURRENT
 from fleetlm.inference.v1 import inference_pb2
@@ -46,7 +46,11 @@ class Generation:
         self._gateway = gateway
 
     async def generate(
-        self, request: inference_pb2.GenerateRequest, client_timeout: float | None = None, first_choice: int = 0
+        self,
+        request: inference_pb2.GenerateRequest,
+        client_timeout: float | None = None,
+        first_choice: int = 0,
+        whole: bool = False,
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         """The node's Generate stream: deltas, then one result. A replica that refuses before the first
         event (full, unloading, unreachable) is replaced by the next one; after it, a failure ends the
@@ -54,7 +58,9 @@ class Generation:
         unless the model's deployment sets continue_on_failure and the node went away: then the request
         goes on on another replica from the text sent so far (`_continue`). Closing this iterator cancels
         the call on the node. `first_choice` numbers its choices among its client request's for the metrics'
-        gaps between tokens (one prompt of several, edge.prompt_batch); the events keep their own."""
+        gaps between tokens (one prompt of several, edge.prompt_batch); the events keep their own. `whole`:
+        the client waits for the whole reply (a non-streamed OpenAI request), so the events are held until the
+        result, and a reply cut mid-way that may not be continued runs again from the start elsewhere."""
         validate_generate(request)
         if not request.request_id:
             request.request_id = new_request_id()
@@ -89,7 +95,8 @@ class Generation:
             raise
         if metrics is not None and counted is not None:
             metrics.serving(counted, request.model)  # a replica took it: a model of the fleet
-        progress = Progress(request)
+        progress = Progress(request, held=[] if whole else None)
+        access = access_log.current()  # the client request's access line
         streamed = request.delivery != inference_pb2.TEXT_DELIVERY_WHOLE  # else no gaps between tokens to time
         outputs = 0  # output events streamed on: what a client that leaves mid-stream was sent
         try:
@@ -106,7 +113,12 @@ class Generation:
                             elif kind == "tool_call":
                                 metrics.text(counted, streamed, first_choice)
                                 outputs += streamed
-                        yield event
+                        if progress.held is None:
+                            yield event
+                        else:  # its first token reached the edge now, though it leaves with the result
+                            if access is not None and event.WhichOneof("event") in ("delta", "tool_call"):
+                                access.token()
+                            progress.held.append(event)
                         response = await self._next_event(stream.call, stream.target, timeout)
                 except FleetError as error:
                     cut = stream
@@ -117,6 +129,8 @@ class Generation:
                 if metrics is not None and counted is not None:
                     metrics.result(counted, event.result.usage.prompt_tokens, event.result.usage.completion_tokens)
                     outputs = 0  # its usage counts them
+                for held in progress.held or ():
+                    yield held
                 yield event
                 if not stream.ended:
                     await stream.call.code()  # its status follows at once: the call ends on the node
@@ -130,7 +144,6 @@ class Generation:
             if outputs:  # ended before its result (its client left, say): counted if the request was cancelled
                 if metrics is not None and counted is not None:
                     metrics.cut(counted, outputs)
-                access = access_log.current()
                 if access is not None:
                     access.completion_tokens += outputs
 
@@ -149,14 +162,16 @@ class Generation:
         deadline: float,
     ) -> tuple[Stream, inference_pb2.GenerateResponse]:
         """After `cut` failed mid-stream with `error`: the stream that continues it on another replica and
-        its first event (or `cut` itself, ended, and the result when no token was left to generate). Raises
-        `error` when the stream may not be continued, naming why when it was tried and failed."""
+        its first event (or `cut` itself, ended, and the result when no token was left to generate); for a
+        held reply that may not be continued, the stream that runs it again from the start. Raises `error`
+        when neither may be done, naming why when it was tried and failed."""
         request = progress.request
         request_id = request.request_id
         known = self._gateway.feed.models.get(cut.model)
         reason = why_not(request, error, known is not None and known.continue_on_failure, progress.continued)
+        again = bool(reason) and progress.held is not None and not why_not_again(error, progress.continued)
         node = cut.target.node_id
-        if reason:
+        if reason and not again:
             # The caller's own doing (its deadline passed) is no failure of the fleet's: quietly.
             level = logging.INFO if error.code == ErrorCode.CANCELLED else logging.WARNING
             log.log(level, "request %s: stream from node %s failed after it started: %s (not continued: %s)",
@@ -169,7 +184,9 @@ class Generation:
         try:
             if left <= 0:
                 raise FleetError(ErrorCode.BACKEND_TIMEOUT, "the request's timeout is spent")
-            if progress.sent or progress.echoed:
+            if again:
+                continued: inference_pb2.GenerateRequest | None = progress.restart()
+            elif progress.sent or progress.echoed:
                 original, continuing = progress.tokenize_requests(cut.model)
                 counts = await asyncio.gather(
                     self._gateway.unary("Tokenize", original, left, request_id, avoid),
@@ -188,19 +205,25 @@ class Generation:
                 continued, request_id, open_stream, left, request.user, prefix_hash(request), avoid
             )
         except FleetError as failed:
-            log.warning("request %s: stream from node %s failed after it started: %s (continuing failed: %s)",
-                        request_id, node, error, failed)  # fmt: skip
+            attempt = "running it again" if again else "continuing"
+            log.warning("request %s: stream from node %s failed after it started: %s (%s failed: %s)",
+                        request_id, node, error, attempt, failed)  # fmt: skip
             raise FleetError(
                 error.code,
-                f"{error.message}; continuing on another replica failed: {failed.message}",
+                f"{error.message}; {attempt} on another replica failed: {failed.message}",
                 retry_after_seconds=error.retry_after_seconds,
             ) from error
         self._gateway.continued_streams += 1
         if self._gateway.metrics is not None:
             self._gateway.metrics.series(request.model).failovers.inc()
-        log.warning("request %s: node %s failed after %d characters (%s); continued on node %s (continuation %d)",
-                    request_id, node, progress.chars_before, error, stream.target.node_id,
-                    progress.continued)  # fmt: skip
+        if again:
+            log.warning("request %s: node %s failed before the reply was whole (%s); running it again on node %s"
+                        " (attempt %d)", request_id, node, error, stream.target.node_id,
+                        progress.continued + 1)  # fmt: skip
+        else:
+            log.warning("request %s: node %s failed after %d characters (%s); continued on node %s"
+                        " (continuation %d)", request_id, node, progress.chars_before, error,
+                        stream.target.node_id, progress.continued)  # fmt: skip
         return stream, stream.first
 
     async def _next_event(self, call: Any, target: Target, timeout: float) -> inference_pb2.GenerateResponse:

@@ -349,7 +349,7 @@ class GenerationRoutes:
             proto.delivery = inference_pb2.TEXT_DELIVERY_WHOLE
         await self._admit(proto.model, "chat")
         shape = ResponseShape(body, proto.model)
-        stream = self._gateway.generate(proto)
+        stream = self._gateway.generate(proto, whole=not body.stream)
         stopped = self._gateway.stopped()
         try:
             if body.stream:
@@ -411,10 +411,10 @@ class GenerationRoutes:
         await self._admit(proto.model, "chat" if chat else "text_completion")
         shape = CompletionShape(chat, proto.model, new_id("chatcmpl" if chat else "cmpl"), body.wants_logprobs)
         if len(protos) == 1:
-            stream = self._gateway.generate(proto)
+            stream = self._gateway.generate(proto, whole=not body.stream)
         else:
             opens = [
-                functools.partial(self._gateway.generate, one, first_choice=i * body.choices)
+                functools.partial(self._gateway.generate, one, first_choice=i * body.choices, whole=not body.stream)
                 for i, one in enumerate(protos)
             ]
             limit = auth.concurrency_limit()  # a key's requests at once bound its prompts at once
@@ -627,7 +627,7 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None, cors_origins:
         """200 while the edge can route: it has a routing table, fresh or not ("routing_table": "stale" and
         for how long, when the control plane is away), or the control plane answers; else 503
         (BACKEND_UNAVAILABLE). `continued_streams` counts the streams a failed node cut that went on on
-        another replica (deployments with continue_on_failure)."""
+        another replica (deployments with continue_on_failure), and the non-streamed replies run again."""
         infos = await gateway.list_models()
         ready = [m.name for m in infos if m.state == inference_pb2.MODEL_STATE_READY]
         return {

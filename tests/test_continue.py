@@ -288,3 +288,75 @@ async def test_the_openai_client_sees_one_stream_over_http(fleet: Fleet) -> None
     assert whole.usage is not None and whole.usage.completion_tokens == len(text)
     assert whole.choices[0].logprobs is not None and whole.choices[0].logprobs.text_offset == [0, 4, 9, 11]
     assert health["continued_streams"] == 2
+
+
+async def test_a_reply_waited_for_whole_runs_again_from_the_start_without_the_opt_in(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A non-streamed request's client was sent nothing when its node failed: whatever it asks for, it is
+    run again as it was on another replica, and the client gets that replica's reply alone."""
+    a = Scripted("a", deltas=["Once", " upon"], dies=True)
+    b = Scripted("b", deltas=["Hello", " there."])
+    await serve(fleet, a, b, opted_in=False)
+    caplog.set_level(logging.INFO, logger="edge")
+    request = prompt_request()
+    async with following(fleet.gateway()) as gateway:
+        events = [event async for event in gateway.generate(request, whole=True)]
+        assert gateway.continued_streams == 1
+        assert [r.own for r in gateway.feed.table.replicas("m")] == [0, 0]  # nothing left counted
+    [again] = b.requests
+    first = a.requests[0]
+    assert again.prompt == first.prompt == "P: " and again.sampling == first.sampling
+    assert again.request_id == first.request_id
+    assert text_of(events) == "Hello there."  # nothing of a's
+    offsets = [lp.text_offset for e in events[:-1] for lp in e.delta.logprobs]
+    assert offsets == [0, 5]
+    usage = events[-1].result.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len("P: "), len("Hello there."))
+    lines = [r.getMessage() for r in caplog.records if "running it again on node b" in r.getMessage()]
+    assert len(lines) == 1 and first.request_id in lines[0] and "engine on a crashed" in lines[0]
+
+
+async def test_a_reply_waited_for_whole_that_may_not_be_continued_runs_again(fleet: Fleet) -> None:
+    """Opted in, but with tools (no continuation mid-way): a reply waited for whole still runs again."""
+    a = Scripted("a", deltas=["Let me"], dies=True)
+    b = Scripted("b", deltas=["Sunny."])
+    await serve(fleet, a, b)
+    request = chat_request(("user", "Weather?"))
+    request.chat.tools.add().function.name = "weather"
+    async with following(fleet.gateway()) as gateway:
+        events = [event async for event in gateway.generate(request, whole=True)]
+    [again] = b.requests
+    assert again.chat == a.requests[0].chat  # not continued: the conversation as the client sent it
+    assert text_of(events) == "Sunny."
+
+
+async def test_a_reply_waited_for_whole_is_tried_on_each_replica_once_then_says_why(fleet: Fleet) -> None:
+    a = Scripted("a", deltas=["Once"], dies=True)
+    b = Scripted("b", deltas=["Hello"], dies=True)
+    await serve(fleet, a, b, opted_in=False)
+    async with following(fleet.gateway()) as gateway:
+        with pytest.raises(FleetError) as caught:
+            [event async for event in gateway.generate(prompt_request(), whole=True)]
+        assert [r.own for r in gateway.feed.table.replicas("m")] == [0, 0]
+    assert (len(a.requests), len(b.requests)) == (1, 1)
+    assert caught.value.code == ErrorCode.BACKEND_UNAVAILABLE
+    assert "running it again on another replica failed" in caught.value.message, caught.value.message
+
+
+async def test_the_openai_client_gets_the_reply_run_again_over_http(fleet: Fleet) -> None:
+    a = Scripted("a", deltas=["Once", " upon"], dies=True)
+    b = Scripted("b", deltas=["Hello", " there."])
+    await serve(fleet, a, b, opted_in=False)
+    async with following(fleet.gateway()) as gateway:
+        transport = httpx.ASGITransport(app=create_app(gateway))
+        async with httpx.AsyncClient(transport=transport, base_url="http://edge") as http:
+            client = openai.AsyncOpenAI(base_url="http://edge/v1", api_key="unused", http_client=http)
+            chat = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=20, n=1
+            )
+            response = await client.responses.create(model="m", input="Hi", max_output_tokens=20)
+    assert chat.choices[0].message.content == "Hello there." and chat.choices[0].finish_reason == "stop"
+    assert chat.system_fingerprint == "b"
+    assert response.output_text == "Hello there." and response.status == "completed"
+    assert len(a.requests) == 2 and len(b.requests) == 2

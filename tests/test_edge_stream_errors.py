@@ -56,6 +56,9 @@ class FailsMidStream(Node):
             await context.abort(grpc.StatusCode.UNKNOWN, "something broke")
         if self.how == "empty event":
             yield inference_pb2.GenerateResponse()
+        if self.how == "edge bug":  # the node ends well: the edge alone fails
+            result = inference_pb2.GenerateResult(finish_reason=inference_pb2.FINISH_REASON_STOP, model=request.model)
+            yield inference_pb2.GenerateResponse(result=result)
         # "no result": the stream just stops
 
 
@@ -88,9 +91,9 @@ class BuggyGateway(Gateway):
     """The real gateway with a bug after the first event: an exception that is not a FleetError."""
 
     async def generate(
-        self, request: inference_pb2.GenerateRequest, client_timeout: float | None = None
+        self, request: inference_pb2.GenerateRequest, client_timeout: float | None = None, **options: Any
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
-        async for event in super().generate(request, client_timeout):
+        async for event in super().generate(request, client_timeout, **options):
             yield event
             raise KeyError("a bug")
 
