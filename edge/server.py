@@ -27,7 +27,7 @@ from mesh.auth import read_secret_file
 from mesh.controlplane_addresses import each_record
 from mesh.fleet_ca import CONTROLPLANE_DNS_NAME
 from mesh.grpc_server import GrpcServer
-from mesh.lifecycle import bound_address, run_until_signalled
+from mesh.lifecycle import bound_address, cut_after, run_until_signalled
 from mesh.tls import (
     TlsFiles,
     keep_ssl_context_current,
@@ -152,8 +152,7 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
             # error (HTTP 503, or an error event on a stream that has started), before the servers cut them.
             http.should_exit = True
             grace = settings.shutdown_grace_seconds
-            cut_at = max(0.0, grace - min(SHUTDOWN_CUT_MARGIN_SECONDS, grace / 2))
-            ending = asyncio.ensure_future(_end_requests_after(gateway, cut_at))  # not awaited by the group
+            ending = asyncio.ensure_future(_end_requests_after(gateway, cut_after(grace)))  # not awaited by the group
             await grpc_server.stop(grace)
             routing.cancel()
             said.cancel()
@@ -164,10 +163,6 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
             ending.cancel()
         await gateway.close()
     log.info("edge stopped")
-
-
-# Before the end of the shutdown grace: the time the edge leaves itself to write each running request's error.
-SHUTDOWN_CUT_MARGIN_SECONDS = 1.0
 
 
 async def _end_requests_after(gateway: Gateway, seconds: float) -> None:

@@ -19,6 +19,18 @@ log = logging.getLogger(__name__)
 # wait forever) and must not leave a process behind that holds its ports with no parent to stop it.
 SHUTDOWN_MARGIN_SECONDS = 30.0
 
+# Before the end of a service's shutdown grace: the time it leaves itself to end each request still running
+# with its own clear error ("shutting down"), before the gRPC server cuts the calls with none.
+SHUTDOWN_CUT_MARGIN_SECONDS = 1.0
+
+
+def cut_after(grace: float) -> float:
+    """Seconds from the start of a shutdown with `grace` seconds for in-flight work to the moment the work
+    still running is ended with an error of the service's own: SHUTDOWN_CUT_MARGIN_SECONDS before the grace
+    is spent, or half-way through a shorter grace."""
+    return max(0.0, grace - min(SHUTDOWN_CUT_MARGIN_SECONDS, grace / 2))
+
+
 # The services' event loop: uvloop where it is installed (a dependency on Linux and macOS), as uvicorn's
 # `--loop auto` chooses; FLEETLM_EVENT_LOOP=asyncio runs the standard library's loop instead. Every call and
 # every token crosses the loop in the edge and the node; on uvloop the first token through the edge came

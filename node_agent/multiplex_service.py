@@ -10,7 +10,9 @@ the live call's end).
 
 Shutdown (`close`): the node stops taking calls on its streams (each new one is refused with a retryable
 error, so the edge tries another replica), lets the running ones finish, and ends each stream once its
-calls have ended; the gRPC server's grace period bounds the wait, as it does for Generate calls.
+calls have ended. The gRPC server's grace period bounds the wait: just before it is spent, the calls still
+running are ended with the node's own error (`cut`: "node X is shutting down", retryable), not left for the
+server to cancel with a transport error that reads as a node gone unreachable.
 """
 
 from __future__ import annotations
@@ -146,6 +148,16 @@ class _Stream:
         taken, self.outbox = self.outbox[:count], self.outbox[count:]
         return multiplex_pb2.MultiplexResponse(events=taken)
 
+    def cut(self, error: FleetError) -> int:
+        """End every running call with `error` (its task cancelled: the engine frees its slot at the next
+        step) and say so to the caller; the number of calls ended."""
+        calls = list(self.calls.items())
+        self.calls.clear()
+        for id_, task in calls:
+            self.post(multiplex_pb2.CallEvent(id=id_, end=_status(error)))
+            task.cancel()
+        return len(calls)
+
     async def cancel_all(self) -> None:
         tasks = list(self.calls.values())
         self.calls.clear()
@@ -175,6 +187,12 @@ class NodeMultiplex(multiplex_pb2_grpc.MultiplexServiceServicer):
         self._closing.set()
         for stream in self._streams:
             stream.ready.set()
+
+    def cut(self, error: FleetError) -> int:
+        """End the calls still running with `error`, which the edge reads as this node's own (a retryable
+        BACKEND_UNAVAILABLE sends a reply its client waits for whole to another replica); each stream then
+        ends, since it was closed. The number of calls ended."""
+        return sum(stream.cut(error) for stream in self._streams)
 
     async def Multiplex(
         self, requests: AsyncIterator[multiplex_pb2.MultiplexRequest], context: grpc.aio.ServicerContext

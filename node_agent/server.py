@@ -16,9 +16,10 @@ from mesh import logs, tracing
 from mesh import metrics as metrics_port
 from mesh.catalog import CatalogError, load_catalog
 from mesh.controlplane_addresses import controlplane_addresses, controlplane_target, each_record
+from mesh.errors import ErrorCode, FleetError
 from mesh.fleet_ca import CONTROLPLANE_DNS_NAME, check_identity_name
 from mesh.grpc_server import GrpcServer
-from mesh.lifecycle import bound_address, run_until_signalled
+from mesh.lifecycle import bound_address, cut_after, run_until_signalled
 from mesh.tls import TlsFiles, keep_ssl_context_current, refuse_exposed_plaintext, server_credentials
 from node_agent import assignments, inventory, llama_logs
 from node_agent.controlplanes import ControlPlanes
@@ -158,7 +159,12 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
                 await asyncio.gather(*background, return_exceptions=True)
                 await _step("deregistering", registration.deregister())
                 multiplex.close()  # its streams take no new call; each ends once its calls have
-                await _step("stopping the gRPC server", server.stop(settings.shutdown_grace_seconds))
+                grace = settings.shutdown_grace_seconds
+                cutting = asyncio.ensure_future(_cut_calls_after(multiplex, settings.node_id, cut_after(grace)))
+                try:
+                    await _step("stopping the gRPC server", server.stop(grace))
+                finally:
+                    cutting.cancel()
     finally:
         await host.close()
         if scraped is not None:
@@ -166,6 +172,21 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
         log.info("node %s stopped", settings.node_id)
     if failure:
         raise SystemExit(f"fleetlm node: {failure}")
+
+
+async def _cut_calls_after(multiplex: NodeMultiplex, node_id: str, seconds: float) -> None:
+    """When the shutdown grace is nearly spent, the edge's calls still running end with this node's own
+    retryable error: the edge runs a reply its client waits for whole again on another replica, continues a
+    stream whose deployment opts in, and tells any other stream's client that the node is shutting down."""
+    await asyncio.sleep(seconds)
+    error = FleetError(
+        ErrorCode.BACKEND_UNAVAILABLE,
+        f"node {node_id} is shutting down and its grace for running requests ran out",
+        retry_after_seconds=1,
+    )
+    ended = multiplex.cut(error)
+    if ended:
+        log.info("shutdown grace nearly spent: %d request(s) still running end with 'node is shutting down'", ended)
 
 
 def _log_to_a_copy_of_stderr() -> None:
