@@ -89,6 +89,16 @@ def prefix_hash(request: inference_pb2.GenerateRequest) -> str:
     return hashlib.blake2b(text[:PREFIX_CHARS].encode(), digest_size=8).hexdigest()
 
 
+def shutting_down() -> FleetError:
+    """What a request still running when the edge's shutdown grace is nearly spent ends with (over HTTP and
+    gRPC): a retryable error of the edge's own, never a silent cut."""
+    return FleetError(
+        ErrorCode.BACKEND_UNAVAILABLE,
+        "this edge is shutting down; send the request again (to another edge, or to this one once it is back)",
+        retry_after_seconds=1,
+    )
+
+
 def new_request_id(prefix: str = "req") -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

@@ -15,11 +15,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import grpc
 
 from edge import access_log, auth
-from edge.gateway import Gateway
+from edge.gateway import Gateway, shutting_down
 from edge.openai_protocol import FINISH_REASONS
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh import request_context, tracing
@@ -119,6 +120,41 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
         self._auth = auth.for_gateway(gateway)
+        # Generate calls waiting for their next event, and those of them the edge's stop cancelled: when the
+        # shutdown grace is nearly spent (Gateway.stopped) each ends with `shutting_down()`, as over HTTP,
+        # not with the CANCELLED of a server whose grace ran out. A call writing its last event then sees
+        # the stop before it reads the next one.
+        self._reading: set[asyncio.Task[Any]] = set()
+        self._cut: set[asyncio.Task[Any]] = set()
+        self._watching = False
+
+    def _watch_the_stop(self) -> None:
+        if not self._watching:
+            self._watching = True
+            self._gateway.stopped().add_done_callback(self._stop_reading)
+
+    def _stop_reading(self, stopped: asyncio.Future[Any]) -> None:
+        if stopped.cancelled():  # the gateway closed
+            return
+        for task in self._reading:
+            self._cut.add(task)
+            task.cancel()
+
+    async def _next(
+        self, stream: AsyncIterator[inference_pb2.GenerateResponse], task: asyncio.Task[Any]
+    ) -> inference_pb2.GenerateResponse | None:
+        """The stream's next event (None at its end), or `shutting_down()` once the edge's stop came."""
+        if self._gateway.stopping.is_set():
+            raise shutting_down()
+        self._reading.add(task)
+        try:
+            return await anext(stream, None)
+        except asyncio.CancelledError:
+            if task in self._cut:
+                raise shutting_down() from None
+            raise
+        finally:
+            self._reading.discard(task)
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -134,8 +170,11 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
             admission = await auth.admit_grpc(self._auth, context, request.model)
             tokens = 0
             stream = self._gateway.generate(request, _client_timeout(context))
+            self._watch_the_stop()
+            task = asyncio.current_task()
+            assert task is not None
             try:
-                async for response in stream:
+                while (response := await self._next(stream, task)) is not None:
                     if response.HasField("result"):
                         result = response.result
                         tokens = result.usage.total_tokens
@@ -151,6 +190,7 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
             except Exception as exc:
                 raise _internal(request.request_id) from exc
             finally:
+                self._cut.discard(task)
                 admission.finish(tokens)
                 await stream.aclose()
 

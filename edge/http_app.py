@@ -30,7 +30,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge import access_log, auth, prompt_batch
-from edge.gateway import WAIT_NOTES, Gateway
+from edge.gateway import WAIT_NOTES, Gateway, shutting_down
 from edge.http_limits import HttpLimits, RequestLimits, RequestRefused
 from edge.metrics import client_gone
 from edge.openai_protocol import (
@@ -136,14 +136,6 @@ async def _body(receive: Receive) -> bytes | None:
         raw += message.get("body", b"")
         if not message.get("more_body", False):
             return bytes(raw)
-
-
-def shutting_down() -> FleetError:
-    return FleetError(
-        ErrorCode.BACKEND_UNAVAILABLE,
-        "this edge is shutting down; send the request again (to another edge, or to this one once it is back)",
-        retry_after_seconds=1,
-    )
 
 
 async def until_disconnect(receive: Receive, work: Awaitable[T], stopped: asyncio.Future[Any] | None = None) -> T:

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
+from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from tests.cluster import MODEL, Cluster, Proc, smollm_entry
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
@@ -37,6 +39,7 @@ class Fleet:
     cluster: Cluster
     edge: Proc
     http: str
+    grpc: str
 
 
 @pytest.fixture
@@ -47,9 +50,9 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         cluster.start_controlplane()
         cluster.start_node("shut-n1", models=[smollm_entry()], threads=1)
         with cluster.env_added({"FLEETLM_EDGE_SHUTDOWN_GRACE_SECONDS": str(GRACE)}):
-            edge, http, _ = cluster.start_edge()
+            edge, http, grpc_address = cluster.start_edge()
         cluster.wait_model_state(http, MODEL)
-        yield Fleet(cluster, edge, http)
+        yield Fleet(cluster, edge, http, grpc_address)
     except BaseException:
         print(cluster.logs())
         raise
@@ -75,11 +78,28 @@ def test_requests_running_past_the_grace_end_with_a_clear_error_not_a_cut(fleet:
         reply = httpx.post(f"{fleet.http}/v1/completions", json=LONG, timeout=60)
         whole.update(status=reply.status_code, retry_after=reply.headers.get("retry-after"), body=reply.json())
 
-    threads = [threading.Thread(target=stream), threading.Thread(target=non_streamed)]
+    over_grpc: dict[str, Any] = {"deltas": 0}
+    grpc_started = threading.Event()
+
+    def grpc_stream() -> None:
+        with grpc.insecure_channel(fleet.grpc) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            sampling = inference_pb2.SamplingParams(max_tokens=1500, temperature=0)
+            call = stub.Generate(inference_pb2.GenerateRequest(model=MODEL, prompt=PROMPT, sampling=sampling))
+            try:
+                for event in call:
+                    over_grpc["deltas"] += event.HasField("delta")
+                    over_grpc["result"] = event.HasField("result")
+                    grpc_started.set()
+            except grpc.RpcError as exc:
+                over_grpc.update(code=exc.code(), details=exc.details())
+
+    threads = [threading.Thread(target=f) for f in (stream, non_streamed, grpc_stream)]
     for thread in threads:
         thread.start()
     assert started.wait(60), "the stream never started"
-    time.sleep(0.5)  # both running (one node, four slots)
+    assert grpc_started.wait(60), "the gRPC stream never started"
+    time.sleep(0.5)  # all three running (one node, four slots)
     stopped_at = time.monotonic()
     fleet.edge.signal(signal.SIGTERM)
     for thread in threads:
@@ -96,6 +116,10 @@ def test_requests_running_past_the_grace_end_with_a_clear_error_not_a_cut(fleet:
     error = whole["body"]["error"]
     assert error["code"] == "BACKEND_UNAVAILABLE" and "shutting down" in error["message"], error
     assert whole["retry_after"] == "1"
+    # Over gRPC the same: UNAVAILABLE saying why, after the events sent (not CANCELLED by the server).
+    assert over_grpc["deltas"] >= 1 and not over_grpc.get("result"), over_grpc
+    assert over_grpc.get("code") == grpc.StatusCode.UNAVAILABLE, over_grpc
+    assert "this edge is shutting down" in over_grpc["details"], over_grpc
     assert exit_code == 0 and took < GRACE + 10, (exit_code, took)
     log = fleet.edge.log_path.read_text()
     assert "Traceback" not in log and "aclose()" not in log, log[-3000:]
