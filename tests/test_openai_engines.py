@@ -236,6 +236,18 @@ def test_a_server_without_pooled_embeddings_is_a_clear_400(fleet: Fleet) -> None
     assert "does not give one embedding per input" in body["message"]
 
 
+def test_embeddings_from_a_server_that_does_not_serve_them_are_a_400_not_a_retryable_503(fleet: Fleet) -> None:
+    # llama_cpp.server started without --embedding answers 500 "Llama model must be created with
+    # embedding=True ...": asking again cannot help, so it is the client's 400 (it was a 503 with Retry-After,
+    # retried on the replica and by the SDK).
+    with pytest.raises(openai.BadRequestError) as caught:
+        fleet.client.embeddings.create(model="smol-attached", input="hello")
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == "INVALID_REQUEST" and body["param"] == "input", body
+    assert "does not serve this request" in body["message"] and "embedding=True" in body["message"], body
+    assert fleet.wait_state("smol-attached", node_pb2.REPLICA_STATE_READY)  # the replica is fine
+
+
 def test_dropping_a_stream_closes_the_upstream_request(fleet: Fleet) -> None:
     stream = fleet.client.completions.create(model="smol-launched", prompt="Write a very long story.",
                                              max_tokens=1500, temperature=0, stream=True)  # fmt: skip

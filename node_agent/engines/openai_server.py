@@ -54,7 +54,9 @@ log = logging.getLogger(__name__)
 
 # How servers word a prompt that is too long: vLLM "maximum context length", SGLang "longer than the
 # model's context length", llama.cpp "exceed context window".
-_CONTEXT_WORDS = re.compile(r"context (length|window|size)|too long|maximum context", re.IGNORECASE)
+_CONTEXT_WORDS = re.compile(
+    r"context (length|window|size)|too long|maximum context|too large to process", re.IGNORECASE
+)  # llama-server's embeddings: "input (3001 tokens) is too large to process"
 # And a response_format it refuses (vLLM and SGLang name the field, llama.cpp the schema or grammar).
 _FORMAT_WORDS = re.compile(r"response_format|json.?schema|grammar", re.IGNORECASE)
 # And tools it refuses (vLLM: "auto" tool choice requires --enable-auto-tool-choice ...).
@@ -209,12 +211,26 @@ def _error_message(reply: httpx.Response) -> str:
     return str(error)
 
 
+# What a server answers for an operation it does not serve: a route it lacks (404, 405) or has turned off
+# (llama-server's 501 "This server does not support embeddings"). Asking again cannot help.
+_NOT_SERVED = (404, 405, 501)
+# Or words to that effect with a 500 (llama_cpp.server without embeddings: "Llama model must be created with
+# embedding=True to call this method").
+_NOT_SERVED_WORDS = re.compile(r"embedding=True|--embeddings?\b|does not support", re.IGNORECASE)
+
+
 def upstream_error(status: int, message: str, input_param: str, tools: bool = False) -> EngineError:
-    """A server's refusal in the engine's terms: the caller's fault (400s) or the server's (the rest)."""
+    """A server's refusal in the engine's terms: the caller's fault (400s, an input too long whatever the
+    status, an operation the server does not serve) or the server's (the rest: retried elsewhere)."""
     message = message.split('\n\n  File "')[0]  # a server's traceback is not for the client
     text = f"the engine's server answered {status}: {message}"
-    if status in (400, 413, 422) or (status == 500 and _REFUSED_BODY.search(message)):
+    if status in _NOT_SERVED or (status == 500 and _NOT_SERVED_WORDS.search(message)):
+        return InvalidInput(f"this model's server does not serve this request ({text})", input_param)
+    refused = status in (400, 413, 422) or (status == 500 and _REFUSED_BODY.search(message))
+    if refused or (status == 500 and _CONTEXT_WORDS.search(message)):
         if _CONTEXT_WORDS.search(message):
+            if "maximum context length" not in message:
+                text = f"the input exceeds this model's maximum context length ({text})"  # OpenAI's words
             return ContextLengthExceeded(text, input_param)
         if _FORMAT_WORDS.search(message):
             return InvalidInput(text, "response_format")  # a schema the server cannot enforce
