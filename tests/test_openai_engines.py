@@ -308,7 +308,7 @@ def test_a_hung_start_up_fails_the_replica_with_the_engines_output(fleet: Fleet)
     # test waits for an attempt that failed with the hang's reason, since every attempt of this engine hangs.
     # (A fresh CI machine once read an attempt whose child died at start with SIGSEGV: children forked by
     # uvloop beside busy gRPC threads, fixed in the supervisor and tested in tests/test_supervision.py.)
-    hung = "was not ready within 1s; last output:\nloading shard 1 of 4"
+    hung = "was not ready within 1s; last output: loading shard 1 of 4 (more in the node's log)"
     seen: list[str] = []
 
     def failed_with_its_output() -> bool:

@@ -58,14 +58,18 @@ def group_alive(pgid: int) -> list[psutil.Process]:
     return alive
 
 
-async def test_a_process_that_exits_while_starting_fails_with_its_last_output() -> None:
+async def test_a_process_that_exits_while_starting_fails_with_its_last_output(caplog: pytest.LogCaptureFixture) -> None:
     script = "print('loading weights', flush=True); raise SystemExit('CUDA error: no CUDA-capable device')"
     process = EngineProcess("engine", [sys.executable, "-c", script])
     with pytest.raises(EngineError) as caught:
         await process.start(lambda: asyncio.sleep(0, result=False), timeout=30)
+    # The reason (a replica's error: shown to clients and in `fleetlm status`'s table) is one line, with the
+    # process's last line; its last lines are in the node's log, once.
     message = str(caught.value)
-    assert "exited with code 1 while starting" in message
-    assert "loading weights" in message and "no CUDA-capable device" in message
+    assert "\n" not in message and "exited with code 1 while starting" in message
+    assert "last output: CUDA error: no CUDA-capable device" in message and "loading weights" not in message
+    [logged] = [r.getMessage() for r in caplog.records if "its last output" in r.getMessage()]
+    assert "loading weights\nCUDA error: no CUDA-capable device" in logged
 
 
 async def test_start_up_timeout_fails_with_the_reason_and_leaves_nothing() -> None:
@@ -82,7 +86,10 @@ async def test_start_up_timeout_fails_with_the_reason_and_leaves_nothing() -> No
     with pytest.raises(EngineError) as caught:
         await process.start(ready, timeout=0.5)
     assert time.monotonic() - started < 5
-    assert str(caught.value) == "hung was not ready within 0.5s; last output:\nloading shard 1 of 4"
+    assert (
+        str(caught.value)
+        == "hung was not ready within 0.5s; last output: loading shard 1 of 4 (more in the node's log)"
+    )
     pid = process.pid
     assert pid is not None
     # SIGKILLed processes of the group may take a moment to be gone on a busy machine: 10 s is generous.
@@ -171,7 +178,9 @@ def test_children_started_on_uvloop_while_grpc_is_busy_run_their_command() -> No
         return outcomes
 
     outcomes = uvloop.run(main())
-    assert outcomes == {"engine exited with code 3 while starting; last output:\nloading": 60}, outcomes
+    assert outcomes == {
+        "engine exited with code 3 while starting; last output: loading (more in the node's log)": 60
+    }, outcomes
 
 
 class _Chatty(inference_pb2_grpc.InferenceServiceServicer):

@@ -3,8 +3,9 @@ server a deployment names in `command` (vLLM, llama.cpp's llama-server, llama_cp
 
 Start: the process (supervisor.EngineProcess), then its readiness URL, then the OpenAI client on top.
 A start that fails or is cancelled (the replica was unloaded while its engine was loading) stops the
-process. A crash is reported by `watch` with the process's last output; the host then fails the replica
-and starts it again with backoff. Close: the client, then the process (SIGTERM, then SIGKILL).
+process. A crash is reported by `watch` with the process's last line (its last lines go to the log); the
+host then fails the replica and starts it again with backoff. Close: the client, then the process
+(SIGTERM, then SIGKILL).
 
 A secret flag's value (`--api-key K`) reaches the process and the client, never a log line or an error:
 the command line is logged redacted, and the value is cut from the output the process prints.

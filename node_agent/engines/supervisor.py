@@ -58,8 +58,16 @@ class EngineProcess:
         return self._proc.pid if self._proc is not None else None
 
     def tail(self) -> str:
-        """The last lines the process printed, for a failure's reason."""
+        """The last lines the process printed."""
         return "\n".join(self._lines) or "(it printed nothing)"
+
+    def _failure(self, what: str) -> str:
+        """A failure's reason, one line: what happened and the process's last line (a replica's error is shown
+        to clients, in `fleetlm status`'s table and in every refusal's log line). Its last lines go to this
+        node's log, once."""
+        log.warning("%s %s; its last output:\n%s", self.name, what, self.tail())
+        last = self._lines[-1] if self._lines else "(it printed nothing)"
+        return f"{self.name} {what}; last output: {last} (more in the node's log)"
 
     def _hide(self, text: str) -> str:
         for secret in self._secrets:
@@ -75,8 +83,9 @@ class EngineProcess:
 
     async def start(self, ready: ReadyCheck, timeout: float, poll: float = 0.25) -> None:
         """Start the process and return once `ready` says so. Raises EngineError with the process's last
-        output if it exits first or is not ready within `timeout` seconds, PermanentEngineError if it
-        cannot be run at all; the process is stopped then, and when the start is cancelled."""
+        line (its last lines logged) if it exits first or is not ready within `timeout` seconds,
+        PermanentEngineError if it cannot be run at all; the process is stopped then, and when the start is
+        cancelled."""
         log.info("starting %s: %s", self.name, " ".join(redact_argv(self.argv)))
         if shutil.which(self.argv[0]) is None:
             raise PermanentEngineError(f"could not start {self.name}: no program '{self.argv[0]}' on this node")
@@ -103,15 +112,13 @@ class EngineProcess:
         while True:
             if self._proc.returncode is not None:
                 await self._drain()
-                raise EngineError(
-                    f"{self.name} {_exit_text(self._proc.returncode)} while starting; last output:\n{self.tail()}"
-                )
+                raise EngineError(self._failure(f"{_exit_text(self._proc.returncode)} while starting"))
             with contextlib.suppress(Exception):  # not listening yet, or answering "not ready"
                 if await ready():
                     log.info("%s is ready (pid %d)", self.name, self._proc.pid)
                     return
             if time.monotonic() >= deadline:
-                raise EngineError(f"{self.name} was not ready within {timeout:g}s; last output:\n{self.tail()}")
+                raise EngineError(self._failure(f"was not ready within {timeout:g}s"))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(poll):  # not wait_for, which can swallow a cancellation on 3.11
                     await self._proc.wait()
@@ -122,13 +129,13 @@ class EngineProcess:
             await asyncio.wait({self._reader}, timeout=1.0)
 
     async def exited(self) -> str:
-        """Wait until the process dies without being asked to; return why, with its last output."""
+        """Wait until the process dies without being asked to; return why, with its last line."""
         assert self._proc is not None, "not started"
         code = await self._proc.wait()
         await self._drain()
         if self._stopping:
             await asyncio.Event().wait()  # a stop we asked for is not a failure: never report it
-        return f"{self.name} {_exit_text(code)}; last output:\n{self.tail()}"
+        return self._failure(_exit_text(code))
 
     async def stop(self, grace: float = 10.0) -> None:
         """SIGTERM to the process group, SIGKILL after `grace` seconds; then nothing of it is left."""
