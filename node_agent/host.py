@@ -5,10 +5,11 @@ Replicas come from two places: the node's own catalog (loaded at start, kept for
 the control plane's assignments (loaded and unloaded as the assignments change).
 
 Retries: a replica whose engine cannot start (its server is unreachable, it crashed or timed out while
-starting) or fails later is retried with backoff (1 s, 2 s, 4 s ... 60 s) for as long as it is declared
-or assigned. Only a permanent configuration error (PermanentEngineError: a missing weights file, a
-format the engine cannot run, no GPU for SGLang) stops the retries, with that reason on the replica; the
-next delivery of the same assignment, or a new deployment, tries again.
+starting) or fails later is retried with backoff (1 s, 2 s, 4 s ... 60 s; a server attached by URL at
+least every engine health interval) for as long as it is declared or assigned. Only a permanent
+configuration error (PermanentEngineError: a missing weights file, a format the engine cannot run, no GPU
+for SGLang) stops the retries, with that reason on the replica; the next delivery of the same
+assignment, or a new deployment, tries again.
 
 Admission: a request is counted against the replica (running or waiting) in the same synchronous step
 that admits it, so requests that arrive together cannot all get in past the limits. A request for n
@@ -125,6 +126,7 @@ class ModelHost:
     ) -> None:
         self.models: dict[str, HostedModel] = {s.name: HostedModel(s) for s in catalog}
         self._factory = EngineFactory(settings, gpus)
+        self._health_seconds = settings.engine_health_seconds
         self.changed = asyncio.Event()  # set on state and load changes, so heartbeats go out promptly
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing: set[asyncio.Task[None]] = set()
@@ -217,7 +219,15 @@ class ModelHost:
                     backoff = RETRY_FIRST_SECONDS
             log.info("starting %s again in %.0fs", hosted.name, backoff)
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, RETRY_MAX_SECONDS)
+            backoff = min(backoff * 2, self._retry_cap(hosted.spec))
+
+    def _retry_cap(self, spec: node_pb2.ModelSpec) -> float:
+        """The longest wait between two tries of a replica. A server attached by URL (an `openai` engine with
+        no command) is tried at least every health interval: a try is one request to it, and it serves as
+        soon as it answers again, however long it was down; a start costs far more for anything else."""
+        if spec.engine == "openai" and not spec.command:
+            return min(RETRY_MAX_SECONDS, max(RETRY_FIRST_SECONDS, self._health_seconds))
+        return RETRY_MAX_SECONDS
 
     def _start(self, hosted: HostedModel) -> None:
         hosted.task = self._spawn(self._run_replica(hosted))

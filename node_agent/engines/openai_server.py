@@ -322,8 +322,14 @@ class OpenAIServerEngine:
 
     async def watch(self) -> str:
         failures = 0
+        loop = asyncio.get_running_loop()
+        check_at = loop.time()
         while True:
-            await asyncio.sleep(self.config.health_interval)
+            # A check every interval from the last one's start, not after it: a check that times out (a
+            # frozen server: connect_timeout) does not stretch the three checks to twice as long.
+            check_at += self.config.health_interval
+            await asyncio.sleep(max(0.0, check_at - loop.time()))
+            check_at = max(check_at, loop.time() - self.config.health_interval)
             if (
                 self._running
                 and time.monotonic() - self._heard < self.config.health_interval * self.config.health_failures
