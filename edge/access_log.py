@@ -122,7 +122,10 @@ def request(
                 with tracing.current(access.span):
                     yield access
     finally:
-        CURRENT.reset(token)
+        # A gRPC handler cancelled at a `yield` is closed by grpc.aio from a task of its own, in another
+        # Context, where the token is not valid: the line is written all the same.
+        with contextlib.suppress(ValueError):
+            CURRENT.reset(token)
         finish(access)
 
 

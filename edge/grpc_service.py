@@ -46,9 +46,11 @@ def _outcome(access: access_log.Access) -> Iterator[None]:
     except FleetError as error:
         access.status, access.error = error.http_status, str(error.code)
         raise
-    except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
-        if isinstance(exc, asyncio.CancelledError):
-            access.status, access.error = 499, str(ErrorCode.CANCELLED)  # the caller went away
+    except (asyncio.CancelledError, GeneratorExit, grpc.aio.AbortError) as exc:
+        # The caller went away: the call is cancelled, or (cancelled while its handler waited at a `yield`)
+        # closed by grpc.aio from a task of its own.
+        if not isinstance(exc, grpc.aio.AbortError):
+            access.status, access.error = 499, str(ErrorCode.CANCELLED)
         raise
     except BaseException:
         access.status, access.error = 500, str(ErrorCode.INTERNAL)

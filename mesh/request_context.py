@@ -78,4 +78,5 @@ def bound(request_id: str) -> Iterator[None]:
     try:
         yield
     finally:
-        REQUEST_ID.reset(token)
+        with contextlib.suppress(ValueError):  # ended in another Context (a generator closed by another task)
+            REQUEST_ID.reset(token)

@@ -230,7 +230,8 @@ def current(span: ServerSpan | None) -> Iterator[None]:
     try:
         yield
     finally:
-        _CURRENT.reset(token)
+        with contextlib.suppress(ValueError):  # ended in another Context (a generator closed by another task)
+            _CURRENT.reset(token)
 
 
 def carrier_from(pairs: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:
