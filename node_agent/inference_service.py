@@ -17,6 +17,7 @@ from node_agent.engines.base import (
     Chat,
     ChoiceEnd,
     ContextLengthExceeded,
+    Engine,
     EngineError,
     Finished,
     Function,
@@ -33,8 +34,10 @@ from node_agent.engines.base import (
     ToolCall,
     ToolCallChunk,
     ToolChoice,
+    check_context,
+    may_exceed,
 )
-from node_agent.host import ModelHost
+from node_agent.host import HostedModel, ModelHost
 from node_agent.request_log import Served, served
 from node_agent.text_delivery import delivered
 
@@ -236,7 +239,7 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
         prompt = _prompt(request)
         options = sampling_options(request.sampling, request.echo)
         tally: Tally | None = Tally()  # the engine keeps it current: a request cut short counts what it spent
-        async with self._host.serving(request.model, options.n) as (hosted, engine):
+        async with self._admitted(request.model, prompt, options, input_param) as (hosted, engine):
             record.replica(hosted.spec.engine, hosted.device)
             try:
                 async for event in engine.generate(prompt, options, tally):
@@ -262,6 +265,38 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
             finally:
                 if tally is not None:  # ended before its Finished: cancelled, or failed
                     record.usage(tally.prompt_tokens, tally.completion_tokens)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(
+        self, model: str, prompt: Prompt, options: SamplingOptions, input_param: str
+    ) -> AsyncIterator[tuple[HostedModel, Engine]]:
+        """The host's admission of a generation (`ModelHost.serving`). A replica that is full refuses with a
+        retryable error; a prompt that could never fit its context must not hear "try again" (an OpenAI SDK
+        retries a 429 by itself, and an app that trims its conversation on context_length_exceeded never
+        would): it is counted then, only when its size may exceed the context (`may_exceed`), and refused as
+        what it is. A free replica's engine checks it as it starts, as before."""
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                admitted = await stack.enter_async_context(self._host.serving(model, options.n))
+            except FleetError as error:
+                if error.code in (ErrorCode.NO_CAPACITY, ErrorCode.GPU_OVERLOADED):
+                    await self._never_fits(model, prompt, options, input_param)
+                raise
+            yield admitted
+
+    async def _never_fits(self, model: str, prompt: Prompt, options: SamplingOptions, input_param: str) -> None:
+        """Raise CONTEXT_LENGTH_EXCEEDED when `prompt` (with max_tokens) cannot fit the replica's context."""
+        hosted, engine = self._host.engine_for(model)
+        context = hosted.context_size
+        if not context or not may_exceed(prompt, context, options.max_tokens):
+            return
+        try:
+            tokens = await engine.tokenize(prompt)
+            check_context(len(tokens), context, options.max_tokens)
+        except ContextLengthExceeded as exc:
+            raise _engine_error(exc, input_param) from exc
+        except EngineError:
+            return  # an engine that cannot count (an OpenAI-compatible server's): the server will say
 
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext

@@ -170,3 +170,39 @@ def test_a_launched_servers_api_key_is_used_and_never_shown(fleet: Fleet) -> Non
     stored = subprocess.run([str(etcdctl), f"--endpoints={fleet.cluster.etcd_url}", "get", "--prefix", "/"],
                             capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
     assert SECRET_MODEL in stored and SECRET not in stored
+
+
+async def test_a_prompt_that_can_never_fit_is_context_length_exceeded_even_when_the_replica_is_full(
+    fleet: Fleet,
+) -> None:
+    """A full replica refuses with a retryable NO_CAPACITY; a request that could never fit its context
+    (1,024 tokens here) must hear that instead, busy or not: an SDK retries a 429 by itself, to no end."""
+    model = model_name("llamacpp", 1, 0)  # one slot, no queue
+    too_long = "hello world " * 1200  # ~2,400 tokens
+    chat = inference_pb2.ChatConversation(messages=[inference_pb2.ChatMessage(role="user", content=too_long)])
+    cases = {
+        "prompt": inference_pb2.GenerateRequest(model=model, prompt=too_long, sampling=LONG),
+        "messages": inference_pb2.GenerateRequest(model=model, chat=chat, sampling=LONG),
+        "max_tokens": inference_pb2.GenerateRequest(
+            model=model, prompt="Hello", sampling=inference_pb2.SamplingParams(max_tokens=5000)
+        ),
+    }
+    async with grpc.aio.insecure_channel(fleet.node_address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        busy = stub.Generate(inference_pb2.GenerateRequest(model=model, prompt="Once upon a time", sampling=LONG))
+        assert (await busy.read()).HasField("delta")  # the one slot is taken
+        try:
+            for param, request in cases.items():
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    async for _ in stub.Generate(request, timeout=60):
+                        pass
+                error = FleetError.from_rpc_error(caught.value)
+                assert error.code == ErrorCode.CONTEXT_LENGTH_EXCEEDED and error.param == param, error
+                assert "maximum context length is 1024" in error.message or "of 1024 tokens" in error.message
+            # A request that fits is refused as the replica is full: retryable.
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in stub.Generate(inference_pb2.GenerateRequest(model=model, prompt="Hi"), timeout=60):
+                    pass
+            assert FleetError.from_rpc_error(caught.value).code == ErrorCode.NO_CAPACITY
+        finally:
+            busy.cancel()

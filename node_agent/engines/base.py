@@ -234,6 +234,43 @@ class ContextLengthExceeded(EngineError):
         self.param = param
 
 
+def check_context(prompt_tokens: int, context: int, max_tokens: int | None) -> None:
+    """ContextLengthExceeded when a prompt of `prompt_tokens` tokens, or it and `max_tokens` more, does not
+    fit a context of `context` tokens (param `messages` for the prompt, which the node renames for a
+    completion, or `max_tokens`)."""
+    if prompt_tokens >= context:
+        raise ContextLengthExceeded(
+            f"the prompt is {prompt_tokens} tokens; this model's maximum context length is {context} tokens",
+            param="messages",
+        )
+    if max_tokens is not None and prompt_tokens + max_tokens > context:
+        raise ContextLengthExceeded(
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds this model's maximum"
+            f" context length of {context} tokens",
+            param="max_tokens",
+        )
+
+
+# Tokens a chat template may add around each message (role markers), and around the whole conversation.
+_TEMPLATE_TOKENS_PER_MESSAGE = 16
+_TEMPLATE_TOKENS = 64
+
+
+def may_exceed(prompt: Prompt, context: int, max_tokens: int | None) -> bool:
+    """Whether `prompt` could fail `check_context`, without tokenizing it: False when it would fit even at one
+    token per byte of its text (a byte-level vocabulary never gives more), with room for a chat template's
+    markers. A conversation with tools may (its template may add any amount of text for them)."""
+    room = context - (max_tokens or 0)
+    if isinstance(prompt, TokenPrompt):
+        return len(prompt.ids) >= room
+    if isinstance(prompt, str):
+        return len(prompt.encode()) + 2 >= room  # BOS, EOS
+    if prompt.tools:
+        return True
+    text = sum(len(m.content.encode()) + sum(len(str(c)) for c in m.tool_calls) for m in prompt.messages)
+    return text + _TEMPLATE_TOKENS_PER_MESSAGE * len(prompt.messages) + _TEMPLATE_TOKENS >= room
+
+
 class EngineUnavailable(EngineError):
     """The engine cannot serve now (its server is unreachable, crashed or overloaded); another replica may."""
 

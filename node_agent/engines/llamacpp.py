@@ -45,6 +45,7 @@ from node_agent.engines.base import (
     TextChunk,
     TokenLogprob,
     TokenPrompt,
+    check_context,
 )
 from node_agent.engines.embedding_batch import EmbeddingBatcher
 from node_agent.engines.json_grammar import content_schema, grammar_for
@@ -388,17 +389,7 @@ class LlamaCppEngine:
                 "the prompt has no tokens: send some text", "messages" if isinstance(prompt, Chat) else "prompt"
             )
         context = self.config.context_size
-        if len(tokens) >= context:
-            raise ContextLengthExceeded(
-                f"the prompt is {len(tokens)} tokens; this model's maximum context length is {context} tokens",
-                param="messages",
-            )
-        if options.max_tokens is not None and len(tokens) + options.max_tokens > context:
-            raise ContextLengthExceeded(
-                f"the prompt ({len(tokens)} tokens) plus max_tokens ({options.max_tokens}) exceeds this"
-                f" model's maximum context length of {context} tokens",
-                param="max_tokens",
-            )
+        check_context(len(tokens), context, options.max_tokens)
         limit = context - len(tokens) if options.max_tokens is None else options.max_tokens
         if options.echo and not options.logprobs:
             yield PromptEcho()  # the prompt's text is the caller's; only its scores come from the model
