@@ -30,7 +30,7 @@ from controlplane.fleet import FleetView
 from controlplane.leader import Leadership
 from controlplane.store import ClusterStore, Fence, FencedOut, StoreUnavailable, record_key
 from fleetlm.controlplane.v1 import node_pb2
-from mesh.errors import FleetError
+from mesh.errors import ErrorCode, FleetError
 from mesh.redaction import redact_spec
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,11 @@ class Reconciler:
             raise  # etcd away: not a reason this deployment fits nowhere
         except FleetError as error:
             if self.last_errors.get(name) != error.message:
-                log.warning("cannot place %s: %s", name, error.message)
+                # No node at all is what every start (before the first node registers) and every clean stop
+                # of the last node look like: said, not warned of (`fleetlm status` and the alert rules show
+                # a deployment left without replicas); a fleet whose nodes cannot take it is a warning.
+                empty = error.code == ErrorCode.MODEL_UNAVAILABLE
+                log.log(logging.INFO if empty else logging.WARNING, "cannot place %s: %s", name, error.message)
             self.last_errors[name] = error.message
         for extra in sorted(current, key=self._removal_order)[: max(0, len(current) - want)]:
             await self._unassign(extra, f"scaled down to {want}")
