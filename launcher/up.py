@@ -115,6 +115,15 @@ class LoadProgress:
                 print(f"  {replica['model']} on {replica['node']}: {line}", flush=True)
         return False
 
+    def others(self) -> list[str]:
+        """Deployments that are not the catalog's: kept in etcd from an earlier start (another catalog, or
+        DeployModel), and running beside it. [] when the control plane does not answer."""
+        try:
+            snap = asyncio.run(fetch(self._target))
+        except AccessError:
+            return []
+        return sorted(d["name"] for d in snap["deployments"] if d["name"] not in self._models)
+
 
 def _said(level: int, message: str) -> None:
     """A line from the supervisor among its components' log lines, in their format (time, who, level; JSON
@@ -316,6 +325,7 @@ def run(args: argparse.Namespace) -> int:
         )
         progress.show(now=True)  # the models' final states, which the last check may not have fetched
         model = ", ".join(e.name for e in entries)
+        others = progress.others()
         etcd_note = "" if args.etcd else f"   (data in {state / 'etcd'})"
         if use_tls:
             ca_file, admin = state / "ca" / "ca.crt", state / "tls" / "admin"
@@ -333,6 +343,13 @@ def run(args: argparse.Namespace) -> int:
         if require_auth:  # fleetlm keys finds the control plane and the credentials in the operator file
             tls_note += f"\n  API keys          required; make one: fleetlm keys create NAME{status_dir}"
         cp_local = f"{local}:{args.controlplane_port}"
+        if others:  # said, not removed: an operator's DeployModel is kept across starts as a catalog's is
+            method = "fleetlm.controlplane.v1.AdminService/UndeployModel"
+            undeploy = f'{admin_grpcurl} -d \'{{"name": "NAME"}}\' {cp_local} {method}'
+            tls_note += (
+                f"\n  also deployed     {', '.join(others)}   (kept from an earlier start; not in this catalog;"
+                f" to remove one: {undeploy})"
+            )
         metrics = f"{scheme}://{local}"
         print(
             f"""

@@ -330,3 +330,32 @@ def test_up_starts_a_component_that_died_again_and_serves_on(tmp_path: Path) -> 
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_up_says_which_deployments_an_earlier_start_left_beside_its_catalog(tmp_path: Path) -> None:
+    """Deployments live in etcd, in the state directory: `up` again with another catalog runs its models
+    and the earlier ones too. The banner says so, naming them and how to remove one (it removes none: an
+    operator's DeployModel is kept across starts as well)."""
+    from launcher.default_model import default_model_path
+
+    def catalog(name: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"models:\n  - {{name: {name}, path: {default_model_path()}, context_size: 512}}\n")
+        return path
+
+    for name, others in (("smol-a", None), ("smol-b", "smol-a")):
+        up, _, log = start_up(tmp_path, "--catalog", str(catalog(name)))
+        try:
+            banner = log.read_text().split("fleetlm is up", 1)[1]
+            assert f"deployments       {name}" in banner, banner
+            if others is None:
+                assert "also deployed" not in banner, banner
+            else:
+                assert f"also deployed     {others}   (kept from an earlier start" in banner, banner
+                assert "AdminService/UndeployModel" in banner, banner
+            up.send_signal(signal.SIGINT)
+            assert up.wait(60) == 0, log.read_text()
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
