@@ -313,6 +313,24 @@ def test_an_openai_compatible_server_gets_the_tools_and_history_and_its_deltas_b
     assert first[0].id.startswith("call_") and whole.calls[0].arguments == "{}"
 
 
+def test_with_parallel_tool_calls_false_a_servers_second_call_is_not_taken() -> None:
+    """OpenAI's rule for parallel_tool_calls false (at most one call), for a server that ignores the flag: the
+    second call's deltas are dropped and `over` says the reply ends with the first (the engine then stops
+    reading the server's stream, with finish_reason tool_calls)."""
+    deltas = ToolCallDeltas(single=True)
+    chunks = deltas.feed([{"index": 0, "id": "c0", "function": {"name": "get_weather", "arguments": '{"city"'}}])
+    chunks += deltas.feed([{"index": 0, "function": {"arguments": ': "Paris"}'}}])
+    assert not deltas.over
+    chunks += deltas.feed([{"index": 1, "id": "c1", "function": {"name": "get_time", "arguments": "{}"}}])
+    assert deltas.over
+    assert deltas.calls == (ToolCall("c0", "get_weather", '{"city": "Paris"}'),)
+    assert [c.index for c in chunks] == [0, 0, 0] and all(c.name != "get_time" for c in chunks)
+    several = ToolCallDeltas()  # parallel calls allowed: both kept
+    several.feed([{"index": 0, "id": "a", "function": {"name": "f", "arguments": "{}"}}])
+    several.feed([{"index": 1, "id": "b", "function": {"name": "g", "arguments": "{}"}}])
+    assert len(several.calls) == 2 and not several.over
+
+
 def test_a_call_answered_in_any_order_with_more_turns_after_is_taken() -> None:
     validate_generate(request(messages=[ASKED, called(["c1", "c2"]), answer("c2"), answer("c1"),
                                         {"role": "assistant", "content": "3 C in both."},

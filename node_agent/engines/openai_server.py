@@ -418,7 +418,7 @@ class OpenAIServerEngine:
         chunks, usage = 0, None
         offsets: dict[int, int] = {}  # per choice: characters received so far
         finishes: dict[int, str] = {}
-        calls = ToolCallDeltas()
+        calls = ToolCallDeltas(single=isinstance(prompt, Chat) and not prompt.parallel_tool_calls)
         async with self._slot(options.n):
             try:
                 async with self._client.stream(
@@ -454,10 +454,15 @@ class OpenAIServerEngine:
                                 chunks += 1 if call.arguments else 0
                                 tally.completion_tokens = chunks
                                 yield call
+                            if calls.over:  # a second call though parallel_tool_calls is false: the first ends it
+                                finishes[index] = "tool_calls"
+                                break
                             if choice.get("finish_reason") and index not in finishes:
                                 finishes[index] = _finish_reason(choice["finish_reason"])
                                 if options.n > 1:
                                     yield ChoiceEnd(index, finishes[index])  # type: ignore[arg-type]
+                        if calls.over:
+                            break  # leaving the stream ends the request: the server stops generating
             except httpx.HTTPError as exc:
                 raise EngineUnavailable(f"the engine's server at {self._root} failed: {exc!r}") from exc
             except ValueError as exc:

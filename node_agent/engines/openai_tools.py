@@ -60,10 +60,14 @@ def tools_json(chat: Chat) -> dict[str, Any]:
 
 class ToolCallDeltas:
     """A server's streamed `delta.tool_calls` as the engine's chunks: a call is announced once (index, id,
-    name; an id is made for a server that sends none), then its argument pieces. Keeps the whole calls."""
+    name; an id is made for a server that sends none), then its argument pieces. Keeps the whole calls.
+    With `single` (parallel_tool_calls false) a second call is not taken: `over` says one came, and the
+    reply ends with the first (OpenAI's rule, for a server that ignores the flag)."""
 
-    def __init__(self) -> None:
+    def __init__(self, single: bool = False) -> None:
         self._calls: dict[int, ToolCall] = {}
+        self._single = single
+        self.over = False
 
     @property
     def calls(self) -> tuple[ToolCall, ...]:
@@ -73,6 +77,9 @@ class ToolCallDeltas:
         out = []
         for delta in deltas if isinstance(deltas, list) else ():
             index = int(delta.get("index", len(self._calls)))
+            if self._single and self._calls and index not in self._calls:
+                self.over = True
+                break
             function = delta.get("function") or {}
             arguments = str(function.get("arguments") or "")
             call = self._calls.get(index)
