@@ -590,11 +590,13 @@ class Gateway:
                             self.metrics.series(request.model).retries.inc()
                         refusals.attempts += 1
                         self.acquire(target)
+                        # The access log's and the span's node: the one the request is sent to, named also
+                        # when its client leaves before the answer; not one that refused it.
+                        served_by(target.node_id)
                         try:
-                            answer = await attempt(_with_model(request, model), target)
-                            served_by(target.node_id)  # the access log's and the span's node
-                            return answer
+                            return await attempt(_with_model(request, model), target)
                         except FleetError as error:
+                            served_by("")
                             self.release(target)
                             self._refused(error, request_id, model, target)
                             refusals.add(error)

@@ -122,3 +122,26 @@ def test_grpc_streams_cancelled_at_any_point_are_logged_once_each_without_errors
     log = written()
     assert log.count("grpc Generate 499") == cancelled
     assert "Traceback" not in log and "never retrieved" not in log and " ERROR " not in log, log[-3000:]
+
+
+def test_a_call_whose_deadline_passes_before_its_first_token_names_its_node_in_the_access_log(mesh: Mesh) -> None:
+    """The client's deadline (50 ms) passes while the node still reads a long prompt: the access line says
+    which node had the request (it said node=-)."""
+    edge = next(p for p in mesh.cluster.procs if p.name.startswith("edge"))
+    request = inference_pb2.GenerateRequest(
+        model=mesh.model,
+        prompt="Tell me about the sea. " * 150,  # ~900 tokens: a prefill of far more than 50 ms here
+        sampling=inference_pb2.SamplingParams(max_tokens=4),
+        request_id="deadline-before-first-token",
+    )
+    with grpc.insecure_channel(mesh.grpc) as channel, pytest.raises(grpc.RpcError) as caught:
+        for _ in inference_pb2_grpc.InferenceServiceStub(channel).Generate(request, timeout=0.05):
+            pass
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def line() -> str:
+        lines = edge.log_path.read_text(errors="replace").splitlines()
+        return next((x for x in lines if "fleetlm.access" in x and "deadline-before-first-token" in x), "")
+
+    logged = wait_for(line, 30, "the call's access line")
+    assert " node=node-a " in logged and "completion_tokens=0" in logged, logged
