@@ -5,6 +5,7 @@ first token, failed mid-stream, or hung."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -148,16 +149,25 @@ def start_ha_fleet(cluster: Cluster, workdir: Path, controlplanes: int = 1) -> H
     return fleet
 
 
-@pytest.fixture
-def ha(tmp_path: Path) -> Iterator[HaFleet]:
+@contextlib.contextmanager
+def running_ha_fleet(tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[HaFleet]:
+    """`start_ha_fleet` with `env` added to its processes' environment; its logs printed if it fails to
+    start, every process stopped at the end."""
     cluster = Cluster(tmp_path)
     try:
-        yield start_ha_fleet(cluster, tmp_path)
+        with cluster.env_added(env):
+            yield start_ha_fleet(cluster, tmp_path)
     except BaseException:
         print(cluster.logs())
         raise
     finally:
         cluster.close()
+
+
+@pytest.fixture
+def ha(tmp_path: Path) -> Iterator[HaFleet]:
+    with running_ha_fleet(tmp_path) as fleet:
+        yield fleet
 
 
 def back_to_normal_after(outcomes: Outcomes, fault_at: float) -> float:

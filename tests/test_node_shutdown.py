@@ -28,8 +28,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster import Cluster, wait_for
-from tests.test_fleet_faults import MODEL, HaFleet, start_ha_fleet
+from tests.cluster import wait_for
+from tests.test_fleet_faults import MODEL, HaFleet, running_ha_fleet
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -43,15 +43,8 @@ WAIT = 240  # seconds any one request may take on a loaded machine (~20 s here)
 
 @pytest.fixture
 def ha(tmp_path: Path) -> Iterator[HaFleet]:
-    cluster = Cluster(tmp_path)
-    try:
-        with cluster.env_added({"FLEETLM_NODE_SHUTDOWN_GRACE_SECONDS": str(GRACE)}):
-            yield start_ha_fleet(cluster, tmp_path)
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.close()
+    with running_ha_fleet(tmp_path, {"FLEETLM_NODE_SHUTDOWN_GRACE_SECONDS": str(GRACE)}) as fleet:
+        yield fleet
 
 
 def body(stream: bool) -> dict[str, Any]:
