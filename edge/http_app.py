@@ -177,21 +177,18 @@ async def until_disconnect(receive: Receive, work: Awaitable[T], stopped: asynci
 
 
 async def _collect(stream: AsyncIterator[inference_pb2.GenerateResponse], n: int = 1) -> tuple[Choices, Any]:
-    """A whole reply's choices (`n` per prompt) and its result."""
+    """A whole reply's choices (`n` per prompt) and its result. Its first token's time is the access line's
+    already: the generation, asked for a whole reply, noted it as it reached the edge (edge.generation)."""
     choices = Choices(n)
     result = None
-    access = access_log.current()
-    first = True
     async for event in stream:
         if event.HasField("result"):
             result = event.result  # its tool_calls are the reply's, whole (the deltas streamed them)
             continue
-        if access is not None and first and not event.HasField("prompt"):
-            access.token()  # the first output of either kind: text or a tool call (not an echoed prompt)
-            first = False
         choices.add(event)
     if result is None:
         raise FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the node ended the stream without a result")
+    access = access_log.current()
     if access is not None:
         _note_result(access, result)
     return choices, result
