@@ -22,6 +22,8 @@ from mesh.redaction import REDACTED, redact_argv
 from node_agent.engines.base import EngineError, PermanentEngineError
 
 log = logging.getLogger(__name__)
+# What a failure says of a process that printed nothing.
+_SILENT = "(it printed nothing)"
 
 ReadyCheck = Callable[[], Awaitable[bool]]
 
@@ -59,14 +61,14 @@ class EngineProcess:
 
     def tail(self) -> str:
         """The last lines the process printed."""
-        return "\n".join(self._lines) or "(it printed nothing)"
+        return "\n".join(self._lines) or _SILENT
 
     def _failure(self, what: str) -> str:
         """A failure's reason, one line: what happened and the process's last line (a replica's error is shown
         to clients, in `fleetlm status`'s table and in every refusal's log line). Its last lines go to this
         node's log, once."""
         log.warning("%s %s; its last output:\n%s", self.name, what, self.tail())
-        last = self._lines[-1] if self._lines else "(it printed nothing)"
+        last = self._lines[-1] if self._lines else _SILENT
         return f"{self.name} {what}; last output: {last} (more in the node's log)"
 
     def _hide(self, text: str) -> str:
