@@ -25,6 +25,7 @@ from edge.openai_protocol import FINISH_REASONS
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh import request_context, tracing
 from mesh.errors import ErrorCode, FleetError
+from mesh.grpc_server import deadline_passed
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ def _internal(request_id: str) -> FleetError:
 
 
 @contextlib.contextmanager
-def _outcome(access: access_log.Access) -> Iterator[None]:
-    """Note how the call ended in its access record: 200, or the error's HTTP status and code."""
+def _outcome(access: access_log.Access, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    """Note how the call ended in its access record: 200, or the error's HTTP status and code; a call its
+    client cancelled is 499 CANCELLED, one whose deadline passed 504 DEADLINE_EXCEEDED."""
     try:
         yield
     except FleetError as error:
@@ -49,7 +51,11 @@ def _outcome(access: access_log.Access) -> Iterator[None]:
     except (asyncio.CancelledError, GeneratorExit, grpc.aio.AbortError) as exc:
         # The caller went away: the call is cancelled, or (cancelled while its handler waited at a `yield`)
         # closed by grpc.aio from a task of its own.
-        if not isinstance(exc, grpc.aio.AbortError):
+        if isinstance(exc, grpc.aio.AbortError):
+            pass
+        elif deadline_passed(context):
+            access.status, access.error = 504, grpc.StatusCode.DEADLINE_EXCEEDED.name
+        else:
             access.status, access.error = 499, str(ErrorCode.CANCELLED)
         raise
     except BaseException:
@@ -109,7 +115,7 @@ async def _call(
     """One call (`_Call`) with its outcome noted in its access record (`_outcome`); however the block ends,
     the initial metadata has gone before the call's status does."""
     call = _Call(context, method, field_id, gateway)
-    with call.stack, _outcome(call.access):
+    with call.stack, _outcome(call.access, context):
         try:
             yield call
         finally:

@@ -11,9 +11,10 @@ What is counted:
                                            status is the HTTP status sent or the gRPC code's name, code the
                                            fleet's error code ("" on success). A request whose client went
                                            away has code CANCELLED on both transports: over gRPC status
-                                           CANCELLED, over HTTP the status already sent (200 once a stream
-                                           has started, as for any error after it) or 499, nginx's "client
-                                           closed request", when none was.
+                                           CANCELLED (DEADLINE_EXCEEDED when its deadline ended it), over
+                                           HTTP the status already sent (200 once a stream has started, as
+                                           for any error after it) or 499, nginx's "client closed request",
+                                           when none was.
   time_to_first_token_seconds{model}       from the request's arrival to its first text, for every
                                            generation that produced text (streamed or not, as vLLM counts).
   inter_token_latency_seconds{model}       the gap between consecutive text events of a streamed generation
@@ -54,6 +55,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mesh.errors import ErrorCode, FleetError, vocabulary_code
+from mesh.grpc_server import deadline_passed
 from mesh.metrics import E2E_BUCKETS, ITL_BUCKETS, PREFIX, TTFT_BUCKETS, new_registry
 
 if TYPE_CHECKING:
@@ -376,14 +378,17 @@ class _CountedServicer:
             self._metrics.serving(call, model)  # known before the API key's check: a 429 carries its model
         return call
 
-    def _close(self, call: Call, error: BaseException | None) -> None:
+    def _close(self, call: Call, error: BaseException | None, context: grpc.aio.ServicerContext) -> None:
         if isinstance(error, FleetError):
             call.status, call.code = error.grpc_code.name, call.code or error.code.value
         elif error is None:
             call.status = grpc.StatusCode.OK.name
         elif isinstance(error, (GeneratorExit, asyncio.CancelledError)):
-            # the client cancelled (or went away): counted as over HTTP, with the code CANCELLED
-            call.status, call.code = grpc.StatusCode.CANCELLED.name, ErrorCode.CANCELLED.value
+            # the client cancelled (or went away): counted as over HTTP, with the code CANCELLED; the status
+            # is what the client heard, DEADLINE_EXCEEDED when it was its deadline that ended the call
+            passed = deadline_passed(context)
+            call.status = (grpc.StatusCode.DEADLINE_EXCEEDED if passed else grpc.StatusCode.CANCELLED).name
+            call.code = ErrorCode.CANCELLED.value
         else:
             call.status = grpc.StatusCode.INTERNAL.name
         self._metrics.finish(call)
@@ -399,7 +404,7 @@ class _CountedServicer:
             error = exc
             raise
         finally:
-            self._close(call, error)
+            self._close(call, error, context)
             with contextlib.suppress(ValueError):  # closed from another context (a dropped stream's finalizer)
                 CURRENT.reset(token)
 
@@ -413,7 +418,7 @@ class _CountedServicer:
             error = exc
             raise
         finally:
-            self._close(call, error)
+            self._close(call, error, context)
             CURRENT.reset(token)
 
     async def Embed(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

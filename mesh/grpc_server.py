@@ -25,6 +25,13 @@ from mesh.errors import ErrorCode, FleetError
 log = logging.getLogger(__name__)
 
 
+def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the call's own deadline has passed: grpc ends such a call as it ends a cancelled one, but its
+    client hears DEADLINE_EXCEEDED, and it is counted and logged so."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: FleetError) -> None:
     await context.abort(error.grpc_code, error.message, trailing_metadata=error.grpc_trailing_metadata())
 

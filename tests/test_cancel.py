@@ -15,6 +15,7 @@ import pytest
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from tests.cluster import wait_for
 from tests.conftest import Mesh
+from tests.test_metrics import scrape, value
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -126,8 +127,11 @@ def test_grpc_streams_cancelled_at_any_point_are_logged_once_each_without_errors
 
 def test_a_call_whose_deadline_passes_before_its_first_token_names_its_node_in_the_access_log(mesh: Mesh) -> None:
     """The client's deadline (50 ms) passes while the node still reads a long prompt: the access line says
-    which node had the request (it said node=-)."""
+    which node had the request (it said node=-), and both it and the metrics say the deadline ended the call
+    (they said the client cancelled it)."""
     edge = next(p for p in mesh.cluster.procs if p.name.startswith("edge"))
+    labels = {"model": mesh.model, "route": "grpc:Generate", "status": "DEADLINE_EXCEEDED", "code": "CANCELLED"}
+    before = value(scrape(f"{mesh.http}/metrics"), "fleetlm_edge_requests_total", **labels)
     request = inference_pb2.GenerateRequest(
         model=mesh.model,
         prompt="Tell me about the sea. " * 150,  # ~900 tokens: a prefill of far more than 50 ms here
@@ -145,3 +149,5 @@ def test_a_call_whose_deadline_passes_before_its_first_token_names_its_node_in_t
 
     logged = wait_for(line, 30, "the call's access line")
     assert " node=node-a " in logged and "completion_tokens=0" in logged, logged
+    assert "grpc Generate 504 " in logged and " error=DEADLINE_EXCEEDED " in logged, logged
+    assert value(scrape(f"{mesh.http}/metrics"), "fleetlm_edge_requests_total", **labels) == before + 1
