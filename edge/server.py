@@ -26,7 +26,7 @@ from mesh import logs, tracing
 from mesh.auth import read_secret_file
 from mesh.controlplane_addresses import each_record
 from mesh.fleet_ca import CONTROLPLANE_DNS_NAME
-from mesh.grpc_server import GrpcServer
+from mesh.grpc_server import BindError, GrpcServer, unbindable
 from mesh.lifecycle import bound_address, cut_after, run_until_signalled
 from mesh.tls import (
     TlsFiles,
@@ -45,6 +45,16 @@ class _Uvicorn(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         # Signals belong to the process's one shutdown sequence (mesh.lifecycle), not to uvicorn.
         yield
+
+
+async def _served_http(http: _Uvicorn, listen: str) -> None:
+    """uvicorn's serving; it exits the process (SystemExit 1) when it cannot bind, as when the address was
+    taken after the edge's check: a BindError instead."""
+    try:
+        await http.serve()
+    except SystemExit:
+        why = unbindable(listen) or "in use, or not an address of this machine"
+        raise BindError(f"cannot serve HTTP on {listen}: {why}") from None
 
 
 class EdgeTlsSettings(BaseSettings):
@@ -121,6 +131,9 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
     # InferenceService is NOT_SERVING in grpc.health.v1 until the edge has a routing table (then it routes,
     # from a stale table too, while the control plane is away), as /health is 503 with no table to route on.
     credentials = server_credentials(tls, False) if tls else None
+    why = unbindable(settings.http_listen)  # uvicorn would log its own lines and exit 1: the operator reads one
+    if why:
+        raise BindError(f"cannot serve HTTP on {settings.http_listen}: {why}")
     grpc_port = await grpc_server.start(settings.grpc_listen, credentials, not_yet=[INFERENCE_SERVICE])
 
     async def serving_once_routed() -> None:
@@ -133,11 +146,12 @@ async def serve(settings: EdgeSettings, stop: asyncio.Event, tls_settings: EdgeT
             routing = tasks.create_task(gateway.run())
             said = tasks.create_task(serving_once_routed())
             rotating = tasks.create_task(keep_ssl_context_current(config.ssl, tls)) if tls and config.ssl else None
-            http_task = tasks.create_task(http.serve())
+            http_task = tasks.create_task(_served_http(http, settings.http_listen))
             while not http.started and not http_task.done():
                 await asyncio.sleep(0.05)
             if http_task.done():
-                raise SystemExit(f"fleetlm edge: cannot serve HTTP on {settings.http_listen}")
+                await http_task  # its BindError, which the command line says in one line
+                raise BindError(f"cannot serve HTTP on {settings.http_listen}")
             http_port = http.servers[0].sockets[0].getsockname()[1]
             log.info(
                 "edge serving OpenAI HTTP on %s://%s and gRPC on %s (control plane %s)",

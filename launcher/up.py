@@ -202,6 +202,13 @@ def run(args: argparse.Namespace) -> int:
     }
     if not args.etcd:
         ports |= {"etcd client": args.etcd_port, "etcd peer": args.etcd_port + 1}
+    by_port: dict[int, list[str]] = {}
+    for name, port in ports.items():
+        by_port.setdefault(port, []).append(name)
+    shared = [f"{' and '.join(names)} ({port})" for port, names in by_port.items() if len(names) > 1]
+    if shared:  # each would take the port from the other (the etcd peer port is the client port + 1)
+        print(f"fleetlm up: one port given to two components: {', '.join(shared)}", file=sys.stderr)
+        return 2
     busy = [f"{name} ({host}:{port})" for name, port in ports.items() if not port_free(host, port)]
     if busy:
         print(f"fleetlm up: ports already in use: {', '.join(busy)}", file=sys.stderr)

@@ -201,7 +201,7 @@ class BindError(OSError):
     fix, said in one line by the command line (launcher.cli), not a traceback."""
 
 
-def _unbindable(address: str) -> str:
+def unbindable(address: str) -> str:
     """Why a server cannot listen on host:port, as the operating system says it (grpc's core logs the reason
     and raises only "Failed to bind"), found by binding plain sockets there as grpc does (SO_REUSEADDR).
     "" when one of the addresses it resolves to binds (grpc listens on those that do; a wildcard, on IPv6 or
@@ -258,7 +258,7 @@ class GrpcServer:
         when the address cannot be bound, with the operating system's reason: found before grpc tries, so that
         the operator reads one line, not also the error line grpc's core logs. Health: "" (the process) and
         every service SERVING, but those `not_yet` NOT_SERVING until `serving(name)`."""
-        why = _unbindable(address)
+        why = unbindable(address)
         if why:
             raise BindError(f"cannot serve gRPC on {address}: {why}")
         try:
@@ -272,7 +272,7 @@ class GrpcServer:
                 raise
             self.port = 0
         if self.port == 0:
-            why = _unbindable(address) or "in use, or not an address of this machine"  # taken meanwhile
+            why = unbindable(address) or "in use, or not an address of this machine"  # taken meanwhile
             raise BindError(f"cannot serve gRPC on {address}: {why}")
         await self.server.start()
         waiting = set(not_yet)

@@ -29,6 +29,16 @@ FLEETLM = str(Path(sys.executable).parent / "fleetlm")
         (["up", "--http-port", "-1"], "argument --http-port: -1 is not a port (1-65535)"),
         (["up", "--grpc-port", "70000"], "argument --grpc-port: 70000 is not a port (1-65535)"),
         (["up", "--node-port", "http"], "argument --node-port: 'http' is not a whole number"),
+        # etcd's peer port is its client port + 1: the edge's would have gone to etcd, and `up` waited for
+        # models from etcd's HTTP for 300 s.
+        (
+            ["up", "--etcd-port", "41079", "--http-port", "41080", "--state-dir", "state"],
+            "fleetlm up: one port given to two components: edge HTTP and etcd peer (41080)",
+        ),
+        (
+            ["up", "--grpc-port", "41050", "--node-port", "41050", "--state-dir", "state"],
+            "fleetlm up: one port given to two components: edge gRPC and node agent (41050)",
+        ),
         (["keys", "create", "k", "--rpm", "-5"], "argument --rpm: -5 must be from 0 (no limit) to 4294967295"),
         (["keys", "create", "k", "--tpm", "99999999999"], "argument --tpm: 99999999999 must be from 0"),
         (["keys", "create", "k", "--concurrency", "1.5"], "argument --concurrency: '1.5' is not a whole number"),
@@ -163,6 +173,10 @@ CP_TLS = ["--tls-cert", "cp1.crt", "--tls-key", "cp1.key", *CA_FLAG]
         (
             ["edge", "--http-listen", "127.0.0.1:{free}", "--grpc-listen", "127.0.0.1:{busy}"],
             "fleetlm edge: cannot serve gRPC on 127.0.0.1:{busy}: Address already in use",
+        ),
+        (
+            ["edge", "--http-listen", "127.0.0.1:{busy}", "--grpc-listen", "127.0.0.1:{free}"],
+            "fleetlm edge: cannot serve HTTP on 127.0.0.1:{busy}: Address already in use",
         ),
         (
             ["node", "--listen", "127.0.0.1:{busy}", "--metrics-listen", "", "--state-dir", "node-state"],
