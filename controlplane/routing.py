@@ -84,7 +84,9 @@ def model_infos(
                 name=name,
                 format=spec.format,
                 engine=spec.engine,
-                context_size=spec.context_size,
+                # What a ready replica's engine says (an OpenAI-compatible server's own), else the deployment's.
+                context_size=next((r.context_size for r in replicas if r.state == READY and r.context_size), 0)
+                or spec.context_size,
                 state=state,
                 error=error if not n_ready else "",
                 ready_replicas=n_ready,

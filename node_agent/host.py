@@ -396,6 +396,7 @@ class ModelHost:
                     assigned=hosted.assigned,
                     device=hosted.device,
                     rejected_requests=hosted.rejected,
+                    context_size=hosted.context_size if hosted.state == node_pb2.REPLICA_STATE_READY else 0,
                 )
             )
             if hosted.state == node_pb2.REPLICA_STATE_LOADING:

@@ -218,3 +218,15 @@ def test_model_infos_aggregate_states() -> None:
     assert infos["up"].state == inference_pb2.MODEL_STATE_READY and infos["up"].ready_replicas == 1
     assert infos["broken"].state == inference_pb2.MODEL_STATE_FAILED
     assert infos["idle"].state == inference_pb2.MODEL_STATE_UNAVAILABLE
+
+
+def test_a_models_context_is_what_its_ready_replicas_engine_reports_else_the_deployments() -> None:
+    """An OpenAI-compatible server started with its own context (llama-server -c 3072) is listed with it,
+    not with the deployment's (default 2048): clients size their prompts by it."""
+    spec = node_pb2.ModelSpec(name="served", context_size=2048)
+    loading = node_pb2.Replica(model=spec, state=LOADING)
+    ready = node_pb2.Replica(model=spec, state=READY, context_size=3072)
+    nodes = {"a": node_pb2.Node(node_id="a", replicas=[loading])}
+    assert routing.model_infos(nodes, {"served": spec})[0].context_size == 2048
+    nodes["b"] = node_pb2.Node(node_id="b", replicas=[ready])
+    assert routing.model_infos(nodes, {"served": spec})[0].context_size == 3072

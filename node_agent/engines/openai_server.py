@@ -66,11 +66,21 @@ _TOOL_WORDS = re.compile(r"\btools?\b|tool.?choice|tool.?call|function", re.IGNO
 _REFUSED_BODY = re.compile(r"validation error.*'loc': \('body',", re.DOTALL)
 
 
+def _reported_context(entry: dict[str, Any]) -> int:
+    """The context a server's /models entry says a request has: vLLM's and SGLang's `max_model_len`,
+    llama-server's `meta.n_ctx` (a slot's); 0 when it says none (llama_cpp.server)."""
+    meta = entry.get("meta")
+    for value in (entry.get("max_model_len"), meta.get("n_ctx") if isinstance(meta, dict) else None):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
 @dataclass(frozen=True)
 class OpenAIServerConfig:
     base_url: str  # http://host:port, with or without /v1
     name: str  # the model's name in fleetlm
-    context_size: int = 0  # 0: as the server reports it (vLLM's max_model_len), else unknown
+    context_size: int = 0  # the deployment's; what the server reports wins (`_reported_context`); 0: unknown
     slots: int = 4  # sequences sent upstream at once (a request for n choices is n)
     upstream_model: str = ""  # the model id the server knows; "": the name, if listed, else its first
     api_key: str = ""
@@ -296,8 +306,14 @@ class OpenAIServerEngine:
         entry = next((m for m in listed if m.get("id") == self._model), None)
         if entry is None:
             raise EngineError(f"the engine's server at {self._root} has no model '{self._model}' (it lists {ids})")
-        if not self._context_size and isinstance(entry.get("max_model_len"), int):
-            self._context_size = entry["max_model_len"]
+        reported = _reported_context(entry)
+        if reported:
+            if self._context_size and self._context_size != reported:
+                log.info(
+                    "engine server %s serves %s with a context of %d tokens (the deployment says %d): %d is used",
+                    self._root, self.config.name, reported, self._context_size, reported,
+                )  # fmt: skip
+            self._context_size = reported
         self._sends_ids = await self._takes_request_ids()
         log.info("engine server %s serves %s as %s", self._root, self.config.name, self._model)
         return EngineInfo(context_size=self._context_size)

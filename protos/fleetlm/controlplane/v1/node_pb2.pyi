@@ -129,7 +129,7 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., format: _Optional[str] = ..., engine: _Optional[str] = ..., context_size: _Optional[int] = ..., device: _Optional[str] = ..., max_running_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., engine_args: _Optional[_Mapping[str, str]] = ..., gpu_count: _Optional[int] = ..., startup_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., command: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Replica(_message.Message):
-    __slots__ = ("model", "state", "error", "running_requests", "queued_requests", "last_request_at", "assigned", "device", "rejected_requests", "load_progress", "loading_since")
+    __slots__ = ("model", "state", "error", "running_requests", "queued_requests", "last_request_at", "assigned", "device", "rejected_requests", "load_progress", "loading_since", "context_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class Replica(_message.Message):
     REJECTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     LOAD_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     LOADING_SINCE_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     state: ReplicaState
     error: str
@@ -152,7 +153,8 @@ class Replica(_message.Message):
     rejected_requests: int
     load_progress: float
     loading_since: _timestamp_pb2.Timestamp
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., error: _Optional[str] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., assigned: _Optional[bool] = ..., device: _Optional[str] = ..., rejected_requests: _Optional[int] = ..., load_progress: _Optional[float] = ..., loading_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    context_size: int
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., error: _Optional[str] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., assigned: _Optional[bool] = ..., device: _Optional[str] = ..., rejected_requests: _Optional[int] = ..., load_progress: _Optional[float] = ..., loading_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., context_size: _Optional[int] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("node_id", "inference_address", "inventory", "replicas", "registered_at", "last_heartbeat_at", "lease_id", "lease_ttl_seconds", "agent_version", "scheduling")
