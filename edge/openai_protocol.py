@@ -123,6 +123,17 @@ CHAT_REFUSED = {
 }
 
 
+# On a completion, the chat API's own fields: sent to the wrong endpoint, they would be ignored.
+COMPLETION_REFUSED = {
+    **VLLM_REFUSED,
+    "messages": "messages is the chat API's: send a conversation to /v1/chat/completions",
+    "top_logprobs": "top_logprobs is the chat API's: on completions, logprobs is the number of alternatives"
+    " per token (logprobs: 5)",
+    "tools": "tools are the chat API's: send them to /v1/chat/completions",
+    "tool_choice": "tool_choice is the chat API's: send tools to /v1/chat/completions",
+}
+
+
 def _refuse_given(data: Any, refused: dict[str, str]) -> None:
     """A 400 naming the first field of `refused` that `data` (a request body) gives a value that asks for
     something."""
@@ -321,7 +332,7 @@ class ChatMessageIn(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.value() for part in self.content)
+        return "\n".join(part.value() for part in self.content)  # as vLLM and llama-server join them
 
     def to_proto(self) -> inference_pb2.ChatMessage:
         return inference_pb2.ChatMessage(
@@ -373,13 +384,19 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-def _named(param: str, value: Any, handler: Callable[[Any], Any]) -> Any:
+# The tags pydantic puts in an error's location for the branches of a union of plain types.
+_UNION_TAGS = {"str", "int", "float", "bool", "none"}
+
+
+def _named(param: str, value: Any, handler: Callable[[Any], Any], forms: str = "") -> Any:
     """pydantic's first error in a field, as a 400 naming the field (not its union branches); the message
-    says which part."""
+    says which part. `forms`: what the field may be, said instead when the value is none of a union's."""
     try:
         return handler(value)
     except ValidationError as exc:
         first = exc.errors()[0]
+        if forms and (not first["loc"] or first["loc"][0] in _UNION_TAGS or "[" in str(first["loc"][0])):
+            raise invalid(param, f"'{param}' must be {forms}") from exc
         parts = [p for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p[:1].isupper()))]
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
         message = "must be an object" if first["type"] == "model_type" else first["msg"]
@@ -502,15 +519,23 @@ class ChatCompletionRequest(_Request, TextOnlyMessages):
         )
 
 
+_PROMPT_FORMS = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+
 # Prompts in one completions request (OpenAI's limit is 2048; each is a generation of its own here).
 MAX_PROMPTS = 64
 
 
 class CompletionRequest(_Request):
-    BOUNDED: ClassVar[dict[str, str]] = {**_Request.BOUNDED, "logprobs": "top_logprobs"}
+    REFUSED: ClassVar[dict[str, str]] = COMPLETION_REFUSED
+    BOUNDED: ClassVar[dict[str, str]] = {
+        **_Request.BOUNDED,
+        "logprobs": "top_logprobs",
+        "max_completion_tokens": "max_tokens",
+    }
 
     prompt: str | list[str] | list[int] | list[list[int]]  # OpenAI's four forms: text or token ids, one or several
     max_tokens: int | None = 16  # OpenAI's default for completions
+    max_completion_tokens: int | None = None  # chat's name for it, taken here too (and winning) as on chat
     echo: bool = False
     logprobs: int | None = None  # the completions API's top_logprobs
     suffix: str | None = None
@@ -540,7 +565,7 @@ class CompletionRequest(_Request):
             one = _token_ids(value) and not isinstance(value[0], list)  # a list of ids is one prompt
             if not one and len(value) > MAX_PROMPTS:
                 raise invalid("prompt", f"at most {MAX_PROMPTS} prompts per request; got {len(value)}")
-        return _named("prompt", value, handler)
+        return _named("prompt", value, handler, _PROMPT_FORMS)
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -575,6 +600,8 @@ class CompletionRequest(_Request):
             if not isinstance(prompt, str):
                 check_prompt_ids(prompt)
         sampling = self.sampling()
+        if self.max_completion_tokens is not None:
+            sampling.max_tokens = self.max_completion_tokens
         if self.logprobs is not None:
             sampling.logprobs = True
             sampling.top_logprobs = self.logprobs
@@ -598,6 +625,12 @@ class EmbeddingRequest(BaseModel):
     model: str | None = None
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
+
+    @field_validator("encoding_format", mode="before")
+    @classmethod
+    def _default_encoding(cls, value: Any) -> Any:
+        return "float" if value is None else value  # null asks for nothing: OpenAI's default
+
     dimensions: int | None = None
     user: str | None = None
 
@@ -606,7 +639,7 @@ class EmbeddingRequest(BaseModel):
     def _text_input(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         if isinstance(value, list) and _token_ids(value):
             raise invalid("input", "input of token ids is not supported: send the input as text")
-        return _named("input", value, handler)
+        return _named("input", value, handler, "a string or a list of strings")
 
     def to_proto(self) -> inference_pb2.EmbedRequest:
         if self.dimensions is not None:

@@ -48,7 +48,7 @@ def _text_of(content: Any, where: str) -> str:
             )
         else:
             raise invalid(f"{where}[{j}]", f"'{where}[{j}]' must be a text part (input_text or output_text)")
-    return "".join(texts)
+    return "\n".join(texts)  # parts as chat joins them (edge.openai_protocol.ChatMessageIn)
 
 
 def _string(item: dict[str, Any], key: str, where: str, empty: bool = True) -> str:

@@ -79,6 +79,11 @@ COMPLETION_REFUSED: list[tuple[dict[str, Any], str, str]] = [
     ({"prompt": [[15496], []]}, "prompt", "empty"),
     ({"prompt": ["Hello"] * 65}, "prompt", "at most 64 prompts"),
     ({"prompt": []}, "prompt", "empty"),
+    ({"prompt": None}, "prompt", "must be a string, a list of strings, a list of token ids"),
+    # The chat API's own fields, sent here: ignored, a completion would lack what they ask for.
+    ({"prompt": "Hello", "top_logprobs": 5}, "top_logprobs", "logprobs is the number of alternatives"),
+    ({"prompt": "Hello", "messages": [USER]}, "messages", "/v1/chat/completions"),
+    ({"prompt": "Hello", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "chat API"),
 ]
 
 
@@ -129,3 +134,30 @@ def test_embedding_input_of_token_ids_is_a_400_naming_it(mesh: Mesh, tokens: lis
     error = response.json()["error"]
     assert (error["param"], error["code"]) == ("input", "INVALID_REQUEST"), error
     assert "token ids" in error["message"], error
+
+
+@pytest.mark.parametrize(
+    ("given", "why"), [(None, "null"), (123, "a number"), ([1.5], "a list of numbers"), (["a", 2], "with a number")]
+)
+def test_an_embedding_input_of_another_kind_is_a_400_saying_what_it_may_be(mesh: Mesh, given: Any, why: str) -> None:
+    response = httpx.post(f"{mesh.http}/v1/embeddings", json={"model": mesh.model, "input": given}, timeout=30)
+    assert response.status_code == 400, (why, response.text)
+    error = response.json()["error"]
+    assert error["param"] == "input" and error["message"] == "'input' must be a string or a list of strings", error
+
+
+def test_null_encoding_format_and_max_completion_tokens_on_completions_are_taken(mesh: Mesh) -> None:
+    """null asks for OpenAI's default (float), as `dimensions: null` does; chat's `max_completion_tokens`
+    sent to completions caps the answer there too, and wins over max_tokens as on chat (it was ignored)."""
+    embedded = httpx.post(
+        f"{mesh.http}/v1/embeddings",
+        json={"model": mesh.model, "input": "hello", "encoding_format": None, "dimensions": None},
+        timeout=60,
+    )
+    assert embedded.status_code == 200, embedded.text
+    assert isinstance(embedded.json()["data"][0]["embedding"], list)
+    body = {"model": mesh.model, "prompt": "Count: one, two,", "temperature": 0, "max_completion_tokens": 2}
+    for extra in ({}, {"max_tokens": 5}):
+        completed = httpx.post(f"{mesh.http}/v1/completions", json={**body, **extra}, timeout=60)
+        assert completed.status_code == 200, completed.text
+        assert completed.json()["usage"]["completion_tokens"] == 2, (extra, completed.text)

@@ -78,6 +78,14 @@ def test_a_conversation_counts_what_a_chat_completion_reports(mesh: Mesh) -> Non
     assert again["tokens"] == tokens["tokens"]  # the template's special tokens are written out, and read back
 
 
+def test_text_parts_are_joined_by_a_newline_as_vllm_and_llama_server_join_them(mesh: Mesh) -> None:
+    """A message of two text parts is the message of their texts on two lines (they ran together)."""
+    as_parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]}]
+    as_text = [{"role": "user", "content": "Hello\nworld"}]
+    parts = ok(mesh, "/tokenize", {"model": mesh.model, "messages": as_parts})["tokens"]
+    assert parts == ok(mesh, "/tokenize", {"model": mesh.model, "messages": as_text})["tokens"]
+
+
 def test_a_conversation_without_the_generation_prompt_and_one_continued(mesh: Mesh) -> None:
     full = ok(mesh, "/tokenize", {"model": mesh.model, "messages": CHAT})["tokens"]
     bare = ok(mesh, "/tokenize", {"model": mesh.model, "messages": CHAT, "add_generation_prompt": False})["tokens"]
@@ -109,7 +117,7 @@ def grpc_chat(messages: list[dict[str, Any]], tools: bool = False, **options: An
     """The conversation of an HTTP body's messages (those above), written out as gRPC takes it."""
     out = []
     for m in messages:
-        content = m["content"] if isinstance(m["content"], str | None) else "".join(p["text"] for p in m["content"])
+        content = m["content"] if isinstance(m["content"], str | None) else "\n".join(p["text"] for p in m["content"])
         calls = [
             inference_pb2.ToolCall(id=c["id"], function=inference_pb2.FunctionCall(**c["function"]))
             for c in m.get("tool_calls", ())
