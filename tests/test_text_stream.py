@@ -51,3 +51,11 @@ def test_with_stops_off_what_was_held_back_goes_on_and_no_stop_applies() -> None
     stream.stops_off()
     assert stream.feed(b"}") == '"}'
     assert stream.feed(b' "}') == ' "}' and not stream.stopped
+
+
+def test_a_character_the_generation_ended_inside_of_is_left_out_not_replaced() -> None:
+    """max_tokens reached between a character's bytes: the text ends before it (it ended in U+FFFD); bytes
+    that are no UTF-8 inside the text are still U+FFFD."""
+    party = "🎉".encode()
+    assert run([party, party[:2]], []) == (["🎉"], False)
+    assert run([b"a\xff", b"b"], []) == (["a\ufffd", "b"], False)

@@ -51,10 +51,12 @@ class TextStream:
         self._stops = []
 
     def flush(self) -> str:
-        """At the end of generation: release what was held back (it did not become a stop string)."""
+        """At the end of generation: release what was held back (it did not become a stop string). A character
+        the generation ended inside of (max_tokens reached between its bytes) is left out, as llama-server
+        leaves it out of a chat: not sent as a U+FFFD at the end of the text."""
         if self.stopped:
             return ""
-        self._text += self._decoder.decode(b"", final=True)
+        self._decoder.reset()
         return self._release(len(self._text))
 
     def _held_back(self, unsent: str) -> int:
