@@ -42,11 +42,11 @@ class ErrorCode(enum.StrEnum):
     GPU_OVERLOADED = "GPU_OVERLOADED"
     CANCELLED = "CANCELLED"
     INTERNAL = "INTERNAL"
-    # Credentials and limits. The edge's use OpenAI's own lowercase codes, which OpenAI's SDKs and users
-    # already know; UNAUTHENTICATED is an operator's missing or wrong admin credential.
-    INVALID_API_KEY = "invalid_api_key"
-    MODEL_NOT_ALLOWED = "model_not_allowed"
-    RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
+    # Credentials and limits. An HTTP body spells the edge's as OpenAI does (`_OPENAI_CODES`), which its
+    # SDKs and users already know; UNAUTHENTICATED is an operator's missing or wrong admin credential.
+    INVALID_API_KEY = "INVALID_API_KEY"
+    MODEL_NOT_ALLOWED = "MODEL_NOT_ALLOWED"
+    RATE_LIMIT_EXCEEDED = "RATE_LIMIT_EXCEEDED"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     # A fleet component that proved who it is but may not make this call (a node's certificate on AdminService).
     PERMISSION_DENIED = "PERMISSION_DENIED"
@@ -114,8 +114,14 @@ _REASONS = {code.value for code in ErrorCode}
 _OPENAI_CODES: Mapping[ErrorCode, str] = {
     ErrorCode.CONTEXT_LENGTH_EXCEEDED: "context_length_exceeded",
     ErrorCode.MODEL_NOT_FOUND: "model_not_found",
+    ErrorCode.INVALID_API_KEY: "invalid_api_key",
+    ErrorCode.MODEL_NOT_ALLOWED: "model_not_allowed",
+    ErrorCode.RATE_LIMIT_EXCEEDED: "rate_limit_exceeded",
 }
 _FROM_OPENAI = {spelled: code.value for code, spelled in _OPENAI_CODES.items()}
+# ErrorInfo reasons as a peer of an earlier version sent them (the credential codes were lowercase then).
+_EARLIER = (ErrorCode.INVALID_API_KEY, ErrorCode.MODEL_NOT_ALLOWED, ErrorCode.RATE_LIMIT_EXCEEDED)
+_EARLIER_REASONS = {_OPENAI_CODES[code]: code.value for code in _EARLIER}
 
 
 def vocabulary_code(openai_code: str) -> str:
@@ -195,12 +201,15 @@ class FleetError(Exception):
                 return None  # not a google.rpc.Status: no reason of ours in it
             for detail in status.details:
                 info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info) and info.domain == DOMAIN and info.reason in _REASONS:
+                if not detail.Unpack(info) or info.domain != DOMAIN:
+                    continue
+                reason = _EARLIER_REASONS.get(info.reason, info.reason)
+                if reason in _REASONS:
                     meta = dict(info.metadata)
                     param = meta.pop("param", None)
                     retry = meta.pop("retry_after_seconds", "")
                     return cls(
-                        ErrorCode(info.reason),
+                        ErrorCode(reason),
                         status.message,
                         param=param,
                         metadata=meta,

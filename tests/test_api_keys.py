@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 import schemathesis
+from google.rpc import error_details_pb2, status_pb2
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import ignored_auth
 
@@ -31,6 +32,17 @@ from tests.cluster import MODEL, Cluster, fleetlm, serves_to_key, smollm_entry, 
 from tests.test_fuzz_http import CHECKS as FUZZ_CHECKS
 from tests.test_fuzz_http import run_operation as fuzz_operation
 from tests.test_grpcurl import grpcurl_binary
+
+
+def error_info_reason(error: grpc.RpcError) -> str:
+    """The reason of the ErrorInfo in a failed call's status, read as any gRPC client reads it."""
+    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+        if key == "grpc-status-details-bin":
+            info = error_details_pb2.ErrorInfo()
+            if status_pb2.Status.FromString(value).details[0].Unpack(info):
+                return info.reason
+    return ""
+
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -115,7 +127,7 @@ def test_no_key_and_a_wrong_key_get_401_invalid_api_key(fleet: Fleet) -> None:
     # The access log says why, as for every other refusal.
     logs = "".join(p.log_text() for p in fleet.cluster.procs if p.name.startswith("edge"))
     refusals = [line for line in logs.splitlines() if "http /v1/completions 401" in line]
-    assert refusals and all("error=invalid_api_key" in line for line in refusals), refusals
+    assert refusals and all("error=INVALID_API_KEY" in line for line in refusals), refusals
 
 
 def test_an_edge_with_another_fleet_secret_is_told_so(fleet: Fleet, tmp_path: Path) -> None:
@@ -153,13 +165,14 @@ def test_a_key_for_another_model_gets_403_and_does_not_see_the_model(fleet: Flee
     request = inference_pb2.GenerateRequest(
         model=MODEL, prompt="hi", sampling=inference_pb2.SamplingParams(max_tokens=1)
     )
-    for metadata, code in (
-        ((), grpc.StatusCode.UNAUTHENTICATED),
-        ((("authorization", f"Bearer {secret}"),), grpc.StatusCode.PERMISSION_DENIED),
+    for metadata, code, reason in (
+        ((), grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY"),
+        ((("authorization", f"Bearer {secret}"),), grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ALLOWED"),
     ):
         with pytest.raises(grpc.RpcError) as failed:
             list(stub.Generate(request, metadata=metadata, timeout=30))
         assert failed.value.code() == code
+        assert error_info_reason(failed.value) == reason  # as ErrorInfo spells reasons (it was OpenAI's lowercase)
     replies = list(stub.Generate(request, metadata=(("authorization", f"Bearer {allowed}"),), timeout=60))
     assert replies[-1].HasField("result")
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import pytest
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from mesh.errors import ErrorCode, FleetError, vocabulary_code
 
@@ -35,7 +39,35 @@ def test_every_code_has_a_mapping() -> None:
 
 
 # OpenAI's API has its own codes for these; applications look for them in the HTTP body's `code`.
-OPENAI_SPELLING = {"CONTEXT_LENGTH_EXCEEDED": "context_length_exceeded", "MODEL_NOT_FOUND": "model_not_found"}
+OPENAI_SPELLING = {
+    "CONTEXT_LENGTH_EXCEEDED": "context_length_exceeded",
+    "MODEL_NOT_FOUND": "model_not_found",
+    "INVALID_API_KEY": "invalid_api_key",
+    "MODEL_NOT_ALLOWED": "model_not_allowed",
+    "RATE_LIMIT_EXCEEDED": "rate_limit_exceeded",
+}
+
+
+def test_every_reason_is_spelled_as_error_info_asks() -> None:
+    """google.rpc.ErrorInfo: a reason matches [A-Z][A-Z0-9_]+[A-Z0-9]. The credential codes were OpenAI's
+    lowercase over gRPC too, so a client matched two spellings."""
+    for code in ErrorCode:
+        assert re.fullmatch(r"[A-Z][A-Z0-9_]+[A-Z0-9]", code.value), code
+
+
+def test_a_reason_in_the_spelling_of_an_earlier_peer_is_understood() -> None:
+    for earlier, code in (
+        ("invalid_api_key", ErrorCode.INVALID_API_KEY),
+        ("rate_limit_exceeded", ErrorCode.RATE_LIMIT_EXCEEDED),
+    ):
+        info = error_details_pb2.ErrorInfo(reason=earlier, domain="fleetlm", metadata={"retry_after_seconds": "7"})
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        status = status_pb2.Status(code=16, message="no", details=[detail])
+        received = _Received(None, grpc.StatusCode.UNAUTHENTICATED, "no")
+        received._trailing = (("grpc-status-details-bin", status.SerializeToString()),)
+        got = FleetError.from_rpc_error(received)
+        assert (got.code, got.retry_after_seconds) == (code, 7)
 
 
 class _Received(grpc.RpcError):

@@ -268,15 +268,15 @@ def test_edge_counts_429s_and_errors_with_their_codes(fleet: Fleet) -> None:
 
     completions = {"route": "/v1/completions"}
     # A key's 429 is counted under the model it asked for (a model the fleet serves), as over gRPC.
-    limit = {"status": "429", "code": "rate_limit_exceeded"}
+    limit = {"status": "429", "code": "RATE_LIMIT_EXCEEDED"}
     assert delta("fleetlm_edge_requests_total", model=MODEL, **completions, **limit) == 2
-    assert delta("fleetlm_edge_rate_limited_total", model=MODEL, code="rate_limit_exceeded") == 2
+    assert delta("fleetlm_edge_rate_limited_total", model=MODEL, code="RATE_LIMIT_EXCEEDED") == 2
     assert delta("fleetlm_edge_requests_total", model=MODEL, status="200", code="", **completions) == 1
     not_found = {"status": "404", "code": "MODEL_NOT_FOUND"}
     assert delta("fleetlm_edge_requests_total", model="", **completions, **not_found) == 1
     bad = {"status": "400", "code": "INVALID_REQUEST"}
     assert delta("fleetlm_edge_requests_total", model="", **completions, **bad) == 1
-    assert delta("fleetlm_edge_requests_total", model="", status="401", code="invalid_api_key", **completions) == 1
+    assert delta("fleetlm_edge_requests_total", model="", status="401", code="INVALID_API_KEY", **completions) == 1
     unavailable = {"route": "grpc:Generate", "status": "UNAVAILABLE", "code": "MODEL_UNAVAILABLE"}
     assert delta("fleetlm_edge_requests_total", model=MISSING, **unavailable) == 1
     assert not any(name == "fleetlm_edge_requests_total" and ("model", "no-such-model") in labels
