@@ -189,6 +189,11 @@ class FleetView:
         # Nodes whose lease lapsed while they were still heard (see the module's docstring): node id ->
         # time.monotonic() by which they must have registered again, else they leave the view.
         self.lapsed: dict[str, float] = {}
+        # Set by `settle`: until then (time.monotonic()) a lease that lapses on a node this control plane has
+        # not heard yet is a lapse too, kept for `_startup_grace` (see `_lapses`); those nodes are `_unheard`.
+        self._startup_until = 0.0
+        self._startup_grace = 0.0
+        self._unheard: set[str] = set()
         self._departing: set[str] = set()  # nodes that deregistered here: their record's deletion is a leave
         self._writing = asyncio.Lock()  # a resync, or a watch event's change: one at a time (module docstring)
 
@@ -229,6 +234,7 @@ class FleetView:
         for node_id in list(self.lapsed):  # still waiting for these to register again: keep them
             if node_id in records["node"]:
                 del self.lapsed[node_id]
+                self._unheard.discard(node_id)
             elif node_id in self.nodes:
                 records["node"][node_id] = self.nodes[node_id]
         self.load.retain(records["node"])
@@ -241,10 +247,16 @@ class FleetView:
         self._departing.add(node_id)
 
     def _lapses(self, node_id: str) -> bool:
-        """Whether the deletion of this node's record is a lapsed lease (the node is heard now), not a leave."""
+        """Whether the deletion of this node's record is a lapsed lease (the node is heard now), not a leave.
+        So is one in this control plane's startup grace on a node it has not heard from yet: when an operator
+        restarts the control plane, the nodes' heartbeats fail while it stops and starts, and their leases
+        can lapse a moment after the new one has read their records, before they have found it. That is not
+        a node leaving either (taking it for one moved every replica)."""
         if node_id in self._departing or node_id not in self.nodes:
             return False
-        return self.load.alive(node_id, self.load.max_age_seconds / 2)
+        if self.load.alive(node_id, self.load.max_age_seconds / 2):
+            return True
+        return time.monotonic() < self._startup_until and node_id not in self.load
 
     async def apply(self, event: StoreEvent) -> None:
         async with self._writing:
@@ -254,16 +266,22 @@ class FleetView:
         table = self.records[event.kind]
         if event.kind == "node":
             if event.value is None and self._lapses(event.key):
-                self.lapsed[event.key] = time.monotonic() + self.load.max_age_seconds
+                heard = event.key in self.load
+                keep = self.load.max_age_seconds if heard else self._startup_grace
+                self.lapsed[event.key] = time.monotonic() + keep
+                if not heard:
+                    self._unheard.add(event.key)
                 log.warning(
-                    "node %s's lease lapsed while it is still reporting; keeping it for %gs to register again",
+                    "node %s's lease lapsed while %s; keeping it for %gs to register again",
                     event.key,
-                    self.load.max_age_seconds,
+                    "it is still reporting" if heard else "this control plane starts",
+                    keep,
                 )
                 async with self._changed:  # waiters see the lapse; listeners see no change: the node stays
                     self._changed.notify_all()
                 return
             self.lapsed.pop(event.key, None)
+            self._unheard.discard(event.key)
             self._departing.discard(event.key)
         if event.value is None:
             if event.kind == "node":
@@ -315,6 +333,7 @@ class FleetView:
         control plane that comes back must not take a node whose lease lapsed while it was away for a
         dead one."""
         await self.synced.wait()
+        self._startup_until, self._startup_grace = time.monotonic() + grace_seconds, grace_seconds
         missing = self.missing_nodes()
         if missing:
             log.info("waiting up to %gs for nodes with assignments to register again: %s", grace_seconds,
@@ -354,7 +373,9 @@ class FleetView:
         """Let go of the lapsed nodes that did not register again in time, or whose stream has ended."""
         now = time.monotonic()
         for node_id, deadline in list(self.lapsed.items()):
-            if now >= deadline or not self.load.alive(node_id, self.load.max_age_seconds):
+            # One kept as this control plane started is not heard yet: its deadline alone lets it go.
+            heard_gone = node_id not in self._unheard and not self.load.alive(node_id, self.load.max_age_seconds)
+            if now >= deadline or heard_gone:
                 log.warning("node %s did not register again after its lease lapsed; it has left", node_id)
                 self._departing.add(node_id)  # so that apply takes the deletion as a leave
                 await self.apply(StoreEvent("node", node_id, None))

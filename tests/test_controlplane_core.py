@@ -129,8 +129,11 @@ def test_a_deployment_cannot_offload_to_itself() -> None:
 
 
 @contextlib.asynccontextmanager
-async def control_plane(etcd_url: str, lease_ttl: int = 60) -> AsyncIterator[ControlPlane]:
-    store = EtcdStore(etcd_url, f"/router-test-{uuid.uuid4().hex[:8]}")  # a fresh cluster state per test
+async def control_plane(
+    etcd_url: str, lease_ttl: int = 60, prefix: str = "", startup_grace: float = 0
+) -> AsyncIterator[ControlPlane]:
+    """A control plane's core on a fresh cluster state (or that under `prefix`: one that starts again)."""
+    store = EtcdStore(etcd_url, prefix or f"/router-test-{uuid.uuid4().hex[:8]}")
     await store.connect()
     fleet = FleetView(store)
     reconciler = Reconciler(store, fleet, PlacementPolicy(), interval_seconds=0.5)
@@ -140,7 +143,7 @@ async def control_plane(etcd_url: str, lease_ttl: int = 60) -> AsyncIterator[Con
         async with asyncio.TaskGroup() as tasks:
             running = [
                 tasks.create_task(fleet.run()),
-                tasks.create_task(fleet.settle(0)),
+                tasks.create_task(fleet.settle(startup_grace)),
                 tasks.create_task(reconciler.run()),
             ]
             await asyncio.wait_for(fleet.synced.wait(), SETTLE)
@@ -393,6 +396,62 @@ async def test_a_node_whose_lease_lapses_while_it_reports_stays_in_the_fleet_unt
             assert "n1" not in cp.fleet.lapsed and cp.assigned_nodes() == ["n1"] and removed == []
         finally:
             await stream.close()
+
+
+async def _a_node_serving_then_the_control_plane_stopped(etcd_url: str, prefix: str) -> int:
+    """n1 registered with a ready replica under a control plane that then stops; n1's lease (returned) is
+    still alive: its heartbeats fail while no control plane runs."""
+    async with control_plane(etcd_url, lease_ttl=LAPSE_TTL, prefix=prefix) as before:
+        await before.add_node("n1")
+        await before.deploy(max_replicas=1)
+        await before.reconciler.ensure_one(MODEL)
+        await before.settle(before.assigned_nodes, "a replica placed")
+        await before.report("n1", READY)
+        return before.leases["n1"]
+
+
+STARTUP_GRACE = LAPSE_TTL + 5  # the control plane's default: lease TTL + 5 s
+
+
+async def test_a_lease_that_lapses_as_a_restarted_control_plane_starts_is_no_node_leaving(etcd_url: str) -> None:
+    """An operator restarts the only control plane: the nodes' leases are alive when the new one reads their
+    records and lapse a moment later, before the nodes have found it. The QA pass saw every replica removed
+    ("node is gone") and placed again on whichever node came back first."""
+    prefix = f"/router-test-{uuid.uuid4().hex[:8]}"
+    lease = await _a_node_serving_then_the_control_plane_stopped(etcd_url, prefix)
+    async with control_plane(etcd_url, lease_ttl=LAPSE_TTL, prefix=prefix, startup_grace=STARTUP_GRACE) as after:
+        await after.settle(lambda: "n1" in after.fleet.nodes and after.assigned_nodes(), "n1 and its replica read")
+        removed: list[str] = []
+        after.fleet.listeners.append(
+            lambda e: removed.append(e.key) if e is not None and e.kind == "node" and e.value is None else None
+        )
+        await after.fleet._store.revoke_lease(lease)  # it lapses, before n1 has heartbeated here
+        await poll(lambda: "n1" in after.fleet.lapsed, "n1's lapsed lease")
+        await after.reconciler.reconcile()
+        assert "n1" in after.fleet.nodes and after.assigned_nodes() == ["n1"] and removed == []
+        assert [r.node_id for r in (await after.router.route(MODEL)).replicas] == ["n1"]
+        await asyncio.sleep(LAPSE_TTL + 0.5)  # past what a node heard here would be kept for
+        await after.fleet.expire_lapsed()
+        assert "n1" in after.fleet.nodes and removed == []
+        # Its heartbeat here is told that its lease is gone; it registers again with its replica.
+        await after.add_node("n1")
+        await after.report("n1", READY)
+        assert "n1" not in after.fleet.lapsed and after.assigned_nodes() == ["n1"] and removed == []
+
+
+async def test_a_node_whose_lease_lapses_as_the_control_plane_starts_and_never_returns_leaves_after_the_grace(
+    etcd_url: str,
+) -> None:
+    prefix = f"/router-test-{uuid.uuid4().hex[:8]}"
+    lease = await _a_node_serving_then_the_control_plane_stopped(etcd_url, prefix)
+    async with control_plane(etcd_url, lease_ttl=LAPSE_TTL, prefix=prefix, startup_grace=STARTUP_GRACE) as after:
+        await after.settle(lambda: "n1" in after.fleet.nodes, "n1's record read")
+        loop = asyncio.get_running_loop()
+        revoked_at = loop.time()
+        await after.fleet._store.revoke_lease(lease)
+        await poll(lambda: "n1" in after.fleet.lapsed, "n1's lapsed lease")
+        await after.settle(lambda: "n1" not in after.fleet.nodes, "n1 gone")
+        assert STARTUP_GRACE - 0.5 <= loop.time() - revoked_at <= STARTUP_GRACE + 5
 
 
 async def test_a_lapsed_node_that_does_not_register_again_leaves_after_the_ttl(etcd_url: str) -> None:

@@ -237,6 +237,27 @@ def test_the_control_plane_killed_and_restarted_stops_no_traffic(ha: HaFleet) ->
         assert ha.proc(f"node-{node}").log_path.read_text().count(f"model {MODEL} ready") == 1
 
 
+def test_the_control_plane_stopped_and_started_again_at_once_moves_no_replica(ha: HaFleet) -> None:
+    """An operator's restart (SIGTERM, then the same command at once): the nodes' leases are still alive when
+    the new control plane starts and lapse a moment later, before the nodes have found it. That is no node
+    leaving: nothing is moved or loaded again (the QA pass saw every replica removed and placed again)."""
+    controlplane = ha.proc("controlplane")
+
+    def fault() -> None:
+        controlplane.signal(signal.SIGTERM)
+        assert controlplane.popen.wait(30) == 0
+        ha.cluster.restart(controlplane)
+
+    outcomes, _ = run_fault(ha, fault, after_seconds=TTL * 3)
+    assert_served_through(outcomes)
+    wait_for(lambda: sorted(ha.ready_nodes()) == ["ha-1", "ha-2"], 30, "both replicas reported again")
+    time.sleep(TTL)  # a removal would have been decided by now
+    log = ha.proc("controlplane").log_path.read_text()
+    assert "removed" not in log and "left the fleet" not in log, log[-4000:]
+    for node in ("ha-1", "ha-2"):
+        assert ha.proc(f"node-{node}").log_path.read_text().count(f"model {MODEL} ready") == 1
+
+
 def test_etcd_frozen_stops_no_traffic(ha: HaFleet) -> None:
     etcd = ha.proc("etcd")
 
