@@ -35,7 +35,7 @@ from controlplane.store import ClusterStore, FencedOut
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from mesh import durations
 from mesh.auth import AdminGuard, read_admin_token, read_secret_file
-from mesh.catalog import ENGINE_FORMATS
+from mesh.catalog import ENGINE_FORMATS, model_name_problem
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError, invalid, required
 from mesh.redaction import REDACTED, redact_message, redacted_fields, secret_values
@@ -45,20 +45,15 @@ R = TypeVar("R", bound=Message)
 
 FORWARDED = "x-fleetlm-forwarded-by"  # metadata on a write one control plane sends to the leader
 FORWARD_TIMEOUT_SECONDS = 30.0  # a DeployModel runs a reconcile pass on the leader: seconds, not minutes
-# A deployment's name is the model id clients send. Ids such as "Qwen/Qwen2.5-7B-Instruct" (Hugging Face, what
-# vLLM and SGLang serve by default) or "llama3.1:8b" are taken as they are; the store keeps them as opaque keys.
-MAX_MODEL_NAME = 256
 MAX_GPU_COUNT = 64  # GPUs one replica may span: the catalog's bound (mesh.catalog.ModelEntry.gpu_count)
 
 
 def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
     """A normalised copy, or a 400 naming the field."""
     spec = deployment.spec
-    if not 0 < len(spec.name) <= MAX_MODEL_NAME or any(c.isspace() or not c.isprintable() for c in spec.name):
-        raise invalid(
-            "deployment.spec.name",
-            f"a deployment needs a name of 1 to {MAX_MODEL_NAME} characters without spaces or control characters",
-        )
+    problem = model_name_problem(spec.name)
+    if problem:
+        raise invalid("deployment.spec.name", problem)
     if not spec.path:
         raise invalid("deployment.spec.path", "a deployment needs the path of its weights on the nodes")
     if spec.format not in placement.ENGINE_FOR_FORMAT:

@@ -22,7 +22,8 @@ deployments (`fleetlm controlplane --deployments`) share this format.
         engine_args: {mem-fraction-static: 0.8, enable-metrics: true}   # flags added or overridden
         command: [vllm, serve, "{path}", --port, "{port}"]            # engine openai: start this server
 
-The old system's keys are accepted too (model_path, backend, execution_mode), so its models.yaml loads.
+The old system's keys are accepted too (model_path, backend, execution_mode; type, gpu_id and port are
+taken and unused), so its models.yaml loads. Any other key is refused by name: a misspelt one is a mistake.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fleetlm.controlplane.v1 import node_pb2
 
@@ -42,6 +43,24 @@ ENGINE_FORMATS = {"llamacpp": {"gguf"}, "sglang": {"hf", "awq"}, "openai": {"ggu
 # SGLang's 3 is the old system's enforced limit; an attached server's own capacity is unknown.
 DEFAULT_SLOTS = {"llamacpp": 4, "sglang": 3, "openai": 4}
 DEFAULT_MAX_QUEUED = 16
+
+
+# A model's name is the id clients send: "smollm2-135m", "llama3.1:8b", or a Hugging Face id such as
+# "Qwen/Qwen2.5-7B-Instruct" (what vLLM and SGLang serve by default). One rule for catalogs and DeployModel.
+MAX_MODEL_NAME = 256
+
+
+def model_name_problem(name: str) -> str:
+    """What is wrong with a model's name, or "" when nothing is: 1 to MAX_MODEL_NAME printable characters
+    without spaces; with "/", parts that are neither empty nor "." or ".." (a path, as in a URL)."""
+    if not 0 < len(name) <= MAX_MODEL_NAME or any(c.isspace() or not c.isprintable() for c in name):
+        return f"a model's name is 1 to {MAX_MODEL_NAME} characters without spaces or control characters"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return (
+            "a model's name may hold '/' between parts (as in 'Qwen/Qwen2.5-7B-Instruct'), none of them empty,"
+            " '.' or '..'"
+        )
+    return ""
 
 
 def running_limit(spec: node_pb2.ModelSpec) -> int:
@@ -66,9 +85,10 @@ def _flag_value(value: str | int | float | bool | None) -> str:
 
 
 class ModelEntry(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # A key it does not know is a mistake to say (a misspelt `min_replica` was ignored), not to pass over.
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    name: str
     path: str = Field(validation_alias=AliasChoices("path", "model_path", "source"))
     format: Literal["gguf", "hf", "awq"] = "gguf"
     engine: Literal["llamacpp", "sglang", "openai"] = Field(
@@ -87,6 +107,25 @@ class ModelEntry(BaseModel):
     startup_timeout: float | None = Field(None, gt=0)
     engine_args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
     command: list[str] = Field(default_factory=list)
+    # The old system's keys that fleetlm has no use for: taken, so that its models.yaml loads, and unused
+    # (a GPU is chosen by placement, a port by the agent).
+    type: str | None = None
+    gpu_id: int | None = None
+    port: int | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        problem = model_name_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ModelEntry:
+        if self.max_replicas < self.min_replicas:  # as DeployModel refuses it (it was stored as min = max)
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be at least min_replicas ({self.min_replicas})")
+        return self
 
     def spec(self) -> node_pb2.ModelSpec:
         spec = node_pb2.ModelSpec(
@@ -113,7 +152,7 @@ class ModelEntry(BaseModel):
         deployment = node_pb2.Deployment(
             spec=self.spec(),
             min_replicas=self.min_replicas,
-            max_replicas=max(self.max_replicas, self.min_replicas),
+            max_replicas=self.max_replicas,
             replicas=self.min_replicas,
             cpu_offload_model=self.cpu_offload_model,
             continue_on_failure=self.continue_on_failure,

@@ -38,6 +38,11 @@ models:
         ("models: [{name: a, path: x, format: onnx}]", "format"),
         ("models: [{name: a, path: x}, {name: a, path: y}]", "twice"),
         ("models: [{name: 'bad name', path: x}]", "name"),
+        ("models: [{name: 'org//m', path: x}]", "none of them empty"),
+        ("models: [{name: '../m', path: x}]", "none of them empty"),
+        # a misspelt key was ignored; max below min was stored as min = max
+        ("models: [{name: a, path: x, min_replica: 2}]", "min_replica\n  Extra inputs are not permitted"),
+        ("models: [{name: a, path: x, min_replicas: 3, max_replicas: 1}]", "must be at least min_replicas"),
         ("models: [", "cannot read"),
     ],
 )
@@ -74,3 +79,10 @@ def test_a_model_linked_into_the_models_directory_is_named_as_the_node_reports_i
         assert [f.path for f in model_files([], [Path("models")])] == [entry.path]
     finally:
         os.chdir(cwd)
+
+
+def test_a_hugging_face_id_is_a_name_as_deploy_model_takes_it(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text(
+        "models: [{name: Qwen/Qwen2.5-0.5B-Instruct, path: x.gguf}, {name: 'llama3.1:8b', path: y.gguf}]"
+    )
+    assert [m.name for m in load_catalog(tmp_path / "m.yaml")] == ["Qwen/Qwen2.5-0.5B-Instruct", "llama3.1:8b"]
