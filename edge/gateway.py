@@ -397,7 +397,7 @@ class Gateway:
             self.breakers.failed(target.address)
             return FleetError(
                 ErrorCode.BACKEND_UNAVAILABLE,
-                f"node {target.node_id} at {target.address} is unreachable",
+                f"node {target.node_id} is unreachable",  # its address is the fleet's, not the client's to know
                 retry_after_seconds=1,
             )
         return FleetError.from_rpc_error(exc)

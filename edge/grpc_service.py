@@ -80,6 +80,8 @@ class _Call:
         if not where and field_id:
             given, where = field_id, "request_id"
         request_id = given if given and request_context.is_valid(given) else request_context.make()
+        if where != "request_id" and field_id and not request_context.is_valid(field_id):
+            given, where = field_id, "request_id"  # the metadata's id wins, but an invalid field is not passed over
         carrier = tracing.carrier_from(metadata) if tracing.TRACER is not None else None
         self.stack = contextlib.ExitStack()
         self.access = self.stack.enter_context(
@@ -255,10 +257,12 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
-        models = await self._gateway.list_models()
-        if self._auth is not None:
-            metadata = context.invocation_metadata() or ()
-            value = next((v for k, v in metadata if k == "authorization"), None)
-            key = self._auth.authenticate(value.decode() if isinstance(value, bytes) else value, None)
-            models = [m for m in models if self._auth.may_use(key, m.name)]
-        return inference_pb2.ListModelsResponse(models=models)
+        async with _call(context, self._gateway, "ListModels") as call:  # its id sent, its access line written
+            await call.sent()
+            models = await self._gateway.list_models()
+            if self._auth is not None:
+                metadata = context.invocation_metadata() or ()
+                value = next((v for k, v in metadata if k == "authorization"), None)
+                key = self._auth.authenticate(value.decode() if isinstance(value, bytes) else value, None)
+                models = [m for m in models if self._auth.may_use(key, m.name)]
+            return inference_pb2.ListModelsResponse(models=models)

@@ -132,6 +132,7 @@ class AdminGuard:
         """Raises UNAUTHENTICATED unless the call carries a credential good for `method` (PERMISSION_DENIED
         for a fleet certificate of a kind that may not call it, and for an edge whose fleet secret is not
         this control plane's)."""
+        metadata = tuple(metadata or ())
         presented = bearer(metadata)
         if self._admin is not None and self._admin.matches(presented):
             return
@@ -165,7 +166,12 @@ class AdminGuard:
                 f"{name} needs an operator's credential: the admin token or an admin certificate; the"
                 f" client certificate is {' or '.join(_a(k) for k in sorted(kinds))}'s",
             )
-        why = "no credential was sent" if presented is None else "the credential sent is not valid"
+        if presented is not None:
+            why = "the credential sent is not valid"
+        elif any(key == "authorization" for key, _ in metadata or ()):
+            why = "the 'authorization' metadata sent is not 'Bearer <token>'"
+        else:
+            why = "no credential was sent"
         wanted = "'authorization: Bearer <admin token>' metadata"
         if self._tls:
             wanted += " or a client certificate with an admin identity"

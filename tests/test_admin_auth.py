@@ -66,6 +66,13 @@ def test_a_write_through_the_follower_is_made_by_the_leader_with_the_callers_cre
             admin_pb2.CreateApiKeyRequest(name="x"), metadata=(("authorization", "Bearer " + "x" * 43),), timeout=30
         )
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert refused.value.details().endswith("; the credential sent is not valid"), refused.value.details()
+    # The token without "Bearer " was answered "no credential was sent".
+    for metadata, why in (((("authorization", token),), "is not 'Bearer <token>'"), ((), "no credential was sent")):
+        with pytest.raises(grpc.RpcError) as refused:
+            _stub(lead).ListNodes(admin_pb2.ListNodesRequest(), metadata=metadata, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and why in refused.value.details()
+        assert token not in refused.value.details()
 
 
 def test_the_edge_credential_opens_only_the_edge_rpcs(two_controlplanes: tuple[str, str, str, str]) -> None:

@@ -377,6 +377,27 @@ def test_grpc_metadata_in_and_out(fleet: Fleet) -> None:
     assert [line for line in lines_with(fleet.node, "grpc-given-1") if "fleetlm.node.requests" in line]
 
 
+def test_an_invalid_request_id_field_beside_the_metadatas_id_is_refused_and_list_models_carries_the_id(
+    fleet: Fleet,
+) -> None:
+    """The metadata's id wins over the field's, but a field that is no valid id is not passed over (the call
+    succeeded under the metadata's id); ListModels sends the id back and has its access line (it had neither)."""
+    request = inference_pb2.GenerateRequest(model=MODEL, prompt="One, two,", request_id="bad id")
+    request.sampling.max_tokens = 3
+    with grpc.insecure_channel(fleet.grpc) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(request, metadata=(("x-request-id", "grpc-field-1"),), timeout=60))
+        reply, call = stub.ListModels.with_call(
+            inference_pb2.ListModelsRequest(), metadata=(("x-request-id", "grpc-list-1"),), timeout=30
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in refused.value.details()
+    assert MODEL in [m.name for m in reply.models]
+    assert dict(call.initial_metadata())["x-request-id"] == "grpc-list-1"
+    access = wait_for(lambda: access_lines(fleet.edge, "grpc-list-1"), 10, "ListModels' access line")
+    assert len(access) == 1 and "grpc ListModels 200" in access[0], access
+
+
 def test_grpc_failures_and_unary_calls_carry_the_id(fleet: Fleet) -> None:
     """The id is sent while the edge routes the request (not before): it still comes back first, also when
     the call fails before any token, and on the unary calls."""
