@@ -28,6 +28,22 @@ if _version_not_supported:
 class InferenceServiceStub:
     """InferenceService runs models. Node agents serve it for the models they host; the edge serves the
     same service as the fleet's single front door and forwards each call to the node the scheduler picked.
+
+    Metadata a client sends: `authorization: Bearer <API key>` when the edge requires keys (UNAUTHENTICATED
+    without a valid one); `x-request-id` (up to 128 characters of letters, digits and `._:/+=@-`; it wins
+    over GenerateRequest.request_id; an invalid one is INVALID_ARGUMENT naming it), which every method sends
+    back in its initial metadata (the edge makes one, `req_` + 32 hex digits, when none is given).
+
+    Errors: a status code plus a google.rpc.Status in the `grpc-status-details-bin` trailer holding a
+    google.rpc.ErrorInfo (google/rpc/error_details.proto, from googleapis-common-protos) with domain
+    "fleetlm", `reason` the fleet's error code (INVALID_REQUEST, MODEL_NOT_FOUND, CONTEXT_LENGTH_EXCEEDED,
+    NO_CAPACITY, BACKEND_UNAVAILABLE, INVALID_API_KEY, RATE_LIMIT_EXCEEDED, ...: the README's Errors table),
+    and in its metadata `param` (the field at fault, as the OpenAI API names it: `messages[0].role` for
+    chat.messages[0].role, `stop` for sampling.stops), `retry_after_seconds` (every RESOURCE_EXHAUSTED, and
+    UNAVAILABLE when asking again soon may succeed) and `available_models` (MODEL_NOT_FOUND).
+
+    Sizes: a message may be up to 64 MiB each way; raise a client's 4 MiB receive limit for large Embed
+    replies. A prompt holds at most 1,000,000 characters, a conversation at most 2,048 messages.
     """
 
     def __init__(self, channel):
@@ -66,6 +82,22 @@ class InferenceServiceStub:
 class InferenceServiceServicer:
     """InferenceService runs models. Node agents serve it for the models they host; the edge serves the
     same service as the fleet's single front door and forwards each call to the node the scheduler picked.
+
+    Metadata a client sends: `authorization: Bearer <API key>` when the edge requires keys (UNAUTHENTICATED
+    without a valid one); `x-request-id` (up to 128 characters of letters, digits and `._:/+=@-`; it wins
+    over GenerateRequest.request_id; an invalid one is INVALID_ARGUMENT naming it), which every method sends
+    back in its initial metadata (the edge makes one, `req_` + 32 hex digits, when none is given).
+
+    Errors: a status code plus a google.rpc.Status in the `grpc-status-details-bin` trailer holding a
+    google.rpc.ErrorInfo (google/rpc/error_details.proto, from googleapis-common-protos) with domain
+    "fleetlm", `reason` the fleet's error code (INVALID_REQUEST, MODEL_NOT_FOUND, CONTEXT_LENGTH_EXCEEDED,
+    NO_CAPACITY, BACKEND_UNAVAILABLE, INVALID_API_KEY, RATE_LIMIT_EXCEEDED, ...: the README's Errors table),
+    and in its metadata `param` (the field at fault, as the OpenAI API names it: `messages[0].role` for
+    chat.messages[0].role, `stop` for sampling.stops), `retry_after_seconds` (every RESOURCE_EXHAUSTED, and
+    UNAVAILABLE when asking again soon may succeed) and `available_models` (MODEL_NOT_FOUND).
+
+    Sizes: a message may be up to 64 MiB each way; raise a client's 4 MiB receive limit for large Embed
+    replies. A prompt holds at most 1,000,000 characters, a conversation at most 2,048 messages.
     """
 
     def Generate(self, request, context):
@@ -143,6 +175,22 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 class InferenceService:
     """InferenceService runs models. Node agents serve it for the models they host; the edge serves the
     same service as the fleet's single front door and forwards each call to the node the scheduler picked.
+
+    Metadata a client sends: `authorization: Bearer <API key>` when the edge requires keys (UNAUTHENTICATED
+    without a valid one); `x-request-id` (up to 128 characters of letters, digits and `._:/+=@-`; it wins
+    over GenerateRequest.request_id; an invalid one is INVALID_ARGUMENT naming it), which every method sends
+    back in its initial metadata (the edge makes one, `req_` + 32 hex digits, when none is given).
+
+    Errors: a status code plus a google.rpc.Status in the `grpc-status-details-bin` trailer holding a
+    google.rpc.ErrorInfo (google/rpc/error_details.proto, from googleapis-common-protos) with domain
+    "fleetlm", `reason` the fleet's error code (INVALID_REQUEST, MODEL_NOT_FOUND, CONTEXT_LENGTH_EXCEEDED,
+    NO_CAPACITY, BACKEND_UNAVAILABLE, INVALID_API_KEY, RATE_LIMIT_EXCEEDED, ...: the README's Errors table),
+    and in its metadata `param` (the field at fault, as the OpenAI API names it: `messages[0].role` for
+    chat.messages[0].role, `stop` for sampling.stops), `retry_after_seconds` (every RESOURCE_EXHAUSTED, and
+    UNAVAILABLE when asking again soon may succeed) and `available_models` (MODEL_NOT_FOUND).
+
+    Sizes: a message may be up to 64 MiB each way; raise a client's 4 MiB receive limit for large Embed
+    replies. A prompt holds at most 1,000,000 characters, a conversation at most 2,048 messages.
     """
 
     @staticmethod
