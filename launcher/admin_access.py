@@ -135,4 +135,7 @@ def explain(target: Target, exc: grpc.aio.AioRpcError) -> str:
         refused = FleetError.from_rpc_error(exc).message
         return (f"{where} refused the credentials: {refused}"
                 " (--admin-token-file, FLEETLM_ADMIN_TOKEN, --tls-cert/--tls-key)")  # fmt: skip
+    if code == grpc.StatusCode.UNIMPLEMENTED:  # an edge or a node, say: it serves no AdminService
+        return (f"{where} is not a control plane (it does not serve AdminService); give the control plane's"
+                " address (--controlplane HOST:PORT)")  # fmt: skip
     return f"{where} answered {code.name}: {FleetError.from_rpc_error(exc).message}"

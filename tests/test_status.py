@@ -234,6 +234,13 @@ def test_status_failures_are_one_line(fleet: Fleet, tmp_path: Path) -> None:
     # No token at all for a control plane that wants one (the operator file names another control plane).
     bare = status("--json", "--controlplane", fleet.cluster.controlplane, "--state-dir", str(tmp_path))
     assert bare.returncode == 1 and "refused the credentials" in bare.stderr and "Traceback" not in bare.stderr
+    # An address that is not a control plane's (a node's: it serves no AdminService) is said to be so, not
+    # "answered UNIMPLEMENTED: Method not found!".
+    node = next(p for p in fleet.cluster.procs if p.name == "node-node-a")
+    address = node.argv[node.argv.index("--listen") + 1]
+    elsewhere = status("--once", "--controlplane", address, "--admin-token-file", str(fleet.token_file))
+    assert elsewhere.returncode == 1 and elsewhere.stderr.count("\n") == 1, elsewhere.stderr
+    assert "is not a control plane" in elsewhere.stderr, elsewhere.stderr
     # A token file that cannot be read.
     missing = status("--once", "--controlplane", fleet.cluster.controlplane, "--admin-token-file", "/nonexistent")
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "/nonexistent" in missing.stderr
