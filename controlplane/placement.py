@@ -47,6 +47,7 @@ class Fit:
     memory_bytes: int = 0
     capacity_bytes: int = 0
     used_bytes: int = 0  # already assigned on that device, before this replica
+    sharing: int = 0  # replicas already assigned on that device (the CPU, or any of those GPUs)
 
 
 @dataclass
@@ -201,7 +202,9 @@ def _gpu_fit(need: _Need, snap: NodeSnapshot, mem: int, policy: PlacementPolicy)
     chosen = [entry for entry in free[:count] if entry[1] + share <= entry[0]]
     if len(chosen) == count:
         gpu_capacity, gpu_used = sum(e[0] for e in chosen), sum(e[1] for e in chosen)
-        return Fit("gpu", sorted(e[2] for e in chosen), mem, gpu_capacity, int(gpu_used))
+        indices = sorted(e[2] for e in chosen)
+        sharing = sum(1 for a in assignments if set(a.gpu_indices) & set(indices))
+        return Fit("gpu", indices, mem, gpu_capacity, int(gpu_used), sharing)
     if need.wants_gpu:
         if count > len(gpus):
             return "capacity", f"needs {count} GPUs; node has {len(gpus)}"
@@ -218,14 +221,15 @@ def _memory_fit(
         on_gpu = _gpu_fit(need, snap, mem, policy)
         if on_gpu is not None:
             return on_gpu
-    used = 0
+    used = sharing = 0
     for a in snap.assignments:
         if a.device == "cpu":
             used += a.memory_bytes
+            sharing += 1
     capacity = max(0, inventory.ram.total_bytes - policy.ram_reserve_bytes)
     if used + mem > capacity:
         return "capacity", (f"needs {mem / GiB:.2f} GiB of RAM; {max(0, capacity - used) / GiB:.2f} GiB is unassigned")
-    return Fit("cpu", [], mem, capacity, used)
+    return Fit("cpu", [], mem, capacity, used, sharing)
 
 
 def _judge(need: _Need, snap: NodeSnapshot, policy: PlacementPolicy) -> Fit | Reject:
@@ -247,8 +251,12 @@ def _judge(need: _Need, snap: NodeSnapshot, policy: PlacementPolicy) -> Fit | Re
 
 
 def _policy_score(fit: Fit, policy: PlacementPolicy) -> float:
+    """binpack: the fuller the device after, the better. spread: the emptier, divided among the replicas that
+    would share the device: replicas share its compute (a CPU's cores, a GPU's SMs) however little memory
+    they take, so a node with small replicas is not as free as its memory says (seven replicas of a small
+    model went to one node while another stood empty)."""
     after = (fit.used_bytes + fit.memory_bytes) / fit.capacity_bytes if fit.capacity_bytes else 1.0
-    return after if policy.strategy == "binpack" else 1.0 - after
+    return after if policy.strategy == "binpack" else (1.0 - after) / (1 + fit.sharing)
 
 
 def _locality_score(need: _Need, snap: NodeSnapshot) -> float:

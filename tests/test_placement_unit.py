@@ -116,6 +116,17 @@ def test_binpack_and_spread() -> None:
     assert placement.place(spec(), nodes, binpack).node_id == "busy"
 
 
+def test_spread_counts_the_replicas_that_would_share_a_node_not_only_its_memory() -> None:
+    """Small replicas of one weights file (several deployments of it) went to one 8 GiB node while another
+    stood empty: their memory left the first nearly as free, and the locality bonus did the rest. Replicas
+    share a node's cores: spread sends the next one to the empty node, binpack still packs."""
+    first = node_pb2.Assignment(node_id="busy", model=spec(name="a"), device="cpu", memory_bytes=GiB // 5)
+    second = node_pb2.Assignment(node_id="busy", model=spec(name="b"), device="cpu", memory_bytes=GiB // 5)
+    nodes = [snap(node("busy"), node_pb2.SCHEDULING_ACTIVE, first, second), snap(node("empty"))]
+    assert placement.place(spec(), nodes, placement.PlacementPolicy("spread", GiB, GiB)).node_id == "empty"
+    assert placement.place(spec(), nodes, placement.PlacementPolicy("binpack", GiB, GiB)).node_id == "busy"
+
+
 def test_locality_breaks_ties_toward_the_node_that_already_reads_the_file() -> None:
     warm = node("warm")
     warm.replicas.append(node_pb2.Replica(model=spec(name="other-name-same-file")))
@@ -224,12 +235,14 @@ def _reference_evaluate(
             free.sort(key=lambda e: (e[1] - e[0], e[2]))
             chosen = [e for e in free[:count] if e[1] + share <= e[0]]
             if len(chosen) == count:
+                indices = sorted(e[2] for e in chosen)
                 fit = (
                     "gpu",
-                    sorted(e[2] for e in chosen),
+                    indices,
                     need,
                     sum(e[0] for e in chosen),
                     int(sum(e[1] for e in chosen)),
+                    sum(1 for a in s.assignments if a.device == "gpu" and set(a.gpu_indices) & set(indices)),
                 )
             elif spec.device == "gpu" or engine in placement.GPU_ONLY_ENGINES:
                 reason = (
@@ -246,9 +259,9 @@ def _reference_evaluate(
                 reason = f"needs {need / GiB:.2f} GiB of RAM; {max(0, capacity - used_cpu) / GiB:.2f} GiB is unassigned"
                 out.append((True, 0.0, n.node_id, None, reason, "capacity"))
                 continue
-            fit = ("cpu", [], need, capacity, used_cpu)
+            fit = ("cpu", [], need, capacity, used_cpu, sum(1 for a in s.assignments if a.device == "cpu"))
         after = (fit[4] + fit[2]) / fit[3] if fit[3] else 1.0  # type: ignore[operator]
-        score = after if policy.strategy == "binpack" else 1.0 - after
+        score = after if policy.strategy == "binpack" else (1.0 - after) / (1 + fit[5])  # type: ignore[operator]
         if any(r.model.path == spec.path for r in n.replicas) or any(a.model.path == spec.path for a in s.assignments):
             score += 0.25
         out.append((False, -score, n.node_id, fit, f"fits on {fit[0]} ({policy.strategy} {score:.3f})", ""))
@@ -319,7 +332,9 @@ def _random_spec(rng: random.Random) -> node_pb2.ModelSpec:
 
 
 def _fit_fields(fit: placement.Fit | None) -> tuple[object, ...] | None:
-    return None if fit is None else (fit.device, fit.gpu_indices, fit.memory_bytes, fit.capacity_bytes, fit.used_bytes)
+    if fit is None:
+        return None
+    return (fit.device, fit.gpu_indices, fit.memory_bytes, fit.capacity_bytes, fit.used_bytes, fit.sharing)
 
 
 @pytest.mark.parametrize("seed", range(8))
