@@ -67,6 +67,13 @@ def durable_key(node: node_pb2.Node) -> bytes:
     return durable.SerializeToString(deterministic=True)
 
 
+def free_within(ram_free_bytes: int, inventory: node_pb2.Inventory) -> int:
+    """Free RAM as reported, never above the node's total: a node given --inventory-override with less RAM
+    than its host has (an older agent capped it at registration only) would otherwise show negative use."""
+    total = inventory.ram.total_bytes
+    return min(ram_free_bytes, total) if total else ram_free_bytes
+
+
 @dataclass
 class NodeLoad:
     """One node's last report: its replicas (by model name and whether assigned), free RAM, and when."""
@@ -151,7 +158,7 @@ class LoadBoard:
         out = node_pb2.Node()
         out.CopyFrom(node)
         out.last_heartbeat_at.CopyFrom(load.reported_at)
-        out.inventory.ram.free_bytes = load.ram_free_bytes
+        out.inventory.ram.free_bytes = free_within(load.ram_free_bytes, out.inventory)
         for replica in out.replicas:
             reported = load.replicas.get((replica.model.name, replica.assigned))
             if reported is None:

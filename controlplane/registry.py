@@ -29,7 +29,7 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
-from controlplane.fleet import FleetView, durable_key
+from controlplane.fleet import FleetView, durable_key, free_within
 from controlplane.join import NodeIdentities
 from controlplane.store import ClusterStore, LeaseNotFound, StoreEvent
 from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
@@ -235,7 +235,7 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         updated.CopyFrom(node)
         del updated.replicas[:]
         updated.replicas.extend(replicas)
-        updated.inventory.ram.free_bytes = request.ram_free_bytes
+        updated.inventory.ram.free_bytes = free_within(request.ram_free_bytes, updated.inventory)
         updated.last_heartbeat_at.CopyFrom(now)
         key = durable_key(updated)
         if key != self._written.get(request.node_id) or key != durable_key(node):

@@ -27,7 +27,6 @@ from fleetlm.controlplane.v1 import node_pb2, registry_pb2, registry_pb2_grpc
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError
 from mesh.tls import TlsFiles, secure_channel
-from node_agent import inventory
 from node_agent.host import ModelHost
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,8 @@ class ChangeFeed:
 
 
 class Registered(Protocol):
-    """What a load stream needs of the registration: the lease, the interval, and a way to ask for a check."""
+    """What a load stream needs of the registration: the lease, the interval, a way to ask for a check, and the
+    free RAM to report (within what the node registered with)."""
 
     node_id: str
     lease_id: int
@@ -87,6 +87,8 @@ class Registered(Protocol):
     registered: asyncio.Event
 
     def check_now(self) -> None: ...
+
+    def ram_free_bytes(self) -> int: ...
 
 
 async def report_load(
@@ -131,7 +133,7 @@ class LoadStream:
                 node_id=registration.node_id,
                 lease_id=registration.lease_id,
                 replicas=self._host.replicas(),
-                ram_free_bytes=inventory.ram_free_bytes(),
+                ram_free_bytes=registration.ram_free_bytes(),
             )
             # The next report when something changes (after MIN_REPORT_SECONDS, gathering what else does),
             # else one interval after this one. asyncio.timeout, not wait_for (see registration.py).

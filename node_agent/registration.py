@@ -85,6 +85,9 @@ class Registration:
         self._check = False  # a load stream was refused: heartbeat now, to learn whether the lease is gone
         self._ttl = 2 * timeout  # the lease's time-to-live, as the control plane says when registering
         self._sent = b""  # the durable signature of the replicas the last registration or heartbeat carried
+        # The RAM the last registration declared (--inventory-override may declare less than the host has):
+        # no report says more of it is free.
+        self._ram_total = 0
         # The event loop's time before which the lease cannot have lapsed, as far as the agent knows.
         self._lease_until = 0.0
         self._ever_registered = False
@@ -106,6 +109,12 @@ class Registration:
     def _answered(self) -> None:
         self._backoff, self._failures = 0.25, 0
 
+    def ram_free_bytes(self) -> int:
+        """The host's free RAM, never more than the RAM the node registered with (an override may declare
+        less than the host has)."""
+        free = inventory.ram_free_bytes()
+        return min(free, self._ram_total) if self._ram_total else free
+
     def check_now(self) -> None:
         """Heartbeat at once (a control plane refused a load report: the lease may be gone)."""
         self._check = True
@@ -114,6 +123,7 @@ class Registration:
     async def _register(self) -> bytes:
         """Register under a new lease; returns the durable signature of the replicas it carried."""
         inv = await asyncio.to_thread(self._collect_inventory)
+        self._ram_total = inv.ram.total_bytes
         replicas = self._host.replicas()
         sent_at = asyncio.get_running_loop().time()
         self._registering = asyncio.ensure_future(
@@ -176,7 +186,7 @@ class Registration:
                     node_id=self.node_id,
                     lease_id=self.lease_id,
                     replicas=replicas,
-                    ram_free_bytes=inventory.ram_free_bytes(),
+                    ram_free_bytes=self.ram_free_bytes(),
                 ),
                 # A share of what is left of the lease: a heartbeat stuck on a control plane that froze, or
                 # on a connection that died silently, is given up while the lease still has time for
