@@ -3,7 +3,8 @@
 A node heartbeats to one control plane and keeps a `ReportLoad` stream open to every one, so that each
 control plane (and the edges that follow it) knows every node's load, not only the load of the nodes that
 heartbeat to it. A report goes to the fleet view's load board, in memory, and nowhere else. A heartbeat
-carries the node's replicas too: the node's record in etcd is rewritten only when its durable part
+carries the node's replicas too, and its model files when they changed (weights copied to the node or
+removed): the node's record in etcd is rewritten only when its durable part
 (replicas appearing, going, changing state, error or device; the inventory but free RAM) differs from what
 this control plane last wrote or from what the view holds. Otherwise the heartbeat only refreshes the
 lease: a busy fleet reports several times a second per node, and those reports must not become etcd
@@ -235,6 +236,9 @@ class NodeRegistry(registry_pb2_grpc.NodeRegistryServiceServicer):
         updated.CopyFrom(node)
         del updated.replicas[:]
         updated.replicas.extend(replicas)
+        if request.HasField("model_files"):  # weights copied to the node, or removed, since it registered
+            del updated.inventory.model_files[:]
+            updated.inventory.model_files.extend(request.model_files.files)
         updated.inventory.ram.free_bytes = free_within(request.ram_free_bytes, updated.inventory)
         updated.last_heartbeat_at.CopyFrom(now)
         key = durable_key(updated)

@@ -92,35 +92,60 @@ def _kv_bytes_per_token(path: Path) -> int:
     return 0
 
 
+class ModelFiles:
+    """The catalog's files that exist, plus model files and HF model folders in the models directories,
+    listed again as often as asked at the cost of a directory listing and a stat per file: a file's KV size
+    (its header or config.json, read) is kept while its size and modification time stay the same."""
+
+    def __init__(self, paths: Iterable[str], models_dirs: Iterable[Path]) -> None:
+        self._paths = {Path(p) for p in paths}
+        self._dirs = list(models_dirs)
+        self._kv: dict[Path, tuple[tuple[int, int], int]] = {}  # path -> ((size, mtime_ns), kv bytes per token)
+
+    def scan(self) -> list[node_pb2.ModelFile]:
+        candidates = set(self._paths)
+        for directory in self._dirs:
+            directory = directory.absolute()  # named as deployments name them: absolute, links not followed
+            try:
+                for p in directory.iterdir():
+                    if p.suffix in MODEL_SUFFIXES or (p / "config.json").is_file():
+                        candidates.add(p)
+            except OSError:
+                continue  # not there (yet), or not a directory
+        files = []
+        kv: dict[Path, tuple[tuple[int, int], int]] = {}
+        for path in sorted(candidates):
+            try:
+                if path.is_dir():
+                    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                    fmt = "awq" if "awq" in path.name.lower() else "hf"
+                    changed = (path / "config.json").stat().st_mtime_ns if (path / "config.json").is_file() else 0
+                else:
+                    stat = path.stat()
+                    size, changed = stat.st_size, stat.st_mtime_ns
+                    fmt = MODEL_SUFFIXES.get(path.suffix, "")
+            except OSError:
+                continue
+            known = self._kv.get(path)
+            per_token = known[1] if known is not None and known[0] == (size, changed) else _kv_bytes_per_token(path)
+            kv[path] = ((size, changed), per_token)
+            files.append(node_pb2.ModelFile(path=str(path), size_bytes=size, format=fmt, kv_bytes_per_token=per_token))
+        self._kv = kv  # files gone are forgotten
+        return files
+
+
 def model_files(paths: Iterable[str], models_dirs: Iterable[Path]) -> list[node_pb2.ModelFile]:
     """The catalog's files that exist, plus model files and HF model folders in the models directories."""
-    candidates = {Path(p) for p in paths}
-    for directory in models_dirs:
-        directory = directory.absolute()  # named as deployments name them: absolute, links not followed
-        if directory.is_dir():
-            for p in directory.iterdir():
-                if p.suffix in MODEL_SUFFIXES or (p / "config.json").is_file():
-                    candidates.add(p)
-    files = []
-    for path in sorted(candidates):
-        try:
-            if path.is_dir():
-                size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-                fmt = "awq" if "awq" in path.name.lower() else "hf"
-            else:
-                size = path.stat().st_size
-                fmt = MODEL_SUFFIXES.get(path.suffix, "")
-        except OSError:
-            continue
-        files.append(
-            node_pb2.ModelFile(
-                path=str(path), size_bytes=size, format=fmt, kv_bytes_per_token=_kv_bytes_per_token(path)
-            )
-        )
-    return files
+    return ModelFiles(paths, models_dirs).scan()
 
 
-def collect(models_dirs: list[Path], catalog_paths: Iterable[str], override: Path | None = None) -> node_pb2.Inventory:
+def collect(
+    models_dirs: list[Path],
+    catalog_paths: Iterable[str],
+    override: Path | None = None,
+    files: ModelFiles | None = None,
+) -> node_pb2.Inventory:
+    """`files`: the scanner to list the model files with (one the agent keeps, whose header reads are kept)."""
     memory = psutil.virtual_memory()
     disk_free = 0
     for directory in models_dirs[:1]:
@@ -134,7 +159,7 @@ def collect(models_dirs: list[Path], catalog_paths: Iterable[str], override: Pat
         ram=node_pb2.Memory(total_bytes=memory.total, free_bytes=memory.available),
         gpus=gpus(),
         models_disk_free_bytes=disk_free,
-        model_files=model_files(catalog_paths, models_dirs),
+        model_files=(files or ModelFiles(catalog_paths, models_dirs)).scan(),
     )
     if override is not None:
         apply_override(inventory, override)

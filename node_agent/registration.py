@@ -55,6 +55,15 @@ def heartbeat_deadline(left: float, ttl: float, timeout: float, several: bool) -
     return min(timeout, max(MIN_DEADLINE_SECONDS, min(ttl / 2, share)))
 
 
+def _files_changed(before: list[node_pb2.ModelFile], after: list[node_pb2.ModelFile]) -> str:
+    """What changed between two lists of model files, for the log."""
+    old = {f.path: f.size_bytes for f in before}
+    new = {f.path: f.size_bytes for f in after}
+    parts = [f"+{p}" for p in sorted(new.keys() - old.keys())] + [f"-{p}" for p in sorted(old.keys() - new.keys())]
+    parts += [f"~{p}" for p in sorted(new.keys() & old.keys()) if new[p] != old[p]]
+    return " ".join(parts) or "(their metadata)"
+
+
 class Registration:
     def __init__(
         self,
@@ -64,6 +73,7 @@ class Registration:
         host: ModelHost,
         feed: ChangeFeed,
         collect_inventory: Callable[[], node_pb2.Inventory],
+        scan_files: Callable[[], list[node_pb2.ModelFile]],
         timeout: float,
         version: str,
     ) -> None:
@@ -74,6 +84,10 @@ class Registration:
         self._address = address
         self._host = host
         self._collect_inventory = collect_inventory
+        self._scan_files = scan_files
+        # The model files the last registration or heartbeat carried: weights copied into the models
+        # directories (or removed) after the node registered are seen at the next heartbeat's scan.
+        self._files: list[node_pb2.ModelFile] = []
         self._timeout = timeout
         self._version = version
         self.lease_id = 0
@@ -124,6 +138,7 @@ class Registration:
         """Register under a new lease; returns the durable signature of the replicas it carried."""
         inv = await asyncio.to_thread(self._collect_inventory)
         self._ram_total = inv.ram.total_bytes
+        files = list(inv.model_files)
         replicas = self._host.replicas()
         sent_at = asyncio.get_running_loop().time()
         self._registering = asyncio.ensure_future(
@@ -149,6 +164,7 @@ class Registration:
         self.registered.set()
         log.info("registered with the control plane (lease %x, ttl %ss)", reply.lease_id, reply.lease_ttl.seconds)
         self._sent = durable_signature(replicas)
+        self._files = files
         return self._sent
 
     def _due(self, sent: bytes) -> bool:
@@ -176,6 +192,11 @@ class Registration:
             at_once = False
             self._changed.clear()
             self._check = False
+            # A directory listing and a stat per file (a header is read only for a file new or changed).
+            files = await asyncio.to_thread(self._scan_files)
+            changed_files = registry_pb2.ModelFiles(files=files) if files != self._files else None
+            if changed_files is not None:
+                log.info("model files changed: %s", _files_changed(self._files, files))
             replicas = self._host.replicas()
             sent_at = loop.time()
             deadline = heartbeat_deadline(
@@ -187,6 +208,7 @@ class Registration:
                     lease_id=self.lease_id,
                     replicas=replicas,
                     ram_free_bytes=self.ram_free_bytes(),
+                    model_files=changed_files,
                 ),
                 # A share of what is left of the lease: a heartbeat stuck on a control plane that froze, or
                 # on a connection that died silently, is given up while the lease still has time for
@@ -199,6 +221,7 @@ class Registration:
             self._answered()
             self.load_streamed = reply.load_streamed
             self._sent = sent = durable_signature(replicas)
+            self._files = files
 
     async def run(self) -> None:
         """Stay registered until cancelled.

@@ -87,8 +87,11 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     if not models_dirs and settings.catalog:
         models_dirs = [settings.catalog.resolve().parent]
 
+    # One scanner for the agent's life: a heartbeat lists the model files again, reading only new headers.
+    files = inventory.ModelFiles([e.path for e in entries], models_dirs)
+
     def collect() -> node_pb2.Inventory:
-        return inventory.collect(models_dirs, [e.path for e in entries], settings.inventory_override)
+        return inventory.collect(models_dirs, [e.path for e in entries], settings.inventory_override, files)
 
     target = controlplane_target(settings.controlplane)
     # A DNS name with several records: each is a control plane of its own, as if they had been listed.
@@ -127,7 +130,15 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
         async with ControlPlanes(in_turn, tls, by_fleet_name) as using:
             feed = ChangeFeed(host)
             registration = Registration(
-                using, settings.node_id, address, host, feed, collect, settings.rpc_timeout_seconds, _agent_version()
+                using,
+                settings.node_id,
+                address,
+                host,
+                feed,
+                collect,
+                files.scan,
+                settings.rpc_timeout_seconds,
+                _agent_version(),
             )
             host.start()
             background = [

@@ -26,7 +26,7 @@ from fleetlm.controlplane.v1 import node_pb2 as fleetlm_dot_controlplane_dot_v1_
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fleetlm/controlplane/v1/registry.proto\x12\x17\x66leetlm.controlplane.v1\x1a\"fleetlm/controlplane/v1/node.proto\x1a\x1egoogle/protobuf/duration.proto\"*\n\x17WatchAssignmentsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"T\n\x18WatchAssignmentsResponse\x12\x38\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32#.fleetlm.controlplane.v1.Assignment\"\xc3\x01\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11inference_address\x18\x02 \x01(\t\x12\x35\n\tinventory\x18\x03 \x01(\x0b\x32\".fleetlm.controlplane.v1.Inventory\x12\x32\n\x08replicas\x18\x04 \x03(\x0b\x32 .fleetlm.controlplane.v1.Replica\x12\x15\n\ragent_version\x18\x05 \x01(\t\"\x8d\x01\n\x14RegisterNodeResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12,\n\tlease_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x81\x01\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12\x32\n\x08replicas\x18\x03 \x03(\x0b\x32 .fleetlm.controlplane.v1.Replica\x12\x16\n\x0eram_free_bytes\x18\x04 \x01(\x04\"*\n\x11HeartbeatResponse\x12\x15\n\rload_streamed\x18\x01 \x01(\x08\":\n\x15\x44\x65registerNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\"\x18\n\x16\x44\x65registerNodeResponse\"\x82\x01\n\x11ReportLoadRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12\x32\n\x08replicas\x18\x03 \x03(\x0b\x32 .fleetlm.controlplane.v1.Replica\x12\x16\n\x0eram_free_bytes\x18\x04 \x01(\x04\"\x14\n\x12ReportLoadResponse2\xbd\x04\n\x13NodeRegistryService\x12k\n\x0cRegisterNode\x12,.fleetlm.controlplane.v1.RegisterNodeRequest\x1a-.fleetlm.controlplane.v1.RegisterNodeResponse\x12\x62\n\tHeartbeat\x12).fleetlm.controlplane.v1.HeartbeatRequest\x1a*.fleetlm.controlplane.v1.HeartbeatResponse\x12q\n\x0e\x44\x65registerNode\x12..fleetlm.controlplane.v1.DeregisterNodeRequest\x1a/.fleetlm.controlplane.v1.DeregisterNodeResponse\x12y\n\x10WatchAssignments\x12\x30.fleetlm.controlplane.v1.WatchAssignmentsRequest\x1a\x31.fleetlm.controlplane.v1.WatchAssignmentsResponse0\x01\x12g\n\nReportLoad\x12*.fleetlm.controlplane.v1.ReportLoadRequest\x1a+.fleetlm.controlplane.v1.ReportLoadResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fleetlm/controlplane/v1/registry.proto\x12\x17\x66leetlm.controlplane.v1\x1a\"fleetlm/controlplane/v1/node.proto\x1a\x1egoogle/protobuf/duration.proto\"*\n\x17WatchAssignmentsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"T\n\x18WatchAssignmentsResponse\x12\x38\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32#.fleetlm.controlplane.v1.Assignment\"\xc3\x01\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11inference_address\x18\x02 \x01(\t\x12\x35\n\tinventory\x18\x03 \x01(\x0b\x32\".fleetlm.controlplane.v1.Inventory\x12\x32\n\x08replicas\x18\x04 \x03(\x0b\x32 .fleetlm.controlplane.v1.Replica\x12\x15\n\ragent_version\x18\x05 \x01(\t\"\x8d\x01\n\x14RegisterNodeResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12,\n\tlease_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xbb\x01\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12\x32\n\x08replicas\x18\x03 \x03(\x0b\x32 .fleetlm.controlplane.v1.Replica\x12\x16\n\x0eram_free_bytes\x18\x04 \x01(\x04\x12\x38\n\x0bmodel_files\x18\x05 \x01(\x0b\x32#.fleetlm.controlplane.v1.ModelFiles\"?\n\nModelFiles\x12\x31\n\x05\x66iles\x18\x01 \x03(\x0b\x32\".fleetlm.controlplane.v1.ModelFile\"*\n\x11HeartbeatResponse\x12\x15\n\rload_streamed\x18\x01 \x01(\x08\":\n\x15\x44\x65registerNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\"\x18\n\x16\x44\x65registerNodeResponse\"\x82\x01\n\x11ReportLoadRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12\x32\n\x08replicas\x18\x03 \x03(\x0b\x32 .fleetlm.controlplane.v1.Replica\x12\x16\n\x0eram_free_bytes\x18\x04 \x01(\x04\"\x14\n\x12ReportLoadResponse2\xbd\x04\n\x13NodeRegistryService\x12k\n\x0cRegisterNode\x12,.fleetlm.controlplane.v1.RegisterNodeRequest\x1a-.fleetlm.controlplane.v1.RegisterNodeResponse\x12\x62\n\tHeartbeat\x12).fleetlm.controlplane.v1.HeartbeatRequest\x1a*.fleetlm.controlplane.v1.HeartbeatResponse\x12q\n\x0e\x44\x65registerNode\x12..fleetlm.controlplane.v1.DeregisterNodeRequest\x1a/.fleetlm.controlplane.v1.DeregisterNodeResponse\x12y\n\x10WatchAssignments\x12\x30.fleetlm.controlplane.v1.WatchAssignmentsRequest\x1a\x31.fleetlm.controlplane.v1.WatchAssignmentsResponse0\x01\x12g\n\nReportLoad\x12*.fleetlm.controlplane.v1.ReportLoadRequest\x1a+.fleetlm.controlplane.v1.ReportLoadResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,17 +42,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERNODERESPONSE']._serialized_start=464
   _globals['_REGISTERNODERESPONSE']._serialized_end=605
   _globals['_HEARTBEATREQUEST']._serialized_start=608
-  _globals['_HEARTBEATREQUEST']._serialized_end=737
-  _globals['_HEARTBEATRESPONSE']._serialized_start=739
-  _globals['_HEARTBEATRESPONSE']._serialized_end=781
-  _globals['_DEREGISTERNODEREQUEST']._serialized_start=783
-  _globals['_DEREGISTERNODEREQUEST']._serialized_end=841
-  _globals['_DEREGISTERNODERESPONSE']._serialized_start=843
-  _globals['_DEREGISTERNODERESPONSE']._serialized_end=867
-  _globals['_REPORTLOADREQUEST']._serialized_start=870
-  _globals['_REPORTLOADREQUEST']._serialized_end=1000
-  _globals['_REPORTLOADRESPONSE']._serialized_start=1002
-  _globals['_REPORTLOADRESPONSE']._serialized_end=1022
-  _globals['_NODEREGISTRYSERVICE']._serialized_start=1025
-  _globals['_NODEREGISTRYSERVICE']._serialized_end=1598
+  _globals['_HEARTBEATREQUEST']._serialized_end=795
+  _globals['_MODELFILES']._serialized_start=797
+  _globals['_MODELFILES']._serialized_end=860
+  _globals['_HEARTBEATRESPONSE']._serialized_start=862
+  _globals['_HEARTBEATRESPONSE']._serialized_end=904
+  _globals['_DEREGISTERNODEREQUEST']._serialized_start=906
+  _globals['_DEREGISTERNODEREQUEST']._serialized_end=964
+  _globals['_DEREGISTERNODERESPONSE']._serialized_start=966
+  _globals['_DEREGISTERNODERESPONSE']._serialized_end=990
+  _globals['_REPORTLOADREQUEST']._serialized_start=993
+  _globals['_REPORTLOADREQUEST']._serialized_end=1123
+  _globals['_REPORTLOADRESPONSE']._serialized_start=1125
+  _globals['_REPORTLOADRESPONSE']._serialized_end=1145
+  _globals['_NODEREGISTRYSERVICE']._serialized_start=1148
+  _globals['_NODEREGISTRYSERVICE']._serialized_end=1721
 # @@protoc_insertion_point(module_scope)

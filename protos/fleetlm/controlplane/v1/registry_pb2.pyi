@@ -47,16 +47,24 @@ class RegisterNodeResponse(_message.Message):
     def __init__(self, lease_id: _Optional[int] = ..., lease_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "lease_id", "replicas", "ram_free_bytes")
+    __slots__ = ("node_id", "lease_id", "replicas", "ram_free_bytes", "model_files")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     RAM_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FILES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     lease_id: int
     replicas: _containers.RepeatedCompositeFieldContainer[_node_pb2.Replica]
     ram_free_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., lease_id: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[_node_pb2.Replica, _Mapping]]] = ..., ram_free_bytes: _Optional[int] = ...) -> None: ...
+    model_files: ModelFiles
+    def __init__(self, node_id: _Optional[str] = ..., lease_id: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[_node_pb2.Replica, _Mapping]]] = ..., ram_free_bytes: _Optional[int] = ..., model_files: _Optional[_Union[ModelFiles, _Mapping]] = ...) -> None: ...
+
+class ModelFiles(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[_node_pb2.ModelFile]
+    def __init__(self, files: _Optional[_Iterable[_Union[_node_pb2.ModelFile, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("load_streamed",)
