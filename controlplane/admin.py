@@ -267,6 +267,8 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         out = node_pb2.Node()
         out.CopyFrom(self._fleet.load.overlay(node))  # etcd holds durable state; load is in memory
         out.scheduling = self._fleet.scheduling(node.node_id)  # type: ignore[assignment]
+        over = self._reconciler.overcommit(node.node_id)
+        out.overcommitted = over.reason if over is not None else ""
         return out
 
     def _live_node(self, node_id: str) -> node_pb2.Node:

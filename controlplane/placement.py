@@ -247,6 +247,54 @@ def _judge(need: _Need, snap: NodeSnapshot, policy: PlacementPolicy) -> Fit | Re
     return _memory_fit(need, snap, file, policy)
 
 
+@dataclass(frozen=True)
+class Overcommit:
+    """A node whose assigned replicas need more memory than it has now: those beyond what fits, and why."""
+
+    excess: tuple[node_pb2.Assignment, ...]
+    reason: str
+
+
+def overcommitted(
+    node: node_pb2.Node, assignments: Iterable[node_pb2.Assignment], policy: PlacementPolicy
+) -> Overcommit | None:
+    """Whether the replicas assigned to `node` still fit it (None), as placement counts memory: a node that
+    came back with less RAM, or fewer or smaller GPUs, than it had when they were placed holds more than fits.
+    The replicas placed first are the ones kept; the excess is the rest, the last placed first."""
+    ram_capacity = max(0, node.inventory.ram.total_bytes - policy.ram_reserve_bytes)
+    gpu_capacity = {g.index: max(0, g.memory.total_bytes - policy.vram_reserve_bytes) for g in node.inventory.gpus}
+    ram_used, ram_needed = 0, 0
+    gpu_used = dict.fromkeys(gpu_capacity, 0.0)
+    excess: list[node_pb2.Assignment] = []
+    for a in sorted(assignments, key=lambda a: (a.assigned_at.ToNanoseconds(), a.model.name)):
+        if a.device == "gpu":
+            share = a.memory_bytes / max(1, len(a.gpu_indices))
+            if all(i in gpu_capacity and gpu_used[i] + share <= gpu_capacity[i] for i in a.gpu_indices):
+                for i in a.gpu_indices:
+                    gpu_used[i] += share
+                continue
+        else:
+            ram_needed += a.memory_bytes
+            if ram_used + a.memory_bytes <= ram_capacity:
+                ram_used += a.memory_bytes
+                continue
+        excess.append(a)
+    if not excess:
+        return None
+    excess.reverse()
+    why = []
+    if any(a.device != "gpu" for a in excess):
+        why.append(
+            f"its replicas on the CPU need {ram_needed / GiB:.2f} GiB of RAM; it has {ram_capacity / GiB:.2f} GiB"
+            f" for them ({node.inventory.ram.total_bytes / GiB:.2f} GiB less the"
+            f" {policy.ram_reserve_bytes / GiB:.2f} GiB reserve)"
+        )
+    if any(a.device == "gpu" for a in excess):
+        why.append("its replicas on GPUs need more GPU memory than its GPUs have now, or GPUs it no longer has")
+    names = ", ".join(a.model.name for a in excess)
+    return Overcommit(tuple(excess), f"{'; '.join(why)}: more than fits ({names})")
+
+
 # --- scorers: higher is better ------------------------------------------------------------------------
 
 

@@ -14,7 +14,10 @@ What one pass does, per deployment:
     removes an old replica only once a new one serves in its stead;
   - for a draining node: places the replacement first, and removes the draining replica only once the
     replacement serves (or, with no room for one, another replica), so no request fails during the move
-    and the deployment keeps its count where it can.
+    and the deployment keeps its count where it can;
+  - for a node that holds more than fits (it came back with less memory than its replicas were placed
+    with): warns, and moves the replicas beyond what fits, the last placed first, as a drain does, where
+    another node has room; with none they stay, and the node shows as over-committed until there is.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self.last_errors: dict[str, str] = {}  # deployment -> why it could not be placed
+        self._overcommitted: dict[str, str] = {}  # node -> why it holds more than fits (as last logged)
+        self._excess: set[str] = set()  # record keys of the assignments beyond what their nodes hold
         fleet.listeners.append(lambda event: self._wake.set() if event is None or event.kind != "model" else None)
 
     def kick(self) -> None:
@@ -113,6 +118,36 @@ class Reconciler:
             )
             for n in fleet.nodes.values()
         ]
+
+    def overcommit(self, node_id: str) -> placement.Overcommit | None:
+        """Whether the node holds more replicas than fit it now (None: they fit, or it is draining anyway)."""
+        node = self._fleet.nodes.get(node_id)
+        if node is None or self._fleet.scheduling(node_id) == node_pb2.SCHEDULING_DRAINING:
+            return None
+        return placement.overcommitted(node, self._fleet.node_assignments(node_id), self.policy)
+
+    def _find_excess(self) -> None:
+        """The assignments beyond what their nodes hold now; said once per change, as a warning."""
+        found: dict[str, str] = {}
+        self._excess = set()
+        held: dict[str, list[node_pb2.Assignment]] = {}
+        for assignment in self._fleet.assignments.values():  # one pass: a fleet of 1,000 nodes is asked often
+            held.setdefault(assignment.node_id, []).append(assignment)
+        for node_id, assignments in held.items():
+            node = self._fleet.nodes.get(node_id)
+            if node is None or self._fleet.scheduling(node_id) == node_pb2.SCHEDULING_DRAINING:
+                continue
+            over = placement.overcommitted(node, assignments, self.policy)
+            if over is not None:
+                found[node_id] = over.reason
+                self._excess.update(record_key("assignment", a) for a in over.excess)
+        for node_id, reason in found.items():
+            if self._overcommitted.get(node_id) != reason:
+                log.warning("node %s is over-committed: %s; moving them where another node has room", node_id,
+                            reason)  # fmt: skip
+        for node_id in self._overcommitted.keys() - found.keys():
+            log.info("node %s is no longer over-committed", node_id)
+        self._overcommitted = found
 
     def replica_of(self, assignment: node_pb2.Assignment) -> node_pb2.Replica | None:
         node = self._fleet.nodes.get(assignment.node_id)
@@ -179,6 +214,7 @@ class Reconciler:
             elif deployment is None:
                 await self._unassign(assignment, "deployment removed")
             # A replica of a changed deployment is replaced by _reconcile_deployment, a few at a time.
+        self._find_excess()
         for deployment in list(fleet.deployments.values()):
             await self._reconcile_deployment(deployment)
 
@@ -187,7 +223,9 @@ class Reconciler:
         name = deployment.spec.name
         mine = [a for a in fleet.assignments.values() if a.model.name == name]
         draining = [a for a in mine if fleet.scheduling(a.node_id) == node_pb2.SCHEDULING_DRAINING]
-        active = [a for a in mine if a not in draining]
+        # On a node that holds more than fits: replaced elsewhere, where there is room, then removed.
+        moving = [a for a in mine if record_key("assignment", a) in self._excess]
+        active = [a for a in mine if a not in draining and a not in moving]
 
         # Idle unload, one replica per pass, never below min_replicas.
         timeout = deployment.idle_timeout.ToTimedelta().total_seconds()
@@ -246,6 +284,13 @@ class Reconciler:
             await self._unassign(old, "deployment changed; a replica of the new spec serves in its stead")
             outdated.remove(old)
         active = current + outdated
+
+        # A replica beyond what its node holds goes once the deployment's count serves elsewhere: its
+        # replacement was placed above when another node had room. With none it stays where it is (fewer
+        # replicas is not what the operator asked for), and its node shows as over-committed.
+        if moving and sum(1 for a in current if self._serving(a)) >= want:
+            for assignment in moving:
+                await self._unassign(assignment, "its node has too little memory for it now; it serves elsewhere")
 
         # A draining replica goes once the replicas placed elsewhere serve: its replacement too, when there
         # was room for one (it was placed above), so the deployment keeps its count through the move; when

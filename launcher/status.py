@@ -1,7 +1,7 @@
 """`fleetlm status`: the fleet at a glance, refreshed in place (like `nvidia-smi -l` or `kubectl get -w`).
 
 It reads what an operator may read through AdminService (ListNodes, ListDeployments, GetLeader) and shows
-nodes (scheduling, heartbeat, CPU, RAM, GPUs and their memory), deployments, and every replica (state,
+nodes (scheduling, heartbeat, CPU, RAM, GPUs and their memory, over-commitment), deployments, and every replica (state,
 load against its slots, refusals, load progress or error). `--once` prints one view, `--json` one JSON
 document for scripts; piped or redirected, it prints one view as with `--once`.
 
@@ -136,6 +136,7 @@ def _node(node: node_pb2.Node, now: float) -> dict[str, Any]:
             for g in inv.gpus
         ],
         "agent_version": node.agent_version,
+        "overcommitted": node.overcommitted or None,  # why its replicas need more memory than it has
     }
 
 
@@ -209,12 +210,14 @@ def render(snap: dict[str, Any], width: int) -> list[str]:
         ram = n["ram"]
         gpus = ", ".join(f"{g['name']} {_gib(g['total_bytes'] - g['free_bytes'], g['total_bytes'])}" for g in n["gpus"])
         beat = n["heartbeat_seconds_ago"]
+        state = n["state"] + (", over-committed" if n.get("overcommitted") else "")
         rows.append([
-            n["id"], n["state"], n["address"], f"{n['cpu']['cores']} cores",
+            n["id"], state, n["address"], f"{n['cpu']['cores']} cores",
             _gib(ram["total_bytes"] - ram["free_bytes"], ram["total_bytes"]) if ram["total_bytes"] else "-",
             gpus or "-", "-" if beat is None else f"{beat:.1f}s ago",
         ])  # fmt: skip
     lines += _table(["NODE", "STATE", "ADDRESS", "CPU", "RAM USED", "GPUS", "HEARTBEAT"], rows) if rows else ["  none"]
+    lines += [f"  {n['id']}: over-committed: {n['overcommitted']}" for n in nodes if n.get("overcommitted")]
     deployments = snap["deployments"]
     lines += ["", f"DEPLOYMENTS ({len(deployments)})"]
     rows = [[d["name"], d["engine"], f"{d['ready']}/{d['replicas']}", f"{d['min_replicas']}-{d['max_replicas']}",

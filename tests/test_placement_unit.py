@@ -187,6 +187,31 @@ def test_an_attached_server_needs_nothing_from_the_node_but_a_launched_one_needs
     assert next(v for v in verdicts if v.node_id == "bare").reason == f"model file not present on the node: {GGUF}"
 
 
+def _assigned(name: str, gib: float, at: int, device: str = "cpu", gpus: tuple[int, ...] = ()) -> node_pb2.Assignment:
+    a = node_pb2.Assignment(node_id="box", model=spec(name=name), device=device, memory_bytes=int(gib * GiB))
+    a.gpu_indices.extend(gpus)
+    a.assigned_at.FromSeconds(at)
+    return a
+
+
+def test_a_node_that_came_back_with_less_memory_is_over_committed_by_its_last_placed_replicas() -> None:
+    first, second, third = _assigned("first", 2, at=10), _assigned("second", 2, at=20), _assigned("third", 2, at=30)
+    held = [third, first, second]
+    assert placement.overcommitted(node("box", ram_gib=8), held, POLICY) is None  # 6 GiB fits in 8 - 1
+    over = placement.overcommitted(node("box", ram_gib=4), held, POLICY)  # 3 GiB for them: one fits
+    assert over is not None and [a.model.name for a in over.excess] == ["third", "second"]
+    assert over.reason == (
+        "its replicas on the CPU need 6.00 GiB of RAM; it has 3.00 GiB for them (4.00 GiB less the 1.00 GiB"
+        " reserve): more than fits (third, second)"
+    )
+    # A GPU it no longer has, or one smaller than its replicas need.
+    on_gpus = [_assigned("a", 10, 1, "gpu", (0,)), _assigned("b", 10, 2, "gpu", (1,))]
+    assert placement.overcommitted(node("box", gpus=[24, 24]), on_gpus, POLICY) is None
+    over = placement.overcommitted(node("box", gpus=[24]), on_gpus, POLICY)
+    assert over is not None and [a.model.name for a in over.excess] == ["b"]
+    assert "GPUs it no longer has" in over.reason
+
+
 # --- decisions unchanged: a random fleet against a straightforward reference -------------------------
 # placement.py is written for speed (the spec's facts worked out once per decision, few allocations per
 # node, place() keeping only the best); this reference is the same rules written plainly, node by node,

@@ -157,7 +157,7 @@ class Replica(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., error: _Optional[str] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., assigned: _Optional[bool] = ..., device: _Optional[str] = ..., rejected_requests: _Optional[int] = ..., load_progress: _Optional[float] = ..., loading_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., context_size: _Optional[int] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("node_id", "inference_address", "inventory", "replicas", "registered_at", "last_heartbeat_at", "lease_id", "lease_ttl_seconds", "agent_version", "scheduling")
+    __slots__ = ("node_id", "inference_address", "inventory", "replicas", "registered_at", "last_heartbeat_at", "lease_id", "lease_ttl_seconds", "agent_version", "scheduling", "overcommitted")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +168,7 @@ class Node(_message.Message):
     LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SCHEDULING_FIELD_NUMBER: _ClassVar[int]
+    OVERCOMMITTED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     inference_address: str
     inventory: Inventory
@@ -178,7 +179,8 @@ class Node(_message.Message):
     lease_ttl_seconds: int
     agent_version: str
     scheduling: Scheduling
-    def __init__(self, node_id: _Optional[str] = ..., inference_address: _Optional[str] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_id: _Optional[int] = ..., lease_ttl_seconds: _Optional[int] = ..., agent_version: _Optional[str] = ..., scheduling: _Optional[_Union[Scheduling, str]] = ...) -> None: ...
+    overcommitted: str
+    def __init__(self, node_id: _Optional[str] = ..., inference_address: _Optional[str] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_id: _Optional[int] = ..., lease_ttl_seconds: _Optional[int] = ..., agent_version: _Optional[str] = ..., scheduling: _Optional[_Union[Scheduling, str]] = ..., overcommitted: _Optional[str] = ...) -> None: ...
 
 class Deployment(_message.Message):
     __slots__ = ("spec", "min_replicas", "max_replicas", "replicas", "idle_timeout", "cpu_offload_model", "created_at", "continue_on_failure")
