@@ -5,6 +5,10 @@ changes state (loading -> ready), so a model becomes routable as soon as it is l
 alone goes to every control plane over the load streams (load_reports.py), not in a heartbeat, unless the
 control plane this node heartbeats to does not hear those streams (an older version, or a stream being
 opened again: HeartbeatResponse.load_streamed says): then heartbeats carry the load promptly, as before.
+Before every heartbeat the agent lists its model files again (a directory listing and a stat per file), and
+a heartbeat carries them when they changed since the last call that did: weights copied to a running node,
+or removed, reach its record (and placement) within an interval. Every report's free RAM is the host's,
+never more than the RAM the node registered with (an --inventory-override may declare less).
 
 Given several control planes, the agent heartbeats to one at a time (controlplanes.py). A heartbeat's deadline
 is half of what is left of the lease at the least (heartbeat_deadline), and one that gets no answer in time
