@@ -38,6 +38,7 @@ from mesh.auth import AdminGuard, read_admin_token, read_secret_file
 from mesh.catalog import ENGINE_FORMATS, model_name_problem
 from mesh.channels import CHANNEL_OPTIONS
 from mesh.errors import ErrorCode, FleetError, invalid, required
+from mesh.lifecycle import until_set
 from mesh.redaction import REDACTED, redact_message, redacted_fields, secret_values
 from mesh.tls import TlsFiles, peer_identities, secure_channel
 
@@ -142,6 +143,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         self._quotas = Quotas()
         self._following: asyncio.Task[None] | None = None
         self._own_credential = ""  # the admin token, for writes this control plane forwards on its own behalf
+        self._closing = asyncio.Event()  # set at the stop: the edges' WatchApiKeys streams end (`end_streams`)
         if keys is None or guard is None:
             # Interim, until the server passes them: from FLEETLM_CP_AUTH_SECRET_FILE / _ADMIN_TOKEN_FILE.
             settings = AuthSettings(**{})  # from the environment alone
@@ -175,6 +177,10 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             return await method(request, context)
 
         return unary
+
+    def end_streams(self) -> None:
+        """End the edges' WatchApiKeys streams now (at shutdown: each opens its stream again elsewhere)."""
+        self._closing.set()
 
     async def close(self) -> None:
         if self._following is not None:
@@ -527,7 +533,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     async def WatchApiKeys(
         self, request: admin_pb2.WatchApiKeysRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[admin_pb2.WatchApiKeysResponse]:
-        async for snapshot in self._api_keys().snapshots():
+        async for snapshot in until_set(self._closing, self._api_keys().snapshots()):
             yield snapshot
 
     async def AcquireQuota(

@@ -141,9 +141,8 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     if ca is not None:
         admin.join_tokens, admin.ca_fingerprint = JoinTokens(store), ca.fingerprint
     server = GrpcServer(SERVICE_NAMES + ([JOIN_SERVICE] if join else []))
-    registry_pb2_grpc.add_NodeRegistryServiceServicer_to_server(
-        NodeRegistry(store, fleet, settings.lease_ttl_seconds, tls is not None, identities), server.server
-    )
+    registry = NodeRegistry(store, fleet, settings.lease_ttl_seconds, tls is not None, identities)
+    registry_pb2_grpc.add_NodeRegistryServiceServicer_to_server(registry, server.server)
     join_server = None
     if join is not None:
         identity_pb2_grpc.add_JoinServiceServicer_to_server(join, server.server)  # Renew, over mutual TLS
@@ -189,7 +188,11 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
             # Order: stop deciding and give up the leadership at once (revoking its lease, so that another
             # control plane leads now, not after this one's grace: writes sent here meanwhile are forwarded
             # to it), then stop taking RPCs and drain them, then stop following etcd.
-            publisher.close()  # routing streams never end by themselves: end them so edges move on now
+            # Streams never end by themselves: ended now, so that edges and nodes move on (or come back) at
+            # once and the server's stop does not wait out its grace for them.
+            publisher.close()
+            registry.close()
+            admin.end_streams()
             if join_server is not None:
                 await join_server.stop(0)
             for task in (loading, settling, reconciling):

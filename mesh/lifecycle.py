@@ -10,9 +10,11 @@ import random
 import signal
 import socket
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Time from the stop signal to a forced exit, on top of the service's own grace for in-flight work: the
 # orderly shutdown awaits libraries (an etcd client whose server went away at the same moment was seen to
@@ -22,6 +24,29 @@ SHUTDOWN_MARGIN_SECONDS = 30.0
 # Before the end of a service's shutdown grace: the time it leaves itself to end each request still running
 # with its own clear error ("shutting down"), before the gRPC server cuts the calls with none.
 SHUTDOWN_CUT_MARGIN_SECONDS = 1.0
+
+
+async def until_set(event: asyncio.Event, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """`items` until `event` is set, then no more, as if they had run out: a long-lived stream's handler that
+    reads its requests through this returns at its server's stop, so that the server stops at once (the
+    caller opens it again elsewhere) instead of waiting out its grace for a stream that never ends."""
+    stop = asyncio.ensure_future(event.wait())
+    try:
+        while not event.is_set():
+            reading = asyncio.ensure_future(anext(items))
+            done, _ = await asyncio.wait({reading, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if reading not in done:
+                reading.cancel()
+                with contextlib.suppress(BaseException):
+                    await reading
+                return
+            try:
+                item = reading.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        stop.cancel()
 
 
 def cut_after(grace: float) -> float:
