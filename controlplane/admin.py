@@ -119,6 +119,15 @@ def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
     return out
 
 
+def reapplied(deployment: node_pb2.Deployment, existing: node_pb2.Deployment | None) -> node_pb2.Deployment:
+    """`deployment` (validated) as it replaces `existing`: a deployment sent again keeps the replicas it runs
+    now, moved into its new [min_replicas, max_replicas]; only a new one starts at min_replicas. (Re-sending
+    the same DeployModel reset a deployment scaled to 2 to its min of 1 and unloaded a serving replica.)"""
+    if existing is not None:
+        deployment.replicas = min(max(existing.replicas, deployment.min_replicas), deployment.max_replicas)
+    return deployment
+
+
 log = logging.getLogger(__name__)
 
 _RPCS = list(admin_pb2.DESCRIPTOR.services_by_name["AdminService"].methods_by_name)
@@ -395,6 +404,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         # Dry run first: a deployment that fits nowhere is refused with every node's reason. A change to a
         # deployment is judged without its own replicas, which the new ones replace.
         placement.place(deployment.spec, self._reconciler.snapshots(without=name), self._reconciler.policy)
+        deployment = reapplied(deployment, self._fleet.deployments.get(name))
         async with self._leading():
             await self._reconciler.save_deployment(deployment)
             await self._reconciler.reconcile()

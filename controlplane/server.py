@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 
 from controlplane import metrics
-from controlplane.admin import Admin, validate_deployment
+from controlplane.admin import Admin, reapplied, validate_deployment
 from controlplane.api_keys import AuthSettings
 from controlplane.etcd_store import EtcdStore
 from controlplane.fleet import FleetView
@@ -82,7 +82,7 @@ async def _load_deployments(path: str, fleet: FleetView, reconciler: Reconciler)
                 path,
             )
             continue
-        await reconciler.save_deployment(deployment)
+        await reconciler.save_deployment(reapplied(deployment, existing))
         log.info("deployment %s loaded from %s", entry.name, path)
 
 

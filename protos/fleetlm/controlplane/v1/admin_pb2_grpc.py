@@ -168,8 +168,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeployModel(self, request, context):
-        """DeployModel creates (or replaces) a deployment and places its min_replicas. Fails with
-        FORMAT_NOT_SUPPORTED or NO_CAPACITY, and every node's reason, when they fit nowhere.
+        """DeployModel creates (or replaces) a deployment and places its min_replicas. A deployment that exists
+        keeps the replicas it runs now (moved into the new min and max): sending the same one again changes
+        nothing. Fails with FORMAT_NOT_SUPPORTED or NO_CAPACITY, and every node's reason, when they fit nowhere.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,85 @@
+"""Deployments as operators change them, on a real fleet: etcd, a control plane given a deployments file
+(`--deployments`), and two node agents with the model's weights in their models directory.
+
+Each test uses names of its own, so the tests stand alone and in any order; one restarts the control plane.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
+from launcher.default_model import default_model_path
+from tests.cluster import Cluster, Proc, smollm_entry, wait_for, write_catalog
+
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
+
+TTL = 3
+MODEL_PATH = str(default_model_path())
+FILE_MODEL = "smol-b"  # the deployments file's one entry
+
+
+@dataclass
+class Fleet:
+    cluster: Cluster
+    controlplane: Proc
+    deployments_file: Path
+    admin: admin_pb2_grpc.AdminServiceStub
+
+    def deployment(self, name: str, context_size: int = 1024, **fields: Any) -> node_pb2.Deployment:
+        spec = node_pb2.ModelSpec(name=name, path=MODEL_PATH, format="gguf", context_size=context_size)
+        return node_pb2.Deployment(spec=spec, **fields)
+
+    def deploy(self, deployment: node_pb2.Deployment) -> admin_pb2.DeployModelResponse:
+        return self.admin.DeployModel(admin_pb2.DeployModelRequest(deployment=deployment), timeout=30)
+
+    def deployments(self) -> dict[str, admin_pb2.DeploymentStatus]:
+        listed = self.admin.ListDeployments(admin_pb2.ListDeploymentsRequest(), timeout=5).deployments
+        return {d.deployment.spec.name: d for d in listed}
+
+    def log(self) -> str:
+        return self.controlplane.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    workdir = tmp_path_factory.mktemp("deployments")
+    cluster = Cluster(workdir)
+    models = write_catalog(workdir / "models.yaml", [smollm_entry(FILE_MODEL, context_size=512)])
+    try:
+        cluster.start_etcd()
+        cluster.start_controlplane(TTL, "--deployments", str(models))
+        for node_id in ("big1", "big2"):
+            cluster.start_node(node_id, models_dirs=[str(default_model_path().parent)], threads=1)
+        admin = admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(cluster.controlplane))
+        wait_for(lambda: len(admin.ListNodes(admin_pb2.ListNodesRequest(), timeout=5).nodes) == 2, 60, "2 nodes")
+        yield Fleet(cluster, cluster.procs[1], models, admin)
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.close()
+
+
+def test_sending_the_same_deployment_again_keeps_its_replicas(fleet: Fleet) -> None:
+    deployment = fleet.deployment("smol-a", min_replicas=1, max_replicas=3)
+    assert fleet.deploy(deployment).deployment.replicas == 1  # a new deployment starts at min_replicas
+    scaled = fleet.admin.ScaleDeployment(admin_pb2.ScaleDeploymentRequest(name="smol-a", replicas=2), timeout=30)
+    assert scaled.deployment.replicas == 2
+
+    again = fleet.deploy(deployment)
+    assert again.deployment.replicas == 2, again
+    assert sorted(a.node_id for a in again.assignments) == ["big1", "big2"]
+    assert "removed smol-a" not in fleet.log()
+
+    # A new max below the count: the count is moved into the new bounds.
+    lowered = fleet.deploy(fleet.deployment("smol-a", min_replicas=1, max_replicas=1))
+    assert lowered.deployment.replicas == 1
+    assert len(lowered.assignments) == 1
+    fleet.admin.UndeployModel(admin_pb2.UndeployModelRequest(name="smol-a"), timeout=30)
