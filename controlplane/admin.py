@@ -436,8 +436,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         if (forwarded := await self._forward("UndeployModel", request, context)) is not None:
             return forwarded  # type: ignore[no-any-return]
         async with self._leading():
-            await self._store.delete("deployment", request.name, fence=self._reconciler.fence())
-            self._fleet.deployments.pop(request.name, None)
+            await self._reconciler.remove_deployment(request.name)
             await self._reconciler.reconcile()
         return self._shown(admin_pb2.UndeployModelResponse())
 

@@ -180,8 +180,23 @@ class Reconciler:
         log.info("removed %s from %s: %s", assignment.model.name, assignment.node_id, why)
 
     async def save_deployment(self, deployment: node_pb2.Deployment) -> None:
+        name = deployment.spec.name
         await self._store.put("deployment", deployment, fence=self.fence())
-        self._fleet.deployments[deployment.spec.name] = deployment
+        self._fleet.deployments[name] = deployment
+        if name in self._fleet.records["undeployed"]:  # deployed again: an undeploy no longer stands
+            await self._store.delete("undeployed", name, fence=self.fence())
+            self._fleet.records["undeployed"].pop(name, None)
+
+    async def remove_deployment(self, name: str) -> None:
+        """Undeploy: the deployment goes, and a record of it stays (`undeployed/{name}`), so that a
+        deployments file whose entry for it has not changed since does not bring it back at the next start."""
+        deployment = self._fleet.deployments.get(name)
+        if deployment is not None:  # written first: a deployment that outlives it is only undeployed again
+            record = node_pb2.UndeployedDeployment(deployment=deployment, undeployed_at=_now())
+            await self._store.put("undeployed", record, fence=self.fence())
+            self._fleet.records["undeployed"][name] = record
+        await self._store.delete("deployment", name, fence=self.fence())
+        self._fleet.deployments.pop(name, None)
 
     # --- the pass -------------------------------------------------------------------------------------
 

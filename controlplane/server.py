@@ -33,6 +33,7 @@ from fleetlm.controlplane.v1 import (
     admin_pb2_grpc,
     identity_pb2,
     identity_pb2_grpc,
+    node_pb2,
     registry_pb2,
     registry_pb2_grpc,
     routing_pb2,
@@ -62,15 +63,38 @@ class FleetAdmin(JoinTokenAdmin, Admin):
     """AdminService: the control plane's Admin with the join-token RPCs."""
 
 
+def _as_entry(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
+    """What a deployments file's entry says of a deployment: not its replicas now, nor when it was written."""
+    out = node_pb2.Deployment()
+    out.CopyFrom(deployment)
+    out.ClearField("replicas")
+    out.ClearField("created_at")
+    return out
+
+
 async def _load_deployments(path: str, fleet: FleetView, reconciler: Reconciler) -> None:
     """The file's deployments, where they are newer than what etcd holds. A deployment an operator changed
     (DeployModel) after the file was last written keeps the operator's spec: the file is applied by whichever
     control plane leads first, and a control plane that comes to lead later, with the same old file, must not
-    undo a change made since (it did, and moved every replica for it). A file edited since is applied."""
+    undo a change made since (it did, and moved every replica for it). A file edited since is applied.
+    A deployment an operator removed (UndeployModel) stays removed until the file's entry for it changes (a
+    restart with the same file re-created it)."""
     written_at = await asyncio.to_thread(os.path.getmtime, path)
     for entry in load_catalog(Path(path)):
         deployment = validate_deployment(entry.deployment())
         existing = fleet.deployments.get(entry.name)
+        removed = fleet.records["undeployed"].get(entry.name)
+        if existing is None and removed is not None:
+            unchanged = _as_entry(removed.deployment) == _as_entry(deployment)
+            if unchanged or removed.undeployed_at.ToNanoseconds() / 1e9 > written_at:
+                log.info(
+                    "deployment %s was undeployed (UndeployModel) at %s, and %s has not changed it since: kept"
+                    " undeployed (change its entry, or use DeployModel, to deploy it again)",
+                    entry.name,
+                    removed.undeployed_at.ToJsonString(),
+                    path,
+                )
+                continue
         if existing is not None and existing.spec == deployment.spec:
             continue  # keep the replica count it has now
         if existing is not None and existing.created_at.ToNanoseconds() / 1e9 > written_at:

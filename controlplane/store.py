@@ -4,6 +4,8 @@ Records, by kind (etcd key under the prefix):
   node         nodes/{node_id}                 Node, bound to the node's lease: gone when it stops heartbeating
   model        models/{name}                   ModelSpec a node declared in its own catalog
   deployment   deployments/{name}              Deployment: desired state an operator asked for
+  undeployed   undeployed/{name}               UndeployedDeployment: one an operator removed, which a
+                                               deployments file's unchanged entry must not bring back
   assignment   assignments/{node_id}/{model}   Assignment: a replica the control plane placed on a node
   scheduling   scheduling/{node_id}            SchedulingRecord: cordoned or draining (survives restarts)
 
@@ -28,6 +30,7 @@ KINDS: dict[str, type[Message]] = {
     "node": node_pb2.Node,
     "model": node_pb2.ModelSpec,
     "deployment": node_pb2.Deployment,
+    "undeployed": node_pb2.UndeployedDeployment,
     "assignment": node_pb2.Assignment,
     "scheduling": node_pb2.Node,  # only node_id and scheduling are set
 }
@@ -35,6 +38,7 @@ PREFIXES = {
     "node": "nodes",
     "model": "models",
     "deployment": "deployments",
+    "undeployed": "undeployed",
     "assignment": "assignments",
     "scheduling": "scheduling",
 }
@@ -48,6 +52,8 @@ def record_key(kind: str, message: Message) -> str:
         return str(message.name)  # type: ignore[attr-defined]
     if kind == "deployment":
         return str(message.spec.name)  # type: ignore[attr-defined]
+    if kind == "undeployed":
+        return str(message.deployment.spec.name)  # type: ignore[attr-defined]
     if kind == "assignment":
         return f"{message.node_id}/{message.model.name}"  # type: ignore[attr-defined]
     raise ValueError(kind)

@@ -83,3 +83,25 @@ def test_sending_the_same_deployment_again_keeps_its_replicas(fleet: Fleet) -> N
     assert lowered.deployment.replicas == 1
     assert len(lowered.assignments) == 1
     fleet.admin.UndeployModel(admin_pb2.UndeployModelRequest(name="smol-a"), timeout=30)
+
+
+def _restarted(fleet: Fleet, logged: str) -> str:
+    """Restart the control plane (same flags, same file); its log from then on, once it says `logged`."""
+    start = len(fleet.log())
+    fleet.controlplane = fleet.cluster.restart(fleet.controlplane)
+    return wait_for(lambda: logged in fleet.log()[start:] and fleet.log()[start:], 60, f"'{logged}' logged")  # type: ignore[no-any-return]
+
+
+def test_an_undeploy_of_a_file_deployment_outlives_a_restart_until_its_entry_changes(fleet: Fleet) -> None:
+    wait_for(lambda: FILE_MODEL in fleet.deployments(), 30, f"{FILE_MODEL} from the file")
+    fleet.admin.UndeployModel(admin_pb2.UndeployModelRequest(name=FILE_MODEL), timeout=30)
+
+    # The same file, unchanged (before the fix: "deployment smol-b loaded from models.yaml", and it was back).
+    logged = _restarted(fleet, f"deployment {FILE_MODEL} ")
+    assert "kept undeployed" in logged, logged
+    assert FILE_MODEL not in fleet.deployments()
+
+    # The file's entry for it changes: the file deploys it again.
+    write_catalog(fleet.deployments_file, [smollm_entry(FILE_MODEL, context_size=768)])
+    logged = _restarted(fleet, f"deployment {FILE_MODEL} loaded from")
+    assert fleet.deployments()[FILE_MODEL].deployment.spec.context_size == 768

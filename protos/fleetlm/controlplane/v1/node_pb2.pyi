@@ -202,6 +202,14 @@ class Deployment(_message.Message):
     continue_on_failure: bool
     def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., replicas: _Optional[int] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cpu_offload_model: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., continue_on_failure: _Optional[bool] = ...) -> None: ...
 
+class UndeployedDeployment(_message.Message):
+    __slots__ = ("deployment", "undeployed_at")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    UNDEPLOYED_AT_FIELD_NUMBER: _ClassVar[int]
+    deployment: Deployment
+    undeployed_at: _timestamp_pb2.Timestamp
+    def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., undeployed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class Assignment(_message.Message):
     __slots__ = ("node_id", "model", "device", "gpu_indices", "memory_bytes", "assigned_at")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
