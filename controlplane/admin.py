@@ -119,6 +119,15 @@ def validate_deployment(deployment: node_pb2.Deployment) -> node_pb2.Deployment:
     return out
 
 
+def _differences(pinned: node_pb2.ModelSpec, spec: node_pb2.ModelSpec) -> str:
+    """How a model a node pins would answer otherwise than a deployment's replicas (`spec` validated):
+    other weights, another engine or another context. Empty when it answers alike."""
+    theirs = (pinned.path, pinned.format, placement.engine_of(pinned), pinned.context_size or 2048)
+    ours = (spec.path, spec.format, spec.engine, spec.context_size)
+    fields = ("path", "format", "engine", "context_size")
+    return ", ".join(f"{f} {a}, not {b}" for f, a, b in zip(fields, theirs, ours, strict=True) if a != b)
+
+
 def reapplied(deployment: node_pb2.Deployment, existing: node_pb2.Deployment | None) -> node_pb2.Deployment:
     """`deployment` (validated) as it replaces `existing`: a deployment sent again keeps the replicas it runs
     now, moved into its new [min_replicas, max_replicas]; only a new one starts at min_replicas. (Re-sending
@@ -293,10 +302,14 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             raise FleetError(ErrorCode.NODE_NOT_FOUND, f"node '{node_id}' is not registered", param="node_id")
         return node
 
-    def _pinned(self, name: str) -> list[tuple[str, str]]:
-        """(node id, weights path) of every live node whose own catalog (--catalog) pins a model `name`."""
-        return sorted((n.node_id, r.model.path) for n in self._fleet.nodes.values() for r in n.replicas
-                      if r.model.name == name and not r.assigned)  # fmt: skip
+    def _pinned(self, name: str) -> list[tuple[str, node_pb2.ModelSpec]]:
+        """(node id, spec) of every live node whose own catalog (--catalog) pins a model `name`."""
+        return sorted(((n.node_id, r.model) for n in self._fleet.nodes.values() for r in n.replicas
+                       if r.model.name == name and not r.assigned), key=lambda pin: pin[0])  # fmt: skip
+
+    def _pinned_by(self, name: str, nodes: list[str]) -> str:
+        """How DeployModel and UndeployModel name the nodes whose own catalog pins `name`."""
+        return f"'{name}' is pinned by the catalog of node {', '.join(nodes)} (--catalog)"
 
     def _deployment(self, name: str) -> node_pb2.Deployment:
         required(name, "name")
@@ -373,10 +386,11 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListModelsResponse:
         nodes = {n.node_id: n for n in await self._store.list("node")}
         specs = {m.name: m for m in await self._store.list("model")}
-        specs.update({d.spec.name: d.spec for d in await self._store.list("deployment")})
+        deployed = {d.spec.name: d.spec for d in await self._store.list("deployment")}
+        specs.update(deployed)
         statuses = []
-        for info in routing.model_infos(nodes, specs):
-            candidates = routing.candidates_for(nodes.values(), info.name)
+        for info in routing.model_infos(nodes, specs, deployed):
+            candidates = routing.candidates_for(nodes.values(), info.name, deployed)
             spec = specs.get(info.name) or candidates[0].replica.model
             replicas = [
                 admin_pb2.ModelReplica(node_id=c.node.node_id, state=c.replica.state, error=c.replica.error)
@@ -393,13 +407,16 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             return forwarded  # type: ignore[no-any-return]
         name = deployment.spec.name
         # A node that pins a model of this name from its own catalog serves it as that name: with other
-        # weights, its replica would answer for the deployment (the edge routes by name).
-        pinned = [f"{node_id} ({path})" for node_id, path in self._pinned(name) if path != deployment.spec.path]
-        if pinned:
+        # weights or another context, clients of the deployment would get either (the edge routes by name;
+        # a pinned replica of a deployment's name is left out of the routes, routing.routed, but it was
+        # routed before the deployment was made, and is again once the deployment goes).
+        differing = [(node_id, d) for node_id, pin in self._pinned(name) if (d := _differences(pin, deployment.spec))]
+        if differing:
             raise invalid(
                 "deployment.spec.name",
-                f"node {', '.join(pinned)} pins a model named '{name}' from its own catalog, other weights that"
-                " would answer for this deployment; choose another name, or remove it from that catalog",
+                f"{self._pinned_by(name, [node_id for node_id, _ in differing])} with another spec"
+                f" ({differing[0][1]}): one name would stand for two models; remove it from that catalog, or choose"
+                " another name",
             )
         # Dry run first: a deployment that fits nowhere is refused with every node's reason. A change to a
         # deployment is judged without its own replicas, which the new ones replace.
@@ -421,9 +438,7 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
             pinned = [node_id for node_id, _ in self._pinned(request.name)]
             if pinned:
                 raise invalid(
-                    "name",
-                    f"'{request.name}' is pinned by the catalog of node {', '.join(pinned)} (--catalog), not a"
-                    " deployment: remove it from that catalog",
+                    "name", f"{self._pinned_by(request.name, pinned)}, not a deployment: remove it from that catalog"
                 )
             if (forwarded := await self._forward("UndeployModel", request, context)) is not None:
                 return forwarded  # type: ignore[no-any-return]

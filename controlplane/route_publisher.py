@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Container
 
 from controlplane import routing
 from controlplane.fleet import FleetView
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 MAX_BACKLOG = 64  # updates a slow subscriber may have waiting before it is sent a snapshot instead
 
 
-def node_routes(node: node_pb2.Node, draining: bool) -> routing_pb2.NodeRoutes:
+def node_routes(node: node_pb2.Node, draining: bool, deployed: Container[str] = ()) -> routing_pb2.NodeRoutes:
     return routing_pb2.NodeRoutes(
         node_id=node.node_id,
         inference_address=node.inference_address,
@@ -39,7 +39,7 @@ def node_routes(node: node_pb2.Node, draining: bool) -> routing_pb2.NodeRoutes:
                 capacity=routing.capacity(r.model),
                 load_progress=r.load_progress if r.HasField("load_progress") else None,
             )
-            for r in node.replicas
+            for r in routing.routed(node, deployed)
         ],
     )
 
@@ -62,6 +62,7 @@ class RoutePublisher:
         self._wake = asyncio.Event()
         self._models: dict[str, routing_pb2.ModelRoute] = {}
         self._closed = False
+        self._shadowed: set[tuple[str, str]] = set()  # pinned replicas left out of the routes, warned of
         fleet.listeners.append(self._on_change)
         fleet.load_listeners.append(self._on_load)
 
@@ -81,6 +82,10 @@ class RoutePublisher:
             self._models_dirty = True  # a node's report changes its models' ready counts and states
         elif event.kind in ("deployment", "model"):
             self._models_dirty = True
+            if event.kind == "deployment":  # a pinned replica of that name is routed, or no longer is
+                self._dirty_nodes.update(
+                    n.node_id for n in self._fleet.nodes.values() for r in n.replicas if r.model.name == event.key
+                )
         else:
             return
         self._wake.set()
@@ -93,12 +98,30 @@ class RoutePublisher:
     def _draining(self, node_id: str) -> bool:
         return self._fleet.scheduling(node_id) == node_pb2.SCHEDULING_DRAINING
 
+    def _node_routes(self, node: node_pb2.Node) -> routing_pb2.NodeRoutes:
+        return node_routes(node, self._draining(node.node_id), self._fleet.deployments)
+
+    def _warn_shadowed(self) -> None:
+        """Once per node and model: a node's own catalog pins the name of a deployment, and its replica is
+        left out of the routes (routing.routed)."""
+        shadowed = routing.shadowed(self._fleet.nodes.values(), self._fleet.deployments)
+        for node_id, model in sorted(shadowed - self._shadowed):
+            log.warning(
+                "node %s pins a model named '%s' from its own catalog (--catalog), which is also a deployment:"
+                " its replica is not routed; requests for '%s' go to the deployment's replicas (remove it from"
+                " that catalog)",
+                node_id,
+                model,
+                model,
+            )
+        self._shadowed = shadowed
+
     def _model_routes(self) -> dict[str, routing_pb2.ModelRoute]:
         fleet = self._fleet
         specs = dict(fleet.models)
         specs.update({name: d.spec for name, d in fleet.deployments.items()})
         out = {}
-        for info in routing.model_infos(fleet.nodes, specs):
+        for info in routing.model_infos(fleet.nodes, specs, fleet.deployments):
             deployment = fleet.deployments.get(info.name)
             out[info.name] = routing_pb2.ModelRoute(
                 info=info,
@@ -112,7 +135,7 @@ class RoutePublisher:
         """The whole table as it is now."""
         update = routing_pb2.WatchRoutesResponse(
             snapshot=True,
-            nodes=[node_routes(n, self._draining(i)) for i, n in self._fleet.nodes.items()],
+            nodes=[self._node_routes(n) for n in self._fleet.nodes.values()],
             models=list(self._model_routes().values()),
         )
         update.published_at.GetCurrentTime()
@@ -126,7 +149,7 @@ class RoutePublisher:
             if node is None:
                 update.removed_node_ids.append(node_id)
             else:
-                update.nodes.append(node_routes(node, self._draining(node_id)))
+                update.nodes.append(self._node_routes(node))
         if self._models_dirty:
             models = self._model_routes()
             update.models.extend(m for name, m in models.items() if self._models.get(name) != m)
@@ -149,6 +172,8 @@ class RoutePublisher:
             except TimeoutError:
                 pass
             self._wake.clear()
+            if self._everything_dirty or self._models_dirty:
+                self._warn_shadowed()
             if self._everything_dirty:
                 update = self.snapshot()
                 self._models = {m.info.name: m for m in update.models}

@@ -7,7 +7,7 @@ routing tables and `PickReplica` (router.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 
 from fleetlm.controlplane.v1 import node_pb2
@@ -29,8 +29,21 @@ class Candidate:
     replica: node_pb2.Replica
 
 
-def candidates_for(nodes: Iterable[node_pb2.Node], model: str) -> list[Candidate]:
-    return [Candidate(n, r) for n in nodes for r in n.replicas if r.model.name == model]
+def routed(node: node_pb2.Node, deployed: Container[str] = ()) -> list[node_pb2.Replica]:
+    """The replicas of `node` that serve requests for their name: every one but a replica the node's own
+    catalog pins (--catalog) under the name of a deployment. A deployment's name is served by the replicas
+    placed for it alone: a pinned one may have another context or other weights (it did, and a third of the
+    requests failed with its context while /v1/models showed the deployment's)."""
+    return [r for r in node.replicas if r.assigned or r.model.name not in deployed]
+
+
+def shadowed(nodes: Iterable[node_pb2.Node], deployed: Container[str]) -> set[tuple[str, str]]:
+    """(node id, model) of every pinned replica `routed` leaves out."""
+    return {(n.node_id, r.model.name) for n in nodes for r in n.replicas if not r.assigned and r.model.name in deployed}
+
+
+def candidates_for(nodes: Iterable[node_pb2.Node], model: str, deployed: Container[str] = ()) -> list[Candidate]:
+    return [Candidate(n, r) for n in nodes for r in routed(n, deployed) if r.model.name == model]
 
 
 def known_models(nodes: Mapping[str, node_pb2.Node], specs: Iterable[str]) -> set[str]:
@@ -57,12 +70,14 @@ def not_found(model: str, known: Iterable[str]) -> FleetError:
 def model_infos(
     nodes: Mapping[str, node_pb2.Node],
     specs: Mapping[str, node_pb2.ModelSpec],
+    deployed: Container[str] = (),
 ) -> list[inference_pb2.ModelInfo]:
-    """Every known model with its aggregate state across live nodes, sorted by name."""
+    """Every known model with its aggregate state across live nodes (the replicas `routed` keeps, with
+    the names in `deployed`), sorted by name."""
     by_name: dict[str, list[node_pb2.Replica]] = {name: [] for name in specs}
     declared: dict[str, node_pb2.ModelSpec] = dict(specs)
     for node in nodes.values():
-        for replica in node.replicas:
+        for replica in routed(node, deployed):
             by_name.setdefault(replica.model.name, []).append(replica)
             declared.setdefault(replica.model.name, replica.model)
     infos = []

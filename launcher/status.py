@@ -168,6 +168,12 @@ def snapshot(
                 # Replicas of an older spec, during a roll-out of a change (serving until replaced).
                 "outdated": sum(a.model != d.deployment.spec for a in d.assignments),
                 "unplaced_reason": (unplaced or {}).get(d.deployment.spec.name),
+                # Nodes whose own catalog pins this name: their replica is not routed for the deployment.
+                "pinned_by": sorted(
+                    n.node_id
+                    for n in nodes.nodes
+                    if any(r.model.name == d.deployment.spec.name and not r.assigned for r in n.replicas)
+                ),
             }
             for d in deployments.deployments
         ],
@@ -228,6 +234,9 @@ def render(snap: dict[str, Any], width: int) -> list[str]:
             new = d["assigned"] - d["outdated"]
             lines.append(f"  {d['name']}: rolling out a change: {new} of {d['replicas']} replicas placed with the new"
                          f" spec; {d['outdated']} with the old one serve until new ones are ready")  # fmt: skip
+        if d["pinned_by"]:
+            lines.append(f"  {d['name']}: node {', '.join(d['pinned_by'])} pins a model of this name from its own"
+                         " catalog: not routed for the deployment (remove it from that catalog)")  # fmt: skip
         if d["unplaced_reason"]:
             short = d["replicas"] - d["assigned"]
             lines.append(f"  {d['name']}: {short} of {d['replicas']} replicas fit on no node: {d['unplaced_reason']}")

@@ -14,8 +14,9 @@ from typing import Any
 import grpc
 import pytest
 
-from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2, routing_pb2, routing_pb2_grpc
 from launcher.default_model import default_model_path
+from mesh.errors import FleetError
 from tests.cluster import Cluster, Proc, smollm_entry, wait_for, write_catalog
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
@@ -89,6 +90,8 @@ def _restarted(fleet: Fleet, logged: str) -> str:
     """Restart the control plane (same flags, same file); its log from then on, once it says `logged`."""
     start = len(fleet.log())
     fleet.controlplane = fleet.cluster.restart(fleet.controlplane)
+    nodes = lambda: len(fleet.admin.ListNodes(admin_pb2.ListNodesRequest(), timeout=5).nodes) == 2  # noqa: E731
+    wait_for(nodes, 60, "the nodes registered again")
     return wait_for(lambda: logged in fleet.log()[start:] and fleet.log()[start:], 60, f"'{logged}' logged")  # type: ignore[no-any-return]
 
 
@@ -105,3 +108,53 @@ def test_an_undeploy_of_a_file_deployment_outlives_a_restart_until_its_entry_cha
     write_catalog(fleet.deployments_file, [smollm_entry(FILE_MODEL, context_size=768)])
     logged = _restarted(fleet, f"deployment {FILE_MODEL} loaded from")
     assert fleet.deployments()[FILE_MODEL].deployment.spec.context_size == 768
+
+
+def _routes(fleet: Fleet) -> routing_pb2.WatchRoutesResponse:
+    """The routing table the control plane publishes to edges, as a new edge gets it."""
+    with grpc.insecure_channel(fleet.cluster.controlplane) as channel:
+        stream = routing_pb2_grpc.RoutingServiceStub(channel).WatchRoutes(routing_pb2.WatchRoutesRequest(), timeout=10)
+        snapshot = next(stream)
+        stream.cancel()
+    return snapshot  # type: ignore[no-any-return]
+
+
+def test_a_model_a_node_pins_under_a_deployments_name_is_not_routed_for_it(fleet: Fleet) -> None:
+    name = "smol-pin"
+    deployment = fleet.deployment(name, context_size=1024, min_replicas=1, max_replicas=1)
+    placed = fleet.deploy(deployment).assignments
+    assert [a.node_id for a in placed] != ["pinner"]
+    # A node whose own catalog pins the same name with a smaller context registers afterwards.
+    proc, _ = fleet.cluster.start_node("pinner", [smollm_entry(name, context_size=256)], threads=1)
+    try:
+
+        def pinned_ready() -> bool:
+            node = fleet.admin.GetNode(admin_pb2.GetNodeRequest(node_id="pinner"), timeout=5).node
+            return any(r.model.name == name and r.state == node_pb2.REPLICA_STATE_READY for r in node.replicas)
+
+        wait_for(pinned_ready, 60, "the pinned replica ready")
+        wait_for(lambda: fleet.deployments()[name].replicas[0].state == node_pb2.REPLICA_STATE_READY, 60, "placed")
+
+        # Only the deployment's replica is routed under its name, and the name shows the deployment's context
+        # (before the fix: the pinned one was routed too, and 3 of 8 requests failed with its context of 256).
+        routes = _routes(fleet)
+        routed = {n.node_id: [r.model for r in n.replicas] for n in routes.nodes}
+        assert name not in routed["pinner"]
+        assert [node_id for node_id, models in routed.items() if name in models] == [placed[0].node_id]
+        info = next(m.info for m in routes.models if m.info.name == name)
+        assert (info.context_size, info.ready_replicas) == (1024, 1)
+        listed = fleet.admin.ListModels(admin_pb2.ListModelsRequest(), timeout=5).models
+        assert [r.node_id for m in listed if m.spec.name == name for r in m.replicas] == [placed[0].node_id]
+        warning = f"node pinner pins a model named '{name}'"
+        wait_for(lambda: warning in fleet.log(), 10, "the warning")
+        assert fleet.log().count(warning) == 1  # said once, not at every report
+
+        # A deployment of a name a live node pins with another spec is refused, naming the node.
+        with pytest.raises(grpc.RpcError) as refused:
+            fleet.deploy(deployment)
+        error = FleetError.from_rpc_error(refused.value)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "node pinner" in error.message and "context_size 256, not 1024" in error.message, error.message
+    finally:
+        proc.stop()
+        fleet.admin.UndeployModel(admin_pb2.UndeployModelRequest(name=name), timeout=30)

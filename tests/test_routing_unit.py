@@ -5,6 +5,7 @@ on a real etcd, test_route_feed.py the table on a real control plane)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -230,3 +231,31 @@ def test_a_models_context_is_what_its_ready_replicas_engine_reports_else_the_dep
     assert routing.model_infos(nodes, {"served": spec})[0].context_size == 2048
     nodes["b"] = node_pb2.Node(node_id="b", replicas=[ready])
     assert routing.model_infos(nodes, {"served": spec})[0].context_size == 3072
+
+
+def test_a_replica_a_node_pins_under_a_deployments_name_is_not_routed() -> None:
+    """One name, one model: a node's own catalog's replica of a deployment's name (another context here) is
+    left out of the routes, the listing and the choice; an assigned one, or a pinned one of another name,
+    is routed."""
+    deployed = node_pb2.ModelSpec(name="m", context_size=1024)
+    pinned = node_pb2.ModelSpec(name="m", context_size=256)
+    nodes = {
+        "a": node_pb2.Node(node_id="a", replicas=[node_pb2.Replica(model=deployed, state=READY, assigned=True)]),
+        "p": node_pb2.Node(
+            node_id="p",
+            replicas=[
+                node_pb2.Replica(model=pinned, state=READY, context_size=256),
+                node_pb2.Replica(model=node_pb2.ModelSpec(name="own"), state=READY),
+            ],
+        ),
+    }
+    deployments = {"m": node_pb2.Deployment(spec=deployed)}
+    assert [r.model for r in node_routes(nodes["p"], False, deployments).replicas] == ["own"]
+    assert [r.model for r in node_routes(nodes["a"], False, deployments).replicas] == ["m"]
+    info = next(i for i in routing.model_infos(nodes, {"m": deployed}, deployments) if i.name == "m")
+    assert (info.ready_replicas, info.context_size) == (1, 1024)
+    assert routing.shadowed(nodes.values(), deployments) == {("p", "m")}
+    fleet = FleetView(None)  # type: ignore[arg-type]
+    fleet.records["node"], fleet.records["deployment"] = nodes, deployments
+    router = Router(fleet, None, scale_from_zero=lambda name: asyncio.sleep(0))  # type: ignore[arg-type]
+    assert [r.node_id for r in router.replicas("m")] == ["a"]

@@ -311,6 +311,26 @@ def test_the_view_says_a_deployment_is_rolling_out_a_change() -> None:
     assert not [line for line in render(done, 200) if "rolling out" in line]
 
 
+def test_the_view_says_a_node_pins_a_deployments_name() -> None:
+    spec = node_pb2.ModelSpec(name="m", engine="llamacpp", context_size=1024)
+    pinned = node_pb2.ModelSpec(name="m", engine="llamacpp", context_size=256)
+    nodes = admin_pb2.ListNodesResponse(nodes=[
+        node_pb2.Node(node_id="a", replicas=[node_pb2.Replica(model=spec, assigned=True)]),
+        node_pb2.Node(node_id="pinner", replicas=[node_pb2.Replica(model=pinned, assigned=False)]),
+    ])  # fmt: skip
+    status = admin_pb2.DeploymentStatus(deployment=node_pb2.Deployment(spec=spec, replicas=1))
+    from launcher.status import snapshot
+
+    snap = snapshot("cp:1", nodes, admin_pb2.ListDeploymentsResponse(deployments=[status]),
+                    admin_pb2.GetLeaderResponse(), time.time())  # fmt: skip
+    assert snap["deployments"][0]["pinned_by"] == ["pinner"]
+    said = [line.strip() for line in render(snap, 200) if "pins" in line]
+    assert said == [
+        "m: node pinner pins a model of this name from its own catalog: not routed for the deployment (remove it"
+        " from that catalog)"
+    ]
+
+
 def test_the_view_shows_load_progress_and_errors() -> None:
     # Formatting only: a loading replica with and without a fraction, and a failed one.
     def replica(model: str, **fields: object) -> node_pb2.Replica:
