@@ -47,6 +47,8 @@ def _outcome(access: access_log.Access, context: grpc.aio.ServicerContext) -> It
         yield
     except FleetError as error:
         access.status, access.error = error.http_status, str(error.code)
+        if error.code == ErrorCode.CANCELLED and deadline_passed(context):  # the node's call ended with it
+            access.status, access.error = 504, grpc.StatusCode.DEADLINE_EXCEEDED.name
         raise
     except (asyncio.CancelledError, GeneratorExit, grpc.aio.AbortError) as exc:
         # The caller went away: the call is cancelled, or (cancelled while its handler waited at a `yield`)

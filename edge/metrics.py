@@ -381,6 +381,8 @@ class _CountedServicer:
     def _close(self, call: Call, error: BaseException | None, context: grpc.aio.ServicerContext) -> None:
         if isinstance(error, FleetError):
             call.status, call.code = error.grpc_code.name, call.code or error.code.value
+            if error.code == ErrorCode.CANCELLED and deadline_passed(context):  # what the client heard
+                call.status = grpc.StatusCode.DEADLINE_EXCEEDED.name
         elif error is None:
             call.status = grpc.StatusCode.OK.name
         elif isinstance(error, (GeneratorExit, asyncio.CancelledError)):
