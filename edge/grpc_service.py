@@ -25,7 +25,7 @@ from edge.openai_protocol import FINISH_REASONS
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
 from mesh import request_context, tracing
 from mesh.errors import ErrorCode, FleetError
-from mesh.grpc_server import deadline_passed
+from mesh.grpc_server import ended_by_deadline
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +45,17 @@ def _outcome(access: access_log.Access, context: grpc.aio.ServicerContext) -> It
     client cancelled is 499 CANCELLED, one whose deadline passed 504 DEADLINE_EXCEEDED."""
     try:
         yield
-    except FleetError as error:
-        access.status, access.error = error.http_status, str(error.code)
-        if error.code == ErrorCode.CANCELLED and deadline_passed(context):  # the node's call ended with it
-            access.status, access.error = 504, grpc.StatusCode.DEADLINE_EXCEEDED.name
-        raise
-    except (asyncio.CancelledError, GeneratorExit, grpc.aio.AbortError) as exc:
+    except (FleetError, asyncio.CancelledError, GeneratorExit) as exc:
         # The caller went away: the call is cancelled, or (cancelled while its handler waited at a `yield`)
-        # closed by grpc.aio from a task of its own.
-        if isinstance(exc, grpc.aio.AbortError):
-            pass
-        elif deadline_passed(context):
+        # closed by grpc.aio from a task of its own; or its deadline passed.
+        if ended_by_deadline(exc, context):
             access.status, access.error = 504, grpc.StatusCode.DEADLINE_EXCEEDED.name
+        elif isinstance(exc, FleetError):
+            access.status, access.error = exc.http_status, str(exc.code)
         else:
             access.status, access.error = 499, str(ErrorCode.CANCELLED)
+        raise
+    except grpc.aio.AbortError:
         raise
     except BaseException:
         access.status, access.error = 500, str(ErrorCode.INTERNAL)

@@ -55,7 +55,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mesh.errors import ErrorCode, FleetError, vocabulary_code
-from mesh.grpc_server import deadline_passed
+from mesh.grpc_server import ended_by_deadline
 from mesh.metrics import E2E_BUCKETS, ITL_BUCKETS, PREFIX, TTFT_BUCKETS, new_registry
 
 if TYPE_CHECKING:
@@ -381,18 +381,15 @@ class _CountedServicer:
     def _close(self, call: Call, error: BaseException | None, context: grpc.aio.ServicerContext) -> None:
         if isinstance(error, FleetError):
             call.status, call.code = error.grpc_code.name, call.code or error.code.value
-            if error.code == ErrorCode.CANCELLED and deadline_passed(context):  # what the client heard
-                call.status = grpc.StatusCode.DEADLINE_EXCEEDED.name
         elif error is None:
             call.status = grpc.StatusCode.OK.name
         elif isinstance(error, (GeneratorExit, asyncio.CancelledError)):
-            # the client cancelled (or went away): counted as over HTTP, with the code CANCELLED; the status
-            # is what the client heard, DEADLINE_EXCEEDED when it was its deadline that ended the call
-            passed = deadline_passed(context)
-            call.status = (grpc.StatusCode.DEADLINE_EXCEEDED if passed else grpc.StatusCode.CANCELLED).name
-            call.code = ErrorCode.CANCELLED.value
+            # the client cancelled (or went away): counted as over HTTP, with the code CANCELLED
+            call.status, call.code = grpc.StatusCode.CANCELLED.name, ErrorCode.CANCELLED.value
         else:
             call.status = grpc.StatusCode.INTERNAL.name
+        if error is not None and ended_by_deadline(error, context):  # the status is what the client heard
+            call.status = grpc.StatusCode.DEADLINE_EXCEEDED.name
         self._metrics.finish(call)
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:

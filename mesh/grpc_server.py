@@ -9,6 +9,7 @@ engines and stores only after that, so no call runs against a closed backend.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import socket
@@ -25,11 +26,15 @@ from mesh.errors import ErrorCode, FleetError
 log = logging.getLogger(__name__)
 
 
-def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
-    """Whether the call's own deadline has passed: grpc ends such a call as it ends a cancelled one, but its
-    client hears DEADLINE_EXCEEDED, and it is counted and logged so."""
+def ended_by_deadline(error: BaseException, context: grpc.aio.ServicerContext) -> bool:
+    """Whether a call that ended with `error` was ended by its own deadline: grpc cancelled its handler, or
+    the edge's call to the node ended with the client's deadline (CANCELLED), and the deadline has passed. Its
+    client hears DEADLINE_EXCEEDED, and it is logged and counted so (the access log, the metrics)."""
+    cancelled = isinstance(error, asyncio.CancelledError | GeneratorExit) or (
+        isinstance(error, FleetError) and error.code == ErrorCode.CANCELLED
+    )
     remaining = context.time_remaining()
-    return remaining is not None and remaining <= 0
+    return cancelled and remaining is not None and remaining <= 0
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: FleetError) -> None:
