@@ -54,13 +54,15 @@ _COUNTED = (PLACEMENT_SECONDS, PLACEMENT_FAILURES, RECONCILE_PASSES, ETCD_SECOND
 @contextlib.contextmanager
 def etcd_call(op: str, refused: type[BaseException] | None = None) -> Iterator[None]:
     """Time one etcd call; an exception counts as an error of `op` (but `refused`: a fenced transaction that
-    etcd answered, which is not etcd failing)."""
+    etcd answered, which is not etcd failing). `op`'s error count is exported from its first call, at 0, so
+    that a rate over it sees its first error too (Prometheus takes a new series' first sample as its start)."""
+    errors = ETCD_ERRORS.labels(op)
     started = time.perf_counter()
     try:
         yield
     except BaseException as exc:
         if refused is None or not isinstance(exc, refused):
-            ETCD_ERRORS.labels(op).inc()
+            errors.inc()
         raise
     finally:
         ETCD_SECONDS.labels(op).observe(time.perf_counter() - started)

@@ -96,8 +96,9 @@ def _lone_surrogate(value: Any, loc: tuple[Any, ...] = ()) -> tuple[Any, ...] | 
     return None
 
 
-def parse_body(raw: bytes, model: type[M]) -> M:
-    """A JSON request body as `model`, or a 400 naming the offending field."""
+def parse_body(raw: bytes, model: type[M], gateway: Gateway | None = None) -> M:
+    """A JSON request body as `model`, or a 400 naming the offending field. With the `gateway`, a body that
+    names a model is logged and counted under it even when the rest of it is refused (as over gRPC)."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -107,6 +108,8 @@ def parse_body(raw: bytes, model: type[M]) -> M:
     if not isinstance(data, dict):
         raise FleetError(ErrorCode.INVALID_REQUEST, "the request body must be a JSON object")
     require_model(data.get("model"))  # first, as over gRPC: a request without a model is MODEL_REQUIRED
+    if gateway is not None and isinstance(data["model"], str):
+        _name_model(gateway, data["model"])
     try:
         # A surrogate can only come escaped (the body decoded as UTF-8): look only when an escape of one is there.
         if (b"\\ud" in raw or b"\\uD" in raw) and (where := _lone_surrogate(data)) is not None:
@@ -320,11 +323,10 @@ class GenerationRoutes:
     async def _admit(self, model: str, operation: str) -> None:
         """What every generation route does before it generates: the access line's model and operation,
         and the API key's admission."""
+        _name_model(self._gateway, model)  # a key's 429 below is counted under the model (edge.metrics)
         access = access_log.current()
         if access is not None:
-            access.model = model
             access.operation = operation
-        self._gateway.counting(model)  # a key's 429 below is counted under the model (edge.metrics)
         await auth.admit_model(model)  # the key's model and limits (edge.auth); no-op with keys off
 
     async def _respond(self, receive: Receive, send: Send, request_id: str) -> None:
@@ -332,7 +334,7 @@ class GenerationRoutes:
         raw = await _body(receive)
         if raw is None:
             return
-        body = parse_body(raw, ResponsesRequest)
+        body = parse_body(raw, ResponsesRequest, self._gateway)
         proto = body.to_proto(request_id)
         if not body.stream:
             proto.delivery = inference_pb2.TEXT_DELIVERY_WHOLE
@@ -384,9 +386,11 @@ class GenerationRoutes:
         raw = await _body(receive)
         if raw is None:
             return
-        body: ChatCompletionRequest | CompletionRequest = (
-            parse_body(raw, ChatCompletionRequest) if chat else parse_body(raw, CompletionRequest)
-        )
+        body: ChatCompletionRequest | CompletionRequest
+        if chat:
+            body = parse_body(raw, ChatCompletionRequest, self._gateway)
+        else:
+            body = parse_body(raw, CompletionRequest, self._gateway)
         # The same id reaches the node (GenerateRequest.request_id); several prompts are a request each.
         protos = body.to_protos(request_id) if isinstance(body, CompletionRequest) else [body.to_proto(request_id)]
         proto = protos[0]
@@ -549,13 +553,11 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None, cors_origins:
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Any:
-        body = parse_body(await request.body(), EmbeddingRequest)
+        body = parse_body(await request.body(), EmbeddingRequest, gateway)
         proto = body.to_proto()
-        access = access_log.current()
-        if access is not None:
-            access.model = proto.model
-        gateway.counting(proto.model)
+        _name_model(gateway, proto.model)
         await auth.admit_model(proto.model)
+        access = access_log.current()
         request_id = request_context.REQUEST_ID.get()
         response = await until_disconnect(request.receive, gateway.embed(proto, request_id=request_id))
         if access is not None:
@@ -566,7 +568,7 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None, cors_origins:
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Any:
         """vLLM's and SGLang's /tokenize (edge.tokenize_protocol)."""
-        proto = parse_body(await request.body(), TokenizeBody).to_proto()
+        proto = parse_body(await request.body(), TokenizeBody, gateway).to_proto()
         await _admit_unmetered(gateway, proto.model)
         call = gateway.tokenize(proto, request_id=request_context.REQUEST_ID.get())
         try:
@@ -577,7 +579,7 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None, cors_origins:
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Any:
         """vLLM's and SGLang's /detokenize (edge.tokenize_protocol)."""
-        proto = parse_body(await request.body(), DetokenizeBody).to_proto()
+        proto = parse_body(await request.body(), DetokenizeBody, gateway).to_proto()
         await _admit_unmetered(gateway, proto.model)
         call = gateway.detokenize(proto, request_id=request_context.REQUEST_ID.get())
         try:
@@ -695,11 +697,17 @@ class RequestIds:
 async def _admit_unmetered(gateway: Gateway, model: str) -> None:
     """A request about a model that generates nothing: the key's model and request limits apply, no tokens
     are charged (as gRPC's Tokenize)."""
+    _name_model(gateway, model)
+    await auth.admit_model(model)
+
+
+def _name_model(gateway: Gateway, model: str) -> None:
+    """The request is for `model`: its access line says so, and its metrics count under it (a model the fleet
+    serves: edge.gateway.counting)."""
     access = access_log.current()
     if access is not None:
         access.model = model
     gateway.counting(model)
-    await auth.admit_model(model)
 
 
 async def _visible(gateway: Gateway) -> list[inference_pb2.ModelInfo]:

@@ -254,6 +254,8 @@ def test_edge_counts_429s_and_errors_with_their_codes(fleet: Fleet) -> None:
         client.completions.create(model="no-such-model", prompt="Hi", max_tokens=1)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, temperature=5)
+    with pytest.raises(openai.BadRequestError):  # a bad body for a model the fleet does not serve
+        client.completions.create(model="no-such-model", prompt="Hi", max_tokens=1, temperature=5)
     with pytest.raises(openai.AuthenticationError):
         fleet.client("flk-wrong").completions.create(model=MODEL, prompt="Hi", max_tokens=1)
     stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(fleet.grpc))
@@ -274,7 +276,10 @@ def test_edge_counts_429s_and_errors_with_their_codes(fleet: Fleet) -> None:
     assert delta("fleetlm_edge_requests_total", model=MODEL, status="200", code="", **completions) == 1
     not_found = {"status": "404", "code": "MODEL_NOT_FOUND"}
     assert delta("fleetlm_edge_requests_total", model="", **completions, **not_found) == 1
+    # A refused body is counted under the model it names, as over gRPC (where the proto always has one),
+    # if the fleet serves it.
     bad = {"status": "400", "code": "INVALID_REQUEST"}
+    assert delta("fleetlm_edge_requests_total", model=MODEL, **completions, **bad) == 1
     assert delta("fleetlm_edge_requests_total", model="", **completions, **bad) == 1
     assert delta("fleetlm_edge_requests_total", model="", status="401", code="INVALID_API_KEY", **completions) == 1
     unavailable = {"route": "grpc:Generate", "status": "UNAVAILABLE", "code": "MODEL_UNAVAILABLE"}

@@ -71,3 +71,25 @@ def test_inter_token_gaps_are_timed_per_choice() -> None:
         metrics.text(call, index=index)
     assert count(metrics, "time_to_first_token_seconds") == 1
     assert count(metrics, "inter_token_latency_seconds") == 4  # 2 gaps per choice, none between choices
+
+
+def test_an_etcd_operations_error_count_is_exported_from_its_first_call_so_a_rate_sees_its_first_error() -> None:
+    """Prometheus takes a new series' first sample as its start: an error count that appeared only with its
+    first error would hide that error from rate() and the FleetlmEtcdErrors alert."""
+    from controlplane.metrics import ETCD_ERRORS, etcd_call
+
+    def errors(op: str) -> float | None:
+        for metric in ETCD_ERRORS.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and sample.labels == {"op": op}:
+                    return sample.value
+        return None
+
+    op = "test_first_call_op"
+    assert errors(op) is None
+    with etcd_call(op):
+        pass
+    assert errors(op) == 0
+    with pytest.raises(RuntimeError), etcd_call(op):
+        raise RuntimeError("etcd is away")
+    assert errors(op) == 1
