@@ -31,7 +31,7 @@ from controlplane.etcd_store import EtcdStore
 from controlplane.fleet import FleetView
 from controlplane.quota import Quotas
 from controlplane.reconciler import Reconciler
-from controlplane.store import ClusterStore, FencedOut
+from controlplane.store import ClusterStore, FencedOut, record_key
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from mesh import durations
 from mesh.auth import AdminGuard, read_admin_token, read_secret_file
@@ -387,10 +387,11 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
         nodes = {n.node_id: n for n in await self._store.list("node")}
         specs = {m.name: m for m in await self._store.list("model")}
         deployed = {d.spec.name: d.spec for d in await self._store.list("deployment")}
+        assignments = {record_key("assignment", a) for a in await self._store.list("assignment")}
         specs.update(deployed)
         statuses = []
-        for info in routing.model_infos(nodes, specs, deployed):
-            candidates = routing.candidates_for(nodes.values(), info.name, deployed)
+        for info in routing.model_infos(nodes, specs, deployed, assignments):
+            candidates = routing.candidates_for(nodes.values(), info.name, deployed, assignments)
             spec = specs.get(info.name) or candidates[0].replica.model
             replicas = [
                 admin_pb2.ModelReplica(node_id=c.node.node_id, state=c.replica.state, error=c.replica.error)

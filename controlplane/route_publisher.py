@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 MAX_BACKLOG = 64  # updates a slow subscriber may have waiting before it is sent a snapshot instead
 
 
-def node_routes(node: node_pb2.Node, draining: bool, deployed: Container[str] = ()) -> routing_pb2.NodeRoutes:
+def node_routes(
+    node: node_pb2.Node, draining: bool, deployed: Container[str] = (), assignments: Container[str] = ()
+) -> routing_pb2.NodeRoutes:
     return routing_pb2.NodeRoutes(
         node_id=node.node_id,
         inference_address=node.inference_address,
@@ -39,7 +41,7 @@ def node_routes(node: node_pb2.Node, draining: bool, deployed: Container[str] = 
                 capacity=routing.capacity(r.model),
                 load_progress=r.load_progress if r.HasField("load_progress") else None,
             )
-            for r in routing.routed(node, deployed)
+            for r in routing.routed(node, deployed, assignments)
         ],
     )
 
@@ -80,6 +82,9 @@ class RoutePublisher:
         elif event.kind in ("node", "scheduling"):
             self._dirty_nodes.add(event.key)
             self._models_dirty = True  # a node's report changes its models' ready counts and states
+        elif event.kind == "assignment":  # its replica is routed from now on, or no longer (routing.routed)
+            self._dirty_nodes.add(event.key.split("/", 1)[0])
+            self._models_dirty = True
         elif event.kind in ("deployment", "model"):
             self._models_dirty = True
             if event.kind == "deployment":  # a pinned replica of that name is routed, or no longer is
@@ -99,7 +104,7 @@ class RoutePublisher:
         return self._fleet.scheduling(node_id) == node_pb2.SCHEDULING_DRAINING
 
     def _node_routes(self, node: node_pb2.Node) -> routing_pb2.NodeRoutes:
-        return node_routes(node, self._draining(node.node_id), self._fleet.deployments)
+        return node_routes(node, self._draining(node.node_id), self._fleet.deployments, self._fleet.assignments)
 
     def _warn_shadowed(self) -> None:
         """Once per node and model: a node's own catalog pins the name of a deployment, and its replica is
@@ -121,7 +126,7 @@ class RoutePublisher:
         specs = dict(fleet.models)
         specs.update({name: d.spec for name, d in fleet.deployments.items()})
         out = {}
-        for info in routing.model_infos(fleet.nodes, specs, fleet.deployments):
+        for info in routing.model_infos(fleet.nodes, specs, fleet.deployments, fleet.assignments):
             deployment = fleet.deployments.get(info.name)
             out[info.name] = routing_pb2.ModelRoute(
                 info=info,

@@ -67,7 +67,7 @@ class Router:
         fleet = self._fleet
         out = []
         for node_id, node in fleet.nodes.items():
-            for replica in routing.routed(node, fleet.deployments):
+            for replica in routing.routed(node, fleet.deployments, fleet.assignments):
                 if replica.model.name != model:
                     continue
                 out.append(
@@ -98,7 +98,9 @@ class Router:
 
     def served_models(self) -> list[inference_pb2.ModelInfo]:
         """Every model the fleet knows, with its state across live nodes."""
-        return routing.model_infos(self._fleet.nodes, self.known_specs(), self._fleet.deployments)
+        return routing.model_infos(
+            self._fleet.nodes, self.known_specs(), self._fleet.deployments, self._fleet.assignments
+        )
 
     async def route(self, model: str, user: str = "", prefix_hash: str = "", wait_seconds: float = 0.0) -> Route:
         """The replicas for one request, best first. A deployment with no ready replica is scaled from
@@ -132,9 +134,12 @@ class Router:
     def _settled(self, model: str) -> bool:
         """Done waiting when a replica is ready, or when every assigned replica has failed to load (the
         node retries with backoff; the client hears why now instead of at the timeout)."""
-        deployed = self._fleet.deployments
+        fleet = self._fleet
         states = [
-            r.state for n in self._fleet.nodes.values() for r in routing.routed(n, deployed) if r.model.name == model
+            r.state
+            for n in fleet.nodes.values()
+            for r in routing.routed(n, fleet.deployments, fleet.assignments)
+            if r.model.name == model
         ]
         if READY in states:
             return True

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 
+from controlplane.store import assignment_key
 from fleetlm.controlplane.v1 import node_pb2
 from fleetlm.inference.v1 import inference_pb2
 from mesh.catalog import queue_limit, running_limit
@@ -29,12 +30,21 @@ class Candidate:
     replica: node_pb2.Replica
 
 
-def routed(node: node_pb2.Node, deployed: Container[str] = ()) -> list[node_pb2.Replica]:
-    """The replicas of `node` that serve requests for their name: every one but a replica the node's own
-    catalog pins (--catalog) under the name of a deployment. A deployment's name is served by the replicas
-    placed for it alone: a pinned one may have another context or other weights (it did, and a third of the
-    requests failed with its context while /v1/models showed the deployment's)."""
-    return [r for r in node.replicas if r.assigned or r.model.name not in deployed]
+def routed(
+    node: node_pb2.Node, deployed: Container[str] = (), assignments: Container[str] = ()
+) -> list[node_pb2.Replica]:
+    """The replicas of `node` that serve requests for their name: a replica the control plane placed there
+    (in `assignments`, by its key: store.assignment_key), and one the node's own catalog pins (--catalog) under a name
+    that is not a deployment's. A deployment's name is served by the replicas placed for it alone: a pinned
+    one may have another context or other weights (it did, and a third of the requests failed with its
+    context while /v1/models showed the deployment's). A replica the node says was assigned to it counts only
+    while its assignment stands: what a node reports about itself cannot put it in the routes of a model it
+    was never placed for (nor keep it there once its assignment is gone)."""
+    return [
+        r
+        for r in node.replicas
+        if (assignment_key(node.node_id, r.model.name) in assignments if r.assigned else r.model.name not in deployed)
+    ]
 
 
 def shadowed(nodes: Iterable[node_pb2.Node], deployed: Container[str]) -> set[tuple[str, str]]:
@@ -42,8 +52,10 @@ def shadowed(nodes: Iterable[node_pb2.Node], deployed: Container[str]) -> set[tu
     return {(n.node_id, r.model.name) for n in nodes for r in n.replicas if not r.assigned and r.model.name in deployed}
 
 
-def candidates_for(nodes: Iterable[node_pb2.Node], model: str, deployed: Container[str] = ()) -> list[Candidate]:
-    return [Candidate(n, r) for n in nodes for r in routed(n, deployed) if r.model.name == model]
+def candidates_for(
+    nodes: Iterable[node_pb2.Node], model: str, deployed: Container[str] = (), assignments: Container[str] = ()
+) -> list[Candidate]:
+    return [Candidate(n, r) for n in nodes for r in routed(n, deployed, assignments) if r.model.name == model]
 
 
 def known_models(nodes: Mapping[str, node_pb2.Node], specs: Iterable[str]) -> set[str]:
@@ -71,13 +83,14 @@ def model_infos(
     nodes: Mapping[str, node_pb2.Node],
     specs: Mapping[str, node_pb2.ModelSpec],
     deployed: Container[str] = (),
+    assignments: Container[str] = (),
 ) -> list[inference_pb2.ModelInfo]:
     """Every known model with its aggregate state across live nodes (the replicas `routed` keeps, with
-    the names in `deployed`), sorted by name."""
+    the names in `deployed` and the `assignments`), sorted by name."""
     by_name: dict[str, list[node_pb2.Replica]] = {name: [] for name in specs}
     declared: dict[str, node_pb2.ModelSpec] = dict(specs)
     for node in nodes.values():
-        for replica in routed(node, deployed):
+        for replica in routed(node, deployed, assignments):
             by_name.setdefault(replica.model.name, []).append(replica)
             declared.setdefault(replica.model.name, replica.model)
     infos = []

@@ -44,6 +44,11 @@ PREFIXES = {
 }
 
 
+def assignment_key(node_id: str, model: str) -> str:
+    """The key (under assignments/) of a node's assignment of `model`."""
+    return f"{node_id}/{model}"
+
+
 def record_key(kind: str, message: Message) -> str:
     """The key (under the kind's prefix) a record is stored at."""
     if kind in ("node", "scheduling"):
@@ -55,7 +60,7 @@ def record_key(kind: str, message: Message) -> str:
     if kind == "undeployed":
         return str(message.deployment.spec.name)  # type: ignore[attr-defined]
     if kind == "assignment":
-        return f"{message.node_id}/{message.model.name}"  # type: ignore[attr-defined]
+        return assignment_key(message.node_id, message.model.name)  # type: ignore[attr-defined]
     raise ValueError(kind)
 
 

@@ -250,12 +250,41 @@ def test_a_replica_a_node_pins_under_a_deployments_name_is_not_routed() -> None:
         ),
     }
     deployments = {"m": node_pb2.Deployment(spec=deployed)}
-    assert [r.model for r in node_routes(nodes["p"], False, deployments).replicas] == ["own"]
-    assert [r.model for r in node_routes(nodes["a"], False, deployments).replicas] == ["m"]
-    info = next(i for i in routing.model_infos(nodes, {"m": deployed}, deployments) if i.name == "m")
+    assignments = {"a/m": node_pb2.Assignment(node_id="a", model=deployed)}
+    assert [r.model for r in node_routes(nodes["p"], False, deployments, assignments).replicas] == ["own"]
+    assert [r.model for r in node_routes(nodes["a"], False, deployments, assignments).replicas] == ["m"]
+    info = next(i for i in routing.model_infos(nodes, {"m": deployed}, deployments, assignments) if i.name == "m")
     assert (info.ready_replicas, info.context_size) == (1, 1024)
     assert routing.shadowed(nodes.values(), deployments) == {("p", "m")}
     fleet = FleetView(None)  # type: ignore[arg-type]
     fleet.records["node"], fleet.records["deployment"] = nodes, deployments
+    fleet.records["assignment"] = assignments
     router = Router(fleet, None, scale_from_zero=lambda name: asyncio.sleep(0))  # type: ignore[arg-type]
     assert [r.node_id for r in router.replicas("m")] == ["a"]
+
+
+def test_a_replica_a_node_says_was_assigned_is_routed_only_while_the_control_plane_placed_it_there() -> None:
+    """A node's report is its own word: one that says it holds an assigned replica of a deployment it was
+    never placed for (a hijack: it would get that model's prompts) is left out of the routes, the listing
+    and the choice, as is a replica whose assignment is gone (scaled down, undeployed) while the node
+    still serves it."""
+    spec = node_pb2.ModelSpec(name="m")
+    nodes = {
+        node_id: node_pb2.Node(node_id=node_id, replicas=[node_pb2.Replica(model=spec, state=READY, assigned=True)])
+        for node_id in ("placed", "liar")
+    }
+    deployments = {"m": node_pb2.Deployment(spec=spec)}
+    assignments = {"placed/m": node_pb2.Assignment(node_id="placed", model=spec)}
+    assert [r.model for r in node_routes(nodes["placed"], False, deployments, assignments).replicas] == ["m"]
+    assert node_routes(nodes["liar"], False, deployments, assignments).replicas == []
+    info = next(i for i in routing.model_infos(nodes, {"m": spec}, deployments, assignments) if i.name == "m")
+    assert info.ready_replicas == 1
+    assert [c.node.node_id for c in routing.candidates_for(nodes.values(), "m", deployments, assignments)] == ["placed"]
+    fleet = FleetView(None)  # type: ignore[arg-type]
+    fleet.records["node"], fleet.records["deployment"], fleet.records["assignment"] = nodes, deployments, assignments
+    router = Router(fleet, None, scale_from_zero=lambda name: asyncio.sleep(0))  # type: ignore[arg-type]
+    assert [r.node_id for r in router.replicas("m")] == ["placed"]
+    assert [i.ready_replicas for i in router.served_models() if i.name == "m"] == [1]
+    # Once the assignment is gone (the deployment scaled down), the replica the node still serves is not routed.
+    del assignments["placed/m"]
+    assert router.replicas("m") == []
