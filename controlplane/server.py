@@ -41,7 +41,7 @@ from fleetlm.controlplane.v1 import (
 )
 from mesh import logs, tracing
 from mesh import metrics as metrics_port
-from mesh.auth import read_admin_token, read_secret_file
+from mesh.auth import CallerKinds, read_admin_token, read_secret_file
 from mesh.catalog import CatalogError, load_catalog
 from mesh.errors import FleetError
 from mesh.fleet_ca import FleetCA
@@ -51,9 +51,10 @@ from mesh.tls import TlsFiles, keep_ssl_context_current, refuse_exposed_plaintex
 
 log = logging.getLogger(__name__)
 
+ROUTING_SERVICE = routing_pb2.DESCRIPTOR.services_by_name["RoutingService"].full_name
 SERVICE_NAMES = [
     registry_pb2.DESCRIPTOR.services_by_name["NodeRegistryService"].full_name,
-    routing_pb2.DESCRIPTOR.services_by_name["RoutingService"].full_name,
+    ROUTING_SERVICE,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 ]
 JOIN_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["JoinService"].full_name
@@ -164,7 +165,10 @@ async def serve(settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     )
     if ca is not None:
         admin.join_tokens, admin.ca_fingerprint = JoinTokens(store), ca.fingerprint
-    server = GrpcServer(SERVICE_NAMES + ([JOIN_SERVICE] if join else []))
+    # With TLS the routing table (every node's address) goes to edges, operators and control planes, not to
+    # a node's certificate (mesh.auth.CallerKinds).
+    callers = CallerKinds("control plane", {ROUTING_SERVICE: ("edge", "admin", "controlplane")}) if tls else None
+    server = GrpcServer(SERVICE_NAMES + ([JOIN_SERVICE] if join else []), check_caller=callers)
     registry = NodeRegistry(store, fleet, settings.lease_ttl_seconds, tls is not None, identities)
     registry_pb2_grpc.add_NodeRegistryServiceServicer_to_server(registry, server.server)
     join_server = None

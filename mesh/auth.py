@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import grpc
 
 from mesh.errors import ErrorCode, FleetError
 from mesh.fleet_ca import TRUST_DOMAIN
+from mesh.tls import peer_identities
 
 MIN_SECRET_BYTES = 32
 ADMIN_SERVICE = "/fleetlm.controlplane.v1.AdminService/"
@@ -104,6 +105,41 @@ def identity_kinds(identities: Iterable[str]) -> set[str]:
     """The kinds (node, controlplane, edge, admin) of `spiffe://fleetlm/<kind>[/<name>]` identities."""
     prefix = f"spiffe://{TRUST_DOMAIN}/"
     return {i.removeprefix(prefix).split("/", 1)[0] for i in identities if i.startswith(prefix)}
+
+
+class CallerKinds:
+    """Which kinds of fleet certificate may call which gRPC service of a server that requires one (mutual
+    TLS): a check for GrpcServer's `check_caller`. A node serves only edges (and operators): another node's
+    certificate, valid or revoked, is no ticket to inference that skips the edge's API keys and limits; the
+    routing table goes to edges, operators and control planes only. Services it does not name (health,
+    reflection, the registry, which checks the node itself) are left alone."""
+
+    def __init__(self, component: str, allowed: Mapping[str, Iterable[str]]) -> None:
+        self._component = component
+        self._allowed = {service: frozenset(kinds) for service, kinds in allowed.items()}
+        self._kinds_of: dict[bytes, frozenset[str]] = {}  # a peer certificate (PEM) -> its identities' kinds
+
+    def __call__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        service = method.split("/")[1] if method.count("/") >= 2 else ""
+        allowed = self._allowed.get(service)
+        if allowed is None:
+            return
+        pems = context.auth_context().get("x509_pem_cert") or [b""]
+        kinds = self._kinds_of.get(pems[0])
+        if kinds is None:
+            if len(self._kinds_of) >= 256:  # a bounded cache: the fleet's certificates, renewed now and then
+                self._kinds_of.clear()
+            kinds = self._kinds_of[pems[0]] = frozenset(identity_kinds(peer_identities(context)))
+        if kinds & allowed:
+            return
+        holder = (
+            f"the client certificate is {' or '.join(_a(k) for k in sorted(kinds))}'s" if kinds else "no fleet identity"
+        )
+        raise FleetError(
+            ErrorCode.PERMISSION_DENIED,
+            f"{service.rsplit('.', 1)[-1]} on {_a(self._component)} takes calls from"
+            f" {' and '.join(sorted(allowed))} certificates only; {holder}",
+        )
 
 
 def _a(noun: str) -> str:

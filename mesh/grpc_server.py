@@ -71,11 +71,18 @@ def _undecodable(method: str) -> FleetError:
     return FleetError(ErrorCode.INVALID_REQUEST, f"the request to {method} is not a valid protobuf message")
 
 
+# A check of who calls, made before a method's handler runs (with the call's context, which an interceptor
+# does not see otherwise): raises FleetError to refuse the call (mesh.auth.CallerKinds).
+CallerCheck = Callable[[str, grpc.aio.ServicerContext], None]
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps FleetError (and anything unexpected) raised by a servicer to a gRPC status, and a request that
-    does not decode to INVALID_ARGUMENT."""
+    does not decode to INVALID_ARGUMENT. With `check_caller`, every call is checked by it first (its refusal
+    mapped like any other FleetError)."""
 
-    def __init__(self) -> None:
+    def __init__(self, check_caller: CallerCheck | None = None) -> None:
+        self._check_caller = check_caller
         # A method's handler is the same object on every call: it is wrapped once (method -> the handler
         # and its wrapper), not on every call.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -97,29 +104,34 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        check = self._check_caller
         options = {
             "request_deserializer": _lenient(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(method, handler.unary_unary), **options)
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(method, handler.unary_unary, check=check), **options)
         if handler.unary_stream is not None:
             # A streaming handler either yields its replies (an async generator) or writes them with
             # context.write and returns (grpc_health's Watch): each is wrapped as what it is.
             if not inspect.isasyncgenfunction(handler.unary_stream):
-                return grpc.unary_stream_rpc_method_handler(_wrap_writer(method, handler.unary_stream), **options)
-            return grpc.unary_stream_rpc_method_handler(_wrap_stream(method, handler.unary_stream), **options)
+                return grpc.unary_stream_rpc_method_handler(
+                    _wrap_writer(method, handler.unary_stream, check=check), **options
+                )
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, handler.unary_stream, check=check), **options
+            )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, handler.stream_unary, streamed=True), **options
+                _wrap_unary(method, handler.stream_unary, streamed=True, check=check), **options
             )
         if handler.stream_stream is not None:
             if not inspect.isasyncgenfunction(handler.stream_stream):
                 return grpc.stream_stream_rpc_method_handler(
-                    _wrap_writer(method, handler.stream_stream, streamed=True), **options
+                    _wrap_writer(method, handler.stream_stream, streamed=True, check=check), **options
                 )
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(method, handler.stream_stream, streamed=True), **options
+                _wrap_stream(method, handler.stream_stream, streamed=True, check=check), **options
             )
         return handler
 
@@ -132,10 +144,12 @@ async def _checked(method: str, requests: AsyncIterator[Any]) -> AsyncIterator[A
 
 
 def _wrap_unary(
-    method: str, behavior: Callable[..., Awaitable[Any]], streamed: bool = False
+    method: str, behavior: Callable[..., Awaitable[Any]], streamed: bool = False, check: CallerCheck | None = None
 ) -> Callable[..., Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if check is not None:
+                check(method, context)
             if request is _UNDECODABLE:
                 raise _undecodable(method)
             return await behavior(_checked(method, request) if streamed else request, context)
@@ -149,12 +163,16 @@ def _wrap_unary(
     return wrapped
 
 
-def _wrap_writer(method: str, behavior: Callable[..., Any], streamed: bool = False) -> Callable[..., Awaitable[None]]:
+def _wrap_writer(
+    method: str, behavior: Callable[..., Any], streamed: bool = False, check: CallerCheck | None = None
+) -> Callable[..., Awaitable[None]]:
     """A streaming handler that is not an async generator: one that writes with context.write (or returns an
     async iterator, whose replies are written here)."""
 
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> None:
         try:
+            if check is not None:
+                check(method, context)
             if request is _UNDECODABLE:
                 raise _undecodable(method)
             produced = behavior(_checked(method, request) if streamed else request, context)
@@ -174,10 +192,12 @@ def _wrap_writer(method: str, behavior: Callable[..., Any], streamed: bool = Fal
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[..., AsyncIterator[Any]], streamed: bool = False
+    method: str, behavior: Callable[..., AsyncIterator[Any]], streamed: bool = False, check: CallerCheck | None = None
 ) -> Callable[..., Any]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
+            if check is not None:
+                check(method, context)
             if request is _UNDECODABLE:
                 raise _undecodable(method)
             async for response in behavior(_checked(method, request) if streamed else request, context):
@@ -236,10 +256,16 @@ def unbindable(address: str) -> str:
 class GrpcServer:
     """A grpc.aio server with health and reflection always on."""
 
-    def __init__(self, service_names: Iterable[str], max_concurrent_streams: int = MAX_CONCURRENT_STREAMS) -> None:
+    def __init__(
+        self,
+        service_names: Iterable[str],
+        max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
+        check_caller: CallerCheck | None = None,
+    ) -> None:
+        """`check_caller` checks every call before its handler (who may call what: mesh.auth.CallerKinds)."""
         self.service_names = list(service_names)
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[ErrorInterceptor(check_caller)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

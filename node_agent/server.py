@@ -14,6 +14,7 @@ from fleetlm.controlplane.v1 import node_pb2
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc, multiplex_pb2, multiplex_pb2_grpc
 from mesh import logs, tracing
 from mesh import metrics as metrics_port
+from mesh.auth import CallerKinds
 from mesh.catalog import CatalogError, load_catalog
 from mesh.controlplane_addresses import controlplane_addresses, controlplane_target, each_record
 from mesh.errors import ErrorCode, FleetError
@@ -108,7 +109,12 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     metrics = NodeMetrics(host) if settings.metrics_listen else None
     # Beyond loopback the metrics port speaks HTTPS with the node's certificate (Prometheus given the fleet CA).
     scraped = metrics_port.start("node", settings.metrics_listen, tls, metrics.registry) if metrics else None
-    server = GrpcServer([INFERENCE_SERVICE, MULTIPLEX_SERVICE])
+    # With TLS, only fleet components (the edge) and operators with a certificate from the fleet CA may call
+    # this node: another node's certificate is refused (mesh.auth.CallerKinds).
+    callers = {INFERENCE_SERVICE: ("edge", "admin"), MULTIPLEX_SERVICE: ("edge", "admin")}
+    server = GrpcServer(
+        [INFERENCE_SERVICE, MULTIPLEX_SERVICE], check_caller=CallerKinds("node", callers) if tls else None
+    )
     servicer = NodeInference(host, settings.node_id, metrics.served if metrics else None)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server.server)
     # The edge's Generate calls come over one stream each (node_agent.multiplex_service), counted alike.
@@ -116,7 +122,6 @@ async def serve(settings: NodeSettings, stop: asyncio.Event) -> None:
     if metrics:
         metrics.count_multiplex(multiplex)
     multiplex_pb2_grpc.add_MultiplexServiceServicer_to_server(multiplex, server.server)
-    # With TLS, only fleet components (the edge) with a certificate from the fleet CA may call this node.
     port = await server.start(settings.listen, server_credentials(tls, True) if tls else None)
     address = _advertised(settings, port)
     log.info("node %s serving InferenceService on %s", settings.node_id, bound_address(settings.listen, port))

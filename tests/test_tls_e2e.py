@@ -9,6 +9,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import httpx
@@ -16,8 +17,9 @@ import openai
 import pytest
 from cryptography import x509
 
-from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
-from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc
+from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2, routing_pb2, routing_pb2_grpc
+from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc, multiplex_pb2_grpc
+from mesh.fleet_ca import node_dns_name
 from tests.cluster import MODEL, START_TIMEOUT, Cluster, smollm_entry, wait_for
 from tests.test_join import join_token, node_ids
 
@@ -165,3 +167,64 @@ def test_with_tls_only_an_operator_certificate_may_call_admin_service(fleet: Fle
         nodes = admin_pb2_grpc.AdminServiceStub(channel).ListNodes(listing, timeout=30)
         node = next(n for n in nodes.nodes if n.node_id == "tls-node")
         assert node.scheduling != node_pb2.SCHEDULING_CORDONED
+
+
+def test_a_node_serves_edges_and_operators_only_and_the_routing_table_goes_to_no_node(fleet: Fleet) -> None:
+    """A node's certificate (another node's, or a revoked node's: the registry refuses those, the node's port
+    would not) is no ticket to inference past the edge's API keys and limits: a node takes Generate and
+    Multiplex calls from edges and operators only, and the control plane sends the routing table (every
+    node's address) to edges, operators and control planes, not to a node."""
+    cluster = fleet.cluster
+    cluster.issue("other-node", "node/other-node")
+    cluster.issue("an-edge", "edge/an-edge")
+    with cluster.channel(cluster.controlplane, "admin") as channel:
+        nodes = admin_pb2_grpc.AdminServiceStub(channel).ListNodes(admin_pb2.ListNodesRequest(), timeout=30)
+    address = next(n.inference_address for n in nodes.nodes if n.node_id == "tls-node")
+    request = inference_pb2.GenerateRequest(model=MODEL, prompt="The sky is")
+    request.sampling.max_tokens = 2
+    by_name = (("grpc.ssl_target_name_override", node_dns_name("tls-node")),)
+
+    def outcome(call: Any) -> tuple[grpc.StatusCode, str]:
+        try:
+            for _ in call:
+                pass
+            return grpc.StatusCode.OK, ""
+        except grpc.RpcError as error:
+            return error.code(), error.details() or ""
+
+    generated, multiplexed, routes = {}, {}, {}
+    for name in ("other-node", "an-edge", "admin"):
+        with grpc.secure_channel(address, cluster.credentials(name), by_name) as channel:  # type: ignore[arg-type]
+            generated[name] = outcome(inference_pb2_grpc.InferenceServiceStub(channel).Generate(request, timeout=120))
+            stream = multiplex_pb2_grpc.MultiplexServiceStub(channel).Multiplex(iter([]), timeout=30)
+            multiplexed[name] = outcome(stream)[0]
+        with cluster.channel(cluster.controlplane, name) as channel:
+            watch = routing_pb2_grpc.RoutingServiceStub(channel).WatchRoutes(
+                routing_pb2.WatchRoutesRequest(), timeout=30
+            )
+            try:
+                first = next(iter(watch))
+                routes[name] = grpc.StatusCode.OK if first.snapshot else grpc.StatusCode.UNKNOWN
+            except grpc.RpcError as error:
+                routes[name] = error.code()
+            finally:
+                watch.cancel()
+    assert {name: code for name, (code, _) in generated.items()} == {
+        "other-node": grpc.StatusCode.PERMISSION_DENIED,
+        "an-edge": grpc.StatusCode.OK,
+        "admin": grpc.StatusCode.OK,
+    }
+    assert generated["other-node"][1] == (
+        "InferenceService on a node takes calls from admin and edge certificates only; the client certificate is a"
+        " node's"
+    )
+    assert multiplexed == {
+        "other-node": grpc.StatusCode.PERMISSION_DENIED,
+        "an-edge": grpc.StatusCode.OK,
+        "admin": grpc.StatusCode.OK,
+    }
+    assert routes == {
+        "other-node": grpc.StatusCode.PERMISSION_DENIED,
+        "an-edge": grpc.StatusCode.OK,
+        "admin": grpc.StatusCode.OK,
+    }
