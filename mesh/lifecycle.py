@@ -11,7 +11,7 @@ import signal
 import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,6 +31,7 @@ async def until_set(event: asyncio.Event, items: AsyncIterator[T]) -> AsyncItera
     reads its requests through this returns at its server's stop, so that the server stops at once (the
     caller opens it again elsewhere) instead of waiting out its grace for a stream that never ends."""
     stop = asyncio.ensure_future(event.wait())
+    reading: asyncio.Future[T] | None = None
     try:
         while not event.is_set():
             reading = asyncio.ensure_future(anext(items))
@@ -47,6 +48,16 @@ async def until_set(event: asyncio.Event, items: AsyncIterator[T]) -> AsyncItera
             yield item
     finally:
         stop.cancel()
+        if reading is not None and not reading.done():
+            # Closed or cancelled while a read was pending (the handler's call ended): that read is not
+            # wanted, and whatever it ends with (the stream's end, an error) is not an error to log.
+            reading.cancel()
+            reading.add_done_callback(_consume)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: asyncio does not log it as "never retrieved"
 
 
 def cut_after(grace: float) -> float:

@@ -8,6 +8,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from typing import Any
 
 import httpx
 import pytest
@@ -69,3 +70,42 @@ def test_an_edge_process_runs_on_the_loop_it_is_told_to(value: str) -> None:
     finally:
         edge.terminate()
         edge.wait(30)
+
+
+async def test_a_stream_read_through_until_set_leaves_no_unretrieved_error_when_its_handler_ends() -> None:
+    """A long-lived stream's handler reads its requests through until_set; when its call ends (cancelled)
+    while a read is pending, and the stream then ends, nothing is logged as "Task exception was never
+    retrieved" (a control plane logged that at ERROR on every node that rejoined after a partition)."""
+    import gc
+
+    from mesh.lifecycle import until_set
+
+    ended = asyncio.Event()
+
+    async def requests() -> Any:
+        await ended.wait()
+        return
+        yield  # an async generator that ends (StopAsyncIteration) once `ended` is set
+
+    async def handler() -> None:
+        async for _ in until_set(asyncio.Event(), requests()):
+            pass
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        call = asyncio.ensure_future(handler())
+        await asyncio.sleep(0.05)  # the read is pending
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        ended.set()
+        await asyncio.sleep(0.05)
+        del call
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert [c.get("message") for c in reported] == []
