@@ -76,6 +76,22 @@ class EtcdAccess:
         )
 
 
+# The channel to etcd. A partition sends no RST: without pings the control plane's connection stalls, and
+# once etcd is reachable again TCP's retransmission backoff kept it stalled for another 8-14 s after a 40 s
+# partition (heartbeats failing, the lapsed nodes' grace running out). Pinged, a stalled connection is
+# closed within 15 s and a new one is tried at least every 2 s (grpc's default backs off to 120 s). Every 10 s:
+# etcd answers pings more often than its --grpc-keepalive-min-time (5 s) with GOAWAY, and counts pings on a
+# connection without calls against it, so none are sent then (a control plane always has its watch open).
+ETCD_CHANNEL_OPTIONS = {
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 0,
+    "grpc.initial_reconnect_backoff_ms": 500,
+    "grpc.min_reconnect_backoff_ms": 500,
+    "grpc.max_reconnect_backoff_ms": 2_000,
+}
+
+
 class _TlsClient(aetcd.Client):
     """aetcd's client over TLS. aetcd 1.0 opens only plaintext channels; this is its `connect` with a secure
     channel, everything else (authentication, stubs, watcher) as aetcd does it."""
@@ -122,6 +138,7 @@ class EtcdStore:
             "timeout": timeout_seconds,
             "username": access.user,
             "password": access.password,
+            "options": ETCD_CHANNEL_OPTIONS,
         }
         credentials = access.credentials()
         self._client = aetcd.Client(**options) if credentials is None else _TlsClient(credentials, **options)
@@ -140,6 +157,10 @@ class EtcdStore:
         if self._unreachable_since is not None:
             log.info("etcd at %s answers again (after %.1fs)", self.url, time.monotonic() - self._unreachable_since)
             self._unreachable_since = None
+
+    @property
+    def reachable(self) -> bool:
+        return self._unreachable_since is None
 
     def _unreachable(self, exc: BaseException) -> StoreUnavailable:
         why = str(exc) or type(exc).__name__

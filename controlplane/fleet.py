@@ -377,8 +377,16 @@ class FleetView:
         await asyncio.gather(self._follow(), self._resync_periodically(), self._expire_lapsed())
 
     async def expire_lapsed(self) -> None:
-        """Let go of the lapsed nodes that did not register again in time, or whose stream has ended."""
+        """Let go of the lapsed nodes that did not register again in time, or whose stream has ended. None
+        goes while this control plane cannot reach the store: no node can register again then (its
+        registration is a write), so each one's time to do so counts from when the store answers again.
+        (After an etcd outage the control planes reached etcd again 8-14 s after it was back, and the nodes,
+        kept for a TTL from the lapse, left before they could register: every replica moved.)"""
         now = time.monotonic()
+        if self._store is not None and not self._store.reachable:
+            for node_id, deadline in self.lapsed.items():
+                self.lapsed[node_id] = max(deadline, now + self.load.max_age_seconds)
+            return
         for node_id, deadline in list(self.lapsed.items()):
             # One kept as this control plane started is not heard yet: its deadline alone lets it go.
             heard_gone = node_id not in self._unheard and not self.load.alive(node_id, self.load.max_age_seconds)

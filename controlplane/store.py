@@ -110,6 +110,11 @@ class StoreEvent:
 class ClusterStore(Protocol):
     """Every call raises StoreUnavailable when the backend cannot be reached."""
 
+    @property
+    def reachable(self) -> bool:
+        """False from a call that found the backend unreachable until one that reached it again."""
+        ...
+
     async def grant_lease(self, ttl_seconds: int) -> int:
         """A new lease; records put under it vanish when it is not refreshed within the TTL."""
         ...

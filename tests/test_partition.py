@@ -23,6 +23,7 @@ import pytest
 
 from fleetlm.controlplane.v1 import admin_pb2_grpc
 from launcher.default_model import default_model_path
+from launcher.processes import etcd_argv
 from mesh.channels import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 from mesh.lifecycle import free_port
 from tests import netns
@@ -51,16 +52,32 @@ class PartitionFleet:
         return list(httpx.get(f"{self.ha.http}/health", timeout=5).json().get("unreachable_nodes", []))
 
 
-def start_fleet(cluster: Cluster, net: netns.Network, workdir: Path) -> HaFleet:
+ETCD_HOST = "etcd-host"
+
+
+def start_fleet(cluster: Cluster, net: netns.Network, workdir: Path, etcd_apart: bool = False) -> HaFleet:
     """etcd, the control plane and the edge in the root namespace (the control plane on the bridge's
-    address, so that the namespaces reach it), a node agent in each host's namespace."""
+    address, so that the namespaces reach it), a node agent in each host's namespace. With `etcd_apart`,
+    etcd runs in a host's namespace of its own (ETCD_HOST), to be cut off in its turn."""
     path = default_model_path()
     catalog = workdir / "deployments.yaml"
     catalog.write_text(
         f"models:\n  - {{name: {MODEL}, path: {path}, format: gguf, context_size: 1024, "
         "min_replicas: 2, max_replicas: 2, max_running_requests: 4}\n"
     )
-    cluster.start_etcd()
+    if etcd_apart:
+        host = net.add_host(ETCD_HOST)
+        url = f"http://{host}:2379"
+
+        def healthy() -> bool:
+            return bool(httpx.get(f"{url}/health", timeout=1).json()["health"] == "true")
+
+        etcd = Proc("etcd", net.argv(ETCD_HOST, etcd_argv(workdir / "etcd-data", host, 2379, 2380)), workdir, healthy)
+        cluster.procs.append(etcd)
+        cluster.etcd_url = url
+        wait_for(healthy, START_TIMEOUT, "etcd (in a namespace of its own)", etcd)
+    else:
+        cluster.start_etcd()
     cluster.controlplane = controlplane = f"{net.gateway}:{free_port()}"
     # The fleet's addresses are on a bridge the test made, not loopback: plaintext there must be asked for.
     argv = fleetlm("controlplane", "--listen", controlplane, "--etcd", cluster.etcd_url, "--lease-ttl", str(TTL),
@@ -171,3 +188,55 @@ def test_a_node_cut_off_loses_no_request_and_rejoins_with_its_replica(fleet: Par
     assert ok_after(outcomes, cut_at) >= 10, outcomes.summary()
     log = node_log.read_text()
     assert log.count(f"model {MODEL} ready") == 1, log[-3000:]
+
+
+@pytest.fixture
+def etcd_apart(tmp_path: Path) -> Iterator[PartitionFleet]:
+    reason = netns.unavailable()
+    if reason is not None:
+        pytest.skip(f"partition tests need network namespaces: {reason}")
+    net = netns.Network()
+    cluster = Cluster(tmp_path)
+    try:
+        yield PartitionFleet(start_fleet(cluster, net, tmp_path, etcd_apart=True), net)
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.close()
+        net.close()
+
+
+def test_etcd_cut_off_for_many_ttls_stops_no_traffic_and_moves_no_replica(etcd_apart: PartitionFleet) -> None:
+    """etcd cut off by the network (not frozen: no packet either way, nothing says so) for ten lease TTLs,
+    under streaming load. Every node's lease lapses meanwhile; the edge routes on its table, the nodes keep
+    serving, and once etcd is back every node registers again with its replica: none leaves the fleet, none
+    is placed again or reloaded. (Before: the control plane's connection to etcd stayed stalled for 8-14 s
+    after the heal, TCP's retransmission backoff, and the lapsed nodes' grace ran out meanwhile: the nodes
+    "left", every replica was placed again, and requests failed with 503 while the table was empty.)"""
+    ha, net = etcd_apart.ha, etcd_apart.net
+    traffic = Traffic(ha.http)
+    try:
+        time.sleep(2)
+        net.cut(ETCD_HOST)
+        time.sleep(10 * TTL)
+        net.heal(ETCD_HOST)
+        healed_at = time.monotonic()
+        controlplane = ha.proc("controlplane")
+        # etcd answers the control plane again (its connection was closed by keepalive during the cut, and it
+        # dials again every 2 s at most), and both nodes register again.
+        wait_for(lambda: "answers again" in controlplane.log_text(), 60, "the control plane to reach etcd again")
+        wait_for(lambda: sorted(ha.ready_nodes()) == list(NODES), 60, "both replicas ready in the view")
+        time.sleep(3 * TTL)  # and they stay
+        assert sorted(ha.ready_nodes()) == list(NODES)
+    finally:
+        outcomes = traffic.stop()
+    print(f"etcd cut off for {10 * TTL} s and healed: {outcomes.summary()}")
+    assert_served_through(outcomes)
+    assert ok_after(outcomes, healed_at) >= 5, outcomes.summary()
+    log = controlplane.log_text()
+    # The two placements of the start, and no other: nothing was placed again.
+    assert "left the fleet" not in log and log.count(f"placed {MODEL} on") == 2, log[-4000:]
+    for node in NODES:  # no replica was unloaded or loaded again
+        node_log = ha.nodes[node].log_path.read_text()
+        assert node_log.count(f"model {MODEL} ready") == 1 and "unloaded" not in node_log, node_log[-3000:]
