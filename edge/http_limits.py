@@ -38,8 +38,8 @@ class HttpLimits:
     body_timeout_seconds: float = 30.0
     header_timeout_seconds: float = 10.0
     keep_alive_seconds: int = 5
-    # Largest headers httptools/h11 buffer before the request is complete (h11's setting; httptools
-    # refuses header lines over 80 kB by itself with 400).
+    # Largest headers the edge takes (431 beyond; nginx takes 32 kB by default, Node.js 16 kB); also h11's
+    # buffer before a request is complete.
     max_incomplete_event_bytes: int = 64 * 1024
 
 
@@ -126,24 +126,42 @@ def _loop_time(monotonic_deadline: float) -> float:
     return asyncio.get_running_loop().time() + (monotonic_deadline - time.monotonic())
 
 
-_HEADER_TIMEOUT_RESPONSE = b"".join(
-    [
-        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n",
-        b"x-request-id: %s\r\ncontent-length: %d\r\n\r\n%s",
-    ]
+_REFUSAL_STATUS_LINES = {
+    408: b"HTTP/1.1 408 Request Timeout\r\n",
+    431: b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+}
+_REFUSAL_RESPONSE = (
+    b"content-type: application/json\r\nconnection: close\r\nx-request-id: %s\r\ncontent-length: %d\r\n\r\n%s"
 )
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline on each request's headers. `header_timeout_seconds`
-    is set by `uvicorn_options` (uvicorn builds the protocol itself, with its own arguments only)."""
+    """uvicorn's httptools protocol with a deadline on each request's headers, and a bound on their size:
+    httptools (llhttp) buffers a header of any length, so a client could make the edge hold megabytes per
+    connection before it is authenticated (a 16 MB header took 1.3 s to parse, then a 401). Headers larger
+    than `max_header_bytes` are answered 431 and the connection closed. Both are set by `uvicorn_options`
+    (uvicorn builds the protocol itself, with its own arguments only)."""
 
     header_timeout_seconds = HttpLimits.header_timeout_seconds
+    max_header_bytes = HttpLimits.max_incomplete_event_bytes
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._headers_done = False
+        self._header_bytes = 0
         self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._headers_done or self.transport.is_closing():
+            return
+        self._header_bytes += len(data)  # what arrived of a request whose headers are not complete yet
+        if self._header_bytes > self.max_header_bytes:
+            self._disarm_header_timer()
+            self._refuse(
+                431, "REQUEST_HEADERS_TOO_LARGE", f"the request's headers exceed {self.max_header_bytes} bytes"
+            )
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None:
@@ -156,10 +174,12 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._arm_header_timer()  # a further request on a kept-alive connection gets its own deadline
+        self._headers_done, self._header_bytes = False, 0
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         self._disarm_header_timer()
+        self._headers_done = True
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
@@ -176,21 +196,32 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
             return
         if self.cycle is not None and not self.cycle.response_complete:
             return  # a request is being served (its headers came); its body has a deadline of its own
-        refusal = RequestRefused(
+        self._refuse(
             408, "REQUEST_TIMEOUT", f"the request's headers did not arrive within {self.header_timeout_seconds:g} s"
         )
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer a request whose headers never completed, in OpenAI's error shape, and close."""
+        refusal = RequestRefused(status, code, message)
         body = json.dumps(refusal.openai_body()).encode()
-        # No X-Request-Id came (no headers did): the answer carries one of the edge's, in its access log too.
+        # No X-Request-Id was read (the headers did not complete): the answer carries one of the edge's, in
+        # its access log too.
         with access_log.request(request_context.make(), "-", "http", traced=False) as access:
             access.status, access.error = refusal.status, refusal.code
-            self.transport.write(_HEADER_TIMEOUT_RESPONSE % (access.request_id.encode(), len(body), body))
+            head = _REFUSAL_STATUS_LINES[status]
+            self.transport.write(head + _REFUSAL_RESPONSE % (access.request_id.encode(), len(body), body))
         self.transport.close()
 
 
 def uvicorn_options(limits: HttpLimits) -> dict[str, Any]:
     """Keyword arguments for uvicorn.Config that put `limits` on the server's connections."""
     protocol = type(
-        "EdgeHttpProtocol", (HeaderTimeoutProtocol,), {"header_timeout_seconds": limits.header_timeout_seconds}
+        "EdgeHttpProtocol",
+        (HeaderTimeoutProtocol,),
+        {
+            "header_timeout_seconds": limits.header_timeout_seconds,
+            "max_header_bytes": limits.max_incomplete_event_bytes,
+        },
     )
     return {
         "http": protocol,
