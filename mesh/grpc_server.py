@@ -219,6 +219,7 @@ def _wrap_stream(
 # (running plus queued: 4 + 16 per replica by default) and fleet traffic never waits on it; a client that
 # opens streams by the thousand does.
 MAX_CONCURRENT_STREAMS = 1024
+HANDSHAKE_TIMEOUT_MS = 10_000
 
 
 class BindError(OSError):
@@ -271,6 +272,10 @@ class GrpcServer:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_concurrent_streams", max_concurrent_streams),
+                # A connection that has not finished its handshake (TLS, HTTP/2's preface) within 10 s is
+                # closed (grpc's default is 120 s): one that sends nothing holds a socket that long at most,
+                # as the edge's HTTP header deadline does.
+                ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
                 # the keepalive pings of fleetlm's own channels (mesh.channels) are welcome
                 *SERVER_KEEPALIVE_OPTIONS,
             ],
