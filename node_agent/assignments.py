@@ -20,6 +20,8 @@ from node_agent.host import ModelHost
 
 log = logging.getLogger(__name__)
 
+MAX_BACKOFF_SECONDS = 2.0
+
 
 async def follow(controlplanes: ControlPlanes, node_id: str, host: ModelHost, registered: asyncio.Event) -> None:
     backoff = 0.5
@@ -50,4 +52,6 @@ async def follow(controlplanes: ControlPlanes, node_id: str, host: ModelHost, re
             if not answered(exc):
                 controlplanes.move_on(turn)  # no answer there: the registration moves with it
         await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-        backoff = min(backoff * 2, 10.0)
+        # At most 2 s, as registration retries: a node whose network comes back after a partition heard its
+        # assignments up to 10 s after it had registered again when this backed off to 10 s.
+        backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
