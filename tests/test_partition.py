@@ -104,21 +104,31 @@ def start_fleet(cluster: Cluster, net: netns.Network, workdir: Path, etcd_apart:
     return fleet
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[PartitionFleet]:
+def partition_fleet(tmp_path: Path, etcd_apart: bool = False) -> Iterator[PartitionFleet]:
     reason = netns.unavailable()
     if reason is not None:
         pytest.skip(f"partition tests need network namespaces: {reason}")
     net = netns.Network()
     cluster = Cluster(tmp_path)
     try:
-        yield PartitionFleet(start_fleet(cluster, net, tmp_path), net)
+        yield PartitionFleet(start_fleet(cluster, net, tmp_path, etcd_apart), net)
     except BaseException:
         print(cluster.logs())
         raise
     finally:
         cluster.close()
         net.close()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[PartitionFleet]:
+    yield from partition_fleet(tmp_path)
+
+
+@pytest.fixture
+def etcd_apart(tmp_path: Path) -> Iterator[PartitionFleet]:
+    """The fleet with etcd in a namespace of its own."""
+    yield from partition_fleet(tmp_path, etcd_apart=True)
 
 
 def outcomes_now(traffic: Traffic) -> str:
@@ -188,23 +198,6 @@ def test_a_node_cut_off_loses_no_request_and_rejoins_with_its_replica(fleet: Par
     assert ok_after(outcomes, cut_at) >= 10, outcomes.summary()
     log = node_log.read_text()
     assert log.count(f"model {MODEL} ready") == 1, log[-3000:]
-
-
-@pytest.fixture
-def etcd_apart(tmp_path: Path) -> Iterator[PartitionFleet]:
-    reason = netns.unavailable()
-    if reason is not None:
-        pytest.skip(f"partition tests need network namespaces: {reason}")
-    net = netns.Network()
-    cluster = Cluster(tmp_path)
-    try:
-        yield PartitionFleet(start_fleet(cluster, net, tmp_path, etcd_apart=True), net)
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.close()
-        net.close()
 
 
 def test_etcd_cut_off_for_many_ttls_stops_no_traffic_and_moves_no_replica(etcd_apart: PartitionFleet) -> None:
