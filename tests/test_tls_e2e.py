@@ -17,7 +17,15 @@ import openai
 import pytest
 from cryptography import x509
 
-from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2, routing_pb2, routing_pb2_grpc
+from fleetlm.controlplane.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    node_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+    routing_pb2,
+    routing_pb2_grpc,
+)
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc, multiplex_pb2_grpc
 from mesh.fleet_ca import node_dns_name
 from tests.cluster import MODEL, START_TIMEOUT, Cluster, smollm_entry, wait_for
@@ -228,3 +236,29 @@ def test_a_node_serves_edges_and_operators_only_and_the_routing_table_goes_to_no
         "an-edge": grpc.StatusCode.OK,
         "admin": grpc.StatusCode.OK,
     }
+
+
+def test_a_node_that_says_it_holds_an_assigned_replica_is_not_routed_for_it(fleet: Fleet) -> None:
+    """A fleet certificate of a node that was never placed anything registers saying it holds a ready replica
+    assigned to it: the control plane's routes (what edges route on) leave that replica out, since no
+    assignment of it stands (before, its word was taken and the edge sent it requests, prompts and all)."""
+    cluster = fleet.cluster
+    cluster.issue("liar", "node/liar")
+    claimed = node_pb2.Replica(
+        model=node_pb2.ModelSpec(name=MODEL, format="gguf"), state=node_pb2.REPLICA_STATE_READY, assigned=True
+    )
+    with cluster.channel(cluster.controlplane, "liar") as channel:
+        registry = registry_pb2_grpc.NodeRegistryServiceStub(channel)
+        registry.RegisterNode(
+            registry_pb2.RegisterNodeRequest(node_id="liar", inference_address="127.0.0.1:9", replicas=[claimed]),
+            timeout=30,
+        )
+    with cluster.channel(cluster.controlplane, "admin") as channel:
+        watch = routing_pb2_grpc.RoutingServiceStub(channel).WatchRoutes(routing_pb2.WatchRoutesRequest(), timeout=30)
+        try:
+            table = next(iter(watch))
+        finally:
+            watch.cancel()
+    routes = {n.node_id: [r.model for r in n.replicas] for n in table.nodes}
+    assert routes.get("liar") == [], routes  # registered (its lease is live), routed for nothing
+    assert routes.get("tls-node") == [MODEL], routes
