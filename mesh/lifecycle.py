@@ -48,9 +48,10 @@ async def until_set(event: asyncio.Event, items: AsyncIterator[T]) -> AsyncItera
             yield item
     finally:
         stop.cancel()
-        if reading is not None and not reading.done():
-            # Closed or cancelled while a read was pending (the handler's call ended): that read is not
-            # wanted, and whatever it ends with (the stream's end, an error) is not an error to log.
+        if reading is not None:
+            # Closed or cancelled while a read was pending, or as it ended (the stream's end and the call's
+            # cancellation come together when a client goes away): that read is not wanted, and whatever it
+            # ended with is not an error to log.
             reading.cancel()
             reading.add_done_callback(_consume)
 

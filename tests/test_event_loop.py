@@ -96,16 +96,22 @@ async def test_a_stream_read_through_until_set_leaves_no_unretrieved_error_when_
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _, context: reported.append(context))
     try:
-        call = asyncio.ensure_future(handler())
-        await asyncio.sleep(0.05)  # the read is pending
-        call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await call
-        ended.set()
-        await asyncio.sleep(0.05)
-        del call
-        gc.collect()
-        await asyncio.sleep(0)
+        # Cancelled while the read is pending and the stream ends later; and the stream's end and the
+        # cancellation together, as when a client goes away (the read is done when the handler is cancelled).
+        for together in (False, True):
+            call = asyncio.ensure_future(handler())
+            await asyncio.sleep(0.05)  # the read is pending
+            if together:
+                ended.set()
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            ended.set()
+            await asyncio.sleep(0.05)
+            del call
+            gc.collect()
+            await asyncio.sleep(0)
+            ended.clear()
     finally:
         loop.set_exception_handler(previous)
     assert [c.get("message") for c in reported] == []
