@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
@@ -129,6 +131,17 @@ def tcp_open(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
+
+
+def etcd_healthy(host: str, port: int) -> bool:
+    """Whether etcd on host:port says it is healthy (its /health). Its port opens before it serves: a control
+    plane started as soon as the port was open was refused ("connection attempt timed out before receiving
+    SETTINGS frame") on a busy machine, and `fleetlm up` stopped."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=1) as reply:
+            return bool(json.loads(reply.read()).get("health") == "true")
+    except (OSError, ValueError):
+        return False
 
 
 def etcd_argv(data_dir: Path, host: str, client_port: int, peer_port: int) -> list[str]:

@@ -34,7 +34,16 @@ import psutil
 
 from launcher.admin_access import AccessError, find_target, write_operator_file
 from launcher.default_model import write_default_catalog
-from launcher.processes import Child, Interrupted, RestartBudget, etcd_argv, port_free, tcp_open, wait_until
+from launcher.processes import (
+    Child,
+    Interrupted,
+    RestartBudget,
+    etcd_argv,
+    etcd_healthy,
+    port_free,
+    tcp_open,
+    wait_until,
+)
 from launcher.status import fetch, unplaceable
 from mesh import logs
 from mesh.catalog import CatalogError, load_catalog
@@ -268,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
             log = open(state / "etcd.log", "ab")  # noqa: SIM115 - lives as long as etcd
             etcd = Child("etcd", etcd_argv(state / "etcd", "127.0.0.1", args.etcd_port, args.etcd_port + 1), log)
             children.append(etcd)
-            wait_until(lambda: tcp_open("127.0.0.1", args.etcd_port), 30, "etcd to listen", etcd, stop)
+            wait_until(lambda: etcd_healthy("127.0.0.1", args.etcd_port), 60, "etcd to serve", etcd, stop)
         controlplane = Child(
             "controlplane",
             _fleetlm(

@@ -359,3 +359,28 @@ def test_up_says_which_deployments_an_earlier_start_left_beside_its_catalog(tmp_
             if up.poll() is None:
                 up.kill()
                 up.wait()
+
+
+def test_up_waits_for_etcd_to_serve_not_only_for_its_port(tmp_path: Path) -> None:
+    """etcd's port opens before it serves: `fleetlm up` started its control plane as soon as the port was
+    open, which on a busy machine was refused ("timed out before receiving SETTINGS frame") and stopped
+    `up`. It waits for etcd's /health: false on a port that is open but not an etcd's (it never answers),
+    and on a closed one; true on a real etcd."""
+    import socket
+
+    from launcher.processes import etcd_healthy
+    from tests.cluster import Cluster
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        started = time.monotonic()
+        assert not etcd_healthy("127.0.0.1", silent.getsockname()[1])
+        assert time.monotonic() - started < 5
+    assert not etcd_healthy("127.0.0.1", free_port())
+    cluster = Cluster(tmp_path)
+    try:
+        url = cluster.start_etcd()
+        assert etcd_healthy("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    finally:
+        cluster.close()
