@@ -294,6 +294,7 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
             tokens = await engine.tokenize(prompt)
             check_context(len(tokens), context, options.max_tokens)
         except ContextLengthExceeded as exc:
+            hosted.rejected -= 1  # not refused for a full replica after all (requests_rejected_total)
             raise _engine_error(exc, input_param) from exc
         except EngineError:
             return  # an engine that cannot count (an OpenAI-compatible server's): the server will say

@@ -7,6 +7,7 @@ shown in the node's log or in what it reports.
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import uuid
@@ -187,6 +188,15 @@ async def test_a_prompt_that_can_never_fit_is_context_length_exceeded_even_when_
             model=model, prompt="Hello", sampling=inference_pb2.SamplingParams(max_tokens=5000)
         ),
     }
+
+    def rejected() -> float:
+        """The node's requests_rejected_total for the model (refused because the replica was full)."""
+        page = httpx.get(fleet.cluster.metrics[NODE], timeout=10).text
+        pattern = rf'^fleetlm_node_requests_rejected_total\{{model="{re.escape(model)}"\}} (\S+)$'
+        found = re.search(pattern, page, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    rejected_before = rejected()
     async with grpc.aio.insecure_channel(fleet.node_address) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         busy = stub.Generate(inference_pb2.GenerateRequest(model=model, prompt="Once upon a time", sampling=LONG))
@@ -206,3 +216,6 @@ async def test_a_prompt_that_can_never_fit_is_context_length_exceeded_even_when_
             assert FleetError.from_rpc_error(caught.value).code == ErrorCode.NO_CAPACITY
         finally:
             busy.cancel()
+    # Only that one was refused for a full replica: the three that could never fit were not (they were
+    # counted as such too, and the node's requests_rejected_total was 4).
+    assert rejected() - rejected_before == 1
