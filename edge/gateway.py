@@ -367,6 +367,8 @@ class Gateway:
     def _control_plane_error(self, exc: grpc.aio.AioRpcError) -> FleetError:
         error = FleetError.from_rpc_error(exc)
         if error.code in (ErrorCode.BACKEND_UNAVAILABLE, ErrorCode.BACKEND_TIMEOUT):
+            if FleetError.sent_by_peer(exc) is not None:  # it answered, with a reason of its own (etcd is away)
+                return FleetError(error.code, f"the control plane answered: {error.message}", retry_after_seconds=1)
             where = ", ".join(self._controlplanes)
             return FleetError(
                 error.code, f"control plane at {where} did not answer ({exc.code().name})", retry_after_seconds=1

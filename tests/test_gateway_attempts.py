@@ -597,3 +597,31 @@ async def test_replicas_that_stay_gone_fail_once_the_failover_time_is_spent(flee
     assert caught.value.code == ErrorCode.MODEL_UNAVAILABLE and "unloading" in caught.value.message
     assert len(going.calls) >= 2  # it was asked again
     assert waited < 5  # generous (0.5 s of failover on a busy machine): it does not wait for the request timeout
+
+
+async def test_a_control_plane_that_answers_unavailable_is_quoted_not_said_not_to_answer(fleet: Fleet) -> None:
+    """A control plane whose etcd is away answers PickReplica UNAVAILABLE with its reason: the client hears
+    that reason, not "control plane did not answer" (which sent an operator looking at a healthy control
+    plane); one that cannot be reached at all is said not to answer."""
+
+    def etcd_away() -> routing_pb2.PickReplicaResponse:
+        raise FleetError(
+            ErrorCode.BACKEND_UNAVAILABLE, "etcd at http://etcd:2379 is unreachable (timeout)", retry_after_seconds=1
+        )
+
+    fleet.routing.routes["m"] = etcd_away
+    gateway = fleet.gateway()
+    try:
+        with pytest.raises(FleetError) as answered:
+            await generate(gateway, chat("m"))
+    finally:
+        await gateway.close()
+    assert answered.value.code == ErrorCode.BACKEND_UNAVAILABLE
+    assert answered.value.message == "the control plane answered: etcd at http://etcd:2379 is unreachable (timeout)"
+    nowhere = Gateway(f"127.0.0.1:{free_port()}", 30, 5, 0)
+    try:
+        with pytest.raises(FleetError) as silent:
+            await generate(nowhere, chat("m"))
+    finally:
+        await nowhere.close()
+    assert silent.value.code == ErrorCode.BACKEND_UNAVAILABLE and "did not answer" in silent.value.message
