@@ -609,19 +609,17 @@ async def test_a_control_plane_that_answers_unavailable_is_quoted_not_said_not_t
             ErrorCode.BACKEND_UNAVAILABLE, "etcd at http://etcd:2379 is unreachable (timeout)", retry_after_seconds=1
         )
 
+    async def refusal(gateway: Gateway) -> FleetError:
+        try:
+            with pytest.raises(FleetError) as caught:
+                await generate(gateway, chat("m"))
+        finally:
+            await gateway.close()
+        return caught.value
+
     fleet.routing.routes["m"] = etcd_away
-    gateway = fleet.gateway()
-    try:
-        with pytest.raises(FleetError) as answered:
-            await generate(gateway, chat("m"))
-    finally:
-        await gateway.close()
-    assert answered.value.code == ErrorCode.BACKEND_UNAVAILABLE
-    assert answered.value.message == "the control plane answered: etcd at http://etcd:2379 is unreachable (timeout)"
-    nowhere = Gateway(f"127.0.0.1:{free_port()}", 30, 5, 0)
-    try:
-        with pytest.raises(FleetError) as silent:
-            await generate(nowhere, chat("m"))
-    finally:
-        await nowhere.close()
-    assert silent.value.code == ErrorCode.BACKEND_UNAVAILABLE and "did not answer" in silent.value.message
+    answered = await refusal(fleet.gateway())
+    assert answered.code == ErrorCode.BACKEND_UNAVAILABLE
+    assert answered.message == "the control plane answered: etcd at http://etcd:2379 is unreachable (timeout)"
+    silent = await refusal(Gateway(f"127.0.0.1:{free_port()}", 30, 5, 0))
+    assert silent.code == ErrorCode.BACKEND_UNAVAILABLE and "did not answer" in silent.message
