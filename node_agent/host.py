@@ -27,7 +27,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -347,17 +347,23 @@ class ModelHost:
         return hosted, hosted.engine
 
     @contextlib.asynccontextmanager
-    async def serving(self, model: str, sequences: int = 1) -> AsyncIterator[tuple[HostedModel, Engine]]:
+    async def serving(
+        self, model: str, sequences: int = 1, before_refusal: Callable[[], Awaitable[None]] | None = None
+    ) -> AsyncIterator[tuple[HostedModel, Engine]]:
         """Admit one request (a generation of `sequences` choices, or an embedding), or refuse it when the
         replica is full (running + queued at its limits). A request for more choices than the replica
         runs at once can never run: a 400 naming `n`. Nothing here awaits before the request is counted:
         the check and the count are one step of the event loop, so concurrent requests cannot both take
-        the last place."""
+        the last place. A full replica awaits `before_refusal` first, which may refuse the request for a
+        reason of its own (one that could never fit the context): only a refusal for being full is counted
+        as one (`rejected`, requests_rejected_total)."""
         hosted, engine = self.engine_for(model)
         slots = running_limit(hosted.spec)
         if sequences > slots:
             raise invalid("n", f"n is {sequences}; model '{model}' runs at most {slots} sequences at once per replica")
         if hosted.admitted + sequences > hosted.capacity:
+            if before_refusal is not None:
+                await before_refusal()
             hosted.rejected += 1
             code = ErrorCode.GPU_OVERLOADED if hosted.device == "gpu" else ErrorCode.NO_CAPACITY
             raise FleetError(

@@ -5,6 +5,7 @@ model, replica, outcome and tokens, and traced when tracing is on (node_agent.re
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 
@@ -275,13 +276,8 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
         retries a 429 by itself, and an app that trims its conversation on context_length_exceeded never
         would): it is counted then, only when its size may exceed the context (`may_exceed`), and refused as
         what it is. A free replica's engine checks it as it starts, as before."""
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                admitted = await stack.enter_async_context(self._host.serving(model, options.n))
-            except FleetError as error:
-                if error.code in (ErrorCode.NO_CAPACITY, ErrorCode.GPU_OVERLOADED):
-                    await self._never_fits(model, prompt, options, input_param)
-                raise
+        never_fits = functools.partial(self._never_fits, model, prompt, options, input_param)
+        async with self._host.serving(model, options.n, before_refusal=never_fits) as admitted:
             yield admitted
 
     async def _never_fits(self, model: str, prompt: Prompt, options: SamplingOptions, input_param: str) -> None:
@@ -294,7 +290,6 @@ class NodeInference(inference_pb2_grpc.InferenceServiceServicer):
             tokens = await engine.tokenize(prompt)
             check_context(len(tokens), context, options.max_tokens)
         except ContextLengthExceeded as exc:
-            hosted.rejected -= 1  # not refused for a full replica after all (requests_rejected_total)
             raise _engine_error(exc, input_param) from exc
         except EngineError:
             return  # an engine that cannot count (an OpenAI-compatible server's): the server will say
