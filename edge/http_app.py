@@ -97,8 +97,9 @@ def _lone_surrogate(value: Any, loc: tuple[Any, ...] = ()) -> tuple[Any, ...] | 
 
 
 def parse_body(raw: bytes, model: type[M], gateway: Gateway | None = None) -> M:
-    """A JSON request body as `model`, or a 400 naming the offending field. With the `gateway`, a body that
-    names a model is logged and counted under it even when the rest of it is refused (as over gRPC)."""
+    """A JSON request body as `model`, or a 400 naming the offending field. With the `gateway`, the request
+    is logged and counted under the model its body names from here on, also when the rest of the body is
+    refused (as over gRPC): the routes name it nowhere else."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -321,9 +322,8 @@ class GenerationRoutes:
                     await send(message)
 
     async def _admit(self, model: str, operation: str) -> None:
-        """What every generation route does before it generates: the access line's model and operation,
-        and the API key's admission."""
-        _name_model(self._gateway, model)  # a key's 429 below is counted under the model (edge.metrics)
+        """What every generation route does before it generates (its body parsed, its model named: a key's
+        429 below is counted under it): the access line's operation, and the API key's admission."""
         access = access_log.current()
         if access is not None:
             access.operation = operation
@@ -555,7 +555,6 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None, cors_origins:
     async def embeddings(request: Request) -> Any:
         body = parse_body(await request.body(), EmbeddingRequest, gateway)
         proto = body.to_proto()
-        _name_model(gateway, proto.model)
         await auth.admit_model(proto.model)
         access = access_log.current()
         request_id = request_context.REQUEST_ID.get()
@@ -569,7 +568,7 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None, cors_origins:
     async def tokenize(request: Request) -> Any:
         """vLLM's and SGLang's /tokenize (edge.tokenize_protocol)."""
         proto = parse_body(await request.body(), TokenizeBody, gateway).to_proto()
-        await _admit_unmetered(gateway, proto.model)
+        await auth.admit_model(proto.model)  # the key's model and request limits; no tokens are charged
         call = gateway.tokenize(proto, request_id=request_context.REQUEST_ID.get())
         try:
             return tokenize_json(await until_disconnect(request.receive, call))
@@ -580,7 +579,7 @@ def create_app(gateway: Gateway, limits: HttpLimits | None = None, cors_origins:
     async def detokenize(request: Request) -> Any:
         """vLLM's and SGLang's /detokenize (edge.tokenize_protocol)."""
         proto = parse_body(await request.body(), DetokenizeBody, gateway).to_proto()
-        await _admit_unmetered(gateway, proto.model)
+        await auth.admit_model(proto.model)  # the key's model and request limits; no tokens are charged
         call = gateway.detokenize(proto, request_id=request_context.REQUEST_ID.get())
         try:
             return detokenize_json(await until_disconnect(request.receive, call))
@@ -692,13 +691,6 @@ class RequestIds:
                         await send_with_id(message)
                     return
             await self._app(scope, receive, send_with_id)
-
-
-async def _admit_unmetered(gateway: Gateway, model: str) -> None:
-    """A request about a model that generates nothing: the key's model and request limits apply, no tokens
-    are charged (as gRPC's Tokenize)."""
-    _name_model(gateway, model)
-    await auth.admit_model(model)
 
 
 def _name_model(gateway: Gateway, model: str) -> None:
