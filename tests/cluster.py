@@ -26,7 +26,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from launcher.default_model import default_model_path
-from launcher.processes import etcd_argv
+from launcher.processes import etcd_argv, etcd_healthy
 from mesh.child_process import orphan_proof
 from mesh.fleet_ca import FleetCA, identity_uri, node_dns_name, write_private, write_public
 from mesh.lifecycle import free_port
@@ -250,16 +250,13 @@ class Cluster:
             wait_for(again.ready, START_TIMEOUT, f"{again.name} to serve again", again)
         return again
 
-    def start_etcd(self) -> str:
+    def start_etcd(self, host: str = "127.0.0.1", in_namespace: Callable[[list[str]], list[str]] | None = None) -> str:
+        """etcd on `host`; `in_namespace` runs it in a network namespace of its own (tests/netns.py)."""
         client, peer = free_port(), free_port()
-        url = f"http://127.0.0.1:{client}"
-
-        def healthy() -> bool:
-            return bool(httpx.get(f"{url}/health", timeout=1).json()["health"] == "true")
-
-        proc = self._start("etcd", etcd_argv(self.dir / "etcd-data", "127.0.0.1", client, peer), healthy)
-        self.etcd_url = url
-        wait_for(healthy, START_TIMEOUT, "etcd", proc)
+        argv = etcd_argv(self.dir / "etcd-data", host, client, peer)
+        proc = self._start("etcd", in_namespace(argv) if in_namespace else argv, partial(etcd_healthy, host, client))
+        self.etcd_url = f"http://{host}:{client}"
+        wait_for(proc.ready, START_TIMEOUT, "etcd", proc)
         return self.etcd_url
 
     def start_controlplane(self, lease_ttl: int = 3, *extra: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -23,7 +24,6 @@ import pytest
 
 from fleetlm.controlplane.v1 import admin_pb2_grpc
 from launcher.default_model import default_model_path
-from launcher.processes import etcd_argv
 from mesh.channels import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 from mesh.lifecycle import free_port
 from tests import netns
@@ -66,16 +66,7 @@ def start_fleet(cluster: Cluster, net: netns.Network, workdir: Path, etcd_apart:
         "min_replicas: 2, max_replicas: 2, max_running_requests: 4}\n"
     )
     if etcd_apart:
-        host = net.add_host(ETCD_HOST)
-        url = f"http://{host}:2379"
-
-        def healthy() -> bool:
-            return bool(httpx.get(f"{url}/health", timeout=1).json()["health"] == "true")
-
-        etcd = Proc("etcd", net.argv(ETCD_HOST, etcd_argv(workdir / "etcd-data", host, 2379, 2380)), workdir, healthy)
-        cluster.procs.append(etcd)
-        cluster.etcd_url = url
-        wait_for(healthy, START_TIMEOUT, "etcd (in a namespace of its own)", etcd)
+        cluster.start_etcd(net.add_host(ETCD_HOST), partial(net.argv, ETCD_HOST))
     else:
         cluster.start_etcd()
     cluster.controlplane = controlplane = f"{net.gateway}:{free_port()}"
