@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Container
 
 from controlplane import routing
 from controlplane.fleet import FleetView
-from controlplane.store import StoreEvent
+from controlplane.store import StoreEvent, assignment_node
 from fleetlm.controlplane.v1 import node_pb2, routing_pb2
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class RoutePublisher:
             self._dirty_nodes.add(event.key)
             self._models_dirty = True  # a node's report changes its models' ready counts and states
         elif event.kind == "assignment":  # its replica is routed from now on, or no longer (routing.routed)
-            self._dirty_nodes.add(event.key.split("/", 1)[0])
+            self._dirty_nodes.add(assignment_node(event.key))
             self._models_dirty = True
         elif event.kind in ("deployment", "model"):
             self._models_dirty = True

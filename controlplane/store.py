@@ -49,6 +49,11 @@ def assignment_key(node_id: str, model: str) -> str:
     return f"{node_id}/{model}"
 
 
+def assignment_node(key: str) -> str:
+    """The node id of an assignment's key (node ids hold no '/'; model names may)."""
+    return key.split("/", 1)[0]
+
+
 def record_key(kind: str, message: Message) -> str:
     """The key (under the kind's prefix) a record is stored at."""
     if kind in ("node", "scheduling"):
