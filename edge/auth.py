@@ -79,13 +79,29 @@ class Admission:
     auth: EdgeAuth | None
     key: admin_pb2.ApiKey | None
     headers: dict[str, str]
+    tokens: int = 0  # charged so far, to the key when the request ends
     _done: bool = False
 
-    def finish(self, tokens: int = 0) -> None:
+    def charge(self, tokens: int) -> None:
+        """Tokens the request used: at its end with the rest, or at once when it has ended (a stream cut
+        before its result, whose prompt is counted after it)."""
+        if self.auth is None or self.key is None or tokens <= 0:
+            return
+        if self._done:
+            self.auth.charge(self.key, tokens)
+        else:
+            self.tokens += tokens
+
+    def counts_tokens(self) -> bool:
+        """Whether the key has a limit on tokens (the only use of a count that costs a call to make)."""
+        return self.key is not None and bool(self.key.limits.tokens_per_minute)
+
+    def finish(self) -> None:
+        """The request ended: it leaves the key's requests at once, and its tokens are charged."""
         if self._done or self.auth is None or self.key is None:
             return
         self._done = True
-        self.auth.finish(self.key, tokens)
+        self.auth.finish(self.key, self.tokens)
 
 
 OPEN = Admission(None, None, {})
@@ -163,15 +179,24 @@ class EdgeAuth:
         if q is None:
             return
         q.in_flight = max(0, q.in_flight - 1)
+        self._charged(key, q, tokens)
+        # A concurrency limit: the others must hear that this request ended, or they would count it until
+        # this edge's next lease.
+        if key.limits.max_concurrent_requests or time.monotonic() - q.reported_at > REPORT_INTERVAL_SECONDS:
+            self._refill_soon(key, q)
+
+    def charge(self, key: admin_pb2.ApiKey, tokens: int) -> None:
+        """Tokens of a request that has ended (finish), counted after it."""
+        q = self._quotas.get(key.id)
+        if q is not None:
+            self._charged(key, q, tokens)
+
+    def _charged(self, key: admin_pb2.ApiKey, q: _KeyQuota, tokens: int) -> None:
         q.unreported_tokens += max(0, tokens)
         if q.local:
             q.local_tokens += max(0, tokens)
         if key.limits.tokens_per_minute:
             q.fleet_tokens_left = max(0, q.fleet_tokens_left - max(0, tokens))
-        # A concurrency limit: the others must hear that this request ended, or they would count it until
-        # this edge's next lease.
-        if key.limits.max_concurrent_requests or time.monotonic() - q.reported_at > REPORT_INTERVAL_SECONDS:
-            self._refill_soon(key, q)
 
     # --- limits --------------------------------------------------------------------------------------------
 
@@ -320,7 +345,6 @@ class _HttpCall:
     key: admin_pb2.ApiKey
     headers: dict[str, str] = field(default_factory=dict)
     admission: Admission | None = None
-    tokens: int = 0
 
 
 _http_call: contextvars.ContextVar[_HttpCall | None] = contextvars.ContextVar("fleetlm_http_call", default=None)
@@ -350,11 +374,19 @@ def concurrency_limit() -> int:
     return 0 if call is None or call.key is None else int(call.key.limits.max_concurrent_requests)
 
 
-def charge(tokens: int) -> None:
-    """The tokens an HTTP request used (its usage), charged to its key when the request ends."""
+def admission() -> Admission:
+    """The current request's admission, over either transport (OPEN when keys are off or it was not admitted):
+    HTTP's from ApiKeyMiddleware's call, gRPC's from admit_grpc."""
     call = _http_call.get()
     if call is not None:
-        call.tokens += tokens
+        return call.admission or OPEN
+    return current.get()
+
+
+def charge(tokens: int) -> None:
+    """Tokens the current request used (its usage, or what a stream cut before its result was sent), charged
+    to its key."""
+    admission().charge(tokens)
 
 
 def visible_models(names: list[str]) -> list[str]:
@@ -410,7 +442,7 @@ class ApiKeyMiddleware:
         finally:
             _http_call.reset(token)
             if call.admission is not None:
-                call.admission.finish(call.tokens)
+                call.admission.finish()
 
 
 def _http_call_new(auth: EdgeAuth, key: admin_pb2.ApiKey) -> _HttpCall:
@@ -428,4 +460,5 @@ async def admit_grpc(auth: EdgeAuth | None, context: Any, model: str) -> Admissi
     value = next((v for k, v in metadata if k == "authorization"), None)
     text = value.decode("latin-1") if isinstance(value, bytes) else value
     admission = await auth.admit(text, model)
+    current.set(admission)  # the handler's context: Generation charges a cut stream's tokens to it (charge)
     return admission

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from edge import access_log
+from edge import access_log, auth
 from edge.continuation import Progress, why_not, why_not_again
 from edge.gateway import Attempt, Gateway, Target, log_failure, new_request_id, prefix_hash
 from edge.metrics import CURRENT
@@ -26,6 +26,8 @@ from mesh.inference_requests import validate_generate
 from mesh.request_context import outgoing
 
 log = logging.getLogger(__name__)
+
+PROMPT_COUNT_TIMEOUT = 10.0  # seconds for the count of a cut request's prompt (Generation._charge_cut)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Generation:
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
+        self._counting: set[asyncio.Task[None]] = set()  # prompts of cut requests being counted (_charge_cut)
 
     async def generate(
         self,
@@ -99,12 +102,14 @@ class Generation:
         access = access_log.current()  # the client request's access line
         streamed = request.delivery != inference_pb2.TEXT_DELIVERY_WHOLE  # else no gaps between tokens to time
         outputs = 0  # output events streamed on: what a client that leaves mid-stream was sent
+        generated = 0  # output events from the node before its result: what a cut request is charged (auth)
         try:
             response = stream.first
             while True:
                 try:
                     while not response.HasField("result"):
                         event = progress.forward(response)
+                        generated += event.WhichOneof("event") in ("delta", "tool_call")
                         if metrics is not None and counted is not None:
                             kind = event.WhichOneof("event")
                             if kind == "delta":
@@ -129,6 +134,7 @@ class Generation:
                 if metrics is not None and counted is not None:
                     metrics.result(counted, event.result.usage.prompt_tokens, event.result.usage.completion_tokens)
                     outputs = 0  # its usage counts them
+                generated = -1  # its usage is charged by the transport, which sees the result
                 for held in progress.held or ():
                     yield held
                 yield event
@@ -141,11 +147,43 @@ class Generation:
             raise
         finally:
             self._end(stream)  # cancels a call still running: the node stops the work
+            if generated >= 0:  # ended before its result (its client left, an error): its key pays what it used
+                self._charge_cut(progress.request, stream.model, generated)
             if outputs:  # ended before its result (its client left, say): counted if the request was cancelled
                 if metrics is not None and counted is not None:
                     metrics.cut(counted, outputs)
                 if access is not None:
                     access.completion_tokens += outputs
+
+    def _charge_cut(self, request: inference_pb2.GenerateRequest, model: str, generated: int) -> None:
+        """A request cut before its result is charged to its key (edge.auth) what the node generated and its
+        prompt, which the node read whole before its first event. The prompt's count, when it costs a call
+        to the node (a text or a chat), is made only for a key with a limit on tokens, off the request's
+        path: the count is charged when it comes."""
+        admission = auth.admission()
+        admission.charge(generated)
+        if request.WhichOneof("input") == "prompt_token_ids":
+            admission.charge(len(request.prompt_token_ids.ids))
+            return
+        if not admission.counts_tokens():
+            return
+        if request.WhichOneof("input") == "chat":
+            count = inference_pb2.TokenizeRequest(model=model, chat=request.chat)
+        else:
+            count = inference_pb2.TokenizeRequest(model=model, text=request.prompt)
+
+        async def charge_prompt() -> None:
+            try:
+                reply = await self._gateway.unary("Tokenize", count, PROMPT_COUNT_TIMEOUT, request.request_id)
+            except (FleetError, asyncio.CancelledError) as error:  # the edge stopping cancels it
+                log.info("request %s: its prompt was not counted for its API key: %s", request.request_id,
+                         error or "the edge stopped")  # fmt: skip
+                return
+            admission.charge(len(reply.token_ids))
+
+        task = asyncio.get_running_loop().create_task(charge_prompt())
+        self._counting.add(task)
+        task.add_done_callback(self._counting.discard)
 
     def _end(self, stream: Stream) -> None:
         if not stream.ended:

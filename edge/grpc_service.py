@@ -177,7 +177,6 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
             if request.WhichOneof("input") in ("prompt", "prompt_token_ids"):
                 access.operation = "text_completion"
             admission = await auth.admit_grpc(self._auth, context, request.model)
-            tokens = 0
             stream = self._gateway.generate(request, _client_timeout(context))
             self._watch_the_stop()
             task = asyncio.current_task()
@@ -186,7 +185,7 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
                 while (response := await self._next(stream, task)) is not None:
                     if response.HasField("result"):
                         result = response.result
-                        tokens = result.usage.total_tokens
+                        admission.charge(result.usage.total_tokens)
                         access.usage(result.usage.prompt_tokens, result.usage.completion_tokens,
                                      FINISH_REASONS.get(result.finish_reason, ""))  # fmt: skip
                         access.node = result.node_id or access.node
@@ -200,8 +199,10 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
                 raise _internal(request.request_id) from exc
             finally:
                 self._cut.discard(task)
-                admission.finish(tokens)
-                await stream.aclose()
+                try:
+                    await stream.aclose()  # a stream cut before its result charges what it sent (Generation)
+                finally:
+                    admission.finish()
 
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
@@ -213,13 +214,15 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
             admission = await auth.admit_grpc(self._auth, context, request.model)
             try:
                 response = await self._gateway.embed(request, _client_timeout(context), access.request_id)
-                admission.finish(response.usage.total_tokens)
+                admission.charge(response.usage.total_tokens)
                 access.usage(response.usage.prompt_tokens, 0)
                 return response
             except (FleetError, grpc.aio.AbortError):
                 raise
             except Exception as exc:
                 raise _internal(access.request_id) from exc
+            finally:  # on every path: a failed call holds none of the key's requests at once
+                admission.finish()
 
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
@@ -229,7 +232,7 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
             access = call.access
             access.model = request.model
             admission = await auth.admit_grpc(self._auth, context, request.model)
-            admission.finish(0)
+            admission.finish()
             try:
                 return await self._gateway.tokenize(request, _client_timeout(context), access.request_id)
             except (FleetError, grpc.aio.AbortError):
@@ -245,7 +248,7 @@ class EdgeInference(inference_pb2_grpc.InferenceServiceServicer):
             access = call.access
             access.model = request.model
             admission = await auth.admit_grpc(self._auth, context, request.model)
-            admission.finish(0)
+            admission.finish()
             try:
                 return await self._gateway.detokenize(request, _client_timeout(context), access.request_id)
             except (FleetError, grpc.aio.AbortError):

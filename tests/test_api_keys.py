@@ -287,6 +287,88 @@ def test_a_keys_limit_on_requests_at_once_bounds_its_prompts_at_once(fleet: Flee
     assert peak == 1, peak
 
 
+def _grpc(fleet: Fleet) -> inference_pb2_grpc.InferenceServiceStub:
+    return inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(fleet.edges[0][1]))
+
+
+def _edge_idle(fleet: Fleet) -> bool:
+    """No request in flight at the first edge (its gauge goes down after the key's admission has ended)."""
+    text = httpx.get(f"{fleet.edges[0][0]}/metrics", timeout=5).text
+    return all(
+        float(line.rsplit(" ", 1)[1]) == 0
+        for line in text.splitlines()
+        if line.startswith("fleetlm_edge_requests_in_flight{")
+    )
+
+
+def test_a_failed_grpc_embed_gives_its_key_slot_back(fleet: Fleet) -> None:
+    """A gRPC Embed that fails (an empty input) ends its request for the key's limit on requests at once,
+    as every other call does (it held the key's only slot for good: every later request got 429)."""
+    _, secret = fleet.create("one-embed-at-a-time", max_concurrent_requests=1)
+    metadata = (("authorization", f"Bearer {secret}"),)
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError) as refused:
+            _grpc(fleet).Embed(inference_pb2.EmbedRequest(model=MODEL, inputs=[]), metadata=metadata, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reply = _grpc(fleet).Embed(inference_pb2.EmbedRequest(model=MODEL, inputs=["ok"]), metadata=metadata, timeout=30)
+    assert reply.embeddings
+    assert _complete(fleet.client(secret)).status_code == 200
+
+
+def test_a_stream_its_client_leaves_is_charged_what_it_was_sent(fleet: Fleet) -> None:
+    """A key's tokens per minute count a stream its client closes before the end: the tokens it was sent
+    (they were charged only with a result, so a client that closed each stream just before its end had no
+    limit)."""
+    _, secret = fleet.create("tpm-cut", tokens_per_minute=20)
+    client = fleet.client(secret)
+    stream = client.completions.create(
+        model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=200, temperature=0, stream=True
+    )
+    received = 0
+    for chunk in stream:
+        received += bool(chunk.choices and chunk.choices[0].text)
+        if received == 30:
+            break
+    stream.close()
+    assert received == 30
+    wait_for(lambda: _edge_idle(fleet), 30, "the cut stream to end at the edge")
+    with pytest.raises(openai.RateLimitError) as refused:
+        _complete(client)
+    assert "tokens per minute" in refused.value.message
+
+
+def test_a_grpc_stream_cut_after_a_long_prompt_is_charged_its_prompt(fleet: Fleet) -> None:
+    """The prompt of a stream cut before its result is counted too (the node read it whole before its first
+    token): a 400-token prompt cut after 3 tokens uses a 250-token window up, where the short requests that
+    follow would each use about 6."""
+    _, secret = fleet.create("tpm-prompt", tokens_per_minute=250)
+    metadata = (("authorization", f"Bearer {secret}"),)
+    long_prompt = "one two three four " * 100
+    request = inference_pb2.GenerateRequest(model=MODEL, prompt=long_prompt)
+    request.sampling.max_tokens = 100
+    request.sampling.temperature = 0
+    call = _grpc(fleet).Generate(request, metadata=metadata, timeout=60)
+    events = 0
+    for response in call:
+        events += response.HasField("delta")
+        if events == 3:
+            break
+    call.cancel()
+    assert events == 3
+    short = inference_pb2.GenerateRequest(model=MODEL, prompt="One, two,")
+    short.sampling.max_tokens = 1
+    refused = None
+    for _ in range(30):  # bounded: 30 short requests use about 180 tokens, less than the window
+        try:
+            list(_grpc(fleet).Generate(short, metadata=metadata, timeout=30))
+        except grpc.RpcError as exc:
+            refused = exc
+            break
+        time.sleep(0.2)
+    assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+    assert "tokens per minute" in (refused.details() or "")
+
+
 def test_the_secret_is_nowhere_but_in_the_create_reply(fleet: Fleet) -> None:
     key_id, secret = fleet.create("secret-check")
     _complete(fleet.client(secret))  # used once, so that edges and logs had every chance to see it
