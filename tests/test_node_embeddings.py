@@ -183,3 +183,29 @@ async def test_an_input_with_no_tokens_is_the_requests_error_and_the_engine_goes
         assert len(result.vectors) == 2 and all(len(v) > 0 for v in result.vectors)
     finally:
         await engine.close()
+
+
+async def test_an_input_longer_than_a_batch_is_embedded_whole_and_counted_as_embedded() -> None:
+    # Found by review: the embedding context's batch was the engine's batch size (512), and llama-cpp-python's
+    # embed cut every input to it, so an input of 513 to context-size tokens was embedded from its first 512
+    # only (two inputs that differ after them got the same vector), while its usage counted every token.
+    from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+
+    engine = LlamaCppEngine(
+        LlamaCppConfig(str(default_model_path()), context_size=2048, batch_size=512, threads=2, slots=1)
+    )
+    await engine.start()
+    try:
+        long_text = " ".join(f"item {i} is a small grey stone." for i in range(150))
+        tail = " The final line is about a bright red kite over the sea."
+        result = await engine.embed([long_text, long_text + tail])
+        assert 1000 < result.prompt_tokens // 2 < 2048
+        a, b = result.vectors
+        # The tail moves a mean over 1,200 tokens only a little, but it moves it (it was bit-identical).
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) > 1e-4
+        # Special tokens' text is embedded as text; the usage counts the tokens embedded, not fewer.
+        special = "<|im_start|>user hello<|im_end|>"
+        counted = (await engine.embed([special])).prompt_tokens
+        assert counted == len(engine._llm.tokenize(special.encode(), special=False)) > 4
+    finally:
+        await engine.close()

@@ -172,7 +172,10 @@ class LlamaCppEngine:
                     # Generation runs on the batched context below; this one only serves the tokenizer,
                     # metadata and (for embeddings) its own small batches.
                     n_ctx=self.config.context_size if embedding else 256,
-                    n_batch=self.config.batch_size if embedding else 256,
+                    # An input to embed is one batch, so one batch holds the longest the engine takes (the
+                    # context): llama-cpp-python's embed cuts every input to the batch size.
+                    n_batch=self.config.context_size if embedding else 256,
+                    n_ubatch=self.config.context_size if embedding else 256,
                     n_threads=self.config.threads,
                     n_threads_batch=self.config.threads,
                     n_gpu_layers=self.config.gpu_layers,
@@ -437,7 +440,7 @@ class LlamaCppEngine:
 
     async def _embed_batch(self, texts: list[str]) -> list[list[float]]:
         embedder = await self._get_embedder()
-        vectors = await self._on(self._embed_thread, lambda: embedder.embed(texts, normalize=True))
+        vectors = await self._on(self._embed_thread, lambda: embedder.embed(texts, normalize=True, truncate=False))
         return [list(map(float, v)) for v in vectors]
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
@@ -450,7 +453,8 @@ class LlamaCppEngine:
                     f"input[{i}] is {len(text)} characters; the limit is {config.embed_max_chars}", "input"
                 )
         # One trip to a worker thread for all inputs, not one per input.
-        counts = await asyncio.to_thread(lambda: [len(self._tokenize(t)) for t in texts])
+        # Counted as llama-cpp-python's embed reads them: a beginning token, and special tokens' text as text.
+        counts = await asyncio.to_thread(lambda: [len(self._llm.tokenize(t.encode(), special=False)) for t in texts])
         # An input with no token at all (a control character alone, say) would make llama_decode fail on an
         # empty batch, which corrupts llama.cpp's state: it is the request's error, not the engine's.
         empty = [i for i, n in enumerate(counts) if n == 0]
