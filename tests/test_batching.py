@@ -15,7 +15,7 @@ import pytest_asyncio
 from launcher.default_model import default_model_path
 from node_agent.engines.base import Finished, SamplingOptions, TextChunk, TokenLogprob
 from node_agent.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
-from node_agent.engines.llamacpp_batch import BatchRequest
+from node_agent.engines.llamacpp_batch import BatchRequest, seed32
 from tests.model_engine import default_model_engine
 
 pytestmark = [pytest.mark.model]
@@ -139,6 +139,33 @@ async def test_seeds_reproduce_sampled_output(engine: LlamaCppEngine) -> None:
     # Seeded requests keep their output when decoded in a batch with others.
     together = await asyncio.gather(*(run(engine, "Tell me about the sea.", sampled) for _ in range(3)))
     assert {t for t, _ in together} == {first}
+
+
+def test_seeds_map_to_llama_cpps_32_bits_without_random_or_wrapping() -> None:
+    assert seed32(0) == 0 and seed32(2**32 - 2) == 2**32 - 2  # below 2**32 - 1: the seed itself
+    big = [seed32(s) for s in (2**32 - 1, 2**32, 2**32 + 7, 2**63, 2**64 - 1, 2**64)]
+    assert all(0 <= s < 2**32 - 1 for s in big)  # never llama.cpp's "random"
+    assert len(set(big)) == len(big) and seed32(2**32 + 7) != 7  # seeds 2**32 apart are not the same
+
+
+async def test_seeds_of_64_bits_reproduce_their_sample(engine: LlamaCppEngine) -> None:
+    # Found by review: seed 2**32 - 1 was llama.cpp's "random" (never the same sample twice), and seed
+    # 2**32 + 7 sampled as seed 7.
+    def sampled(seed: int, n: int = 1) -> SamplingOptions:
+        return SamplingOptions(max_tokens=24, temperature=1.0, seed=seed, n=n)
+
+    prompt = "Tell me about the sea."
+    assert (await run(engine, prompt, sampled(2**32 - 1)))[0] == (await run(engine, prompt, sampled(2**32 - 1)))[0]
+    assert (await run(engine, prompt, sampled(7)))[0] != (await run(engine, prompt, sampled(2**32 + 7)))[0]
+
+    async def choices(seed: int) -> dict[int, str]:
+        texts: dict[int, list[str]] = {0: [], 1: []}
+        async for event in engine.generate(prompt, sampled(seed, n=2)):
+            if isinstance(event, TextChunk):
+                texts[event.index].append(event.text)
+        return {i: "".join(t) for i, t in texts.items()}
+
+    assert await choices(2**32 - 2) == await choices(2**32 - 2)  # choice 1's seed is 2**32 - 1
 
 
 async def test_penalties_change_greedy_output(engine: LlamaCppEngine) -> None:
@@ -400,6 +427,29 @@ async def test_requests_beyond_the_slots_wait_in_the_queue(engine: LlamaCppEngin
         await asyncio.sleep(0.005)
     assert peak_queue >= 3
     assert all(t.result()[1].completion_tokens > 0 for t in tasks)
+
+
+async def test_a_cancelled_request_for_several_choices_does_not_hold_the_queue(engine: LlamaCppEngine) -> None:
+    # Found by review: a request for n choices waits at the head of the queue for n free slots, and one
+    # cancelled there still waited for them, and every request behind it, although a slot was free.
+    counting = SamplingOptions(max_tokens=300, temperature=0)
+    hogs = [asyncio.ensure_future(run(engine, "Count: 1, 2, 3,", counting)) for _ in range(7)]  # 7 of 8 slots
+    while engine.load.running < 7:
+        await asyncio.sleep(0.01)
+    several = asyncio.ensure_future(run(engine, "Hello", SamplingOptions(max_tokens=5, n=2)))
+    while engine.load.queued < 1:
+        await asyncio.sleep(0.01)
+    several.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await several
+    try:
+        _, finished = await run(engine, "The capital of France is", SamplingOptions(max_tokens=5, temperature=0))
+        assert finished.completion_tokens == 5
+        assert not any(h.done() for h in hogs)  # it took the free slot: no running request had to end first
+    finally:
+        for hog in hogs:
+            hog.cancel()
+        await asyncio.gather(*hogs, return_exceptions=True)
 
 
 async def test_concurrent_embeddings_are_micro_batched_and_cached(engine: LlamaCppEngine) -> None:

@@ -79,6 +79,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -121,6 +122,17 @@ LONG_PREFIX = 64
 MAX_TRIGGER_RESAMPLES = 16
 # Prompt tokens of a request that scores its prompt, decoded in one step: each keeps a row of logits.
 SCORE_CHUNK = 128
+RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a seed drawn at random
+
+
+def seed32(seed: int) -> int:
+    """A request's seed (OpenAI's are 64-bit; plus the choice's index) as llama.cpp's 32-bit one, never its
+    "random": a seed below 2**32 - 1 is itself, a larger one a hash of it below that, so that every seed
+    reproduces its sample and seeds 2**32 apart do not give the same."""
+    if seed < RANDOM_SEED:
+        return seed
+    digest = hashlib.blake2b(seed.to_bytes(16, "little"), digest_size=4).digest()
+    return int.from_bytes(digest, "little") % RANDOM_SEED
 
 
 @dataclass(frozen=True)
@@ -396,8 +408,12 @@ class DecodeLoop:
             self._post(functools.partial(_dispatch, events))
 
     def _admit(self) -> None:
-        # First come, first served: a request with n choices waits at the head until n slots are free.
-        while self._queue and len(self._active) + self._queue[0].options.n <= self.slots:
+        # First come, first served: a request with n choices waits at the head until n slots are free; one
+        # cancelled meanwhile leaves at once, so that the requests behind it take the slots that are free.
+        while self._queue:
+            head = self._queue[0]
+            if not head.cancelled.is_set() and len(self._active) + head.options.n > self.slots:
+                break
             with self._wake:
                 request = self._queue.popleft()
             if request.cancelled.is_set():
@@ -575,8 +591,8 @@ class DecodeLoop:
         if options.min_p > 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(options.min_p, 1))
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(options.temperature))
-        seed = options.seed + index if options.seed is not None else ll.LLAMA_DEFAULT_SEED  # DEFAULT: random
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        seed = seed32(options.seed + index) if options.seed is not None else ll.LLAMA_DEFAULT_SEED  # random
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
         return chain
 
     def _step(self) -> None:
