@@ -12,9 +12,11 @@ request's error, after it an error event of the stream, as for one prompt.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncGenerator, Callable, Sequence
 
 from fleetlm.inference.v1 import inference_pb2
+from mesh.errors import FleetError
 
 # Prompts generating at once. More would only wait in the nodes' queues, and a batch larger than the
 # fleet's queues would be refused as a whole (429) although it would be served a window at a time.
@@ -53,6 +55,9 @@ async def merged(opens: Sequence[Callable[[], Stream]], n: int, at_once: int = W
             if item is None:
                 pending -= 1
                 continue
+            if isinstance(item, FleetError) and item.param == "prompt" and item.message.startswith("prompt["):
+                # A node names a token by its place in the prompt it was given: here that is prompt i's.
+                raise dataclasses.replace(item, message=f"prompt[{prompt}]{item.message[len('prompt') :]}")
             if isinstance(item, BaseException):
                 raise item
             offset = prompt * n

@@ -42,6 +42,8 @@ def _text_of(content: Any, where: str) -> str:
             texts.append(part["text"])
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
             texts.append(part["refusal"])
+        elif kind in INPUT_TEXT:
+            raise invalid(f"{where}[{j}].text", f"'{where}[{j}].text' must be a string")
         elif isinstance(kind, str) and kind.startswith("input_"):
             raise invalid(
                 f"{where}[{j}]", f"'{kind}' content is not supported: fleetlm passes text only, to every model"

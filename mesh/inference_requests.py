@@ -45,7 +45,7 @@ def _number(value: float) -> str:
     if isinstance(value, int) or (math.isfinite(value) and value.is_integer() and abs(value) < 1e15):
         digits = str(int(value))
         return digits if len(digits) <= 24 else f"{digits[:20]}... ({len(digits)} digits)"
-    return f"{value:g}"
+    return repr(float(value))  # the shortest that reads back as the value: 2.0000001 is not shown as 2
 
 
 @dataclass(frozen=True)

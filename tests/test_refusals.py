@@ -61,6 +61,8 @@ CHAT_REFUSED: list[tuple[dict[str, Any], str, str]] = [
     ({"messages": [USER], "logit_bias": {"3": "high"}}, "logit_bias", "numbers"),
     ({"messages": [USER], "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias", "at most 1024"),
     ({"messages": [USER], "logit_bias": {"49152": 5}}, "logit_bias", "token ids are 0 to 49151"),
+    # The value refused, as it was sent (it was rounded: "must be between 0 and 2; got 2")
+    ({"messages": [USER], "temperature": 2.0000001}, "temperature", "got 2.0000001"),
 ]
 COMPLETION_REFUSED: list[tuple[dict[str, Any], str, str]] = [
     ({"prompt": "Hello", "suffix": "world"}, "suffix", "suffix"),
@@ -73,6 +75,7 @@ COMPLETION_REFUSED: list[tuple[dict[str, Any], str, str]] = [
     # Token ids (OpenAI's forms of `prompt`) the model does not have, or that are no ids; more prompts
     # than a request may hold
     ({"prompt": [15496, 11, 49152]}, "prompt", "token ids are 0 to 49151"),
+    ({"prompt": [[15496, 11], [49152]]}, "prompt", "prompt[1][0] is 49152"),  # the prompt named (was prompt[0])
     ({"prompt": [[15496, 11], [-3]]}, "prompt", "not negative"),
     ({"prompt": [15496, 2**31]}, "prompt", "no model has a token id that large"),
     ({"prompt": [15496, "Hello"]}, "prompt", "prompt"),

@@ -148,6 +148,9 @@ def test_text_format_json_schema_gives_a_parsed_answer(client: openai.OpenAI, me
         ({"input": "hi", "temperature": 3}, "temperature", "between 0 and 2"),
         ({"input": "hi", "store": [[1]]}, "store", "bool"),  # accepted as a boolean, and only as one
         ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", "between 1 and"),
+        # A text part without its text names the text, not the part (it was "'input_text' content is not supported").
+        ({"input": [{"type": "message", "role": "user", "content": [{"type": "input_text"}]}]},
+         "input[0].content[0].text", "must be a string"),
         ({"input": "hi", "text": {"format": {"type": "yaml"}}}, "text.format.type", "json_schema"),
         ({"input": "hi", "include": ["message.output_text.logprobs"]}, "include", "not supported"),
         ({"input": "hi", "top_logprobs": 3}, "top_logprobs", "chat completions"),
