@@ -51,7 +51,9 @@ from mesh.tls import is_loopback
 
 
 def _fleetlm(*args: str) -> list[str]:
-    return [sys.executable, "-m", "launcher", *args]
+    # -P: the working directory stays off the module path, so that a folder there named like one of
+    # fleetlm's packages (a clone called `fleetlm`, say) does not stand in for it.
+    return [sys.executable, "-P", "-m", "launcher", *args]
 
 
 def _models_ready(http: str, context: ssl.SSLContext | None = None, names: list[str] | None = None) -> bool:

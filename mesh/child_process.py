@@ -144,7 +144,7 @@ def orphan_proof(argv: list[str]) -> list[str]:
     For parents with threads (gRPC's): Python code in a forked child (`preexec_fn`) can deadlock or crash
     on a lock another thread held at the fork; an exec'd interpreter starts clean.
     """
-    return [sys.executable, "-m", "mesh.child_process", str(os.getpid()), *argv]
+    return [sys.executable, "-P", "-m", "mesh.child_process", str(os.getpid()), *argv]  # -P: as launcher.up
 
 
 def _exec_orphan_proof(args: list[str]) -> None:

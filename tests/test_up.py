@@ -44,13 +44,15 @@ def up_argv(tmp_path: Path, *flags: str) -> tuple[list[str], dict[str, int]]:
     return argv, ports
 
 
-def start_up(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
+def start_up(
+    tmp_path: Path, *flags: str, cwd: Path | None = None
+) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
     """`fleetlm up` with `flags` on free ports, its state in tmp_path/state, once its banner is out (120 s at
     most; it is killed if it does not get there). Returns the process, its ports and its log."""
     argv, ports = up_argv(tmp_path, *flags)
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
-        up = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        up = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     try:
         deadline = time.monotonic() + 120
         while "fleetlm is up" not in log.read_text():
@@ -98,7 +100,7 @@ def test_up_serves_curl_and_stops_cleanly(tmp_path: Path, monkeypatch: pytest.Mo
         assert answer["usage"]["completion_tokens"] > 0
         # The node's llama.cpp compute threads (its decode thread and OpenMP's workers) are in the SCHED_IDLE
         # class, so its gRPC and every other process here take a core from them at once; the rest are not.
-        [node] = [p for p in descendants if p.cmdline()[1:4] == ["-m", "launcher", "node"]]
+        [node] = [p for p in descendants if p.cmdline()[1:5] == ["-P", "-m", "launcher", "node"]]
         policies = [os.sched_getscheduler(thread.id) for thread in node.threads()]
         assert policies.count(os.SCHED_IDLE) >= 2 and os.sched_getscheduler(node.pid) == os.SCHED_OTHER, policies
 
@@ -130,6 +132,27 @@ def test_up_serves_curl_and_stops_cleanly(tmp_path: Path, monkeypatch: pytest.Mo
     assert not leftovers, leftovers
     for port in [*ports.values(), ports["etcd"] + 1]:
         assert port_free("127.0.0.1", port), f"port {port} still bound"
+
+
+def test_up_runs_from_a_folder_holding_a_clone_named_fleetlm(tmp_path: Path) -> None:
+    """`git clone .../fleetlm` makes a folder named like fleetlm's generated package: from the folder that
+    holds it, the components' `python -m launcher` found that folder first and died at their first import
+    (`No module named 'fleetlm.controlplane.v1'`)."""
+    workdir = tmp_path / "work"
+    clone = workdir / "fleetlm"
+    for package in ("controlplane", "launcher", "mesh"):  # as the clone has them
+        (clone / package).mkdir(parents=True)
+        (clone / package / "__init__.py").touch()
+    up, ports, log = start_up(tmp_path, cwd=workdir)
+    try:
+        reply = httpx.get(f"http://127.0.0.1:{ports['http']}/v1/models", timeout=30)
+        assert reply.status_code == 200 and reply.json()["data"], reply.text
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0, log.read_text()
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert "Traceback" not in log.read_text()
 
 
 def test_up_refuses_busy_ports(tmp_path: Path) -> None:
