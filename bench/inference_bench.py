@@ -103,8 +103,15 @@ async def measure(stream: Stream, tokens: int, concurrency: int = 8) -> dict[str
 def direct_stream(threads: int) -> Stream:
     import llama_cpp
 
+    # Flash attention on, as the node's context has it (llama.cpp's default, "auto", is on for the CPU):
+    # llama-cpp-python's Llama turns it off by default, which made this row another engine than the node's.
     llm = llama_cpp.Llama(
-        str(default_model_path()), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False
+        str(default_model_path()),
+        n_ctx=2048,
+        n_threads=threads,
+        n_threads_batch=threads,
+        flash_attn=True,
+        verbose=False,
     )
     # One context, so requests take turns, as they must without batching; and every call comes from one
     # thread: llama.cpp's OpenMP keeps a team of worker threads per calling thread, and the idle teams of
