@@ -92,6 +92,13 @@ class Leadership:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # etcd unreachable: whatever we held is in doubt
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Cancelled (the stop) as the election watch failed (etcd stopping beside it, say): 3.11's
+                    # TaskGroup then raises the watch's failure, and the cancellation it leaves pending is never
+                    # raised again; the loop went on, and the control plane's stop waited for it until its
+                    # deadline. It ends here, as the cancellation meant.
+                    raise asyncio.CancelledError from exc
                 why = _reason(exc)
                 self.step_down(f"etcd failed: {why}")
                 # An etcd that cannot be reached is said once by the store, not at every try here.
