@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -29,11 +30,12 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from launcher.admin_access import AccessError, find_target, write_operator_file
-from launcher.default_model import write_default_catalog
+from launcher.default_model import default_model_path, write_default_catalog
 from launcher.processes import (
     Child,
     Interrupted,
@@ -56,15 +58,16 @@ def _fleetlm(*args: str) -> list[str]:
     return [sys.executable, "-P", "-m", "launcher", *args]
 
 
-def _models_ready(http: str, context: ssl.SSLContext | None = None, names: list[str] | None = None) -> bool:
-    """Whether every model is loaded (or failed). With API keys required `fleetlm up` holds none: it reads
-    the edge's /health, which stays open, and waits until every one of `names` is ready there."""
-    if names is not None:
+def _models_ready(http: str, names: list[str], context: ssl.SSLContext | None = None, keyed: bool = False) -> bool:
+    """Whether every model of `names` (the catalog's) is loaded (or failed); deployments kept from an earlier
+    start are not waited for (the banner names them). With API keys required (`keyed`) `fleetlm up` holds
+    none: it reads the edge's /health, which stays open, and waits until every one is ready there."""
+    if keyed:
         with urllib.request.urlopen(f"{http}/health", timeout=2, context=context) as reply:
             return set(names) <= set(json.load(reply).get("ready_models", []))
     with urllib.request.urlopen(f"{http}/v1/models", timeout=2, context=context) as reply:
-        data = json.load(reply)["data"]
-    return bool(data) and all(m["state"] in ("ready", "failed") for m in data)
+        states = {m["id"]: m["state"] for m in json.load(reply)["data"]}
+    return all(states.get(name) in ("ready", "failed") for name in names)
 
 
 class LoadProgress:
@@ -199,10 +202,42 @@ def _issue_certificates(state: Path, host: str, node_id: str) -> dict[str, list[
     return flags
 
 
+_STATE_LOCK: list[Any] = []  # the open lock file of this process's state directory (_hold_state), held until exit
+
+
+def _hold_state(state: Path) -> str:
+    """Take the state directory for this `fleetlm up` (a lock the kernel lets go when the process ends, however
+    it ends): "" once taken, else what is known of the `up` that holds it (" (pid N)"). A second `up` on the
+    same state would find etcd's data held, and would have pointed `fleetlm status` at itself meanwhile."""
+    lock = open(state / "up.lock", "a+")  # noqa: SIM115 - held as long as this process
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        return f" (pid {holder})" if holder.isdigit() else " (its pid unknown)"
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    _STATE_LOCK.append(lock)
+    return ""
+
+
 def run(args: argparse.Namespace) -> int:
     host = args.host
     state = Path(args.state_dir).expanduser()
-    state.mkdir(parents=True, exist_ok=True)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        in_use = _hold_state(state)
+    except OSError as exc:
+        print(f"fleetlm up: cannot use {state} as the state directory: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if in_use:
+        print(f"fleetlm up: another fleetlm up runs with the state directory {state}{in_use}; stop it, or give"
+              " this one another --state-dir", file=sys.stderr)  # fmt: skip
+        return 2
     ports = {
         "edge HTTP": args.http_port,
         "edge gRPC": args.grpc_port,
@@ -237,8 +272,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"fleetlm up: the model catalog {catalog} names weights this machine does not have ({where})",
               file=sys.stderr)  # fmt: skip
         return 2
-    # The one node may be assigned any deployment: it looks for weights where the catalog says they are.
-    models_dirs = [arg for d in sorted({str(Path(e.path).parent) for e in entries}) for arg in ("--models-dir", d)]
+    # The one node may be assigned any deployment: it looks for weights where the catalog says they are, and
+    # where the default model is (a deployment of it kept from an earlier start runs beside another catalog).
+    folders = {str(Path(e.path).parent) for e in entries} | {str(default_model_path().parent)}
+    models_dirs = [arg for d in sorted(folders) for arg in ("--models-dir", d)]
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -279,7 +316,13 @@ def run(args: argparse.Namespace) -> int:
             log = open(state / "etcd.log", "ab")  # noqa: SIM115 - lives as long as etcd
             etcd = Child("etcd", etcd_argv(state / "etcd", "127.0.0.1", args.etcd_port, args.etcd_port + 1), log)
             children.append(etcd)
-            wait_until(lambda: etcd_healthy("127.0.0.1", args.etcd_port), 60, "etcd to serve", etcd, stop)
+            wait_until(
+                lambda: etcd_healthy("127.0.0.1", args.etcd_port),
+                60,
+                f"etcd to serve (its log: {state / 'etcd.log'})",
+                etcd,
+                stop,
+            )
         controlplane = Child(
             "controlplane",
             _fleetlm(
@@ -336,10 +379,14 @@ def run(args: argparse.Namespace) -> int:
         )
         children.append(edge)
         wait_until(lambda: tcp_open(local, args.http_port), 60, "the edge", edge, stop)
-        names = [e.name for e in entries] if require_auth else None
-        progress = LoadProgress(state, [e.name for e in entries])
+        names = [e.name for e in entries]
+        progress = LoadProgress(state, names)
         wait_until(
-            lambda: progress.show() or _models_ready(http, context, names), 300, "the models to load", node, stop
+            lambda: progress.show() or _models_ready(http, names, context, require_auth),
+            300,
+            "the models to load",
+            node,
+            stop,
         )
         progress.show(now=True)  # the models' final states, which the last check may not have fetched
         model = ", ".join(e.name for e in entries)

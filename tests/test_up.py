@@ -357,7 +357,9 @@ def test_up_starts_a_component_that_died_again_and_serves_on(tmp_path: Path) -> 
             time.sleep(0.5)
 
     def child(argv_part: str) -> psutil.Process:
-        [found] = [p for p in psutil.Process(up.pid).children() if p.cmdline()[1:4] == ["-m", "launcher", argv_part]]
+        [found] = [
+            p for p in psutil.Process(up.pid).children() if p.cmdline()[1:5] == ["-P", "-m", "launcher", argv_part]
+        ]
         return found
 
     try:
@@ -404,6 +406,64 @@ def test_up_says_which_deployments_an_earlier_start_left_beside_its_catalog(tmp_
             if up.poll() is None:
                 up.kill()
                 up.wait()
+
+
+def test_up_with_another_catalog_runs_the_default_model_kept_from_before(tmp_path: Path) -> None:
+    """The default model, deployed by a plain `up`, is kept in etcd; `up --catalog` with a model in another
+    folder then runs both, as the README says (the node looked for weights in the new catalog's folder only,
+    the kept model could not be placed, and `up` waited for it until its timeout, with no banner)."""
+    from launcher.default_model import default_model_path
+
+    up, _, log = start_up(tmp_path)
+    up.send_signal(signal.SIGINT)
+    assert up.wait(60) == 0, log.read_text()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "other.gguf").symlink_to(default_model_path())
+    catalog = tmp_path / "other.yaml"
+    catalog.write_text(f"models:\n  - {{name: other, path: {tmp_path / 'models' / 'other.gguf'}, context_size: 512}}\n")
+    up, ports, log = start_up(tmp_path, "--catalog", str(catalog))
+    try:
+        banner = log.read_text().split("fleetlm is up", 1)[1]
+        assert "also deployed     smollm2-135m   (kept from an earlier start" in banner, banner
+
+        def states() -> dict[str, str]:
+            reply = httpx.get(f"http://127.0.0.1:{ports['http']}/v1/models", timeout=10)
+            return {m["id"]: m["state"] for m in reply.json()["data"]}
+
+        deadline = time.monotonic() + 60
+        while states() != {"other": "ready", "smollm2-135m": "ready"}:  # bounded: the kept one loads beside
+            assert time.monotonic() < deadline, states()
+            time.sleep(0.5)
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0, log.read_text()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+def test_up_refuses_a_state_directory_in_use_or_unusable(tmp_path: Path) -> None:
+    """A second `up` on a running one's state directory says so at once, before it touches anything there
+    (it waited 60 s for an etcd that could not take the data, and had pointed `fleetlm status` at itself);
+    a state directory that cannot be one is one line, not a traceback."""
+    up, _, log = start_up(tmp_path)
+    try:
+        operator = (tmp_path / "state" / "operator.json").read_text()
+        argv, _ = up_argv(tmp_path)  # other ports, the same state directory
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert second.returncode == 2, second.stderr
+        assert f"another fleetlm up runs with the state directory {tmp_path / 'state'} (pid {up.pid})" in second.stderr
+        assert (tmp_path / "state" / "operator.json").read_text() == operator
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0, log.read_text()
+    (tmp_path / "a-file").write_text("")
+    for state in (tmp_path / "a-file", tmp_path / "a-file" / "below"):
+        argv, _ = up_argv(tmp_path)
+        refused = subprocess.run([*argv, "--state-dir", str(state)], capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.startswith(f"fleetlm up: cannot use {state} as the state directory")
+        assert "Traceback" not in refused.stderr and len(refused.stderr.splitlines()) == 1, refused.stderr
 
 
 def test_up_waits_for_etcd_to_serve_not_only_for_its_port(tmp_path: Path) -> None:
