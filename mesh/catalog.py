@@ -169,16 +169,34 @@ class CatalogError(ValueError):
     pass
 
 
+def _first_problem(exc: ValidationError) -> str:
+    """A catalog's validation errors in one line, each named by where it is (models[0].name: ...)."""
+    problems = []
+    for error in exc.errors():
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+        message = "unknown field (a typo?)" if error["type"] == "extra_forbidden" else error["msg"]
+        problems.append(f"{where}: {message}" if where else message)
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return "; ".join(problems[:3]) + more
+
+
 def load_catalog(path: Path) -> list[ModelEntry]:
     """Parse and validate a catalog; errors name the file and the bad entry."""
     try:
         raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise CatalogError(f"cannot read model catalog {path}: {exc}") from exc
+    except OSError as exc:
+        raise CatalogError(f"cannot read model catalog {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise CatalogError(f"model catalog {path} is not valid YAML{where}: {problem}") from exc
+    if raw is None:
+        raise CatalogError(f"model catalog {path} is empty: it needs `models:`, a list of models")
     try:
         catalog = Catalog.model_validate(raw if isinstance(raw, dict) else {"models": raw})
     except ValidationError as exc:
-        raise CatalogError(f"invalid model catalog {path}:\n{exc}") from exc
+        raise CatalogError(f"invalid model catalog {path}: {_first_problem(exc)}") from exc
     names = [m.name for m in catalog.models]
     if len(set(names)) != len(names):
         raise CatalogError(f"model catalog {path} declares a name twice: {names}")
