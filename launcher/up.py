@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -225,6 +226,12 @@ def _hold_state(state: Path) -> str:
     return ""
 
 
+def _on_path(program: str) -> bool:
+    """Whether `program` (this process's argv[0]) is what a shell finds as `fleetlm`."""
+    found = shutil.which("fleetlm")
+    return found is not None and Path(found).resolve() == Path(program).resolve()
+
+
 def run(args: argparse.Namespace) -> int:
     host = args.host
     state = Path(args.state_dir).expanduser()
@@ -405,8 +412,12 @@ def run(args: argparse.Namespace) -> int:
             admin_grpcurl += f' -H "authorization: Bearer $(cat {token_file})"'
         default_state = Path(os.environ.get("XDG_STATE_HOME", "~/.local/state"), "fleetlm").expanduser()
         status_dir = "" if state == default_state else f" --state-dir {state}"
+        # `fleetlm` as this shell finds it: the venv's, when the venv is not on PATH (`make up` runs it so)
+        fleetlm = "fleetlm" if _on_path(sys.argv[0]) else sys.argv[0]
+        try_it = f"{curl} {http}/v1/models"
         if require_auth:  # fleetlm keys finds the control plane and the credentials in the operator file
-            tls_note += f"\n  API keys          required; make one: fleetlm keys create NAME{status_dir}"
+            tls_note += f"\n  API keys          required; make one: {fleetlm} keys create NAME{status_dir}"
+            try_it = f'{curl} -H "Authorization: Bearer $KEY" {http}/v1/models, KEY from {fleetlm} keys create'
         cp_local = f"{local}:{args.controlplane_port}"
         if others:  # said, not removed: an operator's DeployModel is kept across starts as a catalog's is
             method = "fleetlm.controlplane.v1.AdminService/UndeployModel"
@@ -419,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"""
 fleetlm is up.
-  OpenAI HTTP API   {http}/v1        (try: {curl} {http}/v1/models)
+  OpenAI HTTP API   {http}/v1        (try: {try_it})
   gRPC Inference    {local}:{args.grpc_port}   (reflection on: {grpcurl} {local}:{args.grpc_port} list)
   control plane     {cp_local}   ({admin_grpcurl} {cp_local} fleetlm.controlplane.v1.AdminService/ListNodes)
   node agent        {local}:{args.node_port}
@@ -427,7 +438,7 @@ fleetlm is up.
                     {metrics}:{args.node_metrics_port}/metrics (node)   (Prometheus: docker/prometheus.yml)
   etcd              {etcd_url}{etcd_note}
   deployments       {model}   (catalog {catalog}){tls_note}
-  status            fleetlm status{status_dir}   (nodes, deployments, replicas; --json for scripts)
+  status            {fleetlm} status{status_dir}   (nodes, deployments, replicas; --json for scripts)
 Press Ctrl-C to stop.
 """,
             flush=True,
