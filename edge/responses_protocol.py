@@ -407,14 +407,9 @@ class ResponseEvents:
         events = []
         if self._open is None or self._open["type"] != "message":
             events += self._close()
-            item = self.shape.message(new_id("msg", "_"), "", "in_progress")
-            self._open = item
-            events.append(
-                self.event("response.output_item.added", output_index=len(self.output), item={**item, "content": []})
-            )
-            events.append(self.event("response.content_part.added", item_id=item["id"], output_index=len(self.output),
-                                     content_index=0, part=item["content"][0]))  # fmt: skip
+            events += self._open_message()
         item = self._open
+        assert item is not None
         item["content"][0]["text"] += delta
         events.append(self.event("response.output_text.delta", item_id=item["id"], output_index=len(self.output),
                                  content_index=0, delta=delta, logprobs=[]))  # fmt: skip
@@ -433,6 +428,16 @@ class ResponseEvents:
             events.append(self.event("response.function_call_arguments.delta", item_id=item["id"],
                                      output_index=len(self.output), delta=delta.arguments))  # fmt: skip
         return events
+
+    def _open_message(self) -> list[bytes]:
+        item = self.shape.message(new_id("msg", "_"), "", "in_progress")
+        self._open = item
+        index = len(self.output)
+        return [
+            self.event("response.output_item.added", output_index=index, item={**item, "content": []}),
+            self.event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                       part=item["content"][0]),
+        ]  # fmt: skip
 
     def _close(self, status: str = "completed") -> list[bytes]:
         item, self._open = self._open, None
@@ -456,7 +461,9 @@ class ResponseEvents:
 
     def finish(self, result: inference_pb2.GenerateResult) -> list[bytes]:
         status = status_of(result)
-        events = self._close(status)
+        # A reply with no text and no call is one empty message, as the whole response has it (ResponseShape.full)
+        events = self._open_message() if self._open is None and not self.output else []
+        events += self._close(status)
         response = self.shape.finished(self.output, result)
         return [*events, self.event(f"response.{status}", response=response)]
 

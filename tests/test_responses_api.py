@@ -243,3 +243,27 @@ def test_a_call_cut_by_max_output_tokens_is_incomplete_in_the_whole_response_as_
     assert [item["status"] for item in told["output"]] == ["completed", "completed", "incomplete"]
     ended = inference_pb2.GenerateResult(finish_reason=inference_pb2.FINISH_REASON_TOOL_CALLS, tool_calls=calls)
     assert {item["status"] for item in shape.full("", ended)["output"]} == {"completed"}
+
+
+def test_an_empty_reply_is_one_empty_message_streamed_as_whole() -> None:
+    """A reply with no text and no call (the model's first token ended it): the whole response has one empty
+    message, and the stream's last event said the output was empty."""
+    import json
+
+    from edge.responses_protocol import ResponseEvents, ResponseShape, ResponsesRequest
+
+    shape = ResponseShape(ResponsesRequest.model_validate({"model": "m", "input": "hi"}), "m")
+    ended = inference_pb2.GenerateResult(finish_reason=inference_pb2.FINISH_REASON_STOP)
+    whole = shape.full("", ended)["output"]
+    events = [json.loads(e.split(b"data: ", 1)[1]) for e in ResponseEvents(shape).finish(ended)]
+    assert [e["type"] for e in events] == [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    streamed = events[-1]["response"]["output"]
+    assert [(i["type"], i["status"], i["content"][0]["text"]) for i in streamed] == [("message", "completed", "")]
+    assert [(i["type"], i["status"]) for i in whole] == [(i["type"], i["status"]) for i in streamed]
