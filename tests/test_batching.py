@@ -452,6 +452,21 @@ async def test_a_cancelled_request_for_several_choices_does_not_hold_the_queue(e
         await asyncio.gather(*hogs, return_exceptions=True)
 
 
+async def test_a_request_that_reaches_a_closed_decode_loop_is_told_so_not_left_waiting() -> None:
+    # Found by review: a request prepared (tokenized, its grammar made) while its replica was being unloaded
+    # reached a decode loop whose thread had drained its queue and left: it waited for good.
+    async with default_model_engine(1) as engine:
+        decode = engine._loop
+        assert decode is not None
+        tokens = await engine.tokenize("Hello")
+        await asyncio.to_thread(decode.close)  # the replica's unload, between the request's preparing and its submit
+        engine._loop = None  # closed: as the engine's close leaves it (its close then skips the loop)
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        decode.submit(BatchRequest(tokens, GREEDY, 4, queue.put_nowait))
+        answer = await asyncio.wait_for(queue.get(), 10)  # bounded: it was never answered
+        assert isinstance(answer, RuntimeError) and "unloaded" in str(answer)
+
+
 async def test_concurrent_embeddings_are_micro_batched_and_cached(engine: LlamaCppEngine) -> None:
     batcher = engine.embedder
     texts = [f"sentence number {i} about the weather" for i in range(16)]

@@ -411,7 +411,10 @@ class LlamaCppEngine:
             added = isinstance(prompt, str) and tokens[0] == self._llm.token_bos() and not self._begins_with_bos(prompt)
             request.unwritten = int(added)
         tools = await self._constrain(request, prompt, options)
-        self._loop.submit(request)
+        decode = self._loop
+        if decode is None:  # the engine closed (its model unloaded) while the request was being prepared
+            raise EngineUnavailable("the model was unloaded")
+        decode.submit(request)
         try:
             stream = _events(events)
             async for event in _tool_calls(stream, ToolCallStream()) if tools else stream:

@@ -360,8 +360,13 @@ class DecodeLoop:
 
     def submit(self, request: BatchRequest) -> None:
         with self._wake:
-            self._queue.append(request)
-            self._wake.notify()
+            if not self._closing:
+                self._queue.append(request)
+                self._wake.notify()
+                return
+        # Closed (its model unloaded) while the request was being prepared: the decode thread may be gone, and
+        # a request queued now would wait for good. It is answered as the close answers what was queued.
+        self._post(functools.partial(_dispatch, [(request, RuntimeError("the model was unloaded"))]))
 
     def close(self) -> None:
         with self._wake:
