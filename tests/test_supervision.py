@@ -72,6 +72,28 @@ async def test_a_process_that_exits_while_starting_fails_with_its_last_output(ca
     assert "loading weights\nCUDA error: no CUDA-capable device" in logged
 
 
+async def test_a_line_longer_than_the_readers_buffer_does_not_stop_the_reading() -> None:
+    # Found by review: a line over 64 KiB (a server logging a long prompt) ended the reading of the process's
+    # output; the pipe then filled and the process blocked on its next write, its health checks failing.
+    script = (
+        "import sys\n"
+        "print('x' * 200_000, flush=True)\n"
+        "for i in range(2000): print(f'line {i} ' + 'y' * 100)\n"  # 200 KB more than a pipe holds
+        "print('served', flush=True)\n"
+        "import time; time.sleep(300)\n"
+    )
+    process = EngineProcess("chatty", [sys.executable, "-c", script])
+
+    async def ready() -> bool:
+        return "served" in process.tail()
+
+    await process.start(ready, timeout=30)  # never ready if the writes had blocked
+    try:
+        assert "line 1999" in process.tail()  # read to the end, past the long line
+    finally:
+        await process.stop()
+
+
 async def test_start_up_timeout_fails_with_the_reason_and_leaves_nothing() -> None:
     # A server that hangs while loading (as SGLang does when a GPU is wedged): never listening.
     port = free_port()

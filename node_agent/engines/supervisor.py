@@ -77,7 +77,16 @@ class EngineProcess:
         return text
 
     async def _read(self, stream: asyncio.StreamReader) -> None:
-        async for raw in stream:
+        """Every line the process prints, to its end. A line longer than the reader's buffer (64 KiB: a
+        server logging a long prompt) is said to be one and left out, and reading goes on: it ended the
+        reading, the pipe then filled, and the process blocked on its next write."""
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # asyncio has dropped that line (or its first 64 KiB, the rest read as a line)
+                raw = b"[a line of more than 64 KiB, left out]"
+            if not raw:
+                return
             line = self._hide(raw.decode(errors="replace").rstrip())
             if line:
                 self._lines.append(line)
@@ -163,6 +172,6 @@ class EngineProcess:
             await asyncio.sleep(0.02)
         if self._reader is not None:
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(Exception, asyncio.CancelledError):  # the stop goes on whatever it ended with
                 await self._reader
         proc.close()
