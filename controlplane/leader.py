@@ -25,6 +25,7 @@ import logging
 
 from controlplane.store import ClusterStore, Fence, FencedOut, StoreUnavailable
 from mesh.errors import FleetError
+from mesh.lifecycle import cancelled_by_caller
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,7 @@ class Leadership:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # etcd unreachable: whatever we held is in doubt
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
+                if cancelled_by_caller():
                     # Cancelled (the stop) as the election watch failed (etcd stopping beside it, say): 3.11's
                     # TaskGroup then raises the watch's failure, and the cancellation it leaves pending is never
                     # raised again; the loop went on, and the control plane's stop waited for it until its

@@ -22,6 +22,7 @@ import grpc
 
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc
 from mesh.errors import ErrorCode, FleetError
+from mesh.lifecycle import cancelled_by_caller
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,9 @@ class KeyFeed:
                 finally:
                     call.cancel()
             except asyncio.CancelledError:
-                raise
+                if cancelled_by_caller():
+                    raise
+                log.warning("API-key stream cancelled by its channel's close; checking keys on the last table")
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
                     # A refusal an operator must fix (the fleet secret, the edge's certificate): said each time.

@@ -16,7 +16,8 @@ import dataclasses
 from collections.abc import AsyncGenerator, Callable, Sequence
 
 from fleetlm.inference.v1 import inference_pb2
-from mesh.errors import FleetError
+from mesh.errors import ErrorCode, FleetError
+from mesh.lifecycle import cancelled_by_caller
 
 # Prompts generating at once. More would only wait in the nodes' queues, and a batch larger than the
 # fleet's queues would be refused as a whole (429) although it would be served a window at a time.
@@ -40,7 +41,11 @@ async def merged(opens: Sequence[Callable[[], Stream]], n: int, at_once: int = W
                     queue.put_nowait((prompt, event))
                 queue.put_nowait((prompt, None))
             except asyncio.CancelledError:
-                raise
+                if cancelled_by_caller():
+                    raise
+                # The node's call, cancelled by its channel's close: this prompt's failure, not the request's
+                # stop (the merged stream would wait for its end for good).
+                queue.put_nowait((prompt, FleetError(ErrorCode.BACKEND_UNAVAILABLE, "the call to the node was cut")))
             except BaseException as error:
                 queue.put_nowait((prompt, error))
             finally:

@@ -19,6 +19,7 @@ import grpc
 from edge.route_table import Replica, RouteTable
 from fleetlm.controlplane.v1 import node_pb2, routing_pb2, routing_pb2_grpc
 from fleetlm.inference.v1 import inference_pb2
+from mesh.lifecycle import cancelled_by_caller
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,9 @@ class RouteFeed:
                 await self._follow(channel)
                 backoff = 0.1
             except asyncio.CancelledError:
-                raise
+                if cancelled_by_caller():
+                    raise
+                log.warning("routing-table stream cancelled by its channel's close; routing on the last table")
             except grpc.aio.AioRpcError as exc:
                 if self.connected or backoff <= 0.1:
                     log.warning("routing-table stream lost (%s); routing on the last table", exc.code().name)

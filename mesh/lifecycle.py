@@ -61,6 +61,15 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()  # retrieved: asyncio does not log it as "never retrieved"
 
 
+def cancelled_by_caller() -> bool:
+    """Whether the running task is being cancelled: its stop. grpc.aio also raises CancelledError from a call
+    that the close of its channel cancelled (a channel replaced after a certificate rotation closes the old
+    one, and the calls still on it, after mesh.tls.REPLACED_CHANNEL_GRACE_SECONDS): that one is a stream
+    lost, to be followed again, not a stop."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def cut_after(grace: float) -> float:
     """Seconds from the start of a shutdown with `grace` seconds for in-flight work to the moment the work
     still running is ended with an error of the service's own: SHUTDOWN_CUT_MARGIN_SECONDS before the grace

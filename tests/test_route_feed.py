@@ -62,3 +62,32 @@ async def test_the_table_follows_the_fleet_and_outlives_the_control_plane(tmp_pa
         raise
     finally:
         cluster.close()
+
+
+async def test_a_stream_its_channel_cancels_is_followed_again(tmp_path: Path) -> None:
+    """grpc.aio raises CancelledError from a call that the close of its channel cancelled, as a channel
+    replaced after a certificate rotation is closed (its calls with it) after a grace: the feed took that for
+    its own stop and ended, silently, and the edge routed on a frozen table from then on."""
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_etcd()
+        cluster.start_controlplane(lease_ttl=3)
+        replaced = grpc.aio.insecure_channel(cluster.controlplane)
+        async with grpc.aio.insecure_channel(cluster.controlplane) as current:
+            feed = RouteFeed([replaced, current], "test-edge", keepalive_seconds=0.5)
+            follower = asyncio.ensure_future(feed.run())
+            try:
+                await wait_until(lambda: feed.connected, 30, "the table from the first channel")
+                await replaced.close(0.1)  # cancels the stream on it, as the rotation's close does
+                await wait_until(lambda: not feed.connected or follower.done(), 10, "the stream's end")
+                await wait_until(lambda: feed.connected or follower.done(), 10, "the table again")
+                assert not follower.done() and feed.connected  # followed again, on the other channel
+            finally:
+                follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
+            assert follower.cancelled()  # and its own stop still stops it
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.close()
