@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -64,6 +66,19 @@ def start_up(
         up.wait()
         raise
     return up, ports, log
+
+
+@contextlib.contextmanager
+def stopped_at_the_end(up: subprocess.Popen[bytes], log: Path) -> Iterator[None]:
+    """The block, then Ctrl-C to `up` as a user sends it (it must exit 0); killed if the block failed first."""
+    try:
+        yield
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0, log.read_text()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
 
 
 def test_up_serves_curl_and_stops_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -392,7 +407,7 @@ def test_up_says_which_deployments_an_earlier_start_left_beside_its_catalog(tmp_
 
     for name, others in (("smol-a", None), ("smol-b", "smol-a")):
         up, _, log = start_up(tmp_path, "--catalog", str(catalog(name)))
-        try:
+        with stopped_at_the_end(up, log):
             banner = log.read_text().split("fleetlm is up", 1)[1]
             assert f"deployments       {name}" in banner, banner
             if others is None:
@@ -400,12 +415,6 @@ def test_up_says_which_deployments_an_earlier_start_left_beside_its_catalog(tmp_
             else:
                 assert f"also deployed     {others}   (kept from an earlier start" in banner, banner
                 assert "AdminService/UndeployModel" in banner, banner
-            up.send_signal(signal.SIGINT)
-            assert up.wait(60) == 0, log.read_text()
-        finally:
-            if up.poll() is None:
-                up.kill()
-                up.wait()
 
 
 def test_up_with_another_catalog_runs_the_default_model_kept_from_before(tmp_path: Path) -> None:
@@ -422,7 +431,7 @@ def test_up_with_another_catalog_runs_the_default_model_kept_from_before(tmp_pat
     catalog = tmp_path / "other.yaml"
     catalog.write_text(f"models:\n  - {{name: other, path: {tmp_path / 'models' / 'other.gguf'}, context_size: 512}}\n")
     up, ports, log = start_up(tmp_path, "--catalog", str(catalog))
-    try:
+    with stopped_at_the_end(up, log):
         banner = log.read_text().split("fleetlm is up", 1)[1]
         assert "also deployed     smollm2-135m   (kept from an earlier start" in banner, banner
 
@@ -434,12 +443,6 @@ def test_up_with_another_catalog_runs_the_default_model_kept_from_before(tmp_pat
         while states() != {"other": "ready", "smollm2-135m": "ready"}:  # bounded: the kept one loads beside
             assert time.monotonic() < deadline, states()
             time.sleep(0.5)
-        up.send_signal(signal.SIGINT)
-        assert up.wait(60) == 0, log.read_text()
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
 
 
 def test_up_refuses_a_state_directory_in_use_or_unusable(tmp_path: Path) -> None:
