@@ -61,6 +61,13 @@ def why_not_again(error: FleetError, continued: int) -> str:
     return ""
 
 
+def prompt_tokenize_request(request: inference_pb2.GenerateRequest, model: str) -> inference_pb2.TokenizeRequest:
+    """What counts `request`'s prompt as the node reads it (a chat with the model's template applied)."""
+    if request.WhichOneof("input") == "chat":
+        return inference_pb2.TokenizeRequest(model=model, chat=request.chat)
+    return inference_pb2.TokenizeRequest(model=model, text=request.prompt)
+
+
 @dataclass
 class Progress:
     """One Generate stream as the client has seen it so far."""
@@ -133,14 +140,10 @@ class Progress:
         """What to count the generated tokens with: the original input and the continued one, as `cut` and
         the node will see them (a chat's with the model's template applied by the node)."""
         if self.request.WhichOneof("input") == "chat":
-            return (
-                inference_pb2.TokenizeRequest(model=model, chat=self.request.chat),
-                inference_pb2.TokenizeRequest(model=model, chat=self._continued_chat()),
-            )
-        return (
-            inference_pb2.TokenizeRequest(model=model, text=self.request.prompt),
-            inference_pb2.TokenizeRequest(model=model, text=self.request.prompt + self.sent),
-        )
+            continuing = inference_pb2.TokenizeRequest(model=model, chat=self._continued_chat())
+        else:
+            continuing = inference_pb2.TokenizeRequest(model=model, text=self.request.prompt + self.sent)
+        return prompt_tokenize_request(self.request, model), continuing
 
     def cut(self, prompt_tokens: int, continued_prompt_tokens: int) -> inference_pb2.GenerateRequest | None:
         """The request that continues from what was sent, given the token counts of the two inputs of

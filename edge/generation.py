@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from edge import access_log, auth
-from edge.continuation import Progress, why_not, why_not_again
+from edge.continuation import Progress, prompt_tokenize_request, why_not, why_not_again
 from edge.gateway import Attempt, Gateway, Target, log_failure, new_request_id, prefix_hash
 from edge.metrics import CURRENT
 from fleetlm.inference.v1 import inference_pb2
@@ -109,9 +109,10 @@ class Generation:
                 try:
                     while not response.HasField("result"):
                         event = progress.forward(response)
-                        generated += event.WhichOneof("event") in ("delta", "tool_call")
+                        kind = event.WhichOneof("event")
+                        output = kind in ("delta", "tool_call")
+                        generated += output
                         if metrics is not None and counted is not None:
-                            kind = event.WhichOneof("event")
                             if kind == "delta":
                                 metrics.text(counted, streamed, first_choice + event.delta.index)
                                 outputs += streamed
@@ -121,7 +122,7 @@ class Generation:
                         if progress.held is None:
                             yield event
                         else:  # its first token reached the edge now, though it leaves with the result
-                            if access is not None and event.WhichOneof("event") in ("delta", "tool_call"):
+                            if access is not None and output:
                                 access.token()
                             progress.held.append(event)
                         response = await self._next_event(stream.call, stream.target, timeout)
@@ -167,10 +168,7 @@ class Generation:
             return
         if not admission.counts_tokens():
             return
-        if request.WhichOneof("input") == "chat":
-            count = inference_pb2.TokenizeRequest(model=model, chat=request.chat)
-        else:
-            count = inference_pb2.TokenizeRequest(model=model, text=request.prompt)
+        count = prompt_tokenize_request(request, model)
 
         async def charge_prompt() -> None:
             try:
