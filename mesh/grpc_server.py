@@ -26,6 +26,13 @@ from mesh.errors import ErrorCode, FleetError
 log = logging.getLogger(__name__)
 
 
+# A client's own cancellation at its deadline reaches the server before the server's timer for the same deadline
+# fires: the server's deadline is the header's timeout counted from when the call arrived (later than the
+# client counted from), and grpc rounds that timeout up when it writes it. A cancellation this close to the
+# deadline is the deadline's (CI saw one 1-2 ms early and logged a client's own deadline as its cancel).
+DEADLINE_SLACK_SECONDS = 0.1
+
+
 def ended_by_deadline(error: BaseException, context: grpc.aio.ServicerContext) -> bool:
     """Whether a call that ended with `error` was ended by its own deadline: grpc cancelled its handler, or
     the edge's call to the node ended with the client's deadline (CANCELLED), and the deadline has passed. Its
@@ -34,7 +41,7 @@ def ended_by_deadline(error: BaseException, context: grpc.aio.ServicerContext) -
         isinstance(error, FleetError) and error.code == ErrorCode.CANCELLED
     )
     remaining = context.time_remaining()
-    return cancelled and remaining is not None and remaining <= 0
+    return cancelled and remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: FleetError) -> None:

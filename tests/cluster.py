@@ -42,6 +42,15 @@ os.environ.setdefault("FLEETLM_CP_METRICS_LISTEN", "127.0.0.1:0")
 os.environ.setdefault("FLEETLM_NODE_METRICS_LISTEN", "127.0.0.1:0")
 
 
+def command_line(process: psutil.Process) -> list[str]:
+    """A process's command line, or [] when it has ended: a child that is being stopped is a zombie for a
+    moment (until its parent reaps it), and then psutil cannot read its command line."""
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
+
+
 def wait_for(check: Any, timeout: float, what: str, proc: Proc | None = None) -> Any:
     deadline = time.monotonic() + timeout
     last: Exception | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import grpc
@@ -10,6 +11,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from mesh.errors import ErrorCode, FleetError, vocabulary_code
+from mesh.grpc_server import ended_by_deadline
 
 EXPECTED = {
     "MODEL_REQUIRED": (400, grpc.StatusCode.INVALID_ARGUMENT),
@@ -143,3 +145,31 @@ def test_a_peer_that_is_not_fleetlm_is_classified_not_crashed_on() -> None:
     assert FleetError.from_rpc_error(garbage).code == ErrorCode.BACKEND_UNAVAILABLE
     sent = FleetError(ErrorCode.BACKEND_UNAVAILABLE, "engine crashed", retry_after_seconds=1)
     assert FleetError.sent_by_peer(_Received(sent, grpc.StatusCode.UNAVAILABLE)) == sent
+
+
+class _Remaining:
+    """What `ended_by_deadline` reads of a call's context: the time its deadline leaves."""
+
+    def __init__(self, remaining: float | None) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+@pytest.mark.parametrize(
+    ("error", "remaining", "by_deadline"),
+    [
+        # The client's own cancellation at its deadline arrives before the server's timer for it fires.
+        (asyncio.CancelledError(), 0.002, True),
+        (FleetError(ErrorCode.CANCELLED, "the client cancelled"), 0.002, True),
+        (asyncio.CancelledError(), -0.01, True),
+        (asyncio.CancelledError(), 5.0, False),  # a client that cancelled well before its deadline
+        (asyncio.CancelledError(), None, False),  # a call without a deadline
+        (FleetError(ErrorCode.BACKEND_UNAVAILABLE, "node went away"), 0.0, False),  # not a cancellation
+    ],
+)
+def test_a_cancellation_at_the_calls_deadline_is_the_deadline(
+    error: BaseException, remaining: float | None, by_deadline: bool
+) -> None:
+    assert ended_by_deadline(error, _Remaining(remaining)) is by_deadline  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ import pytest
 
 from fleetlm.controlplane.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 from launcher.default_model import default_model_path
-from tests.cluster import Cluster, Proc, free_port, wait_for
+from tests.cluster import Cluster, Proc, command_line, free_port, wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -159,7 +159,7 @@ def chat(fleet: Fleet, model: str, max_tokens: int = 24) -> tuple[str, str | Non
 
 def engine_processes(fleet: Fleet) -> list[psutil.Process]:
     children = psutil.Process(fleet.node.popen.pid).children(recursive=True)
-    return [p for p in children if "llama_cpp.server" in " ".join(p.cmdline())]
+    return [p for p in children if "llama_cpp.server" in " ".join(command_line(p))]
 
 
 @pytest.mark.parametrize("model", ["smol-attached", "smol-launched"])
@@ -264,7 +264,7 @@ def test_dropping_a_stream_closes_the_upstream_request(fleet: Fleet) -> None:
 
 def test_a_crashed_engine_is_reported_then_restarted_with_backoff(fleet: Fleet) -> None:
     # smol-launched's server: the only engine process without --embedding at this point.
-    server = next(p for p in engine_processes(fleet) if "--embedding" not in p.cmdline())
+    server = next(p for p in engine_processes(fleet) if "--embedding" not in command_line(p))
     killed_at = time.monotonic()
     server.send_signal(signal.SIGKILL)
     failed = fleet.wait_state("smol-launched", node_pb2.REPLICA_STATE_FAILED, timeout=30)
@@ -356,4 +356,4 @@ def test_an_agent_killed_leaves_no_engine_process(fleet: Fleet) -> None:
     assert len(engines) >= 2
     os.kill(fleet.node.popen.pid, signal.SIGKILL)
     _, alive = psutil.wait_procs(engines, timeout=30)  # each gets SIGTERM from the kernel; 30 s is generous
-    assert not alive, [p.cmdline() for p in alive]
+    assert not alive, [command_line(p) for p in alive]

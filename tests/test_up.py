@@ -20,7 +20,7 @@ import yaml
 
 from launcher.processes import port_free
 from mesh.lifecycle import free_port_pair
-from tests.cluster import free_port
+from tests.cluster import command_line, free_port
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -115,7 +115,7 @@ def test_up_serves_curl_and_stops_cleanly(tmp_path: Path, monkeypatch: pytest.Mo
         assert answer["usage"]["completion_tokens"] > 0
         # The node's llama.cpp compute threads (its decode thread and OpenMP's workers) are in the SCHED_IDLE
         # class, so its gRPC and every other process here take a core from them at once; the rest are not.
-        [node] = [p for p in descendants if p.cmdline()[1:5] == ["-P", "-m", "launcher", "node"]]
+        [node] = [p for p in descendants if command_line(p)[1:5] == ["-P", "-m", "launcher", "node"]]
         policies = [os.sched_getscheduler(thread.id) for thread in node.threads()]
         assert policies.count(os.SCHED_IDLE) >= 2 and os.sched_getscheduler(node.pid) == os.SCHED_OTHER, policies
 
@@ -186,7 +186,7 @@ def test_a_killed_up_takes_its_components_with_it_and_can_start_again(tmp_path: 
         while alive and time.monotonic() - killed < 60:  # bounded: the shutdown deadline is 35 s
             time.sleep(0.1)
             alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        assert not alive, [p.cmdline() for p in alive]
+        assert not alive, [command_line(p) for p in alive]
         outlived.append(round(time.monotonic() - killed, 1))
         assert all(port_free("127.0.0.1", port) for port in ports.values()), attempt
     assert max(outlived) < 10, f"the components outlived up by {outlived} s"
@@ -373,7 +373,7 @@ def test_up_starts_a_component_that_died_again_and_serves_on(tmp_path: Path) -> 
 
     def child(argv_part: str) -> psutil.Process:
         [found] = [
-            p for p in psutil.Process(up.pid).children() if p.cmdline()[1:5] == ["-P", "-m", "launcher", argv_part]
+            p for p in psutil.Process(up.pid).children() if command_line(p)[1:5] == ["-P", "-m", "launcher", argv_part]
         ]
         return found
 
