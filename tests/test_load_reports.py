@@ -310,6 +310,8 @@ async def test_a_node_that_moves_to_another_control_plane_is_not_shown_with_the_
         b.leases["n1"] = a.leases["n1"]
         await a.report("n1", replica("m", READY, running=3))
         assert await b.fleet.wait_for(lambda: "n1" in b.fleet.nodes and b.fleet.nodes["n1"].replicas, SETTLE)
+        # a's view takes the record in from its own watch of etcd, which may come after b's (CI saw it later).
+        assert await a.fleet.wait_for(lambda: a.fleet.nodes["n1"].replicas, SETTLE)
         assert a.fleet.nodes["n1"].replicas[0].running_requests == 3 and a.fleet.load.fresh("n1")
 
         # The node now reports to b (a went away for it, say), load only. b has never written its record,
