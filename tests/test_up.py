@@ -83,7 +83,7 @@ def stopped_at_the_end(up: subprocess.Popen[bytes], log: Path) -> Iterator[None]
 
 def test_up_serves_curl_and_stops_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     up, ports, log = start_up(tmp_path)
-    try:
+    with stopped_at_the_end(up, log):
         banner = log.read_text()
         assert f"http://127.0.0.1:{ports['http']}/v1" in banner
         assert f"127.0.0.1:{ports['grpc']}" in banner
@@ -136,12 +136,6 @@ def test_up_serves_curl_and_stops_cleanly(tmp_path: Path, monkeypatch: pytest.Mo
         monkeypatch.setattr(up_module, "fetch", fetch_from_before_placement)
         assert up_module.LoadProgress(tmp_path / "state", ["smollm2-135m"]).show(now=True) is False
         assert len(calls) == 2  # the verdicts were asked for, and checked against a fresh snapshot
-
-        up.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal does
-        assert up.wait(60) == 0, log.read_text()
-    finally:
-        if up.poll() is None:
-            up.kill()
     assert "fleetlm stopped." in log.read_text()
     leftovers = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not leftovers, leftovers
@@ -159,14 +153,9 @@ def test_up_runs_from_a_folder_holding_a_clone_named_fleetlm(tmp_path: Path) -> 
         (clone / package).mkdir(parents=True)
         (clone / package / "__init__.py").touch()
     up, ports, log = start_up(tmp_path, cwd=workdir)
-    try:
+    with stopped_at_the_end(up, log):
         reply = httpx.get(f"http://127.0.0.1:{ports['http']}/v1/models", timeout=30)
         assert reply.status_code == 200 and reply.json()["data"], reply.text
-        up.send_signal(signal.SIGINT)
-        assert up.wait(60) == 0, log.read_text()
-    finally:
-        if up.poll() is None:
-            up.kill()
     assert "Traceback" not in log.read_text()
 
 
