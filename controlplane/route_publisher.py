@@ -64,6 +64,7 @@ class RoutePublisher:
         self._wake = asyncio.Event()
         self._models: dict[str, routing_pb2.ModelRoute] = {}
         self._closed = False
+        self._closing = asyncio.Event()  # set by close: wakes streams still waiting for the fleet to settle
         self._shadowed: set[tuple[str, str]] = set()  # pinned replicas left out of the routes, warned of
         fleet.listeners.append(self._on_change)
         fleet.load_listeners.append(self._on_load)
@@ -71,6 +72,7 @@ class RoutePublisher:
     def close(self) -> None:
         """End every stream now (at shutdown: the edges move to another control plane at once)."""
         self._closed = True
+        self._closing.set()
         for subscriber in self._subscribers:
             subscriber.queue.put_nowait(None)
 
@@ -199,8 +201,17 @@ class RoutePublisher:
     async def watch(self) -> AsyncIterator[routing_pb2.WatchRoutesResponse]:
         """One edge's stream: the table, then its changes, until the edge goes away. Not before the fleet has
         settled: an edge keeps routing on the table it has rather than take one that lacks nodes which are
-        still registering again."""
-        await self._fleet.settled.wait()
+        still registering again. A stream opened after `close` (the server still takes calls during its stop's
+        grace) ends at once, as the open ones do, instead of holding the stop for that grace."""
+        if not self._fleet.settled.is_set() and not self._closed:
+            waits = [asyncio.ensure_future(self._fleet.settled.wait()), asyncio.ensure_future(self._closing.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+        if self._closed:
+            return
         subscriber = _Subscriber()
         self._subscribers.add(subscriber)
         try:

@@ -299,6 +299,31 @@ async def test_the_published_routing_table_carries_load_only_reports(etcd_url: s
         await stream.aclose()
 
 
+async def test_a_routes_stream_opened_after_the_publisher_closed_ends_at_once(etcd_url: str) -> None:
+    """At a stop the publisher ends every edge's stream (the edges move to another control plane), and the
+    server still takes calls for its grace: a stream that opens then, or that was waiting for the fleet to
+    settle, ends at once too, instead of staying open and holding the server's stop for its whole grace."""
+    async with control_plane(etcd_url) as cp:
+        async with asyncio.timeout(SETTLE):
+            await cp.fleet.settled.wait()
+        cp.publisher.close()
+        async with asyncio.timeout(5):
+            late = [update async for update in cp.publisher.watch()]
+    assert late == []
+    store = EtcdStore(etcd_url, f"/load-test-{uuid.uuid4().hex[:8]}")
+    await store.connect()
+    try:
+        publisher = RoutePublisher(FleetView(store))  # a fleet that never settles: its view is not even read
+        waiting = asyncio.ensure_future(anext(publisher.watch()))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # it waits for the fleet to settle, as it should
+        publisher.close()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(waiting, 5)
+    finally:
+        await store.close()
+
+
 async def test_a_node_that_moves_to_another_control_plane_is_not_shown_with_the_load_it_left_behind(
     etcd_url: str,
 ) -> None:
