@@ -11,7 +11,10 @@ grpc.aio.EOF; a failure raises grpc.aio.AioRpcError with the status a Generate c
 errors see no difference. Each call has its own deadline (kept here, and sent to the node, which keeps it
 too) and its own cancellation (a frame to the node, which stops the generation). When the stream breaks
 (the node died or went away), every call on it fails with the stream's status, as calls on a broken
-connection do, and the next call opens a new stream.
+connection do, and the next call opens a new stream. When the edge's certificate is rotated (mesh.tls), the
+next call opens a new stream on the channel with the new certificate, and the old stream is ended as soon as
+the calls it still carries have: left open, it would be cut with them when the replaced channel's grace
+(mesh.tls.REPLACED_CHANNEL_GRACE_SECONDS) runs out.
 
 A node that does not serve MultiplexService (an older version) answers UNIMPLEMENTED: its calls are made
 as plain Generate calls, and the node's stream is not tried again for RETRY_UNSUPPORTED_SECONDS. Nothing is
@@ -27,12 +30,14 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc, multiplex_pb2, multiplex_pb2_grpc
 from mesh.errors import DETAILS_KEY
+from mesh.tls import current_channel
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +176,16 @@ class CarriedCall:
 class _Session:
     """One Multiplex stream to a node and the calls it carries."""
 
-    def __init__(self, stub: multiplex_pb2_grpc.MultiplexServiceStub) -> None:
-        self._call = stub.Multiplex()
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel  # the channel it was opened on (not one that follows certificate files)
+        self._call = multiplex_pb2_grpc.MultiplexServiceStub(channel).Multiplex()
         self._calls: dict[int, CarriedCall] = {}
         self._next_id = 1
         self._lock = asyncio.Lock()
         self._sends: set[asyncio.Task[None]] = set()
         self.broken: grpc.aio.AioRpcError | None = None
+        self._retired: Callable[[_Session], None] | None = None  # told when a retired stream has ended
+        self._ending: asyncio.Task[None] | None = None
         # Set when the node has answered the stream's headers (or the stream failed): nothing is written
         # before. A server without the service ends the call at once with UNIMPLEMENTED, and a write racing
         # that end would fail and replace its status with grpc's local INTERNAL, hiding that it is missing.
@@ -195,6 +203,22 @@ class _Session:
 
     def forget(self, id_: int) -> None:
         self._calls.pop(id_, None)
+        if self._retired is not None and not self._calls:
+            self._end_retired()
+
+    def retire(self, ended: Callable[[_Session], None]) -> None:
+        """Take no new calls (the caller opens them on another stream) and end the stream once the calls it
+        carries have ended, then tell `ended`."""
+        self._retired = ended
+        if not self._calls:
+            self._end_retired()
+
+    def _end_retired(self) -> None:
+        ended, self._retired = self._retired, None
+        if ended is None:
+            return
+        self._ending = asyncio.ensure_future(self.close())
+        self._ending.add_done_callback(lambda _: ended(self))
 
     def _send(self, frame: multiplex_pb2.MultiplexFrame) -> None:
         task = asyncio.ensure_future(self.write(frame))
@@ -252,6 +276,8 @@ class _Session:
         calls, self._calls = self._calls, {}
         for call in calls.values():
             call.failed(error)
+        if self._retired is not None:
+            self._end_retired()
 
     async def close(self) -> None:
         self._reader.cancel()
@@ -269,9 +295,10 @@ class NodeLink:
         self, channel: grpc.aio.Channel, stub: inference_pb2_grpc.InferenceServiceStub, name: str = ""
     ) -> None:
         self._name = name or "a node"  # for the log
-        self._multiplex = multiplex_pb2_grpc.MultiplexServiceStub(channel)
+        self._channel = channel
         self._stub = stub
         self._session: _Session | None = None
+        self._retired: set[_Session] = set()  # streams on a replaced channel, ending with their last call
         self._unsupported_until = 0.0
 
     def generate(
@@ -289,10 +316,17 @@ class NodeLink:
         return CarriedCall(self, request, timeout, metadata)
 
     def attach(self, call: CarriedCall) -> None:
-        """Open `call` on the node's stream, opening a new stream when there is none or it broke."""
+        """Open `call` on the node's stream, opening a new stream when there is none, it broke, or a
+        certificate rotation replaced the channel it is on."""
+        channel = current_channel(self._channel)
         session = self._session
-        if session is None or session.broken is not None:
-            session = self._session = _Session(self._multiplex)
+        if session is None or session.broken is not None or session.channel is not channel:
+            if session is not None and session.broken is None:
+                self._retired.add(session)
+                session.retire(self._retired.discard)
+                log.info("a new stream to %s, on the rotated certificate; the old one ends with its last call",
+                         self._name)  # fmt: skip
+            session = self._session = _Session(channel)
         session.open(call)
 
     def plain(
@@ -301,5 +335,5 @@ class NodeLink:
         return self._stub.Generate(request, timeout=timeout, metadata=metadata)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in [*self._retired, *([self._session] if self._session is not None else [])]:
+            await session.close()

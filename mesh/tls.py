@@ -236,6 +236,13 @@ def secure_channel(
     return _FollowingChannel(target, files, [*options, *extra])
 
 
+def current_channel(channel: grpc.aio.Channel) -> grpc.aio.Channel:
+    """The channel a call made on `channel` now would go out on: for one that follows its certificate files
+    (`secure_channel`), the channel opened with the files as they are now; any other channel is itself. A
+    long-lived stream opened on the one it returns can tell, by comparing, that a rotation replaced it."""
+    return channel.current() if isinstance(channel, _FollowingChannel) else channel
+
+
 def peer_certificate(context: grpc.aio.ServicerContext) -> x509.Certificate | None:
     """The peer's verified certificate; None over plaintext or with no client certificate."""
     pems = context.auth_context().get("x509_pem_cert") or []

@@ -5,6 +5,7 @@ that the node answering is the node the routing table names)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import time
@@ -17,6 +18,7 @@ import openai
 import pytest
 from cryptography import x509
 
+from edge.node_multiplex import NodeLink
 from fleetlm.controlplane.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -27,7 +29,9 @@ from fleetlm.controlplane.v1 import (
     routing_pb2_grpc,
 )
 from fleetlm.inference.v1 import inference_pb2, inference_pb2_grpc, multiplex_pb2_grpc
+from mesh.channels import CHANNEL_OPTIONS
 from mesh.fleet_ca import node_dns_name
+from mesh.tls import TlsFiles, secure_channel
 from tests.cluster import MODEL, START_TIMEOUT, Cluster, smollm_entry, wait_for
 from tests.test_join import join_token, node_ids
 
@@ -262,3 +266,49 @@ def test_a_node_that_says_it_holds_an_assigned_replica_is_not_routed_for_it(flee
     routes = {n.node_id: [r.model for r in n.replicas] for n in table.nodes}
     assert routes.get("liar") == [], routes  # registered (its lease is live), routed for nothing
     assert routes.get("tls-node") == [MODEL], routes
+
+
+async def test_a_rotated_edge_certificate_moves_the_node_stream_without_cutting_a_call(fleet: Fleet) -> None:
+    """The edge carries its Generate calls to a node on one stream (edge.node_multiplex) over a channel that
+    follows its certificate files. After a rotation the next call goes on a new stream, on the new
+    certificate; a call in flight on the old stream ends with all its text, and the replaced channel is
+    closed as soon as that call has ended. Left open, the old stream would have been cut, with whatever it
+    carried then, when the replaced channel's grace (660 s) ran out."""
+    cluster = fleet.cluster
+    cluster.issue("edge-mux", "edge/mux", days=7)
+    files = TlsFiles(cluster.dir / "edge-mux.crt", cluster.dir / "edge-mux.key", cluster.ca_dir / "ca.crt")
+    with cluster.channel(cluster.controlplane, "admin") as admin:
+        nodes = admin_pb2_grpc.AdminServiceStub(admin).ListNodes(admin_pb2.ListNodesRequest(), timeout=30)
+    address = next(n.inference_address for n in nodes.nodes if n.node_id == "tls-node")
+
+    def request(prompt: str, max_tokens: int) -> inference_pb2.GenerateRequest:
+        sampling = inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=0)
+        return inference_pb2.GenerateRequest(model=MODEL, prompt=prompt, sampling=sampling)
+
+    async def collect(call: Any) -> tuple[str, int]:
+        text, tokens = "", 0
+        while (response := await call.read()) is not grpc.aio.EOF:
+            text += response.delta.text if response.HasField("delta") else ""
+            tokens = response.result.usage.completion_tokens if response.HasField("result") else tokens
+        return text, tokens
+
+    channel = secure_channel(address, files, CHANNEL_OPTIONS, node_dns_name("tls-node"))
+    link = NodeLink(channel, inference_pb2_grpc.InferenceServiceStub(channel), "tls-node")
+    try:
+        assert await collect(link.generate(request("The capital of France is", 4), 60, ())) != ("", 0)
+        long_ = link.generate(request("Write a very long story.", 96), 120, ())
+        first = await asyncio.wait_for(long_.read(), 60)
+        assert first is not grpc.aio.EOF
+        cluster.issue("edge-mux", "edge/mux", days=7)  # rotated: the same files, rewritten
+        after = await collect(link.generate(request("The capital of France is", 4), 60, ()))
+        replaced = set(channel._closing)  # type: ignore[attr-defined]
+        assert len(replaced) == 1, "the call after the rotation did not move to a channel with the new certificate"
+        text, tokens = await collect(long_)
+        # The replaced channel's close waits for the calls on it: the old stream, ended with its last call.
+        done, _ = await asyncio.wait(replaced, timeout=20)
+    finally:
+        await link.close()
+        await channel.close()
+    assert after[0] and after[1] >= 1, "the call after the rotation"
+    assert text and tokens >= 1, "the call in flight across the rotation"  # a cut would have raised
+    assert done == replaced, "the old stream outlived its last call: the replaced channel is still open"
