@@ -37,7 +37,15 @@ from pydantic import (
 
 from fleetlm.inference.v1 import inference_pb2
 from mesh.errors import invalid
-from mesh.inference_requests import INT32_MAX, SAMPLING_BOUNDS, check_logit_bias, check_prompt_ids, sampling_bound
+from mesh.inference_requests import (
+    INT32_MAX,
+    OPENAI_SEED,
+    SAMPLING_BOUNDS,
+    check_logit_bias,
+    check_prompt_ids,
+    sampling_bound,
+    seed_to_proto,
+)
 
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_STOP: "stop",
@@ -191,7 +199,7 @@ class _Request(BaseModel):
         for field, bound in self.BOUNDED.items():
             value = getattr(self, field)
             if value is not None:
-                sampling_bound(bound, self.echoes).check(field, value)
+                (OPENAI_SEED if bound == "seed" else sampling_bound(bound, self.echoes)).check(field, value)
         self._token_bias = self.token_bias()  # checked here, so that a bad one is refused with the rest
         if self.stream_options is not None and not self.stream:  # as OpenAI answers it
             raise invalid("stream_options", "'stream_options' is only allowed when 'stream' is true")
@@ -234,7 +242,7 @@ class _Request(BaseModel):
         ):
             value = getattr(self, name)
             if value is not None:
-                setattr(params, name, value)
+                setattr(params, name, seed_to_proto(value) if name == "seed" else value)
         if self.stop is not None:
             params.stops.extend([self.stop] if isinstance(self.stop, str) else self.stop)
         if self.response_format is not None:

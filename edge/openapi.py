@@ -31,6 +31,7 @@ from mesh.inference_requests import (
     MAX_TOKEN_IDS,
     MAX_TOOLS,
     MAX_TOP_LOGPROBS,
+    OPENAI_SEED,
     ROLES,
     SAMPLING_BOUNDS,
     SCHEMA_NAME,
@@ -74,7 +75,14 @@ def _sampling_properties() -> Schema:
         "top_p": _bounded("top_p", "number"),
         "top_k": _bounded("top_k", "integer"),
         "min_p": _bounded("min_p", "number"),
-        "seed": _bounded("seed", "integer"),
+        "seed": _nullable(
+            {
+                "type": "integer",
+                "minimum": OPENAI_SEED.low,
+                "maximum": OPENAI_SEED.high,
+                "description": "a negative seed is taken as its 64-bit two's complement (-1 is 2^64 - 1)",
+            }
+        ),
         "stop": _nullable(
             {
                 "anyOf": [

@@ -86,6 +86,23 @@ SAMPLING_BOUNDS: Mapping[str, Bound] = {
 }
 
 
+# OpenAI's `seed` is a signed 64-bit integer; SamplingParams.seed is unsigned (64 bits). The HTTP API takes
+# both ranges: a negative seed is carried as its two's complement (seed mod 2^64), so -1 is 2^64 - 1, a fixed
+# seed like any other (not llama.cpp's "random").
+OPENAI_SEED = Bound(-(2**63), UINT64_MAX)
+
+
+def seed_to_proto(seed: int) -> int:
+    """An HTTP request's seed (OPENAI_SEED) as SamplingParams.seed."""
+    return seed % 2**64
+
+
+def seed_to_openai(seed: int) -> int:
+    """SamplingParams.seed as an OpenAI-compatible server takes every seed: a signed 64-bit integer (vLLM
+    refuses one beyond), and not negative (llama.cpp's servers read -1 as "random"), so still a fixed seed."""
+    return seed % 2**63
+
+
 def require_model(model: object) -> None:
     """The one check that a request names a model (a JSON body's `model`, or a proto's)."""
     if model is None or (isinstance(model, str) and not model.strip()):

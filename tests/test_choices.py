@@ -163,6 +163,27 @@ def test_grpc_seeded_choices_differ_and_come_back_the_same(mesh: Mesh) -> None:
     assert choices() == first
 
 
+def test_a_negative_seed_is_a_fixed_seed_as_openai_takes_it(client: openai.OpenAI, mesh: Mesh) -> None:
+    """OpenAI's seed is a signed 64-bit integer, and clients send -1: it is taken (a 200, not a 400), as its
+    64-bit two's complement over gRPC's unsigned field, and it is a fixed seed like any other (the same
+    answer again, the answer of seed 2^64 - 1), not llama.cpp's "random"."""
+
+    def ask(seed: int) -> str:
+        reply = client.chat.completions.create(
+            model=mesh.model, messages=ASK, max_tokens=24, temperature=1.0, seed=seed
+        )
+        return reply.choices[0].message.content or ""
+
+    minus_one = ask(-1)
+    assert minus_one and ask(-1) == minus_one
+    assert ask(2**64 - 1) == minus_one
+    assert ask(-(2**63)) == ask(2**63)
+    assert len({minus_one, ask(1), ask(2)}) == 3, "three seeds gave fewer answers: the seed is not used"
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(-(2**63) - 1)  # below OpenAI's range
+    assert refused.value.body["param"] == "seed"  # type: ignore[index]
+
+
 def test_the_node_counts_a_request_for_n_choices_as_n_sequences(mesh: Mesh) -> None:
     """While an n = 4 request streams, the load the node reports (seen in the control plane's GetNode) is 4
     running sequences; after it, none."""

@@ -91,7 +91,7 @@ HTTP_ONLY = [
     ("max_tokens", 2**32),
     ("top_k", -1),
     ("top_k", 2**32),
-    ("seed", -1),
+    ("seed", -(2**63) - 1),  # OpenAI's seed is a signed 64-bit integer; gRPC's unsigned: both ranges are taken
     ("seed", 2**64),
     ("seed", 10**400),
 ]
@@ -175,3 +175,11 @@ def test_model_required_over_grpc_is_the_same_error() -> None:
         grpc = over_grpc(grpc_chat(model, temperature=9))
         assert grpc is not None and http is not None
         assert (grpc.code, grpc.param, grpc.message) == (http.code, http.param, http.message)
+
+
+def test_a_seed_in_openais_signed_range_is_carried_as_its_twos_complement() -> None:
+    def carried(seed: int) -> int:
+        body = json.dumps({"model": "m", "messages": HELLO, "seed": seed}).encode()
+        return parse_body(body, ChatCompletionRequest).to_proto("chatcmpl-test").sampling.seed
+
+    assert [carried(s) for s in (0, 7, 2**64 - 1, -1, -2, -(2**63))] == [0, 7, 2**64 - 1, 2**64 - 1, 2**64 - 2, 2**63]

@@ -265,7 +265,7 @@ def test_bad_completion_and_embedding_input(mesh: Mesh) -> None:
     cases = [
         ("/v1/completions", {"model": mesh.model, "prompt": ""}, "prompt"),
         ("/v1/completions", {"model": mesh.model, "prompt": ["a", ""]}, "prompt"),
-        ("/v1/completions", {"model": mesh.model, "prompt": "x", "seed": -1}, "seed"),
+        ("/v1/completions", {"model": mesh.model, "prompt": "x", "seed": -(2**63) - 1}, "seed"),
         ("/v1/completions", {"model": mesh.model, "prompt": "x", "logprobs": 21}, "logprobs"),
         ("/v1/completions", {"model": mesh.model, "prompt": "x", "logprobs": -1}, "logprobs"),
         ("/v1/embeddings", {"model": mesh.model, "input": []}, "input"),

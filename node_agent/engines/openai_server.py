@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 
 from mesh import request_context, tracing
+from mesh.inference_requests import seed_to_openai
 from node_agent.engines.base import (
     Chat,
     ChoiceEnd,
@@ -113,7 +114,7 @@ def request_body(prompt: Prompt, options: SamplingOptions, model: str) -> tuple[
     elif not isinstance(prompt, Chat):
         body["max_tokens"] = None  # completions default to 16 tokens; fleetlm's default is the context
     if options.seed is not None:
-        body["seed"] = options.seed
+        body["seed"] = seed_to_openai(options.seed)  # within every server's range, and never its "random"
     if options.n > 1:
         body["n"] = options.n  # the server's choices come back with their index
     if options.stops:
