@@ -32,8 +32,8 @@ REPLY = (
 )
 
 
-def parse(chunks: list[str]) -> tuple[str, list[ToolCallChunk], ToolCallStream]:
-    stream = ToolCallStream()
+def parse(chunks: list[str], content_or_calls: bool = False) -> tuple[str, list[ToolCallChunk], ToolCallStream]:
+    stream = ToolCallStream(content_or_calls)
     events = [e for chunk in chunks for e in stream.feed(chunk)] + stream.flush()
     content = "".join(e for e in events if isinstance(e, str))
     return content, [e for e in events if isinstance(e, ToolCallChunk)], stream
@@ -57,6 +57,27 @@ def test_a_reply_parses_to_the_same_content_and_calls_however_it_is_chunked(size
         assert all(not p.id and not p.name for p in mine[1:])
         assert "".join(p.arguments for p in mine) == call.arguments
     assert calls[0].id != calls[1].id
+
+
+DOCUMENT = '  { "answer" : "This <tool_call>\\n{\\"name\\": \\"get_weather\\"} </tool_call>" }'
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 1000])
+def test_beside_a_schema_a_reply_that_opens_with_a_document_is_content_tags_in_its_strings_included(
+    size: int,
+) -> None:
+    """Beside a response_format the grammar allows calls or a document from the first character: a document
+    that quotes the tag (a model asked to repeat a call, say) is content, whole. CI saw it cut at the tag
+    ('{ "answer" : "This ', the rest taken for a call that never parsed), with finish reason stop."""
+    content, parts, stream = parse([DOCUMENT[i : i + size] for i in range(0, len(DOCUMENT), size)], True)
+    assert content == DOCUMENT and parts == [] and stream.calls == ()
+    assert json.loads(content)["answer"].startswith("This <tool_call>")
+    # The same reply without the mode (free text, where the tag starts a call) is cut at the tag.
+    assert parse([DOCUMENT], False)[0] == '  { "answer" : "This '
+    # Calls beside a schema still parse, also after spaces; only spaces is content.
+    content, _, stream = parse(["\n", REPLY[len("Let me check. ") :]], True)
+    assert content == "\n" and [c.name for c in stream.calls] == ["get_weather", "get_time"]  # as without it
+    assert parse(["  "], True)[0] == "  "
 
 
 def test_text_that_only_starts_like_the_tag_is_content_in_the_end() -> None:

@@ -421,30 +421,34 @@ class LlamaCppEngine:
             # A beginning-of-text token the tokenizer added is not in the prompt's text.
             added = isinstance(prompt, str) and tokens[0] == self._llm.token_bos() and not self._begins_with_bos(prompt)
             request.unwritten = int(added)
-        tools = await self._constrain(request, prompt, options)
+        parser = await self._constrain(request, prompt, options)
         decode = self._loop
         if decode is None:  # the engine closed (its model unloaded) while the request was being prepared
             raise EngineUnavailable("the model was unloaded")
         decode.submit(request)
         try:
             stream = _events(events)
-            async for event in _tool_calls(stream, ToolCallStream()) if tools else stream:
+            async for event in _tool_calls(stream, parser) if parser is not None else stream:
                 yield event
         finally:
             request.cancelled.set()  # the decode thread drops the sequence at its next step
 
-    async def _constrain(self, request: BatchRequest, prompt: Prompt, options: SamplingOptions) -> bool:
+    async def _constrain(
+        self, request: BatchRequest, prompt: Prompt, options: SamplingOptions
+    ) -> ToolCallStream | None:
         """Give the request the grammar its tools or its response_format asks for, converted off the event
         loop (a few ms; cached by the schemas' text): what the grammar cannot enforce is refused here,
-        before the request takes a slot. Whether the reply is to be parsed for tool calls."""
+        before the request takes a slot. The parser of its reply's tool calls, when it may make some."""
         if not (isinstance(prompt, Chat) and prompt.calls_tools):
             if options.response_format is not None:
                 request.grammar = await asyncio.to_thread(grammar_for, options.response_format)
-            return False
+            return None
         content = content_schema(options.response_format) if options.response_format is not None else ""
         request.grammar, request.trigger = await asyncio.to_thread(tool_grammar, prompt, self._tool_tokens[:1], content)
         request.grammar_of = "tools"
-        return True
+        # Beside a schema the reply is calls or a document from its first character: a tag inside the
+        # document's strings is its text, not a call.
+        return ToolCallStream(content_or_calls=bool(content))
 
     async def _get_embedder(self) -> Any:
         async with self._embedder_lock:

@@ -8,10 +8,14 @@ The calls are written in Hermes' syntax (node_agent.engines.tool_calls), one blo
 
 Text before a block is content. Content that could still be the start of `<tool_call>` is held back
 until the next text says whether it is (so no part of the tag reaches the client as content), and
-released at the end if it never became one. A call is announced once its name is known (its index, a
-new `call_...` id and the name), then its arguments are passed on as the model writes them, up to the
-end of their JSON value: a scanner follows strings and nesting, so that the brace closing the wrapping
-object is not taken for the arguments' own.
+released at the end if it never became one. Beside a response_format the grammar allows calls or a
+document in its schema from the first character, and nothing else (node_agent.engines.tool_calls): there
+(`content_or_calls`) the first character that is not a space decides, and a reply that does not open with
+a tag is content to its end, tags written inside its strings included.
+
+A call is announced once its name is known (its index, a new `call_...` id and the name), then its
+arguments are passed on as the model writes them, up to the end of their JSON value: a scanner follows
+strings and nesting, so that the brace closing the wrapping object is not taken for the arguments' own.
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ class _Call:
 class ToolCallStream:
     """Feed the reply's text; get content and tool-call chunks in the order the model wrote them."""
 
-    def __init__(self) -> None:
-        self._state = "content"  # content | header | arguments | closing
+    def __init__(self, content_or_calls: bool = False) -> None:
+        # undecided (until the first character that is not a space) | document | content | header |
+        # arguments | closing
+        self._state = "undecided" if content_or_calls else "content"
         self._buffer = ""
         self._calls: list[_Call] = []
         # The arguments' JSON value being scanned: nesting depth, inside a string, after a backslash.
@@ -70,7 +76,7 @@ class ToolCallStream:
     @property
     def in_content(self) -> bool:
         """Whether the text fed last is content (not part of a call)."""
-        return self._state == "content"
+        return self._state in ("content", "document", "undecided")
 
     def feed(self, text: str) -> list[Event]:
         self._buffer += text
@@ -84,12 +90,28 @@ class ToolCallStream:
         """At the end of the reply: content held back that never became a tag. An unfinished block is
         dropped (a call cut before its name) or kept as it is (a call cut in its arguments)."""
         out: list[Event] = []
-        if self._state == "content":
+        if self._state in ("undecided", "document"):
+            if self._buffer:
+                out.append(self._buffer)
+        elif self._state == "content":
             text = self._buffer.lstrip() if self._calls else self._buffer
             if text:
                 out.append(text)
         self._buffer = ""
         return out
+
+    def _undecided(self, out: list[Event]) -> bool:
+        opening = self._buffer.lstrip()
+        if not opening:
+            return False
+        self._state = "content" if opening.startswith("<") else "document"
+        return True
+
+    def _document(self, out: list[Event]) -> bool:
+        if self._buffer:
+            out.append(self._buffer)
+            self._buffer = ""
+        return False
 
     def _content(self, out: list[Event]) -> bool:
         if self._calls:
