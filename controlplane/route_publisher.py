@@ -17,6 +17,7 @@ from controlplane import routing
 from controlplane.fleet import FleetView
 from controlplane.store import StoreEvent, assignment_node
 from fleetlm.controlplane.v1 import node_pb2, routing_pb2
+from mesh.lifecycle import until_set
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +64,14 @@ class RoutePublisher:
         self._everything_dirty = False
         self._wake = asyncio.Event()
         self._models: dict[str, routing_pb2.ModelRoute] = {}
-        self._closed = False
-        self._closing = asyncio.Event()  # set by close: wakes streams still waiting for the fleet to settle
+        self._closed = asyncio.Event()  # set by close: every stream ends, also one opened after it
         self._shadowed: set[tuple[str, str]] = set()  # pinned replicas left out of the routes, warned of
         fleet.listeners.append(self._on_change)
         fleet.load_listeners.append(self._on_load)
 
     def close(self) -> None:
         """End every stream now (at shutdown: the edges move to another control plane at once)."""
-        self._closed = True
-        self._closing.set()
-        for subscriber in self._subscribers:
-            subscriber.queue.put_nowait(None)
+        self._closed.set()
 
     # --- what changed ------------------------------------------------------------------------------------
 
@@ -202,24 +199,19 @@ class RoutePublisher:
         """One edge's stream: the table, then its changes, until the edge goes away. Not before the fleet has
         settled: an edge keeps routing on the table it has rather than take one that lacks nodes which are
         still registering again. A stream opened after `close` (the server still takes calls during its stop's
-        grace) ends at once, as the open ones do, instead of holding the stop for that grace."""
-        if not self._fleet.settled.is_set() and not self._closed:
-            waits = [asyncio.ensure_future(self._fleet.settled.wait()), asyncio.ensure_future(self._closing.wait())]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for wait in waits:
-                    wait.cancel()
-        if self._closed:
-            return
+        grace), or one still waiting for the fleet to settle, ends at once, as the open ones do, instead of
+        holding the stop for that grace."""
+        async for update in until_set(self._closed, self._updates()):
+            yield update
+
+    async def _updates(self) -> AsyncIterator[routing_pb2.WatchRoutesResponse]:
+        await self._fleet.settled.wait()
         subscriber = _Subscriber()
         self._subscribers.add(subscriber)
         try:
             yield self.snapshot()
             while True:
                 update = await subscriber.queue.get()
-                if self._closed:
-                    return
                 if update is None or subscriber.behind:
                     while not subscriber.queue.empty():
                         subscriber.queue.get_nowait()
