@@ -90,10 +90,7 @@ class ToolCallStream:
         """At the end of the reply: content held back that never became a tag. An unfinished block is
         dropped (a call cut before its name) or kept as it is (a call cut in its arguments)."""
         out: list[Event] = []
-        if self._state in ("undecided", "document"):
-            if self._buffer:
-                out.append(self._buffer)
-        elif self._state == "content":
+        if self.in_content:
             text = self._buffer.lstrip() if self._calls else self._buffer
             if text:
                 out.append(text)
