@@ -35,6 +35,7 @@ from mesh.inference_requests import (
     ROLES,
     SAMPLING_BOUNDS,
     SCHEMA_NAME,
+    Bound,
 )
 
 JSON = "application/json"
@@ -49,11 +50,14 @@ def _nullable(schema: Schema) -> Schema:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
-def _bounded(name: str, kind: str) -> Schema:
-    """An optional number from the one table of bounds (SAMPLING_BOUNDS)."""
-    bound = SAMPLING_BOUNDS[name]
+def _bounded(name: str, kind: str, bound: Bound | None = None, description: str = "") -> Schema:
+    """An optional number from the one table of bounds (SAMPLING_BOUNDS), or within `bound` where the HTTP
+    API takes more than gRPC can carry."""
+    bound = bound or SAMPLING_BOUNDS[name]
     schema: Schema = {"type": kind, "maximum": bound.high}
     schema["exclusiveMinimum" if bound.low_open else "minimum"] = bound.low
+    if description:
+        schema["description"] = description
     return _nullable(schema)
 
 
@@ -75,13 +79,8 @@ def _sampling_properties() -> Schema:
         "top_p": _bounded("top_p", "number"),
         "top_k": _bounded("top_k", "integer"),
         "min_p": _bounded("min_p", "number"),
-        "seed": _nullable(
-            {
-                "type": "integer",
-                "minimum": OPENAI_SEED.low,
-                "maximum": OPENAI_SEED.high,
-                "description": "a negative seed is taken as its 64-bit two's complement (-1 is 2^64 - 1)",
-            }
+        "seed": _bounded(
+            "seed", "integer", OPENAI_SEED, "a negative seed is taken as its 64-bit two's complement (-1 is 2^64 - 1)"
         ),
         "stop": _nullable(
             {
